@@ -1,0 +1,131 @@
+//! A process whose text lives on a file THP.
+//!
+//! It writes the 2 MiB code blob (see `hugepoke::text`) to a file — on a
+//! tmpfs mounted `huge=always` that gives one PMD-sized folio — maps it
+//! 2 MiB-aligned `PROT_READ|PROT_EXEC, MAP_PRIVATE`, calls into it so the
+//! PMD is faulted in, prints `ready pid=P addr=A file=F`, and then answers
+//! commands on stdin, one per line:
+//!
+//!   call N   → prints `N VALUE`, what the function at page N returns now
+//!   quit     → exits (so does end of input)
+//!
+//! With `--spin`, a thread keeps calling page 0's function, so the text is hot.
+
+use hugepoke::text::{self, PAGE, THP_SIZE};
+use std::io::{BufRead, Write};
+use std::os::fd::AsRawFd;
+
+fn die(msg: &str) -> ! {
+    eprintln!("thp-target: {msg}: {}", std::io::Error::last_os_error());
+    std::process::exit(1)
+}
+
+/// Map `file` 2 MiB-aligned, read+exec, private.
+fn map_text(file: &std::fs::File) -> usize {
+    // SAFETY: plain mmap/munmap/madvise on memory this process owns; the
+    // aligned window lies inside the reservation.
+    unsafe {
+        let reserve = libc::mmap(
+            std::ptr::null_mut(),
+            2 * THP_SIZE,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if reserve == libc::MAP_FAILED {
+            die("reserving address space");
+        }
+        let aligned = (reserve as usize + THP_SIZE - 1) & !(THP_SIZE - 1);
+        let text = libc::mmap(
+            aligned as *mut libc::c_void,
+            THP_SIZE,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            file.as_raw_fd(),
+            0,
+        );
+        if text == libc::MAP_FAILED {
+            die("mapping the text");
+        }
+        // Give back the unused ends of the reservation.
+        let head = aligned - reserve as usize;
+        if head > 0 {
+            libc::munmap(reserve, head);
+        }
+        let tail = 2 * THP_SIZE - head - THP_SIZE;
+        if tail > 0 {
+            libc::munmap((aligned + THP_SIZE) as *mut libc::c_void, tail);
+        }
+        if libc::madvise(text, THP_SIZE, libc::MADV_HUGEPAGE) != 0 {
+            die("madvise(MADV_HUGEPAGE)");
+        }
+        aligned
+    }
+}
+
+fn call(base: usize, page: usize) -> u32 {
+    assert!(page < text::PAGES);
+    // SAFETY: every page of the mapping starts with a complete function
+    // (`mov eax, imm32; ret`), unpatched or patched by the test driving us.
+    let f: extern "C" fn() -> u32 = unsafe { std::mem::transmute(base + page * PAGE) };
+    f()
+}
+
+fn main() {
+    let mut path = format!(
+        "{}/text.bin",
+        std::env::var("HUGEPOKE_THP_DIR").unwrap_or_else(|_| "/tmp/hugepoke-thp".into())
+    );
+    let mut spin = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--file" => path = args.next().unwrap_or_else(|| die("--file needs a path")),
+            "--spin" => spin = true,
+            _ => {
+                eprintln!("usage: thp-target [--file PATH] [--spin]");
+                std::process::exit(2);
+            }
+        }
+    }
+
+    if std::fs::metadata(&path).map(|m| m.len() as usize != THP_SIZE).unwrap_or(true) {
+        std::fs::write(&path, text::blob()).unwrap_or_else(|e| {
+            eprintln!("thp-target: writing {path}: {e}");
+            std::process::exit(1)
+        });
+    }
+    let file = std::fs::File::open(&path).unwrap_or_else(|e| {
+        eprintln!("thp-target: opening {path}: {e}");
+        std::process::exit(1)
+    });
+    let base = map_text(&file);
+    // Fault the text in (a PMD mapping when the page cache holds a THP).
+    let v = call(base, 0);
+    assert_eq!(v, text::original_value(0));
+
+    if spin {
+        std::thread::spawn(move || loop {
+            std::hint::black_box(call(base, 0));
+        });
+    }
+
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "ready pid={} addr={base:#x} file={path}", std::process::id());
+    let _ = out.flush();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let mut w = line.split_whitespace();
+        match (w.next(), w.next().and_then(|n| n.parse::<usize>().ok())) {
+            (Some("call"), Some(n)) if n < text::PAGES => {
+                let _ = writeln!(out, "{n} {}", call(base, n));
+            }
+            (Some("quit"), _) => break,
+            _ => {
+                let _ = writeln!(out, "error: {line}");
+            }
+        }
+        let _ = out.flush();
+    }
+}

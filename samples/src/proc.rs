@@ -1,0 +1,282 @@
+//! Readers for the kernel's own accounting: `/proc/PID/smaps`,
+//! `/proc/PID/pagemap`, `/proc/kpageflags`, and hugepoke's debugfs files.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+pub const PAGE_SIZE: u64 = 4096;
+
+/// One mapping of `/proc/PID/smaps`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SmapsEntry {
+    pub start: u64,
+    pub end: u64,
+    pub perms: String,
+    pub path: String,
+    /// `(field, kB)` pairs in file order, e.g. `("ShmemPmdMapped", 2048)`.
+    pub fields: Vec<(String, u64)>,
+}
+
+impl SmapsEntry {
+    /// The value of a `kB` field, 0 when absent.
+    pub fn kb(&self, field: &str) -> u64 {
+        self.fields.iter().find(|(f, _)| f == field).map_or(0, |(_, v)| *v)
+    }
+
+    /// PMD-mapped file THP, whichever counter the filesystem uses.
+    pub fn pmd_mapped_kb(&self) -> u64 {
+        self.kb("ShmemPmdMapped") + self.kb("FilePmdMapped")
+    }
+}
+
+/// Parse the text of an smaps file.
+pub fn parse_smaps(text: &str) -> Vec<SmapsEntry> {
+    let mut out: Vec<SmapsEntry> = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else { continue };
+        if let Some((start, end)) = first.split_once('-') {
+            if let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) {
+                let perms = words.next().unwrap_or("").to_string();
+                // offset, dev, inode, then the path (which may contain spaces).
+                let path = words.skip(3).collect::<Vec<_>>().join(" ");
+                out.push(SmapsEntry { start, end, perms, path, fields: Vec::new() });
+                continue;
+            }
+        }
+        if let (Some(field), Some(entry)) = (first.strip_suffix(':'), out.last_mut()) {
+            if let Some(Ok(v)) = words.next().map(str::parse::<u64>) {
+                entry.fields.push((field.to_string(), v));
+            }
+        }
+    }
+    out
+}
+
+/// The smaps entry of `pid` that contains `addr`.
+pub fn smaps_entry(pid: i32, addr: u64) -> io::Result<SmapsEntry> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    parse_smaps(&text)
+        .into_iter()
+        .find(|e| e.start <= addr && addr < e.end)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no mapping at {addr:#x}")))
+}
+
+/// One decoded `/proc/PID/pagemap` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagemapEntry(pub u64);
+
+impl PagemapEntry {
+    pub fn present(self) -> bool {
+        self.0 >> 63 & 1 == 1
+    }
+    pub fn pfn(self) -> u64 {
+        self.0 & ((1 << 55) - 1)
+    }
+    pub fn soft_dirty(self) -> bool {
+        self.0 >> 55 & 1 == 1
+    }
+    pub fn exclusive(self) -> bool {
+        self.0 >> 56 & 1 == 1
+    }
+    /// File-backed page (or shared anonymous).
+    pub fn file(self) -> bool {
+        self.0 >> 61 & 1 == 1
+    }
+}
+
+/// Reads pagemap entries of one process.
+pub struct Pagemap(File);
+
+impl Pagemap {
+    pub fn open(pid: i32) -> io::Result<Self> {
+        File::open(format!("/proc/{pid}/pagemap")).map(Self)
+    }
+
+    pub fn entry(&self, vaddr: u64) -> io::Result<PagemapEntry> {
+        let mut buf = [0u8; 8];
+        self.0.read_exact_at(&mut buf, vaddr / PAGE_SIZE * 8)?;
+        Ok(PagemapEntry(u64::from_ne_bytes(buf)))
+    }
+}
+
+/// `/proc/kpageflags` bits (include/uapi/linux/kernel-page-flags.h).
+pub mod kpf {
+    pub const MMAP: u32 = 11;
+    pub const ANON: u32 = 12;
+    pub const COMPOUND_HEAD: u32 = 15;
+    pub const COMPOUND_TAIL: u32 = 16;
+    pub const HUGE: u32 = 17;
+    pub const THP: u32 = 22;
+}
+
+/// Flags of one physical page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageFlags(pub u64);
+
+impl PageFlags {
+    pub fn has(self, bit: u32) -> bool {
+        self.0 >> bit & 1 == 1
+    }
+    pub fn anon(self) -> bool {
+        self.has(kpf::ANON)
+    }
+    pub fn thp(self) -> bool {
+        self.has(kpf::THP)
+    }
+    pub fn compound_head(self) -> bool {
+        self.has(kpf::COMPOUND_HEAD)
+    }
+    pub fn compound_tail(self) -> bool {
+        self.has(kpf::COMPOUND_TAIL)
+    }
+}
+
+pub struct KpageFlags(File);
+
+impl KpageFlags {
+    pub fn open() -> io::Result<Self> {
+        File::open("/proc/kpageflags").map(Self)
+    }
+
+    pub fn get(&self, pfn: u64) -> io::Result<PageFlags> {
+        let mut buf = [0u8; 8];
+        self.0.read_exact_at(&mut buf, pfn * 8)?;
+        Ok(PageFlags(u64::from_ne_bytes(buf)))
+    }
+}
+
+pub const DEBUGFS: &str = "/sys/kernel/debug/hugepoke";
+
+/// The text of one of hugepoke's debugfs files.
+pub fn debugfs(name: &str) -> io::Result<String> {
+    std::fs::read_to_string(format!("{DEBUGFS}/{name}"))
+}
+
+/// One line of debugfs `events`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventLine {
+    pub seq: u64,
+    pub time_ns: u64,
+    pub pid: i32,
+    pub handle: Option<u32>,
+    pub addr: Option<u64>,
+    pub step: String,
+    pub pfn: Option<u64>,
+    pub order: Option<u32>,
+    /// `ok` or `-EINVAL` etc.
+    pub result: String,
+    pub note: String,
+}
+
+fn opt<T: std::str::FromStr>(w: &str) -> Option<T> {
+    if w == "-" { None } else { w.parse().ok() }
+}
+
+fn opt_hex(w: &str) -> Option<u64> {
+    crate::parse_number(w).filter(|_| w != "-")
+}
+
+/// Parse `events`; comment lines (`# …`) are skipped.
+pub fn parse_events(text: &str) -> Vec<EventLine> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut w = l.splitn(10, ' ');
+            Some(EventLine {
+                seq: w.next()?.parse().ok()?,
+                time_ns: w.next()?.parse().ok()?,
+                pid: w.next()?.parse().ok()?,
+                handle: opt(w.next()?),
+                addr: opt_hex(w.next()?),
+                step: w.next()?.to_string(),
+                pfn: opt_hex(w.next()?),
+                order: opt(w.next()?),
+                result: w.next()?.to_string(),
+                note: w.next().unwrap_or("").to_string(),
+            })
+        })
+        .collect()
+}
+
+/// `(ok, failed)` of one step in debugfs `stats`.
+pub fn parse_stat(text: &str, step: &str) -> Option<(u64, u64)> {
+    text.lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        if w.next()? != step {
+            return None;
+        }
+        Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMAPS: &str = "\
+7f0000200000-7f0000400000 r-xp 00000000 00:1f 5                          /tmp/hugepoke-thp/text 1.bin
+Size:               2048 kB
+Rss:                2048 kB
+ShmemPmdMapped:     2048 kB
+FilePmdMapped:         0 kB
+Anonymous:             0 kB
+VmFlags: rd ex mr mw me hg
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+Anonymous:           132 kB
+";
+
+    #[test]
+    fn smaps_fields_and_paths() {
+        let e = parse_smaps(SMAPS);
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].start, 0x7f00_0020_0000);
+        assert_eq!(e[0].end, 0x7f00_0040_0000);
+        assert_eq!(e[0].perms, "r-xp");
+        assert_eq!(e[0].path, "/tmp/hugepoke-thp/text 1.bin");
+        assert_eq!(e[0].kb("ShmemPmdMapped"), 2048);
+        assert_eq!(e[0].pmd_mapped_kb(), 2048);
+        assert_eq!(e[0].kb("Missing"), 0);
+        assert_eq!(e[1].path, "[stack]");
+        assert_eq!(e[1].kb("Anonymous"), 132);
+    }
+
+    #[test]
+    fn pagemap_bits() {
+        let e = PagemapEntry(1 << 63 | 1 << 61 | 1 << 55 | 0x1234);
+        assert!(e.present() && e.file() && e.soft_dirty() && !e.exclusive());
+        assert_eq!(e.pfn(), 0x1234);
+    }
+
+    #[test]
+    fn kpageflags_bits() {
+        let f = PageFlags(1 << kpf::THP | 1 << kpf::COMPOUND_HEAD);
+        assert!(f.thp() && f.compound_head() && !f.compound_tail() && !f.anon());
+    }
+
+    #[test]
+    fn events_lines() {
+        let text = "# dropped 0\n# seq ...\n\
+                    1 100 7 - - load - - ok\n\
+                    2 200 8 3 0x7f0000201000 ioctl 0x1a2b 9 -ENOTTY unknown ioctl command\n";
+        let e = parse_events(text);
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].step, "load");
+        assert_eq!(e[0].handle, None);
+        assert_eq!(e[0].note, "");
+        assert_eq!(e[1].handle, Some(3));
+        assert_eq!(e[1].addr, Some(0x7f00_0020_1000));
+        assert_eq!(e[1].pfn, Some(0x1a2b));
+        assert_eq!(e[1].order, Some(9));
+        assert_eq!(e[1].result, "-ENOTTY");
+        assert_eq!(e[1].note, "unknown ioctl command");
+    }
+
+    #[test]
+    fn stats_lines() {
+        let text = "# step ok failed\nopen 3 0\nioctl 1 2\nevents_dropped 0\n";
+        assert_eq!(parse_stat(text, "ioctl"), Some((1, 2)));
+        assert_eq!(parse_stat(text, "nope"), None);
+    }
+}

@@ -1,0 +1,65 @@
+//! Drive a `thp-target` process: spawn it, ask what its functions return.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+pub struct Target {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub pid: i32,
+    /// Start of the 2 MiB text mapping.
+    pub addr: u64,
+    pub file: String,
+}
+
+impl Target {
+    /// Start `thp-target` with `args` and wait for its `ready` line.
+    pub fn spawn(args: &[&str]) -> Result<Self, String> {
+        let mut child = Command::new("thp-target")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawning thp-target: {e}"))?;
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .map(str::to_string)
+                .ok_or_else(|| format!("thp-target said {line:?}"))
+        };
+        let pid = field("pid=")?.parse().map_err(|_| "bad pid".to_string())?;
+        let addr = crate::parse_number(&field("addr=")?).ok_or("bad addr")?;
+        let file = field("file=")?;
+        Ok(Self { child, stdin, stdout, pid, addr, file })
+    }
+
+    /// What the function at the start of text page `page` returns now.
+    pub fn call(&mut self, page: usize) -> Result<u32, String> {
+        writeln!(self.stdin, "call {page}").map_err(|e| format!("target gone: {e}"))?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+        let mut w = line.split_whitespace();
+        match (w.next(), w.next().and_then(|v| v.parse().ok())) {
+            (Some(n), Some(v)) if n == page.to_string() => Ok(v),
+            _ => Err(format!("target answered {line:?} (did it crash?)")),
+        }
+    }
+
+    /// Address of text page `page`.
+    pub fn page_addr(&self, page: usize) -> u64 {
+        self.addr + (page * crate::text::PAGE) as u64
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
