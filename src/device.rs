@@ -1,19 +1,44 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! `/dev/hugepoke`: one `Controller` per open file.
+//! `/dev/hugepoke`: one `Controller` per open file.  Patches made through a
+//! file belong to it and are restored when it is closed, unless they were
+//! made with `PATCH_PERSIST`.
 
 use kernel::{
     fs::File,
+    ioctl::_IOC_SIZE,
     miscdevice::{MiscDevice, MiscDeviceRegistration},
     prelude::*,
     sync::Arc,
+    transmute::{AsBytes, FromBytes},
+    uaccess::{UserPtr, UserSlice},
 };
 
-use crate::{journal::Step, Hugepoke};
+use crate::{
+    journal::{Event, Step},
+    patch,
+    uapi::{self, PatchArgs, QueryArgs, RestoreArgs},
+    Hugepoke,
+};
+
+// SAFETY: plain `repr(C)` structs of integers and byte arrays without
+// padding (sizes asserted in `uapi`): every bit pattern is valid, and all
+// bytes are initialized.
+unsafe impl FromBytes for PatchArgs {}
+// SAFETY: as above.
+unsafe impl AsBytes for PatchArgs {}
+// SAFETY: as above.
+unsafe impl FromBytes for RestoreArgs {}
+// SAFETY: as above.
+unsafe impl FromBytes for QueryArgs {}
+// SAFETY: as above.
+unsafe impl AsBytes for QueryArgs {}
 
 /// The state of one open file of `/dev/hugepoke`.
 pub(crate) struct Controller {
     hugepoke: Arc<Hugepoke>,
+    /// Owner id of the patches made through this file.
+    id: u64,
 }
 
 #[vtable]
@@ -22,18 +47,91 @@ impl MiscDevice for Controller {
 
     fn open(_file: &File, _misc: &MiscDeviceRegistration<Self>) -> Result<KBox<Self>> {
         let hugepoke = Hugepoke::get().ok_or(ENODEV)?;
+        let id = hugepoke.new_owner_id();
         hugepoke.journal.record(Step::Open.event());
-        Ok(KBox::new(Self { hugepoke }, GFP_KERNEL)?)
+        Ok(KBox::new(Self { hugepoke, id }, GFP_KERNEL)?)
     }
 
     fn release(this: KBox<Self>, _file: &File) {
+        // Closing restores what this file patched (and queues collapses).
+        patch::restore_all(&this.hugepoke, Some(this.id));
         this.hugepoke.journal.record(Step::Release.event());
     }
 
-    fn ioctl(this: &Self, _file: &File, cmd: u32, _arg: usize) -> Result<isize> {
-        this.hugepoke
-            .journal
-            .record(Step::Ioctl.event().error(ENOTTY, "unknown ioctl command").addr(cmd as usize));
-        Err(ENOTTY)
+    fn ioctl(this: &Self, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
+        let hp = &this.hugepoke;
+        let user = UserSlice::new(UserPtr::from_addr(arg), _IOC_SIZE(cmd));
+        let result = match cmd {
+            uapi::IOCTL_PATCH => this.patch(user),
+            uapi::IOCTL_RESTORE => this.restore(user),
+            uapi::IOCTL_QUERY => this.query(user),
+            _ => Err(fail(hp, Event::new(Step::Ioctl).addr(cmd as usize), ENOTTY, "unknown ioctl command")),
+        };
+        result.map(|()| 0)
+    }
+}
+
+fn fail(hp: &Hugepoke, ev: Event, err: Error, why: &'static str) -> Error {
+    hp.journal.record(ev.error(err, why));
+    err
+}
+
+impl Controller {
+    fn patch(&self, user: UserSlice) -> Result {
+        let hp = &self.hugepoke;
+        let (mut reader, mut writer) = user.reader_writer();
+        let mut args: PatchArgs = reader
+            .read()
+            .map_err(|e| fail(hp, Event::new(Step::Patch), e, "cannot read the PATCH arguments"))?;
+        args.handle = patch::patch(hp, self.id, &args)?;
+        // The patch is in place; if the handle cannot be returned, undo it.
+        if let Err(e) = writer.write(&args) {
+            let _ = patch::restore(hp, args.handle);
+            return Err(fail(hp, Event::new(Step::Patch), e, "cannot write the handle back; patch undone"));
+        }
+        Ok(())
+    }
+
+    fn restore(&self, user: UserSlice) -> Result {
+        let hp = &self.hugepoke;
+        let args: RestoreArgs = user
+            .reader()
+            .read()
+            .map_err(|e| fail(hp, Event::new(Step::Restore), e, "cannot read the RESTORE arguments"))?;
+        if args.size as usize != core::mem::size_of::<RestoreArgs>() {
+            return Err(fail(hp, Event::new(Step::Restore), EINVAL, "unknown struct size"));
+        }
+        if args.flags != 0 {
+            return Err(fail(hp, Event::new(Step::Restore), EINVAL, "unknown flag bits"));
+        }
+        patch::restore(hp, args.handle)
+    }
+
+    fn query(&self, user: UserSlice) -> Result {
+        let hp = &self.hugepoke;
+        let (mut reader, mut writer) = user.reader_writer();
+        let ev = Event::new(Step::Query);
+        let mut args: QueryArgs = reader.read().map_err(|e| fail(hp, ev, e, "cannot read the QUERY arguments"))?;
+        if args.size as usize != core::mem::size_of::<QueryArgs>() {
+            return Err(fail(hp, ev, EINVAL, "unknown struct size"));
+        }
+        if args.flags != 0 {
+            return Err(fail(hp, ev, EINVAL, "unknown flag bits"));
+        }
+        {
+            let table = hp.patches.lock();
+            let p = table
+                .get(args.handle)
+                .ok_or_else(|| fail(hp, ev.handle(args.handle as u32), ENOENT, "no such patch (unknown or already restored)"))?;
+            args.state = if p.target_gone() { uapi::STATE_GONE } else { uapi::STATE_LIVE };
+            args.pid = p.pid;
+            args.addr = p.addr as u64;
+            args.len = p.len as u32;
+            args.patch_flags = p.flags;
+            args.pfn = p.pfn as u64;
+            args.orig = p.orig;
+            args.bytes = p.bytes;
+        }
+        writer.write(&args).map_err(|e| fail(hp, ev, e, "cannot write the QUERY result"))
     }
 }

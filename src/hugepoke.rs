@@ -10,18 +10,29 @@
 use kernel::{
     debugfs,
     miscdevice::{MiscDeviceOptions, MiscDeviceRegistration},
+    new_mutex,
     prelude::*,
-    sync::Arc,
+    sync::{
+        atomic::{Atomic, Relaxed},
+        Arc, Mutex,
+    },
 };
 
+mod collapse;
 mod device;
 mod journal;
+mod patch;
 mod sys;
 #[cfg(CONFIG_KUNIT)]
 mod tests;
+// Shared verbatim with userspace, where these items are the public API.
+#[allow(unreachable_pub)]
+mod uapi;
 
+use collapse::Collapses;
 use device::Controller;
 use journal::{Journal, Step};
+use patch::PatchTable;
 
 module! {
     type: HugepokeModule,
@@ -36,6 +47,13 @@ module! {
 pub(crate) struct Hugepoke {
     #[pin]
     pub(crate) journal: Journal,
+    /// Every live patch; see `patch` for what this lock serializes.
+    #[pin]
+    pub(crate) patches: Mutex<PatchTable>,
+    /// Collapse work queued and not yet flushed.  Nests inside `patches`.
+    #[pin]
+    pub(crate) collapses: Mutex<Collapses>,
+    next_owner: Atomic<u64>,
 }
 
 kernel::sync::global_lock! {
@@ -50,6 +68,11 @@ impl Hugepoke {
     pub(crate) fn get() -> Option<Arc<Hugepoke>> {
         INSTANCE.lock().clone()
     }
+
+    /// A fresh owner id for an open file.
+    pub(crate) fn new_owner_id(&self) -> u64 {
+        self.next_owner.fetch_add(1, Relaxed) + 1
+    }
 }
 
 #[pin_data(PinnedDrop)]
@@ -61,6 +84,8 @@ struct HugepokeModule {
     events: debugfs::File<Arc<Hugepoke>>,
     #[pin]
     stats: debugfs::File<Arc<Hugepoke>>,
+    #[pin]
+    patches: debugfs::File<Arc<Hugepoke>>,
     dir: debugfs::Dir,
 }
 
@@ -72,8 +97,11 @@ impl kernel::InPlaceModule for HugepokeModule {
             unsafe { INSTANCE.init() };
 
             let state = Arc::pin_init(
-                pin_init!(Hugepoke {
+                try_pin_init!(Hugepoke {
                     journal <- Journal::new()?,
+                    patches <- new_mutex!(PatchTable::new(), "hugepoke_patches"),
+                    collapses <- new_mutex!(Collapses::new(), "hugepoke_collapses"),
+                    next_owner: Atomic::new(0),
                 }),
                 GFP_KERNEL,
             )?;
@@ -85,8 +113,11 @@ impl kernel::InPlaceModule for HugepokeModule {
                 events <- dir.read_callback_file(c"events", state.clone(), &|s: &Arc<Hugepoke>, f| {
                     s.journal.write_events(f)
                 }),
-                stats <- dir.read_callback_file(c"stats", state, &|s: &Arc<Hugepoke>, f| {
+                stats <- dir.read_callback_file(c"stats", state.clone(), &|s: &Arc<Hugepoke>, f| {
                     s.journal.write_stats(f)
+                }),
+                patches <- dir.read_callback_file(c"patches", state, &|s: &Arc<Hugepoke>, f| {
+                    s.patches.lock().write(f)
                 }),
                 misc <- MiscDeviceRegistration::register(MiscDeviceOptions { name: c"hugepoke" }),
                 dir: dir,
@@ -98,10 +129,12 @@ impl kernel::InPlaceModule for HugepokeModule {
 #[pinned_drop]
 impl PinnedDrop for HugepokeModule {
     fn drop(self: Pin<&mut Self>) {
-        // No file can be open here (each holds a module reference), so the
-        // instance goes with the module.
-        if let Some(state) = INSTANCE.lock().take() {
-            state.journal.record(Step::Unload.event());
-        }
+        // No file can be open here (each holds a module reference); what is
+        // left are persistent patches and collapse work.
+        let Some(hp) = INSTANCE.lock().take() else { return };
+        hp.patches.lock().closing = true;
+        patch::restore_all(&hp, None);
+        collapse::flush_all(&hp);
+        hp.journal.record(Step::Unload.event());
     }
 }

@@ -35,6 +35,24 @@ steps! {
     Open => "open",
     Release => "release",
     Ioctl => "ioctl",
+    // PATCH, in order.
+    Patch => "patch",
+    ResolveTarget => "resolve_target",
+    CheckVma => "check_vma",
+    CheckExpected => "check_expected",
+    SplitPmd => "split_pmd",
+    CowPage => "cow_page",
+    WriteBytes => "write_bytes",
+    Patched => "patched",
+    // RESTORE, in order.
+    Restore => "restore",
+    RestoreBytes => "restore_bytes",
+    ZapAnonPage => "zap_anon_page",
+    KeepAnonPage => "keep_anon_page",
+    QueueCollapse => "queue_collapse",
+    Collapse => "collapse",
+    Restored => "restored",
+    Query => "query",
 }
 
 impl Step {
@@ -161,7 +179,7 @@ impl Ring {
     /// Records from oldest to newest.
     fn iter(&self) -> impl Iterator<Item = &Record> {
         let (newer, older) = self.records.split_at(self.head);
-        older.iter().chain(newer.iter())
+        Iterator::chain(older.iter(), newer.iter())
     }
 
     pub(crate) fn dropped(&self) -> u64 {
@@ -244,6 +262,7 @@ impl fmt::Display for ErrnoName {
             22 => "EINVAL",
             25 => "ENOTTY",
             34 => "ERANGE",
+            84 => "EILSEQ",
             61 => "ENODATA",
             95 => "EOPNOTSUPP",
             n => return write!(f, "-E{n}"),

@@ -2,8 +2,11 @@
 //! in-guest tests share.  Everything that observes the kernel's own
 //! accounting (smaps, pagemap, kpageflags, debugfs) lives in `proc`.
 
+pub mod device;
 pub mod proc;
 pub mod target;
+#[path = "../../src/uapi.rs"]
+pub mod uapi;
 pub mod text;
 
 /// Parse an address or number given as `0x…` hex or decimal.

@@ -1,0 +1,56 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
+/*
+ * hugepoke ioctl ABI, version 1 — the C view of src/uapi.rs.
+ * See Documentation/abi.md.
+ */
+#ifndef _UAPI_HUGEPOKE_H
+#define _UAPI_HUGEPOKE_H
+
+#include <linux/ioctl.h>
+#include <linux/types.h>
+
+#define HUGEPOKE_MAX_BYTES 16
+
+#define HUGEPOKE_PATCH_PERSIST     (1U << 0)
+#define HUGEPOKE_PATCH_EXPECT      (1U << 1)
+#define HUGEPOKE_PATCH_INSTALL_PMD (1U << 2)
+
+#define HUGEPOKE_STATE_LIVE 1
+#define HUGEPOKE_STATE_GONE 2
+
+struct hugepoke_patch {
+	__u32 size;		/* in: sizeof(struct hugepoke_patch) */
+	__u32 flags;		/* in: HUGEPOKE_PATCH_* */
+	__s32 pid;		/* in: target, in the caller's pid namespace */
+	__u32 len;		/* in: 1..HUGEPOKE_MAX_BYTES, within one page */
+	__u64 addr;		/* in: address in the target's file-backed text */
+	__u8 bytes[HUGEPOKE_MAX_BYTES];	/* in: new bytes */
+	__u8 expect[HUGEPOKE_MAX_BYTES];	/* in: expected bytes (PATCH_EXPECT) */
+	__u64 handle;		/* out */
+};
+
+struct hugepoke_restore {
+	__u32 size;		/* in: sizeof(struct hugepoke_restore) */
+	__u32 flags;		/* in: 0 */
+	__u64 handle;		/* in */
+};
+
+struct hugepoke_query {
+	__u32 size;		/* in: sizeof(struct hugepoke_query) */
+	__u32 flags;		/* in: 0 */
+	__u64 handle;		/* in */
+	__u32 state;		/* out: HUGEPOKE_STATE_* */
+	__s32 pid;		/* out */
+	__u64 addr;		/* out */
+	__u32 len;		/* out */
+	__u32 patch_flags;	/* out */
+	__u64 pfn;		/* out: the anonymous page holding the patch */
+	__u8 orig[HUGEPOKE_MAX_BYTES];	/* out: bytes before the patch */
+	__u8 bytes[HUGEPOKE_MAX_BYTES];	/* out: bytes written */
+};
+
+#define HUGEPOKE_IOCTL_PATCH   _IOWR('H', 1, struct hugepoke_patch)
+#define HUGEPOKE_IOCTL_RESTORE _IOWR('H', 2, struct hugepoke_restore)
+#define HUGEPOKE_IOCTL_QUERY   _IOWR('H', 3, struct hugepoke_query)
+
+#endif /* _UAPI_HUGEPOKE_H */

@@ -1,0 +1,102 @@
+//! `/dev/hugepoke` from userspace, over the shared ABI in `src/uapi.rs`.
+
+use crate::uapi::{self, PatchArgs, QueryArgs, RestoreArgs, MAX_BYTES};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+pub const DEVICE: &str = "/dev/hugepoke";
+
+/// What to patch.
+#[derive(Debug, Clone, Default)]
+pub struct PatchRequest {
+    pub pid: i32,
+    pub addr: u64,
+    pub bytes: Vec<u8>,
+    pub expect: Option<Vec<u8>>,
+    pub persist: bool,
+    pub install_pmd: bool,
+}
+
+impl PatchRequest {
+    /// The ioctl argument; over-long byte strings are cut to MAX_BYTES but
+    /// `len` keeps the real length so the module can refuse it.
+    pub fn args(&self) -> PatchArgs {
+        let mut a = PatchArgs {
+            size: std::mem::size_of::<PatchArgs>() as u32,
+            pid: self.pid,
+            addr: self.addr,
+            len: self.bytes.len() as u32,
+            ..Default::default()
+        };
+        let n = self.bytes.len().min(MAX_BYTES);
+        a.bytes[..n].copy_from_slice(&self.bytes[..n]);
+        if let Some(e) = &self.expect {
+            a.flags |= uapi::PATCH_EXPECT;
+            let n = e.len().min(MAX_BYTES);
+            a.expect[..n].copy_from_slice(&e[..n]);
+        }
+        if self.persist {
+            a.flags |= uapi::PATCH_PERSIST;
+        }
+        if self.install_pmd {
+            a.flags |= uapi::PATCH_INSTALL_PMD;
+        }
+        a
+    }
+}
+
+/// An open `/dev/hugepoke`; non-persistent patches made through it are
+/// restored when it is dropped.
+pub struct Device(File);
+
+impl Device {
+    pub fn open() -> io::Result<Self> {
+        std::fs::OpenOptions::new().read(true).write(true).open(DEVICE).map(Self)
+    }
+
+    /// Raw ioctl with any command and argument struct (tests use it for bad input).
+    pub fn ioctl<T>(&self, cmd: u32, arg: &mut T) -> io::Result<()> {
+        // SAFETY: `arg` is a valid, exclusively borrowed `T` for the call;
+        // the kernel reads and writes at most `_IOC_SIZE(cmd)` bytes, which
+        // callers keep within `size_of::<T>()` (or test the module's checks).
+        let rc = unsafe { libc::ioctl(self.0.as_raw_fd(), cmd as libc::c_ulong, arg as *mut T) };
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+
+    pub fn patch_args(&self, args: &mut PatchArgs) -> io::Result<u64> {
+        self.ioctl(uapi::IOCTL_PATCH, args)?;
+        Ok(args.handle)
+    }
+
+    pub fn patch(&self, req: &PatchRequest) -> io::Result<u64> {
+        self.patch_args(&mut req.args())
+    }
+
+    pub fn restore(&self, handle: u64) -> io::Result<()> {
+        let mut a = RestoreArgs { size: std::mem::size_of::<RestoreArgs>() as u32, flags: 0, handle };
+        self.ioctl(uapi::IOCTL_RESTORE, &mut a)
+    }
+
+    pub fn query(&self, handle: u64) -> io::Result<QueryArgs> {
+        let mut a = QueryArgs { size: std::mem::size_of::<QueryArgs>() as u32, handle, ..Default::default() };
+        self.ioctl(uapi::IOCTL_QUERY, &mut a)?;
+        Ok(a)
+    }
+}
+
+/// The newest sequence number in debugfs `events` (0 when unreadable).
+pub fn journal_seq() -> u64 {
+    crate::proc::debugfs("events")
+        .map(|t| crate::proc::parse_events(&t).last().map_or(0, |e| e.seq))
+        .unwrap_or(0)
+}
+
+/// The reason the module journaled for the first failed step after `seq`.
+pub fn failure_since(seq: u64) -> Option<String> {
+    let events = crate::proc::parse_events(&crate::proc::debugfs("events").ok()?);
+    events
+        .iter()
+        .find(|e| e.seq > seq && e.result != "ok")
+        .map(|e| format!("{}: {} ({})", e.step, e.note, e.result))
+}

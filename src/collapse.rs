@@ -1,0 +1,170 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Putting the PMD back: after RESTORE zapped the last anonymous page of a
+//! 2 MiB range whose page-cache folio is PMD-mappable, `queue_collapse`
+//! queues `collapse_pte_mapped_thp()` as work, like uprobes calls it after
+//! unregistering — but on a workqueue, so RESTORE does not wait for it.
+//!
+//! One pending work per (mm, 2 MiB range): a second RESTORE in the range
+//! before the work runs is coalesced into it.  Every queued work stays in
+//! [`Collapses`] until it is flushed, so that module unload can wait for all
+//! of them to return before the module's code goes away.
+
+use kernel::{
+    impl_has_work, new_work,
+    prelude::*,
+    sync::{
+        atomic::{Atomic, Relaxed},
+        Arc,
+    },
+    workqueue::{Work, WorkItem},
+};
+
+use crate::{
+    journal::{Event, Step},
+    patch::{Patch, PatchTable},
+    sys::{self, Mapping, PMD_SIZE},
+    Hugepoke,
+};
+
+#[pin_data]
+pub(crate) struct CollapseWork {
+    hugepoke: Arc<Hugepoke>,
+    mm: kernel::sync::aref::ARef<kernel::mm::Mm>,
+    pid: i32,
+    haddr: usize,
+    install_pmd: bool,
+    /// Set (under the patch-table lock) once `run` has started: no more
+    /// coalescing into it.
+    started: Atomic<bool>,
+    /// Set when `run` is done with everything but returning.
+    done: Atomic<bool>,
+    #[pin]
+    work: Work<CollapseWork>,
+}
+
+impl_has_work! {
+    impl HasWork<Self> for CollapseWork { self.work }
+}
+
+/// The collapse work items not yet flushed.  Lives in the patch table's
+/// lock domain: touched only with `Hugepoke::patches` held.
+pub(crate) struct Collapses {
+    works: KVec<Arc<CollapseWork>>,
+}
+
+impl Collapses {
+    pub(crate) fn new() -> Self {
+        Self { works: KVec::new() }
+    }
+}
+
+impl CollapseWork {
+    fn event(&self, step: Step) -> Event {
+        Event::new(step).pid(self.pid).addr(self.haddr)
+    }
+}
+
+/// Queue the collapse of the 2 MiB range at `haddr` of `p`'s target.
+/// Called with the patch table locked.
+pub(crate) fn queue_collapse(hp: &Hugepoke, table: &mut PatchTable, p: &Patch, haddr: usize) {
+    let ev = Event::new(Step::QueueCollapse).pid(p.pid).addr(haddr).handle(p.handle as u32);
+    if table.closing {
+        hp.journal.record(ev.note("module is unloading; left to khugepaged"));
+        return;
+    }
+    let mut collapses = hp.collapses.lock();
+    // Let go of the finished ones (each has returned, or is about to).
+    collapses.works.retain(|w| {
+        let done = w.done.load(Relaxed);
+        if done {
+            sys::flush_work(&w.work);
+        }
+        !done
+    });
+    let mm_id = sys::mm_id(&p.mm);
+    if collapses
+        .works
+        .iter()
+        .any(|w| sys::mm_id(&w.mm) == mm_id && w.haddr == haddr && !w.started.load(Relaxed))
+    {
+        hp.journal.record(ev.note("coalesced into the pending collapse"));
+        return;
+    }
+    let Some(hugepoke) = Hugepoke::get() else { return };
+    let work = Arc::pin_init(
+        pin_init!(CollapseWork {
+            hugepoke,
+            mm: p.mm.clone(),
+            pid: p.pid,
+            haddr,
+            install_pmd: p.flags & crate::uapi::PATCH_INSTALL_PMD != 0,
+            started: Atomic::new(false),
+            done: Atomic::new(false),
+            work <- new_work!("hugepoke::collapse"),
+        }),
+        GFP_KERNEL,
+    );
+    let Ok(work) = work else {
+        hp.journal.record(ev.error(ENOMEM, "no memory for the collapse work"));
+        return;
+    };
+    if collapses.works.push(work.clone(), GFP_KERNEL).is_err() {
+        hp.journal.record(ev.error(ENOMEM, "no memory for the collapse work"));
+        return;
+    }
+    let _ = sys::system_dfl_wq().enqueue(work);
+    hp.journal.record(ev.note(if p.flags & crate::uapi::PATCH_INSTALL_PMD != 0 {
+        "collapse_pte_mapped_thp(install_pmd=true) queued"
+    } else {
+        "collapse_pte_mapped_thp(install_pmd=false) queued"
+    }));
+}
+
+/// Wait for every queued collapse to return and forget them (module unload,
+/// after `closing` is set so no new work can be queued).
+pub(crate) fn flush_all(hp: &Hugepoke) {
+    let works = core::mem::replace(&mut hp.collapses.lock().works, KVec::new());
+    for w in works.iter() {
+        sys::flush_work(&w.work);
+    }
+}
+
+impl WorkItem for CollapseWork {
+    type Pointer = Arc<CollapseWork>;
+
+    fn run(this: Arc<CollapseWork>) {
+        let hp = &this.hugepoke;
+        let table = hp.patches.lock();
+        this.started.store(true, Relaxed);
+        let outcome = collapse(&this, &table);
+        let ev = this.event(Step::Collapse);
+        hp.journal.record(match outcome {
+            Ok(note) => ev.note(note),
+            Err((err, why)) => ev.error(err, why),
+        });
+        drop(table);
+        this.done.store(true, Relaxed);
+    }
+}
+
+fn collapse(w: &CollapseWork, table: &PatchTable) -> Result<&'static str, (Error, &'static str)> {
+    if table.any_in_pmd_range(sys::mm_id(&w.mm), w.haddr) {
+        return Err((EBUSY, "range was patched again"));
+    }
+    let mm = sys::mm_get(&w.mm).ok_or((ESRCH, "target process is gone"))?;
+    let guard = mm.mmap_read_lock();
+    let vma = guard.vma_lookup(w.haddr).ok_or((EFAULT, "range is no longer mapped"))?;
+    let info = sys::vma_info(vma);
+    if info.start > w.haddr || info.end < w.haddr + PMD_SIZE {
+        return Err((EINVAL, "VMA no longer covers the 2 MiB range"));
+    }
+    sys::collapse_pte_mapped_thp(&mm, &guard, w.haddr, w.install_pmd);
+    // collapse_pte_mapped_thp() reports nothing; look at what it did.
+    match sys::mapping_of(vma, w.haddr) {
+        Mapping::Pmd(_) => Ok("PMD installed"),
+        Mapping::None => Ok("page table retracted; PMD at next fault"),
+        Mapping::Pte(_) if info.uffd_armed => Err((EBUSY, "not collapsed: userfaultfd armed")),
+        Mapping::Pte(_) => Err((EBUSY, "not collapsed: a PTE does not map the page-cache THP")),
+    }
+}

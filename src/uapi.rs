@@ -1,0 +1,101 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! hugepoke's ioctl ABI, version 1.
+//!
+//! This file is shared verbatim by the module and by `samples/` (the CLI and
+//! tests), so it uses nothing but `core`.  `include/uapi/hugepoke.h` is the
+//! same ABI for C.  Documentation/abi.md describes it.
+//!
+//! Every argument struct starts with `size` (the caller's `sizeof`) and
+//! `flags`; the module refuses sizes and flag bits it does not know.
+
+/// Most bytes one PATCH may write.
+pub const MAX_BYTES: usize = 16;
+
+/// PATCH: the patch outlives the file that made it (until RESTORE or unload).
+pub const PATCH_PERSIST: u32 = 1 << 0;
+/// PATCH: refuse unless the target holds `expect` at `addr` now.
+pub const PATCH_EXPECT: u32 = 1 << 1;
+/// PATCH: when RESTORE collapses the range, install the PMD right away
+/// instead of retracting the page table and letting the next fault map it.
+pub const PATCH_INSTALL_PMD: u32 = 1 << 2;
+pub const PATCH_FLAGS: u32 = PATCH_PERSIST | PATCH_EXPECT | PATCH_INSTALL_PMD;
+
+/// QUERY `state`: the patch is in place.
+pub const STATE_LIVE: u32 = 1;
+/// QUERY `state`: the target process is gone; the patch went with it.
+pub const STATE_GONE: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PatchArgs {
+    /// In: `size_of::<PatchArgs>()`.
+    pub size: u32,
+    /// In: `PATCH_*`.
+    pub flags: u32,
+    /// In: target pid, in the caller's pid namespace.
+    pub pid: i32,
+    /// In: how many bytes, 1..=MAX_BYTES; `addr..addr+len` lies in one page.
+    pub len: u32,
+    /// In: user virtual address in the target's file-backed executable text.
+    pub addr: u64,
+    /// In: the new bytes.
+    pub bytes: [u8; MAX_BYTES],
+    /// In: the bytes expected at `addr` now (with `PATCH_EXPECT`).
+    pub expect: [u8; MAX_BYTES],
+    /// Out: the handle of the new patch.
+    pub handle: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RestoreArgs {
+    /// In: `size_of::<RestoreArgs>()`.
+    pub size: u32,
+    /// In: 0; no flags are defined.
+    pub flags: u32,
+    /// In: a handle from PATCH.
+    pub handle: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueryArgs {
+    /// In: `size_of::<QueryArgs>()`.
+    pub size: u32,
+    /// In: 0; no flags are defined.
+    pub flags: u32,
+    /// In: a handle from PATCH.
+    pub handle: u64,
+    /// Out: `STATE_*`.
+    pub state: u32,
+    /// Out: the target pid, in the caller's pid namespace (0 if not visible).
+    pub pid: i32,
+    /// Out: the patched address and length.
+    pub addr: u64,
+    pub len: u32,
+    /// Out: the `PATCH_*` flags the patch was made with.
+    pub patch_flags: u32,
+    /// Out: PFN of the anonymous page that holds the patch.
+    pub pfn: u64,
+    /// Out: the bytes that were there before, and the bytes written.
+    pub orig: [u8; MAX_BYTES],
+    pub bytes: [u8; MAX_BYTES],
+}
+
+/// ioctl type byte.
+pub const IOC_TYPE: u32 = b'H' as u32;
+
+/// `_IOWR(type, nr, size)`, as `include/uapi/asm-generic/ioctl.h` builds it.
+pub const fn iowr(nr: u32, size: usize) -> u32 {
+    (3 << 30) | ((size as u32) << 16) | (IOC_TYPE << 8) | nr
+}
+
+pub const IOCTL_PATCH: u32 = iowr(1, core::mem::size_of::<PatchArgs>());
+pub const IOCTL_RESTORE: u32 = iowr(2, core::mem::size_of::<RestoreArgs>());
+pub const IOCTL_QUERY: u32 = iowr(3, core::mem::size_of::<QueryArgs>());
+
+// The layout is the ABI: no implicit padding, fixed sizes.
+const _: () = assert!(core::mem::size_of::<PatchArgs>() == 64);
+const _: () = assert!(core::mem::size_of::<RestoreArgs>() == 16);
+const _: () = assert!(core::mem::size_of::<QueryArgs>() == 80);
