@@ -11,7 +11,9 @@
 //! of them to return before the module's code goes away.
 
 use kernel::{
-    impl_has_work, new_work,
+    impl_has_work,
+    mm::Mm,
+    new_work,
     prelude::*,
     sync::{
         atomic::{Atomic, Relaxed},
@@ -69,8 +71,12 @@ impl CollapseWork {
 /// Called with the patch table locked.
 pub(crate) fn queue_collapse(hp: &Hugepoke, table: &mut PatchTable, p: &Patch, haddr: usize) {
     let ev = Event::new(Step::QueueCollapse).pid(p.pid).addr(haddr).handle(p.handle as u32);
+    let install_pmd = p.flags & crate::uapi::PATCH_INSTALL_PMD != 0;
     if table.closing {
-        hp.journal.record(ev.note("module is unloading; left to khugepaged"));
+        // Module unload: no work may outlive us; collapse right here.
+        hp.journal.record(ev.note("module is unloading; collapsing synchronously"));
+        let outcome = collapse_range(table, &p.mm, haddr, install_pmd);
+        record_outcome(hp, Event::new(Step::Collapse).pid(p.pid).addr(haddr), outcome);
         return;
     }
     let mut collapses = hp.collapses.lock();
@@ -98,7 +104,7 @@ pub(crate) fn queue_collapse(hp: &Hugepoke, table: &mut PatchTable, p: &Patch, h
             mm: p.mm.clone(),
             pid: p.pid,
             haddr,
-            install_pmd: p.flags & crate::uapi::PATCH_INSTALL_PMD != 0,
+            install_pmd,
             started: Atomic::new(false),
             done: Atomic::new(false),
             work <- new_work!("hugepoke::collapse"),
@@ -114,7 +120,7 @@ pub(crate) fn queue_collapse(hp: &Hugepoke, table: &mut PatchTable, p: &Patch, h
         return;
     }
     let _ = sys::system_dfl_wq().enqueue(work);
-    hp.journal.record(ev.note(if p.flags & crate::uapi::PATCH_INSTALL_PMD != 0 {
+    hp.journal.record(ev.note(if install_pmd {
         "collapse_pte_mapped_thp(install_pmd=true) queued"
     } else {
         "collapse_pte_mapped_thp(install_pmd=false) queued"
@@ -137,31 +143,40 @@ impl WorkItem for CollapseWork {
         let hp = &this.hugepoke;
         let table = hp.patches.lock();
         this.started.store(true, Relaxed);
-        let outcome = collapse(&this, &table);
-        let ev = this.event(Step::Collapse);
-        hp.journal.record(match outcome {
-            Ok(note) => ev.note(note),
-            Err((err, why)) => ev.error(err, why),
-        });
+        let outcome = collapse_range(&table, &this.mm, this.haddr, this.install_pmd);
+        record_outcome(hp, this.event(Step::Collapse), outcome);
         drop(table);
         this.done.store(true, Relaxed);
     }
 }
 
-fn collapse(w: &CollapseWork, table: &PatchTable) -> Result<&'static str, (Error, &'static str)> {
-    if table.any_in_pmd_range(sys::mm_id(&w.mm), w.haddr) {
+fn record_outcome(hp: &Hugepoke, ev: Event, outcome: Result<&'static str, (Error, &'static str)>) {
+    hp.journal.record(match outcome {
+        Ok(note) => ev.note(note),
+        Err((err, why)) => ev.error(err, why),
+    });
+}
+
+/// Collapse the 2 MiB range at `haddr` of `mm`, with the patch table locked.
+fn collapse_range(
+    table: &PatchTable,
+    mm: &Mm,
+    haddr: usize,
+    install_pmd: bool,
+) -> Result<&'static str, (Error, &'static str)> {
+    if table.any_in_pmd_range(sys::mm_id(mm), haddr) {
         return Err((EBUSY, "range was patched again"));
     }
-    let mm = sys::mm_get(&w.mm).ok_or((ESRCH, "target process is gone"))?;
+    let mm = sys::mm_get(mm).ok_or((ESRCH, "target process is gone"))?;
     let guard = mm.mmap_read_lock();
-    let vma = guard.vma_lookup(w.haddr).ok_or((EFAULT, "range is no longer mapped"))?;
+    let vma = guard.vma_lookup(haddr).ok_or((EFAULT, "range is no longer mapped"))?;
     let info = sys::vma_info(vma);
-    if info.start > w.haddr || info.end < w.haddr + PMD_SIZE {
+    if info.start > haddr || info.end < haddr + PMD_SIZE {
         return Err((EINVAL, "VMA no longer covers the 2 MiB range"));
     }
-    sys::collapse_pte_mapped_thp(&mm, &guard, w.haddr, w.install_pmd);
+    sys::collapse_pte_mapped_thp(&mm, &guard, haddr, install_pmd);
     // collapse_pte_mapped_thp() reports nothing; look at what it did.
-    match sys::mapping_of(vma, w.haddr) {
+    match sys::mapping_of(vma, haddr) {
         Mapping::Pmd(_) => Ok("PMD installed"),
         Mapping::None => Ok("page table retracted; PMD at next fault"),
         Mapping::Pte(_) if info.uffd_armed => Err((EBUSY, "not collapsed: userfaultfd armed")),

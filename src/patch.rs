@@ -439,9 +439,10 @@ fn restore_bytes(
     p: &Patch,
 ) -> Outcome {
     let last_on_page = !table.any_on_page(p.mm_id(), p.page());
+    // No FOLL_WRITE at first: if the anonymous page is gone, so is the patch.
+    let mut gup_flags = sys::FOLL_FORCE;
     for _ in 0..MAX_TRIES {
-        // No FOLL_WRITE: if the anonymous page is gone, so is the patch.
-        let page = match sys::get_user_page(mm, guard, p.page(), sys::FOLL_FORCE) {
+        let page = match sys::get_user_page(mm, guard, p.page(), gup_flags) {
             Ok(page) => page,
             Err(e) => {
                 hp.journal.record(p.event(Step::RestoreBytes).error(e, "cannot get the page"));
@@ -462,6 +463,16 @@ fn restore_bytes(
             hp.journal.record(p.event(Step::RestoreBytes).error(EAGAIN, "PTE changed after GUP; retrying"));
             continue;
         };
+        // A page that may be shared — after fork(), with the child — must
+        // not be written: break COW for this process first, as uprobes does.
+        // The child keeps the patched copy it inherited.  (A uffd-wp bit set
+        // since PATCH is kept: the PTE is set back as it was, plus dirty.)
+        if !pte.writable() && !pte.anon_exclusive() {
+            drop(pte);
+            hp.journal.record(p.event(Step::RestoreBytes).page(page.pfn(), 0).error(EAGAIN, "page may be shared (forked child?); breaking COW first"));
+            gup_flags = sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD;
+            continue;
+        }
         pte.unmap();
         let mut was = [0u8; MAX_BYTES];
         pte.rewrite(p.offset(), &p.orig[..p.len], &mut was[..p.len]);

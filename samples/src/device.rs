@@ -64,6 +64,14 @@ impl Device {
         if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 
+    /// Raw ioctl with a raw argument (tests use it for bad pointers).
+    pub fn ioctl_raw(&self, cmd: u32, arg: usize) -> io::Result<()> {
+        // SAFETY: the kernel validates `arg` as a user pointer; a bad one
+        // gives EFAULT, it cannot corrupt this process.
+        let rc = unsafe { libc::ioctl(self.0.as_raw_fd(), cmd as libc::c_ulong, arg) };
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+
     pub fn patch_args(&self, args: &mut PatchArgs) -> io::Result<u64> {
         self.ioctl(uapi::IOCTL_PATCH, args)?;
         Ok(args.handle)

@@ -50,6 +50,31 @@ impl Target {
         }
     }
 
+    /// Send one command line and return the one-line answer.
+    pub fn command(&mut self, cmd: &str) -> Result<String, String> {
+        writeln!(self.stdin, "{cmd}").map_err(|e| format!("target gone: {e}"))?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+        Ok(line.trim_end().to_string())
+    }
+
+    /// Send one command line without waiting for an answer.
+    pub fn send(&mut self, cmd: &str) -> Result<(), String> {
+        writeln!(self.stdin, "{cmd}").map_err(|e| format!("target gone: {e}"))
+    }
+
+    /// Wait for the target to die; the signal that killed it, if any.
+    pub fn wait_signal(&mut self) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        self.child.wait().ok()?.signal()
+    }
+
+    /// Kill the target (SIGKILL) and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Address of text page `page`.
     pub fn page_addr(&self, page: usize) -> u64 {
         self.addr + (page * crate::text::PAGE) as u64

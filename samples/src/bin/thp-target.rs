@@ -7,6 +7,9 @@
 //! commands on stdin, one per line:
 //!
 //!   call N   → prints `N VALUE`, what the function at page N returns now
+//!   write N  → writes to text page N (the mapping is read-only: SIGSEGV)
+//!   fork     → forks a child that sleeps until killed; prints `child PID`
+//!   exec     → replaces itself with `sleep 1000`
 //!   quit     → exits (so does end of input)
 //!
 //! With `--spin`, a thread keeps calling page 0's function, so the text is hot.
@@ -120,6 +123,29 @@ fn main() {
         match (w.next(), w.next().and_then(|n| n.parse::<usize>().ok())) {
             (Some("call"), Some(n)) if n < text::PAGES => {
                 let _ = writeln!(out, "{n} {}", call(base, n));
+            }
+            (Some("write"), Some(n)) if n < text::PAGES => {
+                // SAFETY: deliberately writes to read-only text; the kernel
+                // must refuse it (SIGSEGV), even on a patched, dirty PTE.
+                unsafe { std::ptr::write_volatile((base + n * PAGE) as *mut u8, 0x90) };
+                let _ = writeln!(out, "wrote {n}");
+            }
+            (Some("fork"), _) => {
+                // SAFETY: the child only sleeps; it touches nothing shared.
+                let child = unsafe { libc::fork() };
+                if child == 0 {
+                    loop {
+                        // SAFETY: pause() just sleeps until a signal.
+                        unsafe { libc::pause() };
+                    }
+                }
+                let _ = writeln!(out, "child {child}");
+            }
+            (Some("exec"), _) => {
+                let _ = out.flush();
+                use std::os::unix::process::CommandExt;
+                let err = std::process::Command::new("sleep").arg("1000").exec();
+                let _ = writeln!(out, "error: exec: {err}");
             }
             (Some("quit"), _) => break,
             _ => {

@@ -1,193 +1,9 @@
-//! The in-guest integration tests: run inside a virtme-ng guest with
-//! hugepoke.ko loaded (scripts/guest), observe the real kernel, print TAP.
-//!
-//!   hugepoke-tests [FILTER]   runs the tests whose name contains FILTER
+//! The mechanism: PATCH, RESTORE, the collapse, the journal.
 
-use hugepoke::proc::{self, KpageFlags, Pagemap};
-use hugepoke::target::Target;
-use hugepoke::text;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use crate::common::*;
+use crate::TestResult;
 
-type TestResult = Result<(), String>;
-
-macro_rules! ensure {
-    ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
-            return Err(format!($($msg)+));
-        }
-    };
-}
-
-fn module_is_loaded() -> TestResult {
-    ensure!(std::path::Path::new("/sys/module/hugepoke").is_dir(), "/sys/module/hugepoke missing");
-    let events = proc::parse_events(&proc::debugfs("events").map_err(|e| e.to_string())?);
-    ensure!(events.iter().any(|e| e.step == "load" && e.result == "ok"), "no load event: {events:?}");
-    Ok(())
-}
-
-fn device_is_root_only() -> TestResult {
-    let m = std::fs::metadata("/dev/hugepoke").map_err(|e| format!("/dev/hugepoke: {e}"))?;
-    ensure!(m.file_type().is_char_device(), "/dev/hugepoke is not a character device");
-    ensure!(m.mode() & 0o777 == 0o600, "mode is {:o}, want 600", m.mode() & 0o777);
-    ensure!(m.uid() == 0 && m.gid() == 0, "owned by {}:{}", m.uid(), m.gid());
-    Ok(())
-}
-
-fn debugfs_files_exist() -> TestResult {
-    for name in ["events", "stats"] {
-        let text = proc::debugfs(name).map_err(|e| format!("{name}: {e}"))?;
-        ensure!(text.starts_with('#'), "{name} has no header: {text:?}");
-    }
-    let stats = proc::debugfs("stats").map_err(|e| e.to_string())?;
-    ensure!(proc::parse_stat(&stats, "load") == Some((1, 0)), "stats: {stats}");
-    Ok(())
-}
-
-fn open_close_and_unknown_ioctl_are_journaled() -> TestResult {
-    use std::os::fd::AsRawFd;
-    let before = proc::debugfs("stats").map_err(|e| e.to_string())?;
-    let (open0, _) = proc::parse_stat(&before, "open").ok_or("no open stat")?;
-    let (_, ioctl_failed0) = proc::parse_stat(&before, "ioctl").ok_or("no ioctl stat")?;
-
-    let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/hugepoke").map_err(|e| e.to_string())?;
-    let cmd: libc::c_ulong = 0xdead;
-    // SAFETY: an ioctl with an unknown command and a null argument.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), cmd, 0usize) };
-    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-    ensure!(rc == -1 && errno == libc::ENOTTY, "ioctl returned {rc}, errno {errno}");
-    drop(f);
-
-    let after = proc::debugfs("stats").map_err(|e| e.to_string())?;
-    ensure!(proc::parse_stat(&after, "open").map(|s| s.0) == Some(open0 + 1), "open not counted");
-    ensure!(proc::parse_stat(&after, "ioctl").map(|s| s.1) == Some(ioctl_failed0 + 1), "ioctl failure not counted");
-    let events = proc::parse_events(&proc::debugfs("events").map_err(|e| e.to_string())?);
-    let me = std::process::id() as i32;
-    let mine: Vec<_> = events.iter().filter(|e| e.pid == me).map(|e| (e.step.as_str(), e.result.as_str())).collect();
-    ensure!(
-        mine.ends_with(&[("open", "ok"), ("ioctl", "-ENOTTY"), ("release", "ok")]),
-        "events for pid {me}: {mine:?}"
-    );
-    let last_ioctl = events.iter().rev().find(|e| e.step == "ioctl").unwrap();
-    ensure!(last_ioctl.note == "unknown ioctl command", "reason: {:?}", last_ioctl.note);
-    Ok(())
-}
-
-fn unprivileged_user_cannot_open() -> TestResult {
-    // A forked child drops to nobody and tries; it reports the errno.
-    // SAFETY: fork in a single-threaded test process; the child only calls
-    // async-signal-safe functions before _exit.
-    unsafe {
-        let pid = libc::fork();
-        if pid == 0 {
-            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                libc::_exit(100);
-            }
-            let fd = libc::open(c"/dev/hugepoke".as_ptr(), libc::O_RDWR);
-            let errno = *libc::__errno_location();
-            libc::_exit(if fd >= 0 { 0 } else { errno });
-        }
-        let mut status = 0;
-        libc::waitpid(pid, &mut status, 0);
-        let code = libc::WEXITSTATUS(status);
-        ensure!(code == libc::EACCES, "unprivileged open gave exit {code} (want EACCES={})", libc::EACCES);
-    }
-    Ok(())
-}
-
-/// The target's text is PMD-mapped by one file THP, from the kernel's own
-/// accounting: smaps, pagemap and kpageflags.
-fn target_text_is_pmd_mapped_thp() -> TestResult {
-    let mut t = Target::spawn(&[])?;
-    for page in [0, 1, 255, 511] {
-        let v = t.call(page)?;
-        ensure!(v == text::original_value(page), "page {page} returned {v}");
-    }
-    let smaps = proc::smaps_entry(t.pid, t.addr).map_err(|e| e.to_string())?;
-    ensure!(smaps.start == t.addr && smaps.end == t.addr + text::THP_SIZE as u64, "mapping {smaps:?}");
-    ensure!(smaps.perms == "r-xp", "perms {}", smaps.perms);
-    ensure!(smaps.pmd_mapped_kb() == 2048, "PmdMapped {} kB in {smaps:?}", smaps.pmd_mapped_kb());
-    ensure!(smaps.kb("Anonymous") == 0, "Anonymous {} kB", smaps.kb("Anonymous"));
-    println!("# pid {} text {:#x}: ShmemPmdMapped {} kB, FilePmdMapped {} kB", t.pid, t.addr,
-        smaps.kb("ShmemPmdMapped"), smaps.kb("FilePmdMapped"));
-
-    let pagemap = Pagemap::open(t.pid).map_err(|e| e.to_string())?;
-    let kpf = KpageFlags::open().map_err(|e| e.to_string())?;
-    let head = pagemap.entry(t.addr).map_err(|e| e.to_string())?;
-    ensure!(head.present() && head.file(), "page 0 pagemap {head:?}");
-    ensure!(head.pfn() % 512 == 0, "head pfn {:#x} not 2 MiB aligned", head.pfn());
-    for page in 0..text::PAGES {
-        let e = pagemap.entry(t.page_addr(page)).map_err(|e| e.to_string())?;
-        ensure!(e.present() && e.pfn() == head.pfn() + page as u64, "page {page}: {e:?}");
-        let flags = kpf.get(e.pfn()).map_err(|e| e.to_string())?;
-        ensure!(flags.thp() && !flags.anon(), "page {page} flags {flags:?}");
-        ensure!(if page == 0 { flags.compound_head() } else { flags.compound_tail() }, "page {page} flags {flags:?}");
-    }
-    Ok(())
-}
-
-
-// ---- The mechanism (issue 3) ----
-
-use hugepoke::device::{Device, PatchRequest};
-use hugepoke::proc::{EventLine, SmapsEntry};
-use std::time::{Duration, Instant};
-
-fn io<T>(r: std::io::Result<T>) -> Result<T, String> {
-    r.map_err(|e| e.to_string())
-}
-
-fn smaps(t: &Target) -> Result<SmapsEntry, String> {
-    io(proc::smaps_entry(t.pid, t.addr))
-}
-
-fn events() -> Result<Vec<EventLine>, String> {
-    Ok(proc::parse_events(&io(proc::debugfs("events"))?))
-}
-
-fn events_of(handle: u64) -> Result<Vec<EventLine>, String> {
-    Ok(events()?.into_iter().filter(|e| e.handle == Some(handle as u32)).collect())
-}
-
-/// PFNs of all 512 pages of the target's text, from pagemap.
-fn text_pfns(t: &Target) -> Result<Vec<hugepoke::proc::PagemapEntry>, String> {
-    let pm = io(Pagemap::open(t.pid))?;
-    (0..text::PAGES).map(|p| io(pm.entry(t.page_addr(p)))).collect()
-}
-
-/// The THP's head PFN, checking the text is PMD-mapped by it right now.
-fn thp_head(t: &Target) -> Result<u64, String> {
-    let s = smaps(t)?;
-    ensure!(s.pmd_mapped_kb() == 2048, "text not PMD-mapped: {s:?}");
-    let head = text_pfns(t)?[0];
-    ensure!(head.present() && head.pfn() % 512 == 0, "head {head:?}");
-    Ok(head.pfn())
-}
-
-fn patch_req(t: &Target, page: usize, value: u32) -> PatchRequest {
-    PatchRequest { pid: t.pid, addr: t.page_addr(page), bytes: text::mov_eax_ret(value).to_vec(), ..Default::default() }
-}
-
-/// Poke the target until its text is PMD-mapped again; the elapsed time.
-fn wait_pmd_mapped(t: &mut Target, limit: Duration) -> Result<Duration, String> {
-    let start = Instant::now();
-    loop {
-        t.call(0)?;
-        if smaps(t)?.pmd_mapped_kb() == 2048 {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > limit {
-            return Err(format!("not PMD-mapped after {limit:?}: {:?}", smaps(t)?));
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// Steps of `evs` in order, as `step:result` strings.
-fn steps(evs: &[EventLine]) -> Vec<String> {
-    evs.iter().map(|e| format!("{}:{}", e.step, e.result)).collect()
-}
-
-fn patch_restore_collapse_one_page() -> TestResult {
+pub(crate) fn patch_restore_collapse_one_page() -> TestResult {
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
     let kpf = io(KpageFlags::open())?;
@@ -262,7 +78,7 @@ fn patch_restore_collapse_one_page() -> TestResult {
     Ok(())
 }
 
-fn collapse_waits_for_the_last_patch() -> TestResult {
+pub(crate) fn collapse_waits_for_the_last_patch() -> TestResult {
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
     let dev = io(Device::open())?;
@@ -293,7 +109,7 @@ fn collapse_waits_for_the_last_patch() -> TestResult {
     Ok(())
 }
 
-fn install_pmd_maps_without_a_fault() -> TestResult {
+pub(crate) fn install_pmd_maps_without_a_fault() -> TestResult {
     let t = Target::spawn(&[])?;
     thp_head(&t)?;
     let dev = io(Device::open())?;
@@ -310,7 +126,7 @@ fn install_pmd_maps_without_a_fault() -> TestResult {
     Ok(())
 }
 
-fn expect_mismatch_changes_nothing() -> TestResult {
+pub(crate) fn expect_mismatch_changes_nothing() -> TestResult {
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
     let dev = io(Device::open())?;
@@ -329,7 +145,7 @@ fn expect_mismatch_changes_nothing() -> TestResult {
     Ok(())
 }
 
-fn overlapping_patch_is_refused() -> TestResult {
+pub(crate) fn overlapping_patch_is_refused() -> TestResult {
     let mut t = Target::spawn(&[])?;
     let dev = io(Device::open())?;
     io(dev.patch(&patch_req(&t, 4, 44)))?;
@@ -341,7 +157,7 @@ fn overlapping_patch_is_refused() -> TestResult {
     Ok(())
 }
 
-fn closing_the_file_restores_and_persist_survives() -> TestResult {
+pub(crate) fn closing_the_file_restores_and_persist_survives() -> TestResult {
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
     let persistent;
@@ -364,7 +180,7 @@ fn closing_the_file_restores_and_persist_survives() -> TestResult {
     Ok(())
 }
 
-fn cli_patch_holds_until_stdin_closes() -> TestResult {
+pub(crate) fn cli_patch_holds_until_stdin_closes() -> TestResult {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let mut t = Target::spawn(&[])?;
@@ -397,38 +213,3 @@ fn cli_patch_holds_until_stdin_closes() -> TestResult {
     Ok(())
 }
 
-const TESTS: &[(&str, fn() -> TestResult)] = &[
-    ("module_is_loaded", module_is_loaded),
-    ("device_is_root_only", device_is_root_only),
-    ("debugfs_files_exist", debugfs_files_exist),
-    ("open_close_and_unknown_ioctl_are_journaled", open_close_and_unknown_ioctl_are_journaled),
-    ("unprivileged_user_cannot_open", unprivileged_user_cannot_open),
-    ("target_text_is_pmd_mapped_thp", target_text_is_pmd_mapped_thp),
-    ("patch_restore_collapse_one_page", patch_restore_collapse_one_page),
-    ("collapse_waits_for_the_last_patch", collapse_waits_for_the_last_patch),
-    ("install_pmd_maps_without_a_fault", install_pmd_maps_without_a_fault),
-    ("expect_mismatch_changes_nothing", expect_mismatch_changes_nothing),
-    ("overlapping_patch_is_refused", overlapping_patch_is_refused),
-    ("closing_the_file_restores_and_persist_survives", closing_the_file_restores_and_persist_survives),
-    ("cli_patch_holds_until_stdin_closes", cli_patch_holds_until_stdin_closes),
-];
-
-fn main() {
-    let filter = std::env::args().nth(1).unwrap_or_default();
-    let selected: Vec<_> = TESTS.iter().filter(|(n, _)| n.contains(&filter)).collect();
-    println!("1..{}", selected.len());
-    let mut failed = 0;
-    for (i, (name, test)) in selected.iter().enumerate() {
-        match test() {
-            Ok(()) => println!("ok {} - {name}", i + 1),
-            Err(why) => {
-                failed += 1;
-                println!("not ok {} - {name}", i + 1);
-                for line in why.lines() {
-                    println!("# {line}");
-                }
-            }
-        }
-    }
-    std::process::exit(i32::from(failed > 0));
-}

@@ -1,0 +1,64 @@
+//! What the tests share: observing the target and the journal.
+
+pub(crate) use hugepoke::device::{Device, PatchRequest};
+pub(crate) use hugepoke::proc::{self, KpageFlags, Pagemap};
+pub(crate) use hugepoke::target::Target;
+pub(crate) use hugepoke::text;
+pub(crate) use hugepoke::proc::{EventLine, SmapsEntry};
+pub(crate) use std::time::{Duration, Instant};
+
+pub(crate) fn io<T>(r: std::io::Result<T>) -> Result<T, String> {
+    r.map_err(|e| e.to_string())
+}
+
+pub(crate) fn smaps(t: &Target) -> Result<SmapsEntry, String> {
+    io(proc::smaps_entry(t.pid, t.addr))
+}
+
+pub(crate) fn events() -> Result<Vec<EventLine>, String> {
+    Ok(proc::parse_events(&io(proc::debugfs("events"))?))
+}
+
+pub(crate) fn events_of(handle: u64) -> Result<Vec<EventLine>, String> {
+    Ok(events()?.into_iter().filter(|e| e.handle == Some(handle as u32)).collect())
+}
+
+/// PFNs of all 512 pages of the target's text, from pagemap.
+pub(crate) fn text_pfns(t: &Target) -> Result<Vec<hugepoke::proc::PagemapEntry>, String> {
+    let pm = io(Pagemap::open(t.pid))?;
+    (0..text::PAGES).map(|p| io(pm.entry(t.page_addr(p)))).collect()
+}
+
+/// The THP's head PFN, checking the text is PMD-mapped by it right now.
+pub(crate) fn thp_head(t: &Target) -> Result<u64, String> {
+    let s = smaps(t)?;
+    ensure!(s.pmd_mapped_kb() == 2048, "text not PMD-mapped: {s:?}");
+    let head = text_pfns(t)?[0];
+    ensure!(head.present() && head.pfn() % 512 == 0, "head {head:?}");
+    Ok(head.pfn())
+}
+
+pub(crate) fn patch_req(t: &Target, page: usize, value: u32) -> PatchRequest {
+    PatchRequest { pid: t.pid, addr: t.page_addr(page), bytes: text::mov_eax_ret(value).to_vec(), ..Default::default() }
+}
+
+/// Poke the target until its text is PMD-mapped again; the elapsed time.
+pub(crate) fn wait_pmd_mapped(t: &mut Target, limit: Duration) -> Result<Duration, String> {
+    let start = Instant::now();
+    loop {
+        t.call(0)?;
+        if smaps(t)?.pmd_mapped_kb() == 2048 {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return Err(format!("not PMD-mapped after {limit:?}: {:?}", smaps(t)?));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Steps of `evs` in order, as `step:result` strings.
+pub(crate) fn steps(evs: &[EventLine]) -> Vec<String> {
+    evs.iter().map(|e| format!("{}:{}", e.step, e.result)).collect()
+}
+

@@ -1,0 +1,351 @@
+//! Hardening: permissions, bad input, lifetimes, the seeds' hazards.
+
+use crate::common::*;
+use crate::TestResult;
+use hugepoke::uapi::{self, PatchArgs, RestoreArgs};
+use std::os::fd::AsRawFd;
+
+/// The target is exactly as it was: PMD-mapped by the same THP, no
+/// anonymous memory, the original code on the pages we tried.
+fn unchanged(t: &mut Target, head: u64, pages: &[usize]) -> TestResult {
+    ensure!(thp_head(t)? == head, "PMD mapping changed");
+    ensure!(smaps(t)?.kb("Anonymous") == 0, "anonymous memory appeared: {:?}", smaps(t)?);
+    for &p in pages {
+        ensure!(t.call(p)? == text::original_value(p), "page {p} changed");
+    }
+    Ok(())
+}
+
+/// The newest journaled failure: its result and note.
+fn last_failure() -> Result<EventLine, String> {
+    events()?.into_iter().rev().find(|e| e.result != "ok").ok_or("no failure journaled".into())
+}
+
+fn expect_errno(what: &str, r: std::io::Result<impl std::fmt::Debug>, errno: i32, reason: &str) -> TestResult {
+    match r {
+        Ok(v) => Err(format!("{what}: succeeded ({v:?}), want {}", hugepoke::errno_name(errno))),
+        Err(e) if e.raw_os_error() == Some(errno) => {
+            let f = last_failure()?;
+            ensure!(f.note.contains(reason), "{what}: journaled reason {:?}, want {reason:?}", f.note);
+            ensure!(f.result == format!("-{}", hugepoke::errno_name(errno)), "{what}: journaled {}", f.result);
+            Ok(())
+        }
+        Err(e) => Err(format!("{what}: {e}, want {}", hugepoke::errno_name(errno))),
+    }
+}
+
+/// An anonymous, file or special mapping in this test process, to aim at.
+fn own_mapping(prot: i32, flags: i32, fd: i32) -> Result<u64, String> {
+    // SAFETY: a fresh mapping of our own; never dereferenced by us.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, prot, flags, fd, 0) };
+    ensure!(p != libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    Ok(p as u64)
+}
+
+fn self_maps_entry(name: &str) -> Option<u64> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find(|l| l.ends_with(name)).and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
+}
+
+pub(crate) fn bad_input_gets_errno_reason_and_changes_nothing() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let me = std::process::id() as i32;
+    let ok = patch_req(&t, 6, 66);
+
+    expect_errno("no such pid", dev.patch(&PatchRequest { pid: 999_999, ..ok.clone() }), libc::ESRCH, "no such process")?;
+    expect_errno("kernel thread", dev.patch(&PatchRequest { pid: 2, ..ok.clone() }), libc::EINVAL, "kernel thread")?;
+    // A zombie: a child that exited and was not reaped yet.
+    // SAFETY: the child exits at once.
+    let zombie = unsafe { libc::fork() };
+    if zombie == 0 {
+        // SAFETY: plain exit of the child.
+        unsafe { libc::_exit(0) };
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    expect_errno("zombie", dev.patch(&PatchRequest { pid: zombie, ..ok.clone() }), libc::ESRCH, "no address space")?;
+    // SAFETY: reap it.
+    unsafe { libc::waitpid(zombie, std::ptr::null_mut(), 0) };
+
+    expect_errno("unmapped", dev.patch(&PatchRequest { addr: 0x1000, ..ok.clone() }), libc::EFAULT, "not mapped")?;
+    expect_errno("crossing", dev.patch(&PatchRequest { addr: t.page_addr(6) + 4093, ..ok.clone() }), libc::EINVAL, "crosses a page")?;
+    expect_errno("len 0", dev.patch(&PatchRequest { bytes: vec![], ..ok.clone() }), libc::EINVAL, "length")?;
+    expect_errno("len 17", dev.patch(&PatchRequest { bytes: vec![0x90; 17], ..ok.clone() }), libc::EINVAL, "length")?;
+    let mut a = ok.args();
+    a.flags |= 1 << 7;
+    expect_errno("unknown flags", dev.patch_args(&mut a), libc::EINVAL, "unknown flag bits")?;
+    let mut a = ok.args();
+    a.size = 60;
+    expect_errno("struct size", dev.patch_args(&mut a), libc::EINVAL, "unknown struct size")?;
+    expect_errno("bad pointer", dev.ioctl_raw(uapi::IOCTL_PATCH, 1), libc::EFAULT, "cannot read")?;
+    expect_errno("unknown ioctl", dev.ioctl_raw(uapi::iowr(9, 8), 0), libc::ENOTTY, "unknown ioctl")?;
+    expect_errno("unknown handle", dev.restore(123_456_789), libc::ENOENT, "no such patch")?;
+    expect_errno("query unknown", dev.query(123_456_789).map(|_| ()), libc::ENOENT, "no such patch")?;
+    let mut r = RestoreArgs { size: 8, flags: 0, handle: 1 };
+    expect_errno("restore size", dev.ioctl(uapi::IOCTL_RESTORE, &mut r), libc::EINVAL, "unknown struct size")?;
+    let mut r = RestoreArgs { size: 16, flags: 4, handle: 1 };
+    expect_errno("restore flags", dev.ioctl(uapi::IOCTL_RESTORE, &mut r), libc::EINVAL, "unknown flag bits")?;
+    let _: PatchArgs = ok.args();
+
+    // Mappings of the wrong kind, in this process.
+    let rw_file = io(std::fs::OpenOptions::new().read(true).write(true).open(&t.file))?;
+    let rw = rw_file.as_raw_fd();
+    let ro_file = io(std::fs::File::open(&t.file))?;
+    let ro = ro_file.as_raw_fd();
+    let (rx, rwx) = (libc::PROT_READ | libc::PROT_EXEC, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC);
+    let cases = [
+        ("anonymous", rx, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, "not a file-backed"),
+        ("shared", rx, libc::MAP_SHARED, rw, "shared mapping"),
+        // MAP_SHARED of a read-only fd: the kernel makes it !VM_SHARED, !VM_MAYWRITE.
+        ("shared read-only", rx, libc::MAP_SHARED, ro, "cannot be COWed"),
+        ("not executable", libc::PROT_READ, libc::MAP_PRIVATE, ro, "not executable"),
+        ("writable", rwx, libc::MAP_PRIVATE, rw, "writable"),
+    ];
+    for (what, prot, flags, fd, reason) in cases {
+        let addr = own_mapping(prot, flags, fd)?;
+        expect_errno(what, dev.patch(&PatchRequest { pid: me, addr, ..ok.clone() }), libc::EINVAL, reason)?;
+    }
+    let vvar = self_maps_entry("[vvar]").ok_or("no [vvar] mapping")?;
+    expect_errno("VM_PFNMAP", dev.patch(&PatchRequest { pid: me, addr: vvar, ..ok.clone() }), libc::EINVAL, "VM_PFNMAP")?;
+
+    unchanged(&mut t, head, &[6])?;
+    let patches = io(proc::debugfs("patches"))?;
+    ensure!(patches.lines().count() == 1, "patches left behind:\n{patches}");
+    Ok(())
+}
+
+/// A privileged opener that cannot ptrace the target is refused.
+pub(crate) fn caller_that_cannot_ptrace_gets_eperm() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let req = patch_req(&t, 8, 88);
+    // SAFETY: the child drops to nobody (keeping the open device) and
+    // reports the errno of its PATCH through its exit code.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: plain credential changes and exit in the child.
+        unsafe {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                libc::_exit(100);
+            }
+        }
+        let code = match dev.patch(&req) {
+            Ok(_) => 0,
+            Err(e) => e.raw_os_error().unwrap_or(101),
+        };
+        // SAFETY: exit without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: reaping our child.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    ensure!(libc::WEXITSTATUS(status) == libc::EPERM, "child PATCH gave {}", libc::WEXITSTATUS(status));
+    let f = last_failure()?;
+    ensure!(f.note.contains("ptrace-attach") && f.result == "-EPERM", "journal {f:?}");
+    unchanged(&mut t, head, &[8])
+}
+
+pub(crate) fn killed_controller_leaves_nothing_patched() -> TestResult {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let mut cli = Command::new("hugepoke")
+        .args(["patch", "--pid", &t.pid.to_string(), "--addr", &format!("{:#x}", t.page_addr(13)), "--bytes", "b80d000000c3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(cli.stdout.take().unwrap()).read_line(&mut line).map_err(|e| e.to_string())?;
+    ensure!(t.call(13)? == 13, "CLI patch not running");
+    cli.kill().map_err(|e| e.to_string())?;
+    cli.wait().map_err(|e| e.to_string())?;
+    ensure!(t.call(13)? == 1013, "killed controller left the patch behind");
+    wait_pmd_mapped(&mut t, Duration::from_millis(200))?;
+    unchanged(&mut t, head, &[13])
+}
+
+pub(crate) fn target_exit_and_exec_leave_patches_gone() -> TestResult {
+    let dev = io(Device::open())?;
+    // One warm-up round, then a leak of even one page per round shows.
+    let mut anon_before = 0;
+    for round in 0..21 {
+        if round == 1 {
+            anon_before = meminfo_kb("AnonPages")?;
+        }
+        exit_and_exec_round(&dev)?;
+    }
+    let anon_after = meminfo_kb("AnonPages")?;
+    ensure!(anon_after <= anon_before + 40, "AnonPages grew {anon_before} → {anon_after} kB over 20 rounds");
+    Ok(())
+}
+
+fn exit_and_exec_round(dev: &Device) -> TestResult {
+    for how in ["exit", "exec"] {
+        let mut t = Target::spawn(&[])?;
+        thp_head(&t)?;
+        let h = io(dev.patch(&patch_req(&t, 14, 14)))?;
+        ensure!(t.call(14)? == 14, "patch not running");
+        if how == "exit" {
+            t.kill();
+        } else {
+            t.send("exec")?; // no answer comes: it is `sleep` now
+        }
+        // The patch is reported gone (the old mm has no users left).
+        let start = Instant::now();
+        while io(dev.query(h))?.state != uapi::STATE_GONE {
+            ensure!(start.elapsed() < Duration::from_secs(2), "{how}: patch still live");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        io(dev.restore(h))?;
+        let last = events_of(h)?.pop().ok_or("no events")?;
+        ensure!(last.step == "restored" && last.note.contains("gone"), "{how}: {last:?}");
+        t.kill();
+    }
+    Ok(())
+}
+
+pub(crate) fn meminfo_kb(field: &str) -> Result<u64, String> {
+    let m = io(std::fs::read_to_string("/proc/meminfo"))?;
+    m.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
+        .ok_or(format!("no {field} in /proc/meminfo"))
+}
+
+fn read_mem(pid: i32, addr: u64, len: usize) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt;
+    let f = io(std::fs::File::open(format!("/proc/{pid}/mem")))?;
+    let mut buf = vec![0; len];
+    io(f.read_exact_at(&mut buf, addr))?;
+    Ok(buf)
+}
+
+/// fork() before PATCH: the child keeps the original; fork() between PATCH
+/// and RESTORE: the child keeps the patched page it inherited, RESTORE
+/// breaks COW for the parent instead of writing into the shared page.
+pub(crate) fn fork_before_and_during_a_patch() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let before = t.command("fork")?;
+    let child1: i32 = before.strip_prefix("child ").and_then(|p| p.parse().ok()).ok_or(format!("fork said {before:?}"))?;
+    let h = io(dev.patch(&patch_req(&t, 15, 15)))?;
+    ensure!(t.call(15)? == 15, "patch not running");
+    ensure!(read_mem(child1, t.page_addr(15), 6)? == text::mov_eax_ret(1015), "child forked before PATCH sees the patch");
+
+    let during = t.command("fork")?;
+    let child2: i32 = during.strip_prefix("child ").and_then(|p| p.parse().ok()).ok_or(format!("fork said {during:?}"))?;
+    ensure!(read_mem(child2, t.page_addr(15), 6)? == text::mov_eax_ret(15), "child forked while patched lacks the patch");
+    io(dev.restore(h))?;
+    ensure!(t.call(15)? == 1015, "parent not restored");
+    ensure!(read_mem(child2, t.page_addr(15), 6)? == text::mov_eax_ret(15), "RESTORE wrote into the child's page");
+    let evs = events_of(h)?;
+    ensure!(evs.iter().any(|e| e.step == "restore_bytes" && e.note.contains("shared")), "no COW break journaled: {:?}", steps(&evs));
+    ensure!(evs.iter().any(|e| e.step == "zap_anon_page"), "parent's copy not zapped: {:?}", steps(&evs));
+    wait_pmd_mapped(&mut t, Duration::from_millis(200))?;
+    ensure!(thp_head(&t)? == head, "different THP");
+    for c in [child1, child2] {
+        // SAFETY: killing and reaping nothing but the target's children.
+        unsafe { libc::kill(c, libc::SIGKILL) };
+    }
+    Ok(())
+}
+
+/// Seed 000: after PATCH the PTE is dirty and soft-dirty, yet not writable:
+/// the target writing its own text still faults.
+pub(crate) fn patched_pte_is_soft_dirty_but_not_writable() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    io(std::fs::write(format!("/proc/{}/clear_refs", t.pid), "4"))?;
+    let pm = io(Pagemap::open(t.pid))?;
+    ensure!(!io(pm.entry(t.page_addr(16)))?.soft_dirty(), "soft-dirty not cleared");
+    let dev = io(Device::open())?;
+    let _h = io(dev.patch(&PatchRequest { persist: true, ..patch_req(&t, 16, 16) }))?;
+    let e = io(pm.entry(t.page_addr(16)))?;
+    ensure!(e.soft_dirty() && !e.file(), "patched page pagemap {e:?}: not soft-dirty");
+    ensure!(t.call(16)? == 16, "patch not running");
+    let _ = t.command("write 16");
+    let sig = t.wait_signal();
+    ensure!(sig == Some(libc::SIGSEGV), "write to patched text gave signal {sig:?}, want SIGSEGV");
+    Ok(())
+}
+
+/// Seed 003: a userfaultfd-armed text range is refused, not silently dropped.
+pub(crate) fn userfaultfd_armed_text_is_refused() -> TestResult {
+    #[repr(C)]
+    struct UffdioApi { api: u64, features: u64, ioctls: u64 }
+    #[repr(C)]
+    struct UffdioRegister { start: u64, len: u64, mode: u64, ioctls: u64 }
+    const UFFDIO_API: libc::c_ulong = (3 << 30) | (24 << 16) | (0xaa << 8) | 0x3f;
+    const UFFDIO_REGISTER: libc::c_ulong = (3 << 30) | (32 << 16) | (0xaa << 8);
+    const MODE_MISSING: u64 = 1;
+    const MODE_WP: u64 = 2;
+
+    let t = Target::spawn(&[])?;
+    let file = io(std::fs::File::open(&t.file))?;
+    // Our own private r-x mapping of the THP text, 2 MiB aligned.
+    let addr = own_mapping(libc::PROT_READ | libc::PROT_EXEC, libc::MAP_PRIVATE, file.as_raw_fd())?;
+    // SAFETY: userfaultfd(2) and its ioctls on structs laid out as the uapi.
+    let registered = unsafe {
+        let uffd = libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) as i32;
+        ensure!(uffd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+        let mut api = UffdioApi { api: 0xaa, features: 0, ioctls: 0 };
+        ensure!(libc::ioctl(uffd, UFFDIO_API, &mut api) == 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
+        let mut reg = UffdioRegister { start: addr, len: 4096, mode: MODE_WP, ioctls: 0 };
+        if libc::ioctl(uffd, UFFDIO_REGISTER, &mut reg) == 0 {
+            "wp"
+        } else {
+            reg.mode = MODE_MISSING;
+            ensure!(libc::ioctl(uffd, UFFDIO_REGISTER, &mut reg) == 0, "UFFDIO_REGISTER: {}", std::io::Error::last_os_error());
+            "missing"
+        }
+    };
+    let dev = io(Device::open())?;
+    let me = std::process::id() as i32;
+    let req = PatchRequest { pid: me, addr, bytes: vec![0x90], ..Default::default() };
+    expect_errno(&format!("uffd {registered}"), dev.patch(&req), libc::EBUSY, "userfaultfd")?;
+    Ok(())
+}
+
+/// Seeds 002/004: the anonymous page pinned by someone else (vmsplice into a
+/// pipe) when RESTORE runs: the bytes go back, the page is kept, events say
+/// why, and the pipe reader sees the page's consistent, restored content.
+pub(crate) fn pinned_page_is_restored_but_not_zapped() -> TestResult {
+    let t = Target::spawn(&[])?;
+    let file = io(std::fs::File::open(&t.file))?;
+    let addr = own_mapping(libc::PROT_READ | libc::PROT_EXEC, libc::MAP_PRIVATE, file.as_raw_fd())?;
+    let dev = io(Device::open())?;
+    let me = std::process::id() as i32;
+    let h = io(dev.patch(&PatchRequest { pid: me, addr, bytes: text::mov_eax_ret(5).to_vec(), ..Default::default() }))?;
+    // SAFETY: reading our own mapping.
+    let now = unsafe { std::slice::from_raw_parts(addr as *const u8, 6) }.to_vec();
+    ensure!(now == text::mov_eax_ret(5), "patch not visible in our mapping: {now:x?}");
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) and vmsplice(2) of our own page into it.
+    unsafe {
+        ensure!(libc::pipe(fds.as_mut_ptr()) == 0, "pipe");
+        let iov = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: 4096 };
+        let n = libc::vmsplice(fds[1], &iov, 1, 0);
+        ensure!(n == 4096, "vmsplice: {n} {}", std::io::Error::last_os_error());
+    }
+    io(dev.restore(h))?;
+    let evs = events_of(h)?;
+    let keep = evs.iter().find(|e| e.step == "keep_anon_page").ok_or(format!("page zapped while pinned: {:?}", steps(&evs)))?;
+    ensure!(keep.note.contains("references"), "keep reason {:?}", keep.note);
+    // SAFETY: reading our own mapping.
+    let now = unsafe { std::slice::from_raw_parts(addr as *const u8, 6) }.to_vec();
+    ensure!(now == text::mov_eax_ret(1000), "bytes not restored: {now:x?}");
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: reading the pipe into our buffer.
+    let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), 4096) };
+    ensure!(n == 4096 && buf[..6] == text::mov_eax_ret(1000), "pipe reader saw {:x?}", &buf[..6]);
+    // SAFETY: closing our pipe.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    Ok(())
+}

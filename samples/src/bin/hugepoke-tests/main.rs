@@ -1,0 +1,84 @@
+//! The in-guest integration tests: run inside a virtme-ng guest with
+//! hugepoke.ko loaded (scripts/guest), observe the real kernel, print TAP.
+//!
+//!   hugepoke-tests [FILTER]   runs the tests whose name contains FILTER
+
+type TestResult = Result<(), String>;
+
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+mod common;
+mod foundation;
+mod hardening;
+mod mechanism;
+
+use foundation::*;
+use hardening::*;
+use mechanism::*;
+
+const TESTS: &[(&str, fn() -> TestResult)] = &[
+    ("module_is_loaded", module_is_loaded),
+    ("device_is_root_only", device_is_root_only),
+    ("debugfs_files_exist", debugfs_files_exist),
+    ("open_close_and_unknown_ioctl_are_journaled", open_close_and_unknown_ioctl_are_journaled),
+    ("unprivileged_user_cannot_open", unprivileged_user_cannot_open),
+    ("target_text_is_pmd_mapped_thp", target_text_is_pmd_mapped_thp),
+    ("patch_restore_collapse_one_page", patch_restore_collapse_one_page),
+    ("collapse_waits_for_the_last_patch", collapse_waits_for_the_last_patch),
+    ("install_pmd_maps_without_a_fault", install_pmd_maps_without_a_fault),
+    ("expect_mismatch_changes_nothing", expect_mismatch_changes_nothing),
+    ("overlapping_patch_is_refused", overlapping_patch_is_refused),
+    ("closing_the_file_restores_and_persist_survives", closing_the_file_restores_and_persist_survives),
+    ("cli_patch_holds_until_stdin_closes", cli_patch_holds_until_stdin_closes),
+    ("bad_input_gets_errno_reason_and_changes_nothing", bad_input_gets_errno_reason_and_changes_nothing),
+    ("caller_that_cannot_ptrace_gets_eperm", caller_that_cannot_ptrace_gets_eperm),
+    ("killed_controller_leaves_nothing_patched", killed_controller_leaves_nothing_patched),
+    ("target_exit_and_exec_leave_patches_gone", target_exit_and_exec_leave_patches_gone),
+    ("fork_before_and_during_a_patch", fork_before_and_during_a_patch),
+    ("patched_pte_is_soft_dirty_but_not_writable", patched_pte_is_soft_dirty_but_not_writable),
+    ("userfaultfd_armed_text_is_refused", userfaultfd_armed_text_is_refused),
+    ("pinned_page_is_restored_but_not_zapped", pinned_page_is_restored_but_not_zapped),
+];
+
+/// A test that takes longer than this is reported as failed, and the run
+/// stops there (its thread cannot be killed): one hang must not stall the guest.
+const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn main() {
+    let filter = std::env::args().nth(1).unwrap_or_default();
+    let selected: Vec<_> = TESTS.iter().filter(|(n, _)| n.contains(&filter)).collect();
+    println!("1..{}", selected.len());
+    let mut failed = 0;
+    for (i, (name, test)) in selected.iter().enumerate() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let test = *test;
+        std::thread::spawn(move || {
+            let _ = tx.send(test());
+        });
+        match rx.recv_timeout(TEST_TIMEOUT) {
+            Ok(Ok(())) => println!("ok {} - {name}", i + 1),
+            Ok(Err(why)) => {
+                failed += 1;
+                println!("not ok {} - {name}", i + 1);
+                for line in why.lines() {
+                    println!("# {line}");
+                }
+            }
+            Err(_) => {
+                println!("not ok {} - {name}", i + 1);
+                println!("# timed out after {TEST_TIMEOUT:?}; stopping here");
+                for (j, (rest, _)) in selected.iter().enumerate().skip(i + 1) {
+                    println!("not ok {} - {rest} # not run", j + 1);
+                }
+                std::process::exit(1);
+            }
+        }
+    }
+    std::process::exit(i32::from(failed > 0));
+}
