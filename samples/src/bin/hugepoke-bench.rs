@@ -69,74 +69,95 @@ fn uprobe_open(pmu_type: u32, path: &std::ffi::CStr, offset: u64, pid: i32) -> s
     if fd < 0 { Err(std::io::Error::last_os_error()) } else { Ok(fd as i32) }
 }
 
+/// Outcome of one cycle: how long the two halves took, and the PMD.
+struct Cycle {
+    on: Duration,
+    off: Duration,
+    pmd_back: Option<Duration>,
+    anon_kb: u64,
+}
+
+fn summarize(name: (&str, &str), cycles: &mut [Cycle]) -> (Duration, Duration) {
+    let mut on: Vec<_> = cycles.iter().map(|c| c.on).collect();
+    let mut off: Vec<_> = cycles.iter().map(|c| c.off).collect();
+    let mut back: Vec<_> = cycles.iter().filter_map(|c| c.pmd_back).collect();
+    let kept = cycles.iter().filter(|c| c.pmd_back.is_none()).count();
+    let (on, off) = (median(&mut on), median(&mut off));
+    println!("{:<26}{on:>12.1?}", name.0);
+    println!("{:<26}{off:>12.1?}", name.1);
+    if back.is_empty() {
+        println!("  PMD back after {:<10}    never in {} cycles (Anonymous {} kB left)", name.1, cycles.len(), cycles[0].anon_kb);
+    } else {
+        println!("  PMD back after {:<10}{:>12.1?} median; not back within 2 s in {kept} of {} cycles", name.1, median(&mut back), cycles.len());
+    }
+    (on, off)
+}
+
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(100);
-    let t = Target::spawn(&["--spin"]).expect("thp-target");
-    let addr = t.page_addr(PAGE);
+    let file = format!("{}/bench.bin", std::env::var("HUGEPOKE_THP_DIR").unwrap_or_else(|_| "/tmp/hugepoke-thp".into()));
+    // Every cycle gets a fresh, spinning target on the same file, so every
+    // PATCH or attach starts from a PMD-mapped THP at the same text page.
+    let fresh = || {
+        let t = Target::spawn(&["--spin", "--file", &file]).expect("thp-target");
+        assert!(time_to_pmd(&t, Instant::now(), Duration::from_secs(2)).is_some(), "target not PMD-mapped");
+        t
+    };
     let new = text::mov_eax_ret(7).to_vec();
     let orig = text::mov_eax_ret(text::original_value(PAGE)).to_vec();
-    assert!(time_to_pmd(&t, Instant::now(), Duration::from_secs(2)).is_some(), "target not PMD-mapped");
+    let limit = Duration::from_secs(2);
+    let anon = |t: &Target| proc::smaps_entry(t.pid, t.addr).map(|s| s.kb("Anonymous")).unwrap_or(0);
 
-    // hugepoke
     let dev = Device::open().expect("/dev/hugepoke");
-    let (mut patch, mut restore, mut back) = (vec![], vec![], vec![]);
+    let mut hp = Vec::new();
     for _ in 0..n {
-        let req = PatchRequest { pid: t.pid, addr, bytes: new.clone(), ..Default::default() };
+        let t = fresh();
+        let req = PatchRequest { pid: t.pid, addr: t.page_addr(PAGE), bytes: new.clone(), ..Default::default() };
         let s = Instant::now();
         let h = dev.patch(&req).expect("PATCH");
-        patch.push(s.elapsed());
+        let on = s.elapsed();
         let s = Instant::now();
         dev.restore(h).expect("RESTORE");
-        let done = Instant::now();
-        restore.push(s.elapsed());
-        back.push(time_to_pmd(&t, done, Duration::from_secs(2)).expect("PMD did not come back after RESTORE"));
+        let off = s.elapsed();
+        let pmd_back = time_to_pmd(&t, Instant::now(), limit);
+        hp.push(Cycle { on, off, pmd_back, anon_kb: anon(&t) });
     }
 
-    // uprobe attach/detach at the same address.
     let pmu: u32 = std::fs::read_to_string("/sys/bus/event_source/devices/uprobe/type")
         .expect("uprobe PMU (CONFIG_UPROBE_EVENTS)")
         .trim()
         .parse()
         .unwrap();
-    let path = std::ffi::CString::new(t.file.clone()).unwrap();
+    let path = std::ffi::CString::new(file.clone()).unwrap();
     let offset = (PAGE * text::PAGE) as u64;
-    let (mut attach, mut detach, mut uback) = (vec![], vec![], vec![]);
+    let mut up = Vec::new();
     for _ in 0..n {
+        let t = fresh();
         let s = Instant::now();
         let fd = uprobe_open(pmu, &path, offset, t.pid).expect("perf_event_open(uprobe)");
-        attach.push(s.elapsed());
+        let on = s.elapsed();
         let s = Instant::now();
         // SAFETY: closing the perf event fd we opened.
         unsafe { libc::close(fd) };
-        let done = Instant::now();
-        detach.push(s.elapsed());
-        uback.push(time_to_pmd(&t, done, Duration::from_secs(2)).expect("PMD did not come back after uprobe detach"));
+        let off = s.elapsed();
+        let pmd_back = time_to_pmd(&t, Instant::now(), limit);
+        up.push(Cycle { on, off, pmd_back, anon_kb: anon(&t) });
     }
 
-    // /proc/PID/mem: the new bytes, then the originals.
+    let t = fresh();
     let mem = std::fs::OpenOptions::new().read(true).write(true).open(format!("/proc/{}/mem", t.pid)).expect("/proc/PID/mem");
     let s = Instant::now();
-    mem.write_all_at(&new, addr).expect("/proc/PID/mem write");
-    let mem_new = s.elapsed();
+    mem.write_all_at(&new, t.page_addr(PAGE)).expect("/proc/PID/mem write");
+    let mem_on = s.elapsed();
     let s = Instant::now();
-    mem.write_all_at(&orig, addr).expect("/proc/PID/mem write");
-    let mem_orig = s.elapsed();
-    let mem_back = time_to_pmd(&t, Instant::now(), Duration::from_secs(2));
-    let anon_kb = proc::smaps_entry(t.pid, t.addr).map(|s| s.kb("Anonymous")).unwrap_or(0);
+    mem.write_all_at(&orig, t.page_addr(PAGE)).expect("/proc/PID/mem write");
+    let mem_off = s.elapsed();
+    let mut pm = [Cycle { on: mem_on, off: mem_off, pmd_back: time_to_pmd(&t, Instant::now(), limit), anon_kb: anon(&t) }];
 
-    let (p, r, b) = (median(&mut patch), median(&mut restore), median(&mut back));
-    let (a, d, ub) = (median(&mut attach), median(&mut detach), median(&mut uback));
-    println!("# {n} iterations each, text page {PAGE} of pid {}, medians", t.pid);
-    println!("hugepoke PATCH            {p:>12.1?}   {:.2}x uprobe attach", p.as_secs_f64() / a.as_secs_f64());
-    println!("hugepoke RESTORE          {r:>12.1?}   {:.2}x uprobe detach", r.as_secs_f64() / d.as_secs_f64());
-    println!("PMD back after RESTORE    {b:>12.1?}");
-    println!("uprobe attach             {a:>12.1?}");
-    println!("uprobe detach             {d:>12.1?}");
-    println!("PMD back after detach     {ub:>12.1?}");
-    println!("/proc/PID/mem new bytes   {mem_new:>12.1?}");
-    println!("/proc/PID/mem originals   {mem_orig:>12.1?}");
-    match mem_back {
-        Some(t) => println!("PMD back after /proc/PID/mem  {t:.1?}"),
-        None => println!("PMD back after /proc/PID/mem  never (2 s; Anonymous {anon_kb} kB remains)"),
-    }
+    println!("# {n} cycles each on text page {PAGE} of {file}, a fresh spinning target per cycle; medians (TCG guest)");
+    let (p, r) = summarize(("hugepoke PATCH", "RESTORE"), &mut hp);
+    let (a, d) = summarize(("uprobe attach", "detach"), &mut up);
+    summarize(("/proc/PID/mem new bytes", "originals"), &mut pm);
+    println!("ratio PATCH/attach   {:.2}", p.as_secs_f64() / a.as_secs_f64());
+    println!("ratio RESTORE/detach {:.2}", r.as_secs_f64() / d.as_secs_f64());
 }
