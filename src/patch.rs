@@ -200,7 +200,8 @@ pub(crate) fn check_patch_args(args: &PatchArgs) -> Result<(), (Error, &'static 
     if len == 0 || len > MAX_BYTES {
         return Err((EINVAL, "length must be 1 to 16 bytes"));
     }
-    let Ok(addr) = usize::try_from(args.addr) else {
+    // The range must not wrap: `addr + len` is computed below.
+    let Some(addr) = usize::try_from(args.addr).ok().filter(|a| a.checked_add(len).is_some()) else {
         return Err((EFAULT, "address out of range"));
     };
     if (addr & !PAGE_MASK) + len > PAGE_SIZE {

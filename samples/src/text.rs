@@ -10,6 +10,11 @@ pub fn original_value(page: usize) -> u32 {
     1000 + page as u32
 }
 
+/// What the stress test patches page `page` to return.
+pub fn stress_value(page: usize) -> u32 {
+    5000 + page as u32
+}
+
 /// `mov eax, imm32; ret` — six bytes of x86-64.
 pub fn mov_eax_ret(value: u32) -> [u8; 6] {
     let v = value.to_le_bytes();

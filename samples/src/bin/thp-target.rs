@@ -13,6 +13,10 @@
 //!   quit     → exits (so does end of input)
 //!
 //! With `--spin`, a thread keeps calling page 0's function, so the text is hot.
+//! With `--check-threads N --check-pages P`, N threads keep calling the
+//! functions of pages 0..P and abort (exit 3) if one ever returns anything
+//! but its original value or its stress value (`text::stress_value`): a
+//! torn instruction would show as that, or as SIGSEGV/SIGILL.
 
 use hugepoke::text::{self, PAGE, THP_SIZE};
 use std::io::{BufRead, Write};
@@ -81,13 +85,16 @@ fn main() {
         std::env::var("HUGEPOKE_THP_DIR").unwrap_or_else(|_| "/tmp/hugepoke-thp".into())
     );
     let mut spin = false;
+    let (mut check_threads, mut check_pages) = (0usize, 1usize);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--file" => path = args.next().unwrap_or_else(|| die("--file needs a path")),
             "--spin" => spin = true,
+            "--check-threads" => check_threads = args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| die("--check-threads N")),
+            "--check-pages" => check_pages = args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| die("--check-pages P")),
             _ => {
-                eprintln!("usage: thp-target [--file PATH] [--spin]");
+                eprintln!("usage: thp-target [--file PATH] [--spin] [--check-threads N --check-pages P]");
                 std::process::exit(2);
             }
         }
@@ -111,6 +118,18 @@ fn main() {
     if spin {
         std::thread::spawn(move || loop {
             std::hint::black_box(call(base, 0));
+        });
+    }
+
+    for _ in 0..check_threads {
+        std::thread::spawn(move || loop {
+            for page in 0..check_pages.min(text::PAGES) {
+                let v = call(base, page);
+                if v != text::original_value(page) && v != text::stress_value(page) {
+                    eprintln!("thp-target: page {page} returned {v}: torn or foreign code");
+                    std::process::exit(3);
+                }
+            }
         });
     }
 

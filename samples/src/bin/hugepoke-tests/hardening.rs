@@ -69,6 +69,10 @@ pub(crate) fn bad_input_gets_errno_reason_and_changes_nothing() -> TestResult {
     unsafe { libc::waitpid(zombie, std::ptr::null_mut(), 0) };
 
     expect_errno("unmapped", dev.patch(&PatchRequest { addr: 0x1000, ..ok.clone() }), libc::EFAULT, "not mapped")?;
+    expect_errno("kernel address", dev.patch(&PatchRequest { addr: 0xffff_ffff_8100_0000, ..ok.clone() }), libc::EFAULT, "not mapped")?;
+    // Found by hugepoke-fuzz: a range that wraps used to overflow (a Rust
+    // panic with the patch table locked).
+    expect_errno("wrapping", dev.patch(&PatchRequest { addr: u64::MAX, bytes: vec![0x90], ..ok.clone() }), libc::EFAULT, "out of range")?;
     expect_errno("crossing", dev.patch(&PatchRequest { addr: t.page_addr(6) + 4093, ..ok.clone() }), libc::EINVAL, "crosses a page")?;
     expect_errno("len 0", dev.patch(&PatchRequest { bytes: vec![], ..ok.clone() }), libc::EINVAL, "length")?;
     expect_errno("len 17", dev.patch(&PatchRequest { bytes: vec![0x90; 17], ..ok.clone() }), libc::EINVAL, "length")?;
