@@ -353,3 +353,38 @@ pub(crate) fn pinned_page_is_restored_but_not_zapped() -> TestResult {
     }
     Ok(())
 }
+
+fn run(cmd: &str, args: &[&str]) -> TestResult {
+    let out = std::process::Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
+    ensure!(out.status.success(), "{cmd} {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// Unloading the module with persistent patches and collapse work queued:
+/// every patch is restored, every range collapsed, no work outlives the
+/// module.  (Loads the module again afterwards.)
+pub(crate) fn module_unload_restores_persistent_patches() -> TestResult {
+    let root = std::env::var("HUGEPOKE_ROOT").map_err(|_| "HUGEPOKE_ROOT not set")?;
+    let ko = format!("{root}/src/hugepoke.ko");
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let mut t2 = Target::spawn(&[])?;
+    let head2 = thp_head(&t2)?;
+    {
+        let dev = io(Device::open())?;
+        io(dev.patch(&PatchRequest { persist: true, ..patch_req(&t, 20, 20) }))?;
+        io(dev.patch(&PatchRequest { persist: true, install_pmd: true, ..patch_req(&t, 21, 21) }))?;
+        // This one's RESTORE queues a collapse right before the unload.
+        let h = io(dev.patch(&patch_req(&t2, 22, 22)))?;
+        io(dev.restore(h))?;
+    }
+    ensure!(t.call(20)? == 20 && t.call(21)? == 21, "persistent patches not live");
+    run("rmmod", &["hugepoke"])?;
+    let reloaded = run("insmod", &[&ko]);
+    ensure!(t.call(20)? == 1020 && t.call(21)? == 1021, "unload left the target patched");
+    wait_pmd_mapped(&mut t, Duration::from_millis(200))?;
+    ensure!(thp_head(&t)? == head && smaps(&t)?.kb("Anonymous") == 0, "after unload: {:?}", smaps(&t)?);
+    wait_pmd_mapped(&mut t2, Duration::from_millis(200))?;
+    ensure!(thp_head(&t2)? == head2, "second target's THP");
+    reloaded
+}

@@ -44,6 +44,8 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("patched_pte_is_soft_dirty_but_not_writable", patched_pte_is_soft_dirty_but_not_writable),
     ("userfaultfd_armed_text_is_refused", userfaultfd_armed_text_is_refused),
     ("pinned_page_is_restored_but_not_zapped", pinned_page_is_restored_but_not_zapped),
+    // Last: it unloads and reloads the module.
+    ("module_unload_restores_persistent_patches", module_unload_restores_persistent_patches),
 ];
 
 /// A test that takes longer than this is reported as failed, and the run
