@@ -2,12 +2,15 @@
 #   make run    set up, build, boot our kernel and show the demo
 #   make check  set up, build, run every test; ends with "N passed, N failed"
 #   make        build the module against our (already built) kernel
+#   HP_KFLAVOUR=debug (or make check HP_KFLAVOUR=debug): the lockdep/DEBUG_PAGEALLOC kernel
 
 SHELL := bash
 .DEFAULT_GOAL := module
-KDIR ?= $(shell bash -c '. scripts/env.sh && echo $$HP_KDIR')
+HP_KFLAVOUR ?= base
+export HP_KFLAVOUR
+KDIR ?= $(shell HP_KFLAVOUR=$(HP_KFLAVOUR) bash -c '. scripts/env.sh && echo $$HP_KDIR')
 
-.PHONY: module samples setup kernel run check bench clean
+.PHONY: module samples setup kernel run check bench stress clean
 
 module:
 	@test -f $(KDIR)/Module.symvers || { echo "no kernel in $(KDIR): run 'make kernel' first" >&2; exit 1; }
@@ -20,7 +23,7 @@ setup:
 	scripts/setup
 
 kernel: setup
-	scripts/build-kernel
+	scripts/build-kernel $(HP_KFLAVOUR)
 
 run: kernel
 	$(MAKE) module samples
@@ -28,6 +31,12 @@ run: kernel
 
 check: kernel
 	scripts/check
+
+bench: kernel
+	scripts/bench
+
+stress: kernel
+	scripts/stress
 
 clean:
 	$(MAKE) -C $(KDIR) M=$(CURDIR) LLVM= CC=gcc clean
