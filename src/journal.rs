@@ -10,6 +10,8 @@ use crate::sys;
 
 /// How many events the log keeps; older ones are counted as dropped.
 pub(crate) const EVENT_CAPACITY: usize = 4096;
+/// How many distinct (step, reason) pairs `stats` breaks down.
+const REASON_CAPACITY: usize = 64;
 
 macro_rules! steps {
     ($($variant:ident => $name:literal,)*) => {
@@ -143,6 +145,18 @@ pub(crate) struct Ring {
     dropped: u64,
     /// `[ok, failed]` per step.
     counts: [[u64; 2]; Step::COUNT],
+    /// Counts per (step, reason) for failures and for the outcomes that are
+    /// decisions (keeping a page, a collapse, …); `REASON_CAPACITY` pairs,
+    /// the rest counted under `other`.
+    reasons: KVec<(Step, &'static str, u64)>,
+    other_reasons: u64,
+}
+
+impl Step {
+    /// Is an `ok` outcome of this step worth counting by its reason?
+    fn outcome_has_reason(self) -> bool {
+        matches!(self, Step::KeepAnonPage | Step::Collapse | Step::QueueCollapse | Step::SplitPmd | Step::CowPage)
+    }
 }
 
 impl Ring {
@@ -154,6 +168,8 @@ impl Ring {
             next_seq: 1,
             dropped: 0,
             counts: [[0; 2]; Step::COUNT],
+            reasons: KVec::with_capacity(REASON_CAPACITY, GFP_KERNEL)?,
+            other_reasons: 0,
         })
     }
 
@@ -165,6 +181,9 @@ impl Ring {
         };
         self.next_seq += 1;
         self.counts[event.step as usize][usize::from(event.result != 0)] += 1;
+        if !event.note.is_empty() && (event.result != 0 || event.step.outcome_has_reason()) {
+            self.count_reason(event.step, event.note);
+        }
         if self.records.len() < self.capacity {
             // Cannot fail: the capacity was reserved up front.
             let _ = self.records.push_within_capacity(record);
@@ -180,6 +199,19 @@ impl Ring {
     fn iter(&self) -> impl Iterator<Item = &Record> {
         let (newer, older) = self.records.split_at(self.head);
         Iterator::chain(older.iter(), newer.iter())
+    }
+
+    fn count_reason(&mut self, step: Step, note: &'static str) {
+        if let Some(r) = self.reasons.iter_mut().find(|r| r.0 == step && r.1 == note) {
+            r.2 += 1;
+        } else if self.reasons.push_within_capacity((step, note, 1)).is_err() {
+            self.other_reasons += 1;
+        }
+    }
+
+    /// How often `step` was taken for `reason`.
+    pub(crate) fn count_by_reason(&self, step: Step, reason: &str) -> u64 {
+        self.reasons.iter().find(|r| r.0 == step && r.1 == reason).map_or(0, |r| r.2)
     }
 
     pub(crate) fn dropped(&self) -> u64 {
@@ -204,7 +236,12 @@ impl Ring {
         for &step in Step::ALL {
             writeln!(f, "{} {} {}", step.name(), self.count(step, false), self.count(step, true))?;
         }
-        writeln!(f, "events_dropped {}", self.dropped)
+        writeln!(f, "events_dropped {}", self.dropped)?;
+        writeln!(f, "# step count reason")?;
+        for (step, reason, n) in self.reasons.iter() {
+            writeln!(f, "{} {n} {reason}", step.name())?;
+        }
+        writeln!(f, "other_reasons {}", self.other_reasons)
     }
 }
 

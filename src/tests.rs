@@ -75,7 +75,28 @@ mod hugepoke {
         let mut out = text();
         ring.write_stats(&mut out).unwrap();
         assert!(out.as_str().contains("\nioctl 1 2\n"));
-        assert!(out.as_str().ends_with("events_dropped 2\n"));
+        assert!(out.as_str().contains("\nevents_dropped 2\n"));
+    }
+
+    #[test]
+    fn stats_break_down_decisions_and_failures_by_reason() {
+        let mut ring = Ring::with_capacity(2).unwrap();
+        ring.push(event(Step::KeepAnonPage).note("other patches remain on this page"), 1);
+        ring.push(event(Step::KeepAnonPage).note("other patches remain on this page"), 2);
+        ring.push(event(Step::KeepAnonPage).note("page has unexpected references (pinned or in a pipe)"), 3);
+        ring.push(event(Step::Collapse).note("PMD installed"), 4);
+        ring.push(event(Step::Patch).error(EINVAL, "unknown flag bits"), 5);
+        // An ok step that is no decision is not broken down.
+        ring.push(event(Step::Patched).note("page-cache folio is PMD-mappable"), 6);
+        assert_eq!(ring.count_by_reason(Step::KeepAnonPage, "other patches remain on this page"), 2);
+        assert_eq!(ring.count_by_reason(Step::Collapse, "PMD installed"), 1);
+        assert_eq!(ring.count_by_reason(Step::Patch, "unknown flag bits"), 1);
+        assert_eq!(ring.count_by_reason(Step::Patched, "page-cache folio is PMD-mappable"), 0);
+        let mut out = text();
+        ring.write_stats(&mut out).unwrap();
+        assert!(out.as_str().contains("\nkeep_anon_page 2 other patches remain on this page\n"));
+        assert!(out.as_str().contains("\npatch 1 unknown flag bits\n"));
+        assert!(out.as_str().ends_with("other_reasons 0\n"));
     }
 
     #[test]

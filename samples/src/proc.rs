@@ -202,7 +202,9 @@ pub fn parse_events(text: &str) -> Vec<EventLine> {
 
 /// `(ok, failed)` of one step in debugfs `stats`.
 pub fn parse_stat(text: &str, step: &str) -> Option<(u64, u64)> {
-    text.lines().find_map(|l| {
+    // The per-step table is the first section; per-reason lines follow.
+    let table = text.split("\n# step count reason").next().unwrap_or(text);
+    table.lines().find_map(|l| {
         let mut w = l.split_whitespace();
         if w.next()? != step {
             return None;
@@ -275,7 +277,8 @@ Anonymous:           132 kB
 
     #[test]
     fn stats_lines() {
-        let text = "# step ok failed\nopen 3 0\nioctl 1 2\nevents_dropped 0\n";
+        let text = "# step ok failed\nopen 3 0\nioctl 1 2\nevents_dropped 0\n\
+                    # step count reason\nioctl 2 unknown ioctl command\nother_reasons 0\n";
         assert_eq!(parse_stat(text, "ioctl"), Some((1, 2)));
         assert_eq!(parse_stat(text, "nope"), None);
     }

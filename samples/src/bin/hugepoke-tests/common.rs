@@ -62,3 +62,22 @@ pub(crate) fn steps(evs: &[EventLine]) -> Vec<String> {
     evs.iter().map(|e| format!("{}:{}", e.step, e.result)).collect()
 }
 
+
+/// Run `hugepoke patch` (without --persist) on text page `page` of `t`,
+/// making it return `value`; the CLI holds the patch until its stdin closes.
+/// Returns the CLI process and the handle it printed.
+pub(crate) fn cli_patch(t: &Target, page: usize, value: u32) -> Result<(std::process::Child, u64), String> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let hex: String = text::mov_eax_ret(value).iter().map(|b| format!("{b:02x} ")).collect();
+    let mut cli = Command::new("hugepoke")
+        .args(["patch", "--pid", &t.pid.to_string(), "--addr", &format!("{:#x}", t.page_addr(page)), "--bytes", hex.trim()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(cli.stdout.take().unwrap()).read_line(&mut line).map_err(|e| e.to_string())?;
+    let handle = line.trim().parse().map_err(|_| format!("CLI printed {line:?}"))?;
+    Ok((cli, handle))
+}

@@ -152,18 +152,9 @@ pub(crate) fn caller_that_cannot_ptrace_gets_eperm() -> TestResult {
 }
 
 pub(crate) fn killed_controller_leaves_nothing_patched() -> TestResult {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
-    let mut cli = Command::new("hugepoke")
-        .args(["patch", "--pid", &t.pid.to_string(), "--addr", &format!("{:#x}", t.page_addr(13)), "--bytes", "b80d000000c3"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(cli.stdout.take().unwrap()).read_line(&mut line).map_err(|e| e.to_string())?;
+    let (mut cli, _) = cli_patch(&t, 13, 13)?;
     ensure!(t.call(13)? == 13, "CLI patch not running");
     cli.kill().map_err(|e| e.to_string())?;
     cli.wait().map_err(|e| e.to_string())?;

@@ -181,20 +181,11 @@ pub(crate) fn closing_the_file_restores_and_persist_survives() -> TestResult {
 }
 
 pub(crate) fn cli_patch_holds_until_stdin_closes() -> TestResult {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     let addr = format!("{:#x}", t.page_addr(12));
-    let mut cli = Command::new("hugepoke")
-        .args(["patch", "--pid", &t.pid.to_string(), "--addr", &addr, "--bytes", "b8 0c 00 00 00 c3"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(cli.stdout.take().unwrap()).read_line(&mut line).map_err(|e| e.to_string())?;
-    let handle: u64 = line.trim().parse().map_err(|_| format!("CLI printed {line:?}"))?;
+    let (mut cli, handle) = cli_patch(&t, 12, 12)?;
     ensure!(t.call(12)? == 12, "CLI patch not running");
     let out = Command::new("hugepoke").args(["query", &handle.to_string()]).output().map_err(|e| e.to_string())?;
     let q = String::from_utf8_lossy(&out.stdout);
