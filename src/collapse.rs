@@ -6,9 +6,10 @@
 //! unregistering — but on a workqueue, so RESTORE does not wait for it.
 //!
 //! One pending work per (mm, 2 MiB range): a second RESTORE in the range
-//! before the work runs is coalesced into it.  Every queued work stays in
-//! [`Collapses`] until it is flushed, so that module unload can wait for all
-//! of them to return before the module's code goes away.
+//! before the work runs is coalesced into it.  The works run on hugepoke's
+//! own workqueue, which module unload drains before the module's code goes
+//! away; no work is ever flushed with the patch table locked (the work takes
+//! that lock).
 
 use kernel::{
     impl_has_work,
@@ -39,8 +40,6 @@ pub(crate) struct CollapseWork {
     /// Set (under the patch-table lock) once `run` has started: no more
     /// coalescing into it.
     started: Atomic<bool>,
-    /// Set when `run` is done with everything but returning.
-    done: Atomic<bool>,
     #[pin]
     work: Work<CollapseWork>,
 }
@@ -49,8 +48,8 @@ impl_has_work! {
     impl HasWork<Self> for CollapseWork { self.work }
 }
 
-/// The collapse work items not yet flushed.  Lives in the patch table's
-/// lock domain: touched only with `Hugepoke::patches` held.
+/// Collapse work items queued and maybe not started yet, for coalescing.
+/// Nests inside `Hugepoke::patches`.
 pub(crate) struct Collapses {
     works: KVec<Arc<CollapseWork>>,
 }
@@ -80,14 +79,8 @@ pub(crate) fn queue_collapse(hp: &Hugepoke, table: &mut PatchTable, p: &Patch, h
         return;
     }
     let mut collapses = hp.collapses.lock();
-    // Let go of the finished ones (each has returned, or is about to).
-    collapses.works.retain(|w| {
-        let done = w.done.load(Relaxed);
-        if done {
-            sys::flush_work(&w.work);
-        }
-        !done
-    });
+    // Forget the ones that started: they cannot be coalesced into any more.
+    collapses.works.retain(|w| !w.started.load(Relaxed));
     let mm_id = sys::mm_id(&p.mm);
     if collapses
         .works
@@ -106,7 +99,6 @@ pub(crate) fn queue_collapse(hp: &Hugepoke, table: &mut PatchTable, p: &Patch, h
             haddr,
             install_pmd,
             started: Atomic::new(false),
-            done: Atomic::new(false),
             work <- new_work!("hugepoke::collapse"),
         }),
         GFP_KERNEL,
@@ -119,21 +111,12 @@ pub(crate) fn queue_collapse(hp: &Hugepoke, table: &mut PatchTable, p: &Patch, h
         hp.journal.record(ev.error(ENOMEM, "no memory for the collapse work"));
         return;
     }
-    let _ = sys::system_dfl_wq().enqueue(work);
+    let _ = hp.workqueue.queue().enqueue(work);
     hp.journal.record(ev.note(if install_pmd {
         "collapse_pte_mapped_thp(install_pmd=true) queued"
     } else {
         "collapse_pte_mapped_thp(install_pmd=false) queued"
     }));
-}
-
-/// Wait for every queued collapse to return and forget them (module unload,
-/// after `closing` is set so no new work can be queued).
-pub(crate) fn flush_all(hp: &Hugepoke) {
-    let works = core::mem::replace(&mut hp.collapses.lock().works, KVec::new());
-    for w in works.iter() {
-        sys::flush_work(&w.work);
-    }
 }
 
 impl WorkItem for CollapseWork {
@@ -145,8 +128,6 @@ impl WorkItem for CollapseWork {
         this.started.store(true, Relaxed);
         let outcome = collapse_range(&table, &this.mm, this.haddr, this.install_pmd);
         record_outcome(hp, this.event(Step::Collapse), outcome);
-        drop(table);
-        this.done.store(true, Relaxed);
     }
 }
 

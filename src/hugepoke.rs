@@ -50,9 +50,11 @@ pub(crate) struct Hugepoke {
     /// Every live patch; see `patch` for what this lock serializes.
     #[pin]
     pub(crate) patches: Mutex<PatchTable>,
-    /// Collapse work queued and not yet flushed.  Nests inside `patches`.
+    /// Collapse work queued and not started yet.  Nests inside `patches`.
     #[pin]
     pub(crate) collapses: Mutex<Collapses>,
+    /// Where the collapse work runs; drained at unload.
+    pub(crate) workqueue: sys::Workqueue,
     next_owner: Atomic<u64>,
 }
 
@@ -101,6 +103,7 @@ impl kernel::InPlaceModule for HugepokeModule {
                     journal <- Journal::new()?,
                     patches <- new_mutex!(PatchTable::new(), "hugepoke_patches"),
                     collapses <- new_mutex!(Collapses::new(), "hugepoke_collapses"),
+                    workqueue: sys::Workqueue::new()?,
                     next_owner: Atomic::new(0),
                 }),
                 GFP_KERNEL,
@@ -134,7 +137,9 @@ impl PinnedDrop for HugepokeModule {
         let Some(hp) = INSTANCE.lock().take() else { return };
         hp.patches.lock().closing = true;
         patch::restore_all(&hp, None);
-        collapse::flush_all(&hp);
+        // Every queued collapse runs and returns; `hp` outlives them, so the
+        // last reference (and the workqueue's destruction) is never theirs.
+        hp.workqueue.drain();
         hp.journal.record(Step::Unload.event());
     }
 }

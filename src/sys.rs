@@ -537,22 +537,46 @@ pub(crate) fn mm_get(mm: &Mm) -> Option<ARef<MmWithUser>> {
     mm.mmget_not_zero()
 }
 
-/// Wait until `work` is neither pending nor running.
-pub(crate) fn flush_work<T>(work: &kernel::workqueue::Work<T>) {
-    // SAFETY: `work` is a valid, initialized work item that outlives the
-    // call; flush_work() may sleep, and callers are in process context.
-    unsafe { bindings::flush_work(kernel::workqueue::Work::raw_get(work)) };
-}
-
 /// EILSEQ, which `kernel::error::code` does not declare.
 pub(crate) fn eilseq() -> Error {
     Error::from_errno(-(bindings::EILSEQ as i32))
 }
 
-/// The unbound system workqueue (`system_dfl_wq`); the Rust API in 7.2 only
-/// offers the deprecated `system_wq`/`system_unbound_wq` names.
-pub(crate) fn system_dfl_wq() -> &'static kernel::workqueue::Queue {
-    // SAFETY: `system_dfl_wq` is set up at boot, before any module loads,
-    // and never destroyed.
-    unsafe { kernel::workqueue::Queue::from_raw(bindings::system_dfl_wq) }
+/// hugepoke's own workqueue, so that module unload can wait for every work
+/// item to return (`drain`) without flushing a system-wide queue.
+pub(crate) struct Workqueue(NonNull<bindings::workqueue_struct>);
+
+// SAFETY: a workqueue may be used and destroyed from any task.
+unsafe impl Send for Workqueue {}
+// SAFETY: queueing is thread-safe.
+unsafe impl Sync for Workqueue {}
+
+impl Workqueue {
+    pub(crate) fn new() -> Result<Self> {
+        // SAFETY: a constant format string without conversions, so no
+        // variadic arguments are read.
+        let wq = unsafe {
+            bindings::alloc_workqueue_noprof(c"hugepoke".as_ptr().cast(), bindings::wq_flags_WQ_UNBOUND, 0)
+        };
+        NonNull::new(wq).map(Self).ok_or(ENOMEM)
+    }
+
+    pub(crate) fn queue(&self) -> &kernel::workqueue::Queue {
+        // SAFETY: the workqueue lives until `self` is dropped.
+        unsafe { kernel::workqueue::Queue::from_raw(self.0.as_ptr()) }
+    }
+
+    /// Wait until every work item queued has run and returned.  Must not be
+    /// called from a work item of this queue, nor with a lock they take.
+    pub(crate) fn drain(&self) {
+        // SAFETY: valid workqueue; process context (module unload).
+        unsafe { bindings::drain_workqueue(self.0.as_ptr()) };
+    }
+}
+
+impl Drop for Workqueue {
+    fn drop(&mut self) {
+        // SAFETY: the last reference to the workqueue; it drains first.
+        unsafe { bindings::destroy_workqueue(self.0.as_ptr()) };
+    }
 }

@@ -49,6 +49,7 @@ pub fn errno_name(errno: i32) -> &'static str {
         libc::EINVAL => "EINVAL",
         libc::ENOTTY => "ENOTTY",
         libc::ERANGE => "ERANGE",
+        libc::EILSEQ => "EILSEQ",
         libc::ENODATA => "ENODATA",
         libc::EOPNOTSUPP => "EOPNOTSUPP",
         _ => "E?",

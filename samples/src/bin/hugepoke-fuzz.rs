@@ -126,7 +126,10 @@ fn main() {
         let r = dev.ioctl_raw(cmd, ptr);
         let key = match &r {
             Ok(()) => format!("ok({nr})"),
-            Err(e) => hugepoke::errno_name(e.raw_os_error().unwrap_or(0)).to_string(),
+            Err(e) => match (hugepoke::errno_name(e.raw_os_error().unwrap_or(0)), e.raw_os_error()) {
+                ("E?", Some(n)) => format!("errno {n}"),
+                (name, _) => name.to_string(),
+            },
         };
         *results.entry(key).or_default() += 1;
         if r.is_ok() && cmd == uapi::IOCTL_PATCH && ptr == buf.as_mut_ptr() as usize {

@@ -2,7 +2,10 @@
 //! pages of one target while the target's own threads run that code on every
 //! CPU and check they only ever see the old or the new bytes.
 //!
-//!   hugepoke-stress [--cycles N] [--seconds S] [--controllers C] [--pages P]
+//!   hugepoke-stress [--cycles N] [--seconds S] [--controllers C] [--pages P] [--chaos]
+//!
+//! With --chaos the target races us: it madvise(MADV_DONTNEED)s and
+//! mprotect()s its text all along (see thp-target --chaos).
 //!
 //! Stops at N PATCH+RESTORE cycles or S seconds, whichever is first; then
 //! checks that the target is alive, no patch is left, no anonymous memory is
@@ -31,20 +34,26 @@ fn main() {
     let controllers = arg(&args, "--controllers", 2) as usize;
     let pages = arg(&args, "--pages", 4) as usize;
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let chaos = args.iter().any(|a| a == "--chaos");
 
     let file = format!("{}/stress.bin", std::env::var("HUGEPOKE_THP_DIR").unwrap_or_else(|_| "/tmp/hugepoke-thp".into()));
-    let mut t = Target::spawn(&["--file", &file, "--check-threads", &cpus.to_string(), "--check-pages", &pages.to_string()])
-        .expect("thp-target");
+    let (threads_arg, pages_arg) = (cpus.to_string(), pages.to_string());
+    let mut targs = vec!["--file", &file, "--check-threads", &threads_arg, "--check-pages", &pages_arg];
+    if chaos {
+        targs.push("--chaos");
+    }
+    let mut t = Target::spawn(&targs).expect("thp-target");
     let (pid, base) = (t.pid, t.addr);
 
     let done = Arc::new(AtomicU64::new(0));
     let busy = Arc::new(AtomicU64::new(0));
+    let raced = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let failure = Arc::new(std::sync::Mutex::new(None::<String>));
     let start = Instant::now();
     let threads: Vec<_> = (0..controllers)
         .map(|c| {
-            let (done, busy, stop, failure) = (done.clone(), busy.clone(), stop.clone(), failure.clone());
+            let (done, busy, raced, stop, failure) = (done.clone(), busy.clone(), raced.clone(), stop.clone(), failure.clone());
             std::thread::spawn(move || {
                 let dev = Device::open().expect("/dev/hugepoke");
                 // Controllers share pages (EBUSY on overlap is expected) and
@@ -72,6 +81,10 @@ fn main() {
                         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                             busy.fetch_add(1, Relaxed);
                         }
+                        // The target changing its page tables under PATCH.
+                        Err(e) if chaos && e.raw_os_error() == Some(libc::EAGAIN) => {
+                            raced.fetch_add(1, Relaxed);
+                        }
                         Err(e) => {
                             *failure.lock().unwrap() = Some(format!("PATCH page {page}: {e}"));
                             stop.store(true, Relaxed);
@@ -97,6 +110,17 @@ fn main() {
     let mut problems = Vec::new();
     if let Some(f) = failure.lock().unwrap().take() {
         problems.push(f);
+    }
+    if chaos {
+        // Stop the chaos; one more cycle queues the collapse it may have
+        // thwarted (a split VMA cannot be collapsed).
+        let _ = t.command("calm");
+        let dev = Device::open().expect("/dev/hugepoke");
+        let req = PatchRequest { pid, addr: base, bytes: text::mov_eax_ret(text::stress_value(0)).to_vec(), ..Default::default() };
+        match dev.patch(&req).and_then(|h| dev.restore(h)) {
+            Ok(()) => {}
+            Err(e) => problems.push(format!("final cycle: {e}")),
+        }
     }
     // The target is alive and runs the original code everywhere.
     for page in 0..pages {
@@ -127,8 +151,10 @@ fn main() {
     t.kill();
 
     println!(
-        "# stress: {n} PATCH+RESTORE cycles ({} EBUSY) in {:.1} s, {controllers} controllers, {cpus} checking target threads, {pages} pages",
+        "# stress{}: {n} PATCH+RESTORE cycles ({} EBUSY, {} EAGAIN) in {:.1} s, {controllers} controllers, {cpus} checking target threads, {pages} pages",
+        if chaos { " with chaos" } else { "" },
         busy.load(Relaxed),
+        raced.load(Relaxed),
         elapsed.as_secs_f64()
     );
     for p in &problems {

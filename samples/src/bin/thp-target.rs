@@ -10,6 +10,7 @@
 //!   write N  → writes to text page N (the mapping is read-only: SIGSEGV)
 //!   fork     → forks a child that sleeps until killed; prints `child PID`
 //!   exec     → replaces itself with `sleep 1000`
+//!   calm     → stops the --chaos thread and makes the text whole again
 //!   quit     → exits (so does end of input)
 //!
 //! With `--spin`, a thread keeps calling page 0's function, so the text is hot.
@@ -17,6 +18,10 @@
 //! functions of pages 0..P and abort (exit 3) if one ever returns anything
 //! but its original value or its stress value (`text::stress_value`): a
 //! torn instruction would show as that, or as SIGSEGV/SIGILL.
+//! With `--chaos`, a thread keeps racing the kernel on the text: it
+//! `madvise(MADV_DONTNEED)`s pages (dropping any patched anonymous page) and
+//! flips pages 4..8 between read-only and read+exec with `mprotect()`
+//! (splitting and merging the VMA); `calm` stops it.
 
 use hugepoke::text::{self, PAGE, THP_SIZE};
 use std::io::{BufRead, Write};
@@ -71,6 +76,8 @@ fn map_text(file: &std::fs::File) -> usize {
     }
 }
 
+static CHAOS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn call(base: usize, page: usize) -> u32 {
     assert!(page < text::PAGES);
     // SAFETY: every page of the mapping starts with a complete function
@@ -85,12 +92,14 @@ fn main() {
         std::env::var("HUGEPOKE_THP_DIR").unwrap_or_else(|_| "/tmp/hugepoke-thp".into())
     );
     let mut spin = false;
+    let mut chaos = false;
     let (mut check_threads, mut check_pages) = (0usize, 1usize);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--file" => path = args.next().unwrap_or_else(|| die("--file needs a path")),
             "--spin" => spin = true,
+            "--chaos" => chaos = true,
             "--check-threads" => check_threads = args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| die("--check-threads N")),
             "--check-pages" => check_pages = args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| die("--check-pages P")),
             _ => {
@@ -121,6 +130,35 @@ fn main() {
         });
     }
 
+    if chaos {
+        CHAOS.store(true, std::sync::atomic::Ordering::Relaxed);
+        std::thread::spawn(move || {
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            loop {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if !CHAOS.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let page = (x % 8) as usize;
+                let at = (base + page * PAGE) as *mut libc::c_void;
+                let quiet = (base + (4 + page % 4) * PAGE) as *mut libc::c_void;
+                // SAFETY: our own text mapping.  DONTNEED on a private file
+                // mapping only drops anonymous copies (they refault from the
+                // page cache); only pages 4..8, which no checking thread
+                // executes, ever lose PROT_EXEC, and get it back right away.
+                unsafe {
+                    match x % 3 {
+                        0 => libc::madvise(at, PAGE, libc::MADV_DONTNEED),
+                        1 => libc::mprotect(quiet, PAGE, libc::PROT_READ),
+                        _ => libc::mprotect(quiet, PAGE, libc::PROT_READ | libc::PROT_EXEC),
+                    };
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        });
+    }
     for _ in 0..check_threads {
         std::thread::spawn(move || loop {
             for page in 0..check_pages.min(text::PAGES) {
@@ -165,6 +203,13 @@ fn main() {
                 use std::os::unix::process::CommandExt;
                 let err = std::process::Command::new("sleep").arg("1000").exec();
                 let _ = writeln!(out, "error: exec: {err}");
+            }
+            (Some("calm"), _) => {
+                CHAOS.store(false, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                // SAFETY: our own mapping, made whole read+exec again.
+                unsafe { libc::mprotect(base as *mut libc::c_void, THP_SIZE, libc::PROT_READ | libc::PROT_EXEC) };
+                let _ = writeln!(out, "calm");
             }
             (Some("quit"), _) => break,
             _ => {
