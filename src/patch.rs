@@ -243,6 +243,11 @@ pub(crate) fn patch(hp: &Hugepoke, owner: u64, args: &PatchArgs) -> Result<u64> 
         return Err(fail(hp, ev(Step::CheckVma), EBUSY, "range overlaps a live patch"));
     }
     let handle = table.next_handle;
+    // Room for the record first: once the bytes are written, nothing may fail.
+    table
+        .patches
+        .reserve(1, GFP_KERNEL)
+        .map_err(|_| fail(hp, ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
 
     let guard = mm.mmap_read_lock();
     let vma = guard
@@ -289,10 +294,8 @@ pub(crate) fn patch(hp: &Hugepoke, owner: u64, args: &PatchArgs) -> Result<u64> 
         pmd_mappable,
     };
     drop(guard);
-    table.patches.push(patch, GFP_KERNEL).map_err(|_| {
-        // Out of memory after the write: take the bytes back out.
-        fail(hp, ev(Step::Patched), ENOMEM, "no memory to record the patch")
-    })?;
+    // Cannot fail: reserved above, under the same lock.
+    let _ = table.patches.push_within_capacity(patch);
     table.next_handle += 1;
     hp.journal.record(
         ev(Step::Patched)
