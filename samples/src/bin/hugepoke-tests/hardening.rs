@@ -110,6 +110,19 @@ pub(crate) fn bad_input_gets_errno_reason_and_changes_nothing() -> TestResult {
         let addr = own_mapping(prot, flags, fd)?;
         expect_errno(what, dev.patch(&PatchRequest { pid: me, addr, ..ok.clone() }), libc::EINVAL, reason)?;
     }
+    // hugetlb: a MFD_HUGETLB memfd mapped private and executable.
+    io(std::fs::write("/proc/sys/vm/nr_hugepages", "1"))?;
+    // SAFETY: memfd_create/ftruncate on a fresh fd we own.
+    let hugetlb = unsafe {
+        let fd = libc::memfd_create(c"hugepoke-hugetlb".as_ptr(), libc::MFD_HUGETLB);
+        ensure!(fd >= 0, "memfd_create(MFD_HUGETLB): {}", std::io::Error::last_os_error());
+        ensure!(libc::ftruncate(fd, 2 << 20) == 0, "ftruncate: {}", std::io::Error::last_os_error());
+        fd
+    };
+    // SAFETY: a fresh 2 MiB mapping of our own; never dereferenced.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), 2 << 20, rx, libc::MAP_PRIVATE, hugetlb, 0) };
+    ensure!(p != libc::MAP_FAILED, "mmap hugetlb: {}", std::io::Error::last_os_error());
+    expect_errno("hugetlb", dev.patch(&PatchRequest { pid: me, addr: p as u64, ..ok.clone() }), libc::EINVAL, "hugetlb")?;
     let vvar = self_maps_entry("[vvar]").ok_or("no [vvar] mapping")?;
     expect_errno("VM_PFNMAP", dev.patch(&PatchRequest { pid: me, addr: vvar, ..ok.clone() }), libc::EINVAL, "VM_PFNMAP")?;
 
