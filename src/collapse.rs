@@ -148,7 +148,7 @@ fn collapse_range(
     if table.any_in_pmd_range(sys::mm_id(mm), haddr) {
         return Err((EBUSY, "range was patched again"));
     }
-    let mm = sys::mm_get(mm).ok_or((ESRCH, "target process is gone"))?;
+    let mm = mm.mmget_not_zero().ok_or((ESRCH, "target process is gone"))?;
     let guard = mm.mmap_read_lock();
     let vma = guard.vma_lookup(haddr).ok_or((EFAULT, "range is no longer mapped"))?;
     let info = sys::vma_info(vma);

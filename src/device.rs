@@ -65,15 +65,10 @@ impl MiscDevice for Controller {
             uapi::IOCTL_PATCH => this.patch(user),
             uapi::IOCTL_RESTORE => this.restore(user),
             uapi::IOCTL_QUERY => this.query(user),
-            _ => Err(fail(hp, Event::new(Step::Ioctl).addr(cmd as usize), ENOTTY, "unknown ioctl command")),
+            _ => Err(hp.journal.fail(Event::new(Step::Ioctl).addr(cmd as usize), ENOTTY, "unknown ioctl command")),
         };
         result.map(|()| 0)
     }
-}
-
-fn fail(hp: &Hugepoke, ev: Event, err: Error, why: &'static str) -> Error {
-    hp.journal.record(ev.error(err, why));
-    err
 }
 
 impl Controller {
@@ -82,12 +77,12 @@ impl Controller {
         let (mut reader, mut writer) = user.reader_writer();
         let mut args: PatchArgs = reader
             .read()
-            .map_err(|e| fail(hp, Event::new(Step::Patch), e, "cannot read the PATCH arguments"))?;
+            .map_err(|e| hp.journal.fail(Event::new(Step::Patch), e, "cannot read the PATCH arguments"))?;
         args.handle = patch::patch(hp, self.id, &args)?;
         // The patch is in place; if the handle cannot be returned, undo it.
         if let Err(e) = writer.write(&args) {
             let _ = patch::restore(hp, args.handle);
-            return Err(fail(hp, Event::new(Step::Patch), e, "cannot write the handle back; patch undone"));
+            return Err(hp.journal.fail(Event::new(Step::Patch), e, "cannot write the handle back; patch undone"));
         }
         Ok(())
     }
@@ -97,13 +92,9 @@ impl Controller {
         let args: RestoreArgs = user
             .reader()
             .read()
-            .map_err(|e| fail(hp, Event::new(Step::Restore), e, "cannot read the RESTORE arguments"))?;
-        if args.size as usize != core::mem::size_of::<RestoreArgs>() {
-            return Err(fail(hp, Event::new(Step::Restore), EINVAL, "unknown struct size"));
-        }
-        if args.flags != 0 {
-            return Err(fail(hp, Event::new(Step::Restore), EINVAL, "unknown flag bits"));
-        }
+            .map_err(|e| hp.journal.fail(Event::new(Step::Restore), e, "cannot read the RESTORE arguments"))?;
+        uapi::check_header(args.size, args.flags, core::mem::size_of::<RestoreArgs>(), 0)
+            .map_err(|why| hp.journal.fail(Event::new(Step::Restore), EINVAL, why))?;
         patch::restore(hp, args.handle)
     }
 
@@ -111,18 +102,14 @@ impl Controller {
         let hp = &self.hugepoke;
         let (mut reader, mut writer) = user.reader_writer();
         let ev = Event::new(Step::Query);
-        let mut args: QueryArgs = reader.read().map_err(|e| fail(hp, ev, e, "cannot read the QUERY arguments"))?;
-        if args.size as usize != core::mem::size_of::<QueryArgs>() {
-            return Err(fail(hp, ev, EINVAL, "unknown struct size"));
-        }
-        if args.flags != 0 {
-            return Err(fail(hp, ev, EINVAL, "unknown flag bits"));
-        }
+        let mut args: QueryArgs = reader.read().map_err(|e| hp.journal.fail(ev, e, "cannot read the QUERY arguments"))?;
+        uapi::check_header(args.size, args.flags, core::mem::size_of::<QueryArgs>(), 0)
+            .map_err(|why| hp.journal.fail(ev, EINVAL, why))?;
         {
             let table = hp.patches.lock();
             let p = table
                 .get(args.handle)
-                .ok_or_else(|| fail(hp, ev.handle(args.handle as u32), ENOENT, "no such patch (unknown or already restored)"))?;
+                .ok_or_else(|| hp.journal.fail(ev.handle(args.handle as u32), ENOENT, "no such patch (unknown or already restored)"))?;
             args.state = if p.target_gone() { uapi::STATE_GONE } else { uapi::STATE_LIVE };
             args.pid = p.pid;
             args.addr = p.addr as u64;
@@ -132,6 +119,6 @@ impl Controller {
             args.orig = p.orig;
             args.bytes = p.bytes;
         }
-        writer.write(&args).map_err(|e| fail(hp, ev, e, "cannot write the QUERY result"))
+        writer.write(&args).map_err(|e| hp.journal.fail(ev, e, "cannot write the QUERY result"))
     }
 }

@@ -329,6 +329,12 @@ impl Journal {
         self.ring.lock().push(event, now)
     }
 
+    /// Record `ev` as failed with `err` for the reason `why`, and return `err`.
+    pub(crate) fn fail(&self, ev: Event, err: Error, why: &'static str) -> Error {
+        self.record(ev.error(err, why));
+        err
+    }
+
     pub(crate) fn write_events(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.ring.lock().write_events(f)
     }

@@ -69,7 +69,7 @@ impl Patch {
 
     /// Has the target process gone away?
     pub(crate) fn target_gone(&self) -> bool {
-        sys::mm_get(&self.mm).is_none()
+        self.mm.mmget_not_zero().is_none()
     }
 }
 
@@ -152,12 +152,6 @@ pub(crate) fn write_hex(f: &mut impl fmt::Write, bytes: &[u8]) -> fmt::Result {
     Ok(())
 }
 
-/// Record a failure of `step` and return it.
-fn fail(hp: &Hugepoke, ev: Event, err: Error, why: &'static str) -> Error {
-    hp.journal.record(ev.error(err, why));
-    err
-}
-
 /// The checks PATCH makes on the VMA: what uprobes may patch, and no more.
 fn check_vma(info: &sys::VmaInfo) -> Result<(), (Error, &'static str)> {
     use kernel::bindings::{VM_EXEC, VM_HUGETLB, VM_IO, VM_MAYWRITE, VM_PFNMAP, VM_SHARED, VM_WRITE};
@@ -190,12 +184,8 @@ fn check_vma(info: &sys::VmaInfo) -> Result<(), (Error, &'static str)> {
 
 /// Validate a PATCH request before anything is looked up.
 pub(crate) fn check_patch_args(args: &PatchArgs) -> Result<(), (Error, &'static str)> {
-    if args.size as usize != core::mem::size_of::<PatchArgs>() {
-        return Err((EINVAL, "unknown struct size"));
-    }
-    if args.flags & !uapi::PATCH_FLAGS != 0 {
-        return Err((EINVAL, "unknown flag bits"));
-    }
+    uapi::check_header(args.size, args.flags, core::mem::size_of::<PatchArgs>(), uapi::PATCH_FLAGS)
+        .map_err(|why| (EINVAL, why))?;
     let len = args.len as usize;
     if len == 0 || len > MAX_BYTES {
         return Err((EINVAL, "length must be 1 to 16 bytes"));
@@ -214,7 +204,7 @@ pub(crate) fn check_patch_args(args: &PatchArgs) -> Result<(), (Error, &'static 
 pub(crate) fn patch(hp: &Hugepoke, owner: u64, args: &PatchArgs) -> Result<u64> {
     let ev = |step| Event::new(step).pid(args.pid).addr(args.addr as usize);
     hp.journal.record(ev(Step::Patch));
-    check_patch_args(args).map_err(|(e, why)| fail(hp, ev(Step::Patch), e, why))?;
+    check_patch_args(args).map_err(|(e, why)| hp.journal.fail(ev(Step::Patch), e, why))?;
     let addr = args.addr as usize;
     let len = args.len as usize;
     let offset = addr & !PAGE_MASK;
@@ -222,50 +212,50 @@ pub(crate) fn patch(hp: &Hugepoke, owner: u64, args: &PatchArgs) -> Result<u64> 
 
     // Step 1: pid → task → mm; the task may be exiting.
     let target = Process::find(args.pid)
-        .ok_or_else(|| fail(hp, ev(Step::ResolveTarget), ESRCH, "no such process"))?;
+        .ok_or_else(|| hp.journal.fail(ev(Step::ResolveTarget), ESRCH, "no such process"))?;
     if target.is_kernel_thread() {
-        return Err(fail(hp, ev(Step::ResolveTarget), EINVAL, "a kernel thread has no user text"));
+        return Err(hp.journal.fail(ev(Step::ResolveTarget), EINVAL, "a kernel thread has no user text"));
     }
     if !target.caller_may_attach() {
-        return Err(fail(hp, ev(Step::ResolveTarget), EPERM, "caller may not ptrace-attach to the target"));
+        return Err(hp.journal.fail(ev(Step::ResolveTarget), EPERM, "caller may not ptrace-attach to the target"));
     }
     let mm = target
         .mm()
-        .ok_or_else(|| fail(hp, ev(Step::ResolveTarget), ESRCH, "process has no address space (exiting or zombie)"))?;
+        .ok_or_else(|| hp.journal.fail(ev(Step::ResolveTarget), ESRCH, "process has no address space (exiting or zombie)"))?;
     hp.journal.record(ev(Step::ResolveTarget));
 
     let mut table = hp.patches.lock();
     if table.closing {
-        return Err(fail(hp, ev(Step::Patch), ENODEV, "module is unloading"));
+        return Err(hp.journal.fail(ev(Step::Patch), ENODEV, "module is unloading"));
     }
     let mm_id = sys::mm_id(&mm);
     if table.overlaps(mm_id, addr, len) {
-        return Err(fail(hp, ev(Step::CheckVma), EBUSY, "range overlaps a live patch"));
+        return Err(hp.journal.fail(ev(Step::CheckVma), EBUSY, "range overlaps a live patch"));
     }
     let handle = table.next_handle;
     // Room for the record first: once the bytes are written, nothing may fail.
     table
         .patches
         .reserve(1, GFP_KERNEL)
-        .map_err(|_| fail(hp, ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
+        .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
 
     let guard = mm.mmap_read_lock();
     let vma = guard
         .vma_lookup(addr)
-        .ok_or_else(|| fail(hp, ev(Step::CheckVma), EFAULT, "address is not mapped"))?;
+        .ok_or_else(|| hp.journal.fail(ev(Step::CheckVma), EFAULT, "address is not mapped"))?;
     let info = sys::vma_info(vma);
-    check_vma(&info).map_err(|(e, why)| fail(hp, ev(Step::CheckVma), e, why))?;
+    check_vma(&info).map_err(|(e, why)| hp.journal.fail(ev(Step::CheckVma), e, why))?;
     hp.journal.record(ev(Step::CheckVma));
 
     // Before anything changes: the expected bytes, read through a plain
     // (non-COWing) GUP of whatever page is mapped there now.
     if args.flags & uapi::PATCH_EXPECT != 0 {
         let page = sys::get_user_page(&mm, &guard, page_addr, sys::FOLL_FORCE)
-            .map_err(|e| fail(hp, ev(Step::CheckExpected), e, "cannot read the target page"))?;
+            .map_err(|e| hp.journal.fail(ev(Step::CheckExpected), e, "cannot read the target page"))?;
         let mut now = [0u8; MAX_BYTES];
         page.read(offset, &mut now[..len]);
         if now[..len] != args.expect[..len] {
-            return Err(fail(hp, ev(Step::CheckExpected), sys::eilseq(), "bytes at the address are not the expected ones"));
+            return Err(hp.journal.fail(ev(Step::CheckExpected), sys::eilseq(), "bytes at the address are not the expected ones"));
         }
         hp.journal.record(ev(Step::CheckExpected).page(page.pfn(), page.folio_order()));
     }
@@ -324,7 +314,7 @@ fn write_bytes(
 
     for attempt in 0..MAX_TRIES {
         let page = sys::get_user_page(mm, guard, page_addr, gup_flags)
-            .map_err(|e| fail(hp, ev(Step::SplitPmd), e, "get_user_pages_remote failed"))?;
+            .map_err(|e| hp.journal.fail(ev(Step::SplitPmd), e, "get_user_pages_remote failed"))?;
         if attempt == 0 {
             // FOLL_SPLIT_PMD split only the PMD: the THP stays whole in the
             // page cache, now mapped by 512 PTEs (one of them ours).
@@ -351,7 +341,7 @@ fn write_bytes(
         // page must be exclusive (no GUP-fast pin can race) and not uffd-wp.
         if !pte.writable() {
             if pte.uffd_wp() {
-                return Err(fail(hp, ev(Step::WriteBytes), EBUSY, "PTE is userfaultfd write-protected"));
+                return Err(hp.journal.fail(ev(Step::WriteBytes), EBUSY, "PTE is userfaultfd write-protected"));
             }
             if !pte.anon_exclusive() {
                 drop(pte);
@@ -367,7 +357,7 @@ fn write_bytes(
         hp.journal.record(ev(Step::WriteBytes).page(page.pfn(), page.folio_order()));
         return Ok(page);
     }
-    Err(fail(hp, ev(Step::WriteBytes), EAGAIN, "page table kept changing"))
+    Err(hp.journal.fail(ev(Step::WriteBytes), EAGAIN, "page table kept changing"))
 }
 
 /// What RESTORE did with the anonymous page.
@@ -385,7 +375,7 @@ pub(crate) fn restore(hp: &Hugepoke, handle: u64) -> Result {
     let mut table = hp.patches.lock();
     let Some(i) = table.position(handle) else {
         let ev = Event::new(Step::Restore).handle(handle as u32);
-        return Err(fail(hp, ev, ENOENT, "no such patch (unknown or already restored)"));
+        return Err(hp.journal.fail(ev, ENOENT, "no such patch (unknown or already restored)"));
     };
     let patch = table.patches.remove(i)?;
     restore_patch(hp, &mut table, patch);
@@ -409,7 +399,7 @@ pub(crate) fn restore_all(hp: &Hugepoke, owner: Owner) {
 /// happens, it is gone afterwards.
 fn restore_patch(hp: &Hugepoke, table: &mut PatchTable, p: Patch) {
     hp.journal.record(p.event(Step::Restore));
-    let Some(mm) = sys::mm_get(&p.mm) else {
+    let Some(mm) = p.mm.mmget_not_zero() else {
         hp.journal.record(p.event(Step::Restored).note("target process is gone"));
         return;
     };

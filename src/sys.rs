@@ -532,11 +532,6 @@ pub(crate) fn collapse_pte_mapped_thp(
     unsafe { bindings::collapse_pte_mapped_thp(mm.as_raw(), haddr as _, install_pmd) };
 }
 
-/// Take a user reference on an address space we only hold by `mm_count`.
-pub(crate) fn mm_get(mm: &Mm) -> Option<ARef<MmWithUser>> {
-    mm.mmget_not_zero()
-}
-
 /// EILSEQ, which `kernel::error::code` does not declare.
 pub(crate) fn eilseq() -> Error {
     Error::from_errno(-(bindings::EILSEQ as i32))

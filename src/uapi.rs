@@ -83,6 +83,18 @@ pub struct QueryArgs {
     pub bytes: [u8; MAX_BYTES],
 }
 
+/// The checks every argument struct's header gets: its `size` must be the
+/// one this ABI knows and `flags` may only hold `known` bits.
+pub fn check_header(size: u32, flags: u32, struct_size: usize, known: u32) -> Result<(), &'static str> {
+    if size as usize != struct_size {
+        return Err("unknown struct size");
+    }
+    if flags & !known != 0 {
+        return Err("unknown flag bits");
+    }
+    Ok(())
+}
+
 /// ioctl type byte.
 pub const IOC_TYPE: u32 = b'H' as u32;
 

@@ -78,6 +78,15 @@ mod tests {
     }
 
     #[test]
+    fn abi_header_check() {
+        use crate::uapi::{check_header, PATCH_FLAGS};
+        assert_eq!(check_header(64, PATCH_FLAGS, 64, PATCH_FLAGS), Ok(()));
+        assert_eq!(check_header(60, 0, 64, PATCH_FLAGS), Err("unknown struct size"));
+        assert_eq!(check_header(64, 1 << 7, 64, PATCH_FLAGS), Err("unknown flag bits"));
+        assert_eq!(check_header(16, 1, 16, 0), Err("unknown flag bits"));
+    }
+
+    #[test]
     fn errno_names() {
         assert_eq!(errno_name(libc::ENOTTY), "ENOTTY");
         assert_eq!(errno_name(libc::EACCES), "EACCES");
