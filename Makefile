@@ -9,12 +9,13 @@ SHELL := bash
 HP_KFLAVOUR ?= base
 export HP_KFLAVOUR
 KDIR ?= $(shell HP_KFLAVOUR=$(HP_KFLAVOUR) bash -c '. scripts/env.sh && echo $$HP_KDIR')
+KMAKE ?= $(shell HP_KFLAVOUR=$(HP_KFLAVOUR) bash -c '. scripts/env.sh && echo $$HP_KMAKE')
 
 .PHONY: module samples setup kernel run check bench stress clean
 
 module:
 	@test -f $(KDIR)/Module.symvers || { echo "no kernel in $(KDIR): run 'make kernel' first" >&2; exit 1; }
-	$(MAKE) -C $(KDIR) M=$(CURDIR) LLVM= CC=gcc modules
+	$(MAKE) -C $(KDIR) M=$(CURDIR) $(KMAKE) modules
 
 samples:
 	cd samples && cargo build --release --locked --quiet
@@ -29,8 +30,9 @@ run: kernel
 	$(MAKE) module samples
 	scripts/guest -- samples/demo
 
-check: kernel
-	scripts/check
+# Both flavours unless one is named: make check HP_KFLAVOUR=debug
+check: setup
+	HP_KFLAVOURS="$(if $(filter command line environment,$(origin HP_KFLAVOUR)),$(HP_KFLAVOUR),base debug)" scripts/check
 
 bench: kernel
 	scripts/bench
@@ -39,5 +41,5 @@ stress: kernel
 	scripts/stress
 
 clean:
-	$(MAKE) -C $(KDIR) M=$(CURDIR) LLVM= CC=gcc clean
+	$(MAKE) -C $(KDIR) M=$(CURDIR) $(KMAKE) clean
 	cd samples && cargo clean
