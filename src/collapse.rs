@@ -3,43 +3,44 @@
 //! Putting the PMD back: after RESTORE zapped the last anonymous page of a
 //! 2 MiB range whose page-cache folio is PMD-mappable, `queue_collapse`
 //! queues `collapse_pte_mapped_thp()` as work, like uprobes calls it after
-//! unregistering — but on a workqueue, so RESTORE does not wait for it.
+//! unregistering — but on a workqueue, so RESTORE does not wait for it —
+//! and the work journals the kernel's own answer (`enum scan_result`).
 //!
-//! One pending work per (mm, 2 MiB range): a second RESTORE in the range
-//! before the work runs is coalesced into it.  The works run on hugepoke's
-//! own workqueue, which module unload drains before the module's code goes
-//! away; no work is ever flushed with the patch table locked (the work takes
-//! that lock).
+//! One pending work per (target, file range): a second RESTORE in the range
+//! before the work runs is coalesced into it.  Pending ranges are plain
+//! data in the target's state; a work holds references to the device state
+//! and the target, and nothing holds the work, so nothing outlives the
+//! workqueue that module unload drains.
 
 use kernel::{
-    impl_has_work,
-    mm::Mm,
-    new_work,
+    impl_has_work, new_work,
     prelude::*,
-    sync::{
-        atomic::{Atomic, Relaxed},
-        Arc,
-    },
+    sync::Arc,
     workqueue::{Work, WorkItem},
 };
 
 use crate::{
     journal::{Event, Step},
-    patch::{Patch, PatchTable},
-    sys::{self, Mapping, PMD_SIZE},
+    sys::{self, PMD_SIZE},
+    table::{Site, Target, TargetState},
     Hugepoke,
 };
+
+/// Which range: the file's `address_space` and the PMD-sized file range.
+type RangeKey = (usize, usize);
+
+fn range_key(site: &Site) -> RangeKey {
+    (site.mapping, site.pgoff / 512)
+}
 
 #[pin_data]
 pub(crate) struct CollapseWork {
     hugepoke: Arc<Hugepoke>,
-    mm: kernel::sync::aref::ARef<kernel::mm::Mm>,
+    target: Arc<Target>,
     pid: i32,
     haddr: usize,
+    key: RangeKey,
     install_pmd: bool,
-    /// Set (under the patch-table lock) once `run` has started: no more
-    /// coalescing into it.
-    started: Atomic<bool>,
     #[pin]
     work: Work<CollapseWork>,
 }
@@ -48,57 +49,36 @@ impl_has_work! {
     impl HasWork<Self> for CollapseWork { self.work }
 }
 
-/// Collapse work items queued and maybe not started yet, for coalescing.
-/// Nests inside `Hugepoke::patches`.
-pub(crate) struct Collapses {
-    works: KVec<Arc<CollapseWork>>,
-}
-
-impl Collapses {
-    pub(crate) fn new() -> Self {
-        Self { works: KVec::new() }
-    }
-}
-
-impl CollapseWork {
-    fn event(&self, step: Step) -> Event {
-        Event::new(step).pid(self.pid).addr(self.haddr)
-    }
-}
-
-/// Queue the collapse of the 2 MiB range at `haddr` of `p`'s target.
-/// Called with the patch table locked.
-pub(crate) fn queue_collapse(hp: &Hugepoke, table: &mut PatchTable, p: &Patch, haddr: usize) {
-    let ev = Event::new(Step::QueueCollapse).pid(p.pid).addr(haddr).handle(p.handle as u32);
-    let install_pmd = p.flags & crate::uapi::PATCH_INSTALL_PMD != 0;
-    if table.closing {
+/// Queue the collapse of the 2 MiB range at `haddr`, which holds `site`'s
+/// page.  Called with the target's state locked.
+pub(crate) fn queue_collapse(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut TargetState, site: &Site, haddr: usize) {
+    let ev = Event::new(Step::QueueCollapse).pid(site.pid).addr(haddr).handle(site.handle as u32);
+    let install_pmd = site.flags & crate::uapi::PATCH_INSTALL_PMD != 0;
+    let key = range_key(site);
+    if hp.registry.lock().closing {
         // Module unload: no work may outlive us; collapse right here.
         hp.journal.record(ev.note("module is unloading; collapsing synchronously"));
-        let outcome = collapse_range(table, &p.mm, haddr, install_pmd);
-        record_outcome(hp, Event::new(Step::Collapse).pid(p.pid).addr(haddr), outcome);
+        let outcome = collapse_range(state, target, haddr, key, install_pmd);
+        // The journal goes away with the module: say it in the kernel log too.
+        match outcome {
+            Ok(note) => pr_info!("unload: collapse of pid {} at {:#x}: {}\n", site.pid, haddr, note),
+            Err((_, why)) => pr_info!("unload: collapse of pid {} at {:#x} failed: {}\n", site.pid, haddr, why),
+        }
+        record_outcome(hp, Event::new(Step::Collapse).pid(site.pid).addr(haddr), outcome);
         return;
     }
-    let mut collapses = hp.collapses.lock();
-    // Forget the ones that started: they cannot be coalesced into any more.
-    collapses.works.retain(|w| !w.started.load(Relaxed));
-    let mm_id = sys::mm_id(&p.mm);
-    if collapses
-        .works
-        .iter()
-        .any(|w| sys::mm_id(&w.mm) == mm_id && w.haddr == haddr && !w.started.load(Relaxed))
-    {
+    if state.pending_collapses.iter().any(|k| *k == key) {
         hp.journal.record(ev.note("coalesced into the pending collapse"));
         return;
     }
-    let Some(hugepoke) = Hugepoke::get() else { return };
     let work = Arc::pin_init(
         pin_init!(CollapseWork {
-            hugepoke,
-            mm: p.mm.clone(),
-            pid: p.pid,
+            hugepoke: hp.clone(),
+            target: target.clone(),
+            pid: site.pid,
             haddr,
+            key,
             install_pmd,
-            started: Atomic::new(false),
             work <- new_work!("hugepoke::collapse"),
         }),
         GFP_KERNEL,
@@ -107,7 +87,7 @@ pub(crate) fn queue_collapse(hp: &Hugepoke, table: &mut PatchTable, p: &Patch, h
         hp.journal.record(ev.error(ENOMEM, "no memory for the collapse work"));
         return;
     };
-    if collapses.works.push(work.clone(), GFP_KERNEL).is_err() {
+    if state.pending_collapses.push(key, GFP_KERNEL).is_err() {
         hp.journal.record(ev.error(ENOMEM, "no memory for the collapse work"));
         return;
     }
@@ -124,10 +104,14 @@ impl WorkItem for CollapseWork {
 
     fn run(this: Arc<CollapseWork>) {
         let hp = &this.hugepoke;
-        let table = hp.patches.lock();
-        this.started.store(true, Relaxed);
-        let outcome = collapse_range(&table, &this.mm, this.haddr, this.install_pmd);
-        record_outcome(hp, this.event(Step::Collapse), outcome);
+        let mut state = this.target.state.lock();
+        // From here on, a RESTORE in the range queues a new work.
+        state.pending_collapses.retain(|k| *k != this.key);
+        let outcome = collapse_range(&state, &this.target, this.haddr, this.key, this.install_pmd);
+        record_outcome(hp, Event::new(Step::Collapse).pid(this.pid).addr(this.haddr), outcome);
+        let retired = if state.idle() && !state.retired { hp.registry.lock().retire(&this.target, &mut state) } else { None };
+        drop(state);
+        drop(retired);
     }
 }
 
@@ -138,29 +122,30 @@ fn record_outcome(hp: &Hugepoke, ev: Event, outcome: Result<&'static str, (Error
     });
 }
 
-/// Collapse the 2 MiB range at `haddr` of `mm`, with the patch table locked.
+/// Collapse the 2 MiB range at `haddr` of the target, with its state
+/// locked; the kernel's verdict, as a note or an error.
 fn collapse_range(
-    table: &PatchTable,
-    mm: &Mm,
+    state: &TargetState,
+    target: &Target,
     haddr: usize,
+    key: RangeKey,
     install_pmd: bool,
 ) -> Result<&'static str, (Error, &'static str)> {
-    if table.any_in_pmd_range(sys::mm_id(mm), haddr) {
+    if state.patches.iter().any(|s| range_key(s) == key) {
         return Err((EBUSY, "range was patched again"));
     }
-    let mm = mm.mmget_not_zero().ok_or((ESRCH, "target process is gone"))?;
+    let mm = target.mm_user().ok_or((ESRCH, "target process is gone"))?;
     let guard = mm.mmap_read_lock();
     let vma = guard.vma_lookup(haddr).ok_or((EFAULT, "range is no longer mapped"))?;
     let info = sys::vma_info(vma);
     if info.start > haddr || info.end < haddr + PMD_SIZE {
         return Err((EINVAL, "VMA no longer covers the 2 MiB range"));
     }
-    sys::collapse_pte_mapped_thp(&mm, &guard, haddr, install_pmd);
-    // collapse_pte_mapped_thp() reports nothing; look at what it did.
-    match sys::mapping_of(vma, haddr) {
-        Mapping::Pmd(_) => Ok("PMD installed"),
-        Mapping::None => Ok("page table retracted; PMD at next fault"),
-        Mapping::Pte(_) if info.uffd_armed => Err((EBUSY, "not collapsed: userfaultfd armed")),
-        Mapping::Pte(_) => Err((EBUSY, "not collapsed: a PTE does not map the page-cache THP")),
+    let result = sys::collapse_pte_mapped_thp(&mm, &guard, haddr, install_pmd);
+    match (sys::scan_result_ok(result), result == kernel::bindings::scan_result_SCAN_PMD_MAPPED) {
+        (true, true) => Ok("SCAN_PMD_MAPPED: already PMD-mapped"),
+        (true, false) if install_pmd => Ok("SCAN_SUCCEED: PMD installed"),
+        (true, false) => Ok("SCAN_SUCCEED: page table retracted; PMD at next fault"),
+        (false, _) => Err((EBUSY, sys::scan_result_name(result))),
     }
 }

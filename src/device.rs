@@ -53,8 +53,9 @@ impl MiscDevice for Controller {
     }
 
     fn release(this: KBox<Self>, _file: &File) {
-        // Closing restores what this file patched (and queues collapses).
-        patch::restore_all(&this.hugepoke, Some(this.id));
+        // Closing restores what this file patched (and queues collapses),
+        // from a work item: a fatal signal pending for us cannot cut it short.
+        patch::restore_owned(&this.hugepoke, Some(this.id), patch::Closing::File);
         this.hugepoke.journal.record(Step::Release.event());
     }
 
@@ -105,12 +106,12 @@ impl Controller {
         let mut args: QueryArgs = reader.read().map_err(|e| hp.journal.fail(ev, e, "cannot read the QUERY arguments"))?;
         uapi::check_header(args.size, args.flags, core::mem::size_of::<QueryArgs>(), 0)
             .map_err(|why| hp.journal.fail(ev, EINVAL, why))?;
+        let unknown = || hp.journal.fail(ev.handle(args.handle as u32), ENOENT, "no such patch (unknown or already restored)");
+        let target = hp.registry.lock().target_of(args.handle).ok_or_else(unknown)?;
         {
-            let table = hp.patches.lock();
-            let p = table
-                .get(args.handle)
-                .ok_or_else(|| hp.journal.fail(ev.handle(args.handle as u32), ENOENT, "no such patch (unknown or already restored)"))?;
-            args.state = if p.target_gone() { uapi::STATE_GONE } else { uapi::STATE_LIVE };
+            let state = target.state.lock();
+            let p = state.patches.get(args.handle).ok_or_else(unknown)?;
+            args.state = if target.gone() { uapi::STATE_GONE } else { uapi::STATE_LIVE };
             args.pid = p.pid;
             args.addr = p.addr as u64;
             args.len = p.len as u32;

@@ -49,6 +49,7 @@ steps! {
     // RESTORE, in order.
     Restore => "restore",
     RestoreBytes => "restore_bytes",
+    LruDrain => "lru_drain",
     ZapAnonPage => "zap_anon_page",
     KeepAnonPage => "keep_anon_page",
     QueueCollapse => "queue_collapse",
@@ -300,6 +301,8 @@ impl fmt::Display for ErrnoName {
             25 => "ENOTTY",
             34 => "ERANGE",
             84 => "EILSEQ",
+            6 => "ENXIO",
+            130 => "EOWNERDEAD",
             61 => "ENODATA",
             95 => "EOPNOTSUPP",
             n => return write!(f, "-E{n}"),

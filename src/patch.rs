@@ -1,156 +1,37 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! PATCH and RESTORE: the steps of the THP-aware uprobe series, as
-//! `uprobe_write()`/`__uprobe_write()` take them in 7.2, for one target at a
-//! time, each step journaled.
+//! `uprobe_write()`/`__uprobe_write()` take them in 7.2, each step
+//! journaled.  The locks they take, and in which order, are written down
+//! in `table`.
 //!
-//! All patches live in one [`PatchTable`] behind a mutex that PATCH, RESTORE
-//! and the collapse work hold for their whole run (lock order: table, then
-//! the target's mmap lock, then its page-table lock).  That serializes the
-//! decisions that span several patches: "last patch on this page", "no
-//! patch left in this 2 MiB range", "overlapping ranges".
+//! Every write into the target — PATCH's bytes, RESTORE's originals —
+//! happens under the page-table lock with the PTE cleared, right after
+//! reading what is there now: PATCH_EXPECT compares with that read, and
+//! RESTORE writes only if the bytes there are still exactly the ones
+//! PATCH wrote (uprobes' `verify_opcode`).  RESTORE finds the patched page
+//! by its identity (file, page offset), wherever the target maps it now.
 
-use core::fmt;
 use kernel::{
-    mm::{virt::VmaRef, Mm, MmWithUser, MmapReadGuard},
+    mm::{virt::VmaRef, MmWithUser, MmapReadGuard},
+    new_work,
     prelude::*,
-    sync::aref::ARef,
+    sync::{Arc, Completion},
+    workqueue::{Work, WorkItem},
+    impl_has_work,
 };
 
 use crate::{
+    collapse,
     journal::{Event, Step},
     sys::{self, Mapping, PageRef, Process, PAGE_MASK, PAGE_SIZE, PMD_MASK},
+    table::{self, Owner, Site, Target, TargetState},
     uapi::{self, PatchArgs, MAX_BYTES},
     Hugepoke,
 };
 
 /// How often PATCH/RESTORE retry when the page table changed under them.
-const MAX_TRIES: u32 = 4;
-
-/// Who owns a patch: the open file that made it, or nobody (persistent).
-pub(crate) type Owner = Option<u64>;
-
-/// One live patch.
-pub(crate) struct Patch {
-    pub(crate) handle: u64,
-    pub(crate) owner: Owner,
-    /// Target tgid as the patcher named it.
-    pub(crate) pid: i32,
-    /// The target's address space, by `mm_count` only: it does not keep the
-    /// process's memory alive.
-    pub(crate) mm: ARef<Mm>,
-    pub(crate) addr: usize,
-    pub(crate) len: usize,
-    pub(crate) flags: u32,
-    pub(crate) bytes: [u8; MAX_BYTES],
-    pub(crate) orig: [u8; MAX_BYTES],
-    /// The anonymous page the bytes were written to.
-    pub(crate) pfn: usize,
-    /// Is the page-cache folio behind the page PMD-mappable?
-    pub(crate) pmd_mappable: bool,
-}
-
-impl Patch {
-    fn mm_id(&self) -> usize {
-        sys::mm_id(&self.mm)
-    }
-
-    fn page(&self) -> usize {
-        self.addr & PAGE_MASK
-    }
-
-    fn offset(&self) -> usize {
-        self.addr & !PAGE_MASK
-    }
-
-    fn event(&self, step: Step) -> Event {
-        Event::new(step).pid(self.pid).addr(self.addr).handle(self.handle as u32)
-    }
-
-    /// Has the target process gone away?
-    pub(crate) fn target_gone(&self) -> bool {
-        self.mm.mmget_not_zero().is_none()
-    }
-}
-
-/// All live patches.
-pub(crate) struct PatchTable {
-    pub(crate) patches: KVec<Patch>,
-    next_handle: u64,
-    /// Set at module unload: no new patches, no new collapse work.
-    pub(crate) closing: bool,
-}
-
-impl PatchTable {
-    pub(crate) fn new() -> Self {
-        Self { patches: KVec::new(), next_handle: 1, closing: false }
-    }
-
-    fn position(&self, handle: u64) -> Option<usize> {
-        self.patches.iter().position(|p| p.handle == handle)
-    }
-
-    pub(crate) fn get(&self, handle: u64) -> Option<&Patch> {
-        self.patches.iter().find(|p| p.handle == handle)
-    }
-
-    fn overlaps(&self, mm_id: usize, addr: usize, len: usize) -> bool {
-        self.patches
-            .iter()
-            .any(|p| p.mm_id() == mm_id && p.addr < addr + len && addr < p.addr + p.len)
-    }
-
-    fn any_on_page(&self, mm_id: usize, page: usize) -> bool {
-        self.patches.iter().any(|p| p.mm_id() == mm_id && p.page() == page)
-    }
-
-    pub(crate) fn any_in_pmd_range(&self, mm_id: usize, haddr: usize) -> bool {
-        self.patches.iter().any(|p| p.mm_id() == mm_id && p.addr & PMD_MASK == haddr)
-    }
-
-    /// Handles of the patches `owner` made (all patches for `None`).
-    pub(crate) fn handles_of(&self, owner: Owner) -> Result<KVec<u64>> {
-        let mut v = KVec::new();
-        for p in self.patches.iter().filter(|p| owner.is_none() || p.owner == owner) {
-            v.push(p.handle, GFP_KERNEL)?;
-        }
-        Ok(v)
-    }
-
-    /// `patches` in debugfs.
-    pub(crate) fn write(&self, f: &mut impl fmt::Write) -> fmt::Result {
-        writeln!(f, "# handle pid addr len state pfn owner pmd_mappable bytes orig")?;
-        for p in self.patches.iter() {
-            write!(
-                f,
-                "{} {} {:#x} {} {} {:#x} ",
-                p.handle,
-                p.pid,
-                p.addr,
-                p.len,
-                if p.target_gone() { "gone" } else { "live" },
-                p.pfn
-            )?;
-            match p.owner {
-                Some(o) => write!(f, "file:{o} ")?,
-                None => write!(f, "persistent ")?,
-            }
-            write!(f, "{} ", if p.pmd_mappable { "yes" } else { "no" })?;
-            write_hex(f, &p.bytes[..p.len])?;
-            write!(f, " ")?;
-            write_hex(f, &p.orig[..p.len])?;
-            writeln!(f)?;
-        }
-        Ok(())
-    }
-}
-
-pub(crate) fn write_hex(f: &mut impl fmt::Write, bytes: &[u8]) -> fmt::Result {
-    for b in bytes {
-        write!(f, "{b:02x}")?;
-    }
-    Ok(())
-}
+const MAX_TRIES: u32 = 6;
 
 /// The checks PATCH makes on the VMA: what uprobes may patch, and no more.
 fn check_vma(info: &sys::VmaInfo) -> Result<(), (Error, &'static str)> {
@@ -159,7 +40,7 @@ fn check_vma(info: &sys::VmaInfo) -> Result<(), (Error, &'static str)> {
     if has(VM_HUGETLB) || has(VM_IO) || has(VM_PFNMAP) {
         return Err((EINVAL, "hugetlb, VM_IO or VM_PFNMAP mapping"));
     }
-    if !info.file_backed {
+    if !info.file_backed() {
         return Err((EINVAL, "not a file-backed mapping"));
     }
     if has(VM_SHARED) {
@@ -201,42 +82,84 @@ pub(crate) fn check_patch_args(args: &PatchArgs) -> Result<(), (Error, &'static 
 }
 
 /// PATCH: write `args.bytes` into the target's text at `args.addr`.
-pub(crate) fn patch(hp: &Hugepoke, owner: u64, args: &PatchArgs) -> Result<u64> {
+pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, args: &PatchArgs) -> Result<u64> {
     let ev = |step| Event::new(step).pid(args.pid).addr(args.addr as usize);
     hp.journal.record(ev(Step::Patch));
     check_patch_args(args).map_err(|(e, why)| hp.journal.fail(ev(Step::Patch), e, why))?;
+
+    // Step 1: pid → task → mm, with the ptrace check made under the
+    // target's exec_update_lock (no execve() can come in between).
+    let process = Process::find(args.pid)
+        .ok_or_else(|| hp.journal.fail(ev(Step::ResolveTarget), ESRCH, "no such process"))?;
+    if process.is_kernel_thread() {
+        return Err(hp.journal.fail(ev(Step::ResolveTarget), EINVAL, "a kernel thread has no user text"));
+    }
+    let mm = process.mm_access().map_err(|e| {
+        let (e, why) = match e {
+            e if e == EACCES || e == EPERM => (EPERM, "caller may not ptrace-attach to the target"),
+            e if e == ESRCH => (ESRCH, "process has no address space (exiting or zombie)"),
+            e => (e, "mm_access failed (interrupted?)"),
+        };
+        hp.journal.fail(ev(Step::ResolveTarget), e, why)
+    })?;
+    hp.journal.record(ev(Step::ResolveTarget));
+    let pid = process.tgid();
+
+    loop {
+        let (target, handle) = {
+            let mut registry = hp.registry.lock();
+            if registry.closing {
+                return Err(hp.journal.fail(ev(Step::Patch), ENODEV, "module is unloading"));
+            }
+            let target = registry
+                .target_for(&mm)
+                .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
+            let handle = registry
+                .new_handle(&target)
+                .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
+            (target, handle)
+        };
+        let mut state = target.state.lock();
+        let result = if state.retired {
+            None
+        } else {
+            Some(patch_locked(hp, &target, &mut state, &mm, pid, owner, args, handle))
+        };
+        if let Some(Ok(())) = result {
+            return Ok(handle);
+        }
+        let retired = if state.idle() && !state.retired { hp.registry.lock().retire(&target, &mut state) } else { None };
+        drop(state);
+        let forgotten = hp.registry.lock().forget_handle(handle);
+        drop((retired, forgotten));
+        if let Some(Err(e)) = result {
+            return Err(e);
+        }
+        // The target was retired while we waited for it: look it up again.
+    }
+}
+
+/// PATCH with the target's state locked.
+#[allow(clippy::too_many_arguments)]
+fn patch_locked(
+    hp: &Arc<Hugepoke>,
+    target: &Arc<Target>,
+    state: &mut TargetState,
+    mm: &MmWithUser,
+    pid: i32,
+    owner: u64,
+    args: &PatchArgs,
+    handle: u64,
+) -> Result {
+    let ev = |step| Event::new(step).pid(args.pid).addr(args.addr as usize);
     let addr = args.addr as usize;
     let len = args.len as usize;
     let offset = addr & !PAGE_MASK;
     let page_addr = addr & PAGE_MASK;
-
-    // Step 1: pid → task → mm; the task may be exiting.
-    let target = Process::find(args.pid)
-        .ok_or_else(|| hp.journal.fail(ev(Step::ResolveTarget), ESRCH, "no such process"))?;
-    if target.is_kernel_thread() {
-        return Err(hp.journal.fail(ev(Step::ResolveTarget), EINVAL, "a kernel thread has no user text"));
-    }
-    if !target.caller_may_attach() {
-        return Err(hp.journal.fail(ev(Step::ResolveTarget), EPERM, "caller may not ptrace-attach to the target"));
-    }
-    let mm = target
-        .mm()
-        .ok_or_else(|| hp.journal.fail(ev(Step::ResolveTarget), ESRCH, "process has no address space (exiting or zombie)"))?;
-    hp.journal.record(ev(Step::ResolveTarget));
-
-    let mut table = hp.patches.lock();
-    if table.closing {
-        return Err(hp.journal.fail(ev(Step::Patch), ENODEV, "module is unloading"));
-    }
-    let mm_id = sys::mm_id(&mm);
-    if table.overlaps(mm_id, addr, len) {
-        return Err(hp.journal.fail(ev(Step::CheckVma), EBUSY, "range overlaps a live patch"));
-    }
-    let handle = table.next_handle;
     // Room for the record first: once the bytes are written, nothing may fail.
-    table
+    state
         .patches
-        .reserve(1, GFP_KERNEL)
+        .reserve()
         .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
 
     let guard = mm.mmap_read_lock();
@@ -245,76 +168,100 @@ pub(crate) fn patch(hp: &Hugepoke, owner: u64, args: &PatchArgs) -> Result<u64> 
         .ok_or_else(|| hp.journal.fail(ev(Step::CheckVma), EFAULT, "address is not mapped"))?;
     let info = sys::vma_info(vma);
     check_vma(&info).map_err(|(e, why)| hp.journal.fail(ev(Step::CheckVma), e, why))?;
+    let pgoff = info.pgoff_of(page_addr);
+    if state.patches.overlaps(info.mapping, pgoff, offset, len) {
+        return Err(hp.journal.fail(ev(Step::CheckVma), EBUSY, "range overlaps a live patch"));
+    }
+    let file = sys::vma_file(vma).ok_or_else(|| hp.journal.fail(ev(Step::CheckVma), EINVAL, "not a file-backed mapping"))?;
     hp.journal.record(ev(Step::CheckVma));
 
-    // Before anything changes: the expected bytes, read through a plain
-    // (non-COWing) GUP of whatever page is mapped there now.
-    if args.flags & uapi::PATCH_EXPECT != 0 {
-        let page = sys::get_user_page(&mm, &guard, page_addr, sys::FOLL_FORCE)
+    // A cheap refusal that changes nothing: the expected bytes, read through
+    // a plain (non-COWing) GUP.  The check that counts is repeated under the
+    // page-table lock, in the step that writes.
+    let expect = (args.flags & uapi::PATCH_EXPECT != 0).then_some(&args.expect[..len]);
+    if let Some(expect) = expect {
+        let page = sys::get_user_page(mm, &guard, page_addr, sys::FOLL_FORCE)
             .map_err(|e| hp.journal.fail(ev(Step::CheckExpected), e, "cannot read the target page"))?;
         let mut now = [0u8; MAX_BYTES];
         page.read(offset, &mut now[..len]);
-        if now[..len] != args.expect[..len] {
+        if now[..len] != *expect {
             return Err(hp.journal.fail(ev(Step::CheckExpected), sys::eilseq(), "bytes at the address are not the expected ones"));
         }
-        hp.journal.record(ev(Step::CheckExpected).page(page.pfn(), page.folio_order()));
     }
 
     let before = sys::mapping_of(vma, page_addr);
-    let mut orig = [0u8; MAX_BYTES];
-    let page = write_bytes(hp, &mm, &guard, vma, args, before, &mut orig)?;
-    let pfn = page.pfn();
-    drop(page);
-    // The COW put the new folio in this CPU's LRU batch, with a reference
-    // that would make RESTORE think the page is pinned.
-    sys::lru_add_drain();
-
-    let pmd_mappable = sys::page_cache_page(vma, page_addr).is_some_and(|c| c.pmd_mappable());
-    let patch = Patch {
+    let mut site = Site {
         handle,
         owner: if args.flags & uapi::PATCH_PERSIST != 0 { None } else { Some(owner) },
-        pid: target.tgid(),
-        mm: ARef::from(&**mm),
+        pid,
         addr,
         len,
         flags: args.flags,
+        mapping: info.mapping,
+        pgoff,
         bytes: args.bytes,
-        orig,
-        pfn,
-        pmd_mappable,
+        orig: [0; MAX_BYTES],
+        pfn: 0,
+        pmd_mappable: false,
     };
+    match write_bytes(hp, mm, &guard, vma, &mut site, expect, before) {
+        Ok(()) => {}
+        Err(WriteError::Failed(e)) => return Err(e),
+        Err(WriteError::NotExpected) => {
+            // The COW happened but nothing was written: give the page
+            // back as RESTORE would (the "patched" bytes are the ones there).
+            drop(guard);
+            site.bytes = site.orig;
+            let undo = restore_site(hp, state, mm, &site);
+            if let Ok(Restored { zapped: true, pmd_mappable: true, page_addr }) = undo {
+                collapse::queue_collapse(hp, target, state, &site, page_addr & PMD_MASK);
+            }
+            return Err(hp.journal.fail(
+                ev(Step::CheckExpected),
+                sys::eilseq(),
+                "bytes at the address are not the expected ones (under the page-table lock)",
+            ));
+        }
+    }
+    site.pmd_mappable = sys::page_cache_page(vma, page_addr).is_some_and(|c| c.pmd_mappable());
     drop(guard);
-    // Cannot fail: reserved above, under the same lock.
-    let _ = table.patches.push_within_capacity(patch);
-    table.next_handle += 1;
+    state.patches.insert_reserved(site, file);
     hp.journal.record(
         ev(Step::Patched)
             .handle(handle as u32)
-            .page(pfn, 0)
-            .note(if pmd_mappable { "page-cache folio is PMD-mappable" } else { "page-cache folio is not PMD-mappable" }),
+            .page(site.pfn, 0)
+            .note(if site.pmd_mappable { "page-cache folio is PMD-mappable" } else { "page-cache folio is not PMD-mappable" }),
     );
-    Ok(handle)
+    Ok(())
 }
 
-/// Steps 2–4 of PATCH: split the PMD, break COW, and write the bytes into
-/// the exclusive anonymous page under the PT lock.  Returns the page.
+enum WriteError {
+    Failed(Error),
+    /// The bytes read under the PT lock were not the expected ones; the
+    /// page was COWed, nothing written (`site.orig` holds what is there).
+    NotExpected,
+}
+
+/// Steps 2–4 of PATCH: split the PMD, break COW, and, under the PT lock,
+/// check the expected bytes and write the new ones into the exclusive
+/// anonymous page.  Fills `site.orig` and `site.pfn`.
 fn write_bytes(
     hp: &Hugepoke,
     mm: &MmWithUser,
     guard: &MmapReadGuard<'_>,
     vma: &VmaRef,
-    args: &PatchArgs,
+    site: &mut Site,
+    expect: Option<&[u8]>,
     before: Mapping,
-    orig: &mut [u8; MAX_BYTES],
-) -> Result<PageRef> {
-    let ev = |step| Event::new(step).pid(args.pid).addr(args.addr as usize);
-    let addr = args.addr as usize;
-    let (len, offset, page_addr) = (args.len as usize, addr & !PAGE_MASK, addr & PAGE_MASK);
+) -> Result<(), WriteError> {
+    // No handle yet: the patch does not exist until `patched`.
+    let ev = |step| Event::new(step).pid(site.pid).addr(site.addr);
+    let (len, offset, page_addr) = (site.len, site.offset(), site.addr & PAGE_MASK);
     let gup_flags = sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD;
 
     for attempt in 0..MAX_TRIES {
         let page = sys::get_user_page(mm, guard, page_addr, gup_flags)
-            .map_err(|e| hp.journal.fail(ev(Step::SplitPmd), e, "get_user_pages_remote failed"))?;
+            .map_err(|e| WriteError::Failed(hp.journal.fail(ev(Step::SplitPmd), e, "get_user_pages_remote failed")))?;
         if attempt == 0 {
             // FOLL_SPLIT_PMD split only the PMD: the THP stays whole in the
             // page cache, now mapped by 512 PTEs (one of them ours).
@@ -341,7 +288,7 @@ fn write_bytes(
         // page must be exclusive (no GUP-fast pin can race) and not uffd-wp.
         if !pte.writable() {
             if pte.uffd_wp() {
-                return Err(hp.journal.fail(ev(Step::WriteBytes), EBUSY, "PTE is userfaultfd write-protected"));
+                return Err(WriteError::Failed(hp.journal.fail(ev(Step::WriteBytes), EBUSY, "PTE is userfaultfd write-protected")));
             }
             if !pte.anon_exclusive() {
                 drop(pte);
@@ -349,166 +296,371 @@ fn write_bytes(
                 continue;
             }
         }
-        // Unmap and flush, so no CPU executes the page half-written.
+        // Unmap and flush, so no CPU executes the page half-written and
+        // nobody changes it between our read and our write.
         pte.unmap();
-        pte.rewrite(offset, &args.bytes[..len], &mut orig[..len]);
+        pte.read(offset, &mut site.orig[..len]);
+        site.pfn = page.pfn();
+        if expect.is_some_and(|e| e != &site.orig[..len]) {
+            return Err(WriteError::NotExpected);
+        }
+        pte.write(offset, &site.bytes[..len]);
         pte.remap_dirty();
         drop(pte);
         hp.journal.record(ev(Step::WriteBytes).page(page.pfn(), page.folio_order()));
-        return Ok(page);
+        return Ok(());
     }
-    Err(hp.journal.fail(ev(Step::WriteBytes), EAGAIN, "page table kept changing"))
+    Err(WriteError::Failed(hp.journal.fail(ev(Step::WriteBytes), EAGAIN, "page table kept changing")))
 }
 
-/// What RESTORE did with the anonymous page.
-enum Outcome {
-    /// Zapped: the page-cache page faults back in.
-    Zapped { pmd_mappable: bool },
-    /// Kept, for the reason given.
-    Kept,
-    /// There was nothing to restore (process, mapping or page gone).
-    Gone,
+/// What RESTORE did, when it did not refuse.
+pub(crate) struct Restored {
+    /// The anonymous page was zapped: the page-cache page faults back in.
+    zapped: bool,
+    /// … and its folio is PMD-mappable.
+    pmd_mappable: bool,
+    /// Where the patched page is mapped now.
+    page_addr: usize,
 }
 
-/// RESTORE `handle` (any opener may restore any patch).
-pub(crate) fn restore(hp: &Hugepoke, handle: u64) -> Result {
-    let mut table = hp.patches.lock();
-    let Some(i) = table.position(handle) else {
-        let ev = Event::new(Step::Restore).handle(handle as u32);
-        return Err(hp.journal.fail(ev, ENOENT, "no such patch (unknown or already restored)"));
-    };
-    let patch = table.patches.remove(i)?;
-    restore_patch(hp, &mut table, patch);
-    Ok(())
+/// Why RESTORE did not restore.
+pub(crate) enum Refused {
+    /// There is nothing left to restore: the patch is forgotten and RESTORE
+    /// returns `result`.
+    Gone { result: Result, why: &'static str },
+    /// The patch stays in the table: RESTORE returns the error.
+    Kept(Error, &'static str),
 }
 
-/// Restore every patch `owner` made (every patch for `None`).
-pub(crate) fn restore_all(hp: &Hugepoke, owner: Owner) {
-    let mut table = hp.patches.lock();
-    let Ok(handles) = table.handles_of(owner) else { return };
-    for handle in handles {
-        if let Some(i) = table.position(handle) {
-            if let Ok(patch) = table.patches.remove(i) {
-                restore_patch(hp, &mut table, patch);
-            }
-        }
-    }
-}
-
-/// RESTORE, step by step.  The patch is already out of the table; whatever
-/// happens, it is gone afterwards.
-fn restore_patch(hp: &Hugepoke, table: &mut PatchTable, p: Patch) {
-    hp.journal.record(p.event(Step::Restore));
-    let Some(mm) = p.mm.mmget_not_zero() else {
-        hp.journal.record(p.event(Step::Restored).note("target process is gone"));
-        return;
-    };
-    let guard = mm.mmap_read_lock();
-    let outcome = match guard.vma_lookup(p.addr) {
-        Some(vma) if sys::vma_info(vma).file_backed => restore_bytes(hp, table, &mm, &guard, vma, &p),
-        _ => {
-            hp.journal.record(p.event(Step::RestoreBytes).note("mapping is gone; nothing to restore"));
-            Outcome::Gone
-        }
-    };
-    drop(guard);
-
-    if let Outcome::Zapped { pmd_mappable: true } = outcome {
-        let haddr = p.addr & PMD_MASK;
-        if !table.any_in_pmd_range(p.mm_id(), haddr) {
-            crate::collapse::queue_collapse(hp, table, &p, haddr);
-        } else {
-            hp.journal.record(p.event(Step::QueueCollapse).note("not yet: other patches in this 2 MiB range"));
-        }
-    }
-    hp.journal.record(p.event(Step::Restored));
-}
-
-fn restore_bytes(
-    hp: &Hugepoke,
-    table: &PatchTable,
-    mm: &MmWithUser,
-    guard: &MmapReadGuard<'_>,
-    vma: &VmaRef,
-    p: &Patch,
-) -> Outcome {
-    let last_on_page = !table.any_on_page(p.mm_id(), p.page());
+/// RESTORE one patch, with its target's state locked: find the anonymous
+/// copy of the patched file page, verify the patched bytes are there, write
+/// the originals back, and zap the copy when it is identical to the
+/// page-cache page.  The patch is not removed here.
+fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site) -> Result<Restored, Refused> {
+    let ev = |step| Event::new(step).pid(site.pid).addr(site.addr).handle(site.handle as u32);
+    let len = site.len;
+    let last_on_page = !state.patches.others_on_page(site.handle, site.mapping, site.pgoff);
     // No FOLL_WRITE at first: if the anonymous page is gone, so is the patch.
     let mut gup_flags = sys::FOLL_FORCE;
+    let mut drained = false;
+    // The page kept across an LRU drain: looked at again without another
+    // GUP, whose FOLL_TOUCH could put it in an LRU batch right back.
+    let mut held: Option<(usize, PageRef)> = None;
+
     for _ in 0..MAX_TRIES {
-        let page = match sys::get_user_page(mm, guard, p.page(), gup_flags) {
-            Ok(page) => page,
-            Err(e) => {
-                hp.journal.record(p.event(Step::RestoreBytes).error(e, "cannot get the page"));
-                return Outcome::Gone;
+        let guard = mm.mmap_read_lock();
+        let found = match held.take() {
+            Some((page_addr, page)) => still_mapped_at(mm, &guard, site, page_addr).map(|vma| (vma, page_addr, page)),
+            None => None,
+        };
+        let reused = found.is_some();
+        let (vma, page_addr, page) = match found {
+            Some(found) => found,
+            None => find_anon_copy(mm, &guard, site)?,
+        };
+        let page = if reused || gup_flags & sys::FOLL_WRITE == 0 {
+            page
+        } else {
+            // Fault it writable now (uffd-wp, or shared after fork()): only
+            // this page, only in this mapping.
+            drop(page);
+            match sys::get_user_page(mm, &guard, page_addr, gup_flags) {
+                Ok(p) if p.is_anon() => p,
+                Ok(_) => continue,
+                Err(e) => return Err(Refused::Kept(e, "cannot fault the page in for writing")),
             }
         };
-        if !page.is_anon() {
-            hp.journal.record(p.event(Step::RestoreBytes).page(page.pfn(), page.folio_order()).note("page is no longer anonymous: already undone"));
-            return Outcome::Gone;
-        }
-        if last_on_page && page.unexpected_refs() > 0 {
-            // Maybe only another CPU's LRU batch; let it go before judging.
-            sys::lru_add_drain_all();
-        }
+        let info = sys::vma_info(vma);
         // Zapping happens under the PT lock, where notifiers cannot sleep.
-        let _invalidate = last_on_page.then(|| sys::InvalidateRange::start(mm, p.page()));
-        let Some(mut pte) = sys::lock_pte(vma, p.page(), &page) else {
-            hp.journal.record(p.event(Step::RestoreBytes).error(EAGAIN, "PTE changed after GUP; retrying"));
+        let _invalidate = last_on_page.then(|| sys::InvalidateRange::start(mm, page_addr));
+        let Some(mut pte) = sys::lock_pte(vma, page_addr, &page) else {
+            hp.journal.record(ev(Step::RestoreBytes).error(EAGAIN, "PTE changed after GUP; retrying"));
             continue;
         };
-        // A page that may be shared — after fork(), with the child — must
-        // not be written: break COW for this process first, as uprobes does.
-        // The child keeps the patched copy it inherited.  (A uffd-wp bit set
-        // since PATCH is kept: the PTE is set back as it was, plus dirty.)
-        if !pte.writable() && !pte.anon_exclusive() {
+        if !pte.writable() {
+            if pte.uffd_wp() {
+                // As uprobes: a uffd-wp PTE is a fault to take (the uffd
+                // reader decides), never a bit to write through.
+                drop(pte);
+                hp.journal.record(ev(Step::RestoreBytes).page(page.pfn(), 0).error(EAGAIN, "PTE is userfaultfd write-protected; faulting it with FOLL_WRITE"));
+                gup_flags = sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD;
+                continue;
+            }
+            if !pte.anon_exclusive() {
+                // After fork() the page may be shared with the child, which
+                // keeps the patched copy it inherited: break COW for us.
+                drop(pte);
+                hp.journal.record(ev(Step::RestoreBytes).page(page.pfn(), 0).error(EAGAIN, "page may be shared (forked child?); breaking COW first"));
+                gup_flags = sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD;
+                continue;
+            }
+        }
+        if last_on_page && !drained && page.unexpected_refs() > 0 && page.may_be_lru_cached() {
+            // Maybe only an LRU batch's reference (a fresh COW leaves one):
+            // drain every CPU's once, without our locks, then look again.
             drop(pte);
-            hp.journal.record(p.event(Step::RestoreBytes).page(page.pfn(), 0).error(EAGAIN, "page may be shared (forked child?); breaking COW first"));
-            gup_flags = sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD;
+            drop(_invalidate);
+            drop(guard);
+            hp.journal.record(ev(Step::LruDrain).note("draining all CPUs' LRU batches"));
+            sys::lru_add_drain_all();
+            hp.journal.record(ev(Step::LruDrain).note("drained"));
+            drained = true;
+            held = Some((page_addr, page));
             continue;
         }
         pte.unmap();
-        let mut was = [0u8; MAX_BYTES];
-        pte.rewrite(p.offset(), &p.orig[..p.len], &mut was[..p.len]);
-        hp.journal.record(p.event(Step::RestoreBytes).page(page.pfn(), 0).note(if was[..p.len] == p.bytes[..p.len] {
-            "original bytes written back"
-        } else {
-            "original bytes written back (the patched bytes had been changed)"
-        }));
+        let mut now = [0u8; MAX_BYTES];
+        pte.read(site.offset(), &mut now[..len]);
+        if now[..len] != site.bytes[..len] {
+            // Someone else (a debugger, /proc/PID/mem, the target) changed
+            // them: they are not ours to overwrite.  The PTE goes back as is.
+            drop(pte);
+            return Err(Refused::Kept(sys::eilseq(), "bytes at the patch are not the ones PATCH wrote; nothing written"));
+        }
+        pte.write(site.offset(), &site.orig[..len]);
+        hp.journal.record(ev(Step::RestoreBytes).addr(page_addr + site.offset()).page(page.pfn(), 0).note(
+            if page_addr == site.addr & PAGE_MASK { "original bytes written back" } else { "original bytes written back (text moved since PATCH)" },
+        ));
 
         // Zap only when the page-cache page would fault back in with exactly
         // this content, and nothing else may hold the anonymous page.
-        let cache = sys::page_cache_page(vma, p.page());
+        let cache = sys::page_cache_page(vma, page_addr);
         let keep = if !last_on_page {
             Some("other patches remain on this page")
-        } else if pte.uffd_missing() {
+        } else if info.uffd_missing {
             Some("userfaultfd missing mode is armed")
+        } else if info.uffd_wp {
+            Some("userfaultfd write-protect is registered: zapping would drop the wp bit")
         } else if page.unexpected_refs() != 0 {
             Some("page has unexpected references (pinned or in a pipe)")
         } else {
             match &cache {
                 None => Some("no page-cache page to fault back in"),
                 Some(c) if !c.uptodate() => Some("page-cache page is not uptodate"),
-                Some(c) if !c.identical_to(&page) => Some("page differs from the page-cache page"),
+                Some(c) if !c.identical_to(&pte) => Some("page differs from the page-cache page"),
                 Some(_) => None,
             }
         };
-        return match (keep, cache) {
+        return Ok(match (keep, cache) {
             (None, Some(c)) => {
-                // Consumes the walk: the PT lock is dropped here.
-                pte.zap(&page);
-                hp.journal.record(p.event(Step::ZapAnonPage).page(page.pfn(), 0).note("PTE zapped; page-cache page faults back in"));
-                hp.journal.record(p.event(Step::ZapAnonPage).page(c.pfn(), c.folio_order()).note("page-cache page to fault in"));
-                Outcome::Zapped { pmd_mappable: c.pmd_mappable() }
+                let swapped = pte.zap(&page);
+                hp.journal.record(ev(Step::ZapAnonPage).page(page.pfn(), 0).note(if swapped {
+                    "PTE zapped, swap slot freed; page-cache page faults back in"
+                } else {
+                    "PTE zapped; page-cache page faults back in"
+                }));
+                hp.journal.record(ev(Step::ZapAnonPage).page(c.pfn(), c.folio_order()).note("page-cache page to fault in"));
+                Restored { zapped: true, pmd_mappable: c.pmd_mappable(), page_addr }
             }
             (why, _) => {
                 pte.remap_dirty();
                 drop(pte);
-                hp.journal.record(p.event(Step::KeepAnonPage).page(page.pfn(), 0).note(why.unwrap_or("")));
-                Outcome::Kept
+                hp.journal.record(ev(Step::KeepAnonPage).page(page.pfn(), 0).note(why.unwrap_or("")));
+                Restored { zapped: false, pmd_mappable: false, page_addr }
             }
-        };
+        });
     }
-    hp.journal.record(p.event(Step::RestoreBytes).error(EAGAIN, "page table kept changing; patch dropped"));
-    Outcome::Gone
+    Err(Refused::Kept(EAGAIN, "page table kept changing"))
+}
+
+/// The VMA at `page_addr`, if it still maps `site`'s file page there and
+/// RESTORE may write into it.  (Whether the PTE still maps the page we hold
+/// is for `lock_pte` to say.)
+fn still_mapped_at<'a>(mm: &MmWithUser, guard: &'a MmapReadGuard<'_>, site: &Site, page_addr: usize) -> Option<&'a VmaRef> {
+    let vma = sys::find_vma(mm, guard, page_addr)?;
+    let info = sys::vma_info(vma);
+    let at = table::address_in(site, &info)? & PAGE_MASK;
+    (at == page_addr && table::check_restore_vma(&info).is_ok()).then_some(vma)
+}
+
+/// Where the target maps the anonymous copy of `site`'s file page now: the
+/// VMA, the page's address, and the page.  Walks every VMA, so it follows
+/// `mremap()`; a file page mapped more than once (ELF segments share
+/// boundary pages) is looked at in each mapping.
+fn find_anon_copy<'a>(
+    mm: &MmWithUser,
+    guard: &'a MmapReadGuard<'_>,
+    site: &Site,
+) -> Result<(&'a VmaRef, usize, PageRef), Refused> {
+    let mut cursor = 0;
+    let mut mapped = false;
+    let mut refused = None;
+    while let Some(vma) = sys::find_vma(mm, guard, cursor) {
+        cursor = vma.end();
+        let info = sys::vma_info(vma);
+        let Some(page_addr) = table::address_in(site, &info).map(|a| a & PAGE_MASK) else {
+            continue;
+        };
+        mapped = true;
+        let page = sys::get_user_page(mm, guard, page_addr, sys::FOLL_FORCE)
+            .map_err(|e| Refused::Kept(e, "cannot get the page"))?;
+        if !page.is_anon() {
+            continue;
+        }
+        if let Err(why) = table::check_restore_vma(&info) {
+            refused = Some(why);
+            continue;
+        }
+        return Ok((vma, page_addr, page));
+    }
+    Err(match (mapped, refused) {
+        (_, Some(why)) => Refused::Kept(EACCES, why),
+        (true, None) => Refused::Gone { result: Ok(()), why: "page is no longer anonymous: already undone" },
+        (false, None) => {
+            Refused::Gone { result: Err(sys::enxio()), why: "the patched file page is no longer mapped in the target; nothing written" }
+        }
+    })
+}
+
+/// RESTORE `handle` (any opener may restore any patch).
+pub(crate) fn restore(hp: &Arc<Hugepoke>, handle: u64) -> Result {
+    let unknown = || {
+        let ev = Event::new(Step::Restore).handle(handle as u32);
+        hp.journal.fail(ev, ENOENT, "no such patch (unknown or already restored)")
+    };
+    let target = hp.registry.lock().target_of(handle).ok_or_else(unknown)?;
+    let mut state = target.state.lock();
+    let Some(site) = state.patches.get(handle).copied() else {
+        return Err(unknown());
+    };
+    restore_and_settle(hp, &target, &mut state, &site, Closing::No)
+}
+
+/// Who is restoring: an ioctl, or the cleanup when a file closes or the
+/// module unloads (which cannot hand a refusal back to anyone).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closing {
+    No,
+    /// The owner closed its file: a patch that cannot be restored now is
+    /// kept, as persistent (anyone may RESTORE it later; unload will).
+    File,
+    /// The module unloads: a patch that cannot be restored is abandoned.
+    Module,
+}
+
+/// RESTORE one patch of a locked target and update the tables: forget the
+/// patch if it was restored or is gone, keep it otherwise; queue the
+/// collapse when the last patch of a 2 MiB range went.
+fn restore_and_settle(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut TargetState, site: &Site, closing: Closing) -> Result {
+    let ev = |step| Event::new(step).pid(site.pid).addr(site.addr).handle(site.handle as u32);
+    hp.journal.record(ev(Step::Restore));
+    let outcome = match target.mm_user() {
+        None => Err(Refused::Gone { result: Ok(()), why: "target process is gone" }),
+        Some(mm) => restore_site(hp, state, &mm, site),
+    };
+    let (result, restored) = match outcome {
+        Ok(restored) => (Ok(()), Some(restored)),
+        Err(Refused::Gone { result, why }) => {
+            match result {
+                Ok(()) => hp.journal.record(ev(Step::Restored).note(why)),
+                Err(e) => hp.journal.record(ev(Step::Restored).error(e, why)),
+            };
+            (result, None)
+        }
+        Err(Refused::Kept(e, why)) => {
+            // What happens to the patch first, then why (the newest failure
+            // in `events` is the reason).
+            let fate = match closing {
+                Closing::No => "patch kept; RESTORE may be retried",
+                Closing::File => "its file closed: patch kept as persistent",
+                Closing::Module => "module unloading: patch abandoned",
+            };
+            hp.journal.record(ev(Step::Restore).error(e, fate));
+            hp.journal.record(ev(Step::RestoreBytes).error(e, why));
+            match closing {
+                Closing::No => return Err(e),
+                Closing::File => {
+                    if let Some(s) = state.patches.get_mut(site.handle) {
+                        s.owner = None;
+                    }
+                    return Err(e);
+                }
+                Closing::Module => (Err(e), None),
+            }
+        }
+    };
+    // Restored, gone or abandoned: forget it, then decide about the range
+    // without it.  File and target references are dropped after the locks.
+    let patch = state.patches.remove(site.handle);
+    if let Some(restored) = restored {
+        if restored.zapped && restored.pmd_mappable {
+            if !state.patches.others_in_range(site.handle, site.mapping, site.pgoff) {
+                collapse::queue_collapse(hp, target, state, site, restored.page_addr & PMD_MASK);
+            } else {
+                hp.journal.record(ev(Step::QueueCollapse).note("not yet: other patches in this 2 MiB range"));
+            }
+        }
+        hp.journal.record(ev(Step::Restored));
+    }
+    let retired = if state.idle() { hp.registry.lock().retire(target, state) } else { None };
+    let handle = hp.registry.lock().forget_handle(site.handle);
+    drop((patch, retired, handle));
+    result
+}
+
+/// Restore every patch `owner` made (every patch for `None`), as `closing`
+/// says.  Runs in a work item (see [`restore_owned`]).
+fn restore_all(hp: &Arc<Hugepoke>, owner: Owner, closing: Closing) {
+    let Ok(targets) = hp.registry.lock().targets() else { return };
+    for target in targets.iter() {
+        let mut state = target.state.lock();
+        let mut handles = KVec::new();
+        if state.patches.handles_of(owner, &mut handles).is_err() {
+            continue;
+        }
+        for handle in handles {
+            if let Some(site) = state.patches.get(handle).copied() {
+                let _ = restore_and_settle(hp, target, &mut state, &site, closing);
+            }
+        }
+    }
+}
+
+/// A restore of many patches, run by hugepoke's workqueue so that a fatal
+/// signal pending for the closing task cannot cut GUP short (EINTR).
+#[pin_data]
+struct RestoreWork {
+    hugepoke: Arc<Hugepoke>,
+    owner: Owner,
+    closing: Closing,
+    #[pin]
+    done: Completion,
+    #[pin]
+    work: Work<RestoreWork>,
+}
+
+impl_has_work! {
+    impl HasWork<Self> for RestoreWork { self.work }
+}
+
+impl WorkItem for RestoreWork {
+    type Pointer = Arc<RestoreWork>;
+
+    fn run(this: Arc<RestoreWork>) {
+        restore_all(&this.hugepoke, this.owner, this.closing);
+        this.done.complete_all();
+    }
+}
+
+/// Restore what `owner` made (everything for `None`) from a work item, and
+/// wait for it.
+pub(crate) fn restore_owned(hp: &Arc<Hugepoke>, owner: Owner, closing: Closing) {
+    let work = Arc::pin_init(
+        pin_init!(RestoreWork {
+            hugepoke: hp.clone(),
+            owner,
+            closing,
+            done <- Completion::new(),
+            work <- new_work!("hugepoke::restore"),
+        }),
+        GFP_KERNEL,
+    );
+    match work {
+        Ok(work) => {
+            let _ = hp.workqueue.queue().enqueue(work.clone());
+            work.done.wait_for_completion();
+        }
+        // No memory for the work: do it here, as well as we can.
+        Err(_) => restore_all(hp, owner, closing),
+    }
 }

@@ -3,6 +3,10 @@
 //! The thin unsafe layer: every call into `bindings::` lives here, each with
 //! the reason it is sound.  Everything above this module is safe Rust.
 //!
+//! The static inlines it needs are compiled into the module from
+//! `helpers.c` (the `hugepoke_*` functions declared below), so the kernel
+//! series adds no helper to vmlinux.
+//!
 //! The types here own exactly one kernel reference each and drop it in
 //! `Drop`: [`Process`] a task, [`PageRef`] a folio (from GUP), [`CacheRef`]
 //! a page-cache folio.  [`LockedPte`] is a `folio_walk` that holds the
@@ -11,7 +15,8 @@
 use core::ptr::NonNull;
 use kernel::{
     bindings,
-    mm::{virt::VmaRef, Mm, MmWithUser, MmapReadGuard},
+    fs::File,
+    mm::{virt::VmaRef, Mm, MmWithUser, MmWithUserAsync, MmapReadGuard},
     prelude::*,
     sync::aref::ARef,
     task::Task,
@@ -77,67 +82,161 @@ impl Process {
         flags & bindings::PF_KTHREAD != 0
     }
 
-    /// May the caller ptrace-attach to it, with its real credentials (the
-    /// check `process_vm_writev()` and `/proc/PID/mem` make)?
-    pub(crate) fn caller_may_attach(&self) -> bool {
-        // SAFETY: the task is valid while we hold our reference;
-        // `ptrace_may_access` takes `task_lock` itself.
-        unsafe {
-            bindings::ptrace_may_access(
-                self.task.as_ptr(),
-                bindings::PTRACE_MODE_ATTACH_REALCREDS,
-            )
+    /// Its address space, with a user reference, if the caller may
+    /// ptrace-attach to it with its real credentials (the check
+    /// `process_vm_writev()` and `/proc/PID/mem` make).  `mm_access()`
+    /// makes the check and takes the mm under the target's
+    /// `exec_update_lock`, so an `execve()` cannot come between them.
+    /// The reference is dropped with `mmput_async`, so that the last
+    /// `mmput` of an exiting target never runs in our locks.
+    pub(crate) fn mm_access(&self) -> Result<ARef<MmWithUserAsync>> {
+        // SAFETY: the task is valid while we hold our reference; the mode is
+        // a valid PTRACE_MODE_* combination.
+        let mm = unsafe { bindings::mm_access(self.task.as_ptr(), bindings::PTRACE_MODE_ATTACH_REALCREDS) };
+        if mm.is_null() {
+            return Err(ESRCH);
         }
-    }
-
-    /// Its address space, with a user reference (`mm_users`), or `None` for
-    /// a zombie, an exiting process or a kernel thread.
-    pub(crate) fn mm(&self) -> Option<ARef<MmWithUser>> {
-        // SAFETY: the task is valid; `get_task_mm` returns an mm with
-        // `mm_users` raised, or null.
-        let mm = unsafe { bindings::get_task_mm(self.task.as_ptr()) };
-        let mm = NonNull::new(mm)?.cast::<MmWithUser>();
-        // SAFETY: the `ARef` takes over the `mm_users` reference (its drop
-        // is `mmput`); `MmWithUser` is a transparent `mm_struct`.
-        Some(unsafe { ARef::from_raw(mm) })
+        let mm = kernel::error::from_err_ptr(mm)?;
+        // SAFETY: `mm_access` returned an mm with `mm_users` raised, which
+        // the `ARef` now owns; `MmWithUser` is a transparent `mm_struct`.
+        let mm: ARef<MmWithUser> = unsafe { ARef::from_raw(NonNull::new_unchecked(mm.cast())) };
+        Ok(MmWithUser::into_mmput_async(mm))
     }
 }
 
-/// Identity of an address space, for comparing patches; never dereferenced.
+/// Identity of an address space, for comparing targets; never dereferenced.
 pub(crate) fn mm_id(mm: &Mm) -> usize {
     mm.as_raw() as usize
 }
 
+// The static inlines, compiled into the module from helpers.c.  (The
+// bindgen types are opaque to the lint, as in `bindings` itself.)
+#[allow(improper_ctypes)]
+extern "C" {
+    fn hugepoke_page_to_pfn(page: *const bindings::page) -> usize;
+    fn hugepoke_page_folio(page: *mut bindings::page) -> *mut bindings::folio;
+    fn hugepoke_page_anon_exclusive(page: *const bindings::page) -> bool;
+    fn hugepoke_folio_put(folio: *mut bindings::folio);
+    fn hugepoke_folio_unexpected_refs(folio: *mut bindings::folio) -> i32;
+    fn hugepoke_folio_is_anon(folio: *mut bindings::folio) -> bool;
+    fn hugepoke_folio_may_be_lru_cached(folio: *mut bindings::folio) -> bool;
+    fn hugepoke_folio_order(folio: *const bindings::folio) -> u32;
+    fn hugepoke_folio_uptodate(folio: *const bindings::folio) -> bool;
+    fn hugepoke_folio_pmd_mappable(folio: *const bindings::folio) -> bool;
+    fn hugepoke_page_cache_folio(mapping: *mut bindings::address_space, index: usize) -> *mut bindings::folio;
+    fn hugepoke_folio_file_page(folio: *mut bindings::folio, index: usize) -> *mut bindings::page;
+    fn hugepoke_pte_write(pte: bindings::pte_t) -> bool;
+    fn hugepoke_pte_uffd_wp(vma: *mut bindings::vm_area_struct, pte: bindings::pte_t) -> bool;
+    fn hugepoke_pte_unmap(
+        vma: *mut bindings::vm_area_struct,
+        addr: usize,
+        ptep: *mut bindings::pte_t,
+        pte: bindings::pte_t,
+    ) -> bindings::pte_t;
+    fn hugepoke_pte_remap_dirty(
+        vma: *mut bindings::vm_area_struct,
+        addr: usize,
+        ptep: *mut bindings::pte_t,
+        pte: bindings::pte_t,
+    );
+    fn hugepoke_zap_anon_pte(
+        vma: *mut bindings::vm_area_struct,
+        folio: *mut bindings::folio,
+        page: *mut bindings::page,
+    ) -> bool;
+    fn hugepoke_folio_walk_end(fw: *mut bindings::folio_walk, vma: *mut bindings::vm_area_struct);
+    fn hugepoke_invalidate_start(
+        range: *mut bindings::mmu_notifier_range,
+        mm: *mut bindings::mm_struct,
+        start: usize,
+        end: usize,
+    );
+    fn hugepoke_invalidate_end(range: *mut bindings::mmu_notifier_range);
+    fn hugepoke_uffd_armed(vma: *mut bindings::vm_area_struct) -> bool;
+    fn hugepoke_uffd_missing(vma: *mut bindings::vm_area_struct) -> bool;
+    fn hugepoke_uffd_wp(vma: *mut bindings::vm_area_struct) -> bool;
+}
+
 /// What hugepoke needs to know of a VMA.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct VmaInfo {
     pub(crate) start: usize,
     pub(crate) end: usize,
     pub(crate) flags: usize,
-    pub(crate) file_backed: bool,
+    /// The file's `address_space`, as an identity (0: not file-backed).
+    pub(crate) mapping: usize,
+    /// The file page mapped at `start`.
+    pub(crate) pgoff: usize,
     pub(crate) uffd_armed: bool,
+    pub(crate) uffd_wp: bool,
+    pub(crate) uffd_missing: bool,
+}
+
+impl VmaInfo {
+    pub(crate) fn file_backed(&self) -> bool {
+        self.mapping != 0
+    }
+
+    /// Where file page `pgoff` of `mapping` is mapped in this VMA, if it is.
+    pub(crate) fn address_of(&self, mapping: usize, pgoff: usize) -> Option<usize> {
+        let pages = (self.end - self.start) >> bindings::PAGE_SHIFT;
+        if mapping == 0 || mapping != self.mapping || pgoff < self.pgoff || pgoff - self.pgoff >= pages {
+            return None;
+        }
+        Some(self.start + ((pgoff - self.pgoff) << bindings::PAGE_SHIFT))
+    }
+
+    /// The file page mapped at `addr` (inside the VMA).
+    pub(crate) fn pgoff_of(&self, addr: usize) -> usize {
+        ((addr - self.start) >> bindings::PAGE_SHIFT) + self.pgoff
+    }
 }
 
 pub(crate) fn vma_info(vma: &VmaRef) -> VmaInfo {
     let raw = vma.as_ptr();
     // SAFETY: the VMA is valid while the mmap lock that gave us `vma` is
-    // held; `vm_file` is stable under it.
-    let file_backed = unsafe { !(*raw).vm_file.is_null() };
-    // SAFETY: as above.
-    let uffd_armed = unsafe { bindings::userfaultfd_armed(raw) };
+    // held; `vm_file`, its `f_mapping` and `vm_pgoff` are stable under it.
+    let (mapping, pgoff) = unsafe {
+        let file = (*raw).vm_file;
+        let mapping = if file.is_null() { 0 } else { (*file).f_mapping as usize };
+        (mapping, (*raw).vm_pgoff as usize)
+    };
+    // SAFETY: as above; the helpers only read the VMA's flags and context.
+    let (uffd_armed, uffd_wp, uffd_missing) =
+        unsafe { (hugepoke_uffd_armed(raw), hugepoke_uffd_wp(raw), hugepoke_uffd_missing(raw)) };
     VmaInfo {
         start: vma.start(),
         end: vma.end(),
         flags: vma.flags() as usize,
-        file_backed,
+        mapping,
+        pgoff,
         uffd_armed,
+        uffd_wp,
+        uffd_missing,
     }
 }
 
-/// The page-cache index of `addr` in the file `vma` maps.
-fn linear_page_index(vma: &VmaRef, addr: usize) -> usize {
-    // SAFETY: the VMA is valid under the mmap lock; `vm_pgoff` is stable.
-    let pgoff = unsafe { (*vma.as_ptr()).vm_pgoff } as usize;
-    ((addr - vma.start()) >> bindings::PAGE_SHIFT) + pgoff
+/// A counted reference to the file `vma` maps, if any.
+pub(crate) fn vma_file(vma: &VmaRef) -> Option<ARef<File>> {
+    // SAFETY: the VMA is valid under the mmap lock; `vm_file` holds a
+    // reference on the file while the VMA exists.
+    let file = unsafe { (*vma.as_ptr()).vm_file };
+    if file.is_null() {
+        return None;
+    }
+    // SAFETY: `file` is a valid file for as long as the VMA; `ARef::from`
+    // takes a reference of our own (get_file) before we return.
+    Some(ARef::from(unsafe { File::from_raw_file(file) }))
+}
+
+/// The VMA that contains `addr` or, if none does, the first one above it.
+pub(crate) fn find_vma<'a>(mm: &MmWithUser, _locked: &'a MmapReadGuard<'_>, addr: usize) -> Option<&'a VmaRef> {
+    // SAFETY: the mmap lock is held (`_locked`), so the VMA tree is stable
+    // and the VMA returned stays valid for as long as the guard.
+    unsafe {
+        let vma = bindings::find_vma(mm.as_raw(), addr as _);
+        (!vma.is_null()).then(|| VmaRef::from_raw(vma))
+    }
 }
 
 /// `FOLL_*` flags for [`get_user_page`].
@@ -185,35 +284,36 @@ pub(crate) fn get_user_page(
 impl PageRef {
     fn folio(&self) -> *mut bindings::folio {
         // SAFETY: we hold a reference on the page's folio.
-        unsafe { bindings::page_folio(self.page.as_ptr()) }
+        unsafe { hugepoke_page_folio(self.page.as_ptr()) }
     }
 
     pub(crate) fn pfn(&self) -> usize {
         // SAFETY: the page is valid while we hold the folio reference.
-        unsafe { bindings::page_to_pfn(self.page.as_ptr()) as usize }
+        unsafe { hugepoke_page_to_pfn(self.page.as_ptr()) }
     }
 
     pub(crate) fn is_anon(&self) -> bool {
         // SAFETY: as above.
-        unsafe {
-            bindings::folio_test_anon(self.folio()) && !bindings::folio_is_zone_device(self.folio())
-        }
+        unsafe { hugepoke_folio_is_anon(self.folio()) }
     }
 
     pub(crate) fn folio_order(&self) -> u32 {
         // SAFETY: as above.
-        unsafe { bindings::folio_order(self.folio()) }
+        unsafe { hugepoke_folio_order(self.folio()) }
     }
 
-    /// References beyond the ones its mappings, the page cache and our GUP
-    /// hold: a pin, a pipe, an LRU batch…
+    /// References beyond the ones its mappings, the page or swap cache and
+    /// our GUP hold: a pin, a pipe, an LRU batch…
     pub(crate) fn unexpected_refs(&self) -> i32 {
         // SAFETY: as above.
-        unsafe {
-            bindings::folio_ref_count(self.folio())
-                - bindings::folio_expected_ref_count(self.folio())
-                - 1
-        }
+        unsafe { hugepoke_folio_unexpected_refs(self.folio()) }
+    }
+
+    /// A per-CPU LRU batch may hold a reference (the kernel's own
+    /// predicate: any small folio may).
+    pub(crate) fn may_be_lru_cached(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { hugepoke_folio_may_be_lru_cached(self.folio()) }
     }
 
     pub(crate) fn read(&self, offset: usize, out: &mut [u8]) {
@@ -224,7 +324,7 @@ impl PageRef {
 impl Drop for PageRef {
     fn drop(&mut self) {
         // SAFETY: we own one reference on the folio.
-        unsafe { bindings::folio_put(self.folio()) };
+        unsafe { hugepoke_folio_put(self.folio()) };
     }
 }
 
@@ -239,7 +339,7 @@ fn read_page(page: NonNull<bindings::page>, offset: usize, out: &mut [u8]) {
     }
 }
 
-/// The page-cache page behind `addr` of a file mapping, with a reference.
+/// The page-cache page of one file page, with a reference.
 pub(crate) struct CacheRef {
     folio: NonNull<bindings::folio>,
     page: NonNull<bindings::page>,
@@ -250,58 +350,56 @@ unsafe impl Send for CacheRef {}
 
 /// Look up (never read in) the page-cache folio behind `addr` of `vma`.
 pub(crate) fn page_cache_page(vma: &VmaRef, addr: usize) -> Option<CacheRef> {
-    let index = linear_page_index(vma, addr);
-    // SAFETY: the VMA is file-backed (checked by the caller through
-    // `VmaInfo`) and valid under the mmap lock, so `vm_file->f_mapping` is
-    // valid; `filemap_get_folio` returns a counted folio or an ERR_PTR.
-    let folio = unsafe {
-        let file = (*vma.as_ptr()).vm_file;
-        if file.is_null() {
-            return None;
-        }
-        bindings::filemap_get_folio((*file).f_mapping, index as _)
-    };
-    if folio.is_null() || kernel::error::from_err_ptr(folio).is_err() {
+    let info = vma_info(vma);
+    if !info.file_backed() {
         return None;
     }
+    let index = info.pgoff_of(addr);
+    // SAFETY: the VMA is file-backed and valid under the mmap lock, so
+    // `vm_file->f_mapping` is valid; the helper returns a counted folio or
+    // null.
+    let folio = unsafe { hugepoke_page_cache_folio(info.mapping as *mut bindings::address_space, index) };
+    let folio = NonNull::new(folio)?;
     // SAFETY: `folio` is valid and counted, and contains `index`.
-    let page = unsafe { bindings::folio_file_page(folio, index as _) };
-    Some(CacheRef {
-        folio: NonNull::new(folio)?,
-        page: NonNull::new(page)?,
-    })
+    let page = unsafe { hugepoke_folio_file_page(folio.as_ptr(), index) };
+    let Some(page) = NonNull::new(page) else {
+        // SAFETY: we own the reference just taken.
+        unsafe { hugepoke_folio_put(folio.as_ptr()) };
+        return None;
+    };
+    Some(CacheRef { folio, page })
 }
 
 impl CacheRef {
     pub(crate) fn pfn(&self) -> usize {
         // SAFETY: we hold a reference on the folio.
-        unsafe { bindings::page_to_pfn(self.page.as_ptr()) as usize }
+        unsafe { hugepoke_page_to_pfn(self.page.as_ptr()) }
     }
 
     pub(crate) fn folio_order(&self) -> u32 {
         // SAFETY: as above.
-        unsafe { bindings::folio_order(self.folio.as_ptr()) }
+        unsafe { hugepoke_folio_order(self.folio.as_ptr()) }
     }
 
     pub(crate) fn pmd_mappable(&self) -> bool {
         // SAFETY: as above.
-        unsafe { bindings::folio_test_pmd_mappable(self.folio.as_ptr()) }
+        unsafe { hugepoke_folio_pmd_mappable(self.folio.as_ptr()) }
     }
 
     pub(crate) fn uptodate(&self) -> bool {
         // SAFETY: as above.
-        unsafe { bindings::folio_test_uptodate(self.folio.as_ptr()) }
+        unsafe { hugepoke_folio_uptodate(self.folio.as_ptr()) }
     }
 
-    /// Is the whole page byte-for-byte equal to `page`?
-    pub(crate) fn identical_to(&self, page: &PageRef) -> bool {
-        // SAFETY: we hold references on both pages; kmap_local mappings are
-        // released in reverse order.
+    /// Is the whole page byte-for-byte equal to the page `pte` maps?
+    pub(crate) fn identical_to(&self, pte: &LockedPte<'_>) -> bool {
+        // SAFETY: we hold a reference on the cache page and the PT lock that
+        // keeps the mapped page; kmap_local mappings are released in
+        // reverse order.
         unsafe {
             let a = bindings::kmap_local_page(self.page.as_ptr()).cast::<u8>();
-            let b = bindings::kmap_local_page(page.page.as_ptr()).cast::<u8>();
-            let same = core::slice::from_raw_parts(a, PAGE_SIZE)
-                == core::slice::from_raw_parts(b, PAGE_SIZE);
+            let b = bindings::kmap_local_page(pte.fw.page).cast::<u8>();
+            let same = core::slice::from_raw_parts(a, PAGE_SIZE) == core::slice::from_raw_parts(b, PAGE_SIZE);
             bindings::kunmap_local(b.cast());
             bindings::kunmap_local(a.cast());
             same
@@ -312,7 +410,7 @@ impl CacheRef {
 impl Drop for CacheRef {
     fn drop(&mut self) {
         // SAFETY: we own one reference on the folio.
-        unsafe { bindings::folio_put(self.folio.as_ptr()) };
+        unsafe { hugepoke_folio_put(self.folio.as_ptr()) };
     }
 }
 
@@ -336,9 +434,9 @@ pub(crate) fn mapping_of(vma: &VmaRef, addr: usize) -> Mapping {
         if bindings::folio_walk_start(&mut fw, vma.as_ptr(), addr as _, 0).is_null() {
             return Mapping::None;
         }
-        let pfn = bindings::page_to_pfn(fw.page) as usize;
+        let pfn = hugepoke_page_to_pfn(fw.page);
         let level = fw.level;
-        bindings::folio_walk_end(&mut fw, vma.as_ptr());
+        hugepoke_folio_walk_end(&mut fw, vma.as_ptr());
         match level {
             bindings::folio_walk_level_FW_LEVEL_PTE => Mapping::Pte(pfn),
             _ => Mapping::Pmd(pfn),
@@ -379,88 +477,73 @@ impl LockedPte<'_> {
 
     pub(crate) fn writable(&self) -> bool {
         // SAFETY: `pte_write` only inspects the value.
-        unsafe { bindings::pte_write(self.pte()) != 0 }
+        unsafe { hugepoke_pte_write(self.pte()) }
     }
 
     pub(crate) fn uffd_wp(&self) -> bool {
         // SAFETY: the VMA is valid; the helper only inspects the values.
-        unsafe { bindings::userfaultfd_pte_wp(self.vma.as_ptr(), self.pte()) }
+        unsafe { hugepoke_pte_uffd_wp(self.vma.as_ptr(), self.pte()) }
     }
 
     /// Is the mapped page marked exclusive to this mapping (so that no
     /// GUP-fast pin can race with us changing it)?
     pub(crate) fn anon_exclusive(&self) -> bool {
         // SAFETY: the page is valid: it is mapped and we hold the PT lock.
-        unsafe { bindings::PageAnonExclusive(self.fw.page) }
-    }
-
-    pub(crate) fn uffd_missing(&self) -> bool {
-        // SAFETY: the VMA is valid under the mmap lock.
-        unsafe { bindings::userfaultfd_missing(self.vma.as_ptr()) }
+        unsafe { hugepoke_page_anon_exclusive(self.fw.page) }
     }
 
     /// Clear the PTE and flush the TLB, so that no CPU can execute the page
-    /// while it is being rewritten.
+    /// while it is being read and rewritten.
     pub(crate) fn unmap(&mut self) {
         if self.cleared.is_some() {
             return;
         }
-        let vma = self.vma.as_ptr();
         // SAFETY: we hold the PT lock for this PTE; `ptep` points into the
         // locked page table; the cleared value is kept to be set back.
-        let old = unsafe {
-            bindings::flush_cache_page(vma, self.addr as _, bindings::pte_pfn(self.pte()));
-            bindings::ptep_clear_flush(vma, self.addr as _, self.fw.__bindgen_anon_1.ptep)
-        };
+        let old = unsafe { hugepoke_pte_unmap(self.vma.as_ptr(), self.addr, self.fw.__bindgen_anon_1.ptep, self.pte()) };
         self.cleared = Some(old);
     }
 
-    /// Copy `bytes` into the (unmapped) page at `offset`, returning what was
-    /// there.
-    pub(crate) fn rewrite(&mut self, offset: usize, bytes: &[u8], old: &mut [u8]) {
-        assert!(self.cleared.is_some(), "rewrite of a mapped PTE");
-        assert!(offset + bytes.len() <= PAGE_SIZE && old.len() == bytes.len());
+    /// Read `out.len()` bytes of the (unmapped) page at `offset`.
+    pub(crate) fn read(&self, offset: usize, out: &mut [u8]) {
+        assert!(self.cleared.is_some(), "read of a mapped PTE");
+        // SAFETY: the page stays valid while it is mapped and the PT lock held.
+        read_page(unsafe { NonNull::new_unchecked(self.fw.page) }, offset, out)
+    }
+
+    /// Copy `bytes` into the (unmapped) page at `offset`.
+    pub(crate) fn write(&mut self, offset: usize, bytes: &[u8]) {
+        assert!(self.cleared.is_some(), "write to a mapped PTE");
+        assert!(offset + bytes.len() <= PAGE_SIZE);
         // SAFETY: the page stays valid (mapped, PT lock held); no CPU maps it
         // now that the PTE is cleared and flushed; the copy stays in the page.
         unsafe {
             let kaddr = bindings::kmap_local_page(self.fw.page).cast::<u8>();
-            core::ptr::copy_nonoverlapping(kaddr.add(offset), old.as_mut_ptr(), old.len());
             core::ptr::copy_nonoverlapping(bytes.as_ptr(), kaddr.add(offset), bytes.len());
             bindings::kunmap_local(kaddr.cast());
         }
     }
 
     /// Drop the cleared PTE's anonymous page from this mapping for good, so
-    /// that the next access faults the page-cache page back in.  `page` is
-    /// the GUP reference the caller still holds (and drops later).
-    pub(crate) fn zap(mut self, page: &PageRef) {
+    /// that the next access faults the page-cache page back in; its swap
+    /// slot, if any, is freed.  `page` is the GUP reference the caller
+    /// still holds (and drops later).  Returns whether the page was in the
+    /// swap cache.
+    pub(crate) fn zap(mut self, page: &PageRef) -> bool {
         assert!(self.cleared.take().is_some(), "zap of a mapped PTE");
-        let vma = self.vma.as_ptr();
         // SAFETY: the PTE is cleared and the PT lock held, so this mapping's
         // rmap and reference are ours to drop, exactly once; the caller's
-        // GUP reference keeps the folio alive past `folio_put`.
-        unsafe {
-            bindings::dec_mm_counter((*vma).vm_mm, bindings::MM_ANONPAGES as _);
-            bindings::folio_remove_rmap_ptes(page.folio(), self.fw.page, 1, vma);
-            bindings::folio_put(page.folio());
-        }
+        // GUP reference keeps the folio alive past the helper's folio_put.
+        unsafe { hugepoke_zap_anon_pte(self.vma.as_ptr(), page.folio(), self.fw.page) }
     }
 
-    /// Set the cleared PTE back, marked dirty (we modified the page; soft-dirty
-    /// follows pte_mkdirty).  Also what dropping a cleared `LockedPte` does.
+    /// Set the cleared PTE back, marked dirty (we modified the page;
+    /// soft-dirty follows pte_mkdirty).  Also what dropping a cleared
+    /// `LockedPte` does.
     pub(crate) fn remap_dirty(&mut self) {
         if let Some(old) = self.cleared.take() {
-            // SAFETY: we hold the PT lock and the PTE is clear; the barrier
-            // orders our writes to the page before the PTE that exposes it.
-            unsafe {
-                bindings::smp_wmb();
-                bindings::set_pte_at(
-                    (*self.vma.as_ptr()).vm_mm,
-                    self.addr as _,
-                    self.fw.__bindgen_anon_1.ptep,
-                    bindings::pte_mkdirty(old),
-                );
-            }
+            // SAFETY: we hold the PT lock and the PTE is clear.
+            unsafe { hugepoke_pte_remap_dirty(self.vma.as_ptr(), self.addr, self.fw.__bindgen_anon_1.ptep, old) };
         }
     }
 }
@@ -469,7 +552,7 @@ impl Drop for LockedPte<'_> {
     fn drop(&mut self) {
         self.remap_dirty();
         // SAFETY: the walk succeeded and holds the PT lock; end it once.
-        unsafe { bindings::folio_walk_end(&mut self.fw, self.vma.as_ptr()) };
+        unsafe { hugepoke_folio_walk_end(&mut self.fw, self.vma.as_ptr()) };
     }
 }
 
@@ -484,18 +567,8 @@ impl InvalidateRange {
         let mut range = bindings::mmu_notifier_range::default();
         let addr = addr & PAGE_MASK;
         // SAFETY: `mm` is a live address space (user reference held);
-        // `range` is initialized before start, ended exactly once in drop.
-        unsafe {
-            bindings::mmu_notifier_range_init(
-                &mut range,
-                bindings::mmu_notifier_event_MMU_NOTIFY_CLEAR,
-                0,
-                mm.as_raw(),
-                addr as _,
-                (addr + PAGE_SIZE) as _,
-            );
-            bindings::mmu_notifier_invalidate_range_start(&mut range);
-        }
+        // `range` is initialized by the helper, ended exactly once in drop.
+        unsafe { hugepoke_invalidate_start(&mut range, mm.as_raw(), addr, addr + PAGE_SIZE) };
         Self { range }
     }
 }
@@ -503,38 +576,65 @@ impl InvalidateRange {
 impl Drop for InvalidateRange {
     fn drop(&mut self) {
         // SAFETY: started in `start`; ended once.
-        unsafe { bindings::mmu_notifier_invalidate_range_end(&mut self.range) };
+        unsafe { hugepoke_invalidate_end(&mut self.range) };
     }
 }
 
-/// Flush this CPU's LRU batches, which hold a reference on a just-COWed folio.
-pub(crate) fn lru_add_drain() {
-    // SAFETY: no preconditions.
-    unsafe { bindings::lru_add_drain() };
-}
-
-/// Flush every CPU's LRU batches (sleeps).
+/// Flush every CPU's LRU batches (sleeps; waits for every CPU).
 pub(crate) fn lru_add_drain_all() {
     // SAFETY: no preconditions beyond process context.
     unsafe { bindings::lru_add_drain_all() };
 }
 
 /// `collapse_pte_mapped_thp()`: map the 2 MiB range at `haddr` by a PMD
-/// again if all its PTEs map the page-cache THP.
+/// again if all its PTEs map the page-cache THP.  Returns the kernel's
+/// `enum scan_result`.
 pub(crate) fn collapse_pte_mapped_thp(
     mm: &MmWithUser,
     _locked: &MmapReadGuard<'_>,
     haddr: usize,
     install_pmd: bool,
-) {
+) -> u32 {
     // SAFETY: `mm` has a user reference and its mmap lock is held, as
     // collapse_pte_mapped_thp() requires.
-    unsafe { bindings::collapse_pte_mapped_thp(mm.as_raw(), haddr as _, install_pmd) };
+    unsafe { bindings::collapse_pte_mapped_thp(mm.as_raw(), haddr as _, install_pmd) as u32 }
 }
 
-/// EILSEQ, which `kernel::error::code` does not declare.
+/// The name of a `enum scan_result` value, as khugepaged's trace events
+/// spell it.
+#[allow(non_upper_case_globals)] // bindgen's names for the enum's values
+pub(crate) fn scan_result_name(result: u32) -> &'static str {
+    use bindings::*;
+    match result {
+        scan_result_SCAN_FAIL => "SCAN_FAIL",
+        scan_result_SCAN_SUCCEED => "SCAN_SUCCEED",
+        scan_result_SCAN_NO_PTE_TABLE => "SCAN_NO_PTE_TABLE",
+        scan_result_SCAN_PMD_MAPPED => "SCAN_PMD_MAPPED",
+        scan_result_SCAN_PTE_NON_PRESENT => "SCAN_PTE_NON_PRESENT",
+        scan_result_SCAN_PTE_UFFD_WP => "SCAN_PTE_UFFD_WP",
+        scan_result_SCAN_PAGE_NULL => "SCAN_PAGE_NULL",
+        scan_result_SCAN_PAGE_COMPOUND => "SCAN_PAGE_COMPOUND",
+        scan_result_SCAN_PAGE_ANON => "SCAN_PAGE_ANON",
+        scan_result_SCAN_VMA_CHECK => "SCAN_VMA_CHECK",
+        scan_result_SCAN_VMA_NULL => "SCAN_VMA_NULL",
+        scan_result_SCAN_ADDRESS_RANGE => "SCAN_ADDRESS_RANGE",
+        scan_result_SCAN_PAGE_LOCK => "SCAN_PAGE_LOCK",
+        _ => "SCAN_other",
+    }
+}
+
+/// Did the collapse leave the range PMD-mapped (or ready to be)?
+pub(crate) fn scan_result_ok(result: u32) -> bool {
+    result == bindings::scan_result_SCAN_SUCCEED || result == bindings::scan_result_SCAN_PMD_MAPPED
+}
+
+/// EILSEQ, ENXIO: not in `kernel::error::code`'s list.
 pub(crate) fn eilseq() -> Error {
     Error::from_errno(-(bindings::EILSEQ as i32))
+}
+
+pub(crate) fn enxio() -> Error {
+    Error::from_errno(-(bindings::ENXIO as i32))
 }
 
 /// hugepoke's own workqueue, so that module unload can wait for every work

@@ -119,6 +119,117 @@ mod hugepoke {
         assert_eq!(out.as_str(), "-EINVAL -ESRCH -E200");
     }
 
+    // The patch-table decisions, on plain data: identities, not addresses.
+
+    use crate::sys::VmaInfo;
+    use crate::table::{address_in, check_restore_vma, Patches, Site};
+    use kernel::bindings::{VM_EXEC, VM_MAYWRITE, VM_READ, VM_SHARED, VM_WRITE};
+
+    const FILE_A: usize = 0xa000;
+    const FILE_B: usize = 0xb000;
+
+    fn site(handle: u64, owner: Option<u64>, mapping: usize, pgoff: usize, offset: usize, len: usize) -> Site {
+        Site {
+            handle,
+            owner,
+            pid: 1,
+            addr: 0x40_0000 + (pgoff << 12) + offset,
+            len,
+            flags: 0,
+            mapping,
+            pgoff,
+            bytes: [0x90; 16],
+            orig: [0xcc; 16],
+            pfn: 0,
+            pmd_mappable: true,
+        }
+    }
+
+    fn table(sites: &[Site]) -> Patches<()> {
+        let mut t = Patches::new();
+        for s in sites {
+            t.reserve().unwrap();
+            t.insert_reserved(*s, ());
+        }
+        t
+    }
+
+    #[test]
+    fn overlap_is_per_file_page_and_byte_range() {
+        let t = table(&[site(1, Some(7), FILE_A, 5, 100, 6)]);
+        assert!(t.overlaps(FILE_A, 5, 100, 1));
+        assert!(t.overlaps(FILE_A, 5, 95, 6)); // ends inside
+        assert!(t.overlaps(FILE_A, 5, 105, 4)); // starts on the last byte
+        assert!(!t.overlaps(FILE_A, 5, 106, 4)); // right after
+        assert!(!t.overlaps(FILE_A, 5, 94, 6)); // right before
+        assert!(!t.overlaps(FILE_A, 6, 100, 6)); // next page
+        assert!(!t.overlaps(FILE_B, 5, 100, 6)); // same offset, other file
+    }
+
+    #[test]
+    fn last_on_page_and_last_in_range() {
+        let t = table(&[
+            site(1, None, FILE_A, 5, 0, 1),
+            site(2, None, FILE_A, 5, 8, 1),
+            site(3, None, FILE_A, 511, 0, 1),
+            site(4, None, FILE_B, 512, 0, 1),
+        ]);
+        assert!(t.others_on_page(1, FILE_A, 5));
+        assert!(t.others_on_page(2, FILE_A, 5));
+        assert!(!t.others_on_page(3, FILE_A, 511));
+        // Pages 0..512 of a file are one PMD-sized range; 512 starts the next.
+        assert!(t.others_in_range(3, FILE_A, 511));
+        assert!(!t.others_in_range(4, FILE_B, 512));
+        assert!(!t.others_in_range(0, FILE_A, 512));
+        let t = table(&[site(3, None, FILE_A, 511, 0, 1)]);
+        assert!(!t.others_in_range(3, FILE_A, 0));
+    }
+
+    #[test]
+    fn handles_of_an_owner_and_removal() {
+        let mut t = table(&[site(1, Some(7), FILE_A, 1, 0, 1), site(2, None, FILE_A, 2, 0, 1), site(3, Some(8), FILE_A, 3, 0, 1)]);
+        let mut v = KVec::new();
+        t.handles_of(Some(7), &mut v).unwrap();
+        assert_eq!(&v[..], &[1]);
+        let mut all = KVec::new();
+        t.handles_of(None, &mut all).unwrap();
+        assert_eq!(&all[..], &[1, 2, 3]);
+        assert!(t.remove(2).is_some());
+        assert!(t.remove(2).is_none());
+        assert!(t.get(2).is_none() && t.get(3).is_some());
+    }
+
+    fn vma(start: usize, pages: usize, mapping: usize, pgoff: usize, flags: usize) -> VmaInfo {
+        VmaInfo { start, end: start + (pages << 12), flags, mapping, pgoff, ..Default::default() }
+    }
+
+    #[test]
+    fn identity_follows_the_file_page_not_the_address() {
+        let text = (VM_READ | VM_EXEC | VM_MAYWRITE) as usize;
+        let s = site(1, None, FILE_A, 5, 0x10, 2);
+        // Where it was made: file pages 0..512 at 0x400000.
+        assert_eq!(address_in(&s, &vma(0x40_0000, 512, FILE_A, 0, text)), Some(0x40_5010));
+        // After mremap to 0x7f0000000000: the same file page, elsewhere.
+        assert_eq!(address_in(&s, &vma(0x7f00_0000_0000, 512, FILE_A, 0, text)), Some(0x7f00_0000_5010));
+        // A VMA that maps file pages 4..6 only.
+        assert_eq!(address_in(&s, &vma(0x10_0000, 2, FILE_A, 4, text)), Some(0x10_1010));
+        assert_eq!(address_in(&s, &vma(0x10_0000, 1, FILE_A, 4, text)), None);
+        assert_eq!(address_in(&s, &vma(0x10_0000, 4, FILE_A, 6, text)), None);
+        // Another file mapped at the very same address: not ours.
+        assert_eq!(address_in(&s, &vma(0x40_0000, 512, FILE_B, 0, text)), None);
+        // Anonymous memory there: not ours either.
+        assert_eq!(address_in(&s, &vma(0x40_0000, 512, 0, 0, text)), None);
+    }
+
+    #[test]
+    fn restore_writes_only_into_private_readonly_exec_mappings() {
+        let text = (VM_READ | VM_EXEC | VM_MAYWRITE) as usize;
+        assert!(check_restore_vma(&vma(0, 1, FILE_A, 0, text)).is_ok());
+        assert!(check_restore_vma(&vma(0, 1, FILE_A, 0, text | VM_WRITE as usize)).unwrap_err().contains("writable"));
+        assert!(check_restore_vma(&vma(0, 1, FILE_A, 0, text | VM_SHARED as usize)).unwrap_err().contains("shared"));
+        assert!(check_restore_vma(&vma(0, 1, FILE_A, 0, VM_READ as usize)).unwrap_err().contains("exec"));
+    }
+
     #[test]
     fn step_names_are_unique() {
         for (i, a) in Step::ALL.iter().enumerate() {

@@ -23,16 +23,16 @@ mod device;
 mod journal;
 mod patch;
 mod sys;
+mod table;
 #[cfg(CONFIG_KUNIT)]
 mod tests;
 // Shared verbatim with userspace, where these items are the public API.
 #[allow(unreachable_pub)]
 mod uapi;
 
-use collapse::Collapses;
 use device::Controller;
 use journal::{Journal, Step};
-use patch::PatchTable;
+use table::Registry;
 
 module! {
     type: HugepokeModule,
@@ -47,13 +47,11 @@ module! {
 pub(crate) struct Hugepoke {
     #[pin]
     pub(crate) journal: Journal,
-    /// Every live patch; see `patch` for what this lock serializes.
+    /// Every target and handle.  A leaf lock: see `table` for the order.
     #[pin]
-    pub(crate) patches: Mutex<PatchTable>,
-    /// Collapse work queued and not started yet.  Nests inside `patches`.
-    #[pin]
-    pub(crate) collapses: Mutex<Collapses>,
-    /// Where the collapse work runs; drained at unload.
+    pub(crate) registry: Mutex<Registry>,
+    /// Where collapses and close-time restores run; drained at unload.
+    /// Nothing but queued work items holds them.
     pub(crate) workqueue: sys::Workqueue,
     next_owner: Atomic<u64>,
 }
@@ -101,8 +99,7 @@ impl kernel::InPlaceModule for HugepokeModule {
             let state = Arc::pin_init(
                 try_pin_init!(Hugepoke {
                     journal <- Journal::new()?,
-                    patches <- new_mutex!(PatchTable::new(), "hugepoke_patches"),
-                    collapses <- new_mutex!(Collapses::new(), "hugepoke_collapses"),
+                    registry <- new_mutex!(Registry::new(), "hugepoke_registry"),
                     workqueue: sys::Workqueue::new()?,
                     next_owner: Atomic::new(0),
                 }),
@@ -120,7 +117,9 @@ impl kernel::InPlaceModule for HugepokeModule {
                     s.journal.write_stats(f)
                 }),
                 patches <- dir.read_callback_file(c"patches", state, &|s: &Arc<Hugepoke>, f| {
-                    s.patches.lock().write(f)
+                    // Each target's own lock, never under the registry's.
+                    let targets = s.registry.lock().targets().map_err(|_| core::fmt::Error)?;
+                    table::write_patches(&targets, f)
                 }),
                 misc <- MiscDeviceRegistration::register(MiscDeviceOptions { name: c"hugepoke" }),
                 dir: dir,
@@ -135,10 +134,11 @@ impl PinnedDrop for HugepokeModule {
         // No file can be open here (each holds a module reference); what is
         // left are persistent patches and collapse work.
         let Some(hp) = INSTANCE.lock().take() else { return };
-        hp.patches.lock().closing = true;
-        patch::restore_all(&hp, None);
-        // Every queued collapse runs and returns; `hp` outlives them, so the
-        // last reference (and the workqueue's destruction) is never theirs.
+        hp.registry.lock().closing = true;
+        patch::restore_owned(&hp, None, patch::Closing::Module);
+        // Every queued work runs and returns, dropping what it holds; `hp`
+        // outlives them, so the last reference (and the workqueue's
+        // destruction) is never a work item's.
         hp.workqueue.drain();
         hp.journal.record(Step::Unload.event());
     }

@@ -1,0 +1,173 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * The C that hugepoke needs: out-of-line copies of the static inlines and
+ * macros that bindgen cannot expose.  They are linked into hugepoke.ko
+ * itself (see Kbuild), so the kernel series adds no helper to vmlinux;
+ * src/sys.rs declares them and is their only caller.
+ */
+
+#include <linux/highmem.h>
+#include <linux/mm.h>
+#include <linux/mmu_notifier.h>
+#include <linux/pagemap.h>
+#include <linux/pagewalk.h>
+#include <linux/rmap.h>
+#include <linux/swap.h>
+#include <linux/userfaultfd_k.h>
+
+#include "helpers.h"
+
+/* Pages and folios. */
+
+unsigned long hugepoke_page_to_pfn(const struct page *page)
+{
+	return page_to_pfn(page);
+}
+
+struct folio *hugepoke_page_folio(struct page *page)
+{
+	return page_folio(page);
+}
+
+bool hugepoke_page_anon_exclusive(const struct page *page)
+{
+	return PageAnonExclusive(page);
+}
+
+void hugepoke_folio_put(struct folio *folio)
+{
+	folio_put(folio);
+}
+
+/* References beyond those of its mappings, the page/swap cache and one GUP. */
+int hugepoke_folio_unexpected_refs(struct folio *folio)
+{
+	return folio_ref_count(folio) - folio_expected_ref_count(folio) - 1;
+}
+
+bool hugepoke_folio_is_anon(struct folio *folio)
+{
+	return folio_test_anon(folio) && !folio_is_zone_device(folio);
+}
+
+/* Small folios may sit in a per-CPU LRU batch that holds a reference. */
+bool hugepoke_folio_may_be_lru_cached(struct folio *folio)
+{
+	return folio_may_be_lru_cached(folio);
+}
+
+unsigned int hugepoke_folio_order(const struct folio *folio)
+{
+	return folio_order(folio);
+}
+
+bool hugepoke_folio_uptodate(const struct folio *folio)
+{
+	return folio_test_uptodate(folio);
+}
+
+bool hugepoke_folio_pmd_mappable(struct folio *folio)
+{
+	return folio_test_pmd_mappable(folio);
+}
+
+/* The page-cache folio at @index of @mapping, counted, or NULL. */
+struct folio *hugepoke_page_cache_folio(struct address_space *mapping,
+					pgoff_t index)
+{
+	struct folio *folio = filemap_get_folio(mapping, index);
+
+	return IS_ERR(folio) ? NULL : folio;
+}
+
+struct page *hugepoke_folio_file_page(struct folio *folio, pgoff_t index)
+{
+	return folio_file_page(folio, index);
+}
+
+/* Page tables, with the PT lock held through the folio_walk. */
+
+bool hugepoke_pte_write(pte_t pte)
+{
+	return pte_write(pte);
+}
+
+bool hugepoke_pte_uffd_wp(struct vm_area_struct *vma, pte_t pte)
+{
+	return userfaultfd_pte_wp(vma, pte);
+}
+
+/* Clear the PTE and flush the TLB; returns the old PTE. */
+pte_t hugepoke_pte_unmap(struct vm_area_struct *vma, unsigned long addr,
+			 pte_t *ptep, pte_t pte)
+{
+	flush_cache_page(vma, addr, pte_pfn(pte));
+	return ptep_clear_flush(vma, addr, ptep);
+}
+
+/* Set the cleared PTE back, dirty: the page was modified (seed 000). */
+void hugepoke_pte_remap_dirty(struct vm_area_struct *vma, unsigned long addr,
+			      pte_t *ptep, pte_t pte)
+{
+	/* The writes to the page before the PTE that exposes them. */
+	smp_wmb();
+	set_pte_at(vma->vm_mm, addr, ptep, pte_mkdirty(pte));
+}
+
+/*
+ * Drop the (cleared) PTE's anonymous page from @vma for good, as
+ * __uprobe_write() does, freeing its swap slot once nothing maps it.
+ * Returns whether the folio was in the swap cache.
+ */
+bool hugepoke_zap_anon_pte(struct vm_area_struct *vma, struct folio *folio,
+			   struct page *page)
+{
+	bool swapcache = folio_test_swapcache(folio);
+
+	dec_mm_counter(vma->vm_mm, MM_ANONPAGES);
+	folio_remove_rmap_pte(folio, page, vma);
+	if (!folio_mapped(folio) && folio_test_swapcache(folio) &&
+	    folio_trylock(folio)) {
+		folio_free_swap(folio);
+		folio_unlock(folio);
+	}
+	folio_put(folio);
+	return swapcache;
+}
+
+void hugepoke_folio_walk_end(struct folio_walk *fw, struct vm_area_struct *vma)
+{
+	folio_walk_end(fw, vma);
+}
+
+/* mmu notifiers around a zap: started before the PT lock (may sleep). */
+
+void hugepoke_invalidate_start(struct mmu_notifier_range *range,
+			       struct mm_struct *mm, unsigned long start,
+			       unsigned long end)
+{
+	mmu_notifier_range_init(range, MMU_NOTIFY_CLEAR, 0, mm, start, end);
+	mmu_notifier_invalidate_range_start(range);
+}
+
+void hugepoke_invalidate_end(struct mmu_notifier_range *range)
+{
+	mmu_notifier_invalidate_range_end(range);
+}
+
+/* VMAs. */
+
+bool hugepoke_uffd_armed(struct vm_area_struct *vma)
+{
+	return userfaultfd_armed(vma);
+}
+
+bool hugepoke_uffd_missing(struct vm_area_struct *vma)
+{
+	return userfaultfd_missing(vma);
+}
+
+bool hugepoke_uffd_wp(struct vm_area_struct *vma)
+{
+	return userfaultfd_wp(vma);
+}

@@ -1,0 +1,43 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The C wrappers compiled into hugepoke.ko (helpers.c); src/sys.rs declares
+ * the same functions for Rust.
+ */
+#ifndef HUGEPOKE_HELPERS_H
+#define HUGEPOKE_HELPERS_H
+
+#include <linux/mm_types.h>
+#include <linux/mmu_notifier.h>
+#include <linux/pagewalk.h>
+
+unsigned long hugepoke_page_to_pfn(const struct page *page);
+struct folio *hugepoke_page_folio(struct page *page);
+struct folio *hugepoke_page_cache_folio(struct address_space *mapping,
+					pgoff_t index);
+struct page *hugepoke_folio_file_page(struct folio *folio, pgoff_t index);
+bool hugepoke_page_anon_exclusive(const struct page *page);
+void hugepoke_folio_put(struct folio *folio);
+int hugepoke_folio_unexpected_refs(struct folio *folio);
+bool hugepoke_folio_is_anon(struct folio *folio);
+bool hugepoke_folio_may_be_lru_cached(struct folio *folio);
+unsigned int hugepoke_folio_order(const struct folio *folio);
+bool hugepoke_folio_uptodate(const struct folio *folio);
+bool hugepoke_folio_pmd_mappable(struct folio *folio);
+bool hugepoke_pte_write(pte_t pte);
+bool hugepoke_pte_uffd_wp(struct vm_area_struct *vma, pte_t pte);
+pte_t hugepoke_pte_unmap(struct vm_area_struct *vma, unsigned long addr,
+			 pte_t *ptep, pte_t pte);
+void hugepoke_pte_remap_dirty(struct vm_area_struct *vma, unsigned long addr,
+			      pte_t *ptep, pte_t pte);
+bool hugepoke_zap_anon_pte(struct vm_area_struct *vma, struct folio *folio,
+			   struct page *page);
+void hugepoke_folio_walk_end(struct folio_walk *fw, struct vm_area_struct *vma);
+void hugepoke_invalidate_start(struct mmu_notifier_range *range,
+			       struct mm_struct *mm, unsigned long start,
+			       unsigned long end);
+void hugepoke_invalidate_end(struct mmu_notifier_range *range);
+bool hugepoke_uffd_armed(struct vm_area_struct *vma);
+bool hugepoke_uffd_missing(struct vm_area_struct *vma);
+bool hugepoke_uffd_wp(struct vm_area_struct *vma);
+
+#endif /* HUGEPOKE_HELPERS_H */
