@@ -51,6 +51,7 @@ pub fn errno_name(errno: i32) -> &'static str {
         libc::ERANGE => "ERANGE",
         libc::EILSEQ => "EILSEQ",
         libc::ENODATA => "ENODATA",
+        libc::ENXIO => "ENXIO",
         libc::EOPNOTSUPP => "EOPNOTSUPP",
         _ => "E?",
     }

@@ -84,6 +84,14 @@ impl PagemapEntry {
     pub fn file(self) -> bool {
         self.0 >> 61 & 1 == 1
     }
+    /// Swapped out: the PTE is a swap entry.
+    pub fn swapped(self) -> bool {
+        self.0 >> 62 & 1 == 1
+    }
+    /// The PTE is userfaultfd write-protected.
+    pub fn uffd_wp(self) -> bool {
+        self.0 >> 57 & 1 == 1
+    }
 }
 
 /// Reads pagemap entries of one process.

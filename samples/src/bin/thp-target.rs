@@ -11,6 +11,17 @@
 //!   fork     → forks a child that sleeps until killed; prints `child PID`
 //!   exec     → replaces itself with `sleep 1000`
 //!   calm     → stops the --chaos thread and makes the text whole again
+//!   move     → mremap()s the text to another 2 MiB-aligned address;
+//!              prints `moved ADDR`
+//!   protect P → mprotect()s the whole text to P (`rx`, `rwx` or `r`)
+//!   dontneed N → madvise(MADV_DONTNEED) of text page N
+//!   pageout N → pages text page N out to swap (MADV_PAGEOUT, after an
+//!              LRU drain through drop_caches, so as root); prints
+//!              `pageout ok` once pagemap shows it swapped
+//!   remap-data N → unmaps the text, maps another file private and writable
+//!              at the same address and writes 0x22 at byte 100 of page N
+//!   exec-suid PATH FDS → opens FDS close-on-exec descriptors (closing them
+//!              makes execve() slow) and execs PATH
 //!   quit     → exits (so does end of input)
 //!
 //! With `--spin`, a thread keeps calling page 0's function, so the text is hot.
@@ -77,6 +88,93 @@ fn map_text(file: &std::fs::File) -> usize {
 }
 
 static CHAOS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Move the text to another 2 MiB-aligned address; returns it.
+fn move_text(base: usize) -> usize {
+    // SAFETY: our own mappings: a fresh reservation, then the text moved
+    // into its aligned middle (MREMAP_FIXED replaces that part of it).
+    unsafe {
+        let reserve = libc::mmap(
+            std::ptr::null_mut(),
+            2 * THP_SIZE,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if reserve == libc::MAP_FAILED {
+            die("reserving address space");
+        }
+        let aligned = (reserve as usize + THP_SIZE - 1) & !(THP_SIZE - 1);
+        let moved = libc::mremap(
+            base as *mut libc::c_void,
+            THP_SIZE,
+            THP_SIZE,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            aligned as *mut libc::c_void,
+        );
+        if moved == libc::MAP_FAILED {
+            die("mremap");
+        }
+        let head = aligned - reserve as usize;
+        if head > 0 {
+            libc::munmap(reserve, head);
+        }
+        let tail = THP_SIZE - head;
+        if tail > 0 {
+            libc::munmap((aligned + THP_SIZE) as *mut libc::c_void, tail);
+        }
+        aligned
+    }
+}
+
+/// Page text page `page` out to swap; true once pagemap shows it swapped.
+fn page_out(base: usize, page: usize) -> bool {
+    let at = base + page * PAGE;
+    let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else { return false };
+    for _ in 0..200 {
+        // drop_caches runs lru_add_drain_all(): the COWed page leaves the
+        // per-CPU LRU batch it may sit in (MADV_PAGEOUT skips pages off the
+        // LRU).  Needs root.
+        let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+        // SAFETY: MADV_PAGEOUT of our own text page.
+        unsafe { libc::madvise(at as *mut libc::c_void, PAGE, libc::MADV_PAGEOUT) };
+        let mut entry = [0u8; 8];
+        use std::os::unix::fs::FileExt;
+        if pagemap.read_exact_at(&mut entry, (at / PAGE * 8) as u64).is_ok() && u64::from_ne_bytes(entry) >> 62 & 1 == 1 {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    false
+}
+
+/// Replace the text by a private, writable mapping of another file, and
+/// write into it (so it holds an anonymous page at `page`).
+fn remap_data(base: usize, page: usize, dir: &str) {
+    let path = format!("{dir}/data-{}.bin", std::process::id());
+    std::fs::write(&path, vec![0x11u8; THP_SIZE]).unwrap_or_else(|e| {
+        eprintln!("thp-target: writing {path}: {e}");
+        std::process::exit(1)
+    });
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap_or_else(|_| die("opening data"));
+    // SAFETY: replaces our own text mapping; nothing runs it afterwards.
+    unsafe {
+        libc::munmap(base as *mut libc::c_void, THP_SIZE);
+        let p = libc::mmap(
+            base as *mut libc::c_void,
+            THP_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            file.as_raw_fd(),
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            die("mapping the data file");
+        }
+        std::ptr::write_volatile((base + page * PAGE + 100) as *mut u8, 0x22);
+    }
+}
 
 fn call(base: usize, page: usize) -> u32 {
     assert!(page < text::PAGES);
@@ -171,6 +269,8 @@ fn main() {
         });
     }
 
+    let mut base = base;
+    let dir = std::path::Path::new(&path).parent().map_or("/tmp".into(), |d| d.display().to_string());
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "ready pid={} addr={base:#x} file={path}", std::process::id());
     let _ = out.flush();
@@ -210,6 +310,55 @@ fn main() {
                 // SAFETY: our own mapping, made whole read+exec again.
                 unsafe { libc::mprotect(base as *mut libc::c_void, THP_SIZE, libc::PROT_READ | libc::PROT_EXEC) };
                 let _ = writeln!(out, "calm");
+            }
+            (Some("move"), _) => {
+                base = move_text(base);
+                let _ = writeln!(out, "moved {base:#x}");
+            }
+            (Some("protect"), _) => {
+                let prot = match line.split_whitespace().nth(1) {
+                    Some("rwx") => libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                    Some("r") => libc::PROT_READ,
+                    _ => libc::PROT_READ | libc::PROT_EXEC,
+                };
+                // SAFETY: our own text mapping.
+                let rc = unsafe { libc::mprotect(base as *mut libc::c_void, THP_SIZE, prot) };
+                let _ = writeln!(out, "protected {rc}");
+            }
+            (Some("dontneed"), Some(n)) if n < text::PAGES => {
+                // SAFETY: our own text page; a private file page refaults.
+                unsafe { libc::madvise((base + n * PAGE) as *mut libc::c_void, PAGE, libc::MADV_DONTNEED) };
+                let _ = writeln!(out, "dontneed {n}");
+            }
+            (Some("pageout"), Some(n)) if n < text::PAGES => {
+                let _ = writeln!(out, "pageout {}", if page_out(base, n) { "ok" } else { "failed" });
+            }
+            (Some("remap-data"), Some(n)) if n < text::PAGES => {
+                remap_data(base, n, &dir);
+                let _ = writeln!(out, "remapped");
+            }
+            (Some("exec-suid"), _) => {
+                let mut w = line.split_whitespace().skip(1);
+                let (Some(exe), Some(fds)) = (w.next(), w.next().and_then(|n| n.parse::<usize>().ok())) else {
+                    let _ = writeln!(out, "error: exec-suid PATH FDS");
+                    continue;
+                };
+                // SAFETY: getrlimit/setrlimit on our own limits: the soft
+                // descriptor limit up to the hard one.
+                unsafe {
+                    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                    libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+                    lim.rlim_cur = lim.rlim_max;
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                }
+                for _ in 0..fds {
+                    // SAFETY: a close-on-exec duplicate of our stdin.
+                    unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
+                }
+                let _ = out.flush();
+                use std::os::unix::process::CommandExt;
+                let err = std::process::Command::new(exe).exec();
+                let _ = writeln!(out, "error: exec: {err}");
             }
             (Some("quit"), _) => break,
             _ => {

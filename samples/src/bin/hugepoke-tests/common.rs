@@ -81,3 +81,33 @@ pub(crate) fn cli_patch(t: &Target, page: usize, value: u32) -> Result<(std::pro
     let handle = line.trim().parse().map_err(|_| format!("CLI printed {line:?}"))?;
     Ok((cli, handle))
 }
+
+pub(crate) fn read_mem(pid: i32, addr: u64, len: usize) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt;
+    let f = io(std::fs::File::open(format!("/proc/{pid}/mem")))?;
+    let mut buf = vec![0; len];
+    io(f.read_exact_at(&mut buf, addr))?;
+    Ok(buf)
+}
+
+/// Write through `/proc/PID/mem`, as a debugger would (FOLL_FORCE).
+pub(crate) fn write_mem(pid: i32, addr: u64, bytes: &[u8]) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let f = io(std::fs::OpenOptions::new().write(true).open(format!("/proc/{pid}/mem")))?;
+    io(f.write_all_at(bytes, addr))
+}
+
+/// Wait until `cond` holds, polling; how long it took, or an error after
+/// `limit` that says what was awaited.
+pub(crate) fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> Result<bool, String>) -> Result<Duration, String> {
+    let start = Instant::now();
+    loop {
+        if cond()? {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return Err(format!("{what}: not after {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}

@@ -17,11 +17,11 @@ fn unchanged(t: &mut Target, head: u64, pages: &[usize]) -> TestResult {
 }
 
 /// The newest journaled failure: its result and note.
-fn last_failure() -> Result<EventLine, String> {
+pub(crate) fn last_failure() -> Result<EventLine, String> {
     events()?.into_iter().rev().find(|e| e.result != "ok").ok_or("no failure journaled".into())
 }
 
-fn expect_errno(what: &str, r: std::io::Result<impl std::fmt::Debug>, errno: i32, reason: &str) -> TestResult {
+pub(crate) fn expect_errno(what: &str, r: std::io::Result<impl std::fmt::Debug>, errno: i32, reason: &str) -> TestResult {
     match r {
         Ok(v) => Err(format!("{what}: succeeded ({v:?}), want {}", hugepoke::errno_name(errno))),
         Err(e) if e.raw_os_error() == Some(errno) => {
@@ -35,7 +35,7 @@ fn expect_errno(what: &str, r: std::io::Result<impl std::fmt::Debug>, errno: i32
 }
 
 /// An anonymous, file or special mapping in this test process, to aim at.
-fn own_mapping(prot: i32, flags: i32, fd: i32) -> Result<u64, String> {
+pub(crate) fn own_mapping(prot: i32, flags: i32, fd: i32) -> Result<u64, String> {
     // SAFETY: a fresh mapping of our own; never dereferenced by us.
     let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, prot, flags, fd, 0) };
     ensure!(p != libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
@@ -233,13 +233,6 @@ pub(crate) fn meminfo_kb(field: &str) -> Result<u64, String> {
         .ok_or(format!("no {field} in /proc/meminfo"))
 }
 
-fn read_mem(pid: i32, addr: u64, len: usize) -> Result<Vec<u8>, String> {
-    use std::os::unix::fs::FileExt;
-    let f = io(std::fs::File::open(format!("/proc/{pid}/mem")))?;
-    let mut buf = vec![0; len];
-    io(f.read_exact_at(&mut buf, addr))?;
-    Ok(buf)
-}
 
 /// fork() before PATCH: the child keeps the original; fork() between PATCH
 /// and RESTORE: the child keeps the patched page it inherited, RESTORE
@@ -368,7 +361,7 @@ pub(crate) fn pinned_page_is_restored_but_not_zapped() -> TestResult {
     Ok(())
 }
 
-fn run(cmd: &str, args: &[&str]) -> TestResult {
+pub(crate) fn run(cmd: &str, args: &[&str]) -> TestResult {
     let out = std::process::Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
     ensure!(out.status.success(), "{cmd} {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     Ok(())

@@ -1,0 +1,324 @@
+//! Patches follow their file page (issue 7): RESTORE writes only into the
+//! anonymous copy of the page PATCH changed, only over the bytes PATCH
+//! wrote, wherever the target maps it now; what it cannot restore it keeps
+//! or forgets for a reason it journals, with an errno the ABI lists.
+
+use crate::common::*;
+use crate::hardening::expect_errno;
+use crate::TestResult;
+use hugepoke::uapi;
+use std::os::fd::AsRawFd;
+
+/// The target replaces its text by a writable private mapping of another
+/// file at the same address and writes to it: RESTORE must not write the
+/// stale text bytes into that data page (ENXIO, patch forgotten).
+pub(crate) fn restore_after_remap_to_another_file_writes_nothing() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, 30, 30)))?;
+    ensure!(t.call(30)? == 30, "patch not running");
+    ensure!(t.command("remap-data 30")? == "remapped", "target could not remap");
+    let before = read_mem(t.pid, t.page_addr(30), 4096)?;
+    ensure!(before[..6] == [0x11; 6] && before[100] == 0x22, "data page is not the data file's: {:x?}", &before[..8]);
+    expect_errno("restore", dev.restore(h), libc::ENXIO, "no longer mapped")?;
+    let after = read_mem(t.pid, t.page_addr(30), 4096)?;
+    ensure!(after == before, "RESTORE wrote into the data page: starts {:x?}", &after[..8]);
+    ensure!(dev.query(h).is_err(), "patch still in the table");
+    Ok(())
+}
+
+/// The target mremap()s its patched text: RESTORE follows the file page to
+/// its new address, restores it there, and the PMD comes back there.
+pub(crate) fn restore_follows_mremap() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, 31, 31)))?;
+    ensure!(t.call(31)? == 31, "patch not running");
+    let moved = t.command("move")?;
+    let new = moved.strip_prefix("moved ").and_then(hugepoke::parse_number).ok_or(format!("move said {moved:?}"))?;
+    ensure!(new != t.addr, "text did not move");
+    t.addr = new;
+    ensure!(t.call(31)? == 31, "moved text lost the patch");
+    io(dev.restore(h))?;
+    ensure!(t.call(31)? == 1031, "moved text still runs the patched bytes");
+    let evs = events_of(h)?;
+    ensure!(
+        evs.iter().any(|e| e.step == "restore_bytes" && e.note.contains("moved") && e.addr == Some(new + 31 * 4096)),
+        "restore not journaled at the new address: {evs:?}"
+    );
+    ensure!(evs.iter().any(|e| e.step == "zap_anon_page"), "not zapped: {:?}", steps(&evs));
+    let took = wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
+    ensure!(thp_head(&t)? == head && smaps(&t)?.kb("Anonymous") == 0, "after restore: {:?}", smaps(&t)?);
+    println!("# PMD back at the new address {took:?} after RESTORE");
+    Ok(())
+}
+
+/// A debugger (here /proc/PID/mem) overwrote the patched bytes: RESTORE
+/// writes nothing (EILSEQ) and keeps the patch; once the patched bytes are
+/// back, RESTORE works.
+pub(crate) fn restore_refuses_bytes_changed_by_someone_else() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, 32, 32)))?;
+    write_mem(t.pid, t.page_addr(32), &text::mov_eax_ret(77))?;
+    ensure!(t.call(32)? == 77, "debugger's write not running");
+    expect_errno("restore", dev.restore(h), libc::EILSEQ, "not the ones PATCH wrote")?;
+    ensure!(t.call(32)? == 77, "RESTORE overwrote the debugger's bytes");
+    ensure!(io(dev.query(h))?.state == uapi::STATE_LIVE, "patch not kept");
+    ensure!(events_of(h)?.iter().any(|e| e.note.contains("patch kept")), "journal does not say the patch is kept: {:?}", events_of(h)?);
+    write_mem(t.pid, t.page_addr(32), &text::mov_eax_ret(32))?;
+    io(dev.restore(h))?;
+    ensure!(t.call(32)? == 1032, "not restored");
+    wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// The target made its text writable: RESTORE refuses (EACCES) and keeps
+/// the patch until the mapping is text again.
+pub(crate) fn restore_refuses_a_writable_mapping() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, 33, 33)))?;
+    ensure!(t.command("protect rwx")? == "protected 0", "mprotect rwx failed");
+    expect_errno("restore", dev.restore(h), libc::EACCES, "writable")?;
+    ensure!(t.call(33)? == 33, "RESTORE wrote into a writable mapping");
+    ensure!(io(dev.query(h))?.state == uapi::STATE_LIVE, "patch not kept");
+    ensure!(t.command("protect rx")? == "protected 0", "mprotect rx failed");
+    io(dev.restore(h))?;
+    ensure!(t.call(33)? == 1033, "not restored");
+    wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// After RESTORE of the last patch in a range whose collapse cannot work
+/// (another anonymous page in it, written by a debugger; page 0 not
+/// mapped), the journal reports the kernel's own verdict, not a success.
+pub(crate) fn failed_collapse_is_reported_with_the_kernels_reason() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, 34, 34)))?;
+    write_mem(t.pid, t.page_addr(35), &text::mov_eax_ret(35))?;
+    ensure!(t.command("dontneed 0")? == "dontneed 0", "dontneed failed");
+    io(dev.restore(h))?;
+    let mut collapse = None;
+    wait_for("collapse journaled", Duration::from_secs(10), || {
+        collapse = events()?.into_iter().rev().find(|e| e.step == "collapse" && e.pid == t.pid);
+        Ok(collapse.is_some())
+    })?;
+    let c = collapse.unwrap();
+    ensure!(c.result != "ok" && c.note.starts_with("SCAN_"), "collapse reported as {c:?}");
+    ensure!(t.call(35)? == 35 && t.call(34)? == 1034, "target's pages");
+    Ok(())
+}
+
+/// Swap (seed: uprobes frees the swap slot): the patched page is paged out
+/// between PATCH and RESTORE; RESTORE swaps it in, restores, zaps it and
+/// frees its swap slot; the PMD comes back.
+pub(crate) fn swapped_out_patch_restores_and_frees_its_swap_slot() -> TestResult {
+    let swap = Swap::on()?;
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, 36, 36)))?;
+    let used_before = swap.used_kb()?;
+    ensure!(t.command("pageout 36")? == "pageout ok", "could not page the patched page out");
+    let e = io(io(Pagemap::open(t.pid))?.entry(t.page_addr(36)))?;
+    ensure!(e.swapped() && !e.present(), "pagemap after pageout: {e:?}");
+    ensure!(swap.used_kb()? > used_before, "nothing in swap");
+    io(dev.restore(h))?;
+    let evs = events_of(h)?;
+    ensure!(evs.iter().any(|e| e.step == "zap_anon_page" && e.note.contains("swap slot freed")), "no zap with swap freed: {evs:?}");
+    ensure!(swap.used_kb()? == used_before, "swap slot leaked: {} kB used, {used_before} kB before", swap.used_kb()?);
+    ensure!(t.call(36)? == 1036, "not restored");
+    wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
+    ensure!(thp_head(&t)? == head && smaps(&t)?.kb("Anonymous") == 0, "after restore: {:?}", smaps(&t)?);
+    Ok(())
+}
+
+/// A swap device on a loop device over a file in /tmp, for one test.
+struct Swap {
+    dev: String,
+    img: String,
+}
+
+impl Swap {
+    fn on() -> Result<Self, String> {
+        let img = "/tmp/hugepoke-swap.img".to_string();
+        io(std::fs::write(&img, vec![0u8; 32 << 20]))?;
+        let out = sh("losetup", &["-f", "--show", &img])?;
+        let dev = out.trim().to_string();
+        sh("mkswap", &[&dev])?;
+        sh("swapon", &[&dev])?;
+        Ok(Self { dev, img })
+    }
+
+    fn used_kb(&self) -> Result<u64, String> {
+        let swaps = io(std::fs::read_to_string("/proc/swaps"))?;
+        swaps
+            .lines()
+            .find(|l| l.starts_with(&self.dev))
+            .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+            .ok_or(format!("{} not in /proc/swaps:\n{swaps}", self.dev))
+    }
+}
+
+impl Drop for Swap {
+    fn drop(&mut self) {
+        let _ = sh("swapoff", &[&self.dev]);
+        let _ = sh("losetup", &["-d", &self.dev]);
+        let _ = std::fs::remove_file(&self.img);
+    }
+}
+
+fn sh(cmd: &str, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
+    ensure!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+// userfaultfd(2), as include/uapi/linux/userfaultfd.h lays it out.
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+#[repr(C)]
+struct UffdioWriteprotect {
+    start: u64,
+    len: u64,
+    mode: u64,
+}
+const UFFDIO_API: libc::c_ulong = (3 << 30) | (24 << 16) | (0xaa << 8) | 0x3f;
+const UFFDIO_REGISTER: libc::c_ulong = (3 << 30) | (32 << 16) | (0xaa << 8);
+const UFFDIO_WRITEPROTECT: libc::c_ulong = (3 << 30) | (24 << 16) | (0xaa << 8) | 0x06;
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+
+/// Our own 2 MiB-aligned, PMD-mapped, private r-x mapping of a THP text.
+fn own_thp_text(file: &std::fs::File) -> Result<u64, String> {
+    const THP: usize = text::THP_SIZE;
+    // SAFETY: fresh mappings of our own; the text is only read.
+    unsafe {
+        let reserve = libc::mmap(std::ptr::null_mut(), 2 * THP, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+        ensure!(reserve != libc::MAP_FAILED, "reserve");
+        let aligned = (reserve as usize + THP - 1) & !(THP - 1);
+        let p = libc::mmap(
+            aligned as *mut libc::c_void,
+            THP,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            file.as_raw_fd(),
+            0,
+        );
+        ensure!(p != libc::MAP_FAILED, "mmap text: {}", std::io::Error::last_os_error());
+        libc::madvise(p, THP, libc::MADV_HUGEPAGE);
+        std::ptr::read_volatile(p as *const u8);
+        Ok(aligned as u64)
+    }
+}
+
+/// Seed 003: userfaultfd write-protect registered on PMD-mapped text after
+/// PATCH.  RESTORE treats the uffd-wp PTE as a fault to take, as uprobes
+/// does: the fault is refused (EFAULT, no way to wait from here), the patch
+/// and the wp bit stay; once the range is un-protected RESTORE works and
+/// keeps the anonymous page (zapping would drop the wp registration's bit).
+pub(crate) fn uffd_wp_on_pmd_mapped_text_is_never_written_through() -> TestResult {
+    let t = Target::spawn(&[])?; // provides the THP file
+    let file = io(std::fs::File::open(&t.file))?;
+    let addr = own_thp_text(&file)?;
+    let me = std::process::id() as i32;
+    let s = io(proc::smaps_entry(me, addr))?;
+    ensure!(s.pmd_mapped_kb() == 2048, "own text not PMD-mapped: {s:?}");
+    let dev = io(Device::open())?;
+    let page = addr + 9 * 4096;
+    let h = io(dev.patch(&PatchRequest { pid: me, addr: page, bytes: text::mov_eax_ret(9).to_vec(), ..Default::default() }))?;
+    // SAFETY: userfaultfd(2) and its ioctls on structs laid out as the uapi.
+    let uffd = unsafe {
+        let uffd = libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) as i32;
+        ensure!(uffd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+        let mut api = UffdioApi { api: 0xaa, features: UFFD_FEATURE_WP_HUGETLBFS_SHMEM, ioctls: 0 };
+        ensure!(libc::ioctl(uffd, UFFDIO_API, &mut api) == 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
+        let mut reg = UffdioRegister { start: addr, len: text::THP_SIZE as u64, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
+        ensure!(libc::ioctl(uffd, UFFDIO_REGISTER, &mut reg) == 0, "UFFDIO_REGISTER wp: {}", std::io::Error::last_os_error());
+        let mut wp = UffdioWriteprotect { start: page, len: 4096, mode: UFFDIO_WRITEPROTECT_MODE_WP };
+        ensure!(libc::ioctl(uffd, UFFDIO_WRITEPROTECT, &mut wp) == 0, "UFFDIO_WRITEPROTECT: {}", std::io::Error::last_os_error());
+        uffd
+    };
+    let pm = io(Pagemap::open(me))?;
+    let e = io(pm.entry(page))?;
+    ensure!(e.present() && !e.file() && e.uffd_wp(), "patched page not an anonymous uffd-wp PTE: {e:?}");
+    // SAFETY: reading our own mapping.
+    let now = || unsafe { std::slice::from_raw_parts(page as *const u8, 6) }.to_vec();
+
+    expect_errno("restore through uffd-wp", dev.restore(h), libc::EFAULT, "for writing")?;
+    ensure!(events_of(h)?.iter().any(|e| e.note.contains("userfaultfd write-protected")), "uffd-wp PTE not seen: {:?}", events_of(h)?);
+    ensure!(now() == text::mov_eax_ret(9), "RESTORE wrote through the uffd-wp PTE: {:x?}", now());
+    ensure!(io(pm.entry(page))?.uffd_wp(), "wp bit dropped");
+    ensure!(io(dev.query(h))?.state == uapi::STATE_LIVE, "patch not kept");
+
+    // SAFETY: un-protect our own page.
+    unsafe {
+        let mut wp = UffdioWriteprotect { start: page, len: 4096, mode: 0 };
+        ensure!(libc::ioctl(uffd, UFFDIO_WRITEPROTECT, &mut wp) == 0, "un-protect: {}", std::io::Error::last_os_error());
+    }
+    io(dev.restore(h))?;
+    ensure!(now() == text::mov_eax_ret(1009), "not restored: {:x?}", now());
+    let evs = events_of(h)?;
+    let keep = evs.iter().find(|e| e.step == "keep_anon_page").ok_or(format!("zapped under uffd-wp: {:?}", steps(&evs)))?;
+    ensure!(keep.note.contains("write-protect"), "keep reason {:?}", keep.note);
+    // SAFETY: closing our uffd and unmapping our text.
+    unsafe {
+        libc::close(uffd);
+        libc::munmap(addr as *mut libc::c_void, text::THP_SIZE);
+    }
+    Ok(())
+}
+
+/// kmemleak (debug flavour): load → patch → restore → collapse → unload
+/// leaves no unreferenced object behind.
+pub(crate) fn unload_after_collapse_leaks_nothing() -> TestResult {
+    let kmemleak = "/sys/kernel/debug/kmemleak";
+    if !std::path::Path::new(kmemleak).exists() {
+        return Err("SKIP: no kmemleak in this kernel (the debug flavour has it)".into());
+    }
+    let root = std::env::var("HUGEPOKE_ROOT").map_err(|_| "HUGEPOKE_ROOT not set")?;
+    let ko = format!("{root}/src/hugepoke.ko");
+    // Forget what boot and earlier tests left: only new leaks count.
+    io(std::fs::write(kmemleak, "scan"))?;
+    io(std::fs::write(kmemleak, "clear"))?;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    {
+        let dev = io(Device::open())?;
+        let h = io(dev.patch(&patch_req(&t, 37, 37)))?;
+        io(dev.restore(h))?;
+        let persist = io(dev.patch(&PatchRequest { persist: true, ..patch_req(&t, 300, 38) }))?;
+        ensure!(persist > 0, "no handle");
+    }
+    wait_pmd_mapped(&mut t, Duration::from_secs(10)).ok();
+    wait_for("collapse journaled", Duration::from_secs(10), || Ok(events()?.iter().any(|e| e.step == "collapse" && e.pid == t.pid)))?;
+    crate::hardening::run("rmmod", &["hugepoke"])?;
+    crate::hardening::run("insmod", &[&ko])?;
+    drop(t);
+    // kmemleak reports objects older than 5 s that nothing points to.
+    std::thread::sleep(Duration::from_secs(6));
+    io(std::fs::write(kmemleak, "scan"))?;
+    io(std::fs::write(kmemleak, "scan"))?;
+    let report = io(std::fs::read_to_string(kmemleak))?;
+    ensure!(report.trim().is_empty(), "kmemleak:\n{}", report.lines().take(40).collect::<Vec<_>>().join("\n"));
+    Ok(())
+}
