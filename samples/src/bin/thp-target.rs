@@ -10,7 +10,9 @@
 //!   write N  → writes to text page N (the mapping is read-only: SIGSEGV)
 //!   fork     → forks a child that sleeps until killed; prints `child PID`
 //!   exec     → replaces itself with `sleep 1000`
-//!   calm     → stops the --chaos thread and makes the text whole again
+//!   hog MIB  → a thread keeps our mmap lock write-locked most of the time
+//!              (mprotect() of MIB MiB of 4 KiB pages, back and forth)
+//!   calm     → stops the --chaos and hog threads, makes the text whole again
 //!   move     → mremap()s the text to another 2 MiB-aligned address;
 //!              prints `moved ADDR`
 //!   protect P → mprotect()s the whole text to P (`rx`, `rwx` or `r`)
@@ -88,6 +90,32 @@ fn map_text(file: &std::fs::File) -> usize {
 }
 
 static CHAOS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static HOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Keep our mmap lock write-locked most of the time: mprotect() a large
+/// populated anonymous region back and forth until `calm`.
+fn hog_mmap_lock(mib: usize) {
+    let len = mib << 20;
+    // SAFETY: a fresh anonymous mapping of our own, touched and mprotect()ed
+    // by this thread only.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+        if p == libc::MAP_FAILED {
+            die("mapping the hog region");
+        }
+        // 4 KiB PTEs, so that every mprotect() walks many of them.
+        libc::madvise(p, len, libc::MADV_NOHUGEPAGE);
+        for off in (0..len).step_by(PAGE) {
+            std::ptr::write_volatile((p as *mut u8).add(off), 1);
+        }
+        HOG.store(true, std::sync::atomic::Ordering::SeqCst);
+        while HOG.load(std::sync::atomic::Ordering::Relaxed) {
+            libc::mprotect(p, len, libc::PROT_READ);
+            libc::mprotect(p, len, libc::PROT_READ | libc::PROT_WRITE);
+        }
+        libc::munmap(p, len);
+    }
+}
 
 /// Move the text to another 2 MiB-aligned address; returns it.
 fn move_text(base: usize) -> usize {
@@ -304,7 +332,15 @@ fn main() {
                 let err = std::process::Command::new("sleep").arg("1000").exec();
                 let _ = writeln!(out, "error: exec: {err}");
             }
+            (Some("hog"), Some(mib)) => {
+                std::thread::spawn(move || hog_mmap_lock(mib));
+                while !HOG.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                let _ = writeln!(out, "hogging");
+            }
             (Some("calm"), _) => {
+                HOG.store(false, std::sync::atomic::Ordering::Relaxed);
                 CHAOS.store(false, std::sync::atomic::Ordering::Relaxed);
                 std::thread::sleep(std::time::Duration::from_millis(5));
                 // SAFETY: our own mapping, made whole read+exec again.

@@ -187,7 +187,10 @@ pub(crate) fn target_exit_and_exec_leave_patches_gone() -> TestResult {
         exit_and_exec_round(&dev)?;
     }
     let anon_after = others_anon_kb()?;
-    ensure!(anon_after <= anon_before + 40, "other processes' AnonPages grew {anon_before} → {anon_after} kB over 20 rounds");
+    // 40 patched pages over 20 rounds: keeping one of them per round would
+    // add 80 kB, both 160 kB; the rest of the guest moves by a few pages
+    // (up to 44 kB seen on the debug kernel).
+    ensure!(anon_after <= anon_before + 64, "other processes' AnonPages grew {anon_before} → {anon_after} kB over 20 rounds");
     Ok(())
 }
 

@@ -288,6 +288,72 @@ pub(crate) fn uffd_wp_on_pmd_mapped_text_is_never_written_through() -> TestResul
     Ok(())
 }
 
+/// A RESTORE whose GUP is cut short by a fatal signal (EINTR) keeps the
+/// patch.  The controller is the CLI (`hugepoke restore`), killed while it
+/// sleeps waiting for the target's mmap lock (held by the target's own
+/// mprotect() loop), so GUP starts with SIGKILL pending.  Attempts that slip
+/// in between two mprotect()s restore normally; none may lose the patch.
+/// Where mprotect() is too quick to catch the CLI waiting (the base kernel
+/// usually), the test skips and says so; the debug kernel catches it.
+pub(crate) fn killed_restore_keeps_the_patch() -> TestResult {
+    const ATTEMPTS: usize = 30;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    ensure!(t.command("hog 512")? == "hogging", "target cannot hog its mmap lock");
+    let (mut interrupted, mut attempts) = (0, 0);
+    while interrupted == 0 && attempts < ATTEMPTS {
+        attempts += 1;
+        let h = io(dev.patch(&PatchRequest { persist: true, ..patch_req(&t, 40, 40) }))?;
+        let mut cli = std::process::Command::new("hugepoke")
+            .args(["restore", &h.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        // Kill it once it sleeps uninterruptibly (on the mmap lock).
+        let stat = format!("/proc/{}/stat", cli.id());
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(2) {
+            let state = std::fs::read_to_string(&stat).unwrap_or_default();
+            if state.is_empty() || state.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with(['D', 'Z'])) {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        let _ = cli.kill();
+        let _ = cli.wait();
+        let evs = events_of(h)?;
+        let eintr = evs.iter().any(|e| e.step == "restore" && e.result == "-EINTR");
+        match dev.query(h) {
+            Ok(_) if !evs.iter().any(|e| e.step == "restore") => {
+                // Killed before its ioctl: nothing happened; try again.
+                io(dev.restore(h))?;
+            }
+            Ok(q) => {
+                ensure!(eintr, "attempt {attempts}: RESTORE neither finished nor was interrupted: {:?}", steps(&evs));
+                ensure!(q.state == uapi::STATE_LIVE, "attempt {attempts}: query {q:?}");
+                ensure!(evs.iter().any(|e| e.note.contains("patch kept")), "attempt {attempts}: {:?}", steps(&evs));
+                ensure!(read_mem(t.pid, t.page_addr(40), 6)? == text::mov_eax_ret(40), "attempt {attempts}: patched bytes gone");
+                interrupted += 1;
+                io(dev.restore(h))?;
+            }
+            Err(_) => {
+                // Restored before the kill, or lost: the bytes say which.
+                ensure!(!eintr, "attempt {attempts}: interrupted RESTORE forgot the patch: {:?}", steps(&evs));
+                ensure!(read_mem(t.pid, t.page_addr(40), 6)? == text::mov_eax_ret(1040), "attempt {attempts}: patch lost, bytes not restored");
+            }
+        }
+    }
+    t.command("calm")?;
+    ensure!(t.call(40)? == 1040, "not restored");
+    if interrupted == 0 {
+        return Err(format!("SKIP: no RESTORE caught waiting for the mmap lock in {ATTEMPTS} attempts (all restored normally)"));
+    }
+    println!("# RESTORE interrupted by SIGKILL (EINTR) in attempt {attempts}; the patch was kept");
+    Ok(())
+}
+
 /// kmemleak (debug flavour): load → patch → restore → collapse → unload
 /// leaves no unreferenced object behind.
 pub(crate) fn unload_after_collapse_leaks_nothing() -> TestResult {
