@@ -16,7 +16,7 @@ use kernel::{
 
 use crate::{
     journal::{Event, Step},
-    patch,
+    patch, sys,
     uapi::{self, PatchArgs, QueryArgs, RestoreArgs},
     Hugepoke,
 };
@@ -39,6 +39,8 @@ pub(crate) struct Controller {
     hugepoke: Arc<Hugepoke>,
     /// Owner id of the patches made through this file.
     id: u64,
+    /// Keeps the module loaded while the file is open; dropped last.
+    module: sys::ModuleRef,
 }
 
 #[vtable]
@@ -46,10 +48,11 @@ impl MiscDevice for Controller {
     type Ptr = KBox<Self>;
 
     fn open(_file: &File, _misc: &MiscDeviceRegistration<Self>) -> Result<KBox<Self>> {
+        let module = sys::ModuleRef::get().ok_or(ENODEV)?;
         let hugepoke = Hugepoke::get().ok_or(ENODEV)?;
         let id = hugepoke.new_owner_id();
         hugepoke.journal.record(Step::Open.event());
-        Ok(KBox::new(Self { hugepoke, id }, GFP_KERNEL)?)
+        Ok(KBox::new(Self { hugepoke, id, module }, GFP_KERNEL)?)
     }
 
     fn release(this: KBox<Self>, _file: &File) {
@@ -57,6 +60,10 @@ impl MiscDevice for Controller {
         // from a work item: a fatal signal pending for us cannot cut it short.
         patch::restore_owned(&this.hugepoke, Some(this.id), patch::Closing::File);
         this.hugepoke.journal.record(Step::Release.event());
+        let Controller { hugepoke, id: _, module } = KBox::into_inner(this);
+        drop(hugepoke);
+        // Last: once the module reference is gone, rmmod may proceed.
+        drop(module);
     }
 
     fn ioctl(this: &Self, _file: &File, cmd: u32, arg: usize) -> Result<isize> {

@@ -9,6 +9,7 @@
 #include <linux/highmem.h>
 #include <linux/mm.h>
 #include <linux/mmu_notifier.h>
+#include <linux/module.h>
 #include <linux/pagemap.h>
 #include <linux/pagewalk.h>
 #include <linux/rmap.h>
@@ -170,4 +171,19 @@ bool hugepoke_uffd_missing(struct vm_area_struct *vma)
 bool hugepoke_uffd_wp(struct vm_area_struct *vma)
 {
 	return userfaultfd_wp(vma);
+}
+
+/*
+ * The Rust miscdevice leaves file_operations.owner NULL, so an open file of
+ * /dev/hugepoke holds no reference on this module (Rust-for-Linux issue
+ * 1182): open() takes one here and release() drops it as its last act.
+ */
+bool hugepoke_module_get(void)
+{
+	return try_module_get(THIS_MODULE);
+}
+
+void hugepoke_module_put(void)
+{
+	module_put(THIS_MODULE);
 }

@@ -39,5 +39,7 @@ void hugepoke_invalidate_end(struct mmu_notifier_range *range);
 bool hugepoke_uffd_armed(struct vm_area_struct *vma);
 bool hugepoke_uffd_missing(struct vm_area_struct *vma);
 bool hugepoke_uffd_wp(struct vm_area_struct *vma);
+bool hugepoke_module_get(void);
+void hugepoke_module_put(void);
 
 #endif /* HUGEPOKE_HELPERS_H */

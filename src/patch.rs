@@ -296,8 +296,11 @@ fn write_bytes(
                 continue;
             }
         }
-        // Unmap and flush, so no CPU executes the page half-written and
-        // nobody changes it between our read and our write.
+        // Unmap and flush, so no CPU executes the page half-written and no
+        // fault maps it between our read and our write.  (A write through a
+        // reference taken earlier — /proc/PID/mem's kmap — is not excluded:
+        // uprobes holds the mmap lock for write for that; we hold it for
+        // read.)
         pte.unmap();
         pte.read(offset, &mut site.orig[..len]);
         site.pfn = page.pfn();
@@ -379,8 +382,10 @@ fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site
         };
         if !pte.writable() {
             if pte.uffd_wp() {
-                // As uprobes: a uffd-wp PTE is a fault to take (the uffd
-                // reader decides), never a bit to write through.
+                // As uprobes: a uffd-wp PTE is a fault to take with
+                // FOLL_WRITE, never a bit to write through.  Without
+                // FAULT_FLAG_ALLOW_RETRY (no `locked` to GUP) the uffd fault
+                // fails (EFAULT) instead of waiting for the reader.
                 drop(pte);
                 hp.journal.record(ev(Step::RestoreBytes).page(page.pfn(), 0).error(EAGAIN, "PTE is userfaultfd write-protected; faulting it with FOLL_WRITE"));
                 gup_flags = sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD;
@@ -476,15 +481,19 @@ fn still_mapped_at<'a>(mm: &MmWithUser, guard: &'a MmapReadGuard<'_>, site: &Sit
 /// Where the target maps the anonymous copy of `site`'s file page now: the
 /// VMA, the page's address, and the page.  Walks every VMA, so it follows
 /// `mremap()`; a file page mapped more than once (ELF segments share
-/// boundary pages) is looked at in each mapping.
+/// boundary pages; a library mapped twice) is looked at in each mapping.
+/// Of several private copies it takes the one holding the page PATCH wrote
+/// (its PFN), else the one at the address PATCH wrote; if there are several
+/// and neither tells, it refuses rather than guess.
 fn find_anon_copy<'a>(
     mm: &MmWithUser,
     guard: &'a MmapReadGuard<'_>,
     site: &Site,
 ) -> Result<(&'a VmaRef, usize, PageRef), Refused> {
-    let mut cursor = 0;
-    let mut mapped = false;
-    let mut refused = None;
+    let made_at = site.addr & PAGE_MASK;
+    let (mut cursor, mut mapped, mut copies) = (0, false, 0);
+    let (mut refused, mut error) = (None, None);
+    let mut best: Option<(u8, &'a VmaRef, usize, PageRef)> = None;
     while let Some(vma) = sys::find_vma(mm, guard, cursor) {
         cursor = vma.end();
         let info = sys::vma_info(vma);
@@ -492,8 +501,15 @@ fn find_anon_copy<'a>(
             continue;
         };
         mapped = true;
-        let page = sys::get_user_page(mm, guard, page_addr, sys::FOLL_FORCE)
-            .map_err(|e| Refused::Kept(e, "cannot get the page"))?;
+        // One mapping that cannot be faulted in (uffd, a guard region, past
+        // EOF) says nothing about the others.
+        let page = match sys::get_user_page(mm, guard, page_addr, sys::FOLL_FORCE) {
+            Ok(page) => page,
+            Err(e) => {
+                error = Some(e);
+                continue;
+            }
+        };
         if !page.is_anon() {
             continue;
         }
@@ -501,12 +517,27 @@ fn find_anon_copy<'a>(
             refused = Some(why);
             continue;
         }
-        return Ok((vma, page_addr, page));
+        copies += 1;
+        let rank = if page.pfn() == site.pfn { 3 } else if page_addr == made_at { 2 } else { 1 };
+        if best.as_ref().is_none_or(|b| rank > b.0) {
+            best = Some((rank, vma, page_addr, page));
+        }
     }
-    Err(match (mapped, refused) {
-        (_, Some(why)) => Refused::Kept(EACCES, why),
-        (true, None) => Refused::Gone { result: Ok(()), why: "page is no longer anonymous: already undone" },
-        (false, None) => {
+    match best {
+        Some((rank, vma, page_addr, page)) if rank > 1 || copies == 1 => return Ok((vma, page_addr, page)),
+        Some(_) => {
+            return Err(Refused::Kept(
+                EBUSY,
+                "several private copies of the file page, none with the page or at the address PATCH wrote; nothing written",
+            ))
+        }
+        None => {}
+    }
+    Err(match (mapped, refused, error) {
+        (_, Some(why), _) => Refused::Kept(EACCES, why),
+        (_, None, Some(e)) => Refused::Kept(e, "cannot get the page"),
+        (true, None, None) => Refused::Gone { result: Ok(()), why: "page is no longer anonymous: already undone" },
+        (false, None, None) => {
             Refused::Gone { result: Err(sys::enxio()), why: "the patched file page is no longer mapped in the target; nothing written" }
         }
     })

@@ -155,6 +155,28 @@ extern "C" {
     fn hugepoke_uffd_armed(vma: *mut bindings::vm_area_struct) -> bool;
     fn hugepoke_uffd_missing(vma: *mut bindings::vm_area_struct) -> bool;
     fn hugepoke_uffd_wp(vma: *mut bindings::vm_area_struct) -> bool;
+    fn hugepoke_module_get() -> bool;
+    fn hugepoke_module_put();
+}
+
+/// A reference on this module, held by every open file of the device
+/// (the Rust miscdevice sets no `fops->owner`), so that `rmmod` waits for
+/// the last `close()`.
+pub(crate) struct ModuleRef(());
+
+impl ModuleRef {
+    pub(crate) fn get() -> Option<Self> {
+        // SAFETY: try_module_get() on our own module, from one of its calls.
+        unsafe { hugepoke_module_get() }.then_some(Self(()))
+    }
+}
+
+impl Drop for ModuleRef {
+    fn drop(&mut self) {
+        // SAFETY: drops the one reference `get` took.  Callers drop it as
+        // their very last act, so only their return runs after it.
+        unsafe { hugepoke_module_put() };
+    }
 }
 
 /// What hugepoke needs to know of a VMA.
@@ -225,7 +247,8 @@ pub(crate) fn vma_file(vma: &VmaRef) -> Option<ARef<File>> {
         return None;
     }
     // SAFETY: `file` is a valid file for as long as the VMA; `ARef::from`
-    // takes a reference of our own (get_file) before we return.
+    // takes a reference of our own (get_file) before we return.  We never
+    // use its position, so the fdget_pos rule of `File` is moot.
     Some(ARef::from(unsafe { File::from_raw_file(file) }))
 }
 

@@ -370,6 +370,29 @@ pub(crate) fn run(cmd: &str, args: &[&str]) -> TestResult {
     Ok(())
 }
 
+/// An open file of /dev/hugepoke keeps the module loaded: `rmmod` is
+/// refused until the last close (the Rust miscdevice sets no fops owner, so
+/// without our own module reference rmmod would free the code a later
+/// close() runs).
+pub(crate) fn rmmod_waits_for_the_last_close() -> TestResult {
+    let dev = io(Device::open())?;
+    let refused = run("rmmod", &["hugepoke"]);
+    let loaded = std::path::Path::new("/sys/module/hugepoke").exists();
+    if !loaded {
+        let root = std::env::var("HUGEPOKE_ROOT").map_err(|_| "HUGEPOKE_ROOT not set")?;
+        drop(dev);
+        run("insmod", &[&format!("{root}/src/hugepoke.ko")])?;
+        return Err("rmmod unloaded the module while /dev/hugepoke was open".into());
+    }
+    ensure!(refused.is_err(), "rmmod succeeded but the module is still there");
+    let refcnt = io(std::fs::read_to_string("/sys/module/hugepoke/refcnt"))?;
+    ensure!(refcnt.trim() != "0", "refcnt {refcnt:?} with the device open");
+    drop(dev);
+    let refcnt = io(std::fs::read_to_string("/sys/module/hugepoke/refcnt"))?;
+    ensure!(refcnt.trim() == "0", "refcnt {refcnt:?} after close");
+    Ok(())
+}
+
 /// Unloading the module with persistent patches and collapse work queued:
 /// every patch is restored, every range collapsed, no work outlives the
 /// module.  (Loads the module again afterwards.)

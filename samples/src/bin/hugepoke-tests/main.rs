@@ -54,6 +54,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("swapped_out_patch_restores_and_frees_its_swap_slot", swapped_out_patch_restores_and_frees_its_swap_slot),
     ("uffd_wp_on_pmd_mapped_text_is_never_written_through", uffd_wp_on_pmd_mapped_text_is_never_written_through),
     ("killed_restore_keeps_the_patch", killed_restore_keeps_the_patch),
+    ("rmmod_waits_for_the_last_close", rmmod_waits_for_the_last_close),
     // Last: they unload and reload the module.
     ("module_unload_restores_persistent_patches", module_unload_restores_persistent_patches),
     ("unload_after_collapse_leaks_nothing", unload_after_collapse_leaks_nothing),
