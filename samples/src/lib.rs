@@ -9,6 +9,65 @@ pub mod target;
 pub mod uapi;
 pub mod text;
 
+pub mod thp {
+    //! 2 MiB-aligned mappings of THP text, for the targets and the tests.
+    use crate::text::THP_SIZE;
+    use std::io;
+    use std::os::fd::AsRawFd;
+
+    /// Reserve a 2 MiB-aligned, `THP_SIZE` window of address space
+    /// (PROT_NONE); the caller maps or moves something over it with
+    /// MAP_FIXED / MREMAP_FIXED.
+    pub fn reserve_window() -> io::Result<usize> {
+        // SAFETY: a fresh PROT_NONE reservation of our own, trimmed to the
+        // aligned window inside it.
+        unsafe {
+            let reserve = libc::mmap(
+                std::ptr::null_mut(),
+                2 * THP_SIZE,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+            if reserve == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            let aligned = (reserve as usize + THP_SIZE - 1) & !(THP_SIZE - 1);
+            let head = aligned - reserve as usize;
+            if head > 0 {
+                libc::munmap(reserve, head);
+            }
+            let tail = THP_SIZE - head;
+            if tail > 0 {
+                libc::munmap((aligned + THP_SIZE) as *mut libc::c_void, tail);
+            }
+            Ok(aligned)
+        }
+    }
+
+    /// Map `file` 2 MiB-aligned, read+exec, private, with MADV_HUGEPAGE, so
+    /// that its first fault maps the page-cache THP by a PMD.
+    pub fn map_text(file: &std::fs::File) -> io::Result<usize> {
+        let at = reserve_window()?;
+        // SAFETY: maps over our own reservation.
+        unsafe {
+            let p = libc::mmap(
+                at as *mut libc::c_void,
+                THP_SIZE,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                0,
+            );
+            if p == libc::MAP_FAILED || libc::madvise(p, THP_SIZE, libc::MADV_HUGEPAGE) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(at)
+    }
+}
+
 /// Parse an address or number given as `0x…` hex or decimal.
 pub fn parse_number(s: &str) -> Option<u64> {
     let s = s.trim();

@@ -45,50 +45,6 @@ fn die(msg: &str) -> ! {
     std::process::exit(1)
 }
 
-/// Map `file` 2 MiB-aligned, read+exec, private.
-fn map_text(file: &std::fs::File) -> usize {
-    // SAFETY: plain mmap/munmap/madvise on memory this process owns; the
-    // aligned window lies inside the reservation.
-    unsafe {
-        let reserve = libc::mmap(
-            std::ptr::null_mut(),
-            2 * THP_SIZE,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        );
-        if reserve == libc::MAP_FAILED {
-            die("reserving address space");
-        }
-        let aligned = (reserve as usize + THP_SIZE - 1) & !(THP_SIZE - 1);
-        let text = libc::mmap(
-            aligned as *mut libc::c_void,
-            THP_SIZE,
-            libc::PROT_READ | libc::PROT_EXEC,
-            libc::MAP_PRIVATE | libc::MAP_FIXED,
-            file.as_raw_fd(),
-            0,
-        );
-        if text == libc::MAP_FAILED {
-            die("mapping the text");
-        }
-        // Give back the unused ends of the reservation.
-        let head = aligned - reserve as usize;
-        if head > 0 {
-            libc::munmap(reserve, head);
-        }
-        let tail = 2 * THP_SIZE - head - THP_SIZE;
-        if tail > 0 {
-            libc::munmap((aligned + THP_SIZE) as *mut libc::c_void, tail);
-        }
-        if libc::madvise(text, THP_SIZE, libc::MADV_HUGEPAGE) != 0 {
-            die("madvise(MADV_HUGEPAGE)");
-        }
-        aligned
-    }
-}
-
 static CHAOS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static HOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -119,41 +75,15 @@ fn hog_mmap_lock(mib: usize) {
 
 /// Move the text to another 2 MiB-aligned address; returns it.
 fn move_text(base: usize) -> usize {
-    // SAFETY: our own mappings: a fresh reservation, then the text moved
-    // into its aligned middle (MREMAP_FIXED replaces that part of it).
-    unsafe {
-        let reserve = libc::mmap(
-            std::ptr::null_mut(),
-            2 * THP_SIZE,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        );
-        if reserve == libc::MAP_FAILED {
-            die("reserving address space");
-        }
-        let aligned = (reserve as usize + THP_SIZE - 1) & !(THP_SIZE - 1);
-        let moved = libc::mremap(
-            base as *mut libc::c_void,
-            THP_SIZE,
-            THP_SIZE,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            aligned as *mut libc::c_void,
-        );
-        if moved == libc::MAP_FAILED {
-            die("mremap");
-        }
-        let head = aligned - reserve as usize;
-        if head > 0 {
-            libc::munmap(reserve, head);
-        }
-        let tail = THP_SIZE - head;
-        if tail > 0 {
-            libc::munmap((aligned + THP_SIZE) as *mut libc::c_void, tail);
-        }
-        aligned
+    let to = hugepoke::thp::reserve_window().unwrap_or_else(|_| die("reserving address space"));
+    // SAFETY: moves our own text over our own reservation.
+    let moved = unsafe {
+        libc::mremap(base as *mut libc::c_void, THP_SIZE, THP_SIZE, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, to as *mut libc::c_void)
+    };
+    if moved == libc::MAP_FAILED {
+        die("mremap");
     }
+    to
 }
 
 /// Page text page `page` out to swap; true once pagemap shows it swapped.
@@ -245,7 +175,7 @@ fn main() {
         eprintln!("thp-target: opening {path}: {e}");
         std::process::exit(1)
     });
-    let base = map_text(&file);
+    let base = hugepoke::thp::map_text(&file).unwrap_or_else(|_| die("mapping the text"));
     // Fault the text in (a PMD mapping when the page cache holds a THP).
     let v = call(base, 0);
     assert_eq!(v, text::original_value(0));

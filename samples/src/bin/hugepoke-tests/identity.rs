@@ -7,7 +7,6 @@ use crate::common::*;
 use crate::hardening::expect_errno;
 use crate::TestResult;
 use hugepoke::uapi;
-use std::os::fd::AsRawFd;
 
 /// The target replaces its text by a writable private mapping of another
 /// file at the same address and writes to it: RESTORE must not write the
@@ -210,25 +209,10 @@ const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 
 /// Our own 2 MiB-aligned, PMD-mapped, private r-x mapping of a THP text.
 fn own_thp_text(file: &std::fs::File) -> Result<u64, String> {
-    const THP: usize = text::THP_SIZE;
-    // SAFETY: fresh mappings of our own; the text is only read.
-    unsafe {
-        let reserve = libc::mmap(std::ptr::null_mut(), 2 * THP, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
-        ensure!(reserve != libc::MAP_FAILED, "reserve");
-        let aligned = (reserve as usize + THP - 1) & !(THP - 1);
-        let p = libc::mmap(
-            aligned as *mut libc::c_void,
-            THP,
-            libc::PROT_READ | libc::PROT_EXEC,
-            libc::MAP_PRIVATE | libc::MAP_FIXED,
-            file.as_raw_fd(),
-            0,
-        );
-        ensure!(p != libc::MAP_FAILED, "mmap text: {}", std::io::Error::last_os_error());
-        libc::madvise(p, THP, libc::MADV_HUGEPAGE);
-        std::ptr::read_volatile(p as *const u8);
-        Ok(aligned as u64)
-    }
+    let at = io(hugepoke::thp::map_text(file))?;
+    // SAFETY: reading our own fresh mapping faults the THP in.
+    unsafe { std::ptr::read_volatile(at as *const u8) };
+    Ok(at as u64)
 }
 
 /// Seed 003: userfaultfd write-protect registered on PMD-mapped text after
