@@ -56,6 +56,9 @@ steps! {
     Collapse => "collapse",
     Restored => "restored",
     Query => "query",
+    // The test hook (`pause`).
+    Pause => "pause",
+    Resume => "resume",
 }
 
 impl Step {

@@ -22,6 +22,7 @@ mod collapse;
 mod device;
 mod journal;
 mod patch;
+mod pause;
 mod sys;
 mod table;
 #[cfg(CONFIG_KUNIT)]
@@ -53,6 +54,9 @@ pub(crate) struct Hugepoke {
     /// Where collapses and close-time restores run; drained at unload.
     /// Nothing but queued work items holds them.
     pub(crate) workqueue: sys::Workqueue,
+    /// The test hook behind debugfs `pause`.
+    #[pin]
+    pub(crate) pauses: pause::Pauses,
     next_owner: Atomic<u64>,
 }
 
@@ -86,6 +90,8 @@ struct HugepokeModule {
     stats: debugfs::File<Arc<Hugepoke>>,
     #[pin]
     patches: debugfs::File<Arc<Hugepoke>>,
+    #[pin]
+    pause: debugfs::File<Arc<Hugepoke>>,
     dir: debugfs::Dir,
 }
 
@@ -101,6 +107,7 @@ impl kernel::InPlaceModule for HugepokeModule {
                     journal <- Journal::new()?,
                     registry <- new_mutex!(Registry::new(), "hugepoke_registry"),
                     workqueue: sys::Workqueue::new()?,
+                    pauses <- pause::Pauses::new(),
                     next_owner: Atomic::new(0),
                 }),
                 GFP_KERNEL,
@@ -116,6 +123,12 @@ impl kernel::InPlaceModule for HugepokeModule {
                 stats <- dir.read_callback_file(c"stats", state.clone(), &|s: &Arc<Hugepoke>, f| {
                     s.journal.write_stats(f)
                 }),
+                pause <- dir.read_write_callback_file(
+                    c"pause",
+                    state.clone(),
+                    &|s: &Arc<Hugepoke>, f| s.pauses.write_state(f),
+                    &|s: &Arc<Hugepoke>, r| s.pauses.command(r),
+                ),
                 patches <- dir.read_callback_file(c"patches", state, &|s: &Arc<Hugepoke>, f| {
                     // Each target's own lock, never under the registry's.
                     let targets = s.registry.lock().targets().map_err(|_| core::fmt::Error)?;

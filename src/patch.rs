@@ -24,6 +24,7 @@ use kernel::{
 use crate::{
     collapse,
     journal::{Event, Step},
+    pause::Point,
     sys::{self, Mapping, PageRef, Process, PAGE_MASK, PAGE_SIZE, PMD_MASK},
     table::{self, Owner, Site, Target, TargetState},
     uapi::{self, PatchArgs, MAX_BYTES},
@@ -103,6 +104,7 @@ pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, args: &PatchArgs) -> Result<
         hp.journal.fail(ev(Step::ResolveTarget), e, why)
     })?;
     hp.journal.record(ev(Step::ResolveTarget));
+    hp.pauses.at(Point::Resolved, &hp.journal);
     let pid = process.tgid();
 
     loop {
@@ -115,7 +117,7 @@ pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, args: &PatchArgs) -> Result<
                 .target_for(&mm)
                 .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
             let handle = registry
-                .new_handle(&target)
+                .new_handle(&target, if args.flags & uapi::PATCH_PERSIST != 0 { None } else { Some(owner) })
                 .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
             (target, handle)
         };
@@ -188,6 +190,8 @@ fn patch_locked(
             return Err(hp.journal.fail(ev(Step::CheckExpected), sys::eilseq(), "bytes at the address are not the expected ones"));
         }
     }
+
+    hp.pauses.at(Point::Checked, &hp.journal);
 
     let before = sys::mapping_of(vma, page_addr);
     let mut site = Site {
@@ -604,6 +608,7 @@ fn restore_and_settle(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut Targ
                     if let Some(s) = state.patches.get_mut(site.handle) {
                         s.owner = None;
                     }
+                    hp.registry.lock().disown(site.handle);
                     return Err(e);
                 }
                 Closing::Module => (Err(e), None),
@@ -632,7 +637,9 @@ fn restore_and_settle(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut Targ
 /// Restore every patch `owner` made (every patch for `None`), as `closing`
 /// says.  Runs in a work item (see [`restore_owned`]).
 fn restore_all(hp: &Arc<Hugepoke>, owner: Owner, closing: Closing) {
-    let Ok(targets) = hp.registry.lock().targets() else { return };
+    // Only the targets this owner patched: one busy elsewhere (a PATCH
+    // waiting on a slow fault) must not hold up this file's close.
+    let Ok(targets) = hp.registry.lock().targets_of(owner) else { return };
     for target in targets.iter() {
         let mut state = target.state.lock();
         let mut handles = KVec::new();

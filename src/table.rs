@@ -238,7 +238,10 @@ impl TargetState {
 /// Every target and every handle.  See the lock order above.
 pub(crate) struct Registry {
     targets: KVec<Arc<Target>>,
-    handles: KVec<(u64, Arc<Target>)>,
+    /// Every handle, its owner (as PATCH recorded it, or `None` once the
+    /// patch became persistent) and its target: a closing file visits the
+    /// targets it patched and waits for no other.
+    handles: KVec<(u64, Owner, Arc<Target>)>,
     next_handle: u64,
     /// Set at module unload: no new patches.
     pub(crate) closing: bool,
@@ -262,22 +265,29 @@ impl Registry {
 
     /// A new handle for a patch of `target`, recorded before the patch is
     /// made (so that recording cannot fail after the bytes are written).
-    pub(crate) fn new_handle(&mut self, target: &Arc<Target>) -> Result<u64> {
+    pub(crate) fn new_handle(&mut self, target: &Arc<Target>, owner: Owner) -> Result<u64> {
         let handle = self.next_handle;
-        self.handles.push((handle, target.clone()), GFP_KERNEL)?;
+        self.handles.push((handle, owner, target.clone()), GFP_KERNEL)?;
         self.next_handle += 1;
         Ok(handle)
     }
 
     pub(crate) fn target_of(&self, handle: u64) -> Option<Arc<Target>> {
-        self.handles.iter().find(|(h, _)| *h == handle).map(|(_, t)| t.clone())
+        self.handles.iter().find(|(h, _, _)| *h == handle).map(|(_, _, t)| t.clone())
+    }
+
+    /// The patch behind `handle` now belongs to nobody (persistent).
+    pub(crate) fn disown(&mut self, handle: u64) {
+        if let Some(entry) = self.handles.iter_mut().find(|(h, _, _)| *h == handle) {
+            entry.1 = None;
+        }
     }
 
     /// Forget a handle; the target reference is returned to be dropped
     /// outside the lock.
     pub(crate) fn forget_handle(&mut self, handle: u64) -> Option<Arc<Target>> {
-        let i = self.handles.iter().position(|(h, _)| *h == handle)?;
-        self.handles.remove(i).ok().map(|(_, t)| t)
+        let i = self.handles.iter().position(|(h, _, _)| *h == handle)?;
+        self.handles.remove(i).ok().map(|(_, _, t)| t)
     }
 
     /// Take a target out of the registry (its state is locked by the
@@ -287,6 +297,21 @@ impl Registry {
         let id = target.mm_id();
         let i = self.targets.iter().position(|t| t.mm_id() == id)?;
         self.targets.remove(i).ok()
+    }
+
+    /// The targets `owner` has patches on (every target for `None`), for
+    /// walking without the registry lock.
+    pub(crate) fn targets_of(&self, owner: Owner) -> Result<KVec<Arc<Target>>> {
+        if owner.is_none() {
+            return self.targets();
+        }
+        let mut v: KVec<Arc<Target>> = KVec::new();
+        for (_, o, t) in self.handles.iter() {
+            if *o == owner && !v.iter().any(|seen| Arc::ptr_eq(seen, t)) {
+                v.push(t.clone(), GFP_KERNEL)?;
+            }
+        }
+        Ok(v)
     }
 
     /// Every target, for walking without the registry lock.
@@ -304,7 +329,12 @@ pub(crate) fn write_patches(targets: &[Arc<Target>], f: &mut impl fmt::Write) ->
     writeln!(f, "# handle pid addr len state pfn owner pmd_mappable bytes orig")?;
     for t in targets {
         let gone = t.gone();
-        let state = t.state.lock();
+        // A target busy in a long PATCH or RESTORE (GUP can wait on a
+        // fault) must not hold up this reader, nor anything behind it.
+        let Some(state) = t.state.try_lock() else {
+            writeln!(f, "# a target is busy (PATCH, RESTORE or collapse running): its patches are not listed")?;
+            continue;
+        };
         for p in state.patches.iter() {
             write!(
                 f,

@@ -49,18 +49,28 @@ pub mod thp {
     /// Map `file` 2 MiB-aligned, read+exec, private, with MADV_HUGEPAGE, so
     /// that its first fault maps the page-cache THP by a PMD.
     pub fn map_text(file: &std::fs::File) -> io::Result<usize> {
-        let at = reserve_window()?;
-        // SAFETY: maps over our own reservation.
+        map_text_at(file, None)
+    }
+
+    /// [`map_text`] at a chosen 2 MiB-aligned address (`MAP_FIXED_NOREPLACE`:
+    /// fails rather than replace a mapping), or anywhere if `None`.
+    pub fn map_text_at(file: &std::fs::File, at: Option<usize>) -> io::Result<usize> {
+        let (at, fixed) = match at {
+            Some(at) if at % THP_SIZE == 0 => (at, libc::MAP_FIXED_NOREPLACE),
+            Some(_) => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+            None => (reserve_window()?, libc::MAP_FIXED),
+        };
+        // SAFETY: maps over our own reservation, or where nothing is mapped.
         unsafe {
             let p = libc::mmap(
                 at as *mut libc::c_void,
                 THP_SIZE,
                 libc::PROT_READ | libc::PROT_EXEC,
-                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                libc::MAP_PRIVATE | fixed,
                 file.as_raw_fd(),
                 0,
             );
-            if p == libc::MAP_FAILED || libc::madvise(p, THP_SIZE, libc::MADV_HUGEPAGE) != 0 {
+            if p == libc::MAP_FAILED || p as usize != at || libc::madvise(p, THP_SIZE, libc::MADV_HUGEPAGE) != 0 {
                 return Err(io::Error::last_os_error());
             }
         }

@@ -16,26 +16,46 @@ pub struct Target {
 impl Target {
     /// Start `thp-target` with `args` and wait for its `ready` line.
     pub fn spawn(args: &[&str]) -> Result<Self, String> {
-        let mut child = Command::new("thp-target")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("spawning thp-target: {e}"))?;
+        Self::spawn_as(None, args)
+    }
+
+    /// [`Target::spawn`] as user `uid` (and its group), if given.
+    pub fn spawn_as(uid: Option<u32>, args: &[&str]) -> Result<Self, String> {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new("thp-target");
+        cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped());
+        if let Some(uid) = uid {
+            cmd.gid(uid).uid(uid);
+        }
+        let mut child = cmd.spawn().map_err(|e| format!("spawning thp-target: {e}"))?;
         let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut t = Self { child, stdin, stdout, pid: 0, addr: 0, file: String::new() };
+        t.read_ready()?;
+        Ok(t)
+    }
+
+    /// Read a `ready pid=P addr=A file=F` line into `self`.
+    fn read_ready(&mut self) -> Result<(), String> {
         let mut line = String::new();
-        stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+        self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
         let field = |key: &str| {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(key))
                 .map(str::to_string)
                 .ok_or_else(|| format!("thp-target said {line:?}"))
         };
-        let pid = field("pid=")?.parse().map_err(|_| "bad pid".to_string())?;
-        let addr = crate::parse_number(&field("addr=")?).ok_or("bad addr")?;
-        let file = field("file=")?;
-        Ok(Self { child, stdin, stdout, pid, addr, file })
+        self.pid = field("pid=")?.parse().map_err(|_| "bad pid".to_string())?;
+        self.addr = crate::parse_number(&field("addr=")?).ok_or("bad addr")?;
+        self.file = field("file=")?;
+        Ok(())
+    }
+
+    /// Have the target exec `exe args` (an `exec-suid` command, no extra
+    /// descriptors) and wait until the new image is ready.
+    pub fn exec(&mut self, exe: &str, args: &[&str]) -> Result<(), String> {
+        self.send(&format!("exec-suid {exe} 0 {}", args.join(" ")))?;
+        self.read_ready()
     }
 
     /// What the function at the start of text page `page` returns now.

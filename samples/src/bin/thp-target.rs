@@ -22,10 +22,12 @@
 //!              `pageout ok` once pagemap shows it swapped
 //!   remap-data N → unmaps the text, maps another file private and writable
 //!              at the same address and writes 0x22 at byte 100 of page N
-//!   exec-suid PATH FDS → opens FDS close-on-exec descriptors (closing them
-//!              makes execve() slow) and execs PATH
+//!   exec-suid PATH FDS [ARG...] → opens FDS close-on-exec descriptors
+//!              (closing them makes execve() slow) and execs PATH ARG...
 //!   quit     → exits (so does end of input)
 //!
+//! With `--at ADDR`, the text is mapped at ADDR (2 MiB-aligned), so that
+//! an image exec'd with the same arguments has its text where this one had.
 //! With `--spin`, a thread keeps calling page 0's function, so the text is hot.
 //! With `--check-threads N --check-pages P`, N threads keep calling the
 //! functions of pages 0..P and abort (exit 3) if one ever returns anything
@@ -149,17 +151,19 @@ fn main() {
     );
     let mut spin = false;
     let mut chaos = false;
+    let mut at = None;
     let (mut check_threads, mut check_pages) = (0usize, 1usize);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--file" => path = args.next().unwrap_or_else(|| die("--file needs a path")),
+            "--at" => at = Some(args.next().and_then(|a| hugepoke::parse_number(&a)).unwrap_or_else(|| die("--at ADDR")) as usize),
             "--spin" => spin = true,
             "--chaos" => chaos = true,
             "--check-threads" => check_threads = args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| die("--check-threads N")),
             "--check-pages" => check_pages = args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| die("--check-pages P")),
             _ => {
-                eprintln!("usage: thp-target [--file PATH] [--spin] [--check-threads N --check-pages P]");
+                eprintln!("usage: thp-target [--file PATH] [--at ADDR] [--spin] [--chaos] [--check-threads N --check-pages P]");
                 std::process::exit(2);
             }
         }
@@ -175,7 +179,7 @@ fn main() {
         eprintln!("thp-target: opening {path}: {e}");
         std::process::exit(1)
     });
-    let base = hugepoke::thp::map_text(&file).unwrap_or_else(|_| die("mapping the text"));
+    let base = hugepoke::thp::map_text_at(&file, at).unwrap_or_else(|_| die("mapping the text"));
     // Fault the text in (a PMD mapping when the page cache holds a THP).
     let v = call(base, 0);
     assert_eq!(v, text::original_value(0));
@@ -306,7 +310,7 @@ fn main() {
             (Some("exec-suid"), _) => {
                 let mut w = line.split_whitespace().skip(1);
                 let (Some(exe), Some(fds)) = (w.next(), w.next().and_then(|n| n.parse::<usize>().ok())) else {
-                    let _ = writeln!(out, "error: exec-suid PATH FDS");
+                    let _ = writeln!(out, "error: exec-suid PATH FDS [ARG...]");
                     continue;
                 };
                 // SAFETY: getrlimit/setrlimit on our own limits: the soft
@@ -323,7 +327,7 @@ fn main() {
                 }
                 let _ = out.flush();
                 use std::os::unix::process::CommandExt;
-                let err = std::process::Command::new(exe).exec();
+                let err = std::process::Command::new(exe).args(w).exec();
                 let _ = writeln!(out, "error: exec: {err}");
             }
             (Some("quit"), _) => break,

@@ -18,11 +18,13 @@ mod foundation;
 mod hardening;
 mod identity;
 mod mechanism;
+mod races;
 
 use foundation::*;
 use hardening::*;
 use identity::*;
 use mechanism::*;
+use races::*;
 
 const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("module_is_loaded", module_is_loaded),
@@ -55,6 +57,10 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("uffd_wp_on_pmd_mapped_text_is_never_written_through", uffd_wp_on_pmd_mapped_text_is_never_written_through),
     ("killed_restore_keeps_the_patch", killed_restore_keeps_the_patch),
     ("rmmod_waits_for_the_last_close", rmmod_waits_for_the_last_close),
+    ("execve_during_patch_never_patches_the_new_image", execve_during_patch_never_patches_the_new_image),
+    ("expect_is_checked_in_the_step_that_writes", expect_is_checked_in_the_step_that_writes),
+    ("a_parked_patch_does_not_stall_other_targets", a_parked_patch_does_not_stall_other_targets),
+    ("last_mm_reference_is_dropped_by_a_worker", last_mm_reference_is_dropped_by_a_worker),
     // Last: they unload and reload the module.
     ("module_unload_restores_persistent_patches", module_unload_restores_persistent_patches),
     ("unload_after_collapse_leaks_nothing", unload_after_collapse_leaks_nothing),

@@ -1,0 +1,284 @@
+//! Races that are microseconds wide, made certain: the module's `pause`
+//! hook (debugfs) parks a PATCH at a named point while the test makes the
+//! change a racer would make — an `execve()` of a setuid image, a write to
+//! the text's file, another target's PATCH, the target's exit.
+
+use crate::common::*;
+use crate::TestResult;
+use std::sync::mpsc;
+
+const PAUSE: &str = "/sys/kernel/debug/hugepoke/pause";
+
+/// Arms a pause point; on drop, disarms it and releases whatever is parked,
+/// so that a failing test leaves no PATCH parked behind it.
+struct Pause;
+
+impl Pause {
+    fn arm(point: &str) -> Result<Self, String> {
+        io(std::fs::write(PAUSE, point))?;
+        Ok(Pause)
+    }
+
+    /// Wait until a PATCH is parked at `point`.
+    fn wait_parked(&self, point: &str) -> Result<Duration, String> {
+        let want = format!("parked {point}");
+        wait_for(&want, Duration::from_secs(60), || Ok(io(proc::debugfs("pause"))?.starts_with(&want)))
+    }
+
+    fn release(&self) -> TestResult {
+        io(std::fs::write(PAUSE, "go"))
+    }
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        let _ = std::fs::write(PAUSE, "off");
+        let _ = std::fs::write(PAUSE, "go");
+    }
+}
+
+/// What a PATCH made on another thread returned, and that thread's id.
+/// The open file is the test's: its patches live until the `Patcher` is
+/// dropped.
+struct Patcher {
+    rx: mpsc::Receiver<(i32, std::io::Result<u64>)>,
+    _dev: std::sync::Arc<Device>,
+}
+
+impl Patcher {
+    /// PATCH `req` from a new thread with its own open file of the device,
+    /// as user and group `uid` if given (for that thread alone: the raw
+    /// syscalls change one thread's credentials, unlike libc's).
+    fn start(req: PatchRequest, uid: Option<u32>) -> Result<Self, String> {
+        let dev = std::sync::Arc::new(io(Device::open())?);
+        let (tx, rx) = mpsc::channel();
+        let ours = dev.clone();
+        std::thread::spawn(move || {
+            // SAFETY: gettid and per-thread credential changes of our own thread.
+            let tid = unsafe { libc::gettid() };
+            if let Some(id) = uid {
+                // SAFETY: as above.
+                let dropped = unsafe {
+                    libc::syscall(libc::SYS_setresgid, id, id, id) == 0 && libc::syscall(libc::SYS_setresuid, id, id, id) == 0
+                };
+                if !dropped {
+                    let _ = tx.send((tid, Err(std::io::Error::last_os_error())));
+                    return;
+                }
+            }
+            let result = dev.patch(&req);
+            let _ = tx.send((tid, result));
+        });
+        Ok(Self { rx, _dev: ours })
+    }
+
+    fn finish(&self, limit: Duration) -> Result<(i32, std::io::Result<u64>), String> {
+        self.rx.recv_timeout(limit).map_err(|_| format!("the parked PATCH did not return within {limit:?}"))
+    }
+}
+
+/// The setuid window: PATCH checks that its caller may ptrace the target
+/// and takes the target's mm in one step (`mm_access`, under the target's
+/// `exec_update_lock`).  An `execve()` of a setuid image right after that
+/// step must not let the PATCH reach the new image: it may only ever write
+/// into the address space it was allowed to.  The new image maps the same
+/// text file at the same address, so a PATCH that looked the mm up again
+/// would land in it.
+pub(crate) fn execve_during_patch_never_patches_the_new_image() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    const PAGE: usize = 44;
+    const AT: &str = "0x200000000000";
+    let thp_dir = std::env::var("HUGEPOKE_THP_DIR").map_err(|_| "HUGEPOKE_THP_DIR not set")?;
+    let dir = format!("{thp_dir}/suid");
+    io(std::fs::create_dir_all(&dir))?;
+    io(std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)))?;
+    let exe = io(std::env::current_exe())?.with_file_name("thp-target");
+    let suid = format!("{dir}/thp-target");
+    io(std::fs::copy(&exe, &suid))?;
+    io(std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)))?;
+    let text = format!("{dir}/text.bin");
+    io(std::fs::write(&text, text::blob()))?;
+    io(std::fs::set_permissions(&text, std::fs::Permissions::from_mode(0o644)))?;
+
+    let args = ["--file", text.as_str(), "--at", AT];
+    let mut t = Target::spawn_as(Some(1000), &args)?;
+    thp_head(&t)?;
+    let pause = Pause::arm("resolved")?;
+    let patcher = Patcher::start(patch_req(&t, PAGE, 4444), Some(1000))?;
+    pause.wait_parked("resolved")?;
+
+    let (pid, addr) = (t.pid, t.addr);
+    t.exec(&suid, &args)?;
+    ensure!(t.pid == pid && t.addr == addr, "the new image is pid {} text {:#x}, not {pid} {addr:#x}", t.pid, t.addr);
+    let status = io(std::fs::read_to_string(format!("/proc/{pid}/status")))?;
+    let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or_default().to_string();
+    ensure!(uids.split_whitespace().nth(2) == Some("0"), "the new image is not setuid root ({uids}): the test tests nothing");
+    thp_head(&t)?;
+
+    pause.release()?;
+    let (_, result) = patcher.finish(Duration::from_secs(60))?;
+    let value = t.call(PAGE)?;
+    ensure!(
+        value == text::original_value(PAGE),
+        "the setuid image runs {value}, not {}: the PATCH ({result:?}) reached the image exec'd after its check",
+        text::original_value(PAGE)
+    );
+    let s = smaps(&t)?;
+    ensure!(s.kb("Anonymous") == 0, "the new image's text has anonymous pages: {s:?}");
+    // The PATCH went to the old image's address space, which nothing runs
+    // any more, or found it gone.
+    match result {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+        Err(e) => return Err(format!("PATCH returned {e}: expected success on the old image or ESRCH")),
+    }
+    drop(t);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// PATCH_EXPECT is compared with the bytes read under the page-table lock,
+/// in the step that writes: a change made after PATCH's early (cheap) read
+/// — here a write to the text's file, which changes the page-cache page the
+/// COW copies — turns the PATCH into EILSEQ, and the target runs the
+/// changed bytes, not the patch.
+pub(crate) fn expect_is_checked_in_the_step_that_writes() -> TestResult {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 21;
+    let thp_dir = std::env::var("HUGEPOKE_THP_DIR").map_err(|_| "HUGEPOKE_THP_DIR not set")?;
+    let file = format!("{thp_dir}/expect-race.bin");
+    io(std::fs::write(&file, text::blob()))?;
+    let mut t = Target::spawn(&["--file", &file])?;
+    thp_head(&t)?;
+    let original = text::mov_eax_ret(text::original_value(PAGE));
+    let theirs = text::mov_eax_ret(7777);
+    ensure!(read_mem(t.pid, t.page_addr(PAGE), original.len())? == original, "page {PAGE} does not hold its original code");
+
+    let pause = Pause::arm("checked")?;
+    let req = PatchRequest { expect: Some(original.to_vec()), ..patch_req(&t, PAGE, 2121) };
+    let patcher = Patcher::start(req, None)?;
+    pause.wait_parked("checked")?;
+    // Someone else changes the bytes now, after the early read.
+    let f = io(std::fs::OpenOptions::new().write(true).open(&file))?;
+    io(f.write_all_at(&theirs, (PAGE * text::PAGE) as u64))?;
+    drop(f);
+    pause.release()?;
+    let (_, result) = patcher.finish(Duration::from_secs(60))?;
+
+    ensure!(
+        result.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EILSEQ),
+        "PATCH with stale expected bytes returned {result:?}, not EILSEQ"
+    );
+    let value = t.call(PAGE)?;
+    ensure!(value == 7777, "page {PAGE} runs {value}: expected the bytes written to the file (7777), not the patch");
+    drop(t);
+    let _ = std::fs::remove_file(&file);
+    Ok(())
+}
+
+/// One target's PATCH parked in the middle (holding that target's lock and
+/// its mmap lock, as a PATCH waiting on a slow fault would) stalls nothing
+/// else: another target is patched, queried and restored, and debugfs
+/// `patches` is read, while it waits.
+pub(crate) fn a_parked_patch_does_not_stall_other_targets() -> TestResult {
+    let mut slow = Target::spawn(&[])?;
+    let mut other = Target::spawn(&[])?;
+    thp_head(&slow)?;
+    thp_head(&other)?;
+    let pause = Pause::arm("checked")?;
+    let patcher = Patcher::start(patch_req(&slow, 50, 5050), None)?;
+    pause.wait_parked("checked")?;
+
+    let (tx, rx) = mpsc::channel();
+    let req = patch_req(&other, 51, 5151);
+    let worker = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let tid = worker.clone();
+    std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid.store(unsafe { libc::gettid() }, std::sync::atomic::Ordering::SeqCst);
+        let work = || -> Result<String, String> {
+            let dev = io(Device::open())?;
+            let h = io(dev.patch(&req))?;
+            io(dev.query(h))?;
+            let listed = io(proc::debugfs("patches"))?;
+            io(dev.restore(h))?;
+            Ok(listed)
+        };
+        let _ = tx.send(work());
+    });
+    let start = Instant::now();
+    let other_done = rx.recv_timeout(Duration::from_secs(30));
+    let waited = start.elapsed();
+    let tid = worker.load(std::sync::atomic::Ordering::SeqCst);
+    let stack = std::fs::read_to_string(format!("/proc/self/task/{tid}/stack")).unwrap_or_default();
+    let journal = proc::debugfs("events").unwrap_or_default();
+    let tail: Vec<&str> = journal.lines().rev().take(8).collect();
+    pause.release()?;
+    let (_, slow_result) = patcher.finish(Duration::from_secs(60))?;
+    let listed = match other_done {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(format!(
+                "PATCH/QUERY/RESTORE of another target did not finish in {waited:?} while one PATCH was parked;\n\
+                 its kernel stack:\n{stack}last events (newest first):\n{}",
+                tail.join("\n")
+            ))
+        }
+    };
+    ensure!(listed.contains("busy"), "debugfs patches did not say the parked target is busy:\n{listed}");
+    io(slow_result)?;
+    drop(patcher);
+    ensure!(other.call(51)? == text::original_value(51), "the other target's patch was not restored");
+    ensure!(slow.call(50)? == text::original_value(50), "the parked PATCH's patch outlived its file");
+    Ok(())
+}
+
+/// The last reference to a target's address space may be PATCH's own (the
+/// target exited while PATCH ran).  Dropping it tears the whole address
+/// space down (`exit_mmap`); that must happen in a worker (`mmput_async`),
+/// never on the ioctl path under the target's lock.  Seen through the
+/// `kmem:rss_stat` trace event: the teardown's counters reach zero, and
+/// the event names the task that did it.
+pub(crate) fn last_mm_reference_is_dropped_by_a_worker() -> TestResult {
+    let tracing = "/sys/kernel/debug/tracing";
+    let event = format!("{tracing}/events/kmem/rss_stat");
+    if !std::path::Path::new(&event).exists() {
+        return Err(format!("no {event}: is tracefs mounted?"));
+    }
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let pause = Pause::arm("resolved")?;
+    let patcher = Patcher::start(patch_req(&t, 60, 6060), None)?;
+    pause.wait_parked("resolved")?;
+    t.kill();
+
+    // MM_FILEPAGES (member 0) at zero: only a teardown gets there (the
+    // target maps its binary and libc); PATCH's PMD split can empty the
+    // shmem counter for a moment, so that one does not count.
+    io(std::fs::write(format!("{event}/filter"), "member == 0 && size == 0"))?;
+    io(std::fs::write(format!("{event}/enable"), "1"))?;
+    io(std::fs::write(format!("{tracing}/trace"), ""))?;
+    pause.release()?;
+    let (tid, result) = patcher.finish(Duration::from_secs(60))?;
+    // Who brought some counter of some mm to zero: `comm-tid` of each event.
+    let zeroed_by = || -> Result<Vec<String>, String> {
+        Ok(io(std::fs::read_to_string(format!("{tracing}/trace")))?
+            .lines()
+            .filter(|l| l.contains("rss_stat:"))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect())
+    };
+    let waited = wait_for("an address space torn down by a kworker", Duration::from_secs(30), || {
+        Ok(zeroed_by()?.iter().any(|who| who.starts_with("kworker")))
+    });
+    let tasks = zeroed_by()?;
+    io(std::fs::write(format!("{event}/enable"), "0"))?;
+    io(std::fs::write(format!("{event}/filter"), "0"))?;
+    let ours = format!("-{tid}");
+    ensure!(
+        !tasks.iter().any(|who| who.ends_with(&ours)),
+        "the PATCH thread (tid {tid}) tore the address space down itself (PATCH: {result:?}); counters zeroed by {tasks:?}"
+    );
+    waited.map_err(|e| format!("{e}; counters zeroed by {tasks:?} (PATCH: {result:?})"))?;
+    Ok(())
+}
