@@ -21,6 +21,7 @@ use kernel::{
 
 use crate::{
     journal::{Event, Step},
+    live::{self, Live},
     sys::{self, PMD_SIZE},
     table::{Site, Target, TargetState},
     Hugepoke,
@@ -41,6 +42,7 @@ pub(crate) struct CollapseWork {
     haddr: usize,
     key: RangeKey,
     install_pmd: bool,
+    _live: Live,
     #[pin]
     work: Work<CollapseWork>,
 }
@@ -79,6 +81,7 @@ pub(crate) fn queue_collapse(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &m
             haddr,
             key,
             install_pmd,
+            _live: Live::new(&live::WORKS),
             work <- new_work!("hugepoke::collapse"),
         }),
         GFP_KERNEL,

@@ -24,6 +24,7 @@ use kernel::{
 use crate::{
     collapse,
     journal::{Event, Step},
+    live::{self, Live},
     pause::Point,
     sys::{self, Mapping, PageRef, Process, PAGE_MASK, PAGE_SIZE, PMD_MASK},
     table::{self, Owner, Site, Target, TargetState},
@@ -661,6 +662,7 @@ struct RestoreWork {
     hugepoke: Arc<Hugepoke>,
     owner: Owner,
     closing: Closing,
+    _live: Live,
     #[pin]
     done: Completion,
     #[pin]
@@ -688,6 +690,7 @@ pub(crate) fn restore_owned(hp: &Arc<Hugepoke>, owner: Owner, closing: Closing) 
             hugepoke: hp.clone(),
             owner,
             closing,
+            _live: Live::new(&live::WORKS),
             done <- Completion::new(),
             work <- new_work!("hugepoke::restore"),
         }),

@@ -30,7 +30,11 @@ use kernel::{
     mm::{Mm, MmWithUser, MmWithUserAsync},
     new_mutex, prelude::*, sync::aref::ARef, sync::Arc, sync::Mutex};
 
-use crate::{sys, uapi::MAX_BYTES};
+use crate::{
+    live::{self, Live},
+    sys,
+    uapi::MAX_BYTES,
+};
 
 /// Who owns a patch: the open file that made it, or nobody (persistent).
 pub(crate) type Owner = Option<u64>;
@@ -187,6 +191,7 @@ pub(crate) struct Target {
     pub(crate) mm: ARef<Mm>,
     #[pin]
     pub(crate) state: Mutex<TargetState>,
+    _live: Live,
 }
 
 pub(crate) struct TargetState {
@@ -206,6 +211,7 @@ impl Target {
                     TargetState { patches: Patches::new(), pending_collapses: KVec::new(), retired: false },
                     "hugepoke_target"
                 ),
+                _live: Live::new(&live::TARGETS),
             }),
             GFP_KERNEL,
         )
