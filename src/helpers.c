@@ -8,6 +8,7 @@
 
 #include <linux/highmem.h>
 #include <linux/mm.h>
+#include <linux/mmap_lock.h>
 #include <linux/mmu_notifier.h>
 #include <linux/module.h>
 #include <linux/pagemap.h>
@@ -17,6 +18,18 @@
 #include <linux/userfaultfd_k.h>
 
 #include "helpers.h"
+
+/* The mmap lock, for writing (the Rust `mm` module takes it for reading only). */
+
+int hugepoke_mmap_write_lock_killable(struct mm_struct *mm)
+{
+	return mmap_write_lock_killable(mm);
+}
+
+void hugepoke_mmap_write_unlock(struct mm_struct *mm)
+{
+	mmap_write_unlock(mm);
+}
 
 /* Pages and folios. */
 

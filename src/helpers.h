@@ -39,6 +39,8 @@ void hugepoke_invalidate_end(struct mmu_notifier_range *range);
 bool hugepoke_uffd_armed(struct vm_area_struct *vma);
 bool hugepoke_uffd_missing(struct vm_area_struct *vma);
 bool hugepoke_uffd_wp(struct vm_area_struct *vma);
+int hugepoke_mmap_write_lock_killable(struct mm_struct *mm);
+void hugepoke_mmap_write_unlock(struct mm_struct *mm);
 bool hugepoke_module_get(void);
 void hugepoke_module_put(void);
 

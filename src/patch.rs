@@ -13,7 +13,7 @@
 //! by its identity (file, page offset), wherever the target maps it now.
 
 use kernel::{
-    mm::{virt::VmaRef, MmWithUser, MmapReadGuard},
+    mm::{virt::VmaRef, MmWithUser},
     new_work,
     prelude::*,
     sync::{Arc, Completion},
@@ -26,7 +26,7 @@ use crate::{
     journal::{Event, Step},
     live::{self, Live},
     pause::Point,
-    sys::{self, Mapping, PageRef, Process, PAGE_MASK, PAGE_SIZE, PMD_MASK},
+    sys::{self, Mapping, MmapWriteGuard, PageRef, Process, PAGE_MASK, PAGE_SIZE, PMD_MASK},
     table::{self, Owner, Site, Target, TargetState},
     uapi::{self, PatchArgs, MAX_BYTES},
     Hugepoke,
@@ -105,7 +105,7 @@ pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, args: &PatchArgs) -> Result<
         hp.journal.fail(ev(Step::ResolveTarget), e, why)
     })?;
     hp.journal.record(ev(Step::ResolveTarget));
-    hp.pauses.at(Point::Resolved, &hp.journal);
+    hp.pauses.at(Point::Resolved, args.pid, &hp.journal);
     let pid = process.tgid();
 
     loop {
@@ -165,7 +165,9 @@ fn patch_locked(
         .reserve()
         .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
 
-    let guard = mm.mmap_read_lock();
+    // For writing, as uprobes: see `MmapWriteGuard`.
+    let guard = MmapWriteGuard::lock_killable(mm)
+        .map_err(|e| hp.journal.fail(ev(Step::CheckVma), e, "fatal signal while waiting for the target's mmap lock"))?;
     let vma = guard
         .vma_lookup(addr)
         .ok_or_else(|| hp.journal.fail(ev(Step::CheckVma), EFAULT, "address is not mapped"))?;
@@ -183,7 +185,7 @@ fn patch_locked(
     // page-table lock, in the step that writes.
     let expect = (args.flags & uapi::PATCH_EXPECT != 0).then_some(&args.expect[..len]);
     if let Some(expect) = expect {
-        let page = sys::get_user_page(mm, &guard, page_addr, sys::FOLL_FORCE)
+        let page = guard.get_user_page(page_addr, sys::FOLL_FORCE)
             .map_err(|e| hp.journal.fail(ev(Step::CheckExpected), e, "cannot read the target page"))?;
         let mut now = [0u8; MAX_BYTES];
         page.read(offset, &mut now[..len]);
@@ -192,7 +194,7 @@ fn patch_locked(
         }
     }
 
-    hp.pauses.at(Point::Checked, &hp.journal);
+    hp.pauses.at(Point::Checked, args.pid, &hp.journal);
 
     let before = sys::mapping_of(vma, page_addr);
     let mut site = Site {
@@ -209,7 +211,7 @@ fn patch_locked(
         pfn: 0,
         pmd_mappable: false,
     };
-    match write_bytes(hp, mm, &guard, vma, &mut site, expect, before) {
+    match write_bytes(hp, &guard, vma, &mut site, expect, before) {
         Ok(()) => {}
         Err(WriteError::Failed(e)) => return Err(e),
         Err(WriteError::NotExpected) => {
@@ -252,8 +254,7 @@ enum WriteError {
 /// anonymous page.  Fills `site.orig` and `site.pfn`.
 fn write_bytes(
     hp: &Hugepoke,
-    mm: &MmWithUser,
-    guard: &MmapReadGuard<'_>,
+    guard: &MmapWriteGuard<'_>,
     vma: &VmaRef,
     site: &mut Site,
     expect: Option<&[u8]>,
@@ -265,7 +266,7 @@ fn write_bytes(
     let gup_flags = sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD;
 
     for attempt in 0..MAX_TRIES {
-        let page = sys::get_user_page(mm, guard, page_addr, gup_flags)
+        let page = guard.get_user_page(page_addr, gup_flags)
             .map_err(|e| WriteError::Failed(hp.journal.fail(ev(Step::SplitPmd), e, "get_user_pages_remote failed")))?;
         if attempt == 0 {
             // FOLL_SPLIT_PMD split only the PMD: the THP stays whole in the
@@ -303,9 +304,8 @@ fn write_bytes(
         }
         // Unmap and flush, so no CPU executes the page half-written and no
         // fault maps it between our read and our write.  (A write through a
-        // reference taken earlier — /proc/PID/mem's kmap — is not excluded:
-        // uprobes holds the mmap lock for write for that; we hold it for
-        // read.)
+        // reference taken earlier — /proc/PID/mem's kmap — is excluded by
+        // the mmap lock, which we hold for writing.)
         pte.unmap();
         pte.read(offset, &mut site.orig[..len]);
         site.pfn = page.pfn();
@@ -356,15 +356,17 @@ fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site
     let mut held: Option<(usize, PageRef)> = None;
 
     for _ in 0..MAX_TRIES {
-        let guard = mm.mmap_read_lock();
+        let guard = MmapWriteGuard::lock_killable(mm)
+            .map_err(|e| Refused::Kept(e, "fatal signal while waiting for the target's mmap lock"))?;
+        hp.pauses.at(Point::Restore, site.pid, &hp.journal);
         let found = match held.take() {
-            Some((page_addr, page)) => still_mapped_at(mm, &guard, site, page_addr).map(|vma| (vma, page_addr, page)),
+            Some((page_addr, page)) => still_mapped_at(&guard, site, page_addr).map(|vma| (vma, page_addr, page)),
             None => None,
         };
         let reused = found.is_some();
         let (vma, page_addr, page) = match found {
             Some(found) => found,
-            None => find_anon_copy(mm, &guard, site)?,
+            None => find_anon_copy(&guard, site)?,
         };
         let page = if reused || gup_flags & sys::FOLL_WRITE == 0 {
             page
@@ -372,7 +374,7 @@ fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site
             // Fault it writable now (uffd-wp, or shared after fork()): only
             // this page, only in this mapping.
             drop(page);
-            match sys::get_user_page(mm, &guard, page_addr, gup_flags) {
+            match guard.get_user_page(page_addr, gup_flags) {
                 Ok(p) if p.is_anon() => p,
                 Ok(_) => continue,
                 Err(e) => return Err(Refused::Kept(e, "cannot fault the page in for writing")),
@@ -476,8 +478,8 @@ fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site
 /// The VMA at `page_addr`, if it still maps `site`'s file page there and
 /// RESTORE may write into it.  (Whether the PTE still maps the page we hold
 /// is for `lock_pte` to say.)
-fn still_mapped_at<'a>(mm: &MmWithUser, guard: &'a MmapReadGuard<'_>, site: &Site, page_addr: usize) -> Option<&'a VmaRef> {
-    let vma = sys::find_vma(mm, guard, page_addr)?;
+fn still_mapped_at<'a>(guard: &'a MmapWriteGuard<'_>, site: &Site, page_addr: usize) -> Option<&'a VmaRef> {
+    let vma = guard.find_vma(page_addr)?;
     let info = sys::vma_info(vma);
     let at = table::address_in(site, &info)? & PAGE_MASK;
     (at == page_addr && table::check_restore_vma(&info).is_ok()).then_some(vma)
@@ -491,15 +493,14 @@ fn still_mapped_at<'a>(mm: &MmWithUser, guard: &'a MmapReadGuard<'_>, site: &Sit
 /// (its PFN), else the one at the address PATCH wrote; if there are several
 /// and neither tells, it refuses rather than guess.
 fn find_anon_copy<'a>(
-    mm: &MmWithUser,
-    guard: &'a MmapReadGuard<'_>,
+    guard: &'a MmapWriteGuard<'_>,
     site: &Site,
 ) -> Result<(&'a VmaRef, usize, PageRef), Refused> {
     let made_at = site.addr & PAGE_MASK;
     let (mut cursor, mut mapped, mut copies) = (0, false, 0);
     let (mut refused, mut error) = (None, None);
     let mut best: Option<(u8, &'a VmaRef, usize, PageRef)> = None;
-    while let Some(vma) = sys::find_vma(mm, guard, cursor) {
+    while let Some(vma) = guard.find_vma(cursor) {
         cursor = vma.end();
         let info = sys::vma_info(vma);
         let Some(page_addr) = table::address_in(site, &info).map(|a| a & PAGE_MASK) else {
@@ -508,7 +509,7 @@ fn find_anon_copy<'a>(
         mapped = true;
         // One mapping that cannot be faulted in (uffd, a guard region, past
         // EOF) says nothing about the others.
-        let page = match sys::get_user_page(mm, guard, page_addr, sys::FOLL_FORCE) {
+        let page = match guard.get_user_page(page_addr, sys::FOLL_FORCE) {
             Ok(page) => page,
             Err(e) => {
                 error = Some(e);
@@ -640,11 +641,16 @@ fn restore_and_settle(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut Targ
 fn restore_all(hp: &Arc<Hugepoke>, owner: Owner, closing: Closing) {
     // Only the targets this owner patched: one busy elsewhere (a PATCH
     // waiting on a slow fault) must not hold up this file's close.
-    let Ok(targets) = hp.registry.lock().targets_of(owner) else { return };
+    let no_memory = || {
+        let why = "no memory to list the patches: left in place (RESTORE by handle, or unload, restores them)";
+        hp.journal.record(Event::new(Step::Restore).error(ENOMEM, why));
+    };
+    let Ok(targets) = hp.registry.lock().targets_of(owner) else { return no_memory() };
     for target in targets.iter() {
         let mut state = target.state.lock();
         let mut handles = KVec::new();
         if state.patches.handles_of(owner, &mut handles).is_err() {
+            no_memory();
             continue;
         }
         for handle in handles {

@@ -5,11 +5,14 @@
 //! would make (an `execve()`, a write to the file, another target's PATCH)
 //! inside a window that is otherwise microseconds wide, every time.
 //!
-//! `echo POINT > pause` arms the point (one shot), `echo go > pause`
-//! releases what is parked there; reading says `idle`, `armed POINT` or
-//! `parked POINT pid=P`.  Disarmed, a point costs one uncontended mutex.
-//! A parked PATCH gives up after [`PARK_LIMIT_MS`] or on a signal, and
-//! goes on: the hook can delay an operation, never change its outcome.
+//! `echo POINT PID > pause` arms the point (one shot) for operations on
+//! target PID only, `echo go > pause` releases what is parked there;
+//! reading says `idle`, `armed POINT pid=P` or `parked POINT pid=P`.
+//! Disarmed, a point costs one uncontended mutex.  A parked operation
+//! gives up after [`PARK_LIMIT_MS`] or on a signal, and goes on: the hook
+//! can delay an operation, never change its outcome.  While parked at
+//! `checked` or `restore` it holds the target's locks (its mmap lock for
+//! writing): that target stalls, as it would behind a slow fault.
 //!
 //! `Pauses::state` is a leaf lock, never held while parked.
 
@@ -22,10 +25,7 @@ use kernel::{
     uaccess::UserSliceReader,
 };
 
-use crate::{
-    journal::{Event, Journal, Step},
-    sys,
-};
+use crate::journal::{Event, Journal, Step};
 
 /// The longest a PATCH stays parked.
 const PARK_LIMIT_MS: u32 = 60_000;
@@ -38,6 +38,9 @@ pub(crate) enum Point {
     /// The target's state lock and mmap lock are held, the VMA is checked
     /// and PATCH_EXPECT's cheap early read passed; nothing written yet.
     Checked,
+    /// RESTORE: the target's state lock and mmap lock are held; the
+    /// patched page is not looked up yet.
+    Restore,
 }
 
 impl Point {
@@ -45,18 +48,20 @@ impl Point {
         match self {
             Point::Resolved => "resolved",
             Point::Checked => "checked",
+            Point::Restore => "restore",
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [Point::Resolved, Point::Checked].into_iter().find(|p| p.name() == s)
+        [Point::Resolved, Point::Checked, Point::Restore].into_iter().find(|p| p.name() == s)
     }
 }
 
 #[derive(Default)]
 struct PauseState {
-    armed: Option<Point>,
-    /// The point a PATCH is parked at, and the caller's tgid.
+    /// The point armed, for operations on this target pid.
+    armed: Option<(Point, i32)>,
+    /// The point an operation is parked at, and its target pid.
     parked: Option<(Point, i32)>,
     /// Bumped by `go`: a parked PATCH leaves when it changes.
     releases: u64,
@@ -78,17 +83,17 @@ impl Pauses {
         })
     }
 
-    /// Park here if `point` is armed; returns when released, after
-    /// [`PARK_LIMIT_MS`] or on a signal.
-    pub(crate) fn at(&self, point: Point, journal: &Journal) {
+    /// Park here if `point` is armed for target `pid`; returns when
+    /// released, after [`PARK_LIMIT_MS`] or on a signal.
+    pub(crate) fn at(&self, point: Point, pid: i32, journal: &Journal) {
         let mut state = self.state.lock();
-        if state.armed != Some(point) || state.parked.is_some() {
+        if state.armed != Some((point, pid)) || state.parked.is_some() {
             return;
         }
         state.armed = None;
-        state.parked = Some((point, sys::current_tgid()));
+        state.parked = Some((point, pid));
         let releases = state.releases;
-        journal.record(Event::new(Step::Pause).note(point.name()));
+        journal.record(Event::new(Step::Pause).pid(pid).note(point.name()));
         let mut left = msecs_to_jiffies(PARK_LIMIT_MS);
         let why = loop {
             match self.changed.wait_interruptible_timeout(&mut state, left) {
@@ -100,7 +105,7 @@ impl Pauses {
         };
         state.parked = None;
         drop(state);
-        journal.record(Event::new(Step::Resume).note(why));
+        journal.record(Event::new(Step::Resume).pid(pid).note(why));
     }
 
     /// `pause` read: what is armed or parked.
@@ -108,29 +113,35 @@ impl Pauses {
         let state = self.state.lock();
         match (state.parked, state.armed) {
             (Some((p, pid)), _) => writeln!(f, "parked {} pid={pid}", p.name()),
-            (None, Some(p)) => writeln!(f, "armed {}", p.name()),
+            (None, Some((p, pid))) => writeln!(f, "armed {} pid={pid}", p.name()),
             (None, None) => writeln!(f, "idle"),
         }
     }
 
-    /// `pause` write: `POINT` arms it, `go` releases what is parked,
+    /// `pause` write: `POINT PID` arms it, `go` releases what is parked,
     /// `off` disarms.
     pub(crate) fn command(&self, reader: &mut UserSliceReader) -> Result {
-        let mut buf = [0u8; 16];
+        let mut buf = [0u8; 32];
         let n = reader.len();
         if n > buf.len() {
             return Err(EINVAL);
         }
         reader.read_slice(&mut buf[..n])?;
-        let word = core::str::from_utf8(&buf[..n]).map_err(|_| EINVAL)?.trim();
+        let mut words = core::str::from_utf8(&buf[..n]).map_err(|_| EINVAL)?.split_whitespace();
+        let (word, pid) = (words.next().ok_or(EINVAL)?, words.next());
         let mut state = self.state.lock();
-        match word {
-            "go" => {
+        match (word, pid) {
+            ("go", None) => {
                 state.releases += 1;
                 self.changed.notify_all();
             }
-            "off" => state.armed = None,
-            _ => state.armed = Some(Point::parse(word).ok_or(EINVAL)?),
+            ("off", None) => state.armed = None,
+            (point, Some(pid)) => {
+                let point = Point::parse(point).ok_or(EINVAL)?;
+                let pid = pid.parse::<i32>().map_err(|_| EINVAL)?;
+                state.armed = Some((point, pid));
+            }
+            _ => return Err(EINVAL),
         }
         Ok(())
     }

@@ -10,7 +10,8 @@
 //! The types here own exactly one kernel reference each and drop it in
 //! `Drop`: [`Process`] a task, [`PageRef`] a folio (from GUP), [`CacheRef`]
 //! a page-cache folio.  [`LockedPte`] is a `folio_walk` that holds the
-//! page-table lock until it is dropped.
+//! page-table lock until it is dropped; [`MmapWriteGuard`] the target's
+//! mmap lock, for writing.
 
 use core::ptr::NonNull;
 use kernel::{
@@ -20,6 +21,7 @@ use kernel::{
     prelude::*,
     sync::aref::ARef,
     task::Task,
+    types::NotThreadSafe,
 };
 
 pub(crate) const PAGE_SIZE: usize = bindings::PAGE_SIZE;
@@ -113,6 +115,8 @@ pub(crate) fn mm_id(mm: &Mm) -> usize {
 // bindgen types are opaque to the lint, as in `bindings` itself.)
 #[allow(improper_ctypes)]
 extern "C" {
+    fn hugepoke_mmap_write_lock_killable(mm: *mut bindings::mm_struct) -> i32;
+    fn hugepoke_mmap_write_unlock(mm: *mut bindings::mm_struct);
     fn hugepoke_page_to_pfn(page: *const bindings::page) -> usize;
     fn hugepoke_page_folio(page: *mut bindings::page) -> *mut bindings::folio;
     fn hugepoke_page_anon_exclusive(page: *const bindings::page) -> bool;
@@ -252,13 +256,64 @@ pub(crate) fn vma_file(vma: &VmaRef) -> Option<ARef<File>> {
     Some(ARef::from(unsafe { File::from_raw_file(file) }))
 }
 
-/// The VMA that contains `addr` or, if none does, the first one above it.
-pub(crate) fn find_vma<'a>(mm: &MmWithUser, _locked: &'a MmapReadGuard<'_>, addr: usize) -> Option<&'a VmaRef> {
-    // SAFETY: the mmap lock is held (`_locked`), so the VMA tree is stable
-    // and the VMA returned stays valid for as long as the guard.
-    unsafe {
-        let vma = bindings::find_vma(mm.as_raw(), addr as _);
-        (!vma.is_null()).then(|| VmaRef::from_raw(vma))
+/// A target's mmap lock, held for writing while PATCH and RESTORE look,
+/// check and write, as uprobes holds it: `/proc/PID/mem` and ptrace pokes
+/// (`access_remote_vm`) hold it for reading across their copy into the
+/// page, so none of their writes can land between our check of the bytes
+/// and our write; nor can the target's own `mprotect`/`mremap`/`munmap`.
+pub(crate) struct MmapWriteGuard<'a> {
+    mm: &'a MmWithUser,
+    /// The rwsem is unlocked by the task that locked it.
+    _nts: NotThreadSafe,
+}
+
+impl<'a> MmapWriteGuard<'a> {
+    /// Take it; `EINTR` if a fatal signal comes first.
+    pub(crate) fn lock_killable(mm: &'a MmWithUser) -> Result<Self> {
+        // SAFETY: `mm` has a user reference, so the mm_struct is valid.
+        if unsafe { hugepoke_mmap_write_lock_killable(mm.as_raw()) } != 0 {
+            return Err(EINTR);
+        }
+        Ok(Self { mm, _nts: NotThreadSafe })
+    }
+
+    /// The VMA that contains `addr` or, if none does, the first one above it.
+    pub(crate) fn find_vma(&self, addr: usize) -> Option<&VmaRef> {
+        // SAFETY: the mmap lock is held while `self` lives, so the VMA tree
+        // is stable and the VMA returned stays valid as long as the borrow.
+        unsafe {
+            let vma = bindings::find_vma(self.mm.as_raw(), addr as _);
+            (!vma.is_null()).then(|| VmaRef::from_raw(vma))
+        }
+    }
+
+    /// The VMA that contains `addr`.
+    pub(crate) fn vma_lookup(&self, addr: usize) -> Option<&VmaRef> {
+        self.find_vma(addr).filter(|vma| vma.start() <= addr)
+    }
+
+    /// `get_user_pages_remote()` of the one page at `addr`, in this mm.
+    pub(crate) fn get_user_page(&self, addr: usize, gup_flags: u32) -> Result<PageRef> {
+        let mut page: *mut bindings::page = core::ptr::null_mut();
+        // SAFETY: `mm` has a user reference and its mmap lock is held while
+        // `self` lives; `page` has room for the one page asked for.
+        let ret = unsafe {
+            bindings::get_user_pages_remote(self.mm.as_raw(), addr as _, 1, gup_flags, &mut page, core::ptr::null_mut())
+        };
+        if ret < 0 {
+            return Err(Error::from_errno(ret as i32));
+        }
+        match NonNull::new(page) {
+            Some(page) if ret == 1 => Ok(PageRef { page }),
+            _ => Err(EFAULT),
+        }
+    }
+}
+
+impl Drop for MmapWriteGuard<'_> {
+    fn drop(&mut self) {
+        // SAFETY: we took the lock for writing in `lock_killable`.
+        unsafe { hugepoke_mmap_write_unlock(self.mm.as_raw()) };
     }
 }
 
@@ -274,35 +329,6 @@ pub(crate) struct PageRef {
 
 // SAFETY: a folio reference may be dropped from any task.
 unsafe impl Send for PageRef {}
-
-/// `get_user_pages_remote()` of the one page at `addr`.
-pub(crate) fn get_user_page(
-    mm: &MmWithUser,
-    _locked: &MmapReadGuard<'_>,
-    addr: usize,
-    gup_flags: u32,
-) -> Result<PageRef> {
-    let mut page: *mut bindings::page = core::ptr::null_mut();
-    // SAFETY: `mm` has a user reference and its mmap lock is held for read
-    // (`_locked`); `page` has room for the one page asked for.
-    let ret = unsafe {
-        bindings::get_user_pages_remote(
-            mm.as_raw(),
-            addr as _,
-            1,
-            gup_flags,
-            &mut page,
-            core::ptr::null_mut(),
-        )
-    };
-    if ret < 0 {
-        return Err(Error::from_errno(ret as i32));
-    }
-    match NonNull::new(page) {
-        Some(page) if ret == 1 => Ok(PageRef { page }),
-        _ => Err(EFAULT),
-    }
-}
 
 impl PageRef {
     fn folio(&self) -> *mut bindings::folio {

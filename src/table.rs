@@ -18,7 +18,9 @@
 //!    GUP, the target's mmap lock and its page-table lock, so they see
 //!    and change one consistent set of patches.  Targets never wait for
 //!    each other.
-//! 2. the target's mmap lock (read), then its page-table lock.
+//! 2. the target's mmap lock — for writing in PATCH and RESTORE (see
+//!    `sys::MmapWriteGuard`), for reading in the collapse work — then its
+//!    page-table lock.
 //! 3. `Hugepoke::registry` — a leaf: held only to look up or record a
 //!    handle or a target, never across GUP, an mm lock or another
 //!    target's lock.
@@ -336,8 +338,16 @@ pub(crate) fn write_patches(targets: &[Arc<Target>], f: &mut impl fmt::Write) ->
     for t in targets {
         let gone = t.gone();
         // A target busy in a long PATCH or RESTORE (GUP can wait on a
-        // fault) must not hold up this reader, nor anything behind it.
-        let Some(state) = t.state.try_lock() else {
+        // fault) must not hold up this reader, nor anything behind it; a
+        // short holder (QUERY, a collapse) is waited out for a moment.
+        let state = (0..50).find_map(|_| {
+            let locked = t.state.try_lock();
+            if locked.is_none() {
+                kernel::time::delay::fsleep(kernel::time::Delta::from_millis(2));
+            }
+            locked
+        });
+        let Some(state) = state else {
             writeln!(f, "# a target is busy (PATCH, RESTORE or collapse running): its patches are not listed")?;
             continue;
         };

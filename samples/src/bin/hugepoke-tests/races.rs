@@ -9,23 +9,23 @@ use std::sync::mpsc;
 
 const PAUSE: &str = "/sys/kernel/debug/hugepoke/pause";
 
-/// Arms a pause point; on drop, disarms it and releases whatever is parked,
-/// so that a failing test leaves no PATCH parked behind it.
-struct Pause;
+/// Arms a pause point for one target; on drop, disarms it and releases
+/// whatever is parked, so that a failing test leaves nothing parked.
+pub(crate) struct Pause;
 
 impl Pause {
-    fn arm(point: &str) -> Result<Self, String> {
-        io(std::fs::write(PAUSE, point))?;
+    pub(crate) fn arm(point: &str, pid: i32) -> Result<Self, String> {
+        io(std::fs::write(PAUSE, format!("{point} {pid}")))?;
         Ok(Pause)
     }
 
     /// Wait until a PATCH is parked at `point`.
-    fn wait_parked(&self, point: &str) -> Result<Duration, String> {
+    pub(crate) fn wait_parked(&self, point: &str) -> Result<Duration, String> {
         let want = format!("parked {point}");
         wait_for(&want, Duration::from_secs(60), || Ok(io(proc::debugfs("pause"))?.starts_with(&want)))
     }
 
-    fn release(&self) -> TestResult {
+    pub(crate) fn release(&self) -> TestResult {
         io(std::fs::write(PAUSE, "go"))
     }
 }
@@ -103,7 +103,7 @@ pub(crate) fn execve_during_patch_never_patches_the_new_image() -> TestResult {
     let args = ["--file", text.as_str(), "--at", AT];
     let mut t = Target::spawn_as(Some(1000), &args)?;
     thp_head(&t)?;
-    let pause = Pause::arm("resolved")?;
+    let pause = Pause::arm("resolved", t.pid)?;
     let patcher = Patcher::start(patch_req(&t, PAGE, 4444), Some(1000))?;
     pause.wait_parked("resolved")?;
 
@@ -154,7 +154,7 @@ pub(crate) fn expect_is_checked_in_the_step_that_writes() -> TestResult {
     let theirs = text::mov_eax_ret(7777);
     ensure!(read_mem(t.pid, t.page_addr(PAGE), original.len())? == original, "page {PAGE} does not hold its original code");
 
-    let pause = Pause::arm("checked")?;
+    let pause = Pause::arm("checked", t.pid)?;
     let req = PatchRequest { expect: Some(original.to_vec()), ..patch_req(&t, PAGE, 2121) };
     let patcher = Patcher::start(req, None)?;
     pause.wait_parked("checked")?;
@@ -185,7 +185,7 @@ pub(crate) fn a_parked_patch_does_not_stall_other_targets() -> TestResult {
     let mut other = Target::spawn(&[])?;
     thp_head(&slow)?;
     thp_head(&other)?;
-    let pause = Pause::arm("checked")?;
+    let pause = Pause::arm("checked", slow.pid)?;
     let patcher = Patcher::start(patch_req(&slow, 50, 5050), None)?;
     pause.wait_parked("checked")?;
 
@@ -247,7 +247,7 @@ pub(crate) fn last_mm_reference_is_dropped_by_a_worker() -> TestResult {
     }
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
-    let pause = Pause::arm("resolved")?;
+    let pause = Pause::arm("resolved", t.pid)?;
     let patcher = Patcher::start(patch_req(&t, 60, 6060), None)?;
     pause.wait_parked("resolved")?;
     t.kill();
