@@ -413,9 +413,7 @@ fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site
             drop(pte);
             drop(_invalidate);
             drop(guard);
-            hp.journal.record(ev(Step::LruDrain).note("draining all CPUs' LRU batches"));
-            sys::lru_add_drain_all();
-            hp.journal.record(ev(Step::LruDrain).note("drained"));
+            drain_lru_batches(hp, site);
             drained = true;
             held = Some((page_addr, page));
             continue;
@@ -473,6 +471,19 @@ fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site
         });
     }
     Err(Refused::Kept(EAGAIN, "page table kept changing"))
+}
+
+/// One `lru_add_drain_all()`, journaled.  It waits for work on every CPU,
+/// so the caller holds neither the target's mmap lock nor the registry
+/// (only this target's state lock: this target's operations wait, no
+/// other's).  The `drain` pause point is here, so a test can see which
+/// locks are free while it runs.
+fn drain_lru_batches(hp: &Hugepoke, site: &Site) {
+    let ev = Event::new(Step::LruDrain).pid(site.pid).addr(site.addr).handle(site.handle as u32);
+    hp.pauses.at(Point::Drain, site.pid, &hp.journal);
+    hp.journal.record(ev.note("draining all CPUs' LRU batches"));
+    sys::lru_add_drain_all();
+    hp.journal.record(ev.note("drained"));
 }
 
 /// The VMA at `page_addr`, if it still maps `site`'s file page there and

@@ -41,6 +41,9 @@ pub(crate) enum Point {
     /// RESTORE: the target's state lock and mmap lock are held; the
     /// patched page is not looked up yet.
     Restore,
+    /// RESTORE, right before its one `lru_add_drain_all()`: only the
+    /// target's state lock is held.
+    Drain,
 }
 
 impl Point {
@@ -49,11 +52,12 @@ impl Point {
             Point::Resolved => "resolved",
             Point::Checked => "checked",
             Point::Restore => "restore",
+            Point::Drain => "drain",
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [Point::Resolved, Point::Checked, Point::Restore].into_iter().find(|p| p.name() == s)
+        [Point::Resolved, Point::Checked, Point::Restore, Point::Drain].into_iter().find(|p| p.name() == s)
     }
 }
 

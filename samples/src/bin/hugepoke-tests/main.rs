@@ -61,6 +61,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("expect_is_checked_in_the_step_that_writes", expect_is_checked_in_the_step_that_writes),
     ("a_parked_patch_does_not_stall_other_targets", a_parked_patch_does_not_stall_other_targets),
     ("last_mm_reference_is_dropped_by_a_worker", last_mm_reference_is_dropped_by_a_worker),
+    ("restore_drains_lru_batches_once_and_unlocked", restore_drains_lru_batches_once_and_unlocked),
     // Last: they unload and reload the module.
     ("module_unload_restores_persistent_patches", module_unload_restores_persistent_patches),
     ("unload_after_collapse_leaks_nothing", unload_after_collapse_leaks_nothing),

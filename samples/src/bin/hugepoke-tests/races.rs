@@ -282,3 +282,90 @@ pub(crate) fn last_mm_reference_is_dropped_by_a_worker() -> TestResult {
     waited.map_err(|e| format!("{e}; counters zeroed by {tasks:?} (PATCH: {result:?})"))?;
     Ok(())
 }
+
+/// Pin the calling thread (`pid` 0) or process `pid` to one CPU.
+fn pin_to_cpu(pid: i32, cpu: usize) -> TestResult {
+    // SAFETY: a zeroed cpu_set_t with one bit set, passed with its size.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    ensure!(rc == 0, "sched_setaffinity({pid}, cpu {cpu}): {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+const KPF_LRU: u32 = 5;
+
+/// LRU batches: PATCH leaves the fresh COW copy in its CPU's per-CPU LRU
+/// batch (no drain: not needed, and the caller may have migrated); RESTORE
+/// then sees the batch's reference, drains every CPU once, with neither the
+/// target's mmap lock nor the registry held, and zaps.  The PATCH runs on
+/// CPU 1 right after `drop_caches` emptied every batch, the target and the
+/// test on CPU 0, so the copy stays in CPU 1's batch: not on the LRU
+/// (`/proc/kpageflags`) after PATCH.  RESTORE is parked just before its
+/// drain; meanwhile the target `mprotect()`s its text (its mmap lock is
+/// free) and another target is patched and restored (the registry is free).
+pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
+    const PAGE: usize = 77;
+    pin_to_cpu(0, 0)?;
+    let mut t = Target::spawn(&[])?;
+    pin_to_cpu(t.pid, 0)?;
+    let other = Target::spawn(&[])?;
+    thp_head(&t)?;
+    thp_head(&other)?;
+    let dev = std::sync::Arc::new(io(Device::open())?);
+    let kpf = io(KpageFlags::open())?;
+    let pm = io(Pagemap::open(t.pid))?;
+
+    // PATCH on CPU 1 with empty batches; the copy must not be on the LRU.
+    let (mut handle, mut pfn) = (0, 0);
+    for attempt in 1..=3 {
+        let (d, req) = (dev.clone(), patch_req(&t, PAGE, 7777));
+        let h = std::thread::spawn(move || -> Result<u64, String> {
+            pin_to_cpu(0, 1)?;
+            io(std::fs::write("/proc/sys/vm/drop_caches", "1"))?;
+            io(d.patch(&req))
+        })
+        .join()
+        .map_err(|_| "the PATCH thread panicked")??;
+        let e = io(pm.entry(t.page_addr(PAGE)))?;
+        ensure!(e.present() && !e.file(), "page {PAGE} after PATCH: {e:?}");
+        let flags = io(kpf.get(e.pfn()))?;
+        if !flags.has(KPF_LRU) {
+            (handle, pfn) = (h, e.pfn());
+            break;
+        }
+        // Something else flushed CPU 1's batch (it takes 31 pages): again.
+        println!("# attempt {attempt}: the copy {:#x} reached the LRU before we looked; again", e.pfn());
+        io(dev.restore(h))?;
+    }
+    ensure!(handle != 0, "after PATCH the COW copy was on the LRU in 3 attempts: PATCH drains LRU batches");
+
+    let pause = Pause::arm("drain", t.pid)?;
+    let d = dev.clone();
+    let restore = std::thread::spawn(move || d.restore(handle));
+    pause.wait_parked("drain")?;
+    let start = Instant::now();
+    let protected = t.command("protect rx")?;
+    let mprotect_took = start.elapsed();
+    let start = Instant::now();
+    let h2 = io(dev.patch(&patch_req(&other, PAGE, 7878)))?;
+    io(dev.restore(h2))?;
+    let other_took = start.elapsed();
+    pause.release()?;
+    let restored = restore.join().map_err(|_| "the RESTORE thread panicked")?;
+    ensure!(protected == "protected 0", "target's mprotect: {protected}");
+    ensure!(
+        mprotect_took < Duration::from_secs(10),
+        "the target's mprotect waited {mprotect_took:?} while RESTORE was parked at its drain: the mmap lock was held"
+    );
+    ensure!(other_took < Duration::from_secs(10), "another target's PATCH+RESTORE waited {other_took:?} during the drain");
+    io(restored)?;
+    let evs = events_of(handle)?;
+    let drains = evs.iter().filter(|e| e.step == "lru_drain").count();
+    ensure!(drains == 2, "RESTORE of a page in an LRU batch: {} drain events, want 2 (one drain): {:?}", drains, steps(&evs));
+    ensure!(evs.iter().any(|e| e.step == "zap_anon_page" && e.pfn == Some(pfn)), "copy {pfn:#x} not zapped: {:?}", steps(&evs));
+    ensure!(t.call(PAGE)? == text::original_value(PAGE), "not restored");
+    Ok(())
+}
