@@ -369,3 +369,34 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
     ensure!(t.call(PAGE)? == text::original_value(PAGE), "not restored");
     Ok(())
 }
+
+/// Closing the file restores its patches from a work item, where a fatal
+/// signal for the closing task cannot cut GUP short.  The CLI holds a patch
+/// and closes the device when its stdin closes; the close-time RESTORE is
+/// parked at `restore`, the CLI is SIGKILLed, then released: the patch must
+/// be restored, not kept (a RESTORE in the killed task itself would get
+/// EINTR from GUP and leave the patch behind as persistent).
+pub(crate) fn close_restores_even_when_the_closer_is_killed() -> TestResult {
+    const PAGE: usize = 88;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let (mut cli, handle) = cli_patch(&t, PAGE, 8888)?;
+    ensure!(t.call(PAGE)? == 8888, "CLI patch not running");
+    let pause = Pause::arm("restore", t.pid)?;
+    drop(cli.stdin.take());
+    pause.wait_parked("restore")?;
+    cli.kill().map_err(|e| e.to_string())?;
+    // Give the signal time to land before the RESTORE goes on.
+    wait_for("the CLI to have SIGKILL pending", Duration::from_secs(10), || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", cli.id())).unwrap_or_default();
+        Ok(status.lines().any(|l| l.starts_with("ShdPnd:") && !l.ends_with("0000000000000000"))
+            || status.lines().any(|l| l.starts_with("SigPnd:") && !l.ends_with("0000000000000000"))
+            || status.is_empty())
+    })?;
+    pause.release()?;
+    cli.wait().map_err(|e| e.to_string())?;
+    let evs = events_of(handle)?;
+    ensure!(t.call(PAGE)? == text::original_value(PAGE), "the killed closer left the patch behind: {:?}", steps(&evs));
+    ensure!(evs.iter().any(|e| e.step == "restored" && e.result == "ok"), "no restored step: {:?}", steps(&evs));
+    Ok(())
+}
