@@ -21,13 +21,19 @@ impl Target {
 
     /// [`Target::spawn`] as user `uid` (and its group), if given.
     pub fn spawn_as(uid: Option<u32>, args: &[&str]) -> Result<Self, String> {
+        Self::spawn_program("thp-target", uid, args)
+    }
+
+    /// [`Target::spawn_as`] of a `thp-target` binary at `program` (another
+    /// user may not be able to reach the one on PATH: a clone under /root).
+    pub fn spawn_program(program: &str, uid: Option<u32>, args: &[&str]) -> Result<Self, String> {
         use std::os::unix::process::CommandExt;
-        let mut cmd = Command::new("thp-target");
+        let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped());
         if let Some(uid) = uid {
             cmd.gid(uid).uid(uid);
         }
-        let mut child = cmd.spawn().map_err(|e| format!("spawning thp-target: {e}"))?;
+        let mut child = cmd.spawn().map_err(|e| format!("spawning {program}: {e}"))?;
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let mut t = Self { child, stdin, stdout, pid: 0, addr: 0, file: String::new() };

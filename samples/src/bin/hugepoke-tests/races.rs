@@ -93,7 +93,11 @@ pub(crate) fn execve_during_patch_never_patches_the_new_image() -> TestResult {
     io(std::fs::create_dir_all(&dir))?;
     io(std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)))?;
     let exe = io(std::env::current_exe())?.with_file_name("thp-target");
-    let suid = format!("{dir}/thp-target");
+    // Copies where uid 1000 can reach them (the repo may be under /root).
+    let plain = format!("{dir}/thp-target");
+    io(std::fs::copy(&exe, &plain))?;
+    io(std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o755)))?;
+    let suid = format!("{dir}/thp-target-suid");
     io(std::fs::copy(&exe, &suid))?;
     io(std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)))?;
     let text = format!("{dir}/text.bin");
@@ -101,7 +105,7 @@ pub(crate) fn execve_during_patch_never_patches_the_new_image() -> TestResult {
     io(std::fs::set_permissions(&text, std::fs::Permissions::from_mode(0o644)))?;
 
     let args = ["--file", text.as_str(), "--at", AT];
-    let mut t = Target::spawn_as(Some(1000), &args)?;
+    let mut t = Target::spawn_program(&plain, Some(1000), &args)?;
     thp_head(&t)?;
     let pause = Pause::arm("resolved", t.pid)?;
     let patcher = Patcher::start(patch_req(&t, PAGE, 4444), Some(1000))?;
