@@ -72,28 +72,60 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
 /// stops there (its thread cannot be killed): one hang must not stall the guest.
 const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// How one test ended.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Passed,
+    Skipped(String),
+    Failed(String),
+    /// The test panicked: the panic's message.
+    Panicked(String),
+    /// Still running after the limit (its thread cannot be killed).
+    TimedOut,
+}
+
+/// Run `test` on its own thread, at most `limit`.
+fn run_one(test: fn() -> TestResult, limit: std::time::Duration) -> Outcome {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = std::panic::catch_unwind(test).map_err(|panic| {
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into())
+        });
+        let _ = tx.send(result);
+    });
+    match rx.recv_timeout(limit) {
+        Ok(Ok(Ok(()))) => Outcome::Passed,
+        Ok(Ok(Err(why))) => match why.strip_prefix("SKIP: ") {
+            Some(why) => Outcome::Skipped(why.to_string()),
+            None => Outcome::Failed(why),
+        },
+        Ok(Err(message)) => Outcome::Panicked(message),
+        Err(_) => Outcome::TimedOut,
+    }
+}
+
 fn main() {
     let filter = std::env::args().nth(1).unwrap_or_default();
     let selected: Vec<_> = TESTS.iter().filter(|(n, _)| n.contains(&filter)).collect();
     println!("1..{}", selected.len());
     let mut failed = 0;
     for (i, (name, test)) in selected.iter().enumerate() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let test = *test;
-        std::thread::spawn(move || {
-            let _ = tx.send(test());
-        });
-        match rx.recv_timeout(TEST_TIMEOUT) {
-            Ok(Ok(())) => println!("ok {} - {name}", i + 1),
-            Ok(Err(why)) if why.starts_with("SKIP: ") => println!("ok {} - {name} # SKIP {}", i + 1, &why[6..]),
-            Ok(Err(why)) => {
-                failed += 1;
-                println!("not ok {} - {name}", i + 1);
-                for line in why.lines() {
-                    println!("# {line}");
-                }
+        let why = match run_one(*test, TEST_TIMEOUT) {
+            Outcome::Passed => {
+                println!("ok {} - {name}", i + 1);
+                continue;
             }
-            Err(_) => {
+            Outcome::Skipped(why) => {
+                println!("ok {} - {name} # SKIP {why}", i + 1);
+                continue;
+            }
+            Outcome::Failed(why) => why,
+            Outcome::Panicked(message) => format!("panicked: {message}"),
+            Outcome::TimedOut => {
                 println!("not ok {} - {name}", i + 1);
                 println!("# timed out after {TEST_TIMEOUT:?}; stopping here");
                 for (j, (rest, _)) in selected.iter().enumerate().skip(i + 1) {
@@ -101,7 +133,37 @@ fn main() {
                 }
                 std::process::exit(1);
             }
+        };
+        failed += 1;
+        println!("not ok {} - {name}", i + 1);
+        for line in why.lines() {
+            println!("# {line}");
         }
     }
     std::process::exit(i32::from(failed > 0));
+}
+
+#[cfg(test)]
+mod harness {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_panicking_test_is_reported_as_a_panic_not_a_timeout() {
+        fn panics() -> TestResult {
+            panic!("boom at step 3")
+        }
+        assert_eq!(run_one(panics, Duration::from_secs(5)), Outcome::Panicked("boom at step 3".into()));
+    }
+
+    #[test]
+    fn outcomes_of_plain_tests() {
+        assert_eq!(run_one(|| Ok(()), Duration::from_secs(5)), Outcome::Passed);
+        assert_eq!(run_one(|| Err("SKIP: no kmemleak".into()), Duration::from_secs(5)), Outcome::Skipped("no kmemleak".into()));
+        assert_eq!(run_one(|| Err("bad".into()), Duration::from_secs(5)), Outcome::Failed("bad".into()));
+        assert_eq!(
+            run_one(|| { std::thread::sleep(Duration::from_secs(3)); Ok(()) }, Duration::from_millis(100)),
+            Outcome::TimedOut
+        );
+    }
 }
