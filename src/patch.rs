@@ -107,6 +107,8 @@ pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, args: &PatchArgs) -> Result<
     hp.journal.record(ev(Step::ResolveTarget));
     hp.pauses.at(Point::Resolved, args.pid, &hp.journal);
     let pid = process.tgid();
+    // The opener's file owns the patch, unless it is persistent.
+    let owner: Owner = if args.flags & uapi::PATCH_PERSIST != 0 { None } else { Some(owner) };
 
     loop {
         let (target, handle) = {
@@ -118,7 +120,7 @@ pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, args: &PatchArgs) -> Result<
                 .target_for(&mm)
                 .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
             let handle = registry
-                .new_handle(&target, if args.flags & uapi::PATCH_PERSIST != 0 { None } else { Some(owner) })
+                .new_handle(&target, owner)
                 .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
             (target, handle)
         };
@@ -150,7 +152,7 @@ fn patch_locked(
     state: &mut TargetState,
     mm: &MmWithUser,
     pid: i32,
-    owner: u64,
+    owner: Owner,
     args: &PatchArgs,
     handle: u64,
 ) -> Result {
@@ -199,7 +201,7 @@ fn patch_locked(
     let before = sys::mapping_of(vma, page_addr);
     let mut site = Site {
         handle,
-        owner: if args.flags & uapi::PATCH_PERSIST != 0 { None } else { Some(owner) },
+        owner,
         pid,
         addr,
         len,
