@@ -322,56 +322,70 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
     let kpf = io(KpageFlags::open())?;
     let pm = io(Pagemap::open(t.pid))?;
 
-    // PATCH on CPU 1 with empty batches; the copy must not be on the LRU.
-    let (mut handle, mut pfn) = (0, 0);
-    for attempt in 1..=3 {
-        let (d, req) = (dev.clone(), patch_req(&t, PAGE, 7777));
-        let h = std::thread::spawn(move || -> Result<u64, String> {
-            pin_to_cpu(0, 1)?;
-            io(std::fs::write("/proc/sys/vm/drop_caches", "1"))?;
-            io(d.patch(&req))
-        })
-        .join()
-        .map_err(|_| "the PATCH thread panicked")??;
-        let e = io(pm.entry(t.page_addr(PAGE)))?;
-        ensure!(e.present() && !e.file(), "page {PAGE} after PATCH: {e:?}");
-        let flags = io(kpf.get(e.pfn()))?;
-        if !flags.has(KPF_LRU) {
-            (handle, pfn) = (h, e.pfn());
-            break;
+    for round in 1..=3 {
+        // PATCH on CPU 1 with empty batches; the copy must not be on the LRU.
+        let (mut handle, mut pfn) = (0, 0);
+        for attempt in 1..=3 {
+            let (d, req) = (dev.clone(), patch_req(&t, PAGE, 7777));
+            let h = std::thread::spawn(move || -> Result<u64, String> {
+                pin_to_cpu(0, 1)?;
+                io(std::fs::write("/proc/sys/vm/drop_caches", "1"))?;
+                io(d.patch(&req))
+            })
+            .join()
+            .map_err(|_| "the PATCH thread panicked")??;
+            let e = io(pm.entry(t.page_addr(PAGE)))?;
+            ensure!(e.present() && !e.file(), "page {PAGE} after PATCH: {e:?}");
+            let flags = io(kpf.get(e.pfn()))?;
+            if !flags.has(KPF_LRU) {
+                (handle, pfn) = (h, e.pfn());
+                break;
+            }
+            // Something else flushed CPU 1's batch (it takes 31 pages): again.
+            println!("# attempt {attempt}: the copy {:#x} reached the LRU before we looked; again", e.pfn());
+            io(dev.restore(h))?;
         }
-        // Something else flushed CPU 1's batch (it takes 31 pages): again.
-        println!("# attempt {attempt}: the copy {:#x} reached the LRU before we looked; again", e.pfn());
-        io(dev.restore(h))?;
-    }
-    ensure!(handle != 0, "after PATCH the COW copy was on the LRU in 3 attempts: PATCH drains LRU batches");
+        ensure!(handle != 0, "after PATCH the COW copy was on the LRU in 3 attempts: PATCH drains LRU batches");
 
-    let pause = Pause::arm("drain", t.pid)?;
-    let d = dev.clone();
-    let restore = std::thread::spawn(move || d.restore(handle));
-    pause.wait_parked("drain")?;
-    let start = Instant::now();
-    let protected = t.command("protect rx")?;
-    let mprotect_took = start.elapsed();
-    let start = Instant::now();
-    let h2 = io(dev.patch(&patch_req(&other, PAGE, 7878)))?;
-    io(dev.restore(h2))?;
-    let other_took = start.elapsed();
-    pause.release()?;
-    let restored = restore.join().map_err(|_| "the RESTORE thread panicked")?;
-    ensure!(protected == "protected 0", "target's mprotect: {protected}");
-    ensure!(
-        mprotect_took < Duration::from_secs(10),
-        "the target's mprotect waited {mprotect_took:?} while RESTORE was parked at its drain: the mmap lock was held"
-    );
-    ensure!(other_took < Duration::from_secs(10), "another target's PATCH+RESTORE waited {other_took:?} during the drain");
-    io(restored)?;
-    let evs = events_of(handle)?;
-    let drains = evs.iter().filter(|e| e.step == "lru_drain").count();
-    ensure!(drains == 2, "RESTORE of a page in an LRU batch: {} drain events, want 2 (one drain): {:?}", drains, steps(&evs));
-    ensure!(evs.iter().any(|e| e.step == "zap_anon_page" && e.pfn == Some(pfn)), "copy {pfn:#x} not zapped: {:?}", steps(&evs));
-    ensure!(t.call(PAGE)? == text::original_value(PAGE), "not restored");
-    Ok(())
+        let pause = Pause::arm("drain", t.pid)?;
+        let d = dev.clone();
+        let restore = std::thread::spawn(move || d.restore(handle));
+        wait_for("RESTORE parked at its drain (or done)", Duration::from_secs(60), || {
+            Ok(restore.is_finished() || io(proc::debugfs("pause"))?.starts_with("parked drain"))
+        })?;
+        if restore.is_finished() {
+            // The batch was emptied between our look and RESTORE's (khugepaged's
+            // scan drains every CPU; a large folio on CPU 1 flushes it), so
+            // RESTORE had nothing to drain: inconclusive, again.
+            drop(pause);
+            io(restore.join().map_err(|_| "the RESTORE thread panicked")?)?;
+            println!("# round {round}: the copy left its LRU batch before RESTORE looked; again");
+            continue;
+        }
+        let start = Instant::now();
+        let protected = t.command("protect rx")?;
+        let mprotect_took = start.elapsed();
+        let start = Instant::now();
+        let h2 = io(dev.patch(&patch_req(&other, PAGE, 7878)))?;
+        io(dev.restore(h2))?;
+        let other_took = start.elapsed();
+        pause.release()?;
+        let restored = restore.join().map_err(|_| "the RESTORE thread panicked")?;
+        ensure!(protected == "protected 0", "target's mprotect: {protected}");
+        ensure!(
+            mprotect_took < Duration::from_secs(10),
+            "the target's mprotect waited {mprotect_took:?} while RESTORE was parked at its drain: the mmap lock was held"
+        );
+        ensure!(other_took < Duration::from_secs(10), "another target's PATCH+RESTORE waited {other_took:?} during the drain");
+        io(restored)?;
+        let evs = events_of(handle)?;
+        let drains = evs.iter().filter(|e| e.step == "lru_drain").count();
+        ensure!(drains == 2, "RESTORE of a page in an LRU batch: {} drain events, want 2 (one drain): {:?}", drains, steps(&evs));
+        ensure!(evs.iter().any(|e| e.step == "zap_anon_page" && e.pfn == Some(pfn)), "copy {pfn:#x} not zapped: {:?}", steps(&evs));
+        ensure!(t.call(PAGE)? == text::original_value(PAGE), "not restored");
+        return Ok(());
+    }
+    Err("in 3 rounds RESTORE never found the copy in an LRU batch".into())
 }
 
 /// Closing the file restores its patches from a work item, where a fatal
