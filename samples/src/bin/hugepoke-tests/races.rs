@@ -67,6 +67,9 @@ impl Patcher {
                 }
             }
             let result = dev.patch(&req);
+            // Our reference goes before the result does: once the test has
+            // the result, dropping the `Patcher` closes the file.
+            drop(dev);
             let _ = tx.send((tid, result));
         });
         Ok(Self { rx, _dev: ours })
