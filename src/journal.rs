@@ -119,6 +119,12 @@ impl Event {
         self
     }
 
+    /// A folio order without a page (what a decision was about).
+    pub(crate) fn order(mut self, order: u32) -> Self {
+        self.order = Some(order);
+        self
+    }
+
     pub(crate) fn error(mut self, err: Error, note: &'static str) -> Self {
         self.result = err.to_errno();
         self.note = note;

@@ -222,7 +222,7 @@ fn patch_locked(
             drop(guard);
             site.bytes = site.orig;
             let undo = restore_site(hp, state, mm, &site);
-            if let Ok(Restored { zapped: true, pmd_mappable: true, page_addr }) = undo {
+            if let Ok(Restored { zapped: true, pmd_mappable: true, page_addr, .. }) = undo {
                 collapse::queue_collapse(hp, target, state, &site, page_addr & PMD_MASK);
             }
             return Err(hp.journal.fail(
@@ -329,6 +329,8 @@ pub(crate) struct Restored {
     zapped: bool,
     /// … and its folio is PMD-mappable.
     pmd_mappable: bool,
+    /// The order of the page-cache folio that faults back in (when zapped).
+    cache_order: u32,
     /// Where the patched page is mapped now.
     page_addr: usize,
 }
@@ -462,13 +464,13 @@ fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site
                     "PTE zapped; page-cache page faults back in"
                 }));
                 hp.journal.record(ev(Step::ZapAnonPage).page(c.pfn(), c.folio_order()).note("page-cache page to fault in"));
-                Restored { zapped: true, pmd_mappable: c.pmd_mappable(), page_addr }
+                Restored { zapped: true, pmd_mappable: c.pmd_mappable(), cache_order: c.folio_order(), page_addr }
             }
             (why, _) => {
                 pte.remap_dirty();
                 drop(pte);
                 hp.journal.record(ev(Step::KeepAnonPage).page(page.pfn(), 0).note(why.unwrap_or("")));
-                Restored { zapped: false, pmd_mappable: false, page_addr }
+                Restored { zapped: false, pmd_mappable: false, cache_order: 0, page_addr }
             }
         });
     }
@@ -640,6 +642,14 @@ fn restore_and_settle(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut Targ
             } else {
                 hp.journal.record(ev(Step::QueueCollapse).note("not yet: other patches in this 2 MiB range"));
             }
+        } else if restored.zapped {
+            // 4 KiB or mTHP page cache: the subpage faults back in, and
+            // there is no PMD to rebuild.
+            hp.journal.record(
+                ev(Step::QueueCollapse)
+                    .order(restored.cache_order)
+                    .note("none: the page-cache folio is smaller than a PMD"),
+            );
         }
         hp.journal.record(ev(Step::Restored));
     }

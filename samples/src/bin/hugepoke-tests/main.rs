@@ -14,12 +14,14 @@ macro_rules! ensure {
 }
 
 mod common;
+mod filesystems;
 mod foundation;
 mod hardening;
 mod identity;
 mod mechanism;
 mod races;
 
+use filesystems::*;
 use foundation::*;
 use hardening::*;
 use identity::*;
@@ -63,6 +65,11 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("last_mm_reference_is_dropped_by_a_worker", last_mm_reference_is_dropped_by_a_worker),
     ("restore_drains_lru_batches_once_and_unlocked", restore_drains_lru_batches_once_and_unlocked),
     ("close_restores_even_when_the_closer_is_killed", close_restores_even_when_the_closer_is_killed),
+    ("full_cycle_on_tmpfs_huge_always", full_cycle_on_tmpfs_huge_always),
+    ("full_cycle_on_ext4", full_cycle_on_ext4),
+    ("full_cycle_on_xfs", full_cycle_on_xfs),
+    ("cycle_on_a_4k_page_cache_queues_no_collapse", cycle_on_a_4k_page_cache_queues_no_collapse),
+    ("cycle_on_an_mthp_page_cache_queues_no_collapse", cycle_on_an_mthp_page_cache_queues_no_collapse),
     // Last: they unload and reload the module.
     ("module_unload_restores_persistent_patches", module_unload_restores_persistent_patches),
     ("unload_after_collapse_leaks_nothing", unload_after_collapse_leaks_nothing),
