@@ -58,10 +58,11 @@ pub mod thp {
         map_text_with(file, at, true)
     }
 
-    /// [`map_text_at`], with or without MADV_HUGEPAGE: without it, neither
-    /// a fault's readahead nor khugepaged builds a PMD-sized folio for us,
-    /// so a page cache of small folios stays as it is.
-    pub fn map_text_with(file: &std::fs::File, at: Option<usize>, huge_advice: bool) -> io::Result<usize> {
+    /// [`map_text_at`], advised MADV_HUGEPAGE if `huge`, else
+    /// MADV_NOHUGEPAGE: then neither a fault nor khugepaged builds a
+    /// PMD-sized folio there (a tmpfs `huge=` mount would let khugepaged
+    /// collapse it even without advice), so small page-cache folios stay small.
+    pub fn map_text_with(file: &std::fs::File, at: Option<usize>, huge: bool) -> io::Result<usize> {
         let (at, fixed) = match at {
             Some(at) if at % THP_SIZE == 0 => (at, libc::MAP_FIXED_NOREPLACE),
             Some(_) => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
@@ -77,7 +78,7 @@ pub mod thp {
                 file.as_raw_fd(),
                 0,
             );
-            if p == libc::MAP_FAILED || p as usize != at || (huge_advice && libc::madvise(p, THP_SIZE, libc::MADV_HUGEPAGE) != 0) {
+            if p == libc::MAP_FAILED || p as usize != at || libc::madvise(p, THP_SIZE, if huge { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE }) != 0 {
                 return Err(io::Error::last_os_error());
             }
         }

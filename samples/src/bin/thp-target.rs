@@ -28,8 +28,9 @@
 //!
 //! With `--at ADDR`, the text is mapped at ADDR (2 MiB-aligned), so that
 //! an image exec'd with the same arguments has its text where this one had.
-//! With `--no-huge-advice`, the text is mapped without MADV_HUGEPAGE (for a
-//! page cache of small folios that must stay small).
+//! With `--no-huge`, the text is advised MADV_NOHUGEPAGE instead of
+//! MADV_HUGEPAGE (a page cache of small folios stays small: khugepaged
+//! leaves it alone).
 //! With `--spin`, a thread keeps calling page 0's function, so the text is hot.
 //! With `--check-threads N --check-pages P`, N threads keep calling the
 //! functions of pages 0..P and abort (exit 3) if one ever returns anything
@@ -153,7 +154,7 @@ fn main() {
     );
     let mut spin = false;
     let mut chaos = false;
-    let mut huge_advice = true;
+    let mut huge = true;
     let mut at = None;
     let (mut check_threads, mut check_pages) = (0usize, 1usize);
     let mut args = std::env::args().skip(1);
@@ -163,11 +164,11 @@ fn main() {
             "--at" => at = Some(args.next().and_then(|a| hugepoke::parse_number(&a)).unwrap_or_else(|| die("--at ADDR")) as usize),
             "--spin" => spin = true,
             "--chaos" => chaos = true,
-            "--no-huge-advice" => huge_advice = false,
+            "--no-huge" => huge = false,
             "--check-threads" => check_threads = args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| die("--check-threads N")),
             "--check-pages" => check_pages = args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| die("--check-pages P")),
             _ => {
-                eprintln!("usage: thp-target [--file PATH] [--at ADDR] [--spin] [--chaos] [--no-huge-advice] [--check-threads N --check-pages P]");
+                eprintln!("usage: thp-target [--file PATH] [--at ADDR] [--spin] [--chaos] [--no-huge] [--check-threads N --check-pages P]");
                 std::process::exit(2);
             }
         }
@@ -183,7 +184,7 @@ fn main() {
         eprintln!("thp-target: opening {path}: {e}");
         std::process::exit(1)
     });
-    let base = hugepoke::thp::map_text_with(&file, at, huge_advice).unwrap_or_else(|_| die("mapping the text"));
+    let base = hugepoke::thp::map_text_with(&file, at, huge).unwrap_or_else(|_| die("mapping the text"));
     // Fault the text in (a PMD mapping when the page cache holds a THP).
     let v = call(base, 0);
     assert_eq!(v, text::original_value(0));

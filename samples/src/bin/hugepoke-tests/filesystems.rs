@@ -40,7 +40,10 @@ fn image(fs: &str) -> Result<String, String> {
     };
     let dev = sh("losetup", &["-f", "--show", &img])?.trim().to_string();
     io(std::fs::create_dir_all(&dir))?;
-    sh("mount", &["-t", fs, &dev, &dir])?;
+    if let Err(e) = sh("mount", &["-t", fs, &dev, &dir]) {
+        let _ = sh("losetup", &["-d", &dev]);
+        return Err(e);
+    }
     Ok(dir)
 }
 
@@ -172,7 +175,7 @@ fn folio_order(t: &mut Target, page: usize) -> Result<u32, String> {
 /// RESTORE queues no collapse — its journal says why.
 fn small_folio_cycle(what: &str, path: &str, order: u32) -> TestResult {
     const PAGE: usize = 21;
-    let mut t = Target::spawn(&["--file", path, "--no-huge-advice"])?;
+    let mut t = Target::spawn(&["--file", path, "--no-huge"])?;
     ensure!(smaps(&t)?.pmd_mapped_kb() == 0, "{what}: PMD-mapped {:?}", smaps(&t)?);
     let got = folio_order(&mut t, PAGE)?;
     ensure!(got == order, "{what}: page-cache folio of order {got}, want {order}");
@@ -214,7 +217,10 @@ pub(crate) fn cycle_on_a_4k_page_cache_queues_no_collapse() -> TestResult {
     small_folio_cycle("tmpfs huge=never", &write_text(&dir, THP, false)?, 0)
 }
 
+/// Order-4 folios, made by 64 KiB writes, on tmpfs and on ext4.
 pub(crate) fn cycle_on_an_mthp_page_cache_queues_no_collapse() -> TestResult {
     let dir = tmpfs("within_size")?;
-    small_folio_cycle("tmpfs huge=within_size, 64 KiB writes", &write_text(&dir, 64 << 10, false)?, 4)
+    small_folio_cycle("tmpfs huge=within_size, 64 KiB writes", &write_text(&dir, 64 << 10, false)?, 4)?;
+    let dir = image("ext4")?;
+    small_folio_cycle("ext4, 64 KiB writes", &write_text(&dir, 64 << 10, false)?, 4)
 }
