@@ -2,6 +2,7 @@
 //! in-guest tests share.  Everything that observes the kernel's own
 //! accounting (smaps, pagemap, kpageflags, debugfs) lives in `proc`.
 
+pub mod check_state;
 pub mod device;
 pub mod proc;
 pub mod target;
