@@ -88,6 +88,8 @@ impl Slot {
             // SAFETY: FUTEX_WAKE on our own word of the shared mapping (a
             // shared futex: the waiter is another process).
             unsafe { libc::syscall(libc::SYS_futex, self.seen.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+            // The woken controller may be queued behind us on this CPU.
+            std::thread::yield_now();
         }
     }
 

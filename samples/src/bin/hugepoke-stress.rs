@@ -66,6 +66,10 @@ struct Run {
     cycles: AtomicU64,
     /// Pages skipped because another controller had them.
     contended: AtomicU64,
+    /// Time spent in PATCH, in RESTORE, and waiting for the checkers (ns).
+    patch_ns: AtomicU64,
+    restore_ns: AtomicU64,
+    wait_ns: AtomicU64,
     /// Refusals that chaos explains: "PATCH EINVAL" etc.
     refused: Mutex<BTreeMap<String, u64>>,
 }
@@ -87,6 +91,7 @@ impl Run {
     fn publish_and_wait(&self, page: usize, slot: &Slot, st: State) -> Result<(), String> {
         let generation = slot.publish(st);
         let start = Instant::now();
+        let _timed = Timed(&self.wait_ns, start);
         while !slot.wait_seen(generation, Duration::from_millis(100)) {
             if !self.target_alive() {
                 return Err(format!("page {page}: the target died (waiting for its checkers to see {st:?})"));
@@ -106,7 +111,10 @@ impl Run {
         slot.dontneed_before.store(dontneed, std::sync::atomic::Ordering::Release);
         slot.publish(State::Patching);
         let req = PatchRequest { pid: self.pid, addr, bytes: encoding.to_vec(), ..Default::default() };
-        let handle = match dev.patch(&req) {
+        let t0 = Instant::now();
+        let patched = dev.patch(&req);
+        self.patch_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+        let handle = match patched {
             Ok(h) => h,
             Err(e) if self.chaos && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EAGAIN)) => {
                 self.count("PATCH", &e);
@@ -133,7 +141,10 @@ impl Run {
         let start = Instant::now();
         loop {
             slot.publish(State::Restoring);
-            match dev.restore(handle) {
+            let t0 = Instant::now();
+            let restored = dev.restore(handle);
+            self.restore_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+            match restored {
                 Ok(()) => break,
                 Err(e) if self.chaos && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EAGAIN)) && start.elapsed() < WAIT_LIMIT => {
                     self.count("RESTORE (kept, retried)", &e);
@@ -173,6 +184,15 @@ impl Run {
     }
 }
 
+/// Adds the time since it was made to a counter when dropped.
+struct Timed<'a>(&'a AtomicU64, Instant);
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(self.1.elapsed().as_nanos() as u64, Relaxed);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let cycles = arg(&args, "--cycles", 1_000_000);
@@ -204,10 +224,14 @@ fn main() {
     after_the_run(&run, &mut t, pages, chaos, &mut problems);
     t.kill();
 
+    let per_cycle_ms = |ns: &AtomicU64| ns.load(Relaxed) as f64 / 1e6 / n.max(1) as f64;
     println!(
-        "# stress{}: {n} PATCH+RESTORE cycles in {:.1} s ({} page contentions; refused: {:?}), {controllers} controllers, {cpus} checking target threads, {pages} pages",
+        "# stress{}: {n} PATCH+RESTORE cycles in {:.1} s (per cycle: {:.2} ms in PATCH, {:.2} ms in RESTORE, {:.2} ms waiting for the checkers; {} page contentions; refused: {:?}), {controllers} controllers, {cpus} checking target threads, {pages} pages",
         if chaos { " with chaos" } else { "" },
         elapsed.as_secs_f64(),
+        per_cycle_ms(&run.patch_ns),
+        per_cycle_ms(&run.restore_ns),
+        per_cycle_ms(&run.wait_ns),
         run.contended.load(Relaxed),
         run.refused.lock().unwrap(),
     );
@@ -246,6 +270,9 @@ fn start(
         cycles: AtomicU64::new(0),
         contended: AtomicU64::new(0),
         refused: Mutex::new(BTreeMap::new()),
+        patch_ns: AtomicU64::new(0),
+        restore_ns: AtomicU64::new(0),
+        wait_ns: AtomicU64::new(0),
     });
     let begin = Instant::now();
     let threads: Vec<_> = (0..controllers)
