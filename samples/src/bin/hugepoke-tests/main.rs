@@ -124,7 +124,11 @@ fn main() {
     let selected: Vec<_> = TESTS
         .iter()
         .filter(|(n, _)| n.contains(&filter))
-        .filter(|(n, _)| !(flag("--no-reload") && reload(n)) && !(flag("--only-reload") && !reload(n)))
+        .filter(|(n, _)| match (flag("--no-reload"), flag("--only-reload")) {
+            (true, _) => !reload(n),
+            (_, true) => reload(n),
+            _ => true,
+        })
         .collect();
     if flag("--list") {
         selected.iter().for_each(|(n, _)| println!("{n}"));
