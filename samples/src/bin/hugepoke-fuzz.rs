@@ -145,15 +145,15 @@ impl Fuzz {
             }
             let dev = &devs[rng.below(devs.len() as u64) as usize];
             buf.iter_mut().for_each(|b| *b = rng.next() as u8);
+            // The same draws whatever the handles are, so that a seed
+            // repeats the sequence of choices.
+            let (which, any, recent) = (rng.below(8), rng.next(), rng.next());
             let handle = {
                 let handles = self.handles.lock().unwrap();
-                match (handles.len(), rng.below(8)) {
-                    (0, _) | (_, 0) => {
-                        let any = rng.next();
-                        rng.pick(&[0, 1, u64::MAX, any])
-                    }
+                match (handles.len(), which) {
+                    (0, _) | (_, 0) => [0, 1, u64::MAX, any][(recent % 4) as usize],
                     // Mostly recent ones: they may still be live.
-                    (n, _) => handles[n - 1 - rng.below(n.min(16) as u64) as usize],
+                    (n, _) => handles[n - 1 - (recent % n.min(16) as u64) as usize],
                 }
             };
             let (cmd, name) = match rng.below(100) {
