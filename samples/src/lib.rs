@@ -3,6 +3,7 @@
 //! accounting (smaps, pagemap, kpageflags, debugfs) lives in `proc`.
 
 pub mod backing;
+pub mod check_state;
 pub mod device;
 pub mod proc;
 pub mod target;

@@ -21,6 +21,31 @@ pub fn mov_eax_ret(value: u32) -> [u8; 6] {
     [0xb8, v[0], v[1], v[2], v[3], 0xc3]
 }
 
+/// Code that returns `value` (< 65536) in `eax`, one encoding per entry,
+/// with instruction boundaries that differ from `mov eax, imm32; ret`'s
+/// (at 0 and 5) and from each other's: a CPU that ran a stale or
+/// half-written mix of old and new bytes would start an instruction in the
+/// middle of another, and crash or return something else.
+pub fn encodings_returning(value: u32) -> [Vec<u8>; 6] {
+    assert!(value < 1 << 16);
+    let v = value.to_le_bytes();
+    let cat = |parts: &[&[u8]]| parts.concat();
+    [
+        // mov eax, imm32; ret: boundaries 0, 5
+        mov_eax_ret(value).to_vec(),
+        // xor eax, eax; add eax, imm32; ret: 0, 2, 7
+        cat(&[&[0x31, 0xc0, 0x05], &v, &[0xc3]]),
+        // push imm32; pop rax; ret: 0, 5, 6
+        cat(&[&[0x68], &v, &[0x58, 0xc3]]),
+        // lea eax, [imm32]; ret: 0, 7
+        cat(&[&[0x8d, 0x04, 0x25], &v, &[0xc3]]),
+        // mov ax, imm16; movzx eax, ax; ret: 0, 4, 7
+        cat(&[&[0x66, 0xb8], &v[..2], &[0x0f, 0xb7, 0xc0, 0xc3]]),
+        // nine nops; mov eax, imm32; ret: 0 to 9, 14 (15 bytes)
+        cat(&[&[0x90; 9], &mov_eax_ret(value)]),
+    ]
+}
+
 /// The whole blob: each page starts with its function, the rest is `int3`.
 pub fn blob() -> Vec<u8> {
     let mut b = vec![0xcc; THP_SIZE];
@@ -42,5 +67,37 @@ mod tests {
         assert_eq!(&b[5 * PAGE..5 * PAGE + 6], &mov_eax_ret(1005));
         assert_eq!(b[6], 0xcc);
         assert_eq!(b[THP_SIZE - 1], 0xcc);
+    }
+
+    /// Every encoding runs and returns its value (on this x86-64 host).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn encodings_return_their_value() {
+        // SAFETY: a fresh private RWX page of our own; each encoding is a
+        // complete function ending in `ret`, followed by int3 padding.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                PAGE,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            let code = std::slice::from_raw_parts_mut(p.cast::<u8>(), PAGE);
+            let mut boundaries = std::collections::BTreeSet::new();
+            for (i, e) in encodings_returning(5007).iter().enumerate() {
+                assert!(e.len() <= crate::uapi::MAX_BYTES, "encoding {i} is {} bytes", e.len());
+                code.fill(0xcc);
+                code[..e.len()].copy_from_slice(e);
+                let f: extern "C" fn() -> u32 = std::mem::transmute(p);
+                assert_eq!(f(), 5007, "encoding {i}");
+                boundaries.insert(e.len());
+            }
+            // Lengths differ (one of the ways boundaries differ).
+            assert!(boundaries.len() >= 4);
+            libc::munmap(p, PAGE);
+        }
     }
 }

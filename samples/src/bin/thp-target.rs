@@ -35,12 +35,21 @@
 //! With `--check-threads N --check-pages P`, N threads keep calling the
 //! functions of pages 0..P and abort (exit 3) if one ever returns anything
 //! but its original value or its stress value (`text::stress_value`): a
-//! torn instruction would show as that, or as SIGSEGV/SIGILL.
-//! With `--chaos`, a thread keeps racing the kernel on the text: it
-//! `madvise(MADV_DONTNEED)`s pages (dropping any patched anonymous page) and
-//! flips pages 4..8 between read-only and read+exec with `mprotect()`
-//! (splitting and merging the VMA); `calm` stops it.
+//! torn instruction would show as that, or as SIGSEGV/SIGILL.  With
+//! `--check-state FD` too (a `check_state` memfd the controller shares),
+//! they also exit (4) if a call made wholly after a PATCH or RESTORE
+//! returned still runs the code from before it, more than
+//! `check_state::MISSES_ALLOWED` times in a row, and confirm every state
+//! they saw right (see `hugepoke::check_state`).
+//! With `--chaos`, a thread keeps racing the kernel on the pages the
+//! checkers run (0..P): it `madvise(MADV_DONTNEED)`s them (dropping any
+//! patched anonymous page: counted in the check state) and flips them
+//! between read+exec and read+write+exec with `mprotect()` (splitting and
+//! merging the VMA, making it briefly writable: PATCH and RESTORE must
+//! refuse then); and flips pages P..P+4, which no checker runs, between
+//! read-only and read+exec; `calm` stops it.
 
+use hugepoke::check_state;
 use hugepoke::text::{self, PAGE, THP_SIZE};
 use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
@@ -147,6 +156,112 @@ fn call(base: usize, page: usize) -> u32 {
     f()
 }
 
+/// `--chaos`: race the kernel on the pages the checkers run (0..pages) and
+/// on a few they do not, until `calm`.
+fn chaos_on_text(base: usize, pages: usize, state: Option<&check_state::Shared>) {
+    use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+    // Give the text VMA its anon_vma now, while it is whole: the pieces our
+    // mprotect()s split off share it and merge again at `calm`.  (Pieces
+    // that each got their own at a later COW would stay apart for good, and
+    // a split VMA never gets its PMD back.)  A COW of the last page, which
+    // nothing runs, dropped at once.
+    let last = base + (text::PAGES - 1) * PAGE;
+    // SAFETY: our own text mapping; the byte written is the one there (int3).
+    unsafe {
+        libc::mprotect(base as *mut libc::c_void, THP_SIZE, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC);
+        std::ptr::write_volatile((last + 100) as *mut u8, 0xcc);
+        libc::madvise(last as *mut libc::c_void, PAGE, libc::MADV_DONTNEED);
+        libc::mprotect(base as *mut libc::c_void, THP_SIZE, libc::PROT_READ | libc::PROT_EXEC);
+    }
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    while CHAOS.load(Relaxed) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let page = (x % pages as u64) as usize;
+        let at = (base + page * PAGE) as *mut libc::c_void;
+        let quiet = (base + (pages + page % 4) * PAGE) as *mut libc::c_void;
+        let dontneed = state.map(|s| &s.slot(page).dontneed);
+        // SAFETY: our own text mapping.  DONTNEED on a private file mapping
+        // only drops anonymous copies (they refault from the page cache);
+        // the checked pages never lose PROT_EXEC (only gain PROT_WRITE for
+        // a while); only the quiet pages, which no checker runs, do.
+        unsafe {
+            match x % 5 {
+                0 => {
+                    // Odd while the madvise runs: see check_state.
+                    dontneed.map(|d| d.fetch_add(1, SeqCst));
+                    libc::madvise(at, PAGE, libc::MADV_DONTNEED);
+                    dontneed.map(|d| d.fetch_add(1, SeqCst));
+                }
+                1 => {
+                    libc::mprotect(at, PAGE, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC);
+                }
+                2 => {
+                    libc::mprotect(at, PAGE, libc::PROT_READ | libc::PROT_EXEC);
+                }
+                3 => {
+                    libc::mprotect(quiet, PAGE, libc::PROT_READ);
+                }
+                _ => {
+                    libc::mprotect(quiet, PAGE, libc::PROT_READ | libc::PROT_EXEC);
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// `--check-threads`: call the functions of pages 0..pages for ever; exit
+/// on a value that is neither the original nor the stress one (3), or, with
+/// a check state, on a call that ran the code from before a PATCH or
+/// RESTORE that had returned (4).
+fn check_calls(base: usize, pages: usize, state: Option<&check_state::Shared>) {
+    use check_state::State;
+    // Per page: the generation we last saw a miss in, and how many in a row.
+    let mut misses = vec![(0u64, 0u32); pages];
+    loop {
+        for page in 0..pages {
+            let (orig, new) = (text::original_value(page), text::stress_value(page));
+            let Some(slot) = state.map(|s| s.slot(page)) else {
+                let v = call(base, page);
+                if v != orig && v != new {
+                    eprintln!("thp-target: page {page} returned {v}: torn or foreign code");
+                    std::process::exit(3);
+                }
+                continue;
+            };
+            let (generation, st) = slot.load();
+            let v = call(base, page);
+            let dontneed = slot.dontneed.load(std::sync::atomic::Ordering::Acquire);
+            let stable = slot.load() == (generation, st);
+            if v != orig && v != new {
+                eprintln!("thp-target: page {page} returned {v} in state {st:?} (generation {generation}): torn or foreign code");
+                std::process::exit(3);
+            }
+            // The whole call ran after the ioctl that made this state returned.
+            let want = match st {
+                State::Original if stable => orig,
+                State::Patched if stable => new,
+                _ => continue,
+            };
+            if v == want || (st == State::Patched && slot.dontneed_since_patch(dontneed)) {
+                slot.confirm(generation);
+                continue;
+            }
+            let m = &mut misses[page];
+            *m = if m.0 == generation { (generation, m.1 + 1) } else { (generation, 1) };
+            if m.1 > check_state::MISSES_ALLOWED {
+                eprintln!(
+                    "thp-target: page {page}: {} calls in a row after the ioctl that made it {st:?} returned (generation {generation}) still returned {v}",
+                    m.1
+                );
+                std::process::exit(4);
+            }
+        }
+    }
+}
+
 fn main() {
     let mut path = format!(
         "{}/text.bin",
@@ -157,6 +272,7 @@ fn main() {
     let mut huge = true;
     let mut at = None;
     let (mut check_threads, mut check_pages) = (0usize, 1usize);
+    let mut check_state = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -167,8 +283,9 @@ fn main() {
             "--no-huge" => huge = false,
             "--check-threads" => check_threads = args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| die("--check-threads N")),
             "--check-pages" => check_pages = args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| die("--check-pages P")),
+            "--check-state" => check_state = Some(args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| die("--check-state FD"))),
             _ => {
-                eprintln!("usage: thp-target [--file PATH] [--at ADDR] [--spin] [--chaos] [--no-huge] [--check-threads N --check-pages P]");
+                eprintln!("usage: thp-target [--file PATH] [--at ADDR] [--spin] [--chaos] [--no-huge] [--check-threads N --check-pages P [--check-state FD]]");
                 std::process::exit(2);
             }
         }
@@ -188,6 +305,9 @@ fn main() {
     // Fault the text in (a PMD mapping when the page cache holds a THP).
     let v = call(base, 0);
     assert_eq!(v, text::original_value(0));
+    let check_pages = check_pages.min(check_state::PAGES);
+    let state: Option<&'static check_state::Shared> =
+        check_state.map(|fd| &*Box::leak(Box::new(check_state::Shared::map(fd).unwrap_or_else(|_| die("mapping --check-state")))));
 
     if spin {
         std::thread::spawn(move || loop {
@@ -197,43 +317,10 @@ fn main() {
 
     if chaos {
         CHAOS.store(true, std::sync::atomic::Ordering::Relaxed);
-        std::thread::spawn(move || {
-            let mut x = 0x2545_f491_4f6c_dd1du64;
-            loop {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                if !CHAOS.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                let page = (x % 8) as usize;
-                let at = (base + page * PAGE) as *mut libc::c_void;
-                let quiet = (base + (4 + page % 4) * PAGE) as *mut libc::c_void;
-                // SAFETY: our own text mapping.  DONTNEED on a private file
-                // mapping only drops anonymous copies (they refault from the
-                // page cache); only pages 4..8, which no checking thread
-                // executes, ever lose PROT_EXEC, and get it back right away.
-                unsafe {
-                    match x % 3 {
-                        0 => libc::madvise(at, PAGE, libc::MADV_DONTNEED),
-                        1 => libc::mprotect(quiet, PAGE, libc::PROT_READ),
-                        _ => libc::mprotect(quiet, PAGE, libc::PROT_READ | libc::PROT_EXEC),
-                    };
-                }
-                std::thread::sleep(std::time::Duration::from_micros(200));
-            }
-        });
+        std::thread::spawn(move || chaos_on_text(base, check_pages, state));
     }
     for _ in 0..check_threads {
-        std::thread::spawn(move || loop {
-            for page in 0..check_pages.min(text::PAGES) {
-                let v = call(base, page);
-                if v != text::original_value(page) && v != text::stress_value(page) {
-                    eprintln!("thp-target: page {page} returned {v}: torn or foreign code");
-                    std::process::exit(3);
-                }
-            }
-        });
+        std::thread::spawn(move || check_calls(base, check_pages, state));
     }
 
     let mut base = base;

@@ -1,7 +1,12 @@
 //! The in-guest integration tests: run inside a virtme-ng guest with
 //! hugepoke.ko loaded (scripts/guest), observe the real kernel, print TAP.
 //!
-//!   hugepoke-tests [FILTER]   runs the tests whose name contains FILTER
+//!   hugepoke-tests [--no-reload | --only-reload] [--list] [FILTER]
+//!
+//! runs (or with --list names, one a line) the tests whose name contains
+//! FILTER; --no-reload leaves out the tests that reload the module, so that
+//! the module's counters can be checked before a reload resets them, and
+//! --only-reload runs just those.
 
 type TestResult = Result<(), String>;
 
@@ -75,6 +80,9 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("unload_after_collapse_leaks_nothing", unload_after_collapse_leaks_nothing),
 ];
 
+/// The tests that unload and reload the module: the last ones in TESTS.
+const RELOADING: &[&str] = &["module_unload_restores_persistent_patches", "unload_after_collapse_leaks_nothing"];
+
 /// A test that takes longer than this is reported as failed, and the run
 /// stops there (its thread cannot be killed): one hang must not stall the guest.
 const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -116,8 +124,23 @@ fn run_one(test: fn() -> TestResult, limit: std::time::Duration) -> Outcome {
 }
 
 fn main() {
-    let filter = std::env::args().nth(1).unwrap_or_default();
-    let selected: Vec<_> = TESTS.iter().filter(|(n, _)| n.contains(&filter)).collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let filter = args.iter().find(|a| !a.starts_with("--")).cloned().unwrap_or_default();
+    let reload = |n: &str| RELOADING.contains(&n);
+    let selected: Vec<_> = TESTS
+        .iter()
+        .filter(|(n, _)| n.contains(&filter))
+        .filter(|(n, _)| match (flag("--no-reload"), flag("--only-reload")) {
+            (true, _) => !reload(n),
+            (_, true) => reload(n),
+            _ => true,
+        })
+        .collect();
+    if flag("--list") {
+        selected.iter().for_each(|(n, _)| println!("{n}"));
+        return;
+    }
     println!("1..{}", selected.len());
     let mut failed = 0;
     for (i, (name, test)) in selected.iter().enumerate() {
@@ -161,6 +184,12 @@ mod harness {
             panic!("boom at step 3")
         }
         assert_eq!(run_one(panics, Duration::from_secs(5)), Outcome::Panicked("boom at step 3".into()));
+    }
+
+    #[test]
+    fn the_reloading_tests_come_last() {
+        let tail: Vec<_> = TESTS[TESTS.len() - RELOADING.len()..].iter().map(|(n, _)| *n).collect();
+        assert_eq!(tail, RELOADING);
     }
 
     #[test]
