@@ -35,6 +35,8 @@ struct Run {
     rows: Vec<Row>,
     throughput: Vec<Throughput>,
     uprobe_sleeps: Vec<Stack>,
+    /// The caller and its targets are pinned to one CPU (see `same_cpu`).
+    same_cpu: bool,
 }
 
 fn thp_dir() -> String {
@@ -53,12 +55,15 @@ pub fn run(o: &Options) -> Bench {
         rows: Vec::new(),
         throughput: Vec::new(),
         uprobe_sleeps: Vec::new(),
+        same_cpu: false,
     };
     let cpu_clock_overhead_ns = calibrate();
     let t0 = mono_ns();
     let phase = |name: &str| eprintln!("hugepoke-bench: {name} ({:.1} s)", (mono_ns() - t0) as f64 / 1e9);
     phase("hugepoke, spinning target");
     r.hugepoke_single(true);
+    phase("hugepoke, spinning target on the caller's CPU");
+    r.same_cpu(|r| r.hugepoke_single(true));
     phase("hugepoke, idle target, --install-pmd");
     r.hugepoke_single(false);
     phase("uprobe attach/detach, spinning target");
@@ -69,6 +74,8 @@ pub fn run(o: &Options) -> Bench {
     r.uprobe(true, true);
     phase("/proc/PID/mem, spinning target");
     r.proc_mem(true);
+    phase("/proc/PID/mem, spinning target on the caller's CPU");
+    r.same_cpu(|r| r.proc_mem(true));
     phase("/proc/PID/mem, idle target");
     r.proc_mem(false);
     for sites in [1, 16, 256, 4096] {
@@ -138,7 +145,51 @@ fn gettid() -> i32 {
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
+fn set_affinity(cpus: &[usize]) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and
+    // sched_setaffinity(0 = this thread) only touch it and this thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    check!(rc == 0, "sched_setaffinity({cpus:?}): {}", std::io::Error::last_os_error());
+}
+
 impl Run {
+    /// Run `f` with this thread pinned to CPU 0; the targets it spawns
+    /// inherit that, so the spinning thread shares the caller's CPU: no
+    /// other CPU runs the target's mm while the caller is in the kernel
+    /// (no TLB-flush IPI to wait for, no remote LRU batch).  A control for
+    /// what a target spinning on another CPU costs.
+    fn same_cpu(&mut self, f: impl FnOnce(&mut Self)) {
+        let all: Vec<usize> = (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        set_affinity(&[0]);
+        self.same_cpu = true;
+        f(self);
+        self.same_cpu = false;
+        set_affinity(&all);
+    }
+
+    /// On `same_cpu`, check that the target really is confined to CPU 0.
+    fn check_placement(&self, pid: i32) {
+        if self.same_cpu {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            check!(status.lines().any(|l| l == "Cpus_allowed_list:\t0"), "target {pid} is not confined to CPU 0");
+        }
+    }
+
+    /// Row tag and words for a target kind, with the CPU placement.
+    fn who(&self, spin: bool, extra: &str) -> (String, String) {
+        match (spin, self.same_cpu) {
+            (true, true) => ("spin1cpu".into(), format!("spinning target on the caller's CPU{extra}")),
+            (true, false) => ("spin".into(), format!("spinning target{extra}")),
+            (false, _) => ("idle".into(), format!("idle target{extra}")),
+        }
+    }
+
     fn poll_cost(&mut self, since: i64, p: &crate::probe::Poll) {
         if p.polls > 0 {
             self.poll_ns.push((p.ended - since) / p.polls as i64);
@@ -149,7 +200,7 @@ impl Run {
     /// Spinning: default flags (PMD at the spinning thread's next fault);
     /// idle: --install-pmd (nothing would fault it back otherwise).
     fn hugepoke_single(&mut self, spin: bool) {
-        let (tag, who) = if spin { ("spin", "spinning target") } else { ("idle", "idle target, --install-pmd") };
+        let (tag, who) = self.who(spin, if spin { "" } else { ", --install-pmd" });
         let read_back = "bytes read back (new after PATCH, originals after RESTORE); anonymous PFN after PATCH; \
                          page-cache PFN and PMD back after RESTORE; journal stamps inside the ioctl";
         let mut patch = Row::new(&format!("hugepoke.patch.{tag}"), &format!("hugepoke PATCH ({who})"),
@@ -171,6 +222,7 @@ impl Run {
         let orig = original(SITE_PAGE);
         for _ in 0..self.cycles {
             let (t, w) = fresh_target(&self.file, spin);
+            self.check_placement(t.pid);
             let mem = Mem::open(t.pid);
             let addr = t.page_addr(SITE_PAGE);
             check!(mem.read(addr, 6) == orig, "target's page {SITE_PAGE} is not the original function");
@@ -269,6 +321,7 @@ impl Run {
         let tracer = traced.then(|| SchedTrace::start(gettid()));
         for _ in 0..self.cycles {
             let (t, w) = fresh_target(&self.file, spin);
+            self.check_placement(t.pid);
             let mem = Mem::open(t.pid);
             let addr = t.page_addr(SITE_PAGE);
             check!(mem.read(addr, 6) == orig, "target's page {SITE_PAGE} is not the original function");
@@ -360,7 +413,7 @@ impl Run {
 
     /// pwrite of the new bytes into /proc/PID/mem, then of the originals.
     fn proc_mem(&mut self, spin: bool) {
-        let (tag, who) = if spin { ("spin", "spinning target") } else { ("idle", "idle target") };
+        let (tag, who) = self.who(spin, "");
         let new = new_bytes(SITE_PAGE);
         let orig = original(SITE_PAGE);
         let checked = "bytes read back after each write; anonymous PFN after the first";
@@ -371,6 +424,7 @@ impl Run {
         let (mut pmd_back, mut cache_back) = (0, 0);
         for _ in 0..self.cycles {
             let (t, w) = fresh_target(&self.file, spin);
+            self.check_placement(t.pid);
             let mem = Mem::open(t.pid);
             let addr = t.page_addr(SITE_PAGE);
             check!(mem.read(addr, 6) == orig, "target's page {SITE_PAGE} is not the original function");
