@@ -176,10 +176,10 @@ pub fn markdown(b: &Bench) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "Made by `{}` at `{}` (kernel {}, {} vCPUs, TCG; host load average {} at the start); {} cycles per \
-         single-site method; every sample checked as the last column says (a failed check fails the run).\n\n",
+         single-site method. What every sample is checked for is listed under the table; a failed check fails the run.\n\n",
         b.command, b.commit, b.kernel, b.cpus, b.host_load, b.cycles
     ));
-    out.push_str("| | median | p90 | samples | on caller's CPU (median) | bound by | checked on every sample; counted |\n");
+    out.push_str("| | median | p90 | samples | on caller's CPU (median) | bound by | checks; counts |\n");
     out.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
     for (i, r) in b.rows.iter().enumerate() {
         let med = median(&r.samples_ns).map_or("–".into(), human_ns);
@@ -188,12 +188,12 @@ pub fn markdown(b: &Bench) -> String {
             (Some(c), Some(w)) if w > 0 => format!("{} ({:.0} %)", human_ns(c), 100.0 * c as f64 / w as f64),
             _ => "–".into(),
         };
-        let counts: Vec<String> = r.counts.iter().map(|c| format!("{}: {} of {}", c.what, c.yes, c.of)).collect();
-        let checked = match (r.checked.is_empty(), counts.is_empty()) {
-            (false, false) => format!("{}; {}", r.checked, counts.join("; ")),
-            (false, true) => r.checked.clone(),
-            (true, _) => counts.join("; "),
-        };
+        let mut notes: Vec<String> = Vec::new();
+        if !r.checked.is_empty() {
+            notes.push(format!("all {} checked", r.samples_ns.len()));
+        }
+        notes.extend(r.counts.iter().map(|c| format!("{}: {} of {}", c.what, c.yes, c.of)));
+        let checked = notes.join("; ");
         out.push_str(&format!(
             "| {}. {} | {med} | {p} | {} | {cpu} | {} | {} |\n",
             i + 1,
@@ -227,7 +227,8 @@ pub fn markdown(b: &Bench) -> String {
     ));
     for (i, r) in b.rows.iter().enumerate() {
         let why = if r.bound_why.is_empty() { String::new() } else { format!(" *Bound by {}:* {}", r.bound.words(), r.bound_why) };
-        out.push_str(&format!("{}. {}: {}{}\n", i + 1, r.label.trim(), r.includes, why));
+        let checked = if r.checked.is_empty() { String::new() } else { format!(" *Checked on every sample:* {}.", r.checked) };
+        out.push_str(&format!("{}. {}: {}.{checked}{why}\n", i + 1, r.label.trim(), r.includes));
     }
     if !b.uprobe_sleeps.is_empty() {
         out.push_str("\nWhere the traced uprobe attaches and detaches slept (kernel stack at each switch-out, from `__schedule` outwards; times seen over all traced cycles):\n\n");
@@ -306,12 +307,13 @@ pub(crate) mod tests {
         assert!(md.starts_with("Made by `scripts/bench 100` at `abc1234` (kernel 7.2.12, 2 vCPUs, TCG; host load average 1.50 1.20 1.00 at the start)"), "{md}");
         let lines: Vec<&str> = md.lines().filter(|l| l.starts_with("| 1.") || l.starts_with("| 2.") || l.starts_with("| 3.")).collect();
         assert_eq!(lines.len(), 3, "{md}");
-        assert_eq!(lines[0], "| 1. hugepoke PATCH | 50.0 µs | 90.0 µs | 100 | 45.0 µs (90 %) | CPU | bytes read back; PMD back: 100 of 100 |");
+        assert_eq!(lines[0], "| 1. hugepoke PATCH | 50.0 µs | 90.0 µs | 100 | 45.0 µs (90 %) | CPU | all 100 checked; PMD back: 100 of 100 |");
         // A `|` in a label is escaped, not a new column.
         assert!(lines[1].starts_with("| 2. uprobe detach \\| close | 5.00 ms | 9.00 ms | 10 | 50.0 µs (1 %) | wall clock |"), "{}", lines[1]);
         assert!(lines[2].starts_with("| 3. LRU drain | 10 ns | 20 ns | 3 | – | wall clock |"), "{}", lines[2]);
         assert!(md.contains("| PATCH, one target | 1 | 256 | 512 ms | 500 |"), "{md}");
-        assert!(md.contains("3. LRU drain: journal *Bound by wall clock:* waits for a work item on every CPU"), "{md}");
+        assert!(md.contains("3. LRU drain: journal. *Bound by wall clock:* waits for a work item on every CPU"), "{md}");
+        assert!(md.contains("1. hugepoke PATCH: the ioctl. *Checked on every sample:* bytes read back."), "{md}");
         assert!(md.contains("one iteration took 31.0 µs"), "{md}");
         assert!(md.contains("less that clock's own cost (1.50 µs)"), "{md}");
         assert!(md.contains("- detach: 4× (grace period) `__schedule ← __synchronize_srcu`"), "{md}");

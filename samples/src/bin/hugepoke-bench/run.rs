@@ -457,7 +457,7 @@ impl Run {
     /// then RESTORE each; cycles enough for 100+ samples.
     fn scale(&mut self, sites: usize) {
         let cycles = self.cycles.div_ceil(sites).max(1);
-        let checked = "each site's bytes read back after its call; the whole 2 MiB text compared with what it must be after the last PATCH and the last RESTORE";
+        let checked = "each site's bytes read back after its call; the whole 2 MiB text compared with what it must be after the last PATCH and after the last RESTORE; the PMD back after the last RESTORE";
         let plural = if sites == 1 { "site" } else { "sites" };
         let growing = if sites == 1 { "no other live site".to_string() } else { format!("0 to {} other live sites", sites - 1) };
         let mut patch = Row::new(&format!("scale.patch.{sites}"), &format!("PATCH, {sites} {plural} per target (idle, --install-pmd)"),
@@ -493,10 +493,11 @@ impl Run {
                 last_end = r.end;
             }
             let poll = w.wait_pmd(t.addr, last_end, PMD_LIMIT_NS);
-            pmd_back += usize::from(poll.seen_at.is_some());
+            check!(poll.seen_at.is_some(), "PMD not back within {PMD_LIMIT} of the last of {sites} RESTOREs");
+            pmd_back += 1;
             check!(mem.read(t.addr, THP_SIZE) == pristine, "after the RESTOREs the text is not the pristine blob");
         }
-        restore.count(&format!("PMD back within {PMD_LIMIT} of the last RESTORE (counted, not required: our read-backs fault pages in)"), pmd_back, cycles);
+        restore.count(&format!("PMD back within {PMD_LIMIT} of the last RESTORE"), pmd_back, cycles);
         self.rows.extend([patch.classify(), restore.classify()]);
     }
 
