@@ -5,7 +5,8 @@
 //! their time; and PATCH/RESTORE with 1 to 4,096 live sites per target and
 //! on two targets at once.  Every sample is checked (see `run.rs`).
 //!
-//!   hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR]   (in a guest)
+//!   hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR] [--only PHASE]   (in a guest;
+//!       --only runs just the phases whose name contains PHASE, for trying one out)
 //!   hugepoke-bench report BENCH.json    the README's Markdown table, on stdout
 //!   hugepoke-bench svg BENCH.json       the latency chart, on stdout
 //!
@@ -21,7 +22,7 @@ mod trace;
 use report::Bench;
 
 fn usage() -> ! {
-    eprintln!("usage: hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR] | report BENCH.json | svg BENCH.json");
+    eprintln!("usage: hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR] [--only PHASE] | report BENCH.json | svg BENCH.json");
     std::process::exit(2)
 }
 
@@ -47,13 +48,14 @@ fn main() {
         Some("run") => {
             let cycles: usize = args.get(1).and_then(|n| n.parse().ok()).filter(|&n| n > 0).unwrap_or_else(|| usage());
             let out = args.get(2).unwrap_or_else(|| usage());
-            let mut o = run::Options { cycles, command: format!("hugepoke-bench run {cycles}"), commit: "unknown".into(), host_load: "unknown".into() };
+            let mut o = run::Options { cycles, command: format!("hugepoke-bench run {cycles}"), commit: "unknown".into(), host_load: "unknown".into(), only: None };
             let mut rest = args[3..].iter();
             while let Some(a) = rest.next() {
                 match (a.as_str(), rest.next()) {
                     ("--command", Some(v)) => o.command = v.clone(),
                     ("--commit", Some(v)) => o.commit = v.clone(),
                     ("--host-load", Some(v)) => o.host_load = v.clone(),
+                    ("--only", Some(v)) => o.only = Some(v.clone()),
                     _ => usage(),
                 }
             }

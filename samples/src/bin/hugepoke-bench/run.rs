@@ -14,15 +14,23 @@ use std::ffi::CString;
 /// The text page of the single-site methods (not executed: the spinning
 /// thread runs page 0).
 const SITE_PAGE: usize = 17;
-/// How long a RESTORE, detach or write-back gets for its PMD to come back.
+/// How long a detach or write-back gets for its PMD to come back (counted:
+/// neither brings it back, so every cycle waits this long).
 const PMD_LIMIT_NS: i64 = 200_000_000;
 const PMD_LIMIT: &str = "200 ms";
+/// How long a hugepoke RESTORE gets (required): generous, since a loaded
+/// host can starve the vCPU that runs the collapse work or the refault;
+/// the "PMD visible" rows say how long it really took.
+const PMD_REQUIRED_NS: i64 = 2_000_000_000;
+const PMD_REQUIRED: &str = "2 s";
 
 pub struct Options {
     pub cycles: usize,
     pub command: String,
     pub commit: String,
     pub host_load: String,
+    /// Only the phases whose name contains this (for trying one out).
+    pub only: Option<String>,
 }
 
 struct Run {
@@ -59,31 +67,30 @@ pub fn run(o: &Options) -> Bench {
     };
     let cpu_clock_overhead_ns = calibrate();
     let t0 = mono_ns();
+    type Phase = (&'static str, fn(&mut Run));
+    let phases: &[Phase] = &[
+        ("hugepoke, spinning target", |r| r.hugepoke_single(true)),
+        ("hugepoke, spinning target on the caller's CPU", |r| r.same_cpu(|r| r.hugepoke_single(true))),
+        ("hugepoke, idle target, --install-pmd", |r| r.hugepoke_single(false)),
+        ("uprobe attach/detach, spinning target", |r| r.uprobe(true, false)),
+        ("uprobe attach/detach, idle target", |r| r.uprobe(false, false)),
+        ("uprobe attach/detach, traced", |r| r.uprobe(true, true)),
+        ("/proc/PID/mem, spinning target", |r| r.proc_mem(true)),
+        ("/proc/PID/mem, spinning target on the caller's CPU", |r| r.same_cpu(|r| r.proc_mem(true))),
+        ("/proc/PID/mem, idle target", |r| r.proc_mem(false)),
+        ("1 site per target", |r| r.scale(1)),
+        ("16 sites per target", |r| r.scale(16)),
+        ("256 sites per target", |r| r.scale(256)),
+        ("4096 sites per target", |r| r.scale(4096)),
+        ("two targets concurrently", |r| r.concurrent(256)),
+    ];
     let phase = |name: &str| eprintln!("hugepoke-bench: {name} ({:.1} s)", (mono_ns() - t0) as f64 / 1e9);
-    phase("hugepoke, spinning target");
-    r.hugepoke_single(true);
-    phase("hugepoke, spinning target on the caller's CPU");
-    r.same_cpu(|r| r.hugepoke_single(true));
-    phase("hugepoke, idle target, --install-pmd");
-    r.hugepoke_single(false);
-    phase("uprobe attach/detach, spinning target");
-    r.uprobe(true, false);
-    phase("uprobe attach/detach, idle target");
-    r.uprobe(false, false);
-    phase("uprobe detach, traced");
-    r.uprobe(true, true);
-    phase("/proc/PID/mem, spinning target");
-    r.proc_mem(true);
-    phase("/proc/PID/mem, spinning target on the caller's CPU");
-    r.same_cpu(|r| r.proc_mem(true));
-    phase("/proc/PID/mem, idle target");
-    r.proc_mem(false);
-    for sites in [1, 16, 256, 4096] {
-        phase(&format!("{sites} sites per target"));
-        r.scale(sites);
+    for (name, f) in phases {
+        if o.only.as_ref().is_none_or(|only| name.contains(only.as_str())) {
+            phase(name);
+            f(&mut r);
+        }
     }
-    phase("two targets concurrently");
-    r.concurrent(256);
     phase("done");
     Bench {
         schema: SCHEMA,
@@ -238,9 +245,12 @@ impl Run {
             let r = timed(|| self.dev.restore(h));
             check!(r.value.is_ok(), "RESTORE: {:?}", r.value);
             let poll_start = mono_ns();
-            let poll = w.wait_pmd(addr, r.end, PMD_LIMIT_NS);
+            let poll = w.wait_pmd(addr, r.end, PMD_REQUIRED_NS);
             self.poll_cost(poll_start, &poll);
-            check!(poll.seen_at.is_some(), "PMD not back within {PMD_LIMIT} of RESTORE (target {})", t.pid);
+            if poll.seen_at.is_none() {
+                let s = steps(&events_since(seq, t.pid), h);
+                check!(false, "PMD not back within {PMD_REQUIRED} of RESTORE (target {}); journal: {s:?}", t.pid);
+            }
             check!(w.pfn(addr) == cache_pfn, "after RESTORE the site does not map the page-cache page");
             check!(mem.read(addr, 6) == orig, "after RESTORE the target does not have the original bytes");
             // The work journals its outcome after collapse_pte_mapped_thp()
@@ -275,7 +285,7 @@ impl Run {
             work.samples_ns.push(done - queued);
             visible.samples_ns.push(poll.seen_at.unwrap() - r.end);
         }
-        restore.count(&format!("PMD back within {PMD_LIMIT}"), restores, restores);
+        restore.count(&format!("PMD back within {PMD_REQUIRED}"), restores, restores);
         restore.count("RESTOREs that drained", drains, restores);
         let drain = drain.bound_by(Bound::Wall, "flush_work() on every CPU with a non-empty batch: a worker must run there (a spinning CPU lets it in at a tick or preemption)");
         let after = after.bound_by(Bound::Wall, "a workqueue worker must be scheduled; then collapse_pte_mapped_thp() runs on its CPU");
@@ -492,12 +502,12 @@ impl Run {
                 restore.push(r.wall(), r.cpu);
                 last_end = r.end;
             }
-            let poll = w.wait_pmd(t.addr, last_end, PMD_LIMIT_NS);
-            check!(poll.seen_at.is_some(), "PMD not back within {PMD_LIMIT} of the last of {sites} RESTOREs");
+            let poll = w.wait_pmd(t.addr, last_end, PMD_REQUIRED_NS);
+            check!(poll.seen_at.is_some(), "PMD not back within {PMD_REQUIRED} of the last of {sites} RESTOREs");
             pmd_back += 1;
             check!(mem.read(t.addr, THP_SIZE) == pristine, "after the RESTOREs the text is not the pristine blob");
         }
-        restore.count(&format!("PMD back within {PMD_LIMIT} of the last RESTORE"), pmd_back, cycles);
+        restore.count(&format!("PMD back within {PMD_REQUIRED} of the last RESTORE"), pmd_back, cycles);
         self.rows.extend([patch.classify(), restore.classify()]);
     }
 
