@@ -310,9 +310,9 @@ impl Run {
         int3[0] = 0xcc;
         let checked = "int3 (0xcc) then the original 5 bytes read back after attach, the originals after detach; anonymous PFN after attach";
         let mut attach = Row::new(&format!("uprobe.attach.{tag}"), &format!("uprobe attach (perf_event_open, {who})"),
-            "perf_event_open(2) of a `uprobe` PMU event for the target's pid: creates the trace_uprobe, uprobe_register(), and uprobe_apply() writes the int3 (COW of the page)", checked);
+            "perf_event_open(2) of a `uprobe` PMU event for the target's pid: perf_event_alloc() (may wait for an RCU grace period), the trace_uprobe, uprobe_register() (register_for_each_vma() under percpu_down_write(&dup_mmap_sem), whose rcu_sync_enter() waits for a grace period), and uprobe_apply() writing the int3 (GUP fault and COW of the page)", checked);
         let mut detach = Row::new(&format!("uprobe.detach.{tag}"), &format!("uprobe detach (close, {who})"),
-            "close(2) of that event: uprobe_apply(false) writes the original byte back, uprobe_unregister_nosync(), uprobe_unregister_sync() (synchronize_rcu_tasks_trace() = synchronize_srcu(&rcu_tasks_trace_srcu_struct), then synchronize_srcu(&uretprobes_srcu)), then perf_trace_event_unreg()'s tracepoint_synchronize_unregister() (the same two SRCU waits, the second for tracepoint_srcu)",
+            "close(2) of that event: uprobe_apply(false) writes the original byte back (register_for_each_vma(): rcu_sync_enter()'s grace period, unless the last writer's still holds), uprobe_unregister_nosync(), uprobe_unregister_sync() (synchronize_rcu_tasks_trace() = synchronize_srcu(&rcu_tasks_trace_srcu_struct), then synchronize_srcu(&uretprobes_srcu)), then perf_trace_event_unreg()'s tracepoint_synchronize_unregister() (the same two SRCU waits, the second for tracepoint_srcu)",
             checked);
         // The traced cycles: each call with its blocked intervals.
         let mut traced_rows = [
