@@ -1,0 +1,321 @@
+//! What a run produces (`bench.json`) and the README table made from it.
+//! The JSON keeps every sample, so the table and the chart can be redrawn
+//! from it, and so can any other statistic.
+
+use crate::stats::{human_ns, median, p90};
+use serde::{Deserialize, Serialize};
+
+pub const SCHEMA: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Bench {
+    pub schema: u32,
+    /// The host command that made it, e.g. `scripts/bench 100`.
+    pub command: String,
+    /// `git describe --always --dirty` of the tree that was measured.
+    pub commit: String,
+    /// `uname -r` in the guest.
+    pub kernel: String,
+    pub cpus: usize,
+    /// The host's /proc/loadavg when the run started: TCG vCPUs are host
+    /// threads, and other guests share the host.
+    pub host_load: String,
+    /// Cycles of each single-site method.
+    pub cycles: usize,
+    /// How long one iteration of the PMD-watching loop (one PAGEMAP_SCAN
+    /// ioctl plus a clock read) took, median: the resolution of the
+    /// user-visible "PMD back" rows.
+    pub pmd_poll_ns: i64,
+    /// Journal stamps compared with the CLOCK_MONOTONIC bracket of the
+    /// ioctl that made them; every one fell inside (or the run failed).
+    pub clock_checks: u64,
+    /// Subtracted from each sample's CPU time: what the CPU-time bracket
+    /// costs beyond the wall-clock bracket (median over empty calls).
+    pub cpu_clock_overhead_ns: i64,
+    pub rows: Vec<Row>,
+    pub throughput: Vec<Throughput>,
+    /// The distinct kernel stacks (from `__schedule` down) that the traced
+    /// uprobe attaches and detaches slept in, with how often.
+    pub uprobe_sleeps: Vec<Stack>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stack {
+    /// `attach` or `detach`.
+    pub during: String,
+    pub count: usize,
+    pub grace_period: bool,
+    pub frames: Vec<String>,
+}
+
+/// How a row's time is spent, from the measured share of it that the
+/// calling thread spent on a CPU (`on_cpu_ns`), or by construction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Bound {
+    /// Mostly on the caller's CPU: scales with TCG's slowdown.
+    Cpu,
+    /// Mostly waiting (grace periods, ticks, work items, another CPU):
+    /// wall-clock time that TCG does not slow down in proportion.
+    Wall,
+    /// Neither dominates.
+    Mixed,
+}
+
+impl Bound {
+    /// Classify from the medians: on-CPU share >= 80 % is CPU-bound,
+    /// <= 20 % wall-clock-bound.
+    pub fn from_share(wall_median: i64, on_cpu_median: i64) -> Self {
+        let share = if wall_median > 0 { on_cpu_median as f64 / wall_median as f64 } else { 1.0 };
+        if share >= 0.8 {
+            Bound::Cpu
+        } else if share <= 0.2 {
+            Bound::Wall
+        } else {
+            Bound::Mixed
+        }
+    }
+
+    fn words(self) -> &'static str {
+        match self {
+            Bound::Cpu => "CPU",
+            Bound::Wall => "wall clock",
+            Bound::Mixed => "mixed",
+        }
+    }
+}
+
+/// An observation counted over the samples (not a pass/fail check).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Count {
+    pub what: String,
+    pub yes: usize,
+    pub of: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub id: String,
+    pub label: String,
+    /// Exactly what one sample's interval includes.
+    pub includes: String,
+    pub bound: Bound,
+    /// Why `bound` is what it is when not measured (`on_cpu_ns` empty).
+    pub bound_why: String,
+    pub samples_ns: Vec<i64>,
+    /// The calling thread's CPU time in each sample (CLOCK_THREAD_CPUTIME_ID);
+    /// empty for intervals that are not one thread's call.
+    pub on_cpu_ns: Vec<i64>,
+    /// What was verified on every sample (a failure ends the run).
+    pub checked: String,
+    pub counts: Vec<Count>,
+}
+
+impl Row {
+    pub fn new(id: &str, label: &str, includes: &str, checked: &str) -> Self {
+        Row {
+            id: id.into(),
+            label: label.into(),
+            includes: includes.into(),
+            bound: Bound::Mixed,
+            bound_why: String::new(),
+            samples_ns: Vec::new(),
+            on_cpu_ns: Vec::new(),
+            checked: checked.into(),
+            counts: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, wall_ns: i64, on_cpu_ns: i64) {
+        self.samples_ns.push(wall_ns);
+        self.on_cpu_ns.push(on_cpu_ns);
+    }
+
+    /// Set `bound` from the measured on-CPU share.
+    pub fn classify(mut self) -> Self {
+        if let (Some(w), Some(c)) = (median(&self.samples_ns), median(&self.on_cpu_ns)) {
+            self.bound = Bound::from_share(w, c);
+        }
+        self
+    }
+
+    /// Set `bound` by construction, saying why.
+    pub fn bound_by(mut self, bound: Bound, why: &str) -> Self {
+        self.bound = bound;
+        self.bound_why = why.into();
+        self
+    }
+
+    pub fn count(&mut self, what: &str, yes: usize, of: usize) {
+        self.counts.push(Count { what: what.into(), yes, of });
+    }
+}
+
+/// Calls per second of one or more threads, each on its own target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Throughput {
+    pub label: String,
+    pub threads: usize,
+    pub calls: usize,
+    /// From the first call's start to the last call's end, over all threads.
+    pub wall_ns: i64,
+}
+
+impl Throughput {
+    pub fn per_second(&self) -> f64 {
+        self.calls as f64 * 1e9 / self.wall_ns.max(1) as f64
+    }
+}
+
+fn md_escape(s: &str) -> String {
+    s.replace('|', "\\|")
+}
+
+/// The README's Speed table, and under it what each row includes.
+pub fn markdown(b: &Bench) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Made by `{}` at `{}` (kernel {}, {} vCPUs, TCG; host load average {} at the start); {} cycles per \
+         single-site method. What every sample is checked for is listed under the table; a failed check fails the run.\n\n",
+        b.command, b.commit, b.kernel, b.cpus, b.host_load, b.cycles
+    ));
+    out.push_str("| | median | p90 | samples | on caller's CPU (median) | bound by | checks; counts |\n");
+    out.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
+    for (i, r) in b.rows.iter().enumerate() {
+        let med = median(&r.samples_ns).map_or("–".into(), human_ns);
+        let p = p90(&r.samples_ns).map_or("–".into(), human_ns);
+        let cpu = match (median(&r.on_cpu_ns), median(&r.samples_ns)) {
+            (Some(c), Some(w)) if w > 0 => format!("{} ({:.0} %)", human_ns(c), 100.0 * c as f64 / w as f64),
+            _ => "–".into(),
+        };
+        let mut notes: Vec<String> = Vec::new();
+        if !r.checked.is_empty() {
+            notes.push(format!("all {} checked", r.samples_ns.len()));
+        }
+        notes.extend(r.counts.iter().map(|c| format!("{}: {} of {}", c.what, c.yes, c.of)));
+        let checked = notes.join("; ");
+        out.push_str(&format!(
+            "| {}. {} | {med} | {p} | {} | {cpu} | {} | {} |\n",
+            i + 1,
+            md_escape(&r.label),
+            r.samples_ns.len(),
+            r.bound.words(),
+            md_escape(&checked)
+        ));
+    }
+    if !b.throughput.is_empty() {
+        out.push_str("\n| throughput | threads | calls | wall | calls/s |\n| --- | --- | --- | --- | --- |\n");
+        for t in &b.throughput {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {:.0} |\n",
+                md_escape(&t.label),
+                t.threads,
+                t.calls,
+                human_ns(t.wall_ns),
+                t.per_second()
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "\nThe user-visible \"PMD back\" rows poll one PAGEMAP_SCAN entry in a loop; one iteration took {} \
+         (median), which is their resolution.  {} journal stamps (ktime_get_mono_fast_ns) all fell inside the \
+         CLOCK_MONOTONIC bracket of the ioctl that made them.  On-CPU time is the calling thread's \
+         CLOCK_THREAD_CPUTIME_ID over the call, less that clock's own cost ({}).\n\nWhat each row includes:\n\n",
+        human_ns(b.pmd_poll_ns),
+        b.clock_checks,
+        human_ns(b.cpu_clock_overhead_ns)
+    ));
+    for (i, r) in b.rows.iter().enumerate() {
+        let why = if r.bound_why.is_empty() { String::new() } else { format!(" *Bound by {}:* {}", r.bound.words(), r.bound_why) };
+        let checked = if r.checked.is_empty() { String::new() } else { format!(" *Checked on every sample:* {}.", r.checked) };
+        out.push_str(&format!("{}. {}: {}.{checked}{why}\n", i + 1, r.label.trim(), r.includes));
+    }
+    if !b.uprobe_sleeps.is_empty() {
+        out.push_str("\nWhere the traced uprobe attaches and detaches slept (kernel stack at each switch-out, from `__schedule` outwards; times seen over all traced cycles):\n\n");
+        for st in &b.uprobe_sleeps {
+            let frames: Vec<&str> = st.frames.iter().map(String::as_str).take(12).collect();
+            let kind = if st.grace_period { "grace period" } else { "other" };
+            out.push_str(&format!("- {}: {}× ({kind}) `{}`\n", st.during, st.count, frames.join(" ← ")));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample_bench() -> Bench {
+        let mut a = Row::new("hp.patch", "hugepoke PATCH", "the ioctl", "bytes read back");
+        for i in 1..=100 {
+            a.push(i * 1000, i * 900);
+        }
+        a.count("PMD back", 100, 100);
+        let a = a.classify();
+        let mut d = Row::new("up.detach", "uprobe detach | close", "close(2)", "");
+        for i in 1..=10 {
+            d.push(i * 1_000_000, i * 10_000);
+        }
+        let d = d.classify();
+        let mut g = Row::new("drain", "LRU drain", "journal", "").bound_by(Bound::Wall, "waits for a work item on every CPU");
+        g.samples_ns = vec![-5, 10, 20];
+        Bench {
+            schema: SCHEMA,
+            command: "scripts/bench 100".into(),
+            commit: "abc1234".into(),
+            kernel: "7.2.12".into(),
+            cpus: 2,
+            host_load: "1.50 1.20 1.00".into(),
+            cycles: 100,
+            pmd_poll_ns: 31_000,
+            clock_checks: 300,
+            cpu_clock_overhead_ns: 1500,
+            uprobe_sleeps: vec![Stack { during: "detach".into(), count: 4, grace_period: true, frames: vec!["__schedule".into(), "__synchronize_srcu".into()] }],
+            rows: vec![a, d, g],
+            throughput: vec![Throughput { label: "PATCH, one target".into(), threads: 1, calls: 256, wall_ns: 512_000_000 }],
+        }
+    }
+
+    #[test]
+    fn json_round_trip_keeps_every_sample() {
+        let b = sample_bench();
+        let text = serde_json::to_string_pretty(&b).unwrap();
+        let back: Bench = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, b);
+        // The shape other tools read: field names and the bound's spelling.
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["schema"], 1);
+        assert_eq!(v["rows"][0]["samples_ns"].as_array().unwrap().len(), 100);
+        assert_eq!(v["rows"][0]["bound"], "cpu");
+        assert_eq!(v["rows"][1]["bound"], "wall");
+        assert_eq!(v["rows"][2]["bound"], "wall");
+        assert_eq!(v["throughput"][0]["calls"], 256);
+    }
+
+    #[test]
+    fn bound_from_on_cpu_share() {
+        assert_eq!(Bound::from_share(100, 95), Bound::Cpu);
+        assert_eq!(Bound::from_share(100, 80), Bound::Cpu);
+        assert_eq!(Bound::from_share(100, 50), Bound::Mixed);
+        assert_eq!(Bound::from_share(100, 20), Bound::Wall);
+        assert_eq!(Bound::from_share(0, 0), Bound::Cpu);
+    }
+
+    #[test]
+    fn table_has_a_line_per_row_with_median_and_p90() {
+        let md = markdown(&sample_bench());
+        assert!(md.starts_with("Made by `scripts/bench 100` at `abc1234` (kernel 7.2.12, 2 vCPUs, TCG; host load average 1.50 1.20 1.00 at the start)"), "{md}");
+        let lines: Vec<&str> = md.lines().filter(|l| l.starts_with("| 1.") || l.starts_with("| 2.") || l.starts_with("| 3.")).collect();
+        assert_eq!(lines.len(), 3, "{md}");
+        assert_eq!(lines[0], "| 1. hugepoke PATCH | 50.0 µs | 90.0 µs | 100 | 45.0 µs (90 %) | CPU | all 100 checked; PMD back: 100 of 100 |");
+        // A `|` in a label is escaped, not a new column.
+        assert!(lines[1].starts_with("| 2. uprobe detach \\| close | 5.00 ms | 9.00 ms | 10 | 50.0 µs (1 %) | wall clock |"), "{}", lines[1]);
+        assert!(lines[2].starts_with("| 3. LRU drain | 10 ns | 20 ns | 3 | – | wall clock |"), "{}", lines[2]);
+        assert!(md.contains("| PATCH, one target | 1 | 256 | 512 ms | 500 |"), "{md}");
+        assert!(md.contains("3. LRU drain: journal. *Bound by wall clock:* waits for a work item on every CPU"), "{md}");
+        assert!(md.contains("1. hugepoke PATCH: the ioctl. *Checked on every sample:* bytes read back."), "{md}");
+        assert!(md.contains("one iteration took 31.0 µs"), "{md}");
+        assert!(md.contains("less that clock's own cost (1.50 µs)"), "{md}");
+        assert!(md.contains("- detach: 4× (grace period) `__schedule ← __synchronize_srcu`"), "{md}");
+    }
+}
