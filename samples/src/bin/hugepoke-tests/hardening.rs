@@ -56,17 +56,21 @@ pub(crate) fn bad_input_gets_errno_reason_and_changes_nothing() -> TestResult {
 
     expect_errno("no such pid", dev.patch(&PatchRequest { pid: 999_999, ..ok.clone() }), libc::ESRCH, "no such process")?;
     expect_errno("kernel thread", dev.patch(&PatchRequest { pid: 2, ..ok.clone() }), libc::EINVAL, "kernel thread")?;
-    // A zombie: a child that exited and was not reaped yet.
-    // SAFETY: the child exits at once.
-    let zombie = unsafe { libc::fork() };
-    if zombie == 0 {
-        // SAFETY: plain exit of the child.
-        unsafe { libc::_exit(0) };
+    // A zombie: a helper's child that exited and is not reaped yet (the
+    // helper says so once waitid(WNOWAIT) returned; it reaps at our EOF).
+    {
+        use std::io::BufRead;
+        let mut helper = io(helper(&["zombie"])?.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn())?;
+        let mut line = String::new();
+        io(std::io::BufReader::new(helper.stdout.take().unwrap()).read_line(&mut line))?;
+        let zombie: i32 = line.trim().strip_prefix("zombie ").and_then(|p| p.parse().ok()).ok_or(format!("zombie helper said {line:?}"))?;
+        let state = io(std::fs::read_to_string(format!("/proc/{zombie}/stat")))?;
+        ensure!(state.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')), "pid {zombie} is not a zombie: {state}");
+        let patched = dev.patch(&PatchRequest { pid: zombie, ..ok.clone() });
+        drop(helper.stdin.take());
+        let _ = helper.wait();
+        expect_errno("zombie", patched, libc::ESRCH, "no address space")?;
     }
-    std::thread::sleep(Duration::from_millis(100));
-    expect_errno("zombie", dev.patch(&PatchRequest { pid: zombie, ..ok.clone() }), libc::ESRCH, "no address space")?;
-    // SAFETY: reap it.
-    unsafe { libc::waitpid(zombie, std::ptr::null_mut(), 0) };
 
     expect_errno("unmapped", dev.patch(&PatchRequest { addr: 0x1000, ..ok.clone() }), libc::EFAULT, "not mapped")?;
     expect_errno("kernel address", dev.patch(&PatchRequest { addr: 0xffff_ffff_8100_0000, ..ok.clone() }), libc::EFAULT, "not mapped")?;
@@ -136,29 +140,12 @@ pub(crate) fn bad_input_gets_errno_reason_and_changes_nothing() -> TestResult {
 pub(crate) fn caller_that_cannot_ptrace_gets_eperm() -> TestResult {
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
-    let dev = io(Device::open())?;
     let req = patch_req(&t, 8, 88);
-    // SAFETY: the child drops to nobody (keeping the open device) and
-    // reports the errno of its PATCH through its exit code.
-    let child = unsafe { libc::fork() };
-    if child == 0 {
-        // SAFETY: plain credential changes and exit in the child.
-        unsafe {
-            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                libc::_exit(100);
-            }
-        }
-        let code = match dev.patch(&req) {
-            Ok(_) => 0,
-            Err(e) => e.raw_os_error().unwrap_or(101),
-        };
-        // SAFETY: exit without running the parent's destructors.
-        unsafe { libc::_exit(code) };
-    }
-    let mut status = 0;
-    // SAFETY: reaping our child.
-    unsafe { libc::waitpid(child, &mut status, 0) };
-    ensure!(libc::WEXITSTATUS(status) == libc::EPERM, "child PATCH gave {}", libc::WEXITSTATUS(status));
+    let hex: String = req.bytes.iter().map(|b| format!("{b:02x}")).collect();
+    // A single-threaded helper opens the device as root, drops to nobody
+    // (keeping the open file) and reports its PATCH's errno as exit code.
+    let code = helper_exit_code(&["patch-as-nobody", &t.pid.to_string(), &format!("{:#x}", req.addr), &hex])?;
+    ensure!(code == libc::EPERM, "helper's PATCH as nobody gave {code}, want EPERM");
     let f = last_failure()?;
     ensure!(f.note.contains("ptrace-attach") && f.result == "-EPERM", "journal {f:?}");
     unchanged(&mut t, head, &[8])

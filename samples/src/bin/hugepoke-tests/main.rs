@@ -2,6 +2,7 @@
 //! hugepoke.ko loaded (scripts/guest), observe the real kernel, print TAP.
 //!
 //!   hugepoke-tests [FILTER]   runs the tests whose name contains FILTER
+//!   hugepoke-tests --helper …  what a test runs in another process (helper.rs)
 
 type TestResult = Result<(), String>;
 
@@ -16,6 +17,7 @@ macro_rules! ensure {
 mod common;
 mod foundation;
 mod hardening;
+mod helper;
 mod identity;
 mod mechanism;
 mod races;
@@ -109,6 +111,11 @@ fn run_one(test: fn() -> TestResult, limit: std::time::Duration) -> Outcome {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--helper") {
+        // Before any thread exists: the helper forks and changes credentials.
+        helper::main(&args[2..]);
+    }
     let filter = std::env::args().nth(1).unwrap_or_default();
     let selected: Vec<_> = TESTS.iter().filter(|(n, _)| n.contains(&filter)).collect();
     println!("1..{}", selected.len());
