@@ -159,7 +159,8 @@ pub(crate) fn killed_controller_leaves_nothing_patched() -> TestResult {
     cli.kill().map_err(|e| e.to_string())?;
     cli.wait().map_err(|e| e.to_string())?;
     ensure!(t.call(13)? == 1013, "killed controller left the patch behind");
-    wait_pmd_mapped(&mut t, Duration::from_millis(200))?;
+    let took = wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
+    println!("# PMD back {took:?} after the controller died");
     unchanged(&mut t, head, &[13])
 }
 
@@ -246,7 +247,8 @@ pub(crate) fn fork_before_and_during_a_patch() -> TestResult {
     let evs = events_of(h)?;
     ensure!(evs.iter().any(|e| e.step == "restore_bytes" && e.note.contains("shared")), "no COW break journaled: {:?}", steps(&evs));
     ensure!(evs.iter().any(|e| e.step == "zap_anon_page"), "parent's copy not zapped: {:?}", steps(&evs));
-    wait_pmd_mapped(&mut t, Duration::from_millis(200))?;
+    let took = wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
+    println!("# parent's PMD back {took:?} after RESTORE");
     ensure!(thp_head(&t)? == head, "different THP");
     for c in [child1, child2] {
         // SAFETY: killing and reaping nothing but the target's children.
@@ -402,9 +404,10 @@ pub(crate) fn module_unload_restores_persistent_patches() -> TestResult {
     run("rmmod", &["hugepoke"])?;
     let reloaded = run("insmod", &[&ko]);
     ensure!(t.call(20)? == 1020 && t.call(21)? == 1021, "unload left the target patched");
-    wait_pmd_mapped(&mut t, Duration::from_millis(200))?;
+    let took = wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
     ensure!(thp_head(&t)? == head && smaps(&t)?.kb("Anonymous") == 0, "after unload: {:?}", smaps(&t)?);
-    wait_pmd_mapped(&mut t2, Duration::from_millis(200))?;
+    let took2 = wait_pmd_mapped(&mut t2, Duration::from_secs(30))?;
+    println!("# PMDs back {took:?} and {took2:?} after the unload");
     ensure!(thp_head(&t2)? == head2, "second target's THP");
     reloaded
 }
