@@ -338,22 +338,82 @@ pub(crate) fn fork_before_and_during_a_patch() -> TestResult {
 }
 
 /// Seed 000: after PATCH the PTE is dirty and soft-dirty, yet not writable:
-/// the target writing its own text still faults.
+/// the target writing its own text still faults.  Both kinds of PATCH: the
+/// first COWs the page-cache page; then soft-dirty is cleared
+/// (`clear_refs` 4) and a second PATCH, at another offset of the same page,
+/// writes into the already anonymous, exclusive copy without a COW.  A
+/// soft-dirty tracker must see both writes.
+///
+/// What userspace cannot tell apart: who set the bits.  With soft-dirty
+/// tracking on, GUP cannot follow a clean-soft-dirty PTE for writing
+/// (`pte_needs_soft_dirty_wp`), so it takes a write fault, which marks the
+/// PTE dirty and soft-dirty before hugepoke writes; and the PTE's hardware
+/// dirty bit has no view of its own (pagemap has none, smaps ORs it with
+/// the folio's PG_dirty, kpageflags shows PG_dirty only), while GUP's
+/// FOLL_TOUCH sets PG_dirty whenever the PTE is clean.  So the test
+/// catches hugepoke putting the PTE back clean, not-soft-dirty or
+/// writable, but not hugepoke omitting its own `pte_mkdirty`.
 pub(crate) fn patched_pte_is_soft_dirty_but_not_writable() -> TestResult {
+    const PAGE: usize = 16;
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
-    io(std::fs::write(format!("/proc/{}/clear_refs", t.pid), "4"))?;
+    let clear_refs = format!("/proc/{}/clear_refs", t.pid);
     let pm = io(Pagemap::open(t.pid))?;
-    ensure!(!io(pm.entry(t.page_addr(16)))?.soft_dirty(), "soft-dirty not cleared");
+    let addr = t.page_addr(PAGE);
+    io(std::fs::write(&clear_refs, "4"))?;
+    ensure!(!io(pm.entry(addr))?.soft_dirty(), "soft-dirty not cleared before the first PATCH");
     let dev = io(Device::open())?;
-    let _h = io(dev.patch(&PatchRequest { persist: true, ..patch_req(&t, 16, 16) }))?;
-    let e = io(pm.entry(t.page_addr(16)))?;
-    ensure!(e.soft_dirty() && !e.file(), "patched page pagemap {e:?}: not soft-dirty");
-    ensure!(t.call(16)? == 16, "patch not running");
-    let _ = t.command("write 16");
+    let first = io(dev.patch(&PatchRequest { persist: true, ..patch_req(&t, PAGE, 16) }))?;
+    let e = io(pm.entry(addr))?;
+    ensure!(e.present() && !e.file() && e.exclusive() && e.soft_dirty(), "after the COWing PATCH: pagemap {e:?}, want anonymous, exclusive, soft-dirty");
+    let anon = e.pfn();
+
+    io(std::fs::write(&clear_refs, "4"))?;
+    let e = io(pm.entry(addr))?;
+    ensure!(e.present() && !e.soft_dirty() && e.pfn() == anon, "after clear_refs: pagemap {e:?}");
+    let s = smaps(&t)?;
+    ensure!(!smaps_vmflags(t.pid, t.addr)?.contains(&"sd".to_string()), "VMA still VM_SOFTDIRTY after clear_refs: {s:?}");
+    // The int3 filler past the function: never executed.
+    let req = PatchRequest { pid: t.pid, addr: addr + 100, bytes: vec![0x90, 0x90], persist: true, ..Default::default() };
+    let second = io(dev.patch(&req))?;
+    let cow = events()?.into_iter().rev().find(|e| e.step == "cow_page" && e.pid == t.pid).ok_or("no cow_page event")?;
+    ensure!(cow.pfn == Some(anon) && cow.note.contains("already an anonymous copy"), "second PATCH did not reuse the copy {anon:#x}: {cow:?}");
+    let e = io(pm.entry(addr))?;
+    ensure!(e.present() && !e.file() && e.exclusive() && e.pfn() == anon, "after the second PATCH: pagemap {e:?}");
+    ensure!(e.soft_dirty(), "the second PATCH's write is not soft-dirty: pagemap {e:?}");
+    let s = smaps(&t)?;
+    ensure!(s.kb("Private_Dirty") >= 4 && s.kb("Anonymous") == 4, "after the second PATCH: {s:?}");
+    ensure!(read_mem(t.pid, addr + 100, 2)? == [0x90, 0x90], "second patch's bytes not there");
+    ensure!(t.call(PAGE)? == 16, "first patch not running");
+    let _ = (first, second);
+    // The target answers only if its write went through.
+    let answer = t.command(&format!("write {PAGE}"));
+    ensure!(!answer.as_deref().is_ok_and(|a| a.starts_with("wrote")), "the target wrote to its patched text: the PTE is writable");
     let sig = t.wait_signal();
     ensure!(sig == Some(libc::SIGSEGV), "write to patched text gave signal {sig:?}, want SIGSEGV");
     Ok(())
+}
+
+/// The `VmFlags` of the smaps entry of `pid` at `addr`.
+fn smaps_vmflags(pid: i32, addr: u64) -> Result<Vec<String>, String> {
+    let text = io(std::fs::read_to_string(format!("/proc/{pid}/smaps")))?;
+    let mut inside = false;
+    for line in text.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    inside = a <= addr && addr < b;
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(flags) = line.strip_prefix("VmFlags:") {
+                return Ok(flags.split_whitespace().map(str::to_string).collect());
+            }
+        }
+    }
+    Err(format!("no VmFlags for {addr:#x} in pid {pid}'s smaps"))
 }
 
 /// Seed 003: a userfaultfd-armed text range is refused, not silently dropped.
