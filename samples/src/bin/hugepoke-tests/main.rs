@@ -21,12 +21,14 @@ mod helper;
 mod identity;
 mod mechanism;
 mod races;
+mod uffd;
 
 use foundation::*;
 use hardening::*;
 use identity::*;
 use mechanism::*;
 use races::*;
+use uffd::*;
 
 const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("module_is_loaded", module_is_loaded),
@@ -57,6 +59,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("failed_collapse_is_reported_with_the_kernels_reason", failed_collapse_is_reported_with_the_kernels_reason),
     ("swapped_out_patch_restores_and_frees_its_swap_slot", swapped_out_patch_restores_and_frees_its_swap_slot),
     ("uffd_wp_on_pmd_mapped_text_is_never_written_through", uffd_wp_on_pmd_mapped_text_is_never_written_through),
+    ("uffd_missing_after_patch_keeps_the_anonymous_page", uffd_missing_after_patch_keeps_the_anonymous_page),
     ("killed_restore_keeps_the_patch", killed_restore_keeps_the_patch),
     ("rmmod_waits_for_the_last_close", rmmod_waits_for_the_last_close),
     ("execve_during_patch_never_patches_the_new_image", execve_during_patch_never_patches_the_new_image),
