@@ -22,6 +22,7 @@ mod identity;
 mod mechanism;
 mod races;
 mod uffd;
+mod visibility;
 
 use foundation::*;
 use hardening::*;
@@ -29,6 +30,7 @@ use identity::*;
 use mechanism::*;
 use races::*;
 use uffd::*;
+use visibility::*;
 
 const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("module_is_loaded", module_is_loaded),
@@ -68,6 +70,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("last_mm_reference_is_dropped_by_a_worker", last_mm_reference_is_dropped_by_a_worker),
     ("restore_drains_lru_batches_once_and_unlocked", restore_drains_lru_batches_once_and_unlocked),
     ("close_restores_even_when_the_closer_is_killed", close_restores_even_when_the_closer_is_killed),
+    ("spinner_sees_each_patch_and_restore_whole_and_at_once", spinner_sees_each_patch_and_restore_whole_and_at_once),
     // Last: they unload and reload the module.
     ("module_unload_restores_persistent_patches", module_unload_restores_persistent_patches),
     ("unload_after_collapse_leaks_nothing", unload_after_collapse_leaks_nothing),
