@@ -55,9 +55,67 @@ pub fn blob() -> Vec<u8> {
     b
 }
 
+/// The log a `thp-target` watcher thread keeps in shared memory: how many
+/// calls it has made, and each change of the value they returned (the
+/// iteration it was first seen at, the value), in a ring of `WATCH_LOG`.
+#[repr(C)]
+pub struct Watch {
+    /// Calls completed.
+    pub iterations: AtomicU64,
+    /// Changes recorded so far (the ring holds the last `WATCH_LOG`).
+    pub changes: AtomicU64,
+    log: [[AtomicU64; 2]; WATCH_LOG],
+}
+
+pub const WATCH_LOG: usize = 1024;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+impl Watch {
+    /// Writer side (one thread): `value` first seen at call `iteration`.
+    pub fn record_change(&self, iteration: u64, value: u32) {
+        let n = self.changes.load(Ordering::Relaxed);
+        let slot = &self.log[n as usize % WATCH_LOG];
+        slot[0].store(iteration, Ordering::Relaxed);
+        slot[1].store(value as u64, Ordering::Relaxed);
+        self.changes.store(n + 1, Ordering::Release);
+    }
+
+    /// Reader side: change number `n` as `(iteration, value)`, if it is
+    /// still in the ring.
+    pub fn change(&self, n: u64) -> Option<(u64, u32)> {
+        if n >= self.changes.load(Ordering::Acquire) {
+            return None;
+        }
+        let slot = &self.log[n as usize % WATCH_LOG];
+        let entry = (slot[0].load(Ordering::Relaxed), slot[1].load(Ordering::Relaxed) as u32);
+        // The slot is overwritten WATCH_LOG changes later: check after reading.
+        let total = self.changes.load(Ordering::Acquire);
+        (total - n <= WATCH_LOG as u64).then_some(entry)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_log_ring() {
+        // SAFETY: all-zero bytes are valid atomics: an empty log.
+        let w = unsafe { Box::<Watch>::new_zeroed().assume_init() };
+        assert_eq!(w.change(0), None);
+        w.record_change(0, 1070);
+        w.record_change(5, 7001);
+        assert_eq!(w.change(0), Some((0, 1070)));
+        assert_eq!(w.change(1), Some((5, 7001)));
+        assert_eq!(w.change(2), None);
+        for i in 0..WATCH_LOG as u64 {
+            w.record_change(10 + i, i as u32);
+        }
+        // Overwritten: the ring keeps the last WATCH_LOG changes.
+        assert_eq!(w.change(1), None);
+        assert_eq!(w.change(2), Some((10, 0)));
+    }
 
     #[test]
     fn blob_layout() {

@@ -22,6 +22,10 @@
 //!              `pageout ok` once pagemap shows it swapped
 //!   remap-data N → unmaps the text, maps another file private and writable
 //!              at the same address and writes 0x22 at byte 100 of page N
+//!   watch N CPU → a thread pinned to CPU keeps calling page N's function
+//!              and logs, in a shared memfd (`text::Watch`), its iteration
+//!              count and every change of the value it returns; prints
+//!              `watching fd=FD` (open it as /proc/PID/fd/FD)
 //!   exec-suid PATH FDS [ARG...] → opens FDS close-on-exec descriptors
 //!              (closing them makes execve() slow) and execs PATH ARG...
 //!   quit     → exits (so does end of input)
@@ -146,6 +150,51 @@ fn remap_data(base: usize, page: usize, dir: &str) {
         }
         std::ptr::write_volatile((base + page * PAGE + 100) as *mut u8, 0x22);
     }
+}
+
+/// Start a thread, pinned to `cpu`, that keeps calling page `page`'s
+/// function and logs what it sees into a fresh shared memfd (laid out as
+/// `text::Watch`); returns the memfd.
+fn watch(base: usize, page: usize, cpu: usize) -> std::io::Result<i32> {
+    // SAFETY: a fresh memfd of our own, sized and mapped shared; the
+    // mapping lives as long as the process (the thread never stops).
+    let log = unsafe {
+        let fd = libc::memfd_create(c"hugepoke-watch".as_ptr(), 0);
+        if fd < 0 || libc::ftruncate(fd, std::mem::size_of::<text::Watch>() as libc::off_t) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            std::mem::size_of::<text::Watch>(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        (fd, &*(p as *const text::Watch))
+    };
+    let (fd, log) = log;
+    std::thread::spawn(move || {
+        // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+        let mut last = None;
+        for iteration in 0u64.. {
+            let v = call(base, page);
+            if last != Some(v) {
+                log.record_change(iteration, v);
+                last = Some(v);
+            }
+            log.iterations.store(iteration + 1, std::sync::atomic::Ordering::Release);
+        }
+    });
+    Ok(fd)
 }
 
 fn call(base: usize, page: usize) -> u32 {
@@ -398,6 +447,17 @@ fn main() {
             (Some("remap-data"), Some(n)) if n < text::PAGES => {
                 remap_data(base, n, &dir);
                 let _ = writeln!(out, "remapped");
+            }
+            (Some("watch"), Some(n)) if n < text::PAGES => {
+                let cpu = line.split_whitespace().nth(2).and_then(|c| c.parse().ok()).unwrap_or(1);
+                match watch(base, n, cpu) {
+                    Ok(fd) => {
+                        let _ = writeln!(out, "watching fd={fd}");
+                    }
+                    Err(e) => {
+                        let _ = writeln!(out, "error: watch: {e}");
+                    }
+                }
             }
             (Some("exec-suid"), _) => {
                 let mut w = line.split_whitespace().skip(1);

@@ -111,3 +111,18 @@ pub(crate) fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> Re
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// `hugepoke-tests --helper ARGS`: a fresh, single-threaded process of
+/// this program (see helper.rs), for what must not run in a child forked
+/// from this multithreaded one.
+pub(crate) fn helper(args: &[&str]) -> Result<std::process::Command, String> {
+    let mut cmd = std::process::Command::new(io(std::env::current_exe())?);
+    cmd.arg("--helper").args(args);
+    Ok(cmd)
+}
+
+/// Run a helper to its end; its exit code.
+pub(crate) fn helper_exit_code(args: &[&str]) -> Result<i32, String> {
+    let status = io(helper(args)?.status())?;
+    status.code().ok_or(format!("helper {args:?} killed: {status}"))
+}

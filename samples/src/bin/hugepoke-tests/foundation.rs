@@ -62,24 +62,9 @@ pub(crate) fn open_close_and_unknown_ioctl_are_journaled() -> TestResult {
 }
 
 pub(crate) fn unprivileged_user_cannot_open() -> TestResult {
-    // A forked child drops to nobody and tries; it reports the errno.
-    // SAFETY: fork in a single-threaded test process; the child only calls
-    // async-signal-safe functions before _exit.
-    unsafe {
-        let pid = libc::fork();
-        if pid == 0 {
-            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                libc::_exit(100);
-            }
-            let fd = libc::open(c"/dev/hugepoke".as_ptr(), libc::O_RDWR);
-            let errno = *libc::__errno_location();
-            libc::_exit(if fd >= 0 { 0 } else { errno });
-        }
-        let mut status = 0;
-        libc::waitpid(pid, &mut status, 0);
-        let code = libc::WEXITSTATUS(status);
-        ensure!(code == libc::EACCES, "unprivileged open gave exit {code} (want EACCES={})", libc::EACCES);
-    }
+    // A single-threaded helper process drops to nobody and tries.
+    let code = crate::common::helper_exit_code(&["open-as-nobody", "/dev/hugepoke"])?;
+    ensure!(code == libc::EACCES, "unprivileged open gave exit {code} (want EACCES={})", libc::EACCES);
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! FILTER; --no-reload leaves out the tests that reload the module, so that
 //! the module's counters can be checked before a reload resets them, and
 //! --only-reload runs just those.
+//!   hugepoke-tests --helper …  what a test runs in another process (helper.rs)
 
 type TestResult = Result<(), String>;
 
@@ -22,9 +23,12 @@ mod common;
 mod filesystems;
 mod foundation;
 mod hardening;
+mod helper;
 mod identity;
 mod mechanism;
 mod races;
+mod uffd;
+mod visibility;
 
 use filesystems::*;
 use foundation::*;
@@ -32,6 +36,8 @@ use hardening::*;
 use identity::*;
 use mechanism::*;
 use races::*;
+use uffd::*;
+use visibility::*;
 
 const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("module_is_loaded", module_is_loaded),
@@ -62,6 +68,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("failed_collapse_is_reported_with_the_kernels_reason", failed_collapse_is_reported_with_the_kernels_reason),
     ("swapped_out_patch_restores_and_frees_its_swap_slot", swapped_out_patch_restores_and_frees_its_swap_slot),
     ("uffd_wp_on_pmd_mapped_text_is_never_written_through", uffd_wp_on_pmd_mapped_text_is_never_written_through),
+    ("uffd_missing_after_patch_keeps_the_anonymous_page", uffd_missing_after_patch_keeps_the_anonymous_page),
     ("killed_restore_keeps_the_patch", killed_restore_keeps_the_patch),
     ("rmmod_waits_for_the_last_close", rmmod_waits_for_the_last_close),
     ("execve_during_patch_never_patches_the_new_image", execve_during_patch_never_patches_the_new_image),
@@ -70,6 +77,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("last_mm_reference_is_dropped_by_a_worker", last_mm_reference_is_dropped_by_a_worker),
     ("restore_drains_lru_batches_once_and_unlocked", restore_drains_lru_batches_once_and_unlocked),
     ("close_restores_even_when_the_closer_is_killed", close_restores_even_when_the_closer_is_killed),
+    ("spinner_sees_each_patch_and_restore_whole_and_at_once", spinner_sees_each_patch_and_restore_whole_and_at_once),
     ("full_cycle_on_tmpfs_huge_always", full_cycle_on_tmpfs_huge_always),
     ("full_cycle_on_ext4", full_cycle_on_ext4),
     ("full_cycle_on_xfs", full_cycle_on_xfs),
@@ -124,7 +132,12 @@ fn run_one(test: fn() -> TestResult, limit: std::time::Duration) -> Outcome {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--helper") {
+        // Before any thread exists: the helper forks and changes credentials.
+        helper::main(&args[2..]);
+    }
+    let args: Vec<String> = args[1..].to_vec();
     let flag = |f: &str| args.iter().any(|a| a == f);
     let filter = args.iter().find(|a| !a.starts_with("--")).cloned().unwrap_or_default();
     let reload = |n: &str| RELOADING.contains(&n);

@@ -74,9 +74,20 @@ pub(crate) fn patch_restore_collapse_one_page() -> TestResult {
     ensure!(e.present() && e.file() && e.pfn() == head + PAGE as u64, "restored page {e:?}");
     ensure!(smaps(&t)?.kb("Anonymous") == 0, "anonymous memory left: {:?}", smaps(&t)?);
 
-    // (d) the queued collapse: PMD-mapped again, fast, without khugepaged.
-    let took = wait_pmd_mapped(&mut t, Duration::from_millis(100))?;
-    println!("# PMD mapping back {:?} after RESTORE returned ({:?} incl. checks)", took, restored_at.elapsed());
+    // (d) the queued collapse: our work's verdict first (so the PMD that
+    // comes back is its doing, not khugepaged's), then the PMD at the next fault.
+    let mut collapse = None;
+    let waited = wait_for("the queued collapse journaled", Duration::from_secs(30), || {
+        collapse = events()?.into_iter().rev().find(|e| e.step == "collapse" && e.pid == t.pid);
+        Ok(collapse.is_some())
+    })?;
+    let collapse = collapse.unwrap();
+    ensure!(
+        collapse.result == "ok" && collapse.addr == Some(t.addr) && collapse.note.starts_with("SCAN_SUCCEED"),
+        "collapse {collapse:?}"
+    );
+    let took = wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
+    println!("# collapse journaled {waited:?}, PMD mapping back {took:?} later ({:?} after RESTORE returned, incl. checks)", restored_at.elapsed());
     ensure!(thp_head(&t)? == head, "a different THP came back");
 
     // (e, RESTORE) steps with PFNs.  At most one LRU drain (start, done),
@@ -91,11 +102,6 @@ pub(crate) fn patch_restore_collapse_one_page() -> TestResult {
     ensure!(evs[2].pfn == Some(anon.pfn()), "restore_bytes pfn {:?}", evs[2].pfn);
     ensure!(evs[3].pfn == Some(anon.pfn()), "zap pfn {:?}", evs[3].pfn);
     ensure!(evs[4].pfn == Some(head + PAGE as u64) && evs[4].order == Some(9), "page-cache page {:?}", evs[4]);
-    let collapse = events()?.into_iter().rev().find(|e| e.step == "collapse" && e.pid == t.pid).ok_or("no collapse event")?;
-    ensure!(
-        collapse.result == "ok" && collapse.addr == Some(t.addr) && collapse.note.starts_with("SCAN_SUCCEED"),
-        "collapse {collapse:?}"
-    );
     Ok(())
 }
 
@@ -107,6 +113,7 @@ pub(crate) fn collapse_waits_for_the_last_patch() -> TestResult {
     let a = io(dev.patch(&patch_req(&t, 3, 33)))?;
     let b = io(dev.patch(&PatchRequest { pid: t.pid, addr: t.page_addr(3) + 100, bytes: vec![0x90, 0x90], ..Default::default() }))?;
     let c = io(dev.patch(&patch_req(&t, 7, 77)))?;
+    let seq0 = hugepoke::device::journal_seq();
     ensure!(t.call(3)? == 33 && t.call(7)? == 77, "patches not running");
     ensure!(smaps(&t)?.kb("Anonymous") == 8, "want two anonymous pages: {:?}", smaps(&t)?);
 
@@ -118,13 +125,23 @@ pub(crate) fn collapse_waits_for_the_last_patch() -> TestResult {
     let evs = events_of(b)?;
     ensure!(evs.iter().any(|e| e.step == "zap_anon_page"), "page 3 not zapped: {:?}", steps(&evs));
     ensure!(evs.iter().any(|e| e.step == "queue_collapse" && e.note.contains("other patches")), "collapse queued too early: {:?}", steps(&evs));
-    std::thread::sleep(Duration::from_millis(50));
+    // No sleep to see that nothing collapses: a collapse only ever runs as
+    // work that queue_collapse journals as queued (under the target's lock,
+    // before the work can run); none may be queued while page 7 is patched.
+    let pid = t.pid;
+    let queued = |since: u64| -> Result<Vec<EventLine>, String> {
+        Ok(events()?.into_iter().filter(|e| e.seq > since && e.pid == pid && e.step == "queue_collapse" && e.note.contains("queued")).collect())
+    };
+    ensure!(queued(seq0)?.is_empty(), "collapse queued while page 7 is patched: {:?}", queued(seq0)?);
     t.call(0)?;
     ensure!(smaps(&t)?.pmd_mapped_kb() == 0, "collapsed while page 7 is patched");
     ensure!(t.call(7)? == 77, "page 7 patch lost");
 
+    let seq1 = hugepoke::device::journal_seq();
     io(dev.restore(c))?;
-    wait_pmd_mapped(&mut t, Duration::from_millis(100))?;
+    ensure!(queued(seq1)?.len() == 1 && queued(seq0)?.len() == 1, "want one collapse queued, by the last RESTORE: {:?}", queued(seq0)?);
+    let took = wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
+    println!("# PMD back {took:?} after the last RESTORE");
     ensure!(thp_head(&t)? == head, "a different THP came back");
     ensure!(smaps(&t)?.kb("Anonymous") == 0, "anonymous memory left");
     Ok(())
@@ -136,14 +153,18 @@ pub(crate) fn install_pmd_maps_without_a_fault() -> TestResult {
     let dev = io(Device::open())?;
     let h = io(dev.patch(&PatchRequest { install_pmd: true, ..patch_req(&t, 9, 99) }))?;
     io(dev.restore(h))?;
-    // No call into the target: only the work can have mapped the PMD.
-    let start = Instant::now();
-    while smaps(&t)?.pmd_mapped_kb() != 2048 {
-        ensure!(start.elapsed() < Duration::from_millis(100), "no PMD without a fault: {:?}", smaps(&t)?);
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let c = events()?.into_iter().rev().find(|e| e.step == "collapse" && e.pid == t.pid).ok_or("no collapse event")?;
+    // No call into the target: once our work says it installed the PMD,
+    // smaps must show it, with no fault in between (khugepaged could also
+    // install one, given time: then our work would not say "installed").
+    let mut collapse = None;
+    let took = wait_for("the queued collapse journaled", Duration::from_secs(30), || {
+        collapse = events()?.into_iter().rev().find(|e| e.step == "collapse" && e.pid == t.pid);
+        Ok(collapse.is_some())
+    })?;
+    let c = collapse.unwrap();
     ensure!(c.note == "SCAN_SUCCEED: PMD installed", "collapse {c:?}");
+    ensure!(smaps(&t)?.pmd_mapped_kb() == 2048, "collapse says PMD installed, smaps says {:?}", smaps(&t)?);
+    println!("# PMD installed {took:?} after RESTORE, without a fault");
     Ok(())
 }
 
@@ -194,7 +215,8 @@ pub(crate) fn closing_the_file_restores_and_persist_survives() -> TestResult {
     ensure!(io(dev.query(persistent))?.state == hugepoke::uapi::STATE_LIVE, "persistent patch not live");
     io(dev.restore(persistent))?;
     ensure!(t.call(11)? == 1011, "persistent patch not restored");
-    wait_pmd_mapped(&mut t, Duration::from_millis(100))?;
+    let took = wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
+    println!("# PMD back {took:?} after the last RESTORE");
     ensure!(thp_head(&t)? == head, "different THP");
     let err = dev.restore(persistent).err().ok_or("second RESTORE succeeded")?;
     ensure!(err.raw_os_error() == Some(libc::ENOENT), "errno {err}");

@@ -291,7 +291,7 @@ pub(crate) fn last_mm_reference_is_dropped_by_a_worker() -> TestResult {
 }
 
 /// Pin the calling thread (`pid` 0) or process `pid` to one CPU.
-fn pin_to_cpu(pid: i32, cpu: usize) -> TestResult {
+pub(crate) fn pin_to_cpu(pid: i32, cpu: usize) -> TestResult {
     // SAFETY: a zeroed cpu_set_t with one bit set, passed with its size.
     let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
