@@ -386,12 +386,15 @@ pub(crate) fn patched_pte_is_soft_dirty_but_not_writable() -> TestResult {
     ensure!(s.kb("Private_Dirty") >= 4 && s.kb("Anonymous") == 4, "after the second PATCH: {s:?}");
     ensure!(read_mem(t.pid, addr + 100, 2)? == [0x90, 0x90], "second patch's bytes not there");
     ensure!(t.call(PAGE)? == 16, "first patch not running");
-    let _ = (first, second);
     // The target answers only if its write went through.
     let answer = t.command(&format!("write {PAGE}"));
     ensure!(!answer.as_deref().is_ok_and(|a| a.starts_with("wrote")), "the target wrote to its patched text: the PTE is writable");
     let sig = t.wait_signal();
     ensure!(sig == Some(libc::SIGSEGV), "write to patched text gave signal {sig:?}, want SIGSEGV");
+    // Persistent patches outlive their target until a RESTORE forgets them.
+    for h in [first, second] {
+        io(dev.restore(h))?;
+    }
     Ok(())
 }
 
