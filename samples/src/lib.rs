@@ -2,8 +2,11 @@
 //! in-guest tests share.  Everything that observes the kernel's own
 //! accounting (smaps, pagemap, kpageflags, debugfs) lives in `proc`.
 
+pub mod collapse;
+pub mod decode;
 pub mod device;
 pub mod proc;
+pub mod symbols;
 pub mod target;
 #[path = "../../src/uapi.rs"]
 pub mod uapi;
