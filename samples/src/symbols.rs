@@ -12,7 +12,6 @@
 
 use object::elf;
 use object::read::elf::{FileHeader, ProgramHeader, Sym};
-use object::read::ReadCache;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 
@@ -120,37 +119,85 @@ pub struct Load {
     pub exec: bool,
 }
 
-/// What hugepoke needs of an ELF file.
-#[derive(Debug, Clone, Default)]
+/// A file mapped read-only into this process, so that the symbol tables of
+/// a 100 MB library are read by touching only their pages.
+struct FileMap {
+    ptr: *const u8,
+    len: usize,
+}
+
+impl FileMap {
+    fn new(file: &File, what: &str) -> Result<FileMap, String> {
+        let len = file.metadata().map_err(|e| format!("{what}: {e}"))?.len() as usize;
+        if len == 0 {
+            return Ok(FileMap { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0 });
+        }
+        // SAFETY: a fresh private read-only mapping of a whole file we hold
+        // open; it is only read through `bytes()`, and unmapped once in drop.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, std::os::fd::AsRawFd::as_raw_fd(file), 0)
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(format!("{what}: mmap: {}", std::io::Error::last_os_error()));
+        }
+        Ok(FileMap { ptr: ptr as *const u8, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` bytes mapped readable at `ptr` for our lifetime.  A
+        // file truncated under us would fault (SIGBUS): a CLI's risk, as
+        // for any tool that maps the objects it inspects.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        if self.len != 0 {
+            // SAFETY: our own mapping, unmapped once.
+            unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+        }
+    }
+}
+
+impl std::fmt::Debug for FileMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FileMap({} bytes)", self.len)
+    }
+}
+
+/// What hugepoke needs of an ELF file: its `PT_LOAD` segments now, its
+/// symbol tables when asked (read in place, not copied).
+#[derive(Debug)]
 pub struct Elf {
     /// `ET_EXEC` (a non-PIE executable: bias 0) or `ET_DYN`.
     pub exec_type: bool,
     pub loads: Vec<Load>,
-    /// Defined code symbols of both tables, sorted by value, duplicates
-    /// (the same name at the same value in both tables) removed.
-    pub symbols: Vec<Symbol>,
+    map: FileMap,
 }
+
+type Header = elf::FileHeader64<object::Endianness>;
 
 fn read_err(what: &str) -> impl Fn(object::read::Error) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
 impl Elf {
-    /// Read the program headers and symbol tables of a 64-bit little-endian
-    /// ELF file.  `Ok(None)` when the file is not ELF at all.
+    /// Read the program headers of a 64-bit ELF file.  `Ok(None)` when the
+    /// file is not ELF at all.
     pub fn read(file: File, what: &str) -> Result<Option<Elf>, String> {
-        let cache = ReadCache::new(file);
-        let data = &cache;
-        let magic = object::read::ReadRef::read_bytes_at(data, 0, 4).unwrap_or(&[]);
-        if magic != elf::ELFMAG {
+        let map = FileMap::new(&file, what)?;
+        let data = map.bytes();
+        if data.get(..4) != Some(&elf::ELFMAG[..]) {
             return Ok(None);
         }
-        let header = elf::FileHeader64::<object::Endianness>::parse(data).map_err(read_err(what))?;
+        let header = Header::parse(data).map_err(read_err(what))?;
         let endian = header.endian().map_err(read_err(what))?;
-        let mut out = Elf { exec_type: header.e_type(endian) == elf::ET_EXEC, ..Default::default() };
+        let exec_type = header.e_type(endian) == elf::ET_EXEC;
+        let mut loads = Vec::new();
         for ph in header.program_headers(endian, data).map_err(read_err(what))? {
             if ph.p_type(endian) == elf::PT_LOAD {
-                out.loads.push(Load {
+                loads.push(Load {
                     vaddr: ph.p_vaddr(endian),
                     offset: ph.p_offset(endian),
                     filesz: ph.p_filesz(endian),
@@ -158,91 +205,123 @@ impl Elf {
                 });
             }
         }
-        let sections = header.sections(endian, data).map_err(read_err(what))?;
-        let versions = sections.versions(endian, data).map_err(read_err(what))?;
+        Ok(Some(Elf { exec_type, loads, map }))
+    }
+
+    /// Call `keep(raw_name, value, size)` for every defined code symbol of
+    /// `.symtab` then `.dynsym`; collect those it keeps, with versions.
+    fn scan(&self, mut keep: impl FnMut(&[u8], u64, u64) -> bool) -> Vec<Symbol> {
+        let mut out = Vec::new();
+        let data = self.map.bytes();
+        let Ok(header) = Header::parse(data) else { return out };
+        let Ok(endian) = header.endian() else { return out };
+        let Ok(sections) = header.sections(endian, data) else { return out };
+        let versions = sections.versions(endian, data).ok().flatten();
         for (table_type, dynamic) in [(elf::SHT_SYMTAB, false), (elf::SHT_DYNSYM, true)] {
-            let table = sections.symbols(endian, data, table_type).map_err(read_err(what))?;
+            let Ok(table) = sections.symbols(endian, data, table_type) else { continue };
             for (index, sym) in table.enumerate() {
                 let kind = sym.st_type();
                 let code = matches!(kind, elf::STT_FUNC | elf::STT_GNU_IFUNC)
                     // Hand-written assembly often leaves its labels untyped.
                     || (kind == elf::STT_NOTYPE && sym.st_bind() != elf::STB_LOCAL);
-                if !code || sym.st_shndx(endian) == elf::SHN_UNDEF || sym.st_value(endian) == 0 {
+                let (value, size) = (sym.st_value(endian), sym.st_size(endian));
+                if !code || sym.st_shndx(endian) == elf::SHN_UNDEF || value == 0 {
                     continue;
                 }
-                let raw = sym.name(endian, table.strings()).map_err(read_err(what))?;
-                let raw = String::from_utf8_lossy(raw).into_owned();
-                if raw.is_empty() {
+                let Ok(raw) = sym.name(endian, table.strings()) else { continue };
+                if raw.is_empty() || !keep(raw, value, size) {
                     continue;
                 }
-                let (name, mut version, mut hidden) = split_version(&raw);
-                if dynamic {
-                    if let Some(v) = versions.as_ref() {
-                        let vi = v.version_index(endian, index);
-                        if let Ok(Some(ver)) = v.version(vi) {
-                            version = Some(String::from_utf8_lossy(ver.name()).into_owned());
-                            hidden = vi.is_hidden();
-                        }
+                let (name, mut version, mut hidden) = split_version(&String::from_utf8_lossy(raw));
+                if let (true, Some(v)) = (dynamic, versions.as_ref()) {
+                    let vi = v.version_index(endian, index);
+                    if let Ok(Some(ver)) = v.version(vi) {
+                        version = Some(String::from_utf8_lossy(ver.name()).into_owned());
+                        hidden = vi.is_hidden();
                     }
                 }
-                out.symbols.push(Symbol {
-                    name,
-                    version,
-                    hidden,
-                    value: sym.st_value(endian),
-                    size: sym.st_size(endian),
-                    ifunc: kind == elf::STT_GNU_IFUNC,
-                    dynamic,
-                });
+                out.push(Symbol { name, version, hidden, value, size, ifunc: kind == elf::STT_GNU_IFUNC, dynamic });
             }
         }
-        out.symbols.sort_by(|a, b| (a.value, &a.name, a.dynamic).cmp(&(b.value, &b.name, b.dynamic)));
-        // The same symbol in both tables: keep one, the one with the version
-        // (`.dynsym`'s) when only one has it.
-        let mut kept: Vec<Symbol> = Vec::with_capacity(out.symbols.len());
-        for s in out.symbols.drain(..) {
-            match kept.last_mut() {
-                Some(k) if k.value == s.value && k.name == s.name => {
-                    if k.version.is_none() {
-                        k.version = s.version;
-                        k.hidden = s.hidden;
-                    }
-                    k.size = k.size.max(s.size);
-                }
-                _ => kept.push(s),
-            }
-        }
-        out.symbols = kept;
-        Ok(Some(out))
+        dedup(out)
+    }
+
+    /// Every code symbol named `name` (any version).
+    pub fn lookup(&self, name: &str) -> Vec<Symbol> {
+        let want = name.as_bytes();
+        self.scan(|raw, _, _| raw.strip_prefix(want).is_some_and(|rest| rest.is_empty() || rest[0] == b'@'))
     }
 
     /// The symbol that covers `vaddr`, or else the nearest one before it.
-    pub fn symbol_at(&self, vaddr: u64) -> Option<&Symbol> {
-        let after = self.symbols.partition_point(|s| s.value <= vaddr);
-        let before = &self.symbols[..after];
-        before.iter().rev().find(|s| s.covers(vaddr)).or_else(|| before.last())
+    pub fn symbol_at(&self, vaddr: u64) -> Option<Symbol> {
+        let (mut best_cover, mut best_before): (Option<(u64, u64)>, Option<u64>) = (None, None);
+        self.scan(|_, value, size| {
+            if value <= vaddr {
+                if vaddr < value + size && best_cover.is_none_or(|(v, _)| value > v) {
+                    best_cover = Some((value, size));
+                }
+                if best_before.is_none_or(|v| value > v) {
+                    best_before = Some(value);
+                }
+            }
+            false
+        });
+        let pick = best_cover.map(|(v, _)| v).or(best_before)?;
+        let found = self.scan(|_, value, size| value == pick && (best_cover.is_none() || vaddr < value + size));
+        // Prefer a default-versioned name, then the shortest.
+        found.into_iter().min_by_key(|s| (s.hidden, s.name.len()))
+    }
+
+    /// All defined code symbols (for tests and listings of small objects).
+    pub fn symbols(&self) -> Vec<Symbol> {
+        self.scan(|_, _, _| true)
     }
 
     /// The file offset of object address `vaddr`, if a `PT_LOAD` maps it from the file.
     pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
-        self.loads
-            .iter()
-            .find(|l| l.vaddr <= vaddr && vaddr < l.vaddr + l.filesz)
-            .map(|l| vaddr - l.vaddr + l.offset)
+        file_offset(&self.loads, vaddr)
     }
 
-    /// The load bias given one of the object's mappings, from the
-    /// `PT_LOAD` segment that maps the mapping's file offset.
+    /// The load bias given one of the object's mappings.
     pub fn bias(&self, m: &Mapping) -> Option<u64> {
-        let load = self.loads.iter().find(|l| {
-            let first_page = l.offset & !(crate::proc::PAGE_SIZE - 1);
-            first_page <= m.offset && m.offset < l.offset + l.filesz.max(1)
-        })?;
-        // The mapping's start is where file offset m.offset is; in the object
-        // that offset is at load.vaddr - (load.offset - m.offset).
-        let vaddr = (load.vaddr + m.offset).wrapping_sub(load.offset);
-        Some(m.start.wrapping_sub(vaddr))
+        bias(&self.loads, m)
     }
+}
+
+/// The same symbol in both tables: keep one, with the version `.dynsym` gives.
+fn dedup(mut symbols: Vec<Symbol>) -> Vec<Symbol> {
+    symbols.sort_by(|a, b| (a.value, &a.name, a.dynamic).cmp(&(b.value, &b.name, b.dynamic)));
+    let mut kept: Vec<Symbol> = Vec::with_capacity(symbols.len());
+    for s in symbols {
+        match kept.last_mut() {
+            Some(k) if k.value == s.value && k.name == s.name && (k.version.is_none() || s.version.is_none() || k.version == s.version) => {
+                if k.version.is_none() {
+                    k.version = s.version;
+                    k.hidden = s.hidden;
+                }
+                k.size = k.size.max(s.size);
+                k.dynamic |= s.dynamic;
+            }
+            _ => kept.push(s),
+        }
+    }
+    kept
+}
+
+fn file_offset(loads: &[Load], vaddr: u64) -> Option<u64> {
+    loads.iter().find(|l| l.vaddr <= vaddr && vaddr < l.vaddr + l.filesz).map(|l| vaddr - l.vaddr + l.offset)
+}
+
+/// The load bias from one mapping: its start minus the object address of
+/// its file offset, from the `PT_LOAD` segment that maps that offset.
+fn bias(loads: &[Load], m: &Mapping) -> Option<u64> {
+    let load = loads.iter().filter(|l| l.exec == m.executable()).find(|l| {
+        let first_page = l.offset & !(crate::proc::PAGE_SIZE - 1);
+        first_page <= m.offset && m.offset < l.offset + l.filesz.max(1)
+    })?;
+    // In the object, file offset m.offset is at load.vaddr - (load.offset - m.offset).
+    let vaddr = (load.vaddr + m.offset).wrapping_sub(load.offset);
+    Some(m.start.wrapping_sub(vaddr))
 }
 
 /// `name@VER` / `name@@VER` (as `.symtab` spells versioned names) into
@@ -258,7 +337,7 @@ fn split_version(raw: &str) -> (String, Option<String>, bool) {
 }
 
 /// One mapped file of a process: all its mappings, and what its ELF says.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Object {
     /// The path as `/proc/PID/maps` shows it.
     pub path: String,
@@ -364,7 +443,14 @@ pub fn objects(pid: i32) -> Result<Vec<Object>, String> {
             Err(e) => o.error = Some(e),
         }
         if let Some(elf) = &o.elf {
-            o.bias = if elf.exec_type { 0 } else { o.mappings.iter().find_map(|m| elf.bias(m)).unwrap_or(0) };
+            // From an executable mapping and an executable segment: another
+            // read-only mapping of the same file (a tool reading it, as we
+            // do) says nothing about where the code is.
+            o.bias = if elf.exec_type {
+                0
+            } else {
+                o.mappings.iter().filter(|m| m.executable()).find_map(|m| elf.bias(m)).unwrap_or(0)
+            };
         }
     }
     objects.sort_by_key(|o| !o.main);
@@ -424,11 +510,9 @@ pub fn resolve(objects: &[Object], query: &str, object: Option<&str>) -> Result<
     let mut ambiguous_in: Vec<String> = Vec::new();
     for i in candidates {
         let Some(elf) = &objects[i].elf else { continue };
-        let mut found: Vec<&Symbol> = elf
-            .symbols
-            .iter()
-            .filter(|s| s.name == name && version.as_ref().is_none_or(|v| s.version.as_ref() == Some(v)))
-            .collect();
+        let all = elf.lookup(&name);
+        let mut found: Vec<&Symbol> =
+            all.iter().filter(|s| s.name == name && version.as_ref().is_none_or(|v| s.version.as_ref() == Some(v))).collect();
         // Without a version, as the dynamic linker: the default version.
         if version.is_none() && found.iter().any(|s| !s.hidden) {
             found.retain(|s| !s.hidden);
@@ -522,18 +606,14 @@ mod tests {
     /// (a data segment), and from a PIE's first segment.
     #[test]
     fn bias_from_segments() {
-        let elf = Elf {
-            exec_type: false,
-            loads: vec![
-                Load { vaddr: 0, offset: 0, filesz: 0x7595ee0, exec: true },
-                Load { vaddr: 0x75974f0, offset: 0x75964f0, filesz: 0x5b1940, exec: false },
-            ],
-            symbols: vec![],
-        };
-        let text = Mapping { start: 0x7f0000000000, end: 0x7f0007596000, offset: 0, ..Default::default() };
-        let data = Mapping { start: 0x7f0000000000 + 0x7597000, end: 0x7f0007b49000, offset: 0x7596000, ..Default::default() };
-        assert_eq!(elf.bias(&text), Some(0x7f0000000000));
-        assert_eq!(elf.bias(&data), Some(0x7f0000000000));
-        assert_eq!(elf.file_offset(0x75974f0), Some(0x75964f0));
+        let loads = [
+            Load { vaddr: 0, offset: 0, filesz: 0x7595ee0, exec: true },
+            Load { vaddr: 0x75974f0, offset: 0x75964f0, filesz: 0x5b1940, exec: false },
+        ];
+        let text = Mapping { start: 0x7f0000000000, end: 0x7f0007596000, offset: 0, perms: "r-xp".into(), ..Default::default() };
+        let data = Mapping { start: 0x7f0000000000 + 0x7597000, end: 0x7f0007b49000, offset: 0x7596000, perms: "rw-p".into(), ..Default::default() };
+        assert_eq!(bias(&loads, &text), Some(0x7f0000000000));
+        assert_eq!(bias(&loads, &data), Some(0x7f0000000000));
+        assert_eq!(file_offset(&loads, 0x75974f0), Some(0x75964f0));
     }
 }

@@ -167,7 +167,7 @@ fn check_patch(cmd: &PatchCmd, objects: &[Object], addr: u64, out: &mut dyn Writ
     // nearest symbol before in this mapping, or the mapping's start.
     let vaddr = addr.wrapping_sub(o.bias);
     let sym = o.elf.as_ref().and_then(|e| e.symbol_at(vaddr));
-    let (from, start) = match sym {
+    let (from, start) = match &sym {
         Some(s) if s.covers(vaddr) => (s.value.wrapping_add(o.bias), Start::Symbol { name: s.full_name() }),
         Some(s) if m.contains(s.value.wrapping_add(o.bias)) => {
             (s.value.wrapping_add(o.bias), Start::Guess { what: format!("the nearest symbol before, {} (size {:#x})", s.full_name(), s.size) })
