@@ -19,12 +19,14 @@ mod hardening;
 mod identity;
 mod mechanism;
 mod races;
+mod real_programs;
 
 use foundation::*;
 use hardening::*;
 use identity::*;
 use mechanism::*;
 use races::*;
+use real_programs::*;
 
 const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("module_is_loaded", module_is_loaded),
@@ -63,6 +65,10 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("last_mm_reference_is_dropped_by_a_worker", last_mm_reference_is_dropped_by_a_worker),
     ("restore_drains_lru_batches_once_and_unlocked", restore_drains_lru_batches_once_and_unlocked),
     ("close_restores_even_when_the_closer_is_killed", close_restores_even_when_the_closer_is_killed),
+    ("real_python3_library_function_by_symbol", real_python3_library_function_by_symbol),
+    ("real_python3_own_function_in_text_no_pmd_can_map", real_python3_own_function_in_text_no_pmd_can_map),
+    ("real_python3_threads_on_both_cpus_while_patched_and_restored", real_python3_threads_on_both_cpus_while_patched_and_restored),
+    ("collapse_pid_makes_a_real_programs_text_huge", collapse_pid_makes_a_real_programs_text_huge),
     // Last: they unload and reload the module.
     ("module_unload_restores_persistent_patches", module_unload_restores_persistent_patches),
     ("unload_after_collapse_leaks_nothing", unload_after_collapse_leaks_nothing),
