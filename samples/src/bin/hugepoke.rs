@@ -233,13 +233,6 @@ fn check_patch(cmd: &PatchCmd, objects: &[Object], addr: u64, out: &mut dyn Writ
 }
 
 fn patch(cmd: PatchCmd) {
-    if cmd.bytes.0.len() > hugepoke::uapi::MAX_BYTES {
-        // The module refuses it too; say so before decoding anything.
-        let seq = device::journal_seq();
-        let dev = Device::open().unwrap_or_else(|e| fail("open /dev/hugepoke", e, seq));
-        let req = PatchRequest { pid: cmd.pid, addr: cmd.addr.unwrap_or(0), bytes: cmd.bytes.0.clone(), ..Default::default() };
-        dev.patch(&req).map(|_| ()).unwrap_or_else(|e| fail("patch", e, seq));
-    }
     let objects = match symbols::objects(cmd.pid) {
         Ok(o) => o,
         Err(e) if cmd.symbol.is_some() => usage_error(&e),
