@@ -180,6 +180,11 @@ fn non_pie_program_built_here() {
     assert_eq!(addr_of(pid, "getppid", Some(exe.to_str().unwrap())).unwrap(), c.field("getppid="));
     let e = addr_of(pid, "helper", None).unwrap_err();
     assert!(e.contains("ambiguous") && e.contains("2 times"), "{e}");
+    // Deleted while it runs: maps says "(deleted)", map_files still has the inode.
+    std::fs::remove_file(&exe).unwrap();
+    let objs = objects(pid);
+    assert!(objs[0].path.ends_with(" (deleted)") && objs[0].basename() == "nopie", "{}", objs[0].path);
+    assert_eq!(symbols::resolve(&objs, "hugepoke_nopie_probe", Some("nopie")).unwrap().addr, c.field("probe="));
     drop(c);
     let _ = std::fs::remove_dir_all(&dir);
 }
