@@ -40,7 +40,7 @@ impl MappingReport {
 /// the virtual address and the file offset differ modulo 2 MiB (the file's
 /// huge folios cannot line up with PMDs there).
 pub fn pmd_ranges(m: &Mapping) -> Result<Vec<u64>, String> {
-    if m.start.wrapping_sub(m.offset) % PMD_SIZE != 0 {
+    if !m.start.wrapping_sub(m.offset).is_multiple_of(PMD_SIZE) {
         return Err(format!(
             "its address and file offset differ modulo 2 MiB (start {:#x}, offset {:#x}): no PMD can map this file here (mapped without 2 MiB alignment)",
             m.start, m.offset

@@ -397,7 +397,8 @@ pub(crate) fn real_python3_threads_on_both_cpus_while_patched_and_restored() -> 
     let pfn = page_cache_page(pid, addr)?;
     ensure!(py.ask("threads")? == "started", "threads");
     // (ok, patched, other) per CPU, and the CPUs each thread ran on.
-    let mut counts = || -> Result<Vec<(u64, u64, u64, String)>, String> {
+    type Counts = Vec<(u64, u64, u64, String)>;
+    let mut counts = || -> Result<Counts, String> {
         let line = py.ask("counts")?;
         line.split(';')
             .map(|t| {
@@ -407,7 +408,7 @@ pub(crate) fn real_python3_threads_on_both_cpus_while_patched_and_restored() -> 
             })
             .collect()
     };
-    let wait_both = |what: &str, counts: &mut dyn FnMut() -> Result<Vec<(u64, u64, u64, String)>, String>, pick: fn(&(u64, u64, u64, String)) -> u64| {
+    let wait_both = |what: &str, counts: &mut dyn FnMut() -> Result<Counts, String>, pick: fn(&(u64, u64, u64, String)) -> u64| {
         let base: Vec<u64> = counts()?.iter().map(pick).collect();
         wait_for(what, Duration::from_secs(60), || {
             let now = counts()?;
