@@ -4,8 +4,11 @@
 
 pub mod backing;
 pub mod check_state;
+pub mod collapse;
+pub mod decode;
 pub mod device;
 pub mod proc;
+pub mod symbols;
 pub mod target;
 #[path = "../../src/uapi.rs"]
 pub mod uapi;

@@ -29,6 +29,7 @@ mod mechanism;
 mod races;
 mod uffd;
 mod visibility;
+mod real_programs;
 
 use filesystems::*;
 use foundation::*;
@@ -38,6 +39,7 @@ use mechanism::*;
 use races::*;
 use uffd::*;
 use visibility::*;
+use real_programs::*;
 
 const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("module_is_loaded", module_is_loaded),
@@ -83,6 +85,10 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("full_cycle_on_xfs", full_cycle_on_xfs),
     ("cycle_on_a_4k_page_cache_queues_no_collapse", cycle_on_a_4k_page_cache_queues_no_collapse),
     ("cycle_on_an_mthp_page_cache_queues_no_collapse", cycle_on_an_mthp_page_cache_queues_no_collapse),
+    ("real_python3_library_function_by_symbol", real_python3_library_function_by_symbol),
+    ("real_python3_own_function_in_text_no_pmd_can_map", real_python3_own_function_in_text_no_pmd_can_map),
+    ("real_python3_threads_on_both_cpus_while_patched_and_restored", real_python3_threads_on_both_cpus_while_patched_and_restored),
+    ("collapse_pid_makes_a_real_programs_text_huge", collapse_pid_makes_a_real_programs_text_huge),
     // Last: they unload and reload the module.
     ("module_unload_restores_persistent_patches", module_unload_restores_persistent_patches),
     ("unload_after_collapse_leaks_nothing", unload_after_collapse_leaks_nothing),
