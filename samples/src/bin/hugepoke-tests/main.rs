@@ -86,6 +86,8 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("cycle_on_a_4k_page_cache_queues_no_collapse", cycle_on_a_4k_page_cache_queues_no_collapse),
     ("cycle_on_an_mthp_page_cache_queues_no_collapse", cycle_on_an_mthp_page_cache_queues_no_collapse),
     ("real_python3_library_function_by_symbol", real_python3_library_function_by_symbol),
+    ("real_python3_library_function_by_symbol_on_ext4", real_python3_library_function_by_symbol_on_ext4),
+    ("real_python3_library_function_by_symbol_on_xfs", real_python3_library_function_by_symbol_on_xfs),
     ("real_python3_own_function_in_text_no_pmd_can_map", real_python3_own_function_in_text_no_pmd_can_map),
     ("real_python3_threads_on_both_cpus_while_patched_and_restored", real_python3_threads_on_both_cpus_while_patched_and_restored),
     ("collapse_pid_makes_a_real_programs_text_huge", collapse_pid_makes_a_real_programs_text_huge),

@@ -312,7 +312,43 @@ fn collapse_cli(pid: i32, path: &str) -> Result<String, String> {
 /// `ret` it writes nothing; restored, it writes the digits again; the
 /// page-cache page and the PMD come back.
 pub(crate) fn real_python3_library_function_by_symbol() -> TestResult {
-    let c = always()?;
+    library_cycle(always()?)
+}
+
+/// The same, with python3 and libz3 on ext4 and on XFS: copied from the
+/// tmpfs copies (a 9p read of libz3 under TCG takes most of a test's time)
+/// and synced, since a dirty page cache is not collapsed.  `ld.so` maps the
+/// library 2 MiB-aligned there too (`thp_get_unmapped_area`), its page
+/// cache holds the small folios the copy wrote, and `hugepoke collapse
+/// --pid` makes its text huge before the cycle.
+pub(crate) fn real_python3_library_function_by_symbol_on_ext4() -> TestResult {
+    library_cycle(&on_image("ext4")?)
+}
+
+pub(crate) fn real_python3_library_function_by_symbol_on_xfs() -> TestResult {
+    library_cycle(&on_image("xfs")?)
+}
+
+/// python3 and libz3 on a fresh `fs` image (hugepoke::backing).
+fn on_image(fs: &str) -> Result<Copies, String> {
+    let from = always()?;
+    let dir = hugepoke::backing::image(fs)?;
+    let started = Instant::now();
+    let copy = |src: &str| -> Result<String, String> {
+        let dst = format!("{dir}/{}", src.rsplit('/').next().unwrap());
+        let _ = std::fs::remove_file(&dst);
+        io(std::fs::copy(src, &dst))?;
+        io(io(std::fs::File::open(&dst))?.sync_all())?;
+        Ok(dst)
+    };
+    let c = Copies { python: copy(&from.python)?, lib: copy(&from.lib)? };
+    println!("# {fs}: python3 and libz3 copied from the tmpfs and synced in {:?}", started.elapsed());
+    Ok(c)
+}
+
+/// PATCH libz3's function by symbol in a running python3, see it change,
+/// RESTORE, see the page-cache page and the PMD back.
+fn library_cycle(c: &Copies) -> TestResult {
     let mut py = Python::spawn(&c.python, &c.lib)?;
     ensure!(py.call()? == "1234----", "unpatched: {:?}", py.call()?);
     // Its text PMD-mapped, whatever has faulted so far.
