@@ -100,11 +100,16 @@ pub fn journal_seq() -> u64 {
         .unwrap_or(0)
 }
 
-/// The reason the module journaled for the first failed step after `seq`.
-pub fn failure_since(seq: u64) -> Option<String> {
+/// The reason the module journaled for the first failed step after `seq`
+/// that was about `target` or made by this process (so that another
+/// tool's failure at the same time is not taken for ours); any pid's when
+/// `target` is None.
+pub fn failure_since(seq: u64, target: Option<i32>) -> Option<String> {
     let events = crate::proc::parse_events(&crate::proc::debugfs("events").ok()?);
+    let me = std::process::id() as i32;
     events
         .iter()
+        .filter(|e| target.is_none_or(|t| e.pid == t || e.pid == me))
         .find(|e| e.seq > seq && e.result != "ok")
         .map(|e| format!("{}: {} ({})", e.step, e.note, e.result))
 }

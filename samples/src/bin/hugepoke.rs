@@ -105,13 +105,23 @@ fn hex(s: &str) -> Result<Hex, String> {
 
 /// Print `what: ERRNO: reason` and exit 1.
 fn fail(what: &str, err: io::Error, seq: u64) -> ! {
+    fail_for(what, err, seq, None)
+}
+
+/// [`fail`], with the reason looked up among `target`'s events and ours.
+fn fail_for(what: &str, err: io::Error, seq: u64, target: Option<i32>) -> ! {
     let errno = err.raw_os_error().unwrap_or(0);
-    let reason = device::failure_since(seq).unwrap_or_else(|| err.to_string());
+    let reason = device::failure_since(seq, target).unwrap_or_else(|| err.to_string());
     eprintln!("hugepoke: {what}: {}: {reason}", errno_name(errno));
     std::process::exit(1)
 }
 
 /// A bad argument: exit 2.
+/// Bytes as `b8 2a 00 00 00 c3`.
+fn hex_bytes(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+}
+
 fn usage_error(msg: &str) -> ! {
     eprintln!("hugepoke: {msg}");
     std::process::exit(2)
@@ -150,18 +160,27 @@ fn overlapping_patches(pid: i32, addr: u64, len: u64) -> Vec<String> {
 
 /// Check the patch against the code the process has now; print what it
 /// finds (to `out`); exit 1 if it refuses and --force is not given.
-fn check_patch(cmd: &PatchCmd, objects: &[Object], addr: u64, out: &mut dyn Write) {
+/// Returns the bytes it checked at the address, which PATCH then passes as
+/// its expected bytes: the kernel writes only if they are still there
+/// under the page-table lock (the code may change between this look and
+/// the write: a dlclose/dlopen, a debugger, another patch beside this one).
+/// None when it could not look.
+fn check_patch(cmd: &PatchCmd, objects: &[Object], addr: u64, out: &mut dyn Write) -> Option<Vec<u8>> {
     let new = &cmd.bytes.0;
     let len = new.len() as u64;
     let Some(oi) = symbols::object_at(objects, addr) else {
         let _ = writeln!(out, "note: {addr:#x} is in no executable file mapping of pid {}: not checked (the kernel decides)", cmd.pid);
-        return;
+        return None;
     };
     let o = &objects[oi];
     let m = o.mapping(addr).unwrap();
     if !m.executable() {
         let _ = writeln!(out, "note: {addr:#x} is in {} but not executable there: not checked (the kernel decides)", o.path);
-        return;
+        return None;
+    }
+    if addr + len > m.end {
+        let _ = writeln!(out, "note: the patch runs past the end of the mapping at {:#x}: not checked (the kernel decides)", m.end);
+        return None;
     }
     // Decode from the start of the covering symbol; without one, from the
     // nearest symbol before in this mapping, or the mapping's start.
@@ -182,7 +201,7 @@ fn check_patch(cmd: &PatchCmd, objects: &[Object], addr: u64, out: &mut dyn Writ
         Ok(b) => b,
         Err(e) if cmd.force => {
             let _ = writeln!(out, "warning: cannot read the old code from /proc/{}/mem: {e}; not checked (--force)", cmd.pid);
-            return;
+            return None;
         }
         Err(e) => refuse(&format!("cannot read the old code from /proc/{}/mem to check the patch: {e} (--force patches unchecked)", cmd.pid)),
     };
@@ -230,9 +249,15 @@ fn check_patch(cmd: &PatchCmd, objects: &[Object], addr: u64, out: &mut dyn Writ
             refuse("the instruction check failed (see above; --force patches anyway)");
         }
     }
+    Some(here.to_vec())
 }
 
 fn patch(cmd: PatchCmd) {
+    if let Some(e) = &cmd.expect {
+        if e.0.len() != cmd.bytes.0.len() {
+            usage_error(&format!("--expect has {} bytes and --bytes {}: they must be as long", e.0.len(), cmd.bytes.0.len()));
+        }
+    }
     let objects = match symbols::objects(cmd.pid) {
         Ok(o) => o,
         Err(e) if cmd.symbol.is_some() => usage_error(&e),
@@ -264,19 +289,26 @@ fn patch(cmd: PatchCmd) {
         println!("dry run: nothing patched");
         return;
     }
-    check_patch(&cmd, &objects, addr, &mut io::stderr().lock());
+    let checked = check_patch(&cmd, &objects, addr, &mut io::stderr().lock());
+    let expect = match (cmd.expect.map(|h| h.0), checked) {
+        (Some(e), Some(here)) if e != here => {
+            refuse(&format!("--expect {} is not what is there now ({})", hex_bytes(&e), hex_bytes(&here)))
+        }
+        (Some(e), _) => Some(e),
+        (None, here) => here,
+    };
 
     let req = PatchRequest {
         pid: cmd.pid,
         addr,
         bytes: cmd.bytes.0,
-        expect: cmd.expect.map(|h| h.0),
+        expect,
         persist: cmd.persist,
         install_pmd: cmd.install_pmd,
     };
     let seq = device::journal_seq();
     let dev = Device::open().unwrap_or_else(|e| fail("open /dev/hugepoke", e, seq));
-    let handle = dev.patch(&req).unwrap_or_else(|e| fail("patch", e, seq));
+    let handle = dev.patch(&req).unwrap_or_else(|e| fail_for("patch", e, seq, Some(req.pid)));
     println!("{handle}");
     let _ = io::stdout().flush();
     if !req.persist {

@@ -75,6 +75,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("rmmod_waits_for_the_last_close", rmmod_waits_for_the_last_close),
     ("execve_during_patch_never_patches_the_new_image", execve_during_patch_never_patches_the_new_image),
     ("expect_is_checked_in_the_step_that_writes", expect_is_checked_in_the_step_that_writes),
+    ("cli_patch_writes_only_over_the_bytes_it_checked", cli_patch_writes_only_over_the_bytes_it_checked),
     ("a_parked_patch_does_not_stall_other_targets", a_parked_patch_does_not_stall_other_targets),
     ("last_mm_reference_is_dropped_by_a_worker", last_mm_reference_is_dropped_by_a_worker),
     ("restore_drains_lru_batches_once_and_unlocked", restore_drains_lru_batches_once_and_unlocked),

@@ -421,3 +421,34 @@ pub(crate) fn close_restores_even_when_the_closer_is_killed() -> TestResult {
     ensure!(evs.iter().any(|e| e.step == "restored" && e.result == "ok"), "no restored step: {:?}", steps(&evs));
     Ok(())
 }
+
+/// The CLI checks the code it patches (by symbol or address) and then asks
+/// the kernel to write only over the bytes it checked: a change between its
+/// look and the write — here a debugger's `int3` through /proc/PID/mem
+/// while the PATCH is parked after resolving its target — is refused
+/// (EILSEQ) and leaves the debugger's byte alone.
+pub(crate) fn cli_patch_writes_only_over_the_bytes_it_checked() -> TestResult {
+    use std::process::{Command, Stdio};
+    const PAGE: usize = 23;
+    let t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let addr = t.page_addr(PAGE);
+    let original = text::mov_eax_ret(text::original_value(PAGE));
+    let pause = Pause::arm("resolved", t.pid)?;
+    let cli = Command::new("hugepoke")
+        .args(["patch", "--pid", &t.pid.to_string(), "--addr", &format!("{addr:#x}"), "--bytes", "b8 2a 00 00 00 c3", "--persist"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("hugepoke: {e}"))?;
+    pause.wait_parked("resolved")?;
+    write_mem(t.pid, addr, &[0xcc])?;
+    pause.release()?;
+    let out = cli.wait_with_output().map_err(|e| e.to_string())?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(1) && stderr.contains("EILSEQ"), "CLI exited {:?}: {stderr}", out.status.code());
+    let now = read_mem(t.pid, addr, original.len())?;
+    ensure!(now[0] == 0xcc && now[1..] == original[1..], "bytes at the site: {now:02x?}, want the debugger's cc then the original rest");
+    ensure!(!events()?.iter().any(|e| e.step == "patched" && e.pid == t.pid), "a patch was made");
+    Ok(())
+}
