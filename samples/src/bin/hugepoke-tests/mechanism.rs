@@ -237,9 +237,10 @@ pub(crate) fn cli_patch_holds_until_stdin_closes() -> TestResult {
     cli.wait().map_err(|e| e.to_string())?;
     ensure!(t.call(12)? == 1012, "patch outlived the CLI");
 
-    // Failure: errno name and the module's reason, exit 1.
+    // Failure: errno name and the module's reason, exit 1 (--force: past
+    // the CLI's own check that --expect is what is there).
     let out = Command::new("hugepoke")
-        .args(["patch", "--pid", &t.pid.to_string(), "--addr", &addr, "--bytes", "90", "--expect", "ff"])
+        .args(["patch", "--pid", &t.pid.to_string(), "--addr", &addr, "--bytes", "90", "--expect", "ff", "--force"])
         .output()
         .map_err(|e| e.to_string())?;
     let err = String::from_utf8_lossy(&out.stderr);
