@@ -404,12 +404,17 @@ impl Object {
 /// Open the file a mapping maps: `/proc/PID/map_files/…` first (the very
 /// inode, deleted or not), else the path if it still names that inode.
 fn open_mapped(pid: i32, m: &Mapping) -> Result<File, String> {
+    // The same inode as /proc/PID/maps showed, either way: the mapping may
+    // have been replaced since we read maps.
+    let same = |f: &File| f.metadata().is_ok_and(|md| md.ino() == m.inode && (libc::major(md.dev()) as u32, libc::minor(md.dev()) as u32) == m.dev);
     if let Ok(f) = File::open(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)) {
+        if !same(&f) {
+            return Err(format!("the mapping at {:#x} of pid {pid} changed since its maps were read", m.start));
+        }
         return Ok(f);
     }
     let f = File::open(&m.path).map_err(|e| format!("{}: {e}", m.path))?;
-    let md = f.metadata().map_err(|e| format!("{}: {e}", m.path))?;
-    if md.ino() != m.inode || (libc::major(md.dev()) as u32, libc::minor(md.dev()) as u32) != m.dev {
+    if !same(&f) {
         return Err(format!(
             "{} is no longer the file pid {pid} maps (replaced or deleted), and /proc/{pid}/map_files is not readable",
             m.path
@@ -451,6 +456,15 @@ pub fn objects(pid: i32) -> Result<Vec<Object>, String> {
             } else {
                 o.mappings.iter().filter(|m| m.executable()).find_map(|m| elf.bias(m)).unwrap_or(0)
             };
+            // One file loaded twice (dlmopen, or mapped executable again by
+            // hand) has two biases: a symbol names two places.
+            let mut biases: Vec<u64> = o.mappings.iter().filter(|m| m.executable()).filter_map(|m| elf.bias(m)).collect();
+            biases.sort_unstable();
+            biases.dedup();
+            if !elf.exec_type && biases.len() > 1 {
+                let at: Vec<String> = biases.iter().map(|b| format!("{b:#x}")).collect();
+                o.error = Some(format!("{} is loaded more than once (load biases {}): give the address with --addr", o.path, at.join(", ")));
+            }
         }
     }
     objects.sort_by_key(|o| !o.main);
@@ -508,6 +522,12 @@ pub fn resolve(objects: &[Object], query: &str, object: Option<&str>) -> Result<
     };
     let mut hits: Vec<(usize, Symbol)> = Vec::new();
     let mut ambiguous_in: Vec<String> = Vec::new();
+    // An object we could not read (or that is loaded twice) might define
+    // the name too: then no answer is safe.
+    let unsafe_objects: Vec<&str> = candidates.iter().filter_map(|&i| objects[i].error.as_deref()).collect();
+    if !unsafe_objects.is_empty() {
+        return Err(format!("cannot resolve {name} safely: {} (choose the object with --object, or give --addr)", unsafe_objects.join("; ")));
+    }
     for i in candidates {
         let Some(elf) = &objects[i].elf else { continue };
         let all = elf.lookup(&name);

@@ -243,3 +243,37 @@ fn debian_bash_pie_by_dynsym() {
     let off = main.elf.as_ref().unwrap().file_offset(r.symbol.value).unwrap() as usize;
     assert_eq!(&got[..], &std::fs::read(bash).unwrap()[off..off + 16]);
 }
+
+/// A library mapped executable a second time (as `dlmopen` or a program's
+/// own mmap would) has two load biases, so a name in it names two places:
+/// resolution refuses, with or without --object, and says why.
+#[test]
+fn a_library_loaded_twice_is_refused() {
+    let python = "/usr/bin/python3";
+    if !std::path::Path::new(python).exists() {
+        eprintln!("SKIP: no {python}");
+        return;
+    }
+    let c = Child1::spawn(Command::new(python).args(["-c", "import sys; print('ready=0x1', flush=True); sys.stdin.read()"]));
+    let pid = c.pid();
+    let libc = objects(pid).into_iter().find(|o| o.basename().starts_with("libc.so")).expect("python3 maps libc");
+    let exec = libc.mappings.iter().find(|m| m.executable()).unwrap().clone();
+    assert!(addr_of(pid, "getpid", Some("libc")).is_ok(), "loaded once: resolves");
+    drop(c);
+
+    let script = format!(
+        "import mmap, sys\n\
+         f = open({path:?}, 'rb')\n\
+         m = mmap.mmap(f.fileno(), {len}, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_EXEC, offset={off})\n\
+         print('ready=0x1', flush=True)\n\
+         sys.stdin.read()\n",
+        path = exec.path,
+        len = exec.end - exec.start,
+        off = exec.offset
+    );
+    let c = Child1::spawn(Command::new(python).args(["-c", &script]));
+    for object in [None, Some("libc")] {
+        let err = addr_of(c.pid(), "getpid", object).unwrap_err();
+        assert!(err.contains("loaded more than once"), "{object:?}: {err}");
+    }
+}
