@@ -188,6 +188,25 @@ pub fn review(old_code: &[u8], old_start: u64, start: &Start, addr: u64, new: &[
         }
     }
 
+    // Old boundaries inside the patch that the new code does not keep: a
+    // thread preempted there, a branch target, or (after an old `call`) a
+    // return address resumes inside a new instruction.  uprobes avoids
+    // this by writing one byte; a multi-byte patch can only say it.
+    let new_starts: Vec<u64> = r.new.iter().map(|i| i.addr).collect();
+    for (prev, i) in old_all.iter().zip(old_all.iter().skip(1)) {
+        if i.addr > addr && i.addr < end && !new_starts.contains(&i.addr) {
+            let why = if prev.text.starts_with("call") {
+                format!("the return address of the old `{}`: a thread in that call returns into it", prev.text)
+            } else {
+                "a thread stopped there, or a jump to it, resumes there".to_string()
+            };
+            r.warnings.push(format!(
+                "the old instruction boundary {:#x} (`{}`) falls inside a new instruction: {why}",
+                i.addr, i.text
+            ));
+        }
+    }
+
     // Where the patch ends inside an old instruction, what runs after the
     // last new instruction is the rest of that old one.
     if let Some(cut) = old_all.iter().find(|i| i.addr < end && end < i.end()) {
@@ -230,6 +249,19 @@ pub fn listing(insns: &[Insn], mut name: impl FnMut(u64) -> Option<String>) -> S
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_old_boundary_inside_a_new_instruction_warns_and_names_a_call() {
+        // call +0; mov edi, eax — patched with one 7-byte instruction.
+        let old = [0xe8, 0, 0, 0, 0, 0x89, 0xc7, 0xc3];
+        let new = [0x48, 0xc7, 0xc0, 0x2a, 0, 0, 0]; // mov rax, 0x2a
+        let r = review(&old, 0x1000, &Start::Symbol { name: "f".into() }, 0x1000, &new);
+        assert!(r.ok(), "{:?}", r.refusals);
+        assert!(r.warnings.iter().any(|w| w.contains("0x1005") && w.contains("return address")), "{:?}", r.warnings);
+        // The same boundaries kept: no such warning.
+        let r = review(&old, 0x1000, &Start::Symbol { name: "f".into() }, 0x1000, &[0xe8, 1, 0, 0, 0, 0x90, 0x90]);
+        assert!(!r.warnings.iter().any(|w| w.contains("boundary")), "{:?}", r.warnings);
+    }
+
     /// A function as compilers emit it: endbr64; push rbp; mov rbp, rsp;
     /// mov eax, 7; pop rbp; ret; then int3 padding.
     const FUNC: [u8; 19] = [
@@ -256,13 +288,19 @@ mod tests {
         assert!(d[3].falls_through && !d[5].falls_through && !d[6].falls_through);
     }
 
-    /// Start-of-function breakpoints and returns pass, with nothing to say.
+    /// Start-of-function breakpoints and returns pass, with nothing to say;
+    /// a 6-byte `mov eax, 42; ret` passes too, but covers the boundary
+    /// after `endbr64`, which it says.
     #[test]
     fn breakpoint_and_returns_at_a_function_start_pass() {
         for new in [&[0xcc][..], &[0xc3], &[0x31, 0xc0, 0xc3], &[0xb8, 0x2a, 0, 0, 0, 0xc3]] {
             let r = review(&FUNC, AT, &sym(), AT, new);
             assert!(r.ok(), "{new:02x?}: {:?}", r.refusals);
-            assert!(r.warnings.is_empty(), "{new:02x?}: {:?}", r.warnings);
+            if new.len() == 6 {
+                assert!(r.warnings.len() == 1 && r.warnings[0].contains("push rbp"), "{new:02x?}: {:?}", r.warnings);
+            } else {
+                assert!(r.warnings.is_empty(), "{new:02x?}: {:?}", r.warnings);
+            }
         }
         // The cut endbr64 is reported, but cannot be reached.
         let r = review(&FUNC, AT, &sym(), AT, &[0xcc]);

@@ -59,7 +59,12 @@ fn breakpoint_and_returns_at_the_start_pass() {
     for bytes in ["cc", "c3", "31 c0 c3", "b8 2a 00 00 00 c3"] {
         let (code, out, err) = dry("hugepoke_cli_probe", bytes);
         assert_eq!(code, 0, "{bytes}: {out}{err}");
-        assert!(!out.contains("warning") && !out.contains("refused"), "{bytes}: {out}");
+        assert!(!out.contains("refused"), "{bytes}: {out}");
+        // More than one byte may cover an old boundary (after the probe's
+        // one-byte `push rbp`), which is said, and nothing else is.
+        let warnings: Vec<&str> = out.lines().filter(|l| l.starts_with("warning")).collect();
+        let allowed = |w: &&str| bytes.len() > 2 && w.contains("old instruction boundary");
+        assert!(warnings.iter().all(allowed), "{bytes}: {out}");
     }
 }
 
