@@ -73,6 +73,7 @@ pub fn tmpfs(huge: &str) -> Result<String, String> {
 pub fn write_text(dir: &str, chunk: usize, evict: bool) -> Result<String, String> {
     let path = format!("{dir}/text.bin");
     let _ = std::fs::remove_file(&path);
+    compact_memory();
     let f = io(std::fs::File::create(&path))?;
     let blob = text::blob();
     for off in (0..blob.len()).step_by(chunk) {
@@ -119,3 +120,10 @@ pub fn folio_order(t: &mut Target, page: usize) -> Result<u32, String> {
     Ok(n.trailing_zeros())
 }
 
+
+/// Compact memory, so that a PMD-sized folio can be had late in a long run
+/// in a small guest (a fragmented guest falls back to small folios, and a
+/// test of the PMD path would fail for a reason not its own).  Best effort.
+pub fn compact_memory() {
+    let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
+}

@@ -122,6 +122,7 @@ fn copies(dir: &'static str, huge: &str) -> Result<Copies, String> {
         return Err(format!("SKIP: no {LIB} on the host (libz3-4, which llvm-19 depends on)"));
     }
     mount_tmpfs(dir, huge)?;
+    hugepoke::backing::compact_memory();
     let started = Instant::now();
     let c = Copies { python: copy_in(dir, python.to_str().unwrap())?, lib: copy_in(dir, LIB)? };
     println!("# {dir} (huge={huge}): python3 and libz3 copied in {:?}", started.elapsed());
@@ -333,6 +334,7 @@ pub(crate) fn real_python3_library_function_by_symbol_on_xfs() -> TestResult {
 fn on_image(fs: &str) -> Result<Copies, String> {
     let from = always()?;
     let dir = hugepoke::backing::image(fs)?;
+    hugepoke::backing::compact_memory();
     let started = Instant::now();
     let copy = |src: &str| -> Result<String, String> {
         let dst = format!("{dir}/{}", src.rsplit('/').next().unwrap());
