@@ -404,17 +404,15 @@ impl Object {
 /// Open the file a mapping maps: `/proc/PID/map_files/…` first (the very
 /// inode, deleted or not), else the path if it still names that inode.
 fn open_mapped(pid: i32, m: &Mapping) -> Result<File, String> {
-    // The same inode as /proc/PID/maps showed, either way: the mapping may
-    // have been replaced since we read maps.
-    let same = |f: &File| f.metadata().is_ok_and(|md| md.ino() == m.inode && (libc::major(md.dev()) as u32, libc::minor(md.dev()) as u32) == m.dev);
+    // (No inode check on the map_files fd: on overlayfs, as the guest's
+    // /usr is, maps shows the lower file's device and inode and fstat the
+    // overlay's, so a check would refuse every library there.)
     if let Ok(f) = File::open(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)) {
-        if !same(&f) {
-            return Err(format!("the mapping at {:#x} of pid {pid} changed since its maps were read", m.start));
-        }
         return Ok(f);
     }
     let f = File::open(&m.path).map_err(|e| format!("{}: {e}", m.path))?;
-    if !same(&f) {
+    let md = f.metadata().map_err(|e| format!("{}: {e}", m.path))?;
+    if md.ino() != m.inode || (libc::major(md.dev()) as u32, libc::minor(md.dev()) as u32) != m.dev {
         return Err(format!(
             "{} is no longer the file pid {pid} maps (replaced or deleted), and /proc/{pid}/map_files is not readable",
             m.path
