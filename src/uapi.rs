@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! hugepoke's ioctl ABI, version 1.
+//! hugepoke's ioctl ABI, version 2 (version 1 had no PATCH_BATCH, and
+//! QUERY had no `index`/`count`).
 //!
 //! This file is shared verbatim by the module and by `samples/` (the CLI and
 //! tests), so it uses nothing but `core`.  `include/uapi/hugepoke.h` is the
@@ -9,8 +10,18 @@
 //! Every argument struct starts with `size` (the caller's `sizeof`) and
 //! `flags`; the module refuses sizes and flag bits it does not know.
 
+/// The ABI version this file describes (debugfs `abi` says which one the
+/// loaded module speaks).
+pub const ABI_VERSION: u32 = 2;
+
 /// Most bytes one PATCH may write.
 pub const MAX_BYTES: usize = 16;
+
+/// Most sites one PATCH_BATCH may hold.
+pub const MAX_BATCH: usize = 4096;
+
+/// PATCH_BATCH `failed` when no single site is to blame.
+pub const NO_SITE: u32 = u32::MAX;
 
 /// PATCH: the patch outlives the file that made it (until RESTORE or unload).
 pub const PATCH_PERSIST: u32 = 1 << 0;
@@ -20,6 +31,10 @@ pub const PATCH_EXPECT: u32 = 1 << 1;
 /// instead of retracting the page table and letting the next fault map it.
 pub const PATCH_INSTALL_PMD: u32 = 1 << 2;
 pub const PATCH_FLAGS: u32 = PATCH_PERSIST | PATCH_EXPECT | PATCH_INSTALL_PMD;
+/// The flags of a whole batch (`PATCH_EXPECT` is per site).
+pub const BATCH_FLAGS: u32 = PATCH_PERSIST | PATCH_INSTALL_PMD;
+/// The flags of one batch site.
+pub const SITE_FLAGS: u32 = PATCH_EXPECT;
 
 /// QUERY `state`: the patch is in place.
 pub const STATE_LIVE: u32 = 1;
@@ -45,6 +60,43 @@ pub struct PatchArgs {
     pub expect: [u8; MAX_BYTES],
     /// Out: the handle of the new patch.
     pub handle: u64,
+}
+
+/// One site of a PATCH_BATCH: what one PATCH would write.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchSite {
+    /// User virtual address in the target's file-backed executable text.
+    pub addr: u64,
+    /// 1..=MAX_BYTES; `addr..addr+len` lies in one page.
+    pub len: u32,
+    /// `PATCH_EXPECT` or 0.
+    pub flags: u32,
+    pub bytes: [u8; MAX_BYTES],
+    pub expect: [u8; MAX_BYTES],
+}
+
+/// PATCH_BATCH: `count` sites in one target, all written or none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PatchBatchArgs {
+    /// In: `size_of::<PatchBatchArgs>()`.
+    pub size: u32,
+    /// In: `BATCH_FLAGS` bits, for every site.
+    pub flags: u32,
+    /// In: target pid, in the caller's pid namespace.
+    pub pid: i32,
+    /// In: how many sites, 1..=MAX_BATCH.
+    pub count: u32,
+    /// In: user pointer to `count` `BatchSite`s.
+    pub sites: u64,
+    /// Out: the one handle of all the sites (on success).
+    pub handle: u64,
+    /// Out: on failure, the index of the site refused or failed
+    /// (`NO_SITE` when no one site is to blame); `NO_SITE` on success.
+    pub failed: u32,
+    /// Out: on failure, the positive errno of that site (also returned).
+    pub error: i32,
 }
 
 #[repr(C)]
@@ -81,6 +133,11 @@ pub struct QueryArgs {
     /// Out: the bytes that were there before, and the bytes written.
     pub orig: [u8; MAX_BYTES],
     pub bytes: [u8; MAX_BYTES],
+    /// In: which site of the handle (0 for a single PATCH; a batch's
+    /// sites are numbered in the order PATCH_BATCH was given them).
+    pub index: u32,
+    /// Out: how many sites the handle has (1 for a single PATCH).
+    pub count: u32,
 }
 
 /// The checks every argument struct's header gets: its `size` must be the
@@ -106,8 +163,11 @@ pub const fn iowr(nr: u32, size: usize) -> u32 {
 pub const IOCTL_PATCH: u32 = iowr(1, core::mem::size_of::<PatchArgs>());
 pub const IOCTL_RESTORE: u32 = iowr(2, core::mem::size_of::<RestoreArgs>());
 pub const IOCTL_QUERY: u32 = iowr(3, core::mem::size_of::<QueryArgs>());
+pub const IOCTL_PATCH_BATCH: u32 = iowr(4, core::mem::size_of::<PatchBatchArgs>());
 
 // The layout is the ABI: no implicit padding, fixed sizes.
 const _: () = assert!(core::mem::size_of::<PatchArgs>() == 64);
 const _: () = assert!(core::mem::size_of::<RestoreArgs>() == 16);
-const _: () = assert!(core::mem::size_of::<QueryArgs>() == 80);
+const _: () = assert!(core::mem::size_of::<QueryArgs>() == 88);
+const _: () = assert!(core::mem::size_of::<BatchSite>() == 48);
+const _: () = assert!(core::mem::size_of::<PatchBatchArgs>() == 40);

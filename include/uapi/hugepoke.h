@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
 /*
- * hugepoke ioctl ABI, version 1 — the C view of src/uapi.rs.
+ * hugepoke ioctl ABI, version 2 — the C view of src/uapi.rs.
  * See Documentation/abi.md.
  */
 #ifndef _UAPI_HUGEPOKE_H
@@ -9,7 +9,10 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
+#define HUGEPOKE_ABI_VERSION 2
 #define HUGEPOKE_MAX_BYTES 16
+#define HUGEPOKE_MAX_BATCH 4096
+#define HUGEPOKE_NO_SITE 0xffffffffU
 
 #define HUGEPOKE_PATCH_PERSIST     (1U << 0)
 #define HUGEPOKE_PATCH_EXPECT      (1U << 1)
@@ -27,6 +30,25 @@ struct hugepoke_patch {
 	__u8 bytes[HUGEPOKE_MAX_BYTES];	/* in: new bytes */
 	__u8 expect[HUGEPOKE_MAX_BYTES];	/* in: expected bytes (PATCH_EXPECT) */
 	__u64 handle;		/* out */
+};
+
+struct hugepoke_batch_site {
+	__u64 addr;		/* in: address in the target's file-backed text */
+	__u32 len;		/* in: 1..HUGEPOKE_MAX_BYTES, within one page */
+	__u32 flags;		/* in: HUGEPOKE_PATCH_EXPECT or 0 */
+	__u8 bytes[HUGEPOKE_MAX_BYTES];	/* in: new bytes */
+	__u8 expect[HUGEPOKE_MAX_BYTES];	/* in: expected bytes */
+};
+
+struct hugepoke_patch_batch {
+	__u32 size;		/* in: sizeof(struct hugepoke_patch_batch) */
+	__u32 flags;		/* in: HUGEPOKE_PATCH_PERSIST, _INSTALL_PMD */
+	__s32 pid;		/* in: target, in the caller's pid namespace */
+	__u32 count;		/* in: 1..HUGEPOKE_MAX_BATCH */
+	__u64 sites;		/* in: pointer to count struct hugepoke_batch_site */
+	__u64 handle;		/* out: one handle for every site */
+	__u32 failed;		/* out: index of the failed site, or HUGEPOKE_NO_SITE */
+	__s32 error;		/* out: positive errno of that site */
 };
 
 struct hugepoke_restore {
@@ -47,10 +69,13 @@ struct hugepoke_query {
 	__u64 pfn;		/* out: the anonymous page holding the patch */
 	__u8 orig[HUGEPOKE_MAX_BYTES];	/* out: bytes before the patch */
 	__u8 bytes[HUGEPOKE_MAX_BYTES];	/* out: bytes written */
+	__u32 index;		/* in: site of the handle (0 unless a batch) */
+	__u32 count;		/* out: sites under the handle */
 };
 
 #define HUGEPOKE_IOCTL_PATCH   _IOWR('H', 1, struct hugepoke_patch)
 #define HUGEPOKE_IOCTL_RESTORE _IOWR('H', 2, struct hugepoke_restore)
 #define HUGEPOKE_IOCTL_QUERY   _IOWR('H', 3, struct hugepoke_query)
+#define HUGEPOKE_IOCTL_PATCH_BATCH _IOWR('H', 4, struct hugepoke_patch_batch)
 
 #endif /* _UAPI_HUGEPOKE_H */

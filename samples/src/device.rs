@@ -1,6 +1,6 @@
 //! `/dev/hugepoke` from userspace, over the shared ABI in `src/uapi.rs`.
 
-use crate::uapi::{self, PatchArgs, QueryArgs, RestoreArgs, MAX_BYTES};
+use crate::uapi::{self, BatchSite, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs, MAX_BYTES};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -46,6 +46,37 @@ impl PatchRequest {
     }
 }
 
+/// One site of a batch: `bytes` at `addr`, optionally only over `expect`.
+pub fn batch_site(addr: u64, bytes: &[u8], expect: Option<&[u8]>) -> BatchSite {
+    let mut s = BatchSite { addr, len: bytes.len() as u32, ..Default::default() };
+    let n = bytes.len().min(MAX_BYTES);
+    s.bytes[..n].copy_from_slice(&bytes[..n]);
+    if let Some(e) = expect {
+        s.flags |= uapi::PATCH_EXPECT;
+        let n = e.len().min(MAX_BYTES);
+        s.expect[..n].copy_from_slice(&e[..n]);
+    }
+    s
+}
+
+/// A refused PATCH_BATCH: the errno, and the site to blame (if one is).
+#[derive(Debug)]
+pub struct BatchError {
+    pub error: io::Error,
+    pub failed: Option<usize>,
+}
+
+impl std::fmt::Display for BatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.failed {
+            Some(i) => write!(f, "site {i}: {}", self.error),
+            None => write!(f, "{}", self.error),
+        }
+    }
+}
+
+impl std::error::Error for BatchError {}
+
 /// An open `/dev/hugepoke`; non-persistent patches made through it are
 /// restored when it is dropped.
 pub struct Device(File);
@@ -81,13 +112,35 @@ impl Device {
         self.patch_args(&mut req.args())
     }
 
+    /// PATCH_BATCH: every site of `sites` in `pid`, or none.  `flags` are
+    /// `BATCH_FLAGS` bits.
+    pub fn patch_batch(&self, pid: i32, sites: &[BatchSite], flags: u32) -> Result<u64, BatchError> {
+        let mut a = PatchBatchArgs {
+            size: std::mem::size_of::<PatchBatchArgs>() as u32,
+            flags,
+            pid,
+            count: sites.len() as u32,
+            sites: sites.as_ptr() as u64,
+            ..Default::default()
+        };
+        match self.ioctl(uapi::IOCTL_PATCH_BATCH, &mut a) {
+            Ok(()) => Ok(a.handle),
+            Err(error) => Err(BatchError { error, failed: (a.failed != uapi::NO_SITE).then_some(a.failed as usize) }),
+        }
+    }
+
     pub fn restore(&self, handle: u64) -> io::Result<()> {
         let mut a = RestoreArgs { size: std::mem::size_of::<RestoreArgs>() as u32, flags: 0, handle };
         self.ioctl(uapi::IOCTL_RESTORE, &mut a)
     }
 
     pub fn query(&self, handle: u64) -> io::Result<QueryArgs> {
-        let mut a = QueryArgs { size: std::mem::size_of::<QueryArgs>() as u32, handle, ..Default::default() };
+        self.query_site(handle, 0)
+    }
+
+    /// QUERY site `index` of `handle` (`count` says how many it has).
+    pub fn query_site(&self, handle: u64, index: u32) -> io::Result<QueryArgs> {
+        let mut a = QueryArgs { size: std::mem::size_of::<QueryArgs>() as u32, handle, index, ..Default::default() };
         self.ioctl(uapi::IOCTL_QUERY, &mut a)?;
         Ok(a)
     }
