@@ -30,6 +30,7 @@ mod races;
 mod uffd;
 mod visibility;
 mod real_programs;
+mod batch;
 
 use filesystems::*;
 use foundation::*;
@@ -40,6 +41,7 @@ use races::*;
 use uffd::*;
 use visibility::*;
 use real_programs::*;
+use batch::*;
 
 const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("module_is_loaded", module_is_loaded),
@@ -54,6 +56,11 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("expect_mismatch_changes_nothing", expect_mismatch_changes_nothing),
     ("overlapping_patch_is_refused", overlapping_patch_is_refused),
     ("closing_the_file_restores_and_persist_survives", closing_the_file_restores_and_persist_survives),
+    ("batch_refused_at_its_last_site_changes_nothing", batch_refused_at_its_last_site_changes_nothing),
+    ("batch_failing_on_a_later_page_undoes_the_earlier_pages", batch_failing_on_a_later_page_undoes_the_earlier_pages),
+    ("batch_over_pages_of_one_thp_splits_once_and_collapses_once", batch_over_pages_of_one_thp_splits_once_and_collapses_once),
+    ("overlapping_batches_at_once_one_wins", overlapping_batches_at_once_one_wins),
+    ("batch_restore_refused_by_one_changed_site_writes_nothing", batch_restore_refused_by_one_changed_site_writes_nothing),
     ("cli_patch_holds_until_stdin_closes", cli_patch_holds_until_stdin_closes),
     ("bad_input_gets_errno_reason_and_changes_nothing", bad_input_gets_errno_reason_and_changes_nothing),
     ("caller_that_cannot_ptrace_gets_eperm", caller_that_cannot_ptrace_gets_eperm),

@@ -1,0 +1,358 @@
+//! PATCH_BATCH's all-or-nothing promises, on real state: a batch refused
+//! at its last site changes nothing (bytes, anonymous memory, the PMD); a
+//! batch that fails under the page-table lock of a later page undoes the
+//! pages it wrote; several pages of one THP cost one split, one COW each
+//! and one collapse; two batches racing for one range: one wins; a RESTORE
+//! refused by one changed site writes nothing.
+
+use crate::common::*;
+use crate::races::Pause;
+use crate::TestResult;
+use hugepoke::device::{batch_site, journal_seq, BatchError};
+use hugepoke::uapi::{self, BatchSite};
+
+/// What a batch must leave exactly as it found when it is refused.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    /// The whole 2 MiB text, as a debugger reads it.
+    text: Vec<u8>,
+    anonymous_kb: u64,
+    pmd_mapped_kb: u64,
+    /// The PFN every page is mapped by.
+    pfns: Vec<u64>,
+}
+
+fn snapshot(t: &Target) -> Result<Snapshot, String> {
+    let s = smaps(t)?;
+    Ok(Snapshot {
+        text: read_mem(t.pid, t.addr, text::THP_SIZE)?,
+        anonymous_kb: s.kb("Anonymous"),
+        pmd_mapped_kb: s.pmd_mapped_kb(),
+        pfns: text_pfns(t)?.iter().map(|e| e.pfn()).collect(),
+    })
+}
+
+/// Where two snapshots differ, in words (the 2 MiB text is not printed).
+fn differences(before: &Snapshot, after: &Snapshot) -> String {
+    let mut d = Vec::new();
+    if let Some(i) = before.text.iter().zip(&after.text).position(|(a, b)| a != b) {
+        d.push(format!("text differs first at offset {i:#x}"));
+    }
+    if before.anonymous_kb != after.anonymous_kb {
+        d.push(format!("Anonymous {} kB -> {} kB", before.anonymous_kb, after.anonymous_kb));
+    }
+    if before.pmd_mapped_kb != after.pmd_mapped_kb {
+        d.push(format!("PMD-mapped {} kB -> {} kB", before.pmd_mapped_kb, after.pmd_mapped_kb));
+    }
+    if let Some(p) = before.pfns.iter().zip(&after.pfns).position(|(a, b)| a != b) {
+        d.push(format!("page {p} PFN {:#x} -> {:#x}", before.pfns[p], after.pfns[p]));
+    }
+    d.join("; ")
+}
+
+/// The function at the start of `page` made to return `value`, only over
+/// its original bytes.
+fn function_site(t: &Target, page: usize, value: u32) -> BatchSite {
+    let old = text::mov_eax_ret(text::original_value(page));
+    batch_site(t.page_addr(page), &text::mov_eax_ret(value), Some(&old))
+}
+
+/// Journal events about `pid` after `seq`.
+fn events_after(seq: u64, pid: i32) -> Result<Vec<EventLine>, String> {
+    Ok(events()?.into_iter().filter(|e| e.seq > seq && e.pid == pid).collect())
+}
+
+fn errno_of(r: &Result<u64, BatchError>) -> Option<i32> {
+    r.as_ref().err().and_then(|e| e.error.raw_os_error())
+}
+
+/// A batch over pages 10..=19 whose last site is bad, four ways (address
+/// not mapped, length 0, overlapping an earlier site of the batch,
+/// expected bytes that are not there): each is refused with the last
+/// index to blame, a journaled reason at that site's address, and the
+/// target exactly as before: text, anonymous memory, PFNs and PMD.
+pub(crate) fn batch_refused_at_its_last_site_changes_nothing() -> TestResult {
+    let t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let good: Vec<BatchSite> = (10..20).map(|p| function_site(&t, p, 7000 + p as u32)).collect();
+    let last = good.len();
+    let before = snapshot(&t)?;
+    ensure!(before.anonymous_kb == 0 && before.pmd_mapped_kb == 2048, "fresh target not pristine: {before:?}");
+    let wrong = text::mov_eax_ret(4242);
+    let bad: [(&str, BatchSite, i32, &str); 4] = [
+        ("unmapped address", batch_site(0x1000, &[0x90], None), libc::EFAULT, "not mapped"),
+        ("length 0", BatchSite { addr: t.page_addr(30), len: 0, ..Default::default() }, libc::EINVAL, "1 to 16 bytes"),
+        ("overlapping site 3", batch_site(t.page_addr(13) + 2, &[0x90, 0x90], None), libc::EINVAL, "overlaps"),
+        ("expect mismatch", batch_site(t.page_addr(30), &[0x90; 6], Some(&wrong)), libc::EILSEQ, "not the expected ones"),
+    ];
+    for (what, site, errno, reason) in bad {
+        let mut sites = good.clone();
+        sites.push(site);
+        let seq = journal_seq();
+        let r = dev.patch_batch(t.pid, &sites, 0);
+        ensure!(errno_of(&r) == Some(errno), "{what}: PATCH_BATCH returned {r:?}, want {}", hugepoke::errno_name(errno));
+        let failed = r.unwrap_err().failed;
+        ensure!(failed == Some(last), "{what}: failed = {failed:?}, want the last site ({last})");
+        let evs = events()?;
+        let fail = evs.iter().find(|e| e.seq > seq && e.result != "ok").ok_or(format!("{what}: no failure journaled"))?;
+        ensure!(fail.note.contains(reason), "{what}: journaled {:?}, want {reason:?}", fail.note);
+        ensure!(fail.addr == Some(site.addr), "{what}: failure journaled at {:?}, not at the last site's {:#x}", fail.addr, site.addr);
+        let after = snapshot(&t)?;
+        ensure!(after == before, "{what}: the refused batch changed the target: {}", differences(&before, &after));
+    }
+    // The good sites alone go in: the refusals were about the last site.
+    let h = dev.patch_batch(t.pid, &good, 0).map_err(|e| format!("the good sites: {e}"))?;
+    ensure!(io(dev.query(h))?.count == last as u32, "query count");
+    io(dev.restore(h))?;
+    Ok(())
+}
+
+/// The failure only the step that writes can see: the batch is parked
+/// after every site was checked, then page 32's bytes change in the file
+/// (the page cache its COW copies from).  Pages 30 and 31 are written
+/// first (address order), then page 32's check under its page-table lock
+/// fails: the call returns EILSEQ blaming that site, and pages 30 and 31
+/// are put back and their copies zapped: the target runs its originals
+/// there, the file's new bytes on page 32, no anonymous page is left, and
+/// the PMD comes back.
+pub(crate) fn batch_failing_on_a_later_page_undoes_the_earlier_pages() -> TestResult {
+    use std::os::unix::fs::FileExt;
+    const PAGES: [usize; 3] = [30, 31, 32];
+    let thp_dir = std::env::var("HUGEPOKE_THP_DIR").map_err(|_| "HUGEPOKE_THP_DIR not set")?;
+    let file = format!("{thp_dir}/batch-undo.bin");
+    io(std::fs::write(&file, text::blob()))?;
+    let mut t = Target::spawn(&["--file", &file])?;
+    let head = thp_head(&t)?;
+    // Listed out of order: the module sorts them, the index is the caller's.
+    let sites = vec![function_site(&t, 32, 7032), function_site(&t, 30, 7030), function_site(&t, 31, 7031)];
+    let theirs = text::mov_eax_ret(7777);
+
+    let pause = Pause::arm("checked", t.pid)?;
+    let seq = journal_seq();
+    let pid = t.pid;
+    let batcher = std::thread::spawn(move || {
+        let dev = Device::open().map_err(|e| e.to_string())?;
+        Ok::<_, String>(dev.patch_batch(pid, &sites, 0))
+    });
+    pause.wait_parked("checked")?;
+    let f = io(std::fs::OpenOptions::new().write(true).open(&file))?;
+    io(f.write_all_at(&theirs, (32 * text::PAGE) as u64))?;
+    drop(f);
+    pause.release()?;
+    let r = batcher.join().map_err(|_| "batch thread panicked")??;
+
+    ensure!(errno_of(&r) == Some(libc::EILSEQ), "PATCH_BATCH over bytes changed after its check returned {r:?}, not EILSEQ");
+    let failed = r.unwrap_err().failed;
+    ensure!(failed == Some(0), "failed = {failed:?}, want site 0 (page 32's)");
+    let evs = events_after(seq, t.pid)?;
+    let steps_seen = steps(&evs);
+    let written = evs.iter().filter(|e| e.step == "write_bytes" && e.result == "ok").count();
+    ensure!(written == 2, "{written} pages written before the failing one, want 2 (30, 31): {steps_seen:?}");
+    let locked_check = evs.iter().find(|e| e.result != "ok" && e.note.contains("page-table lock"));
+    ensure!(
+        locked_check.is_some_and(|e| e.addr == Some(t.page_addr(32))),
+        "no failure under the page-table lock journaled at page 32: {steps_seen:?}"
+    );
+    ensure!(evs.iter().any(|e| e.note.contains("undo")), "the journal does not say the batch was undone: {steps_seen:?}");
+    for page in [30, 31] {
+        ensure!(t.call(page)? == text::original_value(page), "page {page} kept the failed batch's bytes");
+    }
+    ensure!(t.call(32)? == 7777, "page 32 does not run the file's new bytes");
+    let s = smaps(&t)?;
+    ensure!(s.kb("Anonymous") == 0, "anonymous copies left after the undo: {s:?}");
+    ensure!(io(proc::debugfs("patches"))?.lines().all(|l| !l.contains(&format!(" {} ", t.pid))), "a patch of the failed batch is listed");
+    wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
+    ensure!(thp_head(&t)? == head, "a different THP came back");
+    for page in PAGES {
+        let want = if page == 32 { 7777 } else { text::original_value(page) };
+        ensure!(t.call(page)? == want, "page {page} after the collapse");
+    }
+    drop(t);
+    let _ = std::fs::remove_file(&file);
+    Ok(())
+}
+
+/// Ten pages of one THP, three sites each (the function, and two int3s
+/// of the padding made nops): the journal shows one PMD split, one COW per
+/// page; QUERY and debugfs `patches` agree site by site; RESTORE queues
+/// one collapse, which succeeds, and the same THP is PMD-mapped again.
+pub(crate) fn batch_over_pages_of_one_thp_splits_once_and_collapses_once() -> TestResult {
+    const PAGES: std::ops::Range<usize> = 100..110;
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let mut sites = Vec::new();
+    for page in PAGES {
+        sites.push(function_site(&t, page, 7000 + page as u32));
+        for at in [600, 3000] {
+            sites.push(batch_site(t.page_addr(page) + at, &[0x90, 0x90], Some(&[0xcc, 0xcc])));
+        }
+    }
+    let seq = journal_seq();
+    let h = dev.patch_batch(t.pid, &sites, 0).map_err(|e| format!("PATCH_BATCH: {e}"))?;
+    for page in PAGES {
+        ensure!(t.call(page)? == 7000 + page as u32, "page {page} not patched");
+    }
+    ensure!(t.call(PAGES.end)? == text::original_value(PAGES.end), "the next page changed");
+    let evs = events_after(seq, t.pid)?;
+    let splits: Vec<_> = evs.iter().filter(|e| e.step == "split_pmd" && e.note.starts_with("PMD split")).collect();
+    ensure!(splits.len() == 1 && splits[0].pfn == Some(head), "PMD splits, want one of {head:#x}: {splits:?}");
+    let cows: Vec<u64> = evs.iter().filter(|e| e.step == "cow_page" && e.result == "ok").filter_map(|e| e.addr).collect();
+    let want: Vec<u64> = PAGES.map(|p| t.page_addr(p)).collect();
+    let mut cowed = cows.clone();
+    cowed.sort_unstable();
+    cowed.dedup();
+    ensure!(cows.len() == PAGES.len() && cowed == want, "COWs at {cows:x?}, want one at each of {want:x?}");
+    let s = smaps(&t)?;
+    ensure!(s.kb("Anonymous") == 4 * PAGES.len() as u64, "after the batch {s:?}");
+
+    let pagemap = io(Pagemap::open(t.pid))?;
+    for (i, site) in sites.iter().enumerate() {
+        let q = io(dev.query_site(h, i as u32))?;
+        ensure!(q.count == sites.len() as u32, "site {i}: count {}", q.count);
+        ensure!(q.addr == site.addr && q.len == site.len, "site {i}: query {:#x}+{}", q.addr, q.len);
+        let n = site.len as usize;
+        ensure!(q.bytes[..n] == site.bytes[..n] && q.orig[..n] == site.expect[..n], "site {i}: bytes/orig {q:?}");
+        let pfn = io(pagemap.entry(site.addr & !(text::PAGE as u64 - 1)))?.pfn();
+        ensure!(q.pfn == pfn, "site {i}: QUERY pfn {:#x}, pagemap {pfn:#x}", q.pfn);
+    }
+    let past = dev.query_site(h, sites.len() as u32);
+    ensure!(past.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::ENOENT), "QUERY past the batch: {past:?}");
+    let listed: Vec<String> =
+        io(proc::debugfs("patches"))?.lines().filter(|l| l.split_whitespace().next() == Some(&h.to_string())).map(String::from).collect();
+    ensure!(listed.len() == sites.len(), "debugfs patches lists {} sites of {}", listed.len(), sites.len());
+    for i in 0..sites.len() {
+        let tag = format!("{i}/{}", sites.len());
+        ensure!(listed.iter().any(|l| l.split_whitespace().last() == Some(tag.as_str())), "no site {tag} in patches");
+    }
+
+    let seq = journal_seq();
+    io(dev.restore(h))?;
+    for page in PAGES {
+        ensure!(t.call(page)? == text::original_value(page), "page {page} not restored");
+    }
+    ensure!(read_mem(t.pid, t.page_addr(PAGES.start), PAGES.len() * text::PAGE)? == text::blob()[PAGES.start * text::PAGE..PAGES.end * text::PAGE], "text not pristine after RESTORE");
+    ensure!(smaps(&t)?.kb("Anonymous") == 0, "anonymous memory left: {:?}", smaps(&t)?);
+    let queued = events_after(seq, t.pid)?.iter().filter(|e| e.step == "queue_collapse" && e.result == "ok").count();
+    ensure!(queued == 1, "{queued} collapses queued for one 2 MiB range");
+    let collapses = |evs: &[EventLine]| evs.iter().filter(|e| e.step == "collapse").map(|e| e.note.clone()).collect::<Vec<_>>();
+    wait_for("the collapse work", Duration::from_secs(30), || Ok(!collapses(&events_after(seq, t.pid)?).is_empty()))?;
+    wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
+    let done = collapses(&events_after(seq, t.pid)?);
+    ensure!(done.len() == 1 && done[0].starts_with("SCAN_SUCCEED"), "collapses after the RESTORE: {done:?}");
+    ensure!(thp_head(&t)? == head, "a different THP came back");
+    Ok(())
+}
+
+/// Two threads, each with its own file, batch overlapping ranges of one
+/// target (pages 40..50 and 45..55): the first is parked after its checks
+/// while the second enters the ioctl; the second is refused with EBUSY,
+/// blaming one of its sites on pages 45..50, and changes nothing.  Then
+/// the same race unparked, three times: exactly one wins each time.
+pub(crate) fn overlapping_batches_at_once_one_wins() -> TestResult {
+    let t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let first: Vec<BatchSite> = (40..50).map(|p| function_site(&t, p, 7100 + p as u32)).collect();
+    // Listed from the top down, so the index differs from the page order.
+    let second: Vec<BatchSite> = (45..55).rev().map(|p| function_site(&t, p, 7200 + p as u32)).collect();
+    let overlaps = |s: &BatchSite| (t.page_addr(45)..t.page_addr(50)).contains(&s.addr);
+    let pid = t.pid;
+    let batch = |sites: Vec<BatchSite>| {
+        std::thread::spawn(move || {
+            let dev = Device::open().map_err(|e| e.to_string())?;
+            let r = dev.patch_batch(pid, &sites, 0);
+            // The device goes back with the result: closing it would restore the winner.
+            Ok::<_, String>((dev, r))
+        })
+    };
+    let batch_entries = |seq: u64| -> Result<usize, String> {
+        Ok(events_after(seq, pid)?.iter().filter(|e| e.step == "patch" && e.note == "batch").count())
+    };
+
+    let pause = Pause::arm("checked", t.pid)?;
+    let seq = journal_seq();
+    let a = batch(first.clone());
+    pause.wait_parked("checked")?;
+    // Nothing reads the target while it is parked: its mmap lock is held.
+    let b = batch(second.clone());
+    wait_for("the second batch entering the ioctl", Duration::from_secs(30), || Ok(batch_entries(seq)? == 2))?;
+    pause.release()?;
+    let (dev_a, ra) = a.join().map_err(|_| "thread panicked")??;
+    let (_dev_b, rb) = b.join().map_err(|_| "thread panicked")??;
+    ensure!(ra.is_ok(), "the parked batch failed: {ra:?}");
+    ensure!(errno_of(&rb) == Some(libc::EBUSY), "the overlapping batch returned {rb:?}, not EBUSY");
+    let failed = rb.unwrap_err().failed.ok_or("EBUSY with no site to blame")?;
+    ensure!(overlaps(&second[failed]), "EBUSY blames site {failed} at {:#x}, not one on pages 45..50", second[failed].addr);
+    for p in 40..55 {
+        let want = if p < 50 { 7100 + p as u32 } else { text::original_value(p) };
+        let got = read_mem(t.pid, t.page_addr(p), 6)?;
+        ensure!(got == text::mov_eax_ret(want), "page {p} holds {got:x?}, want the first batch's or the original");
+    }
+    let s = smaps(&t)?;
+    ensure!(s.kb("Anonymous") == 4 * 10, "the refused batch left anonymous pages: {s:?}");
+    io(dev_a.restore(ra.unwrap()))?;
+    drop(pause);
+
+    for round in 0..3 {
+        let (a, b) = (batch(first.clone()), batch(second.clone()));
+        let (dev_a, ra) = a.join().map_err(|_| "thread panicked")??;
+        let (dev_b, rb) = b.join().map_err(|_| "thread panicked")??;
+        let (winner, won, lost, loser_sites) = match (&ra, &rb) {
+            (Ok(h), Err(_)) => (dev_a, *h, &rb, &second),
+            (Err(_), Ok(h)) => (dev_b, *h, &ra, &first),
+            _ => return Err(format!("round {round}: both or neither won: {ra:?} {rb:?}")),
+        };
+        ensure!(errno_of(lost) == Some(libc::EBUSY), "round {round}: the loser got {lost:?}");
+        let failed = lost.as_ref().unwrap_err().failed.ok_or("EBUSY with no site to blame")?;
+        ensure!(overlaps(&loser_sites[failed]), "round {round}: blamed site {failed} does not overlap");
+        let anon = smaps(&t)?.kb("Anonymous");
+        ensure!(anon == 40, "round {round}: {anon} kB anonymous, want the winner's 10 pages");
+        io(winner.restore(won))?;
+    }
+    Ok(())
+}
+
+/// RESTORE of a batch one of whose sites a debugger changed: EILSEQ,
+/// nothing written, every site still patched (and QUERY still answers);
+/// once the byte is put back, RESTORE restores them all.
+pub(crate) fn batch_restore_refused_by_one_changed_site_writes_nothing() -> TestResult {
+    const PAGES: std::ops::Range<usize> = 60..65;
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let sites: Vec<BatchSite> = PAGES.map(|p| function_site(&t, p, 7300 + p as u32)).collect();
+    let h = dev.patch_batch(t.pid, &sites, 0).map_err(|e| format!("PATCH_BATCH: {e}"))?;
+    let debugger = text::mov_eax_ret(77);
+    write_mem(t.pid, t.page_addr(63), &debugger)?;
+    ensure!(t.call(63)? == 77, "the debugger's write is not running");
+    let before = snapshot(&t)?;
+    let seq = journal_seq();
+    let r = dev.restore(h);
+    ensure!(r.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EILSEQ), "RESTORE returned {r:?}, not EILSEQ");
+    let evs = events_after(seq, t.pid)?;
+    ensure!(
+        evs.iter().any(|e| e.result != "ok" && e.addr == Some(t.page_addr(63))),
+        "no refusal journaled at the changed site: {:?}",
+        steps(&evs)
+    );
+    ensure!(evs.iter().any(|e| e.note.contains("patch kept")), "the journal does not say the batch is kept: {:?}", steps(&evs));
+    let after = snapshot(&t)?;
+    ensure!(after == before, "the refused RESTORE changed the target: {}", differences(&before, &after));
+    for p in PAGES {
+        let want = if p == 63 { 77 } else { 7300 + p as u32 };
+        ensure!(t.call(p)? == want, "page {p} after the refused RESTORE");
+    }
+    let q = io(dev.query_site(h, 4))?;
+    ensure!(q.state == uapi::STATE_LIVE && q.count == 5, "batch not kept whole: {q:?}");
+
+    write_mem(t.pid, t.page_addr(63), &text::mov_eax_ret(7363))?;
+    io(dev.restore(h))?;
+    for p in PAGES {
+        ensure!(t.call(p)? == text::original_value(p), "page {p} not restored");
+    }
+    ensure!(smaps(&t)?.kb("Anonymous") == 0, "anonymous memory left: {:?}", smaps(&t)?);
+    wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
+    ensure!(thp_head(&t)? == head, "a different THP came back");
+    Ok(())
+}
