@@ -165,7 +165,31 @@ fn set_affinity(cpus: &[usize]) {
     check!(rc == 0, "sched_setaffinity({cpus:?}): {}", std::io::Error::last_os_error());
 }
 
+/// One single-site cycle's target: its text, pagemap and memory, the
+/// site on page `SITE_PAGE`, and the page-cache PFN mapped there.
+struct Site {
+    t: hugepoke::target::Target,
+    w: crate::probe::Watch,
+    mem: Mem,
+    addr: u64,
+    cache_pfn: Option<u64>,
+}
+
 impl Run {
+    /// A fresh target for one cycle of a single-site method, checked as
+    /// every such cycle starts: placed (see `same_cpu`), the original
+    /// function at the site, a page-cache PFN there.
+    fn fresh_site(&self, spin: bool) -> Site {
+        let (t, w) = fresh_target(&self.file, spin);
+        self.check_placement(t.pid);
+        let mem = Mem::open(t.pid);
+        let addr = t.page_addr(SITE_PAGE);
+        check!(mem.read(addr, 6) == original(SITE_PAGE), "target's page {SITE_PAGE} is not the original function");
+        let cache_pfn = w.pfn(addr);
+        check!(cache_pfn.is_some(), "no PFN for the site (pagemap needs root)");
+        Site { t, w, mem, addr, cache_pfn }
+    }
+
     /// Run `f` with this thread pinned to CPU 0; the targets it spawns
     /// inherit that, so the spinning thread shares the caller's CPU: no
     /// other CPU runs the target's mm while the caller is in the kernel
@@ -228,13 +252,7 @@ impl Run {
         let new = new_bytes(SITE_PAGE);
         let orig = original(SITE_PAGE);
         for _ in 0..self.cycles {
-            let (t, w) = fresh_target(&self.file, spin);
-            self.check_placement(t.pid);
-            let mem = Mem::open(t.pid);
-            let addr = t.page_addr(SITE_PAGE);
-            check!(mem.read(addr, 6) == orig, "target's page {SITE_PAGE} is not the original function");
-            let cache_pfn = w.pfn(addr);
-            check!(cache_pfn.is_some(), "no PFN for the site (pagemap needs root)");
+            let Site { t, w, mem, addr, cache_pfn } = self.fresh_site(spin);
             let seq = journal_seq();
             let req = PatchRequest { pid: t.pid, addr, bytes: new.clone(), install_pmd: !spin, ..Default::default() };
             let p = timed(|| self.dev.patch(&req));
@@ -330,12 +348,7 @@ impl Run {
         let (mut pmd_back, mut cache_back) = (0, 0);
         let tracer = traced.then(|| SchedTrace::start(gettid()));
         for _ in 0..self.cycles {
-            let (t, w) = fresh_target(&self.file, spin);
-            self.check_placement(t.pid);
-            let mem = Mem::open(t.pid);
-            let addr = t.page_addr(SITE_PAGE);
-            check!(mem.read(addr, 6) == orig, "target's page {SITE_PAGE} is not the original function");
-            let cache_pfn = w.pfn(addr);
+            let Site { t, w, mem, addr, cache_pfn } = self.fresh_site(spin);
             let (a, attach_trace) = match &tracer {
                 Some(tr) => {
                     let (a, text) = tr.around(|| timed(|| perf_uprobe_open(pmu, &path, offset, t.pid)));
@@ -433,12 +446,8 @@ impl Run {
             "pwrite(2) of the original 6 bytes right after: the page is already the anonymous copy (no COW); nothing zaps it or collapses", checked);
         let (mut pmd_back, mut cache_back) = (0, 0);
         for _ in 0..self.cycles {
-            let (t, w) = fresh_target(&self.file, spin);
-            self.check_placement(t.pid);
-            let mem = Mem::open(t.pid);
-            let addr = t.page_addr(SITE_PAGE);
-            check!(mem.read(addr, 6) == orig, "target's page {SITE_PAGE} is not the original function");
-            let cache_pfn = w.pfn(addr);
+            let Site { t: _target, w, mem, addr, cache_pfn } = self.fresh_site(spin);
+            // `_target` keeps the target alive to the end of the cycle.
             let a = timed(|| mem.write(addr, &new));
             check!(a.value.is_ok(), "/proc/PID/mem write: {:?}", a.value);
             check!(mem.read(addr, 6) == new, "after the write the target does not have the new bytes");
