@@ -4,12 +4,15 @@
 //! PAGEMAP_SCAN; a failed check ends the run (`check!`).
 
 use crate::probe::{calibrate, check, events_since, fresh_target, mono_ns, steps, timed, Mem};
-use crate::report::{Bench, Bound, Row, Stack, Throughput, SCHEMA};
+use crate::report::{Bench, Bound, Row, SiteCost, Stack, Throughput, SCHEMA};
 use crate::stats::median;
 use crate::trace::{off_cpu, SchedTrace};
 use hugepoke::device::{journal_seq, Device, PatchRequest};
 use hugepoke::text::{self, mov_eax_ret, original_value, PAGE, PAGES, THP_SIZE};
 use std::ffi::CString;
+
+#[path = "many.rs"]
+mod many;
 
 /// The text page of the single-site methods (not executed: the spinning
 /// thread runs page 0).
@@ -43,6 +46,7 @@ struct Run {
     rows: Vec<Row>,
     throughput: Vec<Throughput>,
     uprobe_sleeps: Vec<Stack>,
+    site_costs: Vec<SiteCost>,
     /// The caller and its targets are pinned to one CPU (see `same_cpu`).
     same_cpu: bool,
 }
@@ -63,6 +67,7 @@ pub fn run(o: &Options) -> Bench {
         rows: Vec::new(),
         throughput: Vec::new(),
         uprobe_sleeps: Vec::new(),
+        site_costs: Vec::new(),
         same_cpu: false,
     };
     let cpu_clock_overhead_ns = calibrate();
@@ -83,6 +88,16 @@ pub fn run(o: &Options) -> Bench {
         ("256 sites per target", |r| r.scale(256)),
         ("4096 sites per target", |r| r.scale(4096)),
         ("two targets concurrently", |r| r.concurrent(256)),
+        ("10,000 sites: PATCH_BATCH", |r| r.many_batch()),
+        ("10,000 sites: single PATCH", |r| r.many_single()),
+        ("10,000 sites: /proc/PID/mem", |r| r.many_proc_mem()),
+        ("10,000 sites: uprobes", |r| r.many_uprobe()),
+        ("10,000 sites: two targets concurrently", |r| r.many_concurrent()),
+        ("table: no other live site", |r| r.table(0, true)),
+        ("table: 1,000 other live sites in a batch", |r| r.table(1_000, true)),
+        ("table: 100,000 other live sites in batches", |r| r.table(100_000, true)),
+        ("table: 1,000 other live single patches", |r| r.table(1_000, false)),
+        ("table: 10,000 other live single patches", |r| r.table(10_000, false)),
     ];
     let phase = |name: &str| eprintln!("hugepoke-bench: {name} ({:.1} s)", (mono_ns() - t0) as f64 / 1e9);
     for (name, f) in phases {
@@ -106,6 +121,7 @@ pub fn run(o: &Options) -> Bench {
         rows: r.rows,
         throughput: r.throughput,
         uprobe_sleeps: r.uprobe_sleeps,
+        site_costs: r.site_costs,
     }
 }
 
@@ -544,8 +560,8 @@ impl Run {
             }
         }
         self.rows.extend([patch.classify(), restore.classify()]);
-        self.throughput.push(Throughput { label: format!("PATCH + RESTORE of {sites} sites, one target"), threads: 1, calls: one.0, wall_ns: one.1 });
-        self.throughput.push(Throughput { label: format!("PATCH + RESTORE of {sites} sites each, two targets at once"), threads: 2, calls: two.0, wall_ns: two.1 });
+        self.throughput.push(Throughput { label: format!("PATCH + RESTORE of {sites} sites, one target"), threads: 1, calls: one.0, wall_ns: one.1, sites: one.0 / 2 });
+        self.throughput.push(Throughput { label: format!("PATCH + RESTORE of {sites} sites each, two targets at once"), threads: 2, calls: two.0, wall_ns: two.1, sites: two.0 / 2 });
     }
 }
 

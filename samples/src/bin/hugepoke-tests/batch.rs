@@ -336,7 +336,7 @@ pub(crate) fn batch_restore_refused_by_one_changed_site_writes_nothing() -> Test
         "no refusal journaled at the changed site: {:?}",
         steps(&evs)
     );
-    ensure!(evs.iter().any(|e| e.note.contains("patch kept")), "the journal does not say the batch is kept: {:?}", steps(&evs));
+    ensure!(evs.iter().any(|e| e.note.contains("batch kept whole")), "the journal does not say the batch is kept: {:?}", steps(&evs));
     let after = snapshot(&t)?;
     ensure!(after == before, "the refused RESTORE changed the target: {}", differences(&before, &after));
     for p in PAGES {

@@ -1,0 +1,514 @@
+//! Many sites (issue 10): 10,000 sites on 100 pages of one THP text by
+//! PATCH_BATCH, by single PATCHes, by uprobes and by /proc/PID/mem writes,
+//! and their undoing; one PATCH's cost while 0 to 100,000 other sites are
+//! live; batches into two targets from two threads at once.  As everywhere
+//! in the bench, every sample is checked before it is kept.
+
+use super::{Run, Site, PMD_REQUIRED, PMD_REQUIRED_NS, SITE_PAGE};
+use crate::probe::{check, events_since, fresh_target, mono_ns, timed, Mem, Timed, Watch};
+use crate::report::{Row, SiteCost, Throughput};
+use hugepoke::device::{batch_site, journal_seq, Device, PatchRequest};
+use hugepoke::target::Target;
+use hugepoke::text::{self, PAGE, PAGES, THP_SIZE};
+use hugepoke::uapi::{BatchSite, MAX_BATCH, PATCH_INSTALL_PMD};
+use std::ffi::CString;
+
+/// The sites: `PER_PAGE` on each of `SITE_PAGES` pages from `FIRST_PAGE`,
+/// one byte each, at 64 + 40·k into the page.
+const FIRST_PAGE: usize = 100;
+const SITE_PAGES: usize = 100;
+const PER_PAGE: usize = 100;
+pub(crate) const SITES: usize = SITE_PAGES * PER_PAGE;
+/// What the bench file holds at every site (an instruction a uprobe can
+/// probe: it refuses int3 padding), and what every method writes there
+/// (what a uprobe writes).
+const NOP: u8 = 0x90;
+const INT3: u8 = 0xcc;
+
+/// Offsets of the sites into the text, in address order.
+fn site_offsets() -> Vec<usize> {
+    (0..SITES).map(|i| (FIRST_PAGE + i / PER_PAGE) * PAGE + 64 + 40 * (i % PER_PAGE)).collect()
+}
+
+/// The text with `byte` at every site.
+fn text_with(byte: u8) -> Vec<u8> {
+    let mut b = text::blob();
+    for at in site_offsets() {
+        b[at] = byte;
+    }
+    b
+}
+
+/// A target on a file whose text has a nop at every site, and the
+/// page-cache PFN of every text page.
+struct Many {
+    t: Target,
+    w: Watch,
+    mem: Mem,
+    cache_pfns: Vec<Option<u64>>,
+}
+
+impl Many {
+    fn spawn(file: &str) -> Self {
+        let (t, w) = fresh_target(file, false);
+        let mem = Mem::open(t.pid);
+        check!(mem.read(t.addr, THP_SIZE) == text_with(NOP), "target {} text is not the bench's nop layout", t.pid);
+        let cache_pfns: Vec<Option<u64>> = (0..PAGES).map(|p| w.pfn(t.page_addr(p))).collect();
+        check!(cache_pfns.iter().all(Option::is_some), "no PFNs for the text (pagemap needs root)");
+        Many { t, w, mem, cache_pfns }
+    }
+
+    fn addr(&self, offset: usize) -> u64 {
+        self.t.addr + offset as u64
+    }
+
+    /// Text pages not mapped by their page-cache page now.
+    fn off_cache_pages(&self) -> usize {
+        (0..PAGES).filter(|&p| self.w.pfn(self.t.page_addr(p)) != self.cache_pfns[p]).count()
+    }
+
+    /// After the patching half: int3 at every site, and exactly the site
+    /// pages on anonymous copies.
+    fn check_patched(&self, how: &str) {
+        check!(self.mem.read(self.t.addr, THP_SIZE) == text_with(INT3), "{how}: the text is not the nop layout with int3 at exactly the {SITES} sites");
+        let moved: Vec<usize> = (0..PAGES).filter(|&p| self.w.pfn(self.t.page_addr(p)) != self.cache_pfns[p]).collect();
+        check!(moved == (FIRST_PAGE..FIRST_PAGE + SITE_PAGES).collect::<Vec<_>>(), "{how}: pages off the page cache {moved:?}, want exactly {FIRST_PAGE}..{}", FIRST_PAGE + SITE_PAGES);
+    }
+
+    fn check_unpatched(&self, how: &str) {
+        check!(self.mem.read(self.t.addr, THP_SIZE) == text_with(NOP), "{how}: the text is not the nop layout again");
+    }
+}
+
+/// The module's time for each call made on `pid` since `seq`, from the
+/// journal: for each handle, from the `begin` event that opened its call
+/// to the last `end` event with its handle.  A PATCH's `patch` event has
+/// no handle yet: it is the last handle-less `patch` before the handle's
+/// first event (the calls are made one at a time).  Each span is checked
+/// to lie inside its call's CLOCK_MONOTONIC bracket.
+fn module_spans<T>(seq: u64, pid: i32, begin: &str, end: &str, calls: &[(u64, &Timed<T>)]) -> Vec<i64> {
+    let evs = events_since(seq, pid);
+    calls
+        .iter()
+        .map(|&(h, call)| {
+            let first = evs.iter().position(|e| e.handle == Some(h as u32));
+            check!(first.is_some(), "no journal event for handle {h}");
+            let first = first.unwrap();
+            let start = if begin == "patch" {
+                evs[..first].iter().rev().find(|e| e.step == "patch" && e.handle.is_none())
+            } else {
+                evs[first..].iter().find(|e| e.step == begin && e.handle == Some(h as u32))
+            };
+            let stop = evs.iter().rev().find(|e| e.step == end && e.handle == Some(h as u32) && e.result == "ok");
+            check!(start.is_some() && stop.is_some(), "handle {h}: no `{begin}` … `{end}` in the journal");
+            let (a, b) = (start.unwrap().time_ns as i64, stop.unwrap().time_ns as i64);
+            check!(call.start <= a && a <= b && b <= call.end, "handle {h}: journal `{begin}` {a} … `{end}` {b} not inside the call [{}, {}]", call.start, call.end);
+            b - a
+        })
+        .collect()
+}
+
+fn perf_close(fd: i32) -> i32 {
+    super::close(fd)
+}
+
+/// Room for 10,000 perf event descriptors at once.
+fn raise_nofile(n: u64) {
+    let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
+    // SAFETY: setrlimit reads one rlimit we own.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    check!(rc == 0, "setrlimit(RLIMIT_NOFILE, {n}): {}", std::io::Error::last_os_error());
+}
+
+/// Sum of a cycle's calls' wall and CPU times.
+fn sums<T>(calls: &[Timed<T>]) -> (i64, i64) {
+    calls.iter().fold((0, 0), |(w, c), t| (w + t.wall(), c + t.cpu))
+}
+
+impl Run {
+    fn many_file(&self, name: &str) -> String {
+        let file = format!("{}/{name}", super::thp_dir());
+        // Written only when it differs: rewriting a file targets map would
+        // change their text under them.
+        if std::fs::read(&file).ok().as_deref() != Some(&text_with(NOP)[..]) {
+            let w = std::fs::write(&file, text_with(NOP));
+            check!(w.is_ok(), "writing {file}: {:?}", w.err());
+        }
+        file
+    }
+
+    /// 10,000 sites by PATCH_BATCH: `MAX_BATCH` sites a call (3 calls),
+    /// then RESTORE of the 3 handles; --install-pmd, so the PMD comes back
+    /// without a fault.
+    pub(super) fn many_batch(&mut self) {
+        let cycles = (self.cycles / 10).max(1);
+        let file = self.many_file("bench-sites.bin");
+        let calls = SITES.div_ceil(MAX_BATCH);
+        let split = format!("{calls} calls of at most {MAX_BATCH} sites");
+        let checked = "the whole 2 MiB text read back after the last call of each half (int3 at exactly the 10,000 sites, then the nops again); pagemap: exactly the 100 site pages on anonymous copies after PATCH_BATCH, all 512 on their page-cache pages after RESTORE; the PMD back; journal spans inside the calls";
+        let mut patch = Row::new("many.batch.patch", &format!("PATCH_BATCH, 10,000 sites ({split})"),
+            &format!("the {calls} PATCH_BATCH ioctls of one cycle, summed: 1-byte sites (int3 over a nop, expected bytes checked) on 100 pages of a fresh idle target's PMD-mapped text, 100 a page; one PMD split, one COW per page"), checked);
+        let mut patch_mod = Row::new("many.batch.patch.module", "  of which in the module (journal)",
+            "journal `patched` minus `patch` time_ns of each call, summed over the cycle's calls", "");
+        let mut restore = Row::new("many.batch.restore", &format!("RESTORE of those {calls} batches"),
+            &format!("the {calls} RESTORE ioctls of the cycle, summed: every site written back, the 100 copies zapped, one collapse queued"), checked);
+        let mut restore_mod = Row::new("many.batch.restore.module", "  of which in the module (journal)",
+            "journal `restored` (the batch's last) minus `restore` time_ns of each call, summed", "");
+        let (mut pmd_back, mut costs) = (0, [SiteCost::new("PATCH_BATCH", "patch", true), SiteCost::new("RESTORE of the batches", "restore", true)]);
+        let offsets = site_offsets();
+        for _ in 0..cycles {
+            let m = Many::spawn(&file);
+            let sites: Vec<BatchSite> = offsets.iter().map(|&at| batch_site(m.addr(at), &[INT3], Some(&[NOP]))).collect();
+            let seq = journal_seq();
+            let ps: Vec<Timed<_>> = sites.chunks(MAX_BATCH).map(|chunk| timed(|| self.dev.patch_batch(m.t.pid, chunk, PATCH_INSTALL_PMD))).collect();
+            let mut handles = Vec::new();
+            for (i, p) in ps.iter().enumerate() {
+                check!(p.value.is_ok(), "PATCH_BATCH call {i}: {}", p.value.as_ref().unwrap_err());
+                handles.push(*p.value.as_ref().unwrap());
+            }
+            m.check_patched("after PATCH_BATCH");
+            let spans = module_spans(seq, m.t.pid, "patch", "patched", &handles.iter().copied().zip(ps.iter()).collect::<Vec<_>>());
+            let seq = journal_seq();
+            let rs: Vec<Timed<_>> = handles.iter().map(|&h| timed(|| self.dev.restore(h))).collect();
+            for (i, r) in rs.iter().enumerate() {
+                check!(r.value.is_ok(), "RESTORE of batch {i}: {:?}", r.value);
+            }
+            m.check_unpatched("after RESTORE of the batches");
+            let rspans = module_spans(seq, m.t.pid, "restore", "restored", &handles.iter().copied().zip(rs.iter()).collect::<Vec<_>>());
+            let last_end = rs.last().unwrap().end;
+            let poll = m.w.wait_pmd(m.t.addr, last_end, PMD_REQUIRED_NS);
+            check!(poll.seen_at.is_some(), "PMD not back within {PMD_REQUIRED} of the last batch RESTORE");
+            pmd_back += 1;
+            check!(m.off_cache_pages() == 0, "after the batch RESTOREs some text page is not its page-cache page");
+            self.clock_checks += 2 * (spans.len() + rspans.len()) as u64;
+            let (w, c) = sums(&ps);
+            patch.push(w, c);
+            patch_mod.samples_ns.push(spans.iter().sum());
+            costs[0].add(SITES, ps.len(), w, c, Some(spans.iter().sum()));
+            let (w, c) = sums(&rs);
+            restore.push(w, c);
+            restore_mod.samples_ns.push(rspans.iter().sum());
+            costs[1].add(SITES, rs.len(), w, c, Some(rspans.iter().sum()));
+        }
+        restore.count(&format!("PMD back within {PMD_REQUIRED} of the last RESTORE"), pmd_back, cycles);
+        let (patch, restore) = (patch.classify(), restore.classify());
+        let patch_mod = patch_mod.bound_by(patch.bound, "inside the calls of the row above, whose on-CPU share it shares");
+        let restore_mod = restore_mod.bound_by(restore.bound, "inside the calls of the row above, whose on-CPU share it shares");
+        self.rows.extend([patch, patch_mod, restore, restore_mod]);
+        self.site_costs.extend(costs);
+    }
+
+    /// The same 10,000 sites by one PATCH each (expected bytes checked,
+    /// --install-pmd), then one RESTORE each, in PATCH order.
+    pub(super) fn many_single(&mut self) {
+        let cycles = (self.cycles / 50).max(1);
+        let file = self.many_file("bench-sites.bin");
+        let checked = "each site's byte read back after its call; the whole text and pagemap as for PATCH_BATCH after the last call of each half; the PMD back; journal spans inside the calls";
+        let mut patch = Row::new("many.single.patch", "PATCH, one of 10,000 single sites",
+            "one PATCH ioctl of a 1-byte site (as PATCH_BATCH's); the first on the text splits the PMD, the first on each page COWs it; 0 to 9,999 of the target's other sites live", checked);
+        let mut patch_mod = Row::new("many.single.patch.module", "  of which in the module (journal)", "journal `patched` minus `patch` time_ns", "");
+        let mut restore = Row::new("many.single.restore", "RESTORE, one of 10,000 single sites",
+            "one RESTORE ioctl; the last on a page zaps the copy, the last of all queues the collapse", checked);
+        let mut restore_mod = Row::new("many.single.restore.module", "  of which in the module (journal)", "journal `restored` minus `restore` time_ns", "");
+        let mut costs = [SiteCost::new("PATCH, one call a site", "patch", false), SiteCost::new("RESTORE, one call a site", "restore", false)];
+        // The journal keeps 4,096 events: read it every so many calls.
+        const READ_EVERY: usize = 64;
+        let mut pmd_back = 0;
+        for _ in 0..cycles {
+            let m = Many::spawn(&file);
+            let mut handles = Vec::with_capacity(SITES);
+            for chunk in site_offsets().chunks(READ_EVERY) {
+                let seq = journal_seq();
+                let mut done = Vec::with_capacity(chunk.len());
+                for &at in chunk {
+                    let req = PatchRequest { pid: m.t.pid, addr: m.addr(at), bytes: vec![INT3], expect: Some(vec![NOP]), install_pmd: true, ..Default::default() };
+                    let p = timed(|| self.dev.patch(&req));
+                    check!(p.value.is_ok(), "PATCH at +{at:#x}: {:?}", p.value);
+                    check!(m.mem.read(req.addr, 1) == [INT3], "PATCH at +{at:#x}: int3 not read back");
+                    done.push((*p.value.as_ref().unwrap(), p));
+                }
+                let spans = module_spans(seq, m.t.pid, "patch", "patched", &done.iter().map(|(h, p)| (*h, p)).collect::<Vec<_>>());
+                for ((h, p), span) in done.into_iter().zip(spans) {
+                    patch.push(p.wall(), p.cpu);
+                    patch_mod.samples_ns.push(span);
+                    costs[0].add(1, 1, p.wall(), p.cpu, Some(span));
+                    handles.push((h, p.value.unwrap()));
+                    self.clock_checks += 2;
+                }
+            }
+            m.check_patched("after 10,000 PATCHes");
+            let offsets = site_offsets();
+            let mut last_end = 0;
+            for (chunk, offs) in handles.chunks(READ_EVERY).zip(offsets.chunks(READ_EVERY)) {
+                let seq = journal_seq();
+                let mut done = Vec::with_capacity(chunk.len());
+                for (&(h, _), &at) in chunk.iter().zip(offs) {
+                    let r = timed(|| self.dev.restore(h));
+                    check!(r.value.is_ok(), "RESTORE at +{at:#x}: {:?}", r.value);
+                    check!(m.mem.read(m.addr(at), 1) == [NOP], "RESTORE at +{at:#x}: the nop not read back");
+                    last_end = r.end;
+                    done.push((h, r));
+                }
+                let spans = module_spans(seq, m.t.pid, "restore", "restored", &done.iter().map(|(h, r)| (*h, r)).collect::<Vec<_>>());
+                for ((_, r), span) in done.into_iter().zip(spans) {
+                    restore.push(r.wall(), r.cpu);
+                    restore_mod.samples_ns.push(span);
+                    costs[1].add(1, 1, r.wall(), r.cpu, Some(span));
+                    self.clock_checks += 2;
+                }
+            }
+            m.check_unpatched("after 10,000 RESTOREs");
+            let poll = m.w.wait_pmd(m.t.addr, last_end, PMD_REQUIRED_NS);
+            check!(poll.seen_at.is_some(), "PMD not back within {PMD_REQUIRED} of the last single RESTORE");
+            pmd_back += 1;
+            check!(m.off_cache_pages() == 0, "after the RESTOREs some text page is not its page-cache page");
+        }
+        restore.count(&format!("PMD back within {PMD_REQUIRED} of the last RESTORE"), pmd_back, cycles);
+        let (patch, restore) = (patch.classify(), restore.classify());
+        let patch_mod = patch_mod.bound_by(patch.bound, "inside the calls of the row above");
+        let restore_mod = restore_mod.bound_by(restore.bound, "inside the calls of the row above");
+        self.rows.extend([patch, patch_mod, restore, restore_mod]);
+        self.site_costs.extend(costs);
+    }
+
+    /// The same 10,000 sites by uprobes: one perf_event_open of a `uprobe`
+    /// PMU event for the target's pid per site, all held, then all closed.
+    pub(super) fn many_uprobe(&mut self) {
+        let file = self.many_file("bench-sites.bin");
+        let pmu = std::fs::read_to_string("/sys/bus/event_source/devices/uprobe/type");
+        check!(pmu.is_ok(), "no uprobe PMU (CONFIG_UPROBE_EVENTS)");
+        let pmu: u32 = pmu.unwrap().trim().parse().unwrap_or(0);
+        let path = CString::new(file.clone()).unwrap();
+        raise_nofile(SITES as u64 + 1024);
+        let checked = "the whole text and pagemap as for PATCH_BATCH after the last attach; the whole text after the last detach";
+        let mut attach = Row::new("many.uprobe.attach", "uprobe attach, one of 10,000 sites (perf_event_open)",
+            "perf_event_open(2) of a `uprobe` event at one site for the target's pid (as row \"uprobe attach … idle target\"), 0 to 9,999 others held", checked);
+        let mut detach = Row::new("many.uprobe.detach", "uprobe detach, one of 10,000 sites (close)", "close(2) of one of those events, in attach order", checked);
+        let mut costs = [SiteCost::new("uprobe attach", "patch", false), SiteCost::new("uprobe detach", "restore", false)];
+        let m = Many::spawn(&file);
+        let mut fds = Vec::with_capacity(SITES);
+        for at in site_offsets() {
+            let a = timed(|| super::perf_uprobe_open(pmu, &path, at as u64, m.t.pid));
+            check!(a.value.is_ok(), "perf_event_open(uprobe at +{at:#x}): {:?}", a.value);
+            attach.push(a.wall(), a.cpu);
+            costs[0].add(1, 1, a.wall(), a.cpu, None);
+            fds.push(*a.value.as_ref().unwrap());
+        }
+        m.check_patched("after 10,000 uprobe attaches");
+        for fd in fds {
+            let d = timed(|| perf_close(fd));
+            check!(d.value == 0, "close(uprobe event): {}", std::io::Error::last_os_error());
+            detach.push(d.wall(), d.cpu);
+            costs[1].add(1, 1, d.wall(), d.cpu, None);
+        }
+        m.check_unpatched("after 10,000 uprobe detaches");
+        detach.count("site pages back on their page-cache page after the last detach", SITE_PAGES - m.off_cache_pages().min(SITE_PAGES), SITE_PAGES);
+        self.rows.extend([attach.classify(), detach.classify()]);
+        self.site_costs.extend(costs);
+    }
+
+    /// The same 10,000 sites by /proc/PID/mem: a 1-byte pwrite each, then
+    /// the nops written back the same way.  Nothing gives the anonymous
+    /// copies back: the PMD does not return.
+    pub(super) fn many_proc_mem(&mut self) {
+        let cycles = (self.cycles / 50).max(1);
+        let file = self.many_file("bench-sites.bin");
+        let checked = "each site's byte read back after its write; the whole text and pagemap as for PATCH_BATCH after the last write of the first half, the whole text after the second";
+        let mut first = Row::new("many.procmem.new", "/proc/PID/mem write, one of 10,000 sites",
+            "pwrite(2) of int3 over a site's nop; the first on the text splits the PMD, the first on each page COWs it", checked);
+        let mut second = Row::new("many.procmem.orig", "/proc/PID/mem write back, one of 10,000 sites",
+            "pwrite(2) of the nop back; the page stays the anonymous copy", checked);
+        let mut costs = [SiteCost::new("/proc/PID/mem write", "patch", false), SiteCost::new("/proc/PID/mem write back", "restore", false)];
+        let (mut anon_left, mut pmd_back) = (0, 0);
+        for _ in 0..cycles {
+            let m = Many::spawn(&file);
+            for (byte, row, cost) in [(INT3, &mut first, 0), (NOP, &mut second, 1)] {
+                for at in site_offsets() {
+                    let a = timed(|| m.mem.write(m.addr(at), &[byte]));
+                    check!(a.value.is_ok(), "/proc/PID/mem write at +{at:#x}: {:?}", a.value);
+                    check!(m.mem.read(m.addr(at), 1) == [byte], "/proc/PID/mem write at +{at:#x}: not read back");
+                    row.push(a.wall(), a.cpu);
+                    costs[cost].add(1, 1, a.wall(), a.cpu, None);
+                }
+                if byte == INT3 {
+                    m.check_patched("after 10,000 /proc/PID/mem writes");
+                }
+            }
+            m.check_unpatched("after writing the nops back");
+            anon_left += m.off_cache_pages();
+            pmd_back += usize::from(m.w.pmd_mapped(m.t.addr));
+        }
+        second.count("site pages still anonymous copies after the write-back", anon_left, SITE_PAGES * cycles);
+        second.count("PMD mapped after the write-back", pmd_back, cycles);
+        self.rows.extend([first.classify(), second.classify()]);
+        self.site_costs.extend(costs);
+    }
+
+    /// One PATCH + RESTORE (page 17's function, idle, --install-pmd, the
+    /// PMD back before the next) on a fresh target while other targets
+    /// hold `live` sites: made by batches of `MAX_BATCH` (`batched`) or by
+    /// single PATCHes.
+    pub(super) fn table(&mut self, live: usize, batched: bool) {
+        let how = match (live, batched) {
+            (0, _) => "no other live site".to_string(),
+            (n, true) => format!("{n} other live sites in {} batches", n.div_ceil(MAX_BATCH)),
+            (n, false) => format!("{n} other live single patches"),
+        };
+        let tag = format!("{live}.{}", if batched { "batched" } else { "single" });
+        let checked = "bytes read back and the anonymous PFN after PATCH, the originals, the page-cache PFN and the PMD after RESTORE; journal spans inside the calls; the other targets' sites counted live by QUERY before and after";
+        let mut patch = Row::new(&format!("table.patch.{tag}"), &format!("PATCH with {how} (idle, --install-pmd)"),
+            "one PATCH ioctl of 6 bytes on page 17 of a target of its own, its PMD split and the page COWed (the PMD is back before each)", checked);
+        let mut patch_mod = Row::new(&format!("table.patch.module.{tag}"), "  of which in the module (journal)", "journal `patched` minus `patch` time_ns", "");
+        let mut restore = Row::new(&format!("table.restore.{tag}"), &format!("RESTORE with {how} (idle, --install-pmd)"),
+            "one RESTORE ioctl of that patch: write back, zap, queue the collapse", checked);
+
+        // The other targets: at most 64 batches each (8 pages of 512
+        // one-byte sites, int3 over int3 at 7 + 8·k: nothing changes).
+        let bg_dev = Device::open();
+        check!(bg_dev.is_ok(), "opening /dev/hugepoke: {:?}", bg_dev.err());
+        let bg_dev = bg_dev.unwrap();
+        let bg_file = format!("{}/bench-table.bin", super::thp_dir());
+        let per_target = if batched { 5 * MAX_BATCH } else { 5_000 };
+        let mut others: Vec<(Target, Vec<u64>)> = Vec::new();
+        let mut left = live;
+        while left > 0 {
+            let (t, _w) = fresh_target(&bg_file, false);
+            let n = left.min(per_target);
+            let addrs: Vec<u64> = (0..n).map(|k| t.addr + ((k / 512) * PAGE + 7 + 8 * (k % 512)) as u64).collect();
+            let mut hs = Vec::new();
+            if batched {
+                for chunk in addrs.chunks(MAX_BATCH) {
+                    let sites: Vec<BatchSite> = chunk.iter().map(|&a| batch_site(a, &[INT3], Some(&[INT3]))).collect();
+                    let h = bg_dev.patch_batch(t.pid, &sites, 0);
+                    check!(h.is_ok(), "background PATCH_BATCH: {}", h.unwrap_err());
+                    hs.push(h.unwrap());
+                }
+            } else {
+                for &a in &addrs {
+                    let h = bg_dev.patch(&PatchRequest { pid: t.pid, addr: a, bytes: vec![INT3], expect: Some(vec![INT3]), ..Default::default() });
+                    check!(h.is_ok(), "background PATCH: {:?}", h);
+                    hs.push(h.unwrap());
+                }
+            }
+            left -= n;
+            others.push((t, hs));
+        }
+        let count_live = |others: &[(Target, Vec<u64>)]| -> usize {
+            others.iter().flat_map(|(_, hs)| hs).map(|&h| bg_dev.query(h).map_or(0, |q| q.count as usize)).sum()
+        };
+        check!(count_live(&others) == live, "QUERY counts {} live background sites, want {live}", count_live(&others));
+
+        let Site { t, w, mem, addr, cache_pfn } = {
+            let (t, w) = fresh_target(&self.file, false);
+            let mem = Mem::open(t.pid);
+            let addr = t.page_addr(SITE_PAGE);
+            let cache_pfn = w.pfn(addr);
+            Site { t, w, mem, addr, cache_pfn }
+        };
+        let (orig, new) = (super::original(SITE_PAGE), super::new_bytes(SITE_PAGE));
+        for _ in 0..self.cycles {
+            check!(mem.read(addr, 6) == orig && w.pmd_mapped(addr), "page {SITE_PAGE} not the PMD-mapped original before PATCH");
+            let seq = journal_seq();
+            let req = PatchRequest { pid: t.pid, addr, bytes: new.clone(), install_pmd: true, ..Default::default() };
+            let p = timed(|| self.dev.patch(&req));
+            check!(p.value.is_ok(), "PATCH: {:?}", p.value);
+            let h = *p.value.as_ref().unwrap();
+            check!(mem.read(addr, 6) == new, "after PATCH the target does not have the new bytes");
+            check!(w.pfn(addr).is_some_and(|f| Some(f) != cache_pfn), "after PATCH the site is not on an anonymous copy");
+            let span = module_spans(seq, t.pid, "patch", "patched", &[(h, &p)]);
+            let r = timed(|| self.dev.restore(h));
+            check!(r.value.is_ok(), "RESTORE: {:?}", r.value);
+            check!(mem.read(addr, 6) == orig, "after RESTORE the target does not have the originals");
+            let poll = w.wait_pmd(addr, r.end, PMD_REQUIRED_NS);
+            check!(poll.seen_at.is_some(), "PMD not back within {PMD_REQUIRED} of RESTORE");
+            check!(w.pfn(addr) == cache_pfn, "after RESTORE the site does not map the page-cache page");
+            patch.push(p.wall(), p.cpu);
+            patch_mod.samples_ns.push(span[0]);
+            restore.push(r.wall(), r.cpu);
+            self.clock_checks += 2;
+        }
+        check!(count_live(&others) == live, "the background sites changed during the measurement");
+        for (_, hs) in &others {
+            for &h in hs {
+                let r = bg_dev.restore(h);
+                check!(r.is_ok(), "background RESTORE: {r:?}");
+            }
+        }
+        drop(t);
+        let patch = patch.classify();
+        let patch_mod = patch_mod.bound_by(patch.bound, "inside the calls of the row above");
+        self.rows.extend([patch, patch_mod, restore.classify()]);
+    }
+
+    /// PATCH_BATCH + RESTORE of the 10,000 sites, `rounds` times, by one
+    /// thread on one target, then by two threads on two targets at once.
+    pub(super) fn many_concurrent(&mut self) {
+        let rounds = (self.cycles / 20).max(1);
+        let files = [self.many_file("bench-sites-a.bin"), self.many_file("bench-sites-b.bin")];
+        let calls_per_round = 2 * SITES.div_ceil(MAX_BATCH);
+        for threads in [1, 2] {
+            let (calls, wall) = batch_rounds(&files[..threads], rounds);
+            check!(calls == threads * rounds * calls_per_round, "{calls} calls made");
+            self.throughput.push(Throughput {
+                label: format!(
+                    "PATCH_BATCH + RESTORE of 10,000 sites ({} + {} calls), {rounds} rounds, {}",
+                    calls_per_round / 2,
+                    calls_per_round / 2,
+                    if threads == 1 { "one target".to_string() } else { "two targets at once, a thread each".to_string() }
+                ),
+                threads,
+                calls,
+                wall_ns: wall,
+                sites: threads * rounds * SITES,
+            });
+        }
+    }
+}
+
+/// `files.len()` threads, each with its own device and idle target on its
+/// own file: `rounds` times PATCH_BATCH of the 10,000 sites and RESTORE,
+/// the text read back after each half.  Calls made, and the wall time
+/// from the first start to the last end.
+fn batch_rounds(files: &[String], rounds: usize) -> (usize, i64) {
+    let barrier = std::sync::Barrier::new(files.len());
+    let results: Vec<(i64, i64, usize)> = std::thread::scope(|s| {
+        let hs: Vec<_> = files
+            .iter()
+            .map(|file| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let dev = Device::open();
+                    check!(dev.is_ok(), "opening /dev/hugepoke: {:?}", dev.err());
+                    let dev = dev.unwrap();
+                    let m = Many::spawn(file);
+                    let sites: Vec<BatchSite> = site_offsets().iter().map(|&at| batch_site(m.addr(at), &[INT3], Some(&[NOP]))).collect();
+                    let mut calls = 0;
+                    barrier.wait();
+                    let start = mono_ns();
+                    for _ in 0..rounds {
+                        let mut handles = Vec::new();
+                        for chunk in sites.chunks(MAX_BATCH) {
+                            let h = dev.patch_batch(m.t.pid, chunk, 0);
+                            check!(h.is_ok(), "PATCH_BATCH: {}", h.unwrap_err());
+                            handles.push(h.unwrap());
+                            calls += 1;
+                        }
+                        check!(m.mem.read(m.t.addr, THP_SIZE) == text_with(INT3), "after the batches the text is not int3 at exactly the sites");
+                        for h in handles {
+                            let r = dev.restore(h);
+                            check!(r.is_ok(), "RESTORE of a batch: {r:?}");
+                            calls += 1;
+                        }
+                        m.check_unpatched("after the batch RESTOREs");
+                    }
+                    (start, mono_ns(), calls)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("bench thread panicked")).collect()
+    });
+    let start = results.iter().map(|r| r.0).min().unwrap();
+    let end = results.iter().map(|r| r.1).max().unwrap();
+    (results.iter().map(|r| r.2).sum(), end - start)
+}
+
