@@ -5,7 +5,11 @@
 //!
 //! Most calls are valid-looking: PATCHes of the target's text (any page and
 //! offset, 1 to 16 bytes, random flags, right or wrong expected bytes) and
-//! RESTOREs and QUERYs of handles that PATCH returned; the rest are random
+//! RESTOREs and QUERYs (of any site index) of handles that PATCH or
+//! PATCH_BATCH returned; PATCH_BATCHes of such sites (counts 0 to 4,097
+//! and beyond, random batch flags, the sites array on the heap, at the end
+//! of the argument page running into its guard page, null, in the kernel
+//! or unmapped); the rest are random
 //! commands, sizes, structs, pids (invalid ones, a kernel thread),
 //! addresses (kernel, unmapped, wrapping) and pointers (null, kernel,
 //! running into a guard page).  Files are closed and reopened now and then.
@@ -28,7 +32,7 @@ use hugepoke::device::Device;
 use hugepoke::proc;
 use hugepoke::target::Target;
 use hugepoke::text;
-use hugepoke::uapi::{self, PatchArgs, QueryArgs, RestoreArgs};
+use hugepoke::uapi::{self, BatchSite, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Mutex;
@@ -126,6 +130,64 @@ impl Fuzz {
         buf[..std::mem::size_of::<PatchArgs>()].copy_from_slice(pod_bytes(&a));
     }
 
+    /// A valid-looking site of the target's text, as `plausible_patch`'s.
+    fn plausible_site(&self, rng: &mut Rng) -> BatchSite {
+        let mut buf = [0u8; std::mem::size_of::<PatchArgs>()];
+        self.plausible_patch(rng, &mut buf);
+        // SAFETY: `buf` holds the bytes of a PatchArgs, which has no padding
+        // and no invalid bit patterns.
+        let a: PatchArgs = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
+        BatchSite { addr: a.addr, len: a.len, flags: a.flags & uapi::PATCH_EXPECT | (rng.below(16) == 0) as u32 * 4, bytes: a.bytes, expect: a.expect }
+    }
+
+    /// A PATCH_BATCH into `buf`: its sites in `heap` or at the end of
+    /// `buf` (running into the guard page when there are more), or a bad
+    /// pointer.
+    fn plausible_batch(&self, rng: &mut Rng, buf: &mut [u8], heap: &mut Vec<BatchSite>) {
+        const SITE: usize = std::mem::size_of::<BatchSite>();
+        let any = rng.next() as u32;
+        let count: u32 = match rng.below(10) {
+            0 => rng.pick(&[0, uapi::MAX_BATCH as u32, uapi::MAX_BATCH as u32 + 1, u32::MAX, any]),
+            1 => 1 + rng.below(200) as u32,
+            _ => 1 + rng.below(6) as u32,
+        };
+        // What the kernel may read: at most MAX_BATCH + 1 sites are built.
+        let built = (count as usize).min(uapi::MAX_BATCH + 1);
+        heap.clear();
+        heap.extend((0..built).map(|_| self.plausible_site(rng)));
+        let in_page = (4096 - std::mem::size_of::<PatchBatchArgs>()) / SITE;
+        let sites = match rng.below(10) {
+            0 => 0,
+            1 => rng.pick(&[0xffff_ffff_8100_0000u64, 0x1000, u64::MAX - 47]),
+            2 | 3 => {
+                // The last k sites of the page; more than k run into the guard page.
+                let k = built.min(in_page);
+                let at = 4096 - k * SITE;
+                for (i, site) in heap[..k].iter().enumerate() {
+                    buf[at + i * SITE..at + (i + 1) * SITE].copy_from_slice(pod_bytes(site));
+                }
+                buf.as_ptr() as u64 + at as u64
+            }
+            _ => heap.as_ptr() as u64,
+        };
+        let a = PatchBatchArgs {
+            size: if rng.below(16) == 0 { rng.pick(&[0, 32, 48, 64]) } else { std::mem::size_of::<PatchBatchArgs>() as u32 },
+            flags: match rng.below(6) {
+                0 => uapi::PATCH_PERSIST,
+                1 => uapi::PATCH_INSTALL_PMD,
+                2 => rng.below(8) as u32,
+                _ => 0,
+            },
+            pid: if rng.below(16) == 0 { rng.pick(&[0, -1, 2, i32::MAX]) } else { self.pid },
+            count,
+            sites,
+            handle: rng.next(),
+            failed: rng.next() as u32,
+            error: rng.next() as i32,
+        };
+        buf[..std::mem::size_of::<PatchBatchArgs>()].copy_from_slice(pod_bytes(&a));
+    }
+
     /// One thread's fuzzing, until `deadline`; returns its ioctl count.
     fn thread(&self, seed: u64, deadline: Instant) -> u64 {
         let mut rng = Rng::new(seed);
@@ -134,6 +196,7 @@ impl Fuzz {
         let pids = [self.pid, 2, 0, -1, i32::MAX, 999_999];
         let addrs = [self.text, self.text + 0x1ffffa, 0, 0x1000, 0xffff_ffff_8100_0000, 0xffff_8880_0000_0000, u64::MAX, 0x7fff_ffff_f000];
         let mut devs: Vec<Device> = (0..2).map(|_| Device::open().expect("/dev/hugepoke")).collect();
+        let mut heap: Vec<BatchSite> = Vec::with_capacity(uapi::MAX_BATCH + 1);
         let trace = std::env::var_os("HUGEPOKE_FUZZ_TRACE").is_some();
         let mut calls = 0u64;
         while Instant::now() < deadline {
@@ -167,9 +230,14 @@ impl Fuzz {
                     (uapi::IOCTL_RESTORE, "RESTORE")
                 }
                 70..=76 => {
-                    let q = QueryArgs { size: std::mem::size_of::<QueryArgs>() as u32, handle, ..Default::default() };
+                    let index = [0, 0, 1, (any >> 32) as u32 % 8, u32::MAX][(any % 5) as usize];
+                    let q = QueryArgs { size: std::mem::size_of::<QueryArgs>() as u32, handle, index, ..Default::default() };
                     buf[..std::mem::size_of::<QueryArgs>()].copy_from_slice(pod_bytes(&q));
                     (uapi::IOCTL_QUERY, "QUERY")
+                }
+                77..=88 => {
+                    self.plausible_batch(&mut rng, buf, &mut heap);
+                    (uapi::IOCTL_PATCH_BATCH, "PATCH_BATCH")
                 }
                 _ => self.random_call(&mut rng, buf, &pids, &addrs, handle),
             };
@@ -190,8 +258,12 @@ impl Fuzz {
                     (errno, _) => errno.to_string(),
                 },
             });
-            if r.is_ok() && cmd == uapi::IOCTL_PATCH && ptr == buf.as_mut_ptr() as usize {
-                self.handles.lock().unwrap().push(u64::from_ne_bytes(buf[56..64].try_into().unwrap()));
+            if r.is_ok() && ptr == buf.as_mut_ptr() as usize {
+                match cmd {
+                    uapi::IOCTL_PATCH => self.handles.lock().unwrap().push(u64::from_ne_bytes(buf[56..64].try_into().unwrap())),
+                    uapi::IOCTL_PATCH_BATCH => self.handles.lock().unwrap().push(u64::from_ne_bytes(buf[24..32].try_into().unwrap())),
+                    _ => {}
+                }
             }
         }
         calls
@@ -199,10 +271,10 @@ impl Fuzz {
 
     /// Anything: random command numbers, sizes, flags, pids and addresses.
     fn random_call(&self, rng: &mut Rng, buf: &mut [u8], pids: &[i32], addrs: &[u64], handle: u64) -> (u32, &'static str) {
-        let nr = rng.pick(&[1u32, 1, 2, 3, 0, 4, 200]);
+        let nr = rng.pick(&[1u32, 1, 2, 3, 0, 4, 5, 200]);
         let size = match rng.below(3) {
             0 => rng.below(257) as usize,
-            _ => [64usize, 16, 80][(nr as usize).saturating_sub(1).min(2)],
+            _ => [64usize, 16, 88, 40][(nr as usize).saturating_sub(1).min(3)],
         };
         let cmd = if rng.below(4) == 0 { rng.next() as u32 } else { uapi::iowr(nr, size) };
         match rng.below(3) {
@@ -272,7 +344,10 @@ fn after_the_fuzz(t: &mut Target, problems: &mut Vec<String>) {
     match Device::open() {
         Ok(dev) => {
             let left = proc::debugfs("patches").unwrap_or_default();
-            for handle in left.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(' ').next()?.parse::<u64>().ok()) {
+            // A line per site: a batch's handle stands on several.
+            let handles: std::collections::BTreeSet<u64> =
+                left.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(' ').next()?.parse::<u64>().ok()).collect();
+            for handle in handles {
                 if let Err(e) = dev.restore(handle) {
                     problems.push(format!("RESTORE of persistent patch {handle}: {e}"));
                 }

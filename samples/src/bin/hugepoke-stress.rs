@@ -22,6 +22,15 @@
 //! EAGAIN, and is retried until it succeeds; a patch that MADV_DONTNEED
 //! dropped may read back as the original code.  Nothing else is accepted.
 //!
+//! Every other cycle is a batch: the controller takes up to two more free
+//! pages and PATCH_BATCHes all their functions in one call (one handle),
+//! each page's checkers must see its new code; a batch of a harmless site
+//! and one overlapping a site of the batch is refused with EBUSY at the
+//! overlapping index and writes nothing (its harmless site is read back);
+//! then RESTORE of the handle gives every page its original code back.
+//! Under chaos PATCH_BATCH may be refused and RESTORE kept as for single
+//! PATCHes.
+//!
 //! Stops at N cycles or S seconds, whichever is first, or at the first
 //! failure; fails with fewer than M cycles (a run that did nothing).  Then
 //! checks that the target is alive and runs its original code, no patch is
@@ -30,7 +39,7 @@
 //! any.
 
 use hugepoke::check_state::{self, Shared, Slot, State};
-use hugepoke::device::{Device, PatchRequest};
+use hugepoke::device::{batch_site, Device, PatchRequest};
 use hugepoke::target::Target;
 use hugepoke::{errno_name, proc, text};
 use std::collections::BTreeMap;
@@ -64,6 +73,9 @@ struct Run {
     busy: Vec<AtomicBool>,
     stop: AtomicBool,
     cycles: AtomicU64,
+    /// Of the cycles, batches, and the sites (pages) they patched.
+    batches: AtomicU64,
+    batch_sites: AtomicU64,
     /// Pages skipped because another controller had them.
     contended: AtomicU64,
     /// Time spent in PATCH, in RESTORE, and waiting for the checkers (ns).
@@ -159,6 +171,93 @@ impl Run {
         Ok(true)
     }
 
+    /// RESTORE `handle`, retrying while chaos keeps it (the pages stay
+    /// patched meanwhile, and the checkers must keep seeing that).
+    fn restore_retrying(&self, dev: &Device, handle: u64, pages: &[usize]) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            for &page in pages {
+                self.state.slot(page).publish(State::Restoring);
+            }
+            let t0 = Instant::now();
+            let restored = dev.restore(handle);
+            self.restore_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+            match restored {
+                Ok(()) => return Ok(()),
+                Err(e) if self.chaos && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EAGAIN)) && start.elapsed() < WAIT_LIMIT => {
+                    self.count("RESTORE (kept, retried)", &e);
+                    for &page in pages {
+                        self.publish_and_wait(page, self.state.slot(page), State::Patched)?;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(format!("RESTORE of pages {pages:?} (handle {handle}): {e}")),
+            }
+        }
+    }
+
+    /// One PATCH_BATCH + RESTORE of the functions of `pages` (which this
+    /// controller holds), one site a page, each with its encoding.
+    fn batch_cycle(&self, dev: &Device, pages: &[usize], pick: u64) -> Result<bool, String> {
+        let addr = |page: usize| self.base + (page * text::PAGE) as u64;
+        let mut sites = Vec::new();
+        for (k, &page) in pages.iter().enumerate() {
+            let slot = self.state.slot(page);
+            let dontneed = slot.dontneed.load(std::sync::atomic::Ordering::SeqCst);
+            slot.dontneed_before.store(dontneed, std::sync::atomic::Ordering::Release);
+            slot.publish(State::Patching);
+            let encodings = text::encodings_returning(text::stress_value(page));
+            sites.push(batch_site(addr(page), &encodings[(pick as usize + k) % encodings.len()], None));
+        }
+        let t0 = Instant::now();
+        let patched = dev.patch_batch(self.pid, &sites, 0);
+        self.patch_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+        let handle = match patched {
+            Ok(h) => h,
+            Err(e) if self.chaos && matches!(e.error.raw_os_error(), Some(libc::EINVAL | libc::EAGAIN)) => {
+                self.count("PATCH_BATCH", &e.error);
+                // A refused batch changed nothing, on any of its pages.
+                for &page in pages {
+                    self.publish_and_wait(page, self.state.slot(page), State::Original)?;
+                }
+                return Ok(false);
+            }
+            Err(e) => return Err(format!("PATCH_BATCH of pages {pages:?}: {e}")),
+        };
+        for &page in pages {
+            self.publish_and_wait(page, self.state.slot(page), State::Patched)?;
+        }
+
+        // A batch overlapping one of ours is refused at the overlapping
+        // site, and its other site (int3 over the padding of our first
+        // page, 100 bytes in: never run) is not written.
+        let last = *pages.last().unwrap();
+        let harmless = addr(pages[0]) + 100;
+        let overlap = [batch_site(harmless, &[0x90], Some(&[0xcc])), batch_site(addr(last) + 1, &[0xcc; 2], None)];
+        match dev.patch_batch(self.pid, &overlap, 0) {
+            Err(e) if e.error.raw_os_error() == Some(libc::EBUSY) && e.failed == Some(1) => self.count("overlapping PATCH_BATCH", &e.error),
+            Err(e) if self.chaos && e.error.raw_os_error() == Some(libc::EINVAL) => self.count("overlapping PATCH_BATCH", &e.error),
+            Err(e) => return Err(format!("overlapping PATCH_BATCH on page {last}: {e} (not EBUSY at site 1)")),
+            Ok(h) => {
+                let _ = dev.restore(h);
+                return Err(format!("overlapping PATCH_BATCH on page {last} succeeded"));
+            }
+        }
+        match read_byte(self.pid, harmless) {
+            Ok(0xcc) => {}
+            Ok(b) => return Err(format!("a refused PATCH_BATCH wrote {b:#x} on page {}", pages[0])),
+            Err(e) => return Err(format!("reading the target: {e}")),
+        }
+
+        self.restore_retrying(dev, handle, pages)?;
+        for &page in pages {
+            self.publish_and_wait(page, self.state.slot(page), State::Original)?;
+        }
+        self.batches.fetch_add(1, Relaxed);
+        self.batch_sites.fetch_add(pages.len() as u64, Relaxed);
+        Ok(true)
+    }
+
     /// Take a free page, run a cycle on it, give it back; until told to stop.
     fn control(&self, controller: u64) -> Result<(), String> {
         let dev = Device::open().map_err(|e| format!("controller {controller}: opening /dev/hugepoke: {e}"))?;
@@ -173,8 +272,24 @@ impl Run {
                 self.contended.fetch_add(1, Relaxed);
                 continue;
             }
-            let encodings = text::encodings_returning(text::stress_value(page));
-            let result = self.cycle(&dev, page, &encodings[(x >> 32) as usize % encodings.len()]);
+            let result = if x >> 63 == 1 {
+                // A batch: this page and up to two more free ones.
+                let mut held = vec![page];
+                for k in 1..3u64 {
+                    let other = ((x >> (8 * k)) % pages) as usize;
+                    if !held.contains(&other) && !self.busy[other].swap(true, std::sync::atomic::Ordering::Acquire) {
+                        held.push(other);
+                    }
+                }
+                let result = self.batch_cycle(&dev, &held, x >> 32);
+                for &p in &held[1..] {
+                    self.busy[p].store(false, std::sync::atomic::Ordering::Release);
+                }
+                result
+            } else {
+                let encodings = text::encodings_returning(text::stress_value(page));
+                self.cycle(&dev, page, &encodings[(x >> 32) as usize % encodings.len()])
+            };
             self.busy[page].store(false, std::sync::atomic::Ordering::Release);
             if result? {
                 self.cycles.fetch_add(1, Relaxed);
@@ -182,6 +297,14 @@ impl Run {
         }
         Ok(())
     }
+}
+
+/// One byte of the target's memory, as a debugger reads it.
+fn read_byte(pid: i32, addr: u64) -> io::Result<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8];
+    std::fs::File::open(format!("/proc/{pid}/mem"))?.read_exact_at(&mut b, addr)?;
+    Ok(b[0])
 }
 
 /// Adds the time since it was made to a counter when dropped.
@@ -226,8 +349,10 @@ fn main() {
 
     let per_cycle_ms = |ns: &AtomicU64| ns.load(Relaxed) as f64 / 1e6 / n.max(1) as f64;
     println!(
-        "# stress{}: {n} PATCH+RESTORE cycles in {:.1} s (per cycle: {:.2} ms in PATCH, {:.2} ms in RESTORE, {:.2} ms waiting for the checkers; {} page contentions; refused: {:?}), {controllers} controllers, {cpus} checking target threads, {pages} pages",
+        "# stress{}: {n} PATCH+RESTORE cycles ({} of them PATCH_BATCHes of {} sites in all) in {:.1} s (per cycle: {:.2} ms in PATCH, {:.2} ms in RESTORE, {:.2} ms waiting for the checkers; {} page contentions; refused: {:?}), {controllers} controllers, {cpus} checking target threads, {pages} pages",
         if chaos { " with chaos" } else { "" },
+        run.batches.load(Relaxed),
+        run.batch_sites.load(Relaxed),
         elapsed.as_secs_f64(),
         per_cycle_ms(&run.patch_ns),
         per_cycle_ms(&run.restore_ns),
@@ -268,6 +393,8 @@ fn start(
         busy: (0..pages).map(|_| AtomicBool::new(false)).collect(),
         stop: AtomicBool::new(false),
         cycles: AtomicU64::new(0),
+        batches: AtomicU64::new(0),
+        batch_sites: AtomicU64::new(0),
         contended: AtomicU64::new(0),
         refused: Mutex::new(BTreeMap::new()),
         patch_ns: AtomicU64::new(0),
