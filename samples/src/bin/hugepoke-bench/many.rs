@@ -351,7 +351,10 @@ impl Run {
     pub(super) fn table(&mut self, live: usize, batched: bool) {
         let how = match (live, batched) {
             (0, _) => "no other live site".to_string(),
-            (n, true) => format!("{n} other live sites in {} batches", n.div_ceil(MAX_BATCH)),
+            (n, true) => match n.div_ceil(MAX_BATCH) {
+                1 => format!("{n} other live sites in 1 batch"),
+                b => format!("{n} other live sites in {b} batches"),
+            },
             (n, false) => format!("{n} other live single patches"),
         };
         let tag = format!("{live}.{}", if batched { "batched" } else { "single" });
@@ -451,9 +454,10 @@ impl Run {
             check!(calls == threads * rounds * calls_per_round, "{calls} calls made");
             self.throughput.push(Throughput {
                 label: format!(
-                    "PATCH_BATCH + RESTORE of 10,000 sites ({} + {} calls), {rounds} rounds, {}",
+                    "PATCH_BATCH + RESTORE of 10,000 sites ({} + {} calls), {rounds} round{}, {}",
                     calls_per_round / 2,
                     calls_per_round / 2,
+                    if rounds == 1 { "" } else { "s" },
                     if threads == 1 { "one target".to_string() } else { "two targets at once, a thread each".to_string() }
                 ),
                 threads,

@@ -387,6 +387,30 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn per_site_costs_compare_with_the_batch_of_the_same_kind() {
+        let mut b = sample_bench();
+        let mut batch = SiteCost::new("PATCH_BATCH", "patch", true);
+        batch.add(10_000, 3, 50_000_000, 49_000_000, Some(40_000_000));
+        let mut single = SiteCost::new("PATCH, one call a site", "patch", false);
+        for _ in 0..10_000 {
+            single.add(1, 1, 100_000, 90_000, Some(80_000));
+        }
+        let mut undo = SiteCost::new("uprobe detach", "restore", false);
+        undo.add(10_000, 10_000, 1_000_000_000, 10_000_000, None);
+        b.site_costs = vec![batch, single, undo];
+        b.throughput.push(Throughput { label: "two".into(), threads: 2, calls: 512, wall_ns: 512_000_000, sites: 384 });
+        let md = markdown(&b);
+        assert!(md.contains("| PATCH_BATCH | 10000 | 3 | 50.0 ms | 5.00 µs | 4.90 µs | 4.00 µs | – |"), "{md}");
+        // 100 µs a site against 5 µs: 20 times.
+        assert!(md.contains("| PATCH, one call a site | 10000 | 10000 | 1.00 s | 100 µs | 90.0 µs | 80.0 µs | 20.0× |"), "{md}");
+        // No batch RESTORE to compare with, and no journal: dashes.
+        assert!(md.contains("| uprobe detach | 10000 | 10000 | 1.00 s | 100 µs | 1.00 µs | – | – |"), "{md}");
+        assert!(md.contains("40.0 ms of module time per 10,000 sites"), "{md}");
+        // 384 sites/s against 128 sites/s of the one-thread row above.
+        assert!(md.contains("| two | 2 | 512 | 512 ms | 1000 | 750 | 3.00× |"), "{md}");
+    }
+
+    #[test]
     fn bound_from_on_cpu_share() {
         assert_eq!(Bound::from_share(100, 95), Bound::Cpu);
         assert_eq!(Bound::from_share(100, 80), Bound::Cpu);

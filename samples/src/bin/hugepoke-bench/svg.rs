@@ -18,6 +18,21 @@ fn xml(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// The most dots a row gets: a 10,000-sample row would make the chart
+/// megabytes of circles that draw as one smear anyway.
+const MAX_DOTS: usize = 1000;
+
+/// The samples a row draws: all of them, or `MAX_DOTS` evenly spaced
+/// order statistics (the smallest and the largest among them).
+fn dots(samples: &[i64]) -> Vec<i64> {
+    if samples.len() <= MAX_DOTS {
+        return samples.to_vec();
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    (0..MAX_DOTS).map(|k| sorted[k * (sorted.len() - 1) / (MAX_DOTS - 1)]).collect()
+}
+
 /// Decades that cover every positive sample: `(lo, hi)` in ns, powers of ten.
 pub fn decades(b: &Bench) -> (f64, f64) {
     let pos = b.rows.iter().flat_map(|r| r.samples_ns.iter()).filter(|&&v| v > 0).map(|&v| v as f64);
@@ -63,10 +78,13 @@ pub fn chart(b: &Bench) -> String {
             let _ = writeln!(s, r##"<rect x="0" y="{y0}" width="{WIDTH}" height="{ROW_H}" fill="#f6f6f6"/>"##);
         }
         let hidden = r.samples_ns.iter().filter(|&&v| v <= 0).count();
-        let label = if hidden > 0 { format!("{}. {} ({hidden} ≤ 0 at left edge)", i + 1, r.label) } else { format!("{}. {}", i + 1, r.label) };
+        let mut label = if hidden > 0 { format!("{}. {} ({hidden} ≤ 0 at left edge)", i + 1, r.label) } else { format!("{}. {}", i + 1, r.label) };
+        if r.samples_ns.len() > MAX_DOTS {
+            label += &format!(" ({MAX_DOTS} of {} samples drawn)", r.samples_ns.len());
+        }
         let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, LABEL_W - 8.0, mid + 4.0, xml(&label));
         let _ = write!(s, r##"<g fill="#1f5fa8" fill-opacity="0.35">"##);
-        for (k, &v) in r.samples_ns.iter().enumerate() {
+        for (k, &v) in dots(&r.samples_ns).iter().enumerate() {
             // Deterministic jitter so that equal samples do not hide each other.
             let jitter = ((k as u64).wrapping_mul(2654435761) % 1000) as f64 / 1000.0 - 0.5;
             let _ = write!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="2"/>"#, x(v as f64), mid + jitter * (ROW_H - 8.0));
@@ -108,6 +126,18 @@ mod tests {
         assert!(!svg.contains("<close"));
         // Balanced elements: every opened <g> and <svg> is closed.
         assert_eq!(svg.matches("<g ").count(), svg.matches("</g>").count());
+    }
+
+    #[test]
+    fn a_long_row_draws_at_most_max_dots_including_its_extremes() {
+        let mut b = sample_bench();
+        b.rows.truncate(1);
+        b.rows[0].samples_ns = (1..=10_000).map(|i| i * 1000).collect();
+        let svg = chart(&b);
+        assert_eq!(svg.matches("<circle ").count(), MAX_DOTS);
+        assert!(svg.contains("(1000 of 10000 samples drawn)"));
+        let d = dots(&b.rows[0].samples_ns);
+        assert_eq!((d[0], d[MAX_DOTS - 1]), (1000, 10_000_000));
     }
 
     #[test]
