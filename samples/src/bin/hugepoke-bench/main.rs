@@ -6,7 +6,8 @@
 //! on two targets at once.  Every sample is checked (see `run.rs`).
 //!
 //!   hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR] [--only PHASE]   (in a guest;
-//!       --only runs just the phases whose name contains PHASE, for trying one out)
+//!       --only runs just the phases whose name contains PHASE, or one of
+//!       PHASE's `|`-separated parts, for trying one out)
 //!   hugepoke-bench report BENCH.json    the README's Markdown table, on stdout
 //!   hugepoke-bench svg BENCH.json       the latency chart, on stdout
 //!

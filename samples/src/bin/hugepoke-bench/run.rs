@@ -32,7 +32,8 @@ pub struct Options {
     pub command: String,
     pub commit: String,
     pub host_load: String,
-    /// Only the phases whose name contains this (for trying one out).
+    /// Only the phases whose name contains this, or one of its
+    /// `|`-separated parts (for trying one out).
     pub only: Option<String>,
 }
 
@@ -101,7 +102,7 @@ pub fn run(o: &Options) -> Bench {
     ];
     let phase = |name: &str| eprintln!("hugepoke-bench: {name} ({:.1} s)", (mono_ns() - t0) as f64 / 1e9);
     for (name, f) in phases {
-        if o.only.as_ref().is_none_or(|only| name.contains(only.as_str())) {
+        if o.only.as_ref().is_none_or(|only| only.split('|').any(|o| name.contains(o))) {
             phase(name);
             f(&mut r);
         }
