@@ -120,6 +120,14 @@ fn raise_nofile(n: u64) {
     check!(rc == 0, "setrlimit(RLIMIT_NOFILE, {n}): {}", std::io::Error::last_os_error());
 }
 
+/// A call's row, classified, then its module-time row, bound as the call
+/// is: its time lies inside those calls.
+fn with_module(call: Row, module: Row) -> [Row; 2] {
+    let call = call.classify();
+    let module = module.bound_by(call.bound, "inside the calls of the row above, whose on-CPU share it shares");
+    [call, module]
+}
+
 /// Sum of a cycle's calls' wall and CPU times.
 fn sums<T>(calls: &[Timed<T>]) -> (i64, i64) {
     calls.iter().fold((0, 0), |(w, c), t| (w + t.wall(), c + t.cpu))
@@ -191,10 +199,8 @@ impl Run {
             costs[1].add(SITES, rs.len(), w, c, Some(rspans.iter().sum()));
         }
         restore.count(&format!("PMD back within {PMD_REQUIRED} of the last RESTORE"), pmd_back, cycles);
-        let (patch, restore) = (patch.classify(), restore.classify());
-        let patch_mod = patch_mod.bound_by(patch.bound, "inside the calls of the row above, whose on-CPU share it shares");
-        let restore_mod = restore_mod.bound_by(restore.bound, "inside the calls of the row above, whose on-CPU share it shares");
-        self.rows.extend([patch, patch_mod, restore, restore_mod]);
+        self.rows.extend(with_module(patch, patch_mod));
+        self.rows.extend(with_module(restore, restore_mod));
         self.site_costs.extend(costs);
     }
 
@@ -264,10 +270,8 @@ impl Run {
             check!(m.off_cache_pages() == 0, "after the RESTOREs some text page is not its page-cache page");
         }
         restore.count(&format!("PMD back within {PMD_REQUIRED} of the last RESTORE"), pmd_back, cycles);
-        let (patch, restore) = (patch.classify(), restore.classify());
-        let patch_mod = patch_mod.bound_by(patch.bound, "inside the calls of the row above");
-        let restore_mod = restore_mod.bound_by(restore.bound, "inside the calls of the row above");
-        self.rows.extend([patch, patch_mod, restore, restore_mod]);
+        self.rows.extend(with_module(patch, patch_mod));
+        self.rows.extend(with_module(restore, restore_mod));
         self.site_costs.extend(costs);
     }
 
@@ -438,9 +442,8 @@ impl Run {
             }
         }
         drop(t);
-        let patch = patch.classify();
-        let patch_mod = patch_mod.bound_by(patch.bound, "inside the calls of the row above");
-        self.rows.extend([patch, patch_mod, restore.classify()]);
+        self.rows.extend(with_module(patch, patch_mod));
+        self.rows.push(restore.classify());
     }
 
     /// PATCH_BATCH + RESTORE of the 10,000 sites, `rounds` times, by one
