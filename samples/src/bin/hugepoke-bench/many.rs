@@ -7,6 +7,7 @@
 use super::{Run, Site, PMD_REQUIRED, PMD_REQUIRED_NS, SITE_PAGE};
 use crate::probe::{check, events_since, fresh_target, mono_ns, timed, Mem, Timed, Watch};
 use crate::report::{Row, SiteCost, Throughput};
+use crate::stats::median;
 use hugepoke::device::{batch_site, journal_seq, Device, PatchRequest};
 use hugepoke::target::Target;
 use hugepoke::text::{self, PAGE, PAGES, THP_SIZE};
@@ -128,6 +129,13 @@ fn with_module(call: Row, module: Row) -> [Row; 2] {
     [call, module]
 }
 
+/// Each cost's median sample over the sites a sample covers.
+fn set_medians(costs: &mut [SiteCost; 2], patch: &Row, restore: &Row, sites_per_sample: usize) {
+    for (c, r) in costs.iter_mut().zip([patch, restore]) {
+        c.median_ns = median(&r.samples_ns).map(|m| m / sites_per_sample as i64);
+    }
+}
+
 /// Sum of a cycle's calls' wall and CPU times.
 fn sums<T>(calls: &[Timed<T>]) -> (i64, i64) {
     calls.iter().fold((0, 0), |(w, c), t| (w + t.wall(), c + t.cpu))
@@ -198,6 +206,7 @@ impl Run {
             restore_mod.samples_ns.push(rspans.iter().sum());
             costs[1].add(SITES, rs.len(), w, c, Some(rspans.iter().sum()));
         }
+        set_medians(&mut costs, &patch, &restore, SITES);
         restore.count(&format!("PMD back within {PMD_REQUIRED} of the last RESTORE"), pmd_back, cycles);
         self.rows.extend(with_module(patch, patch_mod));
         self.rows.extend(with_module(restore, restore_mod));
@@ -269,6 +278,7 @@ impl Run {
             pmd_back += 1;
             check!(m.off_cache_pages() == 0, "after the RESTOREs some text page is not its page-cache page");
         }
+        set_medians(&mut costs, &patch, &restore, 1);
         restore.count(&format!("PMD back within {PMD_REQUIRED} of the last RESTORE"), pmd_back, cycles);
         self.rows.extend(with_module(patch, patch_mod));
         self.rows.extend(with_module(restore, restore_mod));
@@ -307,6 +317,7 @@ impl Run {
         }
         m.check_unpatched("after 10,000 uprobe detaches");
         detach.count("site pages back on their page-cache page after the last detach", SITE_PAGES - m.off_cache_pages().min(SITE_PAGES), SITE_PAGES);
+        set_medians(&mut costs, &attach, &detach, 1);
         self.rows.extend([attach.classify(), detach.classify()]);
         self.site_costs.extend(costs);
     }
@@ -344,6 +355,7 @@ impl Run {
         }
         second.count("site pages still anonymous copies after the write-back", anon_left, SITE_PAGES * cycles);
         second.count("PMD mapped after the write-back", pmd_back, cycles);
+        set_medians(&mut costs, &first, &second, 1);
         self.rows.extend([first.classify(), second.classify()]);
         self.site_costs.extend(costs);
     }
@@ -452,8 +464,21 @@ impl Run {
         let rounds = (self.cycles / 20).max(1);
         let files = [self.many_file("bench-sites-a.bin"), self.many_file("bench-sites-b.bin")];
         let calls_per_round = 2 * SITES.div_ceil(MAX_BATCH);
+        let checked = "the whole 2 MiB text read back after each round's PATCH_BATCHes and after its RESTOREs";
         for threads in [1, 2] {
-            let (calls, wall) = batch_rounds(&files[..threads], rounds);
+            let (calls, wall, ps, rs) = batch_rounds(&files[..threads], rounds);
+            let who = if threads == 1 { "one target alone" } else { "two targets at once" };
+            let mut patch = Row::new(&format!("concurrent.batch.patch.{threads}"), &format!("PATCH_BATCH call, {who} (10,000 sites in 3 calls)"),
+                "one PATCH_BATCH ioctl of at most 4,096 sites (as row \"PATCH_BATCH, 10,000 sites\", default flags), by each of the threads of the throughput row", checked);
+            let mut restore = Row::new(&format!("concurrent.batch.restore.{threads}"), &format!("RESTORE of a batch, {who}"),
+                "one RESTORE ioctl of one of those batches", checked);
+            for (w, c) in ps {
+                patch.push(w, c);
+            }
+            for (w, c) in rs {
+                restore.push(w, c);
+            }
+            self.rows.extend([patch.classify(), restore.classify()]);
             check!(calls == threads * rounds * calls_per_round, "{calls} calls made");
             self.throughput.push(Throughput {
                 label: format!(
@@ -476,9 +501,10 @@ impl Run {
 /// own file: `rounds` times PATCH_BATCH of the 10,000 sites and RESTORE,
 /// the text read back after each half.  Calls made, and the wall time
 /// from the first start to the last end.
-fn batch_rounds(files: &[String], rounds: usize) -> (usize, i64) {
+fn batch_rounds(files: &[String], rounds: usize) -> (usize, i64, Vec<(i64, i64)>, Vec<(i64, i64)>) {
     let barrier = std::sync::Barrier::new(files.len());
-    let results: Vec<(i64, i64, usize)> = std::thread::scope(|s| {
+    type Calls = Vec<(i64, i64)>;
+    let results: Vec<(i64, i64, Calls, Calls)> = std::thread::scope(|s| {
         let hs: Vec<_> = files
             .iter()
             .map(|file| {
@@ -489,26 +515,26 @@ fn batch_rounds(files: &[String], rounds: usize) -> (usize, i64) {
                     let dev = dev.unwrap();
                     let m = Many::spawn(file);
                     let sites: Vec<BatchSite> = site_offsets().iter().map(|&at| batch_site(m.addr(at), &[INT3], Some(&[NOP]))).collect();
-                    let mut calls = 0;
+                    let (mut ps, mut rs) = (Vec::new(), Vec::new());
                     barrier.wait();
                     let start = mono_ns();
                     for _ in 0..rounds {
                         let mut handles = Vec::new();
                         for chunk in sites.chunks(MAX_BATCH) {
-                            let h = dev.patch_batch(m.t.pid, chunk, 0);
-                            check!(h.is_ok(), "PATCH_BATCH: {}", h.unwrap_err());
-                            handles.push(h.unwrap());
-                            calls += 1;
+                            let h = timed(|| dev.patch_batch(m.t.pid, chunk, 0));
+                            check!(h.value.is_ok(), "PATCH_BATCH: {}", h.value.as_ref().unwrap_err());
+                            ps.push((h.wall(), h.cpu));
+                            handles.push(h.value.unwrap());
                         }
                         check!(m.mem.read(m.t.addr, THP_SIZE) == text_with(INT3), "after the batches the text is not int3 at exactly the sites");
                         for h in handles {
-                            let r = dev.restore(h);
-                            check!(r.is_ok(), "RESTORE of a batch: {r:?}");
-                            calls += 1;
+                            let r = timed(|| dev.restore(h));
+                            check!(r.value.is_ok(), "RESTORE of a batch: {:?}", r.value);
+                            rs.push((r.wall(), r.cpu));
                         }
                         m.check_unpatched("after the batch RESTOREs");
                     }
-                    (start, mono_ns(), calls)
+                    (start, mono_ns(), ps, rs)
                 })
             })
             .collect();
@@ -516,6 +542,12 @@ fn batch_rounds(files: &[String], rounds: usize) -> (usize, i64) {
     });
     let start = results.iter().map(|r| r.0).min().unwrap();
     let end = results.iter().map(|r| r.1).max().unwrap();
-    (results.iter().map(|r| r.2).sum(), end - start)
+    let calls = results.iter().map(|r| r.2.len() + r.3.len()).sum();
+    let (mut ps, mut rs) = (Vec::new(), Vec::new());
+    for r in results {
+        ps.extend(r.2);
+        rs.extend(r.3);
+    }
+    (calls, end - start, ps, rs)
 }
 
