@@ -137,7 +137,9 @@ impl Fuzz {
         // SAFETY: `buf` holds the bytes of a PatchArgs, which has no padding
         // and no invalid bit patterns.
         let a: PatchArgs = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
-        BatchSite { addr: a.addr, len: a.len, flags: a.flags & uapi::PATCH_EXPECT | (rng.below(16) == 0) as u32 * 4, bytes: a.bytes, expect: a.expect }
+        // Now and then a flag no site may carry (PATCH_INSTALL_PMD is the batch's).
+        let stray = if rng.below(16) == 0 { uapi::PATCH_INSTALL_PMD } else { 0 };
+        BatchSite { addr: a.addr, len: a.len, flags: (a.flags & uapi::PATCH_EXPECT) | stray, bytes: a.bytes, expect: a.expect }
     }
 
     /// A PATCH_BATCH into `buf`: its sites in `heap` or at the end of
