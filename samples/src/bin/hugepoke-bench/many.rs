@@ -497,13 +497,16 @@ impl Run {
     }
 }
 
+/// (wall, on-CPU) of each call.
+type Calls = Vec<(i64, i64)>;
+
 /// `files.len()` threads, each with its own device and idle target on its
 /// own file: `rounds` times PATCH_BATCH of the 10,000 sites and RESTORE,
-/// the text read back after each half.  Calls made, and the wall time
-/// from the first start to the last end.
-fn batch_rounds(files: &[String], rounds: usize) -> (usize, i64, Vec<(i64, i64)>, Vec<(i64, i64)>) {
+/// the text read back after each half.  Calls made, the wall time from
+/// the first start to the last end, and every PATCH_BATCH's and RESTORE's
+/// (wall, on-CPU) over all threads.
+fn batch_rounds(files: &[String], rounds: usize) -> (usize, i64, Calls, Calls) {
     let barrier = std::sync::Barrier::new(files.len());
-    type Calls = Vec<(i64, i64)>;
     let results: Vec<(i64, i64, Calls, Calls)> = std::thread::scope(|s| {
         let hs: Vec<_> = files
             .iter()
