@@ -564,23 +564,8 @@ fn zap_page(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, mm: &MmWithUser, rep: &Si
     };
     pte.unmap();
     let cache = sys::page_cache_page(vma, page_addr);
-    match (patch::keep_reason(true, &info, page, cache.as_ref(), &pte), cache) {
-        (None, Some(c)) => {
-            let swapped = pte.zap(page);
-            hp.journal.record(ev(Step::ZapAnonPage).page(page.pfn(), 0).note(if swapped {
-                "PTE zapped, swap slot freed; page-cache page faults back in"
-            } else {
-                "PTE zapped; page-cache page faults back in"
-            }));
-            hp.journal.record(ev(Step::ZapAnonPage).page(c.pfn(), c.folio_order()).note("page-cache page to fault in"));
-            Restored { zapped: true, pmd_mappable: c.pmd_mappable(), cache_order: c.folio_order(), page_addr }
-        }
-        (why, _) => {
-            pte.remap_dirty();
-            drop(pte);
-            kept(why.unwrap_or(""), page.pfn())
-        }
-    }
+    let keep = patch::keep_reason(true, &info, page, cache.as_ref(), &pte);
+    patch::zap_or_keep(hp, ev, pte, page, keep, cache, page_addr)
 }
 
 /// After the pages of `sites` were given back (and the sites left the

@@ -478,26 +478,41 @@ fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site
         // this content, and nothing else may hold the anonymous page.
         let cache = sys::page_cache_page(vma, page_addr);
         let keep = keep_reason(last_on_page, &info, &page, cache.as_ref(), &pte);
-        return Ok(match (keep, cache) {
-            (None, Some(c)) => {
-                let swapped = pte.zap(&page);
-                hp.journal.record(ev(Step::ZapAnonPage).page(page.pfn(), 0).note(if swapped {
-                    "PTE zapped, swap slot freed; page-cache page faults back in"
-                } else {
-                    "PTE zapped; page-cache page faults back in"
-                }));
-                hp.journal.record(ev(Step::ZapAnonPage).page(c.pfn(), c.folio_order()).note("page-cache page to fault in"));
-                Restored { zapped: true, pmd_mappable: c.pmd_mappable(), cache_order: c.folio_order(), page_addr }
-            }
-            (why, _) => {
-                pte.remap_dirty();
-                drop(pte);
-                hp.journal.record(ev(Step::KeepAnonPage).page(page.pfn(), 0).note(why.unwrap_or("")));
-                Restored { zapped: false, pmd_mappable: false, cache_order: 0, page_addr }
-            }
-        });
+        return Ok(zap_or_keep(hp, ev, pte, &page, keep, cache, page_addr));
     }
     Err(Refused::Kept(EAGAIN, "page table kept changing"))
+}
+
+/// The last step of a RESTORE of a page, under its PT lock with the PTE
+/// cleared and the originals written: zap the anonymous page so the
+/// page-cache page faults back in, unless `keep` says why not.
+pub(crate) fn zap_or_keep(
+    hp: &Hugepoke,
+    ev: impl Fn(Step) -> Event,
+    mut pte: sys::LockedPte<'_>,
+    page: &PageRef,
+    keep: Option<&'static str>,
+    cache: Option<sys::CacheRef>,
+    page_addr: usize,
+) -> Restored {
+    match (keep, cache) {
+        (None, Some(c)) => {
+            let swapped = pte.zap(page);
+            hp.journal.record(ev(Step::ZapAnonPage).page(page.pfn(), 0).note(if swapped {
+                "PTE zapped, swap slot freed; page-cache page faults back in"
+            } else {
+                "PTE zapped; page-cache page faults back in"
+            }));
+            hp.journal.record(ev(Step::ZapAnonPage).page(c.pfn(), c.folio_order()).note("page-cache page to fault in"));
+            Restored { zapped: true, pmd_mappable: c.pmd_mappable(), cache_order: c.folio_order(), page_addr }
+        }
+        (why, _) => {
+            pte.remap_dirty();
+            drop(pte);
+            hp.journal.record(ev(Step::KeepAnonPage).page(page.pfn(), 0).note(why.unwrap_or("")));
+            Restored { zapped: false, pmd_mappable: false, cache_order: 0, page_addr }
+        }
+    }
 }
 
 /// Why RESTORE keeps the anonymous page it wrote the originals back into,
