@@ -553,6 +553,8 @@ fn zap_page(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, mm: &MmWithUser, rep: &Si
     if !last_on_page {
         return kept("other patches remain on this page", page.pfn());
     }
+    // A swap-out in flight would keep the swap slot past the zap.
+    page.wait_writeback();
     // Zapping happens under the PT lock, where notifiers cannot sleep.
     let _invalidate = sys::InvalidateRange::start(mm, page_addr);
     let Some(vma) = patch::still_mapped_at(guard, rep, page_addr) else {

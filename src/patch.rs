@@ -423,6 +423,10 @@ fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site
             }
         };
         let info = sys::vma_info(vma);
+        if last_on_page {
+            // A swap-out in flight would keep the swap slot past the zap.
+            page.wait_writeback();
+        }
         // Zapping happens under the PT lock, where notifiers cannot sleep.
         let _invalidate = last_on_page.then(|| sys::InvalidateRange::start(mm, page_addr));
         let Some(mut pte) = sys::lock_pte(vma, page_addr, &page) else {
@@ -497,11 +501,10 @@ pub(crate) fn zap_or_keep(
 ) -> Restored {
     match (keep, cache) {
         (None, Some(c)) => {
-            let swapped = pte.zap(page);
-            hp.journal.record(ev(Step::ZapAnonPage).page(page.pfn(), 0).note(if swapped {
-                "PTE zapped, swap slot freed; page-cache page faults back in"
-            } else {
-                "PTE zapped; page-cache page faults back in"
+            hp.journal.record(ev(Step::ZapAnonPage).page(page.pfn(), 0).note(match pte.zap(page) {
+                sys::SwapSlot::Freed => "PTE zapped, swap slot freed; page-cache page faults back in",
+                sys::SwapSlot::Kept => "PTE zapped, page stays in the swap cache (locked elsewhere); page-cache page faults back in",
+                sys::SwapSlot::None => "PTE zapped; page-cache page faults back in",
             }));
             hp.journal.record(ev(Step::ZapAnonPage).page(c.pfn(), c.folio_order()).note("page-cache page to fault in"));
             Restored { zapped: true, pmd_mappable: c.pmd_mappable(), cache_order: c.folio_order(), page_addr }

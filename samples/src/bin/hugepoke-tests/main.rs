@@ -55,6 +55,8 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("install_pmd_maps_without_a_fault", install_pmd_maps_without_a_fault),
     ("expect_mismatch_changes_nothing", expect_mismatch_changes_nothing),
     ("batch_patches_and_restores_every_site", batch_patches_and_restores_every_site),
+    ("batch_restore_follows_moves_drops_and_swap", batch_restore_follows_moves_drops_and_swap),
+    ("batch_restore_after_remap_writes_nothing", batch_restore_after_remap_writes_nothing),
     ("overlapping_patch_is_refused", overlapping_patch_is_refused),
     ("closing_the_file_restores_and_persist_survives", closing_the_file_restores_and_persist_survives),
     ("cli_patch_holds_until_stdin_closes", cli_patch_holds_until_stdin_closes),
