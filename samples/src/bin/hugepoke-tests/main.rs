@@ -171,13 +171,19 @@ fn main() {
     println!("1..{}", selected.len());
     let mut failed = 0;
     for (i, (name, test)) in selected.iter().enumerate() {
-        let why = match run_one(*test, TEST_TIMEOUT) {
+        let started = std::time::Instant::now();
+        let outcome = run_one(*test, TEST_TIMEOUT);
+        // Where the guest's time goes (a diagnostic, never a verdict).
+        let took = || println!("# {name} took {:.1} s", started.elapsed().as_secs_f64());
+        let why = match outcome {
             Outcome::Passed => {
                 println!("ok {} - {name}", i + 1);
+                took();
                 continue;
             }
             Outcome::Skipped(why) => {
                 println!("ok {} - {name} # SKIP {why}", i + 1);
+                took();
                 continue;
             }
             Outcome::Failed(why) => why,
@@ -196,6 +202,7 @@ fn main() {
         for line in why.lines() {
             println!("# {line}");
         }
+        took();
     }
     std::process::exit(i32::from(failed > 0));
 }
