@@ -740,8 +740,8 @@ pub(crate) fn restore_batch(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mu
         }
         Err((Refused::Kept(e, why), at)) => {
             let fate = match closing {
-                Closing::No => "batch kept; RESTORE may be retried",
-                Closing::File => "its file closed: batch kept as persistent",
+                Closing::No => "batch kept whole; RESTORE may be retried",
+                Closing::File => "its file closed: batch kept whole as persistent",
                 Closing::Module => "module unloading: batch abandoned",
             };
             hp.journal.record(ev(Step::Restore).error(e, fate));
