@@ -423,3 +423,28 @@ fn man_pages_and_completions_are_generated() {
     let (code, _, err) = cli(&["generate", "completions", "tcsh"]);
     assert!(code == 2 && err.contains("tcsh"), "{err}");
 }
+
+/// `hugepoke events | head`: a reader that goes away ends it quietly
+/// (SIGPIPE), not with Rust's "failed printing to stdout" panic.
+#[test]
+fn a_closed_pipe_ends_it_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let d = FakeDebugfs::new("pipe");
+    d.write("events", EVENTS);
+    let mut fds = [0; 2];
+    // SAFETY: a fresh pipe; both ends are owned below.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fds[0] and fds[1] are the new pipe's ends, owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    let out = Command::new(env!("CARGO_BIN_EXE_hugepoke"))
+        .arg("events")
+        .env("HUGEPOKE_DEBUGFS", &d.0)
+        .stdout(std::process::Stdio::from(write))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{}: {err}", out.status);
+    assert!(err.is_empty(), "{err}");
+}
