@@ -31,7 +31,7 @@ use crate::{
 type RangeKey = (usize, usize);
 
 fn range_key(site: &Site) -> RangeKey {
-    (site.mapping, site.pgoff / 512)
+    site.range_key()
 }
 
 #[pin_data]
@@ -134,7 +134,7 @@ fn collapse_range(
     key: RangeKey,
     install_pmd: bool,
 ) -> Result<&'static str, (Error, &'static str)> {
-    if state.patches.iter().any(|s| range_key(s) == key) {
+    if state.patches.in_range(key) != 0 {
         return Err((EBUSY, "range was patched again"));
     }
     let mm = target.mm_user().ok_or((ESRCH, "target process is gone"))?;

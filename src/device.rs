@@ -5,6 +5,7 @@
 //! made with `PATCH_PERSIST`.
 
 use kernel::{
+    alloc::KVVec,
     fs::File,
     ioctl::_IOC_SIZE,
     miscdevice::{MiscDevice, MiscDeviceRegistration},
@@ -16,8 +17,8 @@ use kernel::{
 
 use crate::{
     journal::{Event, Step},
-    patch, sys,
-    uapi::{self, PatchArgs, QueryArgs, RestoreArgs},
+    batch, patch, sys,
+    uapi::{self, BatchSite, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs},
     Hugepoke,
 };
 
@@ -27,6 +28,12 @@ use crate::{
 unsafe impl FromBytes for PatchArgs {}
 // SAFETY: as above.
 unsafe impl AsBytes for PatchArgs {}
+// SAFETY: as above.
+unsafe impl FromBytes for PatchBatchArgs {}
+// SAFETY: as above.
+unsafe impl AsBytes for PatchBatchArgs {}
+// SAFETY: as above.
+unsafe impl FromBytes for BatchSite {}
 // SAFETY: as above.
 unsafe impl FromBytes for RestoreArgs {}
 // SAFETY: as above.
@@ -73,6 +80,7 @@ impl MiscDevice for Controller {
             uapi::IOCTL_PATCH => this.patch(user),
             uapi::IOCTL_RESTORE => this.restore(user),
             uapi::IOCTL_QUERY => this.query(user),
+            uapi::IOCTL_PATCH_BATCH => this.patch_batch(user),
             _ => Err(hp.journal.fail(Event::new(Step::Ioctl).addr(cmd as usize), ENOTTY, "unknown ioctl command")),
         };
         result.map(|()| 0)
@@ -93,6 +101,42 @@ impl Controller {
             return Err(hp.journal.fail(Event::new(Step::Patch), e, "cannot write the handle back; patch undone"));
         }
         Ok(())
+    }
+
+    fn patch_batch(&self, user: UserSlice) -> Result {
+        let hp = &self.hugepoke;
+        let ev = Event::new(Step::Patch);
+        let (mut reader, mut writer) = user.reader_writer();
+        let mut args: PatchBatchArgs = reader.read().map_err(|e| hp.journal.fail(ev, e, "cannot read the PATCH_BATCH arguments"))?;
+        batch::check_batch_args(&args).map_err(|(e, why)| hp.journal.fail(ev.pid(args.pid), e, why))?;
+        let count = args.count as usize;
+        let mut sites = KVVec::with_capacity(count, GFP_KERNEL).map_err(|_| hp.journal.fail(ev, ENOMEM, "no memory for the batch's sites"))?;
+        let bytes = count * core::mem::size_of::<BatchSite>();
+        let mut sites_reader = UserSlice::new(UserPtr::from_addr(args.sites as usize), bytes).reader();
+        for _ in 0..count {
+            let site: BatchSite = sites_reader.read().map_err(|e| hp.journal.fail(ev.pid(args.pid), e, "cannot read the batch's sites"))?;
+            sites.push(site, GFP_KERNEL)?;
+        }
+        let result = batch::patch_batch(hp, self.id, &args, &sites);
+        let (failed, error) = match &result {
+            Ok(handle) => {
+                args.handle = *handle;
+                (uapi::NO_SITE, 0)
+            }
+            Err(f) => (f.site.unwrap_or(uapi::NO_SITE), -f.error.to_errno()),
+        };
+        args.failed = failed;
+        args.error = error;
+        let written = writer.write(&args);
+        match (result, written) {
+            (Ok(_), Ok(())) => Ok(()),
+            (Ok(handle), Err(e)) => {
+                // The batch is in place; if the handle cannot be returned, undo it.
+                let _ = patch::restore(hp, handle);
+                Err(hp.journal.fail(ev, e, "cannot write the handle back; batch undone"))
+            }
+            (Err(f), _) => Err(f.error),
+        }
     }
 
     fn restore(&self, user: UserSlice) -> Result {
@@ -117,7 +161,8 @@ impl Controller {
         let target = hp.registry.lock().target_of(args.handle).ok_or_else(unknown)?;
         {
             let state = target.state.lock();
-            let p = state.patches.get(args.handle).ok_or_else(unknown)?;
+            args.count = state.patches.count(args.handle);
+            let p = state.patches.get(args.handle, args.index).ok_or_else(unknown)?;
             args.state = if target.gone() { uapi::STATE_GONE } else { uapi::STATE_LIVE };
             args.pid = p.pid;
             args.addr = p.addr as u64;

@@ -18,6 +18,7 @@ use kernel::{
     },
 };
 
+mod batch;
 mod collapse;
 mod device;
 mod journal;
@@ -105,6 +106,8 @@ struct HugepokeModule {
     patches: debugfs::File<Arc<Hugepoke>>,
     #[pin]
     pause: debugfs::File<Arc<Hugepoke>>,
+    #[pin]
+    abi: debugfs::File<u32>,
     dir: debugfs::Dir,
 }
 
@@ -147,6 +150,7 @@ impl kernel::InPlaceModule for HugepokeModule {
                     let targets = s.registry.lock().targets().map_err(|_| core::fmt::Error)?;
                     table::write_patches(&targets, f)
                 }),
+                abi <- dir.read_callback_file(c"abi", uapi::ABI_VERSION, &|v: &u32, f| writeln!(f, "{v}")),
                 misc <- MiscDeviceRegistration::register(MiscDeviceOptions { name: c"hugepoke" }),
                 dir: dir,
             }))

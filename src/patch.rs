@@ -13,7 +13,8 @@
 //! by its identity (file, page offset), wherever the target maps it now.
 
 use kernel::{
-    mm::{virt::VmaRef, MmWithUser},
+    mm::{virt::VmaRef, Mm, MmWithUser, MmWithUserAsync},
+    sync::aref::ARef,
     new_work,
     prelude::*,
     sync::{Arc, Completion},
@@ -22,7 +23,7 @@ use kernel::{
 };
 
 use crate::{
-    collapse,
+    batch, collapse,
     journal::{Event, Step},
     live::{self, Live},
     pause::Point,
@@ -33,10 +34,10 @@ use crate::{
 };
 
 /// How often PATCH/RESTORE retry when the page table changed under them.
-const MAX_TRIES: u32 = 6;
+pub(crate) const MAX_TRIES: u32 = 6;
 
 /// The checks PATCH makes on the VMA: what uprobes may patch, and no more.
-fn check_vma(info: &sys::VmaInfo) -> Result<(), (Error, &'static str)> {
+pub(crate) fn check_vma(info: &sys::VmaInfo) -> Result<(), (Error, &'static str)> {
     use kernel::bindings::{VM_EXEC, VM_HUGETLB, VM_IO, VM_MAYWRITE, VM_PFNMAP, VM_SHARED, VM_WRITE};
     let has = |flag| info.flags & flag as usize != 0;
     if has(VM_HUGETLB) || has(VM_IO) || has(VM_PFNMAP) {
@@ -69,12 +70,17 @@ fn check_vma(info: &sys::VmaInfo) -> Result<(), (Error, &'static str)> {
 pub(crate) fn check_patch_args(args: &PatchArgs) -> Result<(), (Error, &'static str)> {
     uapi::check_header(args.size, args.flags, core::mem::size_of::<PatchArgs>(), uapi::PATCH_FLAGS)
         .map_err(|why| (EINVAL, why))?;
-    let len = args.len as usize;
+    check_range(args.addr, args.len)
+}
+
+/// The checks of one site's address and length.
+pub(crate) fn check_range(addr: u64, len: u32) -> Result<(), (Error, &'static str)> {
+    let len = len as usize;
     if len == 0 || len > MAX_BYTES {
         return Err((EINVAL, "length must be 1 to 16 bytes"));
     }
     // The range must not wrap: `addr + len` is computed below.
-    let Some(addr) = usize::try_from(args.addr).ok().filter(|a| a.checked_add(len).is_some()) else {
+    let Some(addr) = usize::try_from(addr).ok().filter(|a| a.checked_add(len).is_some()) else {
         return Err((EFAULT, "address out of range"));
     };
     if (addr & !PAGE_MASK) + len > PAGE_SIZE {
@@ -83,16 +89,11 @@ pub(crate) fn check_patch_args(args: &PatchArgs) -> Result<(), (Error, &'static 
     Ok(())
 }
 
-/// PATCH: write `args.bytes` into the target's text at `args.addr`.
-pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, args: &PatchArgs) -> Result<u64> {
-    let ev = |step| Event::new(step).pid(args.pid).addr(args.addr as usize);
-    hp.journal.record(ev(Step::Patch));
-    check_patch_args(args).map_err(|(e, why)| hp.journal.fail(ev(Step::Patch), e, why))?;
-
-    // Step 1: pid → task → mm, with the ptrace check made under the
-    // target's exec_update_lock (no execve() can come in between).
-    let process = Process::find(args.pid)
-        .ok_or_else(|| hp.journal.fail(ev(Step::ResolveTarget), ESRCH, "no such process"))?;
+/// Step 1: pid → task → mm, with the ptrace check made under the target's
+/// exec_update_lock (no execve() can come in between).  Returns the mm and
+/// the target's tgid.
+pub(crate) fn resolve_target(hp: &Hugepoke, pid: i32, ev: impl Fn(Step) -> Event) -> Result<(ARef<MmWithUserAsync>, i32)> {
+    let process = Process::find(pid).ok_or_else(|| hp.journal.fail(ev(Step::ResolveTarget), ESRCH, "no such process"))?;
     if process.is_kernel_thread() {
         return Err(hp.journal.fail(ev(Step::ResolveTarget), EINVAL, "a kernel thread has no user text"));
     }
@@ -105,31 +106,34 @@ pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, args: &PatchArgs) -> Result<
         hp.journal.fail(ev(Step::ResolveTarget), e, why)
     })?;
     hp.journal.record(ev(Step::ResolveTarget));
-    hp.pauses.at(Point::Resolved, args.pid, &hp.journal);
-    let pid = process.tgid();
-    // The opener's file owns the patch, unless it is persistent.
-    let owner: Owner = if args.flags & uapi::PATCH_PERSIST != 0 { None } else { Some(owner) };
+    hp.pauses.at(Point::Resolved, pid, &hp.journal);
+    Ok((mm, process.tgid()))
+}
 
+/// Run `make` with a new handle for `owner` and the target of `mm` locked;
+/// on failure the handle is forgotten (and the target retired if idle).
+/// The registry lock is never held while `make` runs.
+pub(crate) fn with_new_handle(
+    hp: &Arc<Hugepoke>,
+    mm: &Mm,
+    owner: Owner,
+    ev: Event,
+    mut make: impl FnMut(&Arc<Target>, &mut TargetState, u64) -> Result,
+) -> Result<u64> {
     loop {
         let (target, handle) = {
             let mut registry = hp.registry.lock();
             if registry.closing {
-                return Err(hp.journal.fail(ev(Step::Patch), ENODEV, "module is unloading"));
+                return Err(hp.journal.fail(ev, ENODEV, "module is unloading"));
             }
-            let target = registry
-                .target_for(&mm)
-                .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
+            let target = registry.target_for(mm).map_err(|_| hp.journal.fail(ev, ENOMEM, "no memory to record a patch"))?;
             let handle = registry
                 .new_handle(&target, owner)
-                .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
+                .map_err(|_| hp.journal.fail(ev, ENOMEM, "no memory to record a patch"))?;
             (target, handle)
         };
         let mut state = target.state.lock();
-        let result = if state.retired {
-            None
-        } else {
-            Some(patch_locked(hp, &target, &mut state, &mm, pid, owner, args, handle))
-        };
+        let result = if state.retired { None } else { Some(make(&target, &mut state, handle)) };
         if let Some(Ok(())) = result {
             return Ok(handle);
         }
@@ -142,6 +146,19 @@ pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, args: &PatchArgs) -> Result<
         }
         // The target was retired while we waited for it: look it up again.
     }
+}
+
+/// PATCH: write `args.bytes` into the target's text at `args.addr`.
+pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, args: &PatchArgs) -> Result<u64> {
+    let ev = |step| Event::new(step).pid(args.pid).addr(args.addr as usize);
+    hp.journal.record(ev(Step::Patch));
+    check_patch_args(args).map_err(|(e, why)| hp.journal.fail(ev(Step::Patch), e, why))?;
+    let (mm, pid) = resolve_target(hp, args.pid, ev)?;
+    // The opener's file owns the patch, unless it is persistent.
+    let owner: Owner = if args.flags & uapi::PATCH_PERSIST != 0 { None } else { Some(owner) };
+    with_new_handle(hp, &mm, owner, ev(Step::Patch), |target, state, handle| {
+        patch_locked(hp, target, state, &mm, pid, owner, args, handle)
+    })
 }
 
 /// PATCH with the target's state locked.
@@ -162,9 +179,9 @@ fn patch_locked(
     let offset = addr & !PAGE_MASK;
     let page_addr = addr & PAGE_MASK;
     // Room for the record first: once the bytes are written, nothing may fail.
-    state
+    let room = state
         .patches
-        .reserve()
+        .reserve(1)
         .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
 
     // For writing, as uprobes: see `MmapWriteGuard`.
@@ -201,6 +218,7 @@ fn patch_locked(
     let before = sys::mapping_of(vma, page_addr);
     let mut site = Site {
         handle,
+        index: 0,
         owner,
         pid,
         addr,
@@ -213,10 +231,11 @@ fn patch_locked(
         pfn: 0,
         pmd_mappable: false,
     };
-    match write_bytes(hp, &guard, vma, &mut site, expect, before) {
+    let expect = expect.map(|_| args.expect);
+    match write_bytes(hp, &guard, vma, core::slice::from_mut(&mut site), &[expect], before) {
         Ok(()) => {}
         Err(WriteError::Failed(e)) => return Err(e),
-        Err(WriteError::NotExpected) => {
+        Err(WriteError::NotExpected(_)) => {
             // The COW happened but nothing was written: give the page
             // back as RESTORE would (the "patched" bytes are the ones there).
             drop(guard);
@@ -234,7 +253,7 @@ fn patch_locked(
     }
     site.pmd_mappable = sys::page_cache_page(vma, page_addr).is_some_and(|c| c.pmd_mappable());
     drop(guard);
-    state.patches.insert_reserved(site, file);
+    state.patches.insert(room, core::iter::once((site, file)));
     hp.journal.record(
         ev(Step::Patched)
             .handle(handle as u32)
@@ -244,27 +263,32 @@ fn patch_locked(
     Ok(())
 }
 
-enum WriteError {
+pub(crate) enum WriteError {
     Failed(Error),
-    /// The bytes read under the PT lock were not the expected ones; the
-    /// page was COWed, nothing written (`site.orig` holds what is there).
-    NotExpected,
+    /// The bytes read under the PT lock were not the expected ones at
+    /// site `.0` of the page; the page was COWed, nothing written
+    /// (`orig` of every site holds what is there).
+    NotExpected(usize),
 }
 
-/// Steps 2–4 of PATCH: split the PMD, break COW, and, under the PT lock,
-/// check the expected bytes and write the new ones into the exclusive
-/// anonymous page.  Fills `site.orig` and `site.pfn`.
-fn write_bytes(
+/// Steps 2–4 of PATCH for the sites of one page (sorted, not overlapping):
+/// split the PMD, break COW, and, under one hold of the PT lock, check the
+/// expected bytes of every site and write all of them into the exclusive
+/// anonymous page, so the target never runs the page with only some
+/// written.  Fills every site's `orig` and `pfn`.
+pub(crate) fn write_bytes(
     hp: &Hugepoke,
     guard: &MmapWriteGuard<'_>,
     vma: &VmaRef,
-    site: &mut Site,
-    expect: Option<&[u8]>,
+    sites: &mut [Site],
+    expects: &[Option<[u8; MAX_BYTES]>],
     before: Mapping,
 ) -> Result<(), WriteError> {
+    let Some(first) = sites.first() else { return Ok(()) };
     // No handle yet: the patch does not exist until `patched`.
-    let ev = |step| Event::new(step).pid(site.pid).addr(site.addr);
-    let (len, offset, page_addr) = (site.len, site.offset(), site.addr & PAGE_MASK);
+    let (pid, addr) = (first.pid, first.addr);
+    let ev = |step| Event::new(step).pid(pid).addr(addr);
+    let page_addr = addr & PAGE_MASK;
     let gup_flags = sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD;
 
     for attempt in 0..MAX_TRIES {
@@ -309,15 +333,28 @@ fn write_bytes(
         // reference taken earlier — /proc/PID/mem's kmap — is excluded by
         // the mmap lock, which we hold for writing.)
         pte.unmap();
-        pte.read(offset, &mut site.orig[..len]);
-        site.pfn = page.pfn();
-        if expect.is_some_and(|e| e != &site.orig[..len]) {
-            return Err(WriteError::NotExpected);
+        for site in sites.iter_mut() {
+            let (offset, len) = (site.offset(), site.len);
+            pte.read(offset, &mut site.orig[..len]);
+            site.pfn = page.pfn();
         }
-        pte.write(offset, &site.bytes[..len]);
+        let mismatch = sites
+            .iter()
+            .zip(expects)
+            .position(|(site, expect)| expect.is_some_and(|e| e[..site.len] != site.orig[..site.len]));
+        if let Some(i) = mismatch {
+            return Err(WriteError::NotExpected(i));
+        }
+        for site in sites.iter() {
+            pte.write(site.offset(), &site.bytes[..site.len]);
+        }
         pte.remap_dirty();
         drop(pte);
-        hp.journal.record(ev(Step::WriteBytes).page(page.pfn(), page.folio_order()));
+        hp.journal.record(ev(Step::WriteBytes).page(page.pfn(), page.folio_order()).note(if sites.len() == 1 {
+            ""
+        } else {
+            "every site of the page written under one page-table lock hold"
+        }));
         return Ok(());
     }
     Err(WriteError::Failed(hp.journal.fail(ev(Step::WriteBytes), EAGAIN, "page table kept changing")))
@@ -326,13 +363,13 @@ fn write_bytes(
 /// What RESTORE did, when it did not refuse.
 pub(crate) struct Restored {
     /// The anonymous page was zapped: the page-cache page faults back in.
-    zapped: bool,
+    pub(crate) zapped: bool,
     /// … and its folio is PMD-mappable.
-    pmd_mappable: bool,
+    pub(crate) pmd_mappable: bool,
     /// The order of the page-cache folio that faults back in (when zapped).
-    cache_order: u32,
+    pub(crate) cache_order: u32,
     /// Where the patched page is mapped now.
-    page_addr: usize,
+    pub(crate) page_addr: usize,
 }
 
 /// Why RESTORE did not restore.
@@ -351,7 +388,8 @@ pub(crate) enum Refused {
 fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site) -> Result<Restored, Refused> {
     let ev = |step| Event::new(step).pid(site.pid).addr(site.addr).handle(site.handle as u32);
     let len = site.len;
-    let last_on_page = !state.patches.others_on_page(site.handle, site.mapping, site.pgoff);
+    // The site itself is still in the table.
+    let last_on_page = state.patches.on_page(site.page_key()) <= 1;
     // No FOLL_WRITE at first: if the anonymous page is gone, so is the patch.
     let mut gup_flags = sys::FOLL_FORCE;
     let mut drained = false;
@@ -439,22 +477,7 @@ fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site
         // Zap only when the page-cache page would fault back in with exactly
         // this content, and nothing else may hold the anonymous page.
         let cache = sys::page_cache_page(vma, page_addr);
-        let keep = if !last_on_page {
-            Some("other patches remain on this page")
-        } else if info.uffd_missing {
-            Some("userfaultfd missing mode is armed")
-        } else if info.uffd_wp {
-            Some("userfaultfd write-protect is registered: zapping would drop the wp bit")
-        } else if page.unexpected_refs() != 0 {
-            Some("page has unexpected references (pinned or in a pipe)")
-        } else {
-            match &cache {
-                None => Some("no page-cache page to fault back in"),
-                Some(c) if !c.uptodate() => Some("page-cache page is not uptodate"),
-                Some(c) if !c.identical_to(&pte) => Some("page differs from the page-cache page"),
-                Some(_) => None,
-            }
-        };
+        let keep = keep_reason(last_on_page, &info, &page, cache.as_ref(), &pte);
         return Ok(match (keep, cache) {
             (None, Some(c)) => {
                 let swapped = pte.zap(&page);
@@ -477,6 +500,34 @@ fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site
     Err(Refused::Kept(EAGAIN, "page table kept changing"))
 }
 
+/// Why RESTORE keeps the anonymous page it wrote the originals back into,
+/// or None when it may zap it: only when the page-cache page would fault
+/// back in with exactly this content, and nothing else may hold the page.
+pub(crate) fn keep_reason(
+    last_on_page: bool,
+    info: &sys::VmaInfo,
+    page: &PageRef,
+    cache: Option<&sys::CacheRef>,
+    pte: &sys::LockedPte<'_>,
+) -> Option<&'static str> {
+    if !last_on_page {
+        Some("other patches remain on this page")
+    } else if info.uffd_missing {
+        Some("userfaultfd missing mode is armed")
+    } else if info.uffd_wp {
+        Some("userfaultfd write-protect is registered: zapping would drop the wp bit")
+    } else if page.unexpected_refs() != 0 {
+        Some("page has unexpected references (pinned or in a pipe)")
+    } else {
+        match cache {
+            None => Some("no page-cache page to fault back in"),
+            Some(c) if !c.uptodate() => Some("page-cache page is not uptodate"),
+            Some(c) if !c.identical_to(pte) => Some("page differs from the page-cache page"),
+            Some(_) => None,
+        }
+    }
+}
+
 /// One `lru_add_drain_all()`, journaled.  It waits for work on every CPU,
 /// so the caller holds neither the target's mmap lock nor the registry
 /// (only this target's state lock: this target's operations wait, no
@@ -493,7 +544,7 @@ fn drain_lru_batches(hp: &Hugepoke, site: &Site) {
 /// The VMA at `page_addr`, if it still maps `site`'s file page there and
 /// RESTORE may write into it.  (Whether the PTE still maps the page we hold
 /// is for `lock_pte` to say.)
-fn still_mapped_at<'a>(guard: &'a MmapWriteGuard<'_>, site: &Site, page_addr: usize) -> Option<&'a VmaRef> {
+pub(crate) fn still_mapped_at<'a>(guard: &'a MmapWriteGuard<'_>, site: &Site, page_addr: usize) -> Option<&'a VmaRef> {
     let vma = guard.find_vma(page_addr)?;
     let info = sys::vma_info(vma);
     let at = table::address_in(site, &info)? & PAGE_MASK;
@@ -507,7 +558,7 @@ fn still_mapped_at<'a>(guard: &'a MmapWriteGuard<'_>, site: &Site, page_addr: us
 /// Of several private copies it takes the one holding the page PATCH wrote
 /// (its PFN), else the one at the address PATCH wrote; if there are several
 /// and neither tells, it refuses rather than guess.
-fn find_anon_copy<'a>(
+pub(crate) fn find_anon_copy<'a>(
     guard: &'a MmapWriteGuard<'_>,
     site: &Site,
 ) -> Result<(&'a VmaRef, usize, PageRef), Refused> {
@@ -572,10 +623,20 @@ pub(crate) fn restore(hp: &Arc<Hugepoke>, handle: u64) -> Result {
     };
     let target = hp.registry.lock().target_of(handle).ok_or_else(unknown)?;
     let mut state = target.state.lock();
-    let Some(site) = state.patches.get(handle).copied() else {
-        return Err(unknown());
-    };
-    restore_and_settle(hp, &target, &mut state, &site, Closing::No)
+    restore_handle(hp, &target, &mut state, handle, Closing::No).unwrap_or_else(|| Err(unknown()))
+}
+
+/// RESTORE every site of `handle`, with its target locked: a single patch
+/// here, a batch in `batch`.  None if the handle has no site here.
+pub(crate) fn restore_handle(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut TargetState, handle: u64, closing: Closing) -> Option<Result> {
+    match state.patches.count(handle) {
+        0 => None,
+        1 => {
+            let site = state.patches.get(handle, 0).copied()?;
+            Some(restore_and_settle(hp, target, state, &site, closing))
+        }
+        _ => Some(batch::restore_batch(hp, target, state, handle, closing)),
+    }
 }
 
 /// Who is restoring: an ioctl, or the cleanup when a file closes or the
@@ -622,10 +683,9 @@ fn restore_and_settle(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut Targ
             match closing {
                 Closing::No => return Err(e),
                 Closing::File => {
-                    if let Some(s) = state.patches.get_mut(site.handle) {
-                        s.owner = None;
-                    }
-                    hp.registry.lock().disown(site.handle);
+                    state.patches.disown(site.handle);
+                    let left = hp.registry.lock().disown(site.handle);
+                    drop(left);
                     return Err(e);
                 }
                 Closing::Module => (Err(e), None),
@@ -634,10 +694,10 @@ fn restore_and_settle(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut Targ
     };
     // Restored, gone or abandoned: forget it, then decide about the range
     // without it.  File and target references are dropped after the locks.
-    let patch = state.patches.remove(site.handle);
+    let patch = state.patches.remove(site.handle, site.index);
     if let Some(restored) = restored {
         if restored.zapped && restored.pmd_mappable {
-            if !state.patches.others_in_range(site.handle, site.mapping, site.pgoff) {
+            if state.patches.in_range(site.range_key()) == 0 {
                 collapse::queue_collapse(hp, target, state, site, restored.page_addr & PMD_MASK);
             } else {
                 hp.journal.record(ev(Step::QueueCollapse).note("not yet: other patches in this 2 MiB range"));
@@ -677,9 +737,7 @@ fn restore_all(hp: &Arc<Hugepoke>, owner: Owner, closing: Closing) {
             continue;
         }
         for handle in handles {
-            if let Some(site) = state.patches.get(handle).copied() {
-                let _ = restore_and_settle(hp, target, &mut state, &site, closing);
-            }
+            let _ = restore_handle(hp, target, &mut state, handle, closing);
         }
     }
 }

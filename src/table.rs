@@ -12,6 +12,12 @@
 //! its text.  The decisions are plain functions of [`Patches`], which the
 //! KUnit suite exercises without a target.
 //!
+//! A handle names one site (PATCH) or up to `MAX_BATCH` (PATCH_BATCH).
+//! Every lookup is O(log N): [`Patches`] keeps a target's sites in
+//! red-black trees by position (file page and offset) and by handle, with
+//! counts per file page and per 2 MiB file range; the [`Registry`] keeps
+//! targets, handles and each owner's targets the same way.
+//!
 //! Locks, outermost first:
 //! 1. `Target::state` — one target's patches.  PATCH, RESTORE and the
 //!    collapse work of that target hold it for their whole run, across
@@ -23,14 +29,23 @@
 //!    page-table lock.
 //! 3. `Hugepoke::registry` — a leaf: held only to look up or record a
 //!    handle or a target, never across GUP, an mm lock or another
-//!    target's lock.
-//! 4. the journal's spinlock, innermost.
+//!    target's lock.  It is the only lock all targets share, so PATCH,
+//!    RESTORE and collapses of different targets run in parallel.
+//! 4. the journal's spinlock, innermost (taken for one record, also
+//!    under a page-table lock).
 
 use core::fmt;
 use kernel::{
+    alloc::KVVec,
     fs::File,
     mm::{Mm, MmWithUser, MmWithUserAsync},
-    new_mutex, prelude::*, sync::aref::ARef, sync::Arc, sync::Mutex};
+    new_mutex,
+    prelude::*,
+    rbtree::{Entry, RBTree, RBTreeNode, RBTreeNodeReservation},
+    sync::aref::ARef,
+    sync::Arc,
+    sync::Mutex,
+};
 
 use crate::{
     live::{self, Live},
@@ -44,10 +59,13 @@ pub(crate) type Owner = Option<u64>;
 /// Pages in the range one PMD maps.
 const PMD_PAGES: usize = 512;
 
-/// What a patch is, as plain data.
+/// What a patch is, as plain data: one site (a single PATCH has one, a
+/// PATCH_BATCH up to `MAX_BATCH` under one handle).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Site {
     pub(crate) handle: u64,
+    /// Which site of the handle, in the order PATCH_BATCH was given them.
+    pub(crate) index: u32,
     pub(crate) owner: Owner,
     /// Target tgid as the patcher named it.
     pub(crate) pid: i32,
@@ -73,19 +91,26 @@ impl Site {
         self.addr & !sys::PAGE_MASK
     }
 
-    /// Same file page as `other`?
-    pub(crate) fn same_page(&self, mapping: usize, pgoff: usize) -> bool {
-        self.mapping == mapping && self.pgoff == pgoff
+    fn key(&self) -> SiteKey {
+        (self.mapping, self.pgoff, self.offset())
     }
 
-    /// In the same PMD-sized range of the same file?
-    pub(crate) fn same_range(&self, mapping: usize, pgoff: usize) -> bool {
-        self.mapping == mapping && self.pgoff / PMD_PAGES == pgoff / PMD_PAGES
+    pub(crate) fn page_key(&self) -> PageKey {
+        (self.mapping, self.pgoff)
+    }
+
+    pub(crate) fn range_key(&self) -> PageKey {
+        (self.mapping, self.pgoff / PMD_PAGES)
     }
 }
 
-/// One live patch: what it is, and the file it holds a reference on (so
-/// the identity cannot be reused by another file while the patch lives).
+/// Where a site is: file `address_space`, page offset, offset in the page.
+type SiteKey = (usize, usize, usize);
+/// A file page `(mapping, pgoff)`, or a PMD-sized file range `(mapping, pgoff / 512)`.
+pub(crate) type PageKey = (usize, usize);
+
+/// One live patch site: what it is, and the file it holds a reference on
+/// (so the identity cannot be reused by another file while the patch lives).
 pub(crate) struct Patch<F> {
     pub(crate) site: Site,
     /// Held, never read: dropped (fput) with the patch, outside the locks.
@@ -93,72 +118,240 @@ pub(crate) struct Patch<F> {
     pub(crate) file: F,
 }
 
-/// One target's live patches.  `F` is the file reference (`ARef<File>`;
-/// `()` in KUnit).
+/// What the table knows of a handle.
+#[derive(Clone, Copy)]
+struct HandleInfo {
+    count: u32,
+    owner: Owner,
+}
+
+/// One target's live patches, indexed so that every decision PATCH and
+/// RESTORE take costs O(log N) in the target's N sites: overlap (the one
+/// site before the end of the new range), last on a page and last in a
+/// 2 MiB range (counts), a handle's sites and an owner's handles (ordered
+/// keys).  `F` is the file reference (`ARef<File>`; `()` in KUnit).
 pub(crate) struct Patches<F> {
-    list: KVec<Patch<F>>,
+    sites: RBTree<SiteKey, Patch<F>>,
+    by_handle: RBTree<(u64, u32), SiteKey>,
+    per_page: RBTree<PageKey, u32>,
+    per_range: RBTree<PageKey, u32>,
+    handles: RBTree<u64, HandleInfo>,
+    /// `(owner, handle)` of the handles a file owns (not the persistent).
+    owned: RBTree<(u64, u64), ()>,
+}
+
+/// Room for one site in every index, reserved before anything is written.
+struct SiteRoom<F> {
+    site: RBTreeNodeReservation<SiteKey, Patch<F>>,
+    by_handle: RBTreeNodeReservation<(u64, u32), SiteKey>,
+    page: RBTreeNodeReservation<PageKey, u32>,
+    range: RBTreeNodeReservation<PageKey, u32>,
+}
+
+/// Room for one handle of `count` sites (see [`Patches::reserve`]).
+pub(crate) struct Reserved<F> {
+    handle: RBTreeNodeReservation<u64, HandleInfo>,
+    owned: RBTreeNodeReservation<(u64, u64), ()>,
+    sites: KVVec<SiteRoom<F>>,
+}
+
+/// Add one to the count at `key`, using `room` if the key is new.
+fn count_up(tree: &mut RBTree<PageKey, u32>, key: PageKey, room: RBTreeNodeReservation<PageKey, u32>) {
+    match tree.entry(key) {
+        Entry::Occupied(mut e) => *e.get_mut() += 1,
+        Entry::Vacant(e) => {
+            e.insert(1, room);
+        }
+    }
+}
+
+/// Take one from the count at `key`; the node goes when it reaches 0.
+fn count_down(tree: &mut RBTree<PageKey, u32>, key: PageKey) {
+    if let Some(mut e) = tree.find_mut(&key) {
+        if *e.get() <= 1 {
+            drop(e.remove_node());
+        } else {
+            *e.get_mut() -= 1;
+        }
+    }
 }
 
 impl<F> Patches<F> {
     pub(crate) fn new() -> Self {
-        Self { list: KVec::new() }
+        Self {
+            sites: RBTree::new(),
+            by_handle: RBTree::new(),
+            per_page: RBTree::new(),
+            per_range: RBTree::new(),
+            handles: RBTree::new(),
+            owned: RBTree::new(),
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.list.is_empty()
+        self.sites.is_empty()
     }
 
+    /// Every site, in file-page order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Site> {
-        self.list.iter().map(|p| &p.site)
+        self.sites.values().map(|p| &p.site)
     }
 
-    pub(crate) fn get(&self, handle: u64) -> Option<&Site> {
-        self.iter().find(|s| s.handle == handle)
+    /// Site `index` of `handle`.
+    pub(crate) fn get(&self, handle: u64, index: u32) -> Option<&Site> {
+        let key = self.by_handle.get(&(handle, index))?;
+        self.sites.get(key).map(|p| &p.site)
     }
 
-    pub(crate) fn get_mut(&mut self, handle: u64) -> Option<&mut Site> {
-        self.list.iter_mut().map(|p| &mut p.site).find(|s| s.handle == handle)
+    /// How many sites `handle` has (0 if it is not here).
+    pub(crate) fn count(&self, handle: u64) -> u32 {
+        self.handles.get(&handle).map_or(0, |h| h.count)
+    }
+
+    /// Copies of every site of `handle`, in file-page order (pages
+    /// grouped), for RESTORE to work from without holding the table.
+    pub(crate) fn sites_of(&self, handle: u64) -> Result<KVVec<Site>> {
+        let n = self.count(handle);
+        let mut v = KVVec::with_capacity(n as usize, GFP_KERNEL)?;
+        for i in 0..n {
+            if let Some(s) = self.get(handle, i) {
+                v.push(*s, GFP_KERNEL)?;
+            }
+        }
+        v.sort_unstable_by_key(|s| s.key());
+        Ok(v)
     }
 
     /// Would `len` bytes at `offset` of file page `pgoff` overlap a patch?
+    /// Sites on a page never overlap each other, so only the last one that
+    /// starts before `offset + len` can.
     pub(crate) fn overlaps(&self, mapping: usize, pgoff: usize, offset: usize, len: usize) -> bool {
-        self.iter()
-            .any(|s| s.same_page(mapping, pgoff) && s.offset() < offset + len && offset < s.offset() + s.len)
+        let end = (mapping, pgoff, offset + len);
+        let before = match self.sites.cursor_lower_bound(&end) {
+            Some(c) => c.peek_prev().map(|(k, p)| (*k, p.site.len)),
+            None => self.sites.cursor_back().map(|c| {
+                let (k, p) = c.current();
+                (*k, p.site.len)
+            }),
+        };
+        before.is_some_and(|((m, p, o), l)| m == mapping && p == pgoff && o + l > offset)
     }
 
-    /// Is any patch but `except` on this file page?
-    pub(crate) fn others_on_page(&self, except: u64, mapping: usize, pgoff: usize) -> bool {
-        self.iter().any(|s| s.handle != except && s.same_page(mapping, pgoff))
+    /// Live sites on file page `(mapping, pgoff)`.
+    pub(crate) fn on_page(&self, page: PageKey) -> u32 {
+        self.per_page.get(&page).copied().unwrap_or(0)
     }
 
-    /// Is any patch but `except` in the PMD-sized file range of `pgoff`?
-    pub(crate) fn others_in_range(&self, except: u64, mapping: usize, pgoff: usize) -> bool {
-        self.iter().any(|s| s.handle != except && s.same_range(mapping, pgoff))
+    /// Live sites in the PMD-sized file range `(mapping, pgoff / 512)`.
+    pub(crate) fn in_range(&self, range: PageKey) -> u32 {
+        self.per_range.get(&range).copied().unwrap_or(0)
     }
 
-    /// Handles of the patches `owner` made (all patches for `None`).
+    /// Handles of the patches `owner` made (every handle for `None`).
     pub(crate) fn handles_of(&self, owner: Owner, out: &mut KVec<u64>) -> Result {
-        for s in self.iter().filter(|s| owner.is_none() || s.owner == owner) {
-            out.push(s.handle, GFP_KERNEL)?;
+        match owner {
+            None => {
+                for h in self.handles.keys() {
+                    out.push(*h, GFP_KERNEL)?;
+                }
+            }
+            Some(o) => {
+                // Ordered by (owner, handle): from the owner's first on.
+                let mut next = (o, 0);
+                while let Some(c) = self.owned.cursor_lower_bound(&next) {
+                    let &(owner, handle) = c.current().0;
+                    if owner != o {
+                        break;
+                    }
+                    out.push(handle, GFP_KERNEL)?;
+                    next = (o, handle + 1);
+                }
+            }
         }
         Ok(())
     }
 
-    pub(crate) fn reserve(&mut self) -> Result {
-        self.list.reserve(1, GFP_KERNEL).map_err(|_| ENOMEM)
+    /// Room for a handle of `count` sites, so that recording cannot fail
+    /// once the bytes are written.
+    pub(crate) fn reserve(&self, count: usize) -> Result<Reserved<F>> {
+        let mut sites = KVVec::with_capacity(count, GFP_KERNEL)?;
+        for _ in 0..count {
+            sites.push(
+                SiteRoom {
+                    site: RBTreeNodeReservation::new(GFP_KERNEL)?,
+                    by_handle: RBTreeNodeReservation::new(GFP_KERNEL)?,
+                    page: RBTreeNodeReservation::new(GFP_KERNEL)?,
+                    range: RBTreeNodeReservation::new(GFP_KERNEL)?,
+                },
+                GFP_KERNEL,
+            )?;
+        }
+        Ok(Reserved {
+            handle: RBTreeNodeReservation::new(GFP_KERNEL)?,
+            owned: RBTreeNodeReservation::new(GFP_KERNEL)?,
+            sites,
+        })
     }
 
-    /// Record a patch; room was reserved with [`Self::reserve`].
-    pub(crate) fn insert_reserved(&mut self, site: Site, file: F) {
-        // Cannot fail after `reserve`, under the same lock.
-        let _ = self.list.push_within_capacity(Patch { site, file });
+    /// Record the sites of one handle (all with the same `handle` and
+    /// `owner`, indexes 0..n), in the room `reserved` for at least as many.
+    pub(crate) fn insert(&mut self, reserved: Reserved<F>, sites: impl Iterator<Item = (Site, F)>) {
+        let Reserved { handle: handle_room, owned: owned_room, sites: mut rooms } = reserved;
+        let mut info: Option<(u64, HandleInfo)> = None;
+        for (site, file) in sites {
+            // Room was reserved for every site.
+            let Some(room) = rooms.pop() else { break };
+            let key = site.key();
+            info.get_or_insert((site.handle, HandleInfo { count: 0, owner: site.owner })).1.count += 1;
+            count_up(&mut self.per_page, site.page_key(), room.page);
+            count_up(&mut self.per_range, site.range_key(), room.range);
+            self.by_handle.insert(room.by_handle.into_node((site.handle, site.index), key));
+            self.sites.insert(room.site.into_node(key, Patch { site, file }));
+        }
+        if let Some((handle, info)) = info {
+            if let Some(o) = info.owner {
+                self.owned.insert(owned_room.into_node((o, handle), ()));
+            }
+            self.handles.insert(handle_room.into_node(handle, info));
+        }
     }
 
-    /// Forget a patch; returns it (with its file reference) to be dropped
-    /// outside the lock, if it was there.
-    pub(crate) fn remove(&mut self, handle: u64) -> Option<Patch<F>> {
-        let i = self.list.iter().position(|p| p.site.handle == handle)?;
-        self.list.remove(i).ok()
+    /// Forget one site; returns it (with its file reference) to be dropped
+    /// outside the lock, if it was there.  The handle goes with its last site.
+    pub(crate) fn remove(&mut self, handle: u64, index: u32) -> Option<Patch<F>> {
+        let key = self.by_handle.remove(&(handle, index))?;
+        let patch = self.sites.remove(&key)?;
+        count_down(&mut self.per_page, patch.site.page_key());
+        count_down(&mut self.per_range, patch.site.range_key());
+        let last = match self.handles.get_mut(&handle) {
+            Some(info) => {
+                info.count -= 1;
+                info.count == 0
+            }
+            None => false,
+        };
+        if last {
+            if let Some(HandleInfo { owner: Some(o), .. }) = self.handles.remove(&handle) {
+                self.owned.remove(&(o, handle));
+            }
+        }
+        Some(patch)
+    }
+
+    /// The patches behind `handle` now belong to nobody (persistent).
+    pub(crate) fn disown(&mut self, handle: u64) {
+        let Some(info) = self.handles.get_mut(&handle) else { return };
+        let (count, owner) = (info.count, info.owner.take());
+        if let Some(o) = owner {
+            self.owned.remove(&(o, handle));
+        }
+        for i in 0..count {
+            if let Some(key) = self.by_handle.get(&(handle, i)).copied() {
+                if let Some(p) = self.sites.get_mut(&key) {
+                    p.site.owner = None;
+                }
+            }
+        }
     }
 }
 
@@ -243,13 +436,17 @@ impl TargetState {
     }
 }
 
-/// Every target and every handle.  See the lock order above.
+/// Every target and every handle, each lookup O(log N).  See the lock
+/// order above.
 pub(crate) struct Registry {
-    targets: KVec<Arc<Target>>,
+    /// By `mm_id`.
+    targets: RBTree<usize, Arc<Target>>,
     /// Every handle, its owner (as PATCH recorded it, or `None` once the
     /// patch became persistent) and its target: a closing file visits the
     /// targets it patched and waits for no other.
-    handles: KVec<(u64, Owner, Arc<Target>)>,
+    handles: RBTree<u64, (Owner, Arc<Target>)>,
+    /// `(owner, mm_id)` → how many of the owner's handles are on that target.
+    owner_targets: RBTree<(u64, usize), (u32, Arc<Target>)>,
     next_handle: u64,
     /// Set at module unload: no new patches.
     pub(crate) closing: bool,
@@ -257,17 +454,23 @@ pub(crate) struct Registry {
 
 impl Registry {
     pub(crate) fn new() -> Self {
-        Self { targets: KVec::new(), handles: KVec::new(), next_handle: 1, closing: false }
+        Self {
+            targets: RBTree::new(),
+            handles: RBTree::new(),
+            owner_targets: RBTree::new(),
+            next_handle: 1,
+            closing: false,
+        }
     }
 
     /// The target for `mm`, made if there is none.
     pub(crate) fn target_for(&mut self, mm: &Mm) -> Result<Arc<Target>> {
         let id = sys::mm_id(mm);
-        if let Some(t) = self.targets.iter().find(|t| t.mm_id() == id) {
+        if let Some(t) = self.targets.get(&id) {
             return Ok(t.clone());
         }
         let t = Target::new(mm)?;
-        self.targets.push(t.clone(), GFP_KERNEL)?;
+        self.targets.try_create_and_insert(id, t.clone(), GFP_KERNEL)?;
         Ok(t)
     }
 
@@ -275,57 +478,86 @@ impl Registry {
     /// made (so that recording cannot fail after the bytes are written).
     pub(crate) fn new_handle(&mut self, target: &Arc<Target>, owner: Owner) -> Result<u64> {
         let handle = self.next_handle;
-        self.handles.push((handle, owner, target.clone()), GFP_KERNEL)?;
+        let handle_node = RBTreeNode::new(handle, (owner, target.clone()), GFP_KERNEL)?;
+        if let Some(o) = owner {
+            let key = (o, target.mm_id());
+            match self.owner_targets.entry(key) {
+                Entry::Occupied(mut e) => e.get_mut().0 += 1,
+                Entry::Vacant(e) => {
+                    e.insert((1, target.clone()), RBTreeNodeReservation::new(GFP_KERNEL)?);
+                }
+            }
+        }
+        self.handles.insert(handle_node);
         self.next_handle += 1;
         Ok(handle)
     }
 
     pub(crate) fn target_of(&self, handle: u64) -> Option<Arc<Target>> {
-        self.handles.iter().find(|(h, _, _)| *h == handle).map(|(_, _, t)| t.clone())
+        self.handles.get(&handle).map(|(_, t)| t.clone())
     }
 
-    /// The patch behind `handle` now belongs to nobody (persistent).
-    pub(crate) fn disown(&mut self, handle: u64) {
-        if let Some(entry) = self.handles.iter_mut().find(|(h, _, _)| *h == handle) {
-            entry.1 = None;
+    /// `owner` has one handle fewer on `target`; returns the reference to
+    /// drop outside the lock when it was its last there.
+    fn owner_leaves(&mut self, owner: u64, target: &Target) -> Option<(u32, Arc<Target>)> {
+        let mut e = self.owner_targets.find_mut(&(owner, target.mm_id()))?;
+        if e.get().0 > 1 {
+            e.get_mut().0 -= 1;
+            return None;
         }
+        Some(e.remove_node().to_key_value().1)
     }
 
-    /// Forget a handle; the target reference is returned to be dropped
+    /// The patch behind `handle` now belongs to nobody (persistent); a
+    /// reference to drop outside the lock may come back.
+    pub(crate) fn disown(&mut self, handle: u64) -> Option<(u32, Arc<Target>)> {
+        let (owner, target) = self.handles.get_mut(&handle)?;
+        let owner = owner.take()?;
+        let target = target.clone();
+        self.owner_leaves(owner, &target)
+    }
+
+    /// Forget a handle; the target references are returned to be dropped
     /// outside the lock.
-    pub(crate) fn forget_handle(&mut self, handle: u64) -> Option<Arc<Target>> {
-        let i = self.handles.iter().position(|(h, _, _)| *h == handle)?;
-        self.handles.remove(i).ok().map(|(_, _, t)| t)
+    pub(crate) fn forget_handle(&mut self, handle: u64) -> Option<(Arc<Target>, Option<(u32, Arc<Target>)>)> {
+        let (owner, target) = self.handles.remove(&handle)?;
+        let left = owner.and_then(|o| self.owner_leaves(o, &target));
+        Some((target, left))
     }
 
     /// Take a target out of the registry (its state is locked by the
     /// caller and idle).
     pub(crate) fn retire(&mut self, target: &Target, state: &mut TargetState) -> Option<Arc<Target>> {
         state.retired = true;
+        // Only this target: a newer one for the same mm stays.
         let id = target.mm_id();
-        let i = self.targets.iter().position(|t| t.mm_id() == id)?;
-        self.targets.remove(i).ok()
+        if !self.targets.get(&id).is_some_and(|t| core::ptr::eq(&**t, target)) {
+            return None;
+        }
+        self.targets.remove(&id)
     }
 
     /// The targets `owner` has patches on (every target for `None`), for
     /// walking without the registry lock.
     pub(crate) fn targets_of(&self, owner: Owner) -> Result<KVec<Arc<Target>>> {
-        if owner.is_none() {
-            return self.targets();
-        }
+        let Some(o) = owner else { return self.targets() };
         let mut v: KVec<Arc<Target>> = KVec::new();
-        for (_, o, t) in self.handles.iter() {
-            if *o == owner && !v.iter().any(|seen| Arc::ptr_eq(seen, t)) {
-                v.push(t.clone(), GFP_KERNEL)?;
+        let mut next = (o, 0);
+        while let Some(c) = self.owner_targets.cursor_lower_bound(&next) {
+            let (&(owner, id), (_, t)) = c.current();
+            if owner != o {
+                break;
             }
+            v.push(t.clone(), GFP_KERNEL)?;
+            next = (o, id + 1);
         }
         Ok(v)
     }
 
     /// Every target, for walking without the registry lock.
     pub(crate) fn targets(&self) -> Result<KVec<Arc<Target>>> {
-        let mut v = KVec::with_capacity(self.targets.len(), GFP_KERNEL)?;
-        for t in self.targets.iter() {
+        let mut v = KVec::new();
+        for t in self.targets.values() {
             v.push(t.clone(), GFP_KERNEL)?;
         }
         Ok(v)
@@ -334,7 +566,7 @@ impl Registry {
 
 /// `patches` in debugfs, one target at a time.
 pub(crate) fn write_patches(targets: &[Arc<Target>], f: &mut impl fmt::Write) -> fmt::Result {
-    writeln!(f, "# handle pid addr len state pfn owner pmd_mappable bytes orig")?;
+    writeln!(f, "# handle pid addr len state pfn owner pmd_mappable bytes orig site")?;
     for t in targets {
         let gone = t.gone();
         // A target busy in a long PATCH or RESTORE (GUP can wait on a
@@ -370,7 +602,7 @@ pub(crate) fn write_patches(targets: &[Arc<Target>], f: &mut impl fmt::Write) ->
             write_hex(f, &p.bytes[..p.len])?;
             write!(f, " ")?;
             write_hex(f, &p.orig[..p.len])?;
-            writeln!(f)?;
+            writeln!(f, " {}/{}", p.index, state.patches.count(p.handle))?;
         }
     }
     Ok(())

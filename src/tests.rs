@@ -131,6 +131,7 @@ mod hugepoke {
     fn site(handle: u64, owner: Option<u64>, mapping: usize, pgoff: usize, offset: usize, len: usize) -> Site {
         Site {
             handle,
+            index: 0,
             owner,
             pid: 1,
             addr: 0x40_0000 + (pgoff << 12) + offset,
@@ -148,10 +149,21 @@ mod hugepoke {
     fn table(sites: &[Site]) -> Patches<()> {
         let mut t = Patches::new();
         for s in sites {
-            t.reserve().unwrap();
-            t.insert_reserved(*s, ());
+            let room = t.reserve(1).unwrap();
+            t.insert(room, core::iter::once((*s, ())));
         }
         t
+    }
+
+    /// A batch: `n` one-byte sites under one handle, `per_page` to a page.
+    fn batch(t: &mut Patches<()>, handle: u64, owner: Option<u64>, mapping: usize, first_pgoff: usize, n: usize, per_page: usize) {
+        let room = t.reserve(n).unwrap();
+        let sites = (0..n).map(|i| {
+            let mut s = site(handle, owner, mapping, first_pgoff + i / per_page, (i % per_page) * 2, 1);
+            s.index = i as u32;
+            (s, ())
+        });
+        t.insert(room, sites);
     }
 
     #[test]
@@ -174,15 +186,14 @@ mod hugepoke {
             site(3, None, FILE_A, 511, 0, 1),
             site(4, None, FILE_B, 512, 0, 1),
         ]);
-        assert!(t.others_on_page(1, FILE_A, 5));
-        assert!(t.others_on_page(2, FILE_A, 5));
-        assert!(!t.others_on_page(3, FILE_A, 511));
+        assert_eq!(t.on_page((FILE_A, 5)), 2);
+        assert_eq!(t.on_page((FILE_A, 511)), 1);
+        assert_eq!(t.on_page((FILE_A, 6)), 0);
         // Pages 0..512 of a file are one PMD-sized range; 512 starts the next.
-        assert!(t.others_in_range(3, FILE_A, 511));
-        assert!(!t.others_in_range(4, FILE_B, 512));
-        assert!(!t.others_in_range(0, FILE_A, 512));
-        let t = table(&[site(3, None, FILE_A, 511, 0, 1)]);
-        assert!(!t.others_in_range(3, FILE_A, 0));
+        assert_eq!(t.in_range((FILE_A, 0)), 3);
+        assert_eq!(t.in_range((FILE_B, 1)), 1);
+        assert_eq!(t.in_range((FILE_B, 0)), 0);
+        assert_eq!(t.in_range((FILE_A, 1)), 0);
     }
 
     #[test]
@@ -194,9 +205,54 @@ mod hugepoke {
         let mut all = KVec::new();
         t.handles_of(None, &mut all).unwrap();
         assert_eq!(&all[..], &[1, 2, 3]);
-        assert!(t.remove(2).is_some());
-        assert!(t.remove(2).is_none());
-        assert!(t.get(2).is_none() && t.get(3).is_some());
+        assert!(t.remove(2, 0).is_some());
+        assert!(t.remove(2, 0).is_none());
+        assert!(t.get(2, 0).is_none() && t.get(3, 0).is_some());
+        // Persistent from now on: no longer the owner's.
+        t.disown(1);
+        let mut v = KVec::new();
+        t.handles_of(Some(7), &mut v).unwrap();
+        assert!(v.is_empty());
+        assert_eq!(t.get(1, 0).unwrap().owner, None);
+    }
+
+    #[test]
+    fn a_batch_is_one_handle_with_counted_pages_and_ranges() {
+        let mut t = Patches::new();
+        // 10 pages of 100 one-byte sites each (every other byte), handle 9.
+        batch(&mut t, 9, Some(7), FILE_A, 20, 1000, 100);
+        batch(&mut t, 10, None, FILE_A, 600, 3, 3);
+        assert_eq!(t.count(9), 1000);
+        assert_eq!(t.count(10), 3);
+        assert_eq!(t.on_page((FILE_A, 20)), 100);
+        assert_eq!(t.in_range((FILE_A, 0)), 1000);
+        assert_eq!(t.in_range((FILE_A, 1)), 3);
+        // The sites of page 21 sit at even offsets: odd bytes are free.
+        assert!(t.overlaps(FILE_A, 21, 198, 1));
+        assert!(!t.overlaps(FILE_A, 21, 199, 1));
+        assert!(t.overlaps(FILE_A, 21, 197, 2)); // ends on the site at 198
+        assert!(!t.overlaps(FILE_A, 21, 200, 16)); // past the page's last site
+        assert!(t.overlaps(FILE_A, 29, 0, 16));
+        assert!(!t.overlaps(FILE_A, 30, 0, 16)); // the page after the batch
+        // A handle's sites come back grouped by page, in page order.
+        let sites = t.sites_of(9).unwrap();
+        assert_eq!(sites.len(), 1000);
+        assert!(sites.windows(2).all(|w| (w[0].pgoff, w[0].offset()) < (w[1].pgoff, w[1].offset())));
+        assert_eq!(t.get(9, 999).unwrap().pgoff, 29);
+        let mut v = KVec::new();
+        t.handles_of(Some(7), &mut v).unwrap();
+        assert_eq!(&v[..], &[9]);
+        // Removing every site removes the handle, its pages and its range.
+        for i in 0..1000 {
+            assert!(t.remove(9, i).is_some());
+        }
+        assert_eq!(t.count(9), 0);
+        assert_eq!(t.on_page((FILE_A, 20)), 0);
+        assert_eq!(t.in_range((FILE_A, 0)), 0);
+        let mut v = KVec::new();
+        t.handles_of(Some(7), &mut v).unwrap();
+        assert!(v.is_empty());
+        assert!(!t.is_empty());
     }
 
     fn vma(start: usize, pages: usize, mapping: usize, pgoff: usize, flags: usize) -> VmaInfo {

@@ -19,6 +19,7 @@ macro_rules! ensure {
     };
 }
 
+mod batch_core;
 mod common;
 mod filesystems;
 mod foundation;
@@ -31,6 +32,7 @@ mod uffd;
 mod visibility;
 mod real_programs;
 
+use batch_core::*;
 use filesystems::*;
 use foundation::*;
 use hardening::*;
@@ -52,6 +54,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("collapse_waits_for_the_last_patch", collapse_waits_for_the_last_patch),
     ("install_pmd_maps_without_a_fault", install_pmd_maps_without_a_fault),
     ("expect_mismatch_changes_nothing", expect_mismatch_changes_nothing),
+    ("batch_patches_and_restores_every_site", batch_patches_and_restores_every_site),
     ("overlapping_patch_is_refused", overlapping_patch_is_refused),
     ("closing_the_file_restores_and_persist_survives", closing_the_file_restores_and_persist_survives),
     ("cli_patch_holds_until_stdin_closes", cli_patch_holds_until_stdin_closes),
