@@ -20,6 +20,7 @@ macro_rules! ensure {
 }
 
 mod batch_core;
+mod cli;
 mod common;
 mod filesystems;
 mod foundation;
@@ -33,6 +34,7 @@ mod visibility;
 mod real_programs;
 
 use batch_core::*;
+use cli::*;
 use filesystems::*;
 use foundation::*;
 use hardening::*;
@@ -79,6 +81,8 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("execve_during_patch_never_patches_the_new_image", execve_during_patch_never_patches_the_new_image),
     ("expect_is_checked_in_the_step_that_writes", expect_is_checked_in_the_step_that_writes),
     ("cli_patch_writes_only_over_the_bytes_it_checked", cli_patch_writes_only_over_the_bytes_it_checked),
+    ("cli_json_output_matches_the_kernel", cli_json_output_matches_the_kernel),
+    ("cli_patch_sites_is_one_batch", cli_patch_sites_is_one_batch),
     ("a_parked_patch_does_not_stall_other_targets", a_parked_patch_does_not_stall_other_targets),
     ("last_mm_reference_is_dropped_by_a_worker", last_mm_reference_is_dropped_by_a_worker),
     ("restore_drains_lru_batches_once_and_unlocked", restore_drains_lru_batches_once_and_unlocked),
