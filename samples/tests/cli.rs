@@ -354,6 +354,9 @@ fn sites_from_stdin_are_checked_line_by_line() {
     let (code, out, err) = sites(&good, &["--json"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("hugepoke: refused: <stdin> line 4: the instruction check failed"), "{err}");
+    // "see above": the check's reason is there, on stderr, with --json too.
+    assert!(err.contains("refused: ") && err.contains("not an instruction boundary"), "{err}");
+    assert!(out.is_empty(), "{out}");
     let good = format!("# the probe, twice\n\nhugepoke_cli_probe c3   # ret at once\n{:#x} 90 b8\n", addr + 4);
     let (code, out, err) = sites(&good, &["--json"]);
     assert_eq!(code, 0, "{err}");

@@ -450,13 +450,9 @@ fn patch(cmd: PatchCmd, json: bool) {
         Err(e) if any_symbol => usage_error(&e),
         Err(_) => Vec::new(),
     };
-    // What the check says goes to stderr, to stdout with --dry-run (and
-    // nowhere with --dry-run --json, whose JSON holds it all).
-    let mut out: Box<dyn Write> = match (cmd.dry_run, json) {
-        (true, true) => Box::new(io::sink()),
-        (true, false) => Box::new(io::stdout()),
-        (false, _) => Box::new(io::stderr()),
-    };
+    // What the check says goes to stdout with a plain --dry-run, else to
+    // stderr (stdout holds only the handle or the JSON).
+    let mut out: Box<dyn Write> = if cmd.dry_run && !json { Box::new(io::stdout()) } else { Box::new(io::stderr()) };
 
     // The same path for every site: resolve, check, settle the expected bytes.
     let mut sites_out = Vec::new();
