@@ -98,6 +98,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("real_python3_library_function_by_symbol_on_xfs", real_python3_library_function_by_symbol_on_xfs),
     ("real_python3_own_function_in_text_no_pmd_can_map", real_python3_own_function_in_text_no_pmd_can_map),
     ("real_python3_threads_on_both_cpus_while_patched_and_restored", real_python3_threads_on_both_cpus_while_patched_and_restored),
+    ("real_python3_sites_by_symbol_in_two_objects", real_python3_sites_by_symbol_in_two_objects),
     ("collapse_pid_makes_a_real_programs_text_huge", collapse_pid_makes_a_real_programs_text_huge),
     // Last: they unload and reload the module.
     ("module_unload_restores_persistent_patches", module_unload_restores_persistent_patches),
