@@ -57,6 +57,8 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("install_pmd_maps_without_a_fault", install_pmd_maps_without_a_fault),
     ("expect_mismatch_changes_nothing", expect_mismatch_changes_nothing),
     ("batch_patches_and_restores_every_site", batch_patches_and_restores_every_site),
+    ("batch_restore_follows_moves_drops_and_swap", batch_restore_follows_moves_drops_and_swap),
+    ("batch_restore_after_remap_writes_nothing", batch_restore_after_remap_writes_nothing),
     ("overlapping_patch_is_refused", overlapping_patch_is_refused),
     ("closing_the_file_restores_and_persist_survives", closing_the_file_restores_and_persist_survives),
     ("cli_patch_holds_until_stdin_closes", cli_patch_holds_until_stdin_closes),
@@ -174,13 +176,19 @@ fn main() {
     println!("1..{}", selected.len());
     let mut failed = 0;
     for (i, (name, test)) in selected.iter().enumerate() {
-        let why = match run_one(*test, TEST_TIMEOUT) {
+        let started = std::time::Instant::now();
+        let outcome = run_one(*test, TEST_TIMEOUT);
+        // Where the guest's time goes (a diagnostic, never a verdict).
+        let took = || println!("# {name} took {:.1} s", started.elapsed().as_secs_f64());
+        let why = match outcome {
             Outcome::Passed => {
                 println!("ok {} - {name}", i + 1);
+                took();
                 continue;
             }
             Outcome::Skipped(why) => {
                 println!("ok {} - {name} # SKIP {why}", i + 1);
+                took();
                 continue;
             }
             Outcome::Failed(why) => why,
@@ -199,6 +207,7 @@ fn main() {
         for line in why.lines() {
             println!("# {line}");
         }
+        took();
     }
     std::process::exit(i32::from(failed > 0));
 }
