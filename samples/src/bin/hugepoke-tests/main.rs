@@ -20,6 +20,7 @@ macro_rules! ensure {
 }
 
 mod batch_core;
+mod cli;
 mod common;
 mod filesystems;
 mod foundation;
@@ -33,6 +34,7 @@ mod visibility;
 mod real_programs;
 
 use batch_core::*;
+use cli::*;
 use filesystems::*;
 use foundation::*;
 use hardening::*;
@@ -81,6 +83,8 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("execve_during_patch_never_patches_the_new_image", execve_during_patch_never_patches_the_new_image),
     ("expect_is_checked_in_the_step_that_writes", expect_is_checked_in_the_step_that_writes),
     ("cli_patch_writes_only_over_the_bytes_it_checked", cli_patch_writes_only_over_the_bytes_it_checked),
+    ("cli_json_output_matches_the_kernel", cli_json_output_matches_the_kernel),
+    ("cli_patch_sites_is_one_batch", cli_patch_sites_is_one_batch),
     ("a_parked_patch_does_not_stall_other_targets", a_parked_patch_does_not_stall_other_targets),
     ("last_mm_reference_is_dropped_by_a_worker", last_mm_reference_is_dropped_by_a_worker),
     ("restore_drains_lru_batches_once_and_unlocked", restore_drains_lru_batches_once_and_unlocked),
@@ -96,6 +100,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("real_python3_library_function_by_symbol_on_xfs", real_python3_library_function_by_symbol_on_xfs),
     ("real_python3_own_function_in_text_no_pmd_can_map", real_python3_own_function_in_text_no_pmd_can_map),
     ("real_python3_threads_on_both_cpus_while_patched_and_restored", real_python3_threads_on_both_cpus_while_patched_and_restored),
+    ("real_python3_sites_by_symbol_in_two_objects", real_python3_sites_by_symbol_in_two_objects),
     ("collapse_pid_makes_a_real_programs_text_huge", collapse_pid_makes_a_real_programs_text_huge),
     // Last: they unload and reload the module.
     ("module_unload_restores_persistent_patches", module_unload_restores_persistent_patches),
