@@ -8,6 +8,8 @@ pub mod collapse;
 pub mod decode;
 pub mod device;
 pub mod proc;
+pub mod report;
+pub mod sites;
 pub mod symbols;
 pub mod target;
 #[path = "../../src/uapi.rs"]

@@ -157,13 +157,16 @@ impl KpageFlags {
 
 pub const DEBUGFS: &str = "/sys/kernel/debug/hugepoke";
 
-/// The text of one of hugepoke's debugfs files.
+/// The text of one of hugepoke's debugfs files; from the directory
+/// `$HUGEPOKE_DEBUGFS` instead if set (the host tests feed the CLI text).
 pub fn debugfs(name: &str) -> io::Result<String> {
-    std::fs::read_to_string(format!("{DEBUGFS}/{name}"))
+    let dir = std::env::var_os("HUGEPOKE_DEBUGFS").unwrap_or_else(|| DEBUGFS.into());
+    std::fs::read_to_string(std::path::Path::new(&dir).join(name))
 }
 
-/// One line of debugfs `events`.
-#[derive(Debug, Clone, PartialEq)]
+/// One line of debugfs `events` (and one event of `hugepoke events --json`:
+/// the field names are stable, Documentation/cli.md).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct EventLine {
     pub seq: u64,
     pub time_ns: u64,
@@ -188,24 +191,24 @@ fn opt_hex(w: &str) -> Option<u64> {
 
 /// Parse `events`; comment lines (`# …`) are skipped.
 pub fn parse_events(text: &str) -> Vec<EventLine> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let mut w = l.splitn(10, ' ');
-            Some(EventLine {
-                seq: w.next()?.parse().ok()?,
-                time_ns: w.next()?.parse().ok()?,
-                pid: w.next()?.parse().ok()?,
-                handle: opt(w.next()?),
-                addr: opt_hex(w.next()?),
-                step: w.next()?.to_string(),
-                pfn: opt_hex(w.next()?),
-                order: opt(w.next()?),
-                result: w.next()?.to_string(),
-                note: w.next().unwrap_or("").to_string(),
-            })
-        })
-        .collect()
+    text.lines().filter(|l| !l.starts_with('#')).filter_map(parse_event_line).collect()
+}
+
+/// Parse one entry line of `events`.
+pub fn parse_event_line(l: &str) -> Option<EventLine> {
+    let mut w = l.splitn(10, ' ');
+    Some(EventLine {
+        seq: w.next()?.parse().ok()?,
+        time_ns: w.next()?.parse().ok()?,
+        pid: w.next()?.parse().ok()?,
+        handle: opt(w.next()?),
+        addr: opt_hex(w.next()?),
+        step: w.next()?.to_string(),
+        pfn: opt_hex(w.next()?),
+        order: opt(w.next()?),
+        result: w.next()?.to_string(),
+        note: w.next().unwrap_or("").to_string(),
+    })
 }
 
 /// `(ok, failed)` of one step in debugfs `stats`.
