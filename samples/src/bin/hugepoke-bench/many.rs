@@ -494,7 +494,58 @@ impl Run {
                 sites: threads * rounds * SITES,
             });
         }
+        // The control: the same two-thread shape with no hugepoke in it, so
+        // that a ratio well below 2 can be told apart from host contention.
+        for threads in [1, 2] {
+            let (calls, wall) = proc_mem_rounds(&files[..threads], rounds);
+            self.throughput.push(Throughput {
+                label: format!(
+                    "control: /proc/PID/mem writes of the 10,000 sites and back, {rounds} round{}, {}",
+                    if rounds == 1 { "" } else { "s" },
+                    if threads == 1 { "one target" } else { "two targets at once, a thread each" }
+                ),
+                threads,
+                calls,
+                wall_ns: wall,
+                sites: threads * rounds * SITES,
+            });
+        }
     }
+}
+
+/// `batch_rounds`' shape with 1-byte /proc/PID/mem writes instead of
+/// hugepoke: calls made and the wall time.
+fn proc_mem_rounds(files: &[String], rounds: usize) -> (usize, i64) {
+    let barrier = std::sync::Barrier::new(files.len());
+    let results: Vec<(i64, i64, usize)> = std::thread::scope(|s| {
+        let hs: Vec<_> = files
+            .iter()
+            .map(|file| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let m = Many::spawn(file);
+                    let mut calls = 0;
+                    barrier.wait();
+                    let start = mono_ns();
+                    for _ in 0..rounds {
+                        for byte in [INT3, NOP] {
+                            for at in site_offsets() {
+                                let w = m.mem.write(m.addr(at), &[byte]);
+                                check!(w.is_ok(), "/proc/PID/mem write: {w:?}");
+                                calls += 1;
+                            }
+                            check!(m.mem.read(m.t.addr, THP_SIZE) == text_with(byte), "after the writes the text is not {byte:#x} at exactly the sites");
+                        }
+                    }
+                    (start, mono_ns(), calls)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("bench thread panicked")).collect()
+    });
+    let start = results.iter().map(|r| r.0).min().unwrap();
+    let end = results.iter().map(|r| r.1).max().unwrap();
+    (results.iter().map(|r| r.2).sum(), end - start)
 }
 
 /// (wall, on-CPU) of each call.
