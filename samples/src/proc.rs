@@ -208,6 +208,64 @@ pub fn parse_events(text: &str) -> Vec<EventLine> {
         .collect()
 }
 
+/// One of hugepoke's trace events (`hugepoke:hugepoke_<step>`) as tracefs
+/// `trace` prints it: the journal's fields, with 0 (`order`: -1) for none.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceLine {
+    pub step: String,
+    pub seq: u64,
+    pub pid: i32,
+    pub handle: u32,
+    pub addr: u64,
+    pub pfn: u64,
+    pub order: i32,
+    /// 0 or a negative errno.
+    pub errno: i32,
+    pub reason: String,
+}
+
+impl TraceLine {
+    /// Does this event say what the journal's `e` says?
+    pub fn matches(&self, e: &EventLine) -> bool {
+        self.seq == e.seq
+            && self.step == e.step
+            && self.pid == e.pid
+            && Some(self.handle).filter(|&h| h != 0) == e.handle
+            && Some(self.addr).filter(|&a| a != 0) == e.addr
+            && Some(self.pfn).filter(|&p| p != 0) == e.pfn
+            && u32::try_from(self.order).ok() == e.order
+            && (self.errno == 0) == (e.result == "ok")
+            && self.reason == e.note
+    }
+}
+
+/// hugepoke's events in a tracefs `trace` text, in order; other lines are
+/// skipped.  The fields are as `TP_printk` in src/hugepoke_trace.h has them.
+pub fn parse_trace(text: &str) -> Vec<TraceLine> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (_, event) = l.split_once(": hugepoke_")?;
+            let (step, fields) = event.split_once(": ")?;
+            let (fields, reason) = fields.split_once(" reason=")?;
+            let mut field = |name: &str| {
+                fields.split(' ').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')).map(str::to_string)
+            };
+            Some(TraceLine {
+                step: step.to_string(),
+                seq: field("seq")?.parse().ok()?,
+                pid: field("pid")?.parse().ok()?,
+                handle: field("handle")?.parse().ok()?,
+                addr: crate::parse_number(&field("addr")?)?,
+                pfn: crate::parse_number(&field("pfn")?)?,
+                order: field("order")?.parse().ok()?,
+                errno: field("errno")?.parse().ok()?,
+                reason: reason.to_string(),
+            })
+        })
+        .collect()
+}
+
 /// `(ok, failed)` of one step in debugfs `stats`.
 pub fn parse_stat(text: &str, step: &str) -> Option<(u64, u64)> {
     // The per-step table is the first section; per-reason lines follow.
@@ -224,6 +282,43 @@ pub fn parse_stat(text: &str, step: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TRACE: &str = "\
+# tracer: nop
+  hugepoke-tests-119     [000] .l.1.    44.922442: hugepoke_split_pmd: seq=6 pid=120 handle=0 addr=0x7fda98205000 pfn=0x5000 order=9 errno=0 reason=PMD split to PTEs; THP stays whole
+    kworker/u8:0-12      [001] .l.1.    45.277755: hugepoke_collapse: seq=18 pid=120 handle=0 addr=0x7fda98200000 pfn=0x0 order=-1 errno=-16 reason=SCAN_FAIL: x=y
+  hugepoke-tests-119     [000] ...1.    45.390535: sched_switch: prev_comm=a
+";
+
+    #[test]
+    fn trace_lines_parse_and_match_the_journal() {
+        let t = parse_trace(TRACE);
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            t[0],
+            TraceLine {
+                step: "split_pmd".into(),
+                seq: 6,
+                pid: 120,
+                handle: 0,
+                addr: 0x7fda98205000,
+                pfn: 0x5000,
+                order: 9,
+                errno: 0,
+                reason: "PMD split to PTEs; THP stays whole".into(),
+            }
+        );
+        assert_eq!((t[1].order, t[1].errno, t[1].reason.as_str()), (-1, -16, "SCAN_FAIL: x=y"));
+        let journal = parse_events(
+            "6 1 120 - 0x7fda98205000 split_pmd 0x5000 9 ok PMD split to PTEs; THP stays whole\n\
+             18 2 120 - 0x7fda98200000 collapse - - -EBUSY SCAN_FAIL: x=y\n",
+        );
+        assert!(t[0].matches(&journal[0]) && t[1].matches(&journal[1]));
+        assert!(!t[0].matches(&journal[1]));
+        let mut other_pfn = journal[0].clone();
+        other_pfn.pfn = Some(0x5001);
+        assert!(!t[0].matches(&other_pfn));
+    }
 
     const SMAPS: &str = "\
 7f0000200000-7f0000400000 r-xp 00000000 00:1f 5                          /tmp/hugepoke-thp/text 1.bin
