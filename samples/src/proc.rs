@@ -248,7 +248,7 @@ pub fn parse_trace(text: &str) -> Vec<TraceLine> {
             let (_, event) = l.split_once(": hugepoke_")?;
             let (step, fields) = event.split_once(": ")?;
             let (fields, reason) = fields.split_once(" reason=")?;
-            let mut field = |name: &str| {
+            let field = |name: &str| {
                 fields.split(' ').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')).map(str::to_string)
             };
             Some(TraceLine {

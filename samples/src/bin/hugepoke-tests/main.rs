@@ -28,6 +28,7 @@ mod helper;
 mod identity;
 mod mechanism;
 mod races;
+mod trace_events;
 mod uffd;
 mod visibility;
 mod real_programs;
@@ -39,6 +40,7 @@ use hardening::*;
 use identity::*;
 use mechanism::*;
 use races::*;
+use trace_events::*;
 use uffd::*;
 use visibility::*;
 use real_programs::*;
@@ -51,6 +53,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("unprivileged_user_cannot_open", unprivileged_user_cannot_open),
     ("target_text_is_pmd_mapped_thp", target_text_is_pmd_mapped_thp),
     ("patch_restore_collapse_one_page", patch_restore_collapse_one_page),
+    ("trace_events_carry_each_step_and_its_pfns", trace_events_carry_each_step_and_its_pfns),
     ("collapse_waits_for_the_last_patch", collapse_waits_for_the_last_patch),
     ("install_pmd_maps_without_a_fault", install_pmd_maps_without_a_fault),
     ("expect_mismatch_changes_nothing", expect_mismatch_changes_nothing),
