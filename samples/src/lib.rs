@@ -7,7 +7,9 @@ pub mod check_state;
 pub mod collapse;
 pub mod decode;
 pub mod device;
+pub mod map;
 pub mod proc;
+pub mod svg;
 pub mod symbols;
 pub mod target;
 #[path = "../../src/uapi.rs"]
