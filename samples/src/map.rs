@@ -325,10 +325,10 @@ fn patch_lines(m: &RangeMap) -> Vec<String> {
     out
 }
 
-/// The legend, one line.
+/// The legend, one line (`;` between entries: labels have commas).
 pub fn legend() -> String {
     let kinds: Vec<String> = Kind::ALL.iter().map(|k| format!("{} {}", k.glyph(), k.label())).collect();
-    format!("{}, * live patch (its cell's colour is the page's)", kinds.join(", "))
+    format!("{}; * live patch (its cell's colour is the page's)", kinds.join("; "))
 }
 
 /// The picture as text: a title, 16 rows of 32 cells (in groups of 8) each
@@ -548,7 +548,7 @@ pub(crate) mod tests {
         assert_eq!(lines[17], "+0x1e0000 pppppppp pppppppp pppppppp pppppppp");
         assert_eq!(
             lines[18],
-            "legend: H PMD-mapped, p page-cache page, PTE-mapped, A anonymous copy, s swapped out, . not mapped, * live patch (its cell's colour is the page's)"
+            "legend: H PMD-mapped; p page-cache page, PTE-mapped; A anonymous copy; s swapped out; . not mapped; * live patch (its cell's colour is the page's)"
         );
         assert_eq!(lines[19], "handle 3 at 0x7f0000207000 (page 7, 6 bytes): anonymous copy, pfn 0x3c3d; the module's table says pfn 0x3c3d");
         assert_eq!(*lines.last().unwrap(), "summary: 511 page-cache PTEs, 1 anonymous (handle 3)");
