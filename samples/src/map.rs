@@ -175,7 +175,8 @@ pub struct RangeMap {
     /// One line: `PMD-mapped THP`, `511 page-cache PTEs, 1 anonymous (handle 3)`…
     pub summary: String,
     pub counts: Counts,
-    /// Why the module's table could not be read (no patches shown), if so.
+    /// Why the module's table could not be read (no patches shown), or that
+    /// it left some out (a busy target), if so.
     pub patch_table_error: Option<String>,
     pub patches: Vec<Patch>,
     pub cells: Vec<Cell>,
@@ -232,12 +233,18 @@ impl RangeMap {
             })
             .collect();
         let (patches, error) = match proc::debugfs("patches") {
-            Ok(text) => (patches_in_range(&proc::parse_patches(&text), pid, start), None),
+            Ok(text) => (patches_in_range(&proc::parse_patches(&text), pid, start), busy_note(&text)),
             Err(e) => (Vec::new(), Some(format!("{}/patches: {e}", proc::DEBUGFS))),
         };
         let vma = proc::smaps_entry(pid, addr).ok().map(|e| Vma { start: e.start, end: e.end, perms: e.perms, path: e.path });
         Ok(Self::new(pid, addr, vma, cells, patches, error))
     }
+}
+
+/// debugfs `patches` stands for a busy target's patches with a `# a target
+/// is busy …` line: then some patches may be missing, and the map says so.
+pub fn busy_note(table: &str) -> Option<String> {
+    table.lines().find(|l| l.starts_with("# a target is busy")).map(|l| format!("some not listed: debugfs patches says \"{}\"", &l[2..]))
 }
 
 /// The live patches of `pid` that start in the range at `start`.
@@ -535,6 +542,11 @@ pub(crate) mod tests {
                     6 42 0x7f0000208000 1 gone - file:1 yes cc b8 0/1\n\
                     # a target is busy (its lock held for more than 100 ms): its patches are not listed\n";
         let got = patches_in_range(&proc::parse_patches(text), 42, START);
+        assert_eq!(
+            busy_note(text).as_deref(),
+            Some("some not listed: debugfs patches says \"a target is busy (its lock held for more than 100 ms): its patches are not listed\"")
+        );
+        assert_eq!(busy_note("# handle pid addr\n"), None);
         assert_eq!(got, vec![Patch { handle: 3, addr: START + 7 * PAGE_SIZE, len: 6, page: 7, pfn: Some(0x3c3d) }]);
     }
 
