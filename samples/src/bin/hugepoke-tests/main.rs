@@ -27,6 +27,7 @@ mod foundation;
 mod hardening;
 mod helper;
 mod identity;
+mod map;
 mod mechanism;
 mod races;
 mod uffd;
@@ -39,6 +40,7 @@ use filesystems::*;
 use foundation::*;
 use hardening::*;
 use identity::*;
+use map::*;
 use mechanism::*;
 use races::*;
 use uffd::*;
@@ -55,6 +57,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("patch_restore_collapse_one_page", patch_restore_collapse_one_page),
     ("collapse_waits_for_the_last_patch", collapse_waits_for_the_last_patch),
     ("install_pmd_maps_without_a_fault", install_pmd_maps_without_a_fault),
+    ("map_shows_patch_restore_and_collapse", map_shows_patch_restore_and_collapse),
     ("expect_mismatch_changes_nothing", expect_mismatch_changes_nothing),
     ("batch_patches_and_restores_every_site", batch_patches_and_restores_every_site),
     ("batch_restore_follows_moves_drops_and_swap", batch_restore_follows_moves_drops_and_swap),
