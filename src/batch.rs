@@ -46,11 +46,13 @@ use crate::{
 pub(crate) struct Failure {
     pub(crate) error: Error,
     pub(crate) site: Option<u32>,
+    /// Sites it wrote and could not give back are kept under this handle.
+    pub(crate) kept: Option<u64>,
 }
 
 impl From<Error> for Failure {
     fn from(error: Error) -> Self {
-        Self { error, site: None }
+        Self { error, site: None, kept: None }
     }
 }
 
@@ -62,14 +64,6 @@ pub(crate) fn check_batch_args(args: &PatchBatchArgs) -> Result<(), (Error, &'st
         return Err((EINVAL, "a batch holds 1 to 4096 sites"));
     }
     Ok(())
-}
-
-/// One site on its way in: the table record it becomes, its expected
-/// bytes, and the file it will hold.
-struct Planned {
-    site: Site,
-    expect: Option<[u8; MAX_BYTES]>,
-    file: ARef<File>,
 }
 
 /// Consecutive runs of `sites` on one page, as index ranges.
@@ -92,6 +86,7 @@ pub(crate) fn patch_batch(hp: &Arc<Hugepoke>, owner: u64, args: &PatchBatchArgs,
     let blame = |i: usize, e: Error, why: &'static str| Failure {
         error: hp.journal.fail(ev(Step::Patch).addr(sites[i].addr as usize), e, why),
         site: Some(i as u32),
+        kept: None,
     };
     for (i, s) in sites.iter().enumerate() {
         if s.flags & !uapi::SITE_FLAGS != 0 {
@@ -125,13 +120,25 @@ pub(crate) fn patch_batch(hp: &Arc<Hugepoke>, owner: u64, args: &PatchBatchArgs,
     });
     match (handle, failure) {
         (Ok(handle), None) => Ok(handle),
-        // Failed, and what it wrote could not be undone: kept (see `undo`).
-        (Ok(_), Some(f)) => Err(f),
-        (Err(e), f) => Err(f.unwrap_or(Failure { error: e, site: None })),
+        // Failed, and what it wrote could not all be undone: kept (see `undo`).
+        (Ok(handle), Some(f)) => Err(Failure { kept: Some(handle), ..f }),
+        (Err(e), f) => Err(f.unwrap_or(Failure { error: e, site: None, kept: None })),
     }
 }
 
-/// PATCH_BATCH with the target's state locked.
+/// A batch on its way in, in address order: the table records its sites
+/// become, their expected bytes and files, and its pages (runs of sites).
+/// Everything the write phase needs is allocated before anything is
+/// written, so no allocation can fail between a write and its record.
+struct Plan {
+    sites: KVVec<Site>,
+    expects: KVVec<Option<[u8; MAX_BYTES]>>,
+    files: KVVec<ARef<File>>,
+    pages: KVVec<PageWork>,
+}
+
+/// PATCH_BATCH with the target's state locked.  `Ok` with `kept` set:
+/// it failed, and the sites it could not give back are recorded.
 #[allow(clippy::too_many_arguments)]
 fn batch_locked(
     hp: &Arc<Hugepoke>,
@@ -148,8 +155,15 @@ fn batch_locked(
 ) -> Result<(), Failure> {
     let ev = |step| Event::new(step).pid(pid);
     let nomem = || Failure::from(hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a batch"));
-    let room = state.patches.reserve(sites.len()).map_err(|_| nomem())?;
-    let mut planned: KVVec<Planned> = KVVec::with_capacity(sites.len(), GFP_KERNEL).map_err(|_| nomem())?;
+    let n = sites.len();
+    let room = state.patches.reserve(n).map_err(|_| nomem())?;
+    let mut plan = Plan {
+        sites: KVVec::with_capacity(n, GFP_KERNEL).map_err(|_| nomem())?,
+        expects: KVVec::with_capacity(n, GFP_KERNEL).map_err(|_| nomem())?,
+        files: KVVec::with_capacity(n, GFP_KERNEL).map_err(|_| nomem())?,
+        pages: KVVec::with_capacity(n, GFP_KERNEL).map_err(|_| nomem())?,
+    };
+    let mut at: RBTree<PageKey, usize> = RBTree::new();
 
     let guard = MmapWriteGuard::lock_killable(mm)
         .map_err(|e| hp.journal.fail(ev(Step::CheckVma), e, "fatal signal while waiting for the target's mmap lock"))?;
@@ -160,6 +174,7 @@ fn batch_locked(
         let blame = |e: Error, why: &'static str| Failure {
             error: hp.journal.fail(ev(Step::CheckVma).addr(addr), e, why),
             site: Some(i),
+            kept: None,
         };
         let vma = guard.vma_lookup(addr).ok_or_else(|| blame(EFAULT, "address is not mapped"))?;
         let info = sys::vma_info(vma);
@@ -168,6 +183,15 @@ fn batch_locked(
         let (offset, len) = (addr & !PAGE_MASK, s.len as usize);
         if state.patches.overlaps(info.mapping, pgoff, offset, len) {
             return Err(blame(EBUSY, "range overlaps a live patch"));
+        }
+        // One file page reached at two addresses would be two copies: the
+        // table knows a patch by its file page, so that is refused.
+        match at.get(&(info.mapping, pgoff)) {
+            Some(&a) if a != addr & PAGE_MASK => return Err(blame(EINVAL, "two sites on one file page mapped at two addresses")),
+            Some(_) => {}
+            None => {
+                at.try_create_and_insert((info.mapping, pgoff), addr & PAGE_MASK, GFP_KERNEL).map_err(|_| nomem())?;
+            }
         }
         let file = sys::vma_file(vma).ok_or_else(|| blame(EINVAL, "not a file-backed mapping"))?;
         let site = Site {
@@ -185,48 +209,37 @@ fn batch_locked(
             pfn: 0,
             pmd_mappable: false,
         };
-        let expect = (s.flags & uapi::PATCH_EXPECT != 0).then_some(s.expect);
-        planned.push(Planned { site, expect, file }, GFP_KERNEL).map_err(|_| nomem())?;
+        // Within capacity: n each.
+        let _ = plan.sites.push_within_capacity(site);
+        let _ = plan.expects.push_within_capacity((s.flags & uapi::PATCH_EXPECT != 0).then_some(s.expect));
+        let _ = plan.files.push_within_capacity(file);
     }
-    // One file page mapped at two addresses would be two copies: the
-    // table knows a patch by its file page, so that is refused.
-    {
-        let mut at: RBTree<PageKey, usize> = RBTree::new();
-        for p in planned.iter() {
-            let page_addr = p.site.addr & PAGE_MASK;
-            match at.get(&p.site.page_key()) {
-                Some(&a) if a != page_addr => {
-                    return Err(Failure {
-                        error: hp.journal.fail(ev(Step::CheckVma).addr(p.site.addr), EINVAL, "two sites on one file page mapped at two addresses"),
-                        site: Some(p.site.index),
-                    });
-                }
-                Some(_) => {}
-                None => {
-                    at.try_create_and_insert(p.site.page_key(), page_addr, GFP_KERNEL).map_err(|_| nomem())?;
-                }
-            }
-        }
+    drop(at);
+    for r in pages_of(&plan.sites, |s| s.addr & PAGE_MASK) {
+        let _ = plan.pages.push_within_capacity(PageWork::new(r));
     }
     // The cheap look at the expected bytes, one plain GUP a page: a
     // mismatch here changes nothing.  The check that counts is repeated
     // under the page-table lock, in the step that writes.
-    for r in pages_of(&planned, |p| p.site.addr & PAGE_MASK) {
-        if planned[r.clone()].iter().all(|p| p.expect.is_none()) {
+    for w in plan.pages.iter() {
+        let r = w.range.clone();
+        if plan.expects[r.clone()].iter().all(|e| e.is_none()) {
             continue;
         }
-        let page_addr = planned[r.start].site.addr & PAGE_MASK;
-        let page = guard.get_user_page(page_addr, sys::FOLL_FORCE).map_err(|e| Failure {
-            error: hp.journal.fail(ev(Step::CheckExpected).addr(page_addr), e, "cannot read the target page"),
-            site: Some(planned[r.start].site.index),
+        let first = &plan.sites[r.start];
+        let page = guard.get_user_page(first.addr & PAGE_MASK, sys::FOLL_FORCE).map_err(|e| Failure {
+            error: hp.journal.fail(ev(Step::CheckExpected).addr(first.addr), e, "cannot read the target page"),
+            site: Some(first.index),
+            kept: None,
         })?;
-        for p in planned[r].iter() {
+        for (s, expect) in plan.sites[r.clone()].iter().zip(plan.expects[r].iter()) {
             let mut now = [0u8; MAX_BYTES];
-            page.read(p.site.offset(), &mut now[..p.site.len]);
-            if p.expect.is_some_and(|e| e[..p.site.len] != now[..p.site.len]) {
+            page.read(s.offset(), &mut now[..s.len]);
+            if expect.is_some_and(|e| e[..s.len] != now[..s.len]) {
                 return Err(Failure {
-                    error: hp.journal.fail(ev(Step::CheckExpected).addr(p.site.addr), sys::eilseq(), "bytes at the address are not the expected ones"),
-                    site: Some(p.site.index),
+                    error: hp.journal.fail(ev(Step::CheckExpected).addr(s.addr), sys::eilseq(), "bytes at the address are not the expected ones"),
+                    site: Some(s.index),
+                    kept: None,
                 });
             }
         }
@@ -234,183 +247,219 @@ fn batch_locked(
     hp.journal.record(ev(Step::CheckVma).handle(handle as u32).note("every site of the batch checked"));
     hp.pauses.at(Point::Checked, pid, &hp.journal);
 
-    // Write, a page at a time.
-    let mut written = 0;
+    // Write, a page at a time.  Each written page's reference is kept, so
+    // an undo needs no GUP (which a fatal signal would cut short).
     let mut failed: Option<Failure> = None;
-    let ranges = {
-        let mut v: KVVec<core::ops::Range<usize>> = KVVec::new();
-        for r in pages_of(&planned, |p| p.site.addr & PAGE_MASK) {
-            v.push(r, GFP_KERNEL).map_err(|_| nomem())?;
-        }
-        v
-    };
-    for r in ranges.iter() {
-        let page_addr = planned[r.start].site.addr & PAGE_MASK;
+    for w in plan.pages.iter_mut() {
+        let r = w.range.clone();
+        let page_addr = plan.sites[r.start].addr & PAGE_MASK;
         let Some(vma) = guard.vma_lookup(page_addr) else {
-            failed = Some(Failure { error: EFAULT, site: Some(planned[r.start].site.index) });
+            let e = hp.journal.fail(ev(Step::WriteBytes).addr(page_addr), EFAULT, "page is no longer mapped");
+            failed = Some(Failure { error: e, site: Some(plan.sites[r.start].index), kept: None });
             break;
         };
         let before = sys::mapping_of(vma, page_addr);
-        let mut sites: KVVec<Site> = KVVec::with_capacity(r.len(), GFP_KERNEL).map_err(|_| nomem())?;
-        let mut expects: KVVec<Option<[u8; MAX_BYTES]>> = KVVec::with_capacity(r.len(), GFP_KERNEL).map_err(|_| nomem())?;
-        for p in planned[r.clone()].iter() {
-            sites.push(p.site, GFP_KERNEL).map_err(|_| nomem())?;
-            expects.push(p.expect, GFP_KERNEL).map_err(|_| nomem())?;
-        }
-        let result = patch::write_bytes(hp, &guard, vma, &mut sites, &expects, before);
-        // `orig` and `pfn` are filled whether or not the write happened.
-        for (p, s) in planned[r.clone()].iter_mut().zip(sites.iter()) {
-            p.site.orig = s.orig;
-            p.site.pfn = s.pfn;
-        }
+        let result = patch::write_bytes(hp, &guard, vma, &mut plan.sites[r.clone()], &plan.expects[r.clone()], before);
         match result {
-            Ok(()) => {
+            Ok(page) => {
                 let pmd_mappable = sys::page_cache_page(vma, page_addr).is_some_and(|c| c.pmd_mappable());
-                for p in planned[r.clone()].iter_mut() {
-                    p.site.pmd_mappable = pmd_mappable;
+                for s in plan.sites[r].iter_mut() {
+                    s.pmd_mappable = pmd_mappable;
                 }
-                written = r.end;
+                w.state = PageState::Found(page_addr, page);
             }
             Err(WriteError::Failed(e)) => {
-                failed = Some(Failure { error: e, site: Some(planned[r.start].site.index) });
+                failed = Some(Failure { error: e, site: Some(plan.sites[r.start].index), kept: None });
                 break;
             }
-            Err(WriteError::NotExpected(k)) => {
-                let site = &planned[r.start + k].site;
+            Err(WriteError::NotExpected(k, page)) => {
+                let site = &plan.sites[r.start + k];
                 let e = hp.journal.fail(
                     ev(Step::CheckExpected).addr(site.addr),
                     sys::eilseq(),
                     "bytes at the address are not the expected ones (under the page-table lock)",
                 );
-                failed = Some(Failure { error: e, site: Some(site.index) });
+                failed = Some(Failure { error: e, site: Some(site.index), kept: None });
                 // COWed but not written: given back with the others, as
                 // a restore of "patched" bytes that are the ones there.
-                for p in planned[r.clone()].iter_mut() {
-                    p.site.bytes = p.site.orig;
+                for s in plan.sites[r].iter_mut() {
+                    s.bytes = s.orig;
                 }
-                written = r.end;
+                w.state = PageState::Found(page_addr, page);
                 break;
             }
         }
     }
 
     if let Some(failure) = failed {
-        if undo(hp, target, state, &guard, mm, &planned[..written], handle) {
+        let journal_ev = Event::new(Step::Restore).pid(pid).handle(handle as u32);
+        hp.journal.record(journal_ev.note("undoing the batch's pages written so far"));
+        // Nothing of the batch is in the table.
+        let last_on_page = |s: &[Site]| state.patches.on_page(s[0].page_key()) == 0;
+        let result = undo(hp, &guard, mm, &plan.sites, &mut plan.pages, last_on_page);
+        drop(guard);
+        // Collapses only now: at unload one runs synchronously, and takes
+        // the mmap lock.
+        queue_collapses(hp, target, state, &plan.sites, &plan.pages);
+        if let Err((e, why)) = result {
+            hp.journal.record(journal_ev.error(e, why));
+        }
+        // Sites on pages still holding them (an undo refused) stay known:
+        // under this handle, persistent.
+        let left = |w: &PageWork| matches!(w.outcome, Outcome::Untouched) && matches!(w.state, PageState::Found(..));
+        if !plan.pages.iter().any(left) {
+            hp.journal.record(journal_ev.note("batch undone: every page written so far restored"));
             return Err(failure);
         }
-        // Pages that could not be given back stay patched, and stay known:
-        // under this handle, as persistent (RESTORE or unload may undo them).
-        drop(guard);
-        planned.truncate(written);
-        for p in planned.iter_mut() {
-            p.site.owner = None;
-        }
-        state.patches.insert(room, planned.into_iter().map(|p| (p.site, p.file)));
+        let mut keep = plan.pages.iter().flat_map(|w| {
+            let r = if left(w) { w.range.clone() } else { 0..0 };
+            r
+        });
+        let mut files = plan.files.into_iter();
+        let mut index = 0;
+        let sites = &plan.sites;
+        let kept_sites = core::iter::from_fn(|| {
+            let i = keep.next()?;
+            // Files are in site order: skip those of the sites not kept.
+            let file = files.nth(i - index)?;
+            index = i + 1;
+            Some((Site { owner: None, ..sites[i] }, file))
+        });
+        state.patches.insert(room, kept_sites);
         let left = hp.registry.lock().disown(handle);
         drop(left);
-        hp.journal.record(ev(Step::Patch).handle(handle as u32).error(failure.error, "batch failed and could not be undone: its written sites kept under this handle, persistent"));
+        hp.journal.record(
+            ev(Step::Patch)
+                .handle(handle as u32)
+                .error(failure.error, "batch failed and could not all be undone: the sites still written are kept under this handle, persistent"),
+        );
         *kept = Some(failure);
         return Ok(());
     }
     drop(guard);
-    let count = planned.len();
-    let first_addr = planned.first().map_or(0, |p| p.site.addr);
-    state.patches.insert(room, planned.into_iter().map(|p| (p.site, p.file)));
-    hp.journal.record(
-        ev(Step::Patched).addr(first_addr).handle(handle as u32).note(if count == 1 {
-            "batch of 1 site written"
-        } else {
-            "batch: every site written"
-        }),
-    );
+    let first_addr = plan.sites.first().map_or(0, |s| s.addr);
+    state.patches.insert(room, plan.sites.iter().copied().zip(plan.files));
+    hp.journal.record(ev(Step::Patched).addr(first_addr).handle(handle as u32).note(if n == 1 {
+        "batch of 1 site written"
+    } else {
+        "batch: every site written"
+    }));
     Ok(())
 }
 
-/// Give back the pages a failed PATCH_BATCH wrote (`planned`, in address
-/// order), with the mmap lock still held: restore the originals, zap the
-/// copies, queue the collapses.  Nothing of the batch is in the table.
-/// False if they could not be given back (nothing of them was then).
+/// Give back the pages a failed PATCH_BATCH wrote (those `Found` in
+/// `pages`), with the mmap lock still held: dropping it would let a writer
+/// in between our write and its undo.  So the one LRU drain the zaps may
+/// need runs under it (its per-CPU work takes no mm lock; khugepaged's
+/// `madvise_collapse()` drains under the mmap lock as well).
 fn undo(
-    hp: &Arc<Hugepoke>,
-    target: &Arc<Target>,
-    state: &mut TargetState,
+    hp: &Hugepoke,
     guard: &MmapWriteGuard<'_>,
     mm: &MmWithUser,
-    planned: &[Planned],
-    handle: u64,
-) -> bool {
-    if planned.is_empty() {
-        return true;
-    }
-    let pid = planned[0].site.pid;
-    let ev = Event::new(Step::Restore).pid(pid).addr(planned[0].site.addr).handle(handle as u32);
-    hp.journal.record(ev.note("undoing the batch's pages written so far"));
-    let mut sites: KVVec<Site> = KVVec::new();
-    for p in planned.iter() {
-        if sites.push(p.site, GFP_KERNEL).is_err() {
-            hp.journal.record(ev.error(ENOMEM, "no memory to undo the batch: its written pages stay patched"));
-            return false;
+    sites: &[Site],
+    pages: &mut [PageWork],
+    last_on_page: impl Fn(&[Site]) -> bool,
+) -> Result<(), (Error, &'static str)> {
+    // Only the pages written (or COWed): the others never changed.
+    for w in pages.iter_mut() {
+        if !matches!(w.state, PageState::Found(..)) {
+            w.state = PageState::Gone(Ok(()), "not written");
         }
     }
-    let last_on_page = |s: &[Site]| state.patches.on_page(s[0].page_key()) == 0;
-    match restore_pages(hp, guard, mm, &sites, last_on_page) {
-        Ok(pages) => {
-            queue_collapses(hp, target, state, &sites, &pages);
-            hp.journal.record(ev.note("batch undone: every page written so far restored"));
-            true
-        }
-        Err((Refused::Kept(e, why), _)) => {
-            // Only a writer holding a pin taken before the batch can get
-            // here; the pages stay as they are, and the journal says so.
-            hp.journal.record(ev.error(e, why));
-            false
-        }
-        // Unreachable: `restore_pages` reports a gone page per page.
-        Err((Refused::Gone { why, .. }, _)) => {
-            hp.journal.record(ev.note(why));
-            true
-        }
+    match locate_and_check(hp, guard, sites, pages, &last_on_page) {
+        Located::Refused(Refused::Kept(e, why) | Refused::Gone { result: Err(e), why }, _) => return Err((e, why)),
+        Located::Refused(Refused::Gone { result: Ok(()), .. }, _) => {}
+        Located::NeedDrain => drain(hp, &sites[0]),
+        Located::Ready => {}
+    }
+    if let Err((Refused::Kept(e, why) | Refused::Gone { result: Err(e), why }, _)) = write_originals(hp, guard, sites, pages) {
+        return Err((e, why));
+    }
+    zap_copies(hp, guard, mm, sites, pages, &last_on_page);
+    Ok(())
+}
+
+/// One page's part in a batch RESTORE (or undo): which sites, what the
+/// passes found, and what was done.
+struct PageWork {
+    range: core::ops::Range<usize>,
+    state: PageState,
+    outcome: Outcome,
+}
+
+impl PageWork {
+    fn new(range: core::ops::Range<usize>) -> Self {
+        Self { range, state: PageState::Unknown, outcome: Outcome::Untouched }
     }
 }
 
 /// What the restore passes found for one page.
 enum PageState {
+    /// Not looked at yet.
+    Unknown,
     /// The page's copy, where it is mapped now, and the reference on it.
     Found(usize, PageRef),
     /// Nothing to restore: the patch went (how, and what RESTORE returns).
     Gone(Result, &'static str),
 }
 
-/// Restore the pages of `sites` (grouped by page, one file page per
-/// group): every copy found and every site's patched bytes checked before
-/// anything is written; every page's originals written; then the copies
-/// that equal their page-cache page zapped.  `last_on_page(group)` says
-/// whether no other patch stays on a group's page.  On refusal nothing is
-/// written (`usize`: the position in `sites` to blame).
-fn restore_pages(
+/// What was done to one page.
+enum Outcome {
+    /// Nothing: it holds the patched bytes (or never did).
+    Untouched,
+    /// The originals are back in the copy, which is still mapped.
+    Written,
+    /// Restored, and zapped or kept as `Restored` says.
+    Done(Restored),
+}
+
+/// How pass 1 ended.
+enum Located {
+    /// Every copy found and every site's bytes are the patched ones.
+    Ready,
+    /// As `Ready`, but a copy may sit in an LRU batch: drain first.
+    NeedDrain,
+    /// Refused (the position in `sites` to blame); nothing written.
+    Refused(Refused, usize),
+}
+
+/// Pass 1 of a batch RESTORE: find every page's copy (reusing one found
+/// before, if the PTE still maps it there) and check every site's bytes
+/// are the ones PATCH wrote.  Writes nothing.
+fn locate_and_check(
     hp: &Hugepoke,
     guard: &MmapWriteGuard<'_>,
-    mm: &MmWithUser,
     sites: &[Site],
-    last_on_page: impl Fn(&[Site]) -> bool,
-) -> Result<KVVec<(usize, Option<Restored>, Option<(Result, &'static str)>)>, (Refused, usize)> {
+    pages: &mut [PageWork],
+    last_on_page: &impl Fn(&[Site]) -> bool,
+) -> Located {
     let ev = |s: &Site, step| Event::new(step).pid(s.pid).addr(s.addr).handle(s.handle as u32);
-    let nomem = |at| (Refused::Kept(ENOMEM, "no memory to restore the batch"), at);
-    let mut groups: KVVec<(core::ops::Range<usize>, PageState)> = KVVec::new();
     let mut need_drain = false;
-
-    // Pass 1: find every copy and check every site's bytes.
-    for r in pages_of(sites, |s| s.page_key()) {
+    for w in pages.iter_mut() {
+        let r = w.range.clone();
         let rep = &sites[r.start];
-        let mut found = None;
+        if matches!(w.state, PageState::Gone(..)) {
+            continue;
+        }
+        let mut ready = false;
         for _ in 0..MAX_TRIES {
-            let (vma, page_addr, page) = match patch::find_anon_copy(guard, rep) {
-                Ok(f) => f,
-                Err(Refused::Gone { result, why }) => {
-                    found = Some(PageState::Gone(result, why));
-                    break;
-                }
-                Err(kept) => return Err((kept, r.start)),
+            let (vma, page_addr, page) = match core::mem::replace(&mut w.state, PageState::Unknown) {
+                // Held from before (written by PATCH_BATCH, or found before
+                // a drain): no new GUP, whose FOLL_TOUCH could put the page
+                // in an LRU batch right back.
+                PageState::Found(page_addr, page) => match patch::still_mapped_at(guard, rep, page_addr) {
+                    Some(vma) => (vma, page_addr, page),
+                    None => continue,
+                },
+                _ => match patch::find_anon_copy(guard, rep) {
+                    Ok(found) => found,
+                    Err(Refused::Gone { result, why }) => {
+                        w.state = PageState::Gone(result, why);
+                        ready = true;
+                        break;
+                    }
+                    Err(kept) => return Located::Refused(kept, r.start),
+                },
             };
             let Some(pte) = sys::lock_pte(vma, page_addr, &page) else { continue };
             if !pte.writable() && (pte.uffd_wp() || !pte.anon_exclusive()) {
@@ -418,70 +467,120 @@ fn restore_pages(
                 // forked child is a fault to take with FOLL_WRITE.
                 drop(pte);
                 hp.journal.record(ev(rep, Step::RestoreBytes).page(page.pfn(), 0).error(EAGAIN, "PTE is write-protected or shared; faulting it with FOLL_WRITE"));
-                match guard.get_user_page(page_addr, sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD) {
-                    Ok(_) => continue,
-                    Err(e) => return Err((Refused::Kept(e, "cannot fault the page in for writing"), r.start)),
+                if let Err(e) = guard.get_user_page(page_addr, sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD) {
+                    return Located::Refused(Refused::Kept(e, "cannot fault the page in for writing"), r.start);
                 }
+                continue;
             }
             drop(pte);
+            // A look before the write; the write checks again under the PT lock.
             for (k, s) in sites[r.clone()].iter().enumerate() {
                 let mut now = [0u8; MAX_BYTES];
                 page.read(s.offset(), &mut now[..s.len]);
                 if now[..s.len] != s.bytes[..s.len] {
                     hp.journal.record(ev(s, Step::RestoreBytes).page(page.pfn(), 0).error(sys::eilseq(), "this site's bytes are not the ones PATCH wrote"));
-                    return Err((
+                    return Located::Refused(
                         Refused::Kept(sys::eilseq(), "bytes at a site of the batch are not the ones PATCH wrote; nothing written"),
                         r.start + k,
-                    ));
+                    );
                 }
             }
             need_drain |= last_on_page(&sites[r.clone()]) && page.unexpected_refs() > 0 && page.may_be_lru_cached();
-            found = Some(PageState::Found(page_addr, page));
+            w.state = PageState::Found(page_addr, page);
+            ready = true;
             break;
         }
-        let Some(found) = found else {
-            return Err((Refused::Kept(EAGAIN, "page table kept changing"), r.start));
-        };
-        groups.push((r, found), GFP_KERNEL).map_err(|_| nomem(0))?;
+        if !ready {
+            return Located::Refused(Refused::Kept(EAGAIN, "page table kept changing"), r.start);
+        }
     }
-    if need_drain {
-        // Maybe only LRU batches' references (a fresh COW leaves one).
-        let ev = Event::new(Step::LruDrain).pid(sites[0].pid).handle(sites[0].handle as u32);
-        hp.journal.record(ev.note("draining all CPUs' LRU batches"));
-        sys::lru_add_drain_all();
-        hp.journal.record(ev.note("drained"));
-    }
+    if need_drain { Located::NeedDrain } else { Located::Ready }
+}
 
-    // Pass 2: write every page's originals back; if a page cannot be
-    // written, the pages before it get the patched bytes again.
-    for g in 0..groups.len() {
-        let (r, PageState::Found(page_addr, page)) = &mut groups[g] else { continue };
-        let (r, page_addr) = (r.clone(), *page_addr);
-        if let Err(refused) = write_page(hp, guard, &sites[r.clone()], page_addr, page, false) {
-            for (r, state) in groups[..g].iter_mut() {
-                if let PageState::Found(page_addr, page) = state {
-                    let _ = write_page(hp, guard, &sites[r.clone()], *page_addr, page, true);
+/// One `lru_add_drain_all()`, journaled.
+fn drain(hp: &Hugepoke, rep: &Site) {
+    let ev = Event::new(Step::LruDrain).pid(rep.pid).handle(rep.handle as u32);
+    hp.journal.record(ev.note("draining all CPUs' LRU batches"));
+    sys::lru_add_drain_all();
+    hp.journal.record(ev.note("drained"));
+}
+
+/// Pass 2: write every found page's originals back.  If a page cannot be
+/// written, the pages before it get the patched bytes again; one that
+/// cannot stays `Written` (its sites are restored: the caller forgets them).
+fn write_originals(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, sites: &[Site], pages: &mut [PageWork]) -> Result<(), (Refused, usize)> {
+    for g in 0..pages.len() {
+        let (done, rest) = pages.split_at_mut(g);
+        let w = &mut rest[0];
+        let PageState::Found(page_addr, page) = &mut w.state else { continue };
+        let r = w.range.clone();
+        if let Err(refused) = write_page(hp, guard, &sites[r.clone()], *page_addr, page, false) {
+            for w in done.iter_mut() {
+                let PageState::Found(page_addr, page) = &mut w.state else { continue };
+                if write_page(hp, guard, &sites[w.range.clone()], *page_addr, page, true).is_ok() {
+                    w.outcome = Outcome::Untouched;
                 }
             }
             return Err((refused, r.start));
         }
+        w.outcome = Outcome::Written;
     }
+    Ok(())
+}
 
-    // Pass 3: zap the copies that now equal their page-cache page.
-    let mut out = KVVec::with_capacity(groups.len(), GFP_KERNEL).map_err(|_| nomem(0))?;
-    for (r, state) in groups.iter_mut() {
-        let rep = &sites[r.start];
-        match state {
-            PageState::Gone(result, why) => {
-                let _ = out.push((r.start, None, Some((*result, *why))), GFP_KERNEL);
-            }
-            PageState::Found(page_addr, page) => {
-                let restored = zap_page(hp, guard, mm, rep, *page_addr, page, last_on_page(&sites[r.clone()]));
-                let _ = out.push((r.start, Some(restored), None), GFP_KERNEL);
-            }
+/// Pass 3: zap the copies that now equal their page-cache page.
+fn zap_copies(
+    hp: &Hugepoke,
+    guard: &MmapWriteGuard<'_>,
+    mm: &MmWithUser,
+    sites: &[Site],
+    pages: &mut [PageWork],
+    last_on_page: &impl Fn(&[Site]) -> bool,
+) {
+    for w in pages.iter_mut() {
+        let PageState::Found(page_addr, page) = &mut w.state else { continue };
+        if !matches!(w.outcome, Outcome::Written) {
+            continue;
         }
+        let r = w.range.clone();
+        w.outcome = Outcome::Done(zap_page(hp, guard, mm, &sites[r.start], *page_addr, page, last_on_page(&sites[r])));
     }
-    Ok(out)
+}
+
+/// Restore the pages of `sites` (grouped by file page in `pages`) with
+/// the target's mmap lock taken here: pass 1 (dropping the lock once for
+/// an LRU drain, when a copy may sit in an LRU batch: nothing is written
+/// yet), then passes 2 and 3 without letting go of it.
+fn restore_pages(
+    hp: &Hugepoke,
+    mm: &MmWithUser,
+    sites: &[Site],
+    pages: &mut [PageWork],
+    last_on_page: impl Fn(&[Site]) -> bool,
+) -> Result<(), (Refused, usize)> {
+    let mut drained = false;
+    loop {
+        let guard = MmapWriteGuard::lock_killable(mm)
+            .map_err(|e| (Refused::Kept(e, "fatal signal while waiting for the target's mmap lock"), 0))?;
+        if !drained {
+            hp.pauses.at(Point::Restore, sites[0].pid, &hp.journal);
+        }
+        match locate_and_check(hp, &guard, sites, pages, &last_on_page) {
+            Located::Refused(refused, at) => return Err((refused, at)),
+            Located::NeedDrain if !drained => {
+                // Without the mmap lock: nothing is written yet.
+                drop(guard);
+                hp.pauses.at(Point::Drain, sites[0].pid, &hp.journal);
+                drain(hp, &sites[0]);
+                drained = true;
+                continue;
+            }
+            Located::NeedDrain | Located::Ready => {}
+        }
+        write_originals(hp, &guard, sites, pages)?;
+        zap_copies(hp, &guard, mm, sites, pages, &last_on_page);
+        return Ok(());
+    }
 }
 
 /// Lock the PTE that maps `page` at `page_addr`, taking the page again
@@ -553,6 +652,8 @@ fn zap_page(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, mm: &MmWithUser, rep: &Si
     if !last_on_page {
         return kept("other patches remain on this page", page.pfn());
     }
+    // A swap-out in flight would keep the swap slot past the zap.
+    page.wait_writeback();
     // Zapping happens under the PT lock, where notifiers cannot sleep.
     let _invalidate = sys::InvalidateRange::start(mm, page_addr);
     let Some(vma) = patch::still_mapped_at(guard, rep, page_addr) else {
@@ -564,39 +665,19 @@ fn zap_page(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, mm: &MmWithUser, rep: &Si
     };
     pte.unmap();
     let cache = sys::page_cache_page(vma, page_addr);
-    match (patch::keep_reason(true, &info, page, cache.as_ref(), &pte), cache) {
-        (None, Some(c)) => {
-            let swapped = pte.zap(page);
-            hp.journal.record(ev(Step::ZapAnonPage).page(page.pfn(), 0).note(if swapped {
-                "PTE zapped, swap slot freed; page-cache page faults back in"
-            } else {
-                "PTE zapped; page-cache page faults back in"
-            }));
-            hp.journal.record(ev(Step::ZapAnonPage).page(c.pfn(), c.folio_order()).note("page-cache page to fault in"));
-            Restored { zapped: true, pmd_mappable: c.pmd_mappable(), cache_order: c.folio_order(), page_addr }
-        }
-        (why, _) => {
-            pte.remap_dirty();
-            drop(pte);
-            kept(why.unwrap_or(""), page.pfn())
-        }
-    }
+    let keep = patch::keep_reason(true, &info, page, cache.as_ref(), &pte);
+    patch::zap_or_keep(hp, ev, pte, page, keep, cache, page_addr)
 }
 
 /// After the pages of `sites` were given back (and the sites left the
 /// table): one collapse per 2 MiB range with a zapped PMD-mappable page
 /// and no patch left in it; a note for ranges over smaller folios.
-fn queue_collapses(
-    hp: &Arc<Hugepoke>,
-    target: &Arc<Target>,
-    state: &mut TargetState,
-    sites: &[Site],
-    pages: &[(usize, Option<Restored>, Option<(Result, &'static str)>)],
-) {
+/// Called without the mmap lock.
+fn queue_collapses(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut TargetState, sites: &[Site], pages: &[PageWork]) {
     let mut last: Option<PageKey> = None;
-    for (at, restored, _) in pages.iter() {
-        let Some(restored) = restored else { continue };
-        let site = &sites[*at];
+    for w in pages.iter() {
+        let Outcome::Done(restored) = &w.outcome else { continue };
+        let site = &sites[w.range.start];
         if !restored.zapped || last == Some(site.range_key()) {
             continue;
         }
@@ -615,31 +696,31 @@ fn queue_collapses(
 /// RESTORE every site of batch `handle`, all or none, with the target
 /// locked; forget the sites restored or gone and queue the collapses.
 pub(crate) fn restore_batch(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut TargetState, handle: u64, closing: Closing) -> Result {
-    let Ok(sites) = state.patches.sites_of(handle) else {
-        let ev = Event::new(Step::Restore).handle(handle as u32);
-        return Err(hp.journal.fail(ev, ENOMEM, "no memory to list the batch's sites: batch kept"));
-    };
+    let nomem = || hp.journal.fail(Event::new(Step::Restore).handle(handle as u32), ENOMEM, "no memory to list the batch's sites: batch kept");
+    let sites = state.patches.sites_of(handle).map_err(|_| nomem())?;
     let Some(first) = sites.first().copied() else { return Err(ENOENT) };
+    let mut pages: KVVec<PageWork> = KVVec::with_capacity(sites.len(), GFP_KERNEL).map_err(|_| nomem())?;
+    for r in pages_of(&sites, |s| s.page_key()) {
+        let _ = pages.push_within_capacity(PageWork::new(r));
+    }
     let ev = |step| Event::new(step).pid(first.pid).addr(first.addr).handle(handle as u32);
     hp.journal.record(ev(Step::Restore).note("batch"));
     let outcome = match target.mm_user() {
         None => Err((Refused::Gone { result: Ok(()), why: "target process is gone" }, 0)),
-        Some(mm) => match MmapWriteGuard::lock_killable(&mm) {
-            Err(e) => Err((Refused::Kept(e, "fatal signal while waiting for the target's mmap lock"), 0)),
-            Ok(guard) => {
-                hp.pauses.at(Point::Restore, first.pid, &hp.journal);
-                // Every site of this batch on a page is being restored.
-                let last_on_page = |s: &[Site]| state.patches.on_page(s[0].page_key()) as usize <= s.len();
-                restore_pages(hp, &guard, &mm, &sites, last_on_page)
-            }
-        },
+        Some(mm) => {
+            // Every site of this batch on a page is being restored.
+            let last_on_page = |s: &[Site]| state.patches.on_page(s[0].page_key()) as usize <= s.len();
+            restore_pages(hp, &mm, &sites, &mut pages, last_on_page)
+        }
     };
-    let (result, pages) = match outcome {
-        Ok(pages) => {
-            let mut result = Ok(());
-            for (at, _, gone) in pages.iter() {
-                if let Some((r, why)) = gone {
-                    let ev = Event::new(Step::Restored).pid(first.pid).addr(sites[*at].addr).handle(handle as u32);
+    let mut result = Ok(());
+    // Which pages' sites leave the table: all of them, unless refused.
+    let mut forget_all = true;
+    match outcome {
+        Ok(()) => {
+            for w in pages.iter() {
+                if let PageState::Gone(r, why) = &w.state {
+                    let ev = ev(Step::Restored).addr(sites[w.range.start].addr);
                     match r {
                         Ok(()) => hp.journal.record(ev.note(why)),
                         Err(e) => {
@@ -649,14 +730,13 @@ pub(crate) fn restore_batch(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mu
                     };
                 }
             }
-            (result, Some(pages))
         }
-        Err((Refused::Gone { result, why }, _)) => {
-            match result {
+        Err((Refused::Gone { result: r, why }, _)) => {
+            match r {
                 Ok(()) => hp.journal.record(ev(Step::Restored).note(why)),
                 Err(e) => hp.journal.record(ev(Step::Restored).error(e, why)),
             };
-            (result, None)
+            result = r;
         }
         Err((Refused::Kept(e, why), at)) => {
             let fate = match closing {
@@ -666,33 +746,39 @@ pub(crate) fn restore_batch(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mu
             };
             hp.journal.record(ev(Step::Restore).error(e, fate));
             hp.journal.record(ev(Step::RestoreBytes).addr(sites.get(at).map_or(first.addr, |s| s.addr)).error(e, why));
-            match closing {
-                Closing::No => return Err(e),
-                Closing::File => {
-                    state.patches.disown(handle);
-                    let left = hp.registry.lock().disown(handle);
-                    drop(left);
-                    return Err(e);
-                }
-                Closing::Module => (Err(e), None),
-            }
-        }
-    };
-    // Restored, gone or abandoned: forget every site, then decide about
-    // the ranges without them.  References are dropped after the locks.
-    let mut gone: KVVec<_> = KVVec::with_capacity(sites.len(), GFP_KERNEL).unwrap_or_default();
-    for s in sites.iter() {
-        if let Some(p) = state.patches.remove(handle, s.index) {
-            // Without room to keep it, the reference goes right here.
-            let _ = gone.push(p, GFP_KERNEL);
+            result = Err(e);
+            forget_all = closing == Closing::Module;
         }
     }
-    if let Some(pages) = pages {
-        queue_collapses(hp, target, state, &sites, &pages);
+    // Forget the sites restored or gone (all of them, unless kept; a
+    // page whose originals are back and could not be re-patched is
+    // restored either way).  References are dropped after the locks.
+    let mut forgotten: KVVec<_> = KVVec::with_capacity(sites.len(), GFP_KERNEL).unwrap_or_default();
+    for w in pages.iter() {
+        if forget_all || matches!(w.outcome, Outcome::Written | Outcome::Done(_)) {
+            if !forget_all {
+                hp.journal.record(ev(Step::Restored).addr(sites[w.range.start].addr).note("this page was restored and could not be re-patched: its sites are forgotten"));
+            }
+            for s in sites[w.range.clone()].iter() {
+                if let Some(p) = state.patches.remove(handle, s.index) {
+                    // Without room to keep it, the reference goes right here.
+                    let _ = forgotten.push(p, GFP_KERNEL);
+                }
+            }
+        }
+    }
+    queue_collapses(hp, target, state, &sites, &pages);
+    if state.patches.count(handle) != 0 {
+        if closing == Closing::File {
+            state.patches.disown(handle);
+            let left = hp.registry.lock().disown(handle);
+            drop((left, forgotten));
+        }
+        return result;
     }
     hp.journal.record(ev(Step::Restored).note("batch: every site restored or gone"));
     let retired = if state.idle() { hp.registry.lock().retire(target, state) } else { None };
-    let forgotten = hp.registry.lock().forget_handle(handle);
-    drop((gone, retired, forgotten));
+    let handle = hp.registry.lock().forget_handle(handle);
+    drop((forgotten, retired, handle));
     result
 }

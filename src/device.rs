@@ -123,7 +123,11 @@ impl Controller {
                 args.handle = *handle;
                 (uapi::NO_SITE, 0)
             }
-            Err(f) => (f.site.unwrap_or(uapi::NO_SITE), -f.error.to_errno()),
+            Err(f) => {
+                // Sites it could not give back are kept under a handle: say which.
+                args.handle = f.kept.unwrap_or(0);
+                (f.site.unwrap_or(uapi::NO_SITE), -f.error.to_errno())
+            }
         };
         args.failed = failed;
         args.error = error;

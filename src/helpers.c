@@ -134,18 +134,21 @@ void hugepoke_pte_remap_dirty(struct vm_area_struct *vma, unsigned long addr,
 /*
  * Drop the (cleared) PTE's anonymous page from @vma for good, as
  * __uprobe_write() does, freeing its swap slot once nothing maps it.
- * Returns whether the folio was in the swap cache.
+ * Returns 0 if the folio was not in the swap cache, 1 if its slot was
+ * freed, 2 if it stays in the swap cache (locked by someone, or under
+ * writeback: reclaim frees it later).
  */
-bool hugepoke_zap_anon_pte(struct vm_area_struct *vma, struct folio *folio,
-			   struct page *page)
+int hugepoke_zap_anon_pte(struct vm_area_struct *vma, struct folio *folio,
+			  struct page *page)
 {
-	bool swapcache = folio_test_swapcache(folio);
+	int swapcache = folio_test_swapcache(folio) ? 2 : 0;
 
 	dec_mm_counter(vma->vm_mm, MM_ANONPAGES);
 	folio_remove_rmap_pte(folio, page, vma);
 	if (!folio_mapped(folio) && folio_test_swapcache(folio) &&
 	    folio_trylock(folio)) {
-		folio_free_swap(folio);
+		if (folio_free_swap(folio))
+			swapcache = 1;
 		folio_unlock(folio);
 	}
 	folio_put(folio);

@@ -29,8 +29,8 @@ pte_t hugepoke_pte_unmap(struct vm_area_struct *vma, unsigned long addr,
 			 pte_t *ptep, pte_t pte);
 void hugepoke_pte_remap_dirty(struct vm_area_struct *vma, unsigned long addr,
 			      pte_t *ptep, pte_t pte);
-bool hugepoke_zap_anon_pte(struct vm_area_struct *vma, struct folio *folio,
-			   struct page *page);
+int hugepoke_zap_anon_pte(struct vm_area_struct *vma, struct folio *folio,
+			  struct page *page);
 void hugepoke_folio_walk_end(struct folio_walk *fw, struct vm_area_struct *vma);
 void hugepoke_invalidate_start(struct mmu_notifier_range *range,
 			       struct mm_struct *mm, unsigned long start,

@@ -233,14 +233,16 @@ fn patch_locked(
     };
     let expect = expect.map(|_| args.expect);
     match write_bytes(hp, &guard, vma, core::slice::from_mut(&mut site), &[expect], before) {
-        Ok(()) => {}
+        Ok(_) => {}
         Err(WriteError::Failed(e)) => return Err(e),
-        Err(WriteError::NotExpected(_)) => {
+        Err(WriteError::NotExpected(..)) => {
             // The COW happened but nothing was written: give the page
             // back as RESTORE would (the "patched" bytes are the ones there).
             drop(guard);
             site.bytes = site.orig;
-            let undo = restore_site(hp, state, mm, &site);
+            // Not in the table: the last on its page if no other is there.
+            let last_on_page = state.patches.on_page(site.page_key()) == 0;
+            let undo = restore_site(hp, mm, &site, last_on_page);
             if let Ok(Restored { zapped: true, pmd_mappable: true, page_addr, .. }) = undo {
                 collapse::queue_collapse(hp, target, state, &site, page_addr & PMD_MASK);
             }
@@ -266,9 +268,9 @@ fn patch_locked(
 pub(crate) enum WriteError {
     Failed(Error),
     /// The bytes read under the PT lock were not the expected ones at
-    /// site `.0` of the page; the page was COWed, nothing written
+    /// site `.0` of the page; the page (`.1`) was COWed, nothing written
     /// (`orig` of every site holds what is there).
-    NotExpected(usize),
+    NotExpected(usize, PageRef),
 }
 
 /// Steps 2–4 of PATCH for the sites of one page (sorted, not overlapping):
@@ -283,8 +285,8 @@ pub(crate) fn write_bytes(
     sites: &mut [Site],
     expects: &[Option<[u8; MAX_BYTES]>],
     before: Mapping,
-) -> Result<(), WriteError> {
-    let Some(first) = sites.first() else { return Ok(()) };
+) -> Result<PageRef, WriteError> {
+    let Some(first) = sites.first() else { return Err(WriteError::Failed(EINVAL)) };
     // No handle yet: the patch does not exist until `patched`.
     let (pid, addr) = (first.pid, first.addr);
     let ev = |step| Event::new(step).pid(pid).addr(addr);
@@ -343,7 +345,8 @@ pub(crate) fn write_bytes(
             .zip(expects)
             .position(|(site, expect)| expect.is_some_and(|e| e[..site.len] != site.orig[..site.len]));
         if let Some(i) = mismatch {
-            return Err(WriteError::NotExpected(i));
+            drop(pte);
+            return Err(WriteError::NotExpected(i, page));
         }
         for site in sites.iter() {
             pte.write(site.offset(), &site.bytes[..site.len]);
@@ -355,7 +358,7 @@ pub(crate) fn write_bytes(
         } else {
             "every site of the page written under one page-table lock hold"
         }));
-        return Ok(());
+        return Ok(page);
     }
     Err(WriteError::Failed(hp.journal.fail(ev(Step::WriteBytes), EAGAIN, "page table kept changing")))
 }
@@ -384,12 +387,11 @@ pub(crate) enum Refused {
 /// RESTORE one patch, with its target's state locked: find the anonymous
 /// copy of the patched file page, verify the patched bytes are there, write
 /// the originals back, and zap the copy when it is identical to the
-/// page-cache page.  The patch is not removed here.
-fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site) -> Result<Restored, Refused> {
+/// page-cache page (only if `last_on_page`: no other patch stays on the
+/// page).  The patch is not removed here.
+fn restore_site(hp: &Hugepoke, mm: &MmWithUser, site: &Site, last_on_page: bool) -> Result<Restored, Refused> {
     let ev = |step| Event::new(step).pid(site.pid).addr(site.addr).handle(site.handle as u32);
     let len = site.len;
-    // The site itself is still in the table.
-    let last_on_page = state.patches.on_page(site.page_key()) <= 1;
     // No FOLL_WRITE at first: if the anonymous page is gone, so is the patch.
     let mut gup_flags = sys::FOLL_FORCE;
     let mut drained = false;
@@ -423,6 +425,10 @@ fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site
             }
         };
         let info = sys::vma_info(vma);
+        if last_on_page {
+            // A swap-out in flight would keep the swap slot past the zap.
+            page.wait_writeback();
+        }
         // Zapping happens under the PT lock, where notifiers cannot sleep.
         let _invalidate = last_on_page.then(|| sys::InvalidateRange::start(mm, page_addr));
         let Some(mut pte) = sys::lock_pte(vma, page_addr, &page) else {
@@ -478,26 +484,40 @@ fn restore_site(hp: &Hugepoke, state: &TargetState, mm: &MmWithUser, site: &Site
         // this content, and nothing else may hold the anonymous page.
         let cache = sys::page_cache_page(vma, page_addr);
         let keep = keep_reason(last_on_page, &info, &page, cache.as_ref(), &pte);
-        return Ok(match (keep, cache) {
-            (None, Some(c)) => {
-                let swapped = pte.zap(&page);
-                hp.journal.record(ev(Step::ZapAnonPage).page(page.pfn(), 0).note(if swapped {
-                    "PTE zapped, swap slot freed; page-cache page faults back in"
-                } else {
-                    "PTE zapped; page-cache page faults back in"
-                }));
-                hp.journal.record(ev(Step::ZapAnonPage).page(c.pfn(), c.folio_order()).note("page-cache page to fault in"));
-                Restored { zapped: true, pmd_mappable: c.pmd_mappable(), cache_order: c.folio_order(), page_addr }
-            }
-            (why, _) => {
-                pte.remap_dirty();
-                drop(pte);
-                hp.journal.record(ev(Step::KeepAnonPage).page(page.pfn(), 0).note(why.unwrap_or("")));
-                Restored { zapped: false, pmd_mappable: false, cache_order: 0, page_addr }
-            }
-        });
+        return Ok(zap_or_keep(hp, ev, pte, &page, keep, cache, page_addr));
     }
     Err(Refused::Kept(EAGAIN, "page table kept changing"))
+}
+
+/// The last step of a RESTORE of a page, under its PT lock with the PTE
+/// cleared and the originals written: zap the anonymous page so the
+/// page-cache page faults back in, unless `keep` says why not.
+pub(crate) fn zap_or_keep(
+    hp: &Hugepoke,
+    ev: impl Fn(Step) -> Event,
+    mut pte: sys::LockedPte<'_>,
+    page: &PageRef,
+    keep: Option<&'static str>,
+    cache: Option<sys::CacheRef>,
+    page_addr: usize,
+) -> Restored {
+    match (keep, cache) {
+        (None, Some(c)) => {
+            hp.journal.record(ev(Step::ZapAnonPage).page(page.pfn(), 0).note(match pte.zap(page) {
+                sys::SwapSlot::Freed => "PTE zapped, swap slot freed; page-cache page faults back in",
+                sys::SwapSlot::Kept => "PTE zapped, page stays in the swap cache (locked elsewhere); page-cache page faults back in",
+                sys::SwapSlot::None => "PTE zapped; page-cache page faults back in",
+            }));
+            hp.journal.record(ev(Step::ZapAnonPage).page(c.pfn(), c.folio_order()).note("page-cache page to fault in"));
+            Restored { zapped: true, pmd_mappable: c.pmd_mappable(), cache_order: c.folio_order(), page_addr }
+        }
+        (why, _) => {
+            pte.remap_dirty();
+            drop(pte);
+            hp.journal.record(ev(Step::KeepAnonPage).page(page.pfn(), 0).note(why.unwrap_or("")));
+            Restored { zapped: false, pmd_mappable: false, cache_order: 0, page_addr }
+        }
+    }
 }
 
 /// Why RESTORE keeps the anonymous page it wrote the originals back into,
@@ -632,7 +652,7 @@ pub(crate) fn restore_handle(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &m
     match state.patches.count(handle) {
         0 => None,
         1 => {
-            let site = state.patches.get(handle, 0).copied()?;
+            let site = state.patches.sites_of_handle(handle).next().copied()?;
             Some(restore_and_settle(hp, target, state, &site, closing))
         }
         _ => Some(batch::restore_batch(hp, target, state, handle, closing)),
@@ -659,7 +679,8 @@ fn restore_and_settle(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut Targ
     hp.journal.record(ev(Step::Restore));
     let outcome = match target.mm_user() {
         None => Err(Refused::Gone { result: Ok(()), why: "target process is gone" }),
-        Some(mm) => restore_site(hp, state, &mm, site),
+        // The site itself is still in the table.
+        Some(mm) => restore_site(hp, &mm, site, state.patches.on_page(site.page_key()) <= 1),
     };
     let (result, restored) = match outcome {
         Ok(restored) => (Ok(()), Some(restored)),

@@ -147,7 +147,7 @@ extern "C" {
         vma: *mut bindings::vm_area_struct,
         folio: *mut bindings::folio,
         page: *mut bindings::page,
-    ) -> bool;
+    ) -> i32;
     fn hugepoke_folio_walk_end(fw: *mut bindings::folio_walk, vma: *mut bindings::vm_area_struct);
     fn hugepoke_invalidate_start(
         range: *mut bindings::mmu_notifier_range,
@@ -407,6 +407,13 @@ impl PageRef {
         unsafe { hugepoke_folio_order(self.folio()) }
     }
 
+    /// Wait until the folio is not under writeback (a swap-out in flight),
+    /// so that a zap can free its swap slot.  Sleeps; no spinlock held.
+    pub(crate) fn wait_writeback(&self) {
+        // SAFETY: we hold a reference on the folio, as the function requires.
+        unsafe { bindings::folio_wait_writeback(self.folio()) }
+    }
+
     /// References beyond the ones its mappings, the page or swap cache and
     /// our GUP hold: a pin, a pipe, an LRU batch…
     pub(crate) fn unexpected_refs(&self) -> i32 {
@@ -549,6 +556,17 @@ pub(crate) fn mapping_of(vma: &VmaRef, addr: usize) -> Mapping {
     }
 }
 
+/// What a zap did to the page's swap slot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SwapSlot {
+    /// The page was not in the swap cache.
+    None,
+    /// It was, and its slot is freed.
+    Freed,
+    /// It stays in the swap cache (locked by someone else): reclaim frees it.
+    Kept,
+}
+
 /// The PTE that maps one page, with the page-table lock held until drop.
 pub(crate) struct LockedPte<'a> {
     fw: bindings::folio_walk,
@@ -632,14 +650,17 @@ impl LockedPte<'_> {
     /// Drop the cleared PTE's anonymous page from this mapping for good, so
     /// that the next access faults the page-cache page back in; its swap
     /// slot, if any, is freed.  `page` is the GUP reference the caller
-    /// still holds (and drops later).  Returns whether the page was in the
-    /// swap cache.
-    pub(crate) fn zap(mut self, page: &PageRef) -> bool {
+    /// still holds (and drops later).  Says what became of a swap slot.
+    pub(crate) fn zap(mut self, page: &PageRef) -> SwapSlot {
         assert!(self.cleared.take().is_some(), "zap of a mapped PTE");
         // SAFETY: the PTE is cleared and the PT lock held, so this mapping's
         // rmap and reference are ours to drop, exactly once; the caller's
         // GUP reference keeps the folio alive past the helper's folio_put.
-        unsafe { hugepoke_zap_anon_pte(self.vma.as_ptr(), page.folio(), self.fw.page) }
+        match unsafe { hugepoke_zap_anon_pte(self.vma.as_ptr(), page.folio(), self.fw.page) } {
+            0 => SwapSlot::None,
+            1 => SwapSlot::Freed,
+            _ => SwapSlot::Kept,
+        }
     }
 
     /// Set the cleared PTE back, marked dirty (we modified the page;

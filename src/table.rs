@@ -208,15 +208,27 @@ impl<F> Patches<F> {
         self.handles.get(&handle).map_or(0, |h| h.count)
     }
 
+    /// The sites of `handle`, in index order.  Indexes need not be
+    /// 0..count: a batch that kept only some of its sites keeps theirs.
+    pub(crate) fn sites_of_handle(&self, handle: u64) -> impl Iterator<Item = &Site> {
+        let mut next = Some((handle, 0u32));
+        core::iter::from_fn(move || {
+            let c = self.by_handle.cursor_lower_bound(&next?)?;
+            let (&(h, i), key) = c.current();
+            if h != handle {
+                return None;
+            }
+            next = i.checked_add(1).map(|i| (handle, i));
+            self.sites.get(key).map(|p| &p.site)
+        })
+    }
+
     /// Copies of every site of `handle`, in file-page order (pages
     /// grouped), for RESTORE to work from without holding the table.
     pub(crate) fn sites_of(&self, handle: u64) -> Result<KVVec<Site>> {
-        let n = self.count(handle);
-        let mut v = KVVec::with_capacity(n as usize, GFP_KERNEL)?;
-        for i in 0..n {
-            if let Some(s) = self.get(handle, i) {
-                v.push(*s, GFP_KERNEL)?;
-            }
+        let mut v = KVVec::with_capacity(self.count(handle) as usize, GFP_KERNEL)?;
+        for s in self.sites_of_handle(handle) {
+            v.push(*s, GFP_KERNEL)?;
         }
         v.sort_unstable_by_key(|s| s.key());
         Ok(v)
@@ -341,16 +353,20 @@ impl<F> Patches<F> {
     /// The patches behind `handle` now belong to nobody (persistent).
     pub(crate) fn disown(&mut self, handle: u64) {
         let Some(info) = self.handles.get_mut(&handle) else { return };
-        let (count, owner) = (info.count, info.owner.take());
-        if let Some(o) = owner {
+        if let Some(o) = info.owner.take() {
             self.owned.remove(&(o, handle));
         }
-        for i in 0..count {
-            if let Some(key) = self.by_handle.get(&(handle, i)).copied() {
-                if let Some(p) = self.sites.get_mut(&key) {
-                    p.site.owner = None;
-                }
+        let mut next = (handle, 0u32);
+        while let Some(c) = self.by_handle.cursor_lower_bound(&next) {
+            let (&(h, i), &key) = c.current();
+            if h != handle {
+                break;
             }
+            if let Some(p) = self.sites.get_mut(&key) {
+                p.site.owner = None;
+            }
+            let Some(i) = i.checked_add(1) else { break };
+            next = (handle, i);
         }
     }
 }
@@ -436,6 +452,11 @@ impl TargetState {
     }
 }
 
+/// A target's identity in [`Registry::owner_targets`].
+fn target_key(target: &Target) -> usize {
+    core::ptr::from_ref(target) as usize
+}
+
 /// Every target and every handle, each lookup O(log N).  See the lock
 /// order above.
 pub(crate) struct Registry {
@@ -445,7 +466,9 @@ pub(crate) struct Registry {
     /// patch became persistent) and its target: a closing file visits the
     /// targets it patched and waits for no other.
     handles: RBTree<u64, (Owner, Arc<Target>)>,
-    /// `(owner, mm_id)` → how many of the owner's handles are on that target.
+    /// `(owner, target)` → how many of the owner's handles are on that
+    /// target (by the target's address: a retired target and a newer one
+    /// for the same mm are two).
     owner_targets: RBTree<(u64, usize), (u32, Arc<Target>)>,
     next_handle: u64,
     /// Set at module unload: no new patches.
@@ -480,7 +503,7 @@ impl Registry {
         let handle = self.next_handle;
         let handle_node = RBTreeNode::new(handle, (owner, target.clone()), GFP_KERNEL)?;
         if let Some(o) = owner {
-            let key = (o, target.mm_id());
+            let key = (o, target_key(target));
             match self.owner_targets.entry(key) {
                 Entry::Occupied(mut e) => e.get_mut().0 += 1,
                 Entry::Vacant(e) => {
@@ -500,7 +523,7 @@ impl Registry {
     /// `owner` has one handle fewer on `target`; returns the reference to
     /// drop outside the lock when it was its last there.
     fn owner_leaves(&mut self, owner: u64, target: &Target) -> Option<(u32, Arc<Target>)> {
-        let mut e = self.owner_targets.find_mut(&(owner, target.mm_id()))?;
+        let mut e = self.owner_targets.find_mut(&(owner, target_key(target)))?;
         if e.get().0 > 1 {
             e.get_mut().0 -= 1;
             return None;

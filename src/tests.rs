@@ -255,6 +255,32 @@ mod hugepoke {
         assert!(!t.is_empty());
     }
 
+    #[test]
+    fn a_kept_part_of_a_batch_keeps_its_own_indexes() {
+        // What a failed batch keeps: sites 1 and 2 of 3 (site 0 was undone).
+        let mut t = Patches::new();
+        let room = t.reserve(3).unwrap();
+        let sites = [2u32, 1].into_iter().map(|i| {
+            let mut s = site(5, Some(7), FILE_A, 10 + i as usize, 0, 1);
+            s.index = i;
+            (s, ())
+        });
+        t.insert(room, sites);
+        assert_eq!(t.count(5), 2);
+        assert!(t.get(5, 0).is_none());
+        let mut found = KVec::new();
+        for s in t.sites_of_handle(5) {
+            found.push(s.index, GFP_KERNEL).unwrap();
+        }
+        assert_eq!(&found[..], &[1, 2]);
+        assert_eq!(t.sites_of(5).unwrap().len(), 2);
+        t.disown(5);
+        assert!(t.sites_of_handle(5).all(|s| s.owner.is_none()));
+        assert!(t.remove(5, 2).is_some() && t.remove(5, 1).is_some());
+        assert_eq!(t.count(5), 0);
+        assert!(t.is_empty());
+    }
+
     fn vma(start: usize, pages: usize, mapping: usize, pgoff: usize, flags: usize) -> VmaInfo {
         VmaInfo { start, end: start + (pages << 12), flags, mapping, pgoff, ..Default::default() }
     }

@@ -90,7 +90,9 @@ pub struct PatchBatchArgs {
     pub count: u32,
     /// In: user pointer to `count` `BatchSite`s.
     pub sites: u64,
-    /// Out: the one handle of all the sites (on success).
+    /// Out: the one handle of all the sites (on success); on failure 0,
+    /// or the handle under which the sites it wrote and could not undo
+    /// are kept (persistent).
     pub handle: u64,
     /// Out: on failure, the index of the site refused or failed
     /// (`NO_SITE` when no one site is to blame); `NO_SITE` on success.

@@ -46,7 +46,8 @@ struct hugepoke_patch_batch {
 	__s32 pid;		/* in: target, in the caller's pid namespace */
 	__u32 count;		/* in: 1..HUGEPOKE_MAX_BATCH */
 	__u64 sites;		/* in: pointer to count struct hugepoke_batch_site */
-	__u64 handle;		/* out: one handle for every site */
+	__u64 handle;		/* out: one handle for every site; on failure 0, or
+				 * the handle keeping what could not be undone */
 	__u32 failed;		/* out: index of the failed site, or HUGEPOKE_NO_SITE */
 	__s32 error;		/* out: positive errno of that site */
 };

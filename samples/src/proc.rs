@@ -109,6 +109,72 @@ impl Pagemap {
     }
 }
 
+// PAGEMAP_SCAN (include/uapi/linux/fs.h).
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_HUGE: u64 = 1 << 6;
+const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610; // _IOWR('f', 16, struct pm_scan_arg)
+
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+impl Pagemap {
+    /// `[start, end)` ranges inside `[from, to)` mapped by a present PMD,
+    /// at most `max` of them.  PAGEMAP_SCAN reports PAGE_IS_HUGE only from
+    /// its PMD-level walker: a page-cache subpage mapped by a PTE is never
+    /// "huge", even inside a THP.  Plain pagemap entries cannot tell the two
+    /// apart.
+    pub fn pmd_mapped_ranges(&self, from: u64, to: u64, max: usize) -> io::Result<Vec<(u64, u64)>> {
+        use std::os::fd::AsRawFd;
+        let mut regions = vec![PageRegion::default(); max.max(1)];
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            start: from,
+            end: to,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            category_mask: PAGE_IS_HUGE | PAGE_IS_PRESENT,
+            return_mask: PAGE_IS_HUGE | PAGE_IS_PRESENT,
+            ..Default::default()
+        };
+        // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
+        // regions into `regions`, both ours and alive for the call.
+        let n = unsafe { libc::ioctl(self.0.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut PmScanArg) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(regions[..n as usize].iter().map(|r| (r.start, r.end)).collect())
+    }
+
+    /// Entries of the `n` pages from `vaddr`, in one read.
+    pub fn entries(&self, vaddr: u64, n: usize) -> io::Result<Vec<PagemapEntry>> {
+        let mut buf = vec![0u8; n * 8];
+        self.0.read_exact_at(&mut buf, vaddr / PAGE_SIZE * 8)?;
+        Ok(buf.chunks_exact(8).map(|b| PagemapEntry(u64::from_ne_bytes(b.try_into().unwrap()))).collect())
+    }
+}
+
 /// `/proc/kpageflags` bits (include/uapi/linux/kernel-page-flags.h).
 pub mod kpf {
     pub const MMAP: u32 = 11;
@@ -157,13 +223,16 @@ impl KpageFlags {
 
 pub const DEBUGFS: &str = "/sys/kernel/debug/hugepoke";
 
-/// The text of one of hugepoke's debugfs files.
+/// The text of one of hugepoke's debugfs files; from the directory
+/// `$HUGEPOKE_DEBUGFS` instead if set (the host tests feed the CLI text).
 pub fn debugfs(name: &str) -> io::Result<String> {
-    std::fs::read_to_string(format!("{DEBUGFS}/{name}"))
+    let dir = std::env::var_os("HUGEPOKE_DEBUGFS").unwrap_or_else(|| DEBUGFS.into());
+    std::fs::read_to_string(std::path::Path::new(&dir).join(name))
 }
 
-/// One line of debugfs `events`.
-#[derive(Debug, Clone, PartialEq)]
+/// One line of debugfs `events` (and one event of `hugepoke events --json`:
+/// the field names are stable, Documentation/cli.md).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct EventLine {
     pub seq: u64,
     pub time_ns: u64,
@@ -188,21 +257,54 @@ fn opt_hex(w: &str) -> Option<u64> {
 
 /// Parse `events`; comment lines (`# …`) are skipped.
 pub fn parse_events(text: &str) -> Vec<EventLine> {
+    text.lines().filter(|l| !l.starts_with('#')).filter_map(parse_event_line).collect()
+}
+
+/// Parse one entry line of `events`.
+pub fn parse_event_line(l: &str) -> Option<EventLine> {
+    let mut w = l.splitn(10, ' ');
+    Some(EventLine {
+        seq: w.next()?.parse().ok()?,
+        time_ns: w.next()?.parse().ok()?,
+        pid: w.next()?.parse().ok()?,
+        handle: opt(w.next()?),
+        addr: opt_hex(w.next()?),
+        step: w.next()?.to_string(),
+        pfn: opt_hex(w.next()?),
+        order: opt(w.next()?),
+        result: w.next()?.to_string(),
+        note: w.next().unwrap_or("").to_string(),
+    })
+}
+
+/// One line of debugfs `patches`: `handle pid addr len state pfn owner
+/// pmd_mappable bytes orig site` (the fields a reader needs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PatchLine {
+    pub handle: u32,
+    pub pid: i32,
+    pub addr: u64,
+    pub len: u64,
+    /// `live` or `gone`.
+    pub state: String,
+    pub pfn: Option<u64>,
+    pub owner: String,
+}
+
+/// Parse `patches`; `#` lines (the header, `# a target is busy …`) are skipped.
+pub fn parse_patches(text: &str) -> Vec<PatchLine> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
-            let mut w = l.splitn(10, ' ');
-            Some(EventLine {
-                seq: w.next()?.parse().ok()?,
-                time_ns: w.next()?.parse().ok()?,
-                pid: w.next()?.parse().ok()?,
-                handle: opt(w.next()?),
-                addr: opt_hex(w.next()?),
-                step: w.next()?.to_string(),
-                pfn: opt_hex(w.next()?),
-                order: opt(w.next()?),
-                result: w.next()?.to_string(),
-                note: w.next().unwrap_or("").to_string(),
+            let w: Vec<&str> = l.split_whitespace().collect();
+            Some(PatchLine {
+                handle: w.first()?.parse().ok()?,
+                pid: w.get(1)?.parse().ok()?,
+                addr: crate::parse_number(w.get(2)?)?,
+                len: w.get(3)?.parse().ok()?,
+                state: w.get(4)?.to_string(),
+                pfn: opt_hex(w.get(5)?),
+                owner: w.get(6)?.to_string(),
             })
         })
         .collect()
@@ -376,6 +478,19 @@ Anonymous:           132 kB
         assert_eq!(e[1].order, Some(9));
         assert_eq!(e[1].result, "-ENOTTY");
         assert_eq!(e[1].note, "unknown ioctl command");
+    }
+
+    #[test]
+    fn patches_lines() {
+        let text = "# handle pid addr len state pfn owner pmd_mappable bytes orig site\n\
+                    3 42 0x7f0000207000 6 live 0x3c3d file:1 yes b892100000c3 b8ef030000c3 0/1\n\
+                    6 42 0x7f0000208000 1 gone - persistent no cc b8 2/4\n\
+                    # a target is busy\n";
+        let p = parse_patches(text);
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].handle, p[0].pid, p[0].addr, p[0].len, p[0].pfn), (3, 42, 0x7f00_0020_7000, 6, Some(0x3c3d)));
+        assert_eq!((p[0].state.as_str(), p[0].owner.as_str()), ("live", "file:1"));
+        assert_eq!((p[1].state.as_str(), p[1].pfn, p[1].owner.as_str()), ("gone", None, "persistent"));
     }
 
     #[test]

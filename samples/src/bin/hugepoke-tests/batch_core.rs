@@ -55,3 +55,67 @@ pub(crate) fn batch_patches_and_restores_every_site() -> TestResult {
     ensure!(thp_head(&t)? == head, "a different THP came back");
     Ok(())
 }
+
+/// What the target and the kernel change between PATCH_BATCH and its
+/// RESTORE: the text moves (mremap), one patched page is dropped
+/// (MADV_DONTNEED: the target runs the page-cache page again), one is
+/// swapped out.  RESTORE follows every page to where it is now, writes the
+/// originals into the pages still patched (the swapped one comes back
+/// first), forgets the dropped one, and the PMD comes back.
+pub(crate) fn batch_restore_follows_moves_drops_and_swap() -> TestResult {
+    let swap = crate::identity::Swap::on()?;
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let dev = io(Device::open())?;
+    const PAGES: [usize; 3] = [40, 41, 42];
+    let sites: Vec<_> = PAGES.iter().map(|&p| batch_site(t.page_addr(p), &text::mov_eax_ret(8000 + p as u32), None)).collect();
+    let handle = dev.patch_batch(t.pid, &sites, 0).map_err(|e| format!("PATCH_BATCH: {e}"))?;
+    let moved = t.command("move")?;
+    t.addr = moved.strip_prefix("moved ").and_then(hugepoke::parse_number).ok_or(format!("move said {moved:?}"))?;
+    ensure!(t.call(40)? == 8040, "moved text lost the patch");
+    ensure!(t.command("dontneed 41")? == "dontneed 41", "could not drop page 41");
+    ensure!(t.call(41)? == text::original_value(41), "page 41 still patched after MADV_DONTNEED");
+    let used_before = swap.used_kb()?;
+    ensure!(t.command("pageout 42")? == "pageout ok", "could not page 42 out");
+    let e = io(io(hugepoke::proc::Pagemap::open(t.pid))?.entry(t.page_addr(42)))?;
+    ensure!(e.swapped() && !e.present(), "page 42 after pageout: {e:?}");
+
+    io(dev.restore(handle))?;
+    for &p in PAGES.iter() {
+        ensure!(t.call(p)? == text::original_value(p), "page {p} not restored");
+    }
+    let evs = events_of(handle)?;
+    let written: Vec<_> = evs.iter().filter(|e| e.step == "restore_bytes" && e.result == "ok").collect();
+    ensure!(
+        written.len() == 2 && written.iter().all(|e| e.note.contains("moved") && e.addr >= Some(t.addr)),
+        "restore_bytes at the new address for pages 40 and 42 only: {written:?}"
+    );
+    ensure!(evs.iter().any(|e| e.step == "restored" && e.note.contains("already undone")), "page 41 not forgotten as undone: {:?}", steps(&evs));
+    let notes: Vec<_> = evs.iter().filter(|e| e.step.contains("anon_page") || e.step == "lru_drain").map(|e| format!("{} {}", e.step, e.note)).collect();
+    ensure!(evs.iter().any(|e| e.step == "zap_anon_page" && e.note.contains("swap slot freed")), "page 42's swap slot not freed: {notes:?}");
+    ensure!(swap.used_kb()? <= used_before, "swap slot leaked: {} kB used, {used_before} kB before; {notes:?}", swap.used_kb()?);
+    ensure!(dev.query(handle).is_err(), "a restored batch is still known");
+    wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
+    ensure!(thp_head(&t)? == head && smaps(&t)?.kb("Anonymous") == 0, "after RESTORE: {:?}", smaps(&t)?);
+    Ok(())
+}
+
+/// The target maps another file over its patched text: a batch RESTORE
+/// writes nothing into the data now there, forgets the batch and says
+/// ENXIO.
+pub(crate) fn batch_restore_after_remap_writes_nothing() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let sites: Vec<_> = [50, 51].iter().map(|&p| batch_site(t.page_addr(p), &text::mov_eax_ret(p as u32), None)).collect();
+    let handle = dev.patch_batch(t.pid, &sites, 0).map_err(|e| format!("PATCH_BATCH: {e}"))?;
+    ensure!(t.command("remap-data 50")? == "remapped", "target could not remap");
+    let before: Vec<_> = [50, 51].iter().map(|&p| read_mem(t.pid, t.page_addr(p), 4096)).collect::<Result<_, _>>()?;
+    let r = dev.restore(handle);
+    ensure!(r.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::ENXIO), "RESTORE returned {r:?}, not ENXIO");
+    for (k, &p) in [50, 51].iter().enumerate() {
+        ensure!(read_mem(t.pid, t.page_addr(p), 4096)? == before[k], "RESTORE wrote into the data now at page {p}");
+    }
+    ensure!(dev.query(handle).is_err(), "batch still in the table");
+    Ok(())
+}

@@ -140,13 +140,13 @@ pub(crate) fn swapped_out_patch_restores_and_frees_its_swap_slot() -> TestResult
 }
 
 /// A swap device on a loop device over a file in /tmp, for one test.
-struct Swap {
+pub(crate) struct Swap {
     dev: String,
     img: String,
 }
 
 impl Swap {
-    fn on() -> Result<Self, String> {
+    pub(crate) fn on() -> Result<Self, String> {
         let img = "/tmp/hugepoke-swap.img".to_string();
         io(std::fs::write(&img, vec![0u8; 32 << 20]))?;
         let out = sh("losetup", &["-f", "--show", &img])?;
@@ -156,7 +156,7 @@ impl Swap {
         Ok(Self { dev, img })
     }
 
-    fn used_kb(&self) -> Result<u64, String> {
+    pub(crate) fn used_kb(&self) -> Result<u64, String> {
         let swaps = io(std::fs::read_to_string("/proc/swaps"))?;
         swaps
             .lines()

@@ -20,12 +20,14 @@ macro_rules! ensure {
 }
 
 mod batch_core;
+mod cli;
 mod common;
 mod filesystems;
 mod foundation;
 mod hardening;
 mod helper;
 mod identity;
+mod map;
 mod mechanism;
 mod races;
 mod trace_events;
@@ -34,10 +36,12 @@ mod visibility;
 mod real_programs;
 
 use batch_core::*;
+use cli::*;
 use filesystems::*;
 use foundation::*;
 use hardening::*;
 use identity::*;
+use map::*;
 use mechanism::*;
 use races::*;
 use trace_events::*;
@@ -56,8 +60,11 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("trace_events_carry_each_step_and_its_pfns", trace_events_carry_each_step_and_its_pfns),
     ("collapse_waits_for_the_last_patch", collapse_waits_for_the_last_patch),
     ("install_pmd_maps_without_a_fault", install_pmd_maps_without_a_fault),
+    ("map_shows_patch_restore_and_collapse", map_shows_patch_restore_and_collapse),
     ("expect_mismatch_changes_nothing", expect_mismatch_changes_nothing),
     ("batch_patches_and_restores_every_site", batch_patches_and_restores_every_site),
+    ("batch_restore_follows_moves_drops_and_swap", batch_restore_follows_moves_drops_and_swap),
+    ("batch_restore_after_remap_writes_nothing", batch_restore_after_remap_writes_nothing),
     ("overlapping_patch_is_refused", overlapping_patch_is_refused),
     ("closing_the_file_restores_and_persist_survives", closing_the_file_restores_and_persist_survives),
     ("cli_patch_holds_until_stdin_closes", cli_patch_holds_until_stdin_closes),
@@ -82,6 +89,8 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("execve_during_patch_never_patches_the_new_image", execve_during_patch_never_patches_the_new_image),
     ("expect_is_checked_in_the_step_that_writes", expect_is_checked_in_the_step_that_writes),
     ("cli_patch_writes_only_over_the_bytes_it_checked", cli_patch_writes_only_over_the_bytes_it_checked),
+    ("cli_json_output_matches_the_kernel", cli_json_output_matches_the_kernel),
+    ("cli_patch_sites_is_one_batch", cli_patch_sites_is_one_batch),
     ("a_parked_patch_does_not_stall_other_targets", a_parked_patch_does_not_stall_other_targets),
     ("last_mm_reference_is_dropped_by_a_worker", last_mm_reference_is_dropped_by_a_worker),
     ("restore_drains_lru_batches_once_and_unlocked", restore_drains_lru_batches_once_and_unlocked),
@@ -97,6 +106,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("real_python3_library_function_by_symbol_on_xfs", real_python3_library_function_by_symbol_on_xfs),
     ("real_python3_own_function_in_text_no_pmd_can_map", real_python3_own_function_in_text_no_pmd_can_map),
     ("real_python3_threads_on_both_cpus_while_patched_and_restored", real_python3_threads_on_both_cpus_while_patched_and_restored),
+    ("real_python3_sites_by_symbol_in_two_objects", real_python3_sites_by_symbol_in_two_objects),
     ("collapse_pid_makes_a_real_programs_text_huge", collapse_pid_makes_a_real_programs_text_huge),
     // Last: they unload and reload the module.
     ("module_unload_restores_persistent_patches", module_unload_restores_persistent_patches),
@@ -172,13 +182,19 @@ fn main() {
     println!("1..{}", selected.len());
     let mut failed = 0;
     for (i, (name, test)) in selected.iter().enumerate() {
-        let why = match run_one(*test, TEST_TIMEOUT) {
+        let started = std::time::Instant::now();
+        let outcome = run_one(*test, TEST_TIMEOUT);
+        // Where the guest's time goes (a diagnostic, never a verdict).
+        let took = || println!("# {name} took {:.1} s", started.elapsed().as_secs_f64());
+        let why = match outcome {
             Outcome::Passed => {
                 println!("ok {} - {name}", i + 1);
+                took();
                 continue;
             }
             Outcome::Skipped(why) => {
                 println!("ok {} - {name} # SKIP {why}", i + 1);
+                took();
                 continue;
             }
             Outcome::Failed(why) => why,
@@ -197,6 +213,7 @@ fn main() {
         for line in why.lines() {
             println!("# {line}");
         }
+        took();
     }
     std::process::exit(i32::from(failed > 0));
 }

@@ -509,3 +509,36 @@ pub(crate) fn collapse_pid_makes_a_real_programs_text_huge() -> TestResult {
     py.alive()?;
     py.quit()
 }
+
+/// `hugepoke patch --sites` by symbol, in two objects of one real process:
+/// libz3's function and python3's own `Py_IsInitialized`, one batch, each
+/// line resolved as `--symbol` would be; then one RESTORE for both.
+pub(crate) fn real_python3_sites_by_symbol_in_two_objects() -> TestResult {
+    let c = always()?;
+    let mut py = Python::spawn(&c.python, &c.lib)?;
+    ensure!(py.call()? == "1234----" && py.ask("py")? == "1", "unpatched");
+    let want = [address_of(py.pid, FUNC, None)?, address_of(py.pid, "Py_IsInitialized", Some("python3.11"))?];
+    let file = format!("/tmp/hugepoke-sites-py-{}", py.pid);
+    io(std::fs::write(&file, format!("# libz3, then python3\n{FUNC} c3\nPy_IsInitialized b82a000000c3   # mov eax, 42; ret\n")))?;
+    let (code, out, err) = hugepoke(&["--json", "patch", "--pid", &py.pid.to_string(), "--sites", &file, "--persist"])?;
+    let _ = std::fs::remove_file(&file);
+    ensure!(code == 0, "patch --sites exited {code}: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("not JSON ({e}): {out}"))?;
+    let handle = v["handle"].as_u64().ok_or(format!("no handle: {v}"))?;
+    for (i, (addr, line)) in want.iter().zip([2, 3]).enumerate() {
+        let s = &v["sites"][i];
+        ensure!(s["addr"] == *addr && s["line"] == line && s["check"]["refusals"].as_array().is_some_and(|r| r.is_empty()), "site {i}: {s}");
+    }
+    ensure!(py.call()? == "--------" && py.ask("py")? == "42", "not both patched");
+    let (code, q, err) = hugepoke(&["query", "--json", &handle.to_string()])?;
+    ensure!(code == 0, "query: {err}");
+    let q: serde_json::Value = serde_json::from_str(&q).map_err(|e| e.to_string())?;
+    ensure!(q["count"] == 2, "query: {q}");
+    for (i, addr) in want.iter().enumerate() {
+        let e = page(py.pid, *addr)?;
+        ensure!(e.present() && !e.file() && q["sites"][i]["pfn"] == e.pfn() && q["sites"][i]["addr"] == *addr, "site {i} vs pagemap {e:?}: {q}");
+    }
+    restore(handle)?;
+    ensure!(py.call()? == "1234----" && py.ask("py")? == "1", "not both restored");
+    py.quit()
+}
