@@ -107,6 +107,7 @@ impl WorkItem for CollapseWork {
 
     fn run(this: Arc<CollapseWork>) {
         let hp = &this.hugepoke;
+        hp.pauses.at(crate::pause::Point::Collapse, this.pid, &hp.journal);
         let mut state = this.target.state.lock();
         // From here on, a RESTORE in the range queues a new work.
         state.pending_collapses.retain(|k| *k != this.key);

@@ -19,6 +19,9 @@
 
 #include "helpers.h"
 
+#define CREATE_TRACE_POINTS
+#include "hugepoke_trace.h"
+
 /* The mmap lock, for writing (the Rust `mm` module takes it for reading only). */
 
 int hugepoke_mmap_write_lock_killable(struct mm_struct *mm)
@@ -202,4 +205,40 @@ bool hugepoke_module_get(void)
 void hugepoke_module_put(void)
 {
 	module_put(THIS_MODULE);
+}
+
+/* Trace events: the journal's steps (hugepoke_trace.h). */
+
+#define HUGEPOKE_STEP_ENUM(step) HUGEPOKE_STEP_##step,
+enum hugepoke_step { HUGEPOKE_STEPS(HUGEPOKE_STEP_ENUM) HUGEPOKE_STEP_COUNT };
+
+/* Emit step @step's event (a no-op unless it is enabled). */
+void hugepoke_trace(unsigned int step, u64 seq, pid_t pid, u32 handle,
+		    unsigned long addr, unsigned long pfn, int order, int err,
+		    const char *reason, size_t reason_len)
+{
+#define HUGEPOKE_STEP_TRACE(step)					\
+	case HUGEPOKE_STEP_##step:					\
+		trace_hugepoke_##step(seq, pid, handle, addr, pfn, order, \
+				      err, reason, reason_len);		\
+		break;
+
+	switch (step) {
+	HUGEPOKE_STEPS(HUGEPOKE_STEP_TRACE)
+	default:
+		WARN_ONCE(1, "hugepoke: no trace event for step %u\n", step);
+	}
+#undef HUGEPOKE_STEP_TRACE
+}
+
+/* The name of step @step's event, less its "hugepoke_" prefix, or NULL. */
+const char *hugepoke_trace_step_name(unsigned int step)
+{
+#define HUGEPOKE_STEP_NAME(step) [HUGEPOKE_STEP_##step] = #step,
+	static const char *const names[HUGEPOKE_STEP_COUNT] = {
+		HUGEPOKE_STEPS(HUGEPOKE_STEP_NAME)
+	};
+#undef HUGEPOKE_STEP_NAME
+
+	return step < HUGEPOKE_STEP_COUNT ? names[step] : NULL;
 }

@@ -44,4 +44,22 @@ void hugepoke_mmap_write_unlock(struct mm_struct *mm);
 bool hugepoke_module_get(void);
 void hugepoke_module_put(void);
 
+/*
+ * The journal's steps, in the order of `Step` in src/journal.rs (the Rust
+ * enum's values index this list; a KUnit test checks the names agree).
+ * Each is a trace event, hugepoke:hugepoke_<step> (hugepoke_trace.h).
+ */
+#define HUGEPOKE_STEPS(x)						\
+	x(load) x(unload) x(open) x(release) x(ioctl)			\
+	x(patch) x(resolve_target) x(check_vma) x(check_expected)	\
+	x(split_pmd) x(cow_page) x(write_bytes) x(patched)		\
+	x(restore) x(restore_bytes) x(lru_drain) x(zap_anon_page)	\
+	x(keep_anon_page) x(queue_collapse) x(collapse) x(restored)	\
+	x(query) x(pause) x(resume)
+
+void hugepoke_trace(unsigned int step, u64 seq, pid_t pid, u32 handle,
+		    unsigned long addr, unsigned long pfn, int order, int err,
+		    const char *reason, size_t reason_len);
+const char *hugepoke_trace_step_name(unsigned int step);
+
 #endif /* HUGEPOKE_HELPERS_H */

@@ -135,6 +135,12 @@ impl Event {
         self.note = note;
         self
     }
+
+    /// Emit this event, journaled as `seq`, as a trace event.
+    fn trace(&self, seq: u64) {
+        let e = self;
+        sys::trace_step(e.step as u32, seq, e.pid, e.handle, e.addr, e.pfn, e.order, e.result, e.note);
+    }
 }
 
 /// An event as stored: stamped with its sequence number and time.
@@ -336,9 +342,14 @@ impl Journal {
         }))
     }
 
+    /// Log `event`, and emit it as its step's trace event (under the lock,
+    /// so that the trace has the journal's order).
     pub(crate) fn record(&self, event: Event) -> u64 {
         let now = sys::ktime_ns();
-        self.ring.lock().push(event, now)
+        let mut ring = self.ring.lock();
+        let seq = ring.push(event, now);
+        event.trace(seq);
+        seq
     }
 
     /// Record `ev` as failed with `err` for the reason `why`, and return `err`.

@@ -44,6 +44,10 @@ pub(crate) enum Point {
     /// RESTORE, right before its one `lru_add_drain_all()`: only the
     /// target's state lock is held.
     Drain,
+    /// The queued collapse work, before it takes any lock: RESTORE has
+    /// returned and the range is still PTE-mapped, for as long as a test
+    /// needs to look at it (`hugepoke map`); the target runs and faults.
+    Collapse,
 }
 
 impl Point {
@@ -53,11 +57,12 @@ impl Point {
             Point::Checked => "checked",
             Point::Restore => "restore",
             Point::Drain => "drain",
+            Point::Collapse => "collapse",
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [Point::Resolved, Point::Checked, Point::Restore, Point::Drain].into_iter().find(|p| p.name() == s)
+        [Point::Resolved, Point::Checked, Point::Restore, Point::Drain, Point::Collapse].into_iter().find(|p| p.name() == s)
     }
 }
 

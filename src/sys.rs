@@ -161,6 +161,62 @@ extern "C" {
     fn hugepoke_uffd_wp(vma: *mut bindings::vm_area_struct) -> bool;
     fn hugepoke_module_get() -> bool;
     fn hugepoke_module_put();
+    fn hugepoke_trace(
+        step: u32,
+        seq: u64,
+        pid: i32,
+        handle: u32,
+        addr: usize,
+        pfn: usize,
+        order: i32,
+        err: i32,
+        reason: *const u8,
+        reason_len: usize,
+    );
+    fn hugepoke_trace_step_name(step: u32) -> *const kernel::ffi::c_char;
+}
+
+/// One journal step as a trace event, `hugepoke:hugepoke_<step>`; `step`
+/// indexes `HUGEPOKE_STEPS` in helpers.h.  `None` goes out as 0 (`order`:
+/// -1).  Callable in any context, spinlocks held included.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn trace_step(
+    step: u32,
+    seq: u64,
+    pid: i32,
+    handle: Option<u32>,
+    addr: Option<usize>,
+    pfn: Option<usize>,
+    order: Option<u32>,
+    err: i32,
+    reason: &str,
+) {
+    let order = order.map_or(-1, |o| o as i32);
+    // SAFETY: `reason` is valid for `reason.len()` bytes for the call (the
+    // event copies them; no NUL is needed); the other arguments are plain
+    // values, and a tracepoint may fire in atomic context.
+    unsafe {
+        hugepoke_trace(
+            step,
+            seq,
+            pid,
+            handle.unwrap_or(0),
+            addr.unwrap_or(0),
+            pfn.unwrap_or(0),
+            order,
+            err,
+            reason.as_ptr(),
+            reason.len(),
+        )
+    };
+}
+
+/// The step whose trace event `step` emits, as helpers.c names it.
+pub(crate) fn trace_step_name(step: u32) -> Option<&'static CStr> {
+    // SAFETY: no preconditions; the result is null or a string literal.
+    let name = unsafe { hugepoke_trace_step_name(step) };
+    // SAFETY: non-null, it is a NUL-terminated literal that lives forever.
+    (!name.is_null()).then(|| unsafe { CStr::from_char_ptr(name) })
 }
 
 /// A reference on this module, held by every open file of the device

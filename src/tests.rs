@@ -320,4 +320,14 @@ mod hugepoke {
             }
         }
     }
+
+    /// Each step's trace event is the one helpers.c emits for its number.
+    #[test]
+    fn each_step_has_its_own_trace_event() {
+        for &step in Step::ALL {
+            let name = crate::sys::trace_step_name(step as u32).map(|n| n.to_bytes());
+            assert_eq!(name, Some(step.name().as_bytes()));
+        }
+        assert!(crate::sys::trace_step_name(Step::COUNT as u32).is_none());
+    }
 }

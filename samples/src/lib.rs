@@ -7,9 +7,11 @@ pub mod check_state;
 pub mod collapse;
 pub mod decode;
 pub mod device;
+pub mod map;
 pub mod proc;
 pub mod report;
 pub mod sites;
+pub mod svg;
 pub mod symbols;
 pub mod target;
 #[path = "../../src/uapi.rs"]

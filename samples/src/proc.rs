@@ -109,6 +109,72 @@ impl Pagemap {
     }
 }
 
+// PAGEMAP_SCAN (include/uapi/linux/fs.h).
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_HUGE: u64 = 1 << 6;
+const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610; // _IOWR('f', 16, struct pm_scan_arg)
+
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+impl Pagemap {
+    /// `[start, end)` ranges inside `[from, to)` mapped by a present PMD,
+    /// at most `max` of them.  PAGEMAP_SCAN reports PAGE_IS_HUGE only from
+    /// its PMD-level walker: a page-cache subpage mapped by a PTE is never
+    /// "huge", even inside a THP.  Plain pagemap entries cannot tell the two
+    /// apart.
+    pub fn pmd_mapped_ranges(&self, from: u64, to: u64, max: usize) -> io::Result<Vec<(u64, u64)>> {
+        use std::os::fd::AsRawFd;
+        let mut regions = vec![PageRegion::default(); max.max(1)];
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            start: from,
+            end: to,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            category_mask: PAGE_IS_HUGE | PAGE_IS_PRESENT,
+            return_mask: PAGE_IS_HUGE | PAGE_IS_PRESENT,
+            ..Default::default()
+        };
+        // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
+        // regions into `regions`, both ours and alive for the call.
+        let n = unsafe { libc::ioctl(self.0.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut PmScanArg) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(regions[..n as usize].iter().map(|r| (r.start, r.end)).collect())
+    }
+
+    /// Entries of the `n` pages from `vaddr`, in one read.
+    pub fn entries(&self, vaddr: u64, n: usize) -> io::Result<Vec<PagemapEntry>> {
+        let mut buf = vec![0u8; n * 8];
+        self.0.read_exact_at(&mut buf, vaddr / PAGE_SIZE * 8)?;
+        Ok(buf.chunks_exact(8).map(|b| PagemapEntry(u64::from_ne_bytes(b.try_into().unwrap()))).collect())
+    }
+}
+
 /// `/proc/kpageflags` bits (include/uapi/linux/kernel-page-flags.h).
 pub mod kpf {
     pub const MMAP: u32 = 11;
@@ -211,6 +277,97 @@ pub fn parse_event_line(l: &str) -> Option<EventLine> {
     })
 }
 
+/// One line of debugfs `patches`: `handle pid addr len state pfn owner
+/// pmd_mappable bytes orig site` (the fields a reader needs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PatchLine {
+    pub handle: u32,
+    pub pid: i32,
+    pub addr: u64,
+    pub len: u64,
+    /// `live` or `gone`.
+    pub state: String,
+    pub pfn: Option<u64>,
+    pub owner: String,
+}
+
+/// Parse `patches`; `#` lines (the header, `# a target is busy …`) are skipped.
+pub fn parse_patches(text: &str) -> Vec<PatchLine> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            Some(PatchLine {
+                handle: w.first()?.parse().ok()?,
+                pid: w.get(1)?.parse().ok()?,
+                addr: crate::parse_number(w.get(2)?)?,
+                len: w.get(3)?.parse().ok()?,
+                state: w.get(4)?.to_string(),
+                pfn: opt_hex(w.get(5)?),
+                owner: w.get(6)?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// One of hugepoke's trace events (`hugepoke:hugepoke_<step>`) as tracefs
+/// `trace` prints it: the journal's fields, with 0 (`order`: -1) for none.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceLine {
+    pub step: String,
+    pub seq: u64,
+    pub pid: i32,
+    pub handle: u32,
+    pub addr: u64,
+    pub pfn: u64,
+    pub order: i32,
+    /// 0 or a negative errno.
+    pub errno: i32,
+    pub reason: String,
+}
+
+impl TraceLine {
+    /// Does this event say what the journal's `e` says?
+    pub fn matches(&self, e: &EventLine) -> bool {
+        self.seq == e.seq
+            && self.step == e.step
+            && self.pid == e.pid
+            && Some(self.handle).filter(|&h| h != 0) == e.handle
+            && Some(self.addr).filter(|&a| a != 0) == e.addr
+            && Some(self.pfn).filter(|&p| p != 0) == e.pfn
+            && u32::try_from(self.order).ok() == e.order
+            && (self.errno == 0) == (e.result == "ok")
+            && self.reason == e.note
+    }
+}
+
+/// hugepoke's events in a tracefs `trace` text, in order; other lines are
+/// skipped.  The fields are as `TP_printk` in src/hugepoke_trace.h has them.
+pub fn parse_trace(text: &str) -> Vec<TraceLine> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (_, event) = l.split_once(": hugepoke_")?;
+            let (step, fields) = event.split_once(": ")?;
+            let (fields, reason) = fields.split_once(" reason=")?;
+            let field = |name: &str| {
+                fields.split(' ').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')).map(str::to_string)
+            };
+            Some(TraceLine {
+                step: step.to_string(),
+                seq: field("seq")?.parse().ok()?,
+                pid: field("pid")?.parse().ok()?,
+                handle: field("handle")?.parse().ok()?,
+                addr: crate::parse_number(&field("addr")?)?,
+                pfn: crate::parse_number(&field("pfn")?)?,
+                order: field("order")?.parse().ok()?,
+                errno: field("errno")?.parse().ok()?,
+                reason: reason.to_string(),
+            })
+        })
+        .collect()
+}
+
 /// `(ok, failed)` of one step in debugfs `stats`.
 pub fn parse_stat(text: &str, step: &str) -> Option<(u64, u64)> {
     // The per-step table is the first section; per-reason lines follow.
@@ -227,6 +384,43 @@ pub fn parse_stat(text: &str, step: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TRACE: &str = "\
+# tracer: nop
+  hugepoke-tests-119     [000] .l.1.    44.922442: hugepoke_split_pmd: seq=6 pid=120 handle=0 addr=0x7fda98205000 pfn=0x5000 order=9 errno=0 reason=PMD split to PTEs; THP stays whole
+    kworker/u8:0-12      [001] .l.1.    45.277755: hugepoke_collapse: seq=18 pid=120 handle=0 addr=0x7fda98200000 pfn=0x0 order=-1 errno=-16 reason=SCAN_FAIL: x=y
+  hugepoke-tests-119     [000] ...1.    45.390535: sched_switch: prev_comm=a
+";
+
+    #[test]
+    fn trace_lines_parse_and_match_the_journal() {
+        let t = parse_trace(TRACE);
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            t[0],
+            TraceLine {
+                step: "split_pmd".into(),
+                seq: 6,
+                pid: 120,
+                handle: 0,
+                addr: 0x7fda98205000,
+                pfn: 0x5000,
+                order: 9,
+                errno: 0,
+                reason: "PMD split to PTEs; THP stays whole".into(),
+            }
+        );
+        assert_eq!((t[1].order, t[1].errno, t[1].reason.as_str()), (-1, -16, "SCAN_FAIL: x=y"));
+        let journal = parse_events(
+            "6 1 120 - 0x7fda98205000 split_pmd 0x5000 9 ok PMD split to PTEs; THP stays whole\n\
+             18 2 120 - 0x7fda98200000 collapse - - -EBUSY SCAN_FAIL: x=y\n",
+        );
+        assert!(t[0].matches(&journal[0]) && t[1].matches(&journal[1]));
+        assert!(!t[0].matches(&journal[1]));
+        let mut other_pfn = journal[0].clone();
+        other_pfn.pfn = Some(0x5001);
+        assert!(!t[0].matches(&other_pfn));
+    }
 
     const SMAPS: &str = "\
 7f0000200000-7f0000400000 r-xp 00000000 00:1f 5                          /tmp/hugepoke-thp/text 1.bin
@@ -284,6 +478,19 @@ Anonymous:           132 kB
         assert_eq!(e[1].order, Some(9));
         assert_eq!(e[1].result, "-ENOTTY");
         assert_eq!(e[1].note, "unknown ioctl command");
+    }
+
+    #[test]
+    fn patches_lines() {
+        let text = "# handle pid addr len state pfn owner pmd_mappable bytes orig site\n\
+                    3 42 0x7f0000207000 6 live 0x3c3d file:1 yes b892100000c3 b8ef030000c3 0/1\n\
+                    6 42 0x7f0000208000 1 gone - persistent no cc b8 2/4\n\
+                    # a target is busy\n";
+        let p = parse_patches(text);
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].handle, p[0].pid, p[0].addr, p[0].len, p[0].pfn), (3, 42, 0x7f00_0020_7000, 6, Some(0x3c3d)));
+        assert_eq!((p[0].state.as_str(), p[0].owner.as_str()), ("live", "file:1"));
+        assert_eq!((p[1].state.as_str(), p[1].pfn, p[1].owner.as_str()), ("gone", None, "persistent"));
     }
 
     #[test]

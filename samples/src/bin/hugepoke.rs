@@ -92,6 +92,8 @@ enum Command {
         #[arg(long)]
         pid: i32,
     },
+    /// Draw the 2 MiB range around an address: how each of its 512 pages is mapped now, and the live patches.
+    Map(MapCmd),
     /// Write the man pages or a shell's completions (make install-tools uses it).
     #[command(hide = true)]
     Generate {
@@ -106,6 +108,40 @@ enum Generate {
     Man { dir: PathBuf },
     /// The completion script for SHELL, on standard output.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Args)]
+struct MapCmd {
+    /// The process.
+    #[arg(long)]
+    pid: i32,
+    /// An address in the range (0x… or decimal); the range is the 2 MiB-aligned one around it.
+    #[arg(long, value_parser = number)]
+    addr: u64,
+    /// Also write the picture as SVG to FILE.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<std::path::PathBuf>,
+}
+
+/// `hugepoke map`: read the range (hugepoke::map), print it, maybe write the SVG.
+fn map_cmd(cmd: MapCmd, json: bool) {
+    use std::io::IsTerminal;
+    let m = hugepoke::map::RangeMap::read(cmd.pid, cmd.addr).unwrap_or_else(|e| {
+        eprintln!("hugepoke: map: pid {} at {:#x}: {e}", cmd.pid, cmd.addr);
+        std::process::exit(1)
+    });
+    if let Some(path) = &cmd.svg {
+        std::fs::write(path, hugepoke::map::render_svg(&m)).unwrap_or_else(|e| {
+            eprintln!("hugepoke: map: writing {}: {e}", path.display());
+            std::process::exit(1)
+        });
+    }
+    if json {
+        println!("{}", serde_json::to_string(&m).expect("a map serializes"));
+    } else {
+        let colour = io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        print!("{}", hugepoke::map::render_text(&m, colour));
+    }
 }
 
 #[derive(Args)]
@@ -809,6 +845,7 @@ fn main() {
         Command::Events { .. } => print_debugfs("events", json, seq),
         Command::Stats => print_debugfs("stats", json, seq),
         Command::Collapse { pid } => collapse_cmd(pid, json),
+        Command::Map(cmd) => map_cmd(cmd, json),
         Command::Generate { .. } => unreachable!(),
     }
 }

@@ -5,7 +5,6 @@ use hugepoke::proc::{self, EventLine, Pagemap};
 use hugepoke::target::Target;
 use hugepoke::text;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 
@@ -93,64 +92,19 @@ pub fn calibrate() -> i64 {
 /// PAGEMAP_SCAN ioctl.
 pub struct Watch {
     pagemap: Pagemap,
-    scan: File,
-}
-
-// include/uapi/linux/fs.h
-const PAGE_IS_PRESENT: u64 = 1 << 3;
-const PAGE_IS_HUGE: u64 = 1 << 6;
-const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610; // _IOWR('f', 16, struct pm_scan_arg)
-
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
 }
 
 impl Watch {
     pub fn open(pid: i32) -> std::io::Result<Self> {
-        Ok(Watch { pagemap: Pagemap::open(pid)?, scan: File::open(format!("/proc/{pid}/pagemap"))? })
+        Ok(Watch { pagemap: Pagemap::open(pid)? })
     }
 
-    /// Is the 4 KiB page at `addr` mapped by a present PMD?  PAGEMAP_SCAN
-    /// reports PAGE_IS_HUGE only from its PMD-level walker: a page-cache
-    /// subpage mapped by a PTE is never "huge", even inside a THP.
+    /// Is the 4 KiB page at `addr` mapped by a present PMD?
+    /// ([`Pagemap::pmd_mapped_ranges`]).
     pub fn pmd_mapped(&self, addr: u64) -> bool {
-        let mut region = PageRegion::default();
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            start: addr,
-            end: addr + text::PAGE as u64,
-            vec: &mut region as *mut PageRegion as u64,
-            vec_len: 1,
-            category_mask: PAGE_IS_HUGE | PAGE_IS_PRESENT,
-            return_mask: PAGE_IS_HUGE | PAGE_IS_PRESENT,
-            ..Default::default()
-        };
-        // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
-        // regions into `region`, both ours and alive for the call.
-        let n = unsafe { libc::ioctl(self.scan.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut PmScanArg) };
-        check!(n >= 0, "PAGEMAP_SCAN: {}", std::io::Error::last_os_error());
-        n == 1 && region.categories & (PAGE_IS_HUGE | PAGE_IS_PRESENT) == PAGE_IS_HUGE | PAGE_IS_PRESENT
+        let r = self.pagemap.pmd_mapped_ranges(addr, addr + text::PAGE as u64, 1);
+        check!(r.is_ok(), "PAGEMAP_SCAN: {}", r.as_ref().unwrap_err());
+        !r.unwrap().is_empty()
     }
 
     /// The PFN mapped at `addr` now, if present (needs root).

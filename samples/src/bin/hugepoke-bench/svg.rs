@@ -1,10 +1,10 @@
 //! `bench.svg`: every sample of every row on one logarithmic time axis
-//! (a strip plot), with each row's median and p90 marked.  Hand-written:
-//! a few dozen lines of SVG text cost less to build and to audit than a
-//! plotting crate and its dependencies.
+//! (a strip plot), with each row's median and p90 marked; hand-written
+//! (`hugepoke::svg`).
 
 use crate::report::Bench;
 use crate::stats::{human_ns, median, p90};
+use hugepoke::svg::escape as xml;
 use std::fmt::Write;
 
 const WIDTH: f64 = 1500.0;
@@ -13,10 +13,6 @@ const RIGHT: f64 = 30.0;
 const ROW_H: f64 = 24.0;
 const TOP: f64 = 50.0;
 const AXIS_H: f64 = 40.0;
-
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
 
 /// The most dots a row gets: a 10,000-sample row would make the chart
 /// megabytes of circles that draw as one smear anyway.
@@ -51,12 +47,7 @@ pub fn chart(b: &Bench) -> String {
     let plot_w = WIDTH - LABEL_W - RIGHT;
     let x = |ns: f64| LABEL_W + plot_w * (ns.max(lo).log10() - lo.log10()) / (hi.log10() - lo.log10());
     let height = TOP + ROW_H * b.rows.len() as f64 + AXIS_H;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let mut s = hugepoke::svg::open(WIDTH, height);
     let _ = writeln!(
         s,
         r#"<text x="10" y="20" font-size="14">{}</text>"#,

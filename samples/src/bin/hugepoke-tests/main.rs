@@ -27,8 +27,10 @@ mod foundation;
 mod hardening;
 mod helper;
 mod identity;
+mod map;
 mod mechanism;
 mod races;
+mod trace_events;
 mod uffd;
 mod visibility;
 mod real_programs;
@@ -40,8 +42,10 @@ use filesystems::*;
 use foundation::*;
 use hardening::*;
 use identity::*;
+use map::*;
 use mechanism::*;
 use races::*;
+use trace_events::*;
 use uffd::*;
 use visibility::*;
 use real_programs::*;
@@ -55,8 +59,10 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("unprivileged_user_cannot_open", unprivileged_user_cannot_open),
     ("target_text_is_pmd_mapped_thp", target_text_is_pmd_mapped_thp),
     ("patch_restore_collapse_one_page", patch_restore_collapse_one_page),
+    ("trace_events_carry_each_step_and_its_pfns", trace_events_carry_each_step_and_its_pfns),
     ("collapse_waits_for_the_last_patch", collapse_waits_for_the_last_patch),
     ("install_pmd_maps_without_a_fault", install_pmd_maps_without_a_fault),
+    ("map_shows_patch_restore_and_collapse", map_shows_patch_restore_and_collapse),
     ("expect_mismatch_changes_nothing", expect_mismatch_changes_nothing),
     ("batch_patches_and_restores_every_site", batch_patches_and_restores_every_site),
     ("batch_restore_follows_moves_drops_and_swap", batch_restore_follows_moves_drops_and_swap),
