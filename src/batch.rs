@@ -333,6 +333,8 @@ fn batch_locked(
                 .handle(handle as u32)
                 .error(failure.error, "batch failed and could not all be undone: the sites still written are kept under this handle, persistent"),
         );
+        // The handle lives: `stats` counts it among the patched.
+        hp.journal.record(ev(Step::Patched).handle(handle as u32).note("the sites still written by a failed batch, kept (persistent)"));
         *kept = Some(failure);
         return Ok(());
     }
@@ -716,15 +718,20 @@ pub(crate) fn restore_batch(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mu
     let mut result = Ok(());
     // Which pages' sites leave the table: all of them, unless refused.
     let mut forget_all = true;
+    // What the one `restored` record of the handle says (`stats` counts a
+    // handle as restored, or forgotten with a reason, by it).
+    let mut settled: Option<&'static str> = Some("batch: every site restored or gone");
     match outcome {
         Ok(()) => {
             for w in pages.iter() {
                 if let PageState::Gone(r, why) = &w.state {
-                    let ev = ev(Step::Restored).addr(sites[w.range.start].addr);
+                    // Per page, as a step; the handle's verdict comes last.
+                    let ev = ev(Step::RestoreBytes).addr(sites[w.range.start].addr);
                     match r {
                         Ok(()) => hp.journal.record(ev.note(why)),
                         Err(e) => {
                             result = Err(*e);
+                            settled = Some("batch: a site's file page is no longer mapped in the target; its sites forgotten, the others restored");
                             hp.journal.record(ev.error(*e, why))
                         }
                     };
@@ -732,11 +739,8 @@ pub(crate) fn restore_batch(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mu
             }
         }
         Err((Refused::Gone { result: r, why }, _)) => {
-            match r {
-                Ok(()) => hp.journal.record(ev(Step::Restored).note(why)),
-                Err(e) => hp.journal.record(ev(Step::Restored).error(e, why)),
-            };
             result = r;
+            settled = Some(why);
         }
         Err((Refused::Kept(e, why), at)) => {
             let fate = match closing {
@@ -748,6 +752,8 @@ pub(crate) fn restore_batch(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mu
             hp.journal.record(ev(Step::RestoreBytes).addr(sites.get(at).map_or(first.addr, |s| s.addr)).error(e, why));
             result = Err(e);
             forget_all = closing == Closing::Module;
+            // Abandoned at unload: no verdict, as for a single patch.
+            settled = None;
         }
     }
     // Forget the sites restored or gone (all of them, unless kept; a
@@ -757,7 +763,7 @@ pub(crate) fn restore_batch(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mu
     for w in pages.iter() {
         if forget_all || matches!(w.outcome, Outcome::Written | Outcome::Done(_)) {
             if !forget_all {
-                hp.journal.record(ev(Step::Restored).addr(sites[w.range.start].addr).note("this page was restored and could not be re-patched: its sites are forgotten"));
+                hp.journal.record(ev(Step::RestoreBytes).addr(sites[w.range.start].addr).note("this page was restored and could not be re-patched: its sites are forgotten"));
             }
             for s in sites[w.range.clone()].iter() {
                 if let Some(p) = state.patches.remove(handle, s.index) {
@@ -776,7 +782,11 @@ pub(crate) fn restore_batch(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mu
         }
         return result;
     }
-    hp.journal.record(ev(Step::Restored).note("batch: every site restored or gone"));
+    match (settled, result) {
+        (Some(why), Ok(())) => hp.journal.record(ev(Step::Restored).note(why)),
+        (Some(why), Err(e)) => hp.journal.record(ev(Step::Restored).error(e, why)),
+        (None, _) => 0,
+    };
     let retired = if state.idle() { hp.registry.lock().retire(target, state) } else { None };
     let handle = hp.registry.lock().forget_handle(handle);
     drop((forgotten, retired, handle));

@@ -48,8 +48,12 @@ pub(crate) fn batch_patches_and_restores_every_site() -> TestResult {
     }
     ensure!(smaps(&t)?.kb("Anonymous") == 0, "anonymous memory left: {:?}", smaps(&t)?);
     ensure!(dev.query(handle).is_err(), "a restored batch is still known");
-    let queued = events_of(handle)?.iter().filter(|e| e.step == "queue_collapse").count();
+    let evs = events_of(handle)?;
+    let queued = evs.iter().filter(|e| e.step == "queue_collapse").count();
     ensure!(queued == 1, "{queued} collapses queued for one range");
+    // One verdict for the handle: what `stats` counts it by.
+    let settled: Vec<_> = evs.iter().filter(|e| e.step == "restored").collect();
+    ensure!(settled.len() == 1 && settled[0].result == "ok", "the batch's restored records: {settled:?}");
     let took = wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
     println!("# PMD back {took:?} after the batch RESTORE");
     ensure!(thp_head(&t)? == head, "a different THP came back");
@@ -90,7 +94,7 @@ pub(crate) fn batch_restore_follows_moves_drops_and_swap() -> TestResult {
         written.len() == 2 && written.iter().all(|e| e.note.contains("moved") && e.addr >= Some(t.addr)),
         "restore_bytes at the new address for pages 40 and 42 only: {written:?}"
     );
-    ensure!(evs.iter().any(|e| e.step == "restored" && e.note.contains("already undone")), "page 41 not forgotten as undone: {:?}", steps(&evs));
+    ensure!(evs.iter().any(|e| e.step == "restore_bytes" && e.note.contains("already undone")), "page 41 not forgotten as undone: {:?}", steps(&evs));
     let notes: Vec<_> = evs.iter().filter(|e| e.step.contains("anon_page") || e.step == "lru_drain").map(|e| format!("{} {}", e.step, e.note)).collect();
     ensure!(evs.iter().any(|e| e.step == "zap_anon_page" && e.note.contains("swap slot freed")), "page 42's swap slot not freed: {notes:?}");
     ensure!(swap.used_kb()? <= used_before, "swap slot leaked: {} kB used, {used_before} kB before; {notes:?}", swap.used_kb()?);
@@ -117,5 +121,7 @@ pub(crate) fn batch_restore_after_remap_writes_nothing() -> TestResult {
         ensure!(read_mem(t.pid, t.page_addr(p), 4096)? == before[k], "RESTORE wrote into the data now at page {p}");
     }
     ensure!(dev.query(handle).is_err(), "batch still in the table");
+    let settled: Vec<_> = events_of(handle)?.into_iter().filter(|e| e.step == "restored").collect();
+    ensure!(settled.len() == 1 && settled[0].result == "-ENXIO", "the batch's restored records: {settled:?}");
     Ok(())
 }
