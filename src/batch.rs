@@ -156,7 +156,6 @@ fn batch_locked(
     let ev = |step| Event::new(step).pid(pid);
     let nomem = || Failure::from(hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a batch"));
     let n = sites.len();
-    let room = state.patches.reserve(n).map_err(|_| nomem())?;
     let mut plan = Plan {
         sites: KVVec::with_capacity(n, GFP_KERNEL).map_err(|_| nomem())?,
         expects: KVVec::with_capacity(n, GFP_KERNEL).map_err(|_| nomem())?,
@@ -168,6 +167,7 @@ fn batch_locked(
     let guard = MmapWriteGuard::lock_killable(mm)
         .map_err(|e| hp.journal.fail(ev(Step::CheckVma), e, "fatal signal while waiting for the target's mmap lock"))?;
     // Check every site before anything is written.
+    let mut cached: Option<(sys::VmaInfo, ARef<File>)> = None;
     for &i in order {
         let s = &sites[i as usize];
         let addr = s.addr as usize;
@@ -176,9 +176,17 @@ fn batch_locked(
             site: Some(i),
             kept: None,
         };
-        let vma = guard.vma_lookup(addr).ok_or_else(|| blame(EFAULT, "address is not mapped"))?;
-        let info = sys::vma_info(vma);
-        patch::check_vma(&info).map_err(|(e, why)| blame(e, why))?;
+        // Sites come in address order: most are in the VMA of the one before.
+        let (info, file) = match cached.take() {
+            Some((info, file)) if info.start <= addr && addr < info.end => (info, file),
+            _ => {
+                let vma = guard.vma_lookup(addr).ok_or_else(|| blame(EFAULT, "address is not mapped"))?;
+                let info = sys::vma_info(vma);
+                patch::check_vma(&info).map_err(|(e, why)| blame(e, why))?;
+                let file = sys::vma_file(vma).ok_or_else(|| blame(EINVAL, "not a file-backed mapping"))?;
+                (info, file)
+            }
+        };
         let pgoff = info.pgoff_of(addr & PAGE_MASK);
         let (offset, len) = (addr & !PAGE_MASK, s.len as usize);
         if state.patches.overlaps(info.mapping, pgoff, offset, len) {
@@ -193,7 +201,6 @@ fn batch_locked(
                 at.try_create_and_insert((info.mapping, pgoff), addr & PAGE_MASK, GFP_KERNEL).map_err(|_| nomem())?;
             }
         }
-        let file = sys::vma_file(vma).ok_or_else(|| blame(EINVAL, "not a file-backed mapping"))?;
         let site = Site {
             handle,
             index: i,
@@ -212,12 +219,16 @@ fn batch_locked(
         // Within capacity: n each.
         let _ = plan.sites.push_within_capacity(site);
         let _ = plan.expects.push_within_capacity((s.flags & uapi::PATCH_EXPECT != 0).then_some(s.expect));
-        let _ = plan.files.push_within_capacity(file);
+        let _ = plan.files.push_within_capacity(file.clone());
+        cached = Some((info, file));
     }
+    drop(cached);
     drop(at);
     for r in pages_of(&plan.sites, |s| s.addr & PAGE_MASK) {
         let _ = plan.pages.push_within_capacity(PageWork::new(r));
     }
+    // Room for the records, before anything is written.
+    let room = state.patches.reserve(n, plan.pages.len()).map_err(|_| nomem())?;
     // The cheap look at the expected bytes, one plain GUP a page: a
     // mismatch here changes nothing.  The check that counts is repeated
     // under the page-table lock, in the step that writes.

@@ -181,7 +181,7 @@ fn patch_locked(
     // Room for the record first: once the bytes are written, nothing may fail.
     let room = state
         .patches
-        .reserve(1)
+        .reserve(1, 1)
         .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
 
     // For writing, as uprobes: see `MmapWriteGuard`.

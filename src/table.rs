@@ -144,23 +144,31 @@ pub(crate) struct Patches<F> {
 struct SiteRoom<F> {
     site: RBTreeNodeReservation<SiteKey, Patch<F>>,
     by_handle: RBTreeNodeReservation<(u64, u32), SiteKey>,
-    page: RBTreeNodeReservation<PageKey, u32>,
-    range: RBTreeNodeReservation<PageKey, u32>,
 }
 
-/// Room for one handle of `count` sites (see [`Patches::reserve`]).
+/// A count node for a file page or a 2 MiB range.
+type CountRoom = RBTreeNodeReservation<PageKey, u32>;
+
+/// Room for one handle of `count` sites on at most `pages` file pages
+/// (see [`Patches::reserve`]).
 pub(crate) struct Reserved<F> {
     handle: RBTreeNodeReservation<u64, HandleInfo>,
     owned: RBTreeNodeReservation<(u64, u64), ()>,
     sites: KVVec<SiteRoom<F>>,
+    /// One page count and one range count per file page, at most.
+    counts: KVVec<CountRoom>,
 }
 
-/// Add one to the count at `key`, using `room` if the key is new.
-fn count_up(tree: &mut RBTree<PageKey, u32>, key: PageKey, room: RBTreeNodeReservation<PageKey, u32>) {
+/// Add one to the count at `key`, using a node of `rooms` if the key is
+/// new (there is one: a page or range new to the table is one of the
+/// pages the room was reserved for).
+fn count_up(tree: &mut RBTree<PageKey, u32>, key: PageKey, rooms: &mut KVVec<CountRoom>) {
     match tree.entry(key) {
         Entry::Occupied(mut e) => *e.get_mut() += 1,
         Entry::Vacant(e) => {
-            e.insert(1, room);
+            if let Some(room) = rooms.pop() {
+                e.insert(1, room);
+            }
         }
     }
 }
@@ -283,40 +291,40 @@ impl<F> Patches<F> {
         Ok(())
     }
 
-    /// Room for a handle of `count` sites, so that recording cannot fail
-    /// once the bytes are written.
-    pub(crate) fn reserve(&self, count: usize) -> Result<Reserved<F>> {
+    /// Room for a handle of `count` sites on at most `pages` file pages,
+    /// so that recording cannot fail once the bytes are written.
+    pub(crate) fn reserve(&self, count: usize, pages: usize) -> Result<Reserved<F>> {
         let mut sites = KVVec::with_capacity(count, GFP_KERNEL)?;
         for _ in 0..count {
             sites.push(
-                SiteRoom {
-                    site: RBTreeNodeReservation::new(GFP_KERNEL)?,
-                    by_handle: RBTreeNodeReservation::new(GFP_KERNEL)?,
-                    page: RBTreeNodeReservation::new(GFP_KERNEL)?,
-                    range: RBTreeNodeReservation::new(GFP_KERNEL)?,
-                },
+                SiteRoom { site: RBTreeNodeReservation::new(GFP_KERNEL)?, by_handle: RBTreeNodeReservation::new(GFP_KERNEL)? },
                 GFP_KERNEL,
             )?;
+        }
+        let mut counts = KVVec::with_capacity(2 * pages, GFP_KERNEL)?;
+        for _ in 0..2 * pages {
+            counts.push(RBTreeNodeReservation::new(GFP_KERNEL)?, GFP_KERNEL)?;
         }
         Ok(Reserved {
             handle: RBTreeNodeReservation::new(GFP_KERNEL)?,
             owned: RBTreeNodeReservation::new(GFP_KERNEL)?,
             sites,
+            counts,
         })
     }
 
     /// Record the sites of one handle (all with the same `handle` and
     /// `owner`, indexes 0..n), in the room `reserved` for at least as many.
     pub(crate) fn insert(&mut self, reserved: Reserved<F>, sites: impl Iterator<Item = (Site, F)>) {
-        let Reserved { handle: handle_room, owned: owned_room, sites: mut rooms } = reserved;
+        let Reserved { handle: handle_room, owned: owned_room, sites: mut rooms, mut counts } = reserved;
         let mut info: Option<(u64, HandleInfo)> = None;
         for (site, file) in sites {
             // Room was reserved for every site.
             let Some(room) = rooms.pop() else { break };
             let key = site.key();
             info.get_or_insert((site.handle, HandleInfo { count: 0, owner: site.owner })).1.count += 1;
-            count_up(&mut self.per_page, site.page_key(), room.page);
-            count_up(&mut self.per_range, site.range_key(), room.range);
+            count_up(&mut self.per_page, site.page_key(), &mut counts);
+            count_up(&mut self.per_range, site.range_key(), &mut counts);
             self.by_handle.insert(room.by_handle.into_node((site.handle, site.index), key));
             self.sites.insert(room.site.into_node(key, Patch { site, file }));
         }

@@ -149,7 +149,7 @@ mod hugepoke {
     fn table(sites: &[Site]) -> Patches<()> {
         let mut t = Patches::new();
         for s in sites {
-            let room = t.reserve(1).unwrap();
+            let room = t.reserve(1, 1).unwrap();
             t.insert(room, core::iter::once((*s, ())));
         }
         t
@@ -157,7 +157,7 @@ mod hugepoke {
 
     /// A batch: `n` one-byte sites under one handle, `per_page` to a page.
     fn batch(t: &mut Patches<()>, handle: u64, owner: Option<u64>, mapping: usize, first_pgoff: usize, n: usize, per_page: usize) {
-        let room = t.reserve(n).unwrap();
+        let room = t.reserve(n, n.div_ceil(per_page)).unwrap();
         let sites = (0..n).map(|i| {
             let mut s = site(handle, owner, mapping, first_pgoff + i / per_page, (i % per_page) * 2, 1);
             s.index = i as u32;
@@ -259,7 +259,7 @@ mod hugepoke {
     fn a_kept_part_of_a_batch_keeps_its_own_indexes() {
         // What a failed batch keeps: sites 1 and 2 of 3 (site 0 was undone).
         let mut t = Patches::new();
-        let room = t.reserve(3).unwrap();
+        let room = t.reserve(3, 3).unwrap();
         let sites = [2u32, 1].into_iter().map(|i| {
             let mut s = site(5, Some(7), FILE_A, 10 + i as usize, 0, 1);
             s.index = i;
