@@ -594,14 +594,12 @@ fn batch_rounds(files: &[String], rounds: usize) -> (usize, i64, Calls, Calls) {
             .collect();
         hs.into_iter().map(|h| h.join().expect("bench thread panicked")).collect()
     });
-    let start = results.iter().map(|r| r.0).min().unwrap();
-    let end = results.iter().map(|r| r.1).max().unwrap();
-    let calls = results.iter().map(|r| r.2.len() + r.3.len()).sum();
+    let (calls, span) = crate::probe::calls_and_span(&results);
     let (mut ps, mut rs) = (Vec::new(), Vec::new());
     for r in results {
         ps.extend(r.2);
         rs.extend(r.3);
     }
-    (calls, end - start, ps, rs)
+    (calls, span, ps, rs)
 }
 

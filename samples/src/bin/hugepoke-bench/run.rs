@@ -611,8 +611,6 @@ fn patch_restore(base: &str, sites: usize, threads: usize) -> (usize, i64, Vec<(
             .collect();
         hs.into_iter().map(|h| h.join().expect("bench thread panicked")).collect()
     });
-    let start = results.iter().map(|r| r.0).min().unwrap();
-    let end = results.iter().map(|r| r.1).max().unwrap();
-    let calls = results.iter().map(|r| r.2.len() + r.3.len()).sum();
-    (calls, end - start, results.into_iter().map(|r| (r.2, r.3)).collect())
+    let (calls, span) = crate::probe::calls_and_span(&results);
+    (calls, span, results.into_iter().map(|r| (r.2, r.3)).collect())
 }
