@@ -17,9 +17,12 @@
 //! every site's bytes; write every page's originals back (a page that
 //! fails then has the pages before it re-patched: nothing is half done);
 //! and only then zap the copies that equal their page-cache page, which
-//! cannot be undone.  The one LRU drain it may need is taken with the mmap
-//! lock held: the drain's per-CPU work takes no mm lock (khugepaged's
-//! `madvise_collapse()` drains under the mmap lock as well).
+//! cannot be undone.  The one LRU drain a RESTORE may need is taken after
+//! the first pass, with the mmap lock dropped (nothing is written yet) and
+//! the first pass made again; only the undo of a failed PATCH_BATCH drains
+//! with it held, since dropping it there would let a writer in between our
+//! write and its undo (the drain's per-CPU work takes no mm lock;
+//! khugepaged's `madvise_collapse()` drains under the mmap lock as well).
 
 use kernel::{
     alloc::KVVec,
@@ -278,6 +281,7 @@ fn batch_locked(
                     s.pmd_mappable = pmd_mappable;
                 }
                 w.state = PageState::Found(page_addr, page);
+                w.written = true;
             }
             Err(WriteError::Failed(e)) => {
                 failed = Some(Failure { error: e, site: Some(plan.sites[r.start].index), kept: None });
@@ -297,6 +301,7 @@ fn batch_locked(
                     s.bytes = s.orig;
                 }
                 w.state = PageState::Found(page_addr, page);
+                w.written = true;
                 break;
             }
         }
@@ -317,7 +322,9 @@ fn batch_locked(
         }
         // Sites on pages still holding them (an undo refused) stay known:
         // under this handle, persistent.
-        let left = |w: &PageWork| matches!(w.outcome, Outcome::Untouched) && matches!(w.state, PageState::Found(..));
+        // (By what was written, not by what the undo found: a page it
+        // refused on may have lost its reference on the way.)
+        let left = |w: &PageWork| w.written && matches!(w.outcome, Outcome::Untouched);
         if !plan.pages.iter().any(left) {
             hp.journal.record(journal_ev.note("batch undone: every page written so far restored"));
             return Err(failure);
@@ -360,7 +367,7 @@ fn batch_locked(
     Ok(())
 }
 
-/// Give back the pages a failed PATCH_BATCH wrote (those `Found` in
+/// Give back the pages a failed PATCH_BATCH wrote (those `written` in
 /// `pages`), with the mmap lock still held: dropping it would let a writer
 /// in between our write and its undo.  So the one LRU drain the zaps may
 /// need runs under it (its per-CPU work takes no mm lock; khugepaged's
@@ -375,7 +382,7 @@ fn undo(
 ) -> Result<(), (Error, &'static str)> {
     // Only the pages written (or COWed): the others never changed.
     for w in pages.iter_mut() {
-        if !matches!(w.state, PageState::Found(..)) {
+        if !w.written {
             w.state = PageState::Gone(Ok(()), "not written");
         }
     }
@@ -398,11 +405,14 @@ struct PageWork {
     range: core::ops::Range<usize>,
     state: PageState,
     outcome: Outcome,
+    /// PATCH_BATCH wrote (or COWed) this page: what an undo must give back,
+    /// and what is kept if it cannot.
+    written: bool,
 }
 
 impl PageWork {
     fn new(range: core::ops::Range<usize>) -> Self {
-        Self { range, state: PageState::Unknown, outcome: Outcome::Untouched }
+        Self { range, state: PageState::Unknown, outcome: Outcome::Untouched, written: false }
     }
 }
 
@@ -709,10 +719,17 @@ fn queue_collapses(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut TargetS
 /// RESTORE every site of batch `handle`, all or none, with the target
 /// locked; forget the sites restored or gone and queue the collapses.
 pub(crate) fn restore_batch(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut TargetState, handle: u64, closing: Closing) -> Result {
-    let nomem = || hp.journal.fail(Event::new(Step::Restore).handle(handle as u32), ENOMEM, "no memory to list the batch's sites: batch kept");
-    let sites = state.patches.sites_of(handle).map_err(|_| nomem())?;
+    let nomem = |state: &mut TargetState| {
+        if closing == Closing::File {
+            // Kept, so it must not stay owned by the file that closed.
+            state.patches.disown(handle);
+            drop(hp.registry.lock().disown(handle));
+        }
+        hp.journal.fail(Event::new(Step::Restore).handle(handle as u32), ENOMEM, "no memory to list the batch's sites: batch kept")
+    };
+    let Ok(sites) = state.patches.sites_of(handle) else { return Err(nomem(state)) };
     let Some(first) = sites.first().copied() else { return Err(ENOENT) };
-    let mut pages: KVVec<PageWork> = KVVec::with_capacity(sites.len(), GFP_KERNEL).map_err(|_| nomem())?;
+    let Ok(mut pages) = KVVec::<PageWork>::with_capacity(sites.len(), GFP_KERNEL) else { return Err(nomem(state)) };
     for r in pages_of(&sites, |s| s.page_key()) {
         let _ = pages.push_within_capacity(PageWork::new(r));
     }
@@ -754,10 +771,14 @@ pub(crate) fn restore_batch(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mu
             settled = Some(why);
         }
         Err((Refused::Kept(e, why), at)) => {
-            let fate = match closing {
-                Closing::No => "batch kept whole; RESTORE may be retried",
-                Closing::File => "its file closed: batch kept whole as persistent",
-                Closing::Module => "module unloading: batch abandoned",
+            // Pages restored that could not be re-patched leave the batch.
+            let partial = pages.iter().any(|w| matches!(w.outcome, Outcome::Written | Outcome::Done(_)));
+            let fate = match (closing, partial) {
+                (Closing::No, false) => "batch kept whole; RESTORE may be retried",
+                (Closing::No, true) => "batch kept but for the pages restored that could not be re-patched; RESTORE may be retried",
+                (Closing::File, false) => "its file closed: batch kept whole as persistent",
+                (Closing::File, true) => "its file closed: batch kept as persistent but for the pages restored that could not be re-patched",
+                (Closing::Module, _) => "module unloading: batch abandoned",
             };
             hp.journal.record(ev(Step::Restore).error(e, fate));
             hp.journal.record(ev(Step::RestoreBytes).addr(sites.get(at).map_or(first.addr, |s| s.addr)).error(e, why));

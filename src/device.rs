@@ -166,7 +166,10 @@ impl Controller {
         {
             let state = target.state.lock();
             args.count = state.patches.count(args.handle);
-            let p = state.patches.get(args.handle, args.index).ok_or_else(unknown)?;
+            // The Nth live site: a batch that lost some keeps the others' places.
+            let p = state.patches.sites_of_handle(args.handle).nth(args.index as usize).ok_or_else(unknown)?;
+            args.site = p.index;
+            args.reserved = 0;
             args.state = if target.gone() { uapi::STATE_GONE } else { uapi::STATE_LIVE };
             args.pid = p.pid;
             args.addr = p.addr as u64;

@@ -244,7 +244,9 @@ fn patch_locked(
             let last_on_page = state.patches.on_page(site.page_key()) == 0;
             let undo = restore_site(hp, mm, &site, last_on_page);
             if let Ok(Restored { zapped: true, pmd_mappable: true, page_addr, .. }) = undo {
-                collapse::queue_collapse(hp, target, state, &site, page_addr & PMD_MASK);
+                if state.patches.in_range(site.range_key()) == 0 {
+                    collapse::queue_collapse(hp, target, state, &site, page_addr & PMD_MASK);
+                }
             }
             return Err(hp.journal.fail(
                 ev(Step::CheckExpected),

@@ -135,11 +135,16 @@ pub struct QueryArgs {
     /// Out: the bytes that were there before, and the bytes written.
     pub orig: [u8; MAX_BYTES],
     pub bytes: [u8; MAX_BYTES],
-    /// In: which site of the handle (0 for a single PATCH; a batch's
-    /// sites are numbered in the order PATCH_BATCH was given them).
+    /// In: which of the handle's live sites, 0..count, in the order
+    /// PATCH_BATCH was given them (0 for a single PATCH).
     pub index: u32,
-    /// Out: how many sites the handle has (1 for a single PATCH).
+    /// Out: how many live sites the handle has (1 for a single PATCH).
     pub count: u32,
+    /// Out: that site's place in the PATCH_BATCH array (`index` itself
+    /// unless some of the batch's sites are gone).
+    pub site: u32,
+    /// Out: 0.
+    pub reserved: u32,
 }
 
 /// The checks every argument struct's header gets: its `size` must be the
@@ -170,6 +175,6 @@ pub const IOCTL_PATCH_BATCH: u32 = iowr(4, core::mem::size_of::<PatchBatchArgs>(
 // The layout is the ABI: no implicit padding, fixed sizes.
 const _: () = assert!(core::mem::size_of::<PatchArgs>() == 64);
 const _: () = assert!(core::mem::size_of::<RestoreArgs>() == 16);
-const _: () = assert!(core::mem::size_of::<QueryArgs>() == 88);
+const _: () = assert!(core::mem::size_of::<QueryArgs>() == 96);
 const _: () = assert!(core::mem::size_of::<BatchSite>() == 48);
 const _: () = assert!(core::mem::size_of::<PatchBatchArgs>() == 40);

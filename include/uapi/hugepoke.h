@@ -70,8 +70,10 @@ struct hugepoke_query {
 	__u64 pfn;		/* out: the anonymous page holding the patch */
 	__u8 orig[HUGEPOKE_MAX_BYTES];	/* out: bytes before the patch */
 	__u8 bytes[HUGEPOKE_MAX_BYTES];	/* out: bytes written */
-	__u32 index;		/* in: site of the handle (0 unless a batch) */
-	__u32 count;		/* out: sites under the handle */
+	__u32 index;		/* in: the handle's Nth live site, 0..count */
+	__u32 count;		/* out: live sites under the handle */
+	__u32 site;		/* out: that site's place in the batch's array */
+	__u32 reserved;		/* out: 0 */
 };
 
 #define HUGEPOKE_IOCTL_PATCH   _IOWR('H', 1, struct hugepoke_patch)

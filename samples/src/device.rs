@@ -64,6 +64,9 @@ pub fn batch_site(addr: u64, bytes: &[u8], expect: Option<&[u8]>) -> BatchSite {
 pub struct BatchError {
     pub error: io::Error,
     pub failed: Option<usize>,
+    /// The sites it wrote and could not undo are kept (persistent) under
+    /// this handle.
+    pub kept: Option<u64>,
 }
 
 impl std::fmt::Display for BatchError {
@@ -125,7 +128,11 @@ impl Device {
         };
         match self.ioctl(uapi::IOCTL_PATCH_BATCH, &mut a) {
             Ok(()) => Ok(a.handle),
-            Err(error) => Err(BatchError { error, failed: (a.failed != uapi::NO_SITE).then_some(a.failed as usize) }),
+            Err(error) => Err(BatchError {
+                error,
+                failed: (a.failed != uapi::NO_SITE).then_some(a.failed as usize),
+                kept: (a.handle != 0).then_some(a.handle),
+            }),
         }
     }
 

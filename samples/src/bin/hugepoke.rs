@@ -316,16 +316,23 @@ impl Check {
 fn check_patch(pid: i32, force: bool, objects: &[Object], addr: u64, new: &[u8]) -> Check {
     let len = new.len() as u64;
     let c = Check { forced: force, ..Default::default() };
+    // Not decoded: the kernel decides whether it may patch there, and
+    // writes only over the bytes there now (read here, passed as expected).
+    let unchecked = |c: Check, why: String| {
+        let mut c = c.note(format!("{why}: not checked as instructions (the kernel decides; it writes only over the bytes read here)"));
+        c.here = read_mem(pid, addr, new.len()).ok();
+        c
+    };
     let Some(oi) = symbols::object_at(objects, addr) else {
-        return c.note(format!("{addr:#x} is in no executable file mapping of pid {pid}: not checked (the kernel decides)"));
+        return unchecked(c, format!("{addr:#x} is in no executable file mapping of pid {pid}"));
     };
     let o = &objects[oi];
     let m = o.mapping(addr).unwrap();
     if !m.executable() {
-        return c.note(format!("{addr:#x} is in {} but not executable there: not checked (the kernel decides)", o.path));
+        return unchecked(c, format!("{addr:#x} is in {} but not executable there", o.path));
     }
     if addr + len > m.end {
-        return c.note(format!("the patch runs past the end of the mapping at {:#x}: not checked (the kernel decides)", m.end));
+        return unchecked(c, format!("the patch runs past the end of the mapping at {:#x}", m.end));
     }
     let mut c = c;
     // Decode from the start of the covering symbol; without one, from the
@@ -586,6 +593,9 @@ fn patch(cmd: PatchCmd, json: bool) {
                 Some(i) => format!("patch: site {i}"),
                 None => "patch".into(),
             };
+            if let Some(h) = e.kept {
+                eprintln!("hugepoke: patch: the sites the kernel could not undo stay patched, persistent, under handle {h} (hugepoke restore {h})");
+            }
             fail_for(&what, e.error, seq, Some(cmd.pid))
         })
     };
@@ -641,7 +651,7 @@ fn query(handle: u64, json: bool, seq: u64) {
     for index in 0..first.count.max(1) {
         let q = if index == 0 { first } else { dev.query_site(handle, index).unwrap_or_else(|e| fail("query", e, seq)) };
         let n = (q.len as usize).min(uapi::MAX_BYTES);
-        sites.push(QuerySite { site: index, addr: q.addr, len: q.len, flags: q.patch_flags, pfn: q.pfn, bytes: hex(&q.bytes[..n]), orig: hex(&q.orig[..n]) });
+        sites.push(QuerySite { site: q.site, addr: q.addr, len: q.len, flags: q.patch_flags, pfn: q.pfn, bytes: hex(&q.bytes[..n]), orig: hex(&q.orig[..n]) });
     }
     let out = QueryOut {
         handle,

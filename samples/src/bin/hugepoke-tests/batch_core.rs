@@ -31,7 +31,7 @@ pub(crate) fn batch_patches_and_restores_every_site() -> TestResult {
     let s = smaps(&t)?;
     ensure!(s.kb("Anonymous") == 4 * PAGES.len() as u64 && s.pmd_mapped_kb() == 0, "after PATCH_BATCH {s:?}");
     let q = io(dev.query_site(handle, 3))?;
-    ensure!(q.count == 4 && q.addr == t.page_addr(4) + 100 && q.len == 1, "query of site 3 {q:?}");
+    ensure!(q.count == 4 && q.site == 3 && q.addr == t.page_addr(4) + 100 && q.len == 1, "query of site 3 {q:?}");
     ensure!(dev.query_site(handle, 4).is_err(), "a site past the batch was answered");
     // One split for the range, one COW per page.
     let evs = events()?;
