@@ -34,11 +34,10 @@ use kernel::{
 };
 
 use crate::{
-    collapse,
     journal::{Event, Step},
     patch::{self, Closing, Refused, Restored, WriteError, MAX_TRIES},
     pause::Point,
-    sys::{self, MmapWriteGuard, PageRef, PAGE_MASK, PMD_MASK},
+    sys::{self, MmapWriteGuard, PageRef, PAGE_MASK},
     table::{Owner, PageKey, Site, Target, TargetState},
     uapi::{self, BatchSite, PatchBatchArgs, MAX_BATCH, MAX_BYTES},
     Hugepoke,
@@ -389,7 +388,7 @@ fn undo(
     match locate_and_check(hp, guard, sites, pages, &last_on_page) {
         Located::Refused(Refused::Kept(e, why) | Refused::Gone { result: Err(e), why }, _) => return Err((e, why)),
         Located::Refused(Refused::Gone { result: Ok(()), .. }, _) => {}
-        Located::NeedDrain => drain(hp, &sites[0]),
+        Located::NeedDrain => patch::lru_drain_journaled(hp, &sites[0]),
         Located::Ready => {}
     }
     if let Err((Refused::Kept(e, why) | Refused::Gone { result: Err(e), why }, _)) = write_originals(hp, guard, sites, pages) {
@@ -520,14 +519,6 @@ fn locate_and_check(
     if need_drain { Located::NeedDrain } else { Located::Ready }
 }
 
-/// One `lru_add_drain_all()`, journaled.
-fn drain(hp: &Hugepoke, rep: &Site) {
-    let ev = Event::new(Step::LruDrain).pid(rep.pid).handle(rep.handle as u32);
-    hp.journal.record(ev.note("draining all CPUs' LRU batches"));
-    sys::lru_add_drain_all();
-    hp.journal.record(ev.note("drained"));
-}
-
 /// Pass 2: write every found page's originals back.  If a page cannot be
 /// written, the pages before it get the patched bytes again; one that
 /// cannot stays `Written` (its sites are restored: the caller forgets them).
@@ -593,8 +584,7 @@ fn restore_pages(
             Located::NeedDrain if !drained => {
                 // Without the mmap lock: nothing is written yet.
                 drop(guard);
-                hp.pauses.at(Point::Drain, sites[0].pid, &hp.journal);
-                drain(hp, &sites[0]);
+                patch::drain_lru_batches(hp, &sites[0]);
                 drained = true;
                 continue;
             }
@@ -705,14 +695,7 @@ fn queue_collapses(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut TargetS
             continue;
         }
         last = Some(site.range_key());
-        let ev = Event::new(Step::QueueCollapse).pid(site.pid).addr(site.addr).handle(site.handle as u32);
-        if !restored.pmd_mappable {
-            hp.journal.record(ev.order(restored.cache_order).note("none: the page-cache folio is smaller than a PMD"));
-        } else if state.patches.in_range(site.range_key()) != 0 {
-            hp.journal.record(ev.note("not yet: other patches in this 2 MiB range"));
-        } else {
-            collapse::queue_collapse(hp, target, state, site, restored.page_addr & PMD_MASK);
-        }
+        patch::collapse_after_restore(hp, target, state, site, restored);
     }
 }
 

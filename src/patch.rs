@@ -550,14 +550,38 @@ pub(crate) fn keep_reason(
     }
 }
 
+/// After RESTORE gave back the page of `site` (the patch already out of
+/// the table): if the copy was zapped, queue the collapse of its 2 MiB
+/// range when no patch is left there, or journal why not.
+pub(crate) fn collapse_after_restore(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut TargetState, site: &Site, restored: &Restored) {
+    let ev = Event::new(Step::QueueCollapse).pid(site.pid).addr(site.addr).handle(site.handle as u32);
+    if restored.zapped && restored.pmd_mappable {
+        if state.patches.in_range(site.range_key()) == 0 {
+            collapse::queue_collapse(hp, target, state, site, restored.page_addr & PMD_MASK);
+        } else {
+            hp.journal.record(ev.note("not yet: other patches in this 2 MiB range"));
+        }
+    } else if restored.zapped {
+        // 4 KiB or mTHP page cache: the subpage faults back in, and
+        // there is no PMD to rebuild.
+        hp.journal.record(ev.order(restored.cache_order).note("none: the page-cache folio is smaller than a PMD"));
+    }
+}
+
 /// One `lru_add_drain_all()`, journaled.  It waits for work on every CPU,
 /// so the caller holds neither the target's mmap lock nor the registry
 /// (only this target's state lock: this target's operations wait, no
 /// other's).  The `drain` pause point is here, so a test can see which
 /// locks are free while it runs.
-fn drain_lru_batches(hp: &Hugepoke, site: &Site) {
-    let ev = Event::new(Step::LruDrain).pid(site.pid).addr(site.addr).handle(site.handle as u32);
+pub(crate) fn drain_lru_batches(hp: &Hugepoke, site: &Site) {
     hp.pauses.at(Point::Drain, site.pid, &hp.journal);
+    lru_drain_journaled(hp, site);
+}
+
+/// The drain itself, journaled (start, done), with no pause point: the
+/// undo of a failed PATCH_BATCH drains with the mmap lock held.
+pub(crate) fn lru_drain_journaled(hp: &Hugepoke, site: &Site) {
+    let ev = Event::new(Step::LruDrain).pid(site.pid).addr(site.addr).handle(site.handle as u32);
     hp.journal.record(ev.note("draining all CPUs' LRU batches"));
     sys::lru_add_drain_all();
     hp.journal.record(ev.note("drained"));
@@ -719,21 +743,7 @@ fn restore_and_settle(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut Targ
     // without it.  File and target references are dropped after the locks.
     let patch = state.patches.remove(site.handle, site.index);
     if let Some(restored) = restored {
-        if restored.zapped && restored.pmd_mappable {
-            if state.patches.in_range(site.range_key()) == 0 {
-                collapse::queue_collapse(hp, target, state, site, restored.page_addr & PMD_MASK);
-            } else {
-                hp.journal.record(ev(Step::QueueCollapse).note("not yet: other patches in this 2 MiB range"));
-            }
-        } else if restored.zapped {
-            // 4 KiB or mTHP page cache: the subpage faults back in, and
-            // there is no PMD to rebuild.
-            hp.journal.record(
-                ev(Step::QueueCollapse)
-                    .order(restored.cache_order)
-                    .note("none: the page-cache folio is smaller than a PMD"),
-            );
-        }
+        collapse_after_restore(hp, target, state, site, &restored);
         hp.journal.record(ev(Step::Restored));
     }
     let retired = if state.idle() { hp.registry.lock().retire(target, state) } else { None };
