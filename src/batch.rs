@@ -5,8 +5,12 @@
 //!
 //! Everything happens with the target's state locked and its mmap lock
 //! held for writing for the whole call (see `table` for the lock order), so
-//! no `/proc/PID/mem` or ptrace write, no mprotect, mremap or munmap can
-//! come between checking one site and writing another.  Work goes a page
+//! no `/proc/PID/mem` or ptrace write, no mprotect, mremap, munmap or fork
+//! can come between checking one site and writing another.  What the mmap
+//! lock does not keep out — MADV_DONTNEED and faults under the per-VMA
+//! lock, reclaim, migration, truncation — is met where it matters: every
+//! write is made under the PT lock after `lock_pte` found the very page we
+//! hold, and after the bytes there were read and compared.  Work goes a page
 //! at a time in address order: one GUP with `FOLL_SPLIT_PMD` per page (a
 //! 2 MiB range is split by its first page, its later pages are PTE-mapped
 //! already), one COW per page, and all the sites of a page checked and

@@ -125,3 +125,33 @@ pub(crate) fn batch_restore_after_remap_writes_nothing() -> TestResult {
     ensure!(settled.len() == 1 && settled[0].result == "-ENXIO", "the batch's restored records: {settled:?}");
     Ok(())
 }
+
+/// The target forks while a batch is live: the child shares the patched
+/// copies.  A batch RESTORE breaks COW for the parent first and writes
+/// only into the parent's pages; the child keeps the patched code it
+/// inherited.
+pub(crate) fn batch_restore_after_fork_leaves_the_child_patched() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    const PAGES: [usize; 2] = [80, 81];
+    let sites: Vec<_> = PAGES.iter().map(|&p| batch_site(t.page_addr(p), &text::mov_eax_ret(8100 + p as u32), None)).collect();
+    let handle = dev.patch_batch(t.pid, &sites, 0).map_err(|e| format!("PATCH_BATCH: {e}"))?;
+    let forked = t.command("fork")?;
+    let child: i32 = forked.strip_prefix("child ").and_then(|p| p.parse().ok()).ok_or(format!("fork said {forked:?}"))?;
+    io(dev.restore(handle))?;
+    let mut result = Ok(());
+    for &p in PAGES.iter() {
+        if t.call(p)? != text::original_value(p) {
+            result = Err(format!("parent's page {p} not restored"));
+        } else if read_mem(child, t.page_addr(p), 6)? != text::mov_eax_ret(8100 + p as u32) {
+            result = Err(format!("RESTORE wrote into the child's page {p}"));
+        }
+    }
+    // SAFETY: killing nothing but the target's child.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    result?;
+    let evs = events_of(handle)?;
+    ensure!(evs.iter().any(|e| e.step == "restore_bytes" && e.note.contains("shared")), "no COW break journaled: {:?}", steps(&evs));
+    Ok(())
+}

@@ -67,6 +67,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("batch_patches_and_restores_every_site", batch_patches_and_restores_every_site),
     ("batch_restore_follows_moves_drops_and_swap", batch_restore_follows_moves_drops_and_swap),
     ("batch_restore_after_remap_writes_nothing", batch_restore_after_remap_writes_nothing),
+    ("batch_restore_after_fork_leaves_the_child_patched", batch_restore_after_fork_leaves_the_child_patched),
     ("overlapping_patch_is_refused", overlapping_patch_is_refused),
     ("closing_the_file_restores_and_persist_survives", closing_the_file_restores_and_persist_survives),
     ("batch_refused_at_its_last_site_changes_nothing", batch_refused_at_its_last_site_changes_nothing),
