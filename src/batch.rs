@@ -133,14 +133,15 @@ pub(crate) fn patch_batch(hp: &Arc<Hugepoke>, owner: u64, args: &PatchBatchArgs,
 }
 
 /// A batch on its way in, in address order: the table records its sites
-/// become, their expected bytes and files, and its pages (runs of sites).
-/// Everything the write phase needs is allocated before anything is
-/// written, so no allocation can fail between a write and its record.
+/// become, their expected bytes, its pages (runs of sites) and each page's
+/// file.  Everything the write phase needs is allocated before anything
+/// is written, so no allocation can fail between a write and its record.
 struct Plan {
     sites: KVVec<Site>,
     expects: KVVec<Option<[u8; MAX_BYTES]>>,
-    files: KVVec<ARef<File>>,
     pages: KVVec<PageWork>,
+    /// One per page (taken by the table if the page is new to it).
+    files: KVVec<Option<ARef<File>>>,
 }
 
 /// PATCH_BATCH with the target's state locked.  `Ok` with `kept` set:
@@ -165,8 +166,8 @@ fn batch_locked(
     let mut plan = Plan {
         sites: KVVec::with_capacity(n, GFP_KERNEL).map_err(|_| nomem())?,
         expects: KVVec::with_capacity(n, GFP_KERNEL).map_err(|_| nomem())?,
-        files: KVVec::with_capacity(n, GFP_KERNEL).map_err(|_| nomem())?,
         pages: KVVec::with_capacity(n, GFP_KERNEL).map_err(|_| nomem())?,
+        files: KVVec::with_capacity(n, GFP_KERNEL).map_err(|_| nomem())?,
     };
     let mut at: RBTree<PageKey, usize> = RBTree::new();
 
@@ -207,6 +208,13 @@ fn batch_locked(
                 at.try_create_and_insert((info.mapping, pgoff), addr & PAGE_MASK, GFP_KERNEL).map_err(|_| nomem())?;
             }
         }
+        // A new page (sites come in address order): its run starts here.
+        if plan.pages.last().is_none_or(|w| plan.sites[w.range.start].addr & PAGE_MASK != addr & PAGE_MASK) {
+            let at = plan.sites.len();
+            // Within capacity: at most one page a site.
+            let _ = plan.pages.push_within_capacity(PageWork::new(at..at));
+            let _ = plan.files.push_within_capacity(Some(file.clone()));
+        }
         let site = Site {
             handle,
             index: i,
@@ -225,16 +233,16 @@ fn batch_locked(
         // Within capacity: n each.
         let _ = plan.sites.push_within_capacity(site);
         let _ = plan.expects.push_within_capacity((s.flags & uapi::PATCH_EXPECT != 0).then_some(s.expect));
-        let _ = plan.files.push_within_capacity(file.clone());
+        if let Some(w) = plan.pages.last_mut() {
+            w.range.end = plan.sites.len();
+        }
         cached = Some((info, file));
     }
     drop(cached);
     drop(at);
-    for r in pages_of(&plan.sites, |s| s.addr & PAGE_MASK) {
-        let _ = plan.pages.push_within_capacity(PageWork::new(r));
-    }
     // Room for the records, before anything is written.
-    let room = state.patches.reserve(n, plan.pages.len()).map_err(|_| nomem())?;
+    let sites_of_page = |w: &PageWork| (plan.sites[w.range.start].page_key(), w.range.len());
+    let room = state.patches.reserve(n, plan.pages.iter().map(sites_of_page)).map_err(|_| nomem())?;
     // The cheap look at the expected bytes, one plain GUP a page: a
     // mismatch here changes nothing.  The check that counts is repeated
     // under the page-table lock, in the step that writes.
@@ -332,21 +340,12 @@ fn batch_locked(
             hp.journal.record(journal_ev.note("batch undone: every page written so far restored"));
             return Err(failure);
         }
-        let mut keep = plan.pages.iter().flat_map(|w| {
-            let r = if left(w) { w.range.clone() } else { 0..0 };
-            r
-        });
-        let mut files = plan.files.into_iter();
-        let mut index = 0;
+        for s in plan.sites.iter_mut() {
+            s.owner = None;
+        }
         let sites = &plan.sites;
-        let kept_sites = core::iter::from_fn(|| {
-            let i = keep.next()?;
-            // Files are in site order: skip those of the sites not kept.
-            let file = files.nth(i - index)?;
-            index = i + 1;
-            Some((Site { owner: None, ..sites[i] }, file))
-        });
-        state.patches.insert(room, kept_sites);
+        let still_written = plan.pages.iter().zip(plan.files.iter_mut()).filter(|(w, _)| left(w));
+        state.patches.insert(room, still_written.map(|(w, file)| (&sites[w.range.clone()], file)));
         let left = hp.registry.lock().disown(handle);
         drop(left);
         hp.journal.record(
@@ -361,7 +360,8 @@ fn batch_locked(
     }
     drop(guard);
     let first_addr = plan.sites.first().map_or(0, |s| s.addr);
-    state.patches.insert(room, plan.sites.iter().copied().zip(plan.files));
+    let sites = &plan.sites;
+    state.patches.insert(room, plan.pages.iter().zip(plan.files.iter_mut()).map(|(w, file)| (&sites[w.range.clone()], file)));
     hp.journal.record(ev(Step::Patched).addr(first_addr).handle(handle as u32).note(if n == 1 {
         "batch of 1 site written"
     } else {
@@ -778,17 +778,15 @@ pub(crate) fn restore_batch(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mu
     // Forget the sites restored or gone (all of them, unless kept; a
     // page whose originals are back and could not be re-patched is
     // restored either way).  References are dropped after the locks.
-    let mut forgotten: KVVec<_> = KVVec::with_capacity(sites.len(), GFP_KERNEL).unwrap_or_default();
+    let mut forgotten: KVVec<_> = KVVec::with_capacity(pages.len(), GFP_KERNEL).unwrap_or_default();
     for w in pages.iter() {
         if forget_all || matches!(w.outcome, Outcome::Written | Outcome::Done(_)) {
             if !forget_all {
                 hp.journal.record(ev(Step::RestoreBytes).addr(sites[w.range.start].addr).note("this page was restored and could not be re-patched: its sites are forgotten"));
             }
-            for s in sites[w.range.clone()].iter() {
-                if let Some(p) = state.patches.remove(handle, s.index) {
-                    // Without room to keep it, the reference goes right here.
-                    let _ = forgotten.push(p, GFP_KERNEL);
-                }
+            if let Some(p) = state.patches.remove_page(handle, sites[w.range.start].page_key()) {
+                // Without room to keep it, the reference goes right here.
+                let _ = forgotten.push(p, GFP_KERNEL);
             }
         }
     }

@@ -178,12 +178,6 @@ fn patch_locked(
     let len = args.len as usize;
     let offset = addr & !PAGE_MASK;
     let page_addr = addr & PAGE_MASK;
-    // Room for the record first: once the bytes are written, nothing may fail.
-    let room = state
-        .patches
-        .reserve(1, 1)
-        .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
-
     // For writing, as uprobes: see `MmapWriteGuard`.
     let guard = MmapWriteGuard::lock_killable(mm)
         .map_err(|e| hp.journal.fail(ev(Step::CheckVma), e, "fatal signal while waiting for the target's mmap lock"))?;
@@ -197,6 +191,11 @@ fn patch_locked(
         return Err(hp.journal.fail(ev(Step::CheckVma), EBUSY, "range overlaps a live patch"));
     }
     let file = sys::vma_file(vma).ok_or_else(|| hp.journal.fail(ev(Step::CheckVma), EINVAL, "not a file-backed mapping"))?;
+    // Room for the record first: once the bytes are written, nothing may fail.
+    let room = state
+        .patches
+        .reserve(1, core::iter::once(((info.mapping, pgoff), 1)))
+        .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
     hp.journal.record(ev(Step::CheckVma));
 
     // A cheap refusal that changes nothing: the expected bytes, read through
@@ -257,7 +256,8 @@ fn patch_locked(
     }
     site.pmd_mappable = sys::page_cache_page(vma, page_addr).is_some_and(|c| c.pmd_mappable());
     drop(guard);
-    state.patches.insert(room, core::iter::once((site, file)));
+    let mut file = Some(file);
+    state.patches.insert(room, core::iter::once((core::slice::from_ref(&site), &mut file)));
     hp.journal.record(
         ev(Step::Patched)
             .handle(handle as u32)

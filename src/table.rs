@@ -109,126 +109,131 @@ type SiteKey = (usize, usize, usize);
 /// A file page `(mapping, pgoff)`, or a PMD-sized file range `(mapping, pgoff / 512)`.
 pub(crate) type PageKey = (usize, usize);
 
-/// One live patch site: what it is, and the file it holds a reference on
-/// (so the identity cannot be reused by another file while the patch lives).
-pub(crate) struct Patch<F> {
-    pub(crate) site: Site,
-    /// Held, never read: dropped (fput) with the patch, outside the locks.
-    #[allow(dead_code)]
-    pub(crate) file: F,
+/// One site's place on its file page: enough to decide overlaps and to
+/// find the site among its handle's.
+#[derive(Clone, Copy)]
+struct Slot {
+    offset: u16,
+    len: u16,
+    index: u32,
+    handle: u64,
 }
 
-/// What the table knows of a handle.
-#[derive(Clone, Copy)]
-struct HandleInfo {
-    count: u32,
+/// The live sites on one file page, by offset (they never overlap), and a
+/// reference on the file while any is there (so the identity cannot be
+/// reused by another file while a patch lives).
+struct PageSites<F> {
+    slots: KVVec<Slot>,
+    /// Held, never read: dropped (fput) with the page's last site, outside
+    /// the locks.
+    #[allow(dead_code)]
+    file: F,
+}
+
+impl<F> PageSites<F> {
+    /// Only the last site that starts before `offset + len` can overlap.
+    fn overlaps(&self, offset: usize, len: usize) -> bool {
+        let i = self.slots.partition_point(|s| (s.offset as usize) < offset + len);
+        i > 0 && {
+            let s = &self.slots[i - 1];
+            s.offset as usize + s.len as usize > offset
+        }
+    }
+}
+
+/// A handle's sites in index order, each with whether it is still live
+/// (a RESTORE forgets them a file page at a time; the vector stays).
+struct HandleSites {
     owner: Owner,
+    live: u32,
+    sites: KVVec<(Site, bool)>,
+}
+
+impl HandleSites {
+    fn live(&self) -> impl Iterator<Item = &Site> {
+        self.sites.iter().filter(|(_, live)| *live).map(|(s, _)| s)
+    }
+
+    fn position(&self, index: u32) -> Option<usize> {
+        self.sites.binary_search_by_key(&index, |(s, _)| s.index).ok()
+    }
+}
+
+/// What a RESTORE takes out of the table: how many sites, and the file
+/// reference that went with the page's last one, to drop outside the locks.
+pub(crate) struct Forgotten<F> {
+    pub(crate) sites: u32,
+    #[allow(dead_code)]
+    pub(crate) file: Option<F>,
 }
 
 /// One target's live patches, indexed so that every decision PATCH and
-/// RESTORE take costs O(log N) in the target's N sites: overlap (the one
-/// site before the end of the new range), last on a page and last in a
-/// 2 MiB range (counts), a handle's sites and an owner's handles (ordered
-/// keys).  `F` is the file reference (`ARef<File>`; `()` in KUnit).
+/// RESTORE take costs O(log N) in the target's N sites and a batch costs
+/// per file page, not per site: a tree of file pages, each with its sites
+/// by offset (overlap: one search; last on a page: its length), counts per
+/// 2 MiB file range, and a tree of handles, each with its sites in one
+/// vector.  `F` is the file reference (`ARef<File>`; `()` in KUnit).
 pub(crate) struct Patches<F> {
-    sites: RBTree<SiteKey, Patch<F>>,
-    by_handle: RBTree<(u64, u32), SiteKey>,
-    per_page: RBTree<PageKey, u32>,
+    pages: RBTree<PageKey, PageSites<F>>,
     per_range: RBTree<PageKey, u32>,
-    handles: RBTree<u64, HandleInfo>,
+    handles: RBTree<u64, HandleSites>,
     /// `(owner, handle)` of the handles a file owns (not the persistent).
     owned: RBTree<(u64, u64), ()>,
 }
 
-/// Room for one site in every index, reserved before anything is written.
-struct SiteRoom<F> {
-    site: RBTreeNodeReservation<SiteKey, Patch<F>>,
-    by_handle: RBTreeNodeReservation<(u64, u32), SiteKey>,
+/// A node and a slot vector for a file page new to the table.
+struct PageRoom<F> {
+    key: PageKey,
+    node: RBTreeNodeReservation<PageKey, PageSites<F>>,
+    slots: KVVec<Slot>,
 }
 
-/// A count node for a file page or a 2 MiB range.
+/// A count node for a 2 MiB range.
 type CountRoom = RBTreeNodeReservation<PageKey, u32>;
 
-/// Room for one handle of `count` sites on at most `pages` file pages
-/// (see [`Patches::reserve`]).
+/// Room for one handle of `count` sites on the file pages it was reserved
+/// for (see [`Patches::reserve`]), so that recording cannot fail.
 pub(crate) struct Reserved<F> {
-    handle: RBTreeNodeReservation<u64, HandleInfo>,
+    handle: RBTreeNodeReservation<u64, HandleSites>,
     owned: RBTreeNodeReservation<(u64, u64), ()>,
-    sites: KVVec<SiteRoom<F>>,
-    /// One page count and one range count per file page, at most.
-    counts: KVVec<CountRoom>,
-}
-
-/// Add one to the count at `key`, using a node of `rooms` if the key is
-/// new (there is one: a page or range new to the table is one of the
-/// pages the room was reserved for).
-fn count_up(tree: &mut RBTree<PageKey, u32>, key: PageKey, rooms: &mut KVVec<CountRoom>) {
-    match tree.entry(key) {
-        Entry::Occupied(mut e) => *e.get_mut() += 1,
-        Entry::Vacant(e) => {
-            if let Some(room) = rooms.pop() {
-                e.insert(1, room);
-            }
-        }
-    }
-}
-
-/// Take one from the count at `key`; the node goes when it reaches 0.
-fn count_down(tree: &mut RBTree<PageKey, u32>, key: PageKey) {
-    if let Some(mut e) = tree.find_mut(&key) {
-        if *e.get() <= 1 {
-            drop(e.remove_node());
-        } else {
-            *e.get_mut() -= 1;
-        }
-    }
+    sites: KVVec<(Site, bool)>,
+    /// For the pages not in the table yet, in the order given.
+    pages: KVVec<PageRoom<F>>,
+    /// One range count node per page new to the table, at most.
+    ranges: KVVec<CountRoom>,
 }
 
 impl<F> Patches<F> {
     pub(crate) fn new() -> Self {
-        Self {
-            sites: RBTree::new(),
-            by_handle: RBTree::new(),
-            per_page: RBTree::new(),
-            per_range: RBTree::new(),
-            handles: RBTree::new(),
-            owned: RBTree::new(),
-        }
+        Self { pages: RBTree::new(), per_range: RBTree::new(), handles: RBTree::new(), owned: RBTree::new() }
     }
 
+    /// No site at all (a handle leaves with its last site).
     pub(crate) fn is_empty(&self) -> bool {
-        self.sites.is_empty()
+        self.handles.is_empty()
     }
 
-    /// Every site, in file-page order.
+    /// Every site, by handle.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Site> {
-        self.sites.values().map(|p| &p.site)
+        self.handles.values().flat_map(|h| h.live())
     }
 
     /// Site `index` of `handle`.
     pub(crate) fn get(&self, handle: u64, index: u32) -> Option<&Site> {
-        let key = self.by_handle.get(&(handle, index))?;
-        self.sites.get(key).map(|p| &p.site)
+        let h = self.handles.get(&handle)?;
+        let (site, live) = &h.sites[h.position(index)?];
+        live.then_some(site)
     }
 
     /// How many sites `handle` has (0 if it is not here).
     pub(crate) fn count(&self, handle: u64) -> u32 {
-        self.handles.get(&handle).map_or(0, |h| h.count)
+        self.handles.get(&handle).map_or(0, |h| h.live)
     }
 
     /// The sites of `handle`, in index order.  Indexes need not be
     /// 0..count: a batch that kept only some of its sites keeps theirs.
     pub(crate) fn sites_of_handle(&self, handle: u64) -> impl Iterator<Item = &Site> {
-        let mut next = Some((handle, 0u32));
-        core::iter::from_fn(move || {
-            let c = self.by_handle.cursor_lower_bound(&next?)?;
-            let (&(h, i), key) = c.current();
-            if h != handle {
-                return None;
-            }
-            next = i.checked_add(1).map(|i| (handle, i));
-            self.sites.get(key).map(|p| &p.site)
-        })
+        self.handles.get(&handle).into_iter().flat_map(|h| h.live())
     }
 
     /// Copies of every site of `handle`, in file-page order (pages
@@ -243,23 +248,13 @@ impl<F> Patches<F> {
     }
 
     /// Would `len` bytes at `offset` of file page `pgoff` overlap a patch?
-    /// Sites on a page never overlap each other, so only the last one that
-    /// starts before `offset + len` can.
     pub(crate) fn overlaps(&self, mapping: usize, pgoff: usize, offset: usize, len: usize) -> bool {
-        let end = (mapping, pgoff, offset + len);
-        let before = match self.sites.cursor_lower_bound(&end) {
-            Some(c) => c.peek_prev().map(|(k, p)| (*k, p.site.len)),
-            None => self.sites.cursor_back().map(|c| {
-                let (k, p) = c.current();
-                (*k, p.site.len)
-            }),
-        };
-        before.is_some_and(|((m, p, o), l)| m == mapping && p == pgoff && o + l > offset)
+        self.pages.get(&(mapping, pgoff)).is_some_and(|p| p.overlaps(offset, len))
     }
 
     /// Live sites on file page `(mapping, pgoff)`.
     pub(crate) fn on_page(&self, page: PageKey) -> u32 {
-        self.per_page.get(&page).copied().unwrap_or(0)
+        self.pages.get(&page).map_or(0, |p| p.slots.len() as u32)
     }
 
     /// Live sites in the PMD-sized file range `(mapping, pgoff / 512)`.
@@ -291,90 +286,155 @@ impl<F> Patches<F> {
         Ok(())
     }
 
-    /// Room for a handle of `count` sites on at most `pages` file pages,
-    /// so that recording cannot fail once the bytes are written.
-    pub(crate) fn reserve(&self, count: usize, pages: usize) -> Result<Reserved<F>> {
-        let mut sites = KVVec::with_capacity(count, GFP_KERNEL)?;
-        for _ in 0..count {
-            sites.push(
-                SiteRoom { site: RBTreeNodeReservation::new(GFP_KERNEL)?, by_handle: RBTreeNodeReservation::new(GFP_KERNEL)? },
+    /// Room for a handle of `count` sites on `pages` (each file page once,
+    /// with how many of the sites are on it), so that recording cannot
+    /// fail once the bytes are written.  Pages already in the table get
+    /// room in their own slot vectors now; nothing else may change the
+    /// table (the target's state stays locked) until [`Self::insert`].
+    pub(crate) fn reserve(&mut self, count: usize, pages: impl Iterator<Item = (PageKey, usize)> + Clone) -> Result<Reserved<F>> {
+        let new = pages.clone().filter(|(key, _)| self.pages.get(key).is_none()).count();
+        let mut rooms = KVVec::with_capacity(new, GFP_KERNEL)?;
+        let mut ranges = KVVec::with_capacity(new, GFP_KERNEL)?;
+        for (key, n) in pages {
+            if let Some(page) = self.pages.get_mut(&key) {
+                page.slots.reserve(n, GFP_KERNEL)?;
+                continue;
+            }
+            rooms.push(
+                PageRoom { key, node: RBTreeNodeReservation::new(GFP_KERNEL)?, slots: KVVec::with_capacity(n, GFP_KERNEL)? },
                 GFP_KERNEL,
             )?;
-        }
-        let mut counts = KVVec::with_capacity(2 * pages, GFP_KERNEL)?;
-        for _ in 0..2 * pages {
-            counts.push(RBTreeNodeReservation::new(GFP_KERNEL)?, GFP_KERNEL)?;
+            ranges.push(RBTreeNodeReservation::new(GFP_KERNEL)?, GFP_KERNEL)?;
         }
         Ok(Reserved {
             handle: RBTreeNodeReservation::new(GFP_KERNEL)?,
             owned: RBTreeNodeReservation::new(GFP_KERNEL)?,
-            sites,
-            counts,
+            sites: KVVec::with_capacity(count, GFP_KERNEL)?,
+            pages: rooms,
+            ranges,
         })
     }
 
     /// Record the sites of one handle (all with the same `handle` and
-    /// `owner`, indexes 0..n), in the room `reserved` for at least as many.
-    pub(crate) fn insert(&mut self, reserved: Reserved<F>, sites: impl Iterator<Item = (Site, F)>) {
-        let Reserved { handle: handle_room, owned: owned_room, sites: mut rooms, mut counts } = reserved;
-        let mut info: Option<(u64, HandleInfo)> = None;
-        for (site, file) in sites {
-            // Room was reserved for every site.
-            let Some(room) = rooms.pop() else { break };
-            let key = site.key();
-            info.get_or_insert((site.handle, HandleInfo { count: 0, owner: site.owner })).1.count += 1;
-            count_up(&mut self.per_page, site.page_key(), &mut counts);
-            count_up(&mut self.per_range, site.range_key(), &mut counts);
-            self.by_handle.insert(room.by_handle.into_node((site.handle, site.index), key));
-            self.sites.insert(room.site.into_node(key, Patch { site, file }));
-        }
-        if let Some((handle, info)) = info {
-            if let Some(o) = info.owner {
-                self.owned.insert(owned_room.into_node((o, handle), ()));
+    /// `owner`), given a file page at a time, each page with the file it is
+    /// mapped from (taken if the page is new to the table), in the room
+    /// `reserved` for them: the pages in the order reserved, or some of
+    /// them (the kept part of a failed batch), in that order.
+    pub(crate) fn insert<'a>(&mut self, reserved: Reserved<F>, pages: impl Iterator<Item = (&'a [Site], &'a mut Option<F>)>)
+    where
+        F: 'a,
+    {
+        let Reserved { handle: handle_room, owned: owned_room, mut sites, pages: rooms, mut ranges } = reserved;
+        let mut rooms = rooms.into_iter();
+        let mut info: Option<(u64, Owner)> = None;
+        for (run, file) in pages {
+            let Some(first) = run.first() else { continue };
+            let key = first.page_key();
+            info.get_or_insert((first.handle, first.owner));
+            let slots = run.iter().map(|s| Slot { offset: s.offset() as u16, len: s.len as u16, index: s.index, handle: s.handle });
+            match self.pages.get_mut(&key) {
+                // Room was reserved in its vector.
+                Some(page) => {
+                    for slot in slots {
+                        let _ = page.slots.push_within_capacity(slot);
+                    }
+                    if !page.slots.is_sorted_by_key(|s| s.offset) {
+                        page.slots.sort_unstable_by_key(|s| s.offset);
+                    }
+                }
+                None => {
+                    // New pages come in the order reserved (some may be skipped).
+                    let Some(mut room) = rooms.find(|r| r.key == key) else { break };
+                    let Some(file) = file.take() else { break };
+                    for slot in slots {
+                        let _ = room.slots.push_within_capacity(slot);
+                    }
+                    if !room.slots.is_sorted_by_key(|s| s.offset) {
+                        room.slots.sort_unstable_by_key(|s| s.offset);
+                    }
+                    self.pages.insert(room.node.into_node(key, PageSites { slots: room.slots, file }));
+                }
             }
-            self.handles.insert(handle_room.into_node(handle, info));
+            let range = first.range_key();
+            match self.per_range.entry(range) {
+                Entry::Occupied(mut e) => *e.get_mut() += run.len() as u32,
+                Entry::Vacant(e) => {
+                    if let Some(room) = ranges.pop() {
+                        e.insert(run.len() as u32, room);
+                    }
+                }
+            }
+            for s in run {
+                let _ = sites.push_within_capacity((*s, true));
+            }
         }
+        let Some((handle, owner)) = info else { return };
+        sites.sort_unstable_by_key(|(s, _)| s.index);
+        if let Some(o) = owner {
+            self.owned.insert(owned_room.into_node((o, handle), ()));
+        }
+        let live = sites.len() as u32;
+        self.handles.insert(handle_room.into_node(handle, HandleSites { owner, live, sites }));
+    }
+
+    /// Forget the sites of `handle` on file page `page` (every one of them,
+    /// or only site `index`), and the handle with its last site.
+    fn forget(&mut self, handle: u64, page: PageKey, index: Option<u32>) -> Option<Forgotten<F>> {
+        let h = self.handles.get_mut(&handle)?;
+        let mut p = self.pages.find_mut(&page)?;
+        let mut n = 0;
+        p.get_mut().slots.retain(|s| {
+            if s.handle != handle || index.is_some_and(|i| i != s.index) {
+                return true;
+            }
+            if let Some(at) = h.position(s.index) {
+                h.sites[at].1 = false;
+            }
+            n += 1;
+            false
+        });
+        if n == 0 {
+            return None;
+        }
+        h.live -= n;
+        let last = h.live == 0;
+        let file = if p.get().slots.is_empty() { Some(p.remove().file) } else { None };
+        if let Some(mut e) = self.per_range.find_mut(&(page.0, page.1 / PMD_PAGES)) {
+            if *e.get() <= n {
+                drop(e.remove_node());
+            } else {
+                *e.get_mut() -= n;
+            }
+        }
+        if last {
+            if let Some(HandleSites { owner: Some(o), .. }) = self.handles.remove(&handle) {
+                self.owned.remove(&(o, handle));
+            }
+        }
+        Some(Forgotten { sites: n, file })
     }
 
     /// Forget one site; returns it (with its file reference) to be dropped
     /// outside the lock, if it was there.  The handle goes with its last site.
-    pub(crate) fn remove(&mut self, handle: u64, index: u32) -> Option<Patch<F>> {
-        let key = self.by_handle.remove(&(handle, index))?;
-        let patch = self.sites.remove(&key)?;
-        count_down(&mut self.per_page, patch.site.page_key());
-        count_down(&mut self.per_range, patch.site.range_key());
-        let last = match self.handles.get_mut(&handle) {
-            Some(info) => {
-                info.count -= 1;
-                info.count == 0
-            }
-            None => false,
-        };
-        if last {
-            if let Some(HandleInfo { owner: Some(o), .. }) = self.handles.remove(&handle) {
-                self.owned.remove(&(o, handle));
-            }
-        }
-        Some(patch)
+    pub(crate) fn remove(&mut self, handle: u64, index: u32) -> Option<Forgotten<F>> {
+        let page = self.get(handle, index)?.page_key();
+        self.forget(handle, page, Some(index))
+    }
+
+    /// Forget every site of `handle` on file page `page` (a page of a
+    /// batch restored): one pass over the page's sites.
+    pub(crate) fn remove_page(&mut self, handle: u64, page: PageKey) -> Option<Forgotten<F>> {
+        self.forget(handle, page, None)
     }
 
     /// The patches behind `handle` now belong to nobody (persistent).
     pub(crate) fn disown(&mut self, handle: u64) {
-        let Some(info) = self.handles.get_mut(&handle) else { return };
-        if let Some(o) = info.owner.take() {
+        let Some(h) = self.handles.get_mut(&handle) else { return };
+        if let Some(o) = h.owner.take() {
             self.owned.remove(&(o, handle));
         }
-        let mut next = (handle, 0u32);
-        while let Some(c) = self.by_handle.cursor_lower_bound(&next) {
-            let (&(h, i), &key) = c.current();
-            if h != handle {
-                break;
-            }
-            if let Some(p) = self.sites.get_mut(&key) {
-                p.site.owner = None;
-            }
-            let Some(i) = i.checked_add(1) else { break };
-            next = (handle, i);
+        for (s, _) in h.sites.iter_mut() {
+            s.owner = None;
         }
     }
 }

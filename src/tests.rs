@@ -146,24 +146,33 @@ mod hugepoke {
         }
     }
 
+    /// Record `sites` (a page each, or runs of one page) as one handle.
+    fn insert(t: &mut Patches<()>, sites: &[Site], per_page: usize) {
+        let room = t.reserve(sites.len(), sites.chunks(per_page).map(|r| (r[0].page_key(), r.len()))).unwrap();
+        let mut files = KVec::new();
+        for _ in sites.chunks(per_page) {
+            files.push(Some(()), GFP_KERNEL).unwrap();
+        }
+        t.insert(room, sites.chunks(per_page).zip(files.iter_mut()));
+    }
+
     fn table(sites: &[Site]) -> Patches<()> {
         let mut t = Patches::new();
         for s in sites {
-            let room = t.reserve(1, 1).unwrap();
-            t.insert(room, core::iter::once((*s, ())));
+            insert(&mut t, core::slice::from_ref(s), 1);
         }
         t
     }
 
     /// A batch: `n` one-byte sites under one handle, `per_page` to a page.
     fn batch(t: &mut Patches<()>, handle: u64, owner: Option<u64>, mapping: usize, first_pgoff: usize, n: usize, per_page: usize) {
-        let room = t.reserve(n, n.div_ceil(per_page)).unwrap();
-        let sites = (0..n).map(|i| {
+        let mut sites = KVec::new();
+        for i in 0..n {
             let mut s = site(handle, owner, mapping, first_pgoff + i / per_page, (i % per_page) * 2, 1);
             s.index = i as u32;
-            (s, ())
-        });
-        t.insert(room, sites);
+            sites.push(s, GFP_KERNEL).unwrap();
+        }
+        insert(t, &sites, per_page);
     }
 
     #[test]
@@ -259,13 +268,13 @@ mod hugepoke {
     fn a_kept_part_of_a_batch_keeps_its_own_indexes() {
         // What a failed batch keeps: sites 1 and 2 of 3 (site 0 was undone).
         let mut t = Patches::new();
-        let room = t.reserve(3, 3).unwrap();
-        let sites = [2u32, 1].into_iter().map(|i| {
+        let mut sites = KVec::new();
+        for i in [2u32, 1] {
             let mut s = site(5, Some(7), FILE_A, 10 + i as usize, 0, 1);
             s.index = i;
-            (s, ())
-        });
-        t.insert(room, sites);
+            sites.push(s, GFP_KERNEL).unwrap();
+        }
+        insert(&mut t, &sites, 1);
         assert_eq!(t.count(5), 2);
         assert!(t.get(5, 0).is_none());
         let mut found = KVec::new();
@@ -279,6 +288,53 @@ mod hugepoke {
         assert!(t.remove(5, 2).is_some() && t.remove(5, 1).is_some());
         assert_eq!(t.count(5), 0);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn handles_share_a_page_and_leave_it_a_page_at_a_time() {
+        let mut t = table(&[site(1, None, FILE_A, 5, 50, 4)]);
+        // Handle 2: offsets 0, 10 and 100 of page 5, and page 6; its
+        // sites go around handle 1's.
+        let mut sites = KVec::new();
+        for (i, (pgoff, offset)) in [(5, 0), (5, 10), (5, 100), (6, 0)].into_iter().enumerate() {
+            let mut s = site(2, Some(7), FILE_A, pgoff, offset, 2);
+            s.index = i as u32;
+            sites.push(s, GFP_KERNEL).unwrap();
+        }
+        let room = t.reserve(4, [((FILE_A, 5), 3), ((FILE_A, 6), 1)].into_iter()).unwrap();
+        let (mut f5, mut f6) = (Some(()), Some(()));
+        // Page 5 is in the table already: its file stays with the caller.
+        t.insert(room, [(&sites[..3], &mut f5), (&sites[3..], &mut f6)].into_iter());
+        assert!(f5.is_some() && f6.is_none());
+        assert_eq!(t.on_page((FILE_A, 5)), 4);
+        assert_eq!(t.in_range((FILE_A, 0)), 5);
+        assert!(t.overlaps(FILE_A, 5, 53, 1)); // handle 1's last byte
+        assert!(t.overlaps(FILE_A, 5, 9, 2)); // ends on handle 2's site at 10
+        assert!(!t.overlaps(FILE_A, 5, 12, 38)); // 12..50 is free
+        assert!(!t.overlaps(FILE_A, 5, 54, 46)); // 54..100 is free
+        assert!(t.overlaps(FILE_A, 5, 54, 47));
+        // Handle 2 leaves page 5: handle 1 stays there, with the page's file.
+        let gone = t.remove_page(2, (FILE_A, 5)).unwrap();
+        assert_eq!(gone.sites, 3);
+        assert!(gone.file.is_none());
+        assert!(t.remove_page(2, (FILE_A, 5)).is_none());
+        assert_eq!((t.on_page((FILE_A, 5)), t.count(2), t.in_range((FILE_A, 0))), (1, 1, 2));
+        assert!(!t.overlaps(FILE_A, 5, 0, 50) && t.overlaps(FILE_A, 5, 50, 1));
+        assert!(t.get(2, 0).is_none() && t.get(2, 3).is_some());
+        let mut found = KVec::new();
+        for s in t.sites_of_handle(2) {
+            found.push(s.index, GFP_KERNEL).unwrap();
+        }
+        assert_eq!(&found[..], &[3]);
+        // The last site of a page takes the file with it; the last of a
+        // handle takes the handle.
+        assert!(t.remove_page(2, (FILE_A, 6)).unwrap().file.is_some());
+        assert_eq!(t.count(2), 0);
+        let mut v = KVec::new();
+        t.handles_of(Some(7), &mut v).unwrap();
+        assert!(v.is_empty());
+        assert!(t.remove(1, 0).unwrap().file.is_some());
+        assert!(t.is_empty() && t.in_range((FILE_A, 0)) == 0);
     }
 
     fn vma(start: usize, pages: usize, mapping: usize, pgoff: usize, flags: usize) -> VmaInfo {
