@@ -169,12 +169,14 @@ fn batch_locked(
         pages: KVVec::with_capacity(n, GFP_KERNEL).map_err(|_| nomem())?,
         files: KVVec::with_capacity(n, GFP_KERNEL).map_err(|_| nomem())?,
     };
-    let mut at: RBTree<PageKey, usize> = RBTree::new();
+    // The file pages the batch reaches.
+    let mut at: RBTree<PageKey, ()> = RBTree::new();
 
     let guard = MmapWriteGuard::lock_killable(mm)
         .map_err(|e| hp.journal.fail(ev(Step::CheckVma), e, "fatal signal while waiting for the target's mmap lock"))?;
     // Check every site before anything is written.
     let mut cached: Option<(sys::VmaInfo, ARef<File>)> = None;
+    let mut on_page = state.patches.page(&(0, 0));
     for &i in order {
         let s = &sites[i as usize];
         let addr = s.addr as usize;
@@ -196,20 +198,22 @@ fn batch_locked(
         };
         let pgoff = info.pgoff_of(addr & PAGE_MASK);
         let (offset, len) = (addr & !PAGE_MASK, s.len as usize);
-        if state.patches.overlaps(info.mapping, pgoff, offset, len) {
+        // Sites come in address order: a page's sites are one run, and its
+        // table entry is looked up once.
+        let new_page = plan.pages.last().is_none_or(|w| plan.sites[w.range.start].addr & PAGE_MASK != addr & PAGE_MASK);
+        if new_page {
+            on_page = state.patches.page(&(info.mapping, pgoff));
+        }
+        if on_page.overlaps(offset, len) {
             return Err(blame(EBUSY, "range overlaps a live patch"));
         }
-        // One file page reached at two addresses would be two copies: the
-        // table knows a patch by its file page, so that is refused.
-        match at.get(&(info.mapping, pgoff)) {
-            Some(&a) if a != addr & PAGE_MASK => return Err(blame(EINVAL, "two sites on one file page mapped at two addresses")),
-            Some(_) => {}
-            None => {
-                at.try_create_and_insert((info.mapping, pgoff), addr & PAGE_MASK, GFP_KERNEL).map_err(|_| nomem())?;
+        if new_page {
+            // One file page reached at two addresses would be two copies:
+            // the table knows a patch by its file page, so that is refused.
+            if at.get(&(info.mapping, pgoff)).is_some() {
+                return Err(blame(EINVAL, "two sites on one file page mapped at two addresses"));
             }
-        }
-        // A new page (sites come in address order): its run starts here.
-        if plan.pages.last().is_none_or(|w| plan.sites[w.range.start].addr & PAGE_MASK != addr & PAGE_MASK) {
+            at.try_create_and_insert((info.mapping, pgoff), (), GFP_KERNEL).map_err(|_| nomem())?;
             let at = plan.sites.len();
             // Within capacity: at most one page a site.
             let _ = plan.pages.push_within_capacity(PageWork::new(at..at));
@@ -340,12 +344,20 @@ fn batch_locked(
             hp.journal.record(journal_ev.note("batch undone: every page written so far restored"));
             return Err(failure);
         }
+        // Only their sites, moved down in place (no allocation now).
+        let mut to = 0;
+        for w in plan.pages.iter_mut() {
+            let r = w.range.clone();
+            w.range = to..to + if left(w) { r.len() } else { 0 };
+            plan.sites.copy_within(r.start..r.start + w.range.len(), to);
+            to = w.range.end;
+        }
+        plan.sites.truncate(to);
         for s in plan.sites.iter_mut() {
             s.owner = None;
         }
-        let sites = &plan.sites;
-        let still_written = plan.pages.iter().zip(plan.files.iter_mut()).filter(|(w, _)| left(w));
-        state.patches.insert(room, still_written.map(|(w, file)| (&sites[w.range.clone()], file)));
+        let still_written = plan.pages.iter().zip(plan.files.iter_mut()).filter(|(w, _)| !w.range.is_empty());
+        state.patches.insert(room, plan.sites, still_written.map(|(w, file)| (w.range.clone(), file)));
         let left = hp.registry.lock().disown(handle);
         drop(left);
         hp.journal.record(
@@ -360,8 +372,7 @@ fn batch_locked(
     }
     drop(guard);
     let first_addr = plan.sites.first().map_or(0, |s| s.addr);
-    let sites = &plan.sites;
-    state.patches.insert(room, plan.pages.iter().zip(plan.files.iter_mut()).map(|(w, file)| (&sites[w.range.clone()], file)));
+    state.patches.insert(room, plan.sites, plan.pages.iter().zip(plan.files.iter_mut()).map(|(w, file)| (w.range.clone(), file)));
     hp.journal.record(ev(Step::Patched).addr(first_addr).handle(handle as u32).note(if n == 1 {
         "batch of 1 site written"
     } else {

@@ -35,6 +35,8 @@ unsafe impl AsBytes for PatchBatchArgs {}
 // SAFETY: as above.
 unsafe impl FromBytes for BatchSite {}
 // SAFETY: as above.
+unsafe impl AsBytes for BatchSite {}
+// SAFETY: as above.
 unsafe impl FromBytes for RestoreArgs {}
 // SAFETY: as above.
 unsafe impl FromBytes for QueryArgs {}
@@ -110,13 +112,16 @@ impl Controller {
         let mut args: PatchBatchArgs = reader.read().map_err(|e| hp.journal.fail(ev, e, "cannot read the PATCH_BATCH arguments"))?;
         batch::check_batch_args(&args).map_err(|(e, why)| hp.journal.fail(ev.pid(args.pid), e, why))?;
         let count = args.count as usize;
-        let mut sites = KVVec::with_capacity(count, GFP_KERNEL).map_err(|_| hp.journal.fail(ev, ENOMEM, "no memory for the batch's sites"))?;
+        let mut sites = KVVec::new();
+        sites
+            .extend_with(count, BatchSite::default(), GFP_KERNEL)
+            .map_err(|_| hp.journal.fail(ev, ENOMEM, "no memory for the batch's sites"))?;
+        // One copy for the whole array, not one a site.
         let bytes = count * core::mem::size_of::<BatchSite>();
-        let mut sites_reader = UserSlice::new(UserPtr::from_addr(args.sites as usize), bytes).reader();
-        for _ in 0..count {
-            let site: BatchSite = sites_reader.read().map_err(|e| hp.journal.fail(ev.pid(args.pid), e, "cannot read the batch's sites"))?;
-            sites.push(site, GFP_KERNEL)?;
-        }
+        UserSlice::new(UserPtr::from_addr(args.sites as usize), bytes)
+            .reader()
+            .read_slice(sites.as_mut_slice().as_bytes_mut())
+            .map_err(|e| hp.journal.fail(ev.pid(args.pid), e, "cannot read the batch's sites"))?;
         let result = batch::patch_batch(hp, self.id, &args, &sites);
         let (failed, error) = match &result {
             Ok(handle) => {

@@ -192,10 +192,9 @@ fn patch_locked(
     }
     let file = sys::vma_file(vma).ok_or_else(|| hp.journal.fail(ev(Step::CheckVma), EINVAL, "not a file-backed mapping"))?;
     // Room for the record first: once the bytes are written, nothing may fail.
-    let room = state
-        .patches
-        .reserve(1, core::iter::once(((info.mapping, pgoff), 1)))
-        .map_err(|_| hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch"))?;
+    let nomem = || hp.journal.fail(ev(Step::Patch), ENOMEM, "no memory to record a patch");
+    let room = state.patches.reserve(1, core::iter::once(((info.mapping, pgoff), 1))).map_err(|_| nomem())?;
+    let mut record = KVVec::with_capacity(1, GFP_KERNEL).map_err(|_| nomem())?;
     hp.journal.record(ev(Step::CheckVma));
 
     // A cheap refusal that changes nothing: the expected bytes, read through
@@ -256,8 +255,8 @@ fn patch_locked(
     }
     site.pmd_mappable = sys::page_cache_page(vma, page_addr).is_some_and(|c| c.pmd_mappable());
     drop(guard);
-    let mut file = Some(file);
-    state.patches.insert(room, core::iter::once((core::slice::from_ref(&site), &mut file)));
+    let _ = record.push_within_capacity(site);
+    state.patches.insert(room, record, core::iter::once((0..1, &mut Some(file))));
     hp.journal.record(
         ev(Step::Patched)
             .handle(handle as u32)

@@ -115,7 +115,8 @@ pub(crate) type PageKey = (usize, usize);
 struct Slot {
     offset: u16,
     len: u16,
-    index: u32,
+    /// Where the site is in its handle's vector.
+    pos: u32,
     handle: u64,
 }
 
@@ -130,32 +131,50 @@ struct PageSites<F> {
     file: F,
 }
 
-impl<F> PageSites<F> {
-    /// Only the last site that starts before `offset + len` can overlap.
-    fn overlaps(&self, offset: usize, len: usize) -> bool {
-        let i = self.slots.partition_point(|s| (s.offset as usize) < offset + len);
+/// The live sites of one file page, to check many new sites against.
+#[derive(Clone, Copy)]
+pub(crate) struct OnPage<'a>(&'a [Slot]);
+
+impl OnPage<'_> {
+    /// Would `len` bytes at `offset` overlap a site?  Sites on a page never
+    /// overlap each other, so only the last one that starts before
+    /// `offset + len` can.
+    pub(crate) fn overlaps(&self, offset: usize, len: usize) -> bool {
+        let i = self.0.partition_point(|s| (s.offset as usize) < offset + len);
         i > 0 && {
-            let s = &self.slots[i - 1];
+            let s = &self.0[i - 1];
             s.offset as usize + s.len as usize > offset
         }
     }
 }
 
-/// A handle's sites in index order, each with whether it is still live
-/// (a RESTORE forgets them a file page at a time; the vector stays).
+/// A handle's sites in index order, and which of them are forgotten (a
+/// RESTORE forgets them a file page at a time; the vector stays).
 struct HandleSites {
     owner: Owner,
     live: u32,
-    sites: KVVec<(Site, bool)>,
+    sites: KVVec<Site>,
+    /// A bit a site, set when forgotten.
+    forgotten: KVVec<u64>,
 }
 
 impl HandleSites {
+    fn is_live(&self, pos: usize) -> bool {
+        self.forgotten.get(pos / 64).is_some_and(|w| w & (1 << (pos % 64)) == 0)
+    }
+
     fn live(&self) -> impl Iterator<Item = &Site> {
-        self.sites.iter().filter(|(_, live)| *live).map(|(s, _)| s)
+        self.sites.iter().enumerate().filter(|(pos, _)| self.is_live(*pos)).map(|(_, s)| s)
     }
 
     fn position(&self, index: u32) -> Option<usize> {
-        self.sites.binary_search_by_key(&index, |(s, _)| s.index).ok()
+        self.sites.binary_search_by_key(&index, |s| s.index).ok()
+    }
+
+    fn forget(&mut self, pos: usize) {
+        if let Some(w) = self.forgotten.get_mut(pos / 64) {
+            *w |= 1 << (pos % 64);
+        }
     }
 }
 
@@ -196,7 +215,7 @@ type CountRoom = RBTreeNodeReservation<PageKey, u32>;
 pub(crate) struct Reserved<F> {
     handle: RBTreeNodeReservation<u64, HandleSites>,
     owned: RBTreeNodeReservation<(u64, u64), ()>,
-    sites: KVVec<(Site, bool)>,
+    forgotten: KVVec<u64>,
     /// For the pages not in the table yet, in the order given.
     pages: KVVec<PageRoom<F>>,
     /// One range count node per page new to the table, at most.
@@ -221,8 +240,8 @@ impl<F> Patches<F> {
     /// Site `index` of `handle`.
     pub(crate) fn get(&self, handle: u64, index: u32) -> Option<&Site> {
         let h = self.handles.get(&handle)?;
-        let (site, live) = &h.sites[h.position(index)?];
-        live.then_some(site)
+        let pos = h.position(index)?;
+        h.is_live(pos).then(|| &h.sites[pos])
     }
 
     /// How many sites `handle` has (0 if it is not here).
@@ -249,7 +268,12 @@ impl<F> Patches<F> {
 
     /// Would `len` bytes at `offset` of file page `pgoff` overlap a patch?
     pub(crate) fn overlaps(&self, mapping: usize, pgoff: usize, offset: usize, len: usize) -> bool {
-        self.pages.get(&(mapping, pgoff)).is_some_and(|p| p.overlaps(offset, len))
+        self.page(&(mapping, pgoff)).overlaps(offset, len)
+    }
+
+    /// The live sites of file page `page`.
+    pub(crate) fn page(&self, page: &PageKey) -> OnPage<'_> {
+        OnPage(self.pages.get(page).map_or(&[], |p| &p.slots[..]))
     }
 
     /// Live sites on file page `(mapping, pgoff)`.
@@ -306,32 +330,43 @@ impl<F> Patches<F> {
             )?;
             ranges.push(RBTreeNodeReservation::new(GFP_KERNEL)?, GFP_KERNEL)?;
         }
+        let mut forgotten = KVVec::new();
+        forgotten.extend_with(count.div_ceil(64), 0, GFP_KERNEL)?;
         Ok(Reserved {
             handle: RBTreeNodeReservation::new(GFP_KERNEL)?,
             owned: RBTreeNodeReservation::new(GFP_KERNEL)?,
-            sites: KVVec::with_capacity(count, GFP_KERNEL)?,
+            forgotten,
             pages: rooms,
             ranges,
         })
     }
 
-    /// Record the sites of one handle (all with the same `handle` and
-    /// `owner`), given a file page at a time, each page with the file it is
-    /// mapped from (taken if the page is new to the table), in the room
-    /// `reserved` for them: the pages in the order reserved, or some of
-    /// them (the kept part of a failed batch), in that order.
-    pub(crate) fn insert<'a>(&mut self, reserved: Reserved<F>, pages: impl Iterator<Item = (&'a [Site], &'a mut Option<F>)>)
-    where
+    /// Record `sites`, one handle's (all with the same `handle` and
+    /// `owner`, at most as many as reserved), in the room `reserved` for
+    /// them.  `pages` groups them by file page: each page's run of `sites`
+    /// and the file it is mapped from (taken if the page is new to the
+    /// table); the runs cover `sites`, and come in the order the pages were
+    /// reserved in (some may be left out: the kept part of a failed batch).
+    pub(crate) fn insert<'a>(
+        &mut self,
+        reserved: Reserved<F>,
+        mut sites: KVVec<Site>,
+        pages: impl Iterator<Item = (core::ops::Range<usize>, &'a mut Option<F>)>,
+    ) where
         F: 'a,
     {
-        let Reserved { handle: handle_room, owned: owned_room, mut sites, pages: rooms, mut ranges } = reserved;
+        let Reserved { handle: handle_room, owned: owned_room, forgotten, pages: rooms, mut ranges } = reserved;
+        let Some(&Site { handle, owner, .. }) = sites.first() else { return };
+        // The handle's vector is kept in index order: if `sites` is not in
+        // it, the slots are pointed at their sites once it is.
+        let in_order = sites.is_sorted_by_key(|s| s.index);
         let mut rooms = rooms.into_iter();
-        let mut info: Option<(u64, Owner)> = None;
-        for (run, file) in pages {
+        for (range, file) in pages {
+            let start = range.start;
+            let run = &sites[range];
             let Some(first) = run.first() else { continue };
             let key = first.page_key();
-            info.get_or_insert((first.handle, first.owner));
-            let slots = run.iter().map(|s| Slot { offset: s.offset() as u16, len: s.len as u16, index: s.index, handle: s.handle });
+            let slots = run.iter().enumerate().map(|(k, s)| Slot { offset: s.offset() as u16, len: s.len as u16, pos: (start + k) as u32, handle });
             match self.pages.get_mut(&key) {
                 // Room was reserved in its vector.
                 Some(page) => {
@@ -355,8 +390,7 @@ impl<F> Patches<F> {
                     self.pages.insert(room.node.into_node(key, PageSites { slots: room.slots, file }));
                 }
             }
-            let range = first.range_key();
-            match self.per_range.entry(range) {
+            match self.per_range.entry(first.range_key()) {
                 Entry::Occupied(mut e) => *e.get_mut() += run.len() as u32,
                 Entry::Vacant(e) => {
                     if let Some(room) = ranges.pop() {
@@ -364,17 +398,22 @@ impl<F> Patches<F> {
                     }
                 }
             }
-            for s in run {
-                let _ = sites.push_within_capacity((*s, true));
+        }
+        if !in_order {
+            sites.sort_unstable_by_key(|s| s.index);
+            for (pos, s) in sites.iter().enumerate() {
+                let Some(page) = self.pages.get_mut(&s.page_key()) else { continue };
+                let at = page.slots.partition_point(|slot| (slot.offset as usize) < s.offset());
+                if let Some(slot) = page.slots.get_mut(at).filter(|slot| slot.handle == handle && slot.offset as usize == s.offset()) {
+                    slot.pos = pos as u32;
+                }
             }
         }
-        let Some((handle, owner)) = info else { return };
-        sites.sort_unstable_by_key(|(s, _)| s.index);
         if let Some(o) = owner {
             self.owned.insert(owned_room.into_node((o, handle), ()));
         }
         let live = sites.len() as u32;
-        self.handles.insert(handle_room.into_node(handle, HandleSites { owner, live, sites }));
+        self.handles.insert(handle_room.into_node(handle, HandleSites { owner, live, sites, forgotten }));
     }
 
     /// Forget the sites of `handle` on file page `page` (every one of them,
@@ -384,12 +423,11 @@ impl<F> Patches<F> {
         let mut p = self.pages.find_mut(&page)?;
         let mut n = 0;
         p.get_mut().slots.retain(|s| {
-            if s.handle != handle || index.is_some_and(|i| i != s.index) {
+            let pos = s.pos as usize;
+            if s.handle != handle || index.is_some_and(|i| h.sites.get(pos).is_none_or(|site| site.index != i)) {
                 return true;
             }
-            if let Some(at) = h.position(s.index) {
-                h.sites[at].1 = false;
-            }
+            h.forget(pos);
             n += 1;
             false
         });
@@ -433,7 +471,7 @@ impl<F> Patches<F> {
         if let Some(o) = h.owner.take() {
             self.owned.remove(&(o, handle));
         }
-        for (s, _) in h.sites.iter_mut() {
+        for s in h.sites.iter_mut() {
             s.owner = None;
         }
     }

@@ -149,11 +149,13 @@ mod hugepoke {
     /// Record `sites` (a page each, or runs of one page) as one handle.
     fn insert(t: &mut Patches<()>, sites: &[Site], per_page: usize) {
         let room = t.reserve(sites.len(), sites.chunks(per_page).map(|r| (r[0].page_key(), r.len()))).unwrap();
-        let mut files = KVec::new();
+        let (mut files, mut record) = (KVec::new(), KVVec::new());
         for _ in sites.chunks(per_page) {
             files.push(Some(()), GFP_KERNEL).unwrap();
         }
-        t.insert(room, sites.chunks(per_page).zip(files.iter_mut()));
+        record.extend_from_slice(sites, GFP_KERNEL).unwrap();
+        let runs = (0..sites.len()).step_by(per_page).map(|i| i..(i + per_page).min(sites.len()));
+        t.insert(room, record, runs.zip(files.iter_mut()));
     }
 
     fn table(sites: &[Site]) -> Patches<()> {
@@ -283,9 +285,13 @@ mod hugepoke {
         }
         assert_eq!(&found[..], &[1, 2]);
         assert_eq!(t.sites_of(5).unwrap().len(), 2);
+        // Given out of index order: each page still finds its own site.
+        assert_eq!((t.get(5, 1).unwrap().pgoff, t.get(5, 2).unwrap().pgoff), (11, 12));
         t.disown(5);
         assert!(t.sites_of_handle(5).all(|s| s.owner.is_none()));
-        assert!(t.remove(5, 2).is_some() && t.remove(5, 1).is_some());
+        assert_eq!(t.remove_page(5, (FILE_A, 12)).unwrap().sites, 1);
+        assert!(t.get(5, 2).is_none() && t.get(5, 1).is_some());
+        assert!(t.remove(5, 2).is_none() && t.remove(5, 1).is_some());
         assert_eq!(t.count(5), 0);
         assert!(t.is_empty());
     }
@@ -303,8 +309,10 @@ mod hugepoke {
         }
         let room = t.reserve(4, [((FILE_A, 5), 3), ((FILE_A, 6), 1)].into_iter()).unwrap();
         let (mut f5, mut f6) = (Some(()), Some(()));
+        let mut record = KVVec::new();
+        record.extend_from_slice(&sites, GFP_KERNEL).unwrap();
         // Page 5 is in the table already: its file stays with the caller.
-        t.insert(room, [(&sites[..3], &mut f5), (&sites[3..], &mut f6)].into_iter());
+        t.insert(room, record, [(0..3, &mut f5), (3..4, &mut f6)].into_iter());
         assert!(f5.is_some() && f6.is_none());
         assert_eq!(t.on_page((FILE_A, 5)), 4);
         assert_eq!(t.in_range((FILE_A, 0)), 5);
