@@ -148,6 +148,34 @@ impl OnPage<'_> {
     }
 }
 
+/// Merge `n` new slots (`slot(0..n)`, by offset) into `slots` (by offset,
+/// with room for them), from the back: O(len + n), and no allocation.
+fn merge_slots(slots: &mut KVVec<Slot>, n: usize, slot: impl Fn(usize) -> Slot) {
+    let k = slots.len();
+    for j in 0..n {
+        if slots.push_within_capacity(slot(j)).is_err() {
+            return;
+        }
+    }
+    // Slots k.. hold the new ones for now; each is taken again from `slot`.
+    let (mut i, mut j) = (k, n);
+    while j > 0 && i > 0 {
+        let new = slot(j - 1);
+        let w = i + j - 1;
+        if slots[i - 1].offset > new.offset {
+            slots[w] = slots[i - 1];
+            i -= 1;
+        } else {
+            slots[w] = new;
+            j -= 1;
+        }
+    }
+    // Left over: new slots below every old one, already at 0..j.
+    for j in 0..j {
+        slots[j] = slot(j);
+    }
+}
+
 /// A handle's sites in index order, and which of them are forgotten (a
 /// RESTORE forgets them a file page at a time; the vector stays).
 struct HandleSites {
@@ -366,27 +394,18 @@ impl<F> Patches<F> {
             let run = &sites[range];
             let Some(first) = run.first() else { continue };
             let key = first.page_key();
-            let slots = run.iter().enumerate().map(|(k, s)| Slot { offset: s.offset() as u16, len: s.len as u16, pos: (start + k) as u32, handle });
+            let slot = |k: usize| {
+                let s = &run[k];
+                Slot { offset: s.offset() as u16, len: s.len as u16, pos: (start + k) as u32, handle }
+            };
             match self.pages.get_mut(&key) {
                 // Room was reserved in its vector.
-                Some(page) => {
-                    for slot in slots {
-                        let _ = page.slots.push_within_capacity(slot);
-                    }
-                    if !page.slots.is_sorted_by_key(|s| s.offset) {
-                        page.slots.sort_unstable_by_key(|s| s.offset);
-                    }
-                }
+                Some(page) => merge_slots(&mut page.slots, run.len(), slot),
                 None => {
                     // New pages come in the order reserved (some may be skipped).
                     let Some(mut room) = rooms.find(|r| r.key == key) else { break };
                     let Some(file) = file.take() else { break };
-                    for slot in slots {
-                        let _ = room.slots.push_within_capacity(slot);
-                    }
-                    if !room.slots.is_sorted_by_key(|s| s.offset) {
-                        room.slots.sort_unstable_by_key(|s| s.offset);
-                    }
+                    merge_slots(&mut room.slots, run.len(), slot);
                     self.pages.insert(room.node.into_node(key, PageSites { slots: room.slots, file }));
                 }
             }
