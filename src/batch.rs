@@ -353,6 +353,9 @@ fn batch_locked(
             to = w.range.end;
         }
         plan.sites.truncate(to);
+        // Not the whole batch's room for the life of the handle; if the
+        // smaller vector cannot be had, the larger one does as well.
+        let _ = plan.sites.shrink_to(to, GFP_KERNEL);
         for s in plan.sites.iter_mut() {
             s.owner = None;
         }

@@ -13,10 +13,12 @@
 //! KUnit suite exercises without a target.
 //!
 //! A handle names one site (PATCH) or up to `MAX_BATCH` (PATCH_BATCH).
-//! Every lookup is O(log N): [`Patches`] keeps a target's sites in
-//! red-black trees by position (file page and offset) and by handle, with
-//! counts per file page and per 2 MiB file range; the [`Registry`] keeps
-//! targets, handles and each owner's targets the same way.
+//! Every lookup is O(log N), and a batch costs per file page, not per
+//! site: [`Patches`] keeps a red-black tree of the file pages that hold
+//! sites (each with its sites by offset in one vector), one of handles
+//! (each with its sites in one vector) and counts per 2 MiB file range;
+//! the [`Registry`] keeps targets, handles and each owner's targets in
+//! trees too.
 //!
 //! Locks, outermost first:
 //! 1. `Target::state` — one target's patches.  PATCH, RESTORE and the
@@ -148,14 +150,16 @@ impl OnPage<'_> {
     }
 }
 
-/// Merge `n` new slots (`slot(0..n)`, by offset) into `slots` (by offset,
-/// with room for them), from the back: O(len + n), and no allocation.
-fn merge_slots(slots: &mut KVVec<Slot>, n: usize, slot: impl Fn(usize) -> Slot) {
+/// Merge `n` new slots (`slot(0..n)`, by offset) into `slots` (by offset),
+/// from the back: O(len + n), and no allocation.  False, and nothing
+/// merged, if the room reserved for them is not there.
+fn merge_slots(slots: &mut KVVec<Slot>, n: usize, slot: impl Fn(usize) -> Slot) -> bool {
     let k = slots.len();
+    if slots.capacity() - k < n {
+        return false;
+    }
     for j in 0..n {
-        if slots.push_within_capacity(slot(j)).is_err() {
-            return;
-        }
+        let _ = slots.push_within_capacity(slot(j));
     }
     // Slots k.. hold the new ones for now; each is taken again from `slot`.
     let (mut i, mut j) = (k, n);
@@ -174,6 +178,7 @@ fn merge_slots(slots: &mut KVVec<Slot>, n: usize, slot: impl Fn(usize) -> Slot) 
     for j in 0..j {
         slots[j] = slot(j);
     }
+    true
 }
 
 /// A handle's sites in index order, and which of them are forgotten (a
@@ -391,31 +396,47 @@ impl<F> Patches<F> {
         let mut rooms = rooms.into_iter();
         for (range, file) in pages {
             let start = range.start;
-            let run = &sites[range];
+            let run = &sites[range.clone()];
             let Some(first) = run.first() else { continue };
-            let key = first.page_key();
+            let (key, range_key, n) = (first.page_key(), first.range_key(), run.len());
             let slot = |k: usize| {
                 let s = &run[k];
                 Slot { offset: s.offset() as u16, len: s.len as u16, pos: (start + k) as u32, handle }
             };
-            match self.pages.get_mut(&key) {
+            let placed = match self.pages.get_mut(&key) {
                 // Room was reserved in its vector.
-                Some(page) => merge_slots(&mut page.slots, run.len(), slot),
-                None => {
-                    // New pages come in the order reserved (some may be skipped).
-                    let Some(mut room) = rooms.find(|r| r.key == key) else { break };
-                    let Some(file) = file.take() else { break };
-                    merge_slots(&mut room.slots, run.len(), slot);
-                    self.pages.insert(room.node.into_node(key, PageSites { slots: room.slots, file }));
-                }
-            }
-            match self.per_range.entry(first.range_key()) {
-                Entry::Occupied(mut e) => *e.get_mut() += run.len() as u32,
-                Entry::Vacant(e) => {
-                    if let Some(room) = ranges.pop() {
-                        e.insert(run.len() as u32, room);
+                Some(page) => merge_slots(&mut page.slots, n, slot),
+                // New pages come in the order reserved (some may be skipped).
+                None => match (rooms.find(|r| r.key == key), file.take()) {
+                    (Some(mut room), Some(file)) => {
+                        let merged = merge_slots(&mut room.slots, n, slot);
+                        if merged {
+                            self.pages.insert(room.node.into_node(key, PageSites { slots: room.slots, file }));
+                        }
+                        merged
                     }
+                    _ => false,
+                },
+            };
+            // Cannot happen (the caller reserved for these very pages);
+            // if it did, the table would know of bytes it does not hold:
+            // those sites are left out, and the kernel warns.
+            if kernel::warn_on!(!placed) {
+                for s in &mut sites[range] {
+                    s.len = 0;
                 }
+                continue;
+            }
+            match self.per_range.entry(range_key) {
+                Entry::Occupied(mut e) => *e.get_mut() += n as u32,
+                Entry::Vacant(e) => match ranges.pop() {
+                    Some(room) => {
+                        e.insert(n as u32, room);
+                    }
+                    None => {
+                        kernel::warn_on!(true);
+                    }
+                },
             }
         }
         if !in_order {
@@ -428,11 +449,21 @@ impl<F> Patches<F> {
                 }
             }
         }
+        let mut h = HandleSites { owner, live: 0, sites, forgotten };
+        for pos in 0..h.sites.len() {
+            if h.sites[pos].len == 0 {
+                h.forget(pos);
+            } else {
+                h.live += 1;
+            }
+        }
+        if h.live == 0 {
+            return;
+        }
         if let Some(o) = owner {
             self.owned.insert(owned_room.into_node((o, handle), ()));
         }
-        let live = sites.len() as u32;
-        self.handles.insert(handle_room.into_node(handle, HandleSites { owner, live, sites, forgotten }));
+        self.handles.insert(handle_room.into_node(handle, h));
     }
 
     /// Forget the sites of `handle` on file page `page` (every one of them,

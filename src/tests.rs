@@ -297,6 +297,26 @@ mod hugepoke {
     }
 
     #[test]
+    fn a_batch_out_of_index_order_on_one_page() {
+        let mut t = Patches::new();
+        // In address order, as PATCH_BATCH records them: site 1 at offset
+        // 0, site 0 at offset 100.
+        let mut sites = KVec::new();
+        for (index, offset) in [(1u32, 0), (0, 100)] {
+            let mut s = site(4, None, FILE_A, 7, offset, 1);
+            s.index = index;
+            sites.push(s, GFP_KERNEL).unwrap();
+        }
+        insert(&mut t, &sites, 2);
+        assert_eq!(t.get(4, 0).unwrap().offset(), 100);
+        // By index, as QUERY lists them.
+        assert_eq!(t.sites_of_handle(4).next().unwrap().index, 0);
+        assert!(t.remove(4, 0).is_some());
+        assert!(t.overlaps(FILE_A, 7, 0, 1) && !t.overlaps(FILE_A, 7, 100, 1));
+        assert!(t.get(4, 0).is_none() && t.get(4, 1).is_some());
+    }
+
+    #[test]
     fn handles_share_a_page_and_leave_it_a_page_at_a_time() {
         let mut t = table(&[site(1, None, FILE_A, 5, 50, 4)]);
         // Handle 2: offsets 0, 10 and 100 of page 5, and page 6; its

@@ -15,6 +15,8 @@
 //!   calm     → stops the --chaos and hog threads, makes the text whole again
 //!   move     → mremap()s the text to another 2 MiB-aligned address;
 //!              prints `moved ADDR`
+//!   map-again → maps the text file a second time, elsewhere (as the
+//!              first: private, read+exec); prints `mapped-again ADDR`
 //!   protect P → mprotect()s the whole text to P (`rx`, `rwx` or `r`)
 //!   dontneed N → madvise(MADV_DONTNEED) of text page N
 //!   pageout N → pages text page N out to swap (MADV_PAGEOUT, after an
@@ -426,6 +428,14 @@ fn main() {
                 base = move_text(base);
                 let _ = writeln!(out, "moved {base:#x}");
             }
+            (Some("map-again"), _) => match hugepoke::thp::map_text_with(&file, None, huge) {
+                Ok(second) => {
+                    let _ = writeln!(out, "mapped-again {second:#x}");
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "error: map-again: {e}");
+                }
+            },
             (Some("protect"), _) => {
                 let prot = match line.split_whitespace().nth(1) {
                     Some("rwx") => libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,

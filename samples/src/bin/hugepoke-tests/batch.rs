@@ -66,11 +66,12 @@ fn errno_of(r: &Result<u64, BatchError>) -> Option<i32> {
     r.as_ref().err().and_then(|e| e.error.raw_os_error())
 }
 
-/// A batch over pages 10..=19 whose last site is bad, four ways (address
+/// A batch over pages 10..=19 whose last site is bad, five ways (address
 /// not mapped, length 0, overlapping an earlier site of the batch,
-/// expected bytes that are not there): each is refused with the last
-/// index to blame, a journaled reason at that site's address, and the
-/// target exactly as before: text, anonymous memory, PFNs and PMD.
+/// expected bytes that are not there, overlapping a live patch): each is
+/// refused with the last index to blame, and the target exactly as
+/// before: text, anonymous memory, PFNs and PMD (the first four also with
+/// a journaled reason at that site's address).
 pub(crate) fn batch_refused_at_its_last_site_changes_nothing() -> TestResult {
     let t = Target::spawn(&[])?;
     thp_head(&t)?;
@@ -101,10 +102,65 @@ pub(crate) fn batch_refused_at_its_last_site_changes_nothing() -> TestResult {
         let after = snapshot(&t)?;
         ensure!(after == before, "{what}: the refused batch changed the target: {}", differences(&before, &after));
     }
+    // A refusal only the checks after the target is resolved can make:
+    // the last site overlaps a live single patch on page 30 (EBUSY).
+    let single = io(dev.patch(&patch_req(&t, 30, 3030)))?;
+    let before = snapshot(&t)?;
+    let mut sites = good.clone();
+    sites.push(batch_site(t.page_addr(30) + 4, &[0x90], None));
+    let r = dev.patch_batch(t.pid, &sites, 0);
+    ensure!(errno_of(&r) == Some(libc::EBUSY), "overlapping a live patch: PATCH_BATCH returned {r:?}, want EBUSY");
+    let failed = r.unwrap_err().failed;
+    ensure!(failed == Some(last), "overlapping a live patch: failed = {failed:?}, want the last site ({last})");
+    let after = snapshot(&t)?;
+    ensure!(after == before, "overlapping a live patch: the refused batch changed the target: {}", differences(&before, &after));
+    io(dev.restore(single))?;
     // The good sites alone go in: the refusals were about the last site.
     let h = dev.patch_batch(t.pid, &good, 0).map_err(|e| format!("the good sites: {e}"))?;
     ensure!(io(dev.query(h))?.count == last as u32, "query count");
     io(dev.restore(h))?;
+    Ok(())
+}
+
+/// One file page reached at two addresses (the text file mapped twice)
+/// would be two copies of one identity: a batch with a site on page 12 of
+/// each mapping is refused with EINVAL, blaming the site at the higher
+/// address, journaled there, and both mappings are exactly as before.
+/// Sites on different file pages of the two mappings go in, each mapping
+/// runs its own, and RESTORE gives both back.
+pub(crate) fn batch_refuses_one_file_page_at_two_addresses() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let reply = t.command("map-again")?;
+    let second = reply.strip_prefix("mapped-again ").and_then(hugepoke::parse_number).ok_or(format!("map-again: {reply}"))?;
+    let at_second = |page: usize| second + (page * text::PAGE) as u64;
+    let dev = io(Device::open())?;
+    let first_site = function_site(&t, 12, 7012);
+    let second_site = BatchSite { addr: at_second(12), ..first_site };
+    let before = snapshot(&t)?;
+    let second_before = read_mem(t.pid, second, text::THP_SIZE)?;
+    let seq = journal_seq();
+    let r = dev.patch_batch(t.pid, &[second_site, first_site], 0);
+    ensure!(errno_of(&r) == Some(libc::EINVAL), "PATCH_BATCH of one file page at two addresses returned {r:?}, want EINVAL");
+    let (blamed, blamed_addr) = if second > t.addr { (0, second_site.addr) } else { (1, first_site.addr) };
+    let failed = r.unwrap_err().failed;
+    ensure!(failed == Some(blamed), "failed = {failed:?}, want {blamed} (the site at the higher address)");
+    let fail = events_after(seq, t.pid)?.into_iter().find(|e| e.result != "ok").ok_or("no failure journaled")?;
+    ensure!(fail.note.contains("two addresses"), "journaled {:?}", fail.note);
+    ensure!(fail.addr == Some(blamed_addr), "failure journaled at {:?}, want {blamed_addr:#x}", fail.addr);
+    let after = snapshot(&t)?;
+    ensure!(after == before, "the refused batch changed the first mapping: {}", differences(&before, &after));
+    ensure!(read_mem(t.pid, second, text::THP_SIZE)? == second_before, "the refused batch changed the second mapping");
+
+    // Different file pages of the two mappings: one identity each.
+    let other = BatchSite { addr: at_second(13), ..function_site(&t, 13, 7013) };
+    let h = dev.patch_batch(t.pid, &[first_site, other], 0).map_err(|e| format!("sites on pages 12 and 13 of the two mappings: {e}"))?;
+    ensure!(t.call(12)? == 7012, "page 12 of the first mapping does not run its patch");
+    ensure!(read_mem(t.pid, at_second(13), 6)? == text::mov_eax_ret(7013), "page 13 of the second mapping does not hold its patch");
+    ensure!(read_mem(t.pid, at_second(12), 6)? == second_before[12 * text::PAGE..][..6], "page 12 of the second mapping changed");
+    io(dev.restore(h))?;
+    ensure!(t.call(12)? == text::original_value(12), "page 12 not restored");
+    ensure!(read_mem(t.pid, second, text::THP_SIZE)? == second_before, "the second mapping not restored");
     Ok(())
 }
 

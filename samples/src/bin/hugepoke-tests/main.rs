@@ -75,6 +75,7 @@ const TESTS: &[(&str, fn() -> TestResult)] = &[
     ("batch_over_pages_of_one_thp_splits_once_and_collapses_once", batch_over_pages_of_one_thp_splits_once_and_collapses_once),
     ("overlapping_batches_at_once_one_wins", overlapping_batches_at_once_one_wins),
     ("batch_restore_refused_by_one_changed_site_writes_nothing", batch_restore_refused_by_one_changed_site_writes_nothing),
+    ("batch_refuses_one_file_page_at_two_addresses", batch_refuses_one_file_page_at_two_addresses),
     ("cli_patch_holds_until_stdin_closes", cli_patch_holds_until_stdin_closes),
     ("bad_input_gets_errno_reason_and_changes_nothing", bad_input_gets_errno_reason_and_changes_nothing),
     ("caller_that_cannot_ptrace_gets_eperm", caller_that_cannot_ptrace_gets_eperm),
