@@ -360,7 +360,8 @@ fn batch_locked(
             s.owner = None;
         }
         let still_written = plan.pages.iter().zip(plan.files.iter_mut()).filter(|(w, _)| !w.range.is_empty());
-        state.patches.insert(room, plan.sites, still_written.map(|(w, file)| (w.range.clone(), file)));
+        let left_out = state.patches.insert(room, plan.sites, still_written.map(|(w, file)| (w.range.clone(), file)));
+        patch::journal_left_out(hp, ev(Step::Patched).handle(handle as u32), left_out);
         let left = hp.registry.lock().disown(handle);
         drop(left);
         hp.journal.record(
@@ -375,7 +376,8 @@ fn batch_locked(
     }
     drop(guard);
     let first_addr = plan.sites.first().map_or(0, |s| s.addr);
-    state.patches.insert(room, plan.sites, plan.pages.iter().zip(plan.files.iter_mut()).map(|(w, file)| (w.range.clone(), file)));
+    let left_out = state.patches.insert(room, plan.sites, plan.pages.iter().zip(plan.files.iter_mut()).map(|(w, file)| (w.range.clone(), file)));
+    patch::journal_left_out(hp, ev(Step::Patched).handle(handle as u32), left_out);
     hp.journal.record(ev(Step::Patched).addr(first_addr).handle(handle as u32).note(if n == 1 {
         "batch of 1 site written"
     } else {

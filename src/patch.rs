@@ -256,7 +256,8 @@ fn patch_locked(
     site.pmd_mappable = sys::page_cache_page(vma, page_addr).is_some_and(|c| c.pmd_mappable());
     drop(guard);
     let _ = record.push_within_capacity(site);
-    state.patches.insert(room, record, core::iter::once((0..1, &mut Some(file))));
+    let left_out = state.patches.insert(room, record, core::iter::once((0..1, &mut Some(file))));
+    journal_left_out(hp, ev(Step::Patched).handle(handle as u32), left_out);
     hp.journal.record(
         ev(Step::Patched)
             .handle(handle as u32)
@@ -264,6 +265,14 @@ fn patch_locked(
             .note(if site.pmd_mappable { "page-cache folio is PMD-mappable" } else { "page-cache folio is not PMD-mappable" }),
     );
     Ok(())
+}
+
+/// Say so if the table could not record sites that were written (see
+/// `Patches::insert`: a bug of ours if it ever happens).
+pub(crate) fn journal_left_out(hp: &Hugepoke, ev: Event, left_out: usize) {
+    if left_out != 0 {
+        hp.journal.record(ev.error(ENOMEM, "sites written but not recorded: their table room was missing (a hugepoke bug; RESTORE cannot give them back)"));
+    }
 }
 
 pub(crate) enum WriteError {

@@ -250,7 +250,7 @@ pub(crate) struct Reserved<F> {
     owned: RBTreeNodeReservation<(u64, u64), ()>,
     forgotten: KVVec<u64>,
     /// For the pages not in the table yet, in the order given.
-    pages: KVVec<PageRoom<F>>,
+    pages: KVVec<Option<PageRoom<F>>>,
     /// One range count node per page new to the table, at most.
     ranges: KVVec<CountRoom>,
 }
@@ -358,7 +358,7 @@ impl<F> Patches<F> {
                 continue;
             }
             rooms.push(
-                PageRoom { key, node: RBTreeNodeReservation::new(GFP_KERNEL)?, slots: KVVec::with_capacity(n, GFP_KERNEL)? },
+                Some(PageRoom { key, node: RBTreeNodeReservation::new(GFP_KERNEL)?, slots: KVVec::with_capacity(n, GFP_KERNEL)? }),
                 GFP_KERNEL,
             )?;
             ranges.push(RBTreeNodeReservation::new(GFP_KERNEL)?, GFP_KERNEL)?;
@@ -377,23 +377,27 @@ impl<F> Patches<F> {
     /// Record `sites`, one handle's (all with the same `handle` and
     /// `owner`, at most as many as reserved), in the room `reserved` for
     /// them.  `pages` groups them by file page: each page's run of `sites`
-    /// and the file it is mapped from (taken if the page is new to the
-    /// table); the runs cover `sites`, and come in the order the pages were
-    /// reserved in (some may be left out: the kept part of a failed batch).
+    /// (by offset) and the file it is mapped from (taken if the page is new
+    /// to the table); the runs cover `sites`, and come in the order the
+    /// pages were reserved in (some may be left out: the kept part of a
+    /// failed batch).  Returns how many sites it could not record, which
+    /// only a caller that broke that contract sees (the kernel warns): 0.
     pub(crate) fn insert<'a>(
         &mut self,
         reserved: Reserved<F>,
         mut sites: KVVec<Site>,
         pages: impl Iterator<Item = (core::ops::Range<usize>, &'a mut Option<F>)>,
-    ) where
+    ) -> usize
+    where
         F: 'a,
     {
-        let Reserved { handle: handle_room, owned: owned_room, forgotten, pages: rooms, mut ranges } = reserved;
-        let Some(&Site { handle, owner, .. }) = sites.first() else { return };
+        let Reserved { handle: handle_room, owned: owned_room, forgotten, pages: mut rooms, mut ranges } = reserved;
+        let Some(&Site { handle, owner, .. }) = sites.first() else { return 0 };
         // The handle's vector is kept in index order: if `sites` is not in
         // it, the slots are pointed at their sites once it is.
         let in_order = sites.is_sorted_by_key(|s| s.index);
-        let mut rooms = rooms.into_iter();
+        // New pages come in the order reserved (some may be skipped).
+        let mut next_room = 0;
         for (range, file) in pages {
             let start = range.start;
             let run = &sites[range.clone()];
@@ -403,25 +407,33 @@ impl<F> Patches<F> {
                 let s = &run[k];
                 Slot { offset: s.offset() as u16, len: s.len as u16, pos: (start + k) as u32, handle }
             };
-            let placed = match self.pages.get_mut(&key) {
-                // Room was reserved in its vector.
-                Some(page) => merge_slots(&mut page.slots, n, slot),
-                // New pages come in the order reserved (some may be skipped).
-                None => match (rooms.find(|r| r.key == key), file.take()) {
-                    (Some(mut room), Some(file)) => {
-                        let merged = merge_slots(&mut room.slots, n, slot);
-                        if merged {
-                            self.pages.insert(room.node.into_node(key, PageSites { slots: room.slots, file }));
+            // Everything the run needs is there before any of it is used.
+            let range_room = self.per_range.get(&range_key).is_some() || !ranges.is_empty();
+            let placed = range_room
+                && match self.pages.get_mut(&key) {
+                    // Room was reserved in its vector.
+                    Some(page) => merge_slots(&mut page.slots, n, slot),
+                    None => {
+                        let found = (next_room..rooms.len()).find(|&i| rooms[i].as_ref().is_some_and(|r| r.key == key));
+                        match (found, file.is_some()) {
+                            (Some(i), true) => match (rooms[i].take(), file.take()) {
+                                (Some(mut room), Some(file)) => {
+                                    next_room = i + 1;
+                                    let merged = merge_slots(&mut room.slots, n, slot);
+                                    if merged {
+                                        self.pages.insert(room.node.into_node(key, PageSites { slots: room.slots, file }));
+                                    }
+                                    merged
+                                }
+                                _ => false,
+                            },
+                            _ => false,
                         }
-                        merged
                     }
-                    _ => false,
-                },
-            };
-            // Cannot happen (the caller reserved for these very pages);
-            // if it did, the table would know of bytes it does not hold:
-            // those sites are left out, and the kernel warns.
-            if kernel::warn_on!(!placed) {
+                };
+            if !placed {
+                // The target holds these bytes and the table would not
+                // know of them: the caller journals it.
                 for s in &mut sites[range] {
                     s.len = 0;
                 }
@@ -429,14 +441,11 @@ impl<F> Patches<F> {
             }
             match self.per_range.entry(range_key) {
                 Entry::Occupied(mut e) => *e.get_mut() += n as u32,
-                Entry::Vacant(e) => match ranges.pop() {
-                    Some(room) => {
+                Entry::Vacant(e) => {
+                    if let Some(room) = ranges.pop() {
                         e.insert(n as u32, room);
                     }
-                    None => {
-                        kernel::warn_on!(true);
-                    }
-                },
+                }
             }
         }
         if !in_order {
@@ -457,13 +466,15 @@ impl<F> Patches<F> {
                 h.live += 1;
             }
         }
-        if h.live == 0 {
-            return;
+        let left_out = h.sites.len() - h.live as usize;
+        kernel::warn_on!(left_out != 0);
+        if h.live != 0 {
+            if let Some(o) = owner {
+                self.owned.insert(owned_room.into_node((o, handle), ()));
+            }
+            self.handles.insert(handle_room.into_node(handle, h));
         }
-        if let Some(o) = owner {
-            self.owned.insert(owned_room.into_node((o, handle), ()));
-        }
-        self.handles.insert(handle_room.into_node(handle, h));
+        left_out
     }
 
     /// Forget the sites of `handle` on file page `page` (every one of them,

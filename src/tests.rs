@@ -155,7 +155,7 @@ mod hugepoke {
         }
         record.extend_from_slice(sites, GFP_KERNEL).unwrap();
         let runs = (0..sites.len()).step_by(per_page).map(|i| i..(i + per_page).min(sites.len()));
-        t.insert(room, record, runs.zip(files.iter_mut()));
+        assert_eq!(t.insert(room, record, runs.zip(files.iter_mut())), 0);
     }
 
     fn table(sites: &[Site]) -> Patches<()> {
@@ -332,7 +332,7 @@ mod hugepoke {
         let mut record = KVVec::new();
         record.extend_from_slice(&sites, GFP_KERNEL).unwrap();
         // Page 5 is in the table already: its file stays with the caller.
-        t.insert(room, record, [(0..3, &mut f5), (3..4, &mut f6)].into_iter());
+        assert_eq!(t.insert(room, record, [(0..3, &mut f5), (3..4, &mut f6)].into_iter()), 0);
         assert!(f5.is_some() && f6.is_none());
         assert_eq!(t.on_page((FILE_A, 5)), 4);
         assert_eq!(t.in_range((FILE_A, 0)), 5);

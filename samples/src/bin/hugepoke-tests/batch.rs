@@ -68,10 +68,10 @@ fn errno_of(r: &Result<u64, BatchError>) -> Option<i32> {
 
 /// A batch over pages 10..=19 whose last site is bad, five ways (address
 /// not mapped, length 0, overlapping an earlier site of the batch,
-/// expected bytes that are not there, overlapping a live patch): each is
-/// refused with the last index to blame, and the target exactly as
-/// before: text, anonymous memory, PFNs and PMD (the first four also with
-/// a journaled reason at that site's address).
+/// expected bytes that are not there, overlapping a live patch — the
+/// batch's second site on that page): each is refused with the last index
+/// to blame, a journaled reason at that site's address, and the target
+/// exactly as before: text, anonymous memory, PFNs and PMD.
 pub(crate) fn batch_refused_at_its_last_site_changes_nothing() -> TestResult {
     let t = Target::spawn(&[])?;
     thp_head(&t)?;
@@ -103,15 +103,21 @@ pub(crate) fn batch_refused_at_its_last_site_changes_nothing() -> TestResult {
         ensure!(after == before, "{what}: the refused batch changed the target: {}", differences(&before, &after));
     }
     // A refusal only the checks after the target is resolved can make:
-    // the last site overlaps a live single patch on page 30 (EBUSY).
-    let single = io(dev.patch(&patch_req(&t, 30, 3030)))?;
+    // the last site overlaps a live single patch at byte 200 of page 30
+    // (EBUSY), and is not the first site of the batch on that page.
+    let live = PatchRequest { pid: t.pid, addr: t.page_addr(30) + 200, bytes: vec![0x90], ..Default::default() };
+    let single = io(dev.patch(&live))?;
     let before = snapshot(&t)?;
     let mut sites = good.clone();
-    sites.push(batch_site(t.page_addr(30) + 4, &[0x90], None));
+    sites.push(function_site(&t, 30, 7030));
+    sites.push(batch_site(t.page_addr(30) + 199, &[0x90, 0x90], None));
+    let seq = journal_seq();
     let r = dev.patch_batch(t.pid, &sites, 0);
     ensure!(errno_of(&r) == Some(libc::EBUSY), "overlapping a live patch: PATCH_BATCH returned {r:?}, want EBUSY");
     let failed = r.unwrap_err().failed;
-    ensure!(failed == Some(last), "overlapping a live patch: failed = {failed:?}, want the last site ({last})");
+    ensure!(failed == Some(last + 1), "overlapping a live patch: failed = {failed:?}, want the last site ({})", last + 1);
+    let fail = events_after(seq, t.pid)?.into_iter().find(|e| e.result != "ok").ok_or("overlapping a live patch: no failure journaled")?;
+    ensure!(fail.note.contains("overlaps a live patch") && fail.addr == Some(t.page_addr(30) + 199), "overlapping a live patch: journaled {fail:?}");
     let after = snapshot(&t)?;
     ensure!(after == before, "overlapping a live patch: the refused batch changed the target: {}", differences(&before, &after));
     io(dev.restore(single))?;
@@ -123,9 +129,11 @@ pub(crate) fn batch_refused_at_its_last_site_changes_nothing() -> TestResult {
 }
 
 /// One file page reached at two addresses (the text file mapped twice)
-/// would be two copies of one identity: a batch with a site on page 12 of
-/// each mapping is refused with EINVAL, blaming the site at the higher
-/// address, journaled there, and both mappings are exactly as before.
+/// would be two copies of one identity: a batch with sites on pages 12
+/// and 13 of each mapping (so another page lies between the two sightings
+/// of page 12 in address order) is refused with EINVAL, blaming the page-12
+/// site of the higher mapping, journaled there; the first mapping is as
+/// before (bytes, anonymous memory, PFNs, PMD), the second's bytes too.
 /// Sites on different file pages of the two mappings go in, each mapping
 /// runs its own, and RESTORE gives both back.
 pub(crate) fn batch_refuses_one_file_page_at_two_addresses() -> TestResult {
@@ -137,10 +145,12 @@ pub(crate) fn batch_refuses_one_file_page_at_two_addresses() -> TestResult {
     let dev = io(Device::open())?;
     let first_site = function_site(&t, 12, 7012);
     let second_site = BatchSite { addr: at_second(12), ..first_site };
+    let first_13 = function_site(&t, 13, 7013);
+    let second_13 = BatchSite { addr: at_second(13), ..first_13 };
     let before = snapshot(&t)?;
     let second_before = read_mem(t.pid, second, text::THP_SIZE)?;
     let seq = journal_seq();
-    let r = dev.patch_batch(t.pid, &[second_site, first_site], 0);
+    let r = dev.patch_batch(t.pid, &[second_site, first_site, first_13, second_13], 0);
     ensure!(errno_of(&r) == Some(libc::EINVAL), "PATCH_BATCH of one file page at two addresses returned {r:?}, want EINVAL");
     let (blamed, blamed_addr) = if second > t.addr { (0, second_site.addr) } else { (1, first_site.addr) };
     let failed = r.unwrap_err().failed;
