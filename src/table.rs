@@ -348,10 +348,9 @@ impl<F> Patches<F> {
     /// fail once the bytes are written.  Pages already in the table get
     /// room in their own slot vectors now; nothing else may change the
     /// table (the target's state stays locked) until [`Self::insert`].
-    pub(crate) fn reserve(&mut self, count: usize, pages: impl Iterator<Item = (PageKey, usize)> + Clone) -> Result<Reserved<F>> {
-        let new = pages.clone().filter(|(key, _)| self.pages.get(key).is_none()).count();
-        let mut rooms = KVVec::with_capacity(new, GFP_KERNEL)?;
-        let mut ranges = KVVec::with_capacity(new, GFP_KERNEL)?;
+    pub(crate) fn reserve(&mut self, count: usize, pages: impl Iterator<Item = (PageKey, usize)>) -> Result<Reserved<F>> {
+        // One look at each page: room for the new ones grows as they come.
+        let (mut rooms, mut ranges) = (KVVec::new(), KVVec::new());
         for (key, n) in pages {
             if let Some(page) = self.pages.get_mut(&key) {
                 page.slots.reserve(n, GFP_KERNEL)?;
