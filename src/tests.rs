@@ -317,6 +317,19 @@ mod hugepoke {
     }
 
     #[test]
+    fn the_page_keeps_its_file_while_another_handle_is_there() {
+        // Handle 1 brings page 5 (and its file) in; handle 2 joins it.
+        let mut t = table(&[site(1, None, FILE_A, 5, 50, 4), site(2, None, FILE_A, 5, 0, 2)]);
+        // The one that brought the file leaves first: the page, its file
+        // and handle 2's site stay.
+        assert!(t.remove(1, 0).unwrap().file.is_none());
+        assert_eq!((t.on_page((FILE_A, 5)), t.in_range((FILE_A, 0))), (1, 1));
+        assert!(t.overlaps(FILE_A, 5, 1, 1) && !t.overlaps(FILE_A, 5, 50, 4));
+        assert!(t.remove(2, 0).unwrap().file.is_some());
+        assert!(t.is_empty() && t.on_page((FILE_A, 5)) == 0);
+    }
+
+    #[test]
     fn handles_share_a_page_and_leave_it_a_page_at_a_time() {
         let mut t = table(&[site(1, None, FILE_A, 5, 50, 4)]);
         // Handle 2: offsets 0, 10 and 100 of page 5, and page 6; its
