@@ -14,9 +14,10 @@ HP_RUST_SRC_VERSION=1.95.0
 HP_BINDGEN_VERSION=0.72.1
 HP_VIRTME_NG_VERSION=${HP_VIRTME_NG_VERSION:-1.42}
 HP_LLVM=19
-# The guests' QEMU: Debian's bookworm-backports build (scripts/setup).
-HP_QEMU_VERSION=1:10.0.2+ds-2+deb13u1~bpo12+1
-HP_SEABIOS_VERSION=1.16.3-2~bpo12+1
+# The guests' QEMU: Debian's bookworm-backports build (scripts/setup); if a
+# revision leaves the archive, set these to the one the private lists show.
+HP_QEMU_VERSION=${HP_QEMU_VERSION:-1:10.0.2+ds-2+deb13u1~bpo12+1}
+HP_SEABIOS_VERSION=${HP_SEABIOS_VERSION:-1.16.3-2~bpo12+1}
 
 HP_TOOLS=$HP_CACHE/tools
 HP_APT=$HP_CACHE/apt
