@@ -22,8 +22,9 @@ use kernel::{
 use crate::{
     journal::{Event, Step},
     live::{self, Live},
+    patches::Site,
     sys::{self, PMD_SIZE},
-    table::{Site, Target, TargetState},
+    target::{Target, TargetState},
     Hugepoke,
 };
 
@@ -53,24 +54,49 @@ impl_has_work! {
 
 /// Queue the collapse of the 2 MiB range at `haddr`, which holds `site`'s
 /// page.  Called with the target's state locked.
-pub(crate) fn queue_collapse(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &mut TargetState, site: &Site, haddr: usize) {
-    let ev = Event::new(Step::QueueCollapse).pid(site.pid).addr(haddr).handle(site.handle as u32);
+pub(crate) fn queue_collapse(
+    hp: &Arc<Hugepoke>,
+    target: &Arc<Target>,
+    state: &mut TargetState,
+    site: &Site,
+    haddr: usize,
+) {
+    let ev = Event::new(Step::QueueCollapse)
+        .pid(site.pid)
+        .addr(haddr)
+        .handle(site.handle as u32);
     let install_pmd = site.flags & crate::uapi::PATCH_INSTALL_PMD != 0;
     let key = range_key(site);
     if hp.registry.lock().closing {
         // Module unload: no work may outlive us; collapse right here.
-        hp.journal.record(ev.note("module is unloading; collapsing synchronously"));
+        hp.journal
+            .record(ev.note("module is unloading; collapsing synchronously"));
         let outcome = collapse_range(state, target, haddr, key, install_pmd);
         // The journal goes away with the module: say it in the kernel log too.
         match outcome {
-            Ok(note) => pr_info!("unload: collapse of pid {} at {:#x}: {}\n", site.pid, haddr, note),
-            Err((_, why)) => pr_info!("unload: collapse of pid {} at {:#x} failed: {}\n", site.pid, haddr, why),
+            Ok(note) => pr_info!(
+                "unload: collapse of pid {} at {:#x}: {}\n",
+                site.pid,
+                haddr,
+                note
+            ),
+            Err((_, why)) => pr_info!(
+                "unload: collapse of pid {} at {:#x} failed: {}\n",
+                site.pid,
+                haddr,
+                why
+            ),
         }
-        record_outcome(hp, Event::new(Step::Collapse).pid(site.pid).addr(haddr), outcome);
+        record_outcome(
+            hp,
+            Event::new(Step::Collapse).pid(site.pid).addr(haddr),
+            outcome,
+        );
         return;
     }
     if state.pending_collapses.iter().any(|k| *k == key) {
-        hp.journal.record(ev.note("coalesced into the pending collapse"));
+        hp.journal
+            .record(ev.note("coalesced into the pending collapse"));
         return;
     }
     let work = Arc::pin_init(
@@ -87,11 +113,13 @@ pub(crate) fn queue_collapse(hp: &Arc<Hugepoke>, target: &Arc<Target>, state: &m
         GFP_KERNEL,
     );
     let Ok(work) = work else {
-        hp.journal.record(ev.error(ENOMEM, "no memory for the collapse work"));
+        hp.journal
+            .record(ev.error(ENOMEM, "no memory for the collapse work"));
         return;
     };
     if state.pending_collapses.push(key, GFP_KERNEL).is_err() {
-        hp.journal.record(ev.error(ENOMEM, "no memory for the collapse work"));
+        hp.journal
+            .record(ev.error(ENOMEM, "no memory for the collapse work"));
         return;
     }
     let _ = hp.workqueue.queue().enqueue(work);
@@ -107,13 +135,22 @@ impl WorkItem for CollapseWork {
 
     fn run(this: Arc<CollapseWork>) {
         let hp = &this.hugepoke;
-        hp.pauses.at(crate::pause::Point::Collapse, this.pid, &hp.journal);
+        hp.pauses
+            .at(crate::pause::Point::Collapse, this.pid, &hp.journal);
         let mut state = this.target.state.lock();
         // From here on, a RESTORE in the range queues a new work.
         state.pending_collapses.retain(|k| *k != this.key);
         let outcome = collapse_range(&state, &this.target, this.haddr, this.key, this.install_pmd);
-        record_outcome(hp, Event::new(Step::Collapse).pid(this.pid).addr(this.haddr), outcome);
-        let retired = if state.idle() && !state.retired { hp.registry.lock().retire(&this.target, &mut state) } else { None };
+        record_outcome(
+            hp,
+            Event::new(Step::Collapse).pid(this.pid).addr(this.haddr),
+            outcome,
+        );
+        let retired = if state.idle() && !state.retired {
+            hp.registry.lock().retire(&this.target, &mut state)
+        } else {
+            None
+        };
         drop(state);
         drop(retired);
     }
@@ -140,13 +177,18 @@ fn collapse_range(
     }
     let mm = target.mm_user().ok_or((ESRCH, "target process is gone"))?;
     let guard = mm.mmap_read_lock();
-    let vma = guard.vma_lookup(haddr).ok_or((EFAULT, "range is no longer mapped"))?;
+    let vma = guard
+        .vma_lookup(haddr)
+        .ok_or((EFAULT, "range is no longer mapped"))?;
     let info = sys::vma_info(vma);
     if info.start > haddr || info.end < haddr + PMD_SIZE {
         return Err((EINVAL, "VMA no longer covers the 2 MiB range"));
     }
     let result = sys::collapse_pte_mapped_thp(&mm, &guard, haddr, install_pmd);
-    match (sys::scan_result_ok(result), result == kernel::bindings::scan_result_SCAN_PMD_MAPPED) {
+    match (
+        sys::scan_result_ok(result),
+        result == kernel::bindings::scan_result_SCAN_PMD_MAPPED,
+    ) {
         (true, true) => Ok("SCAN_PMD_MAPPED: already PMD-mapped"),
         (true, false) if install_pmd => Ok("SCAN_SUCCEED: PMD installed"),
         (true, false) => Ok("SCAN_SUCCEED: page table retracted; PMD at next fault"),

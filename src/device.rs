@@ -11,37 +11,17 @@ use kernel::{
     miscdevice::{MiscDevice, MiscDeviceRegistration},
     prelude::*,
     sync::Arc,
-    transmute::{AsBytes, FromBytes},
+    transmute::AsBytes,
     uaccess::{UserPtr, UserSlice},
 };
 
 use crate::{
+    engine::{self, Closing, Failure, Request},
     journal::{Event, Step},
-    batch, patch, sys,
+    policy, sys,
     uapi::{self, BatchSite, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs},
     Hugepoke,
 };
-
-// SAFETY: plain `repr(C)` structs of integers and byte arrays without
-// padding (sizes asserted in `uapi`): every bit pattern is valid, and all
-// bytes are initialized.
-unsafe impl FromBytes for PatchArgs {}
-// SAFETY: as above.
-unsafe impl AsBytes for PatchArgs {}
-// SAFETY: as above.
-unsafe impl FromBytes for PatchBatchArgs {}
-// SAFETY: as above.
-unsafe impl AsBytes for PatchBatchArgs {}
-// SAFETY: as above.
-unsafe impl FromBytes for BatchSite {}
-// SAFETY: as above.
-unsafe impl AsBytes for BatchSite {}
-// SAFETY: as above.
-unsafe impl FromBytes for RestoreArgs {}
-// SAFETY: as above.
-unsafe impl FromBytes for QueryArgs {}
-// SAFETY: as above.
-unsafe impl AsBytes for QueryArgs {}
 
 /// The state of one open file of `/dev/hugepoke`.
 pub(crate) struct Controller {
@@ -61,15 +41,26 @@ impl MiscDevice for Controller {
         let hugepoke = Hugepoke::get().ok_or(ENODEV)?;
         let id = hugepoke.new_owner_id();
         hugepoke.journal.record(Step::Open.event());
-        Ok(KBox::new(Self { hugepoke, id, module }, GFP_KERNEL)?)
+        Ok(KBox::new(
+            Self {
+                hugepoke,
+                id,
+                module,
+            },
+            GFP_KERNEL,
+        )?)
     }
 
     fn release(this: KBox<Self>, _file: &File) {
         // Closing restores what this file patched (and queues collapses),
         // from a work item: a fatal signal pending for us cannot cut it short.
-        patch::restore_owned(&this.hugepoke, Some(this.id), patch::Closing::File);
+        engine::restore_owned(&this.hugepoke, Some(this.id), Closing::File);
         this.hugepoke.journal.record(Step::Release.event());
-        let Controller { hugepoke, id: _, module } = KBox::into_inner(this);
+        let Controller {
+            hugepoke,
+            id: _,
+            module,
+        } = KBox::into_inner(this);
         drop(hugepoke);
         // Last: once the module reference is gone, rmmod may proceed.
         drop(module);
@@ -83,46 +74,103 @@ impl MiscDevice for Controller {
             uapi::IOCTL_RESTORE => this.restore(user),
             uapi::IOCTL_QUERY => this.query(user),
             uapi::IOCTL_PATCH_BATCH => this.patch_batch(user),
-            _ => Err(hp.journal.fail(Event::new(Step::Ioctl).addr(cmd as usize), ENOTTY, "unknown ioctl command")),
+            _ => Err(hp.journal.fail(
+                Event::new(Step::Ioctl).addr(cmd as usize),
+                ENOTTY,
+                "unknown ioctl command",
+            )),
         };
         result.map(|()| 0)
     }
 }
 
 impl Controller {
+    /// PATCH: a request of one site.
     fn patch(&self, user: UserSlice) -> Result {
         let hp = &self.hugepoke;
         let (mut reader, mut writer) = user.reader_writer();
-        let mut args: PatchArgs = reader
-            .read()
-            .map_err(|e| hp.journal.fail(Event::new(Step::Patch), e, "cannot read the PATCH arguments"))?;
-        args.handle = patch::patch(hp, self.id, &args)?;
-        // The patch is in place; if the handle cannot be returned, undo it.
-        if let Err(e) = writer.write(&args) {
-            let _ = patch::restore(hp, args.handle);
-            return Err(hp.journal.fail(Event::new(Step::Patch), e, "cannot write the handle back; patch undone"));
+        let mut args: PatchArgs = reader.read().map_err(|e| {
+            hp.journal.fail(
+                Event::new(Step::Patch),
+                e,
+                "cannot read the PATCH arguments",
+            )
+        })?;
+        let ev = Event::new(Step::Patch)
+            .pid(args.pid)
+            .addr(args.addr as usize);
+        policy::check_patch_args(&args).map_err(|(e, why)| hp.journal.fail(ev, e, why))?;
+        let site = BatchSite {
+            addr: args.addr,
+            len: args.len,
+            flags: args.flags & uapi::SITE_FLAGS,
+            bytes: args.bytes,
+            expect: args.expect,
+        };
+        let request = Request {
+            pid: args.pid,
+            flags: args.flags & !uapi::SITE_FLAGS,
+            sites: &[site],
+        };
+        let result = engine::patch(hp, self.id, &request);
+        // A failed PATCH whose page could not be given back keeps it under a handle: say which.
+        args.handle = match &result {
+            Ok(handle) => *handle,
+            Err(f) => f.kept.unwrap_or(0),
+        };
+        let written = writer.write(&args);
+        self.returned(result, written, ev)
+    }
+
+    /// The end of PATCH and PATCH_BATCH: if the handle of a patch in place
+    /// cannot be returned, undo the patch.
+    fn returned(&self, result: Result<u64, Failure>, written: Result, ev: Event) -> Result {
+        let hp = &self.hugepoke;
+        match (result, written) {
+            (Ok(_), Ok(())) => Ok(()),
+            (Ok(handle), Err(e)) => {
+                let _ = engine::restore(hp, handle);
+                Err(hp
+                    .journal
+                    .fail(ev, e, "cannot write the handle back; patch undone"))
+            }
+            (Err(f), _) => Err(f.error),
         }
-        Ok(())
     }
 
     fn patch_batch(&self, user: UserSlice) -> Result {
         let hp = &self.hugepoke;
         let ev = Event::new(Step::Patch);
         let (mut reader, mut writer) = user.reader_writer();
-        let mut args: PatchBatchArgs = reader.read().map_err(|e| hp.journal.fail(ev, e, "cannot read the PATCH_BATCH arguments"))?;
-        batch::check_batch_args(&args).map_err(|(e, why)| hp.journal.fail(ev.pid(args.pid), e, why))?;
+        let mut args: PatchBatchArgs = reader.read().map_err(|e| {
+            hp.journal
+                .fail(ev, e, "cannot read the PATCH_BATCH arguments")
+        })?;
+        policy::check_batch_args(&args)
+            .map_err(|(e, why)| hp.journal.fail(ev.pid(args.pid), e, why))?;
         let count = args.count as usize;
         let mut sites = KVVec::new();
         sites
             .extend_with(count, BatchSite::default(), GFP_KERNEL)
-            .map_err(|_| hp.journal.fail(ev, ENOMEM, "no memory for the batch's sites"))?;
+            .map_err(|_| {
+                hp.journal
+                    .fail(ev, ENOMEM, "no memory for the batch's sites")
+            })?;
         // One copy for the whole array, not one a site.
         let bytes = count * core::mem::size_of::<BatchSite>();
         UserSlice::new(UserPtr::from_addr(args.sites as usize), bytes)
             .reader()
             .read_slice(sites.as_mut_slice().as_bytes_mut())
-            .map_err(|e| hp.journal.fail(ev.pid(args.pid), e, "cannot read the batch's sites"))?;
-        let result = batch::patch_batch(hp, self.id, &args, &sites);
+            .map_err(|e| {
+                hp.journal
+                    .fail(ev.pid(args.pid), e, "cannot read the batch's sites")
+            })?;
+        let request = Request {
+            pid: args.pid,
+            flags: args.flags,
+            sites: &sites,
+        };
+        let result = engine::patch(hp, self.id, &request);
         let (failed, error) = match &result {
             Ok(handle) => {
                 args.handle = *handle;
@@ -137,45 +185,65 @@ impl Controller {
         args.failed = failed;
         args.error = error;
         let written = writer.write(&args);
-        match (result, written) {
-            (Ok(_), Ok(())) => Ok(()),
-            (Ok(handle), Err(e)) => {
-                // The batch is in place; if the handle cannot be returned, undo it.
-                let _ = patch::restore(hp, handle);
-                Err(hp.journal.fail(ev, e, "cannot write the handle back; batch undone"))
-            }
-            (Err(f), _) => Err(f.error),
-        }
+        self.returned(result, written, ev.pid(args.pid))
     }
 
     fn restore(&self, user: UserSlice) -> Result {
         let hp = &self.hugepoke;
-        let args: RestoreArgs = user
-            .reader()
-            .read()
-            .map_err(|e| hp.journal.fail(Event::new(Step::Restore), e, "cannot read the RESTORE arguments"))?;
-        uapi::check_header(args.size, args.flags, core::mem::size_of::<RestoreArgs>(), 0)
-            .map_err(|why| hp.journal.fail(Event::new(Step::Restore), EINVAL, why))?;
-        patch::restore(hp, args.handle)
+        let args: RestoreArgs = user.reader().read().map_err(|e| {
+            hp.journal.fail(
+                Event::new(Step::Restore),
+                e,
+                "cannot read the RESTORE arguments",
+            )
+        })?;
+        uapi::check_header(
+            args.size,
+            args.flags,
+            core::mem::size_of::<RestoreArgs>(),
+            0,
+        )
+        .map_err(|why| hp.journal.fail(Event::new(Step::Restore), EINVAL, why))?;
+        engine::restore(hp, args.handle)
     }
 
     fn query(&self, user: UserSlice) -> Result {
         let hp = &self.hugepoke;
         let (mut reader, mut writer) = user.reader_writer();
         let ev = Event::new(Step::Query);
-        let mut args: QueryArgs = reader.read().map_err(|e| hp.journal.fail(ev, e, "cannot read the QUERY arguments"))?;
+        let mut args: QueryArgs = reader
+            .read()
+            .map_err(|e| hp.journal.fail(ev, e, "cannot read the QUERY arguments"))?;
         uapi::check_header(args.size, args.flags, core::mem::size_of::<QueryArgs>(), 0)
             .map_err(|why| hp.journal.fail(ev, EINVAL, why))?;
-        let unknown = || hp.journal.fail(ev.handle(args.handle as u32), ENOENT, "no such patch (unknown or already restored)");
-        let target = hp.registry.lock().target_of(args.handle).ok_or_else(unknown)?;
+        let unknown = || {
+            hp.journal.fail(
+                ev.handle(args.handle as u32),
+                ENOENT,
+                "no such patch (unknown or already restored)",
+            )
+        };
+        let target = hp
+            .registry
+            .lock()
+            .target_of(args.handle)
+            .ok_or_else(unknown)?;
         {
             let state = target.state.lock();
             args.count = state.patches.count(args.handle);
             // The Nth live site: a batch that lost some keeps the others' places.
-            let p = state.patches.sites_of_handle(args.handle).nth(args.index as usize).ok_or_else(unknown)?;
+            let p = state
+                .patches
+                .sites_of_handle(args.handle)
+                .nth(args.index as usize)
+                .ok_or_else(unknown)?;
             args.site = p.index;
             args.reserved = 0;
-            args.state = if target.gone() { uapi::STATE_GONE } else { uapi::STATE_LIVE };
+            args.state = if target.gone() {
+                uapi::STATE_GONE
+            } else {
+                uapi::STATE_LIVE
+            };
             args.pid = p.pid;
             args.addr = p.addr as u64;
             args.len = p.len as u32;
@@ -184,6 +252,8 @@ impl Controller {
             args.orig = p.orig;
             args.bytes = p.bytes;
         }
-        writer.write(&args).map_err(|e| hp.journal.fail(ev, e, "cannot write the QUERY result"))
+        writer
+            .write(&args)
+            .map_err(|e| hp.journal.fail(ev, e, "cannot write the QUERY result"))
     }
 }

@@ -139,7 +139,17 @@ impl Event {
     /// Emit this event, journaled as `seq`, as a trace event.
     fn trace(&self, seq: u64) {
         let e = self;
-        sys::trace_step(e.step as u32, seq, e.pid, e.handle, e.addr, e.pfn, e.order, e.result, e.note);
+        sys::trace_step(
+            e.step as u32,
+            seq,
+            e.pid,
+            e.handle,
+            e.addr,
+            e.pfn,
+            e.order,
+            e.result,
+            e.note,
+        );
     }
 }
 
@@ -171,7 +181,14 @@ pub(crate) struct Ring {
 impl Step {
     /// Is an `ok` outcome of this step worth counting by its reason?
     fn outcome_has_reason(self) -> bool {
-        matches!(self, Step::KeepAnonPage | Step::Collapse | Step::QueueCollapse | Step::SplitPmd | Step::CowPage)
+        matches!(
+            self,
+            Step::KeepAnonPage
+                | Step::Collapse
+                | Step::QueueCollapse
+                | Step::SplitPmd
+                | Step::CowPage
+        )
     }
 }
 
@@ -227,7 +244,10 @@ impl Ring {
 
     /// How often `step` was taken for `reason`.
     pub(crate) fn count_by_reason(&self, step: Step, reason: &str) -> u64 {
-        self.reasons.iter().find(|r| r.0 == step && r.1 == reason).map_or(0, |r| r.2)
+        self.reasons
+            .iter()
+            .find(|r| r.0 == step && r.1 == reason)
+            .map_or(0, |r| r.2)
     }
 
     pub(crate) fn dropped(&self) -> u64 {
@@ -240,7 +260,10 @@ impl Ring {
 
     pub(crate) fn write_events(&self, f: &mut impl fmt::Write) -> fmt::Result {
         writeln!(f, "# dropped {}", self.dropped)?;
-        writeln!(f, "# seq time_ns pid handle addr step pfn order result note")?;
+        writeln!(
+            f,
+            "# seq time_ns pid handle addr step pfn order result note"
+        )?;
         for r in self.iter() {
             write_record(f, r)?;
         }
@@ -250,7 +273,13 @@ impl Ring {
     pub(crate) fn write_stats(&self, f: &mut impl fmt::Write) -> fmt::Result {
         writeln!(f, "# step ok failed")?;
         for &step in Step::ALL {
-            writeln!(f, "{} {} {}", step.name(), self.count(step, false), self.count(step, true))?;
+            writeln!(
+                f,
+                "{} {} {}",
+                step.name(),
+                self.count(step, false),
+                self.count(step, true)
+            )?;
         }
         writeln!(f, "events_dropped {}", self.dropped)?;
         writeln!(f, "# step count reason")?;

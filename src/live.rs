@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! Live-object counts, for the leak check at unload.  Every object that
-//! pins hugepoke's state or a target's mm — a [`Target`](crate::table::Target),
+//! pins hugepoke's state or a target's mm — a [`Target`](crate::target::Target),
 //! a collapse or restore work item — carries a [`Live`] token.  When the
 //! shared state itself is freed (the last `Arc<Hugepoke>` goes, at unload),
 //! the kernel log says how many are still alive: zero unless something

@@ -18,15 +18,17 @@ use kernel::{
     },
 };
 
-mod batch;
 mod collapse;
 mod device;
+mod engine;
 mod journal;
+mod listing;
 mod live;
-mod patch;
+mod patches;
 mod pause;
+mod policy;
 mod sys;
-mod table;
+mod target;
 #[cfg(CONFIG_KUNIT)]
 mod tests;
 // Shared verbatim with userspace, where these items are the public API.
@@ -35,7 +37,7 @@ mod uapi;
 
 use device::Controller;
 use journal::{Journal, Step};
-use table::Registry;
+use target::Registry;
 
 module! {
     type: HugepokeModule,
@@ -148,7 +150,7 @@ impl kernel::InPlaceModule for HugepokeModule {
                 patches <- dir.read_callback_file(c"patches", state, &|s: &Arc<Hugepoke>, f| {
                     // Each target's own lock, never under the registry's.
                     let targets = s.registry.lock().targets().map_err(|_| core::fmt::Error)?;
-                    table::write_patches(&targets, f)
+                    listing::write_patches(&targets, f)
                 }),
                 abi <- dir.read_callback_file(c"abi", uapi::ABI_VERSION, &|v: &u32, f| writeln!(f, "{v}")),
                 misc <- MiscDeviceRegistration::register(MiscDeviceOptions { name: c"hugepoke" }),
@@ -163,9 +165,11 @@ impl PinnedDrop for HugepokeModule {
     fn drop(self: Pin<&mut Self>) {
         // No file can be open here (each holds a module reference); what is
         // left are persistent patches and collapse work.
-        let Some(hp) = INSTANCE.lock().take() else { return };
+        let Some(hp) = INSTANCE.lock().take() else {
+            return;
+        };
         hp.registry.lock().closing = true;
-        patch::restore_owned(&hp, None, patch::Closing::Module);
+        engine::restore_owned(&hp, None, engine::Closing::Module);
         // Every queued work runs and returns, dropping what it holds; `hp`
         // outlives them, so the last reference (and the workqueue's
         // destruction) is never a work item's.

@@ -62,7 +62,15 @@ impl Point {
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [Point::Resolved, Point::Checked, Point::Restore, Point::Drain, Point::Collapse].into_iter().find(|p| p.name() == s)
+        [
+            Point::Resolved,
+            Point::Checked,
+            Point::Restore,
+            Point::Drain,
+            Point::Collapse,
+        ]
+        .into_iter()
+        .find(|p| p.name() == s)
     }
 }
 
@@ -136,7 +144,9 @@ impl Pauses {
             return Err(EINVAL);
         }
         reader.read_slice(&mut buf[..n])?;
-        let mut words = core::str::from_utf8(&buf[..n]).map_err(|_| EINVAL)?.split_whitespace();
+        let mut words = core::str::from_utf8(&buf[..n])
+            .map_err(|_| EINVAL)?
+            .split_whitespace();
         let (word, pid) = (words.next().ok_or(EINVAL)?, words.next());
         let mut state = self.state.lock();
         match (word, pid) {

@@ -81,20 +81,40 @@ mod hugepoke {
     #[test]
     fn stats_break_down_decisions_and_failures_by_reason() {
         let mut ring = Ring::with_capacity(2).unwrap();
-        ring.push(event(Step::KeepAnonPage).note("other patches remain on this page"), 1);
-        ring.push(event(Step::KeepAnonPage).note("other patches remain on this page"), 2);
-        ring.push(event(Step::KeepAnonPage).note("page has unexpected references (pinned or in a pipe)"), 3);
+        ring.push(
+            event(Step::KeepAnonPage).note("other patches remain on this page"),
+            1,
+        );
+        ring.push(
+            event(Step::KeepAnonPage).note("other patches remain on this page"),
+            2,
+        );
+        ring.push(
+            event(Step::KeepAnonPage).note("page has unexpected references (pinned or in a pipe)"),
+            3,
+        );
         ring.push(event(Step::Collapse).note("PMD installed"), 4);
         ring.push(event(Step::Patch).error(EINVAL, "unknown flag bits"), 5);
         // An ok step that is no decision is not broken down.
-        ring.push(event(Step::Patched).note("page-cache folio is PMD-mappable"), 6);
-        assert_eq!(ring.count_by_reason(Step::KeepAnonPage, "other patches remain on this page"), 2);
+        ring.push(
+            event(Step::Patched).note("page-cache folio is PMD-mappable"),
+            6,
+        );
+        assert_eq!(
+            ring.count_by_reason(Step::KeepAnonPage, "other patches remain on this page"),
+            2
+        );
         assert_eq!(ring.count_by_reason(Step::Collapse, "PMD installed"), 1);
         assert_eq!(ring.count_by_reason(Step::Patch, "unknown flag bits"), 1);
-        assert_eq!(ring.count_by_reason(Step::Patched, "page-cache folio is PMD-mappable"), 0);
+        assert_eq!(
+            ring.count_by_reason(Step::Patched, "page-cache folio is PMD-mappable"),
+            0
+        );
         let mut out = text();
         ring.write_stats(&mut out).unwrap();
-        assert!(out.as_str().contains("\nkeep_anon_page 2 other patches remain on this page\n"));
+        assert!(out
+            .as_str()
+            .contains("\nkeep_anon_page 2 other patches remain on this page\n"));
         assert!(out.as_str().contains("\npatch 1 unknown flag bits\n"));
         assert!(out.as_str().ends_with("other_reasons 0\n"));
     }
@@ -103,32 +123,54 @@ mod hugepoke {
     fn event_line_has_every_field() {
         let mut ring = Ring::with_capacity(4).unwrap();
         ring.push(
-            event(Step::Ioctl).handle(7).addr(0x7f00_0000_1000).page(0x1234, 9).error(EACCES, "not allowed"),
+            event(Step::Ioctl)
+                .handle(7)
+                .addr(0x7f00_0000_1000)
+                .page(0x1234, 9)
+                .error(EACCES, "not allowed"),
             99,
         );
         let mut out = text();
         ring.write_events(&mut out).unwrap();
         let last = out.as_str().lines().last().unwrap();
-        assert_eq!(last, "1 99 42 7 0x7f0000001000 ioctl 0x1234 9 -EACCES not allowed");
+        assert_eq!(
+            last,
+            "1 99 42 7 0x7f0000001000 ioctl 0x1234 9 -EACCES not allowed"
+        );
     }
 
     #[test]
     fn errno_names() {
         let mut out = text();
-        write!(out, "{} {} {}", ErrnoName(-22), ErrnoName(-3), ErrnoName(-200)).unwrap();
+        write!(
+            out,
+            "{} {} {}",
+            ErrnoName(-22),
+            ErrnoName(-3),
+            ErrnoName(-200)
+        )
+        .unwrap();
         assert_eq!(out.as_str(), "-EINVAL -ESRCH -E200");
     }
 
     // The patch-table decisions, on plain data: identities, not addresses.
 
+    use crate::patches::{Patches, Site};
+    use crate::policy::{address_in, check_restore_vma};
     use crate::sys::VmaInfo;
-    use crate::table::{address_in, check_restore_vma, Patches, Site};
     use kernel::bindings::{VM_EXEC, VM_MAYWRITE, VM_READ, VM_SHARED, VM_WRITE};
 
     const FILE_A: usize = 0xa000;
     const FILE_B: usize = 0xb000;
 
-    fn site(handle: u64, owner: Option<u64>, mapping: usize, pgoff: usize, offset: usize, len: usize) -> Site {
+    fn site(
+        handle: u64,
+        owner: Option<u64>,
+        mapping: usize,
+        pgoff: usize,
+        offset: usize,
+        len: usize,
+    ) -> Site {
         Site {
             handle,
             index: 0,
@@ -148,13 +190,20 @@ mod hugepoke {
 
     /// Record `sites` (a page each, or runs of one page) as one handle.
     fn insert(t: &mut Patches<()>, sites: &[Site], per_page: usize) {
-        let room = t.reserve(sites.len(), sites.chunks(per_page).map(|r| (r[0].page_key(), r.len()))).unwrap();
+        let room = t
+            .reserve(
+                sites.len(),
+                sites.chunks(per_page).map(|r| (r[0].page_key(), r.len())),
+            )
+            .unwrap();
         let (mut files, mut record) = (KVec::new(), KVVec::new());
         for _ in sites.chunks(per_page) {
             files.push(Some(()), GFP_KERNEL).unwrap();
         }
         record.extend_from_slice(sites, GFP_KERNEL).unwrap();
-        let runs = (0..sites.len()).step_by(per_page).map(|i| i..(i + per_page).min(sites.len()));
+        let runs = (0..sites.len())
+            .step_by(per_page)
+            .map(|i| i..(i + per_page).min(sites.len()));
         assert_eq!(t.insert(room, record, runs.zip(files.iter_mut())), 0);
     }
 
@@ -167,10 +216,25 @@ mod hugepoke {
     }
 
     /// A batch: `n` one-byte sites under one handle, `per_page` to a page.
-    fn batch(t: &mut Patches<()>, handle: u64, owner: Option<u64>, mapping: usize, first_pgoff: usize, n: usize, per_page: usize) {
+    fn batch(
+        t: &mut Patches<()>,
+        handle: u64,
+        owner: Option<u64>,
+        mapping: usize,
+        first_pgoff: usize,
+        n: usize,
+        per_page: usize,
+    ) {
         let mut sites = KVec::new();
         for i in 0..n {
-            let mut s = site(handle, owner, mapping, first_pgoff + i / per_page, (i % per_page) * 2, 1);
+            let mut s = site(
+                handle,
+                owner,
+                mapping,
+                first_pgoff + i / per_page,
+                (i % per_page) * 2,
+                1,
+            );
             s.index = i as u32;
             sites.push(s, GFP_KERNEL).unwrap();
         }
@@ -209,7 +273,11 @@ mod hugepoke {
 
     #[test]
     fn handles_of_an_owner_and_removal() {
-        let mut t = table(&[site(1, Some(7), FILE_A, 1, 0, 1), site(2, None, FILE_A, 2, 0, 1), site(3, Some(8), FILE_A, 3, 0, 1)]);
+        let mut t = table(&[
+            site(1, Some(7), FILE_A, 1, 0, 1),
+            site(2, None, FILE_A, 2, 0, 1),
+            site(3, Some(8), FILE_A, 3, 0, 1),
+        ]);
         let mut v = KVec::new();
         t.handles_of(Some(7), &mut v).unwrap();
         assert_eq!(&v[..], &[1]);
@@ -245,10 +313,12 @@ mod hugepoke {
         assert!(!t.overlaps(FILE_A, 21, 200, 16)); // past the page's last site
         assert!(t.overlaps(FILE_A, 29, 0, 16));
         assert!(!t.overlaps(FILE_A, 30, 0, 16)); // the page after the batch
-        // A handle's sites come back grouped by page, in page order.
+                                                 // A handle's sites come back grouped by page, in page order.
         let sites = t.sites_of(9).unwrap();
         assert_eq!(sites.len(), 1000);
-        assert!(sites.windows(2).all(|w| (w[0].pgoff, w[0].offset()) < (w[1].pgoff, w[1].offset())));
+        assert!(sites
+            .windows(2)
+            .all(|w| (w[0].pgoff, w[0].offset()) < (w[1].pgoff, w[1].offset())));
         assert_eq!(t.get(9, 999).unwrap().pgoff, 29);
         let mut v = KVec::new();
         t.handles_of(Some(7), &mut v).unwrap();
@@ -286,7 +356,10 @@ mod hugepoke {
         assert_eq!(&found[..], &[1, 2]);
         assert_eq!(t.sites_of(5).unwrap().len(), 2);
         // Given out of index order: each page still finds its own site.
-        assert_eq!((t.get(5, 1).unwrap().pgoff, t.get(5, 2).unwrap().pgoff), (11, 12));
+        assert_eq!(
+            (t.get(5, 1).unwrap().pgoff, t.get(5, 2).unwrap().pgoff),
+            (11, 12)
+        );
         t.disown(5);
         assert!(t.sites_of_handle(5).all(|s| s.owner.is_none()));
         assert_eq!(t.remove_page(5, (FILE_A, 12)).unwrap().sites, 1);
@@ -319,7 +392,10 @@ mod hugepoke {
     #[test]
     fn the_page_keeps_its_file_while_another_handle_is_there() {
         // Handle 1 brings page 5 (and its file) in; handle 2 joins it.
-        let mut t = table(&[site(1, None, FILE_A, 5, 50, 4), site(2, None, FILE_A, 5, 0, 2)]);
+        let mut t = table(&[
+            site(1, None, FILE_A, 5, 50, 4),
+            site(2, None, FILE_A, 5, 0, 2),
+        ]);
         // The one that brought the file leaves first: the page, its file
         // and handle 2's site stay.
         assert!(t.remove(1, 0).unwrap().file.is_none());
@@ -340,12 +416,17 @@ mod hugepoke {
             s.index = i as u32;
             sites.push(s, GFP_KERNEL).unwrap();
         }
-        let room = t.reserve(4, [((FILE_A, 5), 3), ((FILE_A, 6), 1)].into_iter()).unwrap();
+        let room = t
+            .reserve(4, [((FILE_A, 5), 3), ((FILE_A, 6), 1)].into_iter())
+            .unwrap();
         let (mut f5, mut f6) = (Some(()), Some(()));
         let mut record = KVVec::new();
         record.extend_from_slice(&sites, GFP_KERNEL).unwrap();
         // Page 5 is in the table already: its file stays with the caller.
-        assert_eq!(t.insert(room, record, [(0..3, &mut f5), (3..4, &mut f6)].into_iter()), 0);
+        assert_eq!(
+            t.insert(room, record, [(0..3, &mut f5), (3..4, &mut f6)].into_iter()),
+            0
+        );
         assert!(f5.is_some() && f6.is_none());
         assert_eq!(t.on_page((FILE_A, 5)), 4);
         assert_eq!(t.in_range((FILE_A, 0)), 5);
@@ -359,7 +440,10 @@ mod hugepoke {
         assert_eq!(gone.sites, 3);
         assert!(gone.file.is_none());
         assert!(t.remove_page(2, (FILE_A, 5)).is_none());
-        assert_eq!((t.on_page((FILE_A, 5)), t.count(2), t.in_range((FILE_A, 0))), (1, 1, 2));
+        assert_eq!(
+            (t.on_page((FILE_A, 5)), t.count(2), t.in_range((FILE_A, 0))),
+            (1, 1, 2)
+        );
         assert!(!t.overlaps(FILE_A, 5, 0, 50) && t.overlaps(FILE_A, 5, 50, 1));
         assert!(t.get(2, 0).is_none() && t.get(2, 3).is_some());
         let mut found = KVec::new();
@@ -379,7 +463,14 @@ mod hugepoke {
     }
 
     fn vma(start: usize, pages: usize, mapping: usize, pgoff: usize, flags: usize) -> VmaInfo {
-        VmaInfo { start, end: start + (pages << 12), flags, mapping, pgoff, ..Default::default() }
+        VmaInfo {
+            start,
+            end: start + (pages << 12),
+            flags,
+            mapping,
+            pgoff,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -387,11 +478,20 @@ mod hugepoke {
         let text = (VM_READ | VM_EXEC | VM_MAYWRITE) as usize;
         let s = site(1, None, FILE_A, 5, 0x10, 2);
         // Where it was made: file pages 0..512 at 0x400000.
-        assert_eq!(address_in(&s, &vma(0x40_0000, 512, FILE_A, 0, text)), Some(0x40_5010));
+        assert_eq!(
+            address_in(&s, &vma(0x40_0000, 512, FILE_A, 0, text)),
+            Some(0x40_5010)
+        );
         // After mremap to 0x7f0000000000: the same file page, elsewhere.
-        assert_eq!(address_in(&s, &vma(0x7f00_0000_0000, 512, FILE_A, 0, text)), Some(0x7f00_0000_5010));
+        assert_eq!(
+            address_in(&s, &vma(0x7f00_0000_0000, 512, FILE_A, 0, text)),
+            Some(0x7f00_0000_5010)
+        );
         // A VMA that maps file pages 4..6 only.
-        assert_eq!(address_in(&s, &vma(0x10_0000, 2, FILE_A, 4, text)), Some(0x10_1010));
+        assert_eq!(
+            address_in(&s, &vma(0x10_0000, 2, FILE_A, 4, text)),
+            Some(0x10_1010)
+        );
         assert_eq!(address_in(&s, &vma(0x10_0000, 1, FILE_A, 4, text)), None);
         assert_eq!(address_in(&s, &vma(0x10_0000, 4, FILE_A, 6, text)), None);
         // Another file mapped at the very same address: not ours.
@@ -404,9 +504,19 @@ mod hugepoke {
     fn restore_writes_only_into_private_readonly_exec_mappings() {
         let text = (VM_READ | VM_EXEC | VM_MAYWRITE) as usize;
         assert!(check_restore_vma(&vma(0, 1, FILE_A, 0, text)).is_ok());
-        assert!(check_restore_vma(&vma(0, 1, FILE_A, 0, text | VM_WRITE as usize)).unwrap_err().contains("writable"));
-        assert!(check_restore_vma(&vma(0, 1, FILE_A, 0, text | VM_SHARED as usize)).unwrap_err().contains("shared"));
-        assert!(check_restore_vma(&vma(0, 1, FILE_A, 0, VM_READ as usize)).unwrap_err().contains("exec"));
+        assert!(
+            check_restore_vma(&vma(0, 1, FILE_A, 0, text | VM_WRITE as usize))
+                .unwrap_err()
+                .contains("writable")
+        );
+        assert!(
+            check_restore_vma(&vma(0, 1, FILE_A, 0, text | VM_SHARED as usize))
+                .unwrap_err()
+                .contains("shared")
+        );
+        assert!(check_restore_vma(&vma(0, 1, FILE_A, 0, VM_READ as usize))
+            .unwrap_err()
+            .contains("exec"));
     }
 
     #[test]

@@ -149,7 +149,12 @@ pub struct QueryArgs {
 
 /// The checks every argument struct's header gets: its `size` must be the
 /// one this ABI knows and `flags` may only hold `known` bits.
-pub fn check_header(size: u32, flags: u32, struct_size: usize, known: u32) -> Result<(), &'static str> {
+pub fn check_header(
+    size: u32,
+    flags: u32,
+    struct_size: usize,
+    known: u32,
+) -> Result<(), &'static str> {
     if size as usize != struct_size {
         return Err("unknown struct size");
     }

@@ -35,7 +35,7 @@ pub(crate) fn batch_patches_and_restores_every_site() -> TestResult {
     ensure!(dev.query_site(handle, 4).is_err(), "a site past the batch was answered");
     // One split for the range, one COW per page.
     let evs = events()?;
-    let from = evs.iter().rposition(|e| e.step == "patch" && e.pid == t.pid && e.note == "batch").ok_or("no batch patch event")?;
+    let from = evs.iter().rposition(|e| e.step == "patch" && e.pid == t.pid).ok_or("no patch event")?;
     let ours: Vec<_> = evs[from..].iter().filter(|e| e.pid == t.pid).collect();
     let splits: Vec<_> = ours.iter().filter(|e| e.step == "split_pmd" && e.note.starts_with("PMD split")).collect();
     ensure!(splits.len() == 1 && splits[0].pfn == Some(head), "PMD splits {splits:?}");

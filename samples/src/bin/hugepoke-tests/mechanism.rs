@@ -40,7 +40,7 @@ pub(crate) fn patch_restore_collapse_one_page() -> TestResult {
 
     // (e, PATCH) each step, in order, with the PFNs seen above.
     let evs = events_of(handle)?;
-    let want = ["patched:ok"];
+    let want = ["check_vma:ok", "patched:ok"];
     ensure!(steps(&evs) == want, "handle events {:?}", steps(&evs));
     let all = events()?;
     let from = all.iter().rposition(|e| e.step == "patch" && e.pid == t.pid && e.addr == Some(t.page_addr(PAGE))).ok_or("no patch event")?;
@@ -98,10 +98,11 @@ pub(crate) fn patch_restore_collapse_one_page() -> TestResult {
     let evs: Vec<_> = all_evs.into_iter().filter(|e| e.step != "lru_drain").collect();
     let got = steps(&evs);
     let want = ["restore:ok", "restore_bytes:ok", "zap_anon_page:ok", "zap_anon_page:ok", "queue_collapse:ok", "restored:ok"];
-    ensure!(got.iter().skip(1).map(String::as_str).collect::<Vec<_>>() == want, "RESTORE steps {got:?}");
-    ensure!(evs[2].pfn == Some(anon.pfn()), "restore_bytes pfn {:?}", evs[2].pfn);
-    ensure!(evs[3].pfn == Some(anon.pfn()), "zap pfn {:?}", evs[3].pfn);
-    ensure!(evs[4].pfn == Some(head + PAGE as u64) && evs[4].order == Some(9), "page-cache page {:?}", evs[4]);
+    ensure!(got.iter().skip(2).map(String::as_str).collect::<Vec<_>>() == want, "RESTORE steps {got:?}");
+    // (check_vma and patched come first: the handle's PATCH.)
+    ensure!(evs[3].pfn == Some(anon.pfn()), "restore_bytes pfn {:?}", evs[3].pfn);
+    ensure!(evs[4].pfn == Some(anon.pfn()), "zap pfn {:?}", evs[4].pfn);
+    ensure!(evs[5].pfn == Some(head + PAGE as u64) && evs[5].order == Some(9), "page-cache page {:?}", evs[5]);
     Ok(())
 }
 

@@ -1,0 +1,273 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Finding a patch's copy again: where the target maps the anonymous copy
+//! of a patched file page now (it may have `mremap`ped its text, mapped
+//! the file twice, or forked), and the first pass of every RESTORE — find
+//! every page's copy and check every site holds the bytes PATCH wrote,
+//! writing nothing.
+
+use kernel::{mm::virt::VmaRef, prelude::*};
+
+use super::{
+    outcome::{Refused, MAX_TRIES},
+    plan::{swap_bytes, Dir, PageState, PageWork},
+};
+use crate::{
+    journal::{Event, Step},
+    patches::Site,
+    policy,
+    sys::{self, LockedPte, MmapWriteGuard, PageRef, PAGE_MASK},
+    uapi::MAX_BYTES,
+    Hugepoke,
+};
+
+/// The VMA at `page_addr`, if it still maps `site`'s file page there and
+/// RESTORE may write into it.  (Whether the PTE still maps the page we
+/// hold is for `lock_pte` to say.)
+pub(crate) fn still_mapped_at<'a>(
+    guard: &'a MmapWriteGuard<'_>,
+    site: &Site,
+    page_addr: usize,
+) -> Option<&'a VmaRef> {
+    let vma = guard.find_vma(page_addr)?;
+    let info = sys::vma_info(vma);
+    let at = policy::address_in(site, &info)? & PAGE_MASK; // mutant: address-identity
+    (at == page_addr && policy::check_restore_vma(&info).is_ok()).then_some(vma)
+}
+
+/// Lock the PTE that maps `page` at `page_addr`, taking the page again
+/// (one read fault, e.g. back from the swap cache) if reclaim or migration
+/// moved it since we looked.
+pub(crate) fn relock_pte<'a>(
+    guard: &'a MmapWriteGuard<'_>,
+    rep: &Site,
+    page_addr: usize,
+    page: &mut PageRef,
+) -> Option<LockedPte<'a>> {
+    for _ in 0..MAX_TRIES {
+        let vma = still_mapped_at(guard, rep, page_addr)?;
+        if let Some(pte) = sys::lock_pte(vma, page_addr, page) {
+            return Some(pte);
+        }
+        match guard.get_user_page(page_addr, sys::FOLL_FORCE) {
+            Ok(p) if p.is_anon() => *page = p,
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// What the walk over the target's VMAs saw of a file page.
+#[derive(Default)]
+struct Seen<'a> {
+    /// Some VMA maps the file page.
+    mapped: bool,
+    /// Private copies RESTORE may write into.
+    copies: u32,
+    /// The best of them: (rank, vma, address, page).
+    best: Option<(u8, &'a VmaRef, usize, PageRef)>,
+    /// A copy in a mapping RESTORE may not write into, and why.
+    refused: Option<&'static str>,
+    /// A mapping that could not be faulted in.
+    error: Option<Error>,
+}
+
+/// Where the target maps the anonymous copy of `site`'s file page now: the
+/// VMA, the page's address, and the page.  Walks every VMA, so it follows
+/// `mremap()`; a file page mapped more than once (ELF segments share
+/// boundary pages; a library mapped twice) is looked at in each mapping.
+/// Of several private copies it takes the one holding the page PATCH wrote
+/// (its PFN), else the one at the address PATCH wrote; if there are several
+/// and neither tells, it refuses rather than guess.
+pub(crate) fn find_anon_copy<'a>(
+    guard: &'a MmapWriteGuard<'_>,
+    site: &Site,
+) -> Result<(&'a VmaRef, usize, PageRef), Refused> {
+    let mut seen = Seen::default();
+    let mut cursor = 0;
+    while let Some(vma) = guard.find_vma(cursor) {
+        cursor = vma.end();
+        let info = sys::vma_info(vma);
+        let page_addr = policy::address_in(site, &info).map(|a| a & PAGE_MASK); // mutant: address-identity/2
+        let Some(page_addr) = page_addr else { continue };
+        seen.mapped = true;
+        // One mapping that cannot be faulted in (uffd, a guard region,
+        // past EOF) says nothing about the others.
+        let page = match guard.get_user_page(page_addr, sys::FOLL_FORCE) {
+            Ok(page) if page.is_anon() => page,
+            Ok(_) => continue,
+            Err(e) => {
+                seen.error = Some(e);
+                continue;
+            }
+        };
+        if let Err(why) = policy::check_restore_vma(&info) {
+            seen.refused = Some(why);
+            continue;
+        }
+        seen.copies += 1;
+        let rank = if page.pfn() == site.pfn {
+            3
+        } else if page_addr == site.addr & PAGE_MASK {
+            2
+        } else {
+            1
+        };
+        if seen.best.as_ref().is_none_or(|b| rank > b.0) {
+            seen.best = Some((rank, vma, page_addr, page));
+        }
+    }
+    seen.verdict()
+}
+
+impl<'a> Seen<'a> {
+    fn verdict(self) -> Result<(&'a VmaRef, usize, PageRef), Refused> {
+        match self.best {
+            Some((rank, vma, page_addr, page)) if rank > 1 || self.copies == 1 => {
+                return Ok((vma, page_addr, page))
+            }
+            Some(_) => {
+                let why = "several private copies of the file page, none with the page or at the address PATCH wrote; nothing written";
+                return Err(Refused::Kept(EBUSY, why));
+            }
+            None => {}
+        }
+        Err(match (self.mapped, self.refused, self.error) {
+            (_, Some(why), _) => Refused::Kept(EACCES, why),
+            (_, None, Some(e)) => Refused::Kept(e, "cannot get the page"), // mutant: gup-error-forgets
+            (true, None, None) => Refused::Gone {
+                result: Ok(()),
+                why: "page is no longer anonymous: already undone",
+            },
+            (false, None, None) => Refused::Gone {
+                result: Err(ENXIO),
+                why: "the patched file page is no longer mapped in the target; nothing written",
+            },
+        })
+    }
+}
+
+/// How the first pass ended.
+pub(crate) enum Located {
+    /// Every copy found and every site's bytes are the patched ones.
+    Ready,
+    /// As `Ready`, but a copy may sit in an LRU batch: drain first.
+    NeedDrain,
+    /// Refused (the position in `sites` to blame); nothing written.
+    Refused(Refused, usize),
+}
+
+/// The first pass of a RESTORE: find every page's copy (reusing one found
+/// before, if the PTE still maps it there) and check every site's bytes
+/// are the ones PATCH wrote.  Writes nothing.
+pub(crate) fn locate_and_check(
+    hp: &Hugepoke,
+    guard: &MmapWriteGuard<'_>,
+    sites: &[Site],
+    pages: &mut [PageWork],
+    last_on_page: &impl Fn(&[Site]) -> bool,
+) -> Located {
+    let mut need_drain = false;
+    for w in pages.iter_mut() {
+        if matches!(w.state, PageState::Gone(..)) {
+            continue;
+        }
+        let r = w.range.clone();
+        if let Err(refused) = locate_page(hp, guard, &sites[r.clone()], w) {
+            return Located::Refused(refused.0, r.start + refused.1);
+        }
+        if let PageState::Found(_, page) = &w.state {
+            need_drain |=
+                last_on_page(&sites[r]) && page.unexpected_refs() > 0 && page.may_be_lru_cached();
+        }
+    }
+    if need_drain {
+        Located::NeedDrain
+    } else {
+        Located::Ready
+    }
+}
+
+/// The first pass for one page: leaves `w.state` `Found` or `Gone`, or
+/// refuses (with the site to blame, counted from the page's first).
+fn locate_page(
+    hp: &Hugepoke,
+    guard: &MmapWriteGuard<'_>,
+    sites: &[Site],
+    w: &mut PageWork,
+) -> Result<(), (Refused, usize)> {
+    let rep = &sites[0];
+    let ev = |s: &Site, step| {
+        Event::new(step)
+            .pid(s.pid)
+            .addr(s.addr)
+            .handle(s.handle as u32)
+    };
+    for _ in 0..MAX_TRIES {
+        let (vma, page_addr, page) = match core::mem::replace(&mut w.state, PageState::Unknown) {
+            // Held from before (written by PATCH, or found before a drain):
+            // no new GUP, whose FOLL_TOUCH could put the page in an LRU
+            // batch right back.
+            PageState::Found(page_addr, page) => match still_mapped_at(guard, rep, page_addr) {
+                Some(vma) => (vma, page_addr, page),
+                None => continue,
+            },
+            _ => match find_anon_copy(guard, rep) {
+                Ok(found) => found,
+                Err(Refused::Gone { result, why }) => {
+                    w.state = PageState::Gone(result, why);
+                    return Ok(());
+                }
+                Err(kept) => return Err((kept, 0)),
+            },
+        };
+        let Some(pte) = sys::lock_pte(vma, page_addr, &page) else {
+            continue;
+        };
+        if !pte.writable() && (pte.uffd_wp() || !pte.anon_exclusive()) {
+            // mutant: no-cow-break
+            // A uffd-wp PTE (as uprobes: a fault to take, never a bit to
+            // write through) or a copy shared with a forked child: take
+            // the fault with FOLL_WRITE, for this page in this mapping.
+            let why = if pte.uffd_wp() {
+                "PTE is userfaultfd write-protected; faulting it with FOLL_WRITE"
+            } else {
+                "page may be shared (forked child?); breaking COW first"
+            };
+            drop(pte);
+            hp.journal.record(
+                ev(rep, Step::RestoreBytes)
+                    .page(page.pfn(), 0)
+                    .error(EAGAIN, why),
+            );
+            if let Err(e) = guard.get_user_page(
+                page_addr,
+                sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD,
+            ) {
+                return Err((Refused::Kept(e, "cannot fault the page in for writing"), 0));
+            }
+            continue;
+        }
+        drop(pte);
+        // A look before the write; the write checks again under the PT lock.
+        for (k, s) in sites.iter().enumerate() {
+            let (patched, _) = swap_bytes(s, w.written, Dir::Revert);
+            let mut now = [0u8; MAX_BYTES];
+            page.read(s.offset(), &mut now[..s.len]);
+            if now[..s.len] != *patched {
+                // mutant: restore-unchecked
+                let why = "this site's bytes are not the ones PATCH wrote";
+                hp.journal.record(
+                    ev(s, Step::RestoreBytes)
+                        .page(page.pfn(), 0)
+                        .error(sys::eilseq(), why),
+                );
+                let why = "bytes at a site are not the ones PATCH wrote; nothing written";
+                return Err((Refused::Kept(sys::eilseq(), why), k));
+            }
+        }
+        w.state = PageState::Found(page_addr, page);
+        return Ok(());
+    }
+    Err((Refused::Kept(EAGAIN, "page table kept changing"), 0))
+}

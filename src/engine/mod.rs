@@ -1,0 +1,31 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! PATCH and RESTORE as one procedure over a plan of file pages: the steps
+//! of the THP-aware uprobe series, as `uprobe_write()`/`__uprobe_write()`
+//! take them in 7.2, for any number of sites, each step journaled.
+//!
+//! A request — one site, a batch, or the sites of a handle to restore —
+//! becomes a [`plan`] of file pages, and every page goes through the same
+//! small steps ([`page`]): split the PMD and copy, write under the
+//! page-table lock against the expected bytes, find the copy again
+//! ([`locate`]), write the originals back, zap if clean, queue the
+//! collapse ([`restore`]).  A single PATCH is a plan of one site ([`patch`]),
+//! RESTORE has one path whatever the count ([`settle`]), and the undo of a
+//! failed PATCH is RESTORE's own passes.  Files and their imports go one
+//! way: `owned → settle → restore → {page → locate} → plan → outcome`, and
+//! `patch → {restore, page, plan}`.
+
+mod locate;
+mod outcome;
+mod owned;
+mod page;
+mod patch;
+mod plan;
+mod restore;
+mod settle;
+
+pub(crate) use outcome::{Closing, Failure};
+pub(crate) use owned::restore_owned;
+pub(crate) use patch::patch;
+pub(crate) use plan::Request;
+pub(crate) use settle::restore;

@@ -1,0 +1,86 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! What the engine's steps hand back: a PATCH that failed ([`Failure`]), a
+//! RESTORE that did not restore ([`Refused`]) or did ([`Restored`]), and
+//! who is restoring ([`Closing`]).
+
+use kernel::prelude::*;
+
+/// How often a step retries when the page table changed under it.
+pub(crate) const MAX_TRIES: u32 = 6;
+
+/// A refused or failed PATCH: the errno, already journaled with its
+/// reason, and the site to blame (its index in the request), if one is.
+pub(crate) struct Failure {
+    pub(crate) error: Error,
+    pub(crate) site: Option<u32>,
+    /// Sites it wrote and could not give back are kept under this handle.
+    pub(crate) kept: Option<u64>,
+}
+
+impl Failure {
+    /// A failure that blames site `site` of the request.
+    pub(crate) fn at(error: Error, site: u32) -> Self {
+        Self {
+            error,
+            site: Some(site),
+            kept: None,
+        }
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Self {
+            error,
+            site: None,
+            kept: None,
+        }
+    }
+}
+
+/// What RESTORE did to one page, when it did not refuse.
+#[derive(Clone, Copy)]
+pub(crate) struct Restored {
+    /// The anonymous page was zapped: the page-cache page faults back in.
+    pub(crate) zapped: bool,
+    /// … and its folio is PMD-mappable.
+    pub(crate) pmd_mappable: bool,
+    /// The order of the page-cache folio that faults back in (when zapped).
+    pub(crate) cache_order: u32,
+    /// Where the patched page is mapped now.
+    pub(crate) page_addr: usize,
+}
+
+impl Restored {
+    /// The originals are back, in a copy that stays mapped.
+    pub(crate) fn kept(page_addr: usize) -> Self {
+        Self {
+            zapped: false,
+            pmd_mappable: false,
+            cache_order: 0,
+            page_addr,
+        }
+    }
+}
+
+/// Why RESTORE did not restore.
+pub(crate) enum Refused {
+    /// There is nothing left to restore: the patch is forgotten and RESTORE
+    /// returns `result`.
+    Gone { result: Result, why: &'static str },
+    /// The patch stays in the table: RESTORE returns the error.
+    Kept(Error, &'static str),
+}
+
+/// Who is restoring: an ioctl, or the cleanup when a file closes or the
+/// module unloads (which cannot hand a refusal back to anyone).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closing {
+    No,
+    /// The owner closed its file: a patch that cannot be restored now is
+    /// kept, as persistent (anyone may RESTORE it later; unload will).
+    File,
+    /// The module unloads: a patch that cannot be restored is abandoned.
+    Module,
+}

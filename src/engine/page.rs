@@ -1,0 +1,325 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The steps for one file page, each under the page-table lock with the
+//! PTE cleared and the TLB flushed, right after reading what is there:
+//! split the PMD and copy the page (GUP with `FOLL_SPLIT_PMD`), write the
+//! patched bytes against the expected ones, write them back the other way
+//! against the patched ones, and zap the copy when it equals the
+//! page-cache page.  A page's sites are written under one hold of its
+//! page-table lock, so the target never runs the page half written.
+
+use kernel::{mm::virt::VmaRef, mm::MmWithUser, prelude::*};
+
+use super::{
+    locate::{relock_pte, still_mapped_at},
+    outcome::{Refused, Restored, MAX_TRIES},
+    plan::{swap_bytes, Dir, PageState, PageWork},
+};
+use crate::{
+    journal::{Event, Step},
+    patches::Site,
+    sys::{self, CacheRef, ClearedPte, Mapping, MmapWriteGuard, PageRef, VmaInfo, PAGE_MASK},
+    uapi::MAX_BYTES,
+    Hugepoke,
+};
+
+/// Why PATCH did not write a page.
+pub(crate) enum WriteError {
+    /// Failed, journaled; the page is as it was.
+    Failed(Error),
+    /// The bytes read under the PT lock were not the expected ones at
+    /// site `.0` of the page; the page (`.1`) was COWed, nothing written
+    /// (`orig` of every site holds what is there).
+    NotExpected(usize, PageRef),
+}
+
+/// Split the PMD and break COW at `page_addr`: GUP with `FOLL_FORCE |
+/// FOLL_WRITE | FOLL_SPLIT_PMD`.  `None` if GUP gave a page-cache page.
+fn cow_page(
+    hp: &Hugepoke,
+    guard: &MmapWriteGuard<'_>,
+    ev: &impl Fn(Step) -> Event,
+    page_addr: usize,
+    before: Option<Mapping>,
+) -> Result<Option<PageRef>, Error> {
+    let gup_flags = sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD;
+    let page = guard.get_user_page(page_addr, gup_flags).map_err(|e| {
+        hp.journal
+            .fail(ev(Step::SplitPmd), e, "get_user_pages_remote failed")
+    })?;
+    if let Some(before) = before {
+        // FOLL_SPLIT_PMD split only the PMD: the THP stays whole in the
+        // page cache, now mapped by 512 PTEs (one of them ours).
+        hp.journal.record(match before {
+            Mapping::Pmd(pfn) => ev(Step::SplitPmd)
+                .page(pfn & !(sys::PMD_PAGES - 1), sys::PMD_ORDER)
+                .note("PMD split to PTEs; THP stays whole"),
+            Mapping::Pte(pfn) => ev(Step::SplitPmd).page(pfn, 0).note("already PTE-mapped"),
+            Mapping::None => ev(Step::SplitPmd).note("was not mapped"),
+        });
+    }
+    if !page.is_anon() {
+        hp.journal.record(
+            ev(Step::CowPage)
+                .page(page.pfn(), page.folio_order())
+                .error(EAGAIN, "GUP returned a page-cache page; retrying"),
+        );
+        return Ok(None);
+    }
+    let copied_before = matches!(before, Some(Mapping::Pte(pfn)) if pfn == page.pfn());
+    hp.journal
+        .record(
+            ev(Step::CowPage)
+                .page(page.pfn(), page.folio_order())
+                .note(if copied_before {
+                    "already an anonymous copy"
+                } else {
+                    "exclusive anonymous copy"
+                }),
+        );
+    Ok(Some(page))
+}
+
+/// PATCH of one page (its sites sorted, not overlapping): split the PMD,
+/// break COW, and, under one hold of the PT lock, check the expected bytes
+/// of every site and write all of them.  Fills every site's `orig` and `pfn`.
+pub(crate) fn write_patch(
+    hp: &Hugepoke,
+    guard: &MmapWriteGuard<'_>,
+    vma: &VmaRef,
+    sites: &mut [Site],
+    expects: &[Option<[u8; MAX_BYTES]>],
+) -> Result<PageRef, WriteError> {
+    let (pid, addr) = (sites[0].pid, sites[0].addr);
+    let ev = |step| Event::new(step).pid(pid).addr(addr);
+    let page_addr = addr & PAGE_MASK;
+    let mut before = Some(sys::mapping_of(vma, page_addr));
+    for _ in 0..MAX_TRIES {
+        let page =
+            cow_page(hp, guard, &ev, page_addr, before.take()).map_err(WriteError::Failed)?;
+        let Some(page) = page else { continue };
+        let Some(pte) = sys::lock_pte(vma, page_addr, &page) else {
+            hp.journal
+                .record(ev(Step::WriteBytes).error(EAGAIN, "PTE changed after GUP; retrying"));
+            continue;
+        };
+        // We'd prefer a writable PTE, but the VMA is not writable: then the
+        // page must be exclusive (no GUP-fast pin can race) and not uffd-wp.
+        if !pte.writable() && pte.uffd_wp() {
+            return Err(WriteError::Failed(hp.journal.fail(
+                ev(Step::WriteBytes),
+                EBUSY,
+                "PTE is userfaultfd write-protected",
+            )));
+        }
+        if !pte.writable() && !pte.anon_exclusive() {
+            // mutant: no-exclusive-check
+            drop(pte);
+            hp.journal
+                .record(ev(Step::WriteBytes).error(EAGAIN, "page may be shared; retrying COW"));
+            continue;
+        }
+        // Unmap and flush, so no CPU executes the page half-written and no
+        // fault maps it between our read and our write.  (A write through
+        // a reference taken earlier — /proc/PID/mem's kmap — is excluded by
+        // the mmap lock, which we hold for writing.)
+        let mut pte = pte.unmap();
+        if let Some(k) = swap_expected(&mut pte, sites, expects, page.pfn()) {
+            drop(pte);
+            return Err(WriteError::NotExpected(k, page));
+        }
+        pte.remap_dirty();
+        hp.journal
+            .record(ev(Step::WriteBytes).page(page.pfn(), page.folio_order()));
+        return Ok(page);
+    }
+    Err(WriteError::Failed(hp.journal.fail(
+        ev(Step::WriteBytes),
+        EAGAIN,
+        "page table kept changing",
+    )))
+}
+
+/// Under the PT lock, PTE cleared: read every site's `orig`, and if each
+/// is the expected bytes (where a site has some), write every site's
+/// bytes.  The first site that was not as expected, else None.
+fn swap_expected(
+    pte: &mut ClearedPte<'_>,
+    sites: &mut [Site],
+    expects: &[Option<[u8; MAX_BYTES]>],
+    pfn: usize,
+) -> Option<usize> {
+    for site in sites.iter_mut() {
+        pte.read(site.offset(), &mut site.orig[..site.len]);
+        site.pfn = pfn;
+    }
+    let mismatch = sites
+        .iter()
+        .zip(expects)
+        .position(|(s, e)| not_expected(s, e));
+    if mismatch.is_none() {
+        for site in sites.iter() {
+            pte.write(site.offset(), &site.bytes[..site.len]);
+        }
+    }
+    mismatch
+}
+
+/// Does site `s`, as read under the lock, differ from what it was
+/// expected to hold (when it has an expectation)?
+fn not_expected(s: &Site, expect: &Option<[u8; MAX_BYTES]>) -> bool {
+    expect.is_some_and(|e| e[..s.len] != s.orig[..s.len]) // mutant: expect-checked-early
+}
+
+/// Write one found page's sites the way `dir` says, under its PT lock with
+/// the PTE cleared, after checking every site holds what it should now.
+pub(crate) fn write_page(
+    hp: &Hugepoke,
+    guard: &MmapWriteGuard<'_>,
+    sites: &[Site],
+    w: &mut PageWork,
+    dir: Dir,
+) -> Result<(), Refused> {
+    let PageState::Found(page_addr, page) = &mut w.state else {
+        return Ok(());
+    };
+    let (page_addr, rep) = (*page_addr, &sites[0]);
+    let pte = relock_pte(guard, rep, page_addr, page)
+        .ok_or(Refused::Kept(EAGAIN, "page table kept changing"))?;
+    let mut pte = pte.unmap();
+    for s in sites {
+        let (now_there, _) = swap_bytes(s, w.written, dir);
+        let mut now = [0u8; MAX_BYTES];
+        pte.read(s.offset(), &mut now[..s.len]);
+        if now[..s.len] != *now_there {
+            // mutant: restore-unchecked/2
+            return Err(Refused::Kept(
+                sys::eilseq(),
+                "bytes at a site changed while it was restored; nothing left written",
+            ));
+        }
+    }
+    for s in sites {
+        pte.write(s.offset(), swap_bytes(s, w.written, dir).1);
+    }
+    pte.remap_dirty();
+    let ev = Event::new(Step::RestoreBytes)
+        .pid(rep.pid)
+        .addr(page_addr + rep.offset())
+        .handle(rep.handle as u32);
+    hp.journal.record(ev.page(page.pfn(), 0).note(match dir {
+        Dir::Reapply => "patched bytes written again (undo of a restore that could not finish)",
+        Dir::Revert if page_addr == rep.addr & PAGE_MASK => "original bytes written back",
+        Dir::Revert => "original bytes written back (text moved since PATCH)",
+    }));
+    Ok(())
+}
+
+/// The last step for a page whose originals are back: zap the copy if it
+/// equals the page-cache page and nothing else holds it (see
+/// [`keep_reason`]), else keep it.
+pub(crate) fn zap_page(
+    hp: &Hugepoke,
+    guard: &MmapWriteGuard<'_>,
+    mm: &MmWithUser,
+    rep: &Site,
+    page_addr: usize,
+    page: &mut PageRef,
+    last_on_page: bool,
+) -> Restored {
+    let ev = |step| {
+        Event::new(step)
+            .pid(rep.pid)
+            .addr(page_addr + rep.offset())
+            .handle(rep.handle as u32)
+    };
+    let kept = |why: &'static str, pfn: usize| {
+        hp.journal
+            .record(ev(Step::KeepAnonPage).page(pfn, 0).note(why));
+        Restored::kept(page_addr)
+    };
+    if !last_on_page {
+        return kept("other patches remain on this page", page.pfn());
+    }
+    // A swap-out in flight would keep the swap slot past the zap.
+    page.wait_writeback();
+    // Zapping happens under the PT lock, where notifiers cannot sleep.
+    let _invalidate = sys::InvalidateRange::start(mm, page_addr);
+    let (Some(vma), Some(pte)) = (
+        still_mapped_at(guard, rep, page_addr),
+        relock_pte(guard, rep, page_addr, page),
+    ) else {
+        return kept("the page moved while it was restored", page.pfn());
+    };
+    let info = sys::vma_info(vma);
+    let pte = pte.unmap();
+    let cache = sys::page_cache_page(vma, page_addr);
+    let keep = keep_reason(&info, page, cache.as_ref(), &pte); // mutant: never-zap
+    zap_or_keep(hp, ev, pte, page, keep, cache, page_addr)
+}
+
+/// Under the PT lock with the PTE cleared and the originals written: zap
+/// the anonymous page so the page-cache page faults back in, unless `keep`
+/// says why not.
+fn zap_or_keep(
+    hp: &Hugepoke,
+    ev: impl Fn(Step) -> Event,
+    pte: ClearedPte<'_>,
+    page: &PageRef,
+    keep: Option<&'static str>,
+    cache: Option<CacheRef>,
+    page_addr: usize,
+) -> Restored {
+    let (None, Some(c)) = (keep, cache) else {
+        pte.remap_dirty();
+        hp.journal.record(
+            ev(Step::KeepAnonPage)
+                .page(page.pfn(), 0)
+                .note(keep.unwrap_or("")),
+        );
+        return Restored::kept(page_addr);
+    };
+    hp.journal.record(ev(Step::ZapAnonPage).page(page.pfn(), 0).note(match pte.zap(page) {
+        sys::SwapSlot::Freed => "PTE zapped, swap slot freed; page-cache page faults back in",
+        sys::SwapSlot::Kept => "PTE zapped, page stays in the swap cache (locked elsewhere); page-cache page faults back in",
+        sys::SwapSlot::None => "PTE zapped; page-cache page faults back in",
+    }));
+    hp.journal.record(
+        ev(Step::ZapAnonPage)
+            .page(c.pfn(), c.folio_order())
+            .note("page-cache page to fault in"),
+    );
+    Restored {
+        zapped: true,
+        pmd_mappable: c.pmd_mappable(),
+        cache_order: c.folio_order(),
+        page_addr,
+    }
+}
+
+/// Why RESTORE keeps the anonymous page it wrote the originals back into,
+/// or None when it may zap it: only when the page-cache page would fault
+/// back in with exactly this content, and nothing else may hold the page.
+fn keep_reason(
+    info: &VmaInfo,
+    page: &PageRef,
+    cache: Option<&CacheRef>,
+    pte: &ClearedPte<'_>,
+) -> Option<&'static str> {
+    if info.uffd_missing {
+        // mutant: uffd-missing-zapped
+        Some("userfaultfd missing mode is armed")
+    } else if info.uffd_wp {
+        Some("userfaultfd write-protect is registered: zapping would drop the wp bit")
+    } else if page.unexpected_refs() != 0 {
+        // mutant: no-unexpected-ref-check
+        Some("page has unexpected references (pinned or in a pipe)")
+    } else {
+        match cache {
+            None => Some("no page-cache page to fault back in"),
+            Some(c) if !c.uptodate() => Some("page-cache page is not uptodate"),
+            Some(c) if !c.identical_to(pte) => Some("page differs from the page-cache page"),
+            Some(_) => None,
+        }
+    }
+}

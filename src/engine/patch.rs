@@ -1,0 +1,366 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! PATCH, of one site or of many under one handle, all or none: the
+//! request checked and planned, the expected bytes peeked at, then a page
+//! at a time split, copied and written, and the plan recorded — or, when a
+//! page fails, the pages written so far given back by RESTORE's own
+//! passes, with the mmap lock still held.
+//!
+//! The target's state is locked and its mmap lock held for writing for the
+//! whole call (see `table` for the lock order), so no `/proc/PID/mem` or
+//! ptrace write, no mprotect, mremap, munmap or fork comes between checking
+//! one site and writing another.  What the mmap lock does not keep out —
+//! MADV_DONTNEED and faults under the per-VMA lock, reclaim, migration,
+//! truncation — is met where it matters: every write is made under the PT
+//! lock after `lock_pte` found the very page we hold, right after the bytes
+//! there were read and compared.
+
+use kernel::{
+    mm::{Mm, MmWithUser, MmWithUserAsync},
+    prelude::*,
+    sync::{aref::ARef, Arc},
+};
+
+use super::{
+    outcome::Failure,
+    page::{write_patch, WriteError},
+    plan::{check_sites, Identity, PageState, Plan, Request, Written},
+    restore::{queue_collapses, undo},
+};
+use crate::{
+    journal::{Event, Step},
+    patches::{Owner, Reserved, Site},
+    pause::Point,
+    sys::{self, MmapWriteGuard, Process, PAGE_MASK},
+    target::{Target, TargetState},
+    uapi, Hugepoke,
+};
+
+/// PATCH: write every site of `req` into the target, or none.  `owner` is
+/// the opener's file, which owns the patch unless it is persistent.
+pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, req: &Request<'_>) -> Result<u64, Failure> {
+    let ev = Event::new(Step::Patch).pid(req.pid);
+    hp.journal.record(ev.addr(req.sites[0].addr as usize));
+    let order = check_sites(hp, req)?;
+    let (mm, pid) = resolve_target(hp, req.pid)?;
+    let owner: Owner = if req.flags & uapi::PATCH_PERSIST != 0 {
+        None
+    } else {
+        Some(owner)
+    };
+    with_new_handle(hp, &mm, owner, ev, |target, state, handle| {
+        let who = Identity { handle, owner, pid };
+        patch_locked(hp, target, state, &mm, req, &order, &who)
+    })
+}
+
+/// pid → task → mm, with the ptrace check made under the target's
+/// exec_update_lock (no execve() can come in between).  Returns the mm and
+/// the target's tgid.
+fn resolve_target(hp: &Hugepoke, pid: i32) -> Result<(ARef<MmWithUserAsync>, i32)> {
+    let ev = || Event::new(Step::ResolveTarget).pid(pid);
+    let process =
+        Process::find(pid).ok_or_else(|| hp.journal.fail(ev(), ESRCH, "no such process"))?;
+    if process.is_kernel_thread() {
+        return Err(hp
+            .journal
+            .fail(ev(), EINVAL, "a kernel thread has no user text"));
+    }
+    let mm = process.mm_access().map_err(|e| {
+        let (e, why) = match e {
+            e if e == EACCES || e == EPERM => (EPERM, "caller may not ptrace-attach to the target"),
+            e if e == ESRCH => (ESRCH, "process has no address space (exiting or zombie)"),
+            e => (e, "mm_access failed (interrupted?)"),
+        };
+        hp.journal.fail(ev(), e, why)
+    })?;
+    hp.journal.record(ev());
+    hp.pauses.at(Point::Resolved, pid, &hp.journal); // mutant: exec-recheck-mm
+    Ok((mm, process.tgid()))
+}
+
+/// Run `make` with a new handle for `owner` and the target of `mm` locked.
+/// If it fails, the handle is forgotten (and the target retired if idle),
+/// unless the failure keeps sites under it.  The registry lock is never
+/// held while `make` runs.
+fn with_new_handle(
+    hp: &Arc<Hugepoke>,
+    mm: &Mm,
+    owner: Owner,
+    ev: Event,
+    mut make: impl FnMut(&Arc<Target>, &mut TargetState, u64) -> Result<(), Failure>,
+) -> Result<u64, Failure> {
+    loop {
+        let (target, handle) = {
+            let mut registry = hp.registry.lock();
+            if registry.closing {
+                return Err(hp.journal.fail(ev, ENODEV, "module is unloading").into());
+            }
+            let nomem = |_| hp.journal.fail(ev, ENOMEM, "no memory to record a patch");
+            let target = registry.target_for(mm).map_err(nomem)?;
+            (
+                target.clone(),
+                registry.new_handle(&target, owner).map_err(nomem)?,
+            )
+        };
+        let mut state = target.state.lock(); // mutant: registry-held-across-patch
+        let result = if state.retired {
+            None
+        } else {
+            Some(make(&target, &mut state, handle))
+        };
+        match result {
+            Some(Ok(())) => return Ok(handle), // mutant: sync-mmput-under-lock
+            Some(Err(f)) if f.kept.is_some() => return Err(f),
+            _ => {}
+        }
+        let retired = if state.idle() && !state.retired {
+            hp.registry.lock().retire(&target, &mut state)
+        } else {
+            None
+        };
+        drop(state);
+        let forgotten = hp.registry.lock().forget_handle(handle);
+        drop((retired, forgotten));
+        if let Some(Err(f)) = result {
+            return Err(f);
+        }
+        // The target was retired while we waited for it: look it up again.
+    }
+}
+
+/// PATCH with the target's state locked.
+fn patch_locked(
+    hp: &Arc<Hugepoke>,
+    target: &Arc<Target>,
+    state: &mut TargetState,
+    mm: &MmWithUser,
+    req: &Request<'_>,
+    order: &[u32],
+    who: &Identity,
+) -> Result<(), Failure> {
+    let ev = |step| Event::new(step).pid(who.pid);
+    let guard = MmapWriteGuard::lock_killable(mm).map_err(|e| {
+        hp.journal.fail(
+            ev(Step::CheckVma),
+            e,
+            "fatal signal while waiting for the target's mmap lock",
+        )
+    })?;
+    let mut plan = Plan::build(hp, &guard, state, req, order, who)?;
+    // Room for the records first: once the bytes are written, nothing may fail.
+    let room = state
+        .patches
+        .reserve(plan.sites.len(), plan.page_counts())
+        .map_err(|_| {
+            hp.journal
+                .fail(ev(Step::Patch), ENOMEM, "no memory to record a patch")
+        })?;
+    plan.peek_expected(hp, &guard)?;
+    hp.journal.record(
+        ev(Step::CheckVma)
+            .handle(who.handle as u32)
+            .note("every site checked"),
+    );
+    hp.pauses.at(Point::Checked, who.pid, &hp.journal);
+    if let Err(failure) = write_pages(hp, &guard, &mut plan) {
+        return Err(give_back(
+            hp, target, state, guard, mm, plan, room, who, failure,
+        ));
+    }
+    drop(guard);
+    commit(hp, state, room, plan, who.handle);
+    Ok(())
+}
+
+/// Write the plan a page at a time.  Each written page's reference is
+/// kept, so an undo needs no GUP (which a fatal signal would cut short).
+fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Result<(), Failure> {
+    for w in plan.pages.iter_mut() {
+        let r = w.range.clone();
+        let (first, page_addr) = (&plan.sites[r.start], plan.sites[r.start].addr & PAGE_MASK);
+        let ev = |step| Event::new(step).pid(first.pid).addr(first.addr);
+        let blame = first.index;
+        let Some(vma) = guard.vma_lookup(page_addr) else {
+            return Err(Failure::at(
+                hp.journal
+                    .fail(ev(Step::WriteBytes), EFAULT, "page is no longer mapped"),
+                blame,
+            ));
+        };
+        match write_patch(
+            hp,
+            guard,
+            vma,
+            &mut plan.sites[r.clone()],
+            &plan.expects[r.clone()],
+        ) {
+            Ok(page) => {
+                let pmd_mappable =
+                    sys::page_cache_page(vma, page_addr).is_some_and(|c| c.pmd_mappable());
+                plan.sites[r]
+                    .iter_mut()
+                    .for_each(|s| s.pmd_mappable = pmd_mappable);
+                w.state = PageState::Found(page_addr, page); // mutant: leak-folio-ref-at-patch
+                w.written = Written::Bytes;
+            }
+            Err(WriteError::Failed(e)) => return Err(Failure::at(e, blame)),
+            Err(WriteError::NotExpected(k, page)) => {
+                let site = &plan.sites[r.start + k];
+                let ev = Event::new(Step::CheckExpected)
+                    .pid(site.pid)
+                    .addr(site.addr);
+                let why =
+                    "bytes at the address are not the expected ones (under the page-table lock)";
+                let failure = Failure::at(hp.journal.fail(ev, sys::eilseq(), why), site.index);
+                // COWed but not written: an undo gives the copy back.
+                w.state = PageState::Found(page_addr, page);
+                w.written = Written::Cowed;
+                return Err(failure);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Record the plan's sites under their handle.
+fn commit(
+    hp: &Hugepoke,
+    state: &mut TargetState,
+    room: Reserved<ARef<kernel::fs::File>>,
+    plan: Plan,
+    handle: u64,
+) {
+    let first = &plan.sites[0];
+    let ev = Event::new(Step::Patched)
+        .pid(first.pid)
+        .addr(first.addr)
+        .handle(handle as u32)
+        .page(first.pfn, 0);
+    let mappable = plan.sites.iter().filter(|s| s.pmd_mappable).count();
+    let note = match mappable {
+        0 => "every site written; page-cache folio not PMD-mappable",
+        m if m == plan.sites.len() => "every site written; page-cache folio PMD-mappable",
+        _ => "every site written; some page-cache folios not PMD-mappable",
+    };
+    let Plan {
+        sites,
+        pages,
+        mut files,
+        ..
+    } = plan;
+    let left_out = state.patches.insert(
+        room,
+        sites,
+        pages
+            .iter()
+            .zip(files.iter_mut())
+            .map(|(w, f)| (w.range.clone(), f)),
+    );
+    journal_left_out(hp, ev, left_out);
+    hp.journal.record(ev.note(note));
+}
+
+/// Say so if the table could not record sites that were written (see
+/// `Patches::insert`: a bug of ours if it ever happens).
+fn journal_left_out(hp: &Hugepoke, ev: Event, left_out: usize) {
+    if left_out != 0 {
+        let why = "sites written but not recorded: their table room was missing (a hugepoke bug; RESTORE cannot give them back)";
+        hp.journal.record(ev.error(ENOMEM, why));
+    }
+}
+
+/// A page failed: give back the pages written so far (RESTORE's passes,
+/// the mmap lock still held), queue their collapses, and keep under the
+/// handle, persistent, the sites of any page that could not be given back.
+#[allow(clippy::too_many_arguments)]
+fn give_back(
+    hp: &Arc<Hugepoke>,
+    target: &Arc<Target>,
+    state: &mut TargetState,
+    guard: MmapWriteGuard<'_>,
+    mm: &MmWithUser,
+    mut plan: Plan,
+    room: Reserved<ARef<kernel::fs::File>>,
+    who: &Identity,
+    failure: Failure,
+) -> Failure {
+    let ev = Event::new(Step::Restore)
+        .pid(who.pid)
+        .handle(who.handle as u32);
+    hp.journal
+        .record(ev.note("undoing the pages written so far"));
+    // Nothing of the plan is in the table.
+    let last_on_page = |s: &[Site]| state.patches.on_page(s[0].page_key()) == 0;
+    let result = undo(hp, &guard, mm, &plan.sites, &mut plan.pages, last_on_page); // mutant: no-undo
+    drop(guard);
+    // Collapses only now: at unload one runs synchronously, and takes the mmap lock.
+    queue_collapses(hp, target, state, &plan.sites, &plan.pages);
+    if let Err((e, why)) = result {
+        hp.journal.record(ev.error(e, why));
+    }
+    // (By what was written, not by what the undo found: a page it refused
+    // on may have lost its reference on the way.)
+    if !plan.pages.iter().any(still_written) {
+        hp.journal
+            .record(ev.note("undone: every page written so far restored"));
+        return failure;
+    }
+    keep_still_written(hp, state, room, plan, who.handle, failure.error);
+    Failure {
+        kept: Some(who.handle),
+        ..failure
+    }
+}
+
+/// A page PATCH wrote whose undo did not give it back.
+fn still_written(w: &super::plan::PageWork) -> bool {
+    w.written == Written::Bytes && matches!(w.outcome, super::plan::Outcome::Untouched)
+}
+
+/// Record the sites of the pages still written, persistent, under `handle`.
+fn keep_still_written(
+    hp: &Hugepoke,
+    state: &mut TargetState,
+    room: Reserved<ARef<kernel::fs::File>>,
+    mut plan: Plan,
+    handle: u64,
+    error: Error,
+) {
+    // Only their sites, moved down in place (no allocation now).
+    let mut to = 0;
+    for w in plan.pages.iter_mut() {
+        let r = w.range.clone();
+        w.range = to..to + if still_written(w) { r.len() } else { 0 };
+        plan.sites.copy_within(r.start..r.start + w.range.len(), to);
+        to = w.range.end;
+    }
+    plan.sites.truncate(to);
+    // Not the whole request's room for the life of the handle; if the
+    // smaller vector cannot be had, the larger one does as well.
+    let _ = plan.sites.shrink_to(to, GFP_KERNEL);
+    plan.sites.iter_mut().for_each(|s| s.owner = None);
+    let ev = Event::new(Step::Patched)
+        .pid(plan.sites[0].pid)
+        .handle(handle as u32);
+    let kept = plan
+        .pages
+        .iter()
+        .zip(plan.files.iter_mut())
+        .filter(|(w, _)| !w.range.is_empty());
+    let left_out = state
+        .patches
+        .insert(room, plan.sites, kept.map(|(w, f)| (w.range.clone(), f)));
+    journal_left_out(hp, ev, left_out);
+    drop(hp.registry.lock().disown(handle));
+    let why = "failed and could not all be undone: the sites still written are kept under this handle, persistent";
+    hp.journal.record(
+        Event::new(Step::Patch)
+            .pid(ev.pid)
+            .handle(handle as u32)
+            .error(error, why),
+    );
+    // The handle lives: `stats` counts it among the patched.
+    hp.journal
+        .record(ev.note("the sites still written by a failed PATCH, kept (persistent)"));
+}

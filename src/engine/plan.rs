@@ -1,0 +1,380 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A request as a plan of file pages: its sites checked, in address order
+//! and grouped by the file page they fall in, each page with the file it
+//! belongs to and what the steps found and did there.  A single PATCH is a
+//! plan of one site; a RESTORE plans the sites of its handle the same way.
+//! Everything the write phase needs is allocated here, before anything is
+//! written, so no allocation can fail between a write and its record.
+
+use kernel::{alloc::KVVec, fs::File, prelude::*, rbtree::RBTree, sync::aref::ARef};
+
+use super::outcome::{Failure, Restored};
+use crate::{
+    journal::{Event, Step},
+    patches::{Owner, PageKey, Site},
+    policy,
+    sys::{self, MmapWriteGuard, PageRef, VmaInfo, PAGE_MASK},
+    target::TargetState,
+    uapi::{self, BatchSite, MAX_BYTES},
+    Hugepoke,
+};
+
+/// A PATCH of one site or of a batch, as the ioctl gave it.
+pub(crate) struct Request<'a> {
+    pub(crate) pid: i32,
+    /// `PATCH_PERSIST`, `PATCH_INSTALL_PMD` (each site has its own `PATCH_EXPECT`).
+    pub(crate) flags: u32,
+    pub(crate) sites: &'a [BatchSite],
+}
+
+/// How far PATCH got on a page, so an undo knows what to give back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// Untouched.
+    No,
+    /// COWed, nothing written: the bytes under the page-table lock were not
+    /// the expected ones.  Its sites' `orig` hold what is there.
+    Cowed,
+    /// Every site of the page holds its patched bytes.
+    Bytes,
+}
+
+/// Which way a page's sites are written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dir {
+    /// RESTORE: the patched bytes are expected, the originals written.
+    Revert,
+    /// Undo of a RESTORE that could not finish: the other way round.
+    Reapply,
+}
+
+/// The bytes a site should hold now, and the ones to write, for `dir`.
+pub(crate) fn swap_bytes(s: &Site, written: Written, dir: Dir) -> (&[u8], &[u8]) {
+    let patched = if written == Written::Cowed {
+        &s.orig
+    } else {
+        &s.bytes
+    };
+    let (now, new) = match dir {
+        Dir::Revert => (patched, &s.orig),
+        Dir::Reapply => (&s.orig, patched),
+    };
+    (&now[..s.len], &new[..s.len])
+}
+
+/// One file page of a plan: which sites, what the steps found, what was done.
+pub(crate) struct PageWork {
+    pub(crate) range: core::ops::Range<usize>,
+    pub(crate) state: PageState,
+    pub(crate) outcome: Outcome,
+    pub(crate) written: Written,
+}
+
+impl PageWork {
+    pub(crate) fn new(range: core::ops::Range<usize>, written: Written) -> Self {
+        Self {
+            range,
+            state: PageState::Unknown,
+            outcome: Outcome::Untouched,
+            written,
+        }
+    }
+}
+
+/// What the steps found for one page.
+pub(crate) enum PageState {
+    /// Not looked at yet.
+    Unknown,
+    /// The page's copy, where it is mapped now, and the reference on it.
+    Found(usize, PageRef),
+    /// Nothing to restore: the patch went (how, and what RESTORE returns).
+    Gone(Result, &'static str),
+}
+
+/// What was done to one page by a RESTORE (or an undo).
+pub(crate) enum Outcome {
+    /// Nothing: it holds what it held before.
+    Untouched,
+    /// The originals are back in the copy, which is still mapped.
+    Written,
+    /// Restored, and zapped or kept as `Restored` says.
+    Done(Restored),
+}
+
+/// Consecutive runs of `sites` on one page, as index ranges.
+pub(crate) fn runs<'a, T, K: PartialEq>(
+    sites: &'a [T],
+    page: impl Fn(&T) -> K + 'a,
+) -> impl Iterator<Item = core::ops::Range<usize>> + 'a {
+    let mut start = 0;
+    core::iter::from_fn(move || {
+        let first = sites.get(start)?;
+        let p = page(first);
+        let len = sites[start..].iter().take_while(|s| page(s) == p).count();
+        start += len;
+        Some(start - len..start)
+    })
+}
+
+/// The pages of `sites` (in page order), as `PageWork` with `written`.
+pub(crate) fn pages_of(sites: &[Site], written: Written) -> Result<KVVec<PageWork>> {
+    let mut pages = KVVec::with_capacity(sites.len(), GFP_KERNEL)?;
+    for r in runs(sites, |s| s.page_key()) {
+        // Within capacity: at most one page a site.
+        let _ = pages.push_within_capacity(PageWork::new(r, written));
+    }
+    Ok(pages)
+}
+
+/// The checks that need no target: flags and range of every site, and no
+/// two sites overlapping.  Returns the sites' indexes in address order.
+pub(crate) fn check_sites(hp: &Hugepoke, req: &Request<'_>) -> Result<KVVec<u32>, Failure> {
+    let sites = req.sites;
+    let blame = |i: usize, (e, why): policy::Refusal| {
+        let ev = Event::new(Step::Patch)
+            .pid(req.pid)
+            .addr(sites[i].addr as usize);
+        Failure::at(hp.journal.fail(ev, e, why), i as u32)
+    };
+    for (i, s) in sites.iter().enumerate() {
+        if s.flags & !uapi::SITE_FLAGS != 0 {
+            return Err(blame(i, (EINVAL, "unknown site flag bits")));
+        }
+        policy::check_range(s.addr, s.len).map_err(|r| blame(i, r))?;
+    }
+    let nomem = || {
+        Failure::from(hp.journal.fail(
+            Event::new(Step::Patch).pid(req.pid),
+            ENOMEM,
+            "no memory to sort the sites",
+        ))
+    };
+    let mut order: KVVec<u32> =
+        KVVec::with_capacity(sites.len(), GFP_KERNEL).map_err(|_| nomem())?;
+    for i in 0..sites.len() as u32 {
+        order.push(i, GFP_KERNEL).map_err(|_| nomem())?;
+    }
+    order.sort_unstable_by_key(|&i| sites[i as usize].addr);
+    for w in order.windows(2) {
+        let (a, b) = (&sites[w[0] as usize], &sites[w[1] as usize]);
+        if a.addr + a.len as u64 > b.addr {
+            // mutant: self-overlap
+            return Err(blame(
+                w[0].max(w[1]) as usize,
+                (EINVAL, "site overlaps another site of this request"),
+            ));
+        }
+    }
+    Ok(order)
+}
+
+/// A request on its way in, in address order: the table records its sites
+/// become, their expected bytes, its pages and each page's file.
+pub(crate) struct Plan {
+    pub(crate) sites: KVVec<Site>,
+    pub(crate) expects: KVVec<Option<[u8; MAX_BYTES]>>,
+    pub(crate) pages: KVVec<PageWork>,
+    /// One per page (taken by the table if the page is new to it).
+    pub(crate) files: KVVec<Option<ARef<File>>>,
+}
+
+/// Who the plan's sites belong to.
+pub(crate) struct Identity {
+    pub(crate) handle: u64,
+    pub(crate) owner: Owner,
+    pub(crate) pid: i32,
+}
+
+/// The VMA the last site was in, to check the next one against.
+struct LastVma(Option<(VmaInfo, ARef<File>)>);
+
+impl Plan {
+    fn with_capacity(n: usize) -> Result<Self> {
+        Ok(Self {
+            sites: KVVec::with_capacity(n, GFP_KERNEL)?,
+            expects: KVVec::with_capacity(n, GFP_KERNEL)?,
+            pages: KVVec::with_capacity(n, GFP_KERNEL)?,
+            files: KVVec::with_capacity(n, GFP_KERNEL)?,
+        })
+    }
+
+    /// Check every site of `req` against the target's VMAs and live patches
+    /// (nothing is written), in address order (`order`).
+    pub(crate) fn build(
+        hp: &Hugepoke,
+        guard: &MmapWriteGuard<'_>,
+        state: &TargetState,
+        req: &Request<'_>,
+        order: &[u32],
+        who: &Identity,
+    ) -> Result<Self, Failure> {
+        let nomem = || {
+            Failure::from(hp.journal.fail(
+                Event::new(Step::Patch).pid(who.pid),
+                ENOMEM,
+                "no memory to record a patch",
+            ))
+        };
+        let mut plan = Self::with_capacity(order.len()).map_err(|_| nomem())?;
+        // The file pages the request reaches.
+        let mut at: RBTree<PageKey, ()> = RBTree::new();
+        let mut last = LastVma(None);
+        for &i in order {
+            let blame = |(e, why): policy::Refusal| {
+                let ev = Event::new(Step::CheckVma)
+                    .pid(who.pid)
+                    .addr(req.sites[i as usize].addr as usize);
+                Failure::at(hp.journal.fail(ev, e, why), i)
+            };
+            let (info, file) = last
+                .lookup(guard, req.sites[i as usize].addr as usize)
+                .map_err(blame)?;
+            plan.add_site(state, &mut at, req, i, who, &info, &file)
+                .map_err(blame)?;
+            last.0 = Some((info, file));
+        }
+        Ok(plan)
+    }
+
+    /// Add site `i` of `req` in VMA `info`: refused if it overlaps a live
+    /// patch, or reaches a file page it already reached at another address.
+    #[allow(clippy::too_many_arguments)]
+    fn add_site(
+        &mut self,
+        state: &TargetState,
+        at: &mut RBTree<PageKey, ()>,
+        req: &Request<'_>,
+        i: u32,
+        who: &Identity,
+        info: &VmaInfo,
+        file: &ARef<File>,
+    ) -> Result<(), policy::Refusal> {
+        let s = &req.sites[i as usize];
+        let addr = s.addr as usize;
+        let key = (info.mapping, info.pgoff_of(addr & PAGE_MASK));
+        // Sites come in address order: a page's sites are one run.
+        let last_page = self
+            .pages
+            .last()
+            .map(|w| self.sites[w.range.start].addr & PAGE_MASK);
+        let new_page = last_page != Some(addr & PAGE_MASK); // mutant: page-per-site
+        if state
+            .patches
+            .page(&key)
+            .overlaps(addr & !PAGE_MASK, s.len as usize)
+        {
+            // mutant: overlap-live
+            return Err((EBUSY, "range overlaps a live patch"));
+        }
+        if new_page {
+            // One file page reached at two addresses would be two copies:
+            // the table knows a patch by its file page, so that is refused.
+            if at.get(&key).is_some() {
+                // mutant: two-addresses
+                return Err((EINVAL, "two sites on one file page mapped at two addresses"));
+            }
+            at.try_create_and_insert(key, (), GFP_KERNEL)
+                .map_err(|_| (ENOMEM, "no memory to record a patch"))?;
+            let start = self.sites.len();
+            // Within capacity: at most one page a site.
+            let _ = self
+                .pages
+                .push_within_capacity(PageWork::new(start..start, Written::No));
+            let _ = self.files.push_within_capacity(Some(file.clone()));
+        }
+        let site = Site {
+            handle: who.handle,
+            index: i,
+            owner: who.owner,
+            pid: who.pid,
+            addr,
+            len: s.len as usize,
+            flags: req.flags | s.flags,
+            mapping: key.0,
+            pgoff: key.1,
+            bytes: s.bytes,
+            orig: [0; MAX_BYTES],
+            pfn: 0,
+            pmd_mappable: false,
+        };
+        // Within capacity: n each.
+        let _ = self.sites.push_within_capacity(site);
+        let _ = self
+            .expects
+            .push_within_capacity((s.flags & uapi::PATCH_EXPECT != 0).then_some(s.expect));
+        if let Some(w) = self.pages.last_mut() {
+            w.range.end = self.sites.len();
+        }
+        Ok(())
+    }
+
+    /// (file page, sites on it) for each page, to reserve the table's room.
+    pub(crate) fn page_counts(&self) -> impl Iterator<Item = (PageKey, usize)> + '_ {
+        self.pages
+            .iter()
+            .map(|w| (self.sites[w.range.start].page_key(), w.range.len()))
+    }
+
+    /// The cheap look at the expected bytes, one plain (non-COWing) GUP a
+    /// page: a mismatch here changes nothing.  The check that counts is
+    /// made again under the page-table lock, in the step that writes.
+    pub(crate) fn peek_expected(
+        &self,
+        hp: &Hugepoke,
+        guard: &MmapWriteGuard<'_>,
+    ) -> Result<(), Failure> {
+        for w in self.pages.iter() {
+            let r = w.range.clone();
+            if self.expects[r.clone()].iter().all(|e| e.is_none()) {
+                continue;
+            }
+            let first = &self.sites[r.start];
+            let ev = |s: &Site| Event::new(Step::CheckExpected).pid(s.pid).addr(s.addr);
+            let page = guard
+                .get_user_page(first.addr & PAGE_MASK, sys::FOLL_FORCE)
+                .map_err(|e| {
+                    Failure::at(
+                        hp.journal.fail(ev(first), e, "cannot read the target page"),
+                        first.index,
+                    )
+                })?;
+            for (s, expect) in self.sites[r.clone()].iter().zip(self.expects[r].iter()) {
+                let mut now = [0u8; MAX_BYTES];
+                page.read(s.offset(), &mut now[..s.len]);
+                if expect.is_some_and(|e| e[..s.len] != now[..s.len]) {
+                    // mutant: expect-only-under-lock
+                    let why = "bytes at the address are not the expected ones";
+                    return Err(Failure::at(
+                        hp.journal.fail(ev(s), sys::eilseq(), why),
+                        s.index,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LastVma {
+    /// The VMA of `addr`, checked; sites come in address order, so most
+    /// are in the VMA of the one before.
+    fn lookup(
+        &mut self,
+        guard: &MmapWriteGuard<'_>,
+        addr: usize,
+    ) -> Result<(VmaInfo, ARef<File>), policy::Refusal> {
+        match self.0.take() {
+            Some((info, file)) if info.start <= addr && addr < info.end => Ok((info, file)),
+            _ => {
+                let vma = guard
+                    .vma_lookup(addr)
+                    .ok_or((EFAULT, "address is not mapped"))?;
+                let info = sys::vma_info(vma);
+                policy::check_vma(&info)?;
+                let file = sys::vma_file(vma).ok_or((EINVAL, "not a file-backed mapping"))?;
+                Ok((info, file))
+            }
+        }
+    }
+}

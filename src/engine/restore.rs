@@ -1,0 +1,256 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! RESTORE, whatever the number of sites, and the undo of a PATCH that
+//! failed part way, in three passes over the pages: find every copy and
+//! check every site's bytes (`locate`); write every page's originals back
+//! (a page that fails then has the pages before it re-patched: nothing is
+//! half done); and only then zap the copies that equal their page-cache
+//! page, which cannot be undone.  The one LRU drain a RESTORE may need is
+//! taken after the first pass, with the mmap lock dropped (nothing is
+//! written yet) and the first pass made again; only the undo of a failed
+//! PATCH drains with it held, since dropping it there would let a writer
+//! in between our write and its undo (the drain's per-CPU work takes no mm
+//! lock; khugepaged's `madvise_collapse()` drains under the mmap lock too).
+
+use kernel::{mm::MmWithUser, prelude::*, sync::Arc};
+
+use super::{
+    locate::{locate_and_check, Located},
+    outcome::{Refused, Restored},
+    page::{write_page, zap_page},
+    plan::{Dir, Outcome, PageState, PageWork, Written},
+};
+use crate::{
+    collapse,
+    journal::{Event, Step},
+    patches::{PageKey, Site},
+    pause::Point,
+    sys::{self, MmapWriteGuard, PMD_MASK},
+    target::{Target, TargetState},
+    Hugepoke,
+};
+
+/// Pass 2: write every found page's originals back.  If a page cannot be
+/// written, the pages before it get the patched bytes again; one that
+/// cannot stays `Written` (its sites are restored: the caller forgets them).
+fn write_originals(
+    hp: &Hugepoke,
+    guard: &MmapWriteGuard<'_>,
+    sites: &[Site],
+    pages: &mut [PageWork],
+) -> Result<(), (Refused, usize)> {
+    for g in 0..pages.len() {
+        let (done, rest) = pages.split_at_mut(g);
+        let w = &mut rest[0];
+        if !matches!(w.state, PageState::Found(..)) {
+            continue;
+        }
+        let r = w.range.clone();
+        if let Err(refused) = write_page(hp, guard, &sites[r.clone()], w, Dir::Revert) {
+            for w in done
+                .iter_mut()
+                .filter(|w| matches!(w.outcome, Outcome::Written))
+            {
+                if write_page(hp, guard, &sites[w.range.clone()], w, Dir::Reapply).is_ok() {
+                    // mutant: restore-half-done
+                    w.outcome = Outcome::Untouched;
+                }
+            }
+            return Err((refused, r.start));
+        }
+        w.outcome = Outcome::Written;
+    }
+    Ok(())
+}
+
+/// Pass 3: zap the copies that now equal their page-cache page.
+fn zap_copies(
+    hp: &Hugepoke,
+    guard: &MmapWriteGuard<'_>,
+    mm: &MmWithUser,
+    sites: &[Site],
+    pages: &mut [PageWork],
+    last_on_page: &impl Fn(&[Site]) -> bool,
+) {
+    for w in pages.iter_mut() {
+        let PageState::Found(page_addr, page) = &mut w.state else {
+            continue;
+        };
+        if !matches!(w.outcome, Outcome::Written) {
+            continue;
+        }
+        let r = w.range.clone();
+        w.outcome = Outcome::Done(zap_page(
+            hp,
+            guard,
+            mm,
+            &sites[r.start],
+            *page_addr,
+            page,
+            last_on_page(&sites[r]),
+        ));
+    }
+}
+
+/// Restore the pages of `sites` with the target's mmap lock taken here:
+/// pass 1 (dropping the lock once for an LRU drain when a copy may sit in
+/// an LRU batch: nothing is written yet), then passes 2 and 3 without
+/// letting go of it.
+pub(crate) fn restore_pages(
+    hp: &Hugepoke,
+    mm: &MmWithUser,
+    sites: &[Site],
+    pages: &mut [PageWork],
+    last_on_page: impl Fn(&[Site]) -> bool,
+) -> Result<(), (Refused, usize)> {
+    let mut drained = false;
+    loop {
+        let guard = MmapWriteGuard::lock_killable(mm).map_err(|e| {
+            (
+                Refused::Kept(e, "fatal signal while waiting for the target's mmap lock"),
+                0,
+            )
+        })?;
+        if !drained {
+            hp.pauses.at(Point::Restore, sites[0].pid, &hp.journal);
+        }
+        match locate_and_check(hp, &guard, sites, pages, &last_on_page) {
+            Located::Refused(refused, at) => return Err((refused, at)),
+            Located::NeedDrain if !drained => {
+                // Without the mmap lock: nothing is written yet.
+                drop(guard); // mutant: drain-under-mmap-lock
+                drain_lru_batches(hp, &sites[0]); // mutant: drain-under-registry
+                drained = true;
+                continue;
+            }
+            Located::NeedDrain | Located::Ready => {}
+        }
+        write_originals(hp, &guard, sites, pages)?;
+        zap_copies(hp, &guard, mm, sites, pages, &last_on_page);
+        return Ok(());
+    }
+}
+
+/// Give back the pages a failed PATCH wrote or COWed, with the mmap lock
+/// still held: dropping it would let a writer in between our write and its
+/// undo.  So the one LRU drain the zaps may need runs under it.
+pub(crate) fn undo(
+    hp: &Hugepoke,
+    guard: &MmapWriteGuard<'_>,
+    mm: &MmWithUser,
+    sites: &[Site],
+    pages: &mut [PageWork],
+    last_on_page: impl Fn(&[Site]) -> bool,
+) -> Result<(), (Error, &'static str)> {
+    // Only the pages written (or COWed): the others never changed.
+    for w in pages.iter_mut().filter(|w| w.written == Written::No) {
+        w.state = PageState::Gone(Ok(()), "not written");
+    }
+    match locate_and_check(hp, guard, sites, pages, &last_on_page) {
+        Located::Refused(
+            Refused::Kept(e, why)
+            | Refused::Gone {
+                result: Err(e),
+                why,
+            },
+            _,
+        ) => return Err((e, why)),
+        Located::Refused(Refused::Gone { result: Ok(()), .. }, _) | Located::Ready => {}
+        Located::NeedDrain => lru_drain_journaled(hp, &sites[0]),
+    }
+    if let Err((
+        Refused::Kept(e, why)
+        | Refused::Gone {
+            result: Err(e),
+            why,
+        },
+        _,
+    )) = write_originals(hp, guard, sites, pages)
+    {
+        return Err((e, why));
+    }
+    zap_copies(hp, guard, mm, sites, pages, &last_on_page);
+    Ok(())
+}
+
+/// After the pages of `sites` were given back (and their sites left the
+/// table): one collapse per 2 MiB range with a zapped PMD-mappable page and
+/// no patch left in it; a note for ranges over smaller folios.  Called
+/// without the mmap lock (at unload a collapse runs synchronously, and
+/// takes it).
+pub(crate) fn queue_collapses(
+    hp: &Arc<Hugepoke>,
+    target: &Arc<Target>,
+    state: &mut TargetState,
+    sites: &[Site],
+    pages: &[PageWork],
+) {
+    let mut last: Option<PageKey> = None;
+    for w in pages.iter() {
+        let Outcome::Done(restored) = &w.outcome else {
+            continue;
+        };
+        let site = &sites[w.range.start];
+        if !restored.zapped || last == Some(site.range_key()) {
+            // mutant: collapse-per-page
+            continue;
+        }
+        last = Some(site.range_key());
+        collapse_after_restore(hp, target, state, site, restored);
+    }
+}
+
+/// If the copy of `site`'s page was zapped, queue the collapse of its
+/// 2 MiB range when no patch is left there, or journal why not.
+fn collapse_after_restore(
+    hp: &Arc<Hugepoke>,
+    target: &Arc<Target>,
+    state: &mut TargetState,
+    site: &Site,
+    restored: &Restored,
+) {
+    let ev = Event::new(Step::QueueCollapse)
+        .pid(site.pid)
+        .addr(site.addr)
+        .handle(site.handle as u32);
+    if restored.zapped && restored.pmd_mappable {
+        // mutant: collapse-small-folio
+        if state.patches.in_range(site.range_key()) == 0 {
+            // mutant: collapse-before-the-last-patch
+            collapse::queue_collapse(hp, target, state, site, restored.page_addr & PMD_MASK);
+        } else {
+            hp.journal
+                .record(ev.note("not yet: other patches in this 2 MiB range"));
+        }
+    } else if restored.zapped {
+        // mutant: no-collapse-reason
+        // 4 KiB or mTHP page cache: the subpage faults back in, and there
+        // is no PMD to rebuild.
+        hp.journal.record(
+            ev.order(restored.cache_order)
+                .note("none: the page-cache folio is smaller than a PMD"),
+        );
+    }
+}
+
+/// One `lru_add_drain_all()`, journaled.  It waits for work on every CPU,
+/// so the caller holds neither the target's mmap lock nor the registry
+/// (only this target's state lock: this target's operations wait, no
+/// other's).  The `drain` pause point is here, so a test can see which
+/// locks are free while it runs.
+fn drain_lru_batches(hp: &Hugepoke, site: &Site) {
+    hp.pauses.at(Point::Drain, site.pid, &hp.journal);
+    lru_drain_journaled(hp, site);
+}
+
+/// The drain itself, journaled (start, done), with no pause point: the
+/// undo of a failed PATCH drains with the mmap lock held.
+fn lru_drain_journaled(hp: &Hugepoke, site: &Site) {
+    let ev = Event::new(Step::LruDrain)
+        .pid(site.pid)
+        .addr(site.addr)
+        .handle(site.handle as u32);
+    hp.journal.record(ev.note("draining all CPUs' LRU batches"));
+    sys::lru_add_drain_all();
+    hp.journal.record(ev.note("drained"));
+}

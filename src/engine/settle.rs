@@ -1,0 +1,229 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! RESTORE of a handle, whatever its number of sites, and what follows for
+//! the table: the sites restored or gone are forgotten, those refused are
+//! kept (as persistent when their file closed), the collapses are queued
+//! and the handle's one `restored` record says how it ended (`stats`
+//! counts a handle as restored, or forgotten with a reason, by it).
+
+use kernel::{
+    alloc::KVVec,
+    fs::File,
+    prelude::*,
+    sync::{aref::ARef, Arc},
+};
+
+use super::{
+    outcome::{Closing, Refused},
+    plan::{self, Outcome, PageState, PageWork, Written},
+    restore::{queue_collapses, restore_pages},
+};
+use crate::{
+    journal::{Event, Step},
+    patches::{Forgotten, Site},
+    target::{Target, TargetState},
+    Hugepoke,
+};
+
+/// RESTORE `handle` (any opener may restore any patch).
+pub(crate) fn restore(hp: &Arc<Hugepoke>, handle: u64) -> Result {
+    let unknown = || {
+        let ev = Event::new(Step::Restore).handle(handle as u32);
+        hp.journal
+            .fail(ev, ENOENT, "no such patch (unknown or already restored)")
+    };
+    let target = hp.registry.lock().target_of(handle).ok_or_else(unknown)?;
+    let mut state = target.state.lock();
+    restore_handle(hp, &target, &mut state, handle, Closing::No).unwrap_or_else(|| Err(unknown()))
+}
+
+/// How a RESTORE of a handle ended, for the table and the journal.
+struct Verdict {
+    result: Result,
+    /// Every site leaves the table (else only the pages restored).
+    forget_all: bool,
+    /// What the handle's `restored` record says; None: no record.
+    settled: Option<&'static str>,
+}
+
+/// RESTORE every site of `handle`, all or none, with its target locked;
+/// forget the sites restored or gone and queue the collapses.  None if the
+/// handle has no site here.
+pub(crate) fn restore_handle(
+    hp: &Arc<Hugepoke>,
+    target: &Arc<Target>,
+    state: &mut TargetState,
+    handle: u64,
+    closing: Closing,
+) -> Option<Result> {
+    if state.patches.count(handle) == 0 {
+        return None;
+    }
+    let listed = state
+        .patches
+        .sites_of(handle)
+        .and_then(|sites| Ok((plan::pages_of(&sites, Written::Bytes)?, sites)));
+    let Ok((mut pages, sites)) = listed else {
+        keep_if_closing(hp, state, handle, closing);
+        let ev = Event::new(Step::Restore).handle(handle as u32);
+        return Some(Err(hp.journal.fail(
+            ev,
+            ENOMEM,
+            "no memory to list the patch's sites: patch kept",
+        )));
+    };
+    let first = sites[0];
+    let ev = |step| {
+        Event::new(step)
+            .pid(first.pid)
+            .addr(first.addr)
+            .handle(handle as u32)
+    };
+    hp.journal.record(ev(Step::Restore));
+    let outcome = match target.mm_user() {
+        None => Err((
+            Refused::Gone {
+                result: Ok(()),
+                why: "target process is gone",
+            },
+            0,
+        )),
+        // Every site of this handle on a page is being restored.
+        Some(mm) => restore_pages(hp, &mm, &sites, &mut pages, |s| {
+            state.patches.on_page(s[0].page_key()) as usize <= s.len()
+        }),
+    };
+    let verdict = judge(hp, &ev, &sites, &pages, outcome, closing);
+    let forgotten = forget(hp, &ev, state, handle, &sites, &pages, verdict.forget_all);
+    queue_collapses(hp, target, state, &sites, &pages);
+    if state.patches.count(handle) != 0 {
+        keep_if_closing(hp, state, handle, closing);
+        drop(forgotten);
+        return Some(verdict.result);
+    }
+    match (verdict.settled, verdict.result) {
+        (Some(why), Ok(())) => hp.journal.record(ev(Step::Restored).note(why)),
+        (Some(why), Err(e)) => hp.journal.record(ev(Step::Restored).error(e, why)),
+        (None, _) => 0,
+    };
+    let retired = if state.idle() {
+        hp.registry.lock().retire(target, state)
+    } else {
+        None
+    };
+    let handle = hp.registry.lock().forget_handle(handle);
+    // File and target references are dropped after the locks.
+    drop((forgotten, retired, handle));
+    Some(verdict.result)
+}
+
+/// A patch kept when its file closed must not stay owned by that file.
+fn keep_if_closing(hp: &Hugepoke, state: &mut TargetState, handle: u64, closing: Closing) {
+    if closing == Closing::File {
+        state.patches.disown(handle);
+        drop(hp.registry.lock().disown(handle));
+    }
+}
+
+/// What the passes' outcome means for the handle, journaled.
+fn judge(
+    hp: &Hugepoke,
+    ev: &impl Fn(Step) -> Event,
+    sites: &[Site],
+    pages: &[PageWork],
+    outcome: Result<(), (Refused, usize)>,
+    closing: Closing,
+) -> Verdict {
+    match outcome {
+        Ok(()) => {
+            let mut verdict = Verdict {
+                result: Ok(()),
+                forget_all: true,
+                settled: Some("every site restored or gone"),
+            };
+            for w in pages.iter() {
+                let PageState::Gone(r, why) = &w.state else {
+                    continue;
+                };
+                // Per page, as a step; the handle's verdict comes last.
+                let ev = ev(Step::RestoreBytes).addr(sites[w.range.start].addr);
+                match r {
+                    Ok(()) => hp.journal.record(ev.note(why)),
+                    Err(e) => {
+                        verdict.result = Err(*e);
+                        verdict.settled = Some("a site's file page is no longer mapped in the target; its sites forgotten, the others restored");
+                        hp.journal.record(ev.error(*e, why))
+                    }
+                };
+            }
+            verdict
+        }
+        Err((Refused::Gone { result, why }, _)) => Verdict {
+            result,
+            forget_all: true,
+            settled: Some(why),
+        },
+        Err((Refused::Kept(e, why), at)) => {
+            // Pages restored that could not be re-patched leave the handle.
+            let partial = pages
+                .iter()
+                .any(|w| matches!(w.outcome, Outcome::Written | Outcome::Done(_)));
+            hp.journal
+                .record(ev(Step::Restore).error(e, fate(closing, partial)));
+            hp.journal.record(
+                ev(Step::RestoreBytes)
+                    .addr(sites.get(at).map_or(sites[0].addr, |s| s.addr))
+                    .error(e, why),
+            );
+            // Abandoned at unload: no verdict.
+            Verdict {
+                result: Err(e),
+                forget_all: closing == Closing::Module,
+                settled: None,
+            }
+        }
+    }
+}
+
+/// What happens to a patch RESTORE refused, in words: first in the journal,
+/// then why.
+fn fate(closing: Closing, partial: bool) -> &'static str {
+    match (closing, partial) {
+        (Closing::No, false) => "patch kept whole; RESTORE may be retried",
+        (Closing::No, true) => "patch kept but for the pages restored that could not be re-patched; RESTORE may be retried",
+        (Closing::File, false) => "its file closed: patch kept whole as persistent",
+        (Closing::File, true) => "its file closed: patch kept as persistent but for the pages restored that could not be re-patched",
+        (Closing::Module, _) => "module unloading: patch abandoned",
+    }
+}
+
+/// Forget the sites restored or gone (all of them, unless kept; a page
+/// whose originals are back and could not be re-patched is restored
+/// either way).  The references are returned, to drop after the locks.
+fn forget(
+    hp: &Hugepoke,
+    ev: &impl Fn(Step) -> Event,
+    state: &mut TargetState,
+    handle: u64,
+    sites: &[Site],
+    pages: &[PageWork],
+    forget_all: bool,
+) -> KVVec<Forgotten<ARef<File>>> {
+    let mut forgotten = KVVec::with_capacity(pages.len(), GFP_KERNEL).unwrap_or_default();
+    for w in pages.iter() {
+        if !forget_all && !matches!(w.outcome, Outcome::Written | Outcome::Done(_)) {
+            continue;
+        }
+        let rep = &sites[w.range.start];
+        if !forget_all {
+            let why = "this page was restored and could not be re-patched: its sites are forgotten";
+            hp.journal
+                .record(ev(Step::RestoreBytes).addr(rep.addr).note(why));
+        }
+        if let Some(p) = state.patches.remove_page(handle, rep.page_key()) {
+            // Without room to keep it, the reference goes right here.
+            let _ = forgotten.push(p, GFP_KERNEL);
+        }
+    }
+    forgotten
+}

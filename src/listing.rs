@@ -1,0 +1,63 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The `patches` file in debugfs: every live patch, one target at a time.
+//! (`events` and `stats` are the journal's; `module` wires the files.)
+
+use core::fmt;
+use kernel::sync::Arc;
+
+use crate::target::Target;
+
+/// `patches` in debugfs, one target at a time.
+pub(crate) fn write_patches(targets: &[Arc<Target>], f: &mut impl fmt::Write) -> fmt::Result {
+    writeln!(
+        f,
+        "# handle pid addr len state pfn owner pmd_mappable bytes orig site"
+    )?;
+    for t in targets {
+        let gone = t.gone();
+        // A target busy in a long PATCH or RESTORE (GUP can wait on a
+        // fault) must not hold up this reader, nor anything behind it; a
+        // short holder (QUERY, a collapse) is waited out for a moment.
+        let state = (0..50).find_map(|_| {
+            let locked = t.state.try_lock();
+            if locked.is_none() {
+                kernel::time::delay::fsleep(kernel::time::Delta::from_millis(2));
+            }
+            locked
+        });
+        let Some(state) = state else {
+            writeln!(f, "# a target is busy (PATCH, RESTORE or collapse running): its patches are not listed")?;
+            continue;
+        };
+        for p in state.patches.iter() {
+            write!(
+                f,
+                "{} {} {:#x} {} {} {:#x} ",
+                p.handle,
+                p.pid,
+                p.addr,
+                p.len,
+                if gone { "gone" } else { "live" },
+                p.pfn
+            )?;
+            match p.owner {
+                Some(o) => write!(f, "file:{o} ")?,
+                None => write!(f, "persistent ")?,
+            }
+            write!(f, "{} ", if p.pmd_mappable { "yes" } else { "no" })?;
+            write_hex(f, &p.bytes[..p.len])?;
+            write!(f, " ")?;
+            write_hex(f, &p.orig[..p.len])?;
+            writeln!(f, " {}/{}", p.index, state.patches.count(p.handle))?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn write_hex(f: &mut impl fmt::Write, bytes: &[u8]) -> fmt::Result {
+    for b in bytes {
+        write!(f, "{b:02x}")?;
+    }
+    Ok(())
+}

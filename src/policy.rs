@@ -1,0 +1,123 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! What may be patched and restored: the checks of a request's arguments
+//! and of the VMAs it reaches, as plain functions of the request and of a
+//! [`VmaInfo`] snapshot, so the KUnit suite can hold them to their word.
+//! Each refusal is an errno and, in words, why.
+
+use kernel::{
+    bindings::vm_flags_t,
+    mm::virt::flags::{EXEC, HUGETLB, IO, MAYWRITE, PFNMAP, SHARED, WRITE},
+    prelude::*,
+};
+
+use crate::{
+    patches::Site,
+    sys::{VmaInfo, PAGE_MASK, PAGE_SIZE},
+    uapi::{self, PatchArgs, PatchBatchArgs, MAX_BATCH, MAX_BYTES},
+};
+
+/// A refusal: the errno to return and why, for the journal.
+pub(crate) type Refusal = (Error, &'static str);
+
+fn has(vma: &VmaInfo, flag: vm_flags_t) -> bool {
+    vma.flags & flag as usize != 0
+}
+
+/// Validate a PATCH request's header and range before anything is looked up.
+pub(crate) fn check_patch_args(args: &PatchArgs) -> Result<(), Refusal> {
+    uapi::check_header(
+        args.size,
+        args.flags,
+        core::mem::size_of::<PatchArgs>(),
+        uapi::PATCH_FLAGS,
+    )
+    .map_err(|why| (EINVAL, why))?;
+    check_range(args.addr, args.len)
+}
+
+/// Validate a PATCH_BATCH header before the sites are read.
+pub(crate) fn check_batch_args(args: &PatchBatchArgs) -> Result<(), Refusal> {
+    uapi::check_header(
+        args.size,
+        args.flags,
+        core::mem::size_of::<PatchBatchArgs>(),
+        uapi::BATCH_FLAGS,
+    )
+    .map_err(|why| (EINVAL, why))?;
+    if args.count == 0 || args.count as usize > MAX_BATCH {
+        return Err((EINVAL, "a batch holds 1 to 4096 sites"));
+    }
+    Ok(())
+}
+
+/// The checks of one site's address and length.
+pub(crate) fn check_range(addr: u64, len: u32) -> Result<(), Refusal> {
+    let len = len as usize;
+    if len == 0 || len > MAX_BYTES {
+        return Err((EINVAL, "length must be 1 to 16 bytes"));
+    }
+    // The range must not wrap: `addr + len` is computed later.
+    let Some(addr) = usize::try_from(addr)
+        .ok()
+        .filter(|a| a.checked_add(len).is_some())
+    else {
+        return Err((EFAULT, "address out of range"));
+    };
+    if (addr & !PAGE_MASK) + len > PAGE_SIZE {
+        return Err((EINVAL, "range crosses a page boundary"));
+    }
+    Ok(())
+}
+
+/// The checks PATCH makes on the VMA: what uprobes may patch, and no more.
+pub(crate) fn check_vma(vma: &VmaInfo) -> Result<(), Refusal> {
+    if has(vma, HUGETLB) || has(vma, IO) || has(vma, PFNMAP) {
+        return Err((EINVAL, "hugetlb, VM_IO or VM_PFNMAP mapping"));
+    }
+    if !vma.file_backed() {
+        return Err((EINVAL, "not a file-backed mapping"));
+    }
+    if has(vma, SHARED) {
+        return Err((EINVAL, "shared mapping: writing would change the file"));
+    }
+    if has(vma, WRITE) {
+        return Err((EINVAL, "writable mapping: not text"));
+    }
+    if !has(vma, EXEC) {
+        return Err((EINVAL, "mapping is not executable"));
+    }
+    if !has(vma, MAYWRITE) {
+        return Err((EINVAL, "mapping cannot be COWed (no VM_MAYWRITE)"));
+    }
+    if vma.uffd_armed {
+        // mutant: no-uffd-armed-check
+        // GUP's write fault would wait for the uffd reader, and dropping
+        // the uffd-wp bit silently is not ours to do.
+        return Err((EBUSY, "userfaultfd is armed on this mapping"));
+    }
+    Ok(())
+}
+
+/// May RESTORE write into the anonymous copy of a patch's page in this
+/// VMA?  Only in a private, not writable, executable mapping of the file:
+/// the kind of mapping PATCH wrote into.
+pub(crate) fn check_restore_vma(vma: &VmaInfo) -> Result<(), &'static str> {
+    if has(vma, SHARED) {
+        return Err("the patched file page is now mapped shared; nothing written");
+    }
+    if has(vma, WRITE) {
+        // mutant: no-vma-check
+        return Err("the patched file page is now mapped writable; nothing written");
+    }
+    if !has(vma, EXEC) {
+        return Err("the patched file page is now mapped without exec; nothing written");
+    }
+    Ok(())
+}
+
+/// Where a patch's file page is mapped in a VMA, if this VMA maps it.
+pub(crate) fn address_in(site: &Site, vma: &VmaInfo) -> Option<usize> {
+    vma.address_of(site.mapping, site.pgoff)
+        .map(|page| page + site.offset())
+}

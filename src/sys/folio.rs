@@ -1,0 +1,226 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Pages and the folios they belong to, each type owning one reference:
+//! [`PageRef`] a page from GUP, [`CacheRef`] a page-cache page.  Every
+//! kmap of hugepoke goes through [`with_page_mapped`].
+
+use core::ptr::NonNull;
+use kernel::{bindings, mm::virt::VmaRef};
+
+use super::{
+    hugepoke_folio_file_page, hugepoke_folio_is_anon, hugepoke_folio_may_be_lru_cached,
+    hugepoke_folio_order, hugepoke_folio_pmd_mappable, hugepoke_folio_put,
+    hugepoke_folio_unexpected_refs, hugepoke_folio_uptodate, hugepoke_page_cache_folio,
+    hugepoke_page_folio, hugepoke_page_to_pfn, pte::ClearedPte, vma::vma_info, PAGE_SIZE,
+};
+
+/// Map `page` into the kernel for the length of `f` (`kmap_local_page`).
+///
+/// # Safety
+///
+/// The caller holds a reference (or a lock) that keeps `page` allocated
+/// for the call.
+unsafe fn with_page_mapped<T>(page: NonNull<bindings::page>, f: impl FnOnce(*mut u8) -> T) -> T {
+    // SAFETY: the page stays allocated (our caller's contract).
+    let kaddr = unsafe { bindings::kmap_local_page(page.as_ptr()) }.cast::<u8>();
+    let result = f(kaddr);
+    // SAFETY: mapped above; kmap_local mappings nest, and any taken inside
+    // `f` were released before it returned.
+    unsafe { bindings::kunmap_local(kaddr.cast()) };
+    result
+}
+
+/// Copy `out.len()` bytes of `page` from `offset`.
+///
+/// # Safety
+///
+/// As [`with_page_mapped`].
+pub(super) unsafe fn read_page(page: NonNull<bindings::page>, offset: usize, out: &mut [u8]) {
+    assert!(offset + out.len() <= PAGE_SIZE);
+    // SAFETY: the page stays allocated (our caller); the copy stays inside
+    // the one mapped page (asserted above).
+    unsafe {
+        with_page_mapped(page, |kaddr| {
+            core::ptr::copy_nonoverlapping(kaddr.add(offset), out.as_mut_ptr(), out.len())
+        })
+    }
+}
+
+/// Copy `bytes` into `page` at `offset`.
+///
+/// # Safety
+///
+/// As [`with_page_mapped`], and no CPU may execute or write the page
+/// through another mapping meanwhile.
+pub(super) unsafe fn write_page(page: NonNull<bindings::page>, offset: usize, bytes: &[u8]) {
+    assert!(offset + bytes.len() <= PAGE_SIZE);
+    // SAFETY: as `read_page`; no other writer (our caller).
+    unsafe {
+        with_page_mapped(page, |kaddr| {
+            core::ptr::copy_nonoverlapping(bytes.as_ptr(), kaddr.add(offset), bytes.len())
+        })
+    }
+}
+
+/// One page and a reference on its folio, from GUP.
+///
+/// # Invariants
+///
+/// We own one reference on the folio of `page`.
+pub(crate) struct PageRef {
+    page: NonNull<bindings::page>,
+}
+
+// SAFETY: a folio reference may be dropped from any task.
+unsafe impl Send for PageRef {}
+
+impl PageRef {
+    /// Take over the reference `get_user_pages_remote()` gave on `page`.
+    pub(super) fn from_gup(page: NonNull<bindings::page>) -> Self {
+        // INVARIANT: GUP returned the page with a reference on its folio.
+        Self { page }
+    }
+
+    pub(super) fn page(&self) -> NonNull<bindings::page> {
+        self.page
+    }
+
+    pub(super) fn folio(&self) -> *mut bindings::folio {
+        // SAFETY: by the type invariant the page is valid.
+        unsafe { hugepoke_page_folio(self.page.as_ptr()) }
+    }
+
+    pub(crate) fn pfn(&self) -> usize {
+        // SAFETY: by the type invariant the page is valid.
+        unsafe { hugepoke_page_to_pfn(self.page.as_ptr()) }
+    }
+
+    pub(crate) fn is_anon(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { hugepoke_folio_is_anon(self.folio()) }
+    }
+
+    pub(crate) fn folio_order(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { hugepoke_folio_order(self.folio()) }
+    }
+
+    /// Wait until the folio is not under writeback (a swap-out in flight),
+    /// so that a zap can free its swap slot.  Sleeps; no spinlock held.
+    pub(crate) fn wait_writeback(&self) {
+        // SAFETY: we hold a reference on the folio, as the function requires.
+        unsafe { bindings::folio_wait_writeback(self.folio()) }
+    }
+
+    /// References beyond the ones its mappings, the page or swap cache and
+    /// our GUP hold: a pin, a pipe, an LRU batch…
+    pub(crate) fn unexpected_refs(&self) -> i32 {
+        // SAFETY: as above.
+        unsafe { hugepoke_folio_unexpected_refs(self.folio()) }
+    }
+
+    /// A per-CPU LRU batch may hold a reference (the kernel's own
+    /// predicate: any small folio may).
+    pub(crate) fn may_be_lru_cached(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { hugepoke_folio_may_be_lru_cached(self.folio()) }
+    }
+
+    pub(crate) fn read(&self, offset: usize, out: &mut [u8]) {
+        // SAFETY: by the type invariant the page stays allocated.
+        unsafe { read_page(self.page, offset, out) }
+    }
+}
+
+impl Drop for PageRef {
+    fn drop(&mut self) {
+        // SAFETY: by the type invariant we own one reference on the folio.
+        unsafe { hugepoke_folio_put(self.folio()) };
+    }
+}
+
+/// The page-cache page of one file page, with a reference.
+///
+/// # Invariants
+///
+/// We own one reference on `folio`, which contains `page`.
+pub(crate) struct CacheRef {
+    folio: NonNull<bindings::folio>,
+    page: NonNull<bindings::page>,
+}
+
+// SAFETY: a folio reference may be dropped from any task.
+unsafe impl Send for CacheRef {}
+
+/// Look up (never read in) the page-cache folio behind `addr` of `vma`.
+pub(crate) fn page_cache_page(vma: &VmaRef, addr: usize) -> Option<CacheRef> {
+    let info = vma_info(vma);
+    if !info.file_backed() {
+        return None;
+    }
+    let index = info.pgoff_of(addr);
+    // SAFETY: the VMA is file-backed and valid under the mmap lock, so
+    // `vm_file->f_mapping` is valid; the helper returns a counted folio or
+    // null.
+    let folio =
+        unsafe { hugepoke_page_cache_folio(info.mapping as *mut bindings::address_space, index) };
+    let folio = NonNull::new(folio)?;
+    // SAFETY: `folio` is valid and counted, and contains `index`.
+    let page = unsafe { hugepoke_folio_file_page(folio.as_ptr(), index) };
+    let Some(page) = NonNull::new(page) else {
+        // SAFETY: we own the reference just taken.
+        unsafe { hugepoke_folio_put(folio.as_ptr()) };
+        return None;
+    };
+    // INVARIANT: the lookup's reference, and the folio's page at `index`.
+    Some(CacheRef { folio, page })
+}
+
+impl CacheRef {
+    pub(crate) fn pfn(&self) -> usize {
+        // SAFETY: by the type invariant the folio and page are valid.
+        unsafe { hugepoke_page_to_pfn(self.page.as_ptr()) }
+    }
+
+    pub(crate) fn folio_order(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { hugepoke_folio_order(self.folio.as_ptr()) }
+    }
+
+    pub(crate) fn pmd_mappable(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { hugepoke_folio_pmd_mappable(self.folio.as_ptr()) }
+    }
+
+    pub(crate) fn uptodate(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { hugepoke_folio_uptodate(self.folio.as_ptr()) }
+    }
+
+    /// Is the whole page byte-for-byte equal to the page `pte` maps?
+    pub(crate) fn identical_to(&self, pte: &ClearedPte<'_>) -> bool {
+        let compare = |a: *mut u8, b: *mut u8| {
+            // SAFETY: both are mapped pages of PAGE_SIZE bytes; the cache
+            // page is uptodate text no one writes, and no CPU maps the other
+            // (its PTE is cleared, the PT lock held).
+            unsafe {
+                core::slice::from_raw_parts(a, PAGE_SIZE)
+                    == core::slice::from_raw_parts(b, PAGE_SIZE)
+            }
+        };
+        // SAFETY: we hold a reference on the cache page, and the PT lock
+        // keeps the page `pte` maps; the inner mapping is released first.
+        unsafe {
+            with_page_mapped(self.page, |a| {
+                with_page_mapped(pte.page(), |b| compare(a, b))
+            })
+        }
+    }
+}
+
+impl Drop for CacheRef {
+    fn drop(&mut self) {
+        // SAFETY: by the type invariant we own one reference on the folio.
+        unsafe { hugepoke_folio_put(self.folio.as_ptr()) };
+    }
+}

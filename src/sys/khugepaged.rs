@@ -1,0 +1,58 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! What hugepoke asks of mm's own machinery once a copy is zapped: the
+//! LRU drain that lets go of a fresh copy's last unexpected reference, and
+//! khugepaged's `collapse_pte_mapped_thp()` with its `enum scan_result`.
+
+use kernel::{
+    bindings,
+    mm::{MmWithUser, MmapReadGuard},
+};
+
+/// Flush every CPU's LRU batches (sleeps; waits for every CPU).
+pub(crate) fn lru_add_drain_all() {
+    // SAFETY: no preconditions beyond process context.
+    unsafe { bindings::lru_add_drain_all() };
+}
+
+/// `collapse_pte_mapped_thp()`: map the 2 MiB range at `haddr` by a PMD
+/// again if all its PTEs map the page-cache THP.  Returns the kernel's
+/// `enum scan_result`.
+pub(crate) fn collapse_pte_mapped_thp(
+    mm: &MmWithUser,
+    _locked: &MmapReadGuard<'_>,
+    haddr: usize,
+    install_pmd: bool,
+) -> u32 {
+    // SAFETY: `mm` has a user reference and its mmap lock is held, as
+    // collapse_pte_mapped_thp() requires.
+    unsafe { bindings::collapse_pte_mapped_thp(mm.as_raw(), haddr as _, install_pmd) as u32 }
+}
+
+/// The name of a `enum scan_result` value, as khugepaged's trace events
+/// spell it.
+#[allow(non_upper_case_globals)] // bindgen's names for the enum's values
+pub(crate) fn scan_result_name(result: u32) -> &'static str {
+    use bindings::*;
+    match result {
+        scan_result_SCAN_FAIL => "SCAN_FAIL",
+        scan_result_SCAN_SUCCEED => "SCAN_SUCCEED",
+        scan_result_SCAN_NO_PTE_TABLE => "SCAN_NO_PTE_TABLE",
+        scan_result_SCAN_PMD_MAPPED => "SCAN_PMD_MAPPED",
+        scan_result_SCAN_PTE_NON_PRESENT => "SCAN_PTE_NON_PRESENT",
+        scan_result_SCAN_PTE_UFFD_WP => "SCAN_PTE_UFFD_WP",
+        scan_result_SCAN_PAGE_NULL => "SCAN_PAGE_NULL",
+        scan_result_SCAN_PAGE_COMPOUND => "SCAN_PAGE_COMPOUND",
+        scan_result_SCAN_PAGE_ANON => "SCAN_PAGE_ANON",
+        scan_result_SCAN_VMA_CHECK => "SCAN_VMA_CHECK",
+        scan_result_SCAN_VMA_NULL => "SCAN_VMA_NULL",
+        scan_result_SCAN_ADDRESS_RANGE => "SCAN_ADDRESS_RANGE",
+        scan_result_SCAN_PAGE_LOCK => "SCAN_PAGE_LOCK",
+        _ => "SCAN_other",
+    }
+}
+
+/// Did the collapse leave the range PMD-mapped (or ready to be)?
+pub(crate) fn scan_result_ok(result: u32) -> bool {
+    result == bindings::scan_result_SCAN_SUCCEED || result == bindings::scan_result_SCAN_PMD_MAPPED
+}

@@ -1,0 +1,112 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Processes: the target named by a pid ([`Process`]) and its address
+//! space, the caller's tgid, and the reference on this module an open
+//! file holds ([`ModuleRef`]).
+
+use core::ptr::NonNull;
+use kernel::{
+    bindings,
+    mm::{Mm, MmWithUser, MmWithUserAsync},
+    prelude::*,
+    sync::aref::ARef,
+    task::Task,
+};
+
+/// Thread-group id of the calling task, in its own pid namespace.
+pub(crate) fn current_tgid() -> i32 {
+    kernel::current!().tgid_nr_ns(None)
+}
+
+/// A process named by the caller, with a reference on its task.
+pub(crate) struct Process {
+    task: ARef<Task>,
+}
+
+impl Process {
+    /// Look `pid` up in the caller's pid namespace.
+    pub(crate) fn find(pid: i32) -> Option<Self> {
+        if pid <= 0 {
+            return None;
+        }
+        // SAFETY: `find_get_pid` takes any number; it returns a counted
+        // `struct pid` or null.
+        let spid = unsafe { bindings::find_get_pid(pid) };
+        if spid.is_null() {
+            return None;
+        }
+        // SAFETY: `spid` is a valid, counted pid; `get_pid_task` returns a
+        // counted task or null.  We drop our pid reference right after.
+        let task = unsafe {
+            let task = bindings::get_pid_task(spid, bindings::pid_type_PIDTYPE_PID);
+            bindings::put_pid(spid);
+            task
+        };
+        let task = NonNull::new(task)?.cast::<Task>();
+        // SAFETY: `get_pid_task` gave us one reference, which the `ARef`
+        // now owns; `Task` is a transparent wrapper of `task_struct`.
+        Some(Self {
+            task: unsafe { ARef::from_raw(task) },
+        })
+    }
+
+    /// Its tgid, as the caller sees it.
+    pub(crate) fn tgid(&self) -> i32 {
+        self.task.tgid_nr_ns(None)
+    }
+
+    pub(crate) fn is_kernel_thread(&self) -> bool {
+        // SAFETY: the task is valid while we hold our reference; `flags` is
+        // a plain word that PF_KTHREAD never leaves once set.
+        let flags = unsafe { (*self.task.as_ptr()).flags };
+        flags & bindings::PF_KTHREAD != 0
+    }
+
+    /// Its address space, with a user reference, if the caller may
+    /// ptrace-attach to it with its real credentials (the check
+    /// `process_vm_writev()` and `/proc/PID/mem` make).  `mm_access()`
+    /// makes the check and takes the mm under the target's
+    /// `exec_update_lock`, so an `execve()` cannot come between them.
+    /// The reference is dropped with `mmput_async`, so that the last
+    /// `mmput` of an exiting target never runs in our locks.
+    pub(crate) fn mm_access(&self) -> Result<ARef<MmWithUserAsync>> {
+        // SAFETY: the task is valid while we hold our reference; the mode is
+        // a valid PTRACE_MODE_* combination.
+        let mm = unsafe {
+            bindings::mm_access(self.task.as_ptr(), bindings::PTRACE_MODE_ATTACH_REALCREDS)
+        };
+        if mm.is_null() {
+            return Err(ESRCH);
+        }
+        let mm = kernel::error::from_err_ptr(mm)?;
+        // SAFETY: `mm_access` returned an mm with `mm_users` raised, which
+        // the `ARef` now owns; `MmWithUser` is a transparent `mm_struct`.
+        let mm: ARef<MmWithUser> = unsafe { ARef::from_raw(NonNull::new_unchecked(mm.cast())) };
+        Ok(MmWithUser::into_mmput_async(mm))
+    }
+}
+
+/// Identity of an address space, for comparing targets; never dereferenced.
+pub(crate) fn mm_id(mm: &Mm) -> usize {
+    mm.as_raw() as usize
+}
+
+/// A reference on this module, held by every open file of the device
+/// (the Rust miscdevice sets no `fops->owner`), so that `rmmod` waits for
+/// the last `close()`.
+pub(crate) struct ModuleRef(());
+
+impl ModuleRef {
+    pub(crate) fn get() -> Option<Self> {
+        // SAFETY: try_module_get() on our own module, from one of its calls.
+        unsafe { super::hugepoke_module_get() }.then_some(Self(()))
+    }
+}
+
+impl Drop for ModuleRef {
+    fn drop(&mut self) {
+        // SAFETY: drops the one reference `get` took.  Callers drop it as
+        // their very last act, so only their return runs after it.
+        unsafe { super::hugepoke_module_put() };
+    }
+}

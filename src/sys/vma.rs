@@ -1,0 +1,95 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! One VMA, as hugepoke needs to know it: a [`VmaInfo`] snapshot taken
+//! under the mmap lock (plain data, so the policy over it is testable),
+//! and the file it maps.
+
+use kernel::{bindings, fs::File, mm::virt::VmaRef, sync::aref::ARef};
+
+use super::{hugepoke_uffd_armed, hugepoke_uffd_missing, hugepoke_uffd_wp};
+
+/// What hugepoke needs to know of a VMA.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct VmaInfo {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+    pub(crate) flags: usize,
+    /// The file's `address_space`, as an identity (0: not file-backed).
+    pub(crate) mapping: usize,
+    /// The file page mapped at `start`.
+    pub(crate) pgoff: usize,
+    pub(crate) uffd_armed: bool,
+    pub(crate) uffd_wp: bool,
+    pub(crate) uffd_missing: bool,
+}
+
+impl VmaInfo {
+    pub(crate) fn file_backed(&self) -> bool {
+        self.mapping != 0
+    }
+
+    /// Where file page `pgoff` of `mapping` is mapped in this VMA, if it is.
+    pub(crate) fn address_of(&self, mapping: usize, pgoff: usize) -> Option<usize> {
+        let pages = (self.end - self.start) >> bindings::PAGE_SHIFT;
+        if mapping == 0
+            || mapping != self.mapping
+            || pgoff < self.pgoff
+            || pgoff - self.pgoff >= pages
+        {
+            return None;
+        }
+        Some(self.start + ((pgoff - self.pgoff) << bindings::PAGE_SHIFT))
+    }
+
+    /// The file page mapped at `addr` (inside the VMA).
+    pub(crate) fn pgoff_of(&self, addr: usize) -> usize {
+        ((addr - self.start) >> bindings::PAGE_SHIFT) + self.pgoff
+    }
+}
+
+pub(crate) fn vma_info(vma: &VmaRef) -> VmaInfo {
+    let raw = vma.as_ptr();
+    // SAFETY: the VMA is valid while the mmap lock that gave us `vma` is
+    // held; `vm_file`, its `f_mapping` and `vm_pgoff` are stable under it.
+    let (mapping, pgoff) = unsafe {
+        let file = (*raw).vm_file;
+        let mapping = if file.is_null() {
+            0
+        } else {
+            (*file).f_mapping as usize
+        };
+        (mapping, (*raw).vm_pgoff as usize)
+    };
+    // SAFETY: as above; the helpers only read the VMA's flags and context.
+    let (uffd_armed, uffd_wp, uffd_missing) = unsafe {
+        (
+            hugepoke_uffd_armed(raw),
+            hugepoke_uffd_wp(raw),
+            hugepoke_uffd_missing(raw),
+        )
+    };
+    VmaInfo {
+        start: vma.start(),
+        end: vma.end(),
+        flags: vma.flags() as usize,
+        mapping,
+        pgoff,
+        uffd_armed,
+        uffd_wp,
+        uffd_missing,
+    }
+}
+
+/// A counted reference to the file `vma` maps, if any.
+pub(crate) fn vma_file(vma: &VmaRef) -> Option<ARef<File>> {
+    // SAFETY: the VMA is valid under the mmap lock; `vm_file` holds a
+    // reference on the file while the VMA exists.
+    let file = unsafe { (*vma.as_ptr()).vm_file };
+    if file.is_null() {
+        return None;
+    }
+    // SAFETY: `file` is a valid file for as long as the VMA; `ARef::from`
+    // takes a reference of our own (get_file) before we return.  We never
+    // use its position, so the fdget_pos rule of `File` is moot.
+    Some(ARef::from(unsafe { File::from_raw_file(file) }))
+}

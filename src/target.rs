@@ -1,0 +1,250 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Who is patched where: the [`Registry`] of targets and handles, and per
+//! target ([`Target`]) its live [`Patches`] and the collapses queued for
+//! it.  The [`Registry`] keeps targets, handles and each owner's targets
+//! in red-black trees: every lookup is O(log N).
+//!
+//! Locks, outermost first:
+//! 1. `Target::state` — one target's patches.  PATCH, RESTORE and the
+//!    collapse work of that target hold it for their whole run, across
+//!    GUP, the target's mmap lock and its page-table lock, so they see
+//!    and change one consistent set of patches.  Targets never wait for
+//!    each other.
+//! 2. the target's mmap lock — for writing in PATCH and RESTORE (see
+//!    `sys::MmapWriteGuard`), for reading in the collapse work — then its
+//!    page-table lock.
+//! 3. `Hugepoke::registry` — a leaf: held only to look up or record a
+//!    handle or a target, never across GUP, an mm lock or another
+//!    target's lock.  It is the only lock all targets share, so PATCH,
+//!    RESTORE and collapses of different targets run in parallel.
+//! 4. the journal's spinlock, innermost (taken for one record, also
+//!    under a page-table lock).
+//!
+//! (`module::INSTANCE`, the global lock on the live instance, is taken
+//! only by `open` and at load and unload, with none of these held.)
+
+use kernel::{
+    fs::File,
+    mm::{Mm, MmWithUser, MmWithUserAsync},
+    new_mutex,
+    prelude::*,
+    rbtree::{Entry, RBTree, RBTreeNode, RBTreeNodeReservation},
+    sync::aref::ARef,
+    sync::Arc,
+    sync::Mutex,
+};
+
+use crate::{
+    live::{self, Live},
+    patches::{Owner, Patches},
+    sys,
+};
+
+/// One target: an mm with patches or queued collapses.
+#[pin_data]
+pub(crate) struct Target {
+    /// The target's address space, by `mm_count` only: it does not keep
+    /// the process's memory alive.
+    pub(crate) mm: ARef<Mm>,
+    #[pin]
+    pub(crate) state: Mutex<TargetState>,
+    _live: Live,
+}
+
+/// The fields of a [`Target`] protected by its `state` mutex.
+pub(crate) struct TargetState {
+    pub(crate) patches: Patches<ARef<File>>,
+    /// Queued, not yet started collapses: (mapping, PMD-sized file range).
+    pub(crate) pending_collapses: KVec<(usize, usize)>,
+    /// Out of the registry: a new PATCH must look the target up again.
+    pub(crate) retired: bool,
+}
+
+impl Target {
+    pub(crate) fn new(mm: &Mm) -> Result<Arc<Self>> {
+        Arc::pin_init(
+            pin_init!(Self {
+                mm: ARef::from(mm),
+                state <- new_mutex!(
+                    TargetState { patches: Patches::new(), pending_collapses: KVec::new(), retired: false },
+                    "hugepoke_target"
+                ),
+                _live: Live::new(&live::TARGETS),
+            }),
+            GFP_KERNEL,
+        )
+    }
+
+    pub(crate) fn mm_id(&self) -> usize {
+        sys::mm_id(&self.mm)
+    }
+
+    /// A user reference on the target's address space, unless the process
+    /// is gone.  Dropped with `mmput_async`: the last `mmput` of a target
+    /// never runs under our locks.
+    pub(crate) fn mm_user(&self) -> Option<ARef<MmWithUserAsync>> {
+        self.mm.mmget_not_zero().map(MmWithUser::into_mmput_async)
+    }
+
+    /// Has the target process's address space gone away?
+    pub(crate) fn gone(&self) -> bool {
+        self.mm_user().is_none()
+    }
+}
+
+impl TargetState {
+    /// Nothing left for this target: no patch, no queued collapse.
+    pub(crate) fn idle(&self) -> bool {
+        self.patches.is_empty() && self.pending_collapses.is_empty()
+    }
+}
+
+/// A target's identity in [`Registry::owner_targets`].
+fn target_key(target: &Target) -> usize {
+    core::ptr::from_ref(target) as usize
+}
+
+/// Every target and every handle, each lookup O(log N).  See the lock
+/// order above.
+pub(crate) struct Registry {
+    /// By `mm_id`.
+    targets: RBTree<usize, Arc<Target>>,
+    /// Every handle, its owner (as PATCH recorded it, or `None` once the
+    /// patch became persistent) and its target: a closing file visits the
+    /// targets it patched and waits for no other.
+    handles: RBTree<u64, (Owner, Arc<Target>)>,
+    /// `(owner, target)` → how many of the owner's handles are on that
+    /// target (by the target's address: a retired target and a newer one
+    /// for the same mm are two).
+    owner_targets: RBTree<(u64, usize), (u32, Arc<Target>)>,
+    next_handle: u64,
+    /// Set at module unload: no new patches.
+    pub(crate) closing: bool,
+}
+
+impl Registry {
+    pub(crate) fn new() -> Self {
+        Self {
+            targets: RBTree::new(),
+            handles: RBTree::new(),
+            owner_targets: RBTree::new(),
+            next_handle: 1,
+            closing: false,
+        }
+    }
+
+    /// The target for `mm`, made if there is none.
+    pub(crate) fn target_for(&mut self, mm: &Mm) -> Result<Arc<Target>> {
+        let id = sys::mm_id(mm);
+        if let Some(t) = self.targets.get(&id) {
+            return Ok(t.clone());
+        }
+        let t = Target::new(mm)?;
+        self.targets
+            .try_create_and_insert(id, t.clone(), GFP_KERNEL)?;
+        Ok(t)
+    }
+
+    /// A new handle for a patch of `target`, recorded before the patch is
+    /// made (so that recording cannot fail after the bytes are written).
+    pub(crate) fn new_handle(&mut self, target: &Arc<Target>, owner: Owner) -> Result<u64> {
+        let handle = self.next_handle;
+        let handle_node = RBTreeNode::new(handle, (owner, target.clone()), GFP_KERNEL)?;
+        if let Some(o) = owner {
+            let key = (o, target_key(target));
+            match self.owner_targets.entry(key) {
+                Entry::Occupied(mut e) => e.get_mut().0 += 1,
+                Entry::Vacant(e) => {
+                    e.insert((1, target.clone()), RBTreeNodeReservation::new(GFP_KERNEL)?);
+                }
+            }
+        }
+        self.handles.insert(handle_node);
+        self.next_handle += 1;
+        Ok(handle)
+    }
+
+    pub(crate) fn target_of(&self, handle: u64) -> Option<Arc<Target>> {
+        self.handles.get(&handle).map(|(_, t)| t.clone())
+    }
+
+    /// `owner` has one handle fewer on `target`; returns the reference to
+    /// drop outside the lock when it was its last there.
+    fn owner_leaves(&mut self, owner: u64, target: &Target) -> Option<(u32, Arc<Target>)> {
+        let mut e = self.owner_targets.find_mut(&(owner, target_key(target)))?;
+        if e.get().0 > 1 {
+            e.get_mut().0 -= 1;
+            return None;
+        }
+        Some(e.remove_node().to_key_value().1)
+    }
+
+    /// The patch behind `handle` now belongs to nobody (persistent); a
+    /// reference to drop outside the lock may come back.
+    pub(crate) fn disown(&mut self, handle: u64) -> Option<(u32, Arc<Target>)> {
+        let (owner, target) = self.handles.get_mut(&handle)?;
+        let owner = owner.take()?;
+        let target = target.clone();
+        self.owner_leaves(owner, &target)
+    }
+
+    /// Forget a handle; the target references are returned to be dropped
+    /// outside the lock.
+    pub(crate) fn forget_handle(
+        &mut self,
+        handle: u64,
+    ) -> Option<(Arc<Target>, Option<(u32, Arc<Target>)>)> {
+        let (owner, target) = self.handles.remove(&handle)?;
+        let left = owner.and_then(|o| self.owner_leaves(o, &target));
+        Some((target, left))
+    }
+
+    /// Take a target out of the registry (its state is locked by the
+    /// caller and idle).
+    pub(crate) fn retire(
+        &mut self,
+        target: &Target,
+        state: &mut TargetState,
+    ) -> Option<Arc<Target>> {
+        state.retired = true;
+        // Only this target: a newer one for the same mm stays.
+        let id = target.mm_id();
+        if !self
+            .targets
+            .get(&id)
+            .is_some_and(|t| core::ptr::eq(&**t, target))
+        {
+            return None;
+        }
+        self.targets.remove(&id)
+    }
+
+    /// The targets `owner` has patches on (every target for `None`), for
+    /// walking without the registry lock.
+    pub(crate) fn targets_of(&self, owner: Owner) -> Result<KVec<Arc<Target>>> {
+        let Some(o) = owner else {
+            return self.targets();
+        };
+        let mut v: KVec<Arc<Target>> = KVec::new();
+        let mut next = (o, 0);
+        while let Some(c) = self.owner_targets.cursor_lower_bound(&next) {
+            let (&(owner, id), (_, t)) = c.current();
+            if owner != o {
+                break;
+            }
+            v.push(t.clone(), GFP_KERNEL)?;
+            next = (o, id + 1);
+        }
+        Ok(v)
+    }
+
+    /// Every target, for walking without the registry lock.
+    pub(crate) fn targets(&self) -> Result<KVec<Arc<Target>>> {
+        let mut v = KVec::new();
+        for t in self.targets.values() {
+            v.push(t.clone(), GFP_KERNEL)?;
+        }
+        Ok(v)
+    }
+}
