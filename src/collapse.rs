@@ -65,7 +65,7 @@ pub(crate) fn queue_collapse(
         .pid(site.pid)
         .addr(haddr)
         .handle(site.handle as u32);
-    let install_pmd = site.flags & crate::uapi::PATCH_INSTALL_PMD != 0;
+    let install_pmd = site.flags & crate::uapi::PATCH_INSTALL_PMD != 0; // mutant: install-pmd-ignored
     let key = range_key(site);
     if hp.registry.lock().closing {
         // Module unload: no work may outlive us; collapse right here.
@@ -122,7 +122,7 @@ pub(crate) fn queue_collapse(
             .record(ev.error(ENOMEM, "no memory for the collapse work"));
         return;
     }
-    let _ = hp.workqueue.queue().enqueue(work);
+    let _ = hp.workqueue.queue().enqueue(work); // mutant: leak-collapse-work collapse-never-runs
     hp.journal.record(ev.note(if install_pmd {
         "collapse_pte_mapped_thp(install_pmd=true) queued"
     } else {
@@ -140,7 +140,7 @@ impl WorkItem for CollapseWork {
         let mut state = this.target.state.lock();
         // From here on, a RESTORE in the range queues a new work.
         state.pending_collapses.retain(|k| *k != this.key);
-        let outcome = collapse_range(&state, &this.target, this.haddr, this.key, this.install_pmd);
+        let outcome = collapse_range(&state, &this.target, this.haddr, this.key, this.install_pmd); // mutant: map-no-collapse
         record_outcome(
             hp,
             Event::new(Step::Collapse).pid(this.pid).addr(this.haddr),
@@ -185,8 +185,9 @@ fn collapse_range(
         return Err((EINVAL, "VMA no longer covers the 2 MiB range"));
     }
     let result = sys::collapse_pte_mapped_thp(&mm, &guard, haddr, install_pmd);
+    let succeeded = sys::scan_result_ok(result); // mutant: collapse-result-ignored
     match (
-        sys::scan_result_ok(result),
+        succeeded,
         result == kernel::bindings::scan_result_SCAN_PMD_MAPPED,
     ) {
         (true, true) => Ok("SCAN_PMD_MAPPED: already PMD-mapped"),

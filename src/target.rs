@@ -141,8 +141,10 @@ impl Registry {
             return Ok(t.clone());
         }
         let t = Target::new(mm)?;
-        self.targets
-            .try_create_and_insert(id, t.clone(), GFP_KERNEL)?;
+        let node = self
+            .targets
+            .try_create_and_insert(id, t.clone(), GFP_KERNEL); // mutant: leak-target
+        node?;
         Ok(t)
     }
 

@@ -88,7 +88,7 @@ pub(crate) fn find_anon_copy<'a>(
     while let Some(vma) = guard.find_vma(cursor) {
         cursor = vma.end();
         let info = sys::vma_info(vma);
-        let page_addr = policy::address_in(site, &info).map(|a| a & PAGE_MASK); // mutant: address-identity/2
+        let page_addr = policy::address_in(site, &info).map(|a| a & PAGE_MASK); // mutant: address-identity/2 address-identity-remap
         let Some(page_addr) = page_addr else { continue };
         seen.mapped = true;
         // One mapping that cannot be faulted in (uffd, a guard region,
@@ -225,7 +225,7 @@ fn locate_page(
             continue;
         };
         if !pte.writable() && (pte.uffd_wp() || !pte.anon_exclusive()) {
-            // mutant: no-cow-break
+            // mutant: no-cow-break-after-fork batch-no-cow-break uffd-wp-write-through
             // A uffd-wp PTE (as uprobes: a fault to take, never a bit to
             // write through) or a copy shared with a forked child: take
             // the fault with FOLL_WRITE, for this page in this mapping.
@@ -255,7 +255,7 @@ fn locate_page(
             let mut now = [0u8; MAX_BYTES];
             page.read(s.offset(), &mut now[..s.len]);
             if now[..s.len] != *patched {
-                // mutant: restore-unchecked
+                // mutant: no-byte-check restore-half-done/2
                 let why = "this site's bytes are not the ones PATCH wrote";
                 hp.journal.record(
                     ev(s, Step::RestoreBytes)

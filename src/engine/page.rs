@@ -113,7 +113,6 @@ pub(crate) fn write_patch(
             )));
         }
         if !pte.writable() && !pte.anon_exclusive() {
-            // mutant: no-exclusive-check
             drop(pte);
             hp.journal
                 .record(ev(Step::WriteBytes).error(EAGAIN, "page may be shared; retrying COW"));
@@ -192,7 +191,7 @@ pub(crate) fn write_page(
         let mut now = [0u8; MAX_BYTES];
         pte.read(s.offset(), &mut now[..s.len]);
         if now[..s.len] != *now_there {
-            // mutant: restore-unchecked/2
+            // mutant: no-byte-check/2
             return Err(Refused::Kept(
                 sys::eilseq(),
                 "bytes at a site changed while it was restored; nothing left written",
@@ -254,7 +253,7 @@ pub(crate) fn zap_page(
     let info = sys::vma_info(vma);
     let pte = pte.unmap();
     let cache = sys::page_cache_page(vma, page_addr);
-    let keep = keep_reason(&info, page, cache.as_ref(), &pte); // mutant: never-zap
+    let keep = keep_reason(&info, page, cache.as_ref(), &pte); // mutant: map-no-zap
     zap_or_keep(hp, ev, pte, page, keep, cache, page_addr)
 }
 

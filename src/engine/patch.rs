@@ -162,7 +162,7 @@ fn patch_locked(
             .handle(who.handle as u32)
             .note("every site checked"),
     );
-    hp.pauses.at(Point::Checked, who.pid, &hp.journal);
+    hp.pauses.at(Point::Checked, who.pid, &hp.journal); // mutant: expect-not-under-lock
     if let Err(failure) = write_pages(hp, &guard, &mut plan) {
         return Err(give_back(
             hp, target, state, guard, mm, plan, room, who, failure,
@@ -201,7 +201,7 @@ fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Re
                 plan.sites[r]
                     .iter_mut()
                     .for_each(|s| s.pmd_mappable = pmd_mappable);
-                w.state = PageState::Found(page_addr, page); // mutant: leak-folio-ref-at-patch
+                w.state = PageState::Found(page_addr, page); // mutant: leak-folio-ref-at-patch drain-at-patch
                 w.written = Written::Bytes;
             }
             Err(WriteError::Failed(e)) => return Err(Failure::at(e, blame)),

@@ -259,19 +259,16 @@ impl Plan {
             .last()
             .map(|w| self.sites[w.range.start].addr & PAGE_MASK);
         let new_page = last_page != Some(addr & PAGE_MASK); // mutant: page-per-site
-        if state
-            .patches
-            .page(&key)
-            .overlaps(addr & !PAGE_MASK, s.len as usize)
-        {
-            // mutant: overlap-live
+        let on_page = state.patches.page(&key);
+        if on_page.overlaps(addr & !PAGE_MASK, s.len as usize) {
+            // mutant: overlap-live overlap-first-site-only
             return Err((EBUSY, "range overlaps a live patch"));
         }
         if new_page {
             // One file page reached at two addresses would be two copies:
             // the table knows a patch by its file page, so that is refused.
             if at.get(&key).is_some() {
-                // mutant: two-addresses
+                // mutant: two-addresses two-addresses-adjacent-only page-per-site/2
                 return Err((EINVAL, "two sites on one file page mapped at two addresses"));
             }
             at.try_create_and_insert(key, (), GFP_KERNEL)

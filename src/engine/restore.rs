@@ -119,7 +119,7 @@ pub(crate) fn restore_pages(
             Located::NeedDrain if !drained => {
                 // Without the mmap lock: nothing is written yet.
                 drop(guard); // mutant: drain-under-mmap-lock
-                drain_lru_batches(hp, &sites[0]); // mutant: drain-under-registry
+                drain_lru_batches(hp, &sites[0]); // mutant: drain-under-registry drain-under-mmap-lock/2
                 drained = true;
                 continue;
             }

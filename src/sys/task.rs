@@ -74,6 +74,7 @@ impl Process {
         // a valid PTRACE_MODE_* combination.
         let mm = unsafe {
             bindings::mm_access(self.task.as_ptr(), bindings::PTRACE_MODE_ATTACH_REALCREDS)
+            // mutant: no-ptrace-check
         };
         if mm.is_null() {
             return Err(ESRCH);
