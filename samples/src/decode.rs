@@ -4,7 +4,10 @@
 //! instructions, and when it ends inside an old instruction, its last new
 //! instruction must not be able to fall through into the half that is left.
 
-use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, FlowControl, Formatter, Instruction, IntelFormatter};
+use iced_x86::{
+    Code, Decoder, DecoderError, DecoderOptions, FlowControl, Formatter, Instruction,
+    IntelFormatter,
+};
 
 /// One decoded instruction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +34,10 @@ impl Insn {
 
 fn falls_through(insn: &Instruction) -> bool {
     match insn.flow_control() {
-        FlowControl::Return | FlowControl::UnconditionalBranch | FlowControl::IndirectBranch | FlowControl::Exception => false,
+        FlowControl::Return
+        | FlowControl::UnconditionalBranch
+        | FlowControl::IndirectBranch
+        | FlowControl::Exception => false,
         // int3 traps; a debugger (or uprobes) decides where to go on.
         FlowControl::Interrupt => insn.code() != Code::Int3,
         _ => true,
@@ -60,13 +66,23 @@ pub fn decode(code: &[u8], ip: u64) -> Vec<Insn> {
             padded.extend_from_slice(&[0; 15]);
             let mut d = Decoder::with_ip(64, &padded, ip + pos as u64, DecoderOptions::NONE);
             let probe = d.decode();
-            if d.last_error() == DecoderError::InvalidInstruction || probe.len() <= code.len() - pos {
+            if d.last_error() == DecoderError::InvalidInstruction || probe.len() <= code.len() - pos
+            {
                 error = DecoderError::InvalidInstruction;
             }
         }
-        let (invalid, truncated) = (error == DecoderError::InvalidInstruction, error == DecoderError::NoMoreBytes);
+        let (invalid, truncated) = (
+            error == DecoderError::InvalidInstruction,
+            error == DecoderError::NoMoreBytes,
+        );
         // A bad byte is skipped one at a time; a cut instruction ends the input.
-        let len = if truncated { code.len() - pos } else if invalid { 1 } else { insn.len() };
+        let len = if truncated {
+            code.len() - pos
+        } else if invalid {
+            1
+        } else {
+            insn.len()
+        };
         let mut text = String::new();
         if truncated {
             text.push_str("(cut: needs more bytes)");
@@ -124,7 +140,11 @@ impl Review {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Review patching `new` at `addr`, given the old code `old_code` as the
@@ -184,7 +204,11 @@ pub fn review(old_code: &[u8], old_start: u64, start: &Start, addr: u64, new: &[
                 i.addr - addr
             ));
         } else if i.invalid {
-            r.refusals.push(format!("the new bytes do not decode: {} at +{} is not an instruction", hex(&i.bytes), i.addr - addr));
+            r.refusals.push(format!(
+                "the new bytes do not decode: {} at +{} is not an instruction",
+                hex(&i.bytes),
+                i.addr - addr
+            ));
         }
     }
 
@@ -196,7 +220,10 @@ pub fn review(old_code: &[u8], old_start: u64, start: &Start, addr: u64, new: &[
     for (prev, i) in old_all.iter().zip(old_all.iter().skip(1)) {
         if i.addr > addr && i.addr < end && !new_starts.contains(&i.addr) {
             let why = if prev.text.starts_with("call") {
-                format!("the return address of the old `{}`: a thread in that call returns into it", prev.text)
+                format!(
+                    "the return address of the old `{}`: a thread in that call returns into it",
+                    prev.text
+                )
             } else {
                 "a thread stopped there, or a jump to it, resumes there".to_string()
             };
@@ -240,7 +267,12 @@ pub fn listing(insns: &[Insn], mut name: impl FnMut(u64) -> Option<String>) -> S
     let mut out = String::new();
     for i in insns {
         let label = name(i.addr).map(|n| format!(" <{n}>")).unwrap_or_default();
-        out.push_str(&format!("  {:#014x}{label}  {:<24} {}\n", i.addr, hex(&i.bytes), i.text));
+        out.push_str(&format!(
+            "  {:#014x}{label}  {:<24} {}\n",
+            i.addr,
+            hex(&i.bytes),
+            i.text
+        ));
     }
     out
 }
@@ -254,12 +286,34 @@ mod tests {
         // call +0; mov edi, eax — patched with one 7-byte instruction.
         let old = [0xe8, 0, 0, 0, 0, 0x89, 0xc7, 0xc3];
         let new = [0x48, 0xc7, 0xc0, 0x2a, 0, 0, 0]; // mov rax, 0x2a
-        let r = review(&old, 0x1000, &Start::Symbol { name: "f".into() }, 0x1000, &new);
+        let r = review(
+            &old,
+            0x1000,
+            &Start::Symbol { name: "f".into() },
+            0x1000,
+            &new,
+        );
         assert!(r.ok(), "{:?}", r.refusals);
-        assert!(r.warnings.iter().any(|w| w.contains("0x1005") && w.contains("return address")), "{:?}", r.warnings);
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.contains("0x1005") && w.contains("return address")),
+            "{:?}",
+            r.warnings
+        );
         // The same boundaries kept: no such warning.
-        let r = review(&old, 0x1000, &Start::Symbol { name: "f".into() }, 0x1000, &[0xe8, 1, 0, 0, 0, 0x90, 0x90]);
-        assert!(!r.warnings.iter().any(|w| w.contains("boundary")), "{:?}", r.warnings);
+        let r = review(
+            &old,
+            0x1000,
+            &Start::Symbol { name: "f".into() },
+            0x1000,
+            &[0xe8, 1, 0, 0, 0, 0x90, 0x90],
+        );
+        assert!(
+            !r.warnings.iter().any(|w| w.contains("boundary")),
+            "{:?}",
+            r.warnings
+        );
     }
 
     /// A function as compilers emit it: endbr64; push rbp; mov rbp, rsp;
@@ -283,7 +337,17 @@ mod tests {
     fn decodes_a_function() {
         let d = decode(&FUNC, AT);
         let text: Vec<&str> = d.iter().map(|i| i.text.as_str()).collect();
-        assert_eq!(&text[..6], ["endbr64", "push rbp", "mov rbp, rsp", "mov eax, 7", "pop rbp", "ret"]);
+        assert_eq!(
+            &text[..6],
+            [
+                "endbr64",
+                "push rbp",
+                "mov rbp, rsp",
+                "mov eax, 7",
+                "pop rbp",
+                "ret"
+            ]
+        );
         assert_eq!(d[3].addr, AT + 8);
         assert!(d[3].falls_through && !d[5].falls_through && !d[6].falls_through);
     }
@@ -293,25 +357,43 @@ mod tests {
     /// after `endbr64`, which it says.
     #[test]
     fn breakpoint_and_returns_at_a_function_start_pass() {
-        for new in [&[0xcc][..], &[0xc3], &[0x31, 0xc0, 0xc3], &[0xb8, 0x2a, 0, 0, 0, 0xc3]] {
+        for new in [
+            &[0xcc][..],
+            &[0xc3],
+            &[0x31, 0xc0, 0xc3],
+            &[0xb8, 0x2a, 0, 0, 0, 0xc3],
+        ] {
             let r = review(&FUNC, AT, &sym(), AT, new);
             assert!(r.ok(), "{new:02x?}: {:?}", r.refusals);
             if new.len() == 6 {
-                assert!(r.warnings.len() == 1 && r.warnings[0].contains("push rbp"), "{new:02x?}: {:?}", r.warnings);
+                assert!(
+                    r.warnings.len() == 1 && r.warnings[0].contains("push rbp"),
+                    "{new:02x?}: {:?}",
+                    r.warnings
+                );
             } else {
                 assert!(r.warnings.is_empty(), "{new:02x?}: {:?}", r.warnings);
             }
         }
         // The cut endbr64 is reported, but cannot be reached.
         let r = review(&FUNC, AT, &sym(), AT, &[0xcc]);
-        assert!(r.notes.iter().any(|n| n.contains("cannot fall through")), "{:?}", r.notes);
+        assert!(
+            r.notes.iter().any(|n| n.contains("cannot fall through")),
+            "{:?}",
+            r.notes
+        );
     }
 
     #[test]
     fn a_patch_inside_an_old_instruction_is_refused() {
         let r = review(&FUNC, AT, &sym(), AT + 9, &[0x2a]);
         assert!(!r.ok());
-        assert!(r.refusals[0].contains("not an instruction boundary") && r.refusals[0].contains("mov eax, 7"), "{:?}", r.refusals);
+        assert!(
+            r.refusals[0].contains("not an instruction boundary")
+                && r.refusals[0].contains("mov eax, 7"),
+            "{:?}",
+            r.refusals
+        );
         // On a boundary further in: fine.
         assert!(review(&FUNC, AT, &sym(), AT + 8, &[0xb8, 0x2a, 0, 0, 0]).ok());
     }
@@ -321,10 +403,20 @@ mod tests {
         // mov eax, imm32 with only two bytes of its immediate.
         let r = review(&FUNC, AT, &sym(), AT, &[0xb8, 0x2a, 0x00]);
         assert!(!r.ok());
-        assert!(r.refusals.iter().any(|s| s.contains("end inside an instruction")), "{:?}", r.refusals);
+        assert!(
+            r.refusals
+                .iter()
+                .any(|s| s.contains("end inside an instruction")),
+            "{:?}",
+            r.refusals
+        );
         // An invalid opcode in 64-bit mode (push es).
         let r = review(&FUNC, AT, &sym(), AT, &[0x06]);
-        assert!(r.refusals.iter().any(|s| s.contains("do not decode")), "{:?}", r.refusals);
+        assert!(
+            r.refusals.iter().any(|s| s.contains("do not decode")),
+            "{:?}",
+            r.refusals
+        );
     }
 
     /// A nop over the first byte of `push rbp; mov rbp, rsp`'s mov falls
@@ -334,7 +426,11 @@ mod tests {
         let r = review(&FUNC, AT, &sym(), AT + 4, &[0x90, 0x90]);
         assert!(r.ok(), "{:?}", r.refusals);
         assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
-        assert!(r.warnings[0].contains("`nop`") && r.warnings[0].contains("mov rbp, rsp"), "{}", r.warnings[0]);
+        assert!(
+            r.warnings[0].contains("`nop`") && r.warnings[0].contains("mov rbp, rsp"),
+            "{}",
+            r.warnings[0]
+        );
         // The same with a ret last: cannot fall through.
         let r = review(&FUNC, AT, &sym(), AT + 4, &[0x90, 0xc3]);
         assert!(r.ok() && r.warnings.is_empty(), "{:?}", r.warnings);
@@ -344,20 +440,48 @@ mod tests {
     fn undecodable_old_code_before_the_patch_is_refused() {
         let mut code = FUNC;
         code[4] = 0x06; // bad in 64-bit mode
-        let r = review(&code, AT, &Start::Guess { what: "the start of the mapping".into() }, AT + 8, &[0xc3]);
-        assert!(r.refusals.iter().any(|s| s.contains("boundaries are unknown")), "{:?}", r.refusals);
+        let r = review(
+            &code,
+            AT,
+            &Start::Guess {
+                what: "the start of the mapping".into(),
+            },
+            AT + 8,
+            &[0xc3],
+        );
+        assert!(
+            r.refusals
+                .iter()
+                .any(|s| s.contains("boundaries are unknown")),
+            "{:?}",
+            r.refusals
+        );
     }
 
     #[test]
     fn a_guessed_start_says_so() {
-        let r = review(&FUNC, AT, &Start::Guess { what: "the start of the mapping".into() }, AT + 8, &[0xc3]);
+        let r = review(
+            &FUNC,
+            AT,
+            &Start::Guess {
+                what: "the start of the mapping".into(),
+            },
+            AT + 8,
+            &[0xc3],
+        );
         assert!(r.ok());
-        assert!(r.notes.iter().any(|n| n.contains("a guess")), "{:?}", r.notes);
+        assert!(
+            r.notes.iter().any(|n| n.contains("a guess")),
+            "{:?}",
+            r.notes
+        );
     }
 
     #[test]
     fn listing_lines() {
-        let l = listing(&decode(&FUNC[..5], AT), |a| Some(format!("f+{:#x}", a - AT)));
+        let l = listing(&decode(&FUNC[..5], AT), |a| {
+            Some(format!("f+{:#x}", a - AT))
+        });
         assert_eq!(l, "  0x000000401000 <f+0x0>  f3 0f 1e fa              endbr64\n  0x000000401004 <f+0x4>  55                       push rbp\n");
     }
 }

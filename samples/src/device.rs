@@ -48,7 +48,11 @@ impl PatchRequest {
 
 /// One site of a batch: `bytes` at `addr`, optionally only over `expect`.
 pub fn batch_site(addr: u64, bytes: &[u8], expect: Option<&[u8]>) -> BatchSite {
-    let mut s = BatchSite { addr, len: bytes.len() as u32, ..Default::default() };
+    let mut s = BatchSite {
+        addr,
+        len: bytes.len() as u32,
+        ..Default::default()
+    };
     let n = bytes.len().min(MAX_BYTES);
     s.bytes[..n].copy_from_slice(&bytes[..n]);
     if let Some(e) = expect {
@@ -86,7 +90,11 @@ pub struct Device(File);
 
 impl Device {
     pub fn open() -> io::Result<Self> {
-        std::fs::OpenOptions::new().read(true).write(true).open(DEVICE).map(Self)
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(DEVICE)
+            .map(Self)
     }
 
     /// Raw ioctl with any command and argument struct (tests use it for bad input).
@@ -95,7 +103,11 @@ impl Device {
         // the kernel reads and writes at most `_IOC_SIZE(cmd)` bytes, which
         // callers keep within `size_of::<T>()` (or test the module's checks).
         let rc = unsafe { libc::ioctl(self.0.as_raw_fd(), cmd as libc::c_ulong, arg as *mut T) };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     /// Raw ioctl with a raw argument (tests use it for bad pointers).
@@ -103,7 +115,11 @@ impl Device {
         // SAFETY: the kernel validates `arg` as a user pointer; a bad one
         // gives EFAULT, it cannot corrupt this process.
         let rc = unsafe { libc::ioctl(self.0.as_raw_fd(), cmd as libc::c_ulong, arg) };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     pub fn patch_args(&self, args: &mut PatchArgs) -> io::Result<u64> {
@@ -117,7 +133,12 @@ impl Device {
 
     /// PATCH_BATCH: every site of `sites` in `pid`, or none.  `flags` are
     /// `BATCH_FLAGS` bits.
-    pub fn patch_batch(&self, pid: i32, sites: &[BatchSite], flags: u32) -> Result<u64, BatchError> {
+    pub fn patch_batch(
+        &self,
+        pid: i32,
+        sites: &[BatchSite],
+        flags: u32,
+    ) -> Result<u64, BatchError> {
         let mut a = PatchBatchArgs {
             size: std::mem::size_of::<PatchBatchArgs>() as u32,
             flags,
@@ -137,7 +158,11 @@ impl Device {
     }
 
     pub fn restore(&self, handle: u64) -> io::Result<()> {
-        let mut a = RestoreArgs { size: std::mem::size_of::<RestoreArgs>() as u32, flags: 0, handle };
+        let mut a = RestoreArgs {
+            size: std::mem::size_of::<RestoreArgs>() as u32,
+            flags: 0,
+            handle,
+        };
         self.ioctl(uapi::IOCTL_RESTORE, &mut a)
     }
 
@@ -147,7 +172,12 @@ impl Device {
 
     /// QUERY site `index` of `handle` (`count` says how many it has).
     pub fn query_site(&self, handle: u64, index: u32) -> io::Result<QueryArgs> {
-        let mut a = QueryArgs { size: std::mem::size_of::<QueryArgs>() as u32, handle, index, ..Default::default() };
+        let mut a = QueryArgs {
+            size: std::mem::size_of::<QueryArgs>() as u32,
+            handle,
+            index,
+            ..Default::default()
+        };
         self.ioctl(uapi::IOCTL_QUERY, &mut a)?;
         Ok(a)
     }

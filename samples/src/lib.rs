@@ -14,9 +14,11 @@ pub mod sites;
 pub mod svg;
 pub mod symbols;
 pub mod target;
+pub mod text;
+// The kernel side owns src/uapi.rs and its formatting: `cargo fmt` here leaves it alone.
+#[rustfmt::skip]
 #[path = "../../src/uapi.rs"]
 pub mod uapi;
-pub mod text;
 
 pub mod thp {
     //! 2 MiB-aligned mappings of THP text, for the targets and the tests.
@@ -87,7 +89,18 @@ pub mod thp {
                 file.as_raw_fd(),
                 0,
             );
-            if p == libc::MAP_FAILED || p as usize != at || libc::madvise(p, THP_SIZE, if huge { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE }) != 0 {
+            if p == libc::MAP_FAILED
+                || p as usize != at
+                || libc::madvise(
+                    p,
+                    THP_SIZE,
+                    if huge {
+                        libc::MADV_HUGEPAGE
+                    } else {
+                        libc::MADV_NOHUGEPAGE
+                    },
+                ) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
         }
@@ -157,7 +170,10 @@ mod tests {
 
     #[test]
     fn hex_bytes() {
-        assert_eq!(parse_hex_bytes("b82a000000c3"), Some(vec![0xb8, 0x2a, 0, 0, 0, 0xc3]));
+        assert_eq!(
+            parse_hex_bytes("b82a000000c3"),
+            Some(vec![0xb8, 0x2a, 0, 0, 0, 0xc3])
+        );
         assert_eq!(parse_hex_bytes("b8 2a 00"), Some(vec![0xb8, 0x2a, 0]));
         assert_eq!(parse_hex_bytes("b8 2"), None);
         assert_eq!(parse_hex_bytes("xx"), None);
@@ -168,8 +184,14 @@ mod tests {
     fn abi_header_check() {
         use crate::uapi::{check_header, PATCH_FLAGS};
         assert_eq!(check_header(64, PATCH_FLAGS, 64, PATCH_FLAGS), Ok(()));
-        assert_eq!(check_header(60, 0, 64, PATCH_FLAGS), Err("unknown struct size"));
-        assert_eq!(check_header(64, 1 << 7, 64, PATCH_FLAGS), Err("unknown flag bits"));
+        assert_eq!(
+            check_header(60, 0, 64, PATCH_FLAGS),
+            Err("unknown struct size")
+        );
+        assert_eq!(
+            check_header(64, 1 << 7, 64, PATCH_FLAGS),
+            Err("unknown flag bits")
+        );
         assert_eq!(check_header(16, 1, 16, 0), Err("unknown flag bits"));
     }
 

@@ -34,19 +34,28 @@ pub fn parse(text: &str) -> Result<Vec<SiteLine>, String> {
         if words.is_empty() {
             continue;
         }
-        let bad = |what: String| format!("line {line}: {what} (want: ADDR|SYMBOL BYTES [EXPECT], hex without spaces)");
+        let bad = |what: String| {
+            format!("line {line}: {what} (want: ADDR|SYMBOL BYTES [EXPECT], hex without spaces)")
+        };
         if !(2..=3).contains(&words.len()) {
             return Err(bad(format!("{} fields, not 2 or 3", words.len())));
         }
         let place = if words[0].starts_with(|c: char| c.is_ascii_digit()) {
-            Place::Addr(parse_number(words[0]).ok_or_else(|| bad(format!("{:?} is not an address", words[0])))?)
+            Place::Addr(
+                parse_number(words[0])
+                    .ok_or_else(|| bad(format!("{:?} is not an address", words[0])))?,
+            )
         } else {
             Place::Symbol(words[0].to_string())
         };
         let hex = |w: &str, what: &str| {
-            let b = parse_hex_bytes(w).ok_or_else(|| bad(format!("{what} {w:?} is not hex bytes")))?;
+            let b =
+                parse_hex_bytes(w).ok_or_else(|| bad(format!("{what} {w:?} is not hex bytes")))?;
             if b.len() > MAX_BYTES {
-                return Err(bad(format!("{what} has {} bytes, more than {MAX_BYTES}", b.len())));
+                return Err(bad(format!(
+                    "{what} has {} bytes, more than {MAX_BYTES}",
+                    b.len()
+                )));
             }
             Ok(b)
         };
@@ -54,16 +63,28 @@ pub fn parse(text: &str) -> Result<Vec<SiteLine>, String> {
         let expect = words.get(2).map(|w| hex(w, "EXPECT")).transpose()?;
         if let Some(e) = &expect {
             if e.len() != bytes.len() {
-                return Err(bad(format!("EXPECT has {} bytes and BYTES {}: they must be as long", e.len(), bytes.len())));
+                return Err(bad(format!(
+                    "EXPECT has {} bytes and BYTES {}: they must be as long",
+                    e.len(),
+                    bytes.len()
+                )));
             }
         }
-        sites.push(SiteLine { line, place, bytes, expect });
+        sites.push(SiteLine {
+            line,
+            place,
+            bytes,
+            expect,
+        });
     }
     if sites.is_empty() {
         return Err("no sites (every line is blank or a comment)".into());
     }
     if sites.len() > MAX_BATCH {
-        return Err(format!("{} sites, more than {MAX_BATCH} (one PATCH_BATCH)", sites.len()));
+        return Err(format!(
+            "{} sites, more than {MAX_BATCH} (one PATCH_BATCH)",
+            sites.len()
+        ));
     }
     Ok(sites)
 }
@@ -77,13 +98,19 @@ mod tests {
         let text = "# two sites\n\n0x7f0000201000 b82a000000c3 b8e9030000c3  # page 1\n  main+0x10\tc3\n4096 90\n";
         let s = parse(text).unwrap();
         assert_eq!(s.len(), 3);
-        assert_eq!(s[0], SiteLine {
-            line: 3,
-            place: Place::Addr(0x7f00_0020_1000),
-            bytes: vec![0xb8, 0x2a, 0, 0, 0, 0xc3],
-            expect: Some(vec![0xb8, 0xe9, 3, 0, 0, 0xc3])
-        });
-        assert_eq!((s[1].line, &s[1].place, &s[1].bytes, &s[1].expect), (4, &Place::Symbol("main+0x10".into()), &vec![0xc3], &None));
+        assert_eq!(
+            s[0],
+            SiteLine {
+                line: 3,
+                place: Place::Addr(0x7f00_0020_1000),
+                bytes: vec![0xb8, 0x2a, 0, 0, 0, 0xc3],
+                expect: Some(vec![0xb8, 0xe9, 3, 0, 0, 0xc3])
+            }
+        );
+        assert_eq!(
+            (s[1].line, &s[1].place, &s[1].bytes, &s[1].expect),
+            (4, &Place::Symbol("main+0x10".into()), &vec![0xc3], &None)
+        );
         assert_eq!(s[2].place, Place::Addr(4096));
         let v = parse("realpath@@GLIBC_2.3 cc").unwrap();
         assert_eq!(v[0].place, Place::Symbol("realpath@@GLIBC_2.3".into()));
@@ -98,13 +125,22 @@ mod tests {
             ("0x1000 c\n", 1, "BYTES \"c\" is not hex"),
             ("0x1000 c3 c\n", 1, "EXPECT \"c\" is not hex"),
             ("0x1000 c3c3 c3\n", 1, "EXPECT has 1 bytes and BYTES 2"),
-            ("0x1000 000102030405060708090a0b0c0d0e0f10\n", 1, "17 bytes, more than 16"),
+            (
+                "0x1000 000102030405060708090a0b0c0d0e0f10\n",
+                1,
+                "17 bytes, more than 16",
+            ),
         ] {
             let e = parse(text).unwrap_err();
-            assert!(e.starts_with(&format!("line {line}: ")) && e.contains(what), "{text:?}: {e}");
+            assert!(
+                e.starts_with(&format!("line {line}: ")) && e.contains(what),
+                "{text:?}: {e}"
+            );
         }
         assert!(parse("# nothing\n\n").unwrap_err().contains("no sites"));
-        let many: String = (0..=MAX_BATCH).map(|i| format!("{} c3\n", 0x1000 + i)).collect();
+        let many: String = (0..=MAX_BATCH)
+            .map(|i| format!("{} c3\n", 0x1000 + i))
+            .collect();
         assert!(parse(&many).unwrap_err().contains("more than 4096"));
     }
 }

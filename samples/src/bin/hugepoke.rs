@@ -189,7 +189,9 @@ fn number(s: &str) -> Result<u64, String> {
 }
 
 fn hex_arg(s: &str) -> Result<Hex, String> {
-    parse_hex_bytes(s).map(Hex).ok_or_else(|| format!("{s:?} is not hex bytes (like \"b8 2a 00 00 00 c3\")"))
+    parse_hex_bytes(s)
+        .map(Hex)
+        .ok_or_else(|| format!("{s:?} is not hex bytes (like \"b8 2a 00 00 00 c3\")"))
 }
 
 /// Print `what: ERRNO: reason` and exit 1.
@@ -207,7 +209,11 @@ fn fail_for(what: &str, err: io::Error, seq: u64, target: Option<i32>) -> ! {
 
 /// Bytes as `b8 2a 00 00 00 c3`.
 fn hex_bytes(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A bad argument: exit 2.
@@ -241,7 +247,9 @@ fn read_mem(pid: i32, addr: u64, len: usize) -> io::Result<Vec<u8>> {
 
 /// The live patches of `pid` (from debugfs) that overlap `[addr, addr+len)`.
 fn overlapping_patches(pid: i32, addr: u64, len: u64) -> Vec<String> {
-    let Ok(text) = proc::debugfs("patches") else { return vec![] };
+    let Ok(text) = proc::debugfs("patches") else {
+        return vec![];
+    };
     report::parse_patches(&text)
         .patches
         .iter()
@@ -302,7 +310,11 @@ impl Check {
             let _ = writeln!(out, "warning: {w}");
         }
         for r in &self.refusals {
-            let _ = writeln!(out, "{}: {r}", if self.forced { "forced" } else { "refused" });
+            let _ = writeln!(
+                out,
+                "{}: {r}",
+                if self.forced { "forced" } else { "refused" }
+            );
         }
     }
 }
@@ -315,7 +327,10 @@ impl Check {
 /// beside this one).
 fn check_patch(pid: i32, force: bool, objects: &[Object], addr: u64, new: &[u8]) -> Check {
     let len = new.len() as u64;
-    let c = Check { forced: force, ..Default::default() };
+    let c = Check {
+        forced: force,
+        ..Default::default()
+    };
     // Not decoded: the kernel decides whether it may patch there, and
     // writes only over the bytes there now (read here, passed as expected).
     let unchecked = |c: Check, why: String| {
@@ -324,15 +339,24 @@ fn check_patch(pid: i32, force: bool, objects: &[Object], addr: u64, new: &[u8])
         c
     };
     let Some(oi) = symbols::object_at(objects, addr) else {
-        return unchecked(c, format!("{addr:#x} is in no executable file mapping of pid {pid}"));
+        return unchecked(
+            c,
+            format!("{addr:#x} is in no executable file mapping of pid {pid}"),
+        );
     };
     let o = &objects[oi];
     let m = o.mapping(addr).unwrap();
     if !m.executable() {
-        return unchecked(c, format!("{addr:#x} is in {} but not executable there", o.path));
+        return unchecked(
+            c,
+            format!("{addr:#x} is in {} but not executable there", o.path),
+        );
     }
     if addr + len > m.end {
-        return unchecked(c, format!("the patch runs past the end of the mapping at {:#x}", m.end));
+        return unchecked(
+            c,
+            format!("the patch runs past the end of the mapping at {:#x}", m.end),
+        );
     }
     let mut c = c;
     // Decode from the start of the covering symbol; without one, from the
@@ -340,20 +364,43 @@ fn check_patch(pid: i32, force: bool, objects: &[Object], addr: u64, new: &[u8])
     let vaddr = addr.wrapping_sub(o.bias);
     let sym = o.elf.as_ref().and_then(|e| e.symbol_at(vaddr));
     let (from, start) = match &sym {
-        Some(s) if s.covers(vaddr) => (s.value.wrapping_add(o.bias), Start::Symbol { name: s.full_name() }),
-        Some(s) if m.contains(s.value.wrapping_add(o.bias)) => {
-            (s.value.wrapping_add(o.bias), Start::Guess { what: format!("the nearest symbol before, {} (size {:#x})", s.full_name(), s.size) })
-        }
+        Some(s) if s.covers(vaddr) => (
+            s.value.wrapping_add(o.bias),
+            Start::Symbol {
+                name: s.full_name(),
+            },
+        ),
+        Some(s) if m.contains(s.value.wrapping_add(o.bias)) => (
+            s.value.wrapping_add(o.bias),
+            Start::Guess {
+                what: format!(
+                    "the nearest symbol before, {} (size {:#x})",
+                    s.full_name(),
+                    s.size
+                ),
+            },
+        ),
         _ => {
-            let why = if o.elf.is_none() { format!("{} is not an ELF object", o.basename()) } else { "no symbol before it in this mapping".into() };
-            (m.start, Start::Guess { what: format!("the start of the mapping ({why})") })
+            let why = if o.elf.is_none() {
+                format!("{} is not an ELF object", o.basename())
+            } else {
+                "no symbol before it in this mapping".into()
+            };
+            (
+                m.start,
+                Start::Guess {
+                    what: format!("the start of the mapping ({why})"),
+                },
+            )
         }
     };
     let to = (addr + len + 16).min(m.end);
     let old = match read_mem(pid, from, (to - from) as usize) {
         Ok(b) => b,
         Err(e) if force => {
-            c.warnings.push(format!("cannot read the old code from /proc/{pid}/mem: {e}; not checked (--force)"));
+            c.warnings.push(format!(
+                "cannot read the old code from /proc/{pid}/mem: {e}; not checked (--force)"
+            ));
             return c;
         }
         Err(e) => {
@@ -365,35 +412,64 @@ fn check_patch(pid: i32, force: bool, objects: &[Object], addr: u64, new: &[u8])
     let review = decode::review(&old, from, &start, addr, new);
     let name = |a: u64| o.describe(a);
     let insns = |v: &[decode::Insn]| -> Vec<InsnOut> {
-        v.iter().map(|i| InsnOut { addr: i.addr, bytes: hex(&i.bytes), text: i.text.clone(), symbol: o.describe(i.addr) }).collect()
+        v.iter()
+            .map(|i| InsnOut {
+                addr: i.addr,
+                bytes: hex(&i.bytes),
+                text: i.text.clone(),
+                symbol: o.describe(i.addr),
+            })
+            .collect()
     };
-    c.at = Some(format!("{} in {}", o.describe(addr).unwrap_or_default(), o.path));
-    c.listing = format!("old:\n{}new:\n{}", decode::listing(&review.old, name), decode::listing(&review.new, name));
+    c.at = Some(format!(
+        "{} in {}",
+        o.describe(addr).unwrap_or_default(),
+        o.path
+    ));
+    c.listing = format!(
+        "old:\n{}new:\n{}",
+        decode::listing(&review.old, name),
+        decode::listing(&review.new, name)
+    );
     c.old = insns(&review.old);
     c.new = insns(&review.new);
 
     // The text may be patched already (by us or a debugger): compare with the file.
     let here = &old[(addr - from) as usize..][..len as usize];
-    let file_bytes = std::fs::File::open(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
-        .or_else(|_| std::fs::File::open(&m.path))
-        .and_then(|f| {
-            let mut b = vec![0; len as usize];
-            f.read_exact_at(&mut b, m.file_offset(addr)).map(|_| b)
-        });
+    let file_bytes =
+        std::fs::File::open(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+            .or_else(|_| std::fs::File::open(&m.path))
+            .and_then(|f| {
+                let mut b = vec![0; len as usize];
+                f.read_exact_at(&mut b, m.file_offset(addr)).map(|_| b)
+            });
     match file_bytes {
         Ok(b) if b != here => {
             let by = overlapping_patches(pid, addr, len);
-            let by = if by.is_empty() { "not by a live hugepoke patch: a debugger or another tool".to_string() } else { by.join(", ") };
-            c.notes.push(format!("the process's bytes there differ from its file's: already patched ({by})"));
+            let by = if by.is_empty() {
+                "not by a live hugepoke patch: a debugger or another tool".to_string()
+            } else {
+                by.join(", ")
+            };
+            c.notes.push(format!(
+                "the process's bytes there differ from its file's: already patched ({by})"
+            ));
         }
         _ => {}
     }
     if let Some(s) = sym.filter(|s| s.covers(vaddr)) {
         if s.ifunc {
-            c.warnings.push(format!("{} is an IFUNC: this is its resolver, not the implementation callers run", s.full_name()));
+            c.warnings.push(format!(
+                "{} is an IFUNC: this is its resolver, not the implementation callers run",
+                s.full_name()
+            ));
         }
         if s.size != 0 && vaddr + len > s.value + s.size {
-            c.warnings.push(format!("the patch runs past the end of {} (size {:#x})", s.full_name(), s.size));
+            c.warnings.push(format!(
+                "the patch runs past the end of {} (size {:#x})",
+                s.full_name(),
+                s.size
+            ));
         }
     }
     c.notes.extend(review.notes);
@@ -443,7 +519,10 @@ struct SiteIn {
 impl SiteIn {
     /// `prefix: ` for messages about this site.
     fn prefix(&self) -> String {
-        self.label.as_ref().map(|l| format!("{l}: ")).unwrap_or_default()
+        self.label
+            .as_ref()
+            .map(|l| format!("{l}: "))
+            .unwrap_or_default()
     }
 }
 
@@ -451,16 +530,26 @@ impl SiteIn {
 fn read_sites(path: &Path) -> Vec<SiteIn> {
     let (name, text) = if path == Path::new("-") {
         let mut t = String::new();
-        io::stdin().read_to_string(&mut t).unwrap_or_else(|e| usage_error(&format!("--sites -: cannot read stdin: {e}")));
+        io::stdin()
+            .read_to_string(&mut t)
+            .unwrap_or_else(|e| usage_error(&format!("--sites -: cannot read stdin: {e}")));
         ("<stdin>".to_string(), t)
     } else {
-        let t = std::fs::read_to_string(path).unwrap_or_else(|e| usage_error(&format!("--sites {}: {e}", path.display())));
+        let t = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| usage_error(&format!("--sites {}: {e}", path.display())));
         (path.display().to_string(), t)
     };
-    let lines = sites::parse(&text).unwrap_or_else(|e| usage_error(&format!("--sites {name}: {e}")));
+    let lines =
+        sites::parse(&text).unwrap_or_else(|e| usage_error(&format!("--sites {name}: {e}")));
     lines
         .into_iter()
-        .map(|s| SiteIn { label: Some(format!("{name} line {}", s.line)), line: Some(s.line), place: s.place, bytes: s.bytes, expect: s.expect })
+        .map(|s| SiteIn {
+            label: Some(format!("{name} line {}", s.line)),
+            line: Some(s.line),
+            place: s.place,
+            bytes: s.bytes,
+            expect: s.expect,
+        })
         .collect()
 }
 
@@ -469,7 +558,11 @@ fn patch(cmd: PatchCmd, json: bool) {
     let inputs = match &cmd.sites {
         Some(path) => read_sites(path),
         None => {
-            let bytes = cmd.bytes.clone().expect("clap requires --bytes without --sites").0;
+            let bytes = cmd
+                .bytes
+                .clone()
+                .expect("clap requires --bytes without --sites")
+                .0;
             let place = match (&cmd.symbol, cmd.addr) {
                 (Some(sym), _) => Place::Symbol(sym.clone()),
                 (None, Some(a)) => Place::Addr(a),
@@ -478,10 +571,20 @@ fn patch(cmd: PatchCmd, json: bool) {
             let expect = cmd.expect.clone().map(|h| h.0);
             if let Some(e) = &expect {
                 if e.len() != bytes.len() {
-                    usage_error(&format!("--expect has {} bytes and --bytes {}: they must be as long", e.len(), bytes.len()));
+                    usage_error(&format!(
+                        "--expect has {} bytes and --bytes {}: they must be as long",
+                        e.len(),
+                        bytes.len()
+                    ));
                 }
             }
-            vec![SiteIn { label: None, line: None, place, bytes, expect }]
+            vec![SiteIn {
+                label: None,
+                line: None,
+                place,
+                bytes,
+                expect,
+            }]
         }
     };
     let any_symbol = inputs.iter().any(|s| matches!(s.place, Place::Symbol(_)));
@@ -495,7 +598,11 @@ fn patch(cmd: PatchCmd, json: bool) {
     };
     // What the check says goes to stdout with a plain --dry-run, else to
     // stderr (stdout holds only the handle or the JSON).
-    let mut out: Box<dyn Write> = if cmd.dry_run && !json { Box::new(io::stdout()) } else { Box::new(io::stderr()) };
+    let mut out: Box<dyn Write> = if cmd.dry_run && !json {
+        Box::new(io::stdout())
+    } else {
+        Box::new(io::stderr())
+    };
 
     // The same path for every site: resolve, check, settle the expected bytes.
     let mut sites_out = Vec::new();
@@ -503,7 +610,8 @@ fn patch(cmd: PatchCmd, json: bool) {
         let pre = s.prefix();
         let addr = match &s.place {
             Place::Symbol(sym) => {
-                let r = symbols::resolve(&objects, sym, cmd.object.as_deref()).unwrap_or_else(|e| usage_error(&format!("{pre}{e}")));
+                let r = symbols::resolve(&objects, sym, cmd.object.as_deref())
+                    .unwrap_or_else(|e| usage_error(&format!("{pre}{e}")));
                 let o = &objects[r.object];
                 let _ = writeln!(
                     out,
@@ -529,13 +637,23 @@ fn patch(cmd: PatchCmd, json: bool) {
         check.write(addr, &mut out);
         if !check.refusals.is_empty() && !cmd.force {
             let _ = out.flush();
-            refuse(&format!("{pre}the instruction check failed (see above; --force patches anyway)"));
+            refuse(&format!(
+                "{pre}the instruction check failed (see above; --force patches anyway)"
+            ));
         }
         let expect = match (s.expect.clone(), check.here.clone()) {
             // --force leaves the verdict to the kernel, under the PT lock.
             (Some(e), Some(here)) if e != here && !cmd.force => {
-                let what = if s.label.is_some() { "EXPECT" } else { "--expect" };
-                refuse(&format!("{pre}{what} {} is not what is there now ({})", hex_bytes(&e), hex_bytes(&here)))
+                let what = if s.label.is_some() {
+                    "EXPECT"
+                } else {
+                    "--expect"
+                };
+                refuse(&format!(
+                    "{pre}{what} {} is not what is there now ({})",
+                    hex_bytes(&e),
+                    hex_bytes(&here)
+                ))
             }
             (Some(e), _) => Some(e),
             (None, here) => here,
@@ -550,7 +668,13 @@ fn patch(cmd: PatchCmd, json: bool) {
             check,
         });
     }
-    let mut result = PatchOut { handle: None, pid: cmd.pid, persist: cmd.persist, dry_run: cmd.dry_run, sites: sites_out };
+    let mut result = PatchOut {
+        handle: None,
+        pid: cmd.pid,
+        persist: cmd.persist,
+        dry_run: cmd.dry_run,
+        sites: sites_out,
+    };
     if cmd.dry_run {
         if json {
             print_json(&result);
@@ -563,7 +687,11 @@ fn patch(cmd: PatchCmd, json: bool) {
 
     let seq = device::journal_seq();
     let dev = Device::open().unwrap_or_else(|e| fail("open /dev/hugepoke", e, seq));
-    let expects: Vec<Option<Vec<u8>>> = result.sites.iter().map(|s| s.expect.as_deref().and_then(parse_hex_bytes)).collect();
+    let expects: Vec<Option<Vec<u8>>> = result
+        .sites
+        .iter()
+        .map(|s| s.expect.as_deref().and_then(parse_hex_bytes))
+        .collect();
     let handle = if cmd.sites.is_none() {
         let s = &inputs[0];
         let req = device::PatchRequest {
@@ -574,10 +702,15 @@ fn patch(cmd: PatchCmd, json: bool) {
             persist: cmd.persist,
             install_pmd: cmd.install_pmd,
         };
-        dev.patch(&req).unwrap_or_else(|e| fail_for("patch", e, seq, Some(cmd.pid)))
+        dev.patch(&req)
+            .unwrap_or_else(|e| fail_for("patch", e, seq, Some(cmd.pid)))
     } else {
-        let batch: Vec<uapi::BatchSite> =
-            inputs.iter().zip(&result.sites).zip(&expects).map(|((i, o), e)| device::batch_site(o.addr, &i.bytes, e.as_deref())).collect();
+        let batch: Vec<uapi::BatchSite> = inputs
+            .iter()
+            .zip(&result.sites)
+            .zip(&expects)
+            .map(|((i, o), e)| device::batch_site(o.addr, &i.bytes, e.as_deref()))
+            .collect();
         let mut flags = 0;
         if cmd.persist {
             flags |= uapi::PATCH_PERSIST;
@@ -649,13 +782,30 @@ fn query(handle: u64, json: bool, seq: u64) {
     let first = dev.query(handle).unwrap_or_else(|e| fail("query", e, seq));
     let mut sites = Vec::new();
     for index in 0..first.count.max(1) {
-        let q = if index == 0 { first } else { dev.query_site(handle, index).unwrap_or_else(|e| fail("query", e, seq)) };
+        let q = if index == 0 {
+            first
+        } else {
+            dev.query_site(handle, index)
+                .unwrap_or_else(|e| fail("query", e, seq))
+        };
         let n = (q.len as usize).min(uapi::MAX_BYTES);
-        sites.push(QuerySite { site: q.site, addr: q.addr, len: q.len, flags: q.patch_flags, pfn: q.pfn, bytes: hex(&q.bytes[..n]), orig: hex(&q.orig[..n]) });
+        sites.push(QuerySite {
+            site: q.site,
+            addr: q.addr,
+            len: q.len,
+            flags: q.patch_flags,
+            pfn: q.pfn,
+            bytes: hex(&q.bytes[..n]),
+            orig: hex(&q.orig[..n]),
+        });
     }
     let out = QueryOut {
         handle,
-        state: if first.state == uapi::STATE_LIVE { "live" } else { "gone" },
+        state: if first.state == uapi::STATE_LIVE {
+            "live"
+        } else {
+            "gone"
+        },
         pid: first.pid,
         count: first.count.max(1),
         sites,
@@ -687,7 +837,11 @@ fn list(json: bool, seq: u64) {
         return print_json(&p);
     }
     let mut out = io::stdout().lock();
-    let header = if p.header.is_empty() { "# handle pid addr len state pfn owner pmd_mappable bytes orig" } else { &p.header };
+    let header = if p.header.is_empty() {
+        "# handle pid addr len state pfn owner pmd_mappable bytes orig"
+    } else {
+        &p.header
+    };
     let _ = writeln!(out, "{header} symbol");
     for l in &p.patches {
         let _ = writeln!(out, "{} {}", l.raw, l.symbol.as_deref().unwrap_or("-"));
@@ -715,13 +869,24 @@ fn follow(json: bool, interval: Duration, seq: u64) {
     let mut text = Some(first);
     let mut stdout = io::stdout().lock();
     if !json {
-        let _ = writeln!(stdout, "# dropped {}", report::parse_dropped(text.as_deref().unwrap_or("")));
-        let _ = writeln!(stdout, "# seq time_ns pid handle addr step pfn order result note");
+        let _ = writeln!(
+            stdout,
+            "# dropped {}",
+            report::parse_dropped(text.as_deref().unwrap_or(""))
+        );
+        let _ = writeln!(
+            stdout,
+            "# seq time_ns pid handle addr step pfn order result note"
+        );
     }
     while !INTERRUPTED.load(Ordering::Relaxed) {
         if let Some(t) = text.take() {
             for item in follower.next(&t) {
-                let r = if json { item.write_json(&mut stdout) } else { writeln!(stdout, "{}", item.line()) };
+                let r = if json {
+                    item.write_json(&mut stdout)
+                } else {
+                    writeln!(stdout, "{}", item.line())
+                };
                 // The reader went away (EPIPE with SIGPIPE ignored): done.
                 if r.and_then(|_| stdout.flush()).is_err() {
                     return;
@@ -768,7 +933,11 @@ fn collapse_cmd(pid: i32, json: bool) {
                 fs: &r.fs,
                 ranges: r.ranges,
                 collapsed: r.collapsed,
-                failures: r.failures.iter().map(|(a, e)| serde_json::json!({ "range": a, "errno": errno_name(*e) })).collect(),
+                failures: r
+                    .failures
+                    .iter()
+                    .map(|(a, e)| serde_json::json!({ "range": a, "errno": errno_name(*e) }))
+                    .collect(),
                 pmd_kb: r.pmd_kb,
                 why_not: r.why_not.as_deref(),
                 summary: collapse::report_line(r),
@@ -798,8 +967,15 @@ fn print_debugfs(name: &str, json: bool, seq: u64) {
 /// clap_complete would offer.
 fn visible_command() -> clap::Command {
     let cli = Cli::command();
-    let subs: Vec<clap::Command> = cli.get_subcommands().filter(|s| !s.is_hide_set()).cloned().collect();
-    let mut cmd = clap::Command::new("hugepoke").version(env!("CARGO_PKG_VERSION")).disable_help_subcommand(true).subcommand_required(true);
+    let subs: Vec<clap::Command> = cli
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    let mut cmd = clap::Command::new("hugepoke")
+        .version(env!("CARGO_PKG_VERSION"))
+        .disable_help_subcommand(true)
+        .subcommand_required(true);
     for a in cli.get_arguments() {
         cmd = cmd.arg(a.clone());
     }
@@ -838,7 +1014,12 @@ fn main() {
                 eprintln!("hugepoke: generate man: {e}");
                 std::process::exit(1)
             }),
-            Generate::Completions { shell } => clap_complete::generate(shell, &mut visible_command(), "hugepoke", &mut io::stdout()),
+            Generate::Completions { shell } => clap_complete::generate(
+                shell,
+                &mut visible_command(),
+                "hugepoke",
+                &mut io::stdout(),
+            ),
         }
         return;
     }
@@ -847,11 +1028,15 @@ fn main() {
         Command::Patch(cmd) => patch(cmd, json),
         Command::Restore { handle } => {
             let dev = Device::open().unwrap_or_else(|e| fail("open /dev/hugepoke", e, seq));
-            dev.restore(handle).unwrap_or_else(|e| fail("restore", e, seq));
+            dev.restore(handle)
+                .unwrap_or_else(|e| fail("restore", e, seq));
         }
         Command::Query { handle } => query(handle, json, seq),
         Command::List => list(json, seq),
-        Command::Events { follow: true, interval_ms } => follow(json, Duration::from_millis(interval_ms), seq),
+        Command::Events {
+            follow: true,
+            interval_ms,
+        } => follow(json, Duration::from_millis(interval_ms), seq),
         Command::Events { .. } => print_debugfs("events", json, seq),
         Command::Stats => print_debugfs("stats", json, seq),
         Command::Collapse { pid } => collapse_cmd(pid, json),
@@ -880,8 +1065,16 @@ mod tests {
                     Some(l) => format!("--{l}"),
                     None => format!("<{}>", arg.get_id().as_str().to_uppercase()),
                 };
-                assert!(help.contains(&flag), "{} --help lacks {flag}:\n{help}", sub.get_name());
-                assert!(arg.get_help().is_some(), "{} {flag} has no help text", sub.get_name());
+                assert!(
+                    help.contains(&flag),
+                    "{} --help lacks {flag}:\n{help}",
+                    sub.get_name()
+                );
+                assert!(
+                    arg.get_help().is_some(),
+                    "{} {flag} has no help text",
+                    sub.get_name()
+                );
             }
         }
     }

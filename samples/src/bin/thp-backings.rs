@@ -33,13 +33,19 @@ fn main() -> Result<(), String> {
                         args.push("--no-huge");
                     }
                     let mut t = Target::spawn(&args)?;
-                    let pmd = proc::smaps_entry(t.pid, t.addr).map_err(|e| e.to_string())?.pmd_mapped_kb();
+                    let pmd = proc::smaps_entry(t.pid, t.addr)
+                        .map_err(|e| e.to_string())?
+                        .pmd_mapped_kb();
                     let order = folio_order(&mut t, 0)?;
                     println!(
                         "| {name} | {} KiB | {} | {} | {pmd} kB | {order} |",
                         chunk >> 10,
                         if evict { "yes" } else { "no" },
-                        if huge { "MADV_HUGEPAGE" } else { "MADV_NOHUGEPAGE" },
+                        if huge {
+                            "MADV_HUGEPAGE"
+                        } else {
+                            "MADV_NOHUGEPAGE"
+                        },
                     );
                 }
             }
