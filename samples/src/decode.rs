@@ -3,11 +3,17 @@
 //! instruction boundary of the old code, its new bytes must be whole
 //! instructions, and when it ends inside an old instruction, its last new
 //! instruction must not be able to fall through into the half that is left.
+//! [`check_patch`] runs that check against a live process, as `hugepoke
+//! patch` does before each patch.
 
+use crate::symbols::{self, Object};
 use iced_x86::{
     Code, Decoder, DecoderError, DecoderOptions, FlowControl, Formatter, Instruction,
     IntelFormatter,
 };
+use serde::Serialize;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 
 /// One decoded instruction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,6 +281,252 @@ pub fn listing(insns: &[Insn], mut name: impl FnMut(u64) -> Option<String>) -> S
         ));
     }
     out
+}
+
+// The check of one patch against a live process: read its code, decode
+// from the start of the covering symbol, review (above), and compare with
+// the file the code was mapped from.
+
+/// One decoded instruction, as `hugepoke patch --json` shows it.
+#[derive(Serialize)]
+pub struct InsnOut {
+    pub addr: u64,
+    pub bytes: String,
+    pub text: String,
+    /// `NAME+0xOFF` (`?` after the offset: only the nearest symbol before).
+    pub symbol: Option<String>,
+}
+
+/// What the instruction check found at one site.
+#[derive(Serialize, Default)]
+pub struct Check {
+    /// The old code was read and decoded (false: the kernel alone decides; `notes` or `warnings` say why).
+    pub checked: bool,
+    /// `NAME+0xOFF in PATH`.
+    pub at: Option<String>,
+    pub old: Vec<InsnOut>,
+    pub new: Vec<InsnOut>,
+    pub notes: Vec<String>,
+    pub warnings: Vec<String>,
+    /// Why the patch is refused (empty: it passed).
+    pub refusals: Vec<String>,
+    /// --force overrode `refusals`.
+    pub forced: bool,
+    /// The old and new instructions, as the plain output lists them.
+    #[serde(skip)]
+    pub listing: String,
+    /// The bytes the check read at the address.
+    #[serde(skip)]
+    pub here: Option<Vec<u8>>,
+}
+
+impl Check {
+    fn note(mut self, n: String) -> Self {
+        self.notes.push(n);
+        self
+    }
+
+    /// The plain text: where, the instructions, the notes, the verdict.
+    pub fn write(&self, addr: u64, out: &mut dyn Write) {
+        if let Some(at) = &self.at {
+            let _ = writeln!(out, "{addr:#x} is {at}");
+        }
+        let _ = write!(out, "{}", self.listing);
+        for n in &self.notes {
+            let _ = writeln!(out, "note: {n}");
+        }
+        for w in &self.warnings {
+            let _ = writeln!(out, "warning: {w}");
+        }
+        for r in &self.refusals {
+            let _ = writeln!(
+                out,
+                "{}: {r}",
+                if self.forced { "forced" } else { "refused" }
+            );
+        }
+    }
+}
+
+/// `len` bytes of `pid`'s memory at `addr` (/proc/PID/mem).
+fn read_mem(pid: i32, addr: u64, len: usize) -> io::Result<Vec<u8>> {
+    let f = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    let mut buf = vec![0; len];
+    f.read_exact_at(&mut buf, addr)?;
+    Ok(buf)
+}
+
+/// The live patches of `pid` (from debugfs) that overlap `[addr, addr+len)`.
+fn overlapping_patches(pid: i32, addr: u64, len: u64) -> Vec<String> {
+    let Ok(text) = crate::proc::debugfs("patches") else {
+        return vec![];
+    };
+    crate::report::parse_patches(&text)
+        .patches
+        .iter()
+        .filter(|p| p.pid == pid && p.addr < addr + len && addr < p.addr + p.len as u64)
+        .map(|p| format!("handle {} at {:#x}", p.handle, p.addr))
+        .collect()
+}
+
+/// Check patching `new` at `addr` of `pid` against the code the process
+/// has now.  Its `here` (the bytes it read at the address) is what PATCH
+/// then passes as its expected bytes: the kernel writes only if they are
+/// still there under the page-table lock (the code may change between
+/// this look and the write: a dlclose/dlopen, a debugger, another patch
+/// beside this one).
+pub fn check_patch(pid: i32, force: bool, objects: &[Object], addr: u64, new: &[u8]) -> Check {
+    let len = new.len() as u64;
+    let c = Check {
+        forced: force,
+        ..Default::default()
+    };
+    // Not decoded: the kernel decides whether it may patch there, and
+    // writes only over the bytes there now (read here, passed as expected).
+    let unchecked = |c: Check, why: String| {
+        let mut c = c.note(format!("{why}: not checked as instructions (the kernel decides; it writes only over the bytes read here)"));
+        c.here = read_mem(pid, addr, new.len()).ok();
+        c
+    };
+    let Some(oi) = symbols::object_at(objects, addr) else {
+        return unchecked(
+            c,
+            format!("{addr:#x} is in no executable file mapping of pid {pid}"),
+        );
+    };
+    let o = &objects[oi];
+    let m = o.mapping(addr).unwrap();
+    if !m.executable() {
+        return unchecked(
+            c,
+            format!("{addr:#x} is in {} but not executable there", o.path),
+        );
+    }
+    if addr + len > m.end {
+        return unchecked(
+            c,
+            format!("the patch runs past the end of the mapping at {:#x}", m.end),
+        );
+    }
+    let mut c = c;
+    // Decode from the start of the covering symbol; without one, from the
+    // nearest symbol before in this mapping, or the mapping's start.
+    let vaddr = addr.wrapping_sub(o.bias);
+    let sym = o.elf.as_ref().and_then(|e| e.symbol_at(vaddr));
+    let (from, start) = match &sym {
+        Some(s) if s.covers(vaddr) => (
+            s.value.wrapping_add(o.bias),
+            Start::Symbol {
+                name: s.full_name(),
+            },
+        ),
+        Some(s) if m.contains(s.value.wrapping_add(o.bias)) => (
+            s.value.wrapping_add(o.bias),
+            Start::Guess {
+                what: format!(
+                    "the nearest symbol before, {} (size {:#x})",
+                    s.full_name(),
+                    s.size
+                ),
+            },
+        ),
+        _ => {
+            let why = if o.elf.is_none() {
+                format!("{} is not an ELF object", o.basename())
+            } else {
+                "no symbol before it in this mapping".into()
+            };
+            (
+                m.start,
+                Start::Guess {
+                    what: format!("the start of the mapping ({why})"),
+                },
+            )
+        }
+    };
+    let to = (addr + len + 16).min(m.end);
+    let old = match read_mem(pid, from, (to - from) as usize) {
+        Ok(b) => b,
+        Err(e) if force => {
+            c.warnings.push(format!(
+                "cannot read the old code from /proc/{pid}/mem: {e}; not checked (--force)"
+            ));
+            return c;
+        }
+        Err(e) => {
+            c.refusals.push(format!("cannot read the old code from /proc/{pid}/mem to check the patch: {e} (--force patches unchecked)"));
+            return c;
+        }
+    };
+    c.checked = true;
+    let review = review(&old, from, &start, addr, new);
+    let name = |a: u64| o.describe(a);
+    let insns = |v: &[Insn]| -> Vec<InsnOut> {
+        v.iter()
+            .map(|i| InsnOut {
+                addr: i.addr,
+                bytes: crate::report::hex(&i.bytes),
+                text: i.text.clone(),
+                symbol: o.describe(i.addr),
+            })
+            .collect()
+    };
+    c.at = Some(format!(
+        "{} in {}",
+        o.describe(addr).unwrap_or_default(),
+        o.path
+    ));
+    c.listing = format!(
+        "old:\n{}new:\n{}",
+        listing(&review.old, name),
+        listing(&review.new, name)
+    );
+    c.old = insns(&review.old);
+    c.new = insns(&review.new);
+
+    // The text may be patched already (by us or a debugger): compare with the file.
+    let here = &old[(addr - from) as usize..][..len as usize];
+    let file_bytes =
+        std::fs::File::open(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+            .or_else(|_| std::fs::File::open(&m.path))
+            .and_then(|f| {
+                let mut b = vec![0; len as usize];
+                f.read_exact_at(&mut b, m.file_offset(addr)).map(|_| b)
+            });
+    match file_bytes {
+        Ok(b) if b != here => {
+            let by = overlapping_patches(pid, addr, len);
+            let by = if by.is_empty() {
+                "not by a live hugepoke patch: a debugger or another tool".to_string()
+            } else {
+                by.join(", ")
+            };
+            c.notes.push(format!(
+                "the process's bytes there differ from its file's: already patched ({by})"
+            ));
+        }
+        _ => {}
+    }
+    if let Some(s) = sym.filter(|s| s.covers(vaddr)) {
+        if s.ifunc {
+            c.warnings.push(format!(
+                "{} is an IFUNC: this is its resolver, not the implementation callers run",
+                s.full_name()
+            ));
+        }
+        if s.size != 0 && vaddr + len > s.value + s.size {
+            c.warnings.push(format!(
+                "the patch runs past the end of {} (size {:#x})",
+                s.full_name(),
+                s.size
+            ));
+        }
+    }
+    c.notes.extend(review.notes);
+    c.warnings.extend(review.warnings);
+    c.refusals.extend(review.refusals);
+    c.here = Some(here.to_vec());
+    c
 }
 
 #[cfg(test)]

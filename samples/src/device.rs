@@ -46,6 +46,14 @@ impl PatchRequest {
     }
 }
 
+/// One site to patch: `bytes` at `addr`, only over `expect` if given.
+#[derive(Debug, Clone, Default)]
+pub struct Site {
+    pub addr: u64,
+    pub bytes: Vec<u8>,
+    pub expect: Option<Vec<u8>>,
+}
+
 /// One site of a batch: `bytes` at `addr`, optionally only over `expect`.
 pub fn batch_site(addr: u64, bytes: &[u8], expect: Option<&[u8]>) -> BatchSite {
     let mut s = BatchSite {
@@ -155,6 +163,46 @@ impl Device {
                 kept: (a.handle != 0).then_some(a.handle),
             }),
         }
+    }
+
+    /// Patch `sites` in `pid`, all or none: with PATCH when `batch` is
+    /// false (then `sites` is one site), else with one PATCH_BATCH.  A
+    /// refused PATCH blames no site and keeps nothing.
+    pub fn patch_sites(
+        &self,
+        pid: i32,
+        sites: &[Site],
+        batch: bool,
+        persist: bool,
+        install_pmd: bool,
+    ) -> Result<u64, BatchError> {
+        if !batch {
+            let req = PatchRequest {
+                pid,
+                addr: sites[0].addr,
+                bytes: sites[0].bytes.clone(),
+                expect: sites[0].expect.clone(),
+                persist,
+                install_pmd,
+            };
+            return self.patch(&req).map_err(|error| BatchError {
+                error,
+                failed: None,
+                kept: None,
+            });
+        }
+        let batch: Vec<BatchSite> = sites
+            .iter()
+            .map(|s| batch_site(s.addr, &s.bytes, s.expect.as_deref()))
+            .collect();
+        let mut flags = 0;
+        if persist {
+            flags |= uapi::PATCH_PERSIST;
+        }
+        if install_pmd {
+            flags |= uapi::PATCH_INSTALL_PMD;
+        }
+        self.patch_batch(pid, &batch, flags)
     }
 
     pub fn restore(&self, handle: u64) -> io::Result<()> {

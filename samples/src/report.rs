@@ -1,9 +1,11 @@
 //! What the CLI prints, as records: hugepoke's debugfs text (`patches`,
 //! `events`, `stats`) parsed into structs that serialize to the JSON of
 //! `--json` (field names are stable: Documentation/cli.md), and the
-//! follower behind `events --follow`.  Pure functions of the text, so the
+//! follower behind `events --follow`; and what `patch --json` prints
+//! ([`PatchOut`]).  Pure functions of the text, so the
 //! host tests can feed them any text.
 
+use crate::decode::Check;
 use crate::parse_number;
 use crate::proc::{self, EventLine};
 use serde::Serialize;
@@ -283,6 +285,33 @@ impl Follower {
         }
         out
     }
+}
+
+/// One site of a `patch` call, as `--json` shows it.
+#[derive(Serialize)]
+pub struct SiteOut {
+    /// The sites file's line (null without --sites).
+    pub line: Option<usize>,
+    pub addr: u64,
+    /// `NAME+0xOFF` of `addr` in the process.
+    pub symbol: Option<String>,
+    pub len: usize,
+    pub bytes: String,
+    /// What the kernel is told must be there (PATCH_EXPECT): the given
+    /// expected bytes, or those the check read; null for none.
+    pub expect: Option<String>,
+    pub check: Check,
+}
+
+/// What `patch --json` prints.
+#[derive(Serialize)]
+pub struct PatchOut {
+    /// Null with --dry-run.
+    pub handle: Option<u64>,
+    pub pid: i32,
+    pub persist: bool,
+    pub dry_run: bool,
+    pub sites: Vec<SiteOut>,
 }
 
 #[cfg(test)]

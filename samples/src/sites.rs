@@ -2,10 +2,15 @@
 //! one site a line, `WHERE BYTES [EXPECT]`, where WHERE is an address
 //! (`0x…` or decimal) or a symbol (`NAME`, `NAME+OFFSET`, `NAME@VERSION`),
 //! and BYTES and EXPECT are hex without spaces (`b82a000000c3`); `#` starts
-//! a comment, blank lines are skipped.
+//! a comment, blank lines are skipped.  A [`Site`] is one site to patch,
+//! from such a line or from the command line; [`Site::resolve`] finds its
+//! address in a process.
 
+use crate::symbols::{self, Object};
 use crate::uapi::{MAX_BATCH, MAX_BYTES};
 use crate::{parse_hex_bytes, parse_number};
+use std::io::{Read, Write};
+use std::path::Path;
 
 /// Where a site is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +92,93 @@ pub fn parse(text: &str) -> Result<Vec<SiteLine>, String> {
         ));
     }
     Ok(sites)
+}
+
+/// A site to patch, before it is resolved and checked: a sites file's
+/// line, or the command line's one site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Site {
+    /// `FILE line N`, for messages; None for the command line's site.
+    pub label: Option<String>,
+    /// The sites file's line.
+    pub line: Option<usize>,
+    pub place: Place,
+    pub bytes: Vec<u8>,
+    pub expect: Option<Vec<u8>>,
+}
+
+impl Site {
+    /// `prefix: ` for messages about this site.
+    pub fn prefix(&self) -> String {
+        self.label
+            .as_ref()
+            .map(|l| format!("{l}: "))
+            .unwrap_or_default()
+    }
+
+    /// Where this site is in the process that maps `objects`: its address,
+    /// or its symbol's (defined by `object`, if given), saying on `out`
+    /// where the symbol was found (and a sites file's address, as read).
+    /// An error (a missing or ambiguous symbol) starts with the prefix.
+    pub fn resolve(
+        &self,
+        objects: &[Object],
+        object: Option<&str>,
+        out: &mut dyn Write,
+    ) -> Result<u64, String> {
+        let pre = self.prefix();
+        match &self.place {
+            Place::Symbol(sym) => {
+                let r = symbols::resolve(objects, sym, object).map_err(|e| format!("{pre}{e}"))?;
+                let o = &objects[r.object];
+                let _ = writeln!(
+                    out,
+                    "{pre}{sym}: {}+{:#x} in {} at {:#x} (symbol value {:#x}, size {:#x}, load bias {:#x})",
+                    r.symbol.full_name(),
+                    r.offset,
+                    o.path,
+                    r.addr,
+                    r.symbol.value,
+                    r.symbol.size,
+                    o.bias
+                );
+                Ok(r.addr)
+            }
+            Place::Addr(a) => {
+                if self.label.is_some() {
+                    let _ = writeln!(out, "{pre}{a:#x}");
+                }
+                Ok(*a)
+            }
+        }
+    }
+}
+
+/// Read and [`parse`] the sites file `path` (`-`: standard input), each
+/// site labelled `FILE line N` (`<stdin> line N`); an error starts with
+/// the file's name (`-` when standard input could not be read).
+pub fn read(path: &Path) -> Result<Vec<Site>, String> {
+    let (name, text) = if path == Path::new("-") {
+        let mut t = String::new();
+        std::io::stdin()
+            .read_to_string(&mut t)
+            .map_err(|e| format!("-: cannot read stdin: {e}"))?;
+        ("<stdin>".to_string(), t)
+    } else {
+        let t = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        (path.display().to_string(), t)
+    };
+    let lines = parse(&text).map_err(|e| format!("{name}: {e}"))?;
+    Ok(lines
+        .into_iter()
+        .map(|s| Site {
+            label: Some(format!("{name} line {}", s.line)),
+            line: Some(s.line),
+            place: s.place,
+            bytes: s.bytes,
+            expect: s.expect,
+        })
+        .collect())
 }
 
 #[cfg(test)]
