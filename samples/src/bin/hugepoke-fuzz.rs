@@ -30,8 +30,8 @@
 
 use hugepoke::device::Device;
 use hugepoke::proc;
-use hugepoke::target::Target;
-use hugepoke::text;
+use hugepoke::testkit::target::Target;
+use hugepoke::testkit::text;
 use hugepoke::uapi::{self, BatchSite, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs};
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -9,7 +9,7 @@
 //! split the bytes into instructions differently (`text::encodings_returning`),
 //! checks that an overlapping PATCH is refused (EBUSY), and RESTOREs it.
 //! Around each ioctl it tells the target's checking threads what the page
-//! must run (`hugepoke::check_state`) and waits until one of them has seen
+//! must run (`hugepoke::testkit::check_state`) and waits until one of them has seen
 //! it: so a patch whose bytes never become visible (a missing TLB flush),
 //! or a RESTORE that leaves them, fails the run, as does any other value
 //! (a torn instruction), a crash or a hang of the target.
@@ -38,10 +38,11 @@
 //! Prints one summary line and a `# problem:` line per failure; exits 1 on
 //! any.
 
-use hugepoke::check_state::{self, Shared, Slot, State};
 use hugepoke::device::{batch_site, Device, PatchRequest};
-use hugepoke::target::Target;
-use hugepoke::{errno_name, proc, text};
+use hugepoke::testkit::check_state::{self, Shared, Slot, State};
+use hugepoke::testkit::target::Target;
+use hugepoke::testkit::text;
+use hugepoke::{errno_name, proc};
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};

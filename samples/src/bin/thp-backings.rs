@@ -9,9 +9,9 @@
 //!
 //!   thp-backings        (as root in a guest: scripts/guest -- thp-backings)
 
-use hugepoke::backing::{folio_order, image, tmpfs, write_text};
 use hugepoke::proc;
-use hugepoke::target::Target;
+use hugepoke::testkit::backing::{folio_order, image, tmpfs, write_text};
+use hugepoke::testkit::target::Target;
 
 fn main() -> Result<(), String> {
     let backings = [

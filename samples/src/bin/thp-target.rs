@@ -1,6 +1,6 @@
 //! A process whose text lives on a file THP.
 //!
-//! It writes the 2 MiB code blob (see `hugepoke::text`) to a file — on a
+//! It writes the 2 MiB code blob (see `hugepoke::testkit::text`) to a file — on a
 //! tmpfs mounted `huge=always` that gives one PMD-sized folio — maps it
 //! 2 MiB-aligned `PROT_READ|PROT_EXEC, MAP_PRIVATE`, calls into it so the
 //! PMD is faulted in, prints `ready pid=P addr=A file=F`, and then answers
@@ -46,7 +46,7 @@
 //! they also exit (4) if a call made wholly after a PATCH or RESTORE
 //! returned still runs the code from before it, more than
 //! `check_state::MISSES_ALLOWED` times in a row, and confirm every state
-//! they saw right (see `hugepoke::check_state`).
+//! they saw right (see `hugepoke::testkit::check_state`).
 //! With `--chaos`, a thread keeps racing the kernel on the pages the
 //! checkers run (0..P): it `madvise(MADV_DONTNEED)`s them (dropping any
 //! patched anonymous page: counted in the check state) and flips them
@@ -55,8 +55,8 @@
 //! refuse then); and flips pages P..P+4, which no checker runs, between
 //! read-only and read+exec; `calm` stops it.
 
-use hugepoke::check_state;
-use hugepoke::text::{self, PAGE, THP_SIZE};
+use hugepoke::testkit::check_state;
+use hugepoke::testkit::text::{self, PAGE, THP_SIZE};
 use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
 
@@ -102,7 +102,8 @@ fn hog_mmap_lock(mib: usize) {
 
 /// Move the text to another 2 MiB-aligned address; returns it.
 fn move_text(base: usize) -> usize {
-    let to = hugepoke::thp::reserve_window().unwrap_or_else(|_| die("reserving address space"));
+    let to =
+        hugepoke::testkit::thp::reserve_window().unwrap_or_else(|_| die("reserving address space"));
     // SAFETY: moves our own text over our own reservation.
     let moved = unsafe {
         libc::mremap(
@@ -417,8 +418,8 @@ fn main() {
         eprintln!("thp-target: opening {path}: {e}");
         std::process::exit(1)
     });
-    let base =
-        hugepoke::thp::map_text_with(&file, at, huge).unwrap_or_else(|_| die("mapping the text"));
+    let base = hugepoke::testkit::thp::map_text_with(&file, at, huge)
+        .unwrap_or_else(|_| die("mapping the text"));
     // Fault the text in (a PMD mapping when the page cache holds a THP).
     let v = call(base, 0);
     assert_eq!(v, text::original_value(0));
@@ -509,14 +510,16 @@ fn main() {
                 base = move_text(base);
                 let _ = writeln!(out, "moved {base:#x}");
             }
-            (Some("map-again"), _) => match hugepoke::thp::map_text_with(&file, None, huge) {
-                Ok(second) => {
-                    let _ = writeln!(out, "mapped-again {second:#x}");
+            (Some("map-again"), _) => {
+                match hugepoke::testkit::thp::map_text_with(&file, None, huge) {
+                    Ok(second) => {
+                        let _ = writeln!(out, "mapped-again {second:#x}");
+                    }
+                    Err(e) => {
+                        let _ = writeln!(out, "error: map-again: {e}");
+                    }
                 }
-                Err(e) => {
-                    let _ = writeln!(out, "error: map-again: {e}");
-                }
-            },
+            }
             (Some("protect"), _) => {
                 let prot = match line.split_whitespace().nth(1) {
                     Some("rwx") => libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,

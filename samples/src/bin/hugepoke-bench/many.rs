@@ -9,8 +9,8 @@ use crate::probe::{check, events_since, fresh_target, mono_ns, timed, Mem, Timed
 use crate::report::{Row, SiteCost, Throughput};
 use crate::stats::median;
 use hugepoke::device::{batch_site, journal_seq, Device, PatchRequest};
-use hugepoke::target::Target;
-use hugepoke::text::{self, PAGE, PAGES, THP_SIZE};
+use hugepoke::testkit::target::Target;
+use hugepoke::testkit::text::{self, PAGE, PAGES, THP_SIZE};
 use hugepoke::uapi::{BatchSite, MAX_BATCH, PATCH_INSTALL_PMD};
 use std::ffi::CString;
 

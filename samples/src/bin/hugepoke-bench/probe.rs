@@ -2,8 +2,8 @@
 //! PMD-ness, the target's bytes, and the module's journal.
 
 use hugepoke::proc::{self, EventLine, Pagemap};
-use hugepoke::target::Target;
-use hugepoke::text;
+use hugepoke::testkit::target::Target;
+use hugepoke::testkit::text;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};

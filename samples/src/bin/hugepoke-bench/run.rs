@@ -8,7 +8,7 @@ use crate::report::{Bench, Bound, Row, SiteCost, Stack, Throughput, SCHEMA};
 use crate::stats::median;
 use crate::trace::{off_cpu, SchedTrace};
 use hugepoke::device::{journal_seq, Device, PatchRequest};
-use hugepoke::text::{self, mov_eax_ret, original_value, PAGE, PAGES, THP_SIZE};
+use hugepoke::testkit::text::{self, mov_eax_ret, original_value, PAGE, PAGES, THP_SIZE};
 use std::ffi::CString;
 
 #[path = "many.rs"]
@@ -230,7 +230,7 @@ fn set_affinity(cpus: &[usize]) {
 /// One single-site cycle's target: its text, pagemap and memory, the
 /// site on page `SITE_PAGE`, and the page-cache PFN mapped there.
 struct Site {
-    t: hugepoke::target::Target,
+    t: hugepoke::testkit::target::Target,
     w: crate::probe::Watch,
     mem: Mem,
     addr: u64,

@@ -5,8 +5,8 @@
 use crate::common::*;
 use crate::TestResult;
 use hugepoke::device::{batch_site, Device};
-use hugepoke::target::Target;
-use hugepoke::text;
+use hugepoke::testkit::target::Target;
+use hugepoke::testkit::text;
 use std::time::Duration;
 
 pub(crate) fn batch_patches_and_restores_every_site() -> TestResult {

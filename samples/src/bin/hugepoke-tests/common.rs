@@ -3,8 +3,8 @@
 pub(crate) use hugepoke::device::{Device, PatchRequest};
 pub(crate) use hugepoke::proc::{self, KpageFlags, Pagemap};
 pub(crate) use hugepoke::proc::{EventLine, SmapsEntry};
-pub(crate) use hugepoke::target::Target;
-pub(crate) use hugepoke::text;
+pub(crate) use hugepoke::testkit::target::Target;
+pub(crate) use hugepoke::testkit::text;
 pub(crate) use std::time::{Duration, Instant};
 
 pub(crate) fn io<T>(r: std::io::Result<T>) -> Result<T, String> {

@@ -10,7 +10,7 @@
 
 use crate::common::*;
 use crate::TestResult;
-use hugepoke::backing::{folio_order, image, tmpfs, write_text};
+use hugepoke::testkit::backing::{folio_order, image, tmpfs, write_text};
 
 /// The cycle on a text THP: PMD-mapped → PATCH splits the PMD and COWs one
 /// page → RESTORE zaps it, the page-cache subpage maps again → the queued

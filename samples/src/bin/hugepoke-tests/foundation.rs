@@ -2,8 +2,8 @@
 
 use crate::TestResult;
 use hugepoke::proc::{self, KpageFlags, Pagemap};
-use hugepoke::target::Target;
-use hugepoke::text;
+use hugepoke::testkit::target::Target;
+use hugepoke::testkit::text;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 pub(crate) fn module_is_loaded() -> TestResult {

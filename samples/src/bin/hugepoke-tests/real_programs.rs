@@ -132,7 +132,7 @@ fn copies(dir: &'static str, huge: &str) -> Result<Copies, String> {
         ));
     }
     mount_tmpfs(dir, huge)?;
-    hugepoke::backing::compact_memory();
+    hugepoke::testkit::backing::compact_memory();
     let started = Instant::now();
     let c = Copies {
         python: copy_in(dir, python.to_str().unwrap())?,
@@ -420,11 +420,11 @@ pub(crate) fn real_python3_library_function_by_symbol_on_xfs() -> TestResult {
     library_cycle(&on_image("xfs")?)
 }
 
-/// python3 and libz3 on a fresh `fs` image (hugepoke::backing).
+/// python3 and libz3 on a fresh `fs` image (hugepoke::testkit::backing).
 fn on_image(fs: &str) -> Result<Copies, String> {
     let from = always()?;
-    let dir = hugepoke::backing::image(fs)?;
-    hugepoke::backing::compact_memory();
+    let dir = hugepoke::testkit::backing::image(fs)?;
+    hugepoke::testkit::backing::compact_memory();
     let started = Instant::now();
     let copy = |src: &str| -> Result<String, String> {
         let dst = format!("{dir}/{}", src.rsplit('/').next().unwrap());

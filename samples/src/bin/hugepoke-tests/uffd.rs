@@ -112,7 +112,7 @@ struct OwnText {
 impl OwnText {
     fn map(file: &std::fs::File) -> Result<Self, String> {
         let text = Self {
-            addr: io(hugepoke::thp::map_text(file))? as u64,
+            addr: io(hugepoke::testkit::thp::map_text(file))? as u64,
         };
         // SAFETY: reading our own fresh mapping faults the THP in by a PMD.
         unsafe { std::ptr::read_volatile(text.addr as *const u8) };

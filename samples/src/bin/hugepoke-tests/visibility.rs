@@ -4,7 +4,7 @@
 use crate::common::*;
 use crate::races::pin_to_cpu;
 use crate::TestResult;
-use hugepoke::text::{Watch, WATCH_LOG};
+use hugepoke::testkit::text::{Watch, WATCH_LOG};
 use std::sync::atomic::Ordering;
 
 /// The target's watcher log (see `thp-target watch`), mapped shared.

@@ -4,8 +4,8 @@
 //! advice, decides the page-cache folio size (Documentation/filesystems.md).
 
 use crate::proc::{KpageFlags, Pagemap};
-use crate::target::Target;
-use crate::text;
+use crate::testkit::target::Target;
+use crate::testkit::text;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 

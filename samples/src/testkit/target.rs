@@ -118,7 +118,7 @@ impl Target {
 
     /// Address of text page `page`.
     pub fn page_addr(&self, page: usize) -> u64 {
-        self.addr + (page * crate::text::PAGE) as u64
+        self.addr + (page * crate::testkit::text::PAGE) as u64
     }
 }
 
