@@ -767,3 +767,15 @@ pub(crate) fn batch_restore_refused_by_one_changed_site_writes_nothing() -> Test
     ensure!(thp_head(&t)? == head, "a different THP came back");
     Ok(())
 }
+
+// This module's in-guest tests (main.rs's SUITE says when they run).
+tests! {
+    TESTS: [
+        batch_refused_at_its_last_site_changes_nothing,
+        batch_failing_on_a_later_page_undoes_the_earlier_pages,
+        batch_over_pages_of_one_thp_splits_once_and_collapses_once,
+        overlapping_batches_at_once_one_wins,
+        batch_restore_refused_by_one_changed_site_writes_nothing,
+        batch_refuses_one_file_page_at_two_addresses,
+    ];
+}

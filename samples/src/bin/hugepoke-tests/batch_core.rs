@@ -277,3 +277,13 @@ pub(crate) fn batch_restore_after_fork_leaves_the_child_patched() -> TestResult 
     );
     Ok(())
 }
+
+// This module's in-guest tests (main.rs's SUITE says when they run).
+tests! {
+    TESTS: [
+        batch_patches_and_restores_every_site,
+        batch_restore_follows_moves_drops_and_swap,
+        batch_restore_after_remap_writes_nothing,
+        batch_restore_after_fork_leaves_the_child_patched,
+    ];
+}

@@ -363,3 +363,11 @@ pub(crate) fn cli_patch_sites_is_one_batch() -> TestResult {
     let _ = std::fs::remove_file(&file);
     Ok(())
 }
+
+// This module's in-guest tests (main.rs's SUITE says when they run).
+tests! {
+    TESTS: [
+        cli_json_output_matches_the_kernel,
+        cli_patch_sites_is_one_batch,
+    ];
+}

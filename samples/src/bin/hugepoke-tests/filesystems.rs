@@ -210,3 +210,14 @@ pub(crate) fn cycle_on_an_mthp_page_cache_queues_no_collapse() -> TestResult {
         4,
     )
 }
+
+// This module's in-guest tests (main.rs's SUITE says when they run).
+tests! {
+    TESTS: [
+        full_cycle_on_tmpfs_huge_always,
+        full_cycle_on_ext4,
+        full_cycle_on_xfs,
+        cycle_on_a_4k_page_cache_queues_no_collapse,
+        cycle_on_an_mthp_page_cache_queues_no_collapse,
+    ];
+}

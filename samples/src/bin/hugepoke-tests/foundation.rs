@@ -177,3 +177,15 @@ pub(crate) fn target_text_is_pmd_mapped_thp() -> TestResult {
     }
     Ok(())
 }
+
+// This module's in-guest tests (main.rs's SUITE says when they run).
+tests! {
+    TESTS: [
+        module_is_loaded,
+        device_is_root_only,
+        debugfs_files_exist,
+        open_close_and_unknown_ioctl_are_journaled,
+        unprivileged_user_cannot_open,
+        target_text_is_pmd_mapped_thp,
+    ];
+}

@@ -852,3 +852,21 @@ pub(crate) fn module_unload_restores_persistent_patches() -> TestResult {
     ensure!(thp_head(&t2)? == head2, "second target's THP");
     reloaded
 }
+
+// This module's in-guest tests, in groups that main.rs's SUITE puts in run order.
+tests! {
+    TESTS: [
+        bad_input_gets_errno_reason_and_changes_nothing,
+        caller_that_cannot_ptrace_gets_eperm,
+        killed_controller_leaves_nothing_patched,
+        target_exit_and_exec_leave_patches_gone,
+        fork_before_and_during_a_patch,
+        patched_pte_is_soft_dirty_but_not_writable,
+    ];
+    RMMOD: [
+        rmmod_waits_for_the_last_close,
+    ];
+    RELOADING: [
+        #[reloads] module_unload_restores_persistent_patches,
+    ];
+}

@@ -467,3 +467,21 @@ pub(crate) fn unload_after_collapse_leaks_nothing() -> TestResult {
     }
     Ok(())
 }
+
+// This module's in-guest tests, in groups that main.rs's SUITE puts in run order.
+tests! {
+    TESTS: [
+        restore_after_remap_to_another_file_writes_nothing,
+        restore_follows_mremap,
+        restore_refuses_bytes_changed_by_someone_else,
+        restore_refuses_a_writable_mapping,
+        failed_collapse_is_reported_with_the_kernels_reason,
+        swapped_out_patch_restores_and_frees_its_swap_slot,
+    ];
+    KILLED_RESTORE: [
+        killed_restore_keeps_the_patch,
+    ];
+    RELOADING: [
+        #[reloads] unload_after_collapse_leaks_nothing,
+    ];
+}

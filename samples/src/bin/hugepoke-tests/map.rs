@@ -213,3 +213,10 @@ pub(crate) fn map_shows_patch_restore_and_collapse() -> TestResult {
     );
     Ok(())
 }
+
+// This module's in-guest tests (main.rs's SUITE says when they run).
+tests! {
+    TESTS: [
+        map_shows_patch_restore_and_collapse,
+    ];
+}

@@ -451,3 +451,24 @@ pub(crate) fn cli_patch_holds_until_stdin_closes() -> TestResult {
     );
     Ok(())
 }
+
+// This module's in-guest tests, in groups that main.rs's SUITE puts in run order.
+tests! {
+    ONE_PAGE: [
+        patch_restore_collapse_one_page,
+    ];
+    COLLAPSE: [
+        collapse_waits_for_the_last_patch,
+        install_pmd_maps_without_a_fault,
+    ];
+    EXPECT: [
+        expect_mismatch_changes_nothing,
+    ];
+    OVERLAP_AND_CLOSE: [
+        overlapping_patch_is_refused,
+        closing_the_file_restores_and_persist_survives,
+    ];
+    CLI_HOLD: [
+        cli_patch_holds_until_stdin_closes,
+    ];
+}

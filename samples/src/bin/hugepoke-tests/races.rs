@@ -577,3 +577,18 @@ pub(crate) fn cli_patch_writes_only_over_the_bytes_it_checked() -> TestResult {
     );
     Ok(())
 }
+
+// This module's in-guest tests, in groups that main.rs's SUITE puts in run order.
+tests! {
+    TESTS: [
+        execve_during_patch_never_patches_the_new_image,
+        expect_is_checked_in_the_step_that_writes,
+        cli_patch_writes_only_over_the_bytes_it_checked,
+    ];
+    WORKERS: [
+        a_parked_patch_does_not_stall_other_targets,
+        last_mm_reference_is_dropped_by_a_worker,
+        restore_drains_lru_batches_once_and_unlocked,
+        close_restores_even_when_the_closer_is_killed,
+    ];
+}

@@ -778,3 +778,16 @@ pub(crate) fn real_python3_sites_by_symbol_in_two_objects() -> TestResult {
     );
     py.quit()
 }
+
+// This module's in-guest tests (main.rs's SUITE says when they run).
+tests! {
+    TESTS: [
+        real_python3_library_function_by_symbol,
+        real_python3_library_function_by_symbol_on_ext4,
+        real_python3_library_function_by_symbol_on_xfs,
+        real_python3_own_function_in_text_no_pmd_can_map,
+        real_python3_threads_on_both_cpus_while_patched_and_restored,
+        real_python3_sites_by_symbol_in_two_objects,
+        collapse_pid_makes_a_real_programs_text_huge,
+    ];
+}

@@ -143,3 +143,10 @@ pub(crate) fn trace_events_carry_each_step_and_its_pfns() -> TestResult {
     );
     Ok(())
 }
+
+// This module's in-guest tests (main.rs's SUITE says when they run).
+tests! {
+    TESTS: [
+        trace_events_carry_each_step_and_its_pfns,
+    ];
+}

@@ -379,3 +379,15 @@ pub(crate) fn pinned_page_is_restored_but_not_zapped() -> TestResult {
     }
     Ok(())
 }
+
+// This module's in-guest tests, in groups that main.rs's SUITE puts in run order.
+tests! {
+    TESTS: [
+        userfaultfd_armed_text_is_refused,
+        pinned_page_is_restored_but_not_zapped,
+    ];
+    WP_AND_MISSING: [
+        uffd_wp_on_pmd_mapped_text_is_never_written_through,
+        uffd_missing_after_patch_keeps_the_anonymous_page,
+    ];
+}

@@ -241,3 +241,10 @@ pub(crate) fn spinner_sees_each_patch_and_restore_whole_and_at_once() -> TestRes
     println!("# {ops} PATCH/RESTOREs under a spinner ({calls} calls, {} changes seen): each seen at most {max_lag} calls after the ioctl returned", w.seen.len());
     Ok(())
 }
+
+// This module's in-guest tests (main.rs's SUITE says when they run).
+tests! {
+    TESTS: [
+        spinner_sees_each_patch_and_restore_whole_and_at_once,
+    ];
+}
