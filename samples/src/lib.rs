@@ -33,7 +33,7 @@ pub fn parse_number(s: &str) -> Option<u64> {
 /// Parse bytes written as hex, with optional spaces: `"b8 2a 00 00 00 c3"`.
 pub fn parse_hex_bytes(s: &str) -> Option<Vec<u8>> {
     let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if digits.is_empty() || digits.len() % 2 != 0 {
+    if digits.is_empty() || !digits.len().is_multiple_of(2) {
         return None;
     }
     digits

@@ -309,7 +309,8 @@ fn check_calls(base: usize, pages: usize, state: Option<&check_state::Shared>) {
     // Per page: the generation we last saw a miss in, and how many in a row.
     let mut misses = vec![(0u64, 0u32); pages];
     loop {
-        for page in 0..pages {
+        // `misses` has one entry a page.
+        for (page, m) in misses.iter_mut().enumerate() {
             let (orig, new) = (text::original_value(page), text::stress_value(page));
             let Some(slot) = state.map(|s| s.slot(page)) else {
                 let v = call(base, page);
@@ -337,7 +338,6 @@ fn check_calls(base: usize, pages: usize, state: Option<&check_state::Shared>) {
                 slot.confirm(generation);
                 continue;
             }
-            let m = &mut misses[page];
             *m = if m.0 == generation {
                 (generation, m.1 + 1)
             } else {

@@ -266,6 +266,17 @@ pub fn steps(events: &[EventLine], handle: u64) -> Steps {
     s
 }
 
+/// Of threads' results `(start, end, patches, restores)`: how many calls
+/// they made, and the wall time from the first start to the last end.
+pub(crate) fn calls_and_span<A, B>(results: &[(i64, i64, Vec<A>, Vec<B>)]) -> (usize, i64) {
+    let start = results.iter().map(|r| r.0).min().unwrap_or(0);
+    let end = results.iter().map(|r| r.1).max().unwrap_or(0);
+    (
+        results.iter().map(|r| r.2.len() + r.3.len()).sum(),
+        end - start,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,15 +309,4 @@ mod tests {
         // Another handle's drain is not ours.
         assert_eq!(steps(&proc::parse_events(text), 4).drains, vec![]);
     }
-}
-
-/// Of threads' results `(start, end, patches, restores)`: how many calls
-/// they made, and the wall time from the first start to the last end.
-pub(crate) fn calls_and_span<A, B>(results: &[(i64, i64, Vec<A>, Vec<B>)]) -> (usize, i64) {
-    let start = results.iter().map(|r| r.0).min().unwrap_or(0);
-    let end = results.iter().map(|r| r.1).max().unwrap_or(0);
-    (
-        results.iter().map(|r| r.2.len() + r.3.len()).sum(),
-        end - start,
-    )
 }

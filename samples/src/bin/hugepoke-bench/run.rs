@@ -562,7 +562,7 @@ impl Run {
                         .push(rest.iter().map(|o| o.to_ns - o.from_ns).sum());
                     waits[i].push(g.len());
                     for o in &sleeps {
-                        let frames = o.from_schedule();
+                        let frames = o.stack_from_schedule();
                         match self
                             .uprobe_sleeps
                             .iter_mut()

@@ -29,7 +29,7 @@ impl OffCpu {
     }
 
     /// The stack from the scheduler down, without the tracepoint's frames.
-    pub fn from_schedule(&self) -> Vec<String> {
+    pub fn stack_from_schedule(&self) -> Vec<String> {
         let from = self
             .stack
             .iter()
@@ -214,14 +214,14 @@ mod tests {
             "the idle task's stack is not ours: {:?}",
             o[0].stack
         );
-        assert_eq!(o[0].from_schedule()[0], "__schedule");
+        assert_eq!(o[0].stack_from_schedule()[0], "__schedule");
         assert_eq!(
             (o[1].from_ns, o[1].to_ns),
             (100_004_500_000, 100_005_500_000)
         );
         assert!(!o[1].grace_period());
         assert_eq!(
-            o[1].from_schedule(),
+            o[1].stack_from_schedule(),
             [
                 "__schedule",
                 "schedule",
