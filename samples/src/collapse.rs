@@ -47,7 +47,10 @@ pub fn pmd_ranges(m: &Mapping) -> Result<Vec<u64>, String> {
         ));
     }
     let first = m.start.div_ceil(PMD_SIZE) * PMD_SIZE;
-    let ranges: Vec<u64> = (first..).step_by(PMD_SIZE as usize).take_while(|r| r + PMD_SIZE <= m.end).collect();
+    let ranges: Vec<u64> = (first..)
+        .step_by(PMD_SIZE as usize)
+        .take_while(|r| r + PMD_SIZE <= m.end)
+        .collect();
     if ranges.is_empty() {
         return Err(format!(
             "no 2 MiB-aligned 2 MiB range inside it ({} kB, {:#x}-{:#x})",
@@ -87,16 +90,36 @@ fn fs_name(pid: i32, m: &Mapping) -> String {
 fn pidfd_open(pid: i32) -> io::Result<i32> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 { Err(io::Error::last_os_error()) } else { Ok(fd as i32) }
+    if fd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(fd as i32)
+    }
 }
 
 /// MADV_COLLAPSE one range of the process behind `pidfd`.
 fn collapse_range(pidfd: i32, start: u64, len: u64) -> io::Result<()> {
-    let iov = libc::iovec { iov_base: start as *mut libc::c_void, iov_len: len as usize };
+    let iov = libc::iovec {
+        iov_base: start as *mut libc::c_void,
+        iov_len: len as usize,
+    };
     // SAFETY: the iovec names addresses in the *target's* address space;
     // the kernel only reads the iovec from ours.
-    let n = unsafe { libc::syscall(libc::SYS_process_madvise, pidfd, &iov as *const libc::iovec, 1usize, MADV_COLLAPSE, 0u32) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_process_madvise,
+            pidfd,
+            &iov as *const libc::iovec,
+            1usize,
+            MADV_COLLAPSE,
+            0u32,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Collapse every executable file mapping of `pid`.
@@ -104,8 +127,19 @@ pub fn collapse(pid: i32) -> Result<Vec<MappingReport>, String> {
     let maps = symbols::read_maps(pid)?;
     let pidfd = pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
     let mut reports = Vec::new();
-    for m in maps.into_iter().filter(|m| m.file_backed() && m.executable()) {
-        let mut r = MappingReport { fs: fs_name(pid, &m), mapping: m, ranges: 0, collapsed: 0, failures: vec![], pmd_kb: 0, why_not: None };
+    for m in maps
+        .into_iter()
+        .filter(|m| m.file_backed() && m.executable())
+    {
+        let mut r = MappingReport {
+            fs: fs_name(pid, &m),
+            mapping: m,
+            ranges: 0,
+            collapsed: 0,
+            failures: vec![],
+            pmd_kb: 0,
+            why_not: None,
+        };
         match pmd_ranges(&r.mapping) {
             Err(why) => r.why_not = Some(why),
             Ok(ranges) => {
@@ -122,7 +156,8 @@ pub fn collapse(pid: i32) -> Result<Vec<MappingReport>, String> {
     }
     // SAFETY: our own descriptor, closed once.
     unsafe { libc::close(pidfd) };
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|e| format!("/proc/{pid}/smaps: {e}"))?;
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map_err(|e| format!("/proc/{pid}/smaps: {e}"))?;
     let smaps: Vec<SmapsEntry> = proc::parse_smaps(&smaps);
     for r in reports.iter_mut() {
         if let Some(s) = smaps.iter().find(|s| s.start == r.mapping.start) {
@@ -172,12 +207,18 @@ fn explain_failures(r: &MappingReport) -> String {
 /// One line per mapping, as the CLI prints it.
 pub fn report_line(r: &MappingReport) -> String {
     let m = &r.mapping;
-    let head = format!("{:#x}-{:#x} {} {} ({}):", m.start, m.end, m.perms, m.path, r.fs);
+    let head = format!(
+        "{:#x}-{:#x} {} {} ({}):",
+        m.start, m.end, m.perms, m.path, r.fs
+    );
     let pmd = format!("{} kB PMD-mapped", r.pmd_kb);
     match &r.why_not {
         None => format!("{head} {pmd}, all {} 2 MiB range(s) collapsed", r.ranges),
         Some(why) if r.ranges == 0 => format!("{head} {pmd}; no PMD: {why}"),
-        Some(why) => format!("{head} {pmd}, {} of {} 2 MiB range(s) collapsed; {why}", r.collapsed, r.ranges),
+        Some(why) => format!(
+            "{head} {pmd}, {} of {} 2 MiB range(s) collapsed; {why}",
+            r.collapsed, r.ranges
+        ),
     }
 }
 
@@ -186,7 +227,15 @@ mod tests {
     use super::*;
 
     fn m(start: u64, end: u64, offset: u64) -> Mapping {
-        Mapping { start, end, offset, perms: "r-xp".into(), inode: 1, path: "/x".into(), ..Default::default() }
+        Mapping {
+            start,
+            end,
+            offset,
+            perms: "r-xp".into(),
+            inode: 1,
+            path: "/x".into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -197,7 +246,12 @@ mod tests {
         assert_eq!(r[0], 0x7f0000000000);
         assert_eq!(*r.last().unwrap(), 0x7f0000000000 + 57 * PMD_SIZE);
         // A text segment that starts past a 2 MiB boundary: only whole ranges.
-        assert_eq!(pmd_ranges(&m(0x7f000008a000, 0x7f00012a1000, 0x8a000)).unwrap().len(), 8);
+        assert_eq!(
+            pmd_ranges(&m(0x7f000008a000, 0x7f00012a1000, 0x8a000))
+                .unwrap()
+                .len(),
+            8
+        );
     }
 
     #[test]

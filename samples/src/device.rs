@@ -46,9 +46,21 @@ impl PatchRequest {
     }
 }
 
+/// One site to patch: `bytes` at `addr`, only over `expect` if given.
+#[derive(Debug, Clone, Default)]
+pub struct Site {
+    pub addr: u64,
+    pub bytes: Vec<u8>,
+    pub expect: Option<Vec<u8>>,
+}
+
 /// One site of a batch: `bytes` at `addr`, optionally only over `expect`.
 pub fn batch_site(addr: u64, bytes: &[u8], expect: Option<&[u8]>) -> BatchSite {
-    let mut s = BatchSite { addr, len: bytes.len() as u32, ..Default::default() };
+    let mut s = BatchSite {
+        addr,
+        len: bytes.len() as u32,
+        ..Default::default()
+    };
     let n = bytes.len().min(MAX_BYTES);
     s.bytes[..n].copy_from_slice(&bytes[..n]);
     if let Some(e) = expect {
@@ -86,7 +98,11 @@ pub struct Device(File);
 
 impl Device {
     pub fn open() -> io::Result<Self> {
-        std::fs::OpenOptions::new().read(true).write(true).open(DEVICE).map(Self)
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(DEVICE)
+            .map(Self)
     }
 
     /// Raw ioctl with any command and argument struct (tests use it for bad input).
@@ -95,7 +111,11 @@ impl Device {
         // the kernel reads and writes at most `_IOC_SIZE(cmd)` bytes, which
         // callers keep within `size_of::<T>()` (or test the module's checks).
         let rc = unsafe { libc::ioctl(self.0.as_raw_fd(), cmd as libc::c_ulong, arg as *mut T) };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     /// Raw ioctl with a raw argument (tests use it for bad pointers).
@@ -103,7 +123,11 @@ impl Device {
         // SAFETY: the kernel validates `arg` as a user pointer; a bad one
         // gives EFAULT, it cannot corrupt this process.
         let rc = unsafe { libc::ioctl(self.0.as_raw_fd(), cmd as libc::c_ulong, arg) };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     pub fn patch_args(&self, args: &mut PatchArgs) -> io::Result<u64> {
@@ -117,7 +141,12 @@ impl Device {
 
     /// PATCH_BATCH: every site of `sites` in `pid`, or none.  `flags` are
     /// `BATCH_FLAGS` bits.
-    pub fn patch_batch(&self, pid: i32, sites: &[BatchSite], flags: u32) -> Result<u64, BatchError> {
+    pub fn patch_batch(
+        &self,
+        pid: i32,
+        sites: &[BatchSite],
+        flags: u32,
+    ) -> Result<u64, BatchError> {
         let mut a = PatchBatchArgs {
             size: std::mem::size_of::<PatchBatchArgs>() as u32,
             flags,
@@ -136,8 +165,52 @@ impl Device {
         }
     }
 
+    /// Patch `sites` in `pid`, all or none: with PATCH when `batch` is
+    /// false (then `sites` is one site), else with one PATCH_BATCH.  A
+    /// refused PATCH blames no site and keeps nothing.
+    pub fn patch_sites(
+        &self,
+        pid: i32,
+        sites: &[Site],
+        batch: bool,
+        persist: bool,
+        install_pmd: bool,
+    ) -> Result<u64, BatchError> {
+        if !batch {
+            let req = PatchRequest {
+                pid,
+                addr: sites[0].addr,
+                bytes: sites[0].bytes.clone(),
+                expect: sites[0].expect.clone(),
+                persist,
+                install_pmd,
+            };
+            return self.patch(&req).map_err(|error| BatchError {
+                error,
+                failed: None,
+                kept: None,
+            });
+        }
+        let batch: Vec<BatchSite> = sites
+            .iter()
+            .map(|s| batch_site(s.addr, &s.bytes, s.expect.as_deref()))
+            .collect();
+        let mut flags = 0;
+        if persist {
+            flags |= uapi::PATCH_PERSIST;
+        }
+        if install_pmd {
+            flags |= uapi::PATCH_INSTALL_PMD;
+        }
+        self.patch_batch(pid, &batch, flags)
+    }
+
     pub fn restore(&self, handle: u64) -> io::Result<()> {
-        let mut a = RestoreArgs { size: std::mem::size_of::<RestoreArgs>() as u32, flags: 0, handle };
+        let mut a = RestoreArgs {
+            size: std::mem::size_of::<RestoreArgs>() as u32,
+            flags: 0,
+            handle,
+        };
         self.ioctl(uapi::IOCTL_RESTORE, &mut a)
     }
 
@@ -147,7 +220,12 @@ impl Device {
 
     /// QUERY site `index` of `handle` (`count` says how many it has).
     pub fn query_site(&self, handle: u64, index: u32) -> io::Result<QueryArgs> {
-        let mut a = QueryArgs { size: std::mem::size_of::<QueryArgs>() as u32, handle, index, ..Default::default() };
+        let mut a = QueryArgs {
+            size: std::mem::size_of::<QueryArgs>() as u32,
+            handle,
+            index,
+            ..Default::default()
+        };
         self.ioctl(uapi::IOCTL_QUERY, &mut a)?;
         Ok(a)
     }

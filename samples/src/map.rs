@@ -48,7 +48,13 @@ pub enum Kind {
 
 impl Kind {
     /// In legend order.
-    pub const ALL: [Kind; 5] = [Kind::Pmd, Kind::PageCache, Kind::Anon, Kind::Swapped, Kind::None];
+    pub const ALL: [Kind; 5] = [
+        Kind::Pmd,
+        Kind::PageCache,
+        Kind::Anon,
+        Kind::Swapped,
+        Kind::None,
+    ];
 
     /// The character of a cell in the text picture.
     pub fn glyph(self) -> char {
@@ -185,18 +191,39 @@ pub struct RangeMap {
 impl RangeMap {
     /// The model from cells (exactly [`CELLS`] of them, from `start`) and
     /// the live patches in the range; counts and summary follow from them.
-    pub fn new(pid: i32, addr: u64, vma: Option<Vma>, mut cells: Vec<Cell>, patches: Vec<Patch>, patch_table_error: Option<String>) -> Self {
+    pub fn new(
+        pid: i32,
+        addr: u64,
+        vma: Option<Vma>,
+        mut cells: Vec<Cell>,
+        patches: Vec<Patch>,
+        patch_table_error: Option<String>,
+    ) -> Self {
         let start = addr & !(RANGE - 1);
         assert_eq!(cells.len(), CELLS, "a map has one cell per page of 2 MiB");
         for p in &patches {
-            for c in cells.iter_mut().filter(|c| p.addr < c.addr + PAGE_SIZE && c.addr < p.addr + p.len) {
+            for c in cells
+                .iter_mut()
+                .filter(|c| p.addr < c.addr + PAGE_SIZE && c.addr < p.addr + p.len)
+            {
                 c.patches.push(p.handle);
             }
         }
         let mut counts = Counts::default();
         cells.iter().for_each(|c| counts.add(c.kind));
         let summary = summary(&counts, &cells);
-        RangeMap { pid, addr, start, end: start + RANGE, vma, summary, counts, patch_table_error, patches, cells }
+        RangeMap {
+            pid,
+            addr,
+            start,
+            end: start + RANGE,
+            vma,
+            summary,
+            counts,
+            patch_table_error,
+            patches,
+            cells,
+        }
     }
 
     /// The range around `addr` of process `pid` as its page table maps it now.
@@ -229,14 +256,29 @@ impl RangeMap {
                 } else {
                     Kind::None
                 };
-                Cell { page, addr, kind, pfn, thp: flags.is_some_and(|f| f.thp()), patches: Vec::new() }
+                Cell {
+                    page,
+                    addr,
+                    kind,
+                    pfn,
+                    thp: flags.is_some_and(|f| f.thp()),
+                    patches: Vec::new(),
+                }
             })
             .collect();
         let (patches, error) = match proc::debugfs("patches") {
-            Ok(text) => (patches_in_range(&proc::parse_patches(&text), pid, start), busy_note(&text)),
+            Ok(text) => (
+                patches_in_range(&proc::parse_patches(&text), pid, start),
+                busy_note(&text),
+            ),
             Err(e) => (Vec::new(), Some(format!("{}/patches: {e}", proc::DEBUGFS))),
         };
-        let vma = proc::smaps_entry(pid, addr).ok().map(|e| Vma { start: e.start, end: e.end, perms: e.perms, path: e.path });
+        let vma = proc::smaps_entry(pid, addr).ok().map(|e| Vma {
+            start: e.start,
+            end: e.end,
+            perms: e.perms,
+            path: e.path,
+        });
         Ok(Self::new(pid, addr, vma, cells, patches, error))
     }
 }
@@ -244,7 +286,10 @@ impl RangeMap {
 /// debugfs `patches` stands for a busy target's patches with a `# a target
 /// is busy …` line: then some patches may be missing, and the map says so.
 pub fn busy_note(table: &str) -> Option<String> {
-    table.lines().find(|l| l.starts_with("# a target is busy")).map(|l| format!("some not listed: debugfs patches says \"{}\"", &l[2..]))
+    table
+        .lines()
+        .find(|l| l.starts_with("# a target is busy"))
+        .map(|l| format!("some not listed: debugfs patches says \"{}\"", &l[2..]))
 }
 
 /// The live patches of `pid` that start in the range at `start`.
@@ -252,7 +297,13 @@ pub fn patches_in_range(lines: &[PatchLine], pid: i32, start: u64) -> Vec<Patch>
     lines
         .iter()
         .filter(|l| l.pid == pid && l.state == "live" && start <= l.addr && l.addr < start + RANGE)
-        .map(|l| Patch { handle: l.handle, addr: l.addr, len: l.len, page: ((l.addr - start) / PAGE_SIZE) as usize, pfn: l.pfn })
+        .map(|l| Patch {
+            handle: l.handle,
+            addr: l.addr,
+            len: l.len,
+            page: ((l.addr - start) / PAGE_SIZE) as usize,
+            pfn: l.pfn,
+        })
         .collect()
 }
 
@@ -280,12 +331,34 @@ pub fn summary(counts: &Counts, cells: &[Cell]) -> String {
             Kind::Swapped => format!("{n} swapped out"),
             Kind::None => format!("{n} not mapped"),
         };
-        let mut handles: Vec<u32> = cells.iter().filter(|c| c.kind == kind).flat_map(|c| c.patches.iter().copied()).collect();
+        let mut handles: Vec<u32> = cells
+            .iter()
+            .filter(|c| c.kind == kind)
+            .flat_map(|c| c.patches.iter().copied())
+            .collect();
         handles.sort_unstable();
         handles.dedup();
-        let bare = cells.iter().filter(|c| c.kind == kind && c.patches.is_empty()).count();
-        let list = handles.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
-        let handles = if handles.is_empty() { String::new() } else { format!("{} {list}", if handles.len() == 1 { "handle" } else { "handles" }) };
+        let bare = cells
+            .iter()
+            .filter(|c| c.kind == kind && c.patches.is_empty())
+            .count();
+        let list = handles
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let handles = if handles.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "{} {list}",
+                if handles.len() == 1 {
+                    "handle"
+                } else {
+                    "handles"
+                }
+            )
+        };
         part += &match (handles.is_empty(), kind == Kind::Anon && bare > 0) {
             (true, true) => " (no live patch)".to_string(),
             (true, false) => String::new(),
@@ -334,8 +407,14 @@ fn patch_lines(m: &RangeMap) -> Vec<String> {
 
 /// The legend, one line (`;` between entries: labels have commas).
 pub fn legend() -> String {
-    let kinds: Vec<String> = Kind::ALL.iter().map(|k| format!("{} {}", k.glyph(), k.label())).collect();
-    format!("{}; * live patch (its cell's colour is the page's)", kinds.join("; "))
+    let kinds: Vec<String> = Kind::ALL
+        .iter()
+        .map(|k| format!("{} {}", k.glyph(), k.label()))
+        .collect();
+    format!(
+        "{}; * live patch (its cell's colour is the page's)",
+        kinds.join("; ")
+    )
 }
 
 /// The picture as text: a title, 16 rows of 32 cells (in groups of 8) each
@@ -355,7 +434,11 @@ pub fn render_text(m: &RangeMap, colour: bool) -> String {
             if i % 8 == 0 {
                 s.push(' ');
             }
-            let glyph = if c.patches.is_empty() { c.kind.glyph() } else { '*' };
+            let glyph = if c.patches.is_empty() {
+                c.kind.glyph()
+            } else {
+                '*'
+            };
             match (colour, c.patches.is_empty()) {
                 (false, _) => s.push(glyph),
                 (true, true) => {
@@ -395,10 +478,23 @@ pub fn render_svg(m: &RangeMap) -> String {
     // Legend (one line per kind, two columns of three), notes, summary.
     let height = below + 3.0 * LINE + (notes.len() as f64 + 1.0) * LINE + 16.0;
     let mut s = crate::svg::open(width, height);
-    let _ = writeln!(s, r#"<text x="10" y="20" font-size="14">{}</text>"#, escape(&title(m)));
-    let _ = writeln!(s, r#"<text class="summary" x="10" y="40" font-size="14" font-weight="bold">{}</text>"#, escape(&m.summary));
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="20" font-size="14">{}</text>"#,
+        escape(&title(m))
+    );
+    let _ = writeln!(
+        s,
+        r#"<text class="summary" x="10" y="40" font-size="14" font-weight="bold">{}</text>"#,
+        escape(&m.summary)
+    );
     for col in (0..COLUMNS).step_by(8) {
-        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}">+{col}</text>"#, LEFT + col as f64 * PITCH, TOP - 6.0);
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}">+{col}</text>"#,
+            LEFT + col as f64 * PITCH,
+            TOP - 6.0
+        );
     }
     for (row, cells) in m.cells.chunks(COLUMNS).enumerate() {
         let y = TOP + row as f64 * PITCH;
@@ -412,8 +508,17 @@ pub fn render_svg(m: &RangeMap) -> String {
         for (i, c) in cells.iter().enumerate() {
             let x = LEFT + i as f64 * PITCH;
             let pfn = c.pfn.map_or(String::new(), |p| format!(", pfn {p:#x}"));
-            let handles = c.patches.iter().map(|h| format!(", live patch: handle {h}")).collect::<String>();
-            let tip = format!("page {} at {:#x}: {}{pfn}{handles}", c.page, c.addr, c.kind.label());
+            let handles = c
+                .patches
+                .iter()
+                .map(|h| format!(", live patch: handle {h}"))
+                .collect::<String>();
+            let tip = format!(
+                "page {} at {:#x}: {}{pfn}{handles}",
+                c.page,
+                c.addr,
+                c.kind.label()
+            );
             let _ = writeln!(
                 s,
                 r#"<rect class="cell {:?}" x="{x:.1}" y="{y:.1}" width="{CELL}" height="{CELL}" fill="{}"><title>{}</title></rect>"#,
@@ -441,8 +546,11 @@ pub fn render_svg(m: &RangeMap) -> String {
         }
     }
     // Legend: every kind, and the patch outline.
-    let items: Vec<(Option<Kind>, String)> =
-        Kind::ALL.iter().map(|k| (Some(*k), k.label().to_string())).chain([(None, "live patch (handle inside)".to_string())]).collect();
+    let items: Vec<(Option<Kind>, String)> = Kind::ALL
+        .iter()
+        .map(|k| (Some(*k), k.label().to_string()))
+        .chain([(None, "live patch (handle inside)".to_string())])
+        .collect();
     for (i, (kind, label)) in items.iter().enumerate() {
         let x = 10.0 + (i % 3) as f64 * 260.0;
         let y = below + (i / 3) as f64 * LINE;
@@ -450,8 +558,17 @@ pub fn render_svg(m: &RangeMap) -> String {
             Some(k) => (k.fill(), r##"stroke="#999""##),
             None => ("white", r#"stroke="black" stroke-width="2.5""#),
         };
-        let _ = writeln!(s, r#"<rect class="legend" x="{x}" y="{y}" width="14" height="14" fill="{fill}" {stroke}/>"#);
-        let _ = writeln!(s, r#"<text x="{}" y="{}">{}</text>"#, x + 20.0, y + 12.0, escape(label));
+        let _ = writeln!(
+            s,
+            r#"<rect class="legend" x="{x}" y="{y}" width="14" height="14" fill="{fill}" {stroke}/>"#
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}">{}</text>"#,
+            x + 20.0,
+            y + 12.0,
+            escape(label)
+        );
     }
     let mut y = below + 3.0 * LINE + 12.0;
     for n in &notes {
@@ -478,32 +595,73 @@ pub(crate) mod tests {
                     Kind::Anon => Some(0x3c3d),
                     _ => Some(0x6a00 + page as u64),
                 };
-                Cell { page, addr: START + page as u64 * PAGE_SIZE, kind, pfn, thp: kind != Kind::Anon, patches: vec![] }
+                Cell {
+                    page,
+                    addr: START + page as u64 * PAGE_SIZE,
+                    kind,
+                    pfn,
+                    thp: kind != Kind::Anon,
+                    patches: vec![],
+                }
             })
             .collect()
     }
 
     fn patch(handle: u32, page: usize) -> Patch {
-        Patch { handle, addr: START + page as u64 * PAGE_SIZE, len: 6, page, pfn: Some(0x3c3d) }
+        Patch {
+            handle,
+            addr: START + page as u64 * PAGE_SIZE,
+            len: 6,
+            page,
+            pfn: Some(0x3c3d),
+        }
     }
 
     fn vma() -> Option<Vma> {
-        Some(Vma { start: START, end: START + RANGE, perms: "r-xp".into(), path: "/tmp/hugepoke-thp/text <1>".into() })
+        Some(Vma {
+            start: START,
+            end: START + RANGE,
+            perms: "r-xp".into(),
+            path: "/tmp/hugepoke-thp/text <1>".into(),
+        })
     }
 
     /// After PATCH of page 7, every page touched since.
     fn patched() -> RangeMap {
         let c = cells(|p| if p == 7 { Kind::Anon } else { Kind::PageCache });
-        RangeMap::new(42, START + 7 * PAGE_SIZE + 3, vma(), c, vec![patch(3, 7)], None)
+        RangeMap::new(
+            42,
+            START + 7 * PAGE_SIZE + 3,
+            vma(),
+            c,
+            vec![patch(3, 7)],
+            None,
+        )
     }
 
     #[test]
     fn summaries() {
         let pmd = RangeMap::new(42, START, vma(), cells(|_| Kind::Pmd), vec![], None);
         assert_eq!(pmd.summary, "PMD-mapped THP");
-        assert_eq!(pmd.counts, Counts { pmd: 512, ..Default::default() });
-        assert_eq!(patched().summary, "511 page-cache PTEs, 1 anonymous (handle 3)");
-        assert_eq!(patched().counts, Counts { page_cache: 511, anon: 1, ..Default::default() });
+        assert_eq!(
+            pmd.counts,
+            Counts {
+                pmd: 512,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            patched().summary,
+            "511 page-cache PTEs, 1 anonymous (handle 3)"
+        );
+        assert_eq!(
+            patched().counts,
+            Counts {
+                page_cache: 511,
+                anon: 1,
+                ..Default::default()
+            }
+        );
         let restored = RangeMap::new(42, START, vma(), cells(|_| Kind::PageCache), vec![], None);
         assert_eq!(restored.summary, "512 page-cache PTEs");
         let none = RangeMap::new(42, START, None, cells(|_| Kind::None), vec![], None);
@@ -516,12 +674,36 @@ pub(crate) mod tests {
             41 => Kind::Swapped,
             _ => Kind::None,
         });
-        let m = RangeMap::new(42, START, vma(), c, vec![patch(5, 30), patch(4, 20), patch(9, 41)], None);
+        let m = RangeMap::new(
+            42,
+            START,
+            vma(),
+            c,
+            vec![patch(5, 30), patch(4, 20), patch(9, 41)],
+            None,
+        );
         assert_eq!(m.summary, "16 page-cache PTEs, 3 anonymous (handles 4, 5; 1 with no live patch), 1 swapped out (handle 9), 492 not mapped");
-        let one = RangeMap::new(42, START, vma(), cells(|p| if p == 0 { Kind::PageCache } else { Kind::None }), vec![], None);
+        let one = RangeMap::new(
+            42,
+            START,
+            vma(),
+            cells(|p| if p == 0 { Kind::PageCache } else { Kind::None }),
+            vec![],
+            None,
+        );
         assert_eq!(one.summary, "1 page-cache PTE, 511 not mapped");
-        let bare = RangeMap::new(42, START, vma(), cells(|p| if p == 0 { Kind::Anon } else { Kind::PageCache }), vec![], None);
-        assert_eq!(bare.summary, "511 page-cache PTEs, 1 anonymous (no live patch)");
+        let bare = RangeMap::new(
+            42,
+            START,
+            vma(),
+            cells(|p| if p == 0 { Kind::Anon } else { Kind::PageCache }),
+            vec![],
+            None,
+        );
+        assert_eq!(
+            bare.summary,
+            "511 page-cache PTEs, 1 anonymous (no live patch)"
+        );
     }
 
     #[test]
@@ -529,7 +711,12 @@ pub(crate) mod tests {
         let mut p = patch(8, 9);
         p.addr = START + 10 * PAGE_SIZE - 2; // 6 bytes across the boundary of pages 9 and 10
         let m = RangeMap::new(42, START, vma(), cells(|_| Kind::PageCache), vec![p], None);
-        let marked: Vec<usize> = m.cells.iter().filter(|c| c.patches == [8]).map(|c| c.page).collect();
+        let marked: Vec<usize> = m
+            .cells
+            .iter()
+            .filter(|c| c.patches == [8])
+            .map(|c| c.page)
+            .collect();
         assert_eq!(marked, [9, 10]);
     }
 
@@ -547,14 +734,26 @@ pub(crate) mod tests {
             Some("some not listed: debugfs patches says \"a target is busy (its lock held for more than 100 ms): its patches are not listed\"")
         );
         assert_eq!(busy_note("# handle pid addr\n"), None);
-        assert_eq!(got, vec![Patch { handle: 3, addr: START + 7 * PAGE_SIZE, len: 6, page: 7, pfn: Some(0x3c3d) }]);
+        assert_eq!(
+            got,
+            vec![Patch {
+                handle: 3,
+                addr: START + 7 * PAGE_SIZE,
+                len: 6,
+                page: 7,
+                pfn: Some(0x3c3d)
+            }]
+        );
     }
 
     #[test]
     fn text_has_title_rows_legend_patch_and_summary_last() {
         let t = render_text(&patched(), false);
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines[0], "pid 42: 0x7f0000200000-0x7f0000400000, r-xp /tmp/hugepoke-thp/text <1>");
+        assert_eq!(
+            lines[0],
+            "pid 42: 0x7f0000200000-0x7f0000400000, r-xp /tmp/hugepoke-thp/text <1>"
+        );
         assert_eq!(lines[1], "          +0       +8       +16      +24");
         assert_eq!(lines[2], "+0x000000 ppppppp* pppppppp pppppppp pppppppp");
         assert_eq!(lines[17], "+0x1e0000 pppppppp pppppppp pppppppp pppppppp");
@@ -563,7 +762,10 @@ pub(crate) mod tests {
             "legend: H PMD-mapped; p page-cache page, PTE-mapped; A anonymous copy; s swapped out; . not mapped; * live patch (its cell's colour is the page's)"
         );
         assert_eq!(lines[19], "handle 3 at 0x7f0000207000 (page 7, 6 bytes): anonymous copy, pfn 0x3c3d; the module's table says pfn 0x3c3d");
-        assert_eq!(*lines.last().unwrap(), "summary: 511 page-cache PTEs, 1 anonymous (handle 3)");
+        assert_eq!(
+            *lines.last().unwrap(),
+            "summary: 511 page-cache PTEs, 1 anonymous (handle 3)"
+        );
         assert_eq!(lines.len(), 21);
         assert!(!t.contains('\x1b'), "plain text has no escapes");
         // 512 cells: 511 glyphs and one patch mark.
@@ -576,7 +778,10 @@ pub(crate) mod tests {
     fn colour_only_when_asked() {
         let t = render_text(&patched(), true);
         assert!(t.contains("\x1b[36mp\x1b[0m"), "page-cache cells cyan");
-        assert!(t.contains("\x1b[1;31;1;7m*\x1b[0m"), "the patch reversed, in the anonymous colour");
+        assert!(
+            t.contains("\x1b[1;31;1;7m*\x1b[0m"),
+            "the patch reversed, in the anonymous colour"
+        );
         // Same text once the escapes are gone.
         let mut plain = String::new();
         let mut rest = t.as_str();
@@ -590,7 +795,14 @@ pub(crate) mod tests {
 
     #[test]
     fn unreadable_table_is_said() {
-        let m = RangeMap::new(42, START, vma(), cells(|_| Kind::PageCache), vec![], Some("x: Permission denied".into()));
+        let m = RangeMap::new(
+            42,
+            START,
+            vma(),
+            cells(|_| Kind::PageCache),
+            vec![],
+            Some("x: Permission denied".into()),
+        );
         assert!(render_text(&m, false).contains("(live patches not shown: x: Permission denied)\n"));
     }
 
@@ -600,18 +812,40 @@ pub(crate) mod tests {
         let doc = roxmltree::Document::parse(&svg).expect("well-formed XML");
         let root = doc.root_element();
         assert_eq!(root.tag_name().name(), "svg");
-        let class = |c: &str| doc.descendants().filter(|n| n.attribute("class").is_some_and(|a| a.split(' ').any(|w| w == c))).count();
+        let class = |c: &str| {
+            doc.descendants()
+                .filter(|n| {
+                    n.attribute("class")
+                        .is_some_and(|a| a.split(' ').any(|w| w == c))
+                })
+                .count()
+        };
         assert_eq!(class("cell"), CELLS);
         assert_eq!(class("PageCache"), 511);
         assert_eq!(class("Anon"), 1);
         assert_eq!(class("patch"), 1);
         assert_eq!(class("legend"), Kind::ALL.len() + 1);
-        let summary = doc.descendants().find(|n| n.attribute("class") == Some("summary")).unwrap();
-        assert_eq!(summary.text(), Some("511 page-cache PTEs, 1 anonymous (handle 3)"));
+        let summary = doc
+            .descendants()
+            .find(|n| n.attribute("class") == Some("summary"))
+            .unwrap();
+        assert_eq!(
+            summary.text(),
+            Some("511 page-cache PTEs, 1 anonymous (handle 3)")
+        );
         // The path's "<1>" is escaped, and the patch's handle is drawn in its cell.
         assert!(svg.contains("text &lt;1&gt;"));
-        let tip = doc.descendants().filter(|n| n.has_tag_name("title")).nth(7).unwrap().text().unwrap();
-        assert_eq!(tip, "page 7 at 0x7f0000207000: anonymous copy, pfn 0x3c3d, live patch: handle 3");
+        let tip = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("title"))
+            .nth(7)
+            .unwrap()
+            .text()
+            .unwrap();
+        assert_eq!(
+            tip,
+            "page 7 at 0x7f0000207000: anonymous copy, pfn 0x3c3d, live patch: handle 3"
+        );
         // Every text fits inside the picture.
         let height: f64 = root.attribute("height").unwrap().parse().unwrap();
         for n in doc.descendants().filter(|n| n.has_tag_name("text")) {
@@ -625,11 +859,34 @@ pub(crate) mod tests {
         let v = serde_json::to_value(patched()).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort_unstable();
-        assert_eq!(keys, ["addr", "cells", "counts", "end", "patch_table_error", "patches", "pid", "start", "summary", "vma"]);
-        assert_eq!(v["counts"], serde_json::json!({"pmd": 0, "page_cache": 511, "anon": 1, "swapped": 0, "none": 0}));
-        assert_eq!(v["cells"][7], serde_json::json!({"page": 7, "addr": START + 7 * 4096, "kind": "anon", "pfn": 0x3c3d, "thp": false, "patches": [3]}));
+        assert_eq!(
+            keys,
+            [
+                "addr",
+                "cells",
+                "counts",
+                "end",
+                "patch_table_error",
+                "patches",
+                "pid",
+                "start",
+                "summary",
+                "vma"
+            ]
+        );
+        assert_eq!(
+            v["counts"],
+            serde_json::json!({"pmd": 0, "page_cache": 511, "anon": 1, "swapped": 0, "none": 0})
+        );
+        assert_eq!(
+            v["cells"][7],
+            serde_json::json!({"page": 7, "addr": START + 7 * 4096, "kind": "anon", "pfn": 0x3c3d, "thp": false, "patches": [3]})
+        );
         assert_eq!(v["cells"][8]["kind"], "page_cache");
-        assert_eq!(v["patches"][0], serde_json::json!({"handle": 3, "addr": START + 7 * 4096, "len": 6, "page": 7, "pfn": 0x3c3d}));
+        assert_eq!(
+            v["patches"][0],
+            serde_json::json!({"handle": 3, "addr": START + 7 * 4096, "len": 6, "page": 7, "pfn": 0x3c3d})
+        );
         assert_eq!(v["vma"]["perms"], "r-xp");
     }
 }

@@ -21,7 +21,10 @@ pub struct SmapsEntry {
 impl SmapsEntry {
     /// The value of a `kB` field, 0 when absent.
     pub fn kb(&self, field: &str) -> u64 {
-        self.fields.iter().find(|(f, _)| f == field).map_or(0, |(_, v)| *v)
+        self.fields
+            .iter()
+            .find(|(f, _)| f == field)
+            .map_or(0, |(_, v)| *v)
     }
 
     /// PMD-mapped file THP, whichever counter the filesystem uses.
@@ -37,11 +40,19 @@ pub fn parse_smaps(text: &str) -> Vec<SmapsEntry> {
         let mut words = line.split_whitespace();
         let Some(first) = words.next() else { continue };
         if let Some((start, end)) = first.split_once('-') {
-            if let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) {
+            if let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+            {
                 let perms = words.next().unwrap_or("").to_string();
                 // offset, dev, inode, then the path (which may contain spaces).
                 let path = words.skip(3).collect::<Vec<_>>().join(" ");
-                out.push(SmapsEntry { start, end, perms, path, fields: Vec::new() });
+                out.push(SmapsEntry {
+                    start,
+                    end,
+                    perms,
+                    path,
+                    fields: Vec::new(),
+                });
                 continue;
             }
         }
@@ -160,18 +171,25 @@ impl Pagemap {
         };
         // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len`
         // regions into `regions`, both ours and alive for the call.
-        let n = unsafe { libc::ioctl(self.0.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut PmScanArg) };
+        let n =
+            unsafe { libc::ioctl(self.0.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut PmScanArg) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(regions[..n as usize].iter().map(|r| (r.start, r.end)).collect())
+        Ok(regions[..n as usize]
+            .iter()
+            .map(|r| (r.start, r.end))
+            .collect())
     }
 
     /// Entries of the `n` pages from `vaddr`, in one read.
     pub fn entries(&self, vaddr: u64, n: usize) -> io::Result<Vec<PagemapEntry>> {
         let mut buf = vec![0u8; n * 8];
         self.0.read_exact_at(&mut buf, vaddr / PAGE_SIZE * 8)?;
-        Ok(buf.chunks_exact(8).map(|b| PagemapEntry(u64::from_ne_bytes(b.try_into().unwrap()))).collect())
+        Ok(buf
+            .chunks_exact(8)
+            .map(|b| PagemapEntry(u64::from_ne_bytes(b.try_into().unwrap())))
+            .collect())
     }
 }
 
@@ -248,7 +266,11 @@ pub struct EventLine {
 }
 
 fn opt<T: std::str::FromStr>(w: &str) -> Option<T> {
-    if w == "-" { None } else { w.parse().ok() }
+    if w == "-" {
+        None
+    } else {
+        w.parse().ok()
+    }
 }
 
 fn opt_hex(w: &str) -> Option<u64> {
@@ -257,7 +279,10 @@ fn opt_hex(w: &str) -> Option<u64> {
 
 /// Parse `events`; comment lines (`# …`) are skipped.
 pub fn parse_events(text: &str) -> Vec<EventLine> {
-    text.lines().filter(|l| !l.starts_with('#')).filter_map(parse_event_line).collect()
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(parse_event_line)
+        .collect()
 }
 
 /// Parse one entry line of `events`.
@@ -351,7 +376,10 @@ pub fn parse_trace(text: &str) -> Vec<TraceLine> {
             let (step, fields) = event.split_once(": ")?;
             let (fields, reason) = fields.split_once(" reason=")?;
             let field = |name: &str| {
-                fields.split(' ').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')).map(str::to_string)
+                fields
+                    .split(' ')
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                    .map(str::to_string)
             };
             Some(TraceLine {
                 step: step.to_string(),
@@ -410,7 +438,10 @@ mod tests {
                 reason: "PMD split to PTEs; THP stays whole".into(),
             }
         );
-        assert_eq!((t[1].order, t[1].errno, t[1].reason.as_str()), (-1, -16, "SCAN_FAIL: x=y"));
+        assert_eq!(
+            (t[1].order, t[1].errno, t[1].reason.as_str()),
+            (-1, -16, "SCAN_FAIL: x=y")
+        );
         let journal = parse_events(
             "6 1 120 - 0x7fda98205000 split_pmd 0x5000 9 ok PMD split to PTEs; THP stays whole\n\
              18 2 120 - 0x7fda98200000 collapse - - -EBUSY SCAN_FAIL: x=y\n",
@@ -488,9 +519,18 @@ Anonymous:           132 kB
                     # a target is busy\n";
         let p = parse_patches(text);
         assert_eq!(p.len(), 2);
-        assert_eq!((p[0].handle, p[0].pid, p[0].addr, p[0].len, p[0].pfn), (3, 42, 0x7f00_0020_7000, 6, Some(0x3c3d)));
-        assert_eq!((p[0].state.as_str(), p[0].owner.as_str()), ("live", "file:1"));
-        assert_eq!((p[1].state.as_str(), p[1].pfn, p[1].owner.as_str()), ("gone", None, "persistent"));
+        assert_eq!(
+            (p[0].handle, p[0].pid, p[0].addr, p[0].len, p[0].pfn),
+            (3, 42, 0x7f00_0020_7000, 6, Some(0x3c3d))
+        );
+        assert_eq!(
+            (p[0].state.as_str(), p[0].owner.as_str()),
+            ("live", "file:1")
+        );
+        assert_eq!(
+            (p[1].state.as_str(), p[1].pfn, p[1].owner.as_str()),
+            ("gone", None, "persistent")
+        );
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! What the CLI prints, as records: hugepoke's debugfs text (`patches`,
 //! `events`, `stats`) parsed into structs that serialize to the JSON of
 //! `--json` (field names are stable: Documentation/cli.md), and the
-//! follower behind `events --follow`.  Pure functions of the text, so the
+//! follower behind `events --follow`; and what `patch --json` prints
+//! ([`PatchOut`]).  Pure functions of the text, so the
 //! host tests can feed them any text.
 
+use crate::decode::Check;
 use crate::parse_number;
 use crate::proc::{self, EventLine};
 use serde::Serialize;
@@ -125,11 +127,16 @@ pub struct Events {
 
 /// The `# dropped N` header of `events`.
 pub fn parse_dropped(text: &str) -> u64 {
-    text.lines().find_map(|l| l.strip_prefix("# dropped ")?.trim().parse().ok()).unwrap_or(0)
+    text.lines()
+        .find_map(|l| l.strip_prefix("# dropped ")?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn parse_events(text: &str) -> Events {
-    Events { dropped: parse_dropped(text), events: proc::parse_events(text) }
+    Events {
+        dropped: parse_dropped(text),
+        events: proc::parse_events(text),
+    }
 }
 
 /// One row of `stats`' first table.
@@ -171,15 +178,27 @@ pub fn parse_stats(text: &str) -> Stats {
             continue;
         }
         let mut w = line.splitn(3, ' ');
-        let (Some(name), Some(n)) = (w.next(), w.next().and_then(|n| n.parse::<u64>().ok())) else { continue };
+        let (Some(name), Some(n)) = (w.next(), w.next().and_then(|n| n.parse::<u64>().ok())) else {
+            continue;
+        };
         let rest = w.next().unwrap_or("");
         match name {
             "events_dropped" => s.events_dropped = n,
             "other_reasons" => s.other_reasons = n,
-            _ if in_reasons => s.reasons.push(ReasonCount { step: name.into(), count: n, reason: rest.into() }),
+            _ if in_reasons => s.reasons.push(ReasonCount {
+                step: name.into(),
+                count: n,
+                reason: rest.into(),
+            }),
             _ => {
-                let Ok(failed) = rest.trim().parse() else { continue };
-                s.steps.push(StepCount { step: name.into(), ok: n, failed })
+                let Ok(failed) = rest.trim().parse() else {
+                    continue;
+                };
+                s.steps.push(StepCount {
+                    step: name.into(),
+                    ok: n,
+                    failed,
+                })
             }
         }
     }
@@ -204,7 +223,9 @@ impl Followed {
     pub fn line(&self) -> String {
         match self {
             Followed::Event(_, raw) => raw.clone(),
-            Followed::Lost { count } => format!("# lost {count} events (dropped from the journal before they were read)"),
+            Followed::Lost { count } => {
+                format!("# lost {count} events (dropped from the journal before they were read)")
+            }
             Followed::Restarted => "# the journal restarted (module reloaded)".into(),
         }
     }
@@ -229,15 +250,21 @@ pub struct Follower {
 impl Follower {
     /// What is new in `text` since the last call (everything, the first time).
     pub fn next(&mut self, text: &str) -> Vec<Followed> {
-        let events: Vec<(EventLine, &str)> =
-            text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| Some((proc::parse_event_line(l)?, l))).collect();
+        let events: Vec<(EventLine, &str)> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| Some((proc::parse_event_line(l)?, l)))
+            .collect();
         let mut out = Vec::new();
         let mut from = 0;
         if let Some((seq, time)) = self.last {
             let newest = events.last().map_or(0, |(e, _)| e.seq);
             // The entry last shown, if still kept, must be the same one: a
             // reloaded module counts from 1 again.
-            let same = events.iter().find(|(e, _)| e.seq == seq).is_none_or(|(e, _)| e.time_ns == time);
+            let same = events
+                .iter()
+                .find(|(e, _)| e.seq == seq)
+                .is_none_or(|(e, _)| e.time_ns == time);
             if newest < seq || !same {
                 out.push(Followed::Restarted);
                 self.last = None;
@@ -245,7 +272,9 @@ impl Follower {
                 from = events.partition_point(|(e, _)| e.seq <= seq);
                 if let Some((first, _)) = events.get(from) {
                     if first.seq > seq + 1 {
-                        out.push(Followed::Lost { count: first.seq - seq - 1 });
+                        out.push(Followed::Lost {
+                            count: first.seq - seq - 1,
+                        });
                     }
                 }
             }
@@ -256,6 +285,33 @@ impl Follower {
         }
         out
     }
+}
+
+/// One site of a `patch` call, as `--json` shows it.
+#[derive(Serialize)]
+pub struct SiteOut {
+    /// The sites file's line (null without --sites).
+    pub line: Option<usize>,
+    pub addr: u64,
+    /// `NAME+0xOFF` of `addr` in the process.
+    pub symbol: Option<String>,
+    pub len: usize,
+    pub bytes: String,
+    /// What the kernel is told must be there (PATCH_EXPECT): the given
+    /// expected bytes, or those the check read; null for none.
+    pub expect: Option<String>,
+    pub check: Check,
+}
+
+/// What `patch --json` prints.
+#[derive(Serialize)]
+pub struct PatchOut {
+    /// Null with --dry-run.
+    pub handle: Option<u64>,
+    pub pid: i32,
+    pub persist: bool,
+    pub dry_run: bool,
+    pub sites: Vec<SiteOut>,
 }
 
 #[cfg(test)]
@@ -275,22 +331,62 @@ mod tests {
         assert_eq!(p.patches.len(), 2);
         assert_eq!(p.busy_targets, 1);
         let a = &p.patches[0];
-        assert_eq!((a.handle, a.pid, a.addr, a.len, a.pfn), (1, 113, 0x7f659b755d70, 6, 0x3c3d));
-        assert_eq!((a.state.as_str(), a.owner.as_str(), a.pmd_mappable), ("live", "persistent", true));
-        assert_eq!((a.bytes.as_str(), a.orig.as_str(), a.site, a.sites), ("b82a000000c3", "b801000000c3", 0, 1));
+        assert_eq!(
+            (a.handle, a.pid, a.addr, a.len, a.pfn),
+            (1, 113, 0x7f659b755d70, 6, 0x3c3d)
+        );
+        assert_eq!(
+            (a.state.as_str(), a.owner.as_str(), a.pmd_mappable),
+            ("live", "persistent", true)
+        );
+        assert_eq!(
+            (a.bytes.as_str(), a.orig.as_str(), a.site, a.sites),
+            ("b82a000000c3", "b801000000c3", 0, 1)
+        );
         let b = &p.patches[1];
-        assert_eq!((b.owner.as_str(), b.pmd_mappable, b.site, b.sites, b.state.as_str()), ("file:3", false, 1, 2, "gone"));
+        assert_eq!(
+            (
+                b.owner.as_str(),
+                b.pmd_mappable,
+                b.site,
+                b.sites,
+                b.state.as_str()
+            ),
+            ("file:3", false, 1, 2, "gone")
+        );
         // ABI v1's lines had no site column.
         let old = parse_patch_line("3 7 0x1000 1 live 0x5 persistent no cc 55").unwrap();
         assert_eq!((old.site, old.sites), (0, 1));
-        assert_eq!(parse_patch_line("3 7 0x1000 1 live 0x5 persistent maybe cc 55"), None);
+        assert_eq!(
+            parse_patch_line("3 7 0x1000 1 live 0x5 persistent maybe cc 55"),
+            None
+        );
     }
 
     #[test]
     fn patches_json_field_names() {
         let v = serde_json::to_value(parse_patches(PATCHES)).unwrap();
-        let keys: Vec<&str> = v["patches"][0].as_object().unwrap().keys().map(|k| k.as_str()).collect();
-        let mut want = ["handle", "pid", "addr", "len", "state", "pfn", "owner", "pmd_mappable", "bytes", "orig", "site", "sites", "symbol"];
+        let keys: Vec<&str> = v["patches"][0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        let mut want = [
+            "handle",
+            "pid",
+            "addr",
+            "len",
+            "state",
+            "pfn",
+            "owner",
+            "pmd_mappable",
+            "bytes",
+            "orig",
+            "site",
+            "sites",
+            "symbol",
+        ];
         want.sort();
         assert_eq!(keys, want);
         assert_eq!(v["patches"][0]["addr"], 0x7f659b755d70u64);
@@ -313,12 +409,30 @@ other_reasons 0
     #[test]
     fn stats_tables() {
         let s = parse_stats(STATS);
-        assert_eq!(s.steps, vec![
-            StepCount { step: "open".into(), ok: 3, failed: 0 },
-            StepCount { step: "ioctl".into(), ok: 1, failed: 2 }
-        ]);
+        assert_eq!(
+            s.steps,
+            vec![
+                StepCount {
+                    step: "open".into(),
+                    ok: 3,
+                    failed: 0
+                },
+                StepCount {
+                    step: "ioctl".into(),
+                    ok: 1,
+                    failed: 2
+                }
+            ]
+        );
         assert_eq!(s.events_dropped, 5);
-        assert_eq!(s.reasons[1], ReasonCount { step: "zap_anon_page".into(), count: 1, reason: "kept: page is pinned (refcount 3)".into() });
+        assert_eq!(
+            s.reasons[1],
+            ReasonCount {
+                step: "zap_anon_page".into(),
+                count: 1,
+                reason: "kept: page is pinned (refcount 3)".into()
+            }
+        );
         assert_eq!(s.other_reasons, 0);
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["reasons"][0]["reason"], "unknown ioctl command");
@@ -326,7 +440,9 @@ other_reasons 0
     }
 
     fn journal(dropped: u64, seqs: impl IntoIterator<Item = (u64, u64)>) -> String {
-        let mut t = format!("# dropped {dropped}\n# seq time_ns pid handle addr step pfn order result note\n");
+        let mut t = format!(
+            "# dropped {dropped}\n# seq time_ns pid handle addr step pfn order result note\n"
+        );
         for (seq, time) in seqs {
             t.push_str(&format!("{seq} {time} 7 - - open - - ok\n"));
         }
@@ -351,7 +467,10 @@ other_reasons 0
         let ev = v["events"][0].as_object().unwrap();
         let mut keys: Vec<&str> = ev.keys().map(|k| k.as_str()).collect();
         keys.sort();
-        assert_eq!(keys, ["addr", "handle", "note", "order", "pfn", "pid", "result", "seq", "step", "time_ns"]);
+        assert_eq!(
+            keys,
+            ["addr", "handle", "note", "order", "pfn", "pid", "result", "seq", "step", "time_ns"]
+        );
         assert!(ev["handle"].is_null() && ev["addr"].is_null());
         assert_eq!(ev["seq"], 5);
     }
@@ -360,14 +479,26 @@ other_reasons 0
     fn follow_by_seq_with_gaps_and_restarts() {
         let mut f = Follower::default();
         assert_eq!(seqs(&f.next(&journal(0, [(1, 10), (2, 20)]))), ["1", "2"]);
-        assert_eq!(seqs(&f.next(&journal(0, [(1, 10), (2, 20)]))), Vec::<String>::new());
-        assert_eq!(seqs(&f.next(&journal(0, [(1, 10), (2, 20), (3, 30)]))), ["3"]);
+        assert_eq!(
+            seqs(&f.next(&journal(0, [(1, 10), (2, 20)]))),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            seqs(&f.next(&journal(0, [(1, 10), (2, 20), (3, 30)]))),
+            ["3"]
+        );
         // The journal dropped 4..=6 before we read them.
-        assert_eq!(seqs(&f.next(&journal(6, [(7, 70), (8, 80)]))), ["lost3", "7", "8"]);
+        assert_eq!(
+            seqs(&f.next(&journal(6, [(7, 70), (8, 80)]))),
+            ["lost3", "7", "8"]
+        );
         // A reload: seq counts from 1 again, below or above where we were.
         assert_eq!(seqs(&f.next(&journal(0, [(1, 5)]))), ["restarted", "1"]);
         let long: Vec<(u64, u64)> = (1..=9).map(|s| (s, 100 + s)).collect();
-        assert_eq!(seqs(&f.next(&journal(0, long))), ["restarted", "1", "2", "3", "4", "5", "6", "7", "8", "9"]);
+        assert_eq!(
+            seqs(&f.next(&journal(0, long))),
+            ["restarted", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+        );
         // Unloaded (no entries) then loaded again.
         assert_eq!(seqs(&f.next("")), ["restarted"]);
         assert_eq!(seqs(&f.next(&journal(0, [(1, 1)]))), ["1"]);

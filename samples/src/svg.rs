@@ -6,7 +6,10 @@ use std::fmt::Write;
 
 /// `s` escaped for XML text and attribute values.
 pub fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// The opening `<svg>` element, `width` x `height`, on a white background;
@@ -25,6 +28,9 @@ pub fn open(width: f64, height: f64) -> String {
 mod tests {
     #[test]
     fn escapes_markup() {
-        assert_eq!(super::escape(r#"a<b & "c">"#), "a&lt;b &amp; &quot;c&quot;&gt;");
+        assert_eq!(
+            super::escape(r#"a<b & "c">"#),
+            "a&lt;b &amp; &quot;c&quot;&gt;"
+        );
     }
 }

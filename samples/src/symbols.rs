@@ -62,7 +62,10 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
                 end: u64::from_str_radix(end, 16).ok()?,
                 perms,
                 offset,
-                dev: (u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?),
+                dev: (
+                    u32::from_str_radix(major, 16).ok()?,
+                    u32::from_str_radix(minor, 16).ok()?,
+                ),
                 inode,
                 path: w.next().unwrap_or("").trim_start().to_string(),
             })
@@ -130,17 +133,30 @@ impl FileMap {
     fn new(file: &File, what: &str) -> Result<FileMap, String> {
         let len = file.metadata().map_err(|e| format!("{what}: {e}"))?.len() as usize;
         if len == 0 {
-            return Ok(FileMap { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0 });
+            return Ok(FileMap {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len: 0,
+            });
         }
         // SAFETY: a fresh private read-only mapping of a whole file we hold
         // open; it is only read through `bytes()`, and unmapped once in drop.
         let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, std::os::fd::AsRawFd::as_raw_fd(file), 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                0,
+            )
         };
         if ptr == libc::MAP_FAILED {
             return Err(format!("{what}: mmap: {}", std::io::Error::last_os_error()));
         }
-        Ok(FileMap { ptr: ptr as *const u8, len })
+        Ok(FileMap {
+            ptr: ptr as *const u8,
+            len,
+        })
     }
 
     fn bytes(&self) -> &[u8] {
@@ -195,7 +211,10 @@ impl Elf {
         let endian = header.endian().map_err(read_err(what))?;
         let exec_type = header.e_type(endian) == elf::ET_EXEC;
         let mut loads = Vec::new();
-        for ph in header.program_headers(endian, data).map_err(read_err(what))? {
+        for ph in header
+            .program_headers(endian, data)
+            .map_err(read_err(what))?
+        {
             if ph.p_type(endian) == elf::PT_LOAD {
                 loads.push(Load {
                     vaddr: ph.p_vaddr(endian),
@@ -205,7 +224,11 @@ impl Elf {
                 });
             }
         }
-        Ok(Some(Elf { exec_type, loads, map }))
+        Ok(Some(Elf {
+            exec_type,
+            loads,
+            map,
+        }))
     }
 
     /// Call `keep(raw_name, value, size)` for every defined code symbol of
@@ -213,12 +236,20 @@ impl Elf {
     fn scan(&self, mut keep: impl FnMut(&[u8], u64, u64) -> bool) -> Vec<Symbol> {
         let mut out = Vec::new();
         let data = self.map.bytes();
-        let Ok(header) = Header::parse(data) else { return out };
-        let Ok(endian) = header.endian() else { return out };
-        let Ok(sections) = header.sections(endian, data) else { return out };
+        let Ok(header) = Header::parse(data) else {
+            return out;
+        };
+        let Ok(endian) = header.endian() else {
+            return out;
+        };
+        let Ok(sections) = header.sections(endian, data) else {
+            return out;
+        };
         let versions = sections.versions(endian, data).ok().flatten();
         for (table_type, dynamic) in [(elf::SHT_SYMTAB, false), (elf::SHT_DYNSYM, true)] {
-            let Ok(table) = sections.symbols(endian, data, table_type) else { continue };
+            let Ok(table) = sections.symbols(endian, data, table_type) else {
+                continue;
+            };
             for (index, sym) in table.enumerate() {
                 let kind = sym.st_type();
                 let code = matches!(kind, elf::STT_FUNC | elf::STT_GNU_IFUNC)
@@ -228,7 +259,9 @@ impl Elf {
                 if !code || sym.st_shndx(endian) == elf::SHN_UNDEF || value == 0 {
                     continue;
                 }
-                let Ok(raw) = sym.name(endian, table.strings()) else { continue };
+                let Ok(raw) = sym.name(endian, table.strings()) else {
+                    continue;
+                };
                 if raw.is_empty() || !keep(raw, value, size) {
                     continue;
                 }
@@ -240,7 +273,15 @@ impl Elf {
                         hidden = vi.is_hidden();
                     }
                 }
-                out.push(Symbol { name, version, hidden, value, size, ifunc: kind == elf::STT_GNU_IFUNC, dynamic });
+                out.push(Symbol {
+                    name,
+                    version,
+                    hidden,
+                    value,
+                    size,
+                    ifunc: kind == elf::STT_GNU_IFUNC,
+                    dynamic,
+                });
             }
         }
         dedup(out)
@@ -249,7 +290,10 @@ impl Elf {
     /// Every code symbol named `name` (any version).
     pub fn lookup(&self, name: &str) -> Vec<Symbol> {
         let want = name.as_bytes();
-        self.scan(|raw, _, _| raw.strip_prefix(want).is_some_and(|rest| rest.is_empty() || rest[0] == b'@'))
+        self.scan(|raw, _, _| {
+            raw.strip_prefix(want)
+                .is_some_and(|rest| rest.is_empty() || rest[0] == b'@')
+        })
     }
 
     /// The symbol that covers `vaddr`, or else the nearest one before it.
@@ -267,7 +311,8 @@ impl Elf {
             false
         });
         let pick = best_cover.map(|(v, _)| v).or(best_before)?;
-        let found = self.scan(|_, value, size| value == pick && (best_cover.is_none() || vaddr < value + size));
+        let found = self
+            .scan(|_, value, size| value == pick && (best_cover.is_none() || vaddr < value + size));
         // Prefer a default-versioned name, then the shortest.
         found.into_iter().min_by_key(|s| (s.hidden, s.name.len()))
     }
@@ -294,7 +339,11 @@ fn dedup(mut symbols: Vec<Symbol>) -> Vec<Symbol> {
     let mut kept: Vec<Symbol> = Vec::with_capacity(symbols.len());
     for s in symbols {
         match kept.last_mut() {
-            Some(k) if k.value == s.value && k.name == s.name && (k.version.is_none() || s.version.is_none() || k.version == s.version) => {
+            Some(k)
+                if k.value == s.value
+                    && k.name == s.name
+                    && (k.version.is_none() || s.version.is_none() || k.version == s.version) =>
+            {
                 if k.version.is_none() {
                     k.version = s.version;
                     k.hidden = s.hidden;
@@ -309,16 +358,22 @@ fn dedup(mut symbols: Vec<Symbol>) -> Vec<Symbol> {
 }
 
 fn file_offset(loads: &[Load], vaddr: u64) -> Option<u64> {
-    loads.iter().find(|l| l.vaddr <= vaddr && vaddr < l.vaddr + l.filesz).map(|l| vaddr - l.vaddr + l.offset)
+    loads
+        .iter()
+        .find(|l| l.vaddr <= vaddr && vaddr < l.vaddr + l.filesz)
+        .map(|l| vaddr - l.vaddr + l.offset)
 }
 
 /// The load bias from one mapping: its start minus the object address of
 /// its file offset, from the `PT_LOAD` segment that maps that offset.
 fn bias(loads: &[Load], m: &Mapping) -> Option<u64> {
-    let load = loads.iter().filter(|l| l.exec == m.executable()).find(|l| {
-        let first_page = l.offset & !(crate::proc::PAGE_SIZE - 1);
-        first_page <= m.offset && m.offset < l.offset + l.filesz.max(1)
-    })?;
+    let load = loads
+        .iter()
+        .filter(|l| l.exec == m.executable())
+        .find(|l| {
+            let first_page = l.offset & !(crate::proc::PAGE_SIZE - 1);
+            first_page <= m.offset && m.offset < l.offset + l.filesz.max(1)
+        })?;
     // In the object, file offset m.offset is at load.vaddr - (load.offset - m.offset).
     let vaddr = (load.vaddr + m.offset).wrapping_sub(load.offset);
     Some(m.start.wrapping_sub(vaddr))
@@ -374,13 +429,16 @@ impl Object {
             }
             return std::fs::metadata(pattern).is_ok_and(|md| {
                 self.mappings.first().is_some_and(|m| {
-                    m.inode == md.ino() && m.dev == (libc::major(md.dev()) as u32, libc::minor(md.dev()) as u32)
+                    m.inode == md.ino()
+                        && m.dev == (libc::major(md.dev()) as u32, libc::minor(md.dev()) as u32)
                 })
             });
         }
         let base = self.basename();
         base == pattern
-            || base.strip_prefix(pattern).is_some_and(|rest| rest.starts_with('.') || rest.starts_with('-'))
+            || base
+                .strip_prefix(pattern)
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('-'))
     }
 
     /// `NAME+0xOFF` for process address `addr` (`?` when no symbol covers
@@ -389,11 +447,17 @@ impl Object {
     pub fn describe(&self, addr: u64) -> Option<String> {
         let m = self.mapping(addr)?;
         let by_offset = || format!("{}+{:#x}", self.basename(), m.file_offset(addr));
-        let Some(elf) = &self.elf else { return Some(by_offset()) };
+        let Some(elf) = &self.elf else {
+            return Some(by_offset());
+        };
         let vaddr = addr.wrapping_sub(self.bias);
         Some(match elf.symbol_at(vaddr) {
             Some(s) if s.covers(vaddr) => format!("{}+{:#x}", s.name, vaddr - s.value),
-            Some(s) if self.mapping(s.value.wrapping_add(self.bias)).is_some_and(|sm| sm.start == m.start) => {
+            Some(s)
+                if self
+                    .mapping(s.value.wrapping_add(self.bias))
+                    .is_some_and(|sm| sm.start == m.start) =>
+            {
                 format!("{}+{:#x}?", s.name, vaddr - s.value)
             }
             _ => by_offset(),
@@ -412,7 +476,8 @@ fn open_mapped(pid: i32, m: &Mapping) -> Result<File, String> {
     }
     let f = File::open(&m.path).map_err(|e| format!("{}: {e}", m.path))?;
     let md = f.metadata().map_err(|e| format!("{}: {e}", m.path))?;
-    if md.ino() != m.inode || (libc::major(md.dev()) as u32, libc::minor(md.dev()) as u32) != m.dev {
+    if md.ino() != m.inode || (libc::major(md.dev()) as u32, libc::minor(md.dev()) as u32) != m.dev
+    {
         return Err(format!(
             "{} is no longer the file pid {pid} maps (replaced or deleted), and /proc/{pid}/map_files is not readable",
             m.path
@@ -428,13 +493,23 @@ pub fn objects(pid: i32) -> Result<Vec<Object>, String> {
     let exe = std::fs::metadata(format!("/proc/{pid}/exe")).ok();
     let mut objects: Vec<Object> = Vec::new();
     for m in maps.into_iter().filter(Mapping::file_backed) {
-        match objects.iter_mut().find(|o| o.mappings[0].inode == m.inode && o.mappings[0].dev == m.dev && o.path == m.path) {
+        match objects.iter_mut().find(|o| {
+            o.mappings[0].inode == m.inode && o.mappings[0].dev == m.dev && o.path == m.path
+        }) {
             Some(o) => o.mappings.push(m),
             None => {
                 let main = exe.as_ref().is_some_and(|md| {
-                    md.ino() == m.inode && (libc::major(md.dev()) as u32, libc::minor(md.dev()) as u32) == m.dev
+                    md.ino() == m.inode
+                        && (libc::major(md.dev()) as u32, libc::minor(md.dev()) as u32) == m.dev
                 });
-                objects.push(Object { path: m.path.clone(), mappings: vec![m], main, elf: None, bias: 0, error: None });
+                objects.push(Object {
+                    path: m.path.clone(),
+                    mappings: vec![m],
+                    main,
+                    elf: None,
+                    bias: 0,
+                    error: None,
+                });
             }
         }
     }
@@ -452,16 +527,29 @@ pub fn objects(pid: i32) -> Result<Vec<Object>, String> {
             o.bias = if elf.exec_type {
                 0
             } else {
-                o.mappings.iter().filter(|m| m.executable()).find_map(|m| elf.bias(m)).unwrap_or(0)
+                o.mappings
+                    .iter()
+                    .filter(|m| m.executable())
+                    .find_map(|m| elf.bias(m))
+                    .unwrap_or(0)
             };
             // One file loaded twice (dlmopen, or mapped executable again by
             // hand) has two biases: a symbol names two places.
-            let mut biases: Vec<u64> = o.mappings.iter().filter(|m| m.executable()).filter_map(|m| elf.bias(m)).collect();
+            let mut biases: Vec<u64> = o
+                .mappings
+                .iter()
+                .filter(|m| m.executable())
+                .filter_map(|m| elf.bias(m))
+                .collect();
             biases.sort_unstable();
             biases.dedup();
             if !elf.exec_type && biases.len() > 1 {
                 let at: Vec<String> = biases.iter().map(|b| format!("{b:#x}")).collect();
-                o.error = Some(format!("{} is loaded more than once (load biases {}): give the address with --addr", o.path, at.join(", ")));
+                o.error = Some(format!(
+                    "{} is loaded more than once (load biases {}): give the address with --addr",
+                    o.path,
+                    at.join(", ")
+                ));
             }
         }
     }
@@ -483,9 +571,12 @@ pub struct Resolved {
 /// `NAME[@VER|@@VER][+OFFSET]` into its parts.
 pub fn parse_query(q: &str) -> Result<(String, Option<String>, u64), String> {
     let (name, offset) = match q.rsplit_once('+') {
-        Some((name, off)) if !name.is_empty() => {
-            (name, crate::parse_number(off).ok_or_else(|| format!("bad offset {off:?} in {q:?} (want NAME+0xOFF or NAME+DEC)"))?)
-        }
+        Some((name, off)) if !name.is_empty() => (
+            name,
+            crate::parse_number(off).ok_or_else(|| {
+                format!("bad offset {off:?} in {q:?} (want NAME+0xOFF or NAME+DEC)")
+            })?,
+        ),
         _ => (q, 0),
     };
     if name.is_empty() {
@@ -503,11 +594,16 @@ pub fn resolve(objects: &[Object], query: &str, object: Option<&str>) -> Result<
     let (name, version, offset) = parse_query(query)?;
     let candidates: Vec<usize> = match object {
         Some(pat) => {
-            let found: Vec<usize> = (0..objects.len()).filter(|&i| objects[i].matches(pat)).collect();
+            let found: Vec<usize> = (0..objects.len())
+                .filter(|&i| objects[i].matches(pat))
+                .collect();
             match found.len() {
                 0 => {
                     let all: Vec<&str> = objects.iter().map(|o| o.path.as_str()).collect();
-                    return Err(format!("--object {pat}: the process maps no such object (it maps: {})", all.join(", ")));
+                    return Err(format!(
+                        "--object {pat}: the process maps no such object (it maps: {})",
+                        all.join(", ")
+                    ));
                 }
                 1 => found,
                 _ => {
@@ -522,15 +618,28 @@ pub fn resolve(objects: &[Object], query: &str, object: Option<&str>) -> Result<
     let mut ambiguous_in: Vec<String> = Vec::new();
     // An object we could not read (or that is loaded twice) might define
     // the name too: then no answer is safe.
-    let unsafe_objects: Vec<&str> = candidates.iter().filter_map(|&i| objects[i].error.as_deref()).collect();
+    let unsafe_objects: Vec<&str> = candidates
+        .iter()
+        .filter_map(|&i| objects[i].error.as_deref())
+        .collect();
     if !unsafe_objects.is_empty() {
-        return Err(format!("cannot resolve {name} safely: {} (choose the object with --object, or give --addr)", unsafe_objects.join("; ")));
+        return Err(format!(
+            "cannot resolve {name} safely: {} (choose the object with --object, or give --addr)",
+            unsafe_objects.join("; ")
+        ));
     }
     for i in candidates {
         let Some(elf) = &objects[i].elf else { continue };
         let all = elf.lookup(&name);
-        let mut found: Vec<&Symbol> =
-            all.iter().filter(|s| s.name == name && version.as_ref().is_none_or(|v| s.version.as_ref() == Some(v))).collect();
+        let mut found: Vec<&Symbol> = all
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && version
+                        .as_ref()
+                        .is_none_or(|v| s.version.as_ref() == Some(v))
+            })
+            .collect();
         // Without a version, as the dynamic linker: the default version.
         if version.is_none() && found.iter().any(|s| !s.hidden) {
             found.retain(|s| !s.hidden);
@@ -544,12 +653,18 @@ pub fn resolve(objects: &[Object], query: &str, object: Option<&str>) -> Result<
                 objects[i].path,
                 name,
                 many.len(),
-                many.iter().map(|s| format!("{} at {:#x}", s.full_name(), s.value)).collect::<Vec<_>>().join(", ")
+                many.iter()
+                    .map(|s| format!("{} at {:#x}", s.full_name(), s.value))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         }
     }
     if !ambiguous_in.is_empty() {
-        return Err(format!("symbol {name} is ambiguous: {} (give NAME@VERSION, or --addr)", ambiguous_in.join("; ")));
+        return Err(format!(
+            "symbol {name} is ambiguous: {} (give NAME@VERSION, or --addr)",
+            ambiguous_in.join("; ")
+        ));
     }
     let (object_index, symbol) = match hits.len() {
         0 => {
@@ -559,27 +674,54 @@ pub fn resolve(objects: &[Object], query: &str, object: Option<&str>) -> Result<
             };
             let v = version.map(|v| format!(" version {v}")).unwrap_or_default();
             let unread: Vec<&str> = objects.iter().filter_map(|o| o.error.as_deref()).collect();
-            let unread = if unread.is_empty() { String::new() } else { format!("; could not read: {}", unread.join("; ")) };
-            return Err(format!("no code symbol {name}{v} in {searched} (.symtab or .dynsym){unread}"));
+            let unread = if unread.is_empty() {
+                String::new()
+            } else {
+                format!("; could not read: {}", unread.join("; "))
+            };
+            return Err(format!(
+                "no code symbol {name}{v} in {searched} (.symtab or .dynsym){unread}"
+            ));
         }
         1 => hits.pop().unwrap(),
         _ => {
             let all: Vec<String> = hits
                 .iter()
-                .map(|(i, s)| format!("{} ({} at {:#x})", objects[*i].path, s.full_name(), s.value.wrapping_add(objects[*i].bias)))
+                .map(|(i, s)| {
+                    format!(
+                        "{} ({} at {:#x})",
+                        objects[*i].path,
+                        s.full_name(),
+                        s.value.wrapping_add(objects[*i].bias)
+                    )
+                })
                 .collect();
-            return Err(format!("symbol {name} is defined by more than one object: {}; choose one with --object", all.join(", ")));
+            return Err(format!(
+                "symbol {name} is defined by more than one object: {}; choose one with --object",
+                all.join(", ")
+            ));
         }
     };
     if symbol.size != 0 && offset >= symbol.size {
-        return Err(format!("{query}: offset {offset:#x} is past the end of {name} (size {:#x})", symbol.size));
+        return Err(format!(
+            "{query}: offset {offset:#x} is past the end of {name} (size {:#x})",
+            symbol.size
+        ));
     }
     let o = &objects[object_index];
     let addr = symbol.value.wrapping_add(o.bias) + offset;
     if !o.mapping(addr).is_some_and(Mapping::executable) {
-        return Err(format!("{query} is at {addr:#x}, which no executable mapping of {} holds", o.path));
+        return Err(format!(
+            "{query} is at {addr:#x}, which no executable mapping of {} holds",
+            o.path
+        ));
     }
-    Ok(Resolved { object: object_index, symbol, offset, addr })
+    Ok(Resolved {
+        object: object_index,
+        symbol,
+        offset,
+        addr,
+    })
 }
 
 /// The object whose mapping holds `addr`, if any.
@@ -601,7 +743,10 @@ mod tests {
 ";
         let m = parse_maps(text);
         assert_eq!(m.len(), 4);
-        assert_eq!((m[0].start, m[0].end, m[0].offset, m[0].dev, m[0].inode), (0x400000, 0x41f000, 0, (0xfd, 1), 1311233));
+        assert_eq!(
+            (m[0].start, m[0].end, m[0].offset, m[0].dev, m[0].inode),
+            (0x400000, 0x41f000, 0, (0xfd, 1), 1311233)
+        );
         assert_eq!(m[0].path, "/usr/bin/python3.11");
         assert!(m[1].executable() && m[1].file_backed());
         assert_eq!(m[1].path, "/tmp/a b/lib.so (deleted)");
@@ -612,10 +757,22 @@ mod tests {
 
     #[test]
     fn queries() {
-        assert_eq!(parse_query("readline").unwrap(), ("readline".into(), None, 0));
-        assert_eq!(parse_query("readline+0x10").unwrap(), ("readline".into(), None, 16));
-        assert_eq!(parse_query("puts@@GLIBC_2.2.5+4").unwrap(), ("puts".into(), Some("GLIBC_2.2.5".into()), 4));
-        assert_eq!(parse_query("realpath@GLIBC_2.2.5").unwrap(), ("realpath".into(), Some("GLIBC_2.2.5".into()), 0));
+        assert_eq!(
+            parse_query("readline").unwrap(),
+            ("readline".into(), None, 0)
+        );
+        assert_eq!(
+            parse_query("readline+0x10").unwrap(),
+            ("readline".into(), None, 16)
+        );
+        assert_eq!(
+            parse_query("puts@@GLIBC_2.2.5+4").unwrap(),
+            ("puts".into(), Some("GLIBC_2.2.5".into()), 4)
+        );
+        assert_eq!(
+            parse_query("realpath@GLIBC_2.2.5").unwrap(),
+            ("realpath".into(), Some("GLIBC_2.2.5".into()), 0)
+        );
         assert!(parse_query("f+zz").is_err());
         assert!(parse_query("").is_err());
     }
@@ -625,11 +782,33 @@ mod tests {
     #[test]
     fn bias_from_segments() {
         let loads = [
-            Load { vaddr: 0, offset: 0, filesz: 0x7595ee0, exec: true },
-            Load { vaddr: 0x75974f0, offset: 0x75964f0, filesz: 0x5b1940, exec: false },
+            Load {
+                vaddr: 0,
+                offset: 0,
+                filesz: 0x7595ee0,
+                exec: true,
+            },
+            Load {
+                vaddr: 0x75974f0,
+                offset: 0x75964f0,
+                filesz: 0x5b1940,
+                exec: false,
+            },
         ];
-        let text = Mapping { start: 0x7f0000000000, end: 0x7f0007596000, offset: 0, perms: "r-xp".into(), ..Default::default() };
-        let data = Mapping { start: 0x7f0000000000 + 0x7597000, end: 0x7f0007b49000, offset: 0x7596000, perms: "rw-p".into(), ..Default::default() };
+        let text = Mapping {
+            start: 0x7f0000000000,
+            end: 0x7f0007596000,
+            offset: 0,
+            perms: "r-xp".into(),
+            ..Default::default()
+        };
+        let data = Mapping {
+            start: 0x7f0000000000 + 0x7597000,
+            end: 0x7f0007b49000,
+            offset: 0x7596000,
+            perms: "rw-p".into(),
+            ..Default::default()
+        };
         assert_eq!(bias(&loads, &text), Some(0x7f0000000000));
         assert_eq!(bias(&loads, &data), Some(0x7f0000000000));
         assert_eq!(file_offset(&loads, 0x75974f0), Some(0x75964f0));

@@ -23,13 +23,29 @@ extern "C" {
 
 /// `hugepoke ARGS` against this process: (status, stdout, stderr).
 fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hugepoke")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(env!("CARGO_BIN_EXE_hugepoke"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn dry(symbol: &str, bytes: &str) -> (i32, String, String) {
     let pid = std::process::id().to_string();
-    cli(&["patch", "--pid", &pid, "--symbol", symbol, "--bytes", bytes, "--dry-run"])
+    cli(&[
+        "patch",
+        "--pid",
+        &pid,
+        "--symbol",
+        symbol,
+        "--bytes",
+        bytes,
+        "--dry-run",
+    ])
 }
 
 fn probe() -> u64 {
@@ -46,10 +62,22 @@ fn dry_run_shows_old_and_new_instructions() {
     assert!(out.contains(&format!("at {addr:#x}")), "{out}");
     let (old, new) = out.split_once("new:\n").unwrap();
     assert!(old.contains("old:\n"), "{out}");
-    for (insn, bytes) in [("push rbp", "55"), ("mov rbp, rsp", "48 89 e5"), ("mov eax, 7", "b8 07 00 00 00")] {
-        assert!(old.lines().any(|l| l.contains(insn) && l.contains(bytes)), "old lacks {insn}: {out}");
+    for (insn, bytes) in [
+        ("push rbp", "55"),
+        ("mov rbp, rsp", "48 89 e5"),
+        ("mov eax, 7", "b8 07 00 00 00"),
+    ] {
+        assert!(
+            old.lines().any(|l| l.contains(insn) && l.contains(bytes)),
+            "old lacks {insn}: {out}"
+        );
     }
-    assert!(new.contains("<hugepoke_cli_probe+0x0>  31 c0") && new.contains("xor eax, eax") && new.contains("ret"), "{out}");
+    assert!(
+        new.contains("<hugepoke_cli_probe+0x0>  31 c0")
+            && new.contains("xor eax, eax")
+            && new.contains("ret"),
+        "{out}"
+    );
     assert!(out.ends_with("dry run: nothing patched\n"), "{out}");
 }
 
@@ -74,10 +102,23 @@ fn mid_instruction_start_is_refused_unless_forced() {
     // +2 is inside `mov rbp, rsp` (48 89 e5 at +1).
     let (code, out, err) = dry("hugepoke_cli_probe+2", "c3");
     assert_eq!(code, 1, "{out}{err}");
-    assert!(out.contains("not an instruction boundary") && out.contains("mov rbp, rsp"), "{out}");
+    assert!(
+        out.contains("not an instruction boundary") && out.contains("mov rbp, rsp"),
+        "{out}"
+    );
     assert!(err.contains("refused"), "{err}");
     let pid = std::process::id().to_string();
-    let (code, out, _) = cli(&["patch", "--pid", &pid, "--symbol", "hugepoke_cli_probe+2", "--bytes", "c3", "--dry-run", "--force"]);
+    let (code, out, _) = cli(&[
+        "patch",
+        "--pid",
+        &pid,
+        "--symbol",
+        "hugepoke_cli_probe+2",
+        "--bytes",
+        "c3",
+        "--dry-run",
+        "--force",
+    ]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("forced: "), "{out}");
 }
@@ -96,7 +137,11 @@ fn nop_into_half_an_instruction_warns() {
     // A nop over the first byte of `mov rbp, rsp`: the 89 e5 left behind run next.
     let (code, out, _) = dry("hugepoke_cli_probe+1", "90");
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("warning: the last new instruction `nop` can fall through") && out.contains("89 e5"), "{out}");
+    assert!(
+        out.contains("warning: the last new instruction `nop` can fall through")
+            && out.contains("89 e5"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -105,7 +150,10 @@ fn exit_codes_and_help() {
     // A missing symbol: the command line is wrong.
     let (code, _, err) = dry("no_such_function_here", "c3");
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("no code symbol no_such_function_here"), "{err}");
+    assert!(
+        err.contains("no code symbol no_such_function_here"),
+        "{err}"
+    );
     // A bad argument is named.
     let (code, _, err) = cli(&["patch", "--pid", &pid, "--addr", "0xzz", "--bytes", "c3"]);
     assert_eq!(code, 2);
@@ -113,16 +161,27 @@ fn exit_codes_and_help() {
     let (code, _, err) = cli(&["patch", "--pid", &pid, "--symbol", "x", "--bytes", "c"]);
     assert_eq!(code, 2);
     assert!(err.contains("--bytes"), "{err}");
-    let (code, _, err) = cli(&["patch", "--pid", &pid, "--addr", "1", "--symbol", "x", "--bytes", "c3"]);
+    let (code, _, err) = cli(&[
+        "patch", "--pid", &pid, "--addr", "1", "--symbol", "x", "--bytes", "c3",
+    ]);
     assert_eq!(code, 2, "--addr and --symbol together: {err}");
     // Usage errors exit 2 and name what is wrong.
     for (args, names) in [
-        (&["patch", "--pid", "x", "--addr", "1", "--bytes", "c3"][..], "--pid"),
-        (&["patch", "--pid", "1", "--sites", "f", "--bytes", "c3"][..], "--sites"),
+        (
+            &["patch", "--pid", "x", "--addr", "1", "--bytes", "c3"][..],
+            "--pid",
+        ),
+        (
+            &["patch", "--pid", "1", "--sites", "f", "--bytes", "c3"][..],
+            "--sites",
+        ),
         (&["patch", "--pid", "1", "--bytes", "c3"][..], "--addr"),
         (&["query", "nope"][..], "<HANDLE>"),
         (&["events", "--interval-ms", "5"][..], "--follow"),
-        (&["events", "--follow", "--interval-ms", "0"][..], "--interval-ms"),
+        (
+            &["events", "--follow", "--interval-ms", "0"][..],
+            "--interval-ms",
+        ),
         (&["nosuch"][..], "nosuch"),
         (&["list", "--bogus"][..], "--bogus"),
     ] {
@@ -132,11 +191,19 @@ fn exit_codes_and_help() {
     }
     let (code, out, _) = cli(&["--help"]);
     assert_eq!(code, 0);
-    assert!(out.contains("Exit status: 0 done; 1 refused") && out.contains("--json"), "{out}");
-    for sub in ["patch", "restore", "query", "list", "events", "stats", "collapse"] {
+    assert!(
+        out.contains("Exit status: 0 done; 1 refused") && out.contains("--json"),
+        "{out}"
+    );
+    for sub in [
+        "patch", "restore", "query", "list", "events", "stats", "collapse",
+    ] {
         let (code, out, _) = cli(&[sub, "--help"]);
         assert_eq!(code, 0, "{sub} --help");
-        assert!(out.contains("Usage: hugepoke") && out.contains("--json"), "{sub}: {out}");
+        assert!(
+            out.contains("Usage: hugepoke") && out.contains("--json"),
+            "{sub}: {out}"
+        );
     }
 }
 
@@ -159,8 +226,16 @@ impl FakeDebugfs {
     }
 
     fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_hugepoke")).args(args).env("HUGEPOKE_DEBUGFS", &self.0).output().unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+        let out = Command::new(env!("CARGO_BIN_EXE_hugepoke"))
+            .args(args)
+            .env("HUGEPOKE_DEBUGFS", &self.0)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
     }
 }
 
@@ -189,11 +264,29 @@ fn events_and_stats_as_json() {
     let v = json(&out);
     assert_eq!(v["dropped"], 2);
     let e = &v["events"].as_array().unwrap()[1];
-    assert_eq!((e["seq"].as_u64(), e["time_ns"].as_u64(), e["pid"].as_i64(), e["handle"].as_u64()), (Some(4), Some(200), Some(8), Some(1)));
-    assert_eq!((e["addr"].as_u64(), e["pfn"].as_u64(), e["order"].as_u64()), (Some(0x7f0000201000), Some(0x6a00), Some(9)));
-    assert_eq!((e["step"].as_str(), e["result"].as_str()), (Some("split_pmd"), Some("ok")));
+    assert_eq!(
+        (
+            e["seq"].as_u64(),
+            e["time_ns"].as_u64(),
+            e["pid"].as_i64(),
+            e["handle"].as_u64()
+        ),
+        (Some(4), Some(200), Some(8), Some(1))
+    );
+    assert_eq!(
+        (e["addr"].as_u64(), e["pfn"].as_u64(), e["order"].as_u64()),
+        (Some(0x7f0000201000), Some(0x6a00), Some(9))
+    );
+    assert_eq!(
+        (e["step"].as_str(), e["result"].as_str()),
+        (Some("split_pmd"), Some("ok"))
+    );
     assert_eq!(e["note"], "PMD split to PTEs; THP stays whole");
-    assert!(v["events"][0]["handle"].is_null() && v["events"][0]["addr"].is_null() && v["events"][0]["note"] == "");
+    assert!(
+        v["events"][0]["handle"].is_null()
+            && v["events"][0]["addr"].is_null()
+            && v["events"][0]["note"] == ""
+    );
     assert_eq!(v["events"][2]["result"], "-EINVAL");
     // Plain: the text as debugfs has it.
     let (code, out, _) = d.cli(&["events"]);
@@ -203,14 +296,26 @@ fn events_and_stats_as_json() {
     let (code, out, err) = d.cli(&["stats", "--json"]);
     assert_eq!(code, 0, "{err}");
     let v = json(&out);
-    assert_eq!(v["steps"][1], serde_json::json!({"step": "check_vma", "ok": 0, "failed": 1}));
-    assert_eq!(v["reasons"][0], serde_json::json!({"step": "check_vma", "count": 1, "reason": "mapping is not executable"}));
-    assert_eq!((v["events_dropped"].as_u64(), v["other_reasons"].as_u64()), (Some(2), Some(0)));
+    assert_eq!(
+        v["steps"][1],
+        serde_json::json!({"step": "check_vma", "ok": 0, "failed": 1})
+    );
+    assert_eq!(
+        v["reasons"][0],
+        serde_json::json!({"step": "check_vma", "count": 1, "reason": "mapping is not executable"})
+    );
+    assert_eq!(
+        (v["events_dropped"].as_u64(), v["other_reasons"].as_u64()),
+        (Some(2), Some(0))
+    );
 
     // No debugfs (no module): refused, exit 1, on stderr only.
     std::fs::remove_file(d.0.join("stats")).unwrap();
     let (code, out, err) = d.cli(&["stats", "--json"]);
-    assert!(code == 1 && out.is_empty() && err.starts_with("hugepoke: stats: ENOENT"), "{code} {out} {err}");
+    assert!(
+        code == 1 && out.is_empty() && err.starts_with("hugepoke: stats: ENOENT"),
+        "{code} {out} {err}"
+    );
 }
 
 #[test]
@@ -232,8 +337,15 @@ fn list_adds_the_symbol_plain_and_json() {
     let (code, out, err) = d.cli(&["list"]);
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[0], "# handle pid addr len state pfn owner pmd_mappable bytes orig site symbol");
-    assert!(lines[1].ends_with(" 0/2 hugepoke_cli_probe+0x0") && lines[2].ends_with(" 1/2 hugepoke_cli_probe+0x1"), "{out}");
+    assert_eq!(
+        lines[0],
+        "# handle pid addr len state pfn owner pmd_mappable bytes orig site symbol"
+    );
+    assert!(
+        lines[1].ends_with(" 0/2 hugepoke_cli_probe+0x0")
+            && lines[2].ends_with(" 1/2 hugepoke_cli_probe+0x1"),
+        "{out}"
+    );
     assert!(lines[3].ends_with(" 0/1 -"), "{out}");
     let (code, out, err) = d.cli(&["list", "--json"]);
     assert_eq!(code, 0, "{err}");
@@ -241,9 +353,26 @@ fn list_adds_the_symbol_plain_and_json() {
     let p = v["patches"].as_array().unwrap();
     assert_eq!(p.len(), 3);
     assert_eq!(p[1]["addr"].as_u64(), Some(addr + 1));
-    assert_eq!((p[1]["site"].as_u64(), p[1]["sites"].as_u64(), p[1]["pfn"].as_u64()), (Some(1), Some(2), Some(0x1234)));
-    assert_eq!((p[0]["symbol"].as_str(), p[0]["owner"].as_str(), p[0]["pmd_mappable"].as_bool()), (Some("hugepoke_cli_probe+0x0"), Some("file:2"), Some(true)));
-    assert_eq!((p[0]["bytes"].as_str(), p[0]["orig"].as_str()), (Some("31c0c3"), Some("554889")));
+    assert_eq!(
+        (
+            p[1]["site"].as_u64(),
+            p[1]["sites"].as_u64(),
+            p[1]["pfn"].as_u64()
+        ),
+        (Some(1), Some(2), Some(0x1234))
+    );
+    assert_eq!(
+        (
+            p[0]["symbol"].as_str(),
+            p[0]["owner"].as_str(),
+            p[0]["pmd_mappable"].as_bool()
+        ),
+        (Some("hugepoke_cli_probe+0x0"), Some("file:2"), Some(true))
+    );
+    assert_eq!(
+        (p[0]["bytes"].as_str(), p[0]["orig"].as_str()),
+        (Some("31c0c3"), Some("554889"))
+    );
     assert!(p[2]["symbol"].is_null() && p[2]["state"] == "gone");
     assert_eq!(v["busy_targets"], 0);
 }
@@ -266,13 +395,27 @@ fn events_follow_streams_new_entries() {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut next = || json(&lines.next().unwrap().unwrap());
-    assert_eq!((next()["seq"].as_u64(), next()["seq"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (next()["seq"].as_u64(), next()["seq"].as_u64()),
+        (Some(1), Some(2))
+    );
     d.write("events", &format!("{head}{}{}{}", ev(1), ev(2), ev(3)));
     assert_eq!(next()["seq"], 3);
     // 4 and 5 were dropped before the follower read them.
-    d.write("events", &format!("{}{}{}", head.replace("dropped 0", "dropped 5"), ev(6), ev(7)));
+    d.write(
+        "events",
+        &format!(
+            "{}{}{}",
+            head.replace("dropped 0", "dropped 5"),
+            ev(6),
+            ev(7)
+        ),
+    );
     assert_eq!(next(), serde_json::json!({"lost": 2}));
-    assert_eq!((next()["seq"].as_u64(), next()["seq"].as_u64()), (Some(6), Some(7)));
+    assert_eq!(
+        (next()["seq"].as_u64(), next()["seq"].as_u64()),
+        (Some(6), Some(7))
+    );
     // A reloaded module's journal starts again at 1.
     d.write("events", &format!("{head}{}", "1 5 7 - - load - - ok\n"));
     assert_eq!(next(), serde_json::json!({"restarted": true}));
@@ -300,30 +443,65 @@ fn events_follow_streams_new_entries() {
     d.write("events", &format!("{head}1 5 7 - - load - - ok\n{}", ev(2)));
     let status = child.wait().unwrap();
     use std::os::unix::process::ExitStatusExt;
-    assert!(status.signal() == Some(libc::SIGPIPE) || status.code() == Some(0), "{status}");
+    assert!(
+        status.signal() == Some(libc::SIGPIPE) || status.code() == Some(0),
+        "{status}"
+    );
 }
 
 #[test]
 fn dry_run_json_shows_the_check() {
     let addr = probe();
     let pid = std::process::id().to_string();
-    let (code, out, err) = cli(&["patch", "--pid", &pid, "--symbol", "hugepoke_cli_probe", "--bytes", "31 c0 c3", "--dry-run", "--json"]);
+    let (code, out, err) = cli(&[
+        "patch",
+        "--pid",
+        &pid,
+        "--symbol",
+        "hugepoke_cli_probe",
+        "--bytes",
+        "31 c0 c3",
+        "--dry-run",
+        "--json",
+    ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 1, "{out}");
     let v = json(&out);
-    assert_eq!((v["handle"].is_null(), v["dry_run"].as_bool(), v["pid"].as_u64()), (true, Some(true), Some(std::process::id() as u64)));
+    assert_eq!(
+        (
+            v["handle"].is_null(),
+            v["dry_run"].as_bool(),
+            v["pid"].as_u64()
+        ),
+        (true, Some(true), Some(std::process::id() as u64))
+    );
     let s = &v["sites"][0];
-    assert_eq!((s["addr"].as_u64(), s["len"].as_u64(), s["bytes"].as_str()), (Some(addr), Some(3), Some("31c0c3")));
+    assert_eq!(
+        (s["addr"].as_u64(), s["len"].as_u64(), s["bytes"].as_str()),
+        (Some(addr), Some(3), Some("31c0c3"))
+    );
     assert!(s["line"].is_null());
     assert_eq!(s["symbol"], "hugepoke_cli_probe+0x0");
     // What the check read there, which PATCH would be told to expect.
     assert_eq!(s["expect"], "554889");
     let c = &s["check"];
-    assert_eq!((c["checked"].as_bool(), c["forced"].as_bool()), (Some(true), Some(false)));
+    assert_eq!(
+        (c["checked"].as_bool(), c["forced"].as_bool()),
+        (Some(true), Some(false))
+    );
     assert!(c["refusals"].as_array().unwrap().is_empty());
-    assert_eq!(c["old"][0], serde_json::json!({"addr": addr, "bytes": "55", "text": "push rbp", "symbol": "hugepoke_cli_probe+0x0"}));
+    assert_eq!(
+        c["old"][0],
+        serde_json::json!({"addr": addr, "bytes": "55", "text": "push rbp", "symbol": "hugepoke_cli_probe+0x0"})
+    );
     assert_eq!(c["new"][0]["text"], "xor eax, eax");
-    assert!(c["at"].as_str().unwrap().starts_with("hugepoke_cli_probe+0x0 in "), "{c}");
+    assert!(
+        c["at"]
+            .as_str()
+            .unwrap()
+            .starts_with("hugepoke_cli_probe+0x0 in "),
+        "{c}"
+    );
 }
 
 /// `patch --sites -`: each line through the single patch's checks, and a
@@ -341,45 +519,99 @@ fn sites(input: &str, extra: &[&str]) -> (i32, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
 fn sites_from_stdin_are_checked_line_by_line() {
     let addr = probe();
-    let good = format!("# the probe, twice\n\nhugepoke_cli_probe c3   # ret at once\n{:#x} 90 89\n", addr + 5);
+    let good = format!(
+        "# the probe, twice\n\nhugepoke_cli_probe c3   # ret at once\n{:#x} 90 89\n",
+        addr + 5
+    );
     // +5 is inside `mov eax, 7` (b8 07 00 00 00 at +4): refused as a single patch would be.
     let (code, out, err) = sites(&good, &["--json"]);
     assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("hugepoke: refused: <stdin> line 4: the instruction check failed"), "{err}");
+    assert!(
+        err.contains("hugepoke: refused: <stdin> line 4: the instruction check failed"),
+        "{err}"
+    );
     // "see above": the check's reason is there, on stderr, with --json too.
-    assert!(err.contains("refused: ") && err.contains("not an instruction boundary"), "{err}");
+    assert!(
+        err.contains("refused: ") && err.contains("not an instruction boundary"),
+        "{err}"
+    );
     assert!(out.is_empty(), "{out}");
-    let good = format!("# the probe, twice\n\nhugepoke_cli_probe c3   # ret at once\n{:#x} 90 b8\n", addr + 4);
+    let good = format!(
+        "# the probe, twice\n\nhugepoke_cli_probe c3   # ret at once\n{:#x} 90 b8\n",
+        addr + 4
+    );
     let (code, out, err) = sites(&good, &["--json"]);
     assert_eq!(code, 0, "{err}");
     let v = json(&out);
     let s = v["sites"].as_array().unwrap();
     assert_eq!(s.len(), 2);
-    assert_eq!((s[0]["line"].as_u64(), s[0]["addr"].as_u64(), s[0]["expect"].as_str()), (Some(3), Some(addr), Some("55")));
-    assert_eq!((s[1]["line"].as_u64(), s[1]["addr"].as_u64(), s[1]["expect"].as_str()), (Some(4), Some(addr + 4), Some("b8")));
+    assert_eq!(
+        (
+            s[0]["line"].as_u64(),
+            s[0]["addr"].as_u64(),
+            s[0]["expect"].as_str()
+        ),
+        (Some(3), Some(addr), Some("55"))
+    );
+    assert_eq!(
+        (
+            s[1]["line"].as_u64(),
+            s[1]["addr"].as_u64(),
+            s[1]["expect"].as_str()
+        ),
+        (Some(4), Some(addr + 4), Some("b8"))
+    );
     assert_eq!(s[1]["symbol"], "hugepoke_cli_probe+0x4");
     // Plain: each site's check, prefixed by its line.
     let (code, out, _) = sites(&good, &[]);
     assert_eq!(code, 0);
-    assert!(out.contains("<stdin> line 3: hugepoke_cli_probe: hugepoke_cli_probe+0x0") && out.contains(&format!("<stdin> line 4: {:#x}", addr + 4)), "{out}");
+    assert!(
+        out.contains("<stdin> line 3: hugepoke_cli_probe: hugepoke_cli_probe+0x0")
+            && out.contains(&format!("<stdin> line 4: {:#x}", addr + 4)),
+        "{out}"
+    );
     assert!(out.ends_with("dry run: nothing patched\n"), "{out}");
     // EXPECT that is not there: refused, naming the line.
-    let (code, _, err) = sites(&format!("hugepoke_cli_probe c3 55\n{:#x} 90 cc\n", addr + 4), &[]);
+    let (code, _, err) = sites(
+        &format!("hugepoke_cli_probe c3 55\n{:#x} 90 cc\n", addr + 4),
+        &[],
+    );
     assert_eq!(code, 1);
-    assert!(err.contains("<stdin> line 2: EXPECT cc is not what is there now (b8)"), "{err}");
+    assert!(
+        err.contains("<stdin> line 2: EXPECT cc is not what is there now (b8)"),
+        "{err}"
+    );
     // Bad lines and missing symbols are usage errors, named by line.
     for (text, what) in [
-        ("hugepoke_cli_probe c3\nhugepoke_cli_probe+1\n", "<stdin>: line 2: 1 fields"),
-        ("hugepoke_cli_probe zz\n", "<stdin>: line 1: BYTES \"zz\" is not hex"),
-        ("# x\nno_such_function_here c3\n", "<stdin> line 2: no code symbol no_such_function_here"),
+        (
+            "hugepoke_cli_probe c3\nhugepoke_cli_probe+1\n",
+            "<stdin>: line 2: 1 fields",
+        ),
+        (
+            "hugepoke_cli_probe zz\n",
+            "<stdin>: line 1: BYTES \"zz\" is not hex",
+        ),
+        (
+            "# x\nno_such_function_here c3\n",
+            "<stdin> line 2: no code symbol no_such_function_here",
+        ),
         ("# only comments\n", "no sites"),
     ] {
         let (code, _, err) = sites(text, &[]);
@@ -390,11 +622,26 @@ fn sites_from_stdin_are_checked_line_by_line() {
     let path = std::env::temp_dir().join(format!("hugepoke-sites-{}", std::process::id()));
     std::fs::write(&path, "hugepoke_cli_probe c3\n").unwrap();
     let pid = std::process::id().to_string();
-    let (code, out, err) = cli(&["patch", "--pid", &pid, "--sites", path.to_str().unwrap(), "--dry-run", "--json"]);
+    let (code, out, err) = cli(&[
+        "patch",
+        "--pid",
+        &pid,
+        "--sites",
+        path.to_str().unwrap(),
+        "--dry-run",
+        "--json",
+    ]);
     std::fs::remove_file(&path).unwrap();
     assert_eq!(code, 0, "{err}");
     assert_eq!(json(&out)["sites"][0]["line"], 1);
-    let (code, _, err) = cli(&["patch", "--pid", &pid, "--sites", path.to_str().unwrap(), "--dry-run"]);
+    let (code, _, err) = cli(&[
+        "patch",
+        "--pid",
+        &pid,
+        "--sites",
+        path.to_str().unwrap(),
+        "--dry-run",
+    ]);
     assert!(code == 2 && err.contains("--sites"), "{err}");
 }
 
@@ -403,12 +650,24 @@ fn man_pages_and_completions_are_generated() {
     let dir = std::env::temp_dir().join(format!("hugepoke-man-{}", std::process::id()));
     let (code, _, err) = cli(&["generate", "man", dir.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    let mut pages: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut pages: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     pages.sort();
     // A page for every subcommand --help lists (and those are at least ours).
     let (_, help, _) = cli(&["--help"]);
-    let subs: Vec<&str> = help.split("Commands:\n").nth(1).unwrap().lines().take_while(|l| !l.is_empty()).map(|l| l.split_whitespace().next().unwrap()).collect();
-    for s in ["patch", "restore", "query", "list", "events", "stats", "collapse"] {
+    let subs: Vec<&str> = help
+        .split("Commands:\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    for s in [
+        "patch", "restore", "query", "list", "events", "stats", "collapse",
+    ] {
         assert!(subs.contains(&s), "{s} not in --help: {help}");
     }
     let mut want: Vec<String> = subs.iter().map(|s| format!("hugepoke-{s}.1")).collect();
@@ -416,13 +675,32 @@ fn man_pages_and_completions_are_generated() {
     want.sort();
     assert_eq!(pages, want);
     let patch = std::fs::read_to_string(dir.join("hugepoke-patch.1")).unwrap();
-    for flag in ["pid", "addr", "symbol", "object", "bytes", "expect", "sites", "persist", "install\\-pmd", "force", "dry\\-run", "json"] {
-        assert!(patch.contains(&format!("\\-\\-{flag}")), "hugepoke-patch.1 lacks --{flag}");
+    for flag in [
+        "pid",
+        "addr",
+        "symbol",
+        "object",
+        "bytes",
+        "expect",
+        "sites",
+        "persist",
+        "install\\-pmd",
+        "force",
+        "dry\\-run",
+        "json",
+    ] {
+        assert!(
+            patch.contains(&format!("\\-\\-{flag}")),
+            "hugepoke-patch.1 lacks --{flag}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
     let (code, bash, _) = cli(&["generate", "completions", "bash"]);
     assert_eq!(code, 0);
-    assert!(bash.contains("_hugepoke()") && bash.contains("--sites") && !bash.contains(" generate"), "{bash}");
+    assert!(
+        bash.contains("_hugepoke()") && bash.contains("--sites") && !bash.contains(" generate"),
+        "{bash}"
+    );
     let (code, _, err) = cli(&["generate", "completions", "tcsh"]);
     assert!(code == 2 && err.contains("tcsh"), "{err}");
 }
@@ -448,6 +726,11 @@ fn a_closed_pipe_ends_it_quietly() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{}: {err}", out.status);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{}: {err}",
+        out.status
+    );
     assert!(err.is_empty(), "{err}");
 }

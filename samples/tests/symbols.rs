@@ -54,7 +54,10 @@ fn own_pie_executable_by_symtab() {
     // +OFFSET, and describe() going back.
     let r4 = symbols::resolve(&objs, "hugepoke_symbols_probe+4", None).unwrap();
     assert_eq!(r4.addr, r.addr + 4);
-    assert_eq!(objs[0].describe(r.addr + 4).unwrap(), "hugepoke_symbols_probe+0x4");
+    assert_eq!(
+        objs[0].describe(r.addr + 4).unwrap(),
+        "hugepoke_symbols_probe+0x4"
+    );
     assert_eq!(hugepoke_symbols_probe(1), 2654435761);
 }
 
@@ -63,29 +66,63 @@ fn libc_by_dynsym_with_versions() {
     let pid = me();
     for name in ["getpid", "puts", "fork", "open"] {
         assert_eq!(addr_of(pid, name, None).unwrap(), dlsym(name), "{name}");
-        assert_eq!(addr_of(pid, name, Some("libc")).unwrap(), dlsym(name), "{name} --object libc");
-        assert_eq!(addr_of(pid, name, Some("libc.so.6")).unwrap(), dlsym(name), "{name} --object libc.so.6");
+        assert_eq!(
+            addr_of(pid, name, Some("libc")).unwrap(),
+            dlsym(name),
+            "{name} --object libc"
+        );
+        assert_eq!(
+            addr_of(pid, name, Some("libc.so.6")).unwrap(),
+            dlsym(name),
+            "{name} --object libc.so.6"
+        );
     }
-    assert_eq!(addr_of(pid, "getpid", None).unwrap(), libc::getpid as *const () as usize as u64);
-    assert_eq!(addr_of(pid, "puts@@GLIBC_2.2.5", None).unwrap(), dlsym("puts"));
+    assert_eq!(
+        addr_of(pid, "getpid", None).unwrap(),
+        libc::getpid as *const () as usize as u64
+    );
+    assert_eq!(
+        addr_of(pid, "puts@@GLIBC_2.2.5", None).unwrap(),
+        dlsym("puts")
+    );
     // Two versions at two addresses: the default unless one is named.
     assert_eq!(addr_of(pid, "realpath", None).unwrap(), dlsym("realpath"));
-    assert_eq!(addr_of(pid, "realpath@@GLIBC_2.3", None).unwrap(), dlvsym("realpath", "GLIBC_2.3"));
-    assert_eq!(addr_of(pid, "realpath@GLIBC_2.2.5", None).unwrap(), dlvsym("realpath", "GLIBC_2.2.5"));
+    assert_eq!(
+        addr_of(pid, "realpath@@GLIBC_2.3", None).unwrap(),
+        dlvsym("realpath", "GLIBC_2.3")
+    );
+    assert_eq!(
+        addr_of(pid, "realpath@GLIBC_2.2.5", None).unwrap(),
+        dlvsym("realpath", "GLIBC_2.2.5")
+    );
     assert_ne!(dlvsym("realpath", "GLIBC_2.2.5"), dlsym("realpath"));
     // The full path of the object, as maps shows it, selects it too.
     let objs = objects(pid);
-    let libc_path = objs.iter().find(|o| o.basename() == "libc.so.6").unwrap().path.clone();
-    assert_eq!(addr_of(pid, "getpid", Some(&libc_path)).unwrap(), dlsym("getpid"));
+    let libc_path = objs
+        .iter()
+        .find(|o| o.basename() == "libc.so.6")
+        .unwrap()
+        .path
+        .clone();
+    assert_eq!(
+        addr_of(pid, "getpid", Some(&libc_path)).unwrap(),
+        dlsym("getpid")
+    );
 }
 
 #[test]
 fn clear_errors() {
     let pid = me();
     let e = addr_of(pid, "no_such_function_anywhere", None).unwrap_err();
-    assert!(e.contains("no code symbol no_such_function_anywhere"), "{e}");
+    assert!(
+        e.contains("no code symbol no_such_function_anywhere"),
+        "{e}"
+    );
     let e = addr_of(pid, "getpid", Some("libnosuch")).unwrap_err();
-    assert!(e.contains("maps no such object") && e.contains("libc.so.6"), "{e}");
+    assert!(
+        e.contains("maps no such object") && e.contains("libc.so.6"),
+        "{e}"
+    );
     let e = addr_of(pid, "realpath@GLIBC_9.9", None).unwrap_err();
     assert!(e.contains("version GLIBC_9.9"), "{e}");
     // Past the end of a sized symbol.
@@ -101,16 +138,26 @@ struct Child1 {
 
 impl Child1 {
     fn spawn(cmd: &mut Command) -> Child1 {
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         Child1 { child, line }
     }
     fn pid(&self) -> i32 {
         self.child.id() as i32
     }
     fn field(&self, key: &str) -> u64 {
-        let w = self.line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or_else(|| panic!("{key} in {:?}", self.line));
+        let w = self
+            .line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} in {:?}", self.line));
         hugepoke::parse_number(w).unwrap()
     }
 }
@@ -169,22 +216,46 @@ fn non_pie_program_built_here() {
     let c = Child1::spawn(&mut Command::new(&exe));
     let pid = c.pid();
     let objs = objects(pid);
-    assert!(objs[0].main && objs[0].elf.as_ref().unwrap().exec_type, "main executable is ET_EXEC");
+    assert!(
+        objs[0].main && objs[0].elf.as_ref().unwrap().exec_type,
+        "main executable is ET_EXEC"
+    );
     assert_eq!(objs[0].bias, 0);
-    assert_eq!(addr_of(pid, "hugepoke_nopie_probe", None).unwrap(), c.field("probe="));
+    assert_eq!(
+        addr_of(pid, "hugepoke_nopie_probe", None).unwrap(),
+        c.field("probe=")
+    );
     // Its PLT stub for puts is an undefined symbol with a value: not a definition.
     assert_eq!(addr_of(pid, "puts", None).unwrap(), c.field("puts="));
     let e = addr_of(pid, "getppid", None).unwrap_err();
-    assert!(e.contains("more than one object") && e.contains("nopie") && e.contains("libc.so.6"), "{e}");
-    assert_eq!(addr_of(pid, "getppid", Some("nopie")).unwrap(), c.field("getppid="));
-    assert_eq!(addr_of(pid, "getppid", Some(exe.to_str().unwrap())).unwrap(), c.field("getppid="));
+    assert!(
+        e.contains("more than one object") && e.contains("nopie") && e.contains("libc.so.6"),
+        "{e}"
+    );
+    assert_eq!(
+        addr_of(pid, "getppid", Some("nopie")).unwrap(),
+        c.field("getppid=")
+    );
+    assert_eq!(
+        addr_of(pid, "getppid", Some(exe.to_str().unwrap())).unwrap(),
+        c.field("getppid=")
+    );
     let e = addr_of(pid, "helper", None).unwrap_err();
     assert!(e.contains("ambiguous") && e.contains("2 times"), "{e}");
     // Deleted while it runs: maps says "(deleted)", map_files still has the inode.
     std::fs::remove_file(&exe).unwrap();
     let objs = objects(pid);
-    assert!(objs[0].path.ends_with(" (deleted)") && objs[0].basename() == "nopie", "{}", objs[0].path);
-    assert_eq!(symbols::resolve(&objs, "hugepoke_nopie_probe", Some("nopie")).unwrap().addr, c.field("probe="));
+    assert!(
+        objs[0].path.ends_with(" (deleted)") && objs[0].basename() == "nopie",
+        "{}",
+        objs[0].path
+    );
+    assert_eq!(
+        symbols::resolve(&objs, "hugepoke_nopie_probe", Some("nopie"))
+            .unwrap()
+            .addr,
+        c.field("probe=")
+    );
     drop(c);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -204,7 +275,10 @@ fn debian_python3_non_pie_and_its_libc() {
         sys.stdin.read()\n";
     let c = Child1::spawn(Command::new(python).args(["-c", script]));
     let pid = c.pid();
-    assert_eq!(addr_of(pid, "Py_IsInitialized", None).unwrap(), c.field("py="));
+    assert_eq!(
+        addr_of(pid, "Py_IsInitialized", None).unwrap(),
+        c.field("py=")
+    );
     assert_eq!(addr_of(pid, "getpid", None).unwrap(), c.field("getpid="));
     let objs = objects(pid);
     assert!(objs[0].main, "{}", objs[0].path);
@@ -227,7 +301,12 @@ fn debian_bash_pie_by_dynsym() {
     let auxv = std::fs::read(format!("/proc/{pid}/auxv")).unwrap();
     let at_entry = auxv
         .chunks_exact(16)
-        .map(|p| (u64::from_ne_bytes(p[..8].try_into().unwrap()), u64::from_ne_bytes(p[8..].try_into().unwrap())))
+        .map(|p| {
+            (
+                u64::from_ne_bytes(p[..8].try_into().unwrap()),
+                u64::from_ne_bytes(p[8..].try_into().unwrap()),
+            )
+        })
         .find(|(k, _)| *k == libc::AT_ENTRY)
         .unwrap()
         .1;
@@ -240,7 +319,12 @@ fn debian_bash_pie_by_dynsym() {
     let f = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
     let mut got = [0u8; 16];
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, r.addr).unwrap();
-    let off = main.elf.as_ref().unwrap().file_offset(r.symbol.value).unwrap() as usize;
+    let off = main
+        .elf
+        .as_ref()
+        .unwrap()
+        .file_offset(r.symbol.value)
+        .unwrap() as usize;
     assert_eq!(&got[..], &std::fs::read(bash).unwrap()[off..off + 16]);
 }
 
@@ -254,11 +338,25 @@ fn a_library_loaded_twice_is_refused() {
         eprintln!("SKIP: no {python}");
         return;
     }
-    let c = Child1::spawn(Command::new(python).args(["-c", "import sys; print('ready=0x1', flush=True); sys.stdin.read()"]));
+    let c = Child1::spawn(Command::new(python).args([
+        "-c",
+        "import sys; print('ready=0x1', flush=True); sys.stdin.read()",
+    ]));
     let pid = c.pid();
-    let libc = objects(pid).into_iter().find(|o| o.basename().starts_with("libc.so")).expect("python3 maps libc");
-    let exec = libc.mappings.iter().find(|m| m.executable()).unwrap().clone();
-    assert!(addr_of(pid, "getpid", Some("libc")).is_ok(), "loaded once: resolves");
+    let libc = objects(pid)
+        .into_iter()
+        .find(|o| o.basename().starts_with("libc.so"))
+        .expect("python3 maps libc");
+    let exec = libc
+        .mappings
+        .iter()
+        .find(|m| m.executable())
+        .unwrap()
+        .clone();
+    assert!(
+        addr_of(pid, "getpid", Some("libc")).is_ok(),
+        "loaded once: resolves"
+    );
     drop(c);
 
     let script = format!(

@@ -30,8 +30,8 @@
 
 use hugepoke::device::Device;
 use hugepoke::proc;
-use hugepoke::target::Target;
-use hugepoke::text;
+use hugepoke::testkit::target::Target;
+use hugepoke::testkit::text;
 use hugepoke::uapi::{self, BatchSite, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -80,7 +80,14 @@ impl ArgPage {
         // SAFETY: a fresh private mapping of two pages, the second made
         // inaccessible; only the first is ever accessed through `buf`.
         unsafe {
-            let p = libc::mmap(std::ptr::null_mut(), 8192, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
             assert!(p != libc::MAP_FAILED);
             libc::mprotect(p.cast::<u8>().add(4096).cast(), 4096, libc::PROT_NONE);
             Self(p.cast())
@@ -99,10 +106,22 @@ impl Fuzz {
 
     /// A valid-looking PATCH of the target's text into `buf`.
     fn plausible_patch(&self, rng: &mut Rng, buf: &mut [u8]) {
-        let page = if rng.below(4) == 0 { 0 } else { rng.below(text::PAGES as u64) as usize };
-        let len = if rng.below(2) == 0 { 6 } else { 1 + rng.below(16) as usize };
+        let page = if rng.below(4) == 0 {
+            0
+        } else {
+            rng.below(text::PAGES as u64) as usize
+        };
+        let len = if rng.below(2) == 0 {
+            6
+        } else {
+            1 + rng.below(16) as usize
+        };
         // Page 0 runs: only patch its function from its start, with code.
-        let offset = if page == 0 || rng.below(2) == 0 { 0 } else { rng.below((text::PAGE - len) as u64) as usize };
+        let offset = if page == 0 || rng.below(2) == 0 {
+            0
+        } else {
+            rng.below((text::PAGE - len) as u64) as usize
+        };
         let mut a = PatchArgs {
             size: std::mem::size_of::<PatchArgs>() as u32,
             flags: match rng.below(6) {
@@ -117,7 +136,11 @@ impl Fuzz {
             addr: self.text + (page * text::PAGE + offset) as u64,
             ..Default::default()
         };
-        let code: Vec<u8> = text::mov_eax_ret(rng.next() as u32).iter().chain([0xcc; 10].iter()).copied().collect();
+        let code: Vec<u8> = text::mov_eax_ret(rng.next() as u32)
+            .iter()
+            .chain([0xcc; 10].iter())
+            .copied()
+            .collect();
         a.bytes.copy_from_slice(&code);
         // The file's bytes there (right unless patched), or random ones.
         let function = text::mov_eax_ret(text::original_value(page));
@@ -138,8 +161,18 @@ impl Fuzz {
         // and no invalid bit patterns.
         let a: PatchArgs = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
         // Now and then a flag no site may carry (PATCH_INSTALL_PMD is the batch's).
-        let stray = if rng.below(16) == 0 { uapi::PATCH_INSTALL_PMD } else { 0 };
-        BatchSite { addr: a.addr, len: a.len, flags: (a.flags & uapi::PATCH_EXPECT) | stray, bytes: a.bytes, expect: a.expect }
+        let stray = if rng.below(16) == 0 {
+            uapi::PATCH_INSTALL_PMD
+        } else {
+            0
+        };
+        BatchSite {
+            addr: a.addr,
+            len: a.len,
+            flags: (a.flags & uapi::PATCH_EXPECT) | stray,
+            bytes: a.bytes,
+            expect: a.expect,
+        }
     }
 
     /// A PATCH_BATCH into `buf`: its sites in `heap` or at the end of
@@ -149,7 +182,13 @@ impl Fuzz {
         const SITE: usize = std::mem::size_of::<BatchSite>();
         let any = rng.next() as u32;
         let count: u32 = match rng.below(10) {
-            0 => rng.pick(&[0, uapi::MAX_BATCH as u32, uapi::MAX_BATCH as u32 + 1, u32::MAX, any]),
+            0 => rng.pick(&[
+                0,
+                uapi::MAX_BATCH as u32,
+                uapi::MAX_BATCH as u32 + 1,
+                u32::MAX,
+                any,
+            ]),
             1 => 1 + rng.below(200) as u32,
             _ => 1 + rng.below(6) as u32,
         };
@@ -173,14 +212,22 @@ impl Fuzz {
             _ => heap.as_ptr() as u64,
         };
         let a = PatchBatchArgs {
-            size: if rng.below(16) == 0 { rng.pick(&[0, 32, 48, 64]) } else { std::mem::size_of::<PatchBatchArgs>() as u32 },
+            size: if rng.below(16) == 0 {
+                rng.pick(&[0, 32, 48, 64])
+            } else {
+                std::mem::size_of::<PatchBatchArgs>() as u32
+            },
             flags: match rng.below(6) {
                 0 => uapi::PATCH_PERSIST,
                 1 => uapi::PATCH_INSTALL_PMD,
                 2 => rng.below(8) as u32,
                 _ => 0,
             },
-            pid: if rng.below(16) == 0 { rng.pick(&[0, -1, 2, i32::MAX]) } else { self.pid },
+            pid: if rng.below(16) == 0 {
+                rng.pick(&[0, -1, 2, i32::MAX])
+            } else {
+                self.pid
+            },
             count,
             sites,
             handle: rng.next(),
@@ -196,8 +243,19 @@ impl Fuzz {
         let mut arg = ArgPage::new();
         let buf = arg.buf();
         let pids = [self.pid, 2, 0, -1, i32::MAX, 999_999];
-        let addrs = [self.text, self.text + 0x1ffffa, 0, 0x1000, 0xffff_ffff_8100_0000, 0xffff_8880_0000_0000, u64::MAX, 0x7fff_ffff_f000];
-        let mut devs: Vec<Device> = (0..2).map(|_| Device::open().expect("/dev/hugepoke")).collect();
+        let addrs = [
+            self.text,
+            self.text + 0x1ffffa,
+            0,
+            0x1000,
+            0xffff_ffff_8100_0000,
+            0xffff_8880_0000_0000,
+            u64::MAX,
+            0x7fff_ffff_f000,
+        ];
+        let mut devs: Vec<Device> = (0..2)
+            .map(|_| Device::open().expect("/dev/hugepoke"))
+            .collect();
         let mut heap: Vec<BatchSite> = Vec::with_capacity(uapi::MAX_BATCH + 1);
         let trace = std::env::var_os("HUGEPOKE_FUZZ_TRACE").is_some();
         let mut calls = 0u64;
@@ -227,13 +285,22 @@ impl Fuzz {
                     (uapi::IOCTL_PATCH, "PATCH")
                 }
                 45..=69 => {
-                    let r = RestoreArgs { size: std::mem::size_of::<RestoreArgs>() as u32, flags: 0, handle };
+                    let r = RestoreArgs {
+                        size: std::mem::size_of::<RestoreArgs>() as u32,
+                        flags: 0,
+                        handle,
+                    };
                     buf[..std::mem::size_of::<RestoreArgs>()].copy_from_slice(pod_bytes(&r));
                     (uapi::IOCTL_RESTORE, "RESTORE")
                 }
                 70..=76 => {
                     let index = [0, 0, 1, (any >> 32) as u32 % 8, u32::MAX][(any % 5) as usize];
-                    let q = QueryArgs { size: std::mem::size_of::<QueryArgs>() as u32, handle, index, ..Default::default() };
+                    let q = QueryArgs {
+                        size: std::mem::size_of::<QueryArgs>() as u32,
+                        handle,
+                        index,
+                        ..Default::default()
+                    };
                     buf[..std::mem::size_of::<QueryArgs>()].copy_from_slice(pod_bytes(&q));
                     (uapi::IOCTL_QUERY, "QUERY")
                 }
@@ -250,20 +317,34 @@ impl Fuzz {
                 _ => buf.as_mut_ptr() as usize,
             };
             if trace {
-                eprintln!("# {seed:#x} {calls}: cmd {cmd:#x} ptr {ptr:#x} {:02x?}", &buf[..64]);
+                eprintln!(
+                    "# {seed:#x} {calls}: cmd {cmd:#x} ptr {ptr:#x} {:02x?}",
+                    &buf[..64]
+                );
             }
             let r = dev.ioctl_raw(cmd, ptr);
             self.count(match &r {
                 Ok(()) => format!("ok({name})"),
-                Err(e) => match (hugepoke::errno_name(e.raw_os_error().unwrap_or(0)), e.raw_os_error()) {
+                Err(e) => match (
+                    hugepoke::errno_name(e.raw_os_error().unwrap_or(0)),
+                    e.raw_os_error(),
+                ) {
                     ("E?", Some(n)) => format!("errno {n}"),
                     (errno, _) => errno.to_string(),
                 },
             });
             if r.is_ok() && ptr == buf.as_mut_ptr() as usize {
                 match cmd {
-                    uapi::IOCTL_PATCH => self.handles.lock().unwrap().push(u64::from_ne_bytes(buf[56..64].try_into().unwrap())),
-                    uapi::IOCTL_PATCH_BATCH => self.handles.lock().unwrap().push(u64::from_ne_bytes(buf[24..32].try_into().unwrap())),
+                    uapi::IOCTL_PATCH => self
+                        .handles
+                        .lock()
+                        .unwrap()
+                        .push(u64::from_ne_bytes(buf[56..64].try_into().unwrap())),
+                    uapi::IOCTL_PATCH_BATCH => self
+                        .handles
+                        .lock()
+                        .unwrap()
+                        .push(u64::from_ne_bytes(buf[24..32].try_into().unwrap())),
                     _ => {}
                 }
             }
@@ -272,17 +353,32 @@ impl Fuzz {
     }
 
     /// Anything: random command numbers, sizes, flags, pids and addresses.
-    fn random_call(&self, rng: &mut Rng, buf: &mut [u8], pids: &[i32], addrs: &[u64], handle: u64) -> (u32, &'static str) {
+    fn random_call(
+        &self,
+        rng: &mut Rng,
+        buf: &mut [u8],
+        pids: &[i32],
+        addrs: &[u64],
+        handle: u64,
+    ) -> (u32, &'static str) {
         let nr = rng.pick(&[1u32, 1, 2, 3, 0, 4, 5, 200]);
         let size = match rng.below(3) {
             0 => rng.below(257) as usize,
             _ => [64usize, 16, 88, 40][(nr as usize).saturating_sub(1).min(3)],
         };
-        let cmd = if rng.below(4) == 0 { rng.next() as u32 } else { uapi::iowr(nr, size) };
+        let cmd = if rng.below(4) == 0 {
+            rng.next() as u32
+        } else {
+            uapi::iowr(nr, size)
+        };
         match rng.below(3) {
             0 => {
                 let mut a = PatchArgs {
-                    size: if rng.below(4) == 0 { rng.next() as u32 } else { 64 },
+                    size: if rng.below(4) == 0 {
+                        rng.next() as u32
+                    } else {
+                        64
+                    },
                     flags: rng.next() as u32 & rng.pick(&[0xf, u32::MAX]),
                     pid: rng.pick(pids),
                     len: rng.pick(&[0u32, 1, 6, 16, 17, 4096, u32::MAX]),
@@ -295,7 +391,11 @@ impl Fuzz {
             }
             1 => {
                 let any = rng.next() as u32;
-                let r = RestoreArgs { size: rng.pick(&[8, 16, 24, any]), flags: rng.below(4) as u32, handle };
+                let r = RestoreArgs {
+                    size: rng.pick(&[8, 16, 24, any]),
+                    flags: rng.below(4) as u32,
+                    handle,
+                };
                 buf[..std::mem::size_of::<RestoreArgs>()].copy_from_slice(pod_bytes(&r));
             }
             _ => {} // random bytes
@@ -306,32 +406,54 @@ impl Fuzz {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).and_then(|v| v.parse::<u64>().ok());
+    let get = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
     let seconds = get("--seconds").unwrap_or(10);
     let seed = get("--seed").unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
     });
     // First, so that a run that crashes the kernel can still be repeated.
     println!("# seed {seed} (repeat with: hugepoke-fuzz --seconds {seconds} --seed {seed})");
     let _ = std::io::stdout().flush();
 
     let mut t = Target::spawn(&["--spin"]).expect("thp-target");
-    let fuzz = Fuzz { pid: t.pid, text: t.addr, handles: Mutex::new(Vec::new()), results: Mutex::new(BTreeMap::new()) };
+    let fuzz = Fuzz {
+        pid: t.pid,
+        text: t.addr,
+        handles: Mutex::new(Vec::new()),
+        results: Mutex::new(BTreeMap::new()),
+    };
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut problems = Vec::new();
     let calls: u64 = std::thread::scope(|s| {
-        let threads: Vec<_> = (0..2u64).map(|i| {
-            let fuzz = &fuzz;
-            s.spawn(move || fuzz.thread(seed ^ i.wrapping_mul(0xa076_1d64_78bd_642f), deadline))
-        }).collect();
-        threads.into_iter().map(|th| th.join().unwrap_or_else(|_| {
-            problems.push("a fuzzing thread panicked".to_string());
-            0
-        })).sum()
+        let threads: Vec<_> = (0..2u64)
+            .map(|i| {
+                let fuzz = &fuzz;
+                s.spawn(move || fuzz.thread(seed ^ i.wrapping_mul(0xa076_1d64_78bd_642f), deadline))
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|th| {
+                th.join().unwrap_or_else(|_| {
+                    problems.push("a fuzzing thread panicked".to_string());
+                    0
+                })
+            })
+            .sum()
     });
     after_the_fuzz(&mut t, &mut problems);
     t.kill();
-    println!("# fuzz: seed {seed}, {calls} ioctls from 2 threads in {seconds} s: {:?}", fuzz.results.lock().unwrap());
+    println!(
+        "# fuzz: seed {seed}, {calls} ioctls from 2 threads in {seconds} s: {:?}",
+        fuzz.results.lock().unwrap()
+    );
     for p in &problems {
         println!("# problem: {p}");
     }
@@ -347,8 +469,11 @@ fn after_the_fuzz(t: &mut Target, problems: &mut Vec<String>) {
         Ok(dev) => {
             let left = proc::debugfs("patches").unwrap_or_default();
             // A line per site: a batch's handle stands on several.
-            let handles: std::collections::BTreeSet<u64> =
-                left.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(' ').next()?.parse::<u64>().ok()).collect();
+            let handles: std::collections::BTreeSet<u64> = left
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| l.split(' ').next()?.parse::<u64>().ok())
+                .collect();
             for handle in handles {
                 if let Err(e) = dev.restore(handle) {
                     problems.push(format!("RESTORE of persistent patch {handle}: {e}"));
@@ -374,7 +499,10 @@ fn after_the_fuzz(t: &mut Target, problems: &mut Vec<String>) {
             match mem.read_exact_at(&mut now, t.addr) {
                 Ok(()) => {
                     if let Some(at) = now.iter().zip(text::blob()).position(|(a, b)| *a != b) {
-                        problems.push(format!("text differs from the file at offset {at:#x} (page {})", at / text::PAGE));
+                        problems.push(format!(
+                            "text differs from the file at offset {at:#x} (page {})",
+                            at / text::PAGE
+                        ));
                     }
                 }
                 Err(e) => problems.push(format!("reading the target's text: {e}")),
@@ -388,7 +516,10 @@ fn after_the_fuzz(t: &mut Target, problems: &mut Vec<String>) {
         let _ = t.call(0);
         let s = proc::smaps_entry(t.pid, t.addr).unwrap_or_default();
         if s.pmd_mapped_kb() == 2048 && s.kb("Anonymous") == 0 {
-            println!("# fuzz: PMD back, no anonymous memory, {:.2} s after the run", begin.elapsed().as_secs_f64());
+            println!(
+                "# fuzz: PMD back, no anonymous memory, {:.2} s after the run",
+                begin.elapsed().as_secs_f64()
+            );
             break;
         }
         if begin.elapsed() > Duration::from_secs(30) {

@@ -9,7 +9,7 @@
 //! split the bytes into instructions differently (`text::encodings_returning`),
 //! checks that an overlapping PATCH is refused (EBUSY), and RESTOREs it.
 //! Around each ioctl it tells the target's checking threads what the page
-//! must run (`hugepoke::check_state`) and waits until one of them has seen
+//! must run (`hugepoke::testkit::check_state`) and waits until one of them has seen
 //! it: so a patch whose bytes never become visible (a missing TLB flush),
 //! or a RESTORE that leaves them, fails the run, as does any other value
 //! (a torn instruction), a crash or a hang of the target.
@@ -38,10 +38,11 @@
 //! Prints one summary line and a `# problem:` line per failure; exits 1 on
 //! any.
 
-use hugepoke::check_state::{self, Shared, Slot, State};
 use hugepoke::device::{batch_site, Device, PatchRequest};
-use hugepoke::target::Target;
-use hugepoke::{errno_name, proc, text};
+use hugepoke::testkit::check_state::{self, Shared, Slot, State};
+use hugepoke::testkit::target::Target;
+use hugepoke::testkit::text;
+use hugepoke::{errno_name, proc};
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -56,10 +57,13 @@ const WAIT_LIMIT: Duration = Duration::from_secs(30);
 fn arg(args: &[String], flag: &str, default: u64) -> u64 {
     match args.iter().position(|a| a == flag) {
         None => default,
-        Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-            eprintln!("hugepoke-stress: {flag} needs a number");
-            std::process::exit(2)
-        }),
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                eprintln!("hugepoke-stress: {flag} needs a number");
+                std::process::exit(2)
+            }),
     }
 }
 
@@ -94,8 +98,11 @@ impl Run {
 
     /// Whether the target process is still there (not a zombie).
     fn target_alive(&self) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
     }
 
     /// Publish `st` for `page` and wait until a checker has seen the page
@@ -106,10 +113,14 @@ impl Run {
         let _timed = Timed(&self.wait_ns, start);
         while !slot.wait_seen(generation, Duration::from_millis(100)) {
             if !self.target_alive() {
-                return Err(format!("page {page}: the target died (waiting for its checkers to see {st:?})"));
+                return Err(format!(
+                    "page {page}: the target died (waiting for its checkers to see {st:?})"
+                ));
             }
             if start.elapsed() > WAIT_LIMIT {
-                return Err(format!("page {page}: no checker saw it run the {st:?} code within {WAIT_LIMIT:?}"));
+                return Err(format!(
+                    "page {page}: no checker saw it run the {st:?} code within {WAIT_LIMIT:?}"
+                ));
             }
         }
         Ok(())
@@ -120,15 +131,24 @@ impl Run {
         let slot = self.state.slot(page);
         let addr = self.base + (page * text::PAGE) as u64;
         let dontneed = slot.dontneed.load(std::sync::atomic::Ordering::SeqCst);
-        slot.dontneed_before.store(dontneed, std::sync::atomic::Ordering::Release);
+        slot.dontneed_before
+            .store(dontneed, std::sync::atomic::Ordering::Release);
         slot.publish(State::Patching);
-        let req = PatchRequest { pid: self.pid, addr, bytes: encoding.to_vec(), ..Default::default() };
+        let req = PatchRequest {
+            pid: self.pid,
+            addr,
+            bytes: encoding.to_vec(),
+            ..Default::default()
+        };
         let t0 = Instant::now();
         let patched = dev.patch(&req);
-        self.patch_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+        self.patch_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
         let handle = match patched {
             Ok(h) => h,
-            Err(e) if self.chaos && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EAGAIN)) => {
+            Err(e)
+                if self.chaos && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EAGAIN)) =>
+            {
                 self.count("PATCH", &e);
                 // A refused PATCH changed nothing.
                 self.publish_and_wait(page, slot, State::Original)?;
@@ -139,10 +159,17 @@ impl Run {
         self.publish_and_wait(page, slot, State::Patched)?;
 
         // An overlapping PATCH is refused, every time.
-        let overlap = PatchRequest { pid: self.pid, addr: addr + 1, bytes: vec![0xcc; 2], ..Default::default() };
+        let overlap = PatchRequest {
+            pid: self.pid,
+            addr: addr + 1,
+            bytes: vec![0xcc; 2],
+            ..Default::default()
+        };
         match dev.patch(&overlap) {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.count("overlapping PATCH", &e),
-            Err(e) if self.chaos && e.raw_os_error() == Some(libc::EINVAL) => self.count("overlapping PATCH", &e),
+            Err(e) if self.chaos && e.raw_os_error() == Some(libc::EINVAL) => {
+                self.count("overlapping PATCH", &e)
+            }
             Err(e) => return Err(format!("overlapping PATCH page {page}: {e} (not EBUSY)")),
             Ok(h) => {
                 let _ = dev.restore(h);
@@ -155,10 +182,15 @@ impl Run {
             slot.publish(State::Restoring);
             let t0 = Instant::now();
             let restored = dev.restore(handle);
-            self.restore_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+            self.restore_ns
+                .fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
             match restored {
                 Ok(()) => break,
-                Err(e) if self.chaos && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EAGAIN)) && start.elapsed() < WAIT_LIMIT => {
+                Err(e)
+                    if self.chaos
+                        && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EAGAIN))
+                        && start.elapsed() < WAIT_LIMIT =>
+                {
                     self.count("RESTORE (kept, retried)", &e);
                     // A refused RESTORE changed nothing.
                     self.publish_and_wait(page, slot, State::Patched)?;
@@ -181,10 +213,15 @@ impl Run {
             }
             let t0 = Instant::now();
             let restored = dev.restore(handle);
-            self.restore_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+            self.restore_ns
+                .fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
             match restored {
                 Ok(()) => return Ok(()),
-                Err(e) if self.chaos && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EAGAIN)) && start.elapsed() < WAIT_LIMIT => {
+                Err(e)
+                    if self.chaos
+                        && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EAGAIN))
+                        && start.elapsed() < WAIT_LIMIT =>
+                {
                     self.count("RESTORE (kept, retried)", &e);
                     for &page in pages {
                         self.publish_and_wait(page, self.state.slot(page), State::Patched)?;
@@ -204,17 +241,26 @@ impl Run {
         for (k, &page) in pages.iter().enumerate() {
             let slot = self.state.slot(page);
             let dontneed = slot.dontneed.load(std::sync::atomic::Ordering::SeqCst);
-            slot.dontneed_before.store(dontneed, std::sync::atomic::Ordering::Release);
+            slot.dontneed_before
+                .store(dontneed, std::sync::atomic::Ordering::Release);
             slot.publish(State::Patching);
             let encodings = text::encodings_returning(text::stress_value(page));
-            sites.push(batch_site(addr(page), &encodings[(pick as usize + k) % encodings.len()], None));
+            sites.push(batch_site(
+                addr(page),
+                &encodings[(pick as usize + k) % encodings.len()],
+                None,
+            ));
         }
         let t0 = Instant::now();
         let patched = dev.patch_batch(self.pid, &sites, 0);
-        self.patch_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+        self.patch_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
         let handle = match patched {
             Ok(h) => h,
-            Err(e) if self.chaos && matches!(e.error.raw_os_error(), Some(libc::EINVAL | libc::EAGAIN)) => {
+            Err(e)
+                if self.chaos
+                    && matches!(e.error.raw_os_error(), Some(libc::EINVAL | libc::EAGAIN)) =>
+            {
                 self.count("PATCH_BATCH", &e.error);
                 // A refused batch changed nothing, on any of its pages.
                 for &page in pages {
@@ -233,11 +279,22 @@ impl Run {
         // page, 100 bytes in: never run) is not written.
         let last = *pages.last().unwrap();
         let harmless = addr(pages[0]) + 100;
-        let overlap = [batch_site(harmless, &[0x90], Some(&[0xcc])), batch_site(addr(last) + 1, &[0xcc; 2], None)];
+        let overlap = [
+            batch_site(harmless, &[0x90], Some(&[0xcc])),
+            batch_site(addr(last) + 1, &[0xcc; 2], None),
+        ];
         match dev.patch_batch(self.pid, &overlap, 0) {
-            Err(e) if e.error.raw_os_error() == Some(libc::EBUSY) && e.failed == Some(1) => self.count("overlapping PATCH_BATCH", &e.error),
-            Err(e) if self.chaos && e.error.raw_os_error() == Some(libc::EINVAL) => self.count("overlapping PATCH_BATCH", &e.error),
-            Err(e) => return Err(format!("overlapping PATCH_BATCH on page {last}: {e} (not EBUSY at site 1)")),
+            Err(e) if e.error.raw_os_error() == Some(libc::EBUSY) && e.failed == Some(1) => {
+                self.count("overlapping PATCH_BATCH", &e.error)
+            }
+            Err(e) if self.chaos && e.error.raw_os_error() == Some(libc::EINVAL) => {
+                self.count("overlapping PATCH_BATCH", &e.error)
+            }
+            Err(e) => {
+                return Err(format!(
+                    "overlapping PATCH_BATCH on page {last}: {e} (not EBUSY at site 1)"
+                ))
+            }
             Ok(h) => {
                 let _ = dev.restore(h);
                 return Err(format!("overlapping PATCH_BATCH on page {last} succeeded"));
@@ -245,7 +302,12 @@ impl Run {
         }
         match read_byte(self.pid, harmless) {
             Ok(0xcc) => {}
-            Ok(b) => return Err(format!("a refused PATCH_BATCH wrote {b:#x} on page {}", pages[0])),
+            Ok(b) => {
+                return Err(format!(
+                    "a refused PATCH_BATCH wrote {b:#x} on page {}",
+                    pages[0]
+                ))
+            }
             Err(e) => return Err(format!("reading the target: {e}")),
         }
 
@@ -260,7 +322,8 @@ impl Run {
 
     /// Take a free page, run a cycle on it, give it back; until told to stop.
     fn control(&self, controller: u64) -> Result<(), String> {
-        let dev = Device::open().map_err(|e| format!("controller {controller}: opening /dev/hugepoke: {e}"))?;
+        let dev = Device::open()
+            .map_err(|e| format!("controller {controller}: opening /dev/hugepoke: {e}"))?;
         let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (controller + 1);
         let pages = self.busy.len() as u64;
         while !self.stop.load(Relaxed) {
@@ -277,7 +340,9 @@ impl Run {
                 let mut held = vec![page];
                 for k in 1..3u64 {
                     let other = ((x >> (8 * k)) % pages) as usize;
-                    if !held.contains(&other) && !self.busy[other].swap(true, std::sync::atomic::Ordering::Acquire) {
+                    if !held.contains(&other)
+                        && !self.busy[other].swap(true, std::sync::atomic::Ordering::Acquire)
+                    {
                         held.push(other);
                     }
                 }
@@ -312,7 +377,8 @@ struct Timed<'a>(&'a AtomicU64, Instant);
 
 impl Drop for Timed<'_> {
     fn drop(&mut self) {
-        self.0.fetch_add(self.1.elapsed().as_nanos() as u64, Relaxed);
+        self.0
+            .fetch_add(self.1.elapsed().as_nanos() as u64, Relaxed);
     }
 }
 
@@ -326,15 +392,28 @@ fn main() {
     // One checker per CPU but one: each cycle waits for a checker to see
     // its states, and the controllers need a CPU too; more checkers than
     // free CPUs only make every wait a wait for the scheduler.
-    let free_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64 - 1).max(1);
+    let free_cpus = std::thread::available_parallelism()
+        .map_or(1, |n| n.get() as u64 - 1)
+        .max(1);
     let cpus = arg(&args, "--checkers", free_cpus) as usize;
     let chaos = args.iter().any(|a| a == "--chaos");
     if pages == 0 || pages + 4 > check_state::PAGES {
-        eprintln!("hugepoke-stress: --pages must be 1 to {}", check_state::PAGES - 4);
+        eprintln!(
+            "hugepoke-stress: --pages must be 1 to {}",
+            check_state::PAGES - 4
+        );
         std::process::exit(2);
     }
     let mut problems = Vec::new();
-    let (n, elapsed, run, mut t) = match start(cycles, seconds, controllers, pages, cpus, chaos, &mut problems) {
+    let (n, elapsed, run, mut t) = match start(
+        cycles,
+        seconds,
+        controllers,
+        pages,
+        cpus,
+        chaos,
+        &mut problems,
+    ) {
         Ok(r) => r,
         Err(e) => {
             println!("# problem: {e}");
@@ -342,7 +421,9 @@ fn main() {
         }
     };
     if n < min_cycles {
-        problems.push(format!("only {n} PATCH+RESTORE cycles (at least {min_cycles} required)"));
+        problems.push(format!(
+            "only {n} PATCH+RESTORE cycles (at least {min_cycles} required)"
+        ));
     }
     after_the_run(&run, &mut t, pages, chaos, &mut problems);
     t.kill();
@@ -378,9 +459,21 @@ fn start(
     problems: &mut Vec<String>,
 ) -> Result<(u64, Duration, Arc<Run>, Target), String> {
     let (state, fd) = Shared::create().map_err(|e| format!("check state: {e}"))?;
-    let file = format!("{}/stress.bin", std::env::var("HUGEPOKE_THP_DIR").unwrap_or_else(|_| "/tmp/hugepoke-thp".into()));
+    let file = format!(
+        "{}/stress.bin",
+        std::env::var("HUGEPOKE_THP_DIR").unwrap_or_else(|_| "/tmp/hugepoke-thp".into())
+    );
     let (threads_arg, pages_arg, fd_arg) = (cpus.to_string(), pages.to_string(), fd.to_string());
-    let mut targs = vec!["--file", &file, "--check-threads", &threads_arg, "--check-pages", &pages_arg, "--check-state", &fd_arg];
+    let mut targs = vec![
+        "--file",
+        &file,
+        "--check-threads",
+        &threads_arg,
+        "--check-pages",
+        &pages_arg,
+        "--check-state",
+        &fd_arg,
+    ];
     if chaos {
         targs.push("--chaos");
     }
@@ -425,7 +518,11 @@ fn start(
             Ok(Err(e)) => problems.push(format!("controller {c}: {e}")),
             Err(panic) => problems.push(format!(
                 "controller {c} panicked: {}",
-                panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+                panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default()
             )),
         }
     }
@@ -441,7 +538,10 @@ fn after_the_run(run: &Run, t: &mut Target, pages: usize, chaos: bool, problems:
             problems.push(format!("calm: {e}"));
         }
         let encoding = text::mov_eax_ret(text::stress_value(0));
-        match Device::open().map_err(|e| e.to_string()).and_then(|dev| run.cycle(&dev, 0, &encoding)) {
+        match Device::open()
+            .map_err(|e| e.to_string())
+            .and_then(|dev| run.cycle(&dev, 0, &encoding))
+        {
             Ok(true) => {}
             Ok(false) => problems.push("final cycle: PATCH refused after calm".into()),
             Err(e) => problems.push(format!("final cycle: {e}")),
@@ -469,7 +569,10 @@ fn after_the_run(run: &Run, t: &mut Target, pages: usize, chaos: bool, problems:
         let _ = t.call(0);
         let s = proc::smaps_entry(run.pid, run.base).unwrap_or_default();
         if s.pmd_mapped_kb() == 2048 && s.kb("Anonymous") == 0 {
-            println!("# stress: PMD back, no anonymous memory, {:.2} s after the run", begin.elapsed().as_secs_f64());
+            println!(
+                "# stress: PMD back, no anonymous memory, {:.2} s after the run",
+                begin.elapsed().as_secs_f64()
+            );
             break;
         }
         if begin.elapsed() > WAIT_LIMIT {

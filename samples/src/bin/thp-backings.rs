@@ -9,9 +9,9 @@
 //!
 //!   thp-backings        (as root in a guest: scripts/guest -- thp-backings)
 
-use hugepoke::backing::{folio_order, image, tmpfs, write_text};
 use hugepoke::proc;
-use hugepoke::target::Target;
+use hugepoke::testkit::backing::{folio_order, image, tmpfs, write_text};
+use hugepoke::testkit::target::Target;
 
 fn main() -> Result<(), String> {
     let backings = [
@@ -33,13 +33,19 @@ fn main() -> Result<(), String> {
                         args.push("--no-huge");
                     }
                     let mut t = Target::spawn(&args)?;
-                    let pmd = proc::smaps_entry(t.pid, t.addr).map_err(|e| e.to_string())?.pmd_mapped_kb();
+                    let pmd = proc::smaps_entry(t.pid, t.addr)
+                        .map_err(|e| e.to_string())?
+                        .pmd_mapped_kb();
                     let order = folio_order(&mut t, 0)?;
                     println!(
                         "| {name} | {} KiB | {} | {} | {pmd} kB | {order} |",
                         chunk >> 10,
                         if evict { "yes" } else { "no" },
-                        if huge { "MADV_HUGEPAGE" } else { "MADV_NOHUGEPAGE" },
+                        if huge {
+                            "MADV_HUGEPAGE"
+                        } else {
+                            "MADV_NOHUGEPAGE"
+                        },
                     );
                 }
             }

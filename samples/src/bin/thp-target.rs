@@ -1,6 +1,6 @@
 //! A process whose text lives on a file THP.
 //!
-//! It writes the 2 MiB code blob (see `hugepoke::text`) to a file — on a
+//! It writes the 2 MiB code blob (see `hugepoke::testkit::text`) to a file — on a
 //! tmpfs mounted `huge=always` that gives one PMD-sized folio — maps it
 //! 2 MiB-aligned `PROT_READ|PROT_EXEC, MAP_PRIVATE`, calls into it so the
 //! PMD is faulted in, prints `ready pid=P addr=A file=F`, and then answers
@@ -46,7 +46,7 @@
 //! they also exit (4) if a call made wholly after a PATCH or RESTORE
 //! returned still runs the code from before it, more than
 //! `check_state::MISSES_ALLOWED` times in a row, and confirm every state
-//! they saw right (see `hugepoke::check_state`).
+//! they saw right (see `hugepoke::testkit::check_state`).
 //! With `--chaos`, a thread keeps racing the kernel on the pages the
 //! checkers run (0..P): it `madvise(MADV_DONTNEED)`s them (dropping any
 //! patched anonymous page: counted in the check state) and flips them
@@ -55,8 +55,8 @@
 //! refuse then); and flips pages P..P+4, which no checker runs, between
 //! read-only and read+exec; `calm` stops it.
 
-use hugepoke::check_state;
-use hugepoke::text::{self, PAGE, THP_SIZE};
+use hugepoke::testkit::check_state;
+use hugepoke::testkit::text::{self, PAGE, THP_SIZE};
 use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
 
@@ -75,7 +75,14 @@ fn hog_mmap_lock(mib: usize) {
     // SAFETY: a fresh anonymous mapping of our own, touched and mprotect()ed
     // by this thread only.
     unsafe {
-        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
         if p == libc::MAP_FAILED {
             die("mapping the hog region");
         }
@@ -95,10 +102,17 @@ fn hog_mmap_lock(mib: usize) {
 
 /// Move the text to another 2 MiB-aligned address; returns it.
 fn move_text(base: usize) -> usize {
-    let to = hugepoke::thp::reserve_window().unwrap_or_else(|_| die("reserving address space"));
+    let to =
+        hugepoke::testkit::thp::reserve_window().unwrap_or_else(|_| die("reserving address space"));
     // SAFETY: moves our own text over our own reservation.
     let moved = unsafe {
-        libc::mremap(base as *mut libc::c_void, THP_SIZE, THP_SIZE, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, to as *mut libc::c_void)
+        libc::mremap(
+            base as *mut libc::c_void,
+            THP_SIZE,
+            THP_SIZE,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            to as *mut libc::c_void,
+        )
     };
     if moved == libc::MAP_FAILED {
         die("mremap");
@@ -109,7 +123,9 @@ fn move_text(base: usize) -> usize {
 /// Page text page `page` out to swap; true once pagemap shows it swapped.
 fn page_out(base: usize, page: usize) -> bool {
     let at = base + page * PAGE;
-    let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else { return false };
+    let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
+        return false;
+    };
     for _ in 0..200 {
         // drop_caches runs lru_add_drain_all(): the COWed page leaves the
         // per-CPU LRU batch it may sit in (MADV_PAGEOUT skips pages off the
@@ -119,7 +135,11 @@ fn page_out(base: usize, page: usize) -> bool {
         unsafe { libc::madvise(at as *mut libc::c_void, PAGE, libc::MADV_PAGEOUT) };
         let mut entry = [0u8; 8];
         use std::os::unix::fs::FileExt;
-        if pagemap.read_exact_at(&mut entry, (at / PAGE * 8) as u64).is_ok() && u64::from_ne_bytes(entry) >> 62 & 1 == 1 {
+        if pagemap
+            .read_exact_at(&mut entry, (at / PAGE * 8) as u64)
+            .is_ok()
+            && u64::from_ne_bytes(entry) >> 62 & 1 == 1
+        {
             return true;
         }
         std::thread::sleep(std::time::Duration::from_millis(2));
@@ -135,7 +155,11 @@ fn remap_data(base: usize, page: usize, dir: &str) {
         eprintln!("thp-target: writing {path}: {e}");
         std::process::exit(1)
     });
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap_or_else(|_| die("opening data"));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|_| die("opening data"));
     // SAFETY: replaces our own text mapping; nothing runs it afterwards.
     unsafe {
         libc::munmap(base as *mut libc::c_void, THP_SIZE);
@@ -193,7 +217,8 @@ fn watch(base: usize, page: usize, cpu: usize) -> std::io::Result<i32> {
                 log.record_change(iteration, v);
                 last = Some(v);
             }
-            log.iterations.store(iteration + 1, std::sync::atomic::Ordering::Release);
+            log.iterations
+                .store(iteration + 1, std::sync::atomic::Ordering::Release);
         }
     });
     Ok(fd)
@@ -219,10 +244,18 @@ fn chaos_on_text(base: usize, pages: usize, state: Option<&check_state::Shared>)
     let last = base + (text::PAGES - 1) * PAGE;
     // SAFETY: our own text mapping; the byte written is the one there (int3).
     unsafe {
-        libc::mprotect(base as *mut libc::c_void, THP_SIZE, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC);
+        libc::mprotect(
+            base as *mut libc::c_void,
+            THP_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+        );
         std::ptr::write_volatile((last + 100) as *mut u8, 0xcc);
         libc::madvise(last as *mut libc::c_void, PAGE, libc::MADV_DONTNEED);
-        libc::mprotect(base as *mut libc::c_void, THP_SIZE, libc::PROT_READ | libc::PROT_EXEC);
+        libc::mprotect(
+            base as *mut libc::c_void,
+            THP_SIZE,
+            libc::PROT_READ | libc::PROT_EXEC,
+        );
     }
     let mut x = 0x2545_f491_4f6c_dd1du64;
     while CHAOS.load(Relaxed) {
@@ -246,7 +279,11 @@ fn chaos_on_text(base: usize, pages: usize, state: Option<&check_state::Shared>)
                     dontneed.map(|d| d.fetch_add(1, SeqCst));
                 }
                 1 => {
-                    libc::mprotect(at, PAGE, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC);
+                    libc::mprotect(
+                        at,
+                        PAGE,
+                        libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                    );
                 }
                 2 => {
                     libc::mprotect(at, PAGE, libc::PROT_READ | libc::PROT_EXEC);
@@ -272,7 +309,8 @@ fn check_calls(base: usize, pages: usize, state: Option<&check_state::Shared>) {
     // Per page: the generation we last saw a miss in, and how many in a row.
     let mut misses = vec![(0u64, 0u32); pages];
     loop {
-        for page in 0..pages {
+        // `misses` has one entry a page.
+        for (page, m) in misses.iter_mut().enumerate() {
             let (orig, new) = (text::original_value(page), text::stress_value(page));
             let Some(slot) = state.map(|s| s.slot(page)) else {
                 let v = call(base, page);
@@ -300,8 +338,11 @@ fn check_calls(base: usize, pages: usize, state: Option<&check_state::Shared>) {
                 slot.confirm(generation);
                 continue;
             }
-            let m = &mut misses[page];
-            *m = if m.0 == generation { (generation, m.1 + 1) } else { (generation, 1) };
+            *m = if m.0 == generation {
+                (generation, m.1 + 1)
+            } else {
+                (generation, 1)
+            };
             if m.1 > check_state::MISSES_ALLOWED {
                 eprintln!(
                     "thp-target: page {page}: {} calls in a row after the ioctl that made it {st:?} returned (generation {generation}) still returned {v}",
@@ -328,13 +369,35 @@ fn main() {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--file" => path = args.next().unwrap_or_else(|| die("--file needs a path")),
-            "--at" => at = Some(args.next().and_then(|a| hugepoke::parse_number(&a)).unwrap_or_else(|| die("--at ADDR")) as usize),
+            "--at" => {
+                at = Some(
+                    args.next()
+                        .and_then(|a| hugepoke::parse_number(&a))
+                        .unwrap_or_else(|| die("--at ADDR")) as usize,
+                )
+            }
             "--spin" => spin = true,
             "--chaos" => chaos = true,
             "--no-huge" => huge = false,
-            "--check-threads" => check_threads = args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| die("--check-threads N")),
-            "--check-pages" => check_pages = args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| die("--check-pages P")),
-            "--check-state" => check_state = Some(args.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| die("--check-state FD"))),
+            "--check-threads" => {
+                check_threads = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| die("--check-threads N"))
+            }
+            "--check-pages" => {
+                check_pages = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| die("--check-pages P"))
+            }
+            "--check-state" => {
+                check_state = Some(
+                    args.next()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or_else(|| die("--check-state FD")),
+                )
+            }
             _ => {
                 eprintln!("usage: thp-target [--file PATH] [--at ADDR] [--spin] [--chaos] [--no-huge] [--check-threads N --check-pages P [--check-state FD]]");
                 std::process::exit(2);
@@ -342,7 +405,10 @@ fn main() {
         }
     }
 
-    if std::fs::metadata(&path).map(|m| m.len() as usize != THP_SIZE).unwrap_or(true) {
+    if std::fs::metadata(&path)
+        .map(|m| m.len() as usize != THP_SIZE)
+        .unwrap_or(true)
+    {
         std::fs::write(&path, text::blob()).unwrap_or_else(|e| {
             eprintln!("thp-target: writing {path}: {e}");
             std::process::exit(1)
@@ -352,13 +418,17 @@ fn main() {
         eprintln!("thp-target: opening {path}: {e}");
         std::process::exit(1)
     });
-    let base = hugepoke::thp::map_text_with(&file, at, huge).unwrap_or_else(|_| die("mapping the text"));
+    let base = hugepoke::testkit::thp::map_text_with(&file, at, huge)
+        .unwrap_or_else(|_| die("mapping the text"));
     // Fault the text in (a PMD mapping when the page cache holds a THP).
     let v = call(base, 0);
     assert_eq!(v, text::original_value(0));
     let check_pages = check_pages.min(check_state::PAGES);
-    let state: Option<&'static check_state::Shared> =
-        check_state.map(|fd| &*Box::leak(Box::new(check_state::Shared::map(fd).unwrap_or_else(|_| die("mapping --check-state")))));
+    let state: Option<&'static check_state::Shared> = check_state.map(|fd| {
+        &*Box::leak(Box::new(
+            check_state::Shared::map(fd).unwrap_or_else(|_| die("mapping --check-state")),
+        ))
+    });
 
     if spin {
         std::thread::spawn(move || loop {
@@ -375,9 +445,15 @@ fn main() {
     }
 
     let mut base = base;
-    let dir = std::path::Path::new(&path).parent().map_or("/tmp".into(), |d| d.display().to_string());
+    let dir = std::path::Path::new(&path)
+        .parent()
+        .map_or("/tmp".into(), |d| d.display().to_string());
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "ready pid={} addr={base:#x} file={path}", std::process::id());
+    let _ = writeln!(
+        out,
+        "ready pid={} addr={base:#x} file={path}",
+        std::process::id()
+    );
     let _ = out.flush();
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
@@ -421,21 +497,29 @@ fn main() {
                 CHAOS.store(false, std::sync::atomic::Ordering::Relaxed);
                 std::thread::sleep(std::time::Duration::from_millis(5));
                 // SAFETY: our own mapping, made whole read+exec again.
-                unsafe { libc::mprotect(base as *mut libc::c_void, THP_SIZE, libc::PROT_READ | libc::PROT_EXEC) };
+                unsafe {
+                    libc::mprotect(
+                        base as *mut libc::c_void,
+                        THP_SIZE,
+                        libc::PROT_READ | libc::PROT_EXEC,
+                    )
+                };
                 let _ = writeln!(out, "calm");
             }
             (Some("move"), _) => {
                 base = move_text(base);
                 let _ = writeln!(out, "moved {base:#x}");
             }
-            (Some("map-again"), _) => match hugepoke::thp::map_text_with(&file, None, huge) {
-                Ok(second) => {
-                    let _ = writeln!(out, "mapped-again {second:#x}");
+            (Some("map-again"), _) => {
+                match hugepoke::testkit::thp::map_text_with(&file, None, huge) {
+                    Ok(second) => {
+                        let _ = writeln!(out, "mapped-again {second:#x}");
+                    }
+                    Err(e) => {
+                        let _ = writeln!(out, "error: map-again: {e}");
+                    }
                 }
-                Err(e) => {
-                    let _ = writeln!(out, "error: map-again: {e}");
-                }
-            },
+            }
             (Some("protect"), _) => {
                 let prot = match line.split_whitespace().nth(1) {
                     Some("rwx") => libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
@@ -448,18 +532,32 @@ fn main() {
             }
             (Some("dontneed"), Some(n)) if n < text::PAGES => {
                 // SAFETY: our own text page; a private file page refaults.
-                unsafe { libc::madvise((base + n * PAGE) as *mut libc::c_void, PAGE, libc::MADV_DONTNEED) };
+                unsafe {
+                    libc::madvise(
+                        (base + n * PAGE) as *mut libc::c_void,
+                        PAGE,
+                        libc::MADV_DONTNEED,
+                    )
+                };
                 let _ = writeln!(out, "dontneed {n}");
             }
             (Some("pageout"), Some(n)) if n < text::PAGES => {
-                let _ = writeln!(out, "pageout {}", if page_out(base, n) { "ok" } else { "failed" });
+                let _ = writeln!(
+                    out,
+                    "pageout {}",
+                    if page_out(base, n) { "ok" } else { "failed" }
+                );
             }
             (Some("remap-data"), Some(n)) if n < text::PAGES => {
                 remap_data(base, n, &dir);
                 let _ = writeln!(out, "remapped");
             }
             (Some("watch"), Some(n)) if n < text::PAGES => {
-                let cpu = line.split_whitespace().nth(2).and_then(|c| c.parse().ok()).unwrap_or(1);
+                let cpu = line
+                    .split_whitespace()
+                    .nth(2)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(1);
                 match watch(base, n, cpu) {
                     Ok(fd) => {
                         let _ = writeln!(out, "watching fd={fd}");
@@ -471,14 +569,19 @@ fn main() {
             }
             (Some("exec-suid"), _) => {
                 let mut w = line.split_whitespace().skip(1);
-                let (Some(exe), Some(fds)) = (w.next(), w.next().and_then(|n| n.parse::<usize>().ok())) else {
+                let (Some(exe), Some(fds)) =
+                    (w.next(), w.next().and_then(|n| n.parse::<usize>().ok()))
+                else {
                     let _ = writeln!(out, "error: exec-suid PATH FDS [ARG...]");
                     continue;
                 };
                 // SAFETY: getrlimit/setrlimit on our own limits: the soft
                 // descriptor limit up to the hard one.
                 unsafe {
-                    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                    let mut lim = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
                     libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
                     lim.rlim_cur = lim.rlim_max;
                     libc::setrlimit(libc::RLIMIT_NOFILE, &lim);

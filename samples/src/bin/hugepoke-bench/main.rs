@@ -37,7 +37,11 @@ fn load(path: &str) -> Bench {
         std::process::exit(1)
     });
     if b.schema != report::SCHEMA {
-        eprintln!("hugepoke-bench: {path}: schema {} (this program reads {})", b.schema, report::SCHEMA);
+        eprintln!(
+            "hugepoke-bench: {path}: schema {} (this program reads {})",
+            b.schema,
+            report::SCHEMA
+        );
         std::process::exit(1)
     }
     b
@@ -47,9 +51,19 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("run") => {
-            let cycles: usize = args.get(1).and_then(|n| n.parse().ok()).filter(|&n| n > 0).unwrap_or_else(|| usage());
+            let cycles: usize = args
+                .get(1)
+                .and_then(|n| n.parse().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| usage());
             let out = args.get(2).unwrap_or_else(|| usage());
-            let mut o = run::Options { cycles, command: format!("hugepoke-bench run {cycles}"), commit: "unknown".into(), host_load: "unknown".into(), only: None };
+            let mut o = run::Options {
+                cycles,
+                command: format!("hugepoke-bench run {cycles}"),
+                commit: "unknown".into(),
+                host_load: "unknown".into(),
+                only: None,
+            };
             let mut rest = args[3..].iter();
             while let Some(a) = rest.next() {
                 match (a.as_str(), rest.next()) {

@@ -9,8 +9,8 @@ use crate::probe::{check, events_since, fresh_target, mono_ns, timed, Mem, Timed
 use crate::report::{Row, SiteCost, Throughput};
 use crate::stats::median;
 use hugepoke::device::{batch_site, journal_seq, Device, PatchRequest};
-use hugepoke::target::Target;
-use hugepoke::text::{self, PAGE, PAGES, THP_SIZE};
+use hugepoke::testkit::target::Target;
+use hugepoke::testkit::text::{self, PAGE, PAGES, THP_SIZE};
 use hugepoke::uapi::{BatchSite, MAX_BATCH, PATCH_INSTALL_PMD};
 use std::ffi::CString;
 
@@ -28,7 +28,9 @@ const INT3: u8 = 0xcc;
 
 /// Offsets of the sites into the text, in address order.
 fn site_offsets() -> Vec<usize> {
-    (0..SITES).map(|i| (FIRST_PAGE + i / PER_PAGE) * PAGE + 64 + 40 * (i % PER_PAGE)).collect()
+    (0..SITES)
+        .map(|i| (FIRST_PAGE + i / PER_PAGE) * PAGE + 64 + 40 * (i % PER_PAGE))
+        .collect()
 }
 
 /// The text with `byte` at every site.
@@ -53,10 +55,22 @@ impl Many {
     fn spawn(file: &str) -> Self {
         let (t, w) = fresh_target(file, false);
         let mem = Mem::open(t.pid);
-        check!(mem.read(t.addr, THP_SIZE) == text_with(NOP), "target {} text is not the bench's nop layout", t.pid);
+        check!(
+            mem.read(t.addr, THP_SIZE) == text_with(NOP),
+            "target {} text is not the bench's nop layout",
+            t.pid
+        );
         let cache_pfns: Vec<Option<u64>> = (0..PAGES).map(|p| w.pfn(t.page_addr(p))).collect();
-        check!(cache_pfns.iter().all(Option::is_some), "no PFNs for the text (pagemap needs root)");
-        Many { t, w, mem, cache_pfns }
+        check!(
+            cache_pfns.iter().all(Option::is_some),
+            "no PFNs for the text (pagemap needs root)"
+        );
+        Many {
+            t,
+            w,
+            mem,
+            cache_pfns,
+        }
     }
 
     fn addr(&self, offset: usize) -> u64 {
@@ -65,19 +79,33 @@ impl Many {
 
     /// Text pages not mapped by their page-cache page now.
     fn off_cache_pages(&self) -> usize {
-        (0..PAGES).filter(|&p| self.w.pfn(self.t.page_addr(p)) != self.cache_pfns[p]).count()
+        (0..PAGES)
+            .filter(|&p| self.w.pfn(self.t.page_addr(p)) != self.cache_pfns[p])
+            .count()
     }
 
     /// After the patching half: int3 at every site, and exactly the site
     /// pages on anonymous copies.
     fn check_patched(&self, how: &str) {
-        check!(self.mem.read(self.t.addr, THP_SIZE) == text_with(INT3), "{how}: the text is not the nop layout with int3 at exactly the {SITES} sites");
-        let moved: Vec<usize> = (0..PAGES).filter(|&p| self.w.pfn(self.t.page_addr(p)) != self.cache_pfns[p]).collect();
-        check!(moved == (FIRST_PAGE..FIRST_PAGE + SITE_PAGES).collect::<Vec<_>>(), "{how}: pages off the page cache {moved:?}, want exactly {FIRST_PAGE}..{}", FIRST_PAGE + SITE_PAGES);
+        check!(
+            self.mem.read(self.t.addr, THP_SIZE) == text_with(INT3),
+            "{how}: the text is not the nop layout with int3 at exactly the {SITES} sites"
+        );
+        let moved: Vec<usize> = (0..PAGES)
+            .filter(|&p| self.w.pfn(self.t.page_addr(p)) != self.cache_pfns[p])
+            .collect();
+        check!(
+            moved == (FIRST_PAGE..FIRST_PAGE + SITE_PAGES).collect::<Vec<_>>(),
+            "{how}: pages off the page cache {moved:?}, want exactly {FIRST_PAGE}..{}",
+            FIRST_PAGE + SITE_PAGES
+        );
     }
 
     fn check_unpatched(&self, how: &str) {
-        check!(self.mem.read(self.t.addr, THP_SIZE) == text_with(NOP), "{how}: the text is not the nop layout again");
+        check!(
+            self.mem.read(self.t.addr, THP_SIZE) == text_with(NOP),
+            "{how}: the text is not the nop layout again"
+        );
     }
 }
 
@@ -87,7 +115,13 @@ impl Many {
 /// no handle yet: it is the last handle-less `patch` before the handle's
 /// first event (the calls are made one at a time).  Each span is checked
 /// to lie inside its call's CLOCK_MONOTONIC bracket.
-fn module_spans<T>(seq: u64, pid: i32, begin: &str, end: &str, calls: &[(u64, &Timed<T>)]) -> Vec<i64> {
+fn module_spans<T>(
+    seq: u64,
+    pid: i32,
+    begin: &str,
+    end: &str,
+    calls: &[(u64, &Timed<T>)],
+) -> Vec<i64> {
     let evs = events_since(seq, pid);
     calls
         .iter()
@@ -96,14 +130,30 @@ fn module_spans<T>(seq: u64, pid: i32, begin: &str, end: &str, calls: &[(u64, &T
             check!(first.is_some(), "no journal event for handle {h}");
             let first = first.unwrap();
             let start = if begin == "patch" {
-                evs[..first].iter().rev().find(|e| e.step == "patch" && e.handle.is_none())
+                evs[..first]
+                    .iter()
+                    .rev()
+                    .find(|e| e.step == "patch" && e.handle.is_none())
             } else {
-                evs[first..].iter().find(|e| e.step == begin && e.handle == Some(h as u32))
+                evs[first..]
+                    .iter()
+                    .find(|e| e.step == begin && e.handle == Some(h as u32))
             };
-            let stop = evs.iter().rev().find(|e| e.step == end && e.handle == Some(h as u32) && e.result == "ok");
-            check!(start.is_some() && stop.is_some(), "handle {h}: no `{begin}` … `{end}` in the journal");
+            let stop = evs
+                .iter()
+                .rev()
+                .find(|e| e.step == end && e.handle == Some(h as u32) && e.result == "ok");
+            check!(
+                start.is_some() && stop.is_some(),
+                "handle {h}: no `{begin}` … `{end}` in the journal"
+            );
             let (a, b) = (start.unwrap().time_ns as i64, stop.unwrap().time_ns as i64);
-            check!(call.start <= a && a <= b && b <= call.end, "handle {h}: journal `{begin}` {a} … `{end}` {b} not inside the call [{}, {}]", call.start, call.end);
+            check!(
+                call.start <= a && a <= b && b <= call.end,
+                "handle {h}: journal `{begin}` {a} … `{end}` {b} not inside the call [{}, {}]",
+                call.start,
+                call.end
+            );
             b - a
         })
         .collect()
@@ -115,17 +165,27 @@ fn perf_close(fd: i32) -> i32 {
 
 /// Room for 10,000 perf event descriptors at once.
 fn raise_nofile(n: u64) {
-    let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
     // SAFETY: setrlimit reads one rlimit we own.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
-    check!(rc == 0, "setrlimit(RLIMIT_NOFILE, {n}): {}", std::io::Error::last_os_error());
+    check!(
+        rc == 0,
+        "setrlimit(RLIMIT_NOFILE, {n}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// A call's row, classified, then its module-time row, bound as the call
 /// is: its time lies inside those calls.
 fn with_module(call: Row, module: Row) -> [Row; 2] {
     let call = call.classify();
-    let module = module.bound_by(call.bound, "inside the calls of the row above, whose on-CPU share it shares");
+    let module = module.bound_by(
+        call.bound,
+        "inside the calls of the row above, whose on-CPU share it shares",
+    );
     [call, module]
 }
 
@@ -138,7 +198,9 @@ fn set_medians(costs: &mut [SiteCost; 2], patch: &Row, restore: &Row, sites_per_
 
 /// Sum of a cycle's calls' wall and CPU times.
 fn sums<T>(calls: &[Timed<T>]) -> (i64, i64) {
-    calls.iter().fold((0, 0), |(w, c), t| (w + t.wall(), c + t.cpu))
+    calls
+        .iter()
+        .fold((0, 0), |(w, c), t| (w + t.wall(), c + t.cpu))
 }
 
 impl Run {
@@ -164,38 +226,83 @@ impl Run {
         let checked = "the whole 2 MiB text read back after the last call of each half (int3 at exactly the 10,000 sites, then the nops again); pagemap: exactly the 100 site pages on anonymous copies after PATCH_BATCH, all 512 on their page-cache pages after RESTORE; the PMD back; journal spans inside the calls";
         let mut patch = Row::new("many.batch.patch", &format!("PATCH_BATCH, 10,000 sites ({split})"),
             &format!("the {calls} PATCH_BATCH ioctls of one cycle, summed: 1-byte sites (int3 over a nop, expected bytes checked) on 100 pages of a fresh idle target's PMD-mapped text, 100 a page; one PMD split, one COW per page"), checked);
-        let mut patch_mod = Row::new("many.batch.patch.module", "  of which in the module (journal)",
-            "journal `patched` minus `patch` time_ns of each call, summed over the cycle's calls", "");
+        let mut patch_mod = Row::new(
+            "many.batch.patch.module",
+            "  of which in the module (journal)",
+            "journal `patched` minus `patch` time_ns of each call, summed over the cycle's calls",
+            "",
+        );
         let mut restore = Row::new("many.batch.restore", &format!("RESTORE of those {calls} batches"),
             &format!("the {calls} RESTORE ioctls of the cycle, summed: every site written back, the 100 copies zapped, one collapse queued"), checked);
-        let mut restore_mod = Row::new("many.batch.restore.module", "  of which in the module (journal)",
-            "journal `restored` (the batch's last) minus `restore` time_ns of each call, summed", "");
-        let (mut pmd_back, mut costs) = (0, [SiteCost::new("PATCH_BATCH", "patch", true), SiteCost::new("RESTORE of the batches", "restore", true)]);
+        let mut restore_mod = Row::new(
+            "many.batch.restore.module",
+            "  of which in the module (journal)",
+            "journal `restored` (the batch's last) minus `restore` time_ns of each call, summed",
+            "",
+        );
+        let (mut pmd_back, mut costs) = (
+            0,
+            [
+                SiteCost::new("PATCH_BATCH", "patch", true),
+                SiteCost::new("RESTORE of the batches", "restore", true),
+            ],
+        );
         let offsets = site_offsets();
         for _ in 0..cycles {
             let m = Many::spawn(&file);
-            let sites: Vec<BatchSite> = offsets.iter().map(|&at| batch_site(m.addr(at), &[INT3], Some(&[NOP]))).collect();
+            let sites: Vec<BatchSite> = offsets
+                .iter()
+                .map(|&at| batch_site(m.addr(at), &[INT3], Some(&[NOP])))
+                .collect();
             let seq = journal_seq();
-            let ps: Vec<Timed<_>> = sites.chunks(MAX_BATCH).map(|chunk| timed(|| self.dev.patch_batch(m.t.pid, chunk, PATCH_INSTALL_PMD))).collect();
+            let ps: Vec<Timed<_>> = sites
+                .chunks(MAX_BATCH)
+                .map(|chunk| timed(|| self.dev.patch_batch(m.t.pid, chunk, PATCH_INSTALL_PMD)))
+                .collect();
             let mut handles = Vec::new();
             for (i, p) in ps.iter().enumerate() {
-                check!(p.value.is_ok(), "PATCH_BATCH call {i}: {}", p.value.as_ref().unwrap_err());
+                check!(
+                    p.value.is_ok(),
+                    "PATCH_BATCH call {i}: {}",
+                    p.value.as_ref().unwrap_err()
+                );
                 handles.push(*p.value.as_ref().unwrap());
             }
             m.check_patched("after PATCH_BATCH");
-            let spans = module_spans(seq, m.t.pid, "patch", "patched", &handles.iter().copied().zip(ps.iter()).collect::<Vec<_>>());
+            let spans = module_spans(
+                seq,
+                m.t.pid,
+                "patch",
+                "patched",
+                &handles.iter().copied().zip(ps.iter()).collect::<Vec<_>>(),
+            );
             let seq = journal_seq();
-            let rs: Vec<Timed<_>> = handles.iter().map(|&h| timed(|| self.dev.restore(h))).collect();
+            let rs: Vec<Timed<_>> = handles
+                .iter()
+                .map(|&h| timed(|| self.dev.restore(h)))
+                .collect();
             for (i, r) in rs.iter().enumerate() {
                 check!(r.value.is_ok(), "RESTORE of batch {i}: {:?}", r.value);
             }
             m.check_unpatched("after RESTORE of the batches");
-            let rspans = module_spans(seq, m.t.pid, "restore", "restored", &handles.iter().copied().zip(rs.iter()).collect::<Vec<_>>());
+            let rspans = module_spans(
+                seq,
+                m.t.pid,
+                "restore",
+                "restored",
+                &handles.iter().copied().zip(rs.iter()).collect::<Vec<_>>(),
+            );
             let last_end = rs.last().unwrap().end;
             let poll = m.w.wait_pmd(m.t.addr, last_end, PMD_REQUIRED_NS);
-            check!(poll.seen_at.is_some(), "PMD not back within {PMD_REQUIRED} of the last batch RESTORE");
+            check!(
+                poll.seen_at.is_some(),
+                "PMD not back within {PMD_REQUIRED} of the last batch RESTORE"
+            );
             pmd_back += 1;
-            check!(m.off_cache_pages() == 0, "after the batch RESTOREs some text page is not its page-cache page");
+            check!(
+                m.off_cache_pages() == 0,
+                "after the batch RESTOREs some text page is not its page-cache page"
+            );
             self.clock_checks += 2 * (spans.len() + rspans.len()) as u64;
             let (w, c) = sums(&ps);
             patch.push(w, c);
@@ -207,7 +314,11 @@ impl Run {
             costs[1].add(SITES, rs.len(), w, c, Some(rspans.iter().sum()));
         }
         set_medians(&mut costs, &patch, &restore, SITES);
-        restore.count(&format!("PMD back within {PMD_REQUIRED} of the last RESTORE"), pmd_back, cycles);
+        restore.count(
+            &format!("PMD back within {PMD_REQUIRED} of the last RESTORE"),
+            pmd_back,
+            cycles,
+        );
         self.rows.extend(with_module(patch, patch_mod));
         self.rows.extend(with_module(restore, restore_mod));
         self.site_costs.extend(costs);
@@ -221,11 +332,24 @@ impl Run {
         let checked = "each site's byte read back after its call; the whole text and pagemap as for PATCH_BATCH after the last call of each half; the PMD back; journal spans inside the calls";
         let mut patch = Row::new("many.single.patch", "PATCH, one of 10,000 single sites",
             "one PATCH ioctl of a 1-byte site (as PATCH_BATCH's); the first on the text splits the PMD, the first on each page COWs it; 0 to 9,999 of the target's other sites live", checked);
-        let mut patch_mod = Row::new("many.single.patch.module", "  of which in the module (journal)", "journal `patched` minus `patch` time_ns", "");
+        let mut patch_mod = Row::new(
+            "many.single.patch.module",
+            "  of which in the module (journal)",
+            "journal `patched` minus `patch` time_ns",
+            "",
+        );
         let mut restore = Row::new("many.single.restore", "RESTORE, one of 10,000 single sites",
             "one RESTORE ioctl; the last on a page zaps the copy, the last of all queues the collapse", checked);
-        let mut restore_mod = Row::new("many.single.restore.module", "  of which in the module (journal)", "journal `restored` minus `restore` time_ns", "");
-        let mut costs = [SiteCost::new("PATCH, one call a site", "patch", false), SiteCost::new("RESTORE, one call a site", "restore", false)];
+        let mut restore_mod = Row::new(
+            "many.single.restore.module",
+            "  of which in the module (journal)",
+            "journal `restored` minus `restore` time_ns",
+            "",
+        );
+        let mut costs = [
+            SiteCost::new("PATCH, one call a site", "patch", false),
+            SiteCost::new("RESTORE, one call a site", "restore", false),
+        ];
         // The journal keeps 4,096 events: read it every so many calls.
         const READ_EVERY: usize = 64;
         let mut pmd_back = 0;
@@ -236,13 +360,29 @@ impl Run {
                 let seq = journal_seq();
                 let mut done = Vec::with_capacity(chunk.len());
                 for &at in chunk {
-                    let req = PatchRequest { pid: m.t.pid, addr: m.addr(at), bytes: vec![INT3], expect: Some(vec![NOP]), install_pmd: true, ..Default::default() };
+                    let req = PatchRequest {
+                        pid: m.t.pid,
+                        addr: m.addr(at),
+                        bytes: vec![INT3],
+                        expect: Some(vec![NOP]),
+                        install_pmd: true,
+                        ..Default::default()
+                    };
                     let p = timed(|| self.dev.patch(&req));
                     check!(p.value.is_ok(), "PATCH at +{at:#x}: {:?}", p.value);
-                    check!(m.mem.read(req.addr, 1) == [INT3], "PATCH at +{at:#x}: int3 not read back");
+                    check!(
+                        m.mem.read(req.addr, 1) == [INT3],
+                        "PATCH at +{at:#x}: int3 not read back"
+                    );
                     done.push((*p.value.as_ref().unwrap(), p));
                 }
-                let spans = module_spans(seq, m.t.pid, "patch", "patched", &done.iter().map(|(h, p)| (*h, p)).collect::<Vec<_>>());
+                let spans = module_spans(
+                    seq,
+                    m.t.pid,
+                    "patch",
+                    "patched",
+                    &done.iter().map(|(h, p)| (*h, p)).collect::<Vec<_>>(),
+                );
                 for ((h, p), span) in done.into_iter().zip(spans) {
                     patch.push(p.wall(), p.cpu);
                     patch_mod.samples_ns.push(span);
@@ -260,11 +400,20 @@ impl Run {
                 for (&(h, _), &at) in chunk.iter().zip(offs) {
                     let r = timed(|| self.dev.restore(h));
                     check!(r.value.is_ok(), "RESTORE at +{at:#x}: {:?}", r.value);
-                    check!(m.mem.read(m.addr(at), 1) == [NOP], "RESTORE at +{at:#x}: the nop not read back");
+                    check!(
+                        m.mem.read(m.addr(at), 1) == [NOP],
+                        "RESTORE at +{at:#x}: the nop not read back"
+                    );
                     last_end = r.end;
                     done.push((h, r));
                 }
-                let spans = module_spans(seq, m.t.pid, "restore", "restored", &done.iter().map(|(h, r)| (*h, r)).collect::<Vec<_>>());
+                let spans = module_spans(
+                    seq,
+                    m.t.pid,
+                    "restore",
+                    "restored",
+                    &done.iter().map(|(h, r)| (*h, r)).collect::<Vec<_>>(),
+                );
                 for ((_, r), span) in done.into_iter().zip(spans) {
                     restore.push(r.wall(), r.cpu);
                     restore_mod.samples_ns.push(span);
@@ -274,12 +423,22 @@ impl Run {
             }
             m.check_unpatched("after 10,000 RESTOREs");
             let poll = m.w.wait_pmd(m.t.addr, last_end, PMD_REQUIRED_NS);
-            check!(poll.seen_at.is_some(), "PMD not back within {PMD_REQUIRED} of the last single RESTORE");
+            check!(
+                poll.seen_at.is_some(),
+                "PMD not back within {PMD_REQUIRED} of the last single RESTORE"
+            );
             pmd_back += 1;
-            check!(m.off_cache_pages() == 0, "after the RESTOREs some text page is not its page-cache page");
+            check!(
+                m.off_cache_pages() == 0,
+                "after the RESTOREs some text page is not its page-cache page"
+            );
         }
         set_medians(&mut costs, &patch, &restore, 1);
-        restore.count(&format!("PMD back within {PMD_REQUIRED} of the last RESTORE"), pmd_back, cycles);
+        restore.count(
+            &format!("PMD back within {PMD_REQUIRED} of the last RESTORE"),
+            pmd_back,
+            cycles,
+        );
         self.rows.extend(with_module(patch, patch_mod));
         self.rows.extend(with_module(restore, restore_mod));
         self.site_costs.extend(costs);
@@ -297,13 +456,25 @@ impl Run {
         let checked = "the whole text and pagemap as for PATCH_BATCH after the last attach; the whole text after the last detach";
         let mut attach = Row::new("many.uprobe.attach", "uprobe attach, one of 10,000 sites (perf_event_open)",
             "perf_event_open(2) of a `uprobe` event at one site for the target's pid (as row \"uprobe attach … idle target\"), 0 to 9,999 others held", checked);
-        let mut detach = Row::new("many.uprobe.detach", "uprobe detach, one of 10,000 sites (close)", "close(2) of one of those events, in attach order", checked);
-        let mut costs = [SiteCost::new("uprobe attach", "patch", false), SiteCost::new("uprobe detach", "restore", false)];
+        let mut detach = Row::new(
+            "many.uprobe.detach",
+            "uprobe detach, one of 10,000 sites (close)",
+            "close(2) of one of those events, in attach order",
+            checked,
+        );
+        let mut costs = [
+            SiteCost::new("uprobe attach", "patch", false),
+            SiteCost::new("uprobe detach", "restore", false),
+        ];
         let m = Many::spawn(&file);
         let mut fds = Vec::with_capacity(SITES);
         for at in site_offsets() {
             let a = timed(|| super::perf_uprobe_open(pmu, &path, at as u64, m.t.pid));
-            check!(a.value.is_ok(), "perf_event_open(uprobe at +{at:#x}): {:?}", a.value);
+            check!(
+                a.value.is_ok(),
+                "perf_event_open(uprobe at +{at:#x}): {:?}",
+                a.value
+            );
             attach.push(a.wall(), a.cpu);
             costs[0].add(1, 1, a.wall(), a.cpu, None);
             fds.push(*a.value.as_ref().unwrap());
@@ -311,12 +482,20 @@ impl Run {
         m.check_patched("after 10,000 uprobe attaches");
         for fd in fds {
             let d = timed(|| perf_close(fd));
-            check!(d.value == 0, "close(uprobe event): {}", std::io::Error::last_os_error());
+            check!(
+                d.value == 0,
+                "close(uprobe event): {}",
+                std::io::Error::last_os_error()
+            );
             detach.push(d.wall(), d.cpu);
             costs[1].add(1, 1, d.wall(), d.cpu, None);
         }
         m.check_unpatched("after 10,000 uprobe detaches");
-        detach.count("site pages back on their page-cache page after the last detach", SITE_PAGES - m.off_cache_pages().min(SITE_PAGES), SITE_PAGES);
+        detach.count(
+            "site pages back on their page-cache page after the last detach",
+            SITE_PAGES - m.off_cache_pages().min(SITE_PAGES),
+            SITE_PAGES,
+        );
         set_medians(&mut costs, &attach, &detach, 1);
         self.rows.extend([attach.classify(), detach.classify()]);
         self.site_costs.extend(costs);
@@ -331,17 +510,31 @@ impl Run {
         let checked = "each site's byte read back after its write; the whole text and pagemap as for PATCH_BATCH after the last write of the first half, the whole text after the second";
         let mut first = Row::new("many.procmem.new", "/proc/PID/mem write, one of 10,000 sites",
             "pwrite(2) of int3 over a site's nop; the first on the text splits the PMD, the first on each page COWs it", checked);
-        let mut second = Row::new("many.procmem.orig", "/proc/PID/mem write back, one of 10,000 sites",
-            "pwrite(2) of the nop back; the page stays the anonymous copy", checked);
-        let mut costs = [SiteCost::new("/proc/PID/mem write", "patch", false), SiteCost::new("/proc/PID/mem write back", "restore", false)];
+        let mut second = Row::new(
+            "many.procmem.orig",
+            "/proc/PID/mem write back, one of 10,000 sites",
+            "pwrite(2) of the nop back; the page stays the anonymous copy",
+            checked,
+        );
+        let mut costs = [
+            SiteCost::new("/proc/PID/mem write", "patch", false),
+            SiteCost::new("/proc/PID/mem write back", "restore", false),
+        ];
         let (mut anon_left, mut pmd_back) = (0, 0);
         for _ in 0..cycles {
             let m = Many::spawn(&file);
             for (byte, row, cost) in [(INT3, &mut first, 0), (NOP, &mut second, 1)] {
                 for at in site_offsets() {
                     let a = timed(|| m.mem.write(m.addr(at), &[byte]));
-                    check!(a.value.is_ok(), "/proc/PID/mem write at +{at:#x}: {:?}", a.value);
-                    check!(m.mem.read(m.addr(at), 1) == [byte], "/proc/PID/mem write at +{at:#x}: not read back");
+                    check!(
+                        a.value.is_ok(),
+                        "/proc/PID/mem write at +{at:#x}: {:?}",
+                        a.value
+                    );
+                    check!(
+                        m.mem.read(m.addr(at), 1) == [byte],
+                        "/proc/PID/mem write at +{at:#x}: not read back"
+                    );
                     row.push(a.wall(), a.cpu);
                     costs[cost].add(1, 1, a.wall(), a.cpu, None);
                 }
@@ -353,7 +546,11 @@ impl Run {
             anon_left += m.off_cache_pages();
             pmd_back += usize::from(m.w.pmd_mapped(m.t.addr));
         }
-        second.count("site pages still anonymous copies after the write-back", anon_left, SITE_PAGES * cycles);
+        second.count(
+            "site pages still anonymous copies after the write-back",
+            anon_left,
+            SITE_PAGES * cycles,
+        );
         second.count("PMD mapped after the write-back", pmd_back, cycles);
         set_medians(&mut costs, &first, &second, 1);
         self.rows.extend([first.classify(), second.classify()]);
@@ -377,9 +574,18 @@ impl Run {
         let checked = "bytes read back and the anonymous PFN after PATCH, the originals, the page-cache PFN and the PMD after RESTORE; journal spans inside the calls; the other targets' sites counted live by QUERY before and after";
         let mut patch = Row::new(&format!("table.patch.{tag}"), &format!("PATCH with {how} (idle, --install-pmd)"),
             "one PATCH ioctl of 6 bytes on page 17 of a target of its own, its PMD split and the page COWed (the PMD is back before each)", checked);
-        let mut patch_mod = Row::new(&format!("table.patch.module.{tag}"), "  of which in the module (journal)", "journal `patched` minus `patch` time_ns", "");
-        let mut restore = Row::new(&format!("table.restore.{tag}"), &format!("RESTORE with {how} (idle, --install-pmd)"),
-            "one RESTORE ioctl of that patch: write back, zap, queue the collapse", checked);
+        let mut patch_mod = Row::new(
+            &format!("table.patch.module.{tag}"),
+            "  of which in the module (journal)",
+            "journal `patched` minus `patch` time_ns",
+            "",
+        );
+        let mut restore = Row::new(
+            &format!("table.restore.{tag}"),
+            &format!("RESTORE with {how} (idle, --install-pmd)"),
+            "one RESTORE ioctl of that patch: write back, zap, queue the collapse",
+            checked,
+        );
 
         // The other targets: at most 64 batches each (8 pages of 512
         // one-byte sites, int3 over int3 at 7 + 8·k: nothing changes).
@@ -393,18 +599,29 @@ impl Run {
         while left > 0 {
             let (t, _w) = fresh_target(&bg_file, false);
             let n = left.min(per_target);
-            let addrs: Vec<u64> = (0..n).map(|k| t.addr + ((k / 512) * PAGE + 7 + 8 * (k % 512)) as u64).collect();
+            let addrs: Vec<u64> = (0..n)
+                .map(|k| t.addr + ((k / 512) * PAGE + 7 + 8 * (k % 512)) as u64)
+                .collect();
             let mut hs = Vec::new();
             if batched {
                 for chunk in addrs.chunks(MAX_BATCH) {
-                    let sites: Vec<BatchSite> = chunk.iter().map(|&a| batch_site(a, &[INT3], Some(&[INT3]))).collect();
+                    let sites: Vec<BatchSite> = chunk
+                        .iter()
+                        .map(|&a| batch_site(a, &[INT3], Some(&[INT3])))
+                        .collect();
                     let h = bg_dev.patch_batch(t.pid, &sites, 0);
                     check!(h.is_ok(), "background PATCH_BATCH: {}", h.unwrap_err());
                     hs.push(h.unwrap());
                 }
             } else {
                 for &a in &addrs {
-                    let h = bg_dev.patch(&PatchRequest { pid: t.pid, addr: a, bytes: vec![INT3], expect: Some(vec![INT3]), ..Default::default() });
+                    let h = bg_dev.patch(&PatchRequest {
+                        pid: t.pid,
+                        addr: a,
+                        bytes: vec![INT3],
+                        expect: Some(vec![INT3]),
+                        ..Default::default()
+                    });
                     check!(h.is_ok(), "background PATCH: {:?}", h);
                     hs.push(h.unwrap());
                 }
@@ -413,40 +630,87 @@ impl Run {
             others.push((t, hs));
         }
         let count_live = |others: &[(Target, Vec<u64>)]| -> usize {
-            others.iter().flat_map(|(_, hs)| hs).map(|&h| bg_dev.query(h).map_or(0, |q| q.count as usize)).sum()
+            others
+                .iter()
+                .flat_map(|(_, hs)| hs)
+                .map(|&h| bg_dev.query(h).map_or(0, |q| q.count as usize))
+                .sum()
         };
-        check!(count_live(&others) == live, "QUERY counts {} live background sites, want {live}", count_live(&others));
+        check!(
+            count_live(&others) == live,
+            "QUERY counts {} live background sites, want {live}",
+            count_live(&others)
+        );
 
-        let Site { t, w, mem, addr, cache_pfn } = {
+        let Site {
+            t,
+            w,
+            mem,
+            addr,
+            cache_pfn,
+        } = {
             let (t, w) = fresh_target(&self.file, false);
             let mem = Mem::open(t.pid);
             let addr = t.page_addr(SITE_PAGE);
             let cache_pfn = w.pfn(addr);
-            Site { t, w, mem, addr, cache_pfn }
+            Site {
+                t,
+                w,
+                mem,
+                addr,
+                cache_pfn,
+            }
         };
         let (orig, new) = (super::original(SITE_PAGE), super::new_bytes(SITE_PAGE));
         for _ in 0..self.cycles {
-            check!(mem.read(addr, 6) == orig && w.pmd_mapped(addr), "page {SITE_PAGE} not the PMD-mapped original before PATCH");
+            check!(
+                mem.read(addr, 6) == orig && w.pmd_mapped(addr),
+                "page {SITE_PAGE} not the PMD-mapped original before PATCH"
+            );
             let seq = journal_seq();
-            let req = PatchRequest { pid: t.pid, addr, bytes: new.clone(), install_pmd: true, ..Default::default() };
+            let req = PatchRequest {
+                pid: t.pid,
+                addr,
+                bytes: new.clone(),
+                install_pmd: true,
+                ..Default::default()
+            };
             let p = timed(|| self.dev.patch(&req));
             check!(p.value.is_ok(), "PATCH: {:?}", p.value);
             let h = *p.value.as_ref().unwrap();
-            check!(mem.read(addr, 6) == new, "after PATCH the target does not have the new bytes");
-            check!(w.pfn(addr).is_some_and(|f| Some(f) != cache_pfn), "after PATCH the site is not on an anonymous copy");
+            check!(
+                mem.read(addr, 6) == new,
+                "after PATCH the target does not have the new bytes"
+            );
+            check!(
+                w.pfn(addr).is_some_and(|f| Some(f) != cache_pfn),
+                "after PATCH the site is not on an anonymous copy"
+            );
             let span = module_spans(seq, t.pid, "patch", "patched", &[(h, &p)]);
             let r = timed(|| self.dev.restore(h));
             check!(r.value.is_ok(), "RESTORE: {:?}", r.value);
-            check!(mem.read(addr, 6) == orig, "after RESTORE the target does not have the originals");
+            check!(
+                mem.read(addr, 6) == orig,
+                "after RESTORE the target does not have the originals"
+            );
             let poll = w.wait_pmd(addr, r.end, PMD_REQUIRED_NS);
-            check!(poll.seen_at.is_some(), "PMD not back within {PMD_REQUIRED} of RESTORE");
-            check!(w.pfn(addr) == cache_pfn, "after RESTORE the site does not map the page-cache page");
+            check!(
+                poll.seen_at.is_some(),
+                "PMD not back within {PMD_REQUIRED} of RESTORE"
+            );
+            check!(
+                w.pfn(addr) == cache_pfn,
+                "after RESTORE the site does not map the page-cache page"
+            );
             patch.push(p.wall(), p.cpu);
             patch_mod.samples_ns.push(span[0]);
             restore.push(r.wall(), r.cpu);
             self.clock_checks += 2;
         }
-        check!(count_live(&others) == live, "the background sites changed during the measurement");
+        check!(
+            count_live(&others) == live,
+            "the background sites changed during the measurement"
+        );
         for (_, hs) in &others {
             for &h in hs {
                 let r = bg_dev.restore(h);
@@ -462,16 +726,27 @@ impl Run {
     /// thread on one target, then by two threads on two targets at once.
     pub(super) fn many_concurrent(&mut self) {
         let rounds = (self.cycles / 20).max(1);
-        let files = [self.many_file("bench-sites-a.bin"), self.many_file("bench-sites-b.bin")];
+        let files = [
+            self.many_file("bench-sites-a.bin"),
+            self.many_file("bench-sites-b.bin"),
+        ];
         let calls_per_round = 2 * SITES.div_ceil(MAX_BATCH);
         let checked = "the whole 2 MiB text read back after each round's PATCH_BATCHes and after its RESTOREs";
         for threads in [1, 2] {
             let (calls, wall, ps, rs) = batch_rounds(&files[..threads], rounds);
-            let who = if threads == 1 { "one target alone" } else { "two targets at once" };
+            let who = if threads == 1 {
+                "one target alone"
+            } else {
+                "two targets at once"
+            };
             let mut patch = Row::new(&format!("concurrent.batch.patch.{threads}"), &format!("PATCH_BATCH call, {who} (10,000 sites in 3 calls)"),
                 "one PATCH_BATCH ioctl of at most 4,096 sites (as row \"PATCH_BATCH, 10,000 sites\", default flags), by each of the threads of the throughput row", checked);
-            let mut restore = Row::new(&format!("concurrent.batch.restore.{threads}"), &format!("RESTORE of a batch, {who}"),
-                "one RESTORE ioctl of one of those batches", checked);
+            let mut restore = Row::new(
+                &format!("concurrent.batch.restore.{threads}"),
+                &format!("RESTORE of a batch, {who}"),
+                "one RESTORE ioctl of one of those batches",
+                checked,
+            );
             for (w, c) in ps {
                 patch.push(w, c);
             }
@@ -479,14 +754,21 @@ impl Run {
                 restore.push(w, c);
             }
             self.rows.extend([patch.classify(), restore.classify()]);
-            check!(calls == threads * rounds * calls_per_round, "{calls} calls made");
+            check!(
+                calls == threads * rounds * calls_per_round,
+                "{calls} calls made"
+            );
             self.throughput.push(Throughput {
                 label: format!(
                     "PATCH_BATCH + RESTORE of 10,000 sites ({} + {} calls), {rounds} round{}, {}",
                     calls_per_round / 2,
                     calls_per_round / 2,
                     if rounds == 1 { "" } else { "s" },
-                    if threads == 1 { "one target".to_string() } else { "two targets at once, a thread each".to_string() }
+                    if threads == 1 {
+                        "one target".to_string()
+                    } else {
+                        "two targets at once, a thread each".to_string()
+                    }
                 ),
                 threads,
                 calls,
@@ -534,14 +816,19 @@ fn proc_mem_rounds(files: &[String], rounds: usize) -> (usize, i64) {
                                 check!(w.is_ok(), "/proc/PID/mem write: {w:?}");
                                 calls += 1;
                             }
-                            check!(m.mem.read(m.t.addr, THP_SIZE) == text_with(byte), "after the writes the text is not {byte:#x} at exactly the sites");
+                            check!(
+                                m.mem.read(m.t.addr, THP_SIZE) == text_with(byte),
+                                "after the writes the text is not {byte:#x} at exactly the sites"
+                            );
                         }
                     }
                     (start, mono_ns(), calls)
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("bench thread panicked")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("bench thread panicked"))
+            .collect()
     });
     let start = results.iter().map(|r| r.0).min().unwrap();
     let end = results.iter().map(|r| r.1).max().unwrap();
@@ -568,7 +855,10 @@ fn batch_rounds(files: &[String], rounds: usize) -> (usize, i64, Calls, Calls) {
                     check!(dev.is_ok(), "opening /dev/hugepoke: {:?}", dev.err());
                     let dev = dev.unwrap();
                     let m = Many::spawn(file);
-                    let sites: Vec<BatchSite> = site_offsets().iter().map(|&at| batch_site(m.addr(at), &[INT3], Some(&[NOP]))).collect();
+                    let sites: Vec<BatchSite> = site_offsets()
+                        .iter()
+                        .map(|&at| batch_site(m.addr(at), &[INT3], Some(&[NOP])))
+                        .collect();
                     let (mut ps, mut rs) = (Vec::new(), Vec::new());
                     barrier.wait();
                     let start = mono_ns();
@@ -576,11 +866,18 @@ fn batch_rounds(files: &[String], rounds: usize) -> (usize, i64, Calls, Calls) {
                         let mut handles = Vec::new();
                         for chunk in sites.chunks(MAX_BATCH) {
                             let h = timed(|| dev.patch_batch(m.t.pid, chunk, 0));
-                            check!(h.value.is_ok(), "PATCH_BATCH: {}", h.value.as_ref().unwrap_err());
+                            check!(
+                                h.value.is_ok(),
+                                "PATCH_BATCH: {}",
+                                h.value.as_ref().unwrap_err()
+                            );
                             ps.push((h.wall(), h.cpu));
                             handles.push(h.value.unwrap());
                         }
-                        check!(m.mem.read(m.t.addr, THP_SIZE) == text_with(INT3), "after the batches the text is not int3 at exactly the sites");
+                        check!(
+                            m.mem.read(m.t.addr, THP_SIZE) == text_with(INT3),
+                            "after the batches the text is not int3 at exactly the sites"
+                        );
                         for h in handles {
                             let r = timed(|| dev.restore(h));
                             check!(r.value.is_ok(), "RESTORE of a batch: {:?}", r.value);
@@ -592,7 +889,9 @@ fn batch_rounds(files: &[String], rounds: usize) -> (usize, i64, Calls, Calls) {
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("bench thread panicked")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("bench thread panicked"))
+            .collect()
     });
     let (calls, span) = crate::probe::calls_and_span(&results);
     let (mut ps, mut rs) = (Vec::new(), Vec::new());
@@ -602,4 +901,3 @@ fn batch_rounds(files: &[String], rounds: usize) -> (usize, i64, Calls, Calls) {
     }
     (calls, span, ps, rs)
 }
-

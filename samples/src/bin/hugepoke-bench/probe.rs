@@ -2,8 +2,8 @@
 //! PMD-ness, the target's bytes, and the module's journal.
 
 use hugepoke::proc::{self, EventLine, Pagemap};
-use hugepoke::target::Target;
-use hugepoke::text;
+use hugepoke::testkit::target::Target;
+use hugepoke::testkit::text;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
@@ -20,7 +20,10 @@ macro_rules! check {
 pub(crate) use check;
 
 fn clock(id: libc::clockid_t) -> i64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec we own.
     unsafe { libc::clock_gettime(id, &mut ts) };
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
@@ -67,7 +70,12 @@ pub fn timed<T>(f: impl FnOnce() -> T) -> Timed<T> {
     let cpu_raw = thread_cpu_ns() - cpu0;
     // A thread cannot run longer than the wall clock that encloses it.
     let cpu = (cpu_raw - CPU_OVERHEAD_NS.load(Relaxed)).clamp(0, end - start);
-    Timed { value, start, end, cpu }
+    Timed {
+        value,
+        start,
+        end,
+        cpu,
+    }
 }
 
 /// Measure the CPU bracket's own cost: the median of (CPU − wall) over
@@ -96,13 +104,17 @@ pub struct Watch {
 
 impl Watch {
     pub fn open(pid: i32) -> std::io::Result<Self> {
-        Ok(Watch { pagemap: Pagemap::open(pid)? })
+        Ok(Watch {
+            pagemap: Pagemap::open(pid)?,
+        })
     }
 
     /// Is the 4 KiB page at `addr` mapped by a present PMD?
     /// ([`Pagemap::pmd_mapped_ranges`]).
     pub fn pmd_mapped(&self, addr: u64) -> bool {
-        let r = self.pagemap.pmd_mapped_ranges(addr, addr + text::PAGE as u64, 1);
+        let r = self
+            .pagemap
+            .pmd_mapped_ranges(addr, addr + text::PAGE as u64, 1);
         check!(r.is_ok(), "PAGEMAP_SCAN: {}", r.as_ref().unwrap_err());
         !r.unwrap().is_empty()
     }
@@ -121,10 +133,18 @@ impl Watch {
             let now = mono_ns();
             polls += 1;
             if self.pmd_mapped(addr) {
-                return Poll { seen_at: Some(now), polls, ended: mono_ns() };
+                return Poll {
+                    seen_at: Some(now),
+                    polls,
+                    ended: mono_ns(),
+                };
             }
             if now - since > limit_ns {
-                return Poll { seen_at: None, polls, ended: mono_ns() };
+                return Poll {
+                    seen_at: None,
+                    polls,
+                    ended: mono_ns(),
+                };
             }
         }
     }
@@ -141,7 +161,10 @@ pub struct Mem(File);
 
 impl Mem {
     pub fn open(pid: i32) -> Self {
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(format!("/proc/{pid}/mem"));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"));
         check!(f.is_ok(), "opening /proc/{pid}/mem: {:?}", f.err());
         Mem(f.unwrap())
     }
@@ -160,7 +183,11 @@ impl Mem {
 
 /// A fresh target on `file`, its text PMD-mapped (else the run fails).
 pub fn fresh_target(file: &str, spin: bool) -> (Target, Watch) {
-    let args: &[&str] = if spin { &["--spin", "--file", file] } else { &["--file", file] };
+    let args: &[&str] = if spin {
+        &["--spin", "--file", file]
+    } else {
+        &["--file", file]
+    };
     let t = Target::spawn(args);
     check!(t.is_ok(), "spawning thp-target: {:?}", t.err());
     let t = t.unwrap();
@@ -168,7 +195,11 @@ pub fn fresh_target(file: &str, spin: bool) -> (Target, Watch) {
     check!(w.is_ok(), "opening pagemap: {:?}", w.err());
     let w = w.unwrap();
     let p = w.wait_pmd(t.addr, mono_ns(), 2_000_000_000);
-    check!(p.seen_at.is_some(), "target {} text not PMD-mapped within 2 s", t.pid);
+    check!(
+        p.seen_at.is_some(),
+        "target {} text not PMD-mapped within 2 s",
+        t.pid
+    );
     (t, w)
 }
 
@@ -178,8 +209,14 @@ pub fn events_since(seq: u64, pid: i32) -> Vec<EventLine> {
     check!(text.is_ok(), "reading debugfs events: {:?}", text.err());
     let text = text.unwrap();
     let events = proc::parse_events(&text);
-    check!(events.first().is_none_or(|e| e.seq <= seq + 1), "the journal dropped events after seq {seq} (ring overflow)");
-    events.into_iter().filter(|e| e.seq > seq && e.pid == pid).collect()
+    check!(
+        events.first().is_none_or(|e| e.seq <= seq + 1),
+        "the journal dropped events after seq {seq} (ring overflow)"
+    );
+    events
+        .into_iter()
+        .filter(|e| e.seq > seq && e.pid == pid)
+        .collect()
 }
 
 /// What the journal says about one PATCH + RESTORE of a handle.
@@ -198,11 +235,19 @@ pub struct Steps {
 /// handle (it is logged before one exists): the first `patch` event.
 pub fn steps(events: &[EventLine], handle: u64) -> Steps {
     let mine = |e: &&EventLine| e.handle == Some(handle as u32);
-    let mut s = Steps { patch_at: events.iter().find(|e| e.step == "patch" && e.result == "ok").map(|e| e.time_ns as i64), ..Default::default() };
+    let mut s = Steps {
+        patch_at: events
+            .iter()
+            .find(|e| e.step == "patch" && e.result == "ok")
+            .map(|e| e.time_ns as i64),
+        ..Default::default()
+    };
     let mut open = None;
     for e in events.iter().filter(mine) {
         match (e.step.as_str(), e.note.as_str()) {
-            ("restore", _) if e.result == "ok" && s.restore_at.is_none() => s.restore_at = Some(e.time_ns as i64),
+            ("restore", _) if e.result == "ok" && s.restore_at.is_none() => {
+                s.restore_at = Some(e.time_ns as i64)
+            }
             ("lru_drain", "draining all CPUs' LRU batches") => open = Some(e.time_ns as i64),
             ("lru_drain", "drained") => {
                 if let Some(t) = open.take() {
@@ -214,8 +259,22 @@ pub fn steps(events: &[EventLine], handle: u64) -> Steps {
         }
     }
     // The collapse work logs the range, not the handle.
-    s.collapsed = events.iter().find(|e| e.step == "collapse").map(|e| (e.time_ns as i64, format!("{} {}", e.result, e.note)));
+    s.collapsed = events
+        .iter()
+        .find(|e| e.step == "collapse")
+        .map(|e| (e.time_ns as i64, format!("{} {}", e.result, e.note)));
     s
+}
+
+/// Of threads' results `(start, end, patches, restores)`: how many calls
+/// they made, and the wall time from the first start to the last end.
+pub(crate) fn calls_and_span<A, B>(results: &[(i64, i64, Vec<A>, Vec<B>)]) -> (usize, i64) {
+    let start = results.iter().map(|r| r.0).min().unwrap_or(0);
+    let end = results.iter().map(|r| r.1).max().unwrap_or(0);
+    (
+        results.iter().map(|r| r.2.len() + r.3.len()).sum(),
+        end - start,
+    )
 }
 
 #[cfg(test)]
@@ -240,16 +299,14 @@ mod tests {
         assert_eq!(s.restore_at, Some(2000));
         assert_eq!(s.drains, vec![(2100, 2600)]);
         assert_eq!(s.queued_at, Some(2700));
-        assert_eq!(s.collapsed, Some((3900, "ok SCAN_SUCCEED: page table retracted; PMD at next fault".into())));
+        assert_eq!(
+            s.collapsed,
+            Some((
+                3900,
+                "ok SCAN_SUCCEED: page table retracted; PMD at next fault".into()
+            ))
+        );
         // Another handle's drain is not ours.
         assert_eq!(steps(&proc::parse_events(text), 4).drains, vec![]);
     }
-}
-
-/// Of threads' results `(start, end, patches, restores)`: how many calls
-/// they made, and the wall time from the first start to the last end.
-pub(crate) fn calls_and_span<A, B>(results: &[(i64, i64, Vec<A>, Vec<B>)]) -> (usize, i64) {
-    let start = results.iter().map(|r| r.0).min().unwrap_or(0);
-    let end = results.iter().map(|r| r.1).max().unwrap_or(0);
-    (results.iter().map(|r| r.2.len() + r.3.len()).sum(), end - start)
 }

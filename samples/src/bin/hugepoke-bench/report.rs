@@ -64,10 +64,27 @@ pub struct SiteCost {
 
 impl SiteCost {
     pub fn new(label: &str, kind: &str, batch: bool) -> Self {
-        SiteCost { label: label.into(), kind: kind.into(), batch, sites: 0, calls: 0, wall_ns: 0, on_cpu_ns: 0, module_ns: None, median_ns: None }
+        SiteCost {
+            label: label.into(),
+            kind: kind.into(),
+            batch,
+            sites: 0,
+            calls: 0,
+            wall_ns: 0,
+            on_cpu_ns: 0,
+            module_ns: None,
+            median_ns: None,
+        }
     }
 
-    pub fn add(&mut self, sites: usize, calls: usize, wall_ns: i64, on_cpu_ns: i64, module_ns: Option<i64>) {
+    pub fn add(
+        &mut self,
+        sites: usize,
+        calls: usize,
+        wall_ns: i64,
+        on_cpu_ns: i64,
+        module_ns: Option<i64>,
+    ) {
         self.sites += sites;
         self.calls += calls;
         self.wall_ns += wall_ns;
@@ -109,7 +126,11 @@ impl Bound {
     /// Classify from the medians: on-CPU share >= 80 % is CPU-bound,
     /// <= 20 % wall-clock-bound.
     pub fn from_share(wall_median: i64, on_cpu_median: i64) -> Self {
-        let share = if wall_median > 0 { on_cpu_median as f64 / wall_median as f64 } else { 1.0 };
+        let share = if wall_median > 0 {
+            on_cpu_median as f64 / wall_median as f64
+        } else {
+            1.0
+        };
         if share >= 0.8 {
             Bound::Cpu
         } else if share <= 0.2 {
@@ -190,7 +211,11 @@ impl Row {
     }
 
     pub fn count(&mut self, what: &str, yes: usize, of: usize) {
-        self.counts.push(Count { what: what.into(), yes, of });
+        self.counts.push(Count {
+            what: what.into(),
+            yes,
+            of,
+        });
     }
 }
 
@@ -228,7 +253,10 @@ fn site_cost_table(costs: &[SiteCost]) -> String {
         _ => "–".into(),
     };
     for c in costs {
-        let base = costs.iter().find(|b| b.batch && b.kind == c.kind).filter(|_| !c.batch);
+        let base = costs
+            .iter()
+            .find(|b| b.batch && b.kind == c.kind)
+            .filter(|_| !c.batch);
         let mean = c.per_site(c.wall_ns);
         let vs_mean = times(Some(mean), base.map(|b| b.per_site(b.wall_ns)));
         let vs_median = times(c.median_ns, base.and_then(|b| b.median_ns));
@@ -271,20 +299,28 @@ pub fn markdown(b: &Bench) -> String {
          single-site method. What every sample is checked for is listed under the table; a failed check fails the run.\n\n",
         b.command, b.commit, b.kernel, b.cpus, b.host_load, b.cycles
     ));
-    out.push_str("| | median | p90 | samples | on caller's CPU (median) | bound by | checks; counts |\n");
+    out.push_str(
+        "| | median | p90 | samples | on caller's CPU (median) | bound by | checks; counts |\n",
+    );
     out.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
     for (i, r) in b.rows.iter().enumerate() {
         let med = median(&r.samples_ns).map_or("–".into(), human_ns);
         let p = p90(&r.samples_ns).map_or("–".into(), human_ns);
         let cpu = match (median(&r.on_cpu_ns), median(&r.samples_ns)) {
-            (Some(c), Some(w)) if w > 0 => format!("{} ({:.0} %)", human_ns(c), 100.0 * c as f64 / w as f64),
+            (Some(c), Some(w)) if w > 0 => {
+                format!("{} ({:.0} %)", human_ns(c), 100.0 * c as f64 / w as f64)
+            }
             _ => "–".into(),
         };
         let mut notes: Vec<String> = Vec::new();
         if !r.checked.is_empty() {
             notes.push(format!("all {} checked", r.samples_ns.len()));
         }
-        notes.extend(r.counts.iter().map(|c| format!("{}: {} of {}", c.what, c.yes, c.of)));
+        notes.extend(
+            r.counts
+                .iter()
+                .map(|c| format!("{}: {} of {}", c.what, c.yes, c.of)),
+        );
         let checked = notes.join("; ");
         out.push_str(&format!(
             "| {}. {} | {med} | {p} | {} | {cpu} | {} | {} |\n",
@@ -300,7 +336,9 @@ pub fn markdown(b: &Bench) -> String {
         for (i, t) in b.throughput.iter().enumerate() {
             // Each two-thread row follows its one-thread row.
             let ratio = match i.checked_sub(1).map(|j| &b.throughput[j]) {
-                Some(one) if t.threads == 2 && one.threads == 1 && one.sites > 0 => format!("{:.2}×", t.sites_per_second() / one.sites_per_second()),
+                Some(one) if t.threads == 2 && one.threads == 1 && one.sites > 0 => {
+                    format!("{:.2}×", t.sites_per_second() / one.sites_per_second())
+                }
                 _ => "–".into(),
             };
             out.push_str(&format!(
@@ -327,16 +365,38 @@ pub fn markdown(b: &Bench) -> String {
         human_ns(b.cpu_clock_overhead_ns)
     ));
     for (i, r) in b.rows.iter().enumerate() {
-        let why = if r.bound_why.is_empty() { String::new() } else { format!(" *Bound by {}:* {}", r.bound.words(), r.bound_why) };
-        let checked = if r.checked.is_empty() { String::new() } else { format!(" *Checked on every sample:* {}.", r.checked) };
-        out.push_str(&format!("{}. {}: {}.{checked}{why}\n", i + 1, r.label.trim(), r.includes));
+        let why = if r.bound_why.is_empty() {
+            String::new()
+        } else {
+            format!(" *Bound by {}:* {}", r.bound.words(), r.bound_why)
+        };
+        let checked = if r.checked.is_empty() {
+            String::new()
+        } else {
+            format!(" *Checked on every sample:* {}.", r.checked)
+        };
+        out.push_str(&format!(
+            "{}. {}: {}.{checked}{why}\n",
+            i + 1,
+            r.label.trim(),
+            r.includes
+        ));
     }
     if !b.uprobe_sleeps.is_empty() {
         out.push_str("\nWhere the traced uprobe attaches and detaches slept (kernel stack at each switch-out, from `__schedule` outwards; times seen over all traced cycles):\n\n");
         for st in &b.uprobe_sleeps {
             let frames: Vec<&str> = st.frames.iter().map(String::as_str).take(12).collect();
-            let kind = if st.grace_period { "grace period" } else { "other" };
-            out.push_str(&format!("- {}: {}× ({kind}) `{}`\n", st.during, st.count, frames.join(" ← ")));
+            let kind = if st.grace_period {
+                "grace period"
+            } else {
+                "other"
+            };
+            out.push_str(&format!(
+                "- {}: {}× ({kind}) `{}`\n",
+                st.during,
+                st.count,
+                frames.join(" ← ")
+            ));
         }
     }
     out
@@ -358,7 +418,8 @@ pub(crate) mod tests {
             d.push(i * 1_000_000, i * 10_000);
         }
         let d = d.classify();
-        let mut g = Row::new("drain", "LRU drain", "journal", "").bound_by(Bound::Wall, "waits for a work item on every CPU");
+        let mut g = Row::new("drain", "LRU drain", "journal", "")
+            .bound_by(Bound::Wall, "waits for a work item on every CPU");
         g.samples_ns = vec![-5, 10, 20];
         Bench {
             schema: SCHEMA,
@@ -371,9 +432,20 @@ pub(crate) mod tests {
             pmd_poll_ns: 31_000,
             clock_checks: 300,
             cpu_clock_overhead_ns: 1500,
-            uprobe_sleeps: vec![Stack { during: "detach".into(), count: 4, grace_period: true, frames: vec!["__schedule".into(), "__synchronize_srcu".into()] }],
+            uprobe_sleeps: vec![Stack {
+                during: "detach".into(),
+                count: 4,
+                grace_period: true,
+                frames: vec!["__schedule".into(), "__synchronize_srcu".into()],
+            }],
             rows: vec![a, d, g],
-            throughput: vec![Throughput { label: "PATCH, one target".into(), threads: 1, calls: 256, wall_ns: 512_000_000, sites: 128 }],
+            throughput: vec![Throughput {
+                label: "PATCH, one target".into(),
+                threads: 1,
+                calls: 256,
+                wall_ns: 512_000_000,
+                sites: 128,
+            }],
             site_costs: vec![],
         }
     }
@@ -408,16 +480,33 @@ pub(crate) mod tests {
         let mut undo = SiteCost::new("uprobe detach", "restore", false);
         undo.add(10_000, 10_000, 1_000_000_000, 10_000_000, None);
         b.site_costs = vec![batch, single, undo];
-        b.throughput.push(Throughput { label: "two".into(), threads: 2, calls: 512, wall_ns: 512_000_000, sites: 384 });
+        b.throughput.push(Throughput {
+            label: "two".into(),
+            threads: 2,
+            calls: 512,
+            wall_ns: 512_000_000,
+            sites: 384,
+        });
         let md = markdown(&b);
         assert!(md.contains("| PATCH_BATCH | 10000 | 3 | 50.0 ms | 5.00 µs | – | 4.00 µs | – | 4.90 µs | 4.00 µs |"), "{md}");
         // 100 µs a site against 5 µs: 20 times; medians 40 µs against 4 µs: 10 times.
         assert!(md.contains("| PATCH, one call a site | 10000 | 10000 | 1.00 s | 100 µs | 20.0× | 40.0 µs | 10.0× | 90.0 µs | 80.0 µs |"), "{md}");
         // No batch RESTORE to compare with, no median, no journal: dashes.
-        assert!(md.contains("| uprobe detach | 10000 | 10000 | 1.00 s | 100 µs | – | – | – | 1.00 µs | – |"), "{md}");
-        assert!(md.contains("40.0 ms of module time per 10,000 sites"), "{md}");
+        assert!(
+            md.contains(
+                "| uprobe detach | 10000 | 10000 | 1.00 s | 100 µs | – | – | – | 1.00 µs | – |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("40.0 ms of module time per 10,000 sites"),
+            "{md}"
+        );
         // 384 sites/s against 128 sites/s of the one-thread row above.
-        assert!(md.contains("| two | 2 | 512 | 512 ms | 1000 | 750 | 3.00× |"), "{md}");
+        assert!(
+            md.contains("| two | 2 | 512 | 512 ms | 1000 | 750 | 3.00× |"),
+            "{md}"
+        );
     }
 
     #[test]
@@ -433,17 +522,40 @@ pub(crate) mod tests {
     fn table_has_a_line_per_row_with_median_and_p90() {
         let md = markdown(&sample_bench());
         assert!(md.starts_with("Made by `scripts/bench 100` at `abc1234` (kernel 7.2.12, 2 vCPUs, TCG; host load average 1.50 1.20 1.00 at the start)"), "{md}");
-        let lines: Vec<&str> = md.lines().filter(|l| l.starts_with("| 1.") || l.starts_with("| 2.") || l.starts_with("| 3.")).collect();
+        let lines: Vec<&str> = md
+            .lines()
+            .filter(|l| l.starts_with("| 1.") || l.starts_with("| 2.") || l.starts_with("| 3."))
+            .collect();
         assert_eq!(lines.len(), 3, "{md}");
         assert_eq!(lines[0], "| 1. hugepoke PATCH | 50.0 µs | 90.0 µs | 100 | 45.0 µs (90 %) | CPU | all 100 checked; PMD back: 100 of 100 |");
         // A `|` in a label is escaped, not a new column.
         assert!(lines[1].starts_with("| 2. uprobe detach \\| close | 5.00 ms | 9.00 ms | 10 | 50.0 µs (1 %) | wall clock |"), "{}", lines[1]);
-        assert!(lines[2].starts_with("| 3. LRU drain | 10 ns | 20 ns | 3 | – | wall clock |"), "{}", lines[2]);
-        assert!(md.contains("| PATCH, one target | 1 | 256 | 512 ms | 500 | 250 | – |"), "{md}");
-        assert!(md.contains("3. LRU drain: journal. *Bound by wall clock:* waits for a work item on every CPU"), "{md}");
-        assert!(md.contains("1. hugepoke PATCH: the ioctl. *Checked on every sample:* bytes read back."), "{md}");
+        assert!(
+            lines[2].starts_with("| 3. LRU drain | 10 ns | 20 ns | 3 | – | wall clock |"),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            md.contains("| PATCH, one target | 1 | 256 | 512 ms | 500 | 250 | – |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "3. LRU drain: journal. *Bound by wall clock:* waits for a work item on every CPU"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "1. hugepoke PATCH: the ioctl. *Checked on every sample:* bytes read back."
+            ),
+            "{md}"
+        );
         assert!(md.contains("one iteration took 31.0 µs"), "{md}");
         assert!(md.contains("less that clock's own cost (1.50 µs)"), "{md}");
-        assert!(md.contains("- detach: 4× (grace period) `__schedule ← __synchronize_srcu`"), "{md}");
+        assert!(
+            md.contains("- detach: 4× (grace period) `__schedule ← __synchronize_srcu`"),
+            "{md}"
+        );
     }
 }

@@ -8,7 +8,7 @@ use crate::report::{Bench, Bound, Row, SiteCost, Stack, Throughput, SCHEMA};
 use crate::stats::median;
 use crate::trace::{off_cpu, SchedTrace};
 use hugepoke::device::{journal_seq, Device, PatchRequest};
-use hugepoke::text::{self, mov_eax_ret, original_value, PAGE, PAGES, THP_SIZE};
+use hugepoke::testkit::text::{self, mov_eax_ret, original_value, PAGE, PAGES, THP_SIZE};
 use std::ffi::CString;
 
 #[path = "many.rs"]
@@ -76,13 +76,23 @@ pub fn run(o: &Options) -> Bench {
     type Phase = (&'static str, fn(&mut Run));
     let phases: &[Phase] = &[
         ("hugepoke, spinning target", |r| r.hugepoke_single(true)),
-        ("hugepoke, spinning target on the caller's CPU", |r| r.same_cpu(|r| r.hugepoke_single(true))),
-        ("hugepoke, idle target, --install-pmd", |r| r.hugepoke_single(false)),
-        ("uprobe attach/detach, spinning target", |r| r.uprobe(true, false)),
-        ("uprobe attach/detach, idle target", |r| r.uprobe(false, false)),
+        ("hugepoke, spinning target on the caller's CPU", |r| {
+            r.same_cpu(|r| r.hugepoke_single(true))
+        }),
+        ("hugepoke, idle target, --install-pmd", |r| {
+            r.hugepoke_single(false)
+        }),
+        ("uprobe attach/detach, spinning target", |r| {
+            r.uprobe(true, false)
+        }),
+        ("uprobe attach/detach, idle target", |r| {
+            r.uprobe(false, false)
+        }),
         ("uprobe attach/detach, traced", |r| r.uprobe(true, true)),
         ("/proc/PID/mem, spinning target", |r| r.proc_mem(true)),
-        ("/proc/PID/mem, spinning target on the caller's CPU", |r| r.same_cpu(|r| r.proc_mem(true))),
+        ("/proc/PID/mem, spinning target on the caller's CPU", |r| {
+            r.same_cpu(|r| r.proc_mem(true))
+        }),
         ("/proc/PID/mem, idle target", |r| r.proc_mem(false)),
         ("1 site per target", |r| r.scale(1)),
         ("16 sites per target", |r| r.scale(16)),
@@ -93,16 +103,34 @@ pub fn run(o: &Options) -> Bench {
         ("10,000 sites: single PATCH", |r| r.many_single()),
         ("10,000 sites: /proc/PID/mem", |r| r.many_proc_mem()),
         ("10,000 sites: uprobes", |r| r.many_uprobe()),
-        ("10,000 sites: two targets concurrently", |r| r.many_concurrent()),
+        ("10,000 sites: two targets concurrently", |r| {
+            r.many_concurrent()
+        }),
         ("table: no other live site", |r| r.table(0, true)),
-        ("table: 1,000 other live sites in a batch", |r| r.table(1_000, true)),
-        ("table: 100,000 other live sites in batches", |r| r.table(100_000, true)),
-        ("table: 1,000 other live single patches", |r| r.table(1_000, false)),
-        ("table: 10,000 other live single patches", |r| r.table(10_000, false)),
+        ("table: 1,000 other live sites in a batch", |r| {
+            r.table(1_000, true)
+        }),
+        ("table: 100,000 other live sites in batches", |r| {
+            r.table(100_000, true)
+        }),
+        ("table: 1,000 other live single patches", |r| {
+            r.table(1_000, false)
+        }),
+        ("table: 10,000 other live single patches", |r| {
+            r.table(10_000, false)
+        }),
     ];
-    let phase = |name: &str| eprintln!("hugepoke-bench: {name} ({:.1} s)", (mono_ns() - t0) as f64 / 1e9);
+    let phase = |name: &str| {
+        eprintln!(
+            "hugepoke-bench: {name} ({:.1} s)",
+            (mono_ns() - t0) as f64 / 1e9
+        )
+    };
     for (name, f) in phases {
-        if o.only.as_ref().is_none_or(|only| only.split('|').any(|o| name.contains(o))) {
+        if o.only
+            .as_ref()
+            .is_none_or(|only| only.split('|').any(|o| name.contains(o)))
+        {
             phase(name);
             f(&mut r);
         }
@@ -112,7 +140,10 @@ pub fn run(o: &Options) -> Bench {
         schema: SCHEMA,
         command: o.command.clone(),
         commit: o.commit.clone(),
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().into(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .into(),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         host_load: o.host_load.clone(),
         cycles: o.cycles,
@@ -152,11 +183,21 @@ fn perf_uprobe_open(pmu_type: u32, path: &CString, offset: u64, pid: i32) -> std
         config2: u64,
         rest: [u64; 10],
     }
-    let attr = PerfEventAttr { type_: pmu_type, size: 128, config1: path.as_ptr() as u64, config2: offset, ..Default::default() };
+    let attr = PerfEventAttr {
+        type_: pmu_type,
+        size: 128,
+        config1: path.as_ptr() as u64,
+        config2: offset,
+        ..Default::default()
+    };
     // SAFETY: a valid perf_event_attr (size 128, zero-filled beyond the
     // fields set) and a NUL-terminated path that outlives the call.
     let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, &attr, pid, -1, -1, 0) };
-    if fd < 0 { Err(std::io::Error::last_os_error()) } else { Ok(fd as i32) }
+    if fd < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(fd as i32)
+    }
 }
 
 fn close(fd: i32) -> i32 {
@@ -179,13 +220,17 @@ fn set_affinity(cpus: &[usize]) {
         }
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
-    check!(rc == 0, "sched_setaffinity({cpus:?}): {}", std::io::Error::last_os_error());
+    check!(
+        rc == 0,
+        "sched_setaffinity({cpus:?}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// One single-site cycle's target: its text, pagemap and memory, the
 /// site on page `SITE_PAGE`, and the page-cache PFN mapped there.
 struct Site {
-    t: hugepoke::target::Target,
+    t: hugepoke::testkit::target::Target,
     w: crate::probe::Watch,
     mem: Mem,
     addr: u64,
@@ -201,10 +246,22 @@ impl Run {
         self.check_placement(t.pid);
         let mem = Mem::open(t.pid);
         let addr = t.page_addr(SITE_PAGE);
-        check!(mem.read(addr, 6) == original(SITE_PAGE), "target's page {SITE_PAGE} is not the original function");
+        check!(
+            mem.read(addr, 6) == original(SITE_PAGE),
+            "target's page {SITE_PAGE} is not the original function"
+        );
         let cache_pfn = w.pfn(addr);
-        check!(cache_pfn.is_some(), "no PFN for the site (pagemap needs root)");
-        Site { t, w, mem, addr, cache_pfn }
+        check!(
+            cache_pfn.is_some(),
+            "no PFN for the site (pagemap needs root)"
+        );
+        Site {
+            t,
+            w,
+            mem,
+            addr,
+            cache_pfn,
+        }
     }
 
     /// Run `f` with this thread pinned to CPU 0; the targets it spawns
@@ -213,7 +270,8 @@ impl Run {
     /// (no TLB-flush IPI to wait for, no remote LRU batch).  A control for
     /// what a target spinning on another CPU costs.
     fn same_cpu(&mut self, f: impl FnOnce(&mut Self)) {
-        let all: Vec<usize> = (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        let all: Vec<usize> =
+            (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
         set_affinity(&[0]);
         self.same_cpu = true;
         f(self);
@@ -225,14 +283,20 @@ impl Run {
     fn check_placement(&self, pid: i32) {
         if self.same_cpu {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            check!(status.lines().any(|l| l == "Cpus_allowed_list:\t0"), "target {pid} is not confined to CPU 0");
+            check!(
+                status.lines().any(|l| l == "Cpus_allowed_list:\t0"),
+                "target {pid} is not confined to CPU 0"
+            );
         }
     }
 
     /// Row tag and words for a target kind, with the CPU placement.
     fn who(&self, spin: bool, extra: &str) -> (String, String) {
         match (spin, self.same_cpu) {
-            (true, true) => ("spin1cpu".into(), format!("spinning target on the caller's CPU{extra}")),
+            (true, true) => (
+                "spin1cpu".into(),
+                format!("spinning target on the caller's CPU{extra}"),
+            ),
             (true, false) => ("spin".into(), format!("spinning target{extra}")),
             (false, _) => ("idle".into(), format!("idle target{extra}")),
         }
@@ -269,14 +333,32 @@ impl Run {
         let new = new_bytes(SITE_PAGE);
         let orig = original(SITE_PAGE);
         for _ in 0..self.cycles {
-            let Site { t, w, mem, addr, cache_pfn } = self.fresh_site(spin);
+            let Site {
+                t,
+                w,
+                mem,
+                addr,
+                cache_pfn,
+            } = self.fresh_site(spin);
             let seq = journal_seq();
-            let req = PatchRequest { pid: t.pid, addr, bytes: new.clone(), install_pmd: !spin, ..Default::default() };
+            let req = PatchRequest {
+                pid: t.pid,
+                addr,
+                bytes: new.clone(),
+                install_pmd: !spin,
+                ..Default::default()
+            };
             let p = timed(|| self.dev.patch(&req));
             check!(p.value.is_ok(), "PATCH: {:?}", p.value);
             let h = *p.value.as_ref().unwrap();
-            check!(mem.read(addr, 6) == new, "after PATCH the target does not have the new bytes");
-            check!(w.pfn(addr).is_some_and(|f| Some(f) != cache_pfn), "after PATCH the site is not on an anonymous copy");
+            check!(
+                mem.read(addr, 6) == new,
+                "after PATCH the target does not have the new bytes"
+            );
+            check!(
+                w.pfn(addr).is_some_and(|f| Some(f) != cache_pfn),
+                "after PATCH the site is not on an anonymous copy"
+            );
             let r = timed(|| self.dev.restore(h));
             check!(r.value.is_ok(), "RESTORE: {:?}", r.value);
             let poll_start = mono_ns();
@@ -284,10 +366,20 @@ impl Run {
             self.poll_cost(poll_start, &poll);
             if poll.seen_at.is_none() {
                 let s = steps(&events_since(seq, t.pid), h);
-                check!(false, "PMD not back within {PMD_REQUIRED} of RESTORE (target {}); journal: {s:?}", t.pid);
+                check!(
+                    false,
+                    "PMD not back within {PMD_REQUIRED} of RESTORE (target {}); journal: {s:?}",
+                    t.pid
+                );
             }
-            check!(w.pfn(addr) == cache_pfn, "after RESTORE the site does not map the page-cache page");
-            check!(mem.read(addr, 6) == orig, "after RESTORE the target does not have the original bytes");
+            check!(
+                w.pfn(addr) == cache_pfn,
+                "after RESTORE the site does not map the page-cache page"
+            );
+            check!(
+                mem.read(addr, 6) == orig,
+                "after RESTORE the target does not have the original bytes"
+            );
             // The work journals its outcome after collapse_pte_mapped_thp()
             // returns: a spinning target may fault the PMD in before that.
             let mut s = steps(&events_since(seq, t.pid), h);
@@ -297,20 +389,42 @@ impl Run {
                 s = steps(&events_since(seq, t.pid), h);
             }
             let inside = |at: Option<i64>, a: i64, b: i64| at.is_some_and(|t| a <= t && t <= b);
-            check!(inside(s.patch_at, p.start, p.end), "journal `patch` {:?} not inside the PATCH call [{}, {}]", s.patch_at, p.start, p.end);
-            check!(inside(s.restore_at, r.start, r.end), "journal `restore` {:?} not inside the RESTORE call [{}, {}]", s.restore_at, r.start, r.end);
+            check!(
+                inside(s.patch_at, p.start, p.end),
+                "journal `patch` {:?} not inside the PATCH call [{}, {}]",
+                s.patch_at,
+                p.start,
+                p.end
+            );
+            check!(
+                inside(s.restore_at, r.start, r.end),
+                "journal `restore` {:?} not inside the RESTORE call [{}, {}]",
+                s.restore_at,
+                r.start,
+                r.end
+            );
             let Some((done, note)) = &s.collapsed else {
-                check!(false, "no collapse in the journal 2 s after the PMD came back: {s:?}");
+                check!(
+                    false,
+                    "no collapse in the journal 2 s after the PMD came back: {s:?}"
+                );
                 unreachable!()
             };
             check!(note.starts_with("ok SCAN_SUCCEED"), "collapse: {note}");
             let queued = s.queued_at.unwrap_or(0);
-            check!(inside(s.queued_at, r.start, r.end), "journal `queue_collapse` {:?} not inside RESTORE", s.queued_at);
+            check!(
+                inside(s.queued_at, r.start, r.end),
+                "journal `queue_collapse` {:?} not inside RESTORE",
+                s.queued_at
+            );
             patch.push(p.wall(), p.cpu);
             restore.push(r.wall(), r.cpu);
             restores += 1;
             for (a, b) in &s.drains {
-                check!(r.start <= *a && *b <= r.end, "a drain outside the RESTORE call");
+                check!(
+                    r.start <= *a && *b <= r.end,
+                    "a drain outside the RESTORE call"
+                );
                 drain.samples_ns.push(b - a);
             }
             drains += usize::from(!s.drains.is_empty());
@@ -320,13 +434,30 @@ impl Run {
             work.samples_ns.push(done - queued);
             visible.samples_ns.push(poll.seen_at.unwrap() - r.end);
         }
-        restore.count(&format!("PMD back within {PMD_REQUIRED}"), restores, restores);
+        restore.count(
+            &format!("PMD back within {PMD_REQUIRED}"),
+            restores,
+            restores,
+        );
         restore.count("RESTOREs that drained", drains, restores);
         let drain = drain.bound_by(Bound::Wall, "flush_work() on every CPU with a non-empty batch: a worker must run there (a spinning CPU lets it in at a tick or preemption)");
-        let after = after.bound_by(Bound::Wall, "a workqueue worker must be scheduled; then collapse_pte_mapped_thp() runs on its CPU");
+        let after = after.bound_by(
+            Bound::Wall,
+            "a workqueue worker must be scheduled; then collapse_pte_mapped_thp() runs on its CPU",
+        );
         let work = work.bound_by(Bound::Wall, "as the row above, from the queueing");
-        let visible = visible.bound_by(Bound::Wall, "the collapse work and the target's own refault, on other threads");
-        self.rows.extend([patch.classify(), restore.classify(), drain, after, work, visible]);
+        let visible = visible.bound_by(
+            Bound::Wall,
+            "the collapse work and the target's own refault, on other threads",
+        );
+        self.rows.extend([
+            patch.classify(),
+            restore.classify(),
+            drain,
+            after,
+            work,
+            visible,
+        ]);
     }
 
     /// perf_event_open of a uprobe at the site (attach) and close (detach).
@@ -334,7 +465,11 @@ impl Run {
     /// The PMD is waited for only on a spinning target (an idle one never
     /// faults it back).
     fn uprobe(&mut self, spin: bool, traced: bool) {
-        let (tag, who) = if spin { ("spin", "spinning target") } else { ("idle", "idle target") };
+        let (tag, who) = if spin {
+            ("spin", "spinning target")
+        } else {
+            ("idle", "idle target")
+        };
         let pmu = std::fs::read_to_string("/sys/bus/event_source/devices/uprobe/type");
         check!(pmu.is_ok(), "no uprobe PMU (CONFIG_UPROBE_EVENTS)");
         let pmu: u32 = pmu.unwrap().trim().parse().unwrap_or(0);
@@ -365,18 +500,31 @@ impl Run {
         let (mut pmd_back, mut cache_back) = (0, 0);
         let tracer = traced.then(|| SchedTrace::start(gettid()));
         for _ in 0..self.cycles {
-            let Site { t, w, mem, addr, cache_pfn } = self.fresh_site(spin);
+            let Site {
+                t,
+                w,
+                mem,
+                addr,
+                cache_pfn,
+            } = self.fresh_site(spin);
             let (a, attach_trace) = match &tracer {
                 Some(tr) => {
-                    let (a, text) = tr.around(|| timed(|| perf_uprobe_open(pmu, &path, offset, t.pid)));
+                    let (a, text) =
+                        tr.around(|| timed(|| perf_uprobe_open(pmu, &path, offset, t.pid)));
                     (a, Some(text))
                 }
                 None => (timed(|| perf_uprobe_open(pmu, &path, offset, t.pid)), None),
             };
             check!(a.value.is_ok(), "perf_event_open(uprobe): {:?}", a.value);
             let fd = *a.value.as_ref().unwrap();
-            check!(mem.read(addr, 6) == int3, "after attach the target does not have int3 at the site");
-            check!(w.pfn(addr).is_some_and(|f| Some(f) != cache_pfn), "after attach the site is not on an anonymous copy");
+            check!(
+                mem.read(addr, 6) == int3,
+                "after attach the target does not have int3 at the site"
+            );
+            check!(
+                w.pfn(addr).is_some_and(|f| Some(f) != cache_pfn),
+                "after attach the site is not on an anonymous copy"
+            );
             let (d, trace) = match &tracer {
                 Some(tr) => {
                     let (d, text) = tr.around(|| timed(|| close(fd)));
@@ -384,13 +532,21 @@ impl Run {
                 }
                 None => (timed(|| close(fd)), None),
             };
-            check!(d.value == 0, "close(uprobe event): {}", std::io::Error::last_os_error());
+            check!(
+                d.value == 0,
+                "close(uprobe event): {}",
+                std::io::Error::last_os_error()
+            );
             if let (Some(attach_text), Some(detach_text)) = (attach_trace, trace) {
-                let calls = [("attach", a.start, a.end, a.wall(), a.cpu, attach_text), ("detach", d.start, d.end, d.wall(), d.cpu, detach_text)];
+                let calls = [
+                    ("attach", a.start, a.end, a.wall(), a.cpu, attach_text),
+                    ("detach", d.start, d.end, d.wall(), d.cpu, detach_text),
+                ];
                 for (i, (during, start, end, wall, cpu, text)) in calls.into_iter().enumerate() {
                     // Trace stamps are whole µs: a µs of slack either side.
-                    let (sleeps, out): (Vec<_>, Vec<_>) =
-                        off_cpu(&text, gettid()).into_iter().partition(|o| start <= o.from_ns + 1_000 && o.to_ns <= end + 1_000);
+                    let (sleeps, out): (Vec<_>, Vec<_>) = off_cpu(&text, gettid())
+                        .into_iter()
+                        .partition(|o| start <= o.from_ns + 1_000 && o.to_ns <= end + 1_000);
                     outside += out.len();
                     traced_sleeps += out.len() + sleeps.len();
                     if during == "detach" {
@@ -399,14 +555,26 @@ impl Run {
                     let (g, rest): (Vec<_>, Vec<_>) = sleeps.iter().partition(|o| o.grace_period());
                     let (row, gp, other) = &mut traced_rows[i];
                     row.push(wall, cpu);
-                    gp.samples_ns.push(g.iter().map(|o| o.to_ns - o.from_ns).sum());
-                    other.samples_ns.push(rest.iter().map(|o| o.to_ns - o.from_ns).sum());
+                    gp.samples_ns
+                        .push(g.iter().map(|o| o.to_ns - o.from_ns).sum());
+                    other
+                        .samples_ns
+                        .push(rest.iter().map(|o| o.to_ns - o.from_ns).sum());
                     waits[i].push(g.len());
                     for o in &sleeps {
-                        let frames = o.from_schedule();
-                        match self.uprobe_sleeps.iter_mut().find(|s| s.during == during && s.frames == frames) {
+                        let frames = o.stack_from_schedule();
+                        match self
+                            .uprobe_sleeps
+                            .iter_mut()
+                            .find(|s| s.during == during && s.frames == frames)
+                        {
                             Some(s) => s.count += 1,
-                            None => self.uprobe_sleeps.push(Stack { during: during.into(), count: 1, grace_period: o.grace_period(), frames }),
+                            None => self.uprobe_sleeps.push(Stack {
+                                during: during.into(),
+                                count: 1,
+                                grace_period: o.grace_period(),
+                                frames,
+                            }),
                         }
                     }
                 }
@@ -421,22 +589,34 @@ impl Run {
                 }
                 cache_back += usize::from(w.pfn(addr) == cache_pfn);
             }
-            check!(mem.read(addr, 6) == orig, "after detach the target does not have the original bytes");
+            check!(
+                mem.read(addr, 6) == orig,
+                "after detach the target does not have the original bytes"
+            );
         }
         if traced {
-            self.uprobe_sleeps.sort_by(|a, b| a.during.cmp(&b.during).then(b.count.cmp(&a.count)));
+            self.uprobe_sleeps
+                .sort_by(|a, b| a.during.cmp(&b.during).then(b.count.cmp(&a.count)));
             for (i, (row, mut gp, mut other)) in traced_rows.into_iter().enumerate() {
                 let n = waits[i].len();
                 let mut ks = waits[i].clone();
                 ks.sort_unstable();
                 ks.dedup();
                 for k in ks {
-                    gp.count(&format!("calls with {k} grace-period sleeps"), waits[i].iter().filter(|&&x| x == k).count(), n);
+                    gp.count(
+                        &format!("calls with {k} grace-period sleeps"),
+                        waits[i].iter().filter(|&&x| x == k).count(),
+                        n,
+                    );
                 }
                 gp.includes = "the calling thread's blocked intervals inside the call (switch-out to switch-in; sched_switch on the `mono` trace clock, µs stamps) whose kernel stack holds synchronize_srcu/synchronize_rcu: stacks below the table".into();
                 other.includes = "the calling thread's other blocked intervals inside the call (mutexes, I/O, …)".into();
                 if i == 1 {
-                    other.count("blocked intervals traced outside the calls' brackets (not counted above)", outside, traced_sleeps);
+                    other.count(
+                        "blocked intervals traced outside the calls' brackets (not counted above)",
+                        outside,
+                        traced_sleeps,
+                    );
                 }
                 let gp = gp.bound_by(Bound::Wall, "RCU and SRCU grace periods: driven by the RCU machinery's kthreads, workqueues and ticks, not by the caller's CPU");
                 let other = other.bound_by(Bound::Wall, "asleep, by definition");
@@ -444,7 +624,11 @@ impl Run {
             }
         } else {
             if spin {
-                detach.count(&format!("PMD back within {PMD_LIMIT}"), pmd_back, self.cycles);
+                detach.count(
+                    &format!("PMD back within {PMD_LIMIT}"),
+                    pmd_back,
+                    self.cycles,
+                );
             }
             detach.count("page-cache page mapped again", cache_back, self.cycles);
             self.rows.extend([attach.classify(), detach.classify()]);
@@ -463,15 +647,30 @@ impl Run {
             "pwrite(2) of the original 6 bytes right after: the page is already the anonymous copy (no COW); nothing zaps it or collapses", checked);
         let (mut pmd_back, mut cache_back) = (0, 0);
         for _ in 0..self.cycles {
-            let Site { t: _target, w, mem, addr, cache_pfn } = self.fresh_site(spin);
+            let Site {
+                t: _target,
+                w,
+                mem,
+                addr,
+                cache_pfn,
+            } = self.fresh_site(spin);
             // `_target` keeps the target alive to the end of the cycle.
             let a = timed(|| mem.write(addr, &new));
             check!(a.value.is_ok(), "/proc/PID/mem write: {:?}", a.value);
-            check!(mem.read(addr, 6) == new, "after the write the target does not have the new bytes");
-            check!(w.pfn(addr).is_some_and(|f| Some(f) != cache_pfn), "after the write the site is not on an anonymous copy");
+            check!(
+                mem.read(addr, 6) == new,
+                "after the write the target does not have the new bytes"
+            );
+            check!(
+                w.pfn(addr).is_some_and(|f| Some(f) != cache_pfn),
+                "after the write the site is not on an anonymous copy"
+            );
             let b = timed(|| mem.write(addr, &orig));
             check!(b.value.is_ok(), "/proc/PID/mem write: {:?}", b.value);
-            check!(mem.read(addr, 6) == orig, "after the second write the target does not have the originals");
+            check!(
+                mem.read(addr, 6) == orig,
+                "after the second write the target does not have the originals"
+            );
             if spin {
                 let poll_start = mono_ns();
                 let poll = w.wait_pmd(addr, b.end, PMD_LIMIT_NS);
@@ -483,7 +682,11 @@ impl Run {
             second.push(b.wall(), b.cpu);
         }
         if spin {
-            second.count(&format!("PMD back within {PMD_LIMIT}"), pmd_back, self.cycles);
+            second.count(
+                &format!("PMD back within {PMD_LIMIT}"),
+                pmd_back,
+                self.cycles,
+            );
         }
         second.count("page-cache page mapped again", cache_back, self.cycles);
         self.rows.extend([first.classify(), second.classify()]);
@@ -495,7 +698,11 @@ impl Run {
         let cycles = self.cycles.div_ceil(sites).max(1);
         let checked = "each site's bytes read back after its call; the whole 2 MiB text compared with what it must be after the last PATCH and after the last RESTORE; the PMD back after the last RESTORE";
         let plural = if sites == 1 { "site" } else { "sites" };
-        let growing = if sites == 1 { "no other live site".to_string() } else { format!("0 to {} other live sites", sites - 1) };
+        let growing = if sites == 1 {
+            "no other live site".to_string()
+        } else {
+            format!("0 to {} other live sites", sites - 1)
+        };
         let mut patch = Row::new(&format!("scale.patch.{sites}"), &format!("PATCH, {sites} {plural} per target (idle, --install-pmd)"),
             &format!("one PATCH ioctl while the target has {growing} (at most 8 per page, 6 bytes each, in the int3 padding, 64 + 512·k bytes into the page)"), checked);
         let mut restore = Row::new(&format!("scale.restore.{sites}"), &format!("RESTORE, {sites} {plural} per target (idle, --install-pmd)"),
@@ -505,35 +712,63 @@ impl Run {
             let (t, w) = fresh_target(&self.file, false);
             let mem = Mem::open(t.pid);
             let pristine = text::blob();
-            check!(mem.read(t.addr, THP_SIZE) == pristine, "target's text is not the pristine blob");
+            check!(
+                mem.read(t.addr, THP_SIZE) == pristine,
+                "target's text is not the pristine blob"
+            );
             let mut image = pristine.clone();
             let mut handles = Vec::with_capacity(sites);
             for k in 0..sites {
                 let at = (k % PAGES) * PAGE + 64 + (k / PAGES) * 512;
                 let bytes = new_bytes(k);
-                let req = PatchRequest { pid: t.pid, addr: t.addr + at as u64, bytes: bytes.clone(), install_pmd: true, ..Default::default() };
+                let req = PatchRequest {
+                    pid: t.pid,
+                    addr: t.addr + at as u64,
+                    bytes: bytes.clone(),
+                    install_pmd: true,
+                    ..Default::default()
+                };
                 let p = timed(|| self.dev.patch(&req));
                 check!(p.value.is_ok(), "PATCH site {k}: {:?}", p.value);
-                check!(mem.read(req.addr, 6) == bytes, "site {k}: new bytes not read back");
+                check!(
+                    mem.read(req.addr, 6) == bytes,
+                    "site {k}: new bytes not read back"
+                );
                 patch.push(p.wall(), p.cpu);
                 image[at..at + 6].copy_from_slice(&bytes);
                 handles.push((*p.value.as_ref().unwrap(), req.addr, at));
             }
-            check!(mem.read(t.addr, THP_SIZE) == image, "after {sites} PATCHes the text is not the blob plus exactly those sites");
+            check!(
+                mem.read(t.addr, THP_SIZE) == image,
+                "after {sites} PATCHes the text is not the blob plus exactly those sites"
+            );
             let mut last_end = 0;
             for (k, (h, addr, at)) in handles.into_iter().enumerate() {
                 let r = timed(|| self.dev.restore(h));
                 check!(r.value.is_ok(), "RESTORE site {k}: {:?}", r.value);
-                check!(mem.read(addr, 6) == pristine[at..at + 6], "site {k}: originals not read back");
+                check!(
+                    mem.read(addr, 6) == pristine[at..at + 6],
+                    "site {k}: originals not read back"
+                );
                 restore.push(r.wall(), r.cpu);
                 last_end = r.end;
             }
             let poll = w.wait_pmd(t.addr, last_end, PMD_REQUIRED_NS);
-            check!(poll.seen_at.is_some(), "PMD not back within {PMD_REQUIRED} of the last of {sites} RESTOREs");
+            check!(
+                poll.seen_at.is_some(),
+                "PMD not back within {PMD_REQUIRED} of the last of {sites} RESTOREs"
+            );
             pmd_back += 1;
-            check!(mem.read(t.addr, THP_SIZE) == pristine, "after the RESTOREs the text is not the pristine blob");
+            check!(
+                mem.read(t.addr, THP_SIZE) == pristine,
+                "after the RESTOREs the text is not the pristine blob"
+            );
         }
-        restore.count(&format!("PMD back within {PMD_REQUIRED} of the last RESTORE"), pmd_back, cycles);
+        restore.count(
+            &format!("PMD back within {PMD_REQUIRED} of the last RESTORE"),
+            pmd_back,
+            cycles,
+        );
         self.rows.extend([patch.classify(), restore.classify()]);
     }
 
@@ -545,8 +780,12 @@ impl Run {
         let checked = "each site's bytes read back after its call";
         let mut patch = Row::new("concurrent.patch", "PATCH, 2 targets patched concurrently (idle, --install-pmd)",
             &format!("one PATCH ioctl by one of two threads, each patching {sites} sites into its own target at the same time"), checked);
-        let mut restore = Row::new("concurrent.restore", "RESTORE, 2 targets concurrently (idle, --install-pmd)",
-            "one RESTORE ioctl by one of the two threads, each restoring its own target's sites", checked);
+        let mut restore = Row::new(
+            "concurrent.restore",
+            "RESTORE, 2 targets concurrently (idle, --install-pmd)",
+            "one RESTORE ioctl by one of the two threads, each restoring its own target's sites",
+            checked,
+        );
         let (mut one, mut two) = ((0usize, 0i64), (0usize, 0i64));
         for _ in 0..reps {
             let (calls, wall, _) = patch_restore(&format!("{dir}/bench-a.bin"), sites, 1);
@@ -561,8 +800,20 @@ impl Run {
             }
         }
         self.rows.extend([patch.classify(), restore.classify()]);
-        self.throughput.push(Throughput { label: format!("PATCH + RESTORE of {sites} sites, one target"), threads: 1, calls: one.0, wall_ns: one.1, sites: one.0 / 2 });
-        self.throughput.push(Throughput { label: format!("PATCH + RESTORE of {sites} sites each, two targets at once"), threads: 2, calls: two.0, wall_ns: two.1, sites: two.0 / 2 });
+        self.throughput.push(Throughput {
+            label: format!("PATCH + RESTORE of {sites} sites, one target"),
+            threads: 1,
+            calls: one.0,
+            wall_ns: one.1,
+            sites: one.0 / 2,
+        });
+        self.throughput.push(Throughput {
+            label: format!("PATCH + RESTORE of {sites} sites each, two targets at once"),
+            threads: 2,
+            calls: two.0,
+            wall_ns: two.1,
+            sites: two.0 / 2,
+        });
     }
 }
 
@@ -572,7 +823,11 @@ type Samples = Vec<(i64, i64)>;
 /// file, `base` with the thread number), PATCH `sites` sites then RESTORE
 /// them.  Calls made, wall time from the first start to the last end, and
 /// each thread's (wall, cpu) per PATCH and per RESTORE.
-fn patch_restore(base: &str, sites: usize, threads: usize) -> (usize, i64, Vec<(Samples, Samples)>) {
+fn patch_restore(
+    base: &str,
+    sites: usize,
+    threads: usize,
+) -> (usize, i64, Vec<(Samples, Samples)>) {
     let barrier = std::sync::Barrier::new(threads);
     let results: Vec<(i64, i64, Samples, Samples)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
@@ -592,25 +847,51 @@ fn patch_restore(base: &str, sites: usize, threads: usize) -> (usize, i64, Vec<(
                     for k in 0..sites {
                         let addr = t.page_addr(k % PAGES) + 64 + (k / PAGES * 512) as u64;
                         let bytes = new_bytes(k);
-                        let req = PatchRequest { pid: t.pid, addr, bytes: bytes.clone(), install_pmd: true, ..Default::default() };
+                        let req = PatchRequest {
+                            pid: t.pid,
+                            addr,
+                            bytes: bytes.clone(),
+                            install_pmd: true,
+                            ..Default::default()
+                        };
                         let p = timed(|| dev.patch(&req));
-                        check!(p.value.is_ok(), "PATCH (thread {i}) site {k}: {:?}", p.value);
-                        check!(mem.read(addr, 6) == bytes, "thread {i} site {k}: new bytes not read back");
+                        check!(
+                            p.value.is_ok(),
+                            "PATCH (thread {i}) site {k}: {:?}",
+                            p.value
+                        );
+                        check!(
+                            mem.read(addr, 6) == bytes,
+                            "thread {i} site {k}: new bytes not read back"
+                        );
                         ps.push((p.wall(), p.cpu));
                         handles.push((*p.value.as_ref().unwrap(), addr));
                     }
                     for (k, (h, addr)) in handles.into_iter().enumerate() {
                         let r = timed(|| dev.restore(h));
-                        check!(r.value.is_ok(), "RESTORE (thread {i}) site {k}: {:?}", r.value);
-                        check!(mem.read(addr, 6) == [0xcc; 6], "thread {i} site {k}: originals (int3) not read back");
+                        check!(
+                            r.value.is_ok(),
+                            "RESTORE (thread {i}) site {k}: {:?}",
+                            r.value
+                        );
+                        check!(
+                            mem.read(addr, 6) == [0xcc; 6],
+                            "thread {i} site {k}: originals (int3) not read back"
+                        );
                         rs.push((r.wall(), r.cpu));
                     }
                     (start, mono_ns(), ps, rs)
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("bench thread panicked")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("bench thread panicked"))
+            .collect()
     });
     let (calls, span) = crate::probe::calls_and_span(&results);
-    (calls, span, results.into_iter().map(|r| (r.2, r.3)).collect())
+    (
+        calls,
+        span,
+        results.into_iter().map(|r| (r.2, r.3)).collect(),
+    )
 }

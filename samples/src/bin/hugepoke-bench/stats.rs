@@ -31,7 +31,13 @@ pub fn human_ns(ns: i64) -> String {
         a if a < 1e9 => (a / 1e6, "ms"),
         a => (a / 1e9, "s"),
     };
-    let digits = if v < 10.0 { 2 } else if v < 100.0 { 1 } else { 0 };
+    let digits = if v < 10.0 {
+        2
+    } else if v < 100.0 {
+        1
+    } else {
+        0
+    };
     format!("{sign}{v:.digits$} {unit}")
 }
 

@@ -26,12 +26,19 @@ fn dots(samples: &[i64]) -> Vec<i64> {
     }
     let mut sorted = samples.to_vec();
     sorted.sort_unstable();
-    (0..MAX_DOTS).map(|k| sorted[k * (sorted.len() - 1) / (MAX_DOTS - 1)]).collect()
+    (0..MAX_DOTS)
+        .map(|k| sorted[k * (sorted.len() - 1) / (MAX_DOTS - 1)])
+        .collect()
 }
 
 /// Decades that cover every positive sample: `(lo, hi)` in ns, powers of ten.
 pub fn decades(b: &Bench) -> (f64, f64) {
-    let pos = b.rows.iter().flat_map(|r| r.samples_ns.iter()).filter(|&&v| v > 0).map(|&v| v as f64);
+    let pos = b
+        .rows
+        .iter()
+        .flat_map(|r| r.samples_ns.iter())
+        .filter(|&&v| v > 0)
+        .map(|&v| v as f64);
     let (min, max) = pos.fold((f64::MAX, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
     if max == 0.0 {
         return (1e3, 1e9);
@@ -45,46 +52,86 @@ pub fn decades(b: &Bench) -> (f64, f64) {
 pub fn chart(b: &Bench) -> String {
     let (lo, hi) = decades(b);
     let plot_w = WIDTH - LABEL_W - RIGHT;
-    let x = |ns: f64| LABEL_W + plot_w * (ns.max(lo).log10() - lo.log10()) / (hi.log10() - lo.log10());
+    let x =
+        |ns: f64| LABEL_W + plot_w * (ns.max(lo).log10() - lo.log10()) / (hi.log10() - lo.log10());
     let height = TOP + ROW_H * b.rows.len() as f64 + AXIS_H;
     let mut s = hugepoke::svg::open(WIDTH, height);
     let _ = writeln!(
         s,
         r#"<text x="10" y="20" font-size="14">{}</text>"#,
-        xml(&format!("hugepoke-bench: latency per sample (log scale); | median, ¦ p90 — {} at {}", b.command, b.commit))
+        xml(&format!(
+            "hugepoke-bench: latency per sample (log scale); | median, ¦ p90 — {} at {}",
+            b.command, b.commit
+        ))
     );
     let bottom = TOP + ROW_H * b.rows.len() as f64;
     // Decade grid and labels.
     let mut d = lo;
     while d <= hi * 1.0001 {
         let gx = x(d);
-        let _ = writeln!(s, r##"<line x1="{gx:.1}" y1="{TOP}" x2="{gx:.1}" y2="{bottom}" stroke="#ddd"/>"##);
-        let _ = writeln!(s, r#"<text x="{gx:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, bottom + 16.0, xml(&human_ns(d as i64)));
+        let _ = writeln!(
+            s,
+            r##"<line x1="{gx:.1}" y1="{TOP}" x2="{gx:.1}" y2="{bottom}" stroke="#ddd"/>"##
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{gx:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            bottom + 16.0,
+            xml(&human_ns(d as i64))
+        );
         d *= 10.0;
     }
     for (i, r) in b.rows.iter().enumerate() {
         let y0 = TOP + ROW_H * i as f64;
         let mid = y0 + ROW_H / 2.0;
         if i % 2 == 1 {
-            let _ = writeln!(s, r##"<rect x="0" y="{y0}" width="{WIDTH}" height="{ROW_H}" fill="#f6f6f6"/>"##);
+            let _ = writeln!(
+                s,
+                r##"<rect x="0" y="{y0}" width="{WIDTH}" height="{ROW_H}" fill="#f6f6f6"/>"##
+            );
         }
         let hidden = r.samples_ns.iter().filter(|&&v| v <= 0).count();
-        let mut label = if hidden > 0 { format!("{}. {} ({hidden} ≤ 0 at left edge)", i + 1, r.label) } else { format!("{}. {}", i + 1, r.label) };
+        let mut label = if hidden > 0 {
+            format!("{}. {} ({hidden} ≤ 0 at left edge)", i + 1, r.label)
+        } else {
+            format!("{}. {}", i + 1, r.label)
+        };
         if r.samples_ns.len() > MAX_DOTS {
             label += &format!(" ({MAX_DOTS} of {} samples drawn)", r.samples_ns.len());
         }
-        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, LABEL_W - 8.0, mid + 4.0, xml(&label));
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            LABEL_W - 8.0,
+            mid + 4.0,
+            xml(&label)
+        );
         let _ = write!(s, r##"<g fill="#1f5fa8" fill-opacity="0.35">"##);
         for (k, &v) in dots(&r.samples_ns).iter().enumerate() {
             // Deterministic jitter so that equal samples do not hide each other.
             let jitter = ((k as u64).wrapping_mul(2654435761) % 1000) as f64 / 1000.0 - 0.5;
-            let _ = write!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="2"/>"#, x(v as f64), mid + jitter * (ROW_H - 8.0));
+            let _ = write!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="2"/>"#,
+                x(v as f64),
+                mid + jitter * (ROW_H - 8.0)
+            );
         }
         let _ = writeln!(s, "</g>");
         if let (Some(m), Some(p)) = (median(&r.samples_ns), p90(&r.samples_ns)) {
             let (mx, px) = (x(m as f64), x(p as f64));
-            let _ = writeln!(s, r##"<line class="median" x1="{mx:.1}" y1="{:.1}" x2="{mx:.1}" y2="{:.1}" stroke="#c0392b" stroke-width="2"/>"##, y0 + 2.0, y0 + ROW_H - 2.0);
-            let _ = writeln!(s, r##"<line class="p90" x1="{px:.1}" y1="{:.1}" x2="{px:.1}" y2="{:.1}" stroke="#c0392b" stroke-dasharray="3,2"/>"##, y0 + 2.0, y0 + ROW_H - 2.0);
+            let _ = writeln!(
+                s,
+                r##"<line class="median" x1="{mx:.1}" y1="{:.1}" x2="{mx:.1}" y2="{:.1}" stroke="#c0392b" stroke-width="2"/>"##,
+                y0 + 2.0,
+                y0 + ROW_H - 2.0
+            );
+            let _ = writeln!(
+                s,
+                r##"<line class="p90" x1="{px:.1}" y1="{:.1}" x2="{px:.1}" y2="{:.1}" stroke="#c0392b" stroke-dasharray="3,2"/>"##,
+                y0 + 2.0,
+                y0 + ROW_H - 2.0
+            );
         }
     }
     let _ = writeln!(s, "</svg>");
@@ -108,7 +155,10 @@ mod tests {
         let svg = chart(&b);
         assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
         let dots = svg.matches("<circle ").count();
-        assert_eq!(dots, b.rows.iter().map(|r| r.samples_ns.len()).sum::<usize>());
+        assert_eq!(
+            dots,
+            b.rows.iter().map(|r| r.samples_ns.len()).sum::<usize>()
+        );
         assert_eq!(svg.matches(r#"class="median""#).count(), b.rows.len());
         assert_eq!(svg.matches(r#"class="p90""#).count(), b.rows.len());
         // Labels are escaped, and non-positive samples are said to be clipped.
@@ -143,7 +193,13 @@ mod tests {
             .map(|t| t.split('"').next().unwrap().parse().unwrap())
             .collect();
         assert_eq!(xs.len(), 2);
-        assert!((xs[0] - LABEL_W).abs() < 0.1, "1 µs is the left edge: {xs:?}");
-        assert!((xs[1] - (WIDTH - RIGHT)).abs() < 0.1, "1 ms is the right edge: {xs:?}");
+        assert!(
+            (xs[0] - LABEL_W).abs() < 0.1,
+            "1 µs is the left edge: {xs:?}"
+        );
+        assert!(
+            (xs[1] - (WIDTH - RIGHT)).abs() < 0.1,
+            "1 ms is the right edge: {xs:?}"
+        );
     }
 }

@@ -23,12 +23,18 @@ impl OffCpu {
     /// Blocked in an RCU/SRCU grace-period wait: `synchronize_srcu` (which
     /// `synchronize_rcu_tasks_trace` is in 7.2) or `synchronize_rcu`.
     pub fn grace_period(&self) -> bool {
-        self.stack.iter().any(|f| f.contains("synchronize_srcu") || f.contains("synchronize_rcu"))
+        self.stack
+            .iter()
+            .any(|f| f.contains("synchronize_srcu") || f.contains("synchronize_rcu"))
     }
 
     /// The stack from the scheduler down, without the tracepoint's frames.
-    pub fn from_schedule(&self) -> Vec<String> {
-        let from = self.stack.iter().position(|f| f.contains("schedule")).unwrap_or(0);
+    pub fn stack_from_schedule(&self) -> Vec<String> {
+        let from = self
+            .stack
+            .iter()
+            .position(|f| f.contains("schedule"))
+            .unwrap_or(0);
         self.stack[from..].to_vec()
     }
 }
@@ -68,8 +74,12 @@ pub fn off_cpu(trace: &str, tid: i32) -> Vec<OffCpu> {
             continue;
         }
         collecting = false;
-        let Some((head, ev)) = line.split_once(": sched_switch: ") else { continue };
-        let Some(at) = timestamp_ns(head) else { continue };
+        let Some((head, ev)) = line.split_once(": sched_switch: ") else {
+            continue;
+        };
+        let Some(at) = timestamp_ns(head) else {
+            continue;
+        };
         if field(ev, "next_pid=") == Some(next.as_str()) {
             if let Some(mut o) = open.take() {
                 o.to_ns = at;
@@ -79,7 +89,11 @@ pub fn off_cpu(trace: &str, tid: i32) -> Vec<OffCpu> {
         if field(ev, "prev_pid=") == Some(prev.as_str()) {
             let state = field(ev, "prev_state=").unwrap_or("R");
             if !state.starts_with('R') {
-                open = Some(OffCpu { from_ns: at, to_ns: at, stack: Vec::new() });
+                open = Some(OffCpu {
+                    from_ns: at,
+                    to_ns: at,
+                    stack: Vec::new(),
+                });
                 collecting = true;
             }
         }
@@ -89,7 +103,11 @@ pub fn off_cpu(trace: &str, tid: i32) -> Vec<OffCpu> {
 
 fn write(file: &str, what: &str) {
     let r = std::fs::write(format!("{TRACEFS}/{file}"), what);
-    check!(r.is_ok(), "writing {what:?} to {TRACEFS}/{file}: {:?}", r.err());
+    check!(
+        r.is_ok(),
+        "writing {what:?} to {TRACEFS}/{file}: {:?}",
+        r.err()
+    );
 }
 
 /// sched_switch of one thread, with stacks, on the mono clock.
@@ -98,12 +116,20 @@ pub struct SchedTrace;
 impl SchedTrace {
     pub fn start(tid: i32) -> Self {
         if !std::path::Path::new(&format!("{TRACEFS}/trace")).exists() {
-            let r = std::process::Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS]).status();
-            check!(r.is_ok_and(|s| s.success()), "mounting tracefs at {TRACEFS}");
+            let r = std::process::Command::new("mount")
+                .args(["-t", "tracefs", "tracefs", TRACEFS])
+                .status();
+            check!(
+                r.is_ok_and(|s| s.success()),
+                "mounting tracefs at {TRACEFS}"
+            );
         }
         write("tracing_on", "0");
         write("trace_clock", "mono");
-        write("events/sched/sched_switch/filter", &format!("prev_pid == {tid} || next_pid == {tid}"));
+        write(
+            "events/sched/sched_switch/filter",
+            &format!("prev_pid == {tid} || next_pid == {tid}"),
+        );
         write("options/stacktrace", "1");
         write("events/sched/sched_switch/enable", "1");
         write("trace", "");
@@ -124,7 +150,12 @@ impl SchedTrace {
 
 impl Drop for SchedTrace {
     fn drop(&mut self) {
-        for (f, v) in [("events/sched/sched_switch/enable", "0"), ("options/stacktrace", "0"), ("events/sched/sched_switch/filter", "0"), ("trace", "")] {
+        for (f, v) in [
+            ("events/sched/sched_switch/enable", "0"),
+            ("options/stacktrace", "0"),
+            ("events/sched/sched_switch/filter", "0"),
+            ("trace", ""),
+        ] {
             let _ = std::fs::write(format!("{TRACEFS}/{f}"), v);
         }
     }
@@ -172,13 +203,32 @@ mod tests {
         let o = off_cpu(TRACE, 77);
         // The preemption (R+) is not a blocked interval; the two sleeps are.
         assert_eq!(o.len(), 2, "{o:?}");
-        assert_eq!((o[0].from_ns, o[0].to_ns), (100_000_100_000, 100_004_100_000));
+        assert_eq!(
+            (o[0].from_ns, o[0].to_ns),
+            (100_000_100_000, 100_004_100_000)
+        );
         assert!(o[0].grace_period());
-        assert_eq!(o[0].stack.len(), 10, "the idle task's stack is not ours: {:?}", o[0].stack);
-        assert_eq!(o[0].from_schedule()[0], "__schedule");
-        assert_eq!((o[1].from_ns, o[1].to_ns), (100_004_500_000, 100_005_500_000));
+        assert_eq!(
+            o[0].stack.len(),
+            10,
+            "the idle task's stack is not ours: {:?}",
+            o[0].stack
+        );
+        assert_eq!(o[0].stack_from_schedule()[0], "__schedule");
+        assert_eq!(
+            (o[1].from_ns, o[1].to_ns),
+            (100_004_500_000, 100_005_500_000)
+        );
         assert!(!o[1].grace_period());
-        assert_eq!(o[1].from_schedule(), ["__schedule", "schedule", "__mutex_lock", "perf_uprobe_destroy"]);
+        assert_eq!(
+            o[1].stack_from_schedule(),
+            [
+                "__schedule",
+                "schedule",
+                "__mutex_lock",
+                "perf_uprobe_destroy"
+            ]
+        );
         assert_eq!(off_cpu(TRACE, 78), vec![]);
     }
 }

@@ -35,17 +35,36 @@ fn snapshot(t: &Target) -> Result<Snapshot, String> {
 /// Where two snapshots differ, in words (the 2 MiB text is not printed).
 fn differences(before: &Snapshot, after: &Snapshot) -> String {
     let mut d = Vec::new();
-    if let Some(i) = before.text.iter().zip(&after.text).position(|(a, b)| a != b) {
+    if let Some(i) = before
+        .text
+        .iter()
+        .zip(&after.text)
+        .position(|(a, b)| a != b)
+    {
         d.push(format!("text differs first at offset {i:#x}"));
     }
     if before.anonymous_kb != after.anonymous_kb {
-        d.push(format!("Anonymous {} kB -> {} kB", before.anonymous_kb, after.anonymous_kb));
+        d.push(format!(
+            "Anonymous {} kB -> {} kB",
+            before.anonymous_kb, after.anonymous_kb
+        ));
     }
     if before.pmd_mapped_kb != after.pmd_mapped_kb {
-        d.push(format!("PMD-mapped {} kB -> {} kB", before.pmd_mapped_kb, after.pmd_mapped_kb));
+        d.push(format!(
+            "PMD-mapped {} kB -> {} kB",
+            before.pmd_mapped_kb, after.pmd_mapped_kb
+        ));
     }
-    if let Some(p) = before.pfns.iter().zip(&after.pfns).position(|(a, b)| a != b) {
-        d.push(format!("page {p} PFN {:#x} -> {:#x}", before.pfns[p], after.pfns[p]));
+    if let Some(p) = before
+        .pfns
+        .iter()
+        .zip(&after.pfns)
+        .position(|(a, b)| a != b)
+    {
+        d.push(format!(
+            "page {p} PFN {:#x} -> {:#x}",
+            before.pfns[p], after.pfns[p]
+        ));
     }
     d.join("; ")
 }
@@ -59,7 +78,10 @@ fn function_site(t: &Target, page: usize, value: u32) -> BatchSite {
 
 /// Journal events about `pid` after `seq`.
 fn events_after(seq: u64, pid: i32) -> Result<Vec<EventLine>, String> {
-    Ok(events()?.into_iter().filter(|e| e.seq > seq && e.pid == pid).collect())
+    Ok(events()?
+        .into_iter()
+        .filter(|e| e.seq > seq && e.pid == pid)
+        .collect())
 }
 
 fn errno_of(r: &Result<u64, BatchError>) -> Option<i32> {
@@ -76,36 +98,93 @@ pub(crate) fn batch_refused_at_its_last_site_changes_nothing() -> TestResult {
     let t = Target::spawn(&[])?;
     thp_head(&t)?;
     let dev = io(Device::open())?;
-    let good: Vec<BatchSite> = (10..20).map(|p| function_site(&t, p, 7000 + p as u32)).collect();
+    let good: Vec<BatchSite> = (10..20)
+        .map(|p| function_site(&t, p, 7000 + p as u32))
+        .collect();
     let last = good.len();
     let before = snapshot(&t)?;
-    ensure!(before.anonymous_kb == 0 && before.pmd_mapped_kb == 2048, "fresh target not pristine: {before:?}");
+    ensure!(
+        before.anonymous_kb == 0 && before.pmd_mapped_kb == 2048,
+        "fresh target not pristine: {before:?}"
+    );
     let wrong = text::mov_eax_ret(4242);
     let bad: [(&str, BatchSite, i32, &str); 4] = [
-        ("unmapped address", batch_site(0x1000, &[0x90], None), libc::EFAULT, "not mapped"),
-        ("length 0", BatchSite { addr: t.page_addr(30), len: 0, ..Default::default() }, libc::EINVAL, "1 to 16 bytes"),
-        ("overlapping site 3", batch_site(t.page_addr(13) + 2, &[0x90, 0x90], None), libc::EINVAL, "overlaps"),
-        ("expect mismatch", batch_site(t.page_addr(30), &[0x90; 6], Some(&wrong)), libc::EILSEQ, "not the expected ones"),
+        (
+            "unmapped address",
+            batch_site(0x1000, &[0x90], None),
+            libc::EFAULT,
+            "not mapped",
+        ),
+        (
+            "length 0",
+            BatchSite {
+                addr: t.page_addr(30),
+                len: 0,
+                ..Default::default()
+            },
+            libc::EINVAL,
+            "1 to 16 bytes",
+        ),
+        (
+            "overlapping site 3",
+            batch_site(t.page_addr(13) + 2, &[0x90, 0x90], None),
+            libc::EINVAL,
+            "overlaps",
+        ),
+        (
+            "expect mismatch",
+            batch_site(t.page_addr(30), &[0x90; 6], Some(&wrong)),
+            libc::EILSEQ,
+            "not the expected ones",
+        ),
     ];
     for (what, site, errno, reason) in bad {
         let mut sites = good.clone();
         sites.push(site);
         let seq = journal_seq();
         let r = dev.patch_batch(t.pid, &sites, 0);
-        ensure!(errno_of(&r) == Some(errno), "{what}: PATCH_BATCH returned {r:?}, want {}", hugepoke::errno_name(errno));
+        ensure!(
+            errno_of(&r) == Some(errno),
+            "{what}: PATCH_BATCH returned {r:?}, want {}",
+            hugepoke::errno_name(errno)
+        );
         let failed = r.unwrap_err().failed;
-        ensure!(failed == Some(last), "{what}: failed = {failed:?}, want the last site ({last})");
+        ensure!(
+            failed == Some(last),
+            "{what}: failed = {failed:?}, want the last site ({last})"
+        );
         let evs = events()?;
-        let fail = evs.iter().find(|e| e.seq > seq && e.result != "ok").ok_or(format!("{what}: no failure journaled"))?;
-        ensure!(fail.note.contains(reason), "{what}: journaled {:?}, want {reason:?}", fail.note);
-        ensure!(fail.addr == Some(site.addr), "{what}: failure journaled at {:?}, not at the last site's {:#x}", fail.addr, site.addr);
+        let fail = evs
+            .iter()
+            .find(|e| e.seq > seq && e.result != "ok")
+            .ok_or(format!("{what}: no failure journaled"))?;
+        ensure!(
+            fail.note.contains(reason),
+            "{what}: journaled {:?}, want {reason:?}",
+            fail.note
+        );
+        ensure!(
+            fail.addr == Some(site.addr),
+            "{what}: failure journaled at {:?}, not at the last site's {:#x}",
+            fail.addr,
+            site.addr
+        );
         let after = snapshot(&t)?;
-        ensure!(after == before, "{what}: the refused batch changed the target: {}", differences(&before, &after));
+        ensure!(
+            after == before,
+            "{what}: the refused batch changed the target: {}",
+            differences(&before, &after)
+        );
     }
     // A refusal only the checks after the target is resolved can make:
     // the last site overlaps a live single patch at byte 200 of page 30
     // (EBUSY), and is not the first site of the batch on that page.
-    let live = PatchRequest { pid: t.pid, addr: t.page_addr(30) + 200, bytes: vec![0x90], ..Default::default() };
+    let live = PatchRequest {
+        pid: t.pid,
+        addr: t.page_addr(30) + 200,
+        bytes: vec![0x90],
+        ..Default::default()
+    };
     let single = io(dev.patch(&live))?;
     let before = snapshot(&t)?;
     let mut sites = good.clone();
@@ -113,16 +192,35 @@ pub(crate) fn batch_refused_at_its_last_site_changes_nothing() -> TestResult {
     sites.push(batch_site(t.page_addr(30) + 199, &[0x90, 0x90], None));
     let seq = journal_seq();
     let r = dev.patch_batch(t.pid, &sites, 0);
-    ensure!(errno_of(&r) == Some(libc::EBUSY), "overlapping a live patch: PATCH_BATCH returned {r:?}, want EBUSY");
+    ensure!(
+        errno_of(&r) == Some(libc::EBUSY),
+        "overlapping a live patch: PATCH_BATCH returned {r:?}, want EBUSY"
+    );
     let failed = r.unwrap_err().failed;
-    ensure!(failed == Some(last + 1), "overlapping a live patch: failed = {failed:?}, want the last site ({})", last + 1);
-    let fail = events_after(seq, t.pid)?.into_iter().find(|e| e.result != "ok").ok_or("overlapping a live patch: no failure journaled")?;
-    ensure!(fail.note.contains("overlaps a live patch") && fail.addr == Some(t.page_addr(30) + 199), "overlapping a live patch: journaled {fail:?}");
+    ensure!(
+        failed == Some(last + 1),
+        "overlapping a live patch: failed = {failed:?}, want the last site ({})",
+        last + 1
+    );
+    let fail = events_after(seq, t.pid)?
+        .into_iter()
+        .find(|e| e.result != "ok")
+        .ok_or("overlapping a live patch: no failure journaled")?;
+    ensure!(
+        fail.note.contains("overlaps a live patch") && fail.addr == Some(t.page_addr(30) + 199),
+        "overlapping a live patch: journaled {fail:?}"
+    );
     let after = snapshot(&t)?;
-    ensure!(after == before, "overlapping a live patch: the refused batch changed the target: {}", differences(&before, &after));
+    ensure!(
+        after == before,
+        "overlapping a live patch: the refused batch changed the target: {}",
+        differences(&before, &after)
+    );
     io(dev.restore(single))?;
     // The good sites alone go in: the refusals were about the last site.
-    let h = dev.patch_batch(t.pid, &good, 0).map_err(|e| format!("the good sites: {e}"))?;
+    let h = dev
+        .patch_batch(t.pid, &good, 0)
+        .map_err(|e| format!("the good sites: {e}"))?;
     ensure!(io(dev.query(h))?.count == last as u32, "query count");
     io(dev.restore(h))?;
     Ok(())
@@ -140,37 +238,94 @@ pub(crate) fn batch_refuses_one_file_page_at_two_addresses() -> TestResult {
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     let reply = t.command("map-again")?;
-    let second = reply.strip_prefix("mapped-again ").and_then(hugepoke::parse_number).ok_or(format!("map-again: {reply}"))?;
+    let second = reply
+        .strip_prefix("mapped-again ")
+        .and_then(hugepoke::parse_number)
+        .ok_or(format!("map-again: {reply}"))?;
     let at_second = |page: usize| second + (page * text::PAGE) as u64;
     let dev = io(Device::open())?;
     let first_site = function_site(&t, 12, 7012);
-    let second_site = BatchSite { addr: at_second(12), ..first_site };
+    let second_site = BatchSite {
+        addr: at_second(12),
+        ..first_site
+    };
     let first_13 = function_site(&t, 13, 7013);
-    let second_13 = BatchSite { addr: at_second(13), ..first_13 };
+    let second_13 = BatchSite {
+        addr: at_second(13),
+        ..first_13
+    };
     let before = snapshot(&t)?;
     let second_before = read_mem(t.pid, second, text::THP_SIZE)?;
     let seq = journal_seq();
     let r = dev.patch_batch(t.pid, &[second_site, first_site, first_13, second_13], 0);
-    ensure!(errno_of(&r) == Some(libc::EINVAL), "PATCH_BATCH of one file page at two addresses returned {r:?}, want EINVAL");
-    let (blamed, blamed_addr) = if second > t.addr { (0, second_site.addr) } else { (1, first_site.addr) };
+    ensure!(
+        errno_of(&r) == Some(libc::EINVAL),
+        "PATCH_BATCH of one file page at two addresses returned {r:?}, want EINVAL"
+    );
+    let (blamed, blamed_addr) = if second > t.addr {
+        (0, second_site.addr)
+    } else {
+        (1, first_site.addr)
+    };
     let failed = r.unwrap_err().failed;
-    ensure!(failed == Some(blamed), "failed = {failed:?}, want {blamed} (the site at the higher address)");
-    let fail = events_after(seq, t.pid)?.into_iter().find(|e| e.result != "ok").ok_or("no failure journaled")?;
-    ensure!(fail.note.contains("two addresses"), "journaled {:?}", fail.note);
-    ensure!(fail.addr == Some(blamed_addr), "failure journaled at {:?}, want {blamed_addr:#x}", fail.addr);
+    ensure!(
+        failed == Some(blamed),
+        "failed = {failed:?}, want {blamed} (the site at the higher address)"
+    );
+    let fail = events_after(seq, t.pid)?
+        .into_iter()
+        .find(|e| e.result != "ok")
+        .ok_or("no failure journaled")?;
+    ensure!(
+        fail.note.contains("two addresses"),
+        "journaled {:?}",
+        fail.note
+    );
+    ensure!(
+        fail.addr == Some(blamed_addr),
+        "failure journaled at {:?}, want {blamed_addr:#x}",
+        fail.addr
+    );
     let after = snapshot(&t)?;
-    ensure!(after == before, "the refused batch changed the first mapping: {}", differences(&before, &after));
-    ensure!(read_mem(t.pid, second, text::THP_SIZE)? == second_before, "the refused batch changed the second mapping");
+    ensure!(
+        after == before,
+        "the refused batch changed the first mapping: {}",
+        differences(&before, &after)
+    );
+    ensure!(
+        read_mem(t.pid, second, text::THP_SIZE)? == second_before,
+        "the refused batch changed the second mapping"
+    );
 
     // Different file pages of the two mappings: one identity each.
-    let other = BatchSite { addr: at_second(13), ..function_site(&t, 13, 7013) };
-    let h = dev.patch_batch(t.pid, &[first_site, other], 0).map_err(|e| format!("sites on pages 12 and 13 of the two mappings: {e}"))?;
-    ensure!(t.call(12)? == 7012, "page 12 of the first mapping does not run its patch");
-    ensure!(read_mem(t.pid, at_second(13), 6)? == text::mov_eax_ret(7013), "page 13 of the second mapping does not hold its patch");
-    ensure!(read_mem(t.pid, at_second(12), 6)? == second_before[12 * text::PAGE..][..6], "page 12 of the second mapping changed");
+    let other = BatchSite {
+        addr: at_second(13),
+        ..function_site(&t, 13, 7013)
+    };
+    let h = dev
+        .patch_batch(t.pid, &[first_site, other], 0)
+        .map_err(|e| format!("sites on pages 12 and 13 of the two mappings: {e}"))?;
+    ensure!(
+        t.call(12)? == 7012,
+        "page 12 of the first mapping does not run its patch"
+    );
+    ensure!(
+        read_mem(t.pid, at_second(13), 6)? == text::mov_eax_ret(7013),
+        "page 13 of the second mapping does not hold its patch"
+    );
+    ensure!(
+        read_mem(t.pid, at_second(12), 6)? == second_before[12 * text::PAGE..][..6],
+        "page 12 of the second mapping changed"
+    );
     io(dev.restore(h))?;
-    ensure!(t.call(12)? == text::original_value(12), "page 12 not restored");
-    ensure!(read_mem(t.pid, second, text::THP_SIZE)? == second_before, "the second mapping not restored");
+    ensure!(
+        t.call(12)? == text::original_value(12),
+        "page 12 not restored"
+    );
+    ensure!(
+        read_mem(t.pid, second, text::THP_SIZE)? == second_before,
+        "the second mapping not restored"
+    );
     Ok(())
 }
 
@@ -191,7 +346,11 @@ pub(crate) fn batch_failing_on_a_later_page_undoes_the_earlier_pages() -> TestRe
     let mut t = Target::spawn(&["--file", &file])?;
     let head = thp_head(&t)?;
     // Listed out of order: the module sorts them, the index is the caller's.
-    let sites = vec![function_site(&t, 32, 7032), function_site(&t, 30, 7030), function_site(&t, 31, 7031)];
+    let sites = vec![
+        function_site(&t, 32, 7032),
+        function_site(&t, 30, 7030),
+        function_site(&t, 31, 7031),
+    ];
     let theirs = text::mov_eax_ret(7777);
 
     let pause = Pause::arm("checked", t.pid)?;
@@ -208,30 +367,65 @@ pub(crate) fn batch_failing_on_a_later_page_undoes_the_earlier_pages() -> TestRe
     pause.release()?;
     let r = batcher.join().map_err(|_| "batch thread panicked")??;
 
-    ensure!(errno_of(&r) == Some(libc::EILSEQ), "PATCH_BATCH over bytes changed after its check returned {r:?}, not EILSEQ");
+    ensure!(
+        errno_of(&r) == Some(libc::EILSEQ),
+        "PATCH_BATCH over bytes changed after its check returned {r:?}, not EILSEQ"
+    );
     let failed = r.unwrap_err().failed;
-    ensure!(failed == Some(0), "failed = {failed:?}, want site 0 (page 32's)");
+    ensure!(
+        failed == Some(0),
+        "failed = {failed:?}, want site 0 (page 32's)"
+    );
     let evs = events_after(seq, t.pid)?;
     let steps_seen = steps(&evs);
-    let written = evs.iter().filter(|e| e.step == "write_bytes" && e.result == "ok").count();
-    ensure!(written == 2, "{written} pages written before the failing one, want 2 (30, 31): {steps_seen:?}");
-    let locked_check = evs.iter().find(|e| e.result != "ok" && e.note.contains("page-table lock"));
+    let written = evs
+        .iter()
+        .filter(|e| e.step == "write_bytes" && e.result == "ok")
+        .count();
+    ensure!(
+        written == 2,
+        "{written} pages written before the failing one, want 2 (30, 31): {steps_seen:?}"
+    );
+    let locked_check = evs
+        .iter()
+        .find(|e| e.result != "ok" && e.note.contains("page-table lock"));
     ensure!(
         locked_check.is_some_and(|e| e.addr == Some(t.page_addr(32))),
         "no failure under the page-table lock journaled at page 32: {steps_seen:?}"
     );
-    ensure!(evs.iter().any(|e| e.note.contains("undo")), "the journal does not say the batch was undone: {steps_seen:?}");
+    ensure!(
+        evs.iter().any(|e| e.note.contains("undo")),
+        "the journal does not say the batch was undone: {steps_seen:?}"
+    );
     for page in [30, 31] {
-        ensure!(t.call(page)? == text::original_value(page), "page {page} kept the failed batch's bytes");
+        ensure!(
+            t.call(page)? == text::original_value(page),
+            "page {page} kept the failed batch's bytes"
+        );
     }
-    ensure!(t.call(32)? == 7777, "page 32 does not run the file's new bytes");
+    ensure!(
+        t.call(32)? == 7777,
+        "page 32 does not run the file's new bytes"
+    );
     let s = smaps(&t)?;
-    ensure!(s.kb("Anonymous") == 0, "anonymous copies left after the undo: {s:?}");
-    ensure!(io(proc::debugfs("patches"))?.lines().all(|l| !l.contains(&format!(" {} ", t.pid))), "a patch of the failed batch is listed");
+    ensure!(
+        s.kb("Anonymous") == 0,
+        "anonymous copies left after the undo: {s:?}"
+    );
+    ensure!(
+        io(proc::debugfs("patches"))?
+            .lines()
+            .all(|l| !l.contains(&format!(" {} ", t.pid))),
+        "a patch of the failed batch is listed"
+    );
     wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
     ensure!(thp_head(&t)? == head, "a different THP came back");
     for page in PAGES {
-        let want = if page == 32 { 7777 } else { text::original_value(page) };
+        let want = if page == 32 {
+            7777
+        } else {
+            text::original_value(page)
+        };
         ensure!(t.call(page)? == want, "page {page} after the collapse");
     }
     drop(t);
@@ -252,61 +446,141 @@ pub(crate) fn batch_over_pages_of_one_thp_splits_once_and_collapses_once() -> Te
     for page in PAGES {
         sites.push(function_site(&t, page, 7000 + page as u32));
         for at in [600, 3000] {
-            sites.push(batch_site(t.page_addr(page) + at, &[0x90, 0x90], Some(&[0xcc, 0xcc])));
+            sites.push(batch_site(
+                t.page_addr(page) + at,
+                &[0x90, 0x90],
+                Some(&[0xcc, 0xcc]),
+            ));
         }
     }
     let seq = journal_seq();
-    let h = dev.patch_batch(t.pid, &sites, 0).map_err(|e| format!("PATCH_BATCH: {e}"))?;
+    let h = dev
+        .patch_batch(t.pid, &sites, 0)
+        .map_err(|e| format!("PATCH_BATCH: {e}"))?;
     for page in PAGES {
-        ensure!(t.call(page)? == 7000 + page as u32, "page {page} not patched");
+        ensure!(
+            t.call(page)? == 7000 + page as u32,
+            "page {page} not patched"
+        );
     }
-    ensure!(t.call(PAGES.end)? == text::original_value(PAGES.end), "the next page changed");
+    ensure!(
+        t.call(PAGES.end)? == text::original_value(PAGES.end),
+        "the next page changed"
+    );
     let evs = events_after(seq, t.pid)?;
-    let splits: Vec<_> = evs.iter().filter(|e| e.step == "split_pmd" && e.note.starts_with("PMD split")).collect();
-    ensure!(splits.len() == 1 && splits[0].pfn == Some(head), "PMD splits, want one of {head:#x}: {splits:?}");
-    let cows: Vec<u64> = evs.iter().filter(|e| e.step == "cow_page" && e.result == "ok").filter_map(|e| e.addr).collect();
+    let splits: Vec<_> = evs
+        .iter()
+        .filter(|e| e.step == "split_pmd" && e.note.starts_with("PMD split"))
+        .collect();
+    ensure!(
+        splits.len() == 1 && splits[0].pfn == Some(head),
+        "PMD splits, want one of {head:#x}: {splits:?}"
+    );
+    let cows: Vec<u64> = evs
+        .iter()
+        .filter(|e| e.step == "cow_page" && e.result == "ok")
+        .filter_map(|e| e.addr)
+        .collect();
     let want: Vec<u64> = PAGES.map(|p| t.page_addr(p)).collect();
     let mut cowed = cows.clone();
     cowed.sort_unstable();
     cowed.dedup();
-    ensure!(cows.len() == PAGES.len() && cowed == want, "COWs at {cows:x?}, want one at each of {want:x?}");
+    ensure!(
+        cows.len() == PAGES.len() && cowed == want,
+        "COWs at {cows:x?}, want one at each of {want:x?}"
+    );
     let s = smaps(&t)?;
-    ensure!(s.kb("Anonymous") == 4 * PAGES.len() as u64, "after the batch {s:?}");
+    ensure!(
+        s.kb("Anonymous") == 4 * PAGES.len() as u64,
+        "after the batch {s:?}"
+    );
 
     let pagemap = io(Pagemap::open(t.pid))?;
     for (i, site) in sites.iter().enumerate() {
         let q = io(dev.query_site(h, i as u32))?;
         ensure!(q.count == sites.len() as u32, "site {i}: count {}", q.count);
-        ensure!(q.addr == site.addr && q.len == site.len, "site {i}: query {:#x}+{}", q.addr, q.len);
+        ensure!(
+            q.addr == site.addr && q.len == site.len,
+            "site {i}: query {:#x}+{}",
+            q.addr,
+            q.len
+        );
         let n = site.len as usize;
-        ensure!(q.bytes[..n] == site.bytes[..n] && q.orig[..n] == site.expect[..n], "site {i}: bytes/orig {q:?}");
+        ensure!(
+            q.bytes[..n] == site.bytes[..n] && q.orig[..n] == site.expect[..n],
+            "site {i}: bytes/orig {q:?}"
+        );
         let pfn = io(pagemap.entry(site.addr & !(text::PAGE as u64 - 1)))?.pfn();
-        ensure!(q.pfn == pfn, "site {i}: QUERY pfn {:#x}, pagemap {pfn:#x}", q.pfn);
+        ensure!(
+            q.pfn == pfn,
+            "site {i}: QUERY pfn {:#x}, pagemap {pfn:#x}",
+            q.pfn
+        );
     }
     let past = dev.query_site(h, sites.len() as u32);
-    ensure!(past.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::ENOENT), "QUERY past the batch: {past:?}");
-    let listed: Vec<String> =
-        io(proc::debugfs("patches"))?.lines().filter(|l| l.split_whitespace().next() == Some(&h.to_string())).map(String::from).collect();
-    ensure!(listed.len() == sites.len(), "debugfs patches lists {} sites of {}", listed.len(), sites.len());
+    ensure!(
+        past.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::ENOENT),
+        "QUERY past the batch: {past:?}"
+    );
+    let listed: Vec<String> = io(proc::debugfs("patches"))?
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some(&h.to_string()))
+        .map(String::from)
+        .collect();
+    ensure!(
+        listed.len() == sites.len(),
+        "debugfs patches lists {} sites of {}",
+        listed.len(),
+        sites.len()
+    );
     for i in 0..sites.len() {
         let tag = format!("{i}/{}", sites.len());
-        ensure!(listed.iter().any(|l| l.split_whitespace().last() == Some(tag.as_str())), "no site {tag} in patches");
+        ensure!(
+            listed
+                .iter()
+                .any(|l| l.split_whitespace().last() == Some(tag.as_str())),
+            "no site {tag} in patches"
+        );
     }
 
     let seq = journal_seq();
     io(dev.restore(h))?;
     for page in PAGES {
-        ensure!(t.call(page)? == text::original_value(page), "page {page} not restored");
+        ensure!(
+            t.call(page)? == text::original_value(page),
+            "page {page} not restored"
+        );
     }
-    ensure!(read_mem(t.pid, t.page_addr(PAGES.start), PAGES.len() * text::PAGE)? == text::blob()[PAGES.start * text::PAGE..PAGES.end * text::PAGE], "text not pristine after RESTORE");
-    ensure!(smaps(&t)?.kb("Anonymous") == 0, "anonymous memory left: {:?}", smaps(&t)?);
-    let queued = events_after(seq, t.pid)?.iter().filter(|e| e.step == "queue_collapse" && e.result == "ok").count();
+    ensure!(
+        read_mem(t.pid, t.page_addr(PAGES.start), PAGES.len() * text::PAGE)?
+            == text::blob()[PAGES.start * text::PAGE..PAGES.end * text::PAGE],
+        "text not pristine after RESTORE"
+    );
+    ensure!(
+        smaps(&t)?.kb("Anonymous") == 0,
+        "anonymous memory left: {:?}",
+        smaps(&t)?
+    );
+    let queued = events_after(seq, t.pid)?
+        .iter()
+        .filter(|e| e.step == "queue_collapse" && e.result == "ok")
+        .count();
     ensure!(queued == 1, "{queued} collapses queued for one 2 MiB range");
-    let collapses = |evs: &[EventLine]| evs.iter().filter(|e| e.step == "collapse").map(|e| e.note.clone()).collect::<Vec<_>>();
-    wait_for("the collapse work", Duration::from_secs(30), || Ok(!collapses(&events_after(seq, t.pid)?).is_empty()))?;
+    let collapses = |evs: &[EventLine]| {
+        evs.iter()
+            .filter(|e| e.step == "collapse")
+            .map(|e| e.note.clone())
+            .collect::<Vec<_>>()
+    };
+    wait_for("the collapse work", Duration::from_secs(30), || {
+        Ok(!collapses(&events_after(seq, t.pid)?).is_empty())
+    })?;
     wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
     let done = collapses(&events_after(seq, t.pid)?);
-    ensure!(done.len() == 1 && done[0].starts_with("SCAN_SUCCEED"), "collapses after the RESTORE: {done:?}");
+    ensure!(
+        done.len() == 1 && done[0].starts_with("SCAN_SUCCEED"),
+        "collapses after the RESTORE: {done:?}"
+    );
     ensure!(thp_head(&t)? == head, "a different THP came back");
     Ok(())
 }
@@ -319,9 +593,14 @@ pub(crate) fn batch_over_pages_of_one_thp_splits_once_and_collapses_once() -> Te
 pub(crate) fn overlapping_batches_at_once_one_wins() -> TestResult {
     let t = Target::spawn(&[])?;
     thp_head(&t)?;
-    let first: Vec<BatchSite> = (40..50).map(|p| function_site(&t, p, 7100 + p as u32)).collect();
+    let first: Vec<BatchSite> = (40..50)
+        .map(|p| function_site(&t, p, 7100 + p as u32))
+        .collect();
     // Listed from the top down, so the index differs from the page order.
-    let second: Vec<BatchSite> = (45..55).rev().map(|p| function_site(&t, p, 7200 + p as u32)).collect();
+    let second: Vec<BatchSite> = (45..55)
+        .rev()
+        .map(|p| function_site(&t, p, 7200 + p as u32))
+        .collect();
     let overlaps = |s: &BatchSite| (t.page_addr(45)..t.page_addr(50)).contains(&s.addr);
     let pid = t.pid;
     let batch = |sites: Vec<BatchSite>| {
@@ -333,7 +612,10 @@ pub(crate) fn overlapping_batches_at_once_one_wins() -> TestResult {
         })
     };
     let batch_entries = |seq: u64| -> Result<usize, String> {
-        Ok(events_after(seq, pid)?.iter().filter(|e| e.step == "patch").count())
+        Ok(events_after(seq, pid)?
+            .iter()
+            .filter(|e| e.step == "patch")
+            .count())
     };
 
     let pause = Pause::arm("checked", t.pid)?;
@@ -342,21 +624,45 @@ pub(crate) fn overlapping_batches_at_once_one_wins() -> TestResult {
     pause.wait_parked("checked")?;
     // Nothing reads the target while it is parked: its mmap lock is held.
     let b = batch(second.clone());
-    wait_for("the second batch entering the ioctl", Duration::from_secs(30), || Ok(batch_entries(seq)? == 2))?;
+    wait_for(
+        "the second batch entering the ioctl",
+        Duration::from_secs(30),
+        || Ok(batch_entries(seq)? == 2),
+    )?;
     pause.release()?;
     let (dev_a, ra) = a.join().map_err(|_| "thread panicked")??;
     let (_dev_b, rb) = b.join().map_err(|_| "thread panicked")??;
     ensure!(ra.is_ok(), "the parked batch failed: {ra:?}");
-    ensure!(errno_of(&rb) == Some(libc::EBUSY), "the overlapping batch returned {rb:?}, not EBUSY");
-    let failed = rb.unwrap_err().failed.ok_or("EBUSY with no site to blame")?;
-    ensure!(overlaps(&second[failed]), "EBUSY blames site {failed} at {:#x}, not one on pages 45..50", second[failed].addr);
+    ensure!(
+        errno_of(&rb) == Some(libc::EBUSY),
+        "the overlapping batch returned {rb:?}, not EBUSY"
+    );
+    let failed = rb
+        .unwrap_err()
+        .failed
+        .ok_or("EBUSY with no site to blame")?;
+    ensure!(
+        overlaps(&second[failed]),
+        "EBUSY blames site {failed} at {:#x}, not one on pages 45..50",
+        second[failed].addr
+    );
     for p in 40..55 {
-        let want = if p < 50 { 7100 + p as u32 } else { text::original_value(p) };
+        let want = if p < 50 {
+            7100 + p as u32
+        } else {
+            text::original_value(p)
+        };
         let got = read_mem(t.pid, t.page_addr(p), 6)?;
-        ensure!(got == text::mov_eax_ret(want), "page {p} holds {got:x?}, want the first batch's or the original");
+        ensure!(
+            got == text::mov_eax_ret(want),
+            "page {p} holds {got:x?}, want the first batch's or the original"
+        );
     }
     let s = smaps(&t)?;
-    ensure!(s.kb("Anonymous") == 4 * 10, "the refused batch left anonymous pages: {s:?}");
+    ensure!(
+        s.kb("Anonymous") == 4 * 10,
+        "the refused batch left anonymous pages: {s:?}"
+    );
     io(dev_a.restore(ra.unwrap()))?;
     drop(pause);
 
@@ -369,11 +675,24 @@ pub(crate) fn overlapping_batches_at_once_one_wins() -> TestResult {
             (Err(_), Ok(h)) => (dev_b, *h, &ra, &first),
             _ => return Err(format!("round {round}: both or neither won: {ra:?} {rb:?}")),
         };
-        ensure!(errno_of(lost) == Some(libc::EBUSY), "round {round}: the loser got {lost:?}");
-        let failed = lost.as_ref().unwrap_err().failed.ok_or("EBUSY with no site to blame")?;
-        ensure!(overlaps(&loser_sites[failed]), "round {round}: blamed site {failed} does not overlap");
+        ensure!(
+            errno_of(lost) == Some(libc::EBUSY),
+            "round {round}: the loser got {lost:?}"
+        );
+        let failed = lost
+            .as_ref()
+            .unwrap_err()
+            .failed
+            .ok_or("EBUSY with no site to blame")?;
+        ensure!(
+            overlaps(&loser_sites[failed]),
+            "round {round}: blamed site {failed} does not overlap"
+        );
         let anon = smaps(&t)?.kb("Anonymous");
-        ensure!(anon == 40, "round {round}: {anon} kB anonymous, want the winner's 10 pages");
+        ensure!(
+            anon == 40,
+            "round {round}: {anon} kB anonymous, want the winner's 10 pages"
+        );
         io(winner.restore(won))?;
     }
     Ok(())
@@ -387,38 +706,76 @@ pub(crate) fn batch_restore_refused_by_one_changed_site_writes_nothing() -> Test
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
     let dev = io(Device::open())?;
-    let sites: Vec<BatchSite> = PAGES.map(|p| function_site(&t, p, 7300 + p as u32)).collect();
-    let h = dev.patch_batch(t.pid, &sites, 0).map_err(|e| format!("PATCH_BATCH: {e}"))?;
+    let sites: Vec<BatchSite> = PAGES
+        .map(|p| function_site(&t, p, 7300 + p as u32))
+        .collect();
+    let h = dev
+        .patch_batch(t.pid, &sites, 0)
+        .map_err(|e| format!("PATCH_BATCH: {e}"))?;
     let debugger = text::mov_eax_ret(77);
     write_mem(t.pid, t.page_addr(63), &debugger)?;
     ensure!(t.call(63)? == 77, "the debugger's write is not running");
     let before = snapshot(&t)?;
     let seq = journal_seq();
     let r = dev.restore(h);
-    ensure!(r.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EILSEQ), "RESTORE returned {r:?}, not EILSEQ");
+    ensure!(
+        r.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EILSEQ),
+        "RESTORE returned {r:?}, not EILSEQ"
+    );
     let evs = events_after(seq, t.pid)?;
     ensure!(
-        evs.iter().any(|e| e.result != "ok" && e.addr == Some(t.page_addr(63))),
+        evs.iter()
+            .any(|e| e.result != "ok" && e.addr == Some(t.page_addr(63))),
         "no refusal journaled at the changed site: {:?}",
         steps(&evs)
     );
-    ensure!(evs.iter().any(|e| e.note.contains("patch kept whole")), "the journal does not say the batch is kept: {:?}", steps(&evs));
+    ensure!(
+        evs.iter().any(|e| e.note.contains("patch kept whole")),
+        "the journal does not say the batch is kept: {:?}",
+        steps(&evs)
+    );
     let after = snapshot(&t)?;
-    ensure!(after == before, "the refused RESTORE changed the target: {}", differences(&before, &after));
+    ensure!(
+        after == before,
+        "the refused RESTORE changed the target: {}",
+        differences(&before, &after)
+    );
     for p in PAGES {
         let want = if p == 63 { 77 } else { 7300 + p as u32 };
         ensure!(t.call(p)? == want, "page {p} after the refused RESTORE");
     }
     let q = io(dev.query_site(h, 4))?;
-    ensure!(q.state == uapi::STATE_LIVE && q.count == 5, "batch not kept whole: {q:?}");
+    ensure!(
+        q.state == uapi::STATE_LIVE && q.count == 5,
+        "batch not kept whole: {q:?}"
+    );
 
     write_mem(t.pid, t.page_addr(63), &text::mov_eax_ret(7363))?;
     io(dev.restore(h))?;
     for p in PAGES {
-        ensure!(t.call(p)? == text::original_value(p), "page {p} not restored");
+        ensure!(
+            t.call(p)? == text::original_value(p),
+            "page {p} not restored"
+        );
     }
-    ensure!(smaps(&t)?.kb("Anonymous") == 0, "anonymous memory left: {:?}", smaps(&t)?);
+    ensure!(
+        smaps(&t)?.kb("Anonymous") == 0,
+        "anonymous memory left: {:?}",
+        smaps(&t)?
+    );
     wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
     ensure!(thp_head(&t)? == head, "a different THP came back");
     Ok(())
+}
+
+// This module's in-guest tests (main.rs's SUITE says when they run).
+tests! {
+    TESTS: [
+        batch_refused_at_its_last_site_changes_nothing,
+        batch_failing_on_a_later_page_undoes_the_earlier_pages,
+        batch_over_pages_of_one_thp_splits_once_and_collapses_once,
+        overlapping_batches_at_once_one_wins,
+        batch_restore_refused_by_one_changed_site_writes_nothing,
+        batch_refuses_one_file_page_at_two_addresses,
+    ];
 }

@@ -2,9 +2,9 @@
 
 pub(crate) use hugepoke::device::{Device, PatchRequest};
 pub(crate) use hugepoke::proc::{self, KpageFlags, Pagemap};
-pub(crate) use hugepoke::target::Target;
-pub(crate) use hugepoke::text;
 pub(crate) use hugepoke::proc::{EventLine, SmapsEntry};
+pub(crate) use hugepoke::testkit::target::Target;
+pub(crate) use hugepoke::testkit::text;
 pub(crate) use std::time::{Duration, Instant};
 
 pub(crate) fn io<T>(r: std::io::Result<T>) -> Result<T, String> {
@@ -20,13 +20,18 @@ pub(crate) fn events() -> Result<Vec<EventLine>, String> {
 }
 
 pub(crate) fn events_of(handle: u64) -> Result<Vec<EventLine>, String> {
-    Ok(events()?.into_iter().filter(|e| e.handle == Some(handle as u32)).collect())
+    Ok(events()?
+        .into_iter()
+        .filter(|e| e.handle == Some(handle as u32))
+        .collect())
 }
 
 /// PFNs of all 512 pages of the target's text, from pagemap.
 pub(crate) fn text_pfns(t: &Target) -> Result<Vec<hugepoke::proc::PagemapEntry>, String> {
     let pm = io(Pagemap::open(t.pid))?;
-    (0..text::PAGES).map(|p| io(pm.entry(t.page_addr(p)))).collect()
+    (0..text::PAGES)
+        .map(|p| io(pm.entry(t.page_addr(p))))
+        .collect()
 }
 
 /// The THP's head PFN, checking the text is PMD-mapped by it right now.
@@ -39,7 +44,12 @@ pub(crate) fn thp_head(t: &Target) -> Result<u64, String> {
 }
 
 pub(crate) fn patch_req(t: &Target, page: usize, value: u32) -> PatchRequest {
-    PatchRequest { pid: t.pid, addr: t.page_addr(page), bytes: text::mov_eax_ret(value).to_vec(), ..Default::default() }
+    PatchRequest {
+        pid: t.pid,
+        addr: t.page_addr(page),
+        bytes: text::mov_eax_ret(value).to_vec(),
+        ..Default::default()
+    }
 }
 
 /// Poke the target until its text is PMD-mapped again; the elapsed time.
@@ -59,26 +69,47 @@ pub(crate) fn wait_pmd_mapped(t: &mut Target, limit: Duration) -> Result<Duratio
 
 /// Steps of `evs` in order, as `step:result` strings.
 pub(crate) fn steps(evs: &[EventLine]) -> Vec<String> {
-    evs.iter().map(|e| format!("{}:{}", e.step, e.result)).collect()
+    evs.iter()
+        .map(|e| format!("{}:{}", e.step, e.result))
+        .collect()
 }
-
 
 /// Run `hugepoke patch` (without --persist) on text page `page` of `t`,
 /// making it return `value`; the CLI holds the patch until its stdin closes.
 /// Returns the CLI process and the handle it printed.
-pub(crate) fn cli_patch(t: &Target, page: usize, value: u32) -> Result<(std::process::Child, u64), String> {
+pub(crate) fn cli_patch(
+    t: &Target,
+    page: usize,
+    value: u32,
+) -> Result<(std::process::Child, u64), String> {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
-    let hex: String = text::mov_eax_ret(value).iter().map(|b| format!("{b:02x} ")).collect();
+    let hex: String = text::mov_eax_ret(value)
+        .iter()
+        .map(|b| format!("{b:02x} "))
+        .collect();
     let mut cli = Command::new("hugepoke")
-        .args(["patch", "--pid", &t.pid.to_string(), "--addr", &format!("{:#x}", t.page_addr(page)), "--bytes", hex.trim()])
+        .args([
+            "patch",
+            "--pid",
+            &t.pid.to_string(),
+            "--addr",
+            &format!("{:#x}", t.page_addr(page)),
+            "--bytes",
+            hex.trim(),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
     let mut line = String::new();
-    BufReader::new(cli.stdout.take().unwrap()).read_line(&mut line).map_err(|e| e.to_string())?;
-    let handle = line.trim().parse().map_err(|_| format!("CLI printed {line:?}"))?;
+    BufReader::new(cli.stdout.take().unwrap())
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let handle = line
+        .trim()
+        .parse()
+        .map_err(|_| format!("CLI printed {line:?}"))?;
     Ok((cli, handle))
 }
 
@@ -93,13 +124,19 @@ pub(crate) fn read_mem(pid: i32, addr: u64, len: usize) -> Result<Vec<u8>, Strin
 /// Write through `/proc/PID/mem`, as a debugger would (FOLL_FORCE).
 pub(crate) fn write_mem(pid: i32, addr: u64, bytes: &[u8]) -> Result<(), String> {
     use std::os::unix::fs::FileExt;
-    let f = io(std::fs::OpenOptions::new().write(true).open(format!("/proc/{pid}/mem")))?;
+    let f = io(std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/mem")))?;
     io(f.write_all_at(bytes, addr))
 }
 
 /// Wait until `cond` holds, polling; how long it took, or an error after
 /// `limit` that says what was awaited.
-pub(crate) fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> Result<bool, String>) -> Result<Duration, String> {
+pub(crate) fn wait_for(
+    what: &str,
+    limit: Duration,
+    mut cond: impl FnMut() -> Result<bool, String>,
+) -> Result<Duration, String> {
     let start = Instant::now();
     loop {
         if cond()? {
@@ -124,5 +161,7 @@ pub(crate) fn helper(args: &[&str]) -> Result<std::process::Command, String> {
 /// Run a helper to its end; its exit code.
 pub(crate) fn helper_exit_code(args: &[&str]) -> Result<i32, String> {
     let status = io(helper(args)?.status())?;
-    status.code().ok_or(format!("helper {args:?} killed: {status}"))
+    status
+        .code()
+        .ok_or(format!("helper {args:?} killed: {status}"))
 }

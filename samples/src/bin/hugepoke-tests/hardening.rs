@@ -9,7 +9,11 @@ use std::os::fd::AsRawFd;
 /// anonymous memory, the original code on the pages we tried.
 fn unchanged(t: &mut Target, head: u64, pages: &[usize]) -> TestResult {
     ensure!(thp_head(t)? == head, "PMD mapping changed");
-    ensure!(smaps(t)?.kb("Anonymous") == 0, "anonymous memory appeared: {:?}", smaps(t)?);
+    ensure!(
+        smaps(t)?.kb("Anonymous") == 0,
+        "anonymous memory appeared: {:?}",
+        smaps(t)?
+    );
     for &p in pages {
         ensure!(t.call(p)? == text::original_value(p), "page {p} changed");
     }
@@ -18,16 +22,36 @@ fn unchanged(t: &mut Target, head: u64, pages: &[usize]) -> TestResult {
 
 /// The newest journaled failure: its result and note.
 pub(crate) fn last_failure() -> Result<EventLine, String> {
-    events()?.into_iter().rev().find(|e| e.result != "ok").ok_or("no failure journaled".into())
+    events()?
+        .into_iter()
+        .rev()
+        .find(|e| e.result != "ok")
+        .ok_or("no failure journaled".into())
 }
 
-pub(crate) fn expect_errno(what: &str, r: std::io::Result<impl std::fmt::Debug>, errno: i32, reason: &str) -> TestResult {
+pub(crate) fn expect_errno(
+    what: &str,
+    r: std::io::Result<impl std::fmt::Debug>,
+    errno: i32,
+    reason: &str,
+) -> TestResult {
     match r {
-        Ok(v) => Err(format!("{what}: succeeded ({v:?}), want {}", hugepoke::errno_name(errno))),
+        Ok(v) => Err(format!(
+            "{what}: succeeded ({v:?}), want {}",
+            hugepoke::errno_name(errno)
+        )),
         Err(e) if e.raw_os_error() == Some(errno) => {
             let f = last_failure()?;
-            ensure!(f.note.contains(reason), "{what}: journaled reason {:?}, want {reason:?}", f.note);
-            ensure!(f.result == format!("-{}", hugepoke::errno_name(errno)), "{what}: journaled {}", f.result);
+            ensure!(
+                f.note.contains(reason),
+                "{what}: journaled reason {:?}, want {reason:?}",
+                f.note
+            );
+            ensure!(
+                f.result == format!("-{}", hugepoke::errno_name(errno)),
+                "{what}: journaled {}",
+                f.result
+            );
             Ok(())
         }
         Err(e) => Err(format!("{what}: {e}, want {}", hugepoke::errno_name(errno))),
@@ -38,13 +62,19 @@ pub(crate) fn expect_errno(what: &str, r: std::io::Result<impl std::fmt::Debug>,
 pub(crate) fn own_mapping(prot: i32, flags: i32, fd: i32) -> Result<u64, String> {
     // SAFETY: a fresh mapping of our own; never dereferenced by us.
     let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, prot, flags, fd, 0) };
-    ensure!(p != libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    ensure!(
+        p != libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
     Ok(p as u64)
 }
 
 fn self_maps_entry(name: &str) -> Option<u64> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines().find(|l| l.ends_with(name)).and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
+    maps.lines()
+        .find(|l| l.ends_with(name))
+        .and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
 }
 
 pub(crate) fn bad_input_gets_errno_reason_and_changes_nothing() -> TestResult {
@@ -54,85 +84,289 @@ pub(crate) fn bad_input_gets_errno_reason_and_changes_nothing() -> TestResult {
     let me = std::process::id() as i32;
     let ok = patch_req(&t, 6, 66);
 
-    expect_errno("no such pid", dev.patch(&PatchRequest { pid: 999_999, ..ok.clone() }), libc::ESRCH, "no such process")?;
-    expect_errno("kernel thread", dev.patch(&PatchRequest { pid: 2, ..ok.clone() }), libc::EINVAL, "kernel thread")?;
+    expect_errno(
+        "no such pid",
+        dev.patch(&PatchRequest {
+            pid: 999_999,
+            ..ok.clone()
+        }),
+        libc::ESRCH,
+        "no such process",
+    )?;
+    expect_errno(
+        "kernel thread",
+        dev.patch(&PatchRequest {
+            pid: 2,
+            ..ok.clone()
+        }),
+        libc::EINVAL,
+        "kernel thread",
+    )?;
     // A zombie: a helper's child that exited and is not reaped yet (the
     // helper says so once waitid(WNOWAIT) returned; it reaps at our EOF).
     {
         use std::io::BufRead;
-        let mut helper = io(helper(&["zombie"])?.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn())?;
+        let mut helper = io(helper(&["zombie"])?
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn())?;
         let mut line = String::new();
         io(std::io::BufReader::new(helper.stdout.take().unwrap()).read_line(&mut line))?;
-        let zombie: i32 = line.trim().strip_prefix("zombie ").and_then(|p| p.parse().ok()).ok_or(format!("zombie helper said {line:?}"))?;
+        let zombie: i32 = line
+            .trim()
+            .strip_prefix("zombie ")
+            .and_then(|p| p.parse().ok())
+            .ok_or(format!("zombie helper said {line:?}"))?;
         let state = io(std::fs::read_to_string(format!("/proc/{zombie}/stat")))?;
-        ensure!(state.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')), "pid {zombie} is not a zombie: {state}");
-        let patched = dev.patch(&PatchRequest { pid: zombie, ..ok.clone() });
+        ensure!(
+            state
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z')),
+            "pid {zombie} is not a zombie: {state}"
+        );
+        let patched = dev.patch(&PatchRequest {
+            pid: zombie,
+            ..ok.clone()
+        });
         drop(helper.stdin.take());
         let _ = helper.wait();
         expect_errno("zombie", patched, libc::ESRCH, "no address space")?;
     }
 
-    expect_errno("unmapped", dev.patch(&PatchRequest { addr: 0x1000, ..ok.clone() }), libc::EFAULT, "not mapped")?;
-    expect_errno("kernel address", dev.patch(&PatchRequest { addr: 0xffff_ffff_8100_0000, ..ok.clone() }), libc::EFAULT, "not mapped")?;
+    expect_errno(
+        "unmapped",
+        dev.patch(&PatchRequest {
+            addr: 0x1000,
+            ..ok.clone()
+        }),
+        libc::EFAULT,
+        "not mapped",
+    )?;
+    expect_errno(
+        "kernel address",
+        dev.patch(&PatchRequest {
+            addr: 0xffff_ffff_8100_0000,
+            ..ok.clone()
+        }),
+        libc::EFAULT,
+        "not mapped",
+    )?;
     // Found by hugepoke-fuzz: a range that wraps used to overflow (a Rust
     // panic with the patch table locked).
-    expect_errno("wrapping", dev.patch(&PatchRequest { addr: u64::MAX, bytes: vec![0x90], ..ok.clone() }), libc::EFAULT, "out of range")?;
-    expect_errno("crossing", dev.patch(&PatchRequest { addr: t.page_addr(6) + 4093, ..ok.clone() }), libc::EINVAL, "crosses a page")?;
-    expect_errno("len 0", dev.patch(&PatchRequest { bytes: vec![], ..ok.clone() }), libc::EINVAL, "length")?;
-    expect_errno("len 17", dev.patch(&PatchRequest { bytes: vec![0x90; 17], ..ok.clone() }), libc::EINVAL, "length")?;
+    expect_errno(
+        "wrapping",
+        dev.patch(&PatchRequest {
+            addr: u64::MAX,
+            bytes: vec![0x90],
+            ..ok.clone()
+        }),
+        libc::EFAULT,
+        "out of range",
+    )?;
+    expect_errno(
+        "crossing",
+        dev.patch(&PatchRequest {
+            addr: t.page_addr(6) + 4093,
+            ..ok.clone()
+        }),
+        libc::EINVAL,
+        "crosses a page",
+    )?;
+    expect_errno(
+        "len 0",
+        dev.patch(&PatchRequest {
+            bytes: vec![],
+            ..ok.clone()
+        }),
+        libc::EINVAL,
+        "length",
+    )?;
+    expect_errno(
+        "len 17",
+        dev.patch(&PatchRequest {
+            bytes: vec![0x90; 17],
+            ..ok.clone()
+        }),
+        libc::EINVAL,
+        "length",
+    )?;
     let mut a = ok.args();
     a.flags |= 1 << 7;
-    expect_errno("unknown flags", dev.patch_args(&mut a), libc::EINVAL, "unknown flag bits")?;
+    expect_errno(
+        "unknown flags",
+        dev.patch_args(&mut a),
+        libc::EINVAL,
+        "unknown flag bits",
+    )?;
     let mut a = ok.args();
     a.size = 60;
-    expect_errno("struct size", dev.patch_args(&mut a), libc::EINVAL, "unknown struct size")?;
-    expect_errno("bad pointer", dev.ioctl_raw(uapi::IOCTL_PATCH, 1), libc::EFAULT, "cannot read")?;
-    expect_errno("unknown ioctl", dev.ioctl_raw(uapi::iowr(9, 8), 0), libc::ENOTTY, "unknown ioctl")?;
-    expect_errno("unknown handle", dev.restore(123_456_789), libc::ENOENT, "no such patch")?;
-    expect_errno("query unknown", dev.query(123_456_789).map(|_| ()), libc::ENOENT, "no such patch")?;
-    let mut r = RestoreArgs { size: 8, flags: 0, handle: 1 };
-    expect_errno("restore size", dev.ioctl(uapi::IOCTL_RESTORE, &mut r), libc::EINVAL, "unknown struct size")?;
-    let mut r = RestoreArgs { size: 16, flags: 4, handle: 1 };
-    expect_errno("restore flags", dev.ioctl(uapi::IOCTL_RESTORE, &mut r), libc::EINVAL, "unknown flag bits")?;
+    expect_errno(
+        "struct size",
+        dev.patch_args(&mut a),
+        libc::EINVAL,
+        "unknown struct size",
+    )?;
+    expect_errno(
+        "bad pointer",
+        dev.ioctl_raw(uapi::IOCTL_PATCH, 1),
+        libc::EFAULT,
+        "cannot read",
+    )?;
+    expect_errno(
+        "unknown ioctl",
+        dev.ioctl_raw(uapi::iowr(9, 8), 0),
+        libc::ENOTTY,
+        "unknown ioctl",
+    )?;
+    expect_errno(
+        "unknown handle",
+        dev.restore(123_456_789),
+        libc::ENOENT,
+        "no such patch",
+    )?;
+    expect_errno(
+        "query unknown",
+        dev.query(123_456_789).map(|_| ()),
+        libc::ENOENT,
+        "no such patch",
+    )?;
+    let mut r = RestoreArgs {
+        size: 8,
+        flags: 0,
+        handle: 1,
+    };
+    expect_errno(
+        "restore size",
+        dev.ioctl(uapi::IOCTL_RESTORE, &mut r),
+        libc::EINVAL,
+        "unknown struct size",
+    )?;
+    let mut r = RestoreArgs {
+        size: 16,
+        flags: 4,
+        handle: 1,
+    };
+    expect_errno(
+        "restore flags",
+        dev.ioctl(uapi::IOCTL_RESTORE, &mut r),
+        libc::EINVAL,
+        "unknown flag bits",
+    )?;
     let _: PatchArgs = ok.args();
 
     // Mappings of the wrong kind, in this process.
-    let rw_file = io(std::fs::OpenOptions::new().read(true).write(true).open(&t.file))?;
+    let rw_file = io(std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&t.file))?;
     let rw = rw_file.as_raw_fd();
     let ro_file = io(std::fs::File::open(&t.file))?;
     let ro = ro_file.as_raw_fd();
-    let (rx, rwx) = (libc::PROT_READ | libc::PROT_EXEC, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC);
+    let (rx, rwx) = (
+        libc::PROT_READ | libc::PROT_EXEC,
+        libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+    );
     let cases = [
-        ("anonymous", rx, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, "not a file-backed"),
+        (
+            "anonymous",
+            rx,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            "not a file-backed",
+        ),
         ("shared", rx, libc::MAP_SHARED, rw, "shared mapping"),
         // MAP_SHARED of a read-only fd: the kernel makes it !VM_SHARED, !VM_MAYWRITE.
-        ("shared read-only", rx, libc::MAP_SHARED, ro, "cannot be COWed"),
-        ("not executable", libc::PROT_READ, libc::MAP_PRIVATE, ro, "not executable"),
+        (
+            "shared read-only",
+            rx,
+            libc::MAP_SHARED,
+            ro,
+            "cannot be COWed",
+        ),
+        (
+            "not executable",
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            ro,
+            "not executable",
+        ),
         ("writable", rwx, libc::MAP_PRIVATE, rw, "writable"),
     ];
     for (what, prot, flags, fd, reason) in cases {
         let addr = own_mapping(prot, flags, fd)?;
-        expect_errno(what, dev.patch(&PatchRequest { pid: me, addr, ..ok.clone() }), libc::EINVAL, reason)?;
+        expect_errno(
+            what,
+            dev.patch(&PatchRequest {
+                pid: me,
+                addr,
+                ..ok.clone()
+            }),
+            libc::EINVAL,
+            reason,
+        )?;
     }
     // hugetlb: a MFD_HUGETLB memfd mapped private and executable.
     io(std::fs::write("/proc/sys/vm/nr_hugepages", "1"))?;
     // SAFETY: memfd_create/ftruncate on a fresh fd we own.
     let hugetlb = unsafe {
         let fd = libc::memfd_create(c"hugepoke-hugetlb".as_ptr(), libc::MFD_HUGETLB);
-        ensure!(fd >= 0, "memfd_create(MFD_HUGETLB): {}", std::io::Error::last_os_error());
-        ensure!(libc::ftruncate(fd, 2 << 20) == 0, "ftruncate: {}", std::io::Error::last_os_error());
+        ensure!(
+            fd >= 0,
+            "memfd_create(MFD_HUGETLB): {}",
+            std::io::Error::last_os_error()
+        );
+        ensure!(
+            libc::ftruncate(fd, 2 << 20) == 0,
+            "ftruncate: {}",
+            std::io::Error::last_os_error()
+        );
         fd
     };
     // SAFETY: a fresh 2 MiB mapping of our own; never dereferenced.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), 2 << 20, rx, libc::MAP_PRIVATE, hugetlb, 0) };
-    ensure!(p != libc::MAP_FAILED, "mmap hugetlb: {}", std::io::Error::last_os_error());
-    expect_errno("hugetlb", dev.patch(&PatchRequest { pid: me, addr: p as u64, ..ok.clone() }), libc::EINVAL, "hugetlb")?;
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            2 << 20,
+            rx,
+            libc::MAP_PRIVATE,
+            hugetlb,
+            0,
+        )
+    };
+    ensure!(
+        p != libc::MAP_FAILED,
+        "mmap hugetlb: {}",
+        std::io::Error::last_os_error()
+    );
+    expect_errno(
+        "hugetlb",
+        dev.patch(&PatchRequest {
+            pid: me,
+            addr: p as u64,
+            ..ok.clone()
+        }),
+        libc::EINVAL,
+        "hugetlb",
+    )?;
     let vvar = self_maps_entry("[vvar]").ok_or("no [vvar] mapping")?;
-    expect_errno("VM_PFNMAP", dev.patch(&PatchRequest { pid: me, addr: vvar, ..ok.clone() }), libc::EINVAL, "VM_PFNMAP")?;
+    expect_errno(
+        "VM_PFNMAP",
+        dev.patch(&PatchRequest {
+            pid: me,
+            addr: vvar,
+            ..ok.clone()
+        }),
+        libc::EINVAL,
+        "VM_PFNMAP",
+    )?;
 
     unchanged(&mut t, head, &[6])?;
     let patches = io(proc::debugfs("patches"))?;
-    ensure!(patches.lines().count() == 1, "patches left behind:\n{patches}");
+    ensure!(
+        patches.lines().count() == 1,
+        "patches left behind:\n{patches}"
+    );
     Ok(())
 }
 
@@ -144,10 +378,21 @@ pub(crate) fn caller_that_cannot_ptrace_gets_eperm() -> TestResult {
     let hex: String = req.bytes.iter().map(|b| format!("{b:02x}")).collect();
     // A single-threaded helper opens the device as root, drops to nobody
     // (keeping the open file) and reports its PATCH's errno as exit code.
-    let code = helper_exit_code(&["patch-as-nobody", &t.pid.to_string(), &format!("{:#x}", req.addr), &hex])?;
-    ensure!(code == libc::EPERM, "helper's PATCH as nobody gave {code}, want EPERM");
+    let code = helper_exit_code(&[
+        "patch-as-nobody",
+        &t.pid.to_string(),
+        &format!("{:#x}", req.addr),
+        &hex,
+    ])?;
+    ensure!(
+        code == libc::EPERM,
+        "helper's PATCH as nobody gave {code}, want EPERM"
+    );
     let f = last_failure()?;
-    ensure!(f.note.contains("ptrace-attach") && f.result == "-EPERM", "journal {f:?}");
+    ensure!(
+        f.note.contains("ptrace-attach") && f.result == "-EPERM",
+        "journal {f:?}"
+    );
     unchanged(&mut t, head, &[8])
 }
 
@@ -158,7 +403,10 @@ pub(crate) fn killed_controller_leaves_nothing_patched() -> TestResult {
     ensure!(t.call(13)? == 13, "CLI patch not running");
     cli.kill().map_err(|e| e.to_string())?;
     cli.wait().map_err(|e| e.to_string())?;
-    ensure!(t.call(13)? == 1013, "killed controller left the patch behind");
+    ensure!(
+        t.call(13)? == 1013,
+        "killed controller left the patch behind"
+    );
     let took = wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
     println!("# PMD back {took:?} after the controller died");
     unchanged(&mut t, head, &[13])
@@ -236,28 +484,47 @@ fn exit_and_exec_round(dev: &Device, kpf: &KpageFlags) -> Result<Duration, Strin
             let h = io(dev.patch(&patch_req(&t, page, text::stress_value(page))))?;
             let e = io(pm.entry(t.page_addr(page)))?;
             let q = io(dev.query(h))?;
-            ensure!(e.present() && !e.file() && e.pfn() == q.pfn, "page {page}: pagemap {e:?}, query pfn {:#x}", q.pfn);
+            ensure!(
+                e.present() && !e.file() && e.pfn() == q.pfn,
+                "page {page}: pagemap {e:?}, query pfn {:#x}",
+                q.pfn
+            );
             patched.push((h, e.pfn()));
         }
-        ensure!(t.call(LEAK_PAGES.start)? == text::stress_value(LEAK_PAGES.start), "patch not running");
+        ensure!(
+            t.call(LEAK_PAGES.start)? == text::stress_value(LEAK_PAGES.start),
+            "patch not running"
+        );
         if how == "exit" {
             t.kill();
         } else {
             t.send("exec")?; // no answer comes: it is `sleep` now
         }
         // The patches are reported gone (the old mm has no users left).
-        wait_for(&format!("{how}: patches reported gone"), Duration::from_secs(30), || {
-            Ok(io(dev.query(patched[0].0))?.state == uapi::STATE_GONE)
-        })?;
+        wait_for(
+            &format!("{how}: patches reported gone"),
+            Duration::from_secs(30),
+            || Ok(io(dev.query(patched[0].0))?.state == uapi::STATE_GONE),
+        )?;
         for &(h, _) in &patched {
-            ensure!(io(dev.query(h))?.state == uapi::STATE_GONE, "{how}: patch {h} still live");
+            ensure!(
+                io(dev.query(h))?.state == uapi::STATE_GONE,
+                "{how}: patch {h} still live"
+            );
             io(dev.restore(h))?;
         }
         // One read of the journal for all (it is long, and slow to read).
         let journal = events()?;
         for &(h, _) in &patched {
-            let last = journal.iter().rev().find(|e| e.handle == Some(h as u32)).ok_or(format!("{how}: no events of {h}"))?;
-            ensure!(last.step == "restored" && last.note.contains("gone"), "{how}: {last:?}");
+            let last = journal
+                .iter()
+                .rev()
+                .find(|e| e.handle == Some(h as u32))
+                .ok_or(format!("{how}: no events of {h}"))?;
+            ensure!(
+                last.step == "restored" && last.note.contains("gone"),
+                "{how}: {last:?}"
+            );
         }
         const DRAIN_EVERY: Duration = Duration::from_secs(1);
         let (start, mut drains) = (Instant::now(), 0u32);
@@ -301,10 +568,16 @@ fn exit_and_exec_round(dev: &Device, kpf: &KpageFlags) -> Result<Duration, Strin
 pub(crate) fn meminfo_kb(field: &str) -> Result<u64, String> {
     let m = io(std::fs::read_to_string("/proc/meminfo"))?;
     m.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .ok_or(format!("no {field} in /proc/meminfo"))
 }
-
 
 /// fork() before PATCH: the child keeps the original; fork() between PATCH
 /// and RESTORE: the child keeps the patched page it inherited, RESTORE
@@ -314,20 +587,44 @@ pub(crate) fn fork_before_and_during_a_patch() -> TestResult {
     let head = thp_head(&t)?;
     let dev = io(Device::open())?;
     let before = t.command("fork")?;
-    let child1: i32 = before.strip_prefix("child ").and_then(|p| p.parse().ok()).ok_or(format!("fork said {before:?}"))?;
+    let child1: i32 = before
+        .strip_prefix("child ")
+        .and_then(|p| p.parse().ok())
+        .ok_or(format!("fork said {before:?}"))?;
     let h = io(dev.patch(&patch_req(&t, 15, 15)))?;
     ensure!(t.call(15)? == 15, "patch not running");
-    ensure!(read_mem(child1, t.page_addr(15), 6)? == text::mov_eax_ret(1015), "child forked before PATCH sees the patch");
+    ensure!(
+        read_mem(child1, t.page_addr(15), 6)? == text::mov_eax_ret(1015),
+        "child forked before PATCH sees the patch"
+    );
 
     let during = t.command("fork")?;
-    let child2: i32 = during.strip_prefix("child ").and_then(|p| p.parse().ok()).ok_or(format!("fork said {during:?}"))?;
-    ensure!(read_mem(child2, t.page_addr(15), 6)? == text::mov_eax_ret(15), "child forked while patched lacks the patch");
+    let child2: i32 = during
+        .strip_prefix("child ")
+        .and_then(|p| p.parse().ok())
+        .ok_or(format!("fork said {during:?}"))?;
+    ensure!(
+        read_mem(child2, t.page_addr(15), 6)? == text::mov_eax_ret(15),
+        "child forked while patched lacks the patch"
+    );
     io(dev.restore(h))?;
     ensure!(t.call(15)? == 1015, "parent not restored");
-    ensure!(read_mem(child2, t.page_addr(15), 6)? == text::mov_eax_ret(15), "RESTORE wrote into the child's page");
+    ensure!(
+        read_mem(child2, t.page_addr(15), 6)? == text::mov_eax_ret(15),
+        "RESTORE wrote into the child's page"
+    );
     let evs = events_of(h)?;
-    ensure!(evs.iter().any(|e| e.step == "restore_bytes" && e.note.contains("shared")), "no COW break journaled: {:?}", steps(&evs));
-    ensure!(evs.iter().any(|e| e.step == "zap_anon_page"), "parent's copy not zapped: {:?}", steps(&evs));
+    ensure!(
+        evs.iter()
+            .any(|e| e.step == "restore_bytes" && e.note.contains("shared")),
+        "no COW break journaled: {:?}",
+        steps(&evs)
+    );
+    ensure!(
+        evs.iter().any(|e| e.step == "zap_anon_page"),
+        "parent's copy not zapped: {:?}",
+        steps(&evs)
+    );
     let took = wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
     println!("# parent's PMD back {took:?} after RESTORE");
     ensure!(thp_head(&t)? == head, "different THP");
@@ -362,35 +659,81 @@ pub(crate) fn patched_pte_is_soft_dirty_but_not_writable() -> TestResult {
     let pm = io(Pagemap::open(t.pid))?;
     let addr = t.page_addr(PAGE);
     io(std::fs::write(&clear_refs, "4"))?;
-    ensure!(!io(pm.entry(addr))?.soft_dirty(), "soft-dirty not cleared before the first PATCH");
+    ensure!(
+        !io(pm.entry(addr))?.soft_dirty(),
+        "soft-dirty not cleared before the first PATCH"
+    );
     let dev = io(Device::open())?;
-    let first = io(dev.patch(&PatchRequest { persist: true, ..patch_req(&t, PAGE, 16) }))?;
+    let first = io(dev.patch(&PatchRequest {
+        persist: true,
+        ..patch_req(&t, PAGE, 16)
+    }))?;
     let e = io(pm.entry(addr))?;
-    ensure!(e.present() && !e.file() && e.exclusive() && e.soft_dirty(), "after the COWing PATCH: pagemap {e:?}, want anonymous, exclusive, soft-dirty");
+    ensure!(
+        e.present() && !e.file() && e.exclusive() && e.soft_dirty(),
+        "after the COWing PATCH: pagemap {e:?}, want anonymous, exclusive, soft-dirty"
+    );
     let anon = e.pfn();
 
     io(std::fs::write(&clear_refs, "4"))?;
     let e = io(pm.entry(addr))?;
-    ensure!(e.present() && !e.soft_dirty() && e.pfn() == anon, "after clear_refs: pagemap {e:?}");
+    ensure!(
+        e.present() && !e.soft_dirty() && e.pfn() == anon,
+        "after clear_refs: pagemap {e:?}"
+    );
     let s = smaps(&t)?;
-    ensure!(!smaps_vmflags(t.pid, t.addr)?.contains(&"sd".to_string()), "VMA still VM_SOFTDIRTY after clear_refs: {s:?}");
+    ensure!(
+        !smaps_vmflags(t.pid, t.addr)?.contains(&"sd".to_string()),
+        "VMA still VM_SOFTDIRTY after clear_refs: {s:?}"
+    );
     // The int3 filler past the function: never executed.
-    let req = PatchRequest { pid: t.pid, addr: addr + 100, bytes: vec![0x90, 0x90], persist: true, ..Default::default() };
+    let req = PatchRequest {
+        pid: t.pid,
+        addr: addr + 100,
+        bytes: vec![0x90, 0x90],
+        persist: true,
+        ..Default::default()
+    };
     let second = io(dev.patch(&req))?;
-    let cow = events()?.into_iter().rev().find(|e| e.step == "cow_page" && e.pid == t.pid).ok_or("no cow_page event")?;
-    ensure!(cow.pfn == Some(anon) && cow.note.contains("already an anonymous copy"), "second PATCH did not reuse the copy {anon:#x}: {cow:?}");
+    let cow = events()?
+        .into_iter()
+        .rev()
+        .find(|e| e.step == "cow_page" && e.pid == t.pid)
+        .ok_or("no cow_page event")?;
+    ensure!(
+        cow.pfn == Some(anon) && cow.note.contains("already an anonymous copy"),
+        "second PATCH did not reuse the copy {anon:#x}: {cow:?}"
+    );
     let e = io(pm.entry(addr))?;
-    ensure!(e.present() && !e.file() && e.exclusive() && e.pfn() == anon, "after the second PATCH: pagemap {e:?}");
-    ensure!(e.soft_dirty(), "the second PATCH's write is not soft-dirty: pagemap {e:?}");
+    ensure!(
+        e.present() && !e.file() && e.exclusive() && e.pfn() == anon,
+        "after the second PATCH: pagemap {e:?}"
+    );
+    ensure!(
+        e.soft_dirty(),
+        "the second PATCH's write is not soft-dirty: pagemap {e:?}"
+    );
     let s = smaps(&t)?;
-    ensure!(s.kb("Private_Dirty") >= 4 && s.kb("Anonymous") == 4, "after the second PATCH: {s:?}");
-    ensure!(read_mem(t.pid, addr + 100, 2)? == [0x90, 0x90], "second patch's bytes not there");
+    ensure!(
+        s.kb("Private_Dirty") >= 4 && s.kb("Anonymous") == 4,
+        "after the second PATCH: {s:?}"
+    );
+    ensure!(
+        read_mem(t.pid, addr + 100, 2)? == [0x90, 0x90],
+        "second patch's bytes not there"
+    );
     ensure!(t.call(PAGE)? == 16, "first patch not running");
     // The target answers only if its write went through.
     let answer = t.command(&format!("write {PAGE}"));
-    ensure!(!answer.as_deref().is_ok_and(|a| a.starts_with("wrote")), "the target wrote to its patched text: the PTE is writable");
+    ensure!(
+        !answer.as_deref().is_ok_and(|a| a.starts_with("wrote")),
+        "the target wrote to its patched text: the PTE is writable"
+    );
     let sig = t.wait_signal();
-    ensure!(sig == Some(libc::SIGSEGV), "write to patched text gave signal {sig:?}, want SIGSEGV");
+    ensure!(
+        sig == Some(libc::SIGSEGV),
+        "write to patched text gave signal {sig:?}, want SIGSEGV"
+    );
     // Persistent patches outlive their target until a RESTORE forgets them.
     for h in [first, second] {
         io(dev.restore(h))?;
@@ -421,8 +764,16 @@ fn smaps_vmflags(pid: i32, addr: u64) -> Result<Vec<String>, String> {
 }
 
 pub(crate) fn run(cmd: &str, args: &[&str]) -> TestResult {
-    let out = std::process::Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
-    ensure!(out.status.success(), "{cmd} {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -440,9 +791,15 @@ pub(crate) fn rmmod_waits_for_the_last_close() -> TestResult {
         run("insmod", &[&format!("{root}/src/hugepoke.ko")])?;
         return Err("rmmod unloaded the module while /dev/hugepoke was open".into());
     }
-    ensure!(refused.is_err(), "rmmod succeeded but the module is still there");
+    ensure!(
+        refused.is_err(),
+        "rmmod succeeded but the module is still there"
+    );
     let refcnt = io(std::fs::read_to_string("/sys/module/hugepoke/refcnt"))?;
-    ensure!(refcnt.trim() != "0", "refcnt {refcnt:?} with the device open");
+    ensure!(
+        refcnt.trim() != "0",
+        "refcnt {refcnt:?} with the device open"
+    );
     drop(dev);
     let refcnt = io(std::fs::read_to_string("/sys/module/hugepoke/refcnt"))?;
     ensure!(refcnt.trim() == "0", "refcnt {refcnt:?} after close");
@@ -461,20 +818,55 @@ pub(crate) fn module_unload_restores_persistent_patches() -> TestResult {
     let head2 = thp_head(&t2)?;
     {
         let dev = io(Device::open())?;
-        io(dev.patch(&PatchRequest { persist: true, ..patch_req(&t, 20, 20) }))?;
-        io(dev.patch(&PatchRequest { persist: true, install_pmd: true, ..patch_req(&t, 21, 21) }))?;
+        io(dev.patch(&PatchRequest {
+            persist: true,
+            ..patch_req(&t, 20, 20)
+        }))?;
+        io(dev.patch(&PatchRequest {
+            persist: true,
+            install_pmd: true,
+            ..patch_req(&t, 21, 21)
+        }))?;
         // This one's RESTORE queues a collapse right before the unload.
         let h = io(dev.patch(&patch_req(&t2, 22, 22)))?;
         io(dev.restore(h))?;
     }
-    ensure!(t.call(20)? == 20 && t.call(21)? == 21, "persistent patches not live");
+    ensure!(
+        t.call(20)? == 20 && t.call(21)? == 21,
+        "persistent patches not live"
+    );
     run("rmmod", &["hugepoke"])?;
     let reloaded = run("insmod", &[&ko]);
-    ensure!(t.call(20)? == 1020 && t.call(21)? == 1021, "unload left the target patched");
+    ensure!(
+        t.call(20)? == 1020 && t.call(21)? == 1021,
+        "unload left the target patched"
+    );
     let took = wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
-    ensure!(thp_head(&t)? == head && smaps(&t)?.kb("Anonymous") == 0, "after unload: {:?}", smaps(&t)?);
+    ensure!(
+        thp_head(&t)? == head && smaps(&t)?.kb("Anonymous") == 0,
+        "after unload: {:?}",
+        smaps(&t)?
+    );
     let took2 = wait_pmd_mapped(&mut t2, Duration::from_secs(30))?;
     println!("# PMDs back {took:?} and {took2:?} after the unload");
     ensure!(thp_head(&t2)? == head2, "second target's THP");
     reloaded
+}
+
+// This module's in-guest tests, in groups that main.rs's SUITE puts in run order.
+tests! {
+    TESTS: [
+        bad_input_gets_errno_reason_and_changes_nothing,
+        caller_that_cannot_ptrace_gets_eperm,
+        killed_controller_leaves_nothing_patched,
+        target_exit_and_exec_leave_patches_gone,
+        fork_before_and_during_a_patch,
+        patched_pte_is_soft_dirty_but_not_writable,
+    ];
+    RMMOD: [
+        rmmod_waits_for_the_last_close,
+    ];
+    RELOADING: [
+        #[reloads] module_unload_restores_persistent_patches,
+    ];
 }

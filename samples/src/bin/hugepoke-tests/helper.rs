@@ -25,22 +25,35 @@ pub(crate) fn main(args: &[String]) -> ! {
     let code = match args.as_slice() {
         ["open-as-nobody", path] => {
             drop_to_nobody();
-            match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+            {
                 Ok(_) => 0,
                 Err(e) => e.raw_os_error().unwrap_or(SETUP_FAILED),
             }
         }
         ["patch-as-nobody", pid, addr, hex] => {
-            let (Some(pid), Some(addr), Some(bytes)) =
-                (pid.parse().ok(), hugepoke::parse_number(addr), hugepoke::parse_hex_bytes(hex))
-            else {
+            let (Some(pid), Some(addr), Some(bytes)) = (
+                pid.parse().ok(),
+                hugepoke::parse_number(addr),
+                hugepoke::parse_hex_bytes(hex),
+            ) else {
                 std::process::exit(BAD_USAGE)
             };
             // Opened while still root: the device's own check passes, and
             // only PATCH's ptrace check can refuse.
-            let Ok(dev) = Device::open() else { std::process::exit(SETUP_FAILED) };
+            let Ok(dev) = Device::open() else {
+                std::process::exit(SETUP_FAILED)
+            };
             drop_to_nobody();
-            match dev.patch(&PatchRequest { pid, addr, bytes, ..Default::default() }) {
+            match dev.patch(&PatchRequest {
+                pid,
+                addr,
+                bytes,
+                ..Default::default()
+            }) {
                 Ok(_) => 0,
                 Err(e) => e.raw_os_error().unwrap_or(SETUP_FAILED),
             }
@@ -73,7 +86,15 @@ fn zombie() -> i32 {
     // SAFETY: a zeroed siginfo_t for waitid to fill.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: waiting for our own child, without reaping it.
-    if unsafe { libc::waitid(libc::P_PID, child as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) } != 0 {
+    if unsafe {
+        libc::waitid(
+            libc::P_PID,
+            child as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT,
+        )
+    } != 0
+    {
         return SETUP_FAILED;
     }
     let mut out = std::io::stdout().lock();

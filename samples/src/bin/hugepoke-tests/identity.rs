@@ -17,12 +17,23 @@ pub(crate) fn restore_after_remap_to_another_file_writes_nothing() -> TestResult
     let dev = io(Device::open())?;
     let h = io(dev.patch(&patch_req(&t, 30, 30)))?;
     ensure!(t.call(30)? == 30, "patch not running");
-    ensure!(t.command("remap-data 30")? == "remapped", "target could not remap");
+    ensure!(
+        t.command("remap-data 30")? == "remapped",
+        "target could not remap"
+    );
     let before = read_mem(t.pid, t.page_addr(30), 4096)?;
-    ensure!(before[..6] == [0x11; 6] && before[100] == 0x22, "data page is not the data file's: {:x?}", &before[..8]);
+    ensure!(
+        before[..6] == [0x11; 6] && before[100] == 0x22,
+        "data page is not the data file's: {:x?}",
+        &before[..8]
+    );
     expect_errno("restore", dev.restore(h), libc::ENXIO, "no longer mapped")?;
     let after = read_mem(t.pid, t.page_addr(30), 4096)?;
-    ensure!(after == before, "RESTORE wrote into the data page: starts {:x?}", &after[..8]);
+    ensure!(
+        after == before,
+        "RESTORE wrote into the data page: starts {:x?}",
+        &after[..8]
+    );
     ensure!(dev.query(h).is_err(), "patch still in the table");
     Ok(())
 }
@@ -36,20 +47,36 @@ pub(crate) fn restore_follows_mremap() -> TestResult {
     let h = io(dev.patch(&patch_req(&t, 31, 31)))?;
     ensure!(t.call(31)? == 31, "patch not running");
     let moved = t.command("move")?;
-    let new = moved.strip_prefix("moved ").and_then(hugepoke::parse_number).ok_or(format!("move said {moved:?}"))?;
+    let new = moved
+        .strip_prefix("moved ")
+        .and_then(hugepoke::parse_number)
+        .ok_or(format!("move said {moved:?}"))?;
     ensure!(new != t.addr, "text did not move");
     t.addr = new;
     ensure!(t.call(31)? == 31, "moved text lost the patch");
     io(dev.restore(h))?;
-    ensure!(t.call(31)? == 1031, "moved text still runs the patched bytes");
+    ensure!(
+        t.call(31)? == 1031,
+        "moved text still runs the patched bytes"
+    );
     let evs = events_of(h)?;
     ensure!(
-        evs.iter().any(|e| e.step == "restore_bytes" && e.note.contains("moved") && e.addr == Some(new + 31 * 4096)),
+        evs.iter().any(|e| e.step == "restore_bytes"
+            && e.note.contains("moved")
+            && e.addr == Some(new + 31 * 4096)),
         "restore not journaled at the new address: {evs:?}"
     );
-    ensure!(evs.iter().any(|e| e.step == "zap_anon_page"), "not zapped: {:?}", steps(&evs));
+    ensure!(
+        evs.iter().any(|e| e.step == "zap_anon_page"),
+        "not zapped: {:?}",
+        steps(&evs)
+    );
     let took = wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
-    ensure!(thp_head(&t)? == head && smaps(&t)?.kb("Anonymous") == 0, "after restore: {:?}", smaps(&t)?);
+    ensure!(
+        thp_head(&t)? == head && smaps(&t)?.kb("Anonymous") == 0,
+        "after restore: {:?}",
+        smaps(&t)?
+    );
     println!("# PMD back at the new address {took:?} after RESTORE");
     Ok(())
 }
@@ -64,10 +91,22 @@ pub(crate) fn restore_refuses_bytes_changed_by_someone_else() -> TestResult {
     let h = io(dev.patch(&patch_req(&t, 32, 32)))?;
     write_mem(t.pid, t.page_addr(32), &text::mov_eax_ret(77))?;
     ensure!(t.call(32)? == 77, "debugger's write not running");
-    expect_errno("restore", dev.restore(h), libc::EILSEQ, "not the ones PATCH wrote")?;
+    expect_errno(
+        "restore",
+        dev.restore(h),
+        libc::EILSEQ,
+        "not the ones PATCH wrote",
+    )?;
     ensure!(t.call(32)? == 77, "RESTORE overwrote the debugger's bytes");
-    ensure!(io(dev.query(h))?.state == uapi::STATE_LIVE, "patch not kept");
-    ensure!(events_of(h)?.iter().any(|e| e.note.contains("patch kept")), "journal does not say the patch is kept: {:?}", events_of(h)?);
+    ensure!(
+        io(dev.query(h))?.state == uapi::STATE_LIVE,
+        "patch not kept"
+    );
+    ensure!(
+        events_of(h)?.iter().any(|e| e.note.contains("patch kept")),
+        "journal does not say the patch is kept: {:?}",
+        events_of(h)?
+    );
     write_mem(t.pid, t.page_addr(32), &text::mov_eax_ret(32))?;
     io(dev.restore(h))?;
     ensure!(t.call(32)? == 1032, "not restored");
@@ -82,11 +121,20 @@ pub(crate) fn restore_refuses_a_writable_mapping() -> TestResult {
     thp_head(&t)?;
     let dev = io(Device::open())?;
     let h = io(dev.patch(&patch_req(&t, 33, 33)))?;
-    ensure!(t.command("protect rwx")? == "protected 0", "mprotect rwx failed");
+    ensure!(
+        t.command("protect rwx")? == "protected 0",
+        "mprotect rwx failed"
+    );
     expect_errno("restore", dev.restore(h), libc::EACCES, "writable")?;
     ensure!(t.call(33)? == 33, "RESTORE wrote into a writable mapping");
-    ensure!(io(dev.query(h))?.state == uapi::STATE_LIVE, "patch not kept");
-    ensure!(t.command("protect rx")? == "protected 0", "mprotect rx failed");
+    ensure!(
+        io(dev.query(h))?.state == uapi::STATE_LIVE,
+        "patch not kept"
+    );
+    ensure!(
+        t.command("protect rx")? == "protected 0",
+        "mprotect rx failed"
+    );
     io(dev.restore(h))?;
     ensure!(t.call(33)? == 1033, "not restored");
     wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
@@ -106,11 +154,17 @@ pub(crate) fn failed_collapse_is_reported_with_the_kernels_reason() -> TestResul
     io(dev.restore(h))?;
     let mut collapse = None;
     wait_for("collapse journaled", Duration::from_secs(10), || {
-        collapse = events()?.into_iter().rev().find(|e| e.step == "collapse" && e.pid == t.pid);
+        collapse = events()?
+            .into_iter()
+            .rev()
+            .find(|e| e.step == "collapse" && e.pid == t.pid);
         Ok(collapse.is_some())
     })?;
     let c = collapse.unwrap();
-    ensure!(c.result != "ok" && c.note.starts_with("SCAN_"), "collapse reported as {c:?}");
+    ensure!(
+        c.result != "ok" && c.note.starts_with("SCAN_"),
+        "collapse reported as {c:?}"
+    );
     ensure!(t.call(35)? == 35 && t.call(34)? == 1034, "target's pages");
     Ok(())
 }
@@ -125,17 +179,32 @@ pub(crate) fn swapped_out_patch_restores_and_frees_its_swap_slot() -> TestResult
     let dev = io(Device::open())?;
     let h = io(dev.patch(&patch_req(&t, 36, 36)))?;
     let used_before = swap.used_kb()?;
-    ensure!(t.command("pageout 36")? == "pageout ok", "could not page the patched page out");
+    ensure!(
+        t.command("pageout 36")? == "pageout ok",
+        "could not page the patched page out"
+    );
     let e = io(io(Pagemap::open(t.pid))?.entry(t.page_addr(36)))?;
     ensure!(e.swapped() && !e.present(), "pagemap after pageout: {e:?}");
     ensure!(swap.used_kb()? > used_before, "nothing in swap");
     io(dev.restore(h))?;
     let evs = events_of(h)?;
-    ensure!(evs.iter().any(|e| e.step == "zap_anon_page" && e.note.contains("swap slot freed")), "no zap with swap freed: {evs:?}");
-    ensure!(swap.used_kb()? == used_before, "swap slot leaked: {} kB used, {used_before} kB before", swap.used_kb()?);
+    ensure!(
+        evs.iter()
+            .any(|e| e.step == "zap_anon_page" && e.note.contains("swap slot freed")),
+        "no zap with swap freed: {evs:?}"
+    );
+    ensure!(
+        swap.used_kb()? == used_before,
+        "swap slot leaked: {} kB used, {used_before} kB before",
+        swap.used_kb()?
+    );
     ensure!(t.call(36)? == 1036, "not restored");
     wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
-    ensure!(thp_head(&t)? == head && smaps(&t)?.kb("Anonymous") == 0, "after restore: {:?}", smaps(&t)?);
+    ensure!(
+        thp_head(&t)? == head && smaps(&t)?.kb("Anonymous") == 0,
+        "after restore: {:?}",
+        smaps(&t)?
+    );
     Ok(())
 }
 
@@ -175,8 +244,15 @@ impl Drop for Swap {
 }
 
 fn sh(cmd: &str, args: &[&str]) -> Result<String, String> {
-    let out = std::process::Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
-    ensure!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -206,7 +282,10 @@ pub(crate) fn killed_restore_keeps_the_patch() -> TestResult {
             .map_err(|e| e.to_string())
     };
     {
-        let h = io(dev.patch(&PatchRequest { persist: true, ..patch_req(&t, 40, 40) }))?;
+        let h = io(dev.patch(&PatchRequest {
+            persist: true,
+            ..patch_req(&t, 40, 40)
+        }))?;
         let pause = crate::races::Pause::arm("restore", t.pid)?;
         let mut cli = restore_cli(h)?;
         pause.wait_parked("restore")?;
@@ -214,28 +293,47 @@ pub(crate) fn killed_restore_keeps_the_patch() -> TestResult {
         let _ = cli.wait();
         let evs = events_of(h)?;
         ensure!(
-            evs.iter().any(|e| e.step == "restore" && e.result == "-EINTR" && e.note.contains("patch kept")),
+            evs.iter().any(|e| e.step == "restore"
+                && e.result == "-EINTR"
+                && e.note.contains("patch kept")),
             "RESTORE killed while parked: not EINTR with the patch kept: {:?}",
             steps(&evs)
         );
-        ensure!(io(dev.query(h))?.state == uapi::STATE_LIVE, "the killed RESTORE's patch is not live");
-        ensure!(read_mem(t.pid, t.page_addr(40), 6)? == text::mov_eax_ret(40), "the killed RESTORE changed the bytes");
+        ensure!(
+            io(dev.query(h))?.state == uapi::STATE_LIVE,
+            "the killed RESTORE's patch is not live"
+        );
+        ensure!(
+            read_mem(t.pid, t.page_addr(40), 6)? == text::mov_eax_ret(40),
+            "the killed RESTORE changed the bytes"
+        );
         io(dev.restore(h))?;
         ensure!(t.call(40)? == 1040, "not restored after the killed RESTORE");
     }
-    ensure!(t.command("hog 512")? == "hogging", "target cannot hog its mmap lock");
+    ensure!(
+        t.command("hog 512")? == "hogging",
+        "target cannot hog its mmap lock"
+    );
     let hogging = Instant::now();
     let (mut interrupted, mut attempts) = (0, 0);
     while interrupted == 0 && attempts < ATTEMPTS && hogging.elapsed() < HOG_BUDGET {
         attempts += 1;
-        let h = io(dev.patch(&PatchRequest { persist: true, ..patch_req(&t, 40, 40) }))?;
+        let h = io(dev.patch(&PatchRequest {
+            persist: true,
+            ..patch_req(&t, 40, 40)
+        }))?;
         let mut cli = restore_cli(h)?;
         // Kill it once it sleeps uninterruptibly (on the mmap lock).
         let stat = format!("/proc/{}/stat", cli.id());
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(2) {
             let state = std::fs::read_to_string(&stat).unwrap_or_default();
-            if state.is_empty() || state.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with(['D', 'Z'])) {
+            if state.is_empty()
+                || state
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with(['D', 'Z']))
+            {
                 break;
             }
             std::thread::sleep(Duration::from_micros(50));
@@ -243,24 +341,47 @@ pub(crate) fn killed_restore_keeps_the_patch() -> TestResult {
         let _ = cli.kill();
         let _ = cli.wait();
         let evs = events_of(h)?;
-        let eintr = evs.iter().any(|e| e.step == "restore" && e.result == "-EINTR");
+        let eintr = evs
+            .iter()
+            .any(|e| e.step == "restore" && e.result == "-EINTR");
         match dev.query(h) {
             Ok(_) if !evs.iter().any(|e| e.step == "restore") => {
                 // Killed before its ioctl: nothing happened; try again.
                 io(dev.restore(h))?;
             }
             Ok(q) => {
-                ensure!(eintr, "attempt {attempts}: RESTORE neither finished nor was interrupted: {:?}", steps(&evs));
-                ensure!(q.state == uapi::STATE_LIVE, "attempt {attempts}: query {q:?}");
-                ensure!(evs.iter().any(|e| e.note.contains("patch kept")), "attempt {attempts}: {:?}", steps(&evs));
-                ensure!(read_mem(t.pid, t.page_addr(40), 6)? == text::mov_eax_ret(40), "attempt {attempts}: patched bytes gone");
+                ensure!(
+                    eintr,
+                    "attempt {attempts}: RESTORE neither finished nor was interrupted: {:?}",
+                    steps(&evs)
+                );
+                ensure!(
+                    q.state == uapi::STATE_LIVE,
+                    "attempt {attempts}: query {q:?}"
+                );
+                ensure!(
+                    evs.iter().any(|e| e.note.contains("patch kept")),
+                    "attempt {attempts}: {:?}",
+                    steps(&evs)
+                );
+                ensure!(
+                    read_mem(t.pid, t.page_addr(40), 6)? == text::mov_eax_ret(40),
+                    "attempt {attempts}: patched bytes gone"
+                );
                 interrupted += 1;
                 io(dev.restore(h))?;
             }
             Err(_) => {
                 // Restored before the kill, or lost: the bytes say which.
-                ensure!(!eintr, "attempt {attempts}: interrupted RESTORE forgot the patch: {:?}", steps(&evs));
-                ensure!(read_mem(t.pid, t.page_addr(40), 6)? == text::mov_eax_ret(1040), "attempt {attempts}: patch lost, bytes not restored");
+                ensure!(
+                    !eintr,
+                    "attempt {attempts}: interrupted RESTORE forgot the patch: {:?}",
+                    steps(&evs)
+                );
+                ensure!(
+                    read_mem(t.pid, t.page_addr(40), 6)? == text::mov_eax_ret(1040),
+                    "attempt {attempts}: patch lost, bytes not restored"
+                );
             }
         }
     }
@@ -293,8 +414,14 @@ pub(crate) fn unload_after_collapse_leaks_nothing() -> TestResult {
         io(std::fs::write(kmemleak, "clear"))?;
     }
     let freed_lines = || -> Result<Vec<String>, String> {
-        let out = std::process::Command::new("dmesg").output().map_err(|e| format!("dmesg: {e}"))?;
-        Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("hugepoke: state freed")).map(str::to_string).collect())
+        let out = std::process::Command::new("dmesg")
+            .output()
+            .map_err(|e| format!("dmesg: {e}"))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("hugepoke: state freed"))
+            .map(str::to_string)
+            .collect())
     };
     let before = freed_lines()?.len();
     let mut t = Target::spawn(&[])?;
@@ -303,18 +430,28 @@ pub(crate) fn unload_after_collapse_leaks_nothing() -> TestResult {
         let dev = io(Device::open())?;
         let h = io(dev.patch(&patch_req(&t, 37, 37)))?;
         io(dev.restore(h))?;
-        let persist = io(dev.patch(&PatchRequest { persist: true, ..patch_req(&t, 300, 38) }))?;
+        let persist = io(dev.patch(&PatchRequest {
+            persist: true,
+            ..patch_req(&t, 300, 38)
+        }))?;
         ensure!(persist > 0, "no handle");
     }
     wait_pmd_mapped(&mut t, Duration::from_secs(10)).ok();
-    wait_for("collapse journaled", Duration::from_secs(10), || Ok(events()?.iter().any(|e| e.step == "collapse" && e.pid == t.pid)))?;
+    wait_for("collapse journaled", Duration::from_secs(10), || {
+        Ok(events()?
+            .iter()
+            .any(|e| e.step == "collapse" && e.pid == t.pid))
+    })?;
     crate::hardening::run("rmmod", &["hugepoke"])?;
     let freed = freed_lines()?;
     crate::hardening::run("insmod", &[&ko])?;
     drop(t);
     ensure!(freed.len() == before + 1, "no \"state freed\" line at unload: hugepoke's state leaked ({} such lines before, {} after)", before, freed.len());
     let last = freed.last().map(String::as_str).unwrap_or_default();
-    ensure!(last.ends_with("still alive: 0 targets, 0 work items"), "at unload: {last}");
+    ensure!(
+        last.ends_with("still alive: 0 targets, 0 work items"),
+        "at unload: {last}"
+    );
     if has_kmemleak {
         // kmemleak reports objects older than 5 s that nothing points to.
         std::thread::sleep(Duration::from_secs(6));
@@ -322,7 +459,29 @@ pub(crate) fn unload_after_collapse_leaks_nothing() -> TestResult {
         io(std::fs::write(kmemleak, "scan"))?;
         let report = io(std::fs::read_to_string(kmemleak))?;
         io(std::fs::write(kmemleak, "stack=on"))?;
-        ensure!(report.trim().is_empty(), "kmemleak:\n{}", report.lines().take(40).collect::<Vec<_>>().join("\n"));
+        ensure!(
+            report.trim().is_empty(),
+            "kmemleak:\n{}",
+            report.lines().take(40).collect::<Vec<_>>().join("\n")
+        );
     }
     Ok(())
+}
+
+// This module's in-guest tests, in groups that main.rs's SUITE puts in run order.
+tests! {
+    TESTS: [
+        restore_after_remap_to_another_file_writes_nothing,
+        restore_follows_mremap,
+        restore_refuses_bytes_changed_by_someone_else,
+        restore_refuses_a_writable_mapping,
+        failed_collapse_is_reported_with_the_kernels_reason,
+        swapped_out_patch_restores_and_frees_its_swap_slot,
+    ];
+    KILLED_RESTORE: [
+        killed_restore_keeps_the_patch,
+    ];
+    RELOADING: [
+        #[reloads] unload_after_collapse_leaks_nothing,
+    ];
 }

@@ -22,7 +22,9 @@ impl Pause {
     /// Wait until a PATCH is parked at `point`.
     pub(crate) fn wait_parked(&self, point: &str) -> Result<Duration, String> {
         let want = format!("parked {point}");
-        wait_for(&want, Duration::from_secs(60), || Ok(io(proc::debugfs("pause"))?.starts_with(&want)))
+        wait_for(&want, Duration::from_secs(60), || {
+            Ok(io(proc::debugfs("pause"))?.starts_with(&want))
+        })
     }
 
     pub(crate) fn release(&self) -> TestResult {
@@ -59,7 +61,8 @@ impl Patcher {
             if let Some(id) = uid {
                 // SAFETY: as above.
                 let dropped = unsafe {
-                    libc::syscall(libc::SYS_setresgid, id, id, id) == 0 && libc::syscall(libc::SYS_setresuid, id, id, id) == 0
+                    libc::syscall(libc::SYS_setresgid, id, id, id) == 0
+                        && libc::syscall(libc::SYS_setresuid, id, id, id) == 0
                 };
                 if !dropped {
                     let _ = tx.send((tid, Err(std::io::Error::last_os_error())));
@@ -76,7 +79,9 @@ impl Patcher {
     }
 
     fn finish(&self, limit: Duration) -> Result<(i32, std::io::Result<u64>), String> {
-        self.rx.recv_timeout(limit).map_err(|_| format!("the parked PATCH did not return within {limit:?}"))
+        self.rx
+            .recv_timeout(limit)
+            .map_err(|_| format!("the parked PATCH did not return within {limit:?}"))
     }
 }
 
@@ -94,18 +99,30 @@ pub(crate) fn execve_during_patch_never_patches_the_new_image() -> TestResult {
     let thp_dir = std::env::var("HUGEPOKE_THP_DIR").map_err(|_| "HUGEPOKE_THP_DIR not set")?;
     let dir = format!("{thp_dir}/suid");
     io(std::fs::create_dir_all(&dir))?;
-    io(std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)))?;
+    io(std::fs::set_permissions(
+        &dir,
+        std::fs::Permissions::from_mode(0o755),
+    ))?;
     let exe = io(std::env::current_exe())?.with_file_name("thp-target");
     // Copies where uid 1000 can reach them (the repo may be under /root).
     let plain = format!("{dir}/thp-target");
     io(std::fs::copy(&exe, &plain))?;
-    io(std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o755)))?;
+    io(std::fs::set_permissions(
+        &plain,
+        std::fs::Permissions::from_mode(0o755),
+    ))?;
     let suid = format!("{dir}/thp-target-suid");
     io(std::fs::copy(&exe, &suid))?;
-    io(std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)))?;
+    io(std::fs::set_permissions(
+        &suid,
+        std::fs::Permissions::from_mode(0o4755),
+    ))?;
     let text = format!("{dir}/text.bin");
     io(std::fs::write(&text, text::blob()))?;
-    io(std::fs::set_permissions(&text, std::fs::Permissions::from_mode(0o644)))?;
+    io(std::fs::set_permissions(
+        &text,
+        std::fs::Permissions::from_mode(0o644),
+    ))?;
 
     let args = ["--file", text.as_str(), "--at", AT];
     let mut t = Target::spawn_program(&plain, Some(1000), &args)?;
@@ -116,10 +133,22 @@ pub(crate) fn execve_during_patch_never_patches_the_new_image() -> TestResult {
 
     let (pid, addr) = (t.pid, t.addr);
     t.exec(&suid, &args)?;
-    ensure!(t.pid == pid && t.addr == addr, "the new image is pid {} text {:#x}, not {pid} {addr:#x}", t.pid, t.addr);
+    ensure!(
+        t.pid == pid && t.addr == addr,
+        "the new image is pid {} text {:#x}, not {pid} {addr:#x}",
+        t.pid,
+        t.addr
+    );
     let status = io(std::fs::read_to_string(format!("/proc/{pid}/status")))?;
-    let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or_default().to_string();
-    ensure!(uids.split_whitespace().nth(2) == Some("0"), "the new image is not setuid root ({uids}): the test tests nothing");
+    let uids = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        uids.split_whitespace().nth(2) == Some("0"),
+        "the new image is not setuid root ({uids}): the test tests nothing"
+    );
     thp_head(&t)?;
 
     pause.release()?;
@@ -131,13 +160,20 @@ pub(crate) fn execve_during_patch_never_patches_the_new_image() -> TestResult {
         text::original_value(PAGE)
     );
     let s = smaps(&t)?;
-    ensure!(s.kb("Anonymous") == 0, "the new image's text has anonymous pages: {s:?}");
+    ensure!(
+        s.kb("Anonymous") == 0,
+        "the new image's text has anonymous pages: {s:?}"
+    );
     // The PATCH went to the old image's address space, which nothing runs
     // any more, or found it gone.
     match result {
         Ok(_) => {}
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-        Err(e) => return Err(format!("PATCH returned {e}: expected success on the old image or ESRCH")),
+        Err(e) => {
+            return Err(format!(
+                "PATCH returned {e}: expected success on the old image or ESRCH"
+            ))
+        }
     }
     drop(t);
     let _ = std::fs::remove_dir_all(&dir);
@@ -159,10 +195,16 @@ pub(crate) fn expect_is_checked_in_the_step_that_writes() -> TestResult {
     thp_head(&t)?;
     let original = text::mov_eax_ret(text::original_value(PAGE));
     let theirs = text::mov_eax_ret(7777);
-    ensure!(read_mem(t.pid, t.page_addr(PAGE), original.len())? == original, "page {PAGE} does not hold its original code");
+    ensure!(
+        read_mem(t.pid, t.page_addr(PAGE), original.len())? == original,
+        "page {PAGE} does not hold its original code"
+    );
 
     let pause = Pause::arm("checked", t.pid)?;
-    let req = PatchRequest { expect: Some(original.to_vec()), ..patch_req(&t, PAGE, 2121) };
+    let req = PatchRequest {
+        expect: Some(original.to_vec()),
+        ..patch_req(&t, PAGE, 2121)
+    };
     let patcher = Patcher::start(req, None)?;
     pause.wait_parked("checked")?;
     // Someone else changes the bytes now, after the early read.
@@ -177,7 +219,10 @@ pub(crate) fn expect_is_checked_in_the_step_that_writes() -> TestResult {
         "PATCH with stale expected bytes returned {result:?}, not EILSEQ"
     );
     let value = t.call(PAGE)?;
-    ensure!(value == 7777, "page {PAGE} runs {value}: expected the bytes written to the file (7777), not the patch");
+    ensure!(
+        value == 7777,
+        "page {PAGE} runs {value}: expected the bytes written to the file (7777), not the patch"
+    );
     drop(t);
     let _ = std::fs::remove_file(&file);
     Ok(())
@@ -202,7 +247,10 @@ pub(crate) fn a_parked_patch_does_not_stall_other_targets() -> TestResult {
     let tid = worker.clone();
     std::thread::spawn(move || {
         // SAFETY: gettid has no preconditions.
-        tid.store(unsafe { libc::gettid() }, std::sync::atomic::Ordering::SeqCst);
+        tid.store(
+            unsafe { libc::gettid() },
+            std::sync::atomic::Ordering::SeqCst,
+        );
         let work = || -> Result<String, String> {
             let dev = io(Device::open())?;
             let h = io(dev.patch(&req))?;
@@ -232,11 +280,20 @@ pub(crate) fn a_parked_patch_does_not_stall_other_targets() -> TestResult {
             ))
         }
     };
-    ensure!(listed.contains("busy"), "debugfs patches did not say the parked target is busy:\n{listed}");
+    ensure!(
+        listed.contains("busy"),
+        "debugfs patches did not say the parked target is busy:\n{listed}"
+    );
     io(slow_result)?;
     drop(patcher);
-    ensure!(other.call(51)? == text::original_value(51), "the other target's patch was not restored");
-    ensure!(slow.call(50)? == text::original_value(50), "the parked PATCH's patch outlived its file");
+    ensure!(
+        other.call(51)? == text::original_value(51),
+        "the other target's patch was not restored"
+    );
+    ensure!(
+        slow.call(50)? == text::original_value(50),
+        "the parked PATCH's patch outlived its file"
+    );
     Ok(())
 }
 
@@ -262,7 +319,10 @@ pub(crate) fn last_mm_reference_is_dropped_by_a_worker() -> TestResult {
     // MM_FILEPAGES (member 0) at zero: only a teardown gets there (the
     // target maps its binary and libc); PATCH's PMD split can empty the
     // shmem counter for a moment, so that one does not count.
-    io(std::fs::write(format!("{event}/filter"), "member == 0 && size == 0"))?;
+    io(std::fs::write(
+        format!("{event}/filter"),
+        "member == 0 && size == 0",
+    ))?;
     io(std::fs::write(format!("{event}/enable"), "1"))?;
     io(std::fs::write(format!("{tracing}/trace"), ""))?;
     pause.release()?;
@@ -275,9 +335,11 @@ pub(crate) fn last_mm_reference_is_dropped_by_a_worker() -> TestResult {
             .filter_map(|l| l.split_whitespace().next().map(str::to_string))
             .collect())
     };
-    let waited = wait_for("an address space torn down by a kworker", Duration::from_secs(30), || {
-        Ok(zeroed_by()?.iter().any(|who| who.starts_with("kworker")))
-    });
+    let waited = wait_for(
+        "an address space torn down by a kworker",
+        Duration::from_secs(30),
+        || Ok(zeroed_by()?.iter().any(|who| who.starts_with("kworker"))),
+    );
     let tasks = zeroed_by()?;
     io(std::fs::write(format!("{event}/enable"), "0"))?;
     io(std::fs::write(format!("{event}/filter"), "0"))?;
@@ -298,7 +360,11 @@ pub(crate) fn pin_to_cpu(pid: i32, cpu: usize) -> TestResult {
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
-    ensure!(rc == 0, "sched_setaffinity({pid}, cpu {cpu}): {}", std::io::Error::last_os_error());
+    ensure!(
+        rc == 0,
+        "sched_setaffinity({pid}, cpu {cpu}): {}",
+        std::io::Error::last_os_error()
+    );
     Ok(())
 }
 
@@ -345,17 +411,25 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
                 break;
             }
             // Something else flushed CPU 1's batch (it takes 31 pages): again.
-            println!("# attempt {attempt}: the copy {:#x} reached the LRU before we looked; again", e.pfn());
+            println!(
+                "# attempt {attempt}: the copy {:#x} reached the LRU before we looked; again",
+                e.pfn()
+            );
             io(dev.restore(h))?;
         }
-        ensure!(handle != 0, "after PATCH the COW copy was on the LRU in 3 attempts: PATCH drains LRU batches");
+        ensure!(
+            handle != 0,
+            "after PATCH the COW copy was on the LRU in 3 attempts: PATCH drains LRU batches"
+        );
 
         let pause = Pause::arm("drain", t.pid)?;
         let d = dev.clone();
         let restore = std::thread::spawn(move || d.restore(handle));
-        wait_for("RESTORE parked at its drain (or done)", Duration::from_secs(60), || {
-            Ok(restore.is_finished() || io(proc::debugfs("pause"))?.starts_with("parked drain"))
-        })?;
+        wait_for(
+            "RESTORE parked at its drain (or done)",
+            Duration::from_secs(60),
+            || Ok(restore.is_finished() || io(proc::debugfs("pause"))?.starts_with("parked drain")),
+        )?;
         if restore.is_finished() {
             // The batch was emptied between our look and RESTORE's (khugepaged's
             // scan drains every CPU; a large folio on CPU 1 flushes it), so
@@ -379,12 +453,25 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
             mprotect_took < Duration::from_secs(10),
             "the target's mprotect waited {mprotect_took:?} while RESTORE was parked at its drain: the mmap lock was held"
         );
-        ensure!(other_took < Duration::from_secs(10), "another target's PATCH+RESTORE waited {other_took:?} during the drain");
+        ensure!(
+            other_took < Duration::from_secs(10),
+            "another target's PATCH+RESTORE waited {other_took:?} during the drain"
+        );
         io(restored)?;
         let evs = events_of(handle)?;
         let drains = evs.iter().filter(|e| e.step == "lru_drain").count();
-        ensure!(drains == 2, "RESTORE of a page in an LRU batch: {} drain events, want 2 (one drain): {:?}", drains, steps(&evs));
-        ensure!(evs.iter().any(|e| e.step == "zap_anon_page" && e.pfn == Some(pfn)), "copy {pfn:#x} not zapped: {:?}", steps(&evs));
+        ensure!(
+            drains == 2,
+            "RESTORE of a page in an LRU batch: {} drain events, want 2 (one drain): {:?}",
+            drains,
+            steps(&evs)
+        );
+        ensure!(
+            evs.iter()
+                .any(|e| e.step == "zap_anon_page" && e.pfn == Some(pfn)),
+            "copy {pfn:#x} not zapped: {:?}",
+            steps(&evs)
+        );
         ensure!(t.call(PAGE)? == text::original_value(PAGE), "not restored");
         return Ok(());
     }
@@ -408,17 +495,34 @@ pub(crate) fn close_restores_even_when_the_closer_is_killed() -> TestResult {
     pause.wait_parked("restore")?;
     cli.kill().map_err(|e| e.to_string())?;
     // Give the signal time to land before the RESTORE goes on.
-    wait_for("the CLI to have SIGKILL pending", Duration::from_secs(10), || {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", cli.id())).unwrap_or_default();
-        Ok(status.lines().any(|l| l.starts_with("ShdPnd:") && !l.ends_with("0000000000000000"))
-            || status.lines().any(|l| l.starts_with("SigPnd:") && !l.ends_with("0000000000000000"))
-            || status.is_empty())
-    })?;
+    wait_for(
+        "the CLI to have SIGKILL pending",
+        Duration::from_secs(10),
+        || {
+            let status =
+                std::fs::read_to_string(format!("/proc/{}/status", cli.id())).unwrap_or_default();
+            Ok(status
+                .lines()
+                .any(|l| l.starts_with("ShdPnd:") && !l.ends_with("0000000000000000"))
+                || status
+                    .lines()
+                    .any(|l| l.starts_with("SigPnd:") && !l.ends_with("0000000000000000"))
+                || status.is_empty())
+        },
+    )?;
     pause.release()?;
     cli.wait().map_err(|e| e.to_string())?;
     let evs = events_of(handle)?;
-    ensure!(t.call(PAGE)? == text::original_value(PAGE), "the killed closer left the patch behind: {:?}", steps(&evs));
-    ensure!(evs.iter().any(|e| e.step == "restored" && e.result == "ok"), "no restored step: {:?}", steps(&evs));
+    ensure!(
+        t.call(PAGE)? == text::original_value(PAGE),
+        "the killed closer left the patch behind: {:?}",
+        steps(&evs)
+    );
+    ensure!(
+        evs.iter().any(|e| e.step == "restored" && e.result == "ok"),
+        "no restored step: {:?}",
+        steps(&evs)
+    );
     Ok(())
 }
 
@@ -436,7 +540,16 @@ pub(crate) fn cli_patch_writes_only_over_the_bytes_it_checked() -> TestResult {
     let original = text::mov_eax_ret(text::original_value(PAGE));
     let pause = Pause::arm("resolved", t.pid)?;
     let cli = Command::new("hugepoke")
-        .args(["patch", "--pid", &t.pid.to_string(), "--addr", &format!("{addr:#x}"), "--bytes", "b8 2a 00 00 00 c3", "--persist"])
+        .args([
+            "patch",
+            "--pid",
+            &t.pid.to_string(),
+            "--addr",
+            &format!("{addr:#x}"),
+            "--bytes",
+            "b8 2a 00 00 00 c3",
+            "--persist",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -446,9 +559,36 @@ pub(crate) fn cli_patch_writes_only_over_the_bytes_it_checked() -> TestResult {
     pause.release()?;
     let out = cli.wait_with_output().map_err(|e| e.to_string())?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(out.status.code() == Some(1) && stderr.contains("EILSEQ"), "CLI exited {:?}: {stderr}", out.status.code());
+    ensure!(
+        out.status.code() == Some(1) && stderr.contains("EILSEQ"),
+        "CLI exited {:?}: {stderr}",
+        out.status.code()
+    );
     let now = read_mem(t.pid, addr, original.len())?;
-    ensure!(now[0] == 0xcc && now[1..] == original[1..], "bytes at the site: {now:02x?}, want the debugger's cc then the original rest");
-    ensure!(!events()?.iter().any(|e| e.step == "patched" && e.pid == t.pid), "a patch was made");
+    ensure!(
+        now[0] == 0xcc && now[1..] == original[1..],
+        "bytes at the site: {now:02x?}, want the debugger's cc then the original rest"
+    );
+    ensure!(
+        !events()?
+            .iter()
+            .any(|e| e.step == "patched" && e.pid == t.pid),
+        "a patch was made"
+    );
     Ok(())
+}
+
+// This module's in-guest tests, in groups that main.rs's SUITE puts in run order.
+tests! {
+    TESTS: [
+        execve_during_patch_never_patches_the_new_image,
+        expect_is_checked_in_the_step_that_writes,
+        cli_patch_writes_only_over_the_bytes_it_checked,
+    ];
+    WORKERS: [
+        a_parked_patch_does_not_stall_other_targets,
+        last_mm_reference_is_dropped_by_a_worker,
+        restore_drains_lru_batches_once_and_unlocked,
+        close_restores_even_when_the_closer_is_killed,
+    ];
 }

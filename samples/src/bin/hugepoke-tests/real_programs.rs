@@ -94,10 +94,17 @@ struct Copies {
 
 fn mount_tmpfs(dir: &str, huge: &str) -> Result<(), String> {
     io(std::fs::create_dir_all(dir))?;
-    let mounted = Command::new("mountpoint").args(["-q", dir]).status().map_err(|e| e.to_string())?.success();
+    let mounted = Command::new("mountpoint")
+        .args(["-q", dir])
+        .status()
+        .map_err(|e| e.to_string())?
+        .success();
     if !mounted {
         let opts = format!("huge={huge},size=256M");
-        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &opts, "hugepoke-real", dir]).status().map_err(|e| e.to_string())?;
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &opts, "hugepoke-real", dir])
+            .status()
+            .map_err(|e| e.to_string())?;
         ensure!(st.success(), "mount -t tmpfs -o {opts} {dir} failed");
     }
     Ok(())
@@ -117,21 +124,33 @@ fn copy_in(dir: &str, src: &str) -> Result<String, String> {
 /// python3 and libz3 from the host's Debian, copied (once) onto the tmpfs
 /// at `dir`; a SKIP when the host lacks them.
 fn copies(dir: &'static str, huge: &str) -> Result<Copies, String> {
-    let python = std::fs::canonicalize("/usr/bin/python3").map_err(|_| "SKIP: no /usr/bin/python3 on the host".to_string())?;
+    let python = std::fs::canonicalize("/usr/bin/python3")
+        .map_err(|_| "SKIP: no /usr/bin/python3 on the host".to_string())?;
     if !std::path::Path::new(LIB).exists() {
-        return Err(format!("SKIP: no {LIB} on the host (libz3-4, which llvm-19 depends on)"));
+        return Err(format!(
+            "SKIP: no {LIB} on the host (libz3-4, which llvm-19 depends on)"
+        ));
     }
     mount_tmpfs(dir, huge)?;
-    hugepoke::backing::compact_memory();
+    hugepoke::testkit::backing::compact_memory();
     let started = Instant::now();
-    let c = Copies { python: copy_in(dir, python.to_str().unwrap())?, lib: copy_in(dir, LIB)? };
-    println!("# {dir} (huge={huge}): python3 and libz3 copied in {:?}", started.elapsed());
+    let c = Copies {
+        python: copy_in(dir, python.to_str().unwrap())?,
+        lib: copy_in(dir, LIB)?,
+    };
+    println!(
+        "# {dir} (huge={huge}): python3 and libz3 copied in {:?}",
+        started.elapsed()
+    );
     Ok(c)
 }
 
 fn always() -> Result<&'static Copies, String> {
     static COPIES: OnceLock<Result<Copies, String>> = OnceLock::new();
-    COPIES.get_or_init(|| copies(ALWAYS, "always")).as_ref().map_err(Clone::clone)
+    COPIES
+        .get_or_init(|| copies(ALWAYS, "always"))
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 /// A python3 process running [`SCRIPT`] over a library.
@@ -155,9 +174,17 @@ impl Python {
             .map_err(|e| format!("{python}: {e}"))?;
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut p = Python { child, stdin, stdout, pid: 0 };
+        let mut p = Python {
+            child,
+            stdin,
+            stdout,
+            pid: 0,
+        };
         let ready = p.line()?;
-        p.pid = ready.strip_prefix("ready ").and_then(|s| s.parse().ok()).ok_or_else(|| format!("python3 said {ready:?}"))?;
+        p.pid = ready
+            .strip_prefix("ready ")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("python3 said {ready:?}"))?;
         println!("# python3 pid {} ready in {:?}", p.pid, started.elapsed());
         Ok(p)
     }
@@ -165,7 +192,11 @@ impl Python {
     fn line(&mut self) -> Result<String, String> {
         let mut line = String::new();
         io(self.stdout.read_line(&mut line))?;
-        ensure!(!line.is_empty(), "python3 is gone: {:?}", self.child.try_wait());
+        ensure!(
+            !line.is_empty(),
+            "python3 is gone: {:?}",
+            self.child.try_wait()
+        );
         Ok(line.trim_end().to_string())
     }
 
@@ -204,20 +235,45 @@ impl Drop for Python {
 
 /// Run the CLI; `(status, stdout, stderr)`.
 fn hugepoke(args: &[&str]) -> Result<(i32, String, String), String> {
-    let out = Command::new("hugepoke").args(args).output().map_err(|e| format!("hugepoke: {e}"))?;
-    Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into()))
+    let out = Command::new("hugepoke")
+        .args(args)
+        .output()
+        .map_err(|e| format!("hugepoke: {e}"))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    ))
 }
 
 /// `hugepoke patch --persist --symbol …`: the handle it printed first.
-fn patch_symbol(pid: i32, symbol: &str, object: Option<&str>, bytes: &str) -> Result<(u64, String), String> {
+fn patch_symbol(
+    pid: i32,
+    symbol: &str,
+    object: Option<&str>,
+    bytes: &str,
+) -> Result<(u64, String), String> {
     let pid_s = pid.to_string();
-    let mut args = vec!["patch", "--pid", &pid_s, "--symbol", symbol, "--bytes", bytes, "--persist"];
+    let mut args = vec![
+        "patch",
+        "--pid",
+        &pid_s,
+        "--symbol",
+        symbol,
+        "--bytes",
+        bytes,
+        "--persist",
+    ];
     if let Some(o) = object {
         args.extend(["--object", o]);
     }
     let (code, out, err) = hugepoke(&args)?;
     ensure!(code == 0, "hugepoke {args:?} exited {code}: {err}");
-    let handle = out.lines().next().and_then(|l| l.trim().parse().ok()).ok_or_else(|| format!("CLI printed {out:?}"))?;
+    let handle = out
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| format!("CLI printed {out:?}"))?;
     Ok((handle, err))
 }
 
@@ -253,13 +309,22 @@ fn page_cache_page(pid: i32, addr: u64) -> Result<u64, String> {
     ensure!(e.present() && e.file(), "{addr:#x} before PATCH: {e:?}");
     let f = io(io(KpageFlags::open())?.get(e.pfn()))?;
     ensure!(f.thp() && !f.anon(), "{addr:#x} before PATCH: flags {f:?}");
-    ensure!(e.pfn() % 512 == (addr % PMD) / 4096, "pfn {:#x} does not line up with {addr:#x} in a PMD", e.pfn());
+    ensure!(
+        e.pfn() % 512 == (addr % PMD) / 4096,
+        "pfn {:#x} does not line up with {addr:#x} in a PMD",
+        e.pfn()
+    );
     Ok(e.pfn())
 }
 
 /// After RESTORE: `addr` maps page-cache PFN `pfn` again (re-faulting it
 /// with `poke` while the queued collapse may have retracted the table).
-fn page_cache_page_back(pid: i32, addr: u64, pfn: u64, mut poke: impl FnMut() -> TestResult) -> TestResult {
+fn page_cache_page_back(
+    pid: i32,
+    addr: u64,
+    pfn: u64,
+    mut poke: impl FnMut() -> TestResult,
+) -> TestResult {
     let mut e = page(pid, addr)?;
     for _ in 0..50 {
         if e.present() {
@@ -268,7 +333,10 @@ fn page_cache_page_back(pid: i32, addr: u64, pfn: u64, mut poke: impl FnMut() ->
         poke()?;
         e = page(pid, addr)?;
     }
-    ensure!(e.present() && e.file() && e.pfn() == pfn, "{addr:#x} after RESTORE: {e:?}, want page-cache pfn {pfn:#x}");
+    ensure!(
+        e.present() && e.file() && e.pfn() == pfn,
+        "{addr:#x} after RESTORE: {e:?}, want page-cache pfn {pfn:#x}"
+    );
     let f = io(io(KpageFlags::open())?.get(e.pfn()))?;
     ensure!(!f.anon(), "{addr:#x} after RESTORE: flags {f:?}");
     Ok(())
@@ -279,24 +347,46 @@ fn page_cache_page_back(pid: i32, addr: u64, pfn: u64, mut poke: impl FnMut() ->
 fn journal_shows_restore_and_collapse(handle: u64, pid: i32, range: u64) -> TestResult {
     let evs = events_of(handle)?;
     let got = steps(&evs);
-    for want in ["patched:ok", "restore:ok", "restore_bytes:ok", "zap_anon_page:ok", "queue_collapse:ok", "restored:ok"] {
-        ensure!(got.iter().any(|s| s == want), "journal of handle {handle} lacks {want}: {got:?}");
+    for want in [
+        "patched:ok",
+        "restore:ok",
+        "restore_bytes:ok",
+        "zap_anon_page:ok",
+        "queue_collapse:ok",
+        "restored:ok",
+    ] {
+        ensure!(
+            got.iter().any(|s| s == want),
+            "journal of handle {handle} lacks {want}: {got:?}"
+        );
     }
     let collapse = events()?
         .into_iter()
         .rev()
         .find(|e| e.step == "collapse" && e.pid == pid && e.addr == Some(range))
         .ok_or_else(|| format!("no collapse of {range:#x} journaled"))?;
-    ensure!(collapse.result == "ok" && collapse.note.starts_with("SCAN_SUCCEED"), "collapse {collapse:?}");
+    ensure!(
+        collapse.result == "ok" && collapse.note.starts_with("SCAN_SUCCEED"),
+        "collapse {collapse:?}"
+    );
     Ok(())
 }
 
 /// Poke until smaps shows `want` kB PMD-mapped in `path`'s text again.
-fn wait_pmd_kb(pid: i32, path: &str, want: u64, mut poke: impl FnMut() -> TestResult) -> Result<Duration, String> {
-    wait_for(&format!("{want} kB PMD-mapped in {path}"), Duration::from_secs(30), || {
-        poke()?;
-        Ok(text_of(pid, path)?.pmd_mapped_kb() == want)
-    })
+fn wait_pmd_kb(
+    pid: i32,
+    path: &str,
+    want: u64,
+    mut poke: impl FnMut() -> TestResult,
+) -> Result<Duration, String> {
+    wait_for(
+        &format!("{want} kB PMD-mapped in {path}"),
+        Duration::from_secs(30),
+        || {
+            poke()?;
+            Ok(text_of(pid, path)?.pmd_mapped_kb() == want)
+        },
+    )
 }
 
 /// `hugepoke collapse --pid` on the program; its report line for `path`.
@@ -330,11 +420,11 @@ pub(crate) fn real_python3_library_function_by_symbol_on_xfs() -> TestResult {
     library_cycle(&on_image("xfs")?)
 }
 
-/// python3 and libz3 on a fresh `fs` image (hugepoke::backing).
+/// python3 and libz3 on a fresh `fs` image (hugepoke::testkit::backing).
 fn on_image(fs: &str) -> Result<Copies, String> {
     let from = always()?;
-    let dir = hugepoke::backing::image(fs)?;
-    hugepoke::backing::compact_memory();
+    let dir = hugepoke::testkit::backing::image(fs)?;
+    hugepoke::testkit::backing::compact_memory();
     let started = Instant::now();
     let copy = |src: &str| -> Result<String, String> {
         let dst = format!("{dir}/{}", src.rsplit('/').next().unwrap());
@@ -343,8 +433,14 @@ fn on_image(fs: &str) -> Result<Copies, String> {
         io(io(std::fs::File::open(&dst))?.sync_all())?;
         Ok(dst)
     };
-    let c = Copies { python: copy(&from.python)?, lib: copy(&from.lib)? };
-    println!("# {fs}: python3 and libz3 copied from the tmpfs and synced in {:?}", started.elapsed());
+    let c = Copies {
+        python: copy(&from.python)?,
+        lib: copy(&from.lib)?,
+    };
+    println!(
+        "# {fs}: python3 and libz3 copied from the tmpfs and synced in {:?}",
+        started.elapsed()
+    );
     Ok(c)
 }
 
@@ -357,27 +453,48 @@ fn library_cycle(c: &Copies) -> TestResult {
     let line = collapse_cli(py.pid, &c.lib)?;
     println!("# {line}");
     let pmd_kb = text_of(py.pid, &c.lib)?.pmd_mapped_kb();
-    ensure!(pmd_kb == 8 * 2048, "libz3's text: {pmd_kb} kB PMD-mapped, want its 8 ranges: {line}");
+    ensure!(
+        pmd_kb == 8 * 2048,
+        "libz3's text: {pmd_kb} kB PMD-mapped, want its 8 ranges: {line}"
+    );
     let addr = address_of(py.pid, FUNC, None)?;
     let range = addr & !(PMD - 1);
     let pfn = page_cache_page(py.pid, addr)?;
 
     let (handle, said) = patch_symbol(py.pid, FUNC, None, "c3")?;
-    ensure!(said.contains(&format!("{addr:#x}")) && said.contains("ret") && said.contains("mov ecx, edx"), "CLI said: {said}");
+    ensure!(
+        said.contains(&format!("{addr:#x}"))
+            && said.contains("ret")
+            && said.contains("mov ecx, edx"),
+        "CLI said: {said}"
+    );
     ensure!(py.call()? == "--------", "patched function still writes");
     let e = page(py.pid, addr)?;
     ensure!(e.present() && !e.file(), "patched page {e:?}");
     let s = text_of(py.pid, &c.lib)?;
-    ensure!(s.pmd_mapped_kb() == pmd_kb - 2048 && s.kb("Anonymous") == 4, "after PATCH: {s:?}");
+    ensure!(
+        s.pmd_mapped_kb() == pmd_kb - 2048 && s.kb("Anonymous") == 4,
+        "after PATCH: {s:?}"
+    );
     let (_, list, _) = hugepoke(&["list"])?;
-    ensure!(list.lines().any(|l| l.starts_with(&format!("{handle} ")) && l.ends_with(&format!("{FUNC}+0x0"))), "list: {list}");
+    ensure!(
+        list.lines()
+            .any(|l| l.starts_with(&format!("{handle} ")) && l.ends_with(&format!("{FUNC}+0x0"))),
+        "list: {list}"
+    );
 
     restore(handle)?;
-    ensure!(py.call()? == "1234----", "restored function does not write the digits");
+    ensure!(
+        py.call()? == "1234----",
+        "restored function does not write the digits"
+    );
     page_cache_page_back(py.pid, addr, pfn, || py.call().map(drop))?;
     let took = wait_pmd_kb(py.pid, &c.lib, pmd_kb, || py.call().map(drop))?;
     println!("# PMD back {took:?} after RESTORE");
-    ensure!(text_of(py.pid, &c.lib)?.kb("Anonymous") == 0, "anonymous memory left in libz3's text");
+    ensure!(
+        text_of(py.pid, &c.lib)?.kb("Anonymous") == 0,
+        "anonymous memory left in libz3's text"
+    );
     page_cache_page(py.pid, addr)?;
     journal_shows_restore_and_collapse(handle, py.pid, range)?;
     py.alive()?;
@@ -392,28 +509,60 @@ pub(crate) fn real_python3_own_function_in_text_no_pmd_can_map() -> TestResult {
     let mut py = Python::spawn(&c.python, &c.lib)?;
     ensure!(py.ask("py")? == "1", "Py_IsInitialized() unpatched");
     let line = collapse_cli(py.pid, &c.python)?;
-    ensure!(line.contains("no 2 MiB-aligned 2 MiB range inside"), "collapse said: {line}");
+    ensure!(
+        line.contains("no 2 MiB-aligned 2 MiB range inside"),
+        "collapse said: {line}"
+    );
     let addr = address_of(py.pid, "Py_IsInitialized", None)?;
     let before = page(py.pid, addr)?;
     ensure!(before.present() && before.file(), "{before:?}");
 
-    let (handle, _) = patch_symbol(py.pid, "Py_IsInitialized", Some("python3.11"), "b8 2a 00 00 00 c3")?;
+    let (handle, _) = patch_symbol(
+        py.pid,
+        "Py_IsInitialized",
+        Some("python3.11"),
+        "b8 2a 00 00 00 c3",
+    )?;
     ensure!(py.ask("py")? == "42", "patched Py_IsInitialized()");
     ensure!(!page(py.pid, addr)?.file(), "patched page is not anonymous");
     restore(handle)?;
     ensure!(py.ask("py")? == "1", "restored Py_IsInitialized()");
     page_cache_page_back(py.pid, addr, before.pfn(), || py.ask("py").map(drop))?;
-    ensure!(text_of(py.pid, &c.python)?.kb("Anonymous") == 0, "anonymous memory left");
-    ensure!(text_of(py.pid, &c.python)?.pmd_mapped_kb() == 0, "python3's text PMD-mapped?");
+    ensure!(
+        text_of(py.pid, &c.python)?.kb("Anonymous") == 0,
+        "anonymous memory left"
+    );
+    ensure!(
+        text_of(py.pid, &c.python)?.pmd_mapped_kb() == 0,
+        "python3's text PMD-mapped?"
+    );
     // The journal: the collapse was tried and refused, with the kernel's reason.
     let evs = events_of(handle)?;
-    ensure!(steps(&evs).iter().any(|s| s == "restored:ok"), "journal {:?}", steps(&evs));
+    ensure!(
+        steps(&evs).iter().any(|s| s == "restored:ok"),
+        "journal {:?}",
+        steps(&evs)
+    );
     let collapse = wait_for("the collapse verdict", Duration::from_secs(10), || {
-        Ok(events()?.iter().any(|e| e.step == "collapse" && e.pid == py.pid))
+        Ok(events()?
+            .iter()
+            .any(|e| e.step == "collapse" && e.pid == py.pid))
     })
-    .and_then(|_| events()?.into_iter().rev().find(|e| e.step == "collapse" && e.pid == py.pid).ok_or("gone".into()))?;
-    ensure!(collapse.result != "ok" && !collapse.note.is_empty(), "collapse {collapse:?}");
-    println!("# python3's text: collapse {} {}", collapse.result, collapse.note);
+    .and_then(|_| {
+        events()?
+            .into_iter()
+            .rev()
+            .find(|e| e.step == "collapse" && e.pid == py.pid)
+            .ok_or("gone".into())
+    })?;
+    ensure!(
+        collapse.result != "ok" && !collapse.note.is_empty(),
+        "collapse {collapse:?}"
+    );
+    println!(
+        "# python3's text: collapse {} {}",
+        collapse.result, collapse.note
+    );
     py.quit()
 }
 
@@ -422,7 +571,9 @@ pub(crate) fn real_python3_own_function_in_text_no_pmd_can_map() -> TestResult {
 /// patched and restored: both see the patch, both see it go, neither sees
 /// anything else, and the program lives on.
 pub(crate) fn real_python3_threads_on_both_cpus_while_patched_and_restored() -> TestResult {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     if cpus < 2 {
         return Err(format!("SKIP: {cpus} CPU"));
     }
@@ -441,12 +592,18 @@ pub(crate) fn real_python3_threads_on_both_cpus_while_patched_and_restored() -> 
         line.split(';')
             .map(|t| {
                 let w: Vec<&str> = t.split(' ').collect();
-                let n = |i: usize| w.get(i).and_then(|v| v.parse().ok()).ok_or_else(|| format!("counts {line:?}"));
+                let n = |i: usize| {
+                    w.get(i)
+                        .and_then(|v| v.parse().ok())
+                        .ok_or_else(|| format!("counts {line:?}"))
+                };
                 Ok((n(1)?, n(2)?, n(3)?, w.get(4).unwrap_or(&"").to_string()))
             })
             .collect()
     };
-    let wait_both = |what: &str, counts: &mut dyn FnMut() -> Result<Counts, String>, pick: fn(&(u64, u64, u64, String)) -> u64| {
+    let wait_both = |what: &str,
+                     counts: &mut dyn FnMut() -> Result<Counts, String>,
+                     pick: fn(&(u64, u64, u64, String)) -> u64| {
         let base: Vec<u64> = counts()?.iter().map(pick).collect();
         wait_for(what, Duration::from_secs(60), || {
             let now = counts()?;
@@ -459,12 +616,22 @@ pub(crate) fn real_python3_threads_on_both_cpus_while_patched_and_restored() -> 
     let took = wait_both("both threads running the patch", &mut counts, |c| c.1)?;
     println!("# both CPUs ran the patched function within {took:?}");
     restore(handle)?;
-    let took = wait_both("both threads running the original again", &mut counts, |c| c.0)?;
+    let took = wait_both(
+        "both threads running the original again",
+        &mut counts,
+        |c| c.0,
+    )?;
     println!("# both CPUs ran the restored function within {took:?}");
     let now = counts()?;
     for (cpu, (ok, patched, other, seen)) in now.iter().enumerate() {
-        ensure!(*other == 0, "CPU {cpu}'s thread saw {other} results that are neither: {now:?}");
-        ensure!(*seen == cpu.to_string(), "the thread pinned to CPU {cpu} ran on {seen:?}");
+        ensure!(
+            *other == 0,
+            "CPU {cpu}'s thread saw {other} results that are neither: {now:?}"
+        );
+        ensure!(
+            *seen == cpu.to_string(),
+            "the thread pinned to CPU {cpu} ran on {seen:?}"
+        );
         println!("# CPU {cpu}: {ok} calls unpatched, {patched} patched");
     }
     py.alive()?;
@@ -484,28 +651,63 @@ pub(crate) fn collapse_pid_makes_a_real_programs_text_huge() -> TestResult {
     ensure!(py.call()? == "1234----", "unpatched");
     let addr = address_of(py.pid, FUNC, None)?;
     let s = text_of(py.pid, &c.lib)?;
-    ensure!(s.pmd_mapped_kb() == 0, "libz3's text PMD-mapped before the collapse: {s:?}");
-    ensure!(s.start % PMD == 0x8a000 % PMD, "libz3 text at {:#x}: not mapped 2 MiB-aligned", s.start);
+    ensure!(
+        s.pmd_mapped_kb() == 0,
+        "libz3's text PMD-mapped before the collapse: {s:?}"
+    );
+    ensure!(
+        s.start % PMD == 0x8a000 % PMD,
+        "libz3 text at {:#x}: not mapped 2 MiB-aligned",
+        s.start
+    );
     let kpf = io(KpageFlags::open())?;
     let e = page(py.pid, addr)?;
-    ensure!(e.present() && !io(kpf.get(e.pfn()))?.thp(), "before: {e:?} is a THP already");
+    ensure!(
+        e.present() && !io(kpf.get(e.pfn()))?.thp(),
+        "before: {e:?} is a THP already"
+    );
 
     let started = Instant::now();
     let (code, out, err) = hugepoke(&["collapse", "--pid", &py.pid.to_string()])?;
     println!("# hugepoke collapse took {:?}", started.elapsed());
     ensure!(code == 0, "collapse exited {code}: {out}{err}");
-    let line = out.lines().find(|l| l.contains(&c.lib)).ok_or(format!("no line for libz3: {out}"))?;
+    let line = out
+        .lines()
+        .find(|l| l.contains(&c.lib))
+        .ok_or(format!("no line for libz3: {out}"))?;
     println!("# {line}");
-    ensure!(line.contains("16384 kB PMD-mapped, all 8 2 MiB range(s) collapsed"), "libz3: {line}");
-    ensure!(text_of(py.pid, &c.lib)?.pmd_mapped_kb() == 8 * 2048, "smaps disagrees: {:?}", text_of(py.pid, &c.lib)?);
+    ensure!(
+        line.contains("16384 kB PMD-mapped, all 8 2 MiB range(s) collapsed"),
+        "libz3: {line}"
+    );
+    ensure!(
+        text_of(py.pid, &c.lib)?.pmd_mapped_kb() == 8 * 2048,
+        "smaps disagrees: {:?}",
+        text_of(py.pid, &c.lib)?
+    );
     let e = page(py.pid, addr)?;
     let f = io(kpf.get(e.pfn()))?;
-    ensure!(e.present() && e.file() && f.thp() && !f.anon(), "after: {e:?} {f:?}");
-    let python = out.lines().find(|l| l.contains(&c.python)).ok_or(format!("no line for python3: {out}"))?;
-    ensure!(python.contains("0 kB PMD-mapped; no PMD: no 2 MiB-aligned 2 MiB range inside"), "python3: {python}");
-    let libc = out.lines().find(|l| l.contains("/libc.so.6")).ok_or(format!("no line for libc: {out}"))?;
+    ensure!(
+        e.present() && e.file() && f.thp() && !f.anon(),
+        "after: {e:?} {f:?}"
+    );
+    let python = out
+        .lines()
+        .find(|l| l.contains(&c.python))
+        .ok_or(format!("no line for python3: {out}"))?;
+    ensure!(
+        python.contains("0 kB PMD-mapped; no PMD: no 2 MiB-aligned 2 MiB range inside"),
+        "python3: {python}"
+    );
+    let libc = out
+        .lines()
+        .find(|l| l.contains("/libc.so.6"))
+        .ok_or(format!("no line for libc: {out}"))?;
     ensure!(libc.contains("no PMD:"), "libc: {libc}");
-    ensure!(py.call()? == "1234----", "the program's function after the collapse");
+    ensure!(
+        py.call()? == "1234----",
+        "the program's function after the collapse"
+    );
     py.alive()?;
     py.quit()
 }
@@ -516,29 +718,76 @@ pub(crate) fn collapse_pid_makes_a_real_programs_text_huge() -> TestResult {
 pub(crate) fn real_python3_sites_by_symbol_in_two_objects() -> TestResult {
     let c = always()?;
     let mut py = Python::spawn(&c.python, &c.lib)?;
-    ensure!(py.call()? == "1234----" && py.ask("py")? == "1", "unpatched");
-    let want = [address_of(py.pid, FUNC, None)?, address_of(py.pid, "Py_IsInitialized", Some("python3.11"))?];
+    ensure!(
+        py.call()? == "1234----" && py.ask("py")? == "1",
+        "unpatched"
+    );
+    let want = [
+        address_of(py.pid, FUNC, None)?,
+        address_of(py.pid, "Py_IsInitialized", Some("python3.11"))?,
+    ];
     let file = format!("/tmp/hugepoke-sites-py-{}", py.pid);
     io(std::fs::write(&file, format!("# libz3, then python3\n{FUNC} c3\nPy_IsInitialized b82a000000c3   # mov eax, 42; ret\n")))?;
-    let (code, out, err) = hugepoke(&["--json", "patch", "--pid", &py.pid.to_string(), "--sites", &file, "--persist"])?;
+    let (code, out, err) = hugepoke(&[
+        "--json",
+        "patch",
+        "--pid",
+        &py.pid.to_string(),
+        "--sites",
+        &file,
+        "--persist",
+    ])?;
     let _ = std::fs::remove_file(&file);
     ensure!(code == 0, "patch --sites exited {code}: {err}");
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("not JSON ({e}): {out}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| format!("not JSON ({e}): {out}"))?;
     let handle = v["handle"].as_u64().ok_or(format!("no handle: {v}"))?;
     for (i, (addr, line)) in want.iter().zip([2, 3]).enumerate() {
         let s = &v["sites"][i];
-        ensure!(s["addr"] == *addr && s["line"] == line && s["check"]["refusals"].as_array().is_some_and(|r| r.is_empty()), "site {i}: {s}");
+        ensure!(
+            s["addr"] == *addr
+                && s["line"] == line
+                && s["check"]["refusals"]
+                    .as_array()
+                    .is_some_and(|r| r.is_empty()),
+            "site {i}: {s}"
+        );
     }
-    ensure!(py.call()? == "--------" && py.ask("py")? == "42", "not both patched");
+    ensure!(
+        py.call()? == "--------" && py.ask("py")? == "42",
+        "not both patched"
+    );
     let (code, q, err) = hugepoke(&["query", "--json", &handle.to_string()])?;
     ensure!(code == 0, "query: {err}");
     let q: serde_json::Value = serde_json::from_str(&q).map_err(|e| e.to_string())?;
     ensure!(q["count"] == 2, "query: {q}");
     for (i, addr) in want.iter().enumerate() {
         let e = page(py.pid, *addr)?;
-        ensure!(e.present() && !e.file() && q["sites"][i]["pfn"] == e.pfn() && q["sites"][i]["addr"] == *addr, "site {i} vs pagemap {e:?}: {q}");
+        ensure!(
+            e.present()
+                && !e.file()
+                && q["sites"][i]["pfn"] == e.pfn()
+                && q["sites"][i]["addr"] == *addr,
+            "site {i} vs pagemap {e:?}: {q}"
+        );
     }
     restore(handle)?;
-    ensure!(py.call()? == "1234----" && py.ask("py")? == "1", "not both restored");
+    ensure!(
+        py.call()? == "1234----" && py.ask("py")? == "1",
+        "not both restored"
+    );
     py.quit()
+}
+
+// This module's in-guest tests (main.rs's SUITE says when they run).
+tests! {
+    TESTS: [
+        real_python3_library_function_by_symbol,
+        real_python3_library_function_by_symbol_on_ext4,
+        real_python3_library_function_by_symbol_on_xfs,
+        real_python3_own_function_in_text_no_pmd_can_map,
+        real_python3_threads_on_both_cpus_while_patched_and_restored,
+        real_python3_sites_by_symbol_in_two_objects,
+        collapse_pid_makes_a_real_programs_text_huge,
+    ];
 }

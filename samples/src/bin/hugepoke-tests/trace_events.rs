@@ -14,21 +14,31 @@ struct TraceInstance(PathBuf);
 impl TraceInstance {
     fn new(name: &str) -> Result<Self, String> {
         if !std::path::Path::new(TRACEFS).join("instances").is_dir() {
-            let ok = std::process::Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS]).status();
-            ensure!(matches!(ok, Ok(s) if s.success()), "cannot mount tracefs at {TRACEFS}");
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tracefs", "tracefs", TRACEFS])
+                .status();
+            ensure!(
+                matches!(ok, Ok(s) if s.success()),
+                "cannot mount tracefs at {TRACEFS}"
+            );
         }
         let dir = PathBuf::from(TRACEFS).join("instances").join(name);
         // Left over from an interrupted run: start from an empty buffer.
         let _ = std::fs::remove_dir(&dir);
         io(std::fs::create_dir(&dir))?;
         let instance = Self(dir);
-        io(std::fs::write(instance.0.join("events/hugepoke/enable"), "1"))?;
+        io(std::fs::write(
+            instance.0.join("events/hugepoke/enable"),
+            "1",
+        ))?;
         Ok(instance)
     }
 
     /// hugepoke's events recorded so far, oldest first.
     fn events(&self) -> Result<Vec<TraceLine>, String> {
-        Ok(parse_trace(&io(std::fs::read_to_string(self.0.join("trace")))?))
+        Ok(parse_trace(&io(std::fs::read_to_string(
+            self.0.join("trace"),
+        ))?))
     }
 }
 
@@ -49,18 +59,34 @@ pub(crate) fn trace_events_carry_each_step_and_its_pfns() -> TestResult {
 
     let handle = io(dev.patch(&patch_req(&t, PAGE, 9999)))?;
     let anon = text_pfns(&t)?[PAGE];
-    ensure!(anon.present() && !anon.file(), "patched page pagemap {anon:?}");
+    ensure!(
+        anon.present() && !anon.file(),
+        "patched page pagemap {anon:?}"
+    );
     io(dev.restore(handle))?;
     let mut journal = Vec::new();
-    wait_for("the queued collapse journaled", Duration::from_secs(30), || {
-        journal = events()?;
-        Ok(journal.iter().any(|e| e.step == "collapse" && e.pid == t.pid))
-    })?;
-    let traced: Vec<_> = trace.events()?.into_iter().filter(|e| e.pid == t.pid).collect();
+    wait_for(
+        "the queued collapse journaled",
+        Duration::from_secs(30),
+        || {
+            journal = events()?;
+            Ok(journal
+                .iter()
+                .any(|e| e.step == "collapse" && e.pid == t.pid))
+        },
+    )?;
+    let traced: Vec<_> = trace
+        .events()?
+        .into_iter()
+        .filter(|e| e.pid == t.pid)
+        .collect();
     drop(trace);
 
     // The trace says what the journal says, step for step, in its order.
-    let from = journal.iter().position(|e| e.step == "patch" && e.pid == t.pid).ok_or("no patch journaled")?;
+    let from = journal
+        .iter()
+        .position(|e| e.step == "patch" && e.pid == t.pid)
+        .ok_or("no patch journaled")?;
     let journaled: Vec<_> = journal[from..].iter().filter(|e| e.pid == t.pid).collect();
     ensure!(
         traced.len() == journaled.len(),
@@ -69,26 +95,58 @@ pub(crate) fn trace_events_carry_each_step_and_its_pfns() -> TestResult {
         journaled.iter().map(|e| &e.step).collect::<Vec<_>>()
     );
     for (tr, j) in traced.iter().zip(&journaled) {
-        ensure!(tr.matches(j), "trace {tr:?} disagrees with the journal's {j:?}");
+        ensure!(
+            tr.matches(j),
+            "trace {tr:?} disagrees with the journal's {j:?}"
+        );
     }
 
     // And it has the PFNs seen through pagemap: the THP, the anonymous copy,
     // the page-cache subpage that faults back; the collapse's SCAN_ result.
-    let step = |name: &str, nth: usize| traced.iter().filter(|e| e.step == name).nth(nth).ok_or(format!("no {name} #{nth} traced"));
+    let step = |name: &str, nth: usize| {
+        traced
+            .iter()
+            .filter(|e| e.step == name)
+            .nth(nth)
+            .ok_or(format!("no {name} #{nth} traced"))
+    };
     let split = step("split_pmd", 0)?;
-    ensure!(split.addr == addr && split.pfn == head && split.order == 9, "split_pmd {split:?}, THP head {head:#x}");
+    ensure!(
+        split.addr == addr && split.pfn == head && split.order == 9,
+        "split_pmd {split:?}, THP head {head:#x}"
+    );
     for name in ["cow_page", "write_bytes", "restore_bytes", "zap_anon_page"] {
         let e = step(name, 0)?;
-        ensure!(e.addr == addr && e.pfn == anon.pfn() && e.order == 0, "{name} {e:?}, anonymous pfn {:#x}", anon.pfn());
+        ensure!(
+            e.addr == addr && e.pfn == anon.pfn() && e.order == 0,
+            "{name} {e:?}, anonymous pfn {:#x}",
+            anon.pfn()
+        );
     }
     let refault = step("zap_anon_page", 1)?;
-    ensure!(refault.pfn == head + PAGE as u64 && refault.order == 9, "second zap_anon_page {refault:?}, want pfn {:#x}", head + PAGE as u64);
+    ensure!(
+        refault.pfn == head + PAGE as u64 && refault.order == 9,
+        "second zap_anon_page {refault:?}, want pfn {:#x}",
+        head + PAGE as u64
+    );
     let queued = step("queue_collapse", 0)?;
-    ensure!(queued.handle == handle as u32 && queued.addr == t.addr, "queue_collapse {queued:?}");
+    ensure!(
+        queued.handle == handle as u32 && queued.addr == t.addr,
+        "queue_collapse {queued:?}"
+    );
     let collapse = step("collapse", 0)?;
     ensure!(
-        collapse.addr == t.addr && collapse.errno == 0 && collapse.reason.starts_with("SCAN_SUCCEED"),
+        collapse.addr == t.addr
+            && collapse.errno == 0
+            && collapse.reason.starts_with("SCAN_SUCCEED"),
         "collapse {collapse:?}"
     );
     Ok(())
+}
+
+// This module's in-guest tests (main.rs's SUITE says when they run).
+tests! {
+    TESTS: [
+        trace_events_carry_each_step_and_its_pfns,
+    ];
 }

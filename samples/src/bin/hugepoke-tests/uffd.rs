@@ -47,26 +47,51 @@ impl Uffd {
             ensure!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
             let uffd = Self(fd);
             // Write-protect on shmem (our THP text is on tmpfs) needs this feature.
-            let mut api = UffdioApi { api: 0xaa, features: UFFD_FEATURE_WP_HUGETLBFS_SHMEM, ioctls: 0 };
-            ensure!(libc::ioctl(fd, UFFDIO_API, &mut api) == 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
+            let mut api = UffdioApi {
+                api: 0xaa,
+                features: UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+                ioctls: 0,
+            };
+            ensure!(
+                libc::ioctl(fd, UFFDIO_API, &mut api) == 0,
+                "UFFDIO_API: {}",
+                std::io::Error::last_os_error()
+            );
             Ok(uffd)
         }
     }
 
     fn register(&self, start: u64, len: u64, mode: u64) -> TestResult {
-        let mut reg = UffdioRegister { start, len, mode, ioctls: 0 };
+        let mut reg = UffdioRegister {
+            start,
+            len,
+            mode,
+            ioctls: 0,
+        };
         // SAFETY: UFFDIO_REGISTER of our own mapping, struct as the uapi.
         let rc = unsafe { libc::ioctl(self.0, UFFDIO_REGISTER, &mut reg) };
-        ensure!(rc == 0, "UFFDIO_REGISTER mode {mode}: {}", std::io::Error::last_os_error());
+        ensure!(
+            rc == 0,
+            "UFFDIO_REGISTER mode {mode}: {}",
+            std::io::Error::last_os_error()
+        );
         Ok(())
     }
 
     fn write_protect(&self, start: u64, len: u64, protect: bool) -> TestResult {
-        let mode = if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 };
+        let mode = if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        };
         let mut wp = UffdioWriteprotect { start, len, mode };
         // SAFETY: UFFDIO_WRITEPROTECT of our own mapping, struct as the uapi.
         let rc = unsafe { libc::ioctl(self.0, UFFDIO_WRITEPROTECT, &mut wp) };
-        ensure!(rc == 0, "UFFDIO_WRITEPROTECT {protect}: {}", std::io::Error::last_os_error());
+        ensure!(
+            rc == 0,
+            "UFFDIO_WRITEPROTECT {protect}: {}",
+            std::io::Error::last_os_error()
+        );
         Ok(())
     }
 }
@@ -86,7 +111,9 @@ struct OwnText {
 
 impl OwnText {
     fn map(file: &std::fs::File) -> Result<Self, String> {
-        let text = Self { addr: io(hugepoke::thp::map_text(file))? as u64 };
+        let text = Self {
+            addr: io(hugepoke::testkit::thp::map_text(file))? as u64,
+        };
         // SAFETY: reading our own fresh mapping faults the THP in by a PMD.
         unsafe { std::ptr::read_volatile(text.addr as *const u8) };
         text.check_pmd_mapped("after the first fault")?;
@@ -99,7 +126,10 @@ impl OwnText {
 
     fn check_pmd_mapped(&self, when: &str) -> TestResult {
         let s = self.smaps()?;
-        ensure!(s.kb("ShmemPmdMapped") == 2048 && s.kb("Anonymous") == 0, "own THP text {when}: not PMD-mapped by the shmem THP: {s:?}");
+        ensure!(
+            s.kb("ShmemPmdMapped") == 2048 && s.kb("Anonymous") == 0,
+            "own THP text {when}: not PMD-mapped by the shmem THP: {s:?}"
+        );
         Ok(())
     }
 
@@ -115,7 +145,12 @@ impl OwnText {
 
     fn patch(&self, dev: &Device, page: usize, value: u32) -> std::io::Result<u64> {
         let pid = std::process::id() as i32;
-        dev.patch(&PatchRequest { pid, addr: self.page(page), bytes: text::mov_eax_ret(value).to_vec(), ..Default::default() })
+        dev.patch(&PatchRequest {
+            pid,
+            addr: self.page(page),
+            bytes: text::mov_eax_ret(value).to_vec(),
+            ..Default::default()
+        })
     }
 }
 
@@ -136,14 +171,26 @@ pub(crate) fn userfaultfd_armed_text_is_refused() -> TestResult {
     let t = Target::spawn(&[])?; // provides the THP file
     let file = io(std::fs::File::open(&t.file))?;
     let dev = io(Device::open())?;
-    for (mode, name) in [(UFFDIO_REGISTER_MODE_WP, "wp"), (UFFDIO_REGISTER_MODE_MISSING, "missing")] {
+    for (mode, name) in [
+        (UFFDIO_REGISTER_MODE_WP, "wp"),
+        (UFFDIO_REGISTER_MODE_MISSING, "missing"),
+    ] {
         let own = OwnText::map(&file)?;
         let uffd = Uffd::open()?;
         uffd.register(own.addr, text::THP_SIZE as u64, mode)?;
         own.check_pmd_mapped(&format!("armed in {name} mode"))?;
-        expect_errno(&format!("PATCH of uffd-{name} text"), own.patch(&dev, PAGE, 99), libc::EBUSY, "userfaultfd is armed")?;
+        expect_errno(
+            &format!("PATCH of uffd-{name} text"),
+            own.patch(&dev, PAGE, 99),
+            libc::EBUSY,
+            "userfaultfd is armed",
+        )?;
         own.check_pmd_mapped(&format!("after the refused PATCH ({name})"))?;
-        ensure!(own.bytes(PAGE) == text::mov_eax_ret(text::original_value(PAGE)), "{name}: text changed: {:x?}", own.bytes(PAGE));
+        ensure!(
+            own.bytes(PAGE) == text::mov_eax_ret(text::original_value(PAGE)),
+            "{name}: text changed: {:x?}",
+            own.bytes(PAGE)
+        );
     }
     Ok(())
 }
@@ -167,20 +214,52 @@ pub(crate) fn uffd_wp_on_pmd_mapped_text_is_never_written_through() -> TestResul
     uffd.write_protect(own.page(PAGE), text::PAGE as u64, true)?;
     let pm = io(Pagemap::open(std::process::id() as i32))?;
     let e = io(pm.entry(own.page(PAGE)))?;
-    ensure!(e.present() && !e.file() && e.uffd_wp(), "patched page not an anonymous uffd-wp PTE: {e:?}");
+    ensure!(
+        e.present() && !e.file() && e.uffd_wp(),
+        "patched page not an anonymous uffd-wp PTE: {e:?}"
+    );
 
-    expect_errno("restore through uffd-wp", dev.restore(h), libc::EFAULT, "for writing")?;
-    ensure!(events_of(h)?.iter().any(|e| e.note.contains("userfaultfd write-protected")), "uffd-wp PTE not seen: {:?}", events_of(h)?);
-    ensure!(own.bytes(PAGE) == text::mov_eax_ret(9), "RESTORE wrote through the uffd-wp PTE: {:x?}", own.bytes(PAGE));
+    expect_errno(
+        "restore through uffd-wp",
+        dev.restore(h),
+        libc::EFAULT,
+        "for writing",
+    )?;
+    ensure!(
+        events_of(h)?
+            .iter()
+            .any(|e| e.note.contains("userfaultfd write-protected")),
+        "uffd-wp PTE not seen: {:?}",
+        events_of(h)?
+    );
+    ensure!(
+        own.bytes(PAGE) == text::mov_eax_ret(9),
+        "RESTORE wrote through the uffd-wp PTE: {:x?}",
+        own.bytes(PAGE)
+    );
     ensure!(io(pm.entry(own.page(PAGE)))?.uffd_wp(), "wp bit dropped");
-    ensure!(io(dev.query(h))?.state == uapi::STATE_LIVE, "patch not kept");
+    ensure!(
+        io(dev.query(h))?.state == uapi::STATE_LIVE,
+        "patch not kept"
+    );
 
     uffd.write_protect(own.page(PAGE), text::PAGE as u64, false)?;
     io(dev.restore(h))?;
-    ensure!(own.bytes(PAGE) == text::mov_eax_ret(text::original_value(PAGE)), "not restored: {:x?}", own.bytes(PAGE));
+    ensure!(
+        own.bytes(PAGE) == text::mov_eax_ret(text::original_value(PAGE)),
+        "not restored: {:x?}",
+        own.bytes(PAGE)
+    );
     let evs = events_of(h)?;
-    let keep = evs.iter().find(|e| e.step == "keep_anon_page").ok_or(format!("zapped under uffd-wp: {:?}", steps(&evs)))?;
-    ensure!(keep.note.contains("write-protect"), "keep reason {:?}", keep.note);
+    let keep = evs
+        .iter()
+        .find(|e| e.step == "keep_anon_page")
+        .ok_or(format!("zapped under uffd-wp: {:?}", steps(&evs)))?;
+    ensure!(
+        keep.note.contains("write-protect"),
+        "keep reason {:?}",
+        keep.note
+    );
     Ok(())
 }
 
@@ -196,13 +275,32 @@ pub(crate) fn uffd_missing_after_patch_keeps_the_anonymous_page() -> TestResult 
     let dev = io(Device::open())?;
     let h = io(own.patch(&dev, PAGE, 10))?;
     let uffd = Uffd::open()?;
-    uffd.register(own.addr, text::THP_SIZE as u64, UFFDIO_REGISTER_MODE_MISSING)?;
+    uffd.register(
+        own.addr,
+        text::THP_SIZE as u64,
+        UFFDIO_REGISTER_MODE_MISSING,
+    )?;
     io(dev.restore(h))?;
-    ensure!(own.bytes(PAGE) == text::mov_eax_ret(text::original_value(PAGE)), "not restored: {:x?}", own.bytes(PAGE));
+    ensure!(
+        own.bytes(PAGE) == text::mov_eax_ret(text::original_value(PAGE)),
+        "not restored: {:x?}",
+        own.bytes(PAGE)
+    );
     let evs = events_of(h)?;
-    let keep = evs.iter().find(|e| e.step == "keep_anon_page").ok_or(format!("zapped under uffd missing mode: {:?}", steps(&evs)))?;
-    ensure!(keep.note.contains("missing mode"), "keep reason {:?}", keep.note);
-    ensure!(!evs.iter().any(|e| e.step == "queue_collapse"), "collapse queued with the copy kept: {:?}", steps(&evs));
+    let keep = evs
+        .iter()
+        .find(|e| e.step == "keep_anon_page")
+        .ok_or(format!("zapped under uffd missing mode: {:?}", steps(&evs)))?;
+    ensure!(
+        keep.note.contains("missing mode"),
+        "keep reason {:?}",
+        keep.note
+    );
+    ensure!(
+        !evs.iter().any(|e| e.step == "queue_collapse"),
+        "collapse queued with the copy kept: {:?}",
+        steps(&evs)
+    );
     let s = own.smaps()?;
     ensure!(s.kb("Anonymous") == 4, "the kept copy is not mapped: {s:?}");
     drop(uffd);
@@ -220,23 +318,52 @@ pub(crate) fn pinned_page_is_restored_but_not_zapped() -> TestResult {
     let own = OwnText::map(&file)?;
     let dev = io(Device::open())?;
     let h = io(own.patch(&dev, PAGE, 5))?;
-    ensure!(own.bytes(PAGE) == text::mov_eax_ret(5), "patch not visible in our mapping: {:x?}", own.bytes(PAGE));
+    ensure!(
+        own.bytes(PAGE) == text::mov_eax_ret(5),
+        "patch not visible in our mapping: {:x?}",
+        own.bytes(PAGE)
+    );
     let s = own.smaps()?;
-    ensure!(s.kb("ShmemPmdMapped") == 0 && s.kb("Anonymous") == 4, "after PATCH: {s:?}");
+    ensure!(
+        s.kb("ShmemPmdMapped") == 0 && s.kb("Anonymous") == 4,
+        "after PATCH: {s:?}"
+    );
     let mut fds = [0; 2];
     // SAFETY: pipe(2) and vmsplice(2) of our own page into it.
     unsafe {
         ensure!(libc::pipe(fds.as_mut_ptr()) == 0, "pipe");
-        let iov = libc::iovec { iov_base: own.page(PAGE) as *mut libc::c_void, iov_len: 4096 };
+        let iov = libc::iovec {
+            iov_base: own.page(PAGE) as *mut libc::c_void,
+            iov_len: 4096,
+        };
         let n = libc::vmsplice(fds[1], &iov, 1, 0);
-        ensure!(n == 4096, "vmsplice: {n} {}", std::io::Error::last_os_error());
+        ensure!(
+            n == 4096,
+            "vmsplice: {n} {}",
+            std::io::Error::last_os_error()
+        );
     }
     io(dev.restore(h))?;
     let evs = events_of(h)?;
-    let keep = evs.iter().find(|e| e.step == "keep_anon_page").ok_or(format!("page zapped while pinned: {:?}", steps(&evs)))?;
-    ensure!(keep.note.contains("references"), "keep reason {:?}", keep.note);
-    ensure!(!evs.iter().any(|e| e.step == "queue_collapse"), "collapse queued with the copy kept: {:?}", steps(&evs));
-    ensure!(own.bytes(PAGE) == text::mov_eax_ret(text::original_value(PAGE)), "bytes not restored: {:x?}", own.bytes(PAGE));
+    let keep = evs
+        .iter()
+        .find(|e| e.step == "keep_anon_page")
+        .ok_or(format!("page zapped while pinned: {:?}", steps(&evs)))?;
+    ensure!(
+        keep.note.contains("references"),
+        "keep reason {:?}",
+        keep.note
+    );
+    ensure!(
+        !evs.iter().any(|e| e.step == "queue_collapse"),
+        "collapse queued with the copy kept: {:?}",
+        steps(&evs)
+    );
+    ensure!(
+        own.bytes(PAGE) == text::mov_eax_ret(text::original_value(PAGE)),
+        "bytes not restored: {:x?}",
+        own.bytes(PAGE)
+    );
     let mut buf = vec![0u8; 4096];
     // SAFETY: reading the pipe into our buffer.
     let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), 4096) };
@@ -251,4 +378,16 @@ pub(crate) fn pinned_page_is_restored_but_not_zapped() -> TestResult {
         libc::close(fds[1]);
     }
     Ok(())
+}
+
+// This module's in-guest tests, in groups that main.rs's SUITE puts in run order.
+tests! {
+    TESTS: [
+        userfaultfd_armed_text_is_refused,
+        pinned_page_is_restored_but_not_zapped,
+    ];
+    WP_AND_MISSING: [
+        uffd_wp_on_pmd_mapped_text_is_never_written_through,
+        uffd_missing_after_patch_keeps_the_anonymous_page,
+    ];
 }

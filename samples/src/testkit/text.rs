@@ -88,7 +88,10 @@ impl Watch {
             return None;
         }
         let slot = &self.log[n as usize % WATCH_LOG];
-        let entry = (slot[0].load(Ordering::Relaxed), slot[1].load(Ordering::Relaxed) as u32);
+        let entry = (
+            slot[0].load(Ordering::Relaxed),
+            slot[1].load(Ordering::Relaxed) as u32,
+        );
         // The slot is overwritten WATCH_LOG changes later: check after reading.
         let total = self.changes.load(Ordering::Acquire);
         (total - n <= WATCH_LOG as u64).then_some(entry)
@@ -146,7 +149,11 @@ mod tests {
             let code = std::slice::from_raw_parts_mut(p.cast::<u8>(), PAGE);
             let mut boundaries = std::collections::BTreeSet::new();
             for (i, e) in encodings_returning(5007).iter().enumerate() {
-                assert!(e.len() <= crate::uapi::MAX_BYTES, "encoding {i} is {} bytes", e.len());
+                assert!(
+                    e.len() <= crate::uapi::MAX_BYTES,
+                    "encoding {i} is {} bytes",
+                    e.len()
+                );
                 code.fill(0xcc);
                 code[..e.len()].copy_from_slice(e);
                 let f: extern "C" fn() -> u32 = std::mem::transmute(p);

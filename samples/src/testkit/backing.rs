@@ -4,8 +4,8 @@
 //! advice, decides the page-cache folio size (Documentation/filesystems.md).
 
 use crate::proc::{KpageFlags, Pagemap};
-use crate::target::Target;
-use crate::text;
+use crate::testkit::target::Target;
+use crate::testkit::text;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
@@ -22,13 +22,21 @@ macro_rules! ensure {
 }
 
 pub fn sh(cmd: &str, args: &[&str]) -> Result<String, String> {
-    let out = std::process::Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
-    ensure!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn mounted(dir: &str) -> bool {
-    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(dir)))
+    std::fs::read_to_string("/proc/self/mounts")
+        .is_ok_and(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(dir)))
 }
 
 /// A fresh `fs` (ext4 or xfs) on a loop device over a sparse image in /tmp,
@@ -60,7 +68,17 @@ pub fn tmpfs(huge: &str) -> Result<String, String> {
     let dir = format!("/tmp/hugepoke-tmpfs-{huge}");
     if !mounted(&dir) {
         io(std::fs::create_dir_all(&dir))?;
-        sh("mount", &["-t", "tmpfs", "-o", &format!("huge={huge},size=64M"), "hugepoke-tmpfs", &dir])?;
+        sh(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("huge={huge},size=64M"),
+                "hugepoke-tmpfs",
+                &dir,
+            ],
+        )?;
     }
     Ok(dir)
 }
@@ -83,7 +101,11 @@ pub fn write_text(dir: &str, chunk: usize, evict: bool) -> Result<String, String
         io(f.sync_all())?;
         // SAFETY: fadvise on our own open file.
         let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        ensure!(r == 0, "posix_fadvise(DONTNEED): {}", std::io::Error::from_raw_os_error(r));
+        ensure!(
+            r == 0,
+            "posix_fadvise(DONTNEED): {}",
+            std::io::Error::from_raw_os_error(r)
+        );
     }
     Ok(path)
 }
@@ -97,7 +119,10 @@ pub fn folio_order(t: &mut Target, page: usize) -> Result<u32, String> {
     let pfn_of = |t: &mut Target, p: usize| -> Result<u64, String> {
         t.call(p)?;
         let e = io(pm.entry(t.page_addr(p)))?;
-        ensure!(e.present() && e.file(), "page {p} not mapped from the page cache: {e:?}");
+        ensure!(
+            e.present() && e.file(),
+            "page {p} not mapped from the page cache: {e:?}"
+        );
         Ok(e.pfn())
     };
     let pfn = pfn_of(t, page)?;
@@ -113,13 +138,15 @@ pub fn folio_order(t: &mut Target, page: usize) -> Result<u32, String> {
     }
     let head = pfn_of(t, first)?;
     let mut n = 1;
-    while first + n < text::PAGES && pfn_of(t, first + n)? == head + n as u64 && io(kpf.get(head + n as u64))?.compound_tail() {
+    while first + n < text::PAGES
+        && pfn_of(t, first + n)? == head + n as u64
+        && io(kpf.get(head + n as u64))?.compound_tail()
+    {
         n += 1;
     }
     ensure!(n.is_power_of_two(), "folio at page {first} has {n} pages");
     Ok(n.trailing_zeros())
 }
-
 
 /// Compact memory, so that a PMD-sized folio can be had late in a long run
 /// in a small guest (a fragmented guest falls back to small folios, and a

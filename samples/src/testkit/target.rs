@@ -33,10 +33,19 @@ impl Target {
         if let Some(uid) = uid {
             cmd.gid(uid).uid(uid);
         }
-        let mut child = cmd.spawn().map_err(|e| format!("spawning {program}: {e}"))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("spawning {program}: {e}"))?;
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut t = Self { child, stdin, stdout, pid: 0, addr: 0, file: String::new() };
+        let mut t = Self {
+            child,
+            stdin,
+            stdout,
+            pid: 0,
+            addr: 0,
+            file: String::new(),
+        };
         t.read_ready()?;
         Ok(t)
     }
@@ -44,7 +53,9 @@ impl Target {
     /// Read a `ready pid=P addr=A file=F` line into `self`.
     fn read_ready(&mut self) -> Result<(), String> {
         let mut line = String::new();
-        self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+        self.stdout
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
         let field = |key: &str| {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(key))
@@ -68,7 +79,9 @@ impl Target {
     pub fn call(&mut self, page: usize) -> Result<u32, String> {
         writeln!(self.stdin, "call {page}").map_err(|e| format!("target gone: {e}"))?;
         let mut line = String::new();
-        self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+        self.stdout
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
         let mut w = line.split_whitespace();
         match (w.next(), w.next().and_then(|v| v.parse().ok())) {
             (Some(n), Some(v)) if n == page.to_string() => Ok(v),
@@ -80,7 +93,9 @@ impl Target {
     pub fn command(&mut self, cmd: &str) -> Result<String, String> {
         writeln!(self.stdin, "{cmd}").map_err(|e| format!("target gone: {e}"))?;
         let mut line = String::new();
-        self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+        self.stdout
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
         Ok(line.trim_end().to_string())
     }
 
@@ -103,7 +118,7 @@ impl Target {
 
     /// Address of text page `page`.
     pub fn page_addr(&self, page: usize) -> u64 {
-        self.addr + (page * crate::text::PAGE) as u64
+        self.addr + (page * crate::testkit::text::PAGE) as u64
     }
 }
 

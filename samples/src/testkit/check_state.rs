@@ -76,7 +76,8 @@ impl Slot {
     /// returns that generation.
     pub fn publish(&self, state: State) -> u64 {
         let generation = (self.word.load(Ordering::Relaxed) >> 2) + 1;
-        self.word.store(generation << 2 | state as u64, Ordering::Release);
+        self.word
+            .store(generation << 2 | state as u64, Ordering::Release);
         generation
     }
 
@@ -87,7 +88,14 @@ impl Slot {
         if self.seen.fetch_max(generation, Ordering::Release) < generation {
             // SAFETY: FUTEX_WAKE on our own word of the shared mapping (a
             // shared futex: the waiter is another process).
-            unsafe { libc::syscall(libc::SYS_futex, self.seen.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.seen.as_ptr(),
+                    libc::FUTEX_WAKE,
+                    i32::MAX,
+                )
+            };
             // The woken controller may be queued behind us on this CPU.
             std::thread::yield_now();
         }
@@ -101,10 +109,21 @@ impl Slot {
         if seen >= generation {
             return true;
         }
-        let ts = libc::timespec { tv_sec: limit.as_secs() as libc::time_t, tv_nsec: limit.subsec_nanos() as libc::c_long };
+        let ts = libc::timespec {
+            tv_sec: limit.as_secs() as libc::time_t,
+            tv_nsec: limit.subsec_nanos() as libc::c_long,
+        };
         // SAFETY: FUTEX_WAIT on our own word of the shared mapping, with a
         // valid timeout; it returns at once if the word is not `seen` any more.
-        unsafe { libc::syscall(libc::SYS_futex, self.seen.as_ptr(), libc::FUTEX_WAIT, seen, &ts as *const libc::timespec) };
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.seen.as_ptr(),
+                libc::FUTEX_WAIT,
+                seen,
+                &ts as *const libc::timespec,
+            )
+        };
         self.seen.load(Ordering::Acquire) >= generation
     }
 
@@ -144,7 +163,16 @@ impl Shared {
     /// Map the state in descriptor `fd`.
     pub fn map(fd: i32) -> std::io::Result<Self> {
         // SAFETY: a shared mapping of SIZE bytes of the memfd, never unmapped.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), SIZE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }

@@ -1,0 +1,234 @@
+//! `hugepoke patch`: one site from the command line, or many from
+//! `--sites FILE` in one PATCH_BATCH; each resolved, checked
+//! (hugepoke::decode::check_patch), then patched all or none.
+
+use super::{describe, hex_arg, number, print_json, Hex};
+use crate::CliError;
+use clap::Args;
+use hugepoke::decode::check_patch;
+use hugepoke::device::{self, Device};
+use hugepoke::parse_hex_bytes;
+use hugepoke::report::{hex, PatchOut, SiteOut};
+use hugepoke::sites::{self, Place, Site};
+use hugepoke::symbols;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct PatchArgs {
+    /// The target process.
+    #[arg(long)]
+    pid: i32,
+    /// The address to patch (0x… or decimal).
+    #[arg(long, value_parser = number, required_unless_present_any = ["symbol", "sites"], conflicts_with = "symbol")]
+    addr: Option<u64>,
+    /// The function to patch: NAME, NAME+OFFSET, NAME@VERSION, from .symtab or .dynsym.
+    #[arg(long)]
+    symbol: Option<String>,
+    /// Which mapped object defines --symbol (or the sites' symbols): a path or a basename (`libc`, `libc.so.6`).
+    #[arg(long)]
+    object: Option<String>,
+    /// The new bytes in hex, 1-16 of them, spaces allowed: "b8 2a 00 00 00 c3".
+    #[arg(long, value_parser = hex_arg, required_unless_present = "sites")]
+    bytes: Option<Hex>,
+    /// Refuse (EILSEQ) unless these bytes are there now.
+    #[arg(long, value_parser = hex_arg)]
+    expect: Option<Hex>,
+    /// Patch many sites at once, all or none (PATCH_BATCH), from FILE (`-`: stdin): a line `ADDR|SYMBOL BYTES [EXPECT]` each.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["addr", "symbol", "bytes", "expect"])]
+    sites: Option<PathBuf>,
+    /// Keep the patch after this command exits (until `restore` or module unload).
+    #[arg(long)]
+    persist: bool,
+    /// Have the collapse after RESTORE install the PMD at once, not at the next fault.
+    #[arg(long)]
+    install_pmd: bool,
+    /// Patch even where the instruction check refuses.
+    #[arg(long)]
+    force: bool,
+    /// Show the old and new instructions and what the check says; patch nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// Bytes as `b8 2a 00 00 00 c3`.
+fn hex_bytes(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The sites to patch: those of `--sites FILE`, or the one of `--addr` or
+/// `--symbol`, `--bytes` and `--expect`.
+fn sites_in(args: &PatchArgs) -> Result<Vec<Site>, CliError> {
+    if let Some(path) = &args.sites {
+        return sites::read(path).map_err(|e| CliError::Usage(format!("--sites {e}")));
+    }
+    let bytes = args
+        .bytes
+        .clone()
+        .expect("clap requires --bytes without --sites")
+        .0;
+    let place = match (&args.symbol, args.addr) {
+        (Some(sym), _) => Place::Symbol(sym.clone()),
+        (None, Some(a)) => Place::Addr(a),
+        (None, None) => unreachable!("clap requires --addr or --symbol"),
+    };
+    let expect = args.expect.clone().map(|h| h.0);
+    if let Some(e) = &expect {
+        if e.len() != bytes.len() {
+            return Err(CliError::Usage(format!(
+                "--expect has {} bytes and --bytes {}: they must be as long",
+                e.len(),
+                bytes.len()
+            )));
+        }
+    }
+    Ok(vec![Site {
+        label: None,
+        line: None,
+        place,
+        bytes,
+        expect,
+    }])
+}
+
+pub fn exec(args: PatchArgs, json: bool) -> Result<(), CliError> {
+    let from_stdin = args.sites.as_deref() == Some(Path::new("-"));
+    let inputs = sites_in(&args)?;
+    let any_symbol = inputs.iter().any(|s| matches!(s.place, Place::Symbol(_)));
+    if args.object.is_some() && !any_symbol {
+        return Err(CliError::Usage(
+            "--object needs --symbol (or symbols in the sites file)".into(),
+        ));
+    }
+    let objects = match symbols::objects(args.pid) {
+        Ok(o) => o,
+        Err(e) if any_symbol => return Err(CliError::Usage(e)),
+        Err(_) => Vec::new(),
+    };
+    // What the check says goes to stdout with a plain --dry-run, else to
+    // stderr (stdout holds only the handle or the JSON).
+    let mut out: Box<dyn Write> = if args.dry_run && !json {
+        Box::new(io::stdout())
+    } else {
+        Box::new(io::stderr())
+    };
+
+    // The same path for every site: resolve, check, settle the expected bytes.
+    let mut sites_out = Vec::new();
+    for s in &inputs {
+        let pre = s.prefix();
+        let addr = s
+            .resolve(&objects, args.object.as_deref(), &mut out)
+            .map_err(CliError::Usage)?;
+        let check = check_patch(args.pid, args.force, &objects, addr, &s.bytes);
+        check.write(addr, &mut out);
+        if !check.refusals.is_empty() && !args.force {
+            let _ = out.flush();
+            return Err(CliError::Refused(format!(
+                "{pre}the instruction check failed (see above; --force patches anyway)"
+            )));
+        }
+        let expect = match (s.expect.clone(), check.here.clone()) {
+            // --force leaves the verdict to the kernel, under the PT lock.
+            (Some(e), Some(here)) if e != here && !args.force => {
+                let what = if s.label.is_some() {
+                    "EXPECT"
+                } else {
+                    "--expect"
+                };
+                return Err(CliError::Refused(format!(
+                    "{pre}{what} {} is not what is there now ({})",
+                    hex_bytes(&e),
+                    hex_bytes(&here)
+                )));
+            }
+            (Some(e), _) => Some(e),
+            (None, here) => here,
+        };
+        sites_out.push(SiteOut {
+            line: s.line,
+            addr,
+            symbol: describe(&objects, addr),
+            len: s.bytes.len(),
+            bytes: hex(&s.bytes),
+            expect: expect.as_deref().map(hex),
+            check,
+        });
+    }
+    let mut result = PatchOut {
+        handle: None,
+        pid: args.pid,
+        persist: args.persist,
+        dry_run: args.dry_run,
+        sites: sites_out,
+    };
+    if args.dry_run {
+        if json {
+            print_json(&result);
+        } else {
+            let _ = writeln!(out, "dry run: nothing patched");
+        }
+        return Ok(());
+    }
+    drop(out);
+
+    // Closing `dev` restores a patch without --persist: it lives to the end.
+    let (dev, handle) = apply(&args, &inputs, &result)?;
+    result.handle = Some(handle);
+    if json {
+        print_json(&result);
+    } else {
+        println!("{handle}");
+    }
+    let _ = io::stdout().flush();
+    if !args.persist {
+        // Hold the patch until stdin closes (or, when stdin gave the
+        // sites, until a signal ends us); closing the device restores it.
+        if from_stdin {
+            loop {
+                // SAFETY: pause() only waits for a signal.
+                unsafe { libc::pause() };
+            }
+        }
+        let _ = io::stdin().read_to_end(&mut Vec::new());
+    }
+    drop(dev);
+    Ok(())
+}
+
+/// Make the checked patch: PATCH for one site from the command line,
+/// PATCH_BATCH for a sites file: the device it was made on, and its handle.
+fn apply(args: &PatchArgs, inputs: &[Site], result: &PatchOut) -> Result<(Device, u64), CliError> {
+    let seq = device::journal_seq();
+    let dev = Device::open().map_err(|e| CliError::kernel("open /dev/hugepoke", e, seq, None))?;
+    let sites: Vec<device::Site> = inputs
+        .iter()
+        .zip(&result.sites)
+        .map(|(i, o)| device::Site {
+            addr: o.addr,
+            bytes: i.bytes.clone(),
+            expect: o.expect.as_deref().and_then(parse_hex_bytes),
+        })
+        .collect();
+    let batch = args.sites.is_some();
+    let handle = dev
+        .patch_sites(args.pid, &sites, batch, args.persist, args.install_pmd)
+        .map_err(|e| {
+            let what = match e.failed {
+                Some(i) if i < inputs.len() => {
+                    format!("patch: site {i} ({}, {:#x})", inputs[i].label.as_deref().unwrap_or("?"), result.sites[i].addr)
+                }
+                Some(i) => format!("patch: site {i}"),
+                None => "patch".into(),
+            };
+            if let Some(h) = e.kept {
+                eprintln!("hugepoke: patch: the sites the kernel could not undo stay patched, persistent, under handle {h} (hugepoke restore {h})");
+            }
+            CliError::kernel(&what, e.error, seq, Some(args.pid))
+        })?;
+    Ok((dev, handle))
+}

@@ -1,0 +1,88 @@
+//! `hugepoke query HANDLE`: one patch, every site of a batch.
+
+use super::{number, open_device, print_json};
+use crate::CliError;
+use clap::Args;
+use hugepoke::report::hex;
+use hugepoke::{device, uapi};
+use serde::Serialize;
+
+#[derive(Args)]
+pub struct QueryArgs {
+    /// The handle PATCH printed.
+    #[arg(value_parser = number)]
+    handle: u64,
+}
+
+/// What `query --json` prints.
+#[derive(Serialize)]
+struct QueryOut {
+    handle: u64,
+    /// `live`, or `gone` once the target has exited.
+    state: &'static str,
+    pid: i32,
+    /// How many sites the handle has (1 for a single PATCH).
+    count: u32,
+    sites: Vec<QuerySite>,
+}
+
+#[derive(Serialize)]
+struct QuerySite {
+    site: u32,
+    addr: u64,
+    len: u32,
+    /// The PATCH_* flags the site was made with.
+    flags: u32,
+    /// The anonymous page that holds it.
+    pfn: u64,
+    bytes: String,
+    orig: String,
+}
+
+pub fn exec(args: QueryArgs, json: bool) -> Result<(), CliError> {
+    let handle = args.handle;
+    let seq = device::journal_seq();
+    let dev = open_device(seq)?;
+    let failed = |e| CliError::kernel("query", e, seq, None);
+    let first = dev.query(handle).map_err(failed)?;
+    let mut sites = Vec::new();
+    for index in 0..first.count.max(1) {
+        let q = if index == 0 {
+            first
+        } else {
+            dev.query_site(handle, index).map_err(failed)?
+        };
+        let n = (q.len as usize).min(uapi::MAX_BYTES);
+        sites.push(QuerySite {
+            site: q.site,
+            addr: q.addr,
+            len: q.len,
+            flags: q.patch_flags,
+            pfn: q.pfn,
+            bytes: hex(&q.bytes[..n]),
+            orig: hex(&q.orig[..n]),
+        });
+    }
+    let out = QueryOut {
+        handle,
+        state: if first.state == uapi::STATE_LIVE {
+            "live"
+        } else {
+            "gone"
+        },
+        pid: first.pid,
+        count: first.count.max(1),
+        sites,
+    };
+    if json {
+        print_json(&out);
+        return Ok(());
+    }
+    for s in &out.sites {
+        println!(
+            "handle={handle} state={} pid={} addr={:#x} len={} flags={:#x} pfn={:#x} bytes={} orig={} site={}/{}",
+            out.state, out.pid, s.addr, s.len, s.flags, s.pfn, s.bytes, s.orig, s.site, out.count
+        );
+    }
+    Ok(())
+}
