@@ -2,6 +2,7 @@
 #   make run    set up, build, boot our kernel and show the demo
 #   make check  set up, build, run every test; ends with "N passed, N failed"
 #   make        build the module against our (already built) kernel
+#   make fmt    format the module (the kernel's rustfmt settings) and the samples
 #   make install-tools [PREFIX=/usr/local] [DESTDIR=]   the CLI, thp-target, man pages and completions, for the host
 #   HP_KFLAVOUR=debug (or make check HP_KFLAVOUR=debug): the lockdep/DEBUG_PAGEALLOC kernel
 
@@ -12,7 +13,7 @@ export HP_KFLAVOUR
 KDIR ?= $(shell HP_KFLAVOUR=$(HP_KFLAVOUR) bash -c '. scripts/env.sh && echo $$HP_KDIR')
 KMAKE ?= $(shell HP_KFLAVOUR=$(HP_KFLAVOUR) bash -c '. scripts/env.sh && echo $$HP_KMAKE')
 
-.PHONY: module samples install-tools setup kernel run check bench stress clean
+.PHONY: module samples install-tools setup kernel run check bench stress clean fmt
 
 module:
 	@test -f $(KDIR)/Module.symvers || { echo "no kernel in $(KDIR): run 'make kernel' first" >&2; exit 1; }
@@ -20,6 +21,11 @@ module:
 
 samples:
 	cd samples && cargo build --release --locked --quiet
+
+# Format the module (the kernel's rustfmt settings) and the samples.
+fmt:
+	rustfmt --edition 2021 src/module.rs
+	cd samples && cargo fmt
 
 # The CLI outside the guest: binaries, man pages (hugepoke.1, hugepoke-SUB.1),
 # bash/zsh/fish completions, under $(DESTDIR)$(PREFIX).
