@@ -3,7 +3,7 @@
  * The C that hugepoke needs: out-of-line copies of the static inlines and
  * macros that bindgen cannot expose.  They are linked into hugepoke.ko
  * itself (see Kbuild), so the kernel series adds no helper to vmlinux;
- * src/sys.rs declares them and is their only caller.
+ * src/sys/mod.rs declares them and is their only caller.
  */
 
 #include <linux/highmem.h>

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * The C wrappers compiled into hugepoke.ko (helpers.c); src/sys.rs declares
+ * The C wrappers compiled into hugepoke.ko (helpers.c); src/sys/mod.rs declares
  * the same functions for Rust.
  */
 #ifndef HUGEPOKE_HELPERS_H

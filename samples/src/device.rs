@@ -248,6 +248,7 @@ pub fn failure_since(seq: u64, target: Option<i32>) -> Option<String> {
     events
         .iter()
         .filter(|e| target.is_none_or(|t| e.pid == t || e.pid == me))
-        .find(|e| e.seq > seq && e.result != "ok")
+        // The newest: a refused RESTORE journals the patch's fate, then why.
+        .rfind(|e| e.seq > seq && e.result != "ok")
         .map(|e| format!("{}: {} ({})", e.step, e.note, e.result))
 }

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 
 /// `hugepoke ARGS`: (status, stdout, stderr).
-fn hugepoke(args: &[&str]) -> Result<(i32, String, String), String> {
+pub(crate) fn hugepoke(args: &[&str]) -> Result<(i32, String, String), String> {
     let out = Command::new("hugepoke")
         .args(args)
         .output()

@@ -98,6 +98,12 @@ pub(crate) fn restore_refuses_bytes_changed_by_someone_else() -> TestResult {
         "not the ones PATCH wrote",
     )?;
     ensure!(t.call(32)? == 77, "RESTORE overwrote the debugger's bytes");
+    // The CLI says why, not only what happened to the patch.
+    let (code, _, err) = crate::cli::hugepoke(&["restore", &h.to_string()])?;
+    ensure!(
+        code == 1 && err.contains("not the ones PATCH wrote"),
+        "hugepoke restore exited {code}, said {err:?}"
+    );
     ensure!(
         io(dev.query(h))?.state == uapi::STATE_LIVE,
         "patch not kept"
