@@ -23,6 +23,7 @@ use crate::{
     journal::{Event, Step},
     live::{self, Live},
     patches::Site,
+    refusal::Refusal,
     sys::{self, PMD_SIZE},
     target::{Target, TargetState},
     Hugepoke,
@@ -80,11 +81,11 @@ pub(crate) fn queue_collapse(
                 haddr,
                 note
             ),
-            Err((_, why)) => pr_info!(
+            Err(r) => pr_info!(
                 "unload: collapse of pid {} at {:#x} failed: {}\n",
                 site.pid,
                 haddr,
-                why
+                r.why
             ),
         }
         record_outcome(
@@ -156,10 +157,10 @@ impl WorkItem for CollapseWork {
     }
 }
 
-fn record_outcome(hp: &Hugepoke, ev: Event, outcome: Result<&'static str, (Error, &'static str)>) {
+fn record_outcome(hp: &Hugepoke, ev: Event, outcome: Result<&'static str, Refusal>) {
     hp.journal.record(match outcome {
         Ok(note) => ev.note(note),
-        Err((err, why)) => ev.error(err, why),
+        Err(r) => ev.error(r.errno, r.why),
     });
 }
 
@@ -171,18 +172,20 @@ fn collapse_range(
     haddr: usize,
     key: RangeKey,
     install_pmd: bool,
-) -> Result<&'static str, (Error, &'static str)> {
+) -> Result<&'static str, Refusal> {
     if state.patches.in_range(key) != 0 {
-        return Err((EBUSY, "range was patched again"));
+        return Err(Refusal::new(EBUSY, "range was patched again"));
     }
-    let mm = target.mm_user().ok_or((ESRCH, "target process is gone"))?;
+    let mm = target
+        .mm_user()
+        .ok_or(Refusal::new(ESRCH, "target process is gone"))?;
     let guard = mm.mmap_read_lock();
     let vma = guard
         .vma_lookup(haddr)
-        .ok_or((EFAULT, "range is no longer mapped"))?;
+        .ok_or(Refusal::new(EFAULT, "range is no longer mapped"))?;
     let info = sys::vma_info(vma);
     if info.start > haddr || info.end < haddr + PMD_SIZE {
-        return Err((EINVAL, "VMA no longer covers the 2 MiB range"));
+        return Err(Refusal::new(EINVAL, "VMA no longer covers the 2 MiB range"));
     }
     let result = sys::collapse_pte_mapped_thp(&mm, &guard, haddr, install_pmd);
     let succeeded = sys::scan_result_ok(result); // mutant: collapse-result-ignored
@@ -193,6 +196,6 @@ fn collapse_range(
         (true, true) => Ok("SCAN_PMD_MAPPED: already PMD-mapped"),
         (true, false) if install_pmd => Ok("SCAN_SUCCEED: PMD installed"),
         (true, false) => Ok("SCAN_SUCCEED: page table retracted; PMD at next fault"),
-        (false, _) => Err((EBUSY, sys::scan_result_name(result))),
+        (false, _) => Err(Refusal::new(EBUSY, sys::scan_result_name(result))),
     }
 }

@@ -99,7 +99,7 @@ impl Controller {
         let ev = Event::new(Step::Patch)
             .pid(args.pid)
             .addr(args.addr as usize);
-        policy::check_patch_args(&args).map_err(|(e, why)| hp.journal.fail(ev, e, why))?;
+        policy::check_patch_args(&args).map_err(|r| hp.journal.refuse(ev, r))?;
         let site = BatchSite {
             addr: args.addr,
             len: args.len,
@@ -146,8 +146,7 @@ impl Controller {
             hp.journal
                 .fail(ev, e, "cannot read the PATCH_BATCH arguments")
         })?;
-        policy::check_batch_args(&args)
-            .map_err(|(e, why)| hp.journal.fail(ev.pid(args.pid), e, why))?;
+        policy::check_batch_args(&args).map_err(|r| hp.journal.refuse(ev.pid(args.pid), r))?;
         let count = args.count as usize;
         let mut sites = KVVec::new();
         sites

@@ -6,7 +6,7 @@
 use core::fmt;
 use kernel::{new_spinlock, prelude::*, sync::SpinLock};
 
-use crate::sys;
+use crate::{refusal::Refusal, sys};
 
 /// How many events the log keeps; older ones are counted as dropped.
 pub(crate) const EVENT_CAPACITY: usize = 4096;
@@ -385,6 +385,11 @@ impl Journal {
     pub(crate) fn fail(&self, ev: Event, err: Error, why: &'static str) -> Error {
         self.record(ev.error(err, why));
         err
+    }
+
+    /// Journal `r` as the failure of `ev`; its errno, for the caller.
+    pub(crate) fn refuse(&self, ev: Event, r: Refusal) -> Error {
+        self.fail(ev, r.errno, r.why)
     }
 
     pub(crate) fn write_events(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

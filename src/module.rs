@@ -27,6 +27,7 @@ mod live;
 mod patches;
 mod pause;
 mod policy;
+mod refusal;
 mod sys;
 mod target;
 #[cfg(CONFIG_KUNIT)]

@@ -13,12 +13,10 @@ use kernel::{
 
 use crate::{
     patches::Site,
+    refusal::Refusal,
     sys::{VmaInfo, PAGE_MASK, PAGE_SIZE},
     uapi::{self, PatchArgs, PatchBatchArgs, MAX_BATCH, MAX_BYTES},
 };
-
-/// A refusal: the errno to return and why, for the journal.
-pub(crate) type Refusal = (Error, &'static str);
 
 fn has(vma: &VmaInfo, flag: vm_flags_t) -> bool {
     vma.flags & flag as usize != 0
@@ -32,7 +30,7 @@ pub(crate) fn check_patch_args(args: &PatchArgs) -> Result<(), Refusal> {
         core::mem::size_of::<PatchArgs>(),
         uapi::PATCH_FLAGS,
     )
-    .map_err(|why| (EINVAL, why))?;
+    .map_err(|why| Refusal::new(EINVAL, why))?;
     check_range(args.addr, args.len)
 }
 
@@ -44,9 +42,9 @@ pub(crate) fn check_batch_args(args: &PatchBatchArgs) -> Result<(), Refusal> {
         core::mem::size_of::<PatchBatchArgs>(),
         uapi::BATCH_FLAGS,
     )
-    .map_err(|why| (EINVAL, why))?;
+    .map_err(|why| Refusal::new(EINVAL, why))?;
     if args.count == 0 || args.count as usize > MAX_BATCH {
-        return Err((EINVAL, "a batch holds 1 to 4096 sites"));
+        return Err(Refusal::new(EINVAL, "a batch holds 1 to 4096 sites"));
     }
     Ok(())
 }
@@ -55,17 +53,17 @@ pub(crate) fn check_batch_args(args: &PatchBatchArgs) -> Result<(), Refusal> {
 pub(crate) fn check_range(addr: u64, len: u32) -> Result<(), Refusal> {
     let len = len as usize;
     if len == 0 || len > MAX_BYTES {
-        return Err((EINVAL, "length must be 1 to 16 bytes"));
+        return Err(Refusal::new(EINVAL, "length must be 1 to 16 bytes"));
     }
     // The range must not wrap: `addr + len` is computed later.
     let Some(addr) = usize::try_from(addr)
         .ok()
         .filter(|a| a.checked_add(len).is_some())
     else {
-        return Err((EFAULT, "address out of range"));
+        return Err(Refusal::new(EFAULT, "address out of range"));
     };
     if (addr & !PAGE_MASK) + len > PAGE_SIZE {
-        return Err((EINVAL, "range crosses a page boundary"));
+        return Err(Refusal::new(EINVAL, "range crosses a page boundary"));
     }
     Ok(())
 }
@@ -73,28 +71,34 @@ pub(crate) fn check_range(addr: u64, len: u32) -> Result<(), Refusal> {
 /// The checks PATCH makes on the VMA: what uprobes may patch, and no more.
 pub(crate) fn check_vma(vma: &VmaInfo) -> Result<(), Refusal> {
     if has(vma, HUGETLB) || has(vma, IO) || has(vma, PFNMAP) {
-        return Err((EINVAL, "hugetlb, VM_IO or VM_PFNMAP mapping"));
+        return Err(Refusal::new(EINVAL, "hugetlb, VM_IO or VM_PFNMAP mapping"));
     }
     if !vma.file_backed() {
-        return Err((EINVAL, "not a file-backed mapping"));
+        return Err(Refusal::new(EINVAL, "not a file-backed mapping"));
     }
     if has(vma, SHARED) {
-        return Err((EINVAL, "shared mapping: writing would change the file"));
+        return Err(Refusal::new(
+            EINVAL,
+            "shared mapping: writing would change the file",
+        ));
     }
     if has(vma, WRITE) {
-        return Err((EINVAL, "writable mapping: not text"));
+        return Err(Refusal::new(EINVAL, "writable mapping: not text"));
     }
     if !has(vma, EXEC) {
-        return Err((EINVAL, "mapping is not executable"));
+        return Err(Refusal::new(EINVAL, "mapping is not executable"));
     }
     if !has(vma, MAYWRITE) {
-        return Err((EINVAL, "mapping cannot be COWed (no VM_MAYWRITE)"));
+        return Err(Refusal::new(
+            EINVAL,
+            "mapping cannot be COWed (no VM_MAYWRITE)",
+        ));
     }
     if vma.uffd_armed {
         // mutant: no-uffd-armed-check
         // GUP's write fault would wait for the uffd reader, and dropping
         // the uffd-wp bit silently is not ours to do.
-        return Err((EBUSY, "userfaultfd is armed on this mapping"));
+        return Err(Refusal::new(EBUSY, "userfaultfd is armed on this mapping"));
     }
     Ok(())
 }
@@ -102,16 +106,25 @@ pub(crate) fn check_vma(vma: &VmaInfo) -> Result<(), Refusal> {
 /// May RESTORE write into the anonymous copy of a patch's page in this
 /// VMA?  Only in a private, not writable, executable mapping of the file:
 /// the kind of mapping PATCH wrote into.
-pub(crate) fn check_restore_vma(vma: &VmaInfo) -> Result<(), &'static str> {
+pub(crate) fn check_restore_vma(vma: &VmaInfo) -> Result<(), Refusal> {
     if has(vma, SHARED) {
-        return Err("the patched file page is now mapped shared; nothing written");
+        return Err(Refusal::new(
+            EACCES,
+            "the patched file page is now mapped shared; nothing written",
+        ));
     }
     if has(vma, WRITE) {
         // mutant: no-vma-check
-        return Err("the patched file page is now mapped writable; nothing written");
+        return Err(Refusal::new(
+            EACCES,
+            "the patched file page is now mapped writable; nothing written",
+        ));
     }
     if !has(vma, EXEC) {
-        return Err("the patched file page is now mapped without exec; nothing written");
+        return Err(Refusal::new(
+            EACCES,
+            "the patched file page is now mapped without exec; nothing written",
+        ));
     }
     Ok(())
 }

@@ -507,15 +507,18 @@ mod hugepoke {
         assert!(
             check_restore_vma(&vma(0, 1, FILE_A, 0, text | VM_WRITE as usize))
                 .unwrap_err()
+                .why
                 .contains("writable")
         );
         assert!(
             check_restore_vma(&vma(0, 1, FILE_A, 0, text | VM_SHARED as usize))
                 .unwrap_err()
+                .why
                 .contains("shared")
         );
         assert!(check_restore_vma(&vma(0, 1, FILE_A, 0, VM_READ as usize))
             .unwrap_err()
+            .why
             .contains("exec"));
     }
 

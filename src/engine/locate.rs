@@ -16,6 +16,7 @@ use crate::{
     journal::{Event, Step},
     patches::Site,
     policy,
+    refusal::Refusal,
     sys::{self, LockedPte, MmapWriteGuard, PageRef, PAGE_MASK},
     uapi::MAX_BYTES,
     Hugepoke,
@@ -67,7 +68,7 @@ struct Seen<'a> {
     /// The best of them: (rank, vma, address, page).
     best: Option<(u8, &'a VmaRef, usize, PageRef)>,
     /// A copy in a mapping RESTORE may not write into, and why.
-    refused: Option<&'static str>,
+    refused: Option<Refusal>,
     /// A mapping that could not be faulted in.
     error: Option<Error>,
 }
@@ -101,8 +102,8 @@ pub(crate) fn find_anon_copy<'a>(
                 continue;
             }
         };
-        if let Err(why) = policy::check_restore_vma(&info) {
-            seen.refused = Some(why);
+        if let Err(r) = policy::check_restore_vma(&info) {
+            seen.refused = Some(r);
             continue;
         }
         seen.copies += 1;
@@ -128,13 +129,13 @@ impl<'a> Seen<'a> {
             }
             Some(_) => {
                 let why = "several private copies of the file page, none with the page or at the address PATCH wrote; nothing written";
-                return Err(Refused::Kept(EBUSY, why));
+                return Err(Refused::Kept(Refusal::new(EBUSY, why)));
             }
             None => {}
         }
         Err(match (self.mapped, self.refused, self.error) {
-            (_, Some(why), _) => Refused::Kept(EACCES, why),
-            (_, None, Some(e)) => Refused::Kept(e, "cannot get the page"), // mutant: gup-error-forgets
+            (_, Some(r), _) => Refused::Kept(r),
+            (_, None, Some(e)) => Refused::Kept(Refusal::new(e, "cannot get the page")), // mutant: gup-error-forgets
             (true, None, None) => Refused::Gone {
                 result: Ok(()),
                 why: "page is no longer anonymous: already undone",
@@ -244,7 +245,10 @@ fn locate_page(
                 page_addr,
                 sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD,
             ) {
-                return Err((Refused::Kept(e, "cannot fault the page in for writing"), 0));
+                return Err((
+                    Refused::Kept(Refusal::new(e, "cannot fault the page in for writing")),
+                    0,
+                ));
             }
             continue;
         }
@@ -263,11 +267,14 @@ fn locate_page(
                         .error(sys::eilseq(), why),
                 );
                 let why = "bytes at a site are not the ones PATCH wrote; nothing written";
-                return Err((Refused::Kept(sys::eilseq(), why), k));
+                return Err((Refused::Kept(Refusal::new(sys::eilseq(), why)), k));
             }
         }
         w.state = PageState::Found(page_addr, page);
         return Ok(());
     }
-    Err((Refused::Kept(EAGAIN, "page table kept changing"), 0))
+    Err((
+        Refused::Kept(Refusal::new(EAGAIN, "page table kept changing")),
+        0,
+    ))
 }

@@ -6,6 +6,8 @@
 
 use kernel::prelude::*;
 
+use crate::refusal::Refusal;
+
 /// How often a step retries when the page table changed under it.
 pub(crate) const MAX_TRIES: u32 = 6;
 
@@ -69,8 +71,22 @@ pub(crate) enum Refused {
     /// There is nothing left to restore: the patch is forgotten and RESTORE
     /// returns `result`.
     Gone { result: Result, why: &'static str },
-    /// The patch stays in the table: RESTORE returns the error.
-    Kept(Error, &'static str),
+    /// The patch stays in the table: RESTORE returns the errno.
+    Kept(Refusal),
+}
+
+impl Refused {
+    /// What stops an undo: a refusal, or a patch gone with an error.
+    pub(crate) fn stops_undo(&self) -> Option<Refusal> {
+        match *self {
+            Refused::Kept(r) => Some(r),
+            Refused::Gone {
+                result: Err(e),
+                why,
+            } => Some(Refusal::new(e, why)),
+            Refused::Gone { result: Ok(()), .. } => None,
+        }
+    }
 }
 
 /// Who is restoring: an ioctl, or the cleanup when a file closes or the

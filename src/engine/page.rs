@@ -18,6 +18,7 @@ use super::{
 use crate::{
     journal::{Event, Step},
     patches::Site,
+    refusal::Refusal,
     sys::{self, CacheRef, ClearedPte, Mapping, MmapWriteGuard, PageRef, VmaInfo, PAGE_MASK},
     uapi::MAX_BYTES,
     Hugepoke,
@@ -183,8 +184,10 @@ pub(crate) fn write_page(
         return Ok(());
     };
     let (page_addr, rep) = (*page_addr, &sites[0]);
-    let pte = relock_pte(guard, rep, page_addr, page)
-        .ok_or(Refused::Kept(EAGAIN, "page table kept changing"))?;
+    let pte = relock_pte(guard, rep, page_addr, page).ok_or(Refused::Kept(Refusal::new(
+        EAGAIN,
+        "page table kept changing",
+    )))?;
     let mut pte = pte.unmap();
     for s in sites {
         let (now_there, _) = swap_bytes(s, w.written, dir);
@@ -192,10 +195,8 @@ pub(crate) fn write_page(
         pte.read(s.offset(), &mut now[..s.len]);
         if now[..s.len] != *now_there {
             // mutant: no-byte-check/2
-            return Err(Refused::Kept(
-                sys::eilseq(),
-                "bytes at a site changed while it was restored; nothing left written",
-            ));
+            let why = "bytes at a site changed while it was restored; nothing left written";
+            return Err(Refused::Kept(Refusal::new(sys::eilseq(), why)));
         }
     }
     for s in sites {

@@ -296,8 +296,8 @@ fn give_back(
     drop(guard);
     // Collapses only now: at unload one runs synchronously, and takes the mmap lock.
     queue_collapses(hp, target, state, &plan.sites, &plan.pages);
-    if let Err((e, why)) = result {
-        hp.journal.record(ev.error(e, why));
+    if let Err(r) = result {
+        hp.journal.record(ev.error(r.errno, r.why));
     }
     // (By what was written, not by what the undo found: a page it refused
     // on may have lost its reference on the way.)

@@ -14,6 +14,7 @@ use crate::{
     journal::{Event, Step},
     patches::{Owner, PageKey, Site},
     policy,
+    refusal::Refusal,
     sys::{self, MmapWriteGuard, PageRef, VmaInfo, PAGE_MASK},
     target::TargetState,
     uapi::{self, BatchSite, MAX_BYTES},
@@ -131,15 +132,15 @@ pub(crate) fn pages_of(sites: &[Site], written: Written) -> Result<KVVec<PageWor
 /// two sites overlapping.  Returns the sites' indexes in address order.
 pub(crate) fn check_sites(hp: &Hugepoke, req: &Request<'_>) -> Result<KVVec<u32>, Failure> {
     let sites = req.sites;
-    let blame = |i: usize, (e, why): policy::Refusal| {
+    let blame = |i: usize, r: Refusal| {
         let ev = Event::new(Step::Patch)
             .pid(req.pid)
             .addr(sites[i].addr as usize);
-        Failure::at(hp.journal.fail(ev, e, why), i as u32)
+        Failure::at(hp.journal.refuse(ev, r), i as u32)
     };
     for (i, s) in sites.iter().enumerate() {
         if s.flags & !uapi::SITE_FLAGS != 0 {
-            return Err(blame(i, (EINVAL, "unknown site flag bits")));
+            return Err(blame(i, Refusal::new(EINVAL, "unknown site flag bits")));
         }
         policy::check_range(s.addr, s.len).map_err(|r| blame(i, r))?;
     }
@@ -162,7 +163,7 @@ pub(crate) fn check_sites(hp: &Hugepoke, req: &Request<'_>) -> Result<KVVec<u32>
             // mutant: self-overlap
             return Err(blame(
                 w[0].max(w[1]) as usize,
-                (EINVAL, "site overlaps another site of this request"),
+                Refusal::new(EINVAL, "site overlaps another site of this request"),
             ));
         }
     }
@@ -221,11 +222,11 @@ impl Plan {
         let mut at: RBTree<PageKey, ()> = RBTree::new();
         let mut last = LastVma(None);
         for &i in order {
-            let blame = |(e, why): policy::Refusal| {
+            let blame = |r: Refusal| {
                 let ev = Event::new(Step::CheckVma)
                     .pid(who.pid)
                     .addr(req.sites[i as usize].addr as usize);
-                Failure::at(hp.journal.fail(ev, e, why), i)
+                Failure::at(hp.journal.refuse(ev, r), i)
             };
             let (info, file) = last
                 .lookup(guard, req.sites[i as usize].addr as usize)
@@ -249,7 +250,7 @@ impl Plan {
         who: &Identity,
         info: &VmaInfo,
         file: &ARef<File>,
-    ) -> Result<(), policy::Refusal> {
+    ) -> Result<(), Refusal> {
         let s = &req.sites[i as usize];
         let addr = s.addr as usize;
         let key = (info.mapping, info.pgoff_of(addr & PAGE_MASK));
@@ -262,17 +263,21 @@ impl Plan {
         let on_page = state.patches.page(&key);
         if on_page.overlaps(addr & !PAGE_MASK, s.len as usize) {
             // mutant: overlap-live overlap-first-site-only
-            return Err((EBUSY, "range overlaps a live patch"));
+            return Err(Refusal::new(EBUSY, "range overlaps a live patch"));
         }
         if new_page {
             // One file page reached at two addresses would be two copies:
             // the table knows a patch by its file page, so that is refused.
             if at.get(&key).is_some() {
                 // mutant: two-addresses two-addresses-adjacent-only page-per-site/2
-                return Err((EINVAL, "two sites on one file page mapped at two addresses"));
+                return Err(Refusal::new(
+                    EINVAL,
+                    "two sites on one file page mapped at two addresses",
+                ));
             }
+            let nomem = |_| Refusal::new(ENOMEM, "no memory to record a patch");
             at.try_create_and_insert(key, (), GFP_KERNEL)
-                .map_err(|_| (ENOMEM, "no memory to record a patch"))?;
+                .map_err(nomem)?;
             let start = self.sites.len();
             // Within capacity: at most one page a site.
             let _ = self
@@ -360,16 +365,17 @@ impl LastVma {
         &mut self,
         guard: &MmapWriteGuard<'_>,
         addr: usize,
-    ) -> Result<(VmaInfo, ARef<File>), policy::Refusal> {
+    ) -> Result<(VmaInfo, ARef<File>), Refusal> {
         match self.0.take() {
             Some((info, file)) if info.start <= addr && addr < info.end => Ok((info, file)),
             _ => {
                 let vma = guard
                     .vma_lookup(addr)
-                    .ok_or((EFAULT, "address is not mapped"))?;
+                    .ok_or(Refusal::new(EFAULT, "address is not mapped"))?;
                 let info = sys::vma_info(vma);
                 policy::check_vma(&info)?;
-                let file = sys::vma_file(vma).ok_or((EINVAL, "not a file-backed mapping"))?;
+                let file =
+                    sys::vma_file(vma).ok_or(Refusal::new(EINVAL, "not a file-backed mapping"))?;
                 Ok((info, file))
             }
         }

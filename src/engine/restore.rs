@@ -25,6 +25,7 @@ use crate::{
     journal::{Event, Step},
     patches::{PageKey, Site},
     pause::Point,
+    refusal::Refusal,
     sys::{self, MmapWriteGuard, PMD_MASK},
     target::{Target, TargetState},
     Hugepoke,
@@ -105,12 +106,9 @@ pub(crate) fn restore_pages(
 ) -> Result<(), (Refused, usize)> {
     let mut drained = false;
     loop {
-        let guard = MmapWriteGuard::lock_killable(mm).map_err(|e| {
-            (
-                Refused::Kept(e, "fatal signal while waiting for the target's mmap lock"),
-                0,
-            )
-        })?;
+        let waiting = |e| Refusal::new(e, "fatal signal while waiting for the target's mmap lock");
+        let guard =
+            MmapWriteGuard::lock_killable(mm).map_err(|e| (Refused::Kept(waiting(e)), 0))?;
         if !drained {
             hp.pauses.at(Point::Restore, sites[0].pid, &hp.journal);
         }
@@ -141,33 +139,18 @@ pub(crate) fn undo(
     sites: &[Site],
     pages: &mut [PageWork],
     last_on_page: impl Fn(&[Site]) -> bool,
-) -> Result<(), (Error, &'static str)> {
+) -> Result<(), Refusal> {
     // Only the pages written (or COWed): the others never changed.
     for w in pages.iter_mut().filter(|w| w.written == Written::No) {
         w.state = PageState::Gone(Ok(()), "not written");
     }
     match locate_and_check(hp, guard, sites, pages, &last_on_page) {
-        Located::Refused(
-            Refused::Kept(e, why)
-            | Refused::Gone {
-                result: Err(e),
-                why,
-            },
-            _,
-        ) => return Err((e, why)),
-        Located::Refused(Refused::Gone { result: Ok(()), .. }, _) | Located::Ready => {}
+        Located::Refused(refused, _) => refused.stops_undo().map_or(Ok(()), Err)?,
+        Located::Ready => {}
         Located::NeedDrain => lru_drain_journaled(hp, &sites[0]),
     }
-    if let Err((
-        Refused::Kept(e, why)
-        | Refused::Gone {
-            result: Err(e),
-            why,
-        },
-        _,
-    )) = write_originals(hp, guard, sites, pages)
-    {
-        return Err((e, why));
+    if let Err((refused, _)) = write_originals(hp, guard, sites, pages) {
+        refused.stops_undo().map_or(Ok(()), Err)?;
     }
     zap_copies(hp, guard, mm, sites, pages, &last_on_page);
     Ok(())

@@ -21,6 +21,7 @@ use super::{
 use crate::{
     journal::{Event, Step},
     patches::{Forgotten, Site},
+    refusal::Refusal,
     target::{Target, TargetState},
     Hugepoke,
 };
@@ -163,7 +164,7 @@ fn judge(
             forget_all: true,
             settled: Some(why),
         },
-        Err((Refused::Kept(e, why), at)) => {
+        Err((Refused::Kept(Refusal { errno: e, why }), at)) => {
             // Pages restored that could not be re-patched leave the handle.
             let partial = pages
                 .iter()
