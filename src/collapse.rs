@@ -72,28 +72,7 @@ pub(crate) fn queue_collapse(
         // Module unload: no work may outlive us; collapse right here.
         hp.journal
             .record(ev.note("module is unloading; collapsing synchronously"));
-        let outcome = collapse_range(state, target, haddr, key, install_pmd);
-        // The journal goes away with the module: say it in the kernel log too.
-        match outcome {
-            Ok(note) => pr_info!(
-                "unload: collapse of pid {} at {:#x}: {}\n",
-                site.pid,
-                haddr,
-                note
-            ),
-            Err(r) => pr_info!(
-                "unload: collapse of pid {} at {:#x} failed: {}\n",
-                site.pid,
-                haddr,
-                r.why
-            ),
-        }
-        record_outcome(
-            hp,
-            Event::new(Step::Collapse).pid(site.pid).addr(haddr),
-            outcome,
-        );
-        return;
+        return collapse_at_unload(hp, target, state, site, haddr, install_pmd);
     }
     if state.pending_collapses.iter().any(|k| *k == key) {
         hp.journal
@@ -129,6 +108,38 @@ pub(crate) fn queue_collapse(
     } else {
         "collapse_pte_mapped_thp(install_pmd=false) queued"
     }));
+}
+
+/// The collapse of the range at `haddr` when the module unloads: run here,
+/// and said in the kernel log too (the journal goes away with the module).
+fn collapse_at_unload(
+    hp: &Hugepoke,
+    target: &Target,
+    state: &TargetState,
+    site: &Site,
+    haddr: usize,
+    install_pmd: bool,
+) {
+    let outcome = collapse_range(state, target, haddr, range_key(site), install_pmd);
+    match outcome {
+        Ok(note) => pr_info!(
+            "unload: collapse of pid {} at {:#x}: {}\n",
+            site.pid,
+            haddr,
+            note
+        ),
+        Err(r) => pr_info!(
+            "unload: collapse of pid {} at {:#x} failed: {}\n",
+            site.pid,
+            haddr,
+            r.why
+        ),
+    }
+    record_outcome(
+        hp,
+        Event::new(Step::Collapse).pid(site.pid).addr(haddr),
+        outcome,
+    );
 }
 
 impl WorkItem for CollapseWork {

@@ -10,7 +10,7 @@ use kernel::{mm::virt::VmaRef, prelude::*};
 
 use super::{
     outcome::{Refused, MAX_TRIES},
-    plan::{swap_bytes, Dir, PageState, PageWork},
+    plan::{swap_bytes, Dir, PageState, PageWork, Written},
 };
 use crate::{
     journal::{Event, Step},
@@ -198,83 +198,119 @@ fn locate_page(
     w: &mut PageWork,
 ) -> Result<(), (Refused, usize)> {
     let rep = &sites[0];
-    let ev = |s: &Site, step| {
-        Event::new(step)
-            .pid(s.pid)
-            .addr(s.addr)
-            .handle(s.handle as u32)
-    };
     for _ in 0..MAX_TRIES {
-        let (vma, page_addr, page) = match core::mem::replace(&mut w.state, PageState::Unknown) {
-            // Held from before (written by PATCH, or found before a drain):
-            // no new GUP, whose FOLL_TOUCH could put the page in an LRU
-            // batch right back.
-            PageState::Found(page_addr, page) => match still_mapped_at(guard, rep, page_addr) {
-                Some(vma) => (vma, page_addr, page),
-                None => continue,
-            },
-            _ => match find_anon_copy(guard, rep) {
-                Ok(found) => found,
-                Err(Refused::Gone { result, why }) => {
-                    w.state = PageState::Gone(result, why);
-                    return Ok(());
-                }
-                Err(kept) => return Err((kept, 0)),
-            },
+        let (vma, page_addr, page) = match look_up(guard, rep, w).map_err(|r| (r, 0))? {
+            Look::Copy(vma, page_addr, page) => (vma, page_addr, page),
+            Look::Again => continue,
+            Look::Gone => return Ok(()),
         };
         let Some(pte) = sys::lock_pte(vma, page_addr, &page) else {
             continue;
         };
         if !pte.writable() && (pte.uffd_wp() || !pte.anon_exclusive()) {
             // mutant: no-cow-break-after-fork batch-no-cow-break uffd-wp-write-through
-            // A uffd-wp PTE (as uprobes: a fault to take, never a bit to
-            // write through) or a copy shared with a forked child: take
-            // the fault with FOLL_WRITE, for this page in this mapping.
-            let why = if pte.uffd_wp() {
-                "PTE is userfaultfd write-protected; faulting it with FOLL_WRITE"
-            } else {
-                "page may be shared (forked child?); breaking COW first"
-            };
-            drop(pte);
-            hp.journal.record(
-                ev(rep, Step::RestoreBytes)
-                    .page(page.pfn(), 0)
-                    .error(EAGAIN, why),
-            );
-            if let Err(e) = guard.get_user_page(
-                page_addr,
-                sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD,
-            ) {
-                return Err((
-                    Refused::Kept(Refusal::new(e, "cannot fault the page in for writing")),
-                    0,
-                ));
-            }
+            fault_writable(hp, guard, rep, pte, &page, page_addr).map_err(|r| (r, 0))?;
             continue;
         }
         drop(pte);
-        // A look before the write; the write checks again under the PT lock.
-        for (k, s) in sites.iter().enumerate() {
-            let (patched, _) = swap_bytes(s, w.written, Dir::Revert);
-            let mut now = [0u8; MAX_BYTES];
-            page.read(s.offset(), &mut now[..s.len]);
-            if now[..s.len] != *patched {
-                // mutant: no-byte-check restore-half-done/2
-                let why = "this site's bytes are not the ones PATCH wrote";
-                hp.journal.record(
-                    ev(s, Step::RestoreBytes)
-                        .page(page.pfn(), 0)
-                        .error(sys::eilseq(), why),
-                );
-                let why = "bytes at a site are not the ones PATCH wrote; nothing written";
-                return Err((Refused::Kept(Refusal::new(sys::eilseq(), why)), k));
-            }
-        }
+        check_patched(hp, sites, w.written, &page)?;
         w.state = PageState::Found(page_addr, page);
         return Ok(());
     }
-    Err((
-        Refused::Kept(Refusal::new(EAGAIN, "page table kept changing")),
-        0,
-    ))
+    let why = "page table kept changing";
+    Err((Refused::Kept(Refusal::new(EAGAIN, why)), 0))
+}
+
+/// What one look for a page's copy found.
+enum Look<'a> {
+    /// The copy, where it is mapped, and the page.
+    Copy(&'a VmaRef, usize, PageRef),
+    /// The copy held from before moved: look again.
+    Again,
+    /// Nothing to restore (`w.state` says why).
+    Gone,
+}
+
+/// Take the copy held from before (written by PATCH, or found before a
+/// drain: no new GUP, whose FOLL_TOUCH could put the page in an LRU batch
+/// right back) if the PTE still maps it there, else find it.
+fn look_up<'a>(
+    guard: &'a MmapWriteGuard<'_>,
+    rep: &Site,
+    w: &mut PageWork,
+) -> Result<Look<'a>, Refused> {
+    match core::mem::replace(&mut w.state, PageState::Unknown) {
+        PageState::Found(page_addr, page) => Ok(match still_mapped_at(guard, rep, page_addr) {
+            Some(vma) => Look::Copy(vma, page_addr, page),
+            None => Look::Again,
+        }),
+        _ => match find_anon_copy(guard, rep) {
+            Ok((vma, page_addr, page)) => Ok(Look::Copy(vma, page_addr, page)),
+            Err(Refused::Gone { result, why }) => {
+                w.state = PageState::Gone(result, why);
+                Ok(Look::Gone)
+            }
+            Err(kept) => Err(kept),
+        },
+    }
+}
+
+/// A uffd-wp PTE (as uprobes: a fault to take, never a bit to write
+/// through) or a copy shared with a forked child: take the fault with
+/// FOLL_WRITE, for this page in this mapping, and let the caller look again.
+fn fault_writable(
+    hp: &Hugepoke,
+    guard: &MmapWriteGuard<'_>,
+    rep: &Site,
+    pte: LockedPte<'_>,
+    page: &PageRef,
+    page_addr: usize,
+) -> Result<(), Refused> {
+    let why = if pte.uffd_wp() {
+        "PTE is userfaultfd write-protected; faulting it with FOLL_WRITE"
+    } else {
+        "page may be shared (forked child?); breaking COW first"
+    };
+    drop(pte);
+    let ev = Event::new(Step::RestoreBytes)
+        .pid(rep.pid)
+        .addr(rep.addr)
+        .handle(rep.handle as u32);
+    hp.journal.record(ev.page(page.pfn(), 0).error(EAGAIN, why));
+    let flags = sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD;
+    match guard.get_user_page(page_addr, flags) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(Refused::Kept(Refusal::new(
+            e,
+            "cannot fault the page in for writing",
+        ))),
+    }
+}
+
+/// A look before the write (the write checks again under the PT lock):
+/// every site of the page holds the bytes PATCH wrote.
+fn check_patched(
+    hp: &Hugepoke,
+    sites: &[Site],
+    written: Written,
+    page: &PageRef,
+) -> Result<(), (Refused, usize)> {
+    for (k, s) in sites.iter().enumerate() {
+        let (patched, _) = swap_bytes(s, written, Dir::Revert);
+        let mut now = [0u8; MAX_BYTES];
+        page.read(s.offset(), &mut now[..s.len]);
+        if now[..s.len] != *patched {
+            // mutant: no-byte-check restore-half-done/2
+            let ev = Event::new(Step::RestoreBytes)
+                .pid(s.pid)
+                .addr(s.addr)
+                .handle(s.handle as u32);
+            let why = "this site's bytes are not the ones PATCH wrote";
+            hp.journal
+                .record(ev.page(page.pfn(), 0).error(sys::eilseq(), why));
+            let why = "bytes at a site are not the ones PATCH wrote; nothing written";
+            return Err((Refused::Kept(Refusal::new(sys::eilseq(), why)), k));
+        }
+    }
+    Ok(())
 }

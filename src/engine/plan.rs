@@ -285,21 +285,7 @@ impl Plan {
                 .push_within_capacity(PageWork::new(start..start, Written::No));
             let _ = self.files.push_within_capacity(Some(file.clone()));
         }
-        let site = Site {
-            handle: who.handle,
-            index: i,
-            owner: who.owner,
-            pid: who.pid,
-            addr,
-            len: s.len as usize,
-            flags: req.flags | s.flags,
-            mapping: key.0,
-            pgoff: key.1,
-            bytes: s.bytes,
-            orig: [0; MAX_BYTES],
-            pfn: 0,
-            pmd_mappable: false,
-        };
+        let site = planned_site(who, i, s, req.flags | s.flags, key);
         // Within capacity: n each.
         let _ = self.sites.push_within_capacity(site);
         let _ = self
@@ -355,6 +341,25 @@ impl Plan {
             }
         }
         Ok(())
+    }
+}
+
+/// The table record site `i` (`s`) of a request becomes, on file page `key`.
+fn planned_site(who: &Identity, i: u32, s: &BatchSite, flags: u32, key: PageKey) -> Site {
+    Site {
+        handle: who.handle,
+        index: i,
+        owner: who.owner,
+        pid: who.pid,
+        addr: s.addr as usize,
+        len: s.len as usize,
+        flags,
+        mapping: key.0,
+        pgoff: key.1,
+        bytes: s.bytes,
+        orig: [0; MAX_BYTES],
+        pfn: 0,
+        pmd_mappable: false,
     }
 }
 

@@ -67,11 +67,8 @@ pub(crate) fn restore_handle(
     let Ok((mut pages, sites)) = listed else {
         keep_if_closing(hp, state, handle, closing);
         let ev = Event::new(Step::Restore).handle(handle as u32);
-        return Some(Err(hp.journal.fail(
-            ev,
-            ENOMEM,
-            "no memory to list the patch's sites: patch kept",
-        )));
+        let why = "no memory to list the patch's sites: patch kept";
+        return Some(Err(hp.journal.fail(ev, ENOMEM, why)));
     };
     let first = sites[0];
     let ev = |step| {
@@ -81,14 +78,12 @@ pub(crate) fn restore_handle(
             .handle(handle as u32)
     };
     hp.journal.record(ev(Step::Restore));
+    let gone = Refused::Gone {
+        result: Ok(()),
+        why: "target process is gone",
+    };
     let outcome = match target.mm_user() {
-        None => Err((
-            Refused::Gone {
-                result: Ok(()),
-                why: "target process is gone",
-            },
-            0,
-        )),
+        None => Err((gone, 0)),
         // Every site of this handle on a page is being restored.
         Some(mm) => restore_pages(hp, &mm, &sites, &mut pages, |s| {
             state.patches.on_page(s[0].page_key()) as usize <= s.len()
@@ -102,9 +97,26 @@ pub(crate) fn restore_handle(
         drop(forgotten);
         return Some(verdict.result);
     }
+    let result = verdict.result;
+    finish(hp, target, state, handle, verdict, &ev(Step::Restored));
+    // File references are dropped after the locks.
+    drop(forgotten);
+    Some(result)
+}
+
+/// The handle's last site left the table: its `restored` record, then
+/// the handle and, if idle, the target go.
+fn finish(
+    hp: &Hugepoke,
+    target: &Arc<Target>,
+    state: &mut TargetState,
+    handle: u64,
+    verdict: Verdict,
+    ev: &Event,
+) {
     match (verdict.settled, verdict.result) {
-        (Some(why), Ok(())) => hp.journal.record(ev(Step::Restored).note(why)),
-        (Some(why), Err(e)) => hp.journal.record(ev(Step::Restored).error(e, why)),
+        (Some(why), Ok(())) => hp.journal.record(ev.note(why)),
+        (Some(why), Err(e)) => hp.journal.record(ev.error(e, why)),
         (None, _) => 0,
     };
     let retired = if state.idle() {
@@ -113,9 +125,8 @@ pub(crate) fn restore_handle(
         None
     };
     let handle = hp.registry.lock().forget_handle(handle);
-    // File and target references are dropped after the locks.
-    drop((forgotten, retired, handle));
-    Some(verdict.result)
+    // Target references are dropped after the locks.
+    drop((retired, handle));
 }
 
 /// A patch kept when its file closed must not stay owned by that file.

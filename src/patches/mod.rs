@@ -134,6 +134,25 @@ struct HandleSites {
 }
 
 impl HandleSites {
+    /// A handle's record of `sites`: those placed in the table (`len` not
+    /// 0) are live, the others forgotten.
+    fn new(owner: Owner, sites: KVVec<Site>, forgotten: KVVec<u64>) -> Self {
+        let mut h = HandleSites {
+            owner,
+            live: 0,
+            sites,
+            forgotten,
+        };
+        for pos in 0..h.sites.len() {
+            if h.sites[pos].len == 0 {
+                h.forget(pos);
+            } else {
+                h.live += 1;
+            }
+        }
+        h
+    }
+
     fn is_live(&self, pos: usize) -> bool {
         self.forgotten
             .get(pos / 64)

@@ -155,28 +155,27 @@ impl<F> Patches<F> {
             sites.sort_unstable_by_key(|s| s.index);
             self.repoint_slots(&sites, handle);
         }
-        let mut h = HandleSites {
-            owner,
-            live: 0,
-            sites,
-            forgotten,
-        };
-        for pos in 0..h.sites.len() {
-            if h.sites[pos].len == 0 {
-                h.forget(pos);
-            } else {
-                h.live += 1;
-            }
-        }
+        let h = HandleSites::new(owner, sites, forgotten);
         let left_out = h.sites.len() - h.live as usize;
         kernel::warn_on!(left_out != 0);
         if h.live != 0 {
-            if let Some(o) = owner {
-                self.owned.insert(owned_room.into_node((o, handle), ()));
-            }
-            self.handles.insert(handle_room.into_node(handle, h));
+            self.record_handle(handle, h, handle_room, owned_room);
         }
         left_out
+    }
+
+    /// Put handle `handle`'s record `h` in the trees, in its room.
+    fn record_handle(
+        &mut self,
+        handle: u64,
+        h: HandleSites,
+        handle_room: RBTreeNodeReservation<u64, HandleSites>,
+        owned_room: RBTreeNodeReservation<(u64, u64), ()>,
+    ) {
+        if let Some(o) = h.owner {
+            self.owned.insert(owned_room.into_node((o, handle), ()));
+        }
+        self.handles.insert(handle_room.into_node(handle, h));
     }
 
     /// Place one page's run of `sites` (`range`) in the page's vector, in
@@ -213,40 +212,56 @@ impl<F> Patches<F> {
         let placed = match self.pages.get_mut(&key) {
             // Room was reserved in its vector.
             Some(page) => merge_slots(&mut page.slots, n, slot),
-            None => {
-                let found = (*next_room..rooms.len())
-                    .find(|&i| rooms[i].as_ref().is_some_and(|r| r.key == key));
-                let (Some(i), true) = (found, file.is_some()) else {
-                    return false;
-                };
-                let (Some(mut room), Some(file)) = (rooms[i].take(), file.take()) else {
-                    return false;
-                };
-                *next_room = i + 1;
-                let merged = merge_slots(&mut room.slots, n, slot);
-                if merged {
-                    self.pages.insert(room.node.into_node(
-                        key,
-                        PageSites {
-                            slots: room.slots,
-                            file,
-                        },
-                    ));
-                }
-                merged
-            }
+            None => self.place_new_page(key, n, slot, file, rooms, next_room),
         };
         if placed {
-            match self.per_range.entry(range_key) {
-                Entry::Occupied(mut e) => *e.get_mut() += n as u32,
-                Entry::Vacant(e) => {
-                    if let Some(room) = ranges.pop() {
-                        e.insert(n as u32, room);
-                    }
+            self.count_in_range(range_key, n as u32, ranges);
+        }
+        placed
+    }
+
+    /// Place a run of `n` slots on file page `key`, new to the table, in
+    /// its room (found in `rooms` from `next_room` on) with `file`.
+    fn place_new_page(
+        &mut self,
+        key: PageKey,
+        n: usize,
+        slot: impl Fn(usize) -> Slot,
+        file: &mut Option<F>,
+        rooms: &mut KVVec<Option<PageRoom<F>>>,
+        next_room: &mut usize,
+    ) -> bool {
+        let found =
+            (*next_room..rooms.len()).find(|&i| rooms[i].as_ref().is_some_and(|r| r.key == key));
+        let (Some(i), true) = (found, file.is_some()) else {
+            return false;
+        };
+        let (Some(mut room), Some(file)) = (rooms[i].take(), file.take()) else {
+            return false;
+        };
+        *next_room = i + 1;
+        let merged = merge_slots(&mut room.slots, n, slot);
+        if merged {
+            let sites = PageSites {
+                slots: room.slots,
+                file,
+            };
+            self.pages.insert(room.node.into_node(key, sites));
+        }
+        merged
+    }
+
+    /// Count `n` more sites in the 2 MiB range `range_key` (a node from
+    /// `ranges` if the range is new).
+    fn count_in_range(&mut self, range_key: PageKey, n: u32, ranges: &mut KVVec<CountRoom>) {
+        match self.per_range.entry(range_key) {
+            Entry::Occupied(mut e) => *e.get_mut() += n,
+            Entry::Vacant(e) => {
+                if let Some(room) = ranges.pop() {
+                    e.insert(n, room);
                 }
             }
         }
-        placed
     }
 
     /// Point each slot of `handle` at its site's place in `sites` (sorted
