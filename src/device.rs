@@ -113,11 +113,16 @@ impl Controller {
             sites: &[site],
         };
         let result = engine::patch(hp, self.id, &request);
-        // A failed PATCH whose page could not be given back keeps it under a handle: say which.
-        args.handle = match &result {
-            Ok(handle) => *handle,
-            Err(f) => f.kept.unwrap_or(0),
+        // The struct goes back with the handle, or, from a failed PATCH
+        // whose page could not be given back, the handle that keeps it.
+        let (Ok(handle)
+        | Err(Failure {
+            kept: Some(handle), ..
+        })) = result
+        else {
+            return Err(result.err().map_or(EINVAL, |f| f.error));
         };
+        args.handle = handle;
         let written = writer.write(&args);
         self.returned(result, written, ev)
     }

@@ -238,17 +238,24 @@ pub fn journal_seq() -> u64 {
         .unwrap_or(0)
 }
 
-/// The reason the module journaled for the first failed step after `seq`
-/// that was about `target` or made by this process (so that another
-/// tool's failure at the same time is not taken for ours); any pid's when
-/// `target` is None.
-pub fn failure_since(seq: u64, target: Option<i32>) -> Option<String> {
+/// The reason the module journaled for the call that failed with `errno`:
+/// of the failed steps after `seq` about `target` or made by this process
+/// (so that another tool's failure at the same time is not taken for ours;
+/// any pid's when `target` is None), the newest with that errno, else the
+/// newest.  (A refused RESTORE journals the patch's fate, then why; a
+/// failed PATCH journals why, then what its undo met.)
+pub fn failure_since(seq: u64, target: Option<i32>, errno: i32) -> Option<String> {
     let events = crate::proc::parse_events(&crate::proc::debugfs("events").ok()?);
     let me = std::process::id() as i32;
-    events
+    let failed: Vec<_> = events
         .iter()
         .filter(|e| target.is_none_or(|t| e.pid == t || e.pid == me))
-        // The newest: a refused RESTORE journals the patch's fate, then why.
-        .rfind(|e| e.seq > seq && e.result != "ok")
-        .map(|e| format!("{}: {} ({})", e.step, e.note, e.result))
+        .filter(|e| e.seq > seq && e.result != "ok")
+        .collect();
+    let same = format!("-{}", crate::errno_name(errno));
+    let e = failed
+        .iter()
+        .rfind(|e| e.result == same)
+        .or(failed.last())?;
+    Some(format!("{}: {} ({})", e.step, e.note, e.result))
 }

@@ -42,7 +42,7 @@ pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, req: &Request<'_>) -> Result
     let ev = Event::new(Step::Patch).pid(req.pid);
     hp.journal.record(ev.addr(req.sites[0].addr as usize));
     let order = check_sites(hp, req)?;
-    let (mm, pid) = resolve_target(hp, req.pid)?;
+    let (mm, pid) = resolve_target(hp, req.pid, req.sites[0].addr as usize)?;
     let owner: Owner = if req.flags & uapi::PATCH_PERSIST != 0 {
         None
     } else {
@@ -57,8 +57,8 @@ pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, req: &Request<'_>) -> Result
 /// pid → task → mm, with the ptrace check made under the target's
 /// exec_update_lock (no execve() can come in between).  Returns the mm and
 /// the target's tgid.
-fn resolve_target(hp: &Hugepoke, pid: i32) -> Result<(ARef<MmWithUserAsync>, i32)> {
-    let ev = || Event::new(Step::ResolveTarget).pid(pid);
+fn resolve_target(hp: &Hugepoke, pid: i32, addr: usize) -> Result<(ARef<MmWithUserAsync>, i32)> {
+    let ev = || Event::new(Step::ResolveTarget).pid(pid).addr(addr);
     let process =
         Process::find(pid).ok_or_else(|| hp.journal.fail(ev(), ESRCH, "no such process"))?;
     if process.is_kernel_thread() {
@@ -314,8 +314,12 @@ fn give_back(
 }
 
 /// A page PATCH wrote whose undo did not give it back.
+/// A page PATCH wrote (or COWed) that the undo did not give back: not
+/// restored, and not found gone (the target dropped or unmapped it).
 fn still_written(w: &super::plan::PageWork) -> bool {
-    w.written == Written::Bytes && matches!(w.outcome, super::plan::Outcome::Untouched)
+    w.written != Written::No
+        && matches!(w.outcome, super::plan::Outcome::Untouched)
+        && !matches!(w.state, PageState::Gone(..))
 }
 
 /// Record the sites of the pages still written, persistent, under `handle`.
@@ -332,6 +336,13 @@ fn keep_still_written(
     for w in plan.pages.iter_mut() {
         let r = w.range.clone();
         w.range = to..to + if still_written(w) { r.len() } else { 0 };
+        if w.written == Written::Cowed {
+            // COWed, nothing written: what the copy holds at these sites,
+            // and what RESTORE will find there, is the originals.
+            plan.sites[r.clone()]
+                .iter_mut()
+                .for_each(|s| s.bytes = s.orig);
+        }
         plan.sites.copy_within(r.start..r.start + w.range.len(), to);
         to = w.range.end;
     }

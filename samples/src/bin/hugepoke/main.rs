@@ -71,7 +71,7 @@ impl CliError {
     /// this process, or else the OS's.
     fn kernel(what: &str, err: io::Error, seq: u64, target: Option<i32>) -> Self {
         let errno = err.raw_os_error().unwrap_or(0);
-        let reason = device::failure_since(seq, target).unwrap_or_else(|| err.to_string());
+        let reason = device::failure_since(seq, target, errno).unwrap_or_else(|| err.to_string());
         CliError::Failed(format!("{what}: {}: {reason}", errno_name(errno)))
     }
 }
