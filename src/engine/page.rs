@@ -318,7 +318,7 @@ fn keep_reason(
         match cache {
             None => Some("no page-cache page to fault back in"),
             Some(c) if !c.uptodate() => Some("page-cache page is not uptodate"),
-            Some(c) if !c.identical_to(pte) => Some("page differs from the page-cache page"),
+            Some(c) if !pte.identical_to(c) => Some("page differs from the page-cache page"),
             Some(_) => None,
         }
     }

@@ -11,7 +11,7 @@ use super::{
     hugepoke_folio_file_page, hugepoke_folio_is_anon, hugepoke_folio_may_be_lru_cached,
     hugepoke_folio_order, hugepoke_folio_pmd_mappable, hugepoke_folio_put,
     hugepoke_folio_unexpected_refs, hugepoke_folio_uptodate, hugepoke_page_cache_folio,
-    hugepoke_page_folio, hugepoke_page_to_pfn, pte::ClearedPte, vma::vma_info, PAGE_SIZE,
+    hugepoke_page_folio, hugepoke_page_to_pfn, vma::vma_info, PAGE_SIZE,
 };
 
 /// Map `page` into the kernel for the length of `f` (`kmap_local_page`).
@@ -60,6 +60,24 @@ pub(super) unsafe fn write_page(page: NonNull<bindings::page>, offset: usize, by
             core::ptr::copy_nonoverlapping(bytes.as_ptr(), kaddr.add(offset), bytes.len())
         })
     }
+}
+
+/// Are the whole of pages `a` and `b` byte-for-byte equal?
+///
+/// # Safety
+///
+/// As [`with_page_mapped`], for both, and neither is written meanwhile.
+pub(super) unsafe fn pages_equal(a: NonNull<bindings::page>, b: NonNull<bindings::page>) -> bool {
+    let compare = |a: *mut u8, b: *mut u8| {
+        // SAFETY: both are mapped pages of PAGE_SIZE bytes that no one
+        // writes meanwhile (our caller).
+        unsafe {
+            core::slice::from_raw_parts(a, PAGE_SIZE) == core::slice::from_raw_parts(b, PAGE_SIZE)
+        }
+    };
+    // SAFETY: both stay allocated (our caller); the inner mapping is
+    // released first.
+    unsafe { with_page_mapped(a, |a| with_page_mapped(b, |b| compare(a, b))) }
 }
 
 /// One page and a reference on its folio, from GUP.
@@ -197,24 +215,8 @@ impl CacheRef {
         unsafe { hugepoke_folio_uptodate(self.folio.as_ptr()) }
     }
 
-    /// Is the whole page byte-for-byte equal to the page `pte` maps?
-    pub(crate) fn identical_to(&self, pte: &ClearedPte<'_>) -> bool {
-        let compare = |a: *mut u8, b: *mut u8| {
-            // SAFETY: both are mapped pages of PAGE_SIZE bytes; the cache
-            // page is uptodate text no one writes, and no CPU maps the other
-            // (its PTE is cleared, the PT lock held).
-            unsafe {
-                core::slice::from_raw_parts(a, PAGE_SIZE)
-                    == core::slice::from_raw_parts(b, PAGE_SIZE)
-            }
-        };
-        // SAFETY: we hold a reference on the cache page, and the PT lock
-        // keeps the page `pte` maps; the inner mapping is released first.
-        unsafe {
-            with_page_mapped(self.page, |a| {
-                with_page_mapped(pte.page(), |b| compare(a, b))
-            })
-        }
+    pub(super) fn page(&self) -> NonNull<bindings::page> {
+        self.page
     }
 }
 

@@ -11,7 +11,7 @@ use core::ptr::NonNull;
 use kernel::{bindings, mm::virt::VmaRef, mm::MmWithUser};
 
 use super::{
-    folio::{read_page, write_page, PageRef},
+    folio::{pages_equal, read_page, write_page, CacheRef, PageRef},
     hugepoke_folio_walk_end, hugepoke_invalidate_end, hugepoke_invalidate_start,
     hugepoke_page_anon_exclusive, hugepoke_page_to_pfn, hugepoke_pte_remap_dirty,
     hugepoke_pte_uffd_wp, hugepoke_pte_unmap, hugepoke_pte_write, hugepoke_zap_anon_pte, PAGE_MASK,
@@ -175,6 +175,14 @@ impl ClearedPte<'_> {
         // cleared and flushed, and the mmap lock (held for writing by our
         // callers) keeps out writers through references taken earlier.
         unsafe { write_page(self.page(), offset, bytes) }
+    }
+
+    /// Is the whole page byte-for-byte equal to the page-cache page `cache`?
+    pub(crate) fn identical_to(&self, cache: &CacheRef) -> bool {
+        // SAFETY: the PT lock keeps our page, and `cache` holds a reference
+        // on its page; the cache page is uptodate text no one writes, and no
+        // CPU maps ours (its PTE is cleared, the PT lock held).
+        unsafe { pages_equal(cache.page(), self.page()) }
     }
 
     /// Set the PTE back, marked dirty: the same as dropping it.

@@ -18,6 +18,7 @@
 //! 2 MiB range): its own function (`Py_IsInitialized`) is patched and
 //! restored all the same, and the journal says why no PMD comes back.
 
+use crate::cli::hugepoke;
 use crate::common::*;
 use crate::TestResult;
 use hugepoke::proc::PagemapEntry;
@@ -231,19 +232,6 @@ impl Drop for Python {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Run the CLI; `(status, stdout, stderr)`.
-fn hugepoke(args: &[&str]) -> Result<(i32, String, String), String> {
-    let out = Command::new("hugepoke")
-        .args(args)
-        .output()
-        .map_err(|e| format!("hugepoke: {e}"))?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    ))
 }
 
 /// `hugepoke patch --persist --symbol …`: the handle it printed first.
