@@ -35,7 +35,9 @@ pub(crate) fn batch_patches_and_restores_every_site() -> TestResult {
         s.kb("Anonymous") == 4 * PAGES.len() as u64 && s.pmd_mapped_kb() == 0,
         "after PATCH_BATCH {s:?}"
     );
-    let q = io(dev.query_site(handle, 3))?;
+    let q = dev
+        .query_site(handle, 3)
+        .map_err(|e| format!("site 3 of the batch not recorded: query: {e}"))?;
     ensure!(
         q.count == 4 && q.site == 3 && q.addr == t.page_addr(4) + 100 && q.len == 1,
         "query of site 3 {q:?}"
