@@ -176,12 +176,14 @@ pub(crate) fn page_cache_page(vma: &VmaRef, addr: usize) -> Option<CacheRef> {
     if !info.file_backed() {
         return None;
     }
-    let index = info.pgoff_of(addr);
+    let (index, mapping) = (
+        info.pgoff_of(addr),
+        info.mapping as *mut bindings::address_space,
+    );
     // SAFETY: the VMA is file-backed and valid under the mmap lock, so
     // `vm_file->f_mapping` is valid; the helper returns a counted folio or
     // null.
-    let folio =
-        unsafe { hugepoke_page_cache_folio(info.mapping as *mut bindings::address_space, index) };
+    let folio = unsafe { hugepoke_page_cache_folio(mapping, index) };
     let folio = NonNull::new(folio)?;
     // SAFETY: `folio` is valid and counted, and contains `index`.
     let page = unsafe { hugepoke_folio_file_page(folio.as_ptr(), index) };

@@ -45,9 +45,8 @@ impl Process {
         let task = NonNull::new(task)?.cast::<Task>();
         // SAFETY: `get_pid_task` gave us one reference, which the `ARef`
         // now owns; `Task` is a transparent wrapper of `task_struct`.
-        Some(Self {
-            task: unsafe { ARef::from_raw(task) },
-        })
+        let task = unsafe { ARef::from_raw(task) };
+        Some(Self { task })
     }
 
     /// Its tgid, as the caller sees it.
