@@ -62,10 +62,7 @@ pub(crate) fn queue_collapse(
     site: &Site,
     haddr: usize,
 ) {
-    let ev = Event::new(Step::QueueCollapse)
-        .pid(site.pid)
-        .addr(haddr)
-        .handle(site.handle as u32);
+    let ev = site.event(Step::QueueCollapse).addr(haddr);
     let install_pmd = site.flags & crate::uapi::PATCH_INSTALL_PMD != 0; // mutant: install-pmd-ignored
     let key = range_key(site);
     if hp.registry.lock().closing {

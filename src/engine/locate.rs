@@ -13,7 +13,7 @@ use super::{
     plan::{swap_bytes, Dir, PageState, PageWork, Written},
 };
 use crate::{
-    journal::{Event, Step},
+    journal::Step,
     patches::Site,
     policy,
     refusal::Refusal,
@@ -272,10 +272,7 @@ fn fault_writable(
         "page may be shared (forked child?); breaking COW first"
     };
     drop(pte);
-    let ev = Event::new(Step::RestoreBytes)
-        .pid(rep.pid)
-        .addr(rep.addr)
-        .handle(rep.handle as u32);
+    let ev = rep.event(Step::RestoreBytes);
     hp.journal.record(ev.page(page.pfn(), 0).error(EAGAIN, why));
     let flags = sys::FOLL_FORCE | sys::FOLL_WRITE | sys::FOLL_SPLIT_PMD;
     match guard.get_user_page(page_addr, flags) {
@@ -301,10 +298,7 @@ fn check_patched(
         page.read(s.offset(), &mut now[..s.len]);
         if now[..s.len] != *patched {
             // mutant: no-byte-check restore-half-done/2
-            let ev = Event::new(Step::RestoreBytes)
-                .pid(s.pid)
-                .addr(s.addr)
-                .handle(s.handle as u32);
+            let ev = s.event(Step::RestoreBytes);
             let why = "this site's bytes are not the ones PATCH wrote";
             hp.journal
                 .record(ev.page(page.pfn(), 0).error(sys::eilseq(), why));

@@ -203,10 +203,7 @@ pub(crate) fn write_page(
         pte.write(s.offset(), swap_bytes(s, w.written, dir).1);
     }
     pte.remap_dirty();
-    let ev = Event::new(Step::RestoreBytes)
-        .pid(rep.pid)
-        .addr(page_addr + rep.offset())
-        .handle(rep.handle as u32);
+    let ev = rep.event(Step::RestoreBytes).addr(page_addr + rep.offset());
     hp.journal.record(ev.page(page.pfn(), 0).note(match dir {
         Dir::Reapply => "patched bytes written again (undo of a restore that could not finish)",
         Dir::Revert if page_addr == rep.addr & PAGE_MASK => "original bytes written back",
@@ -227,12 +224,7 @@ pub(crate) fn zap_page(
     page: &mut PageRef,
     last_on_page: bool,
 ) -> Restored {
-    let ev = |step| {
-        Event::new(step)
-            .pid(rep.pid)
-            .addr(page_addr + rep.offset())
-            .handle(rep.handle as u32)
-    };
+    let ev = |step| rep.event(step).addr(page_addr + rep.offset());
     let kept = |why: &'static str, pfn: usize| {
         hp.journal
             .record(ev(Step::KeepAnonPage).page(pfn, 0).note(why));

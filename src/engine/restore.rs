@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     collapse,
-    journal::{Event, Step},
+    journal::Step,
     patches::{PageKey, Site},
     pause::Point,
     refusal::Refusal,
@@ -192,10 +192,7 @@ fn collapse_after_restore(
     site: &Site,
     restored: &Restored,
 ) {
-    let ev = Event::new(Step::QueueCollapse)
-        .pid(site.pid)
-        .addr(site.addr)
-        .handle(site.handle as u32);
+    let ev = site.event(Step::QueueCollapse);
     if restored.zapped && restored.pmd_mappable {
         // mutant: collapse-small-folio
         if state.patches.in_range(site.range_key()) == 0 {
@@ -229,10 +226,7 @@ fn drain_lru_batches(hp: &Hugepoke, site: &Site) {
 /// The drain itself, journaled (start, done), with no pause point: the
 /// undo of a failed PATCH drains with the mmap lock held.
 fn lru_drain_journaled(hp: &Hugepoke, site: &Site) {
-    let ev = Event::new(Step::LruDrain)
-        .pid(site.pid)
-        .addr(site.addr)
-        .handle(site.handle as u32);
+    let ev = site.event(Step::LruDrain);
     hp.journal.record(ev.note("draining all CPUs' LRU batches"));
     sys::lru_add_drain_all();
     hp.journal.record(ev.note("drained"));

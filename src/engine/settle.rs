@@ -71,12 +71,7 @@ pub(crate) fn restore_handle(
         return Some(Err(hp.journal.fail(ev, ENOMEM, why)));
     };
     let first = sites[0];
-    let ev = |step| {
-        Event::new(step)
-            .pid(first.pid)
-            .addr(first.addr)
-            .handle(handle as u32)
-    };
+    let ev = |step| first.event(step);
     hp.journal.record(ev(Step::Restore));
     let gone = Refused::Gone {
         result: Ok(()),

@@ -25,6 +25,7 @@ pub(crate) use record::Reserved;
 use kernel::{alloc::KVVec, prelude::*, rbtree::RBTree};
 
 use crate::{
+    journal::{Event, Step},
     sys::{PAGE_MASK, PMD_PAGES},
     uapi::MAX_BYTES,
 };
@@ -59,6 +60,14 @@ pub(crate) struct Site {
 }
 
 impl Site {
+    /// An event of `step` about this site: its target, address and handle.
+    pub(crate) fn event(&self, step: Step) -> Event {
+        Event::new(step)
+            .pid(self.pid)
+            .addr(self.addr)
+            .handle(self.handle as u32)
+    }
+
     /// Offset of the patch in its page.
     pub(crate) fn offset(&self) -> usize {
         self.addr & !PAGE_MASK
