@@ -12,7 +12,7 @@ use kernel::{alloc::KVVec, fs::File, prelude::*, rbtree::RBTree, sync::aref::ARe
 use super::outcome::{Failure, Restored};
 use crate::{
     journal::{Event, Step},
-    patches::{Owner, PageKey, Site},
+    patches::{OnPage, Owner, PageKey, Site},
     policy,
     refusal::Refusal,
     sys::{self, MmapWriteGuard, PageRef, VmaInfo, PAGE_MASK},
@@ -221,6 +221,8 @@ impl Plan {
         // The file pages the request reaches.
         let mut at: RBTree<PageKey, ()> = RBTree::new();
         let mut last = LastVma(None);
+        // The live sites of the page the last site was on: looked up once a page.
+        let mut on_page = state.patches.page(&(0, 0));
         for &i in order {
             let blame = |r: Refusal| {
                 let ev = Event::new(Step::CheckVma)
@@ -231,7 +233,7 @@ impl Plan {
             let (info, file) = last
                 .lookup(guard, req.sites[i as usize].addr as usize)
                 .map_err(blame)?;
-            plan.add_site(state, &mut at, req, i, who, &info, &file)
+            plan.add_site(state, &mut on_page, &mut at, req, i, who, &info, &file)
                 .map_err(blame)?;
             last.0 = Some((info, file));
         }
@@ -241,9 +243,10 @@ impl Plan {
     /// Add site `i` of `req` in VMA `info`: refused if it overlaps a live
     /// patch, or reaches a file page it already reached at another address.
     #[allow(clippy::too_many_arguments)]
-    fn add_site(
+    fn add_site<'s>(
         &mut self,
-        state: &TargetState,
+        state: &'s TargetState,
+        on_page: &mut OnPage<'s>,
         at: &mut RBTree<PageKey, ()>,
         req: &Request<'_>,
         i: u32,
@@ -260,7 +263,9 @@ impl Plan {
             .last()
             .map(|w| self.sites[w.range.start].addr & PAGE_MASK);
         let new_page = last_page != Some(addr & PAGE_MASK); // mutant: page-per-site
-        let on_page = state.patches.page(&key);
+        if new_page {
+            *on_page = state.patches.page(&key);
+        }
         if on_page.overlaps(addr & !PAGE_MASK, s.len as usize) {
             // mutant: overlap-live overlap-first-site-only
             return Err(Refusal::new(EBUSY, "range overlaps a live patch"));
