@@ -763,18 +763,9 @@ fn smaps_vmflags(pid: i32, addr: u64) -> Result<Vec<String>, String> {
     Err(format!("no VmFlags for {addr:#x} in pid {pid}'s smaps"))
 }
 
+/// `cmd args` must succeed (its output is not wanted).
 pub(crate) fn run(cmd: &str, args: &[&str]) -> TestResult {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    hugepoke::testkit::backing::sh(cmd, args).map(|_| ())
 }
 
 /// An open file of /dev/hugepoke keeps the module loaded: `rmmod` is

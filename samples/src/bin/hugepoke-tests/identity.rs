@@ -6,6 +6,7 @@
 use crate::common::*;
 use crate::hardening::expect_errno;
 use crate::TestResult;
+use hugepoke::testkit::backing::sh;
 use hugepoke::uapi;
 
 /// The target replaces its text by a writable private mapping of another
@@ -247,19 +248,6 @@ impl Drop for Swap {
         let _ = sh("losetup", &["-d", &self.dev]);
         let _ = std::fs::remove_file(&self.img);
     }
-}
-
-fn sh(cmd: &str, args: &[&str]) -> Result<String, String> {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A RESTORE cut short by a fatal signal (EINTR) keeps the patch.  The
