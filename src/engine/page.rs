@@ -188,6 +188,14 @@ pub(crate) fn write_page(
         EAGAIN,
         "page table kept changing",
     )))?;
+    // The first pass saw this copy exclusive and not uffd-wp; reclaim may
+    // have swapped it out and a read fault back in since, shared (with a
+    // child that holds the swap entry) or write-protected.  Not ours then.
+    if !pte.writable() && (pte.uffd_wp() || !pte.anon_exclusive()) {
+        let why =
+            "the copy is no longer exclusive to the target (swapped in shared?); nothing written";
+        return Err(Refused::Kept(Refusal::new(EAGAIN, why)));
+    }
     let mut pte = pte.unmap();
     for s in sites {
         let (now_there, _) = swap_bytes(s, w.written, dir);
