@@ -192,6 +192,7 @@ pub(crate) fn write_page(
     // have swapped it out and a read fault back in since, shared (with a
     // child that holds the swap entry) or write-protected.  Not ours then.
     if !pte.writable() && (pte.uffd_wp() || !pte.anon_exclusive()) {
+        // mutant: no-cow-break-after-fork/2 batch-no-cow-break/2 uffd-wp-write-through/2
         let why =
             "the copy is no longer exclusive to the target (swapped in shared?); nothing written";
         return Err(Refused::Kept(Refusal::new(EAGAIN, why)));
