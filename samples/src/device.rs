@@ -247,6 +247,17 @@ pub fn journal_seq() -> u64 {
 pub fn failure_since(seq: u64, target: Option<i32>, errno: i32) -> Option<String> {
     let events = crate::proc::parse_events(&crate::proc::debugfs("events").ok()?);
     let me = std::process::id() as i32;
+    pick_failure(&events, seq, target, me, errno)
+}
+
+/// [`failure_since`]'s choice among `events`, `me` being this process.
+fn pick_failure(
+    events: &[crate::proc::EventLine],
+    seq: u64,
+    target: Option<i32>,
+    me: i32,
+    errno: i32,
+) -> Option<String> {
     let failed: Vec<_> = events
         .iter()
         .filter(|e| target.is_none_or(|t| e.pid == t || e.pid == me))
@@ -258,4 +269,39 @@ pub fn failure_since(seq: u64, target: Option<i32>, errno: i32) -> Option<String
         .rfind(|e| e.result == same)
         .or(failed.last())?;
     Some(format!("{}: {} ({})", e.step, e.note, e.result))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_failure;
+    use crate::proc::parse_events;
+
+    /// A failed PATCH (why, then an undo that met EINTR), a refused RESTORE
+    /// (the fate, then why), another process's failure, an old one.
+    const EVENTS: &str = "\
+1 10 7 - 0x1000 check_vma - - -EBUSY an old failure
+5 50 7 - 0x1000 check_expected - - -EILSEQ bytes at the address are not the expected ones (under the page-table lock)
+6 60 7 - - restore - - -EINTR fatal signal while waiting for the target's mmap lock
+7 70 9 - - check_vma - - -EINVAL another process's failure
+8 80 7 3 0x1000 restore - - -EILSEQ patch kept whole; RESTORE may be retried
+9 90 7 3 0x1000 restore_bytes - - -EILSEQ bytes at a site are not the ones PATCH wrote; nothing written
+";
+
+    #[test]
+    fn the_newest_failure_with_the_calls_errno() {
+        let events = parse_events(EVENTS);
+        let pick = |seq, errno| pick_failure(&events, seq, Some(7), 100, errno).unwrap();
+        // The PATCH (events 5-6) failed with EILSEQ: its reason, not the undo's EINTR.
+        let patch: Vec<_> = events.iter().filter(|e| e.seq <= 6).cloned().collect();
+        let p = pick_failure(&patch, 1, Some(7), 100, libc::EILSEQ).unwrap();
+        assert!(p.starts_with("check_expected: bytes at the address"), "{p}");
+        // The RESTORE (events 8-9): why, not what became of the patch.
+        assert!(pick(7, libc::EILSEQ).starts_with("restore_bytes: bytes at a site"));
+        // No failure with that errno: the newest; another pid's never.
+        assert!(pick(5, libc::ENOENT).starts_with("restore_bytes:"));
+        assert!(pick_failure(&events, 6, Some(7), 100, libc::EINVAL)
+            .unwrap()
+            .starts_with("restore_bytes:"));
+        assert!(pick_failure(&events, 9, Some(7), 100, libc::EILSEQ).is_none());
+    }
 }

@@ -1,10 +1,28 @@
 //! `include/uapi/hugepoke.h` against `src/uapi.rs`: the C header is
 //! compiled with the host's `cc`, and every struct's size and every field's
-//! offset must be the Rust struct's; the ioctl numbers and constants too.
+//! offset and signedness must be the Rust struct's; the ioctl numbers and
+//! constants too.
 
 use hugepoke::uapi::*;
 use std::mem::{offset_of, size_of};
 use std::process::Command;
+
+/// 1 for a signed integer field, 0 for an unsigned one or an array.
+trait Sign {
+    const SIGNED: u64;
+}
+macro_rules! sign {
+    ($($t:ty => $v:literal),*) => { $(impl Sign for $t { const SIGNED: u64 = $v; })* };
+}
+sign!(i8 => 1, i16 => 1, i32 => 1, i64 => 1, u8 => 0, u16 => 0, u32 => 0, u64 => 0);
+impl<T, const N: usize> Sign for [T; N] {
+    const SIGNED: u64 = 0;
+}
+
+/// The signedness of the field `field` picks out.
+fn sign_of<R, T: Sign>(_field: fn(&R) -> &T) -> u64 {
+    T::SIGNED
+}
 
 /// (C expression, Rust value): what the compiled header must print.
 fn expected() -> Vec<(&'static str, u64)> {
@@ -12,6 +30,11 @@ fn expected() -> Vec<(&'static str, u64)> {
         ($c:literal, $r:ty; $($cf:ident => $rf:ident),* $(,)?) => {{
             let mut v = vec![(concat!("sizeof(struct ", $c, ")"), size_of::<$r>() as u64)];
             $(v.push((concat!("offsetof(struct ", $c, ", ", stringify!($cf), ")"), offset_of!($r, $rf) as u64));)*
+            // Signedness too (an array field is neither: _Generic sees a pointer).
+            $(v.push((
+                concat!("_Generic(((struct ", $c, " *)0)->", stringify!($cf), ", __s8: 1, __s16: 1, __s32: 1, __s64: 1, default: 0)"),
+                sign_of(|x: &$r| &x.$rf),
+            ));)*
             v
         }};
     }
