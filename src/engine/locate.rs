@@ -36,19 +36,19 @@ pub(crate) fn still_mapped_at<'a>(
     (at == page_addr && policy::check_restore_vma(&info).is_ok()).then_some(vma)
 }
 
-/// Lock the PTE that maps `page` at `page_addr`, taking the page again
-/// (one read fault, e.g. back from the swap cache) if reclaim or migration
-/// moved it since we looked.
+/// Lock the PTE that maps `page` at `page_addr` (in the VMA returned with
+/// it), taking the page again (one read fault, e.g. back from the swap
+/// cache) if reclaim or migration moved it since we looked.
 pub(crate) fn relock_pte<'a>(
     guard: &'a MmapWriteGuard<'_>,
     rep: &Site,
     page_addr: usize,
     page: &mut PageRef,
-) -> Option<LockedPte<'a>> {
+) -> Option<(&'a VmaRef, LockedPte<'a>)> {
     for _ in 0..MAX_TRIES {
         let vma = still_mapped_at(guard, rep, page_addr)?;
         if let Some(pte) = sys::lock_pte(vma, page_addr, page) {
-            return Some(pte);
+            return Some((vma, pte));
         }
         match guard.get_user_page(page_addr, sys::FOLL_FORCE) {
             Ok(p) if p.is_anon() => *page = p,

@@ -11,9 +11,9 @@
 use kernel::{mm::virt::VmaRef, mm::MmWithUser, prelude::*};
 
 use super::{
-    locate::{relock_pte, still_mapped_at},
+    locate::relock_pte,
     outcome::{Refused, Restored, MAX_TRIES},
-    plan::{swap_bytes, Dir, PageState, PageWork},
+    plan::{swap_bytes, Dir, PageState, PageWork, Written},
 };
 use crate::{
     journal::{Event, Step},
@@ -173,18 +173,24 @@ fn not_expected(s: &Site, expect: &Option<[u8; MAX_BYTES]>) -> bool {
 
 /// Write one found page's sites the way `dir` says, under its PT lock with
 /// the PTE cleared, after checking every site holds what it should now.
+/// With `zap` (the plan's only page, no patch left on it: no later page
+/// can fail and need it written again), the copy is zapped if clean under
+/// the same hold, as [`zap_page`] would: one page-table-lock hold and one
+/// TLB flush, not two.
 pub(crate) fn write_page(
     hp: &Hugepoke,
     guard: &MmapWriteGuard<'_>,
     sites: &[Site],
     w: &mut PageWork,
     dir: Dir,
-) -> Result<(), Refused> {
+    zap: Option<&MmWithUser>,
+) -> Result<Option<Restored>, Refused> {
     let PageState::Found(page_addr, page) = &mut w.state else {
-        return Ok(());
+        return Ok(None);
     };
     let (page_addr, rep) = (*page_addr, &sites[0]);
-    let pte = relock_pte(guard, rep, page_addr, page).ok_or(Refused::Kept(Refusal::new(
+    let _invalidate = zap.map(|mm| before_zap(mm, page, page_addr));
+    let (vma, pte) = relock_pte(guard, rep, page_addr, page).ok_or(Refused::Kept(Refusal::new(
         EAGAIN,
         "page table kept changing",
     )))?;
@@ -198,8 +204,32 @@ pub(crate) fn write_page(
         return Err(Refused::Kept(Refusal::new(EAGAIN, why)));
     }
     let mut pte = pte.unmap();
+    swap_sites(&mut pte, sites, w.written, dir)?;
+    let ev = rep.event(Step::RestoreBytes).addr(page_addr + rep.offset());
+    hp.journal.record(ev.page(page.pfn(), 0).note(match dir {
+        Dir::Reapply => "patched bytes written again (undo of a restore that could not finish)",
+        Dir::Revert if page_addr == rep.addr & PAGE_MASK => "original bytes written back",
+        Dir::Revert => "original bytes written back (text moved since PATCH)",
+    }));
+    match zap {
+        Some(_) => Ok(Some(zap_cleared(hp, rep, vma, pte, page, page_addr))),
+        None => {
+            pte.remap_dirty();
+            Ok(None)
+        }
+    }
+}
+
+/// Under the PT lock with the PTE cleared: if every site holds what it
+/// should now (for `dir`), write the other bytes; else write nothing.
+fn swap_sites(
+    pte: &mut ClearedPte<'_>,
+    sites: &[Site],
+    written: Written,
+    dir: Dir,
+) -> Result<(), Refused> {
     for s in sites {
-        let (now_there, _) = swap_bytes(s, w.written, dir);
+        let (now_there, _) = swap_bytes(s, written, dir);
         let mut now = [0u8; MAX_BYTES];
         pte.read(s.offset(), &mut now[..s.len]);
         if now[..s.len] != *now_there {
@@ -209,16 +239,17 @@ pub(crate) fn write_page(
         }
     }
     for s in sites {
-        pte.write(s.offset(), swap_bytes(s, w.written, dir).1);
+        pte.write(s.offset(), swap_bytes(s, written, dir).1);
     }
-    pte.remap_dirty();
-    let ev = rep.event(Step::RestoreBytes).addr(page_addr + rep.offset());
-    hp.journal.record(ev.page(page.pfn(), 0).note(match dir {
-        Dir::Reapply => "patched bytes written again (undo of a restore that could not finish)",
-        Dir::Revert if page_addr == rep.addr & PAGE_MASK => "original bytes written back",
-        Dir::Revert => "original bytes written back (text moved since PATCH)",
-    }));
     Ok(())
+}
+
+/// What a zap needs before the PT lock is taken: a swap-out in flight
+/// would keep the swap slot past the zap, and the mmu-notifier
+/// invalidation may sleep (the zap itself happens under the PT lock).
+fn before_zap(mm: &MmWithUser, page: &PageRef, page_addr: usize) -> sys::InvalidateRange {
+    page.wait_writeback();
+    sys::InvalidateRange::start(mm, page_addr)
 }
 
 /// The last step for a page whose originals are back: zap the copy if it
@@ -233,27 +264,53 @@ pub(crate) fn zap_page(
     page: &mut PageRef,
     last_on_page: bool,
 ) -> Restored {
-    let ev = |step| rep.event(step).addr(page_addr + rep.offset());
-    let kept = |why: &'static str, pfn: usize| {
-        hp.journal
-            .record(ev(Step::KeepAnonPage).page(pfn, 0).note(why));
-        Restored::kept(page_addr)
-    };
     if !last_on_page {
-        return kept("other patches remain on this page", page.pfn());
+        return kept(
+            hp,
+            rep,
+            page_addr,
+            page,
+            "other patches remain on this page",
+        );
     }
-    // A swap-out in flight would keep the swap slot past the zap.
-    page.wait_writeback();
-    // Zapping happens under the PT lock, where notifiers cannot sleep.
-    let _invalidate = sys::InvalidateRange::start(mm, page_addr);
-    let (Some(vma), Some(pte)) = (
-        still_mapped_at(guard, rep, page_addr),
-        relock_pte(guard, rep, page_addr, page),
-    ) else {
-        return kept("the page moved while it was restored", page.pfn());
+    let _invalidate = before_zap(mm, page, page_addr);
+    let Some((vma, pte)) = relock_pte(guard, rep, page_addr, page) else {
+        return kept(
+            hp,
+            rep,
+            page_addr,
+            page,
+            "the page moved while it was restored",
+        );
     };
+    zap_cleared(hp, rep, vma, pte.unmap(), page, page_addr)
+}
+
+/// Keep the copy at `page_addr` mapped, and say why.
+fn kept(
+    hp: &Hugepoke,
+    rep: &Site,
+    page_addr: usize,
+    page: &PageRef,
+    why: &'static str,
+) -> Restored {
+    let ev = rep.event(Step::KeepAnonPage).addr(page_addr + rep.offset());
+    hp.journal.record(ev.page(page.pfn(), 0).note(why));
+    Restored::kept(page_addr)
+}
+
+/// Under the PT lock with the PTE cleared and the originals written: zap
+/// the copy in `vma` if [`keep_reason`] finds no reason to keep it.
+fn zap_cleared(
+    hp: &Hugepoke,
+    rep: &Site,
+    vma: &VmaRef,
+    pte: ClearedPte<'_>,
+    page: &PageRef,
+    page_addr: usize,
+) -> Restored {
+    let ev = |step| rep.event(step).addr(page_addr + rep.offset());
     let info = sys::vma_info(vma);
-    let pte = pte.unmap();
     let cache = sys::page_cache_page(vma, page_addr);
     let keep = keep_reason(&info, page, cache.as_ref(), &pte); // mutant: map-no-zap
     zap_or_keep(hp, ev, pte, page, keep, cache, page_addr)

@@ -34,34 +34,51 @@ use crate::{
 /// Pass 2: write every found page's originals back.  If a page cannot be
 /// written, the pages before it get the patched bytes again; one that
 /// cannot stays `Written` (its sites are restored: the caller forgets them).
+/// A plan's only page (the single call) is zapped, if it may be, under the
+/// same page-table-lock hold as its write: nothing after it can fail.
 fn write_originals(
     hp: &Hugepoke,
     guard: &MmapWriteGuard<'_>,
+    mm: &MmWithUser,
     sites: &[Site],
     pages: &mut [PageWork],
+    last_on_page: &impl Fn(&[Site]) -> bool,
 ) -> Result<(), (Refused, usize)> {
+    let found = |w: &PageWork| matches!(w.state, PageState::Found(..));
+    let only_page = pages.iter().filter(|w| found(w)).count() == 1;
     for g in 0..pages.len() {
         let (done, rest) = pages.split_at_mut(g);
         let w = &mut rest[0];
-        if !matches!(w.state, PageState::Found(..)) {
+        if !found(w) {
             continue;
         }
         let r = w.range.clone();
-        if let Err(refused) = write_page(hp, guard, &sites[r.clone()], w, Dir::Revert) {
-            for w in done
-                .iter_mut()
-                .filter(|w| matches!(w.outcome, Outcome::Written))
-            {
-                if write_page(hp, guard, &sites[w.range.clone()], w, Dir::Reapply).is_ok() {
-                    // mutant: restore-half-done
-                    w.outcome = Outcome::Untouched;
-                }
+        let zap = (only_page && last_on_page(&sites[r.clone()])).then_some(mm);
+        match write_page(hp, guard, &sites[r.clone()], w, Dir::Revert, zap) {
+            Ok(Some(restored)) => w.outcome = Outcome::Done(restored),
+            Ok(None) => w.outcome = Outcome::Written,
+            Err(refused) => {
+                reapply(hp, guard, sites, done);
+                return Err((refused, r.start));
             }
-            return Err((refused, r.start));
         }
-        w.outcome = Outcome::Written;
     }
     Ok(())
+}
+
+/// The undo of a pass 2 that could not finish: the pages it wrote get the
+/// patched bytes again (none was zapped: only a plan's only page is zapped
+/// in pass 2).
+fn reapply(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, sites: &[Site], done: &mut [PageWork]) {
+    for w in done
+        .iter_mut()
+        .filter(|w| matches!(w.outcome, Outcome::Written))
+    {
+        if write_page(hp, guard, &sites[w.range.clone()], w, Dir::Reapply, None).is_ok() {
+            // mutant: restore-half-done
+            w.outcome = Outcome::Untouched;
+        }
+    }
 }
 
 /// Pass 3: zap the copies that now equal their page-cache page.
@@ -123,7 +140,7 @@ pub(crate) fn restore_pages(
             }
             Located::NeedDrain | Located::Ready => {}
         }
-        write_originals(hp, &guard, sites, pages)?;
+        write_originals(hp, &guard, mm, sites, pages, &last_on_page)?;
         zap_copies(hp, &guard, mm, sites, pages, &last_on_page);
         return Ok(());
     }
@@ -149,7 +166,7 @@ pub(crate) fn undo(
         Located::Ready => {}
         Located::NeedDrain => lru_drain_journaled(hp, &sites[0]),
     }
-    if let Err((refused, _)) = write_originals(hp, guard, sites, pages) {
+    if let Err((refused, _)) = write_originals(hp, guard, mm, sites, pages, &last_on_page) {
         refused.stops_undo().map_or(Ok(()), Err)?;
     }
     zap_copies(hp, guard, mm, sites, pages, &last_on_page);
