@@ -193,7 +193,7 @@ fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Re
             guard,
             vma,
             &mut plan.sites[r.clone()],
-            &plan.expects[r.clone()],
+            plan.expects.of(r.clone()),
         ) {
             Ok(page) => {
                 let pmd_mappable =
@@ -244,18 +244,12 @@ fn commit(
         _ => "every site written; some page-cache folios not PMD-mappable",
     };
     let Plan {
-        sites,
-        pages,
-        mut files,
-        ..
+        sites, mut pages, ..
     } = plan;
     let left_out = state.patches.insert(
         room,
         sites,
-        pages
-            .iter()
-            .zip(files.iter_mut())
-            .map(|(w, f)| (w.range.clone(), f)),
+        pages.iter_mut().map(|w| (w.range.clone(), &mut w.file)),
     );
     journal_left_out(hp, ev, left_out);
     hp.journal.record(ev.note(note));
@@ -354,14 +348,12 @@ fn keep_still_written(
     let ev = Event::new(Step::Patched)
         .pid(plan.sites[0].pid)
         .handle(handle as u32);
-    let kept = plan
-        .pages
-        .iter()
-        .zip(plan.files.iter_mut())
-        .filter(|(w, _)| !w.range.is_empty());
-    let left_out = state
-        .patches
-        .insert(room, plan.sites, kept.map(|(w, f)| (w.range.clone(), f)));
+    let kept = plan.pages.iter_mut().filter(|w| !w.range.is_empty());
+    let left_out = state.patches.insert(
+        room,
+        plan.sites,
+        kept.map(|w| (w.range.clone(), &mut w.file)),
+    );
     journal_left_out(hp, ev, left_out);
     drop(hp.registry.lock().disown(handle));
     let why = "failed and could not all be undone: the sites still written are kept under this handle, persistent";

@@ -70,6 +70,9 @@ pub(crate) struct PageWork {
     pub(crate) state: PageState,
     pub(crate) outcome: Outcome,
     pub(crate) written: Written,
+    /// A PATCH's: the file the page belongs to (taken by the table if the
+    /// page is new to it).  RESTORE's pages have none.
+    pub(crate) file: Option<ARef<File>>,
 }
 
 impl PageWork {
@@ -79,6 +82,7 @@ impl PageWork {
             state: PageState::Unknown,
             outcome: Outcome::Untouched,
             written,
+            file: None,
         }
     }
 }
@@ -128,9 +132,27 @@ pub(crate) fn pages_of(sites: &[Site], written: Written) -> Result<KVVec<PageWor
     Ok(pages)
 }
 
+/// A request's sites in address order, as indexes into it.
+pub(crate) enum Order {
+    /// The request's only site: no vector to allocate.
+    One,
+    Sorted(KVVec<u32>),
+}
+
+impl core::ops::Deref for Order {
+    type Target = [u32];
+
+    fn deref(&self) -> &[u32] {
+        match self {
+            Order::One => &[0],
+            Order::Sorted(order) => order,
+        }
+    }
+}
+
 /// The checks that need no target: flags and range of every site, and no
 /// two sites overlapping.  Returns the sites' indexes in address order.
-pub(crate) fn check_sites(hp: &Hugepoke, req: &Request<'_>) -> Result<KVVec<u32>, Failure> {
+pub(crate) fn check_sites(hp: &Hugepoke, req: &Request<'_>) -> Result<Order, Failure> {
     let sites = req.sites;
     let blame = |i: usize, r: Refusal| {
         let ev = Event::new(Step::Patch)
@@ -143,6 +165,9 @@ pub(crate) fn check_sites(hp: &Hugepoke, req: &Request<'_>) -> Result<KVVec<u32>
             return Err(blame(i, Refusal::new(EINVAL, "unknown site flag bits")));
         }
         policy::check_range(s.addr, s.len).map_err(|r| blame(i, r))?;
+    }
+    if sites.len() == 1 {
+        return Ok(Order::One);
     }
     let nomem = || {
         Failure::from(hp.journal.fail(
@@ -167,17 +192,26 @@ pub(crate) fn check_sites(hp: &Hugepoke, req: &Request<'_>) -> Result<KVVec<u32>
             ));
         }
     }
-    Ok(order)
+    Ok(Order::Sorted(order))
 }
 
 /// A request on its way in, in address order: the table records its sites
-/// become, their expected bytes, its pages and each page's file.
+/// become, their expected bytes, and its pages with their files.
 pub(crate) struct Plan {
     pub(crate) sites: KVVec<Site>,
-    pub(crate) expects: KVVec<Option<[u8; MAX_BYTES]>>,
+    pub(crate) expects: Expects,
     pub(crate) pages: KVVec<PageWork>,
-    /// One per page (taken by the table if the page is new to it).
-    pub(crate) files: KVVec<Option<ARef<File>>>,
+}
+
+/// The expected bytes of a plan's sites, one per site, or none at all when
+/// no site of the request has any.
+pub(crate) struct Expects(Option<KVVec<Option<[u8; MAX_BYTES]>>>);
+
+impl Expects {
+    /// Those of the sites in `r`, in order (empty when there are none).
+    pub(crate) fn of(&self, r: core::ops::Range<usize>) -> &[Option<[u8; MAX_BYTES]>] {
+        self.0.as_ref().map_or(&[], |e| &e[r])
+    }
 }
 
 /// Who the plan's sites belong to.
@@ -191,12 +225,16 @@ pub(crate) struct Identity {
 struct LastVma(Option<(VmaInfo, ARef<File>)>);
 
 impl Plan {
-    fn with_capacity(n: usize) -> Result<Self> {
+    /// Room for `n` sites (and as many pages), and their expected bytes if
+    /// some site has them: nothing is allocated once sites are added.
+    fn with_capacity(n: usize, expects: bool) -> Result<Self> {
         Ok(Self {
             sites: KVVec::with_capacity(n, GFP_KERNEL)?,
-            expects: KVVec::with_capacity(n, GFP_KERNEL)?,
+            expects: Expects(match expects {
+                true => Some(KVVec::with_capacity(n, GFP_KERNEL)?),
+                false => None,
+            }),
             pages: KVVec::with_capacity(n, GFP_KERNEL)?,
-            files: KVVec::with_capacity(n, GFP_KERNEL)?,
         })
     }
 
@@ -217,7 +255,8 @@ impl Plan {
                 "no memory to record a patch",
             ))
         };
-        let mut plan = Self::with_capacity(order.len()).map_err(|_| nomem())?;
+        let expects = req.sites.iter().any(|s| s.flags & uapi::PATCH_EXPECT != 0);
+        let mut plan = Self::with_capacity(order.len(), expects).map_err(|_| nomem())?;
         // The file pages the request reaches.
         let mut at: RBTree<PageKey, ()> = RBTree::new();
         let mut last = LastVma(None);
@@ -270,7 +309,8 @@ impl Plan {
             // mutant: overlap-live overlap-first-site-only
             return Err(Refusal::new(EBUSY, "range overlaps a live patch"));
         }
-        if new_page {
+        // (A request's only site has no other to meet.)
+        if new_page && req.sites.len() > 1 {
             // One file page reached at two addresses would be two copies:
             // the table knows a patch by its file page, so that is refused.
             if at.get(&key).is_some() {
@@ -283,19 +323,23 @@ impl Plan {
             let nomem = |_| Refusal::new(ENOMEM, "no memory to record a patch");
             at.try_create_and_insert(key, (), GFP_KERNEL)
                 .map_err(nomem)?;
+        }
+        if new_page {
             let start = self.sites.len();
+            let page = PageWork {
+                file: Some(file.clone()),
+                ..PageWork::new(start..start, Written::No)
+            };
             // Within capacity: at most one page a site.
-            let _ = self
-                .pages
-                .push_within_capacity(PageWork::new(start..start, Written::No));
-            let _ = self.files.push_within_capacity(Some(file.clone()));
+            let _ = self.pages.push_within_capacity(page);
         }
         let site = planned_site(who, i, s, req.flags | s.flags, key);
         // Within capacity: n each.
         let _ = self.sites.push_within_capacity(site);
-        let _ = self
-            .expects
-            .push_within_capacity((s.flags & uapi::PATCH_EXPECT != 0).then_some(s.expect));
+        if let Some(expects) = &mut self.expects.0 {
+            let _ = expects
+                .push_within_capacity((s.flags & uapi::PATCH_EXPECT != 0).then_some(s.expect));
+        }
         if let Some(w) = self.pages.last_mut() {
             w.range.end = self.sites.len();
         }
@@ -319,7 +363,7 @@ impl Plan {
     ) -> Result<(), Failure> {
         for w in self.pages.iter() {
             let r = w.range.clone();
-            if self.expects[r.clone()].iter().all(|e| e.is_none()) {
+            if self.expects.of(r.clone()).iter().all(|e| e.is_none()) {
                 continue;
             }
             let first = &self.sites[r.start];
@@ -332,7 +376,7 @@ impl Plan {
                         first.index,
                     )
                 })?;
-            for (s, expect) in self.sites[r.clone()].iter().zip(self.expects[r].iter()) {
+            for (s, expect) in self.sites[r.clone()].iter().zip(self.expects.of(r)) {
                 let mut now = [0u8; MAX_BYTES];
                 page.read(s.offset(), &mut now[..s.len]);
                 if expect.is_some_and(|e| e[..s.len] != now[..s.len]) {
