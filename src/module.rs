@@ -21,6 +21,7 @@ use kernel::{
 mod collapse;
 mod device;
 mod engine;
+mod few;
 mod journal;
 mod listing;
 mod live;

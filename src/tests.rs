@@ -140,6 +140,26 @@ mod hugepoke {
     }
 
     #[test]
+    fn few_holds_one_inline_and_no_more_than_its_room() {
+        use crate::few::Few;
+        let mut one: Few<u32> = Few::with_capacity(1, GFP_KERNEL).unwrap();
+        assert!(matches!(one, Few::Empty));
+        assert_eq!(one.push_within_capacity(7), Ok(()));
+        assert_eq!(one.push_within_capacity(8), Err(8));
+        assert_eq!(&one[..], &[7]);
+        one[0] = 9;
+        assert!(matches!(one, Few::One(9)));
+        let mut three: Few<u32> = Few::with_capacity(3, GFP_KERNEL).unwrap();
+        for i in 0..3 {
+            assert_eq!(three.push_within_capacity(i), Ok(()));
+        }
+        assert_eq!(three.push_within_capacity(3), Err(3));
+        three.swap(0, 2);
+        assert_eq!(&three[..], &[2, 1, 0]);
+        assert!(Few::<u32>::default().is_empty());
+    }
+
+    #[test]
     fn errno_names() {
         let mut out = text();
         write!(

@@ -11,6 +11,7 @@ use kernel::{alloc::KVVec, fs::File, prelude::*, rbtree::RBTree, sync::aref::ARe
 
 use super::outcome::{Failure, Restored};
 use crate::{
+    few::Few,
     journal::{Event, Step},
     patches::{OnPage, Owner, PageKey, Site},
     policy,
@@ -123,8 +124,8 @@ pub(crate) fn runs<'a, T, K: PartialEq>(
 }
 
 /// The pages of `sites` (in page order), as `PageWork` with `written`.
-pub(crate) fn pages_of(sites: &[Site], written: Written) -> Result<KVVec<PageWork>> {
-    let mut pages = KVVec::with_capacity(sites.len(), GFP_KERNEL)?;
+pub(crate) fn pages_of(sites: &[Site], written: Written) -> Result<Few<PageWork>> {
+    let mut pages = Few::with_capacity(sites.len(), GFP_KERNEL)?;
     for r in runs(sites, |s| s.page_key()) {
         // Within capacity: at most one page a site.
         let _ = pages.push_within_capacity(PageWork::new(r, written));
@@ -132,27 +133,9 @@ pub(crate) fn pages_of(sites: &[Site], written: Written) -> Result<KVVec<PageWor
     Ok(pages)
 }
 
-/// A request's sites in address order, as indexes into it.
-pub(crate) enum Order {
-    /// The request's only site: no vector to allocate.
-    One,
-    Sorted(KVVec<u32>),
-}
-
-impl core::ops::Deref for Order {
-    type Target = [u32];
-
-    fn deref(&self) -> &[u32] {
-        match self {
-            Order::One => &[0],
-            Order::Sorted(order) => order,
-        }
-    }
-}
-
 /// The checks that need no target: flags and range of every site, and no
 /// two sites overlapping.  Returns the sites' indexes in address order.
-pub(crate) fn check_sites(hp: &Hugepoke, req: &Request<'_>) -> Result<Order, Failure> {
+pub(crate) fn check_sites(hp: &Hugepoke, req: &Request<'_>) -> Result<Few<u32>, Failure> {
     let sites = req.sites;
     let blame = |i: usize, r: Refusal| {
         let ev = Event::new(Step::Patch)
@@ -166,9 +149,6 @@ pub(crate) fn check_sites(hp: &Hugepoke, req: &Request<'_>) -> Result<Order, Fai
         }
         policy::check_range(s.addr, s.len).map_err(|r| blame(i, r))?;
     }
-    if sites.len() == 1 {
-        return Ok(Order::One);
-    }
     let nomem = || {
         Failure::from(hp.journal.fail(
             Event::new(Step::Patch).pid(req.pid),
@@ -176,10 +156,10 @@ pub(crate) fn check_sites(hp: &Hugepoke, req: &Request<'_>) -> Result<Order, Fai
             "no memory to sort the sites",
         ))
     };
-    let mut order: KVVec<u32> =
-        KVVec::with_capacity(sites.len(), GFP_KERNEL).map_err(|_| nomem())?;
+    let mut order = Few::with_capacity(sites.len(), GFP_KERNEL).map_err(|_| nomem())?;
     for i in 0..sites.len() as u32 {
-        order.push(i, GFP_KERNEL).map_err(|_| nomem())?;
+        // Within capacity: one a site.
+        let _ = order.push_within_capacity(i);
     }
     order.sort_unstable_by_key(|&i| sites[i as usize].addr);
     for w in order.windows(2) {
@@ -192,7 +172,7 @@ pub(crate) fn check_sites(hp: &Hugepoke, req: &Request<'_>) -> Result<Order, Fai
             ));
         }
     }
-    Ok(Order::Sorted(order))
+    Ok(order)
 }
 
 /// A request on its way in, in address order: the table records its sites
@@ -200,12 +180,12 @@ pub(crate) fn check_sites(hp: &Hugepoke, req: &Request<'_>) -> Result<Order, Fai
 pub(crate) struct Plan {
     pub(crate) sites: KVVec<Site>,
     pub(crate) expects: Expects,
-    pub(crate) pages: KVVec<PageWork>,
+    pub(crate) pages: Few<PageWork>,
 }
 
 /// The expected bytes of a plan's sites, one per site, or none at all when
 /// no site of the request has any.
-pub(crate) struct Expects(Option<KVVec<Option<[u8; MAX_BYTES]>>>);
+pub(crate) struct Expects(Option<Few<Option<[u8; MAX_BYTES]>>>);
 
 impl Expects {
     /// Those of the sites in `r`, in order (empty when there are none).
@@ -231,10 +211,10 @@ impl Plan {
         Ok(Self {
             sites: KVVec::with_capacity(n, GFP_KERNEL)?,
             expects: Expects(match expects {
-                true => Some(KVVec::with_capacity(n, GFP_KERNEL)?),
+                true => Some(Few::with_capacity(n, GFP_KERNEL)?),
                 false => None,
             }),
-            pages: KVVec::with_capacity(n, GFP_KERNEL)?,
+            pages: Few::with_capacity(n, GFP_KERNEL)?,
         })
     }
 

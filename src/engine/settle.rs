@@ -7,7 +7,6 @@
 //! counts a handle as restored, or forgotten with a reason, by it).
 
 use kernel::{
-    alloc::KVVec,
     fs::File,
     prelude::*,
     sync::{aref::ARef, Arc},
@@ -19,6 +18,7 @@ use super::{
     restore::{queue_collapses, restore_pages},
 };
 use crate::{
+    few::Few,
     journal::{Event, Step},
     patches::{Forgotten, Site},
     refusal::Refusal,
@@ -215,8 +215,8 @@ fn forget(
     sites: &[Site],
     pages: &[PageWork],
     forget_all: bool,
-) -> KVVec<Forgotten<ARef<File>>> {
-    let mut forgotten = KVVec::with_capacity(pages.len(), GFP_KERNEL).unwrap_or_default();
+) -> Few<Forgotten<ARef<File>>> {
+    let mut forgotten = Few::with_capacity(pages.len(), GFP_KERNEL).unwrap_or_default();
     for w in pages.iter() {
         if !forget_all && !matches!(w.outcome, Outcome::Written | Outcome::Done(_)) {
             continue;
@@ -229,7 +229,7 @@ fn forget(
         }
         if let Some(p) = state.patches.remove_page(handle, rep.page_key()) {
             // Without room to keep it, the reference goes right here.
-            let _ = forgotten.push(p, GFP_KERNEL);
+            let _ = forgotten.push_within_capacity(p);
         }
     }
     forgotten

@@ -25,6 +25,7 @@ pub(crate) use record::Reserved;
 use kernel::{alloc::KVVec, prelude::*, rbtree::RBTree};
 
 use crate::{
+    few::Few,
     journal::{Event, Step},
     sys::{PAGE_MASK, PMD_PAGES},
     uapi::MAX_BYTES,
@@ -249,10 +250,11 @@ impl<F> Patches<F> {
 
     /// Copies of every site of `handle`, in file-page order (pages
     /// grouped), for RESTORE to work from without holding the table.
-    pub(crate) fn sites_of(&self, handle: u64) -> Result<KVVec<Site>> {
-        let mut v = KVVec::with_capacity(self.count(handle) as usize, GFP_KERNEL)?;
+    pub(crate) fn sites_of(&self, handle: u64) -> Result<Few<Site>> {
+        let mut v = Few::with_capacity(self.count(handle) as usize, GFP_KERNEL)?;
         for s in self.sites_of_handle(handle) {
-            v.push(*s, GFP_KERNEL)?;
+            // Within capacity: `count` is the number of live sites.
+            v.push_within_capacity(*s).map_err(|_| ENOMEM)?;
         }
         v.sort_unstable_by_key(|s| s.key());
         Ok(v)
