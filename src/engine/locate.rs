@@ -297,7 +297,7 @@ fn check_patched(
         let mut now = [0u8; MAX_BYTES];
         page.read(s.offset(), &mut now[..s.len]);
         if now[..s.len] != *patched {
-            // mutant: no-byte-check restore-half-done/2
+            // mutant: no-byte-check restore-half-done/2 zap-before-all-written/2
             let ev = s.event(Step::RestoreBytes);
             let why = "this site's bytes are not the ones PATCH wrote";
             hp.journal

@@ -185,7 +185,7 @@ pub(crate) struct Plan {
 
 /// The expected bytes of a plan's sites, one per site, or none at all when
 /// no site of the request has any.
-pub(crate) struct Expects(Option<Few<Option<[u8; MAX_BYTES]>>>);
+pub(crate) struct Expects(pub(crate) Option<Few<Option<[u8; MAX_BYTES]>>>);
 
 impl Expects {
     /// Those of the sites in `r`, in order (empty when there are none).
@@ -241,7 +241,7 @@ impl Plan {
         let mut at: RBTree<PageKey, ()> = RBTree::new();
         let mut last = LastVma(None);
         // The live sites of the page the last site was on: looked up once a page.
-        let mut on_page = state.patches.page(&(0, 0));
+        let mut on_page = OnPage::default();
         for &i in order {
             let blame = |r: Refusal| {
                 let ev = Event::new(Step::CheckVma)

@@ -45,7 +45,7 @@ fn write_originals(
     last_on_page: &impl Fn(&[Site]) -> bool,
 ) -> Result<(), (Refused, usize)> {
     let found = |w: &PageWork| matches!(w.state, PageState::Found(..));
-    let only_page = pages.iter().filter(|w| found(w)).count() == 1;
+    let only_page = pages.iter().filter(|w| found(w)).count() == 1; // mutant: zap-before-all-written
     for g in 0..pages.len() {
         let (done, rest) = pages.split_at_mut(g);
         let w = &mut rest[0];

@@ -118,6 +118,13 @@ struct PageSites<F> {
 #[derive(Clone, Copy)]
 pub(crate) struct OnPage<'a>(&'a [Slot]);
 
+impl Default for OnPage<'_> {
+    /// No sites: a page not looked up yet.
+    fn default() -> Self {
+        OnPage(&[])
+    }
+}
+
 impl OnPage<'_> {
     /// Would `len` bytes at `offset` overlap a site?  Sites on a page never
     /// overlap each other, so only the last one that starts before
