@@ -304,7 +304,15 @@ impl Plan {
             at.try_create_and_insert(key, (), GFP_KERNEL)
                 .map_err(nomem)?;
         }
-        if new_page {
+        let site = planned_site(who, i, s, req.flags | s.flags, key);
+        self.push_site(site, s, new_page.then_some(file));
+        Ok(())
+    }
+
+    /// Record `site` (`s` of the request), on a new page of `file` if one
+    /// is given, else on the last page.  Within the capacity made up front.
+    fn push_site(&mut self, site: Site, s: &BatchSite, new_page: Option<&ARef<File>>) {
+        if let Some(file) = new_page {
             let start = self.sites.len();
             let page = PageWork {
                 file: Some(file.clone()),
@@ -313,7 +321,6 @@ impl Plan {
             // Within capacity: at most one page a site.
             let _ = self.pages.push_within_capacity(page);
         }
-        let site = planned_site(who, i, s, req.flags | s.flags, key);
         // Within capacity: n each.
         let _ = self.sites.push_within_capacity(site);
         if let Some(expects) = &mut self.expects.0 {
@@ -323,7 +330,6 @@ impl Plan {
         if let Some(w) = self.pages.last_mut() {
             w.range.end = self.sites.len();
         }
-        Ok(())
     }
 
     /// (file page, sites on it) for each page, to reserve the table's room.
