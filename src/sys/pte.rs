@@ -195,10 +195,9 @@ impl ClearedPte<'_> {
     pub(crate) fn zap(mut self, page: &PageRef) -> SwapSlot {
         self.old = None;
         let (vma, mapped) = (self.locked.vma.as_ptr(), self.locked.fw.page);
-        // SAFETY: the PTE is cleared and the PT lock held, so this mapping's
-        // rmap and reference are ours to drop, exactly once (`old` is gone,
-        // so drop does not set the PTE back); the caller's GUP reference
-        // keeps the folio alive past the helper's folio_put.
+        // (`old` is gone, so drop does not set the PTE back.)
+        // SAFETY: PTE cleared, PT lock held: this mapping's rmap and reference
+        // are ours to drop, once; the caller's GUP reference outlives folio_put.
         let slot = unsafe { hugepoke_zap_anon_pte(vma, page.folio(), mapped) };
         match slot {
             0 => SwapSlot::None,
