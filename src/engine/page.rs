@@ -173,23 +173,56 @@ fn not_expected(s: &Site, expect: &Option<[u8; MAX_BYTES]>) -> bool {
 
 /// Write one found page's sites the way `dir` says, under its PT lock with
 /// the PTE cleared, after checking every site holds what it should now.
-/// With `zap` (the plan's only page, no patch left on it: no later page
-/// can fail and need it written again), the copy is zapped if clean under
-/// the same hold, as [`zap_page`] would: one page-table-lock hold and one
-/// TLB flush, not two.
 pub(crate) fn write_page(
     hp: &Hugepoke,
     guard: &MmapWriteGuard<'_>,
     sites: &[Site],
     w: &mut PageWork,
     dir: Dir,
-    zap: Option<&MmWithUser>,
+) -> Result<(), Refused> {
+    let written = w.written;
+    let PageState::Found(page_addr, page) = &mut w.state else {
+        return Ok(());
+    };
+    let (_, pte) = write_locked(hp, guard, sites, *page_addr, page, written, dir)?;
+    pte.remap_dirty();
+    Ok(())
+}
+
+/// RESTORE of a plan's only page, no patch left on it (no later page can
+/// fail and need it written again): write the originals and zap the copy
+/// if clean, as [`zap_page`] would, under the same page-table-lock hold —
+/// one hold and one TLB flush, not two.  None if the page was not found.
+pub(crate) fn restore_and_zap(
+    hp: &Hugepoke,
+    guard: &MmapWriteGuard<'_>,
+    mm: &MmWithUser,
+    sites: &[Site],
+    w: &mut PageWork,
 ) -> Result<Option<Restored>, Refused> {
+    let written = w.written;
     let PageState::Found(page_addr, page) = &mut w.state else {
         return Ok(None);
     };
-    let (page_addr, rep) = (*page_addr, &sites[0]);
-    let _invalidate = zap.map(|mm| before_zap(mm, page, page_addr));
+    let page_addr = *page_addr;
+    let _invalidate = before_zap(mm, page, page_addr);
+    let (vma, pte) = write_locked(hp, guard, sites, page_addr, page, written, Dir::Revert)?;
+    Ok(Some(zap_cleared(hp, &sites[0], vma, pte, page, page_addr)))
+}
+
+/// Lock the PTE of the copy at `page_addr` again, check it is still ours,
+/// and write its sites the way `dir` says with the PTE cleared; the caller
+/// remaps or zaps it.
+fn write_locked<'a>(
+    hp: &Hugepoke,
+    guard: &'a MmapWriteGuard<'_>,
+    sites: &[Site],
+    page_addr: usize,
+    page: &mut PageRef,
+    written: Written,
+    dir: Dir,
+) -> Result<(&'a VmaRef, ClearedPte<'a>), Refused> {
+    let rep = &sites[0];
     let (vma, pte) = relock_pte(guard, rep, page_addr, page).ok_or(Refused::Kept(Refusal::new(
         EAGAIN,
         "page table kept changing",
@@ -204,20 +237,14 @@ pub(crate) fn write_page(
         return Err(Refused::Kept(Refusal::new(EAGAIN, why)));
     }
     let mut pte = pte.unmap();
-    swap_sites(&mut pte, sites, w.written, dir)?;
+    swap_sites(&mut pte, sites, written, dir)?;
     let ev = rep.event(Step::RestoreBytes).addr(page_addr + rep.offset());
     hp.journal.record(ev.page(page.pfn(), 0).note(match dir {
         Dir::Reapply => "patched bytes written again (undo of a restore that could not finish)",
         Dir::Revert if page_addr == rep.addr & PAGE_MASK => "original bytes written back",
         Dir::Revert => "original bytes written back (text moved since PATCH)",
     }));
-    match zap {
-        Some(_) => Ok(Some(zap_cleared(hp, rep, vma, pte, page, page_addr))),
-        None => {
-            pte.remap_dirty();
-            Ok(None)
-        }
-    }
+    Ok((vma, pte))
 }
 
 /// Under the PT lock with the PTE cleared: if every site holds what it
@@ -309,11 +336,10 @@ fn zap_cleared(
     page: &PageRef,
     page_addr: usize,
 ) -> Restored {
-    let ev = |step| rep.event(step).addr(page_addr + rep.offset());
     let info = sys::vma_info(vma);
     let cache = sys::page_cache_page(vma, page_addr);
     let keep = keep_reason(&info, page, cache.as_ref(), &pte); // mutant: map-no-zap
-    zap_or_keep(hp, ev, pte, page, keep, cache, page_addr)
+    zap_or_keep(hp, rep, pte, page, keep, cache, page_addr)
 }
 
 /// Under the PT lock with the PTE cleared and the originals written: zap
@@ -321,7 +347,7 @@ fn zap_cleared(
 /// says why not.
 fn zap_or_keep(
     hp: &Hugepoke,
-    ev: impl Fn(Step) -> Event,
+    rep: &Site,
     pte: ClearedPte<'_>,
     page: &PageRef,
     keep: Option<&'static str>,
@@ -330,13 +356,9 @@ fn zap_or_keep(
 ) -> Restored {
     let (None, Some(c)) = (keep, cache) else {
         pte.remap_dirty();
-        hp.journal.record(
-            ev(Step::KeepAnonPage)
-                .page(page.pfn(), 0)
-                .note(keep.unwrap_or("")),
-        );
-        return Restored::kept(page_addr);
+        return kept(hp, rep, page_addr, page, keep.unwrap_or(""));
     };
+    let ev = |step| rep.event(step).addr(page_addr + rep.offset());
     hp.journal.record(ev(Step::ZapAnonPage).page(page.pfn(), 0).note(match pte.zap(page) {
         sys::SwapSlot::Freed => "PTE zapped, swap slot freed; page-cache page faults back in",
         sys::SwapSlot::Kept => "PTE zapped, page stays in the swap cache (locked elsewhere); page-cache page faults back in",

@@ -169,7 +169,7 @@ fn patch_locked(
         ));
     }
     drop(guard);
-    commit(hp, state, room, plan, who.handle);
+    commit(hp, state, room, plan);
     Ok(())
 }
 
@@ -223,20 +223,15 @@ fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Re
     Ok(())
 }
 
-/// Record the plan's sites under their handle.
+/// Record the plan's sites under their handle (each site carries it).
 fn commit(
     hp: &Hugepoke,
     state: &mut TargetState,
     room: Reserved<ARef<kernel::fs::File>>,
     plan: Plan,
-    handle: u64,
 ) {
     let first = &plan.sites[0];
-    let ev = Event::new(Step::Patched)
-        .pid(first.pid)
-        .addr(first.addr)
-        .handle(handle as u32)
-        .page(first.pfn, 0);
+    let ev = first.event(Step::Patched).page(first.pfn, 0);
     let mappable = plan.sites.iter().filter(|s| s.pmd_mappable).count();
     let note = match mappable {
         0 => "every site written; page-cache folio not PMD-mappable",

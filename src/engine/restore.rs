@@ -17,7 +17,7 @@ use kernel::{mm::MmWithUser, prelude::*, sync::Arc};
 use super::{
     locate::{locate_and_check, Located},
     outcome::{Refused, Restored},
-    page::{write_page, zap_page},
+    page::{restore_and_zap, write_page, zap_page},
     plan::{Dir, Outcome, PageState, PageWork, Written},
 };
 use crate::{
@@ -53,10 +53,14 @@ fn write_originals(
             continue;
         }
         let r = w.range.clone();
-        let zap = (only_page && last_on_page(&sites[r.clone()])).then_some(mm);
-        match write_page(hp, guard, &sites[r.clone()], w, Dir::Revert, zap) {
-            Ok(Some(restored)) => w.outcome = Outcome::Done(restored),
-            Ok(None) => w.outcome = Outcome::Written,
+        let written = if only_page && last_on_page(&sites[r.clone()]) {
+            restore_and_zap(hp, guard, mm, &sites[r.clone()], w)
+                .map(|z| z.map_or(Outcome::Written, Outcome::Done))
+        } else {
+            write_page(hp, guard, &sites[r.clone()], w, Dir::Revert).map(|()| Outcome::Written)
+        };
+        match written {
+            Ok(outcome) => w.outcome = outcome,
             Err(refused) => {
                 reapply(hp, guard, sites, done);
                 return Err((refused, r.start));
@@ -74,7 +78,7 @@ fn reapply(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, sites: &[Site], done: &mut
         .iter_mut()
         .filter(|w| matches!(w.outcome, Outcome::Written))
     {
-        if write_page(hp, guard, &sites[w.range.clone()], w, Dir::Reapply, None).is_ok() {
+        if write_page(hp, guard, &sites[w.range.clone()], w, Dir::Reapply).is_ok() {
             // mutant: restore-half-done
             w.outcome = Outcome::Untouched;
         }
