@@ -66,8 +66,9 @@ pub fn pmd_ranges(m: &Mapping) -> Result<Vec<u64>, String> {
 fn fs_name(pid: i32, m: &Mapping) -> String {
     let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
     let c = std::ffi::CString::new(path).unwrap();
-    // SAFETY: a valid C string and a zeroed statfs buffer of the right type.
+    // SAFETY: statfs is plain old data; all zeroes is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statfs buffer of the right type.
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
     if rc != 0 {
         return "unknown".into();

@@ -152,8 +152,9 @@ impl Shared {
     /// A fresh, zeroed state in a memfd that a child inherits (no
     /// close-on-exec); returns it and the descriptor.
     pub fn create() -> std::io::Result<(Self, i32)> {
-        // SAFETY: memfd_create with a static name; ftruncate of our own fd.
+        // SAFETY: memfd_create with a static name.
         let fd = unsafe { libc::memfd_create(c"hugepoke-check-state".as_ptr(), 0) };
+        // SAFETY: ftruncate of our own fd (or none, when fd < 0).
         if fd < 0 || unsafe { libc::ftruncate(fd, SIZE as libc::off_t) } != 0 {
             return Err(std::io::Error::last_os_error());
         }

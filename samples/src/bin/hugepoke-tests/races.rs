@@ -247,10 +247,8 @@ pub(crate) fn a_parked_patch_does_not_stall_other_targets() -> TestResult {
     let tid = worker.clone();
     std::thread::spawn(move || {
         // SAFETY: gettid has no preconditions.
-        tid.store(
-            unsafe { libc::gettid() },
-            std::sync::atomic::Ordering::SeqCst,
-        );
+        let me = unsafe { libc::gettid() };
+        tid.store(me, std::sync::atomic::Ordering::SeqCst);
         let work = || -> Result<String, String> {
             let dev = io(Device::open())?;
             let h = io(dev.patch(&req))?;
