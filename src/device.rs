@@ -16,9 +16,11 @@ use kernel::{
 };
 
 use crate::{
+    authority,
     engine::{self, Closing, Failure, Request},
     journal::{Event, Step},
     policy, sys,
+    target::Target,
     uapi::{self, BatchSite, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs},
     Hugepoke,
 };
@@ -194,21 +196,37 @@ impl Controller {
 
     fn restore(&self, user: UserSlice) -> Result {
         let hp = &self.hugepoke;
-        let args: RestoreArgs = user.reader().read().map_err(|e| {
-            hp.journal.fail(
-                Event::new(Step::Restore),
-                e,
-                "cannot read the RESTORE arguments",
-            )
-        })?;
+        let ev = Event::new(Step::Restore);
+        let args: RestoreArgs = user
+            .reader()
+            .read()
+            .map_err(|e| hp.journal.fail(ev, e, "cannot read the RESTORE arguments"))?;
         uapi::check_header(
             args.size,
             args.flags,
             core::mem::size_of::<RestoreArgs>(),
-            0,
+            uapi::RESTORE_FLAGS,
         )
-        .map_err(|why| hp.journal.fail(Event::new(Step::Restore), EINVAL, why))?;
+        .map_err(|why| hp.journal.fail(ev, EINVAL, why))?;
+        let ev = ev.handle(args.handle as u32);
+        self.authorize(args.handle, ev)?;
+        if args.flags & uapi::RESTORE_DROP != 0 {
+            authority::may_drop().map_err(|r| hp.journal.refuse(ev, r))?;
+            return engine::drop_handle(hp, args.handle);
+        }
         engine::restore(hp, args.handle)
+    }
+
+    /// May this caller RESTORE or QUERY `handle` (see `authority`)?  Its
+    /// target, if so.
+    fn authorize(&self, handle: u64, ev: Event) -> Result<Arc<Target>> {
+        let hp = &self.hugepoke;
+        let Some((owner, target)) = hp.registry.lock().handle(handle) else {
+            let why = "no such patch (unknown or already restored)";
+            return Err(hp.journal.fail(ev, ENOENT, why));
+        };
+        authority::may_undo(owner, self.id, &target).map_err(|r| hp.journal.refuse(ev, r))?;
+        Ok(target)
     }
 
     fn query(&self, user: UserSlice) -> Result {
@@ -227,11 +245,7 @@ impl Controller {
                 "no such patch (unknown or already restored)",
             )
         };
-        let target = hp
-            .registry
-            .lock()
-            .target_of(args.handle)
-            .ok_or_else(unknown)?;
+        let target = self.authorize(args.handle, ev.handle(args.handle as u32))?;
         {
             let state = target.state.lock();
             args.count = state.patches.count(args.handle);
@@ -248,11 +262,12 @@ impl Controller {
             } else {
                 uapi::STATE_LIVE
             };
-            args.pid = p.pid;
+            // The process PATCH found, as the caller's pid namespace sees it.
+            args.pid = target.pid.as_ref().map_or(0, |pid| pid.vnr());
             args.addr = p.addr as u64;
             args.len = p.len as u32;
             args.patch_flags = p.flags;
-            args.pfn = p.pfn as u64;
+            args.pfn = authority::shown_pfn(p.pfn);
             args.orig = p.orig;
             args.bytes = p.bytes;
         }

@@ -18,6 +18,7 @@ use kernel::{
     },
 };
 
+mod authority;
 mod collapse;
 mod device;
 mod engine;

@@ -74,7 +74,10 @@ pub(crate) fn check_vma(vma: &VmaInfo) -> Result<(), Refusal> {
         return Err(Refusal::new(EINVAL, "hugetlb, VM_IO or VM_PFNMAP mapping"));
     }
     if !vma.file_backed() {
-        return Err(Refusal::new(EINVAL, "not a file-backed mapping"));
+        return Err(Refusal::new(
+            EINVAL,
+            "not a file-backed mapping (anonymous, or private /dev/zero)",
+        ));
     }
     if has(vma, SHARED) {
         return Err(Refusal::new(

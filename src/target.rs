@@ -47,6 +47,11 @@ pub(crate) struct Target {
     /// The target's address space, by `mm_count` only: it does not keep
     /// the process's memory alive.
     pub(crate) mm: ARef<Mm>,
+    /// The process the first PATCH found with this mm (its thread group):
+    /// QUERY's pid in the caller's namespace, and whom a caller must be
+    /// allowed to ptrace to RESTORE a patch it does not own.  None if it
+    /// was being reaped.
+    pub(crate) pid: Option<sys::PidRef>,
     #[pin]
     pub(crate) state: Mutex<TargetState>,
     _live: Live,
@@ -62,17 +67,18 @@ pub(crate) struct TargetState {
 }
 
 impl Target {
-    pub(crate) fn new(mm: &Mm) -> Result<Arc<Self>> {
+    pub(crate) fn new(mm: &Mm, pid: Option<sys::PidRef>) -> Result<Arc<Self>> {
         Arc::pin_init(
             pin_init!(Self {
                 mm: ARef::from(mm),
+                pid,
                 state <- new_mutex!(
                     TargetState { patches: Patches::new(), pending_collapses: KVec::new(), retired: false },
                     "hugepoke_target"
                 ),
                 _live: Live::new(&live::TARGETS),
             }),
-            GFP_KERNEL,
+            GFP_KERNEL_ACCOUNT,
         )
     }
 
@@ -134,16 +140,16 @@ impl Registry {
         }
     }
 
-    /// The target for `mm`, made if there is none.
-    pub(crate) fn target_for(&mut self, mm: &Mm) -> Result<Arc<Target>> {
+    /// The target for `mm` (of `process`), made if there is none.
+    pub(crate) fn target_for(&mut self, mm: &Mm, process: &sys::Process) -> Result<Arc<Target>> {
         let id = sys::mm_id(mm);
         if let Some(t) = self.targets.get(&id) {
             return Ok(t.clone());
         }
-        let t = Target::new(mm)?;
+        let t = Target::new(mm, process.tgid_pid())?;
         let node = self
             .targets
-            .try_create_and_insert(id, t.clone(), GFP_KERNEL); // mutant: leak-target
+            .try_create_and_insert(id, t.clone(), GFP_KERNEL_ACCOUNT); // mutant: leak-target
         node?;
         Ok(t)
     }
@@ -152,13 +158,16 @@ impl Registry {
     /// made (so that recording cannot fail after the bytes are written).
     pub(crate) fn new_handle(&mut self, target: &Arc<Target>, owner: Owner) -> Result<u64> {
         let handle = self.next_handle;
-        let handle_node = RBTreeNode::new(handle, (owner, target.clone()), GFP_KERNEL)?;
+        let handle_node = RBTreeNode::new(handle, (owner, target.clone()), GFP_KERNEL_ACCOUNT)?;
         if let Some(o) = owner {
             let key = (o, target_key(target));
             match self.owner_targets.entry(key) {
                 Entry::Occupied(mut e) => e.get_mut().0 += 1,
                 Entry::Vacant(e) => {
-                    e.insert((1, target.clone()), RBTreeNodeReservation::new(GFP_KERNEL)?);
+                    e.insert(
+                        (1, target.clone()),
+                        RBTreeNodeReservation::new(GFP_KERNEL_ACCOUNT)?,
+                    );
                 }
             }
         }
@@ -169,6 +178,11 @@ impl Registry {
 
     pub(crate) fn target_of(&self, handle: u64) -> Option<Arc<Target>> {
         self.handles.get(&handle).map(|(_, t)| t.clone())
+    }
+
+    /// The owner (None: persistent) and the target of `handle`.
+    pub(crate) fn handle(&self, handle: u64) -> Option<(Owner, Arc<Target>)> {
+        self.handles.get(&handle).map(|(o, t)| (*o, t.clone()))
     }
 
     /// `owner` has one handle fewer on `target`; returns the reference to

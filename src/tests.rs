@@ -532,6 +532,40 @@ mod hugepoke {
         assert!(refused(VM_READ as usize, "exec"));
     }
 
+    /// PATCH_BATCH's header checks, before any site is read: size, flags
+    /// (a site's own flag is no batch flag), count 1 to 4096.
+    #[test]
+    fn batch_arguments_are_checked_before_the_sites() {
+        use crate::policy::check_batch_args;
+        use crate::uapi::{PatchBatchArgs, PATCH_EXPECT, PATCH_OVER_CHANGED, PATCH_PERSIST};
+        let ok = PatchBatchArgs {
+            size: core::mem::size_of::<PatchBatchArgs>() as u32,
+            flags: PATCH_PERSIST | PATCH_OVER_CHANGED,
+            count: 1,
+            ..Default::default()
+        };
+        let refused = |a: PatchBatchArgs, word: &str| matches!(check_batch_args(&a), Err(r) if r.errno == EINVAL && r.why.contains(word));
+        assert!(check_batch_args(&ok).is_ok());
+        assert!(check_batch_args(&PatchBatchArgs { count: 4096, ..ok }).is_ok());
+        assert!(refused(PatchBatchArgs { count: 0, ..ok }, "1 to 4096"));
+        assert!(refused(PatchBatchArgs { count: 4097, ..ok }, "1 to 4096"));
+        assert!(refused(PatchBatchArgs { size: 32, ..ok }, "struct size"));
+        assert!(refused(
+            PatchBatchArgs {
+                flags: PATCH_EXPECT,
+                ..ok
+            },
+            "flag bits"
+        ));
+        assert!(refused(
+            PatchBatchArgs {
+                flags: 1 << 9,
+                ..ok
+            },
+            "flag bits"
+        ));
+    }
+
     #[test]
     fn step_names_are_unique() {
         for (i, a) in Step::ALL.iter().enumerate() {

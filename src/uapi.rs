@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! hugepoke's ioctl ABI, version 2 (version 1 had no PATCH_BATCH, and
-//! QUERY had no `index`/`count`).
+//! hugepoke's ioctl ABI, version 3 (version 1 had no PATCH_BATCH, and
+//! QUERY had no `index`/`count`; version 2 had no `PATCH_OVER_CHANGED`
+//! and no `RESTORE_DROP`, and let any opener RESTORE and QUERY any handle).
 //!
 //! This file is shared verbatim by the module and by `samples/` (the CLI and
 //! tests), so it uses nothing but `core`.  `include/uapi/hugepoke.h` is the
@@ -12,7 +13,7 @@
 
 /// The ABI version this file describes (debugfs `abi` says which one the
 /// loaded module speaks).
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Most bytes one PATCH may write.
 pub const MAX_BYTES: usize = 16;
@@ -30,9 +31,13 @@ pub const PATCH_EXPECT: u32 = 1 << 1;
 /// PATCH: when RESTORE collapses the range, install the PMD right away
 /// instead of retracting the page table and letting the next fault map it.
 pub const PATCH_INSTALL_PMD: u32 = 1 << 2;
-pub const PATCH_FLAGS: u32 = PATCH_PERSIST | PATCH_EXPECT | PATCH_INSTALL_PMD;
+/// PATCH: write even over bytes that differ from the file's own (another
+/// tool's breakpoint or patch), and record them as the originals RESTORE
+/// puts back.  Without it such a site is refused with EBUSY.
+pub const PATCH_OVER_CHANGED: u32 = 1 << 3;
+pub const PATCH_FLAGS: u32 = PATCH_PERSIST | PATCH_EXPECT | PATCH_INSTALL_PMD | PATCH_OVER_CHANGED;
 /// The flags of a whole batch (`PATCH_EXPECT` is per site).
-pub const BATCH_FLAGS: u32 = PATCH_PERSIST | PATCH_INSTALL_PMD;
+pub const BATCH_FLAGS: u32 = PATCH_PERSIST | PATCH_INSTALL_PMD | PATCH_OVER_CHANGED;
 /// The flags of one batch site.
 pub const SITE_FLAGS: u32 = PATCH_EXPECT;
 
@@ -101,12 +106,18 @@ pub struct PatchBatchArgs {
     pub error: i32,
 }
 
+/// RESTORE: forget the handle without writing anything (CAP_SYS_ADMIN):
+/// for a patch that cannot be restored.  The target keeps whatever its
+/// copies hold, and their ranges stay PTE-mapped.
+pub const RESTORE_DROP: u32 = 1 << 0;
+pub const RESTORE_FLAGS: u32 = RESTORE_DROP;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RestoreArgs {
     /// In: `size_of::<RestoreArgs>()`.
     pub size: u32,
-    /// In: 0; no flags are defined.
+    /// In: `RESTORE_*`.
     pub flags: u32,
     /// In: a handle from PATCH.
     pub handle: u64,
@@ -130,7 +141,8 @@ pub struct QueryArgs {
     pub len: u32,
     /// Out: the `PATCH_*` flags the patch was made with.
     pub patch_flags: u32,
-    /// Out: PFN of the anonymous page that holds the patch.
+    /// Out: PFN of the anonymous page that holds the patch (0 unless the
+    /// caller has CAP_SYS_ADMIN).
     pub pfn: u64,
     /// Out: the bytes that were there before, and the bytes written.
     pub orig: [u8; MAX_BYTES],

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
 /*
- * hugepoke ioctl ABI, version 2 — the C view of src/uapi.rs.
+ * hugepoke ioctl ABI, version 3 — the C view of src/uapi.rs.
  * See Documentation/abi.md.
  */
 #ifndef _UAPI_HUGEPOKE_H
@@ -9,7 +9,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define HUGEPOKE_ABI_VERSION 2
+#define HUGEPOKE_ABI_VERSION 3
 #define HUGEPOKE_MAX_BYTES 16
 #define HUGEPOKE_MAX_BATCH 4096
 #define HUGEPOKE_NO_SITE 0xffffffffU
@@ -17,6 +17,9 @@
 #define HUGEPOKE_PATCH_PERSIST     (1U << 0)
 #define HUGEPOKE_PATCH_EXPECT      (1U << 1)
 #define HUGEPOKE_PATCH_INSTALL_PMD (1U << 2)
+#define HUGEPOKE_PATCH_OVER_CHANGED (1U << 3)
+
+#define HUGEPOKE_RESTORE_DROP (1U << 0)
 
 #define HUGEPOKE_STATE_LIVE 1
 #define HUGEPOKE_STATE_GONE 2
@@ -42,7 +45,7 @@ struct hugepoke_batch_site {
 
 struct hugepoke_patch_batch {
 	__u32 size;		/* in: sizeof(struct hugepoke_patch_batch) */
-	__u32 flags;		/* in: HUGEPOKE_PATCH_PERSIST, _INSTALL_PMD */
+	__u32 flags;		/* in: HUGEPOKE_PATCH_PERSIST, _INSTALL_PMD, _OVER_CHANGED */
 	__s32 pid;		/* in: target, in the caller's pid namespace */
 	__u32 count;		/* in: 1..HUGEPOKE_MAX_BATCH */
 	__u64 sites;		/* in: pointer to count struct hugepoke_batch_site */
@@ -54,7 +57,7 @@ struct hugepoke_patch_batch {
 
 struct hugepoke_restore {
 	__u32 size;		/* in: sizeof(struct hugepoke_restore) */
-	__u32 flags;		/* in: 0 */
+	__u32 flags;		/* in: HUGEPOKE_RESTORE_DROP or 0 */
 	__u64 handle;		/* in */
 };
 
@@ -67,7 +70,8 @@ struct hugepoke_query {
 	__u64 addr;		/* out */
 	__u32 len;		/* out */
 	__u32 patch_flags;	/* out */
-	__u64 pfn;		/* out: the anonymous page holding the patch */
+	__u64 pfn;		/* out: the anonymous page holding the patch
+				 * (0 without CAP_SYS_ADMIN) */
 	__u8 orig[HUGEPOKE_MAX_BYTES];	/* out: bytes before the patch */
 	__u8 bytes[HUGEPOKE_MAX_BYTES];	/* out: bytes written */
 	__u32 index;		/* in: the handle's Nth live site, 0..count */

@@ -16,6 +16,8 @@ pub struct PatchRequest {
     pub expect: Option<Vec<u8>>,
     pub persist: bool,
     pub install_pmd: bool,
+    /// Patch even over bytes that differ from the file's (`PATCH_OVER_CHANGED`).
+    pub over_changed: bool,
 }
 
 impl PatchRequest {
@@ -41,6 +43,9 @@ impl PatchRequest {
         }
         if self.install_pmd {
             a.flags |= uapi::PATCH_INSTALL_PMD;
+        }
+        if self.over_changed {
+            a.flags |= uapi::PATCH_OVER_CHANGED;
         }
         a
     }
@@ -166,15 +171,15 @@ impl Device {
     }
 
     /// Patch `sites` in `pid`, all or none: with PATCH when `batch` is
-    /// false (then `sites` is one site), else with one PATCH_BATCH.  A
-    /// refused PATCH blames no site and keeps nothing.
+    /// false (then `sites` is one site), else with one PATCH_BATCH.  `flags`
+    /// are `BATCH_FLAGS` bits.  A refused PATCH blames no site and keeps
+    /// nothing.
     pub fn patch_sites(
         &self,
         pid: i32,
         sites: &[Site],
         batch: bool,
-        persist: bool,
-        install_pmd: bool,
+        flags: u32,
     ) -> Result<u64, BatchError> {
         if !batch {
             let req = PatchRequest {
@@ -182,8 +187,9 @@ impl Device {
                 addr: sites[0].addr,
                 bytes: sites[0].bytes.clone(),
                 expect: sites[0].expect.clone(),
-                persist,
-                install_pmd,
+                persist: flags & uapi::PATCH_PERSIST != 0,
+                install_pmd: flags & uapi::PATCH_INSTALL_PMD != 0,
+                over_changed: flags & uapi::PATCH_OVER_CHANGED != 0,
             };
             return self.patch(&req).map_err(|error| BatchError {
                 error,
@@ -195,20 +201,19 @@ impl Device {
             .iter()
             .map(|s| batch_site(s.addr, &s.bytes, s.expect.as_deref()))
             .collect();
-        let mut flags = 0;
-        if persist {
-            flags |= uapi::PATCH_PERSIST;
-        }
-        if install_pmd {
-            flags |= uapi::PATCH_INSTALL_PMD;
-        }
         self.patch_batch(pid, &batch, flags)
     }
 
     pub fn restore(&self, handle: u64) -> io::Result<()> {
+        self.restore_flags(handle, 0)
+    }
+
+    /// RESTORE with `RESTORE_*` flags (`RESTORE_DROP`: forget the handle,
+    /// write nothing; CAP_SYS_ADMIN).
+    pub fn restore_flags(&self, handle: u64, flags: u32) -> io::Result<()> {
         let mut a = RestoreArgs {
             size: std::mem::size_of::<RestoreArgs>() as u32,
-            flags: 0,
+            flags,
             handle,
         };
         self.ioctl(uapi::IOCTL_RESTORE, &mut a)

@@ -125,7 +125,8 @@ impl<'a> Seen<'a> {
     fn verdict(self) -> Result<(&'a VmaRef, usize, PageRef), Refused> {
         match self.best {
             Some((rank, vma, page_addr, page)) if rank > 1 || self.copies == 1 => {
-                return Ok((vma, page_addr, page))
+                // mutant: copies-guessed
+                return Ok((vma, page_addr, page));
             }
             Some(_) => {
                 let why = "several private copies of the file page, none with the page or at the address PATCH wrote; nothing written";
@@ -285,7 +286,8 @@ fn fault_writable(
 }
 
 /// A look before the write (the write checks again under the PT lock):
-/// every site of the page holds the bytes PATCH wrote.
+/// every site of the page holds the bytes PATCH wrote, or already the
+/// originals.
 fn check_patched(
     hp: &Hugepoke,
     sites: &[Site],
@@ -293,11 +295,12 @@ fn check_patched(
     page: &PageRef,
 ) -> Result<(), (Refused, usize)> {
     for (k, s) in sites.iter().enumerate() {
-        let (patched, _) = swap_bytes(s, written, Dir::Revert);
+        let (patched, orig) = swap_bytes(s, written, Dir::Revert);
         let mut now = [0u8; MAX_BYTES];
         page.read(s.offset(), &mut now[..s.len]);
-        if now[..s.len] != *patched {
-            // mutant: no-byte-check restore-half-done/2 zap-before-all-written/2
+        // (Another tool may have put the originals back: nothing to write.)
+        if now[..s.len] != *patched && now[..s.len] != *orig {
+            // mutant: no-byte-check restore-half-done/2 zap-before-all-written/2 restore-refuses-originals
             let ev = s.event(Step::RestoreBytes);
             let why = "this site's bytes are not the ones PATCH wrote";
             hp.journal

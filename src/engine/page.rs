@@ -20,7 +20,7 @@ use crate::{
     patches::Site,
     refusal::Refusal,
     sys::{self, CacheRef, ClearedPte, Mapping, MmapWriteGuard, PageRef, VmaInfo, PAGE_MASK},
-    uapi::MAX_BYTES,
+    uapi::{self, MAX_BYTES},
     Hugepoke,
 };
 
@@ -28,10 +28,40 @@ use crate::{
 pub(crate) enum WriteError {
     /// Failed, journaled; the page is as it was.
     Failed(Error),
-    /// The bytes read under the PT lock were not the expected ones at
-    /// site `.0` of the page; the page (`.1`) was COWed, nothing written
-    /// (`orig` of every site holds what is there).
-    NotExpected(usize, PageRef),
+    /// The bytes read under the PT lock at site `.0` of the page were not
+    /// the ones they had to be (`.2` says which); the page (`.1`) was
+    /// COWed, nothing written (`orig` of every site holds what is there).
+    NotExpected(usize, PageRef, Mismatch),
+}
+
+/// What the bytes PATCH would replace were not.
+#[derive(Clone, Copy)]
+pub(crate) enum Mismatch {
+    /// The caller's expected bytes.
+    Expected,
+    /// The file's own bytes: another tool changed them.
+    Changed,
+    /// No uptodate page-cache page to compare them with.
+    NoFilePage,
+}
+
+impl Mismatch {
+    pub(crate) fn refusal(self) -> Refusal {
+        match self {
+            Mismatch::Expected => Refusal::new(
+                sys::eilseq(),
+                "bytes at the address are not the expected ones (under the page-table lock)",
+            ),
+            Mismatch::Changed => Refusal::new(
+                EBUSY,
+                "these bytes were changed by another tool (they differ from the file's: a debugger's or a uprobe's breakpoint?); nothing written (PATCH_OVER_CHANGED writes over them)",
+            ),
+            Mismatch::NoFilePage => Refusal::new(
+                EAGAIN,
+                "the file's own page is not in the page cache to compare these bytes with; nothing written, try again",
+            ),
+        }
+    }
 }
 
 /// Split the PMD and break COW at `page_addr`: GUP with `FOLL_FORCE |
@@ -50,7 +80,8 @@ fn cow_page(
     })?;
     if let Some(before) = before {
         // FOLL_SPLIT_PMD split only the PMD: the THP stays whole in the
-        // page cache, now mapped by 512 PTEs (one of them ours).
+        // page cache.  (For a file VMA the split zaps the PMD: the range is
+        // PTE-mapped from now on, its pages faulted back in one by one.)
         hp.journal.record(match before {
             Mapping::Pmd(pfn) => ev(Step::SplitPmd)
                 .page(pfn & !(sys::PMD_PAGES - 1), sys::PMD_ORDER)
@@ -95,10 +126,14 @@ pub(crate) fn write_patch(
     let ev = |step| Event::new(step).pid(pid).addr(addr);
     let page_addr = addr & PAGE_MASK;
     let mut before = Some(sys::mapping_of(vma, page_addr));
+    let check_file = sites[0].flags & uapi::PATCH_OVER_CHANGED == 0; // mutant: over-changed-bytes
     for _ in 0..MAX_TRIES {
         let page =
             cow_page(hp, guard, &ev, page_addr, before.take()).map_err(WriteError::Failed)?;
         let Some(page) = page else { continue };
+        // The file's own bytes, to compare the ones we replace with (a
+        // lookup that never sleeps; the PT lock is not held yet).
+        let file = check_file.then(|| sys::page_cache_page(vma, page_addr));
         let Some(pte) = sys::lock_pte(vma, page_addr, &page) else {
             hp.journal
                 .record(ev(Step::WriteBytes).error(EAGAIN, "PTE changed after GUP; retrying"));
@@ -124,9 +159,9 @@ pub(crate) fn write_patch(
         // a reference taken earlier — /proc/PID/mem's kmap — is excluded by
         // the mmap lock, which we hold for writing.)
         let mut pte = pte.unmap();
-        if let Some(k) = swap_expected(&mut pte, sites, expects, page.pfn()) {
+        if let Some((k, m)) = swap_expected(&mut pte, sites, expects, file, page.pfn()) {
             drop(pte);
-            return Err(WriteError::NotExpected(k, page));
+            return Err(WriteError::NotExpected(k, page, m));
         }
         pte.remap_dirty();
         hp.journal
@@ -141,14 +176,16 @@ pub(crate) fn write_patch(
 }
 
 /// Under the PT lock, PTE cleared: read every site's `orig`, and if each
-/// is the expected bytes (where a site has some), write every site's
-/// bytes.  The first site that was not as expected, else None.
+/// is the expected bytes (where a site has some) and, when `file` is
+/// given, the file's own bytes, write every site's bytes.  The first site
+/// that was not as it had to be, and how, else None.
 fn swap_expected(
     pte: &mut ClearedPte<'_>,
     sites: &mut [Site],
     expects: &[Option<[u8; MAX_BYTES]>],
+    file: Option<Option<CacheRef>>,
     pfn: usize,
-) -> Option<usize> {
+) -> Option<(usize, Mismatch)> {
     for site in sites.iter_mut() {
         pte.read(site.offset(), &mut site.orig[..site.len]);
         site.pfn = pfn;
@@ -156,13 +193,33 @@ fn swap_expected(
     let mismatch = sites
         .iter()
         .zip(expects)
-        .position(|(s, e)| not_expected(s, e));
+        .position(|(s, e)| not_expected(s, e))
+        .map(|k| (k, Mismatch::Expected))
+        .or_else(|| file.and_then(|f| changed(sites, f.as_ref())));
     if mismatch.is_none() {
         for site in sites.iter() {
             pte.write(site.offset(), &site.bytes[..site.len]);
         }
     }
     mismatch
+}
+
+/// The first site whose `orig` (read under the lock) is not the file's
+/// own bytes: another tool's breakpoint or patch, which RESTORE would
+/// later put back after that tool took it away (uprobes never installs
+/// over a breakpoint, and restores the file's instruction).
+fn changed(sites: &[Site], file: Option<&CacheRef>) -> Option<(usize, Mismatch)> {
+    let Some(file) = file.filter(|c| c.uptodate()) else {
+        return Some((0, Mismatch::NoFilePage));
+    };
+    sites
+        .iter()
+        .position(|s| {
+            let mut theirs = [0u8; MAX_BYTES];
+            file.read(s.offset(), &mut theirs[..s.len]);
+            theirs[..s.len] != s.orig[..s.len]
+        })
+        .map(|k| (k, Mismatch::Changed))
 }
 
 /// Does site `s`, as read under the lock, differ from what it was
@@ -237,10 +294,14 @@ fn write_locked<'a>(
         return Err(Refused::Kept(Refusal::new(EAGAIN, why)));
     }
     let mut pte = pte.unmap();
-    swap_sites(&mut pte, sites, written, dir)?;
+    let already = swap_sites(&mut pte, sites, written, dir)?;
     let ev = rep.event(Step::RestoreBytes).addr(page_addr + rep.offset());
     hp.journal.record(ev.page(page.pfn(), 0).note(match dir {
         Dir::Reapply => "patched bytes written again (undo of a restore that could not finish)",
+        Dir::Revert if already == sites.len() => {
+            "the original bytes were already there (another tool put them back?); nothing written"
+        }
+        Dir::Revert if already != 0 => "original bytes written back where they were not already",
         Dir::Revert if page_addr == rep.addr & PAGE_MASK => "original bytes written back",
         Dir::Revert => "original bytes written back (text moved since PATCH)",
     }));
@@ -248,18 +309,24 @@ fn write_locked<'a>(
 }
 
 /// Under the PT lock with the PTE cleared: if every site holds what it
-/// should now (for `dir`), write the other bytes; else write nothing.
+/// should now (for `dir`), or, restoring, already the originals, write
+/// the other bytes where they are not; else write nothing.  How many
+/// sites of a RESTORE held their originals already.
 fn swap_sites(
     pte: &mut ClearedPte<'_>,
     sites: &[Site],
     written: Written,
     dir: Dir,
-) -> Result<(), Refused> {
+) -> Result<usize, Refused> {
+    let mut already = 0;
     for s in sites {
-        let (now_there, _) = swap_bytes(s, written, dir);
+        let (now_there, new) = swap_bytes(s, written, dir);
         let mut now = [0u8; MAX_BYTES];
         pte.read(s.offset(), &mut now[..s.len]);
-        if now[..s.len] != *now_there {
+        if dir == Dir::Revert && written == Written::Bytes && now[..s.len] == *new {
+            // mutant: restore-refuses-originals/2
+            already += 1;
+        } else if now[..s.len] != *now_there {
             // mutant: no-byte-check/2
             let why = "bytes at a site changed while it was restored; nothing left written";
             return Err(Refused::Kept(Refusal::new(sys::eilseq(), why)));
@@ -268,7 +335,7 @@ fn swap_sites(
     for s in sites {
         pte.write(s.offset(), swap_bytes(s, written, dir).1);
     }
-    Ok(())
+    Ok(already)
 }
 
 /// What a zap needs before the PT lock is taken: a swap-out in flight
@@ -391,6 +458,9 @@ fn keep_reason(
         Some("userfaultfd missing mode is armed")
     } else if info.uffd_wp {
         Some("userfaultfd write-protect is registered: zapping would drop the wp bit")
+    } else if info.uffd_armed {
+        // mutant: uffd-minor-zapped
+        Some("userfaultfd minor mode is registered: the next fetch would wait for its monitor")
     } else if page.unexpected_refs() != 0 {
         // mutant: no-unexpected-ref-check
         Some("page has unexpected references (pinned or in a pipe)")
@@ -398,7 +468,10 @@ fn keep_reason(
         match cache {
             None => Some("no page-cache page to fault back in"),
             Some(c) if !c.uptodate() => Some("page-cache page is not uptodate"),
-            Some(c) if !pte.identical_to(c) => Some("page differs from the page-cache page"),
+            Some(c) if !pte.identical_to(c) => {
+                // mutant: identical-always
+                Some("page differs from the page-cache page")
+            }
             Some(_) => None,
         }
     }

@@ -42,13 +42,14 @@ pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, req: &Request<'_>) -> Result
     let ev = Event::new(Step::Patch).pid(req.pid);
     hp.journal.record(ev.addr(req.sites[0].addr as usize));
     let order = check_sites(hp, req)?;
-    let (mm, pid) = resolve_target(hp, req.pid, req.sites[0].addr as usize)?;
+    let (mm, process) = resolve_target(hp, req.pid, req.sites[0].addr as usize)?;
+    let pid = process.tgid();
     let owner: Owner = if req.flags & uapi::PATCH_PERSIST != 0 {
         None
     } else {
         Some(owner)
     };
-    with_new_handle(hp, &mm, owner, ev, |target, state, handle| {
+    with_new_handle(hp, &mm, &process, owner, ev, |target, state, handle| {
         let who = Identity { handle, owner, pid };
         patch_locked(hp, target, state, &mm, req, &order, &who)
     })
@@ -56,8 +57,12 @@ pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, req: &Request<'_>) -> Result
 
 /// pid → task → mm, with the ptrace check made under the target's
 /// exec_update_lock (no execve() can come in between).  Returns the mm and
-/// the target's tgid.
-fn resolve_target(hp: &Hugepoke, pid: i32, addr: usize) -> Result<(ARef<MmWithUserAsync>, i32)> {
+/// the process.
+fn resolve_target(
+    hp: &Hugepoke,
+    pid: i32,
+    addr: usize,
+) -> Result<(ARef<MmWithUserAsync>, Process)> {
     let ev = || Event::new(Step::ResolveTarget).pid(pid).addr(addr);
     let process =
         Process::find(pid).ok_or_else(|| hp.journal.fail(ev(), ESRCH, "no such process"))?;
@@ -76,7 +81,7 @@ fn resolve_target(hp: &Hugepoke, pid: i32, addr: usize) -> Result<(ARef<MmWithUs
     })?;
     hp.journal.record(ev());
     hp.pauses.at(Point::Resolved, pid, &hp.journal); // mutant: exec-recheck-mm
-    Ok((mm, process.tgid()))
+    Ok((mm, process))
 }
 
 /// Run `make` with a new handle for `owner` and the target of `mm` locked.
@@ -86,6 +91,7 @@ fn resolve_target(hp: &Hugepoke, pid: i32, addr: usize) -> Result<(ARef<MmWithUs
 fn with_new_handle(
     hp: &Arc<Hugepoke>,
     mm: &Mm,
+    process: &Process,
     owner: Owner,
     ev: Event,
     mut make: impl FnMut(&Arc<Target>, &mut TargetState, u64) -> Result<(), Failure>,
@@ -97,7 +103,7 @@ fn with_new_handle(
                 return Err(hp.journal.fail(ev, ENODEV, "module is unloading").into());
             }
             let nomem = |_| hp.journal.fail(ev, ENOMEM, "no memory to record a patch");
-            let target = registry.target_for(mm).map_err(nomem)?;
+            let target = registry.target_for(mm, process).map_err(nomem)?;
             (
                 target.clone(),
                 registry.new_handle(&target, owner).map_err(nomem)?,
@@ -205,14 +211,12 @@ fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Re
                 w.written = Written::Bytes;
             }
             Err(WriteError::Failed(e)) => return Err(Failure::at(e, blame)),
-            Err(WriteError::NotExpected(k, page)) => {
+            Err(WriteError::NotExpected(k, page, mismatch)) => {
                 let site = &plan.sites[r.start + k];
                 let ev = Event::new(Step::CheckExpected)
                     .pid(site.pid)
                     .addr(site.addr);
-                let why =
-                    "bytes at the address are not the expected ones (under the page-table lock)";
-                let failure = Failure::at(hp.journal.fail(ev, sys::eilseq(), why), site.index);
+                let failure = Failure::at(hp.journal.refuse(ev, mismatch.refusal()), site.index);
                 // COWed but not written: an undo gives the copy back.
                 w.state = PageState::Found(page_addr, page);
                 w.written = Written::Cowed;

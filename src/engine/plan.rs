@@ -209,7 +209,8 @@ impl Plan {
     /// some site has them: nothing is allocated once sites are added.
     fn with_capacity(n: usize, expects: bool) -> Result<Self> {
         Ok(Self {
-            sites: KVVec::with_capacity(n, GFP_KERNEL)?,
+            // (The table keeps this vector: charged to the caller.)
+            sites: KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?,
             expects: Expects(match expects {
                 true => Some(Few::with_capacity(n, GFP_KERNEL)?),
                 false => None,

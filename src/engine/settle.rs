@@ -26,16 +26,66 @@ use crate::{
     Hugepoke,
 };
 
-/// RESTORE `handle` (any opener may restore any patch).
+/// RESTORE `handle` (who may is `authority`'s to say).
 pub(crate) fn restore(hp: &Arc<Hugepoke>, handle: u64) -> Result {
-    let unknown = || {
-        let ev = Event::new(Step::Restore).handle(handle as u32);
-        hp.journal
-            .fail(ev, ENOENT, "no such patch (unknown or already restored)")
-    };
-    let target = hp.registry.lock().target_of(handle).ok_or_else(unknown)?;
+    let target = hp
+        .registry
+        .lock()
+        .target_of(handle)
+        .ok_or_else(|| unknown(hp, handle))?;
     let mut state = target.state.lock();
-    restore_handle(hp, &target, &mut state, handle, Closing::No).unwrap_or_else(|| Err(unknown()))
+    restore_handle(hp, &target, &mut state, handle, Closing::No)
+        .unwrap_or_else(|| Err(unknown(hp, handle)))
+}
+
+fn unknown(hp: &Hugepoke, handle: u64) -> Error {
+    let ev = Event::new(Step::Restore).handle(handle as u32);
+    hp.journal
+        .fail(ev, ENOENT, "no such patch (unknown or already restored)")
+}
+
+/// RESTORE_DROP: forget `handle` without looking at or writing into its
+/// target, for a patch RESTORE cannot give back.  Whatever the target's
+/// copies hold stays, and their ranges stay PTE-mapped.
+pub(crate) fn drop_handle(hp: &Arc<Hugepoke>, handle: u64) -> Result {
+    let target = hp
+        .registry
+        .lock()
+        .target_of(handle)
+        .ok_or_else(|| unknown(hp, handle))?;
+    let mut state = target.state.lock();
+    if state.patches.count(handle) == 0 {
+        return Err(unknown(hp, handle));
+    }
+    let listed = state
+        .patches
+        .sites_of(handle)
+        .and_then(|sites| Ok((plan::pages_of(&sites, Written::Bytes)?, sites)));
+    let Ok((pages, sites)) = listed else {
+        let ev = Event::new(Step::Restore).handle(handle as u32);
+        return Err(hp
+            .journal
+            .fail(ev, ENOMEM, "no memory to list the patch's sites"));
+    };
+    let ev = |step| sites[0].event(step);
+    let forgotten = forget(hp, &ev, &mut state, handle, &sites, &pages, true);
+    let verdict = Verdict {
+        result: Ok(()),
+        forget_all: true,
+        settled: Some(
+            "dropped without restoring (RESTORE_DROP): the target keeps what its copies hold",
+        ),
+    };
+    finish(
+        hp,
+        &target,
+        &mut state,
+        handle,
+        verdict,
+        &ev(Step::Restored),
+    );
+    drop(forgotten);
+    Ok(())
 }
 
 /// How a RESTORE of a handle ended, for the table and the journal.
@@ -127,6 +177,7 @@ fn finish(
 /// A patch kept when its file closed must not stay owned by that file.
 fn keep_if_closing(hp: &Hugepoke, state: &mut TargetState, handle: u64, closing: Closing) {
     if closing == Closing::File {
+        // mutant: close-refused-stays-owned
         state.patches.disown(handle);
         drop(hp.registry.lock().disown(handle));
     }

@@ -81,24 +81,27 @@ impl<F> Patches<F> {
         let (mut rooms, mut ranges) = (KVVec::new(), KVVec::new());
         for (key, n) in pages {
             if let Some(page) = self.pages.get_mut(&key) {
-                page.slots.reserve(n, GFP_KERNEL)?;
+                page.slots.reserve(n, GFP_KERNEL_ACCOUNT)?;
                 continue;
             }
             rooms.push(
                 Some(PageRoom {
                     key,
-                    node: RBTreeNodeReservation::new(GFP_KERNEL)?,
-                    slots: KVVec::with_capacity(n, GFP_KERNEL)?,
+                    node: RBTreeNodeReservation::new(GFP_KERNEL_ACCOUNT)?,
+                    slots: KVVec::with_capacity(n, GFP_KERNEL_ACCOUNT)?,
                 }),
-                GFP_KERNEL,
+                GFP_KERNEL_ACCOUNT,
             )?;
-            ranges.push(RBTreeNodeReservation::new(GFP_KERNEL)?, GFP_KERNEL)?;
+            ranges.push(
+                RBTreeNodeReservation::new(GFP_KERNEL_ACCOUNT)?,
+                GFP_KERNEL_ACCOUNT,
+            )?;
         }
         let mut forgotten = KVVec::new();
-        forgotten.extend_with(count.div_ceil(64), 0, GFP_KERNEL)?;
+        forgotten.extend_with(count.div_ceil(64), 0, GFP_KERNEL_ACCOUNT)?;
         Ok(Reserved {
-            handle: RBTreeNodeReservation::new(GFP_KERNEL)?,
-            owned: RBTreeNodeReservation::new(GFP_KERNEL)?,
+            handle: RBTreeNodeReservation::new(GFP_KERNEL_ACCOUNT)?,
+            owned: RBTreeNodeReservation::new(GFP_KERNEL_ACCOUNT)?,
             forgotten,
             pages: rooms,
             ranges,

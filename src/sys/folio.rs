@@ -217,6 +217,12 @@ impl CacheRef {
         unsafe { hugepoke_folio_uptodate(self.folio.as_ptr()) }
     }
 
+    /// Copy `out.len()` bytes of the page at `offset` into `out`.
+    pub(crate) fn read(&self, offset: usize, out: &mut [u8]) {
+        // SAFETY: by the type invariant we hold a reference on the page.
+        unsafe { read_page(self.page, offset, out) }
+    }
+
     pub(super) fn page(&self) -> NonNull<bindings::page> {
         self.page
     }

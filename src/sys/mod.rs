@@ -36,7 +36,7 @@ pub(crate) use mm::{MmapWriteGuard, FOLL_FORCE, FOLL_SPLIT_PMD, FOLL_WRITE};
 pub(crate) use pte::{
     lock_pte, mapping_of, ClearedPte, InvalidateRange, LockedPte, Mapping, SwapSlot,
 };
-pub(crate) use task::{current_tgid, mm_id, ModuleRef, Process};
+pub(crate) use task::{capable_sys_admin, current_tgid, mm_id, ModuleRef, PidRef, Process};
 pub(crate) use vma::{vma_file, vma_info, VmaInfo};
 pub(crate) use wq::Workqueue;
 

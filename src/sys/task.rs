@@ -54,6 +54,16 @@ impl Process {
         self.task.tgid_nr_ns(None)
     }
 
+    /// Its thread group's `struct pid`: the process itself, whatever pid
+    /// namespace looks at it, and never a later process given its number.
+    pub(crate) fn tgid_pid(&self) -> Option<PidRef> {
+        // SAFETY: the task is valid while we hold our reference;
+        // `get_task_pid` returns a counted pid, or null once it is reaped.
+        let pid =
+            unsafe { bindings::get_task_pid(self.task.as_ptr(), bindings::pid_type_PIDTYPE_TGID) };
+        NonNull::new(pid).map(PidRef)
+    }
+
     pub(crate) fn is_kernel_thread(&self) -> bool {
         // SAFETY: the task is valid while we hold our reference; `flags` is
         // a plain word that PF_KTHREAD never leaves once set.
@@ -84,6 +94,52 @@ impl Process {
         let mm: ARef<MmWithUser> = unsafe { ARef::from_raw(NonNull::new_unchecked(mm.cast())) };
         Ok(MmWithUser::into_mmput_async(mm))
     }
+}
+
+/// A counted `struct pid` (the target process as PATCH found it).
+pub(crate) struct PidRef(NonNull<bindings::pid>);
+
+// SAFETY: `struct pid` is reference counted with atomics and may be used
+// and put from any task.
+unsafe impl Send for PidRef {}
+// SAFETY: as above; `&PidRef` only reads it.
+unsafe impl Sync for PidRef {}
+
+impl PidRef {
+    /// The pid number the calling task sees (0: not in its pid namespace).
+    pub(crate) fn vnr(&self) -> i32 {
+        // SAFETY: we hold a reference on the pid.
+        unsafe { bindings::pid_vnr(self.0.as_ptr()) }
+    }
+
+    /// The process, if it still exists (a zombie still has its task).
+    pub(crate) fn process(&self) -> Option<Process> {
+        // SAFETY: we hold a reference on the pid; `get_pid_task` returns a
+        // counted task or null.
+        let task =
+            unsafe { bindings::get_pid_task(self.0.as_ptr(), bindings::pid_type_PIDTYPE_TGID) };
+        let task = NonNull::new(task)?.cast::<Task>();
+        // SAFETY: `get_pid_task` gave us one reference, which the `ARef`
+        // now owns; `Task` is a transparent wrapper of `task_struct`.
+        Some(Process {
+            task: unsafe { ARef::from_raw(task) },
+        })
+    }
+}
+
+impl Drop for PidRef {
+    fn drop(&mut self) {
+        // SAFETY: we own one reference on the pid.
+        unsafe { bindings::put_pid(self.0.as_ptr()) };
+    }
+}
+
+/// Does the calling task have CAP_SYS_ADMIN (the capability that shows
+/// PFNs in `/proc/PID/pagemap` and lets uprobes attach)?  Audited as a use
+/// of the capability, so it is asked last.
+pub(crate) fn capable_sys_admin() -> bool {
+    // SAFETY: `capable` checks the current task's credentials; no locks.
+    unsafe { bindings::capable(bindings::CAP_SYS_ADMIN as i32) }
 }
 
 /// Identity of an address space, for comparing targets; never dereferenced.

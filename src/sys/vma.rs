@@ -14,7 +14,8 @@ pub(crate) struct VmaInfo {
     pub(crate) start: usize,
     pub(crate) end: usize,
     pub(crate) flags: usize,
-    /// The file's `address_space`, as an identity (0: not file-backed).
+    /// The file's `address_space`, as an identity (0: not file-backed, or
+    /// anonymous although it carries a file, as private `/dev/zero`).
     pub(crate) mapping: usize,
     /// The file page mapped at `start`.
     pub(crate) pgoff: usize,
@@ -51,9 +52,12 @@ pub(crate) fn vma_info(vma: &VmaRef) -> VmaInfo {
     let raw = vma.as_ptr();
     // SAFETY: the VMA is valid while the mmap lock that gave us `vma` is
     // held; `vm_file`, its `f_mapping` and `vm_pgoff` are stable under it.
+    // A VMA without `vm_ops` is anonymous even when it carries a file (a
+    // private `/dev/zero` mapping): no file page to patch or find again.
     let (mapping, pgoff) = unsafe {
         let file = (*raw).vm_file;
-        let mapping = if file.is_null() {
+        let mapping = if file.is_null() || (*raw).vm_ops.is_null() {
+            // mutant: private-dev-zero
             0
         } else {
             (*file).f_mapping as usize

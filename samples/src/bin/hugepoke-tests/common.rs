@@ -165,3 +165,88 @@ pub(crate) fn helper_exit_code(args: &[&str]) -> Result<i32, String> {
         .code()
         .ok_or(format!("helper {args:?} killed: {status}"))
 }
+
+const KHUGEPAGED_SLEEP: &str =
+    "/sys/kernel/mm/transparent_hugepage/khugepaged/scan_sleep_millisecs";
+
+/// khugepaged put to sleep for an hour, and woken as before on drop.  The
+/// target's text is MADV_HUGEPAGE: once RESTORE has made the range all
+/// page cache, khugepaged collapses it as readily as the module's work
+/// (seen: "after RESTORE: PMD-mapped THP", the module's work still parked).
+/// Writing the sleep wakes it for one pass at once, then it sleeps (other
+/// wake-ups do not end the sleep early): make it before the target exists.
+pub(crate) struct KhugepagedAsleep(String);
+
+impl KhugepagedAsleep {
+    pub(crate) fn new() -> Result<Self, String> {
+        let old = io(std::fs::read_to_string(KHUGEPAGED_SLEEP))?;
+        io(std::fs::write(KHUGEPAGED_SLEEP, "3600000"))?;
+        Ok(Self(old.trim().to_string()))
+    }
+}
+
+impl Drop for KhugepagedAsleep {
+    fn drop(&mut self) {
+        let _ = std::fs::write(KHUGEPAGED_SLEEP, &self.0);
+    }
+}
+
+/// The module's own collapse of the 2 MiB range at `range` in `pid`,
+/// journaled as a success (with khugepaged asleep, the only one).
+pub(crate) fn wait_module_collapse(pid: i32, range: u64, since: u64) -> Result<EventLine, String> {
+    let mut found = None;
+    wait_for(
+        "the module's collapse journaled",
+        Duration::from_secs(30),
+        || {
+            found = events()?
+                .into_iter()
+                .find(|e| e.seq > since && e.step == "collapse" && e.pid == pid);
+            Ok(found.is_some())
+        },
+    )?;
+    let c = found.unwrap();
+    ensure!(
+        c.result == "ok" && c.addr == Some(range) && c.note.starts_with("SCAN_SUCCEED"),
+        "collapse {c:?}, want SCAN_SUCCEED at {range:#x}"
+    );
+    Ok(c)
+}
+
+/// `len` bytes of the target's text file behind address `at` of its text
+/// (what the page cache holds, and what uprobes would restore).
+pub(crate) fn file_bytes(t: &Target, at: u64, len: usize) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0; len];
+    io(io(std::fs::File::open(&t.file))?.read_exact_at(&mut buf, at - t.addr))?;
+    Ok(buf)
+}
+
+/// The kernel log's lines that contain `needle`.
+pub(crate) fn dmesg_with(needle: &str) -> Result<Vec<String>, String> {
+    let out = std::process::Command::new("dmesg")
+        .output()
+        .map_err(|e| format!("dmesg: {e}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect())
+}
+
+/// After an unload: one more "state freed" line than `before`, and it says
+/// nothing of the module's outlived it.
+pub(crate) fn freed_nothing_alive(before: usize) -> Result<(), String> {
+    let freed = dmesg_with("hugepoke: state freed")?;
+    ensure!(
+        freed.len() == before + 1,
+        "no \"state freed\" line at unload: hugepoke's state leaked ({before} such lines before, {} after)",
+        freed.len()
+    );
+    let last = freed.last().map(String::as_str).unwrap_or_default();
+    ensure!(
+        last.ends_with("still alive: 0 targets, 0 work items"),
+        "at unload: {last}"
+    );
+    Ok(())
+}

@@ -263,6 +263,7 @@ pub(crate) fn bad_input_gets_errno_reason_and_changes_nothing() -> TestResult {
     let rw = rw_file.as_raw_fd();
     let ro_file = io(std::fs::File::open(&t.file))?;
     let ro = ro_file.as_raw_fd();
+    let zero = io(std::fs::File::open("/dev/zero"))?;
     let (rx, rwx) = (
         libc::PROT_READ | libc::PROT_EXEC,
         libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
@@ -292,6 +293,15 @@ pub(crate) fn bad_input_gets_errno_reason_and_changes_nothing() -> TestResult {
             "not executable",
         ),
         ("writable", rwx, libc::MAP_PRIVATE, rw, "writable"),
+        // Anonymous although it carries a file: its "file page" is nobody's
+        // (read-only: /dev is mounted noexec; refused before exec is asked).
+        (
+            "private /dev/zero",
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            zero.as_raw_fd(),
+            "private /dev/zero",
+        ),
     ];
     for (what, prot, flags, fd, reason) in cases {
         let addr = own_mapping(prot, flags, fd)?;
@@ -832,11 +842,25 @@ pub(crate) fn module_unload_restores_persistent_patches() -> TestResult {
         t.call(20)? == 20 && t.call(21)? == 21,
         "persistent patches not live"
     );
+    let before = dmesg_with("hugepoke: state freed")?.len();
     run("rmmod", &["hugepoke"])?;
+    let freed = freed_nothing_alive(before);
     let reloaded = run("insmod", &[&ko]);
+    freed?;
     ensure!(
         t.call(20)? == 1020 && t.call(21)? == 1021,
         "unload left the target patched"
+    );
+    // The module collapsed the range itself, at unload (khugepaged
+    // cannot have written this line).
+    let line = format!(
+        "unload: collapse of pid {} at {:#x}: SCAN_SUCCEED",
+        t.pid, t.addr
+    );
+    ensure!(
+        !dmesg_with(&line)?.is_empty(),
+        "no {line:?} in the kernel log: {:?}",
+        dmesg_with("unload: collapse")?
     );
     let took = wait_pmd_mapped(&mut t, Duration::from_secs(30))?;
     ensure!(

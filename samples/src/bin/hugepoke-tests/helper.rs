@@ -8,6 +8,16 @@
 //!   --helper patch-as-nobody PID ADDR HEX
 //!                                        open /dev/hugepoke as root, drop to
 //!                                        nobody, PATCH; exit 0 or errno
+//!   --helper undo-as-nobody HANDLE       open /dev/hugepoke as root, drop to
+//!                                        nobody, QUERY, RESTORE_DROP and
+//!                                        RESTORE HANDLE; print
+//!                                        `query=E pfn=P drop=E restore=E`
+//!   --helper own-undo-as-nobody PID ADDR HEX
+//!                                        as root PATCH (not persistent), drop
+//!                                        to nobody, QUERY and RESTORE its own
+//!                                        handle; print the same line
+//!   --helper query-in-new-pidns HANDLE   QUERY from a new pid namespace;
+//!                                        print `query=E pid=P`
 //!   --helper zombie                      fork a child that exits; once it is
 //!                                        a zombie (waitid WNOWAIT), print
 //!                                        `zombie PID`; reap it at end of stdin
@@ -58,10 +68,109 @@ pub(crate) fn main(args: &[String]) -> ! {
                 Err(e) => e.raw_os_error().unwrap_or(SETUP_FAILED),
             }
         }
+        ["undo-as-nobody", handle] => {
+            let Some(handle) = hugepoke::parse_number(handle) else {
+                std::process::exit(BAD_USAGE)
+            };
+            let Ok(dev) = Device::open() else {
+                std::process::exit(SETUP_FAILED)
+            };
+            drop_to_nobody();
+            undo(&dev, handle, true)
+        }
+        ["own-undo-as-nobody", pid, addr, hex] => {
+            let (Some(pid), Some(addr), Some(bytes)) = (
+                pid.parse().ok(),
+                hugepoke::parse_number(addr),
+                hugepoke::parse_hex_bytes(hex),
+            ) else {
+                std::process::exit(BAD_USAGE)
+            };
+            let Ok(dev) = Device::open() else {
+                std::process::exit(SETUP_FAILED)
+            };
+            let req = PatchRequest {
+                pid,
+                addr,
+                bytes,
+                ..Default::default()
+            };
+            let Ok(handle) = dev.patch(&req) else {
+                std::process::exit(SETUP_FAILED)
+            };
+            drop_to_nobody();
+            undo(&dev, handle, false)
+        }
+        ["query-in-new-pidns", handle] => query_in_new_pidns(handle),
         ["zombie"] => zombie(),
         _ => BAD_USAGE,
     };
     std::process::exit(code)
+}
+
+/// The errno of an ioctl's result (0: it succeeded).
+fn errno<T>(r: &std::io::Result<T>) -> i32 {
+    r.as_ref()
+        .err()
+        .map_or(0, |e| e.raw_os_error().unwrap_or(SETUP_FAILED))
+}
+
+/// QUERY, then (if `drop`) RESTORE_DROP, then RESTORE `handle`; print what
+/// each returned and the PFN QUERY showed.
+fn undo(dev: &Device, handle: u64, drop: bool) -> i32 {
+    let q = dev.query(handle);
+    let pfn = q.as_ref().map_or(0, |q| q.pfn);
+    let d = if drop {
+        errno(&dev.restore_flags(handle, hugepoke::uapi::RESTORE_DROP))
+    } else {
+        0
+    };
+    let r = dev.restore(handle);
+    println!(
+        "query={} pfn={pfn} drop={d} restore={}",
+        errno(&q),
+        errno(&r)
+    );
+    0
+}
+
+/// QUERY `handle` from a child in a new pid namespace, where the target's
+/// pid does not exist: it must read 0.
+fn query_in_new_pidns(handle: &str) -> i32 {
+    let Some(handle) = hugepoke::parse_number(handle) else {
+        return BAD_USAGE;
+    };
+    // SAFETY: unshare and fork in this single-threaded process; the child
+    // only opens the device, queries, prints and exits.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWPID) != 0 {
+            return SETUP_FAILED;
+        }
+        match libc::fork() {
+            -1 => SETUP_FAILED,
+            0 => {
+                let code = match Device::open() {
+                    Ok(dev) => {
+                        let q = dev.query(handle);
+                        let pid = q.as_ref().map_or(-1, |q| q.pid);
+                        println!("query={} pid={pid}", errno(&q));
+                        0
+                    }
+                    Err(_) => SETUP_FAILED,
+                };
+                libc::_exit(code)
+            }
+            child => {
+                let mut status = 0;
+                libc::waitpid(child, &mut status, 0);
+                if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    SETUP_FAILED
+                }
+            }
+        }
+    }
 }
 
 fn drop_to_nobody() {

@@ -49,6 +49,7 @@ macro_rules! tests {
     };
 }
 
+mod authority;
 mod batch;
 mod batch_core;
 mod cli;
@@ -83,6 +84,7 @@ const SUITE: &[&[Test]] = &[
     hardening::TESTS,
     uffd::TESTS,
     identity::TESTS,
+    authority::TESTS,
     uffd::WP_AND_MISSING,
     identity::KILLED_RESTORE,
     hardening::RMMOD,

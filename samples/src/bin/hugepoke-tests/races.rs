@@ -201,6 +201,7 @@ pub(crate) fn expect_is_checked_in_the_step_that_writes() -> TestResult {
     );
 
     let pause = Pause::arm("checked", t.pid)?;
+    let seq = hugepoke::device::journal_seq();
     let req = PatchRequest {
         expect: Some(original.to_vec()),
         ..patch_req(&t, PAGE, 2121)
@@ -222,6 +223,28 @@ pub(crate) fn expect_is_checked_in_the_step_that_writes() -> TestResult {
     ensure!(
         value == 7777,
         "page {PAGE} runs {value}: expected the bytes written to the file (7777), not the patch"
+    );
+    // The copy PATCH made was given back: zapped (it equals the page
+    // cache), no anonymous page left, the collapse queued.
+    let evs: Vec<_> = events()?
+        .into_iter()
+        .filter(|e| e.pid == t.pid && e.seq > seq)
+        .collect();
+    for (step, note) in [
+        ("zap_anon_page", "PTE zapped"),
+        ("restore", "undone: every page written so far restored"),
+        ("queue_collapse", ""),
+    ] {
+        ensure!(
+            evs.iter().any(|e| e.step == step && e.note.contains(note)),
+            "the failed PATCH's undo: no {step} {note:?} in {:?}",
+            steps(&evs)
+        );
+    }
+    ensure!(
+        smaps(&t)?.kb("Anonymous") == 0,
+        "the failed PATCH left an anonymous page: {:?}",
+        smaps(&t)?
     );
     drop(t);
     let _ = std::fs::remove_file(&file);
@@ -577,11 +600,86 @@ pub(crate) fn cli_patch_writes_only_over_the_bytes_it_checked() -> TestResult {
 }
 
 // This module's in-guest tests, in groups that main.rs's SUITE puts in run order.
+/// A PATCH, and a PATCH_BATCH, whose caller (the CLI) is SIGKILLed while
+/// parked at `checked` (target locked, mmap lock held, nothing written):
+/// the call goes on, its first GUP sees the fatal signal (EINTR,
+/// journaled), and the target is exactly as it was — PMD-mapped by the
+/// same THP, no anonymous page, the original code, no patch listed.
+pub(crate) fn killed_patch_and_batch_change_nothing() -> TestResult {
+    use std::process::{Command, Stdio};
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let sites = std::env::temp_dir().join("hugepoke-killed-batch.sites");
+    let line = |page: usize| {
+        format!(
+            "{:#x} b8{:08x}c3\n",
+            t.page_addr(page),
+            (7000 + page as u32).swap_bytes()
+        )
+    };
+    io(std::fs::write(
+        &sites,
+        format!("{}{}{}", line(50), line(51), line(90)),
+    ))?;
+    let single = [
+        "--addr".to_string(),
+        format!("{:#x}", t.page_addr(52)),
+        "--bytes".into(),
+        "b801000000c3".into(),
+    ];
+    let batch = ["--sites".to_string(), sites.display().to_string()];
+    for (what, args) in [("PATCH", &single[..]), ("PATCH_BATCH", &batch[..])] {
+        let seq = hugepoke::device::journal_seq();
+        let pause = Pause::arm("checked", t.pid)?;
+        let mut cli = io(Command::new("hugepoke")
+            .args(["patch", "--pid", &t.pid.to_string()])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn())?;
+        pause.wait_parked("checked")?;
+        let _ = cli.kill();
+        let _ = cli.wait();
+        let mut failed = None;
+        wait_for(
+            &format!("the killed {what} to fail"),
+            Duration::from_secs(30),
+            || {
+                failed = events()?
+                    .into_iter()
+                    .find(|e| e.seq > seq && e.pid == t.pid && e.result == "-EINTR");
+                Ok(failed.is_some())
+            },
+        )?;
+        drop(pause);
+        ensure!(
+            thp_head(&t)? == head && smaps(&t)?.kb("Anonymous") == 0,
+            "the killed {what} changed the target: {:?}",
+            smaps(&t)?
+        );
+        for page in [50, 51, 52, 90] {
+            ensure!(
+                t.call(page)? == text::original_value(page),
+                "the killed {what} left page {page} patched"
+            );
+        }
+        let listed = proc::parse_patches(&io(proc::debugfs("patches"))?);
+        ensure!(
+            !listed.iter().any(|p| p.pid == t.pid),
+            "the killed {what} left a patch: {listed:?}"
+        );
+    }
+    let _ = std::fs::remove_file(&sites);
+    Ok(())
+}
+
 tests! {
     TESTS: [
         execve_during_patch_never_patches_the_new_image,
         expect_is_checked_in_the_step_that_writes,
         cli_patch_writes_only_over_the_bytes_it_checked,
+        killed_patch_and_batch_change_nothing,
     ];
     WORKERS: [
         a_parked_patch_does_not_stall_other_targets,

@@ -46,9 +46,26 @@ pub struct PatchArgs {
     /// Patch even where the instruction check refuses.
     #[arg(long)]
     force: bool,
+    /// Patch even over bytes another tool changed (a debugger's or uprobe's
+    /// breakpoint: they differ from the file's); RESTORE puts those bytes back.
+    #[arg(long)]
+    over_changed: bool,
     /// Show the old and new instructions and what the check says; patch nothing.
     #[arg(long)]
     dry_run: bool,
+}
+
+/// The `PATCH_*` flags of the whole request.
+fn patch_flags(args: &PatchArgs) -> u32 {
+    use hugepoke::uapi;
+    [
+        (args.persist, uapi::PATCH_PERSIST),
+        (args.install_pmd, uapi::PATCH_INSTALL_PMD),
+        (args.over_changed, uapi::PATCH_OVER_CHANGED),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .fold(0, |flags, (_, f)| flags | f)
 }
 
 /// Bytes as `b8 2a 00 00 00 c3`.
@@ -216,7 +233,7 @@ fn apply(args: &PatchArgs, inputs: &[Site], result: &PatchOut) -> Result<(Device
         .collect();
     let batch = args.sites.is_some();
     let handle = dev
-        .patch_sites(args.pid, &sites, batch, args.persist, args.install_pmd)
+        .patch_sites(args.pid, &sites, batch, patch_flags(args))
         .map_err(|e| {
             let what = match e.failed {
                 Some(i) if i < inputs.len() => {

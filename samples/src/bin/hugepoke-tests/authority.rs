@@ -1,0 +1,337 @@
+//! Authority and coexistence: who may RESTORE, QUERY or drop a handle,
+//! whose bytes PATCH may write over, and what RESTORE does when another
+//! tool put the originals back or changed the page elsewhere.
+
+use crate::common::*;
+use crate::hardening::{expect_errno, last_failure};
+use crate::TestResult;
+use hugepoke::uapi;
+
+/// `key=N` of a helper's line.
+fn field(line: &str, key: &str) -> Result<i64, String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        .ok_or(format!("no {key}= in {line:?}"))
+}
+
+/// Run a helper to its end; its one line of output.
+fn helper_line(args: &[&str]) -> Result<String, String> {
+    let out = io(helper(args)?.output())?;
+    ensure!(out.status.success(), "helper {args:?}: {}", out.status);
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Root's persistent patch of a root process: a holder of a device fd
+/// opened by root that dropped to nobody may not QUERY, drop or RESTORE it
+/// (EPERM, journaled, the patch still live); the fd that made a patch may
+/// restore it after dropping (closing it would) but sees no PFN; a QUERY
+/// from another pid namespace reads pid 0.
+pub(crate) fn restore_and_query_need_authority() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&PatchRequest {
+        persist: true,
+        ..patch_req(&t, 8, 88)
+    }))?;
+    let root = io(dev.query(h))?;
+    ensure!(root.pfn != 0 && root.pid == t.pid, "root's QUERY: {root:?}");
+
+    let line = helper_line(&["undo-as-nobody", &h.to_string()])?;
+    let eperm = libc::EPERM as i64;
+    for key in ["query", "drop", "restore"] {
+        ensure!(
+            field(&line, key)? == eperm,
+            "nobody holding root's fd: {line}, want EPERM for {key}"
+        );
+    }
+    let f = last_failure()?;
+    ensure!(
+        f.result == "-EPERM" && f.note.contains("may not ptrace-attach"),
+        "journal {f:?}"
+    );
+    ensure!(t.call(8)? == 88, "root's patch undone by nobody");
+    ensure!(
+        io(dev.query(h))?.state == uapi::STATE_LIVE,
+        "patch not live"
+    );
+
+    let line = helper_line(&["query-in-new-pidns", &h.to_string()])?;
+    ensure!(
+        field(&line, "query")? == 0 && field(&line, "pid")? == 0,
+        "QUERY from a new pid namespace: {line}, want pid 0 (the target is not in it)"
+    );
+    io(dev.restore(h))?;
+
+    let req = patch_req(&t, 9, 99);
+    let hex: String = req.bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let line = helper_line(&[
+        "own-undo-as-nobody",
+        &t.pid.to_string(),
+        &format!("{:#x}", req.addr),
+        &hex,
+    ])?;
+    ensure!(
+        field(&line, "query")? == 0 && field(&line, "pfn")? == 0 && field(&line, "restore")? == 0,
+        "the fd that patched, dropped to nobody: {line}, want QUERY without a PFN and RESTORE ok"
+    );
+    ensure!(
+        t.call(9)? == text::original_value(9),
+        "the owner's RESTORE did not restore"
+    );
+    Ok(())
+}
+
+/// A debugger's int3 where PATCH would write: refused (EBUSY, "changed by
+/// another tool"), nothing written; with PATCH_OVER_CHANGED patched, the
+/// int3 recorded as the original and put back by RESTORE.
+pub(crate) fn patch_over_another_tools_bytes_needs_over_changed() -> TestResult {
+    const PAGE: usize = 40;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let at = t.page_addr(PAGE);
+    let file = file_bytes(&t, at, 6)?;
+    let mut debugged = file.clone();
+    debugged[0] = 0xcc;
+    write_mem(t.pid, at, &debugged[..1])?;
+    let anon = smaps(&t)?.kb("Anonymous");
+    let req = patch_req(&t, PAGE, 4040);
+    expect_errno(
+        "PATCH over a breakpoint",
+        dev.patch(&req),
+        libc::EBUSY,
+        "changed by another tool",
+    )?;
+    ensure!(
+        read_mem(t.pid, at, 6)? == debugged && smaps(&t)?.kb("Anonymous") == anon,
+        "the refused PATCH changed the target"
+    );
+
+    let h = io(dev.patch(&PatchRequest {
+        over_changed: true,
+        ..req
+    }))?;
+    let q = io(dev.query(h))?;
+    ensure!(
+        q.orig[..6] == debugged[..] && q.patch_flags & uapi::PATCH_OVER_CHANGED != 0,
+        "QUERY {q:?}: want the breakpoint as orig and PATCH_OVER_CHANGED"
+    );
+    ensure!(t.call(PAGE)? == 4040, "patch not running");
+    io(dev.restore(h))?;
+    ensure!(
+        read_mem(t.pid, at, 6)? == debugged,
+        "RESTORE did not put back the breakpoint it recorded"
+    );
+    // The debugger takes its breakpoint away.
+    write_mem(t.pid, at, &file[..1])?;
+    ensure!(
+        t.call(PAGE)? == text::original_value(PAGE),
+        "not the original code"
+    );
+    Ok(())
+}
+
+/// A uprobe registered through tracefs on the target's file (so in the
+/// target too): PATCH over its int3 is refused; the uprobe still fires;
+/// once it is removed PATCH and RESTORE work and the file's bytes are back.
+pub(crate) fn patch_over_a_live_uprobe_is_refused() -> TestResult {
+    const PAGE: usize = 41;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let at = t.page_addr(PAGE);
+    let file = file_bytes(&t, at, 6)?;
+    let probe = Uprobe::add(&t.file, at - t.addr)?;
+    ensure!(
+        read_mem(t.pid, at, 1)? == [0xcc],
+        "the uprobe installed no int3 in the target"
+    );
+    expect_errno(
+        "PATCH over a live uprobe",
+        dev.patch(&patch_req(&t, PAGE, 4141)),
+        libc::EBUSY,
+        "changed by another tool",
+    )?;
+    ensure!(
+        t.call(PAGE)? == text::original_value(PAGE),
+        "the probed function"
+    );
+    ensure!(probe.hits()? >= 1, "the uprobe did not fire");
+    drop(probe);
+    ensure!(
+        read_mem(t.pid, at, 6)? == file,
+        "the uprobe's int3 is still there"
+    );
+    let h = io(dev.patch(&patch_req(&t, PAGE, 4141)))?;
+    ensure!(t.call(PAGE)? == 4141, "patch not running");
+    io(dev.restore(h))?;
+    ensure!(
+        read_mem(t.pid, at, 6)? == file,
+        "RESTORE left other bytes than the file's"
+    );
+    Ok(())
+}
+
+/// A `p:` uprobe event at `offset` of `path`, enabled; removed on drop.
+struct Uprobe;
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+impl Uprobe {
+    fn add(path: &str, offset: u64) -> Result<Self, String> {
+        use std::io::Write;
+        let mut events = io(std::fs::OpenOptions::new()
+            .append(true)
+            .open(format!("{TRACEFS}/uprobe_events")))?;
+        // One write(): tracefs parses each write as a command.
+        let line = format!("p:hugepoke_tests/live {path}:{offset:#x}\n");
+        io(events.write_all(line.as_bytes()))?;
+        let probe = Self;
+        io(std::fs::write(
+            format!("{TRACEFS}/events/hugepoke_tests/live/enable"),
+            "1",
+        ))?;
+        Ok(probe)
+    }
+
+    /// Its hits, from `uprobe_profile` (`PATH EVENT HITS`).
+    fn hits(&self) -> Result<u64, String> {
+        let profile = io(std::fs::read_to_string(format!("{TRACEFS}/uprobe_profile")))?;
+        profile
+            .lines()
+            .find(|l| l.contains("hugepoke_tests/live") || l.contains(" live "))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .ok_or(format!("no hit count in {profile:?}"))
+    }
+}
+
+impl Drop for Uprobe {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = std::fs::write(format!("{TRACEFS}/events/hugepoke_tests/live/enable"), "0");
+        if let Ok(mut events) = std::fs::OpenOptions::new()
+            .append(true)
+            .open(format!("{TRACEFS}/uprobe_events"))
+        {
+            let _ = events.write_all(b"-:hugepoke_tests/live\n");
+        }
+    }
+}
+
+/// Another tool put the original bytes back over the patch: RESTORE
+/// succeeds, writes nothing ("already there"), zaps the copy (now equal to
+/// the page cache) and the module's own collapse gives the PMD back.
+pub(crate) fn restore_finding_the_originals_zaps_and_collapses() -> TestResult {
+    const PAGE: usize = 42;
+    let _khugepaged = KhugepagedAsleep::new()?;
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let at = t.page_addr(PAGE);
+    let h = io(dev.patch(&patch_req(&t, PAGE, 4242)))?;
+    write_mem(t.pid, at, &file_bytes(&t, at, 6)?)?;
+    ensure!(
+        t.call(PAGE)? == text::original_value(PAGE),
+        "the other tool's write"
+    );
+    let seq = hugepoke::device::journal_seq();
+    io(dev.restore(h))?;
+    let evs = events_of(h)?;
+    ensure!(
+        evs.iter()
+            .any(|e| e.step == "restore_bytes" && e.note.contains("already there")),
+        "RESTORE did not say the originals were already there: {evs:?}"
+    );
+    ensure!(
+        evs.iter().any(|e| e.step == "zap_anon_page"),
+        "copy not zapped: {:?}",
+        steps(&evs)
+    );
+    wait_module_collapse(t.pid, t.addr, seq)?;
+    wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
+    ensure!(
+        thp_head(&t)? == head && smaps(&t)?.kb("Anonymous") == 0,
+        "after RESTORE: {:?}",
+        smaps(&t)?
+    );
+    Ok(())
+}
+
+/// A debugger's byte elsewhere on the patched page: RESTORE puts the
+/// originals back but keeps the copy ("differs from the page-cache page"),
+/// so the debugger's byte survives.
+pub(crate) fn restore_keeps_another_change_on_the_page() -> TestResult {
+    const PAGE: usize = 43;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, PAGE, 4343)))?;
+    let other = t.page_addr(PAGE) + 200;
+    let theirs = !file_bytes(&t, other, 1)?[0];
+    write_mem(t.pid, other, &[theirs])?;
+    io(dev.restore(h))?;
+    ensure!(t.call(PAGE)? == text::original_value(PAGE), "not restored");
+    ensure!(
+        read_mem(t.pid, other, 1)? == [theirs],
+        "the debugger's byte on the patched page is gone"
+    );
+    let evs = events_of(h)?;
+    ensure!(
+        evs.iter()
+            .any(|e| e.step == "keep_anon_page" && e.note.contains("differs from the page-cache")),
+        "copy not kept for the change: {:?}",
+        steps(&evs)
+    );
+    ensure!(
+        smaps(&t)?.kb("Anonymous") == 4,
+        "not one anonymous page: {:?}",
+        smaps(&t)?
+    );
+    Ok(())
+}
+
+/// RESTORE_DROP by root forgets a handle and writes nothing: the target
+/// keeps running the patch, QUERY and RESTORE say ENOENT.
+pub(crate) fn drop_forgets_a_handle_and_writes_nothing() -> TestResult {
+    const PAGE: usize = 44;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, PAGE, 4444)))?;
+    io(dev.restore_flags(h, uapi::RESTORE_DROP))?;
+    ensure!(t.call(PAGE)? == 4444, "the dropped patch was undone");
+    let evs = events_of(h)?;
+    ensure!(
+        evs.iter()
+            .any(|e| e.step == "restored" && e.note.contains("RESTORE_DROP")),
+        "drop not journaled: {:?}",
+        steps(&evs)
+    );
+    ensure!(
+        !evs.iter()
+            .any(|e| e.seq > 0 && (e.step == "restore_bytes" || e.step == "zap_anon_page")),
+        "the drop wrote: {:?}",
+        steps(&evs)
+    );
+    expect_errno("QUERY", dev.query(h), libc::ENOENT, "no such patch")?;
+    // What the drop left behind: the target's copy, which the original
+    // bytes written by hand turn back into a clean one.
+    write_mem(
+        t.pid,
+        t.page_addr(PAGE),
+        &text::mov_eax_ret(text::original_value(PAGE)),
+    )?;
+    Ok(())
+}
+
+tests! {
+    TESTS: [
+        restore_and_query_need_authority,
+        patch_over_another_tools_bytes_needs_over_changed,
+        patch_over_a_live_uprobe_is_refused,
+        restore_finding_the_originals_zaps_and_collapses,
+        restore_keeps_another_change_on_the_page,
+        drop_forgets_a_handle_and_writes_nothing,
+    ];
+}

@@ -1,0 +1,65 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Who may RESTORE, QUERY or drop a handle.  PATCH asks the kernel's own
+//! question — may the caller ptrace-attach to the target with its real
+//! credentials (`mm_access`) — so a device fd alone must not let anyone
+//! undo or read a patch later (root may open `/dev/hugepoke` and drop its
+//! privileges, or pass the fd on).
+//!
+//! RESTORE and QUERY of a handle through an open file are allowed when:
+//! 1. that file made the patch and it is not persistent (closing the file
+//!    would restore it anyway: RESTORE through it grants nothing new);
+//! 2. the caller may PATCH the target now: the process PATCH found still
+//!    exists, `mm_access()` grants the caller its mm, and that is the
+//!    patched mm (not the image of a later `execve()`);
+//! 3. the caller has CAP_SYS_ADMIN.
+//!
+//! Dropping a handle without restoring it (`RESTORE_DROP`) needs
+//! CAP_SYS_ADMIN, and QUERY shows a PFN only to CAP_SYS_ADMIN, as
+//! `/proc/PID/pagemap` does.
+
+use kernel::prelude::*;
+
+use crate::{patches::Owner, refusal::Refusal, sys, target::Target};
+
+/// May the caller, through the file with owner id `caller`, RESTORE or
+/// QUERY a handle of `owner` on `target`?
+pub(crate) fn may_undo(owner: Owner, caller: u64, target: &Target) -> Result<(), Refusal> {
+    if owner == Some(caller) || may_ptrace(target) || sys::capable_sys_admin() {
+        // mutant: anyone-may-restore
+        return Ok(());
+    }
+    Err(Refusal::new(
+        EPERM,
+        "not this file's patch, and the caller may not ptrace-attach to its target nor has CAP_SYS_ADMIN",
+    ))
+}
+
+/// May the caller drop a handle without restoring it?
+pub(crate) fn may_drop() -> Result<(), Refusal> {
+    if sys::capable_sys_admin() {
+        return Ok(());
+    }
+    Err(Refusal::new(EPERM, "RESTORE_DROP needs CAP_SYS_ADMIN"))
+}
+
+/// The PFN QUERY may show the caller: only CAP_SYS_ADMIN sees one.
+pub(crate) fn shown_pfn(pfn: usize) -> u64 {
+    if sys::capable_sys_admin() {
+        // mutant: pfn-for-everyone
+        pfn as u64
+    } else {
+        0
+    }
+}
+
+/// Could the caller PATCH `target` now: the check PATCH makes, on the
+/// process PATCH found, and still the same address space?
+fn may_ptrace(target: &Target) -> bool {
+    let Some(process) = target.pid.as_ref().and_then(|p| p.process()) else {
+        return false;
+    };
+    process
+        .mm_access()
+        .is_ok_and(|mm| sys::mm_id(&mm) == target.mm_id())
+}
