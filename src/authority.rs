@@ -14,6 +14,12 @@
 //!    patched mm (not the image of a later `execve()`);
 //! 3. the caller has CAP_SYS_ADMIN.
 //!
+//! (Holders of one open file are one owner: a file passed on or inherited
+//! passes its patches on, as a `/proc/PID/mem` file passes on the access
+//! checked when it was opened.)  RESTORE of a patch whose process is gone
+//! is allowed to anyone: it writes nothing, and lets go of the file and
+//! the mm the patch still holds.
+//!
 //! Dropping a handle without restoring it (`RESTORE_DROP`) needs
 //! CAP_SYS_ADMIN, and QUERY shows a PFN only to CAP_SYS_ADMIN, as
 //! `/proc/PID/pagemap` does.
@@ -22,10 +28,18 @@ use kernel::prelude::*;
 
 use crate::{patches::Owner, refusal::Refusal, sys, target::Target};
 
-/// May the caller, through the file with owner id `caller`, RESTORE or
-/// QUERY a handle of `owner` on `target`?
-pub(crate) fn may_undo(owner: Owner, caller: u64, target: &Target) -> Result<(), Refusal> {
-    if owner == Some(caller) || may_ptrace(target) || sys::capable_sys_admin() {
+/// May the caller, through the file with owner id `caller`, RESTORE
+/// (`restoring`) or QUERY a handle of `owner` on `target`?
+pub(crate) fn may_undo(
+    owner: Owner,
+    caller: u64,
+    target: &Target,
+    restoring: bool,
+) -> Result<(), Refusal> {
+    // (RESTORE of a patch whose process is gone writes nothing: it only
+    // lets go of the file and the mm.)
+    let gone = restoring && target.gone();
+    if owner == Some(caller) || gone || may_ptrace(target) || sys::capable_sys_admin() {
         // mutant: anyone-may-restore
         return Ok(());
     }
@@ -38,19 +52,16 @@ pub(crate) fn may_undo(owner: Owner, caller: u64, target: &Target) -> Result<(),
 /// May the caller drop a handle without restoring it?
 pub(crate) fn may_drop() -> Result<(), Refusal> {
     if sys::capable_sys_admin() {
+        // mutant: anyone-may-drop
         return Ok(());
     }
     Err(Refusal::new(EPERM, "RESTORE_DROP needs CAP_SYS_ADMIN"))
 }
 
-/// The PFN QUERY may show the caller: only CAP_SYS_ADMIN sees one.
-pub(crate) fn shown_pfn(pfn: usize) -> u64 {
-    if sys::capable_sys_admin() {
-        // mutant: pfn-for-everyone
-        pfn as u64
-    } else {
-        0
-    }
+/// May QUERY show the caller PFNs?  Only to CAP_SYS_ADMIN (asked without
+/// an audit record: a QUERY without a PFN is no denial).
+pub(crate) fn shows_pfns() -> bool {
+    sys::capable_sys_admin_noaudit() // mutant: pfn-for-everyone
 }
 
 /// Could the caller PATCH `target` now: the check PATCH makes, on the

@@ -209,7 +209,7 @@ impl Controller {
         )
         .map_err(|why| hp.journal.fail(ev, EINVAL, why))?;
         let ev = ev.handle(args.handle as u32);
-        self.authorize(args.handle, ev)?;
+        self.authorize(args.handle, ev, true)?;
         if args.flags & uapi::RESTORE_DROP != 0 {
             authority::may_drop().map_err(|r| hp.journal.refuse(ev, r))?;
             return engine::drop_handle(hp, args.handle);
@@ -217,15 +217,16 @@ impl Controller {
         engine::restore(hp, args.handle)
     }
 
-    /// May this caller RESTORE or QUERY `handle` (see `authority`)?  Its
-    /// target, if so.
-    fn authorize(&self, handle: u64, ev: Event) -> Result<Arc<Target>> {
+    /// May this caller RESTORE (`restoring`) or QUERY `handle` (see
+    /// `authority`)?  Its target, if so.
+    fn authorize(&self, handle: u64, ev: Event, restoring: bool) -> Result<Arc<Target>> {
         let hp = &self.hugepoke;
         let Some((owner, target)) = hp.registry.lock().handle(handle) else {
             let why = "no such patch (unknown or already restored)";
             return Err(hp.journal.fail(ev, ENOENT, why));
         };
-        authority::may_undo(owner, self.id, &target).map_err(|r| hp.journal.refuse(ev, r))?;
+        authority::may_undo(owner, self.id, &target, restoring)
+            .map_err(|r| hp.journal.refuse(ev, r))?;
         Ok(target)
     }
 
@@ -245,7 +246,8 @@ impl Controller {
                 "no such patch (unknown or already restored)",
             )
         };
-        let target = self.authorize(args.handle, ev.handle(args.handle as u32))?;
+        let target = self.authorize(args.handle, ev.handle(args.handle as u32), false)?;
+        let shows_pfns = authority::shows_pfns();
         {
             let state = target.state.lock();
             args.count = state.patches.count(args.handle);
@@ -267,7 +269,7 @@ impl Controller {
             args.addr = p.addr as u64;
             args.len = p.len as u32;
             args.patch_flags = p.flags;
-            args.pfn = authority::shown_pfn(p.pfn);
+            args.pfn = if shows_pfns { p.pfn as u64 } else { 0 };
             args.orig = p.orig;
             args.bytes = p.bytes;
         }

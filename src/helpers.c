@@ -14,6 +14,7 @@
 #include <linux/pagemap.h>
 #include <linux/pagewalk.h>
 #include <linux/rmap.h>
+#include <linux/shmem_fs.h>
 #include <linux/swap.h>
 #include <linux/userfaultfd_k.h>
 
@@ -190,6 +191,27 @@ bool hugepoke_uffd_missing(struct vm_area_struct *vma)
 bool hugepoke_uffd_wp(struct vm_area_struct *vma)
 {
 	return userfaultfd_wp(vma);
+}
+
+/*
+ * The uptodate page-cache folio holding page @index of the file @vma maps,
+ * read in if need be (may sleep), the way uprobes' __copy_insn() reads the
+ * file's instruction (shmem has no ->read_folio).  Counted, or an ERR_PTR.
+ */
+struct folio *hugepoke_read_file_folio(struct vm_area_struct *vma, pgoff_t index)
+{
+	struct file *file = vma->vm_file;
+	struct address_space *mapping = file->f_mapping;
+
+	if (mapping->a_ops->read_folio)
+		return read_mapping_folio(mapping, index, file);
+	return shmem_read_folio(mapping, index);
+}
+
+/* Pages of the file a VMA maps, to its current size (rounded up). */
+pgoff_t hugepoke_vma_file_pages(struct vm_area_struct *vma)
+{
+	return DIV_ROUND_UP(i_size_read(file_inode(vma->vm_file)), PAGE_SIZE);
 }
 
 /*

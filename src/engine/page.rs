@@ -41,7 +41,7 @@ pub(crate) enum Mismatch {
     Expected,
     /// The file's own bytes: another tool changed them.
     Changed,
-    /// No uptodate page-cache page to compare them with.
+    /// The file's page could not be read to compare them with.
     NoFilePage,
 }
 
@@ -57,8 +57,8 @@ impl Mismatch {
                 "these bytes were changed by another tool (they differ from the file's: a debugger's or a uprobe's breakpoint?); nothing written (PATCH_OVER_CHANGED writes over them)",
             ),
             Mismatch::NoFilePage => Refusal::new(
-                EAGAIN,
-                "the file's own page is not in the page cache to compare these bytes with; nothing written, try again",
+                EIO,
+                "the file's own page could not be read to compare these bytes with; nothing written",
             ),
         }
     }
@@ -131,9 +131,9 @@ pub(crate) fn write_patch(
         let page =
             cow_page(hp, guard, &ev, page_addr, before.take()).map_err(WriteError::Failed)?;
         let Some(page) = page else { continue };
-        // The file's own bytes, to compare the ones we replace with (a
-        // lookup that never sleeps; the PT lock is not held yet).
-        let file = check_file.then(|| sys::page_cache_page(vma, page_addr));
+        // The file's own bytes, to compare the ones we replace with (read
+        // in if need be: the PT lock is not held yet).
+        let file = check_file.then(|| sys::read_file_page(vma, page_addr));
         let Some(pte) = sys::lock_pte(vma, page_addr, &page) else {
             hp.journal
                 .record(ev(Step::WriteBytes).error(EAGAIN, "PTE changed after GUP; retrying"));
@@ -237,12 +237,13 @@ pub(crate) fn write_page(
     w: &mut PageWork,
     dir: Dir,
 ) -> Result<(), Refused> {
-    let written = w.written;
+    let (written, sure) = (w.written, w.sure);
     let PageState::Found(page_addr, page) = &mut w.state else {
         return Ok(());
     };
-    let (_, pte) = write_locked(hp, guard, sites, *page_addr, page, written, dir)?;
+    let (_, pte, already) = write_locked(hp, guard, sites, *page_addr, page, (written, sure), dir)?;
     pte.remap_dirty();
+    w.already |= already;
     Ok(())
 }
 
@@ -257,28 +258,38 @@ pub(crate) fn restore_and_zap(
     sites: &[Site],
     w: &mut PageWork,
 ) -> Result<Option<Restored>, Refused> {
-    let written = w.written;
+    let (written, sure) = (w.written, w.sure);
     let PageState::Found(page_addr, page) = &mut w.state else {
         return Ok(None);
     };
     let page_addr = *page_addr;
     let _invalidate = before_zap(mm, page, page_addr);
-    let (vma, pte) = write_locked(hp, guard, sites, page_addr, page, written, Dir::Revert)?;
+    let (vma, pte, _) = write_locked(
+        hp,
+        guard,
+        sites,
+        page_addr,
+        page,
+        (written, sure),
+        Dir::Revert,
+    )?;
     Ok(Some(zap_cleared(hp, &sites[0], vma, pte, page, page_addr)))
 }
 
 /// Lock the PTE of the copy at `page_addr` again, check it is still ours,
 /// and write its sites the way `dir` says with the PTE cleared; the caller
-/// remaps or zaps it.
+/// remaps or zaps it.  `(written, sure)`: what PATCH left in the page, and
+/// whether the copy is certainly the patch's.  Also says whether some
+/// site held its originals already.
 fn write_locked<'a>(
     hp: &Hugepoke,
     guard: &'a MmapWriteGuard<'_>,
     sites: &[Site],
     page_addr: usize,
     page: &mut PageRef,
-    written: Written,
+    (written, sure): (Written, bool),
     dir: Dir,
-) -> Result<(&'a VmaRef, ClearedPte<'a>), Refused> {
+) -> Result<(&'a VmaRef, ClearedPte<'a>, bool), Refused> {
     let rep = &sites[0];
     let (vma, pte) = relock_pte(guard, rep, page_addr, page).ok_or(Refused::Kept(Refusal::new(
         EAGAIN,
@@ -294,7 +305,7 @@ fn write_locked<'a>(
         return Err(Refused::Kept(Refusal::new(EAGAIN, why)));
     }
     let mut pte = pte.unmap();
-    let already = swap_sites(&mut pte, sites, written, dir)?;
+    let already = swap_sites(&mut pte, sites, written, dir, sure)?;
     let ev = rep.event(Step::RestoreBytes).addr(page_addr + rep.offset());
     hp.journal.record(ev.page(page.pfn(), 0).note(match dir {
         Dir::Reapply => "patched bytes written again (undo of a restore that could not finish)",
@@ -305,25 +316,28 @@ fn write_locked<'a>(
         Dir::Revert if page_addr == rep.addr & PAGE_MASK => "original bytes written back",
         Dir::Revert => "original bytes written back (text moved since PATCH)",
     }));
-    Ok((vma, pte))
+    Ok((vma, pte, already != 0))
 }
 
 /// Under the PT lock with the PTE cleared: if every site holds what it
-/// should now (for `dir`), or, restoring, already the originals, write
-/// the other bytes where they are not; else write nothing.  How many
-/// sites of a RESTORE held their originals already.
+/// should now (for `dir`), or, restoring a copy that is `sure`ly the
+/// patch's, already the originals, write the other bytes where they are
+/// not; else write nothing.  How many sites of a RESTORE held their
+/// originals already.
 fn swap_sites(
     pte: &mut ClearedPte<'_>,
     sites: &[Site],
     written: Written,
     dir: Dir,
+    sure: bool,
 ) -> Result<usize, Refused> {
     let mut already = 0;
     for s in sites {
         let (now_there, new) = swap_bytes(s, written, dir);
         let mut now = [0u8; MAX_BYTES];
         pte.read(s.offset(), &mut now[..s.len]);
-        if dir == Dir::Revert && written == Written::Bytes && now[..s.len] == *new {
+        let restoring = dir == Dir::Revert && written == Written::Bytes && sure;
+        if restoring && now[..s.len] == *new {
             // mutant: restore-refuses-originals/2
             already += 1;
         } else if now[..s.len] != *now_there {

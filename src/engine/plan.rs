@@ -74,6 +74,13 @@ pub(crate) struct PageWork {
     /// A PATCH's: the file the page belongs to (taken by the table if the
     /// page is new to it).  RESTORE's pages have none.
     pub(crate) file: Option<ARef<File>>,
+    /// The copy found is certainly the patch's (the page PATCH wrote, held
+    /// since, or the only private copy): only then may RESTORE take a site
+    /// holding its originals for one another tool restored.
+    pub(crate) sure: bool,
+    /// RESTORE found some site of this page holding its originals already:
+    /// an undo of RESTORE does not patch this page again.
+    pub(crate) already: bool,
 }
 
 impl PageWork {
@@ -84,6 +91,8 @@ impl PageWork {
             outcome: Outcome::Untouched,
             written,
             file: None,
+            sure: false,
+            already: false,
         }
     }
 }

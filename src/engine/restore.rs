@@ -72,11 +72,12 @@ fn write_originals(
 
 /// The undo of a pass 2 that could not finish: the pages it wrote get the
 /// patched bytes again (none was zapped: only a plan's only page is zapped
-/// in pass 2).
+/// in pass 2) — but for a page where another tool had put some originals
+/// back: that one stays restored (its sites are forgotten).
 fn reapply(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, sites: &[Site], done: &mut [PageWork]) {
     for w in done
         .iter_mut()
-        .filter(|w| matches!(w.outcome, Outcome::Written))
+        .filter(|w| matches!(w.outcome, Outcome::Written) && !w.already)
     {
         if write_page(hp, guard, &sites[w.range.clone()], w, Dir::Reapply).is_ok() {
             // mutant: restore-half-done

@@ -69,11 +69,11 @@ pub(super) unsafe fn write_page(page: NonNull<bindings::page>, offset: usize, by
 /// As [`with_page_mapped`], for both, and neither is written meanwhile.
 pub(super) unsafe fn pages_equal(a: NonNull<bindings::page>, b: NonNull<bindings::page>) -> bool {
     let compare = |a: *mut u8, b: *mut u8| {
-        // SAFETY: both are mapped pages of PAGE_SIZE bytes that no one
-        // writes meanwhile (our caller).
-        unsafe {
-            core::slice::from_raw_parts(a, PAGE_SIZE) == core::slice::from_raw_parts(b, PAGE_SIZE)
-        }
+        // SAFETY: both are mapped pages of PAGE_SIZE bytes.  `memcmp` over
+        // raw pointers, not slices: a write(2) to the file may be changing
+        // the page-cache page meanwhile (then the answer may be "differs",
+        // which only keeps the copy).
+        unsafe { bindings::memcmp(a.cast(), b.cast(), PAGE_SIZE) == 0 }
     };
     // SAFETY: both stay allocated (our caller); the inner mapping is
     // released first.
@@ -193,6 +193,32 @@ pub(crate) fn page_cache_page(vma: &VmaRef, addr: usize) -> Option<CacheRef> {
         return None;
     };
     // INVARIANT: the lookup's reference, and the folio's page at `index`.
+    Some(CacheRef { folio, page })
+}
+
+/// The page-cache page behind `addr` of the file-backed `vma`, read in
+/// from the file if it is not in the page cache (may sleep: call it
+/// without the PT lock).  None if it cannot be read.
+pub(crate) fn read_file_page(vma: &VmaRef, addr: usize) -> Option<CacheRef> {
+    let info = vma_info(vma);
+    if !info.file_backed() {
+        return None;
+    }
+    let index = info.pgoff_of(addr);
+    // SAFETY: the VMA is valid and file-backed (it has a file and vm_ops)
+    // under the mmap lock held by our caller; the helper returns a counted
+    // folio or an ERR_PTR.
+    let folio = unsafe { super::hugepoke_read_file_folio(vma.as_ptr(), index) };
+    let folio = kernel::error::from_err_ptr(folio).ok()?;
+    let folio = NonNull::new(folio)?;
+    // SAFETY: `folio` is valid and counted, and contains `index`.
+    let page = unsafe { hugepoke_folio_file_page(folio.as_ptr(), index) };
+    let Some(page) = NonNull::new(page) else {
+        // SAFETY: we own the reference just taken.
+        unsafe { hugepoke_folio_put(folio.as_ptr()) };
+        return None;
+    };
+    // INVARIANT: the read's reference, and the folio's page at `index`.
     Some(CacheRef { folio, page })
 }
 

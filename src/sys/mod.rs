@@ -28,7 +28,7 @@ mod task;
 mod vma;
 mod wq;
 
-pub(crate) use folio::{page_cache_page, CacheRef, PageRef};
+pub(crate) use folio::{page_cache_page, read_file_page, CacheRef, PageRef};
 pub(crate) use khugepaged::{
     collapse_pte_mapped_thp, lru_add_drain_all, scan_result_name, scan_result_ok,
 };
@@ -36,8 +36,10 @@ pub(crate) use mm::{MmapWriteGuard, FOLL_FORCE, FOLL_SPLIT_PMD, FOLL_WRITE};
 pub(crate) use pte::{
     lock_pte, mapping_of, ClearedPte, InvalidateRange, LockedPte, Mapping, SwapSlot,
 };
-pub(crate) use task::{capable_sys_admin, current_tgid, mm_id, ModuleRef, PidRef, Process};
-pub(crate) use vma::{vma_file, vma_info, VmaInfo};
+pub(crate) use task::{
+    capable_sys_admin, capable_sys_admin_noaudit, current_tgid, mm_id, ModuleRef, PidRef, Process,
+};
+pub(crate) use vma::{gone_for_good, vma_file, vma_info, VmaInfo};
 pub(crate) use wq::Workqueue;
 
 use kernel::{bindings, prelude::*};
@@ -108,6 +110,11 @@ extern "C" {
     fn hugepoke_uffd_armed(vma: *mut bindings::vm_area_struct) -> bool;
     fn hugepoke_uffd_missing(vma: *mut bindings::vm_area_struct) -> bool;
     fn hugepoke_uffd_wp(vma: *mut bindings::vm_area_struct) -> bool;
+    fn hugepoke_vma_file_pages(vma: *mut bindings::vm_area_struct) -> usize;
+    fn hugepoke_read_file_folio(
+        vma: *mut bindings::vm_area_struct,
+        index: usize,
+    ) -> *mut bindings::folio;
     fn hugepoke_module_get() -> bool;
     fn hugepoke_module_put();
     fn hugepoke_trace(

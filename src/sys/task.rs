@@ -142,6 +142,19 @@ pub(crate) fn capable_sys_admin() -> bool {
     unsafe { bindings::capable(bindings::CAP_SYS_ADMIN as i32) }
 }
 
+/// [`capable_sys_admin`] without an audit record or PF_SUPERPRIV: for
+/// deciding what to show (a PFN), not what to allow.
+pub(crate) fn capable_sys_admin_noaudit() -> bool {
+    // SAFETY: `init_user_ns` is the kernel's static initial namespace;
+    // `ns_capable_noaudit` checks the current task's credentials, no locks.
+    unsafe {
+        bindings::ns_capable_noaudit(
+            core::ptr::addr_of_mut!(bindings::init_user_ns),
+            bindings::CAP_SYS_ADMIN as i32,
+        )
+    }
+}
+
 /// Identity of an address space, for comparing targets; never dereferenced.
 pub(crate) fn mm_id(mm: &Mm) -> usize {
     mm.as_raw() as usize

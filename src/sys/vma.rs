@@ -6,7 +6,9 @@
 
 use kernel::{bindings, fs::File, mm::virt::VmaRef, sync::aref::ARef};
 
-use super::{hugepoke_uffd_armed, hugepoke_uffd_missing, hugepoke_uffd_wp};
+use super::{
+    hugepoke_uffd_armed, hugepoke_uffd_missing, hugepoke_uffd_wp, hugepoke_vma_file_pages,
+};
 
 /// What hugepoke needs to know of a VMA.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -96,4 +98,37 @@ pub(crate) fn vma_file(vma: &VmaRef) -> Option<ARef<File>> {
     // takes a reference of our own (get_file) before we return.  We never
     // use its position, so the fdget_pos rule of `File` is moot.
     Some(ARef::from(unsafe { File::from_raw_file(file) }))
+}
+
+/// Why GUP's EFAULT at file page `pgoff` of the file-backed `vma` (`info`)
+/// means the page can hold no copy to restore any more, if it does: the
+/// file is now shorter than the page (truncation zaps private copies too:
+/// the fault was SIGBUS), or a guard region replaced it (installing one
+/// zaps what it covers: the fault was SIGSEGV on its marker; the kernel
+/// marks such VMAs, and without userfaultfd nothing else faults so there).
+pub(crate) fn gone_for_good(vma: &VmaRef, info: &VmaInfo, pgoff: usize) -> Option<&'static str> {
+    // SAFETY: the VMA is valid and file-backed under the mmap lock held by
+    // our caller; the helper reads its file's size.
+    if pgoff >= unsafe { hugepoke_vma_file_pages(vma.as_ptr()) } {
+        // mutant: truncated-kept
+        return Some(
+            "the file was truncated below the patched page (its copy went with it); nothing to restore",
+        );
+    }
+    if info.maybe_guard() && !info.uffd_armed {
+        // mutant: guard-kept
+        return Some(
+            "a guard region (MADV_GUARD_INSTALL) replaced the patched page; nothing to restore",
+        );
+    }
+    None
+}
+
+impl VmaInfo {
+    /// Has a guard region (MADV_GUARD_INSTALL, which zaps what it covers,
+    /// copies included) ever been installed in this VMA?  The kernel's
+    /// own hint; GUP's EFAULT there, without userfaultfd, is such a guard.
+    pub(crate) fn maybe_guard(&self) -> bool {
+        self.flags & (1 << bindings::VMA_MAYBE_GUARD_BIT) != 0
+    }
 }

@@ -19,6 +19,8 @@
 //!              first: private, read+exec); prints `mapped-again ADDR`
 //!   protect P → mprotect()s the whole text to P (`rx`, `rwx` or `r`)
 //!   dontneed N → madvise(MADV_DONTNEED) of text page N
+//!   guard N  → madvise(MADV_GUARD_INSTALL) of text page N; prints
+//!              `guard N RC`
 //!   pageout N → pages text page N out to swap (MADV_PAGEOUT, after an
 //!              LRU drain through drop_caches, so as root); prints
 //!              `pageout ok` once pagemap shows it swapped
@@ -540,6 +542,14 @@ fn main() {
                     )
                 };
                 let _ = writeln!(out, "dontneed {n}");
+            }
+            (Some("guard"), Some(n)) if n < text::PAGES => {
+                // MADV_GUARD_INSTALL (102, Linux 6.13): a guard region over
+                // text page n, which zaps what was mapped there.
+                // SAFETY: our own text page.
+                let rc =
+                    unsafe { libc::madvise((base + n * PAGE) as *mut libc::c_void, PAGE, 102) };
+                let _ = writeln!(out, "guard {n} {rc}");
             }
             (Some("pageout"), Some(n)) if n < text::PAGES => {
                 let _ = writeln!(

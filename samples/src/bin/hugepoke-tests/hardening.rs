@@ -817,6 +817,8 @@ pub(crate) fn rmmod_waits_for_the_last_close() -> TestResult {
 /// every patch is restored, every range collapsed, no work outlives the
 /// module.  (Loads the module again afterwards.)
 pub(crate) fn module_unload_restores_persistent_patches() -> TestResult {
+    // khugepaged asleep: the collapses must be the module's, at unload.
+    let _khugepaged = KhugepagedAsleep::new()?;
     let root = std::env::var("HUGEPOKE_ROOT").map_err(|_| "HUGEPOKE_ROOT not set")?;
     let ko = format!("{root}/src/hugepoke.ko");
     let mut t = Target::spawn(&[])?;

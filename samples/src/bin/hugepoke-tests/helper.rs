@@ -14,8 +14,9 @@
 //!                                        `query=E pfn=P drop=E restore=E`
 //!   --helper own-undo-as-nobody PID ADDR HEX
 //!                                        as root PATCH (not persistent), drop
-//!                                        to nobody, QUERY and RESTORE its own
-//!                                        handle; print the same line
+//!                                        to nobody, QUERY, RESTORE_DROP and
+//!                                        RESTORE its own handle; print the
+//!                                        same line
 //!   --helper query-in-new-pidns HANDLE   QUERY from a new pid namespace;
 //!                                        print `query=E pid=P`
 //!   --helper zombie                      fork a child that exits; once it is
@@ -99,7 +100,7 @@ pub(crate) fn main(args: &[String]) -> ! {
                 std::process::exit(SETUP_FAILED)
             };
             drop_to_nobody();
-            undo(&dev, handle, false)
+            undo(&dev, handle, true)
         }
         ["query-in-new-pidns", handle] => query_in_new_pidns(handle),
         ["zombie"] => zombie(),

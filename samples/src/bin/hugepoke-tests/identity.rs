@@ -42,6 +42,8 @@ pub(crate) fn restore_after_remap_to_another_file_writes_nothing() -> TestResult
 /// The target mremap()s its patched text: RESTORE follows the file page to
 /// its new address, restores it there, and the PMD comes back there.
 pub(crate) fn restore_follows_mremap() -> TestResult {
+    // khugepaged asleep: the collapse after RESTORE must be the module's.
+    let _khugepaged = KhugepagedAsleep::new()?;
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
     let dev = io(Device::open())?;
@@ -284,6 +286,52 @@ pub(crate) fn restore_picks_the_copy_patch_wrote_among_several() -> TestResult {
     );
     // Nothing of ours is left to restore: root drops the handle.
     io(dev.restore_flags(h, uapi::RESTORE_DROP))?;
+    Ok(())
+}
+
+/// The patched page gone for good — a guard region installed over it, the
+/// file truncated below it (each zaps the copy): RESTORE forgets the patch
+/// and says why, instead of keeping it for ever behind a GUP that cannot
+/// succeed; nothing of it stays listed.
+pub(crate) fn restore_forgets_a_page_gone_for_good() -> TestResult {
+    let thp_dir = std::env::var("HUGEPOKE_THP_DIR").map_err(|_| "HUGEPOKE_THP_DIR not set")?;
+    let file = format!("{thp_dir}/gone-for-good.bin");
+    io(std::fs::write(&file, text::blob()))?;
+    let mut t = Target::spawn(&["--file", &file])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    // Truncation first: a VMA that once had a guard region is marked so
+    // for good, and the truncation must be told by the file's size.
+    let h = io(dev.patch(&patch_req(&t, 500, 500)))?;
+    let f = io(std::fs::OpenOptions::new().write(true).open(&file))?;
+    io(f.set_len((500 * text::PAGE) as u64))?;
+    drop(f);
+    io(dev.restore(h))?;
+    let evs = events_of(h)?;
+    ensure!(
+        evs.iter()
+            .any(|e| e.step == "restore_bytes" && e.note.contains("truncated")),
+        "RESTORE after truncation: {:?}",
+        steps(&evs)
+    );
+    let h = io(dev.patch(&patch_req(&t, 400, 400)))?;
+    let guarded = t.command("guard 400")?;
+    ensure!(guarded == "guard 400 0", "MADV_GUARD_INSTALL: {guarded}");
+    io(dev.restore(h))?;
+    let evs = events_of(h)?;
+    ensure!(
+        evs.iter()
+            .any(|e| e.step == "restore_bytes" && e.note.contains("guard region")),
+        "RESTORE after a guard region: {:?}",
+        steps(&evs)
+    );
+    let listed = proc::parse_patches(&io(proc::debugfs("patches"))?);
+    ensure!(
+        !listed.iter().any(|p| p.pid == t.pid),
+        "patches left: {listed:?}"
+    );
+    drop(t);
+    let _ = std::fs::remove_file(&file);
     Ok(())
 }
 
@@ -589,6 +637,7 @@ tests! {
         restore_refuses_a_writable_mapping,
         close_time_restore_refused_keeps_the_patch_persistent,
         restore_picks_the_copy_patch_wrote_among_several,
+        restore_forgets_a_page_gone_for_good,
         failed_collapse_is_reported_with_the_kernels_reason,
         swapped_out_patch_restores_and_frees_its_swap_slot,
     ];
