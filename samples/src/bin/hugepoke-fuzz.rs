@@ -141,6 +141,8 @@ enum Want {
     Ok,
     /// Fail with this errno, changing nothing.
     Err(i32),
+    /// Fail with one of these errnos, changing nothing.
+    Fail(&'static [i32]),
     /// Succeed or fail with one of these errnos (changing nothing then).
     Any(&'static [i32]),
 }
@@ -158,6 +160,10 @@ const DOCUMENTED: &[i32] = &[
     libc::EACCES,
     libc::EAGAIN,
     libc::ENOENT,
+    libc::EIO,
+    libc::ENOMEM,
+    libc::EINTR,
+    libc::ENODEV,
 ];
 
 impl Fuzz {
@@ -378,6 +384,31 @@ impl Fuzz {
         }
     }
 
+    /// What a batch for our pid with a good header and readable sites must
+    /// do, in the order the module checks: EINVAL for a site flag that is
+    /// not a site's or two sites that overlap, EBUSY when one overlaps a
+    /// live site of ours, EILSEQ for a wrong `expect`, else succeed.
+    fn want_batch(&self, model: &Model, sites: &[BatchSite]) -> Want {
+        let stray = sites.iter().any(|s| s.flags & !uapi::SITE_FLAGS != 0);
+        let crossed = sites.iter().enumerate().any(|(i, a)| {
+            sites[..i]
+                .iter()
+                .any(|b| a.addr < b.addr + b.len as u64 && b.addr < a.addr + a.len as u64)
+        });
+        let len = |s: &BatchSite| s.len as usize;
+        if stray || crossed {
+            Want::Err(libc::EINVAL)
+        } else if sites.iter().any(|s| model.overlaps(s.addr, s.len as u64)) {
+            Want::Err(libc::EBUSY)
+        } else if sites.iter().any(|s| {
+            s.flags & uapi::PATCH_EXPECT != 0 && s.expect[..len(s)] != *self.file(s.addr, len(s))
+        }) {
+            Want::Err(libc::EILSEQ)
+        } else {
+            Want::Ok
+        }
+    }
+
     /// The sites of the batch at `sites` (`count` of them, readable), as
     /// (address, bytes), and whether the kernel must refuse it before
     /// anything else (a bad count, header or site flag).
@@ -482,7 +513,7 @@ impl Fuzz {
                 let want = match ptr {
                     _ if name == "random" => Want::Any(DOCUMENTED),
                     0 | 0xffff_ffff_8100_0000 => Want::Err(libc::EFAULT),
-                    _ => Want::Any(&[libc::EFAULT, libc::EINVAL]),
+                    _ => Want::Fail(&[libc::EFAULT, libc::EINVAL]),
                 };
                 self.judge(&call, want, errno);
                 continue;
@@ -507,7 +538,8 @@ impl Fuzz {
             (Want::Ok, None) => true,
             (Want::Err(w), Some(e)) => *w == e,
             (Want::Any(set), None) => !set.is_empty(),
-            (Want::Any(set), Some(e)) => set.contains(&e),
+            (Want::Any(set) | Want::Fail(set), Some(e)) => set.contains(&e),
+            (Want::Fail(_), None) => false,
             // EAGAIN (the page table kept changing) may end any write.
             (Want::Ok, Some(e)) => e == libc::EAGAIN,
             (Want::Err(_), None) => false,
@@ -597,21 +629,24 @@ impl Fuzz {
         let header_ok = a.size as usize == std::mem::size_of::<PatchBatchArgs>()
             && a.flags & !uapi::BATCH_FLAGS == 0
             && (1..=uapi::MAX_BATCH as u32).contains(&a.count);
+        let sites = match (header_ok, readable) {
+            (true, Some(_)) => self.batch_sites(&a, heap, buf),
+            _ => Vec::new(),
+        };
         let want = if !header_ok {
             Want::Err(libc::EINVAL)
         } else if readable.is_none() {
             Want::Err(libc::EFAULT)
         } else if a.pid != self.pid {
-            Want::Any(&[libc::ESRCH, libc::EINVAL])
+            // (The sites are checked before the pid is looked up.)
+            Want::Fail(&[libc::ESRCH, libc::EINVAL])
         } else {
-            // Sites may overlap each other or ours, or expect wrongly.
-            Want::Any(&[libc::EINVAL, libc::EBUSY, libc::EILSEQ, libc::EAGAIN])
+            self.want_batch(model, &sites)
         };
         self.judge(call, want, errno);
         if !header_ok || readable.is_none() {
             return;
         }
-        let sites = self.batch_sites(&a, heap, buf);
         match errno {
             None => {
                 for s in &sites {
