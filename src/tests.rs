@@ -323,6 +323,8 @@ mod hugepoke {
         batch(&mut t, 10, None, FILE_A, 600, 3, 3);
         assert_eq!(t.count(9), 1000);
         assert_eq!(t.count(10), 3);
+        // The target's total, which PATCH holds to MAX_TARGET_SITES.
+        assert_eq!(t.live_sites(), 1003);
         assert_eq!(t.on_page((FILE_A, 20)), 100);
         assert_eq!(t.in_range((FILE_A, 0)), 1000);
         assert_eq!(t.in_range((FILE_A, 1)), 3);
@@ -348,6 +350,7 @@ mod hugepoke {
             assert!(t.remove(9, i).is_some());
         }
         assert_eq!(t.count(9), 0);
+        assert_eq!(t.live_sites(), 3);
         assert_eq!(t.on_page((FILE_A, 20)), 0);
         assert_eq!(t.in_range((FILE_A, 0)), 0);
         let mut v = KVec::new();

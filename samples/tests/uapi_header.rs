@@ -65,6 +65,7 @@ fn expected() -> Vec<(&'static str, u64)> {
         ("HUGEPOKE_ABI_VERSION", ABI_VERSION as u64),
         ("HUGEPOKE_MAX_BYTES", MAX_BYTES as u64),
         ("HUGEPOKE_MAX_BATCH", MAX_BATCH as u64),
+        ("HUGEPOKE_MAX_TARGET_SITES", MAX_TARGET_SITES as u64),
         ("HUGEPOKE_NO_SITE", NO_SITE as u64),
         ("HUGEPOKE_PATCH_PERSIST", PATCH_PERSIST as u64),
         ("HUGEPOKE_PATCH_EXPECT", PATCH_EXPECT as u64),

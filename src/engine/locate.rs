@@ -94,6 +94,12 @@ pub(crate) fn find_anon_copy<'a>(
         let page_addr = policy::address_in(site, &info).map(|a| a & PAGE_MASK); // mutant: address-identity/2 address-identity-remap
         let Some(page_addr) = page_addr else { continue };
         seen.mapped = true;
+        if !info.has_anon_vma {
+            // mutant: fault-every-mapping
+            // No anonymous page can be there: no fault (and no I/O, no
+            // uffd fault) in a mapping the target never COWed.
+            continue;
+        }
         // One mapping that cannot be faulted in (uffd) says nothing about
         // the others.
         let page = match guard.get_user_page(page_addr, sys::FOLL_FORCE) {

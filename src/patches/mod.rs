@@ -210,6 +210,8 @@ pub(crate) struct Forgotten<F> {
 /// 2 MiB file range, and a tree of handles, each with its sites in one
 /// vector.  `F` is the file reference (`ARef<File>`; `()` in KUnit).
 pub(crate) struct Patches<F> {
+    /// Live sites, of every handle.
+    live_sites: usize,
     pages: RBTree<PageKey, PageSites<F>>,
     per_range: RBTree<PageKey, u32>,
     handles: RBTree<u64, HandleSites>,
@@ -220,11 +222,17 @@ pub(crate) struct Patches<F> {
 impl<F> Patches<F> {
     pub(crate) fn new() -> Self {
         Self {
+            live_sites: 0,
             pages: RBTree::new(),
             per_range: RBTree::new(),
             handles: RBTree::new(),
             owned: RBTree::new(),
         }
+    }
+
+    /// How many live sites there are, of every handle.
+    pub(crate) fn live_sites(&self) -> usize {
+        self.live_sites
     }
 
     /// No site at all (a handle leaves with its last site).
@@ -332,6 +340,7 @@ impl<F> Patches<F> {
             return None;
         }
         h.live -= n;
+        self.live_sites -= n as usize;
         let last = h.live == 0;
         let file = if p.get().slots.is_empty() {
             Some(p.remove().file)

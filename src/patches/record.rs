@@ -162,6 +162,7 @@ impl<F> Patches<F> {
         let left_out = h.sites.len() - h.live as usize;
         kernel::warn_on!(left_out != 0);
         if h.live != 0 {
+            self.live_sites += h.live as usize;
             self.record_handle(handle, h, handle_room, owned_room);
         }
         left_out

@@ -24,6 +24,9 @@ pub(crate) struct VmaInfo {
     pub(crate) uffd_armed: bool,
     pub(crate) uffd_wp: bool,
     pub(crate) uffd_missing: bool,
+    /// The VMA has an anon_vma: it may hold anonymous (COWed) pages.  A
+    /// VMA without one has none to find.
+    pub(crate) has_anon_vma: bool,
 }
 
 impl VmaInfo {
@@ -83,6 +86,10 @@ pub(crate) fn vma_info(vma: &VmaRef) -> VmaInfo {
         uffd_armed,
         uffd_wp,
         uffd_missing,
+        // SAFETY: as above; a pointer-sized load, only compared with null.
+        // In a private read-only mapping only a FOLL_FORCE write (under the
+        // mmap lock) sets it, and nothing clears it while the VMA lives.
+        has_anon_vma: unsafe { !core::ptr::read_volatile(&raw const (*raw).anon_vma).is_null() },
     }
 }
 

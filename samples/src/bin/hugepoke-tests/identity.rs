@@ -335,6 +335,36 @@ pub(crate) fn restore_forgets_a_page_gone_for_good() -> TestResult {
     Ok(())
 }
 
+/// The file mapped a second time and never touched there: RESTORE looks
+/// for the copy in both mappings but faults neither page in where no
+/// anonymous page can be (a VMA without an anon_vma), so the second
+/// mapping's page stays not present.
+pub(crate) fn restore_faults_in_no_mapping_without_copies() -> TestResult {
+    const P: usize = 45;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, P, 45)))?;
+    let second = t.command("map-again")?;
+    let b: u64 = second
+        .strip_prefix("mapped-again ")
+        .and_then(hugepoke::parse_number)
+        .ok_or(format!("map-again said {second:?}"))?;
+    let at = b + (P * text::PAGE) as u64;
+    let pm = io(Pagemap::open(t.pid))?;
+    ensure!(
+        !io(pm.entry(at))?.present(),
+        "the second mapping was touched"
+    );
+    io(dev.restore(h))?;
+    ensure!(t.call(P)? == text::original_value(P), "not restored");
+    ensure!(
+        !io(pm.entry(at))?.present(),
+        "RESTORE faulted the page in where the target has no copy"
+    );
+    Ok(())
+}
+
 /// After RESTORE of the last patch in a range whose collapse cannot work
 /// (another anonymous page in it, written by a debugger; page 0 not
 /// mapped), the journal reports the kernel's own verdict, not a success.
@@ -638,6 +668,7 @@ tests! {
         close_time_restore_refused_keeps_the_patch_persistent,
         restore_picks_the_copy_patch_wrote_among_several,
         restore_forgets_a_page_gone_for_good,
+        restore_faults_in_no_mapping_without_copies,
         failed_collapse_is_reported_with_the_kernels_reason,
         swapped_out_patch_restores_and_frees_its_swap_slot,
     ];
