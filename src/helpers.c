@@ -193,6 +193,11 @@ bool hugepoke_uffd_wp(struct vm_area_struct *vma)
 	return userfaultfd_wp(vma);
 }
 
+bool hugepoke_uffd_minor(struct vm_area_struct *vma)
+{
+	return userfaultfd_minor(vma);
+}
+
 /*
  * The uptodate page-cache folio holding page @index of the file @vma maps,
  * read in if need be (may sleep), the way uprobes' __copy_insn() reads the

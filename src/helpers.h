@@ -39,6 +39,7 @@ void hugepoke_invalidate_end(struct mmu_notifier_range *range);
 bool hugepoke_uffd_armed(struct vm_area_struct *vma);
 bool hugepoke_uffd_missing(struct vm_area_struct *vma);
 bool hugepoke_uffd_wp(struct vm_area_struct *vma);
+bool hugepoke_uffd_minor(struct vm_area_struct *vma);
 pgoff_t hugepoke_vma_file_pages(struct vm_area_struct *vma);
 struct folio *hugepoke_read_file_folio(struct vm_area_struct *vma, pgoff_t index);
 int hugepoke_mmap_write_lock_killable(struct mm_struct *mm);

@@ -472,7 +472,7 @@ fn keep_reason(
         Some("userfaultfd missing mode is armed")
     } else if info.uffd_wp {
         Some("userfaultfd write-protect is registered: zapping would drop the wp bit")
-    } else if info.uffd_armed {
+    } else if info.uffd_minor {
         // mutant: uffd-minor-zapped
         Some("userfaultfd minor mode is registered: the next fetch would wait for its monitor")
     } else if page.unexpected_refs() != 0 {

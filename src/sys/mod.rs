@@ -110,6 +110,7 @@ extern "C" {
     fn hugepoke_uffd_armed(vma: *mut bindings::vm_area_struct) -> bool;
     fn hugepoke_uffd_missing(vma: *mut bindings::vm_area_struct) -> bool;
     fn hugepoke_uffd_wp(vma: *mut bindings::vm_area_struct) -> bool;
+    fn hugepoke_uffd_minor(vma: *mut bindings::vm_area_struct) -> bool;
     fn hugepoke_vma_file_pages(vma: *mut bindings::vm_area_struct) -> usize;
     fn hugepoke_read_file_folio(
         vma: *mut bindings::vm_area_struct,

@@ -7,7 +7,8 @@
 use kernel::{bindings, fs::File, mm::virt::VmaRef, sync::aref::ARef};
 
 use super::{
-    hugepoke_uffd_armed, hugepoke_uffd_missing, hugepoke_uffd_wp, hugepoke_vma_file_pages,
+    hugepoke_uffd_armed, hugepoke_uffd_minor, hugepoke_uffd_missing, hugepoke_uffd_wp,
+    hugepoke_vma_file_pages,
 };
 
 /// What hugepoke needs to know of a VMA.
@@ -24,6 +25,7 @@ pub(crate) struct VmaInfo {
     pub(crate) uffd_armed: bool,
     pub(crate) uffd_wp: bool,
     pub(crate) uffd_missing: bool,
+    pub(crate) uffd_minor: bool,
     /// The VMA has an anon_vma: it may hold anonymous (COWed) pages.  A
     /// VMA without one has none to find.
     pub(crate) has_anon_vma: bool,
@@ -70,11 +72,12 @@ pub(crate) fn vma_info(vma: &VmaRef) -> VmaInfo {
         (mapping, (*raw).vm_pgoff as usize)
     };
     // SAFETY: as above; the helpers only read the VMA's flags and context.
-    let (uffd_armed, uffd_wp, uffd_missing) = unsafe {
+    let (uffd_armed, uffd_wp, uffd_missing, uffd_minor) = unsafe {
         (
             hugepoke_uffd_armed(raw),
             hugepoke_uffd_wp(raw),
             hugepoke_uffd_missing(raw),
+            hugepoke_uffd_minor(raw),
         )
     };
     VmaInfo {
@@ -86,6 +89,7 @@ pub(crate) fn vma_info(vma: &VmaRef) -> VmaInfo {
         uffd_armed,
         uffd_wp,
         uffd_missing,
+        uffd_minor,
         // SAFETY: as above; a pointer-sized load, only compared with null.
         // In a private read-only mapping only a FOLL_FORCE write (under the
         // mmap lock) sets it, and nothing clears it while the VMA lives.
