@@ -531,6 +531,20 @@ fn start(
 
 /// The checks after the controllers stopped.
 fn after_the_run(run: &Run, t: &mut Target, pages: usize, chaos: bool, problems: &mut Vec<String>) {
+    // What the checkers let pass: stale calls tolerated (at most
+    // MISSES_ALLOWED in a row) and original values excused by a
+    // MADV_DONTNEED of the chaos.
+    let (misses, excused) = (0..pages).fold((0u64, 0u64), |(m, e), p| {
+        let slot = run.state.slot(p);
+        (
+            m + u64::from(slot.misses.load(Relaxed)),
+            e + slot.excused.load(Relaxed),
+        )
+    });
+    println!(
+        "# stress: checkers tolerated {misses} stale calls (at most {} in a row) and excused {excused} original values after a MADV_DONTNEED",
+        check_state::MISSES_ALLOWED
+    );
     if chaos {
         // Stop the chaos; one more checked cycle queues the collapse that it
         // may have thwarted (a split VMA cannot be collapsed).

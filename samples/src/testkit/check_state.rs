@@ -11,10 +11,12 @@
 //! reads saw the same generation did the whole call run after the ioctl
 //! returned, and then it must have returned the value of that state.  The
 //! kernel flushed every TLB before the ioctl returned, so there is no
-//! legitimate reason for even one such miss; a checker exits after
-//! [`MISSES_ALLOWED`] in a row.  A checker that saw the right value says so
+//! legitimate reason for even one such miss; a checker tolerates
+//! [`MISSES_ALLOWED`] in a row and exits on the next.  A checker that saw the right value says so
 //! in `seen`; the controller waits for that before its next ioctl on the
-//! page, so every state is observed, not just allowed.
+//! page, so every state is observed, not just allowed.  Misses tolerated
+//! and values excused (below) are counted per page, and the run reports
+//! them.
 //!
 //! `--chaos` (the target itself `madvise(MADV_DONTNEED)`s patched pages,
 //! which drops the patched copy, legitimately undoing the patch) bumps the
@@ -58,11 +60,16 @@ pub struct Slot {
     /// The newest generation a checker saw the right value in (low 32
     /// bits; a futex the controller sleeps on).
     pub seen: AtomicU32,
-    _pad: u32,
+    /// Calls that ran wholly after the ioctl and still returned the value
+    /// from before it (tolerated up to MISSES_ALLOWED in a row): counted,
+    /// so that the run reports them.
+    pub misses: AtomicU32,
     /// `dontneed` as the controller read it before its PATCH.
     pub dontneed_before: AtomicU64,
     /// Bumped by the chaos thread before and after each MADV_DONTNEED.
     pub dontneed: AtomicU64,
+    /// Original values in `Patched` excused by such a MADV_DONTNEED.
+    pub excused: AtomicU64,
 }
 
 impl Slot {

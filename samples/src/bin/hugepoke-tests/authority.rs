@@ -326,6 +326,10 @@ pub(crate) fn drop_forgets_a_handle_and_writes_nothing() -> TestResult {
         steps(&evs)
     );
     expect_errno("QUERY", dev.query(h), libc::ENOENT, "no such patch")?;
+    // Handles are never reused: the next one is newer.
+    let next = io(dev.patch(&patch_req(&t, PAGE + 1, 4545)))?;
+    ensure!(next > h, "handle {next} after {h}: reused");
+    io(dev.restore(next))?;
     // What the drop left behind: the target's copy, which the original
     // bytes written by hand turn back into a clean one.
     write_mem(

@@ -814,8 +814,9 @@ pub(crate) fn rmmod_waits_for_the_last_close() -> TestResult {
 }
 
 /// Unloading the module with persistent patches and collapse work queued:
-/// every patch is restored, every range collapsed, no work outlives the
-/// module.  (Loads the module again afterwards.)
+/// every patch is restored, every range collapsed by the module itself, no
+/// work outlives the module; a patch that cannot be restored (its text
+/// made writable) is abandoned as it is.  (Loads the module again.)
 pub(crate) fn module_unload_restores_persistent_patches() -> TestResult {
     // khugepaged asleep: the collapses must be the module's, at unload.
     let _khugepaged = KhugepagedAsleep::new()?;
@@ -825,6 +826,11 @@ pub(crate) fn module_unload_restores_persistent_patches() -> TestResult {
     let head = thp_head(&t)?;
     let mut t2 = Target::spawn(&[])?;
     let head2 = thp_head(&t2)?;
+    // A third whose persistent patch cannot be restored at unload (its
+    // text made writable): abandoned, left as it is, and nothing of it
+    // outlives the module.
+    let mut t3 = Target::spawn(&[])?;
+    thp_head(&t3)?;
     {
         let dev = io(Device::open())?;
         io(dev.patch(&PatchRequest {
@@ -839,7 +845,15 @@ pub(crate) fn module_unload_restores_persistent_patches() -> TestResult {
         // This one's RESTORE queues a collapse right before the unload.
         let h = io(dev.patch(&patch_req(&t2, 22, 22)))?;
         io(dev.restore(h))?;
+        io(dev.patch(&PatchRequest {
+            persist: true,
+            ..patch_req(&t3, 23, 23)
+        }))?;
     }
+    ensure!(
+        t3.command("protect rwx")? == "protected 0",
+        "mprotect rwx failed"
+    );
     ensure!(
         t.call(20)? == 20 && t.call(21)? == 21,
         "persistent patches not live"
@@ -852,6 +866,10 @@ pub(crate) fn module_unload_restores_persistent_patches() -> TestResult {
     ensure!(
         t.call(20)? == 1020 && t.call(21)? == 1021,
         "unload left the target patched"
+    );
+    ensure!(
+        t3.call(23)? == 23,
+        "unload wrote into a mapping made writable (the patch is to be abandoned as it is)"
     );
     // The module collapsed the range itself, at unload (khugepaged
     // cannot have written this line).
