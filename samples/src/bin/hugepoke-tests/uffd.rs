@@ -266,6 +266,52 @@ pub(crate) fn uffd_wp_on_pmd_mapped_text_is_never_written_through() -> TestResul
     Ok(())
 }
 
+/// The same for a batch: sites on pages 12 and 13 under one handle, only
+/// page 13 write-protected.  RESTORE of the batch stops at page 13's
+/// fault before writing anything (EFAULT): page 12 keeps its patch too,
+/// the wp bit stays; once un-protected, RESTORE gives both back.
+pub(crate) fn uffd_wp_stops_a_batch_restore_before_any_write() -> TestResult {
+    let t = Target::spawn(&[])?;
+    let file = io(std::fs::File::open(&t.file))?;
+    let own = OwnText::map(&file)?;
+    let dev = io(Device::open())?;
+    let sites: Vec<_> = [12, 13]
+        .iter()
+        .map(|&p| hugepoke::device::batch_site(own.page(p), &text::mov_eax_ret(p as u32), None))
+        .collect();
+    let h = dev
+        .patch_batch(std::process::id() as i32, &sites, 0)
+        .map_err(|e| format!("batch: {e}"))?;
+    let uffd = Uffd::open()?;
+    uffd.register(own.addr, text::THP_SIZE as u64, UFFDIO_REGISTER_MODE_WP)?;
+    uffd.write_protect(own.page(13), text::PAGE as u64, true)?;
+    expect_errno(
+        "batch restore through uffd-wp",
+        dev.restore(h),
+        libc::EFAULT,
+        "for writing",
+    )?;
+    for p in [12, 13] {
+        ensure!(
+            own.bytes(p) == text::mov_eax_ret(p as u32),
+            "the refused batch RESTORE wrote page {p}: {:x?}",
+            own.bytes(p)
+        );
+    }
+    let pm = io(Pagemap::open(std::process::id() as i32))?;
+    ensure!(io(pm.entry(own.page(13)))?.uffd_wp(), "wp bit dropped");
+    uffd.write_protect(own.page(13), text::PAGE as u64, false)?;
+    io(dev.restore(h))?;
+    for p in [12, 13] {
+        ensure!(
+            own.bytes(p) == text::mov_eax_ret(text::original_value(p)),
+            "page {p} not restored: {:x?}",
+            own.bytes(p)
+        );
+    }
+    Ok(())
+}
+
 /// userfaultfd missing mode registered on the text after PATCH: RESTORE
 /// writes the originals back but keeps the anonymous page (abi.md: zapped
 /// only when no userfaultfd mode is registered), queues no collapse, and
@@ -396,6 +442,7 @@ tests! {
     ];
     WP_AND_MISSING: [
         uffd_wp_on_pmd_mapped_text_is_never_written_through,
+        uffd_wp_stops_a_batch_restore_before_any_write,
         uffd_missing_after_patch_keeps_the_anonymous_page,
         uffd_minor_after_patch_keeps_the_anonymous_page,
     ];
