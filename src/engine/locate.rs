@@ -17,7 +17,7 @@ use crate::{
     patches::Site,
     policy,
     refusal::Refusal,
-    sys::{self, LockedPte, MmapWriteGuard, PageRef, PAGE_MASK},
+    sys::{self, LockedPte, MmapWriteGuard, PageRef, VmaInfo, PAGE_MASK},
     uapi::MAX_BYTES,
     Hugepoke,
 };
@@ -100,23 +100,8 @@ pub(crate) fn find_anon_copy<'a>(
             // uffd fault) in a mapping the target never COWed.
             continue;
         }
-        // One mapping that cannot be faulted in (uffd) says nothing about
-        // the others.
-        let page = match guard.get_user_page(page_addr, sys::FOLL_FORCE) {
-            Ok(page) if page.is_anon() => page,
-            Ok(_) => continue,
-            Err(e) if e == EFAULT => {
-                // Gone for good (truncated, guarded), or kept.
-                match sys::gone_for_good(vma, &info, site.pgoff) {
-                    Some(why) => seen.gone = Some(why),
-                    None => seen.error = Some(e),
-                }
-                continue;
-            }
-            Err(e) => {
-                seen.error = Some(e);
-                continue;
-            }
+        let Some(page) = seen.fault_copy(guard, vma, &info, site.pgoff, page_addr) else {
+            continue;
         };
         if let Err(r) = policy::check_restore_vma(&info) {
             seen.refused = Some(r);
@@ -138,6 +123,31 @@ pub(crate) fn find_anon_copy<'a>(
 }
 
 impl<'a> Seen<'a> {
+    /// The anonymous copy at `page_addr` of `vma` (`info`), faulted in if
+    /// need be; else none, noting why when it is not just the page-cache
+    /// page.  One mapping that cannot be faulted in (uffd) says nothing
+    /// about the others.
+    fn fault_copy(
+        &mut self,
+        guard: &MmapWriteGuard<'_>,
+        vma: &VmaRef,
+        info: &VmaInfo,
+        pgoff: usize,
+        page_addr: usize,
+    ) -> Option<PageRef> {
+        match guard.get_user_page(page_addr, sys::FOLL_FORCE) {
+            Ok(page) if page.is_anon() => return Some(page),
+            Ok(_) => {}
+            // Gone for good (truncated, guarded), or kept.
+            Err(e) if e == EFAULT => match sys::gone_for_good(vma, info, pgoff) {
+                Some(why) => self.gone = Some(why),
+                None => self.error = Some(e),
+            },
+            Err(e) => self.error = Some(e),
+        }
+        None
+    }
+
     fn verdict(self) -> Result<Look<'a>, Refused> {
         match self.best {
             Some((rank, vma, page_addr, page)) if rank > 1 || self.copies == 1 => {
