@@ -209,12 +209,12 @@ impl Controller {
         )
         .map_err(|why| hp.journal.fail(ev, EINVAL, why))?;
         let ev = ev.handle(args.handle as u32);
-        self.authorize(args.handle, ev, true)?;
+        let target = self.authorize(args.handle, ev, true)?;
         if args.flags & uapi::RESTORE_DROP != 0 {
             authority::may_drop().map_err(|r| hp.journal.refuse(ev, r))?;
-            return engine::drop_handle(hp, args.handle);
+            return engine::drop_handle(hp, &target, args.handle);
         }
-        engine::restore(hp, args.handle)
+        engine::restore_of(hp, &target, args.handle)
     }
 
     /// May this caller RESTORE (`restoring`) or QUERY `handle` (see

@@ -127,13 +127,13 @@ pub(crate) fn write_patch(
     let page_addr = addr & PAGE_MASK;
     let mut before = Some(sys::mapping_of(vma, page_addr));
     let check_file = sites[0].flags & uapi::PATCH_OVER_CHANGED == 0; // mutant: over-changed-bytes
+                                                                     // The file's own bytes, to compare the ones we replace with: read in
+                                                                     // if need be, once, before any PT lock is taken.
+    let file = check_file.then(|| sys::read_file_page(vma, page_addr));
     for _ in 0..MAX_TRIES {
         let page =
             cow_page(hp, guard, &ev, page_addr, before.take()).map_err(WriteError::Failed)?;
         let Some(page) = page else { continue };
-        // The file's own bytes, to compare the ones we replace with (read
-        // in if need be: the PT lock is not held yet).
-        let file = check_file.then(|| sys::read_file_page(vma, page_addr));
         let Some(pte) = sys::lock_pte(vma, page_addr, &page) else {
             hp.journal
                 .record(ev(Step::WriteBytes).error(EAGAIN, "PTE changed after GUP; retrying"));
@@ -159,7 +159,13 @@ pub(crate) fn write_patch(
         // a reference taken earlier — /proc/PID/mem's kmap — is excluded by
         // the mmap lock, which we hold for writing.)
         let mut pte = pte.unmap();
-        if let Some((k, m)) = swap_expected(&mut pte, sites, expects, file, page.pfn()) {
+        if let Some((k, m)) = swap_expected(
+            &mut pte,
+            sites,
+            expects,
+            file.as_ref().map(Option::as_ref),
+            page.pfn(),
+        ) {
             drop(pte);
             return Err(WriteError::NotExpected(k, page, m));
         }
@@ -183,7 +189,7 @@ fn swap_expected(
     pte: &mut ClearedPte<'_>,
     sites: &mut [Site],
     expects: &[Option<[u8; MAX_BYTES]>],
-    file: Option<Option<CacheRef>>,
+    file: Option<Option<&CacheRef>>,
     pfn: usize,
 ) -> Option<(usize, Mismatch)> {
     for site in sites.iter_mut() {
@@ -195,7 +201,7 @@ fn swap_expected(
         .zip(expects)
         .position(|(s, e)| not_expected(s, e))
         .map(|k| (k, Mismatch::Expected))
-        .or_else(|| file.and_then(|f| changed(sites, f.as_ref())));
+        .or_else(|| file.and_then(|f| changed(sites, f)));
     if mismatch.is_none() {
         for site in sites.iter() {
             pte.write(site.offset(), &site.bytes[..site.len]);

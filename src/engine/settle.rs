@@ -26,15 +26,20 @@ use crate::{
     Hugepoke,
 };
 
-/// RESTORE `handle` (who may is `authority`'s to say).
+/// RESTORE `handle`, its target looked up here.
 pub(crate) fn restore(hp: &Arc<Hugepoke>, handle: u64) -> Result {
     let target = hp
         .registry
         .lock()
         .target_of(handle)
         .ok_or_else(|| unknown(hp, handle))?;
+    restore_of(hp, &target, handle)
+}
+
+/// RESTORE `handle` of `target` (who may is `authority`'s to say).
+pub(crate) fn restore_of(hp: &Arc<Hugepoke>, target: &Arc<Target>, handle: u64) -> Result {
     let mut state = target.state.lock();
-    restore_handle(hp, &target, &mut state, handle, Closing::No)
+    restore_handle(hp, target, &mut state, handle, Closing::No)
         .unwrap_or_else(|| Err(unknown(hp, handle)))
 }
 
@@ -47,12 +52,7 @@ fn unknown(hp: &Hugepoke, handle: u64) -> Error {
 /// RESTORE_DROP: forget `handle` without looking at or writing into its
 /// target, for a patch RESTORE cannot give back.  Whatever the target's
 /// copies hold stays, and their ranges stay PTE-mapped.
-pub(crate) fn drop_handle(hp: &Arc<Hugepoke>, handle: u64) -> Result {
-    let target = hp
-        .registry
-        .lock()
-        .target_of(handle)
-        .ok_or_else(|| unknown(hp, handle))?;
+pub(crate) fn drop_handle(hp: &Arc<Hugepoke>, target: &Arc<Target>, handle: u64) -> Result {
     let mut state = target.state.lock();
     if state.patches.count(handle) == 0 {
         return Err(unknown(hp, handle));

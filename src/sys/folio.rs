@@ -68,11 +68,11 @@ pub(super) unsafe fn write_page(page: NonNull<bindings::page>, offset: usize, by
 ///
 /// As [`with_page_mapped`], for both, and neither is written meanwhile.
 pub(super) unsafe fn pages_equal(a: NonNull<bindings::page>, b: NonNull<bindings::page>) -> bool {
+    // `memcmp` over raw pointers, not slices: a write(2) to the file may be
+    // changing the page-cache page meanwhile (then the answer may be
+    // "differs", which only keeps the copy).
     let compare = |a: *mut u8, b: *mut u8| {
-        // SAFETY: both are mapped pages of PAGE_SIZE bytes.  `memcmp` over
-        // raw pointers, not slices: a write(2) to the file may be changing
-        // the page-cache page meanwhile (then the answer may be "differs",
-        // which only keeps the copy).
+        // SAFETY: both are mapped pages of PAGE_SIZE bytes.
         unsafe { bindings::memcmp(a.cast(), b.cast(), PAGE_SIZE) == 0 }
     };
     // SAFETY: both stay allocated (our caller); the inner mapping is
@@ -184,16 +184,8 @@ pub(crate) fn page_cache_page(vma: &VmaRef, addr: usize) -> Option<CacheRef> {
     // `vm_file->f_mapping` is valid; the helper returns a counted folio or
     // null.
     let folio = unsafe { hugepoke_page_cache_folio(mapping, index) };
-    let folio = NonNull::new(folio)?;
-    // SAFETY: `folio` is valid and counted, and contains `index`.
-    let page = unsafe { hugepoke_folio_file_page(folio.as_ptr(), index) };
-    let Some(page) = NonNull::new(page) else {
-        // SAFETY: we own the reference just taken.
-        unsafe { hugepoke_folio_put(folio.as_ptr()) };
-        return None;
-    };
-    // INVARIANT: the lookup's reference, and the folio's page at `index`.
-    Some(CacheRef { folio, page })
+    // SAFETY: a counted folio of the page cache, or null.
+    unsafe { CacheRef::adopt(NonNull::new(folio)?, index) }
 }
 
 /// The page-cache page behind `addr` of the file-backed `vma`, read in
@@ -210,19 +202,30 @@ pub(crate) fn read_file_page(vma: &VmaRef, addr: usize) -> Option<CacheRef> {
     // folio or an ERR_PTR.
     let folio = unsafe { super::hugepoke_read_file_folio(vma.as_ptr(), index) };
     let folio = kernel::error::from_err_ptr(folio).ok()?;
-    let folio = NonNull::new(folio)?;
-    // SAFETY: `folio` is valid and counted, and contains `index`.
-    let page = unsafe { hugepoke_folio_file_page(folio.as_ptr(), index) };
-    let Some(page) = NonNull::new(page) else {
-        // SAFETY: we own the reference just taken.
-        unsafe { hugepoke_folio_put(folio.as_ptr()) };
-        return None;
-    };
-    // INVARIANT: the read's reference, and the folio's page at `index`.
-    Some(CacheRef { folio, page })
+    // SAFETY: a counted folio of the page cache (not an ERR_PTR: above).
+    unsafe { CacheRef::adopt(NonNull::new(folio)?, index) }
 }
 
 impl CacheRef {
+    /// Take over a counted reference on a page-cache `folio` that holds
+    /// file page `index`; its reference is dropped if the page is not
+    /// there.
+    ///
+    /// # Safety
+    ///
+    /// `folio` is valid, we own one reference on it, and it contains `index`.
+    unsafe fn adopt(folio: NonNull<bindings::folio>, index: usize) -> Option<Self> {
+        // SAFETY: `folio` is valid and counted, and contains `index` (our caller).
+        let page = unsafe { hugepoke_folio_file_page(folio.as_ptr(), index) };
+        let Some(page) = NonNull::new(page) else {
+            // SAFETY: we own the reference (our caller).
+            unsafe { hugepoke_folio_put(folio.as_ptr()) };
+            return None;
+        };
+        // INVARIANT: the caller's reference, and the folio's page at `index`.
+        Some(CacheRef { folio, page })
+    }
+
     pub(crate) fn pfn(&self) -> usize {
         // SAFETY: by the type invariant the folio and page are valid.
         unsafe { hugepoke_page_to_pfn(self.page.as_ptr()) }

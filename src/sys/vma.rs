@@ -57,10 +57,10 @@ impl VmaInfo {
 
 pub(crate) fn vma_info(vma: &VmaRef) -> VmaInfo {
     let raw = vma.as_ptr();
-    // SAFETY: the VMA is valid while the mmap lock that gave us `vma` is
-    // held; `vm_file`, its `f_mapping` and `vm_pgoff` are stable under it.
     // A VMA without `vm_ops` is anonymous even when it carries a file (a
     // private `/dev/zero` mapping): no file page to patch or find again.
+    // SAFETY: the VMA is valid while the mmap lock that gave us `vma` is
+    // held; `vm_file`, its `f_mapping` and `vm_pgoff` are stable under it.
     let (mapping, pgoff) = unsafe {
         let file = (*raw).vm_file;
         let mapping = if file.is_null() || (*raw).vm_ops.is_null() {

@@ -46,25 +46,14 @@ pub(crate) fn main(args: &[String]) -> ! {
             }
         }
         ["patch-as-nobody", pid, addr, hex] => {
-            let (Some(pid), Some(addr), Some(bytes)) = (
-                pid.parse().ok(),
-                hugepoke::parse_number(addr),
-                hugepoke::parse_hex_bytes(hex),
-            ) else {
-                std::process::exit(BAD_USAGE)
-            };
+            let req = patch_request(pid, addr, hex);
             // Opened while still root: the device's own check passes, and
             // only PATCH's ptrace check can refuse.
             let Ok(dev) = Device::open() else {
                 std::process::exit(SETUP_FAILED)
             };
             drop_to_nobody();
-            match dev.patch(&PatchRequest {
-                pid,
-                addr,
-                bytes,
-                ..Default::default()
-            }) {
+            match dev.patch(&req) {
                 Ok(_) => 0,
                 Err(e) => e.raw_os_error().unwrap_or(SETUP_FAILED),
             }
@@ -80,21 +69,9 @@ pub(crate) fn main(args: &[String]) -> ! {
             undo(&dev, handle, true)
         }
         ["own-undo-as-nobody", pid, addr, hex] => {
-            let (Some(pid), Some(addr), Some(bytes)) = (
-                pid.parse().ok(),
-                hugepoke::parse_number(addr),
-                hugepoke::parse_hex_bytes(hex),
-            ) else {
-                std::process::exit(BAD_USAGE)
-            };
+            let req = patch_request(pid, addr, hex);
             let Ok(dev) = Device::open() else {
                 std::process::exit(SETUP_FAILED)
-            };
-            let req = PatchRequest {
-                pid,
-                addr,
-                bytes,
-                ..Default::default()
             };
             let Ok(handle) = dev.patch(&req) else {
                 std::process::exit(SETUP_FAILED)
@@ -171,6 +148,23 @@ fn query_in_new_pidns(handle: &str) -> i32 {
                 }
             }
         }
+    }
+}
+
+/// The PATCH of `HEX` at `ADDR` in `PID`, from the helper's arguments.
+fn patch_request(pid: &str, addr: &str, hex: &str) -> PatchRequest {
+    let (Some(pid), Some(addr), Some(bytes)) = (
+        pid.parse().ok(),
+        hugepoke::parse_number(addr),
+        hugepoke::parse_hex_bytes(hex),
+    ) else {
+        std::process::exit(BAD_USAGE)
+    };
+    PatchRequest {
+        pid,
+        addr,
+        bytes,
+        ..Default::default()
     }
 }
 

@@ -213,11 +213,7 @@ pub(crate) fn restore_picks_the_copy_patch_wrote_among_several() -> TestResult {
     thp_head(&t)?;
     let dev = io(Device::open())?;
     let h = io(dev.patch(&patch_req(&t, P, 35)))?;
-    let second = t.command("map-again")?;
-    let b: u64 = second
-        .strip_prefix("mapped-again ")
-        .and_then(hugepoke::parse_number)
-        .ok_or(format!("map-again said {second:?}"))?;
+    let b = map_again(&mut t)?;
     let off = |page: usize, at: u64| (page * text::PAGE) as u64 + at;
     let theirs = !file_bytes(&t, t.addr + off(P, 100), 1)?[0];
     write_mem(t.pid, b + off(P, 100), &[theirs])?;
@@ -345,11 +341,7 @@ pub(crate) fn restore_faults_in_no_mapping_without_copies() -> TestResult {
     thp_head(&t)?;
     let dev = io(Device::open())?;
     let h = io(dev.patch(&patch_req(&t, P, 45)))?;
-    let second = t.command("map-again")?;
-    let b: u64 = second
-        .strip_prefix("mapped-again ")
-        .and_then(hugepoke::parse_number)
-        .ok_or(format!("map-again said {second:?}"))?;
+    let b = map_again(&mut t)?;
     let at = b + (P * text::PAGE) as u64;
     let pm = io(Pagemap::open(t.pid))?;
     ensure!(
@@ -363,6 +355,15 @@ pub(crate) fn restore_faults_in_no_mapping_without_copies() -> TestResult {
         "RESTORE faulted the page in where the target has no copy"
     );
     Ok(())
+}
+
+/// Have the target map its text file a second time; where.
+fn map_again(t: &mut Target) -> Result<u64, String> {
+    let second = t.command("map-again")?;
+    second
+        .strip_prefix("mapped-again ")
+        .and_then(hugepoke::parse_number)
+        .ok_or(format!("map-again said {second:?}"))
 }
 
 /// After RESTORE of the last patch in a range whose collapse cannot work
