@@ -210,6 +210,9 @@ struct folio *hugepoke_read_file_folio(struct vm_area_struct *vma, pgoff_t index
 
 	if (mapping->a_ops->read_folio)
 		return read_mapping_folio(mapping, index, file);
+	/* As uprobe_register(): no ->read_folio and not shmem (DAX) is no text we read. */
+	if (!shmem_mapping(mapping))
+		return ERR_PTR(-EIO);
 	return shmem_read_folio(mapping, index);
 }
 

@@ -152,7 +152,10 @@ impl<'a> Seen<'a> {
         match self.best {
             Some((rank, vma, page_addr, page)) if rank > 1 || self.copies == 1 => {
                 // mutant: copies-guessed
-                return Ok(Look::Copy(vma, page_addr, page, self.copies == 1));
+                // Certainly the patch's only if no other mapping holds a
+                // copy we could not look at or may not write.
+                let sure = self.copies == 1 && self.refused.is_none() && self.error.is_none(); // mutant: sure-beside-refused
+                return Ok(Look::Copy(vma, page_addr, page, sure));
             }
             Some(_) => {
                 let why = "several private copies of the file page, none with the page or at the address PATCH wrote; nothing written";

@@ -357,6 +357,47 @@ pub(crate) fn restore_faults_in_no_mapping_without_copies() -> TestResult {
     Ok(())
 }
 
+/// The file mapped twice: a debugger's copy in the second mapping (a byte
+/// elsewhere on the page), the patch in the first, then the first made
+/// writable.  RESTORE may not write there, and the second mapping's copy,
+/// which holds the originals at the site, is not the patch's: RESTORE
+/// refuses and keeps the patch (it must not take the originals it sees
+/// there for a restore and forget a patch still live in the first).
+pub(crate) fn restore_keeps_a_patch_beside_a_copy_it_may_not_judge() -> TestResult {
+    const P: usize = 46;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let b = map_again(&mut t)?;
+    let other = b + (P * text::PAGE + 100) as u64;
+    write_mem(
+        t.pid,
+        other,
+        &[!file_bytes(&t, t.addr + (P * text::PAGE + 100) as u64, 1)?[0]],
+    )?;
+    let h = io(dev.patch(&patch_req(&t, P, 46)))?;
+    ensure!(
+        t.command("protect rwx")? == "protected 0",
+        "mprotect rwx failed"
+    );
+    ensure!(
+        dev.restore(h).is_err(),
+        "RESTORE succeeded: it took the other mapping's copy for the patch's"
+    );
+    ensure!(
+        io(dev.query(h))?.state == uapi::STATE_LIVE,
+        "the patch, still live in the first mapping, was forgotten"
+    );
+    ensure!(t.call(P)? == 46, "the first mapping's patch is gone");
+    ensure!(
+        t.command("protect rx")? == "protected 0",
+        "mprotect rx failed"
+    );
+    io(dev.restore(h))?;
+    ensure!(t.call(P)? == text::original_value(P), "not restored");
+    Ok(())
+}
+
 /// Have the target map its text file a second time; where.
 fn map_again(t: &mut Target) -> Result<u64, String> {
     let second = t.command("map-again")?;
@@ -672,6 +713,7 @@ tests! {
         restore_picks_the_copy_patch_wrote_among_several,
         restore_forgets_a_page_gone_for_good,
         restore_faults_in_no_mapping_without_copies,
+        restore_keeps_a_patch_beside_a_copy_it_may_not_judge,
         failed_collapse_is_reported_with_the_kernels_reason,
         swapped_out_patch_restores_and_frees_its_swap_slot,
     ];
