@@ -208,7 +208,7 @@ impl Controller {
             uapi::RESTORE_FLAGS,
         )
         .map_err(|why| hp.journal.fail(ev, EINVAL, why))?;
-        let ev = ev.handle(args.handle as u32);
+        let ev = ev.handle(args.handle);
         let target = self.authorize(args.handle, ev, true)?;
         if args.flags & uapi::RESTORE_DROP != 0 {
             authority::may_drop().map_err(|r| hp.journal.refuse(ev, r))?;
@@ -241,15 +241,15 @@ impl Controller {
             .map_err(|why| hp.journal.fail(ev, EINVAL, why))?;
         let unknown = || {
             hp.journal.fail(
-                ev.handle(args.handle as u32),
+                ev.handle(args.handle),
                 ENOENT,
                 "no such patch (unknown or already restored)",
             )
         };
-        let target = self.authorize(args.handle, ev.handle(args.handle as u32), false)?;
+        let target = self.authorize(args.handle, ev.handle(args.handle), false)?;
         let shows_pfns = authority::shows_pfns();
         {
-            let state = target.state.lock();
+            let state = engine::lock_target(hp, &target, args.handle)?;
             args.count = state.patches.count(args.handle);
             // The Nth live site: a batch that lost some keeps the others' places.
             let p = state

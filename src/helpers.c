@@ -11,9 +11,11 @@
 #include <linux/mmap_lock.h>
 #include <linux/mmu_notifier.h>
 #include <linux/module.h>
+#include <linux/mutex.h>
 #include <linux/pagemap.h>
 #include <linux/pagewalk.h>
 #include <linux/rmap.h>
+#include <linux/sched/signal.h>
 #include <linux/shmem_fs.h>
 #include <linux/swap.h>
 #include <linux/userfaultfd_k.h>
@@ -28,6 +30,18 @@
 int hugepoke_mmap_write_lock_killable(struct mm_struct *mm)
 {
 	return mmap_write_lock_killable(mm);
+}
+
+/* Killable waits (a macro under lockdep; a static inline). */
+
+int hugepoke_mutex_lock_killable(struct mutex *lock)
+{
+	return mutex_lock_killable(lock);
+}
+
+bool hugepoke_fatal_signal_pending(void)
+{
+	return fatal_signal_pending(current);
 }
 
 void hugepoke_mmap_write_unlock(struct mm_struct *mm)
@@ -123,13 +137,16 @@ pte_t hugepoke_pte_unmap(struct vm_area_struct *vma, unsigned long addr,
 	return ptep_clear_flush(vma, addr, ptep);
 }
 
-/* Set the cleared PTE back, dirty: the page was modified (seed 000). */
-void hugepoke_pte_remap_dirty(struct vm_area_struct *vma, unsigned long addr,
-			      pte_t *ptep, pte_t pte)
+/*
+ * Set the cleared PTE back: dirty if the page was modified (seed 000), as
+ * it was if it was only read (a refusal dirties nothing soft-dirty sees).
+ */
+void hugepoke_pte_remap(struct vm_area_struct *vma, unsigned long addr,
+			pte_t *ptep, pte_t pte, bool dirty)
 {
 	/* The writes to the page before the PTE that exposes them. */
 	smp_wmb();
-	set_pte_at(vma->vm_mm, addr, ptep, pte_mkdirty(pte));
+	set_pte_at(vma->vm_mm, addr, ptep, dirty ? pte_mkdirty(pte) : pte);
 }
 
 /*
@@ -243,7 +260,7 @@ void hugepoke_module_put(void)
 enum hugepoke_step { HUGEPOKE_STEPS(HUGEPOKE_STEP_ENUM) HUGEPOKE_STEP_COUNT };
 
 /* Emit step @step's event (a no-op unless it is enabled). */
-void hugepoke_trace(unsigned int step, u64 seq, pid_t pid, u32 handle,
+void hugepoke_trace(unsigned int step, u64 seq, pid_t pid, u64 handle,
 		    unsigned long addr, unsigned long pfn, int order, int err,
 		    const char *reason, size_t reason_len)
 {

@@ -8,6 +8,7 @@
 
 #include <linux/mm_types.h>
 #include <linux/mmu_notifier.h>
+#include <linux/mutex.h>
 #include <linux/pagewalk.h>
 
 unsigned long hugepoke_page_to_pfn(const struct page *page);
@@ -27,8 +28,8 @@ bool hugepoke_pte_write(pte_t pte);
 bool hugepoke_pte_uffd_wp(struct vm_area_struct *vma, pte_t pte);
 pte_t hugepoke_pte_unmap(struct vm_area_struct *vma, unsigned long addr,
 			 pte_t *ptep, pte_t pte);
-void hugepoke_pte_remap_dirty(struct vm_area_struct *vma, unsigned long addr,
-			      pte_t *ptep, pte_t pte);
+void hugepoke_pte_remap(struct vm_area_struct *vma, unsigned long addr,
+			pte_t *ptep, pte_t pte, bool dirty);
 int hugepoke_zap_anon_pte(struct vm_area_struct *vma, struct folio *folio,
 			  struct page *page);
 void hugepoke_folio_walk_end(struct folio_walk *fw, struct vm_area_struct *vma);
@@ -44,6 +45,8 @@ pgoff_t hugepoke_vma_file_pages(struct vm_area_struct *vma);
 struct folio *hugepoke_read_file_folio(struct vm_area_struct *vma, pgoff_t index);
 int hugepoke_mmap_write_lock_killable(struct mm_struct *mm);
 void hugepoke_mmap_write_unlock(struct mm_struct *mm);
+int hugepoke_mutex_lock_killable(struct mutex *lock);
+bool hugepoke_fatal_signal_pending(void);
 bool hugepoke_module_get(void);
 void hugepoke_module_put(void);
 
@@ -60,7 +63,7 @@ void hugepoke_module_put(void);
 	x(keep_anon_page) x(queue_collapse) x(collapse) x(restored)	\
 	x(query) x(pause) x(resume)
 
-void hugepoke_trace(unsigned int step, u64 seq, pid_t pid, u32 handle,
+void hugepoke_trace(unsigned int step, u64 seq, pid_t pid, u64 handle,
 		    unsigned long addr, unsigned long pfn, int order, int err,
 		    const char *reason, size_t reason_len);
 const char *hugepoke_trace_step_name(unsigned int step);

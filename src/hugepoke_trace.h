@@ -17,7 +17,7 @@
 #include "helpers.h"
 
 DECLARE_EVENT_CLASS(hugepoke_step,
-	TP_PROTO(u64 seq, pid_t pid, u32 handle, unsigned long addr,
+	TP_PROTO(u64 seq, pid_t pid, u64 handle, unsigned long addr,
 		 unsigned long pfn, int order, int err,
 		 const char *reason, size_t reason_len),
 	TP_ARGS(seq, pid, handle, addr, pfn, order, err, reason, reason_len),
@@ -25,7 +25,7 @@ DECLARE_EVENT_CLASS(hugepoke_step,
 	TP_STRUCT__entry(
 		__field(u64, seq)
 		__field(pid_t, pid)
-		__field(u32, handle)		/* 0: none */
+		__field(u64, handle)		/* 0: none */
 		__field(unsigned long, addr)	/* 0: none */
 		__field(unsigned long, pfn)	/* 0: none */
 		__field(int, order)		/* -1: none */
@@ -44,14 +44,14 @@ DECLARE_EVENT_CLASS(hugepoke_step,
 		__assign_str(reason);
 	),
 
-	TP_printk("seq=%llu pid=%d handle=%u addr=%#lx pfn=%#lx order=%d errno=%d reason=%s",
+	TP_printk("seq=%llu pid=%d handle=%llu addr=%#lx pfn=%#lx order=%d errno=%d reason=%s",
 		  __entry->seq, __entry->pid, __entry->handle, __entry->addr,
 		  __entry->pfn, __entry->order, __entry->errno, __get_str(reason))
 );
 
 #define HUGEPOKE_DEFINE_STEP_EVENT(step)					\
 DEFINE_EVENT(hugepoke_step, hugepoke_##step,				\
-	TP_PROTO(u64 seq, pid_t pid, u32 handle, unsigned long addr,	\
+	TP_PROTO(u64 seq, pid_t pid, u64 handle, unsigned long addr,	\
 		 unsigned long pfn, int order, int err,			\
 		 const char *reason, size_t reason_len),		\
 	TP_ARGS(seq, pid, handle, addr, pfn, order, err, reason, reason_len));

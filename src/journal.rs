@@ -74,7 +74,7 @@ pub(crate) struct Event {
     pub(crate) step: Step,
     /// The process acted upon, or the caller for device-level steps.
     pub(crate) pid: i32,
-    pub(crate) handle: Option<u32>,
+    pub(crate) handle: Option<u64>,
     pub(crate) addr: Option<usize>,
     pub(crate) pfn: Option<usize>,
     pub(crate) order: Option<u32>,
@@ -108,7 +108,7 @@ impl Event {
         self
     }
 
-    pub(crate) fn handle(mut self, handle: u32) -> Self {
+    pub(crate) fn handle(mut self, handle: u64) -> Self {
         self.handle = Some(handle);
         self
     }

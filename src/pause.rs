@@ -11,8 +11,10 @@
 //! Disarmed, a point costs one uncontended mutex.  A parked operation
 //! gives up after [`PARK_LIMIT_MS`] or on a signal, and goes on: the hook
 //! can delay an operation, never change its outcome.  While parked at
-//! `checked` or `restore` it holds the target's locks (its mmap lock for
-//! writing): that target stalls, as it would behind a slow fault.
+//! `checked`, `cowed`, `written` or `restore` it holds the target's locks
+//! (its mmap lock for writing): that target stalls, as it would behind a
+//! slow fault.  (Its own per-VMA-locked faults and `MADV_DONTNEED` still
+//! run: that is what the points between pages are for.)
 //!
 //! `Pauses::state` is a leaf lock, never held while parked.
 
@@ -38,6 +40,13 @@ pub(crate) enum Point {
     /// The target's state lock and mmap lock are held, the VMA is checked
     /// and PATCH_EXPECT's cheap early read passed; nothing written yet.
     Checked,
+    /// PATCH, for each try at a page: GUP split the PMD and returned the
+    /// anonymous copy; the page-table lock is not taken yet (the target's
+    /// state lock and mmap lock are held).
+    Cowed,
+    /// PATCH: a page's sites are written and its page-table lock released;
+    /// the next page is not started (the same locks held).
+    Written,
     /// RESTORE: the target's state lock and mmap lock are held; the
     /// patched page is not looked up yet.
     Restore,
@@ -55,6 +64,8 @@ impl Point {
         match self {
             Point::Resolved => "resolved",
             Point::Checked => "checked",
+            Point::Cowed => "cowed",
+            Point::Written => "written",
             Point::Restore => "restore",
             Point::Drain => "drain",
             Point::Collapse => "collapse",
@@ -65,6 +76,8 @@ impl Point {
         [
             Point::Resolved,
             Point::Checked,
+            Point::Cowed,
+            Point::Written,
             Point::Restore,
             Point::Drain,
             Point::Collapse,

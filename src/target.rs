@@ -236,23 +236,20 @@ impl Registry {
         self.targets.remove(&id)
     }
 
-    /// The targets `owner` has patches on (every target for `None`), for
-    /// walking without the registry lock.
-    pub(crate) fn targets_of(&self, owner: Owner) -> Result<KVec<Arc<Target>>> {
-        let Some(o) = owner else {
-            return self.targets();
-        };
-        let mut v: KVec<Arc<Target>> = KVec::new();
-        let mut next = (o, 0);
-        while let Some(c) = self.owner_targets.cursor_lower_bound(&next) {
-            let (&(owner, id), (_, t)) = c.current();
-            if owner != o {
-                break;
+    /// The first target from key `from` on that `owner` has patches on
+    /// (any, for None), with its key: a walk that needs no memory.
+    pub(crate) fn next_target_of(&self, owner: Owner, from: usize) -> Option<(usize, Arc<Target>)> {
+        match owner {
+            None => self
+                .targets
+                .cursor_lower_bound(&from)
+                .map(|c| (*c.current().0, c.current().1.clone())),
+            Some(o) => {
+                let c = self.owner_targets.cursor_lower_bound(&(o, from))?;
+                let (&(owner, key), (_, t)) = c.current();
+                (owner == o).then(|| (key, t.clone()))
             }
-            v.push(t.clone(), GFP_KERNEL)?;
-            next = (o, id + 1);
         }
-        Ok(v)
     }
 
     /// Every target, for walking without the registry lock.

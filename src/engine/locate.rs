@@ -73,6 +73,8 @@ struct Seen<'a> {
     error: Option<Error>,
     /// A mapping whose page can hold no copy any more, and why.
     gone: Option<&'static str>,
+    /// The page-cache page maps (or faults in) at the address PATCH wrote.
+    cache_at_site: bool,
 }
 
 /// Where the target maps the anonymous copy of `site`'s file page now: the
@@ -94,13 +96,16 @@ pub(crate) fn find_anon_copy<'a>(
         let page_addr = policy::address_in(site, &info).map(|a| a & PAGE_MASK); // mutant: address-identity/2 address-identity-remap
         let Some(page_addr) = page_addr else { continue };
         seen.mapped = true;
+        let at_site = page_addr == site.addr & PAGE_MASK;
         if !info.has_anon_vma {
             // mutant: fault-every-mapping
             // No anonymous page can be there: no fault (and no I/O, no
             // uffd fault) in a mapping the target never COWed.
+            seen.cache_at_site |= at_site;
             continue;
         }
-        let Some(page) = seen.fault_copy(guard, vma, &info, site.pgoff, page_addr) else {
+        let Some(page) = seen.fault_copy(guard, vma, &info, site.pgoff, (page_addr, at_site))
+        else {
             continue;
         };
         if let Err(r) = policy::check_restore_vma(&info) {
@@ -125,7 +130,8 @@ pub(crate) fn find_anon_copy<'a>(
 impl<'a> Seen<'a> {
     /// The anonymous copy at `page_addr` of `vma` (`info`), faulted in if
     /// need be; else none, noting why when it is not just the page-cache
-    /// page.  One mapping that cannot be faulted in (uffd) says nothing
+    /// page (and when it is, whether that is at the address PATCH wrote:
+    /// `at_site`).  One mapping that cannot be faulted in (uffd) says nothing
     /// about the others.
     fn fault_copy(
         &mut self,
@@ -133,11 +139,11 @@ impl<'a> Seen<'a> {
         vma: &VmaRef,
         info: &VmaInfo,
         pgoff: usize,
-        page_addr: usize,
+        (page_addr, at_site): (usize, bool),
     ) -> Option<PageRef> {
         match guard.get_user_page(page_addr, sys::FOLL_FORCE) {
             Ok(page) if page.is_anon() => return Some(page),
-            Ok(_) => {}
+            Ok(_) => self.cache_at_site |= at_site,
             // Gone for good (truncated, guarded), or kept.
             Err(e) if e == EFAULT => match sys::gone_for_good(vma, info, pgoff) {
                 Some(why) => self.gone = Some(why),
@@ -168,15 +174,18 @@ impl<'a> Seen<'a> {
             (_, None, None) if self.gone.is_some() => Refused::Gone {
                 result: Ok(()),
                 why: self.gone.unwrap_or_default(),
+                cache_back: false,
             },
             (_, None, Some(e)) => Refused::Kept(Refusal::new(e, "cannot get the page")), // mutant: gup-error-forgets
             (true, None, None) => Refused::Gone {
                 result: Ok(()),
                 why: "page is no longer anonymous: already undone",
+                cache_back: self.cache_at_site, // mutant: no-collapse-after-undone
             },
             (false, None, None) => Refused::Gone {
                 result: Err(ENXIO),
                 why: "the patched file page is no longer mapped in the target; nothing written",
+                cache_back: false,
             },
         })
     }
@@ -282,8 +291,13 @@ fn look_up<'a>(
         }),
         _ => match find_anon_copy(guard, rep) {
             Ok(copy) => Ok(copy),
-            Err(Refused::Gone { result, why }) => {
+            Err(Refused::Gone {
+                result,
+                why,
+                cache_back,
+            }) => {
                 w.state = PageState::Gone(result, why);
+                w.cache_back = cache_back;
                 Ok(Look::Gone)
             }
             Err(kept) => Err(kept),

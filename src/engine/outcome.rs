@@ -69,8 +69,13 @@ impl Restored {
 /// Why RESTORE did not restore.
 pub(crate) enum Refused {
     /// There is nothing left to restore: the patch is forgotten and RESTORE
-    /// returns `result`.
-    Gone { result: Result, why: &'static str },
+    /// returns `result`.  `cache_back`: the page-cache page is what maps (or
+    /// faults in) where the patch was, so its range may be collapsed.
+    Gone {
+        result: Result,
+        why: &'static str,
+        cache_back: bool,
+    },
     /// The patch stays in the table: RESTORE returns the errno.
     Kept(Refusal),
 }
@@ -83,6 +88,7 @@ impl Refused {
             Refused::Gone {
                 result: Err(e),
                 why,
+                ..
             } => Some(Refusal::new(e, why)),
             Refused::Gone { result: Ok(()), .. } => None,
         }

@@ -1,59 +1,70 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Restoring everything one owner made, when its file closes (or every
-//! patch, when the module unloads), from a work item: a fatal signal
-//! pending for the closing task cannot cut GUP short.
+//! Restoring from a work item, where no fatal signal can cut GUP short:
+//! everything one owner made, when its file closes (or every patch, when
+//! the module unloads), and what a PATCH killed part way could not undo.
 
 use kernel::{
     impl_has_work, new_work,
     prelude::*,
-    sync::{Arc, Completion},
+    sync::Arc,
     workqueue::{Work, WorkItem},
 };
 
-use super::{outcome::Closing, settle::restore_handle};
+use super::{
+    outcome::Closing,
+    settle::{restore, restore_handle},
+};
 use crate::{
     journal::{Event, Step},
     live::{self, Live},
     patches::Owner,
+    sys::Done,
     Hugepoke,
 };
 
 /// Restore every patch `owner` made (every patch for `None`), as `closing`
-/// says.
+/// says, a target and a handle at a time.  Only the targets this owner
+/// patched are locked: one busy elsewhere (a PATCH waiting on a slow
+/// fault) must not hold up this file's close.  The walk needs no memory,
+/// so no patch is ever left owned by a file that closed.
 fn restore_all(hp: &Arc<Hugepoke>, owner: Owner, closing: Closing) {
-    // Only the targets this owner patched: one busy elsewhere (a PATCH
-    // waiting on a slow fault) must not hold up this file's close.
-    let no_memory = || {
-        let why = "no memory to list the patches: left in place (RESTORE by handle, or unload, restores them)";
-        hp.journal
-            .record(Event::new(Step::Restore).error(ENOMEM, why));
-    };
-    let Ok(targets) = hp.registry.lock().targets_of(owner) else {
-        return no_memory();
-    };
-    for target in targets.iter() {
+    let mut next_target = 0;
+    loop {
+        // (Its own statement: the registry guard goes before the body runs.)
+        let found = hp.registry.lock().next_target_of(owner, next_target);
+        let Some((key, target)) = found else {
+            return;
+        };
+        next_target = key + 1;
         let mut state = target.state.lock();
-        let mut handles = KVec::new();
-        if state.patches.handles_of(owner, &mut handles).is_err() {
-            no_memory();
-            continue;
-        }
-        for handle in handles {
-            let _ = restore_handle(hp, target, &mut state, handle, closing);
+        let mut next = 0;
+        // Each handle once: one kept stays in the table (at unload too).
+        while let Some(handle) = state.patches.next_handle_of(owner, next) {
+            next = handle + 1;
+            let _ = restore_handle(hp, &target, &mut state, handle, closing);
         }
     }
 }
 
-/// A restore of many patches, run by hugepoke's workqueue.
+/// What a restore work item restores.
+#[derive(Clone, Copy)]
+enum Which {
+    /// Every patch of an owner (every patch for `None`), as `Closing` says.
+    Owned(Owner, Closing),
+    /// One handle: what a PATCH killed part way kept, as a RESTORE would.
+    Handle(u64),
+}
+
+/// A restore, run by hugepoke's workqueue: a kworker has no signal to cut
+/// its GUP short.
 #[pin_data]
 struct RestoreWork {
     hugepoke: Arc<Hugepoke>,
-    owner: Owner,
-    closing: Closing,
+    which: Which,
     _live: Live,
     #[pin]
-    done: Completion,
+    done: Done,
     #[pin]
     work: Work<RestoreWork>,
 }
@@ -66,32 +77,64 @@ impl WorkItem for RestoreWork {
     type Pointer = Arc<RestoreWork>;
 
     fn run(this: Arc<RestoreWork>) {
-        restore_all(&this.hugepoke, this.owner, this.closing);
-        this.done.complete_all();
+        match this.which {
+            Which::Owned(owner, closing) => restore_all(&this.hugepoke, owner, closing),
+            Which::Handle(handle) => {
+                let _ = restore(&this.hugepoke, handle);
+            }
+        }
+        this.done.complete();
     }
 }
 
-/// Restore what `owner` made (everything for `None`) from a work item, and
-/// wait for it.
-pub(crate) fn restore_owned(hp: &Arc<Hugepoke>, owner: Owner, closing: Closing) {
+/// Queue a restore work item for `which`; None if there is no memory.
+fn queue_restore(hp: &Arc<Hugepoke>, which: Which) -> Option<Arc<RestoreWork>> {
     let work = Arc::pin_init(
         pin_init!(RestoreWork {
             hugepoke: hp.clone(),
-            owner,
-            closing,
+            which,
             _live: Live::new(&live::WORKS),
-            done <- Completion::new(),
+            done <- Done::new(),
             work <- new_work!("hugepoke::restore"),
         }),
         GFP_KERNEL,
-    );
-    match work {
+    )
+    .ok()?;
+    let _ = hp.workqueue.queue().enqueue(work.clone());
+    Some(work)
+}
+
+/// Restore what `owner` made (everything for `None`) from a work item, and
+/// wait for it — unless a fatal signal comes (the closer is being killed
+/// behind a target stuck in a fault): the work goes on without us, and
+/// module unload drains it.
+pub(crate) fn restore_owned(hp: &Arc<Hugepoke>, owner: Owner, closing: Closing) {
+    match queue_restore(hp, Which::Owned(owner, closing)) {
         // mutant: close-restores-in-the-dying-task
-        Ok(work) => {
-            let _ = hp.workqueue.queue().enqueue(work.clone());
-            work.done.wait_for_completion();
+        Some(work) => {
+            if work.done.wait_killable().is_err() {
+                let ev = Event::new(Step::Restore);
+                let why = "fatal signal while waiting for the restore at close: it goes on in its work item";
+                hp.journal.record(ev.error(EINTR, why));
+            }
         }
         // No memory for the work: do it here, as well as we can.
-        Err(_) => restore_all(hp, owner, closing),
+        None => restore_all(hp, owner, closing),
+    }
+}
+
+/// A PATCH that a fatal signal cut short kept what it could not undo (its
+/// GUPs fail with EINTR from now on): RESTORE it from a work item, which
+/// has no signal pending.  The caller is dying, so nobody waits for it.
+pub(crate) fn restore_after_killed_patch(hp: &Arc<Hugepoke>, handle: u64) {
+    let ev = Event::new(Step::Restore).handle(handle);
+    if queue_restore(hp, Which::Handle(handle)).is_some() {
+        // mutant: killed-batch-kept
+        hp.journal.record(
+            ev.note("PATCH killed part way: the sites it kept are restored from a work item"),
+        );
+    } else {
+        let why = "PATCH killed part way: no memory to restore what it kept (persistent; RESTORE or unload restores it)";
+        hp.journal.record(ev.error(ENOMEM, why));
     }
 }

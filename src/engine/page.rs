@@ -18,6 +18,7 @@ use super::{
 use crate::{
     journal::{Event, Step},
     patches::Site,
+    pause::Point,
     refusal::Refusal,
     sys::{self, CacheRef, ClearedPte, Mapping, MmapWriteGuard, PageRef, VmaInfo, PAGE_MASK},
     uapi::{self, MAX_BYTES},
@@ -26,8 +27,10 @@ use crate::{
 
 /// Why PATCH did not write a page.
 pub(crate) enum WriteError {
-    /// Failed, journaled; the page is as it was.
-    Failed(Error),
+    /// Failed, journaled; nothing written.  GUP may have split the PMD
+    /// and COWed the page: the copy it returned last, if any (its sites'
+    /// `orig` not read).
+    Failed(Error, Option<PageRef>),
     /// The bytes read under the PT lock at site `.0` of the page were not
     /// the ones they had to be (`.2` says which); the page (`.1`) was
     /// COWed, nothing written (`orig` of every site holds what is there).
@@ -112,46 +115,49 @@ fn cow_page(
     Ok(Some(page))
 }
 
-/// PATCH of one page (its sites sorted, not overlapping): split the PMD,
-/// break COW, and, under one hold of the PT lock, check the expected bytes
-/// of every site and write all of them.  Fills every site's `orig` and `pfn`.
+/// PATCH of one page (its sites sorted, not overlapping), mapped as
+/// `before` says: split the PMD, break COW, and, under one hold of the PT
+/// lock, check the expected bytes of every site and write all of them.
+/// Fills every site's `orig` and `pfn`.
 pub(crate) fn write_patch(
     hp: &Hugepoke,
     guard: &MmapWriteGuard<'_>,
     vma: &VmaRef,
+    before: Mapping,
     sites: &mut [Site],
     expects: &[Option<[u8; MAX_BYTES]>],
 ) -> Result<PageRef, WriteError> {
     let (pid, addr) = (sites[0].pid, sites[0].addr);
     let ev = |step| Event::new(step).pid(pid).addr(addr);
     let page_addr = addr & PAGE_MASK;
-    let mut before = Some(sys::mapping_of(vma, page_addr));
+    let mut before = Some(before);
+    // The file's own bytes, to compare the ones we replace with: read in
+    // if need be, once, before any PT lock is taken.
     let check_file = sites[0].flags & uapi::PATCH_OVER_CHANGED == 0; // mutant: over-changed-bytes
-                                                                     // The file's own bytes, to compare the ones we replace with: read in
-                                                                     // if need be, once, before any PT lock is taken.
     let file = check_file.then(|| sys::read_file_page(vma, page_addr));
+    // The last copy GUP gave us: a failure hands it to the undo.
+    let mut copy = None;
     for _ in 0..MAX_TRIES {
-        let page =
-            cow_page(hp, guard, &ev, page_addr, before.take()).map_err(WriteError::Failed)?;
-        let Some(page) = page else { continue };
+        let page = match cow_page(hp, guard, &ev, page_addr, before.take()) {
+            Ok(Some(page)) => page,
+            Ok(None) => continue,
+            Err(e) => return Err(WriteError::Failed(e, copy)),
+        };
+        hp.pauses.at(Point::Cowed, pid, &hp.journal);
         let Some(pte) = sys::lock_pte(vma, page_addr, &page) else {
             hp.journal
                 .record(ev(Step::WriteBytes).error(EAGAIN, "PTE changed after GUP; retrying"));
+            copy = Some(page);
             continue;
         };
         // We'd prefer a writable PTE, but the VMA is not writable: then the
-        // page must be exclusive (no GUP-fast pin can race) and not uffd-wp.
-        if !pte.writable() && pte.uffd_wp() {
-            return Err(WriteError::Failed(hp.journal.fail(
-                ev(Step::WriteBytes),
-                EBUSY,
-                "PTE is userfaultfd write-protected",
-            )));
-        }
+        // page must be exclusive (no GUP-fast pin can race).  (Not uffd-wp:
+        // `check_vma` refused a VMA registered for it, under the mmap lock.)
         if !pte.writable() && !pte.anon_exclusive() {
             drop(pte);
             hp.journal
                 .record(ev(Step::WriteBytes).error(EAGAIN, "page may be shared; retrying COW"));
+            copy = Some(page);
             continue;
         }
         // Unmap and flush, so no CPU executes the page half-written and no
@@ -169,16 +175,15 @@ pub(crate) fn write_patch(
             drop(pte);
             return Err(WriteError::NotExpected(k, page, m));
         }
-        pte.remap_dirty();
+        drop(pte);
         hp.journal
             .record(ev(Step::WriteBytes).page(page.pfn(), page.folio_order()));
         return Ok(page);
     }
-    Err(WriteError::Failed(hp.journal.fail(
-        ev(Step::WriteBytes),
-        EAGAIN,
-        "page table kept changing",
-    )))
+    let e = hp
+        .journal
+        .fail(ev(Step::WriteBytes), EAGAIN, "page table kept changing");
+    Err(WriteError::Failed(e, copy))
 }
 
 /// Under the PT lock, PTE cleared: read every site's `orig`, and if each
@@ -248,7 +253,7 @@ pub(crate) fn write_page(
         return Ok(());
     };
     let (_, pte, already) = write_locked(hp, guard, sites, *page_addr, page, (written, sure), dir)?;
-    pte.remap_dirty();
+    drop(pte);
     w.already |= already;
     Ok(())
 }
@@ -353,7 +358,12 @@ fn swap_sites(
         }
     }
     for s in sites {
-        pte.write(s.offset(), swap_bytes(s, written, dir).1);
+        let new = swap_bytes(s, written, dir).1;
+        let mut now = [0u8; MAX_BYTES];
+        pte.read(s.offset(), &mut now[..s.len]);
+        if now[..s.len] != *new {
+            pte.write(s.offset(), new);
+        }
     }
     Ok(already)
 }
@@ -442,7 +452,7 @@ fn zap_or_keep(
     page_addr: usize,
 ) -> Restored {
     let (None, Some(c)) = (keep, cache) else {
-        pte.remap_dirty();
+        drop(pte);
         return kept(hp, rep, page_addr, page, keep.unwrap_or(""));
     };
     let ev = |step| rep.event(step).addr(page_addr + rep.offset());

@@ -23,6 +23,7 @@ use kernel::{
 
 use super::{
     outcome::Failure,
+    owned::restore_after_killed_patch,
     page::{write_patch, WriteError},
     plan::{check_sites, Identity, PageState, Plan, Request, Written},
     restore::{queue_collapses, undo},
@@ -31,7 +32,7 @@ use crate::{
     journal::{Event, Step},
     patches::{Owner, Reserved, Site},
     pause::Point,
-    sys::{self, MmapWriteGuard, Process, PAGE_MASK},
+    sys::{self, Mapping, MmapWriteGuard, Process, PAGE_MASK},
     target::{Target, TargetState},
     uapi, Hugepoke,
 };
@@ -49,10 +50,20 @@ pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, req: &Request<'_>) -> Result
     } else {
         Some(owner)
     };
-    with_new_handle(hp, &mm, &process, owner, ev, |target, state, handle| {
+    let result = with_new_handle(hp, &mm, &process, owner, ev, |target, state, handle| {
         let who = Identity { handle, owner, pid };
         patch_locked(hp, target, state, &mm, req, &order, &who)
-    })
+    });
+    if let Err(Failure {
+        kept: Some(handle), ..
+    }) = result
+    {
+        if sys::fatal_signal_pending() {
+            // Its undo's GUPs failed with EINTR; a kworker's will not.
+            restore_after_killed_patch(hp, handle);
+        }
+    }
+    result
 }
 
 /// pid → task → mm, with the ptrace check made under the target's
@@ -109,7 +120,12 @@ fn with_new_handle(
                 registry.new_handle(&target, owner).map_err(nomem)?,
             )
         };
-        let mut state = target.state.lock(); // mutant: registry-held-across-patch
+        let Ok(mut state) = sys::lock_killable(&target.state) else {
+            // mutant: registry-held-across-patch
+            drop(hp.registry.lock().forget_handle(handle));
+            let why = "fatal signal while waiting for the target (busy with another operation)";
+            return Err(hp.journal.fail(ev, EINTR, why).into());
+        };
         let result = if state.retired {
             None
         } else {
@@ -170,7 +186,7 @@ fn patch_locked(
     plan.peek_expected(hp, &guard)?;
     hp.journal.record(
         ev(Step::CheckVma)
-            .handle(who.handle as u32)
+            .handle(who.handle)
             .note("every site checked"),
     );
     hp.pauses.at(Point::Checked, who.pid, &hp.journal); // mutant: expect-not-under-lock
@@ -189,9 +205,10 @@ fn patch_locked(
 fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Result<(), Failure> {
     for w in plan.pages.iter_mut() {
         let r = w.range.clone();
-        let (first, page_addr) = (&plan.sites[r.start], plan.sites[r.start].addr & PAGE_MASK);
-        let ev = |step| Event::new(step).pid(first.pid).addr(first.addr);
-        let blame = first.index;
+        let first = &plan.sites[r.start];
+        let (first_pid, first_addr, blame) = (first.pid, first.addr, first.index);
+        let page_addr = first_addr & PAGE_MASK;
+        let ev = |step| Event::new(step).pid(first_pid).addr(first_addr);
         let Some(vma) = guard.vma_lookup(page_addr) else {
             return Err(Failure::at(
                 hp.journal
@@ -199,25 +216,33 @@ fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Re
                 blame,
             ));
         };
-        match write_patch(
-            hp,
-            guard,
-            vma,
-            &mut plan.sites[r.clone()],
-            plan.expects.of(r.clone()),
-        ) {
+        let before = sys::mapping_of(vma, page_addr);
+        w.split = matches!(before, Mapping::Pmd(_));
+        let sites = &mut plan.sites[r.clone()];
+        match write_patch(hp, guard, vma, before, sites, plan.expects.of(r)) {
             Ok(page) => {
                 let pmd_mappable =
                     sys::page_cache_page(vma, page_addr).is_some_and(|c| c.pmd_mappable());
-                plan.sites[r]
-                    .iter_mut()
-                    .for_each(|s| s.pmd_mappable = pmd_mappable);
+                sites.iter_mut().for_each(|s| s.pmd_mappable = pmd_mappable);
                 w.state = PageState::Found(page_addr, page); // mutant: leak-folio-ref-at-patch drain-at-patch
                 w.written = Written::Bytes;
+                hp.pauses.at(Point::Written, first_pid, &hp.journal);
             }
-            Err(WriteError::Failed(e)) => return Err(Failure::at(e, blame)),
+            Err(WriteError::Failed(e, copy)) => {
+                if let Some(page) = copy {
+                    // GUP made (or found) a copy and nothing was written:
+                    // what it holds is the originals, for the undo to
+                    // check under the PT lock and give back.
+                    sites
+                        .iter_mut()
+                        .for_each(|s| page.read(s.offset(), &mut s.orig[..s.len]));
+                    w.state = PageState::Found(page_addr, page);
+                    w.written = Written::Cowed;
+                }
+                return Err(Failure::at(e, blame));
+            }
             Err(WriteError::NotExpected(k, page, mismatch)) => {
-                let site = &plan.sites[r.start + k];
+                let site = &sites[k];
                 let ev = Event::new(Step::CheckExpected)
                     .pid(site.pid)
                     .addr(site.addr);
@@ -240,7 +265,7 @@ fn commit(
     plan: Plan,
 ) {
     let first = &plan.sites[0];
-    let ev = first.event(Step::Patched).page(first.pfn, 0);
+    let (ev, handle) = (first.event(Step::Patched).page(first.pfn, 0), first.handle);
     let mappable = plan.sites.iter().filter(|s| s.pmd_mappable).count();
     let note = match mappable {
         0 => "every site written; page-cache folio not PMD-mappable",
@@ -255,16 +280,20 @@ fn commit(
         sites,
         pages.iter_mut().map(|w| (w.range.clone(), &mut w.file)),
     );
-    journal_left_out(hp, ev, left_out);
+    journal_left_out(hp, state, ev, handle, left_out);
     hp.journal.record(ev.note(note));
 }
 
 /// Say so if the table could not record sites that were written (see
-/// `Patches::insert`: a bug of ours if it ever happens).
-fn journal_left_out(hp: &Hugepoke, ev: Event, left_out: usize) {
+/// `Patches::insert`: a bug of ours if it ever happens); a handle left
+/// with no site is forgotten, so it holds no target.
+fn journal_left_out(hp: &Hugepoke, state: &TargetState, ev: Event, handle: u64, left_out: usize) {
     if left_out != 0 {
         let why = "sites written but not recorded: their table room was missing (a hugepoke bug; RESTORE cannot give them back)";
         hp.journal.record(ev.error(ENOMEM, why));
+        if state.patches.count(handle) == 0 {
+            drop(hp.registry.lock().forget_handle(handle));
+        }
     }
 }
 
@@ -283,9 +312,7 @@ fn give_back(
     who: &Identity,
     failure: Failure,
 ) -> Failure {
-    let ev = Event::new(Step::Restore)
-        .pid(who.pid)
-        .handle(who.handle as u32);
+    let ev = Event::new(Step::Restore).pid(who.pid).handle(who.handle);
     hp.journal
         .record(ev.note("undoing the pages written so far"));
     // Nothing of the plan is in the table.
@@ -351,20 +378,20 @@ fn keep_still_written(
     plan.sites.iter_mut().for_each(|s| s.owner = None);
     let ev = Event::new(Step::Patched)
         .pid(plan.sites[0].pid)
-        .handle(handle as u32);
+        .handle(handle);
     let kept = plan.pages.iter_mut().filter(|w| !w.range.is_empty());
     let left_out = state.patches.insert(
         room,
         plan.sites,
         kept.map(|w| (w.range.clone(), &mut w.file)),
     );
-    journal_left_out(hp, ev, left_out);
+    journal_left_out(hp, state, ev, handle, left_out);
     drop(hp.registry.lock().disown(handle));
     let why = "failed and could not all be undone: the sites still written are kept under this handle, persistent";
     hp.journal.record(
         Event::new(Step::Patch)
             .pid(ev.pid)
-            .handle(handle as u32)
+            .handle(handle)
             .error(error, why),
     );
     // The handle lives: `stats` counts it among the patched.

@@ -81,6 +81,11 @@ pub(crate) struct PageWork {
     /// RESTORE found some site of this page holding its originals already:
     /// an undo of RESTORE does not patch this page again.
     pub(crate) already: bool,
+    /// PATCH split the PMD that mapped this page.
+    pub(crate) split: bool,
+    /// No copy of the page is left where the patch was: the page-cache
+    /// page maps (or faults) back there, so the range may be collapsed.
+    pub(crate) cache_back: bool,
 }
 
 impl PageWork {
@@ -93,6 +98,8 @@ impl PageWork {
             file: None,
             sure: false,
             already: false,
+            split: false,
+            cache_back: false,
         }
     }
 }

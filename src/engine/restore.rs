@@ -26,7 +26,7 @@ use crate::{
     patches::{PageKey, Site},
     pause::Point,
     refusal::Refusal,
-    sys::{self, MmapWriteGuard, PMD_MASK},
+    sys::{self, MmapWriteGuard, PAGE_MASK, PMD_MASK},
     target::{Target, TargetState},
     Hugepoke,
 };
@@ -162,9 +162,11 @@ pub(crate) fn undo(
     pages: &mut [PageWork],
     last_on_page: impl Fn(&[Site]) -> bool,
 ) -> Result<(), Refusal> {
-    // Only the pages written (or COWed): the others never changed.
+    // Only the pages written (or COWed): the others never changed — but
+    // for their PMD, if PATCH split it: its range is to be collapsed.
     for w in pages.iter_mut().filter(|w| w.written == Written::No) {
         w.state = PageState::Gone(Ok(()), "not written");
+        w.cache_back = w.split;
     }
     match locate_and_check(hp, guard, sites, pages, &last_on_page) {
         Located::Refused(refused, _) => refused.stops_undo().map_or(Ok(()), Err)?,
@@ -179,8 +181,9 @@ pub(crate) fn undo(
 }
 
 /// After the pages of `sites` were given back (and their sites left the
-/// table): one collapse per 2 MiB range with a zapped PMD-mappable page and
-/// no patch left in it; a note for ranges over smaller folios.  Called
+/// table): one collapse per 2 MiB range with a zapped PMD-mappable page, or
+/// a page whose copy is gone with the page-cache page back in its place,
+/// and no patch left in it; a note for ranges over smaller folios.  Called
 /// without the mmap lock (at unload a collapse runs synchronously, and
 /// takes it).
 pub(crate) fn queue_collapses(
@@ -192,16 +195,25 @@ pub(crate) fn queue_collapses(
 ) {
     let mut last: Option<PageKey> = None;
     for w in pages.iter() {
-        let Outcome::Done(restored) = &w.outcome else {
-            continue;
-        };
         let site = &sites[w.range.start];
-        if !restored.zapped || last == Some(site.range_key()) {
+        let restored = match &w.outcome {
+            Outcome::Done(restored) if restored.zapped => *restored,
+            // No copy left to zap (the target dropped it, or PATCH failed
+            // after its split): the PMD is still ours to give back.
+            Outcome::Untouched if w.cache_back && (w.split || site.pmd_mappable) => Restored {
+                zapped: true,
+                pmd_mappable: true,
+                cache_order: sys::PMD_ORDER,
+                page_addr: site.addr & PAGE_MASK,
+            },
+            _ => continue,
+        };
+        if last == Some(site.range_key()) {
             // mutant: collapse-per-page
             continue;
         }
         last = Some(site.range_key());
-        collapse_after_restore(hp, target, state, site, restored);
+        collapse_after_restore(hp, target, state, site, &restored);
     }
 }
 

@@ -9,7 +9,7 @@
 use kernel::{
     fs::File,
     prelude::*,
-    sync::{aref::ARef, Arc},
+    sync::{aref::ARef, Arc, MutexGuard},
 };
 
 use super::{
@@ -22,6 +22,7 @@ use crate::{
     journal::{Event, Step},
     patches::{Forgotten, Site},
     refusal::Refusal,
+    sys,
     target::{Target, TargetState},
     Hugepoke,
 };
@@ -38,13 +39,28 @@ pub(crate) fn restore(hp: &Arc<Hugepoke>, handle: u64) -> Result {
 
 /// RESTORE `handle` of `target` (who may is `authority`'s to say).
 pub(crate) fn restore_of(hp: &Arc<Hugepoke>, target: &Arc<Target>, handle: u64) -> Result {
-    let mut state = target.state.lock();
+    let mut state = lock_target(hp, target, handle)?;
     restore_handle(hp, target, &mut state, handle, Closing::No)
         .unwrap_or_else(|| Err(unknown(hp, handle)))
 }
 
+/// The target's state, for an ioctl on `handle`: `EINTR` if a fatal
+/// signal comes while another operation (stuck in a fault?) holds it.
+pub(crate) fn lock_target<'a>(
+    hp: &Hugepoke,
+    target: &'a Target,
+    handle: u64,
+) -> Result<MutexGuard<'a, TargetState>> {
+    sys::lock_killable(&target.state).map_err(|e| {
+        // mutant: restore-waits-unkillable
+        let ev = Event::new(Step::Restore).handle(handle);
+        let why = "fatal signal while waiting for the target (busy with another operation)";
+        hp.journal.fail(ev, e, why)
+    })
+}
+
 fn unknown(hp: &Hugepoke, handle: u64) -> Error {
-    let ev = Event::new(Step::Restore).handle(handle as u32);
+    let ev = Event::new(Step::Restore).handle(handle);
     hp.journal
         .fail(ev, ENOENT, "no such patch (unknown or already restored)")
 }
@@ -53,7 +69,7 @@ fn unknown(hp: &Hugepoke, handle: u64) -> Error {
 /// target, for a patch RESTORE cannot give back.  Whatever the target's
 /// copies hold stays, and their ranges stay PTE-mapped.
 pub(crate) fn drop_handle(hp: &Arc<Hugepoke>, target: &Arc<Target>, handle: u64) -> Result {
-    let mut state = target.state.lock();
+    let mut state = lock_target(hp, target, handle)?;
     if state.patches.count(handle) == 0 {
         return Err(unknown(hp, handle));
     }
@@ -62,7 +78,7 @@ pub(crate) fn drop_handle(hp: &Arc<Hugepoke>, target: &Arc<Target>, handle: u64)
         .sites_of(handle)
         .and_then(|sites| Ok((plan::pages_of(&sites, Written::Bytes)?, sites)));
     let Ok((pages, sites)) = listed else {
-        let ev = Event::new(Step::Restore).handle(handle as u32);
+        let ev = Event::new(Step::Restore).handle(handle);
         return Err(hp
             .journal
             .fail(ev, ENOMEM, "no memory to list the patch's sites"));
@@ -116,7 +132,7 @@ pub(crate) fn restore_handle(
         .and_then(|sites| Ok((plan::pages_of(&sites, Written::Bytes)?, sites)));
     let Ok((mut pages, sites)) = listed else {
         keep_if_closing(hp, state, handle, closing);
-        let ev = Event::new(Step::Restore).handle(handle as u32);
+        let ev = Event::new(Step::Restore).handle(handle);
         let why = "no memory to list the patch's sites: patch kept";
         return Some(Err(hp.journal.fail(ev, ENOMEM, why)));
     };
@@ -126,6 +142,7 @@ pub(crate) fn restore_handle(
     let gone = Refused::Gone {
         result: Ok(()),
         why: "target process is gone",
+        cache_back: false,
     };
     let outcome = match target.mm_user() {
         None => Err((gone, 0)),
@@ -216,7 +233,7 @@ fn judge(
             }
             verdict
         }
-        Err((Refused::Gone { result, why }, _)) => Verdict {
+        Err((Refused::Gone { result, why, .. }, _)) => Verdict {
             result,
             forget_all: true,
             settled: Some(why),

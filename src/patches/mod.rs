@@ -66,7 +66,7 @@ impl Site {
         Event::new(step)
             .pid(self.pid)
             .addr(self.addr)
-            .handle(self.handle as u32)
+            .handle(self.handle)
     }
 
     /// Offset of the patch in its page.
@@ -295,28 +295,21 @@ impl<F> Patches<F> {
         self.per_range.get(&range).copied().unwrap_or(0)
     }
 
-    /// Handles of the patches `owner` made (every handle for `None`).
-    pub(crate) fn handles_of(&self, owner: Owner, out: &mut KVec<u64>) -> Result {
+    /// The first handle from `from` on that `owner` made (any, for None):
+    /// a walk that needs no memory.
+    pub(crate) fn next_handle_of(&self, owner: Owner, from: u64) -> Option<u64> {
         match owner {
-            None => {
-                for h in self.handles.keys() {
-                    out.push(*h, GFP_KERNEL)?;
-                }
-            }
-            Some(o) => {
-                // Ordered by (owner, handle): from the owner's first on.
-                let mut next = (o, 0);
-                while let Some(c) = self.owned.cursor_lower_bound(&next) {
-                    let &(owner, handle) = c.current().0;
-                    if owner != o {
-                        break;
-                    }
-                    out.push(handle, GFP_KERNEL)?;
-                    next = (o, handle + 1);
-                }
-            }
+            None => self
+                .handles
+                .cursor_lower_bound(&from)
+                .map(|c| *c.current().0),
+            // Ordered by (owner, handle).
+            Some(o) => self
+                .owned
+                .cursor_lower_bound(&(o, from))
+                .map(|c| *c.current().0)
+                .and_then(|(owner, handle)| (owner == o).then_some(handle)),
         }
-        Ok(())
     }
 
     /// Forget the sites of `handle` on file page `page` (every one of them,

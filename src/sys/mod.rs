@@ -12,6 +12,7 @@
 //! | `folio` | page references ([`PageRef`], [`CacheRef`]) and the one kmap helper |
 //! | `pte` | how an address is mapped; a locked, then cleared, PTE ([`LockedPte`] → [`ClearedPte`]) |
 //! | `khugepaged` | the LRU drain and `collapse_pte_mapped_thp()` |
+//! | `sync` | killable waits: a `Mutex` lock and a done flag ([`Done`]) |
 //! | `wq` | hugepoke's workqueue |
 //! | `abi` | the ioctl structs as plain bytes (`FromBytes`, `AsBytes`) |
 //!
@@ -24,6 +25,7 @@ mod folio;
 mod khugepaged;
 mod mm;
 mod pte;
+mod sync;
 mod task;
 mod vma;
 mod wq;
@@ -36,6 +38,7 @@ pub(crate) use mm::{MmapWriteGuard, FOLL_FORCE, FOLL_SPLIT_PMD, FOLL_WRITE};
 pub(crate) use pte::{
     lock_pte, mapping_of, ClearedPte, InvalidateRange, LockedPte, Mapping, SwapSlot,
 };
+pub(crate) use sync::{fatal_signal_pending, lock_killable, Done};
 pub(crate) use task::{
     capable_sys_admin, capable_sys_admin_noaudit, current_tgid, mm_id, ModuleRef, PidRef, Process,
 };
@@ -65,6 +68,8 @@ pub(crate) fn ktime_ns() -> u64 {
 extern "C" {
     fn hugepoke_mmap_write_lock_killable(mm: *mut bindings::mm_struct) -> i32;
     fn hugepoke_mmap_write_unlock(mm: *mut bindings::mm_struct);
+    fn hugepoke_mutex_lock_killable(lock: *mut bindings::mutex) -> i32;
+    fn hugepoke_fatal_signal_pending() -> bool;
     fn hugepoke_page_to_pfn(page: *const bindings::page) -> usize;
     fn hugepoke_page_folio(page: *mut bindings::page) -> *mut bindings::folio;
     fn hugepoke_page_anon_exclusive(page: *const bindings::page) -> bool;
@@ -88,11 +93,12 @@ extern "C" {
         ptep: *mut bindings::pte_t,
         pte: bindings::pte_t,
     ) -> bindings::pte_t;
-    fn hugepoke_pte_remap_dirty(
+    fn hugepoke_pte_remap(
         vma: *mut bindings::vm_area_struct,
         addr: usize,
         ptep: *mut bindings::pte_t,
         pte: bindings::pte_t,
+        dirty: bool,
     );
     fn hugepoke_zap_anon_pte(
         vma: *mut bindings::vm_area_struct,
@@ -122,7 +128,7 @@ extern "C" {
         step: u32,
         seq: u64,
         pid: i32,
-        handle: u32,
+        handle: u64,
         addr: usize,
         pfn: usize,
         order: i32,
@@ -141,7 +147,7 @@ pub(crate) fn trace_step(
     step: u32,
     seq: u64,
     pid: i32,
-    handle: Option<u32>,
+    handle: Option<u64>,
     addr: Option<usize>,
     pfn: Option<usize>,
     order: Option<u32>,

@@ -13,9 +13,8 @@ use kernel::{bindings, mm::virt::VmaRef, mm::MmWithUser};
 use super::{
     folio::{pages_equal, read_page, write_page, CacheRef, PageRef},
     hugepoke_folio_walk_end, hugepoke_invalidate_end, hugepoke_invalidate_start,
-    hugepoke_page_anon_exclusive, hugepoke_page_to_pfn, hugepoke_pte_remap_dirty,
-    hugepoke_pte_uffd_wp, hugepoke_pte_unmap, hugepoke_pte_write, hugepoke_zap_anon_pte, PAGE_MASK,
-    PAGE_SIZE,
+    hugepoke_page_anon_exclusive, hugepoke_page_to_pfn, hugepoke_pte_remap, hugepoke_pte_uffd_wp,
+    hugepoke_pte_unmap, hugepoke_pte_write, hugepoke_zap_anon_pte, PAGE_MASK, PAGE_SIZE,
 };
 
 /// How the page tables map an address right now.
@@ -133,6 +132,7 @@ impl<'a> LockedPte<'a> {
         ClearedPte {
             locked: self,
             old: Some(old),
+            written: false,
         }
     }
 }
@@ -146,7 +146,8 @@ impl Drop for LockedPte<'_> {
 
 /// A [`LockedPte`] whose PTE is cleared and the TLB flushed: no CPU maps
 /// the page, so it may be read and written.  Dropping it sets the PTE back,
-/// marked dirty (we modified the page; soft-dirty follows `pte_mkdirty`).
+/// marked dirty if we wrote the page (soft-dirty follows `pte_mkdirty`);
+/// as it was if we only read it (a refusal is no change for a tracker).
 ///
 /// # Invariants
 ///
@@ -155,6 +156,7 @@ impl Drop for LockedPte<'_> {
 pub(crate) struct ClearedPte<'a> {
     locked: LockedPte<'a>,
     old: Option<bindings::pte_t>,
+    written: bool,
 }
 
 impl ClearedPte<'_> {
@@ -171,6 +173,7 @@ impl ClearedPte<'_> {
 
     /// Copy `bytes` into the page at `offset`.
     pub(crate) fn write(&mut self, offset: usize, bytes: &[u8]) {
+        self.written = true;
         // SAFETY: as `read`; no CPU maps the page now that the PTE is
         // cleared and flushed, and the mmap lock (held for writing by our
         // callers) keeps out writers through references taken earlier.
@@ -184,9 +187,6 @@ impl ClearedPte<'_> {
         // CPU maps ours (its PTE is cleared, the PT lock held).
         unsafe { pages_equal(cache.page(), self.page()) }
     }
-
-    /// Set the PTE back, marked dirty: the same as dropping it.
-    pub(crate) fn remap_dirty(self) {}
 
     /// Drop the anonymous page from this mapping for good, so that the next
     /// access faults the page-cache page back in; its swap slot, if any, is
@@ -211,9 +211,12 @@ impl Drop for ClearedPte<'_> {
     fn drop(&mut self) {
         if let Some(old) = self.old.take() {
             let l = &mut self.locked;
-            // SAFETY: we hold the PT lock and the PTE is clear (invariant).
+            // SAFETY: we hold the PT lock and the PTE is clear (invariant);
+            // the walk found a PTE, so `ptep` is the union's live field.
             unsafe {
-                hugepoke_pte_remap_dirty(l.vma.as_ptr(), l.addr, l.fw.__bindgen_anon_1.ptep, old)
+                let ptep = l.fw.__bindgen_anon_1.ptep;
+                hugepoke_pte_remap(l.vma.as_ptr(), l.addr, ptep, old, self.written)
+                // mutant: refusal-marks-dirty
             };
         }
         // `locked` ends the walk when it drops, after this.

@@ -19,6 +19,10 @@
 //!              first: private, read+exec); prints `mapped-again ADDR`
 //!   protect P → mprotect()s the whole text to P (`rx`, `rwx` or `r`)
 //!   dontneed N → madvise(MADV_DONTNEED) of text page N
+//!   warm     → maps in every page of every mapping (mlockall, then
+//!              munlockall), so that answering later commands takes no
+//!              fault that needs the mmap lock: a test can then have us
+//!              `dontneed` while a parked PATCH holds that lock
 //!   guard N  → madvise(MADV_GUARD_INSTALL) of text page N; prints
 //!              `guard N RC`
 //!   pageout N → pages text page N out to swap (MADV_PAGEOUT, after an
@@ -539,6 +543,13 @@ fn main() {
                 // SAFETY: our own text mapping.
                 let rc = unsafe { libc::mprotect(base as *mut libc::c_void, THP_SIZE, prot) };
                 let _ = writeln!(out, "protected {rc}");
+            }
+            (Some("warm"), _) => {
+                // SAFETY: locks and unlocks our own pages; nothing is unmapped.
+                let rc = unsafe { libc::mlockall(libc::MCL_CURRENT) };
+                // SAFETY: as above.
+                unsafe { libc::munlockall() };
+                let _ = writeln!(out, "warm {rc}");
             }
             (Some("dontneed"), Some(n)) if n < text::PAGES => {
                 // SAFETY: our own text page; a private file page refaults.

@@ -97,12 +97,18 @@ pub(crate) fn restore_refuses_bytes_changed_by_someone_else() -> TestResult {
     let h = io(dev.patch(&patch_req(&t, 32, 32)))?;
     write_mem(t.pid, t.page_addr(32), &text::mov_eax_ret(77))?;
     ensure!(t.call(32)? == 77, "debugger's write not running");
+    // A refusal writes nothing, so a dirty tracker (CRIU) sees nothing.
+    io(std::fs::write(format!("/proc/{}/clear_refs", t.pid), "4"))?;
     expect_errno(
         "restore",
         dev.restore(h),
         libc::EILSEQ,
         "not the ones PATCH wrote",
     )?;
+    ensure!(
+        !text_pfns(&t)?[32].soft_dirty(),
+        "the refused RESTORE left the page soft-dirty"
+    );
     ensure!(t.call(32)? == 77, "RESTORE overwrote the debugger's bytes");
     // The CLI says why, not only what happened to the patch.
     let (code, _, err) = crate::cli::hugepoke(&["restore", &h.to_string()])?;

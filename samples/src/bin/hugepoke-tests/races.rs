@@ -533,17 +533,24 @@ pub(crate) fn close_restores_even_when_the_closer_is_killed() -> TestResult {
     )?;
     pause.release()?;
     cli.wait().map_err(|e| e.to_string())?;
+    // The killed closer need not wait for its restore (m8): the work item
+    // finishes it.
+    let restored = wait_for(
+        "the handle's restored step",
+        Duration::from_secs(30),
+        || {
+            Ok(events_of(handle)?
+                .iter()
+                .any(|e| e.step == "restored" && e.result == "ok"))
+        },
+    );
     let evs = events_of(handle)?;
     ensure!(
         t.call(PAGE)? == text::original_value(PAGE),
         "the killed closer left the patch behind: {:?}",
         steps(&evs)
     );
-    ensure!(
-        evs.iter().any(|e| e.step == "restored" && e.result == "ok"),
-        "no restored step: {:?}",
-        steps(&evs)
-    );
+    restored?;
     Ok(())
 }
 
@@ -674,6 +681,237 @@ pub(crate) fn killed_patch_and_batch_change_nothing() -> TestResult {
     Ok(())
 }
 
+/// The journal's `pause` records at `point` for target `pid` since `seq`.
+fn parked_times(point: &str, pid: i32, seq: u64) -> Result<usize, String> {
+    Ok(events()?
+        .iter()
+        .filter(|e| e.seq > seq && e.pid == pid && e.step == "pause" && e.note == point)
+        .count())
+}
+
+/// Wait until an operation on `pid` has parked at `point` `n` times since
+/// `seq` (the debugfs state alone cannot tell one park from the next).
+fn wait_parked_times(point: &str, pid: i32, seq: u64, n: usize) -> TestResult {
+    wait_for(
+        &format!("park {n} at {point}"),
+        Duration::from_secs(60),
+        || Ok(parked_times(point, pid, seq)? >= n),
+    )?;
+    Ok(())
+}
+
+/// Every page of the target mapped in, so that it can answer a command
+/// while a parked PATCH holds its mmap lock (a fault that needs that lock,
+/// such as one that reads the binary in, would wait for the PATCH).
+fn warm(t: &mut Target) -> TestResult {
+    let said = t.command("warm")?;
+    ensure!(said == "warm 0", "warm: {said}");
+    ensure!(thp_head(t).is_ok(), "warm split the text's PMD");
+    Ok(())
+}
+
+/// m4: a PATCH whose GUP split the PMD and then failed — the target
+/// dropped each fresh copy (MADV_DONTNEED, under its per-VMA lock, which
+/// our mmap lock does not keep out) between GUP and the page-table lock,
+/// six times — gives the PMD back: its collapse is queued as RESTORE's
+/// would be (khugepaged is asleep, and cannot collapse a range whose VMA
+/// now has an anon_vma anyway).
+pub(crate) fn failed_patch_after_its_split_gives_the_pmd_back() -> TestResult {
+    const PAGE: usize = 61;
+    let _asleep = KhugepagedAsleep::new()?;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    warm(&mut t)?;
+    let seq = hugepoke::device::journal_seq();
+    let pause = Pause::arm("cowed", t.pid)?;
+    let patcher = Patcher::start(patch_req(&t, PAGE, 6161), None)?;
+    for n in 1..=6 {
+        wait_parked_times("cowed", t.pid, seq, n)?;
+        t.command(&format!("dontneed {PAGE}"))?;
+        if n < 6 {
+            Pause::arm("cowed", t.pid).map(std::mem::forget)?;
+        }
+        pause.release()?;
+    }
+    let (_, result) = patcher.finish(Duration::from_secs(60))?;
+    ensure!(
+        matches!(&result, Err(e) if e.raw_os_error() == Some(libc::EAGAIN)),
+        "PATCH returned {result:?}, want EAGAIN (page table kept changing)"
+    );
+    ensure!(
+        t.call(PAGE)? == text::original_value(PAGE),
+        "the failed PATCH changed the text"
+    );
+    let range = t.page_addr(PAGE) & !(2 * 1024 * 1024 - 1);
+    wait_module_collapse(t.pid, range, seq)?;
+    wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
+    ensure!(
+        smaps(&t)?.kb("Anonymous") == 0,
+        "an anonymous copy is left: {:?}",
+        smaps(&t)?
+    );
+    Ok(())
+}
+
+/// The target dropped its patched copy itself (MADV_DONTNEED): RESTORE
+/// finds the page-cache page back, forgets the patch ("already undone")
+/// and still collapses the range, which would otherwise stay PTE-mapped.
+pub(crate) fn restore_after_the_target_dropped_its_copy_collapses() -> TestResult {
+    const PAGE: usize = 62;
+    let _asleep = KhugepagedAsleep::new()?;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, PAGE, 6262)))?;
+    ensure!(t.call(PAGE)? == 6262, "patch not running");
+    t.command(&format!("dontneed {PAGE}"))?;
+    ensure!(
+        t.call(PAGE)? == text::original_value(PAGE),
+        "MADV_DONTNEED did not drop the copy"
+    );
+    let seq = hugepoke::device::journal_seq();
+    io(dev.restore(h))?;
+    ensure!(
+        events_of(h)?
+            .iter()
+            .any(|e| e.note.contains("already undone")),
+        "RESTORE did not find the copy gone: {:?}",
+        steps(&events_of(h)?)
+    );
+    let range = t.page_addr(PAGE) & !(2 * 1024 * 1024 - 1);
+    wait_module_collapse(t.pid, range, seq)?;
+    wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// m3: a PATCH_BATCH killed after its first page was written, that page's
+/// copy dropped by the target meanwhile: the undo must find the page again
+/// with GUP, which the pending SIGKILL fails (EINTR).  What it kept is
+/// restored by a work item (no signal there): no patch is left, the text
+/// is the file's, and the range is PMD-mapped again.
+pub(crate) fn killed_batch_is_undone_by_a_worker() -> TestResult {
+    use std::process::{Command, Stdio};
+    let _asleep = KhugepagedAsleep::new()?;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let sites = std::env::temp_dir().join("hugepoke-killed-worker.sites");
+    let lines: String = [70usize, 71, 72]
+        .iter()
+        .map(|&p| {
+            format!(
+                "{:#x} b8{:08x}c3\n",
+                t.page_addr(p),
+                (7000 + p as u32).swap_bytes()
+            )
+        })
+        .collect();
+    io(std::fs::write(&sites, lines))?;
+    warm(&mut t)?;
+    let seq = hugepoke::device::journal_seq();
+    let _pause = Pause::arm("written", t.pid)?;
+    let mut cli = io(Command::new("hugepoke")
+        .args(["patch", "--pid", &t.pid.to_string(), "--sites"])
+        .arg(&sites)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn())?;
+    wait_parked_times("written", t.pid, seq, 1)?;
+    t.command("dontneed 70")?;
+    // The parked batch wakes on the signal and goes on to page 71.
+    let _ = cli.kill();
+    let _ = cli.wait();
+    let _ = std::fs::remove_file(&sites);
+    let mut handle = None;
+    wait_for(
+        "the kept sites restored by a work item",
+        Duration::from_secs(30),
+        || {
+            let evs = events()?;
+            handle = evs
+                .iter()
+                .find(|e| e.seq > seq && e.note.contains("restored from a work item"))
+                .and_then(|e| e.handle);
+            Ok(handle.is_some_and(|h| {
+                evs.iter()
+                    .any(|e| e.handle == Some(h) && e.step == "restored" && e.result == "ok")
+            }))
+        },
+    )?;
+    let listed = proc::parse_patches(&io(proc::debugfs("patches"))?);
+    ensure!(
+        !listed.iter().any(|p| p.pid == t.pid),
+        "the killed batch left a patch: {listed:?}"
+    );
+    for page in [70, 71, 72] {
+        ensure!(
+            t.call(page)? == text::original_value(page),
+            "the killed batch left page {page} patched"
+        );
+    }
+    let range = t.page_addr(70) & !(2 * 1024 * 1024 - 1);
+    wait_module_collapse(t.pid, range, seq)?;
+    wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// m8: a RESTORE queued behind an operation that holds the target (here a
+/// PATCH parked at `checked`, as one stuck in a FUSE fault would) can be
+/// killed: it leaves at once, EINTR journaled, while the target is still
+/// busy; the patch stays and is restored afterwards.
+pub(crate) fn a_restore_behind_a_busy_target_can_be_killed() -> TestResult {
+    use std::process::{Command, Stdio};
+    let t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, 30, 3030)))?;
+    let seq = hugepoke::device::journal_seq();
+    let pause = Pause::arm("checked", t.pid)?;
+    let patcher = Patcher::start(patch_req(&t, 31, 3131), None)?;
+    pause.wait_parked("checked")?;
+    let mut cli = io(Command::new("hugepoke")
+        .args(["restore", &h.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn())?;
+    // In its ioctl (x86-64 syscall 16), waiting for the target (a killable
+    // wait shows as D).
+    wait_for("the RESTORE to wait", Duration::from_secs(20), || {
+        let at = |f: &str| std::fs::read_to_string(format!("/proc/{}/{f}", cli.id()));
+        let in_ioctl = at("syscall").is_ok_and(|s| s.starts_with("16 "));
+        Ok(in_ioctl && at("status").is_ok_and(|s| s.contains("State:\tD")))
+    })?;
+    io(cli.kill())?;
+    let exited = wait_for(
+        "the killed RESTORE to exit",
+        Duration::from_secs(10),
+        || Ok(io(cli.try_wait())?.is_some()),
+    );
+    let still_parked = io(proc::debugfs("pause"))?.starts_with("parked checked");
+    pause.release()?;
+    let _ = cli.wait();
+    exited?;
+    ensure!(
+        still_parked,
+        "the RESTORE left only once the target was free"
+    );
+    let evs: Vec<_> = events()?.into_iter().filter(|e| e.seq > seq).collect();
+    ensure!(
+        evs.iter()
+            .any(|e| e.result == "-EINTR" && e.note.contains("waiting for the target")),
+        "no EINTR journaled for the killed RESTORE: {evs:?}"
+    );
+    let (_, second) = patcher.finish(Duration::from_secs(30))?;
+    let second = io(second)?;
+    ensure!(
+        io(dev.query(h))?.state == hugepoke::uapi::STATE_LIVE,
+        "the killed RESTORE changed the patch"
+    );
+    io(dev.restore(h))?;
+    io(dev.restore(second))?;
+    Ok(())
+}
+
 tests! {
     TESTS: [
         execve_during_patch_never_patches_the_new_image,
@@ -686,5 +924,9 @@ tests! {
         last_mm_reference_is_dropped_by_a_worker,
         restore_drains_lru_batches_once_and_unlocked,
         close_restores_even_when_the_closer_is_killed,
+        failed_patch_after_its_split_gives_the_pmd_back,
+        restore_after_the_target_dropped_its_copy_collapses,
+        killed_batch_is_undone_by_a_worker,
+        a_restore_behind_a_busy_target_can_be_killed,
     ];
 }
