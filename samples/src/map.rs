@@ -112,13 +112,13 @@ pub struct Cell {
     /// kpageflags says the page is part of a THP (`false` when unknown).
     pub thp: bool,
     /// Handles of the live patches of this pid that cover this page.
-    pub patches: Vec<u32>,
+    pub patches: Vec<u64>,
 }
 
 /// A live patch of this pid inside the range, as the module's table has it.
 #[derive(Serialize, Clone, Debug, PartialEq)]
 pub struct Patch {
-    pub handle: u32,
+    pub handle: u64,
     pub addr: u64,
     pub len: u64,
     /// The page it starts on, 0..512.
@@ -331,7 +331,7 @@ pub fn summary(counts: &Counts, cells: &[Cell]) -> String {
             Kind::Swapped => format!("{n} swapped out"),
             Kind::None => format!("{n} not mapped"),
         };
-        let mut handles: Vec<u32> = cells
+        let mut handles: Vec<u64> = cells
             .iter()
             .filter(|c| c.kind == kind)
             .flat_map(|c| c.patches.iter().copied())
@@ -344,7 +344,7 @@ pub fn summary(counts: &Counts, cells: &[Cell]) -> String {
             .count();
         let list = handles
             .iter()
-            .map(u32::to_string)
+            .map(u64::to_string)
             .collect::<Vec<_>>()
             .join(", ");
         let handles = if handles.is_empty() {
@@ -607,7 +607,7 @@ pub(crate) mod tests {
             .collect()
     }
 
-    fn patch(handle: u32, page: usize) -> Patch {
+    fn patch(handle: u64, page: usize) -> Patch {
         Patch {
             handle,
             addr: START + page as u64 * PAGE_SIZE,

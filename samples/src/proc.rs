@@ -255,7 +255,7 @@ pub struct EventLine {
     pub seq: u64,
     pub time_ns: u64,
     pub pid: i32,
-    pub handle: Option<u32>,
+    pub handle: Option<u64>,
     pub addr: Option<u64>,
     pub step: String,
     pub pfn: Option<u64>,
@@ -306,7 +306,7 @@ pub fn parse_event_line(l: &str) -> Option<EventLine> {
 /// pmd_mappable bytes orig site` (the fields a reader needs).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PatchLine {
-    pub handle: u32,
+    pub handle: u64,
     pub pid: i32,
     pub addr: u64,
     pub len: u64,
@@ -342,7 +342,7 @@ pub struct TraceLine {
     pub step: String,
     pub seq: u64,
     pub pid: i32,
-    pub handle: u32,
+    pub handle: u64,
     pub addr: u64,
     pub pfn: u64,
     pub order: i32,

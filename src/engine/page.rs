@@ -27,10 +27,9 @@ use crate::{
 
 /// Why PATCH did not write a page.
 pub(crate) enum WriteError {
-    /// Failed, journaled; nothing written.  GUP may have split the PMD
-    /// and COWed the page: the copy it returned last, if any (its sites'
-    /// `orig` not read).
-    Failed(Error, Option<PageRef>),
+    /// Failed, journaled; nothing written (GUP may have split the PMD and
+    /// COWed the page: a copy with nothing of ours in it).
+    Failed(Error),
     /// The bytes read under the PT lock at site `.0` of the page were not
     /// the ones they had to be (`.2` says which); the page (`.1`) was
     /// COWed, nothing written (`orig` of every site holds what is there).
@@ -135,19 +134,16 @@ pub(crate) fn write_patch(
     // if need be, once, before any PT lock is taken.
     let check_file = sites[0].flags & uapi::PATCH_OVER_CHANGED == 0; // mutant: over-changed-bytes
     let file = check_file.then(|| sys::read_file_page(vma, page_addr));
-    // The last copy GUP gave us: a failure hands it to the undo.
-    let mut copy = None;
     for _ in 0..MAX_TRIES {
         let page = match cow_page(hp, guard, &ev, page_addr, before.take()) {
             Ok(Some(page)) => page,
             Ok(None) => continue,
-            Err(e) => return Err(WriteError::Failed(e, copy)),
+            Err(e) => return Err(WriteError::Failed(e)),
         };
         hp.pauses.at(Point::Cowed, pid, &hp.journal);
         let Some(pte) = sys::lock_pte(vma, page_addr, &page) else {
             hp.journal
                 .record(ev(Step::WriteBytes).error(EAGAIN, "PTE changed after GUP; retrying"));
-            copy = Some(page);
             continue;
         };
         // We'd prefer a writable PTE, but the VMA is not writable: then the
@@ -157,7 +153,6 @@ pub(crate) fn write_patch(
             drop(pte);
             hp.journal
                 .record(ev(Step::WriteBytes).error(EAGAIN, "page may be shared; retrying COW"));
-            copy = Some(page);
             continue;
         }
         // Unmap and flush, so no CPU executes the page half-written and no
@@ -180,10 +175,11 @@ pub(crate) fn write_patch(
             .record(ev(Step::WriteBytes).page(page.pfn(), page.folio_order()));
         return Ok(page);
     }
-    let e = hp
-        .journal
-        .fail(ev(Step::WriteBytes), EAGAIN, "page table kept changing");
-    Err(WriteError::Failed(e, copy))
+    Err(WriteError::Failed(hp.journal.fail(
+        ev(Step::WriteBytes),
+        EAGAIN,
+        "page table kept changing",
+    )))
 }
 
 /// Under the PT lock, PTE cleared: read every site's `orig`, and if each

@@ -228,19 +228,10 @@ fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Re
                 w.written = Written::Bytes;
                 hp.pauses.at(Point::Written, first_pid, &hp.journal);
             }
-            Err(WriteError::Failed(e, copy)) => {
-                if let Some(page) = copy {
-                    // GUP made (or found) a copy and nothing was written:
-                    // what it holds is the originals, for the undo to
-                    // check under the PT lock and give back.
-                    sites
-                        .iter_mut()
-                        .for_each(|s| page.read(s.offset(), &mut s.orig[..s.len]));
-                    w.state = PageState::Found(page_addr, page);
-                    w.written = Written::Cowed;
-                }
-                return Err(Failure::at(e, blame));
-            }
+            // A copy GUP made holds the file's bytes: not the undo's to
+            // check (a refusal there would keep the pages written), but
+            // the PMD it split is given back (`split`).
+            Err(WriteError::Failed(e)) => return Err(Failure::at(e, blame)),
             Err(WriteError::NotExpected(k, page, mismatch)) => {
                 let site = &sites[k];
                 let ev = Event::new(Step::CheckExpected)

@@ -166,7 +166,7 @@ pub(crate) fn undo(
     // for their PMD, if PATCH split it: its range is to be collapsed.
     for w in pages.iter_mut().filter(|w| w.written == Written::No) {
         w.state = PageState::Gone(Ok(()), "not written");
-        w.cache_back = w.split;
+        w.cache_back = w.split; // mutant: failed-split-not-collapsed
     }
     match locate_and_check(hp, guard, sites, pages, &last_on_page) {
         Located::Refused(refused, _) => refused.stops_undo().map_or(Ok(()), Err)?,

@@ -126,7 +126,7 @@ fn module_spans<T>(
     calls
         .iter()
         .map(|&(h, call)| {
-            let first = evs.iter().position(|e| e.handle == Some(h as u32));
+            let first = evs.iter().position(|e| e.handle == Some(h));
             check!(first.is_some(), "no journal event for handle {h}");
             let first = first.unwrap();
             let start = if begin == "patch" {
@@ -137,12 +137,12 @@ fn module_spans<T>(
             } else {
                 evs[first..]
                     .iter()
-                    .find(|e| e.step == begin && e.handle == Some(h as u32))
+                    .find(|e| e.step == begin && e.handle == Some(h))
             };
             let stop = evs
                 .iter()
                 .rev()
-                .find(|e| e.step == end && e.handle == Some(h as u32) && e.result == "ok");
+                .find(|e| e.step == end && e.handle == Some(h) && e.result == "ok");
             check!(
                 start.is_some() && stop.is_some(),
                 "handle {h}: no `{begin}` … `{end}` in the journal"

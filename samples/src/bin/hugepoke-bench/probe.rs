@@ -234,7 +234,7 @@ pub struct Steps {
 /// Pick the steps of `handle` out of the journal.  `patch` carries no
 /// handle (it is logged before one exists): the first `patch` event.
 pub fn steps(events: &[EventLine], handle: u64) -> Steps {
-    let mine = |e: &&EventLine| e.handle == Some(handle as u32);
+    let mine = |e: &&EventLine| e.handle == Some(handle);
     let mut s = Steps {
         patch_at: events
             .iter()

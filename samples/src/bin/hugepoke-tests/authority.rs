@@ -281,7 +281,17 @@ pub(crate) fn restore_keeps_another_change_on_the_page() -> TestResult {
     let other = t.page_addr(PAGE) + 200;
     let theirs = !file_bytes(&t, other, 1)?[0];
     write_mem(t.pid, other, &[theirs])?;
+    // Another tool also put our site's originals back: RESTORE writes
+    // nothing, and so leaves the page's soft-dirty bit alone (a dirty
+    // tracker such as CRIU sees no change we did not make).
+    let site = t.page_addr(PAGE);
+    write_mem(t.pid, site, &file_bytes(&t, site, 6)?)?;
+    io(std::fs::write(format!("/proc/{}/clear_refs", t.pid), "4"))?;
     io(dev.restore(h))?;
+    ensure!(
+        !text_pfns(&t)?[PAGE].soft_dirty(),
+        "RESTORE, which wrote nothing, left the page soft-dirty"
+    );
     ensure!(t.call(PAGE)? == text::original_value(PAGE), "not restored");
     ensure!(
         read_mem(t.pid, other, 1)? == [theirs],

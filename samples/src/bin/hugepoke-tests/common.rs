@@ -22,7 +22,7 @@ pub(crate) fn events() -> Result<Vec<EventLine>, String> {
 pub(crate) fn events_of(handle: u64) -> Result<Vec<EventLine>, String> {
     Ok(events()?
         .into_iter()
-        .filter(|e| e.handle == Some(handle as u32))
+        .filter(|e| e.handle == Some(handle))
         .collect())
 }
 

@@ -529,7 +529,7 @@ fn exit_and_exec_round(dev: &Device, kpf: &KpageFlags) -> Result<Duration, Strin
             let last = journal
                 .iter()
                 .rev()
-                .find(|e| e.handle == Some(h as u32))
+                .find(|e| e.handle == Some(h))
                 .ok_or(format!("{how}: no events of {h}"))?;
             ensure!(
                 last.step == "restored" && last.note.contains("gone"),

@@ -189,7 +189,7 @@ pub(crate) fn close_time_restore_refused_keeps_the_patch_persistent() -> TestRes
     ensure!(
         listed
             .iter()
-            .any(|p| p.handle as u64 == h && p.owner == "persistent"),
+            .any(|p| p.handle == h && p.owner == "persistent"),
         "the kept patch is not listed persistent: {listed:?}"
     );
     let dev = io(Device::open())?;

@@ -838,6 +838,14 @@ pub(crate) fn killed_batch_is_undone_by_a_worker() -> TestResult {
             }))
         },
     )?;
+    // The undo was refused first (that is what the work item is for).
+    ensure!(
+        events_of(handle.unwrap_or_default())?
+            .iter()
+            .any(|e| e.result == "-EINTR" && e.note.contains("could not all be undone")),
+        "the undo was not cut short, so nothing was kept: {:?}",
+        steps(&events_of(handle.unwrap_or_default())?)
+    );
     let listed = proc::parse_patches(&io(proc::debugfs("patches"))?);
     ensure!(
         !listed.iter().any(|p| p.pid == t.pid),

@@ -131,7 +131,7 @@ pub(crate) fn trace_events_carry_each_step_and_its_pfns() -> TestResult {
     );
     let queued = step("queue_collapse", 0)?;
     ensure!(
-        queued.handle == handle as u32 && queued.addr == t.addr,
+        queued.handle == handle && queued.addr == t.addr,
         "queue_collapse {queued:?}"
     );
     let collapse = step("collapse", 0)?;
