@@ -11,10 +11,11 @@
 //! Disarmed, a point costs one uncontended mutex.  A parked operation
 //! gives up after [`PARK_LIMIT_MS`] or on a signal, and goes on: the hook
 //! can delay an operation, never change its outcome.  While parked at
-//! `checked`, `cowed`, `written` or `restore` it holds the target's locks
-//! (its mmap lock for writing): that target stalls, as it would behind a
-//! slow fault.  (Its own per-VMA-locked faults and `MADV_DONTNEED` still
-//! run: that is what the points between pages are for.)
+//! `checked`, `cowed`, `written`, `restore` or `located` it holds the
+//! target's locks (its mmap lock for writing): that target stalls, as it
+//! would behind a slow fault.  (Its own per-VMA-locked faults and
+//! `MADV_DONTNEED` still run: that is what the points between steps are
+//! for.)
 //!
 //! `Pauses::state` is a leaf lock, never held while parked.
 
@@ -50,6 +51,9 @@ pub(crate) enum Point {
     /// RESTORE: the target's state lock and mmap lock are held; the
     /// patched page is not looked up yet.
     Restore,
+    /// RESTORE, after its first pass found every copy and checked every
+    /// byte, before any is written (state and mmap lock held).
+    Located,
     /// RESTORE, right before its one `lru_add_drain_all()`: only the
     /// target's state lock is held.
     Drain,
@@ -67,6 +71,7 @@ impl Point {
             Point::Cowed => "cowed",
             Point::Written => "written",
             Point::Restore => "restore",
+            Point::Located => "located",
             Point::Drain => "drain",
             Point::Collapse => "collapse",
         }
@@ -79,6 +84,7 @@ impl Point {
             Point::Cowed,
             Point::Written,
             Point::Restore,
+            Point::Located,
             Point::Drain,
             Point::Collapse,
         ]

@@ -78,6 +78,7 @@ fn reapply(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, sites: &[Site], done: &mut
     for w in done
         .iter_mut()
         .filter(|w| matches!(w.outcome, Outcome::Written) && !w.already)
+    // mutant: reapply-ignores-already
     {
         if write_page(hp, guard, &sites[w.range.clone()], w, Dir::Reapply).is_ok() {
             // mutant: restore-half-done
@@ -145,6 +146,7 @@ pub(crate) fn restore_pages(
             }
             Located::NeedDrain | Located::Ready => {}
         }
+        hp.pauses.at(Point::Located, sites[0].pid, &hp.journal);
         write_originals(hp, &guard, mm, sites, pages, &last_on_page)?;
         zap_copies(hp, &guard, mm, sites, pages, &last_on_page);
         return Ok(());

@@ -920,6 +920,70 @@ pub(crate) fn a_restore_behind_a_busy_target_can_be_killed() -> TestResult {
     Ok(())
 }
 
+/// A RESTORE of a batch whose second page fails in the write pass (the
+/// target dropped that copy while the RESTORE was parked at `located`)
+/// patches again the pages it had restored — but not one where another
+/// tool had put the originals back already: that page stays restored and
+/// its sites are forgotten.  The other page's copy is gone, so the next
+/// RESTORE forgets it too.
+pub(crate) fn restore_undo_leaves_a_page_another_tool_restored() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    warm(&mut t)?;
+    let dev = std::sync::Arc::new(io(Device::open())?);
+    let sites: Vec<_> = [80usize, 81]
+        .iter()
+        .map(|&p| {
+            hugepoke::device::batch_site(t.page_addr(p), &text::mov_eax_ret(8000 + p as u32), None)
+        })
+        .collect();
+    let h = dev
+        .patch_batch(t.pid, &sites, 0)
+        .map_err(|e| format!("batch: {e:?}"))?;
+    ensure!(
+        t.call(80)? == 8080 && t.call(81)? == 8081,
+        "batch not running"
+    );
+    // Another tool restores page 80's site.
+    let at = t.page_addr(80);
+    write_mem(t.pid, at, &file_bytes(&t, at, 6)?)?;
+    let seq = hugepoke::device::journal_seq();
+    let pause = Pause::arm("located", t.pid)?;
+    let (tx, rx) = mpsc::channel();
+    let ours = dev.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(ours.restore(h));
+    });
+    pause.wait_parked("located")?;
+    t.command("dontneed 81")?;
+    pause.release()?;
+    let result = rx
+        .recv_timeout(Duration::from_secs(60))
+        .map_err(|_| "the parked RESTORE did not return")?;
+    ensure!(
+        matches!(&result, Err(e) if e.raw_os_error() == Some(libc::EAGAIN)),
+        "RESTORE returned {result:?}, want EAGAIN (page 81's copy went)"
+    );
+    ensure!(
+        t.call(80)? == text::original_value(80),
+        "the undo patched page 80 again over the originals another tool put back"
+    );
+    let evs: Vec<_> = events_of(h)?.into_iter().filter(|e| e.seq > seq).collect();
+    ensure!(
+        evs.iter()
+            .any(|e| e.note.contains("restored and could not be re-patched")),
+        "page 80 not forgotten: {:?}",
+        steps(&evs)
+    );
+    ensure!(
+        io(dev.query(h))?.count == 1,
+        "the handle does not keep page 81 alone"
+    );
+    io(dev.restore(h))?;
+    ensure!(t.call(81)? == text::original_value(81), "page 81");
+    Ok(())
+}
+
 tests! {
     TESTS: [
         execve_during_patch_never_patches_the_new_image,
@@ -936,5 +1000,6 @@ tests! {
         restore_after_the_target_dropped_its_copy_collapses,
         killed_batch_is_undone_by_a_worker,
         a_restore_behind_a_busy_target_can_be_killed,
+        restore_undo_leaves_a_page_another_tool_restored,
     ];
 }
