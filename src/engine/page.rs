@@ -492,8 +492,8 @@ fn keep_reason(
         Some("page has unexpected references (pinned or in a pipe)")
     } else {
         match cache {
-            None => Some("no page-cache page to fault back in"),
-            Some(c) if !c.uptodate() => Some("page-cache page is not uptodate"),
+            None => Some("no page-cache page to fault back in"), // mutant: no-cache-zapped
+            Some(c) if !c.uptodate() => Some("page-cache page is not uptodate"), // mutant: stale-cache-compared
             Some(c) if !pte.identical_to(c) => {
                 // mutant: identical-always
                 Some("page differs from the page-cache page")

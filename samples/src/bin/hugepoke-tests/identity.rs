@@ -482,6 +482,114 @@ pub(crate) fn swapped_out_patch_restores_and_frees_its_swap_slot() -> TestResult
     Ok(())
 }
 
+/// RESTORE zaps a copy only when the page-cache page it would fault back
+/// in is there and uptodate; else it writes the originals and keeps the
+/// copy, and says why.  On tmpfs (4 KiB folios): a page whose file range
+/// was punched and fallocated again (an fallocated shmem folio is not
+/// uptodate until first used; the hole punch leaves private copies), and
+/// a page whose page-cache folio went to swap.
+pub(crate) fn restore_keeps_the_copy_without_a_page_cache_page_to_fault_in() -> TestResult {
+    use std::os::unix::io::AsRawFd;
+    const STALE: usize = 25;
+    const SWAPPED: usize = 26;
+    let swap = Swap::on()?;
+    let dir = hugepoke::testkit::backing::tmpfs("never")?;
+    let path = hugepoke::testkit::backing::write_text(&dir, text::THP_SIZE, false)?;
+    let mut t = Target::spawn(&["--file", &path, "--no-huge"])?;
+    let dev = io(Device::open())?;
+    let stale = io(dev.patch(&patch_req(&t, STALE, 2525)))?;
+    let swapped = io(dev.patch(&patch_req(&t, SWAPPED, 2626)))?;
+    let file = io(std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path))?;
+    let fd = file.as_raw_fd();
+    let page = 4096i64;
+    // SAFETY: our own file descriptor; plain fallocate calls.
+    let rc = unsafe {
+        let off = STALE as i64 * page;
+        libc::fallocate(
+            fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            page,
+        ) | libc::fallocate(fd, 0, off, page)
+    };
+    ensure!(rc == 0, "fallocate: {}", std::io::Error::last_os_error());
+    ensure!(
+        t.call(STALE)? == 2525,
+        "the hole punch took the private copy"
+    );
+    page_out_of_the_page_cache(&swap, fd, SWAPPED)?;
+    for (h, page, why) in [
+        (stale, STALE, "page-cache page is not uptodate"),
+        (swapped, SWAPPED, "no page-cache page to fault back in"),
+    ] {
+        io(dev.restore(h))?;
+        let evs = events_of(h)?;
+        ensure!(
+            evs.iter()
+                .any(|e| e.step == "keep_anon_page" && e.note.contains(why)),
+            "page {page}: copy not kept because {why:?}: {:?}",
+            steps(&evs)
+        );
+        ensure!(
+            t.call(page)? == text::original_value(page),
+            "page {page} not restored"
+        );
+    }
+    ensure!(
+        smaps(&t)?.kb("Anonymous") == 8,
+        "not the two copies kept: {:?}",
+        smaps(&t)?
+    );
+    Ok(())
+}
+
+/// Push the tmpfs page `page` of `fd` out to swap: map it shared, read
+/// it, drain the LRU batches (through drop_caches: a folio in a per-CPU
+/// batch cannot be reclaimed) and `MADV_PAGEOUT` it, until `swap` holds
+/// more than before.  (Not read again after that: a fault would bring it
+/// back into the page cache.)
+fn page_out_of_the_page_cache(swap: &Swap, fd: i32, page: usize) -> TestResult {
+    let before = swap.used_kb()?;
+    // SAFETY: a fresh shared read-only mapping of one page of our file,
+    // read, advised and unmapped here.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd,
+            (page * 4096) as i64,
+        )
+    };
+    ensure!(
+        p != libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    let result = wait_for(
+        "the page-cache page to go to swap",
+        Duration::from_secs(10),
+        || {
+            if swap.used_kb()? > before {
+                return Ok(true);
+            }
+            // SAFETY: `p` maps one readable page of our file.
+            unsafe { std::ptr::read_volatile(p as *const u8) };
+            io(std::fs::write("/proc/sys/vm/drop_caches", "1"))?;
+            // SAFETY: as above.
+            unsafe { libc::madvise(p, 4096, libc::MADV_PAGEOUT) };
+            Ok(false)
+        },
+    );
+    // SAFETY: unmapping the mapping made above.
+    unsafe { libc::munmap(p, 4096) };
+    result.map(|_| ())
+}
+
 /// A swap device on a loop device over a file in /tmp, for one test.
 pub(crate) struct Swap {
     dev: String,
@@ -718,6 +826,7 @@ tests! {
         close_time_restore_refused_keeps_the_patch_persistent,
         restore_picks_the_copy_patch_wrote_among_several,
         restore_forgets_a_page_gone_for_good,
+        restore_keeps_the_copy_without_a_page_cache_page_to_fault_in,
         restore_faults_in_no_mapping_without_copies,
         restore_keeps_a_patch_beside_a_copy_it_may_not_judge,
         failed_collapse_is_reported_with_the_kernels_reason,
