@@ -113,6 +113,7 @@ pub(crate) fn restore_owned(hp: &Arc<Hugepoke>, owner: Owner, closing: Closing) 
         // mutant: close-restores-in-the-dying-task
         Some(work) => {
             if work.done.wait_killable().is_err() {
+                // mutant: close-waits-unkillable
                 let ev = Event::new(Step::Restore);
                 let why = "fatal signal while waiting for the restore at close: it goes on in its work item";
                 hp.journal.record(ev.error(EINTR, why));

@@ -984,6 +984,67 @@ pub(crate) fn restore_undo_leaves_a_page_another_tool_restored() -> TestResult {
     Ok(())
 }
 
+/// m8 at close: a CLI whose close-time restore waits behind an operation
+/// that holds its target (a PATCH parked at `checked`) can be killed: it
+/// exits while the target is still busy, the journal says its restore
+/// goes on in the work item, and once the target is free the work
+/// restores the CLI's patch.
+pub(crate) fn a_closer_behind_a_busy_target_can_be_killed() -> TestResult {
+    const PAGE: usize = 33;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let (mut cli, handle) = cli_patch(&t, PAGE, 3333)?;
+    ensure!(t.call(PAGE)? == 3333, "CLI patch not running");
+    let seq = hugepoke::device::journal_seq();
+    let pause = Pause::arm("checked", t.pid)?;
+    let patcher = Patcher::start(patch_req(&t, 34, 3434), None)?;
+    pause.wait_parked("checked")?;
+    // The CLI closes its file: its restore work waits for the target.
+    drop(cli.stdin.take());
+    wait_for(
+        "the CLI to wait for its restore",
+        Duration::from_secs(20),
+        || {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", cli.id()));
+            Ok(status.is_ok_and(|s| s.contains("State:\tD")))
+        },
+    )?;
+    io(cli.kill())?;
+    let exited = wait_for("the killed closer to exit", Duration::from_secs(10), || {
+        Ok(io(cli.try_wait())?.is_some())
+    });
+    let still_parked = io(proc::debugfs("pause"))?.starts_with("parked checked");
+    pause.release()?;
+    let _ = cli.wait();
+    exited?;
+    ensure!(
+        still_parked,
+        "the closer left only once the target was free"
+    );
+    ensure!(
+        events()?.iter().any(|e| e.seq > seq
+            && e.result == "-EINTR"
+            && e.note.contains("waiting for the restore at close")),
+        "no EINTR journaled for the killed closer"
+    );
+    wait_for(
+        "the work to restore the CLI's patch",
+        Duration::from_secs(30),
+        || {
+            Ok(events_of(handle)?
+                .iter()
+                .any(|e| e.step == "restored" && e.result == "ok"))
+        },
+    )?;
+    ensure!(
+        t.call(PAGE)? == text::original_value(PAGE),
+        "the CLI's patch was not restored"
+    );
+    let (_, second) = patcher.finish(Duration::from_secs(30))?;
+    drop(second);
+    Ok(())
+}
+
 tests! {
     TESTS: [
         execve_during_patch_never_patches_the_new_image,
@@ -1001,5 +1062,6 @@ tests! {
         killed_batch_is_undone_by_a_worker,
         a_restore_behind_a_busy_target_can_be_killed,
         restore_undo_leaves_a_page_another_tool_restored,
+        a_closer_behind_a_busy_target_can_be_killed,
     ];
 }
