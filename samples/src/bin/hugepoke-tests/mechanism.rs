@@ -294,8 +294,8 @@ pub(crate) fn collapse_waits_for_the_last_patch() -> TestResult {
 }
 
 pub(crate) fn install_pmd_maps_without_a_fault() -> TestResult {
-    let t = Target::spawn(&[])?;
-    thp_head(&t)?;
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
     let dev = io(Device::open())?;
     let h = io(dev.patch(&PatchRequest {
         install_pmd: true,
@@ -325,6 +325,12 @@ pub(crate) fn install_pmd_maps_without_a_fault() -> TestResult {
         smaps(&t)?
     );
     println!("# PMD installed {took:?} after RESTORE, without a fault");
+    // And what it maps is the file's THP: the target runs its original code.
+    ensure!(thp_head(&t)? == head, "the PMD maps another folio");
+    ensure!(
+        t.call(9)? == text::original_value(9),
+        "the target does not run the original code through the new PMD"
+    );
     Ok(())
 }
 

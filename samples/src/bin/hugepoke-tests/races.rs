@@ -167,7 +167,15 @@ pub(crate) fn execve_during_patch_never_patches_the_new_image() -> TestResult {
     // The PATCH went to the old image's address space, which nothing runs
     // any more, or found it gone.
     match result {
-        Ok(_) => {}
+        // Its handle says so: the process it patched is gone.
+        Ok(h) => {
+            let q = io(io(Device::open())?.query(h))?;
+            ensure!(
+                q.state == hugepoke::uapi::STATE_GONE,
+                "the PATCH of the old image: QUERY state {}, want gone",
+                q.state
+            );
+        }
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
         Err(e) => {
             return Err(format!(
