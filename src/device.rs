@@ -249,7 +249,7 @@ impl Controller {
         let target = self.authorize(args.handle, ev.handle(args.handle), false)?;
         let shows_pfns = authority::shows_pfns();
         {
-            let state = engine::lock_target(hp, &target, args.handle)?;
+            let state = target.lock_killable(&hp.journal, ev.handle(args.handle))?;
             args.count = state.patches.count(args.handle);
             // The Nth live site: a batch that lost some keeps the others' places.
             let p = state

@@ -32,10 +32,11 @@ use kernel::{
     rbtree::{Entry, RBTree, RBTreeNode, RBTreeNodeReservation},
     sync::aref::ARef,
     sync::Arc,
-    sync::Mutex,
+    sync::{Mutex, MutexGuard},
 };
 
 use crate::{
+    journal::{Event, Journal},
     live::{self, Live},
     patches::{Owner, Patches},
     sys,
@@ -96,6 +97,23 @@ impl Target {
     /// Has the target process's address space gone away?
     pub(crate) fn gone(&self) -> bool {
         self.mm_user().is_none()
+    }
+}
+
+impl Target {
+    /// The target's state, for an ioctl (`ev` says which): `EINTR`,
+    /// journaled, if a fatal signal comes while another operation (one
+    /// stuck in a fault?) holds it.
+    pub(crate) fn lock_killable(
+        &self,
+        journal: &Journal,
+        ev: Event,
+    ) -> Result<MutexGuard<'_, TargetState>> {
+        sys::lock_killable(&self.state).map_err(|e| {
+            // mutant: restore-waits-unkillable
+            let why = "fatal signal while waiting for the target (busy with another operation)";
+            journal.fail(ev, e, why)
+        })
     }
 }
 

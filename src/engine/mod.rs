@@ -28,4 +28,4 @@ pub(crate) use outcome::{Closing, Failure};
 pub(crate) use owned::restore_owned;
 pub(crate) use patch::patch;
 pub(crate) use plan::Request;
-pub(crate) use settle::{drop_handle, lock_target, restore, restore_of};
+pub(crate) use settle::{drop_handle, restore, restore_of};

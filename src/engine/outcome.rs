@@ -1,15 +1,60 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! What the engine's steps hand back: a PATCH that failed ([`Failure`]), a
+//! What the engine's steps hand back: a page PATCH did not write
+//! ([`WriteError`], [`Mismatch`]), a PATCH that failed ([`Failure`]), a
 //! RESTORE that did not restore ([`Refused`]) or did ([`Restored`]), and
 //! who is restoring ([`Closing`]).
 
 use kernel::prelude::*;
 
-use crate::refusal::Refusal;
+use crate::{
+    refusal::Refusal,
+    sys::{self, PageRef},
+};
 
 /// How often a step retries when the page table changed under it.
 pub(crate) const MAX_TRIES: u32 = 6;
+
+/// Why PATCH did not write a page.
+pub(crate) enum WriteError {
+    /// Failed, journaled; nothing written (GUP may have split the PMD and
+    /// COWed the page: a copy with nothing of ours in it).
+    Failed(Error),
+    /// The bytes read under the PT lock at site `.0` of the page were not
+    /// the ones they had to be (`.2` says which); the page (`.1`) was
+    /// COWed, nothing written (`orig` of every site holds what is there).
+    NotExpected(usize, PageRef, Mismatch),
+}
+
+/// What the bytes PATCH would replace were not.
+#[derive(Clone, Copy)]
+pub(crate) enum Mismatch {
+    /// The caller's expected bytes.
+    Expected,
+    /// The file's own bytes: another tool changed them.
+    Changed,
+    /// The file's page could not be read to compare them with.
+    NoFilePage,
+}
+
+impl Mismatch {
+    pub(crate) fn refusal(self) -> Refusal {
+        match self {
+            Mismatch::Expected => Refusal::new(
+                sys::eilseq(),
+                "bytes at the address are not the expected ones (under the page-table lock)",
+            ),
+            Mismatch::Changed => Refusal::new(
+                EBUSY,
+                "these bytes were changed by another tool (they differ from the file's: a debugger's or a uprobe's breakpoint?); nothing written (PATCH_OVER_CHANGED writes over them)",
+            ),
+            Mismatch::NoFilePage => Refusal::new(
+                EIO,
+                "the file's own page could not be read to compare these bytes with; nothing written",
+            ),
+        }
+    }
+}
 
 /// A refused or failed PATCH: the errno, already journaled with its
 /// reason, and the site to blame (its index in the request), if one is.

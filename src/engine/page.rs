@@ -12,7 +12,7 @@ use kernel::{mm::virt::VmaRef, mm::MmWithUser, prelude::*};
 
 use super::{
     locate::relock_pte,
-    outcome::{Refused, Restored, MAX_TRIES},
+    outcome::{Mismatch, Refused, Restored, WriteError, MAX_TRIES},
     plan::{swap_bytes, Dir, PageState, PageWork, Written},
 };
 use crate::{
@@ -24,47 +24,6 @@ use crate::{
     uapi::{self, MAX_BYTES},
     Hugepoke,
 };
-
-/// Why PATCH did not write a page.
-pub(crate) enum WriteError {
-    /// Failed, journaled; nothing written (GUP may have split the PMD and
-    /// COWed the page: a copy with nothing of ours in it).
-    Failed(Error),
-    /// The bytes read under the PT lock at site `.0` of the page were not
-    /// the ones they had to be (`.2` says which); the page (`.1`) was
-    /// COWed, nothing written (`orig` of every site holds what is there).
-    NotExpected(usize, PageRef, Mismatch),
-}
-
-/// What the bytes PATCH would replace were not.
-#[derive(Clone, Copy)]
-pub(crate) enum Mismatch {
-    /// The caller's expected bytes.
-    Expected,
-    /// The file's own bytes: another tool changed them.
-    Changed,
-    /// The file's page could not be read to compare them with.
-    NoFilePage,
-}
-
-impl Mismatch {
-    pub(crate) fn refusal(self) -> Refusal {
-        match self {
-            Mismatch::Expected => Refusal::new(
-                sys::eilseq(),
-                "bytes at the address are not the expected ones (under the page-table lock)",
-            ),
-            Mismatch::Changed => Refusal::new(
-                EBUSY,
-                "these bytes were changed by another tool (they differ from the file's: a debugger's or a uprobe's breakpoint?); nothing written (PATCH_OVER_CHANGED writes over them)",
-            ),
-            Mismatch::NoFilePage => Refusal::new(
-                EIO,
-                "the file's own page could not be read to compare these bytes with; nothing written",
-            ),
-        }
-    }
-}
 
 /// Split the PMD and break COW at `page_addr`: GUP with `FOLL_FORCE |
 /// FOLL_WRITE | FOLL_SPLIT_PMD`.  `None` if GUP gave a page-cache page.

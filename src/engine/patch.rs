@@ -22,9 +22,9 @@ use kernel::{
 };
 
 use super::{
-    outcome::Failure,
+    outcome::{Failure, WriteError},
     owned::restore_after_killed_patch,
-    page::{write_patch, WriteError},
+    page::write_patch,
     plan::{check_sites, Identity, PageState, Plan, Request, Written},
     restore::{queue_collapses, undo},
 };
@@ -120,11 +120,13 @@ fn with_new_handle(
                 registry.new_handle(&target, owner).map_err(nomem)?,
             )
         };
-        let Ok(mut state) = sys::lock_killable(&target.state) else {
+        let mut state = match target.lock_killable(&hp.journal, ev) {
             // mutant: registry-held-across-patch
-            drop(hp.registry.lock().forget_handle(handle));
-            let why = "fatal signal while waiting for the target (busy with another operation)";
-            return Err(hp.journal.fail(ev, EINTR, why).into());
+            Ok(state) => state,
+            Err(e) => {
+                drop(hp.registry.lock().forget_handle(handle));
+                return Err(e.into());
+            }
         };
         let result = if state.retired {
             None

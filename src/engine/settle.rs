@@ -9,7 +9,7 @@
 use kernel::{
     fs::File,
     prelude::*,
-    sync::{aref::ARef, Arc, MutexGuard},
+    sync::{aref::ARef, Arc},
 };
 
 use super::{
@@ -22,7 +22,6 @@ use crate::{
     journal::{Event, Step},
     patches::{Forgotten, Site},
     refusal::Refusal,
-    sys,
     target::{Target, TargetState},
     Hugepoke,
 };
@@ -39,24 +38,9 @@ pub(crate) fn restore(hp: &Arc<Hugepoke>, handle: u64) -> Result {
 
 /// RESTORE `handle` of `target` (who may is `authority`'s to say).
 pub(crate) fn restore_of(hp: &Arc<Hugepoke>, target: &Arc<Target>, handle: u64) -> Result {
-    let mut state = lock_target(hp, target, handle)?;
+    let mut state = target.lock_killable(&hp.journal, Event::new(Step::Restore).handle(handle))?;
     restore_handle(hp, target, &mut state, handle, Closing::No)
         .unwrap_or_else(|| Err(unknown(hp, handle)))
-}
-
-/// The target's state, for an ioctl on `handle`: `EINTR` if a fatal
-/// signal comes while another operation (stuck in a fault?) holds it.
-pub(crate) fn lock_target<'a>(
-    hp: &Hugepoke,
-    target: &'a Target,
-    handle: u64,
-) -> Result<MutexGuard<'a, TargetState>> {
-    sys::lock_killable(&target.state).map_err(|e| {
-        // mutant: restore-waits-unkillable
-        let ev = Event::new(Step::Restore).handle(handle);
-        let why = "fatal signal while waiting for the target (busy with another operation)";
-        hp.journal.fail(ev, e, why)
-    })
 }
 
 fn unknown(hp: &Hugepoke, handle: u64) -> Error {
@@ -69,7 +53,7 @@ fn unknown(hp: &Hugepoke, handle: u64) -> Error {
 /// target, for a patch RESTORE cannot give back.  Whatever the target's
 /// copies hold stays, and their ranges stay PTE-mapped.
 pub(crate) fn drop_handle(hp: &Arc<Hugepoke>, target: &Arc<Target>, handle: u64) -> Result {
-    let mut state = lock_target(hp, target, handle)?;
+    let mut state = target.lock_killable(&hp.journal, Event::new(Step::Restore).handle(handle))?;
     if state.patches.count(handle) == 0 {
         return Err(unknown(hp, handle));
     }

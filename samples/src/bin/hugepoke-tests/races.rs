@@ -708,6 +708,36 @@ fn wait_parked_times(point: &str, pid: i32, seq: u64, n: usize) -> TestResult {
     Ok(())
 }
 
+/// The module's own collapse (khugepaged asleep) of the 2 MiB range that
+/// holds text page `page`, journaled since `seq`, and the PMD back.
+fn pmd_back_by_the_module(t: &mut Target, page: usize, seq: u64) -> TestResult {
+    let range = t.page_addr(page) & !(text::THP_SIZE as u64 - 1);
+    wait_module_collapse(t.pid, range, seq)?;
+    wait_pmd_mapped(t, Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// SIGKILL `cli`, which waits in the kernel for a target that a PATCH
+/// parked at `checked` holds: it must exit while that PATCH is still
+/// parked.  The pause is released either way.
+fn kill_while_parked(cli: &mut std::process::Child, pause: &Pause, what: &str) -> TestResult {
+    io(cli.kill())?;
+    let exited = wait_for(
+        &format!("the killed {what} to exit"),
+        Duration::from_secs(10),
+        || Ok(io(cli.try_wait())?.is_some()),
+    );
+    let still_parked = io(proc::debugfs("pause"))?.starts_with("parked checked");
+    pause.release()?;
+    let _ = cli.wait();
+    exited?;
+    ensure!(
+        still_parked,
+        "the {what} left only once the target was free"
+    );
+    Ok(())
+}
+
 /// Every page of the target mapped in, so that it can answer a command
 /// while a parked PATCH holds its mmap lock (a fault that needs that lock,
 /// such as one that reads the binary in, would wait for the PATCH).
@@ -750,9 +780,7 @@ pub(crate) fn failed_patch_after_its_split_gives_the_pmd_back() -> TestResult {
         t.call(PAGE)? == text::original_value(PAGE),
         "the failed PATCH changed the text"
     );
-    let range = t.page_addr(PAGE) & !(2 * 1024 * 1024 - 1);
-    wait_module_collapse(t.pid, range, seq)?;
-    wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
+    pmd_back_by_the_module(&mut t, PAGE, seq)?;
     ensure!(
         smaps(&t)?.kb("Anonymous") == 0,
         "an anonymous copy is left: {:?}",
@@ -786,9 +814,7 @@ pub(crate) fn restore_after_the_target_dropped_its_copy_collapses() -> TestResul
         "RESTORE did not find the copy gone: {:?}",
         steps(&events_of(h)?)
     );
-    let range = t.page_addr(PAGE) & !(2 * 1024 * 1024 - 1);
-    wait_module_collapse(t.pid, range, seq)?;
-    wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
+    pmd_back_by_the_module(&mut t, PAGE, seq)?;
     Ok(())
 }
 
@@ -865,9 +891,7 @@ pub(crate) fn killed_batch_is_undone_by_a_worker() -> TestResult {
             "the killed batch left page {page} patched"
         );
     }
-    let range = t.page_addr(70) & !(2 * 1024 * 1024 - 1);
-    wait_module_collapse(t.pid, range, seq)?;
-    wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
+    pmd_back_by_the_module(&mut t, 70, seq)?;
     Ok(())
 }
 
@@ -897,20 +921,7 @@ pub(crate) fn a_restore_behind_a_busy_target_can_be_killed() -> TestResult {
         let in_ioctl = at("syscall").is_ok_and(|s| s.starts_with("16 "));
         Ok(in_ioctl && at("status").is_ok_and(|s| s.contains("State:\tD")))
     })?;
-    io(cli.kill())?;
-    let exited = wait_for(
-        "the killed RESTORE to exit",
-        Duration::from_secs(10),
-        || Ok(io(cli.try_wait())?.is_some()),
-    );
-    let still_parked = io(proc::debugfs("pause"))?.starts_with("parked checked");
-    pause.release()?;
-    let _ = cli.wait();
-    exited?;
-    ensure!(
-        still_parked,
-        "the RESTORE left only once the target was free"
-    );
+    kill_while_parked(&mut cli, &pause, "RESTORE")?;
     let evs: Vec<_> = events()?.into_iter().filter(|e| e.seq > seq).collect();
     ensure!(
         evs.iter()
@@ -1017,18 +1028,7 @@ pub(crate) fn a_closer_behind_a_busy_target_can_be_killed() -> TestResult {
             Ok(status.is_ok_and(|s| s.contains("State:\tD")))
         },
     )?;
-    io(cli.kill())?;
-    let exited = wait_for("the killed closer to exit", Duration::from_secs(10), || {
-        Ok(io(cli.try_wait())?.is_some())
-    });
-    let still_parked = io(proc::debugfs("pause"))?.starts_with("parked checked");
-    pause.release()?;
-    let _ = cli.wait();
-    exited?;
-    ensure!(
-        still_parked,
-        "the closer left only once the target was free"
-    );
+    kill_while_parked(&mut cli, &pause, "closer")?;
     ensure!(
         events()?.iter().any(|e| e.seq > seq
             && e.result == "-EINTR"
