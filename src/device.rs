@@ -21,7 +21,7 @@ use crate::{
     journal::{Event, Step},
     policy, sys,
     target::Target,
-    uapi::{self, BatchSite, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs},
+    uapi::{self, BatchSite, CollapseArgs, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs},
     Hugepoke,
 };
 
@@ -76,6 +76,7 @@ impl MiscDevice for Controller {
             uapi::IOCTL_RESTORE => this.restore(user),
             uapi::IOCTL_QUERY => this.query(user),
             uapi::IOCTL_PATCH_BATCH => this.patch_batch(user),
+            uapi::IOCTL_COLLAPSE => this.collapse(user),
             _ => Err(hp.journal.fail(
                 Event::new(Step::Ioctl).addr(cmd as usize),
                 ENOTTY,
@@ -228,6 +229,20 @@ impl Controller {
         authority::may_undo(owner, self.id, &target, restoring)
             .map_err(|r| hp.journal.refuse(ev, r))?;
         Ok(target)
+    }
+
+    /// COLLAPSE: one 2 MiB range, its copies dropped and its PMD given back.
+    fn collapse(&self, user: UserSlice) -> Result {
+        let hp = &self.hugepoke;
+        let ev = Event::new(Step::CollapseRange);
+        let (mut reader, mut writer) = user.reader_writer();
+        let mut args: CollapseArgs = reader
+            .read()
+            .map_err(|e| hp.journal.fail(ev, e, "cannot read the COLLAPSE arguments"))?;
+        engine::collapse(hp, &mut args)?;
+        writer
+            .write(&args)
+            .map_err(|e| hp.journal.fail(ev, e, "cannot write the COLLAPSE result"))
     }
 
     fn query(&self, user: UserSlice) -> Result {

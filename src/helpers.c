@@ -71,6 +71,11 @@ void hugepoke_folio_put(struct folio *folio)
 	folio_put(folio);
 }
 
+void hugepoke_folio_get(struct folio *folio)
+{
+	folio_get(folio);
+}
+
 /* References beyond those of its mappings, the page/swap cache and one GUP. */
 int hugepoke_folio_unexpected_refs(struct folio *folio)
 {

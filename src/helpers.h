@@ -18,6 +18,7 @@ struct folio *hugepoke_page_cache_folio(struct address_space *mapping,
 struct page *hugepoke_folio_file_page(struct folio *folio, pgoff_t index);
 bool hugepoke_page_anon_exclusive(const struct page *page);
 void hugepoke_folio_put(struct folio *folio);
+void hugepoke_folio_get(struct folio *folio);
 int hugepoke_folio_unexpected_refs(struct folio *folio);
 bool hugepoke_folio_is_anon(struct folio *folio);
 bool hugepoke_folio_may_be_lru_cached(struct folio *folio);
@@ -61,7 +62,7 @@ void hugepoke_module_put(void);
 	x(split_pmd) x(cow_page) x(write_bytes) x(patched)		\
 	x(restore) x(restore_bytes) x(lru_drain) x(zap_anon_page)	\
 	x(keep_anon_page) x(queue_collapse) x(collapse) x(restored)	\
-	x(query) x(pause) x(resume)
+	x(query) x(collapse_range) x(pause) x(resume)
 
 void hugepoke_trace(unsigned int step, u64 seq, pid_t pid, u64 handle,
 		    unsigned long addr, unsigned long pfn, int order, int err,

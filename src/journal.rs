@@ -56,6 +56,8 @@ steps! {
     Collapse => "collapse",
     Restored => "restored",
     Query => "query",
+    // COLLAPSE: its start and verdict; per copy zap_anon_page or keep_anon_page.
+    CollapseRange => "collapse_range",
     // The test hook (`pause`).
     Pause => "pause",
     Resume => "resume",
@@ -185,6 +187,7 @@ impl Step {
             self,
             Step::KeepAnonPage
                 | Step::Collapse
+                | Step::CollapseRange
                 | Step::QueueCollapse
                 | Step::SplitPmd
                 | Step::CowPage

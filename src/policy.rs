@@ -14,8 +14,8 @@ use kernel::{
 use crate::{
     patches::Site,
     refusal::Refusal,
-    sys::{VmaInfo, PAGE_MASK, PAGE_SIZE},
-    uapi::{self, PatchArgs, PatchBatchArgs, MAX_BATCH, MAX_BYTES},
+    sys::{VmaInfo, PAGE_MASK, PAGE_SIZE, PMD_PAGES, PMD_SIZE},
+    uapi::{self, CollapseArgs, PatchArgs, PatchBatchArgs, MAX_BATCH, MAX_BYTES},
 };
 
 fn has(vma: &VmaInfo, flag: vm_flags_t) -> bool {
@@ -127,6 +127,58 @@ pub(crate) fn check_restore_vma(vma: &VmaInfo) -> Result<(), Refusal> {
         return Err(Refusal::new(
             EACCES,
             "the patched file page is now mapped without exec; nothing written",
+        ));
+    }
+    Ok(())
+}
+
+/// Validate a COLLAPSE request: its header, and a 2 MiB-aligned range
+/// that does not wrap.
+pub(crate) fn check_collapse_args(args: &CollapseArgs) -> Result<usize, Refusal> {
+    uapi::check_header(
+        args.size,
+        args.flags,
+        core::mem::size_of::<CollapseArgs>(),
+        uapi::COLLAPSE_FLAGS,
+    )
+    .map_err(|why| Refusal::new(EINVAL, why))?;
+    let Some(haddr) = usize::try_from(args.addr)
+        .ok()
+        .filter(|a| a.checked_add(PMD_SIZE).is_some())
+    else {
+        return Err(Refusal::new(EFAULT, "address out of range"));
+    };
+    if haddr % PMD_SIZE != 0 {
+        return Err(Refusal::new(EINVAL, "address is not 2 MiB-aligned"));
+    }
+    Ok(haddr)
+}
+
+/// May COLLAPSE drop copies in this VMA and collapse its 2 MiB range at
+/// `haddr`?  Only in private executable file text a PMD can map there.
+pub(crate) fn check_collapse_vma(vma: &VmaInfo, haddr: usize) -> Result<(), Refusal> {
+    if has(vma, HUGETLB) || has(vma, IO) || has(vma, PFNMAP) || !vma.file_backed() {
+        return Err(Refusal::new(
+            EINVAL,
+            "not a file-backed mapping of ordinary pages",
+        ));
+    }
+    if has(vma, SHARED) || has(vma, WRITE) || !has(vma, EXEC) {
+        return Err(Refusal::new(
+            EINVAL,
+            "not a private, read-only, executable mapping: not text",
+        ));
+    }
+    if vma.start > haddr || vma.end - haddr < PMD_SIZE {
+        return Err(Refusal::new(
+            EINVAL,
+            "the 2 MiB range is not inside one mapping",
+        ));
+    }
+    if vma.pgoff_of(haddr) % PMD_PAGES != 0 {
+        return Err(Refusal::new(
+            EINVAL,
+            "address and file offset differ modulo 2 MiB: no PMD can map this range",
         ));
     }
     Ok(())

@@ -194,6 +194,11 @@ impl Registry {
         Ok(handle)
     }
 
+    /// The target of the address space `mm`, if it has one.
+    pub(crate) fn target_of_mm(&self, mm: &Mm) -> Option<Arc<Target>> {
+        self.targets.get(&sys::mm_id(mm)).cloned()
+    }
+
     pub(crate) fn target_of(&self, handle: u64) -> Option<Arc<Target>> {
         self.handles.get(&handle).map(|(_, t)| t.clone())
     }

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! hugepoke's ioctl ABI, version 3 (version 1 had no PATCH_BATCH, and
+//! hugepoke's ioctl ABI, version 4 (version 1 had no PATCH_BATCH, and
 //! QUERY had no `index`/`count`; version 2 had no `PATCH_OVER_CHANGED`
-//! and no `RESTORE_DROP`, and let any opener RESTORE and QUERY any handle).
+//! and no `RESTORE_DROP`, and let any opener RESTORE and QUERY any handle;
+//! version 3 had no COLLAPSE).
 //!
 //! This file is shared verbatim by the module and by `samples/` (the CLI and
 //! tests), so it uses nothing but `core`.  `include/uapi/hugepoke.h` is the
@@ -13,7 +14,7 @@
 
 /// The ABI version this file describes (debugfs `abi` says which one the
 /// loaded module speaks).
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Most bytes one PATCH may write.
 pub const MAX_BYTES: usize = 16;
@@ -163,6 +164,64 @@ pub struct QueryArgs {
     pub reserved: u32,
 }
 
+/// COLLAPSE: install the PMD right away instead of retracting the page
+/// table and letting the next fault map it.
+pub const COLLAPSE_INSTALL_PMD: u32 = 1 << 0;
+pub const COLLAPSE_FLAGS: u32 = COLLAPSE_INSTALL_PMD;
+
+/// COLLAPSE `result`: a PMD maps the range now (or already did).
+pub const COLLAPSE_DONE: u32 = 1;
+/// COLLAPSE `result`: the page table is retracted; the next fault maps
+/// the PMD.
+pub const COLLAPSE_AT_FAULT: u32 = 2;
+/// COLLAPSE `result`: anonymous copies were kept (the `kept_*` counts say
+/// why), so the range was not collapsed.
+pub const COLLAPSE_COPIES_KEPT: u32 = 3;
+/// COLLAPSE `result`: no copy is left, but the page cache holds no
+/// PMD-sized folio for the range (small folios, or none): only
+/// `MADV_COLLAPSE` can make one.
+pub const COLLAPSE_SMALL_FOLIOS: u32 = 4;
+/// COLLAPSE `result`: no copy is left, and `collapse_pte_mapped_thp()`
+/// refused (its `enum scan_result` is in the journal).
+pub const COLLAPSE_REFUSED: u32 = 5;
+
+/// COLLAPSE: give one 2 MiB range of a target's text its PMD back after
+/// any tool's patch.  The anonymous copies in it that equal their
+/// page-cache page, that nothing else holds, that no userfaultfd watches
+/// and that carry no live hugepoke patch are dropped; every other copy is
+/// kept and counted by why; with none left, the range is collapsed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CollapseArgs {
+    /// In: `size_of::<CollapseArgs>()`.
+    pub size: u32,
+    /// In: `COLLAPSE_*` flags.
+    pub flags: u32,
+    /// In: target pid, in the caller's pid namespace.
+    pub pid: i32,
+    /// Out: `COLLAPSE_DONE` .. `COLLAPSE_REFUSED`.
+    pub result: u32,
+    /// In: a 2 MiB-aligned address whose 2 MiB lie in one private,
+    /// executable, file-backed mapping of the target, at a file offset a
+    /// PMD can map.
+    pub addr: u64,
+    /// Out: copies dropped (equal to their page-cache page).
+    pub dropped: u32,
+    /// Out: copies kept because they differ from the page-cache page
+    /// (another tool's change, live).
+    pub kept_differs: u32,
+    /// Out: kept because something else holds a reference (a pin, a pipe).
+    pub kept_pinned: u32,
+    /// Out: kept because userfaultfd is registered on the mapping.
+    pub kept_uffd: u32,
+    /// Out: kept because a live hugepoke patch is on the page.
+    pub kept_patched: u32,
+    /// Out: kept because no uptodate page-cache page could replace them.
+    pub kept_no_cache: u32,
+    /// Out: the address of the first copy kept (0 if none).
+    pub first_kept: u64,
+}
+
 /// The checks every argument struct's header gets: its `size` must be the
 /// one this ABI knows and `flags` may only hold `known` bits.
 pub fn check_header(
@@ -192,6 +251,7 @@ pub const IOCTL_PATCH: u32 = iowr(1, core::mem::size_of::<PatchArgs>());
 pub const IOCTL_RESTORE: u32 = iowr(2, core::mem::size_of::<RestoreArgs>());
 pub const IOCTL_QUERY: u32 = iowr(3, core::mem::size_of::<QueryArgs>());
 pub const IOCTL_PATCH_BATCH: u32 = iowr(4, core::mem::size_of::<PatchBatchArgs>());
+pub const IOCTL_COLLAPSE: u32 = iowr(5, core::mem::size_of::<CollapseArgs>());
 
 // The layout is the ABI: no implicit padding, fixed sizes.
 const _: () = assert!(core::mem::size_of::<PatchArgs>() == 64);
@@ -199,3 +259,4 @@ const _: () = assert!(core::mem::size_of::<RestoreArgs>() == 16);
 const _: () = assert!(core::mem::size_of::<QueryArgs>() == 96);
 const _: () = assert!(core::mem::size_of::<BatchSite>() == 48);
 const _: () = assert!(core::mem::size_of::<PatchBatchArgs>() == 40);
+const _: () = assert!(core::mem::size_of::<CollapseArgs>() == 56);

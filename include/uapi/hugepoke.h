@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
 /*
- * hugepoke ioctl ABI, version 3 — the C view of src/uapi.rs.
+ * hugepoke ioctl ABI, version 4 — the C view of src/uapi.rs.
  * See Documentation/abi.md.
  */
 #ifndef _UAPI_HUGEPOKE_H
@@ -9,7 +9,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define HUGEPOKE_ABI_VERSION 3
+#define HUGEPOKE_ABI_VERSION 4
 #define HUGEPOKE_MAX_BYTES 16
 #define HUGEPOKE_MAX_BATCH 4096
 #define HUGEPOKE_MAX_TARGET_SITES 65536
@@ -81,9 +81,34 @@ struct hugepoke_query {
 	__u32 reserved;		/* out: 0 */
 };
 
+#define HUGEPOKE_COLLAPSE_INSTALL_PMD (1U << 0)
+
+/* struct hugepoke_collapse.result */
+#define HUGEPOKE_COLLAPSE_DONE        1	/* a PMD maps the range */
+#define HUGEPOKE_COLLAPSE_AT_FAULT    2	/* table retracted; PMD at next fault */
+#define HUGEPOKE_COLLAPSE_COPIES_KEPT 3	/* copies kept (kept_*): not collapsed */
+#define HUGEPOKE_COLLAPSE_SMALL_FOLIOS 4	/* no PMD-sized page-cache folio */
+#define HUGEPOKE_COLLAPSE_REFUSED     5	/* collapse_pte_mapped_thp() refused */
+
+struct hugepoke_collapse {
+	__u32 size;		/* in: sizeof(struct hugepoke_collapse) */
+	__u32 flags;		/* in: HUGEPOKE_COLLAPSE_INSTALL_PMD or 0 */
+	__s32 pid;		/* in: target, in the caller's pid namespace */
+	__u32 result;		/* out: HUGEPOKE_COLLAPSE_* */
+	__u64 addr;		/* in: 2 MiB-aligned, in private executable file text */
+	__u32 dropped;		/* out: copies equal to the page cache, dropped */
+	__u32 kept_differs;	/* out: kept: they differ from the page cache */
+	__u32 kept_pinned;	/* out: kept: something else holds them */
+	__u32 kept_uffd;	/* out: kept: userfaultfd is registered */
+	__u32 kept_patched;	/* out: kept: a live hugepoke patch is on them */
+	__u32 kept_no_cache;	/* out: kept: no uptodate page-cache page */
+	__u64 first_kept;	/* out: address of the first copy kept, or 0 */
+};
+
 #define HUGEPOKE_IOCTL_PATCH   _IOWR('H', 1, struct hugepoke_patch)
 #define HUGEPOKE_IOCTL_RESTORE _IOWR('H', 2, struct hugepoke_restore)
 #define HUGEPOKE_IOCTL_QUERY   _IOWR('H', 3, struct hugepoke_query)
 #define HUGEPOKE_IOCTL_PATCH_BATCH _IOWR('H', 4, struct hugepoke_patch_batch)
+#define HUGEPOKE_IOCTL_COLLAPSE _IOWR('H', 5, struct hugepoke_collapse)
 
 #endif /* _UAPI_HUGEPOKE_H */

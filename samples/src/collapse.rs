@@ -1,15 +1,48 @@
 //! `hugepoke collapse --pid PID`: make another process's text huge without
-//! its cooperation, with `process_madvise(pidfd, MADV_COLLAPSE)` over each
-//! 2 MiB-aligned 2 MiB range of its executable file mappings, then say per
+//! its cooperation.  Over each 2 MiB-aligned 2 MiB range of its executable
+//! file mappings, the module's COLLAPSE first drops the anonymous copies
+//! other tools left (a detached uprobe's, a debugger's, a `/proc/PID/mem`
+//! writer's) where they equal the page cache and maps the PMD; then, where
+//! no copy is left but the page cache has no huge folio,
+//! `process_madvise(pidfd, MADV_COLLAPSE)` makes one.  Then it says per
 //! mapping how much the kernel's own accounting (smaps) shows PMD-mapped,
-//! and why not where not.
+//! per range what it dropped and kept, and why not where not.
 
+use crate::device::Device;
 use crate::proc::{self, SmapsEntry};
 use crate::symbols::{self, Mapping};
+use crate::uapi::{self, CollapseArgs};
 use std::io;
 
 pub const PMD_SIZE: u64 = 2 << 20;
 const MADV_COLLAPSE: i32 = 25;
+
+/// What happened to one 2 MiB range.
+#[derive(Debug, Clone, Default)]
+pub struct RangeReport {
+    pub start: u64,
+    /// The module's COLLAPSE: other tools' copies dropped and kept (None
+    /// without `/dev/hugepoke`, or when it refused the range: `module_errno`).
+    pub module: Option<CollapseArgs>,
+    pub module_errno: Option<i32>,
+    /// MADV_COLLAPSE's errno, when it was tried and refused.
+    pub madvise_errno: Option<i32>,
+    /// A PMD maps the range (by the module's or MADV_COLLAPSE's word).
+    pub collapsed: bool,
+}
+
+impl RangeReport {
+    fn kept(&self) -> u32 {
+        self.module.map_or(0, |a| {
+            a.kept_differs + a.kept_pinned + a.kept_uffd + a.kept_patched + a.kept_no_cache
+        })
+    }
+
+    /// Worth a line of its own: something dropped, kept or refused.
+    pub fn notable(&self) -> bool {
+        self.module.is_some_and(|a| a.dropped != 0) || !self.collapsed
+    }
+}
 
 /// What happened to one executable file mapping.
 #[derive(Debug, Clone)]
@@ -17,10 +50,10 @@ pub struct MappingReport {
     pub mapping: Mapping,
     /// 2 MiB ranges inside the mapping that a PMD could map.
     pub ranges: u64,
-    /// Ranges for which MADV_COLLAPSE succeeded.
+    /// Ranges a PMD maps now, by the module's or MADV_COLLAPSE's word.
     pub collapsed: u64,
-    /// `(range start, errno)` of the ranges it refused.
-    pub failures: Vec<(u64, i32)>,
+    /// Every range, in order.
+    pub range_reports: Vec<RangeReport>,
     /// PMD-mapped kB after (ShmemPmdMapped + FilePmdMapped).
     pub pmd_kb: u64,
     /// Why this mapping cannot be (all) PMD-mapped, when it cannot.
@@ -33,6 +66,11 @@ impl MappingReport {
     /// Every range a PMD could map is PMD-mapped.
     pub fn complete(&self) -> bool {
         self.ranges > 0 && self.pmd_kb >= self.ranges * PMD_SIZE / 1024
+    }
+
+    /// Either no PMD can map it, or every range is PMD-mapped.
+    pub fn done(&self) -> bool {
+        self.ranges == 0 || self.complete()
     }
 }
 
@@ -123,21 +161,94 @@ fn collapse_range(pidfd: i32, start: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// One range: the module's COLLAPSE first (it drops the copies other
+/// tools left, then maps the PMD when the page cache holds a PMD-sized
+/// folio); MADV_COLLAPSE when it left no copy but could not map one (small
+/// folios: MADV_COLLAPSE makes a huge one), or without the module.
+fn collapse_one(dev: Option<&Device>, pid: i32, pidfd: i32, start: u64) -> RangeReport {
+    let mut r = RangeReport {
+        start,
+        ..Default::default()
+    };
+    if let Some(dev) = dev {
+        match dev.collapse(pid, start) {
+            Ok(a) => {
+                r.module = Some(a);
+                match a.result {
+                    uapi::COLLAPSE_DONE | uapi::COLLAPSE_AT_FAULT => r.collapsed = true,
+                    uapi::COLLAPSE_COPIES_KEPT => return r,
+                    _ => {}
+                }
+            }
+            Err(e) => r.module_errno = e.raw_os_error(),
+        }
+    }
+    if !r.collapsed {
+        match collapse_range(pidfd, start, PMD_SIZE) {
+            Ok(()) => r.collapsed = true,
+            Err(e) => r.madvise_errno = Some(e.raw_os_error().unwrap_or(0)),
+        }
+    }
+    r
+}
+
 /// Collapse every executable file mapping of `pid`.
 pub fn collapse(pid: i32) -> Result<Vec<MappingReport>, String> {
+    collapse_matching(pid, |_| true)
+}
+
+/// The processes that map `path` privately and executably now, found
+/// through `/proc/*/maps` (by device and inode: any name, any mount),
+/// with the report of each one's mappings of it.  A process that exits
+/// meanwhile, or whose maps we may not read, is left out.
+pub fn collapse_file(path: &str) -> Result<Vec<(i32, Vec<MappingReport>)>, String> {
+    use std::os::unix::fs::MetadataExt;
+    let st = std::fs::metadata(path).map_err(|e| format!("{path}: {e}"))?;
+    let id = (libc::major(st.dev()), libc::minor(st.dev()), st.ino());
+    let is_it = move |m: &Mapping| (m.dev.0, m.dev.1, m.inode) == id && m.perms.ends_with('p');
+    let mut out = vec![];
+    for pid in mappers(&is_it)? {
+        match collapse_matching(pid, is_it) {
+            Ok(r) if !r.is_empty() => out.push((pid, r)),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The pids whose executable mappings include one `is_it` picks, in order.
+fn mappers(is_it: &impl Fn(&Mapping) -> bool) -> Result<Vec<i32>, String> {
+    let mut pids: Vec<i32> = std::fs::read_dir("/proc")
+        .map_err(|e| format!("/proc: {e}"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&pid| {
+            symbols::read_maps(pid)
+                .is_ok_and(|maps| maps.iter().any(|m| m.executable() && is_it(m)))
+        })
+        .collect();
+    pids.sort_unstable();
+    Ok(pids)
+}
+
+/// Collapse the executable file mappings of `pid` that `want` picks.
+fn collapse_matching(
+    pid: i32,
+    want: impl Fn(&Mapping) -> bool,
+) -> Result<Vec<MappingReport>, String> {
     let maps = symbols::read_maps(pid)?;
     let pidfd = pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
+    let dev = Device::open().ok();
     let mut reports = Vec::new();
     for m in maps
         .into_iter()
-        .filter(|m| m.file_backed() && m.executable())
+        .filter(|m| m.file_backed() && m.executable() && want(m))
     {
         let mut r = MappingReport {
             fs: fs_name(pid, &m),
             mapping: m,
             ranges: 0,
             collapsed: 0,
-            failures: vec![],
+            range_reports: vec![],
             pmd_kb: 0,
             why_not: None,
         };
@@ -146,10 +257,9 @@ pub fn collapse(pid: i32) -> Result<Vec<MappingReport>, String> {
             Ok(ranges) => {
                 r.ranges = ranges.len() as u64;
                 for start in ranges {
-                    match collapse_range(pidfd, start, PMD_SIZE) {
-                        Ok(()) => r.collapsed += 1,
-                        Err(e) => r.failures.push((start, e.raw_os_error().unwrap_or(0))),
-                    }
+                    let range = collapse_one(dev.as_ref(), pid, pidfd, start);
+                    r.collapsed += u64::from(range.collapsed);
+                    r.range_reports.push(range);
                 }
             }
         }
@@ -164,11 +274,11 @@ pub fn collapse(pid: i32) -> Result<Vec<MappingReport>, String> {
         if let Some(s) = smaps.iter().find(|s| s.start == r.mapping.start) {
             r.pmd_kb = s.pmd_mapped_kb();
         }
-        if r.why_not.is_none() && !r.failures.is_empty() {
-            r.why_not = Some(explain_failures(r));
+        if r.why_not.is_none() && r.collapsed < r.ranges {
+            r.why_not = Some(explain_refusals(r, dev.is_some()));
         } else if r.why_not.is_none() && !r.complete() {
             r.why_not = Some(format!(
-                "MADV_COLLAPSE succeeded on all {} ranges, yet smaps shows {} of {} kB PMD-mapped (a range was split or unmapped since)",
+                "all {} ranges collapsed, yet smaps shows {} of {} kB PMD-mapped (a range was split or unmapped since)",
                 r.ranges,
                 r.pmd_kb,
                 r.ranges * PMD_SIZE / 1024
@@ -178,31 +288,112 @@ pub fn collapse(pid: i32) -> Result<Vec<MappingReport>, String> {
     Ok(reports)
 }
 
-fn explain_failures(r: &MappingReport) -> String {
-    let mut by_errno: Vec<(i32, Vec<u64>)> = Vec::new();
-    for &(start, errno) in &r.failures {
-        match by_errno.iter_mut().find(|(e, _)| *e == errno) {
-            Some((_, v)) => v.push(start),
-            None => by_errno.push((errno, vec![start])),
+/// Why the copies of a range were kept, in words.
+pub fn kept_words(a: &CollapseArgs) -> String {
+    let counts = [
+        (
+            a.kept_differs,
+            "differ from the page cache (another tool's change, live)",
+        ),
+        (a.kept_pinned, "held by something else (a pin, a pipe)"),
+        (a.kept_uffd, "under userfaultfd"),
+        (a.kept_patched, "carry a live hugepoke patch"),
+        (
+            a.kept_no_cache,
+            "have no uptodate page-cache page to fault back in",
+        ),
+    ];
+    let total: u32 = counts.iter().map(|c| c.0).sum();
+    let why: Vec<String> = counts
+        .iter()
+        .filter(|c| c.0 != 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+    format!(
+        "{total} anonymous cop{} kept (first at {:#x}): {}",
+        if total == 1 { "y" } else { "ies" },
+        a.first_kept,
+        why.join(", ")
+    )
+}
+
+/// Why the one range was not collapsed, in words.
+fn range_refusal(r: &RangeReport, fs: &str) -> String {
+    if let Some(a) = r.module.filter(|a| a.result == uapi::COLLAPSE_COPIES_KEPT) {
+        return kept_words(&a);
+    }
+    let module = match (r.module, r.module_errno) {
+        (_, Some(e)) => format!("the module refused it ({}); ", crate::errno_name(e)),
+        (Some(a), _) if a.result == uapi::COLLAPSE_REFUSED => {
+            "no copy left, collapse_pte_mapped_thp() refused (see `hugepoke events`); ".to_string()
+        }
+        _ => String::new(),
+    };
+    let errno = r.madvise_errno.unwrap_or(0);
+    let why = match errno {
+        libc::EINVAL => format!("the kernel will not make this VMA huge (a filesystem without large folios for text — this one is {fs} — or THP disabled for it)"),
+        libc::EAGAIN => "transient: pages locked, under writeback, or in use (retry)".to_string(),
+        libc::ENOMEM => "no memory for a huge page".to_string(),
+        libc::EPERM => "not permitted (CAP_SYS_NICE and ptrace access to the process are needed)".to_string(),
+        libc::ESRCH => "the process is gone".to_string(),
+        _ => "see madvise(2), MADV_COLLAPSE".to_string(),
+    };
+    format!(
+        "{module}MADV_COLLAPSE refused with {}: {why}",
+        crate::errno_name(errno)
+    )
+}
+
+fn explain_refusals(r: &MappingReport, with_module: bool) -> String {
+    let mut by_why: Vec<(String, Vec<u64>)> = Vec::new();
+    for range in r.range_reports.iter().filter(|x| !x.collapsed) {
+        let why = range_refusal(range, &r.fs);
+        let why = if range.kept() != 0 {
+            "anonymous copies kept (see the ranges)".to_string()
+        } else {
+            why
+        };
+        match by_why.iter_mut().find(|(w, _)| *w == why) {
+            Some((_, v)) => v.push(range.start),
+            None => by_why.push((why, vec![range.start])),
         }
     }
-    by_errno
+    let mut s = by_why
         .iter()
-        .map(|(errno, starts)| {
-            let why = match *errno {
-                libc::EINVAL => format!("the kernel will not make this VMA huge (a filesystem without large folios for text — this one is {} — or THP disabled for it)", r.fs),
-                libc::EAGAIN => "transient: pages locked, under writeback, or in use (retry)".to_string(),
-                libc::ENOMEM => "no memory for a huge page".to_string(),
-                libc::EPERM => "not permitted (CAP_SYS_NICE and ptrace access to the process are needed)".to_string(),
-                libc::ESRCH => "the process is gone".to_string(),
-                _ => "see madvise(2), MADV_COLLAPSE".to_string(),
-            };
+        .map(|(why, starts)| {
             let at: Vec<String> = starts.iter().take(4).map(|s| format!("{s:#x}")).collect();
-            let more = if starts.len() > 4 { format!(" and {} more", starts.len() - 4) } else { String::new() };
-            format!("{} range(s) refused with {}: {why} (at {}{more})", starts.len(), crate::errno_name(*errno), at.join(", "))
+            let more = if starts.len() > 4 {
+                format!(" and {} more", starts.len() - 4)
+            } else {
+                String::new()
+            };
+            format!(
+                "{} range(s) not collapsed: {why} (at {}{more})",
+                starts.len(),
+                at.join(", ")
+            )
         })
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    if !with_module {
+        s += " (without /dev/hugepoke: other tools' anonymous copies were not looked for)";
+    }
+    s
+}
+
+/// The line for one range that dropped, kept or refused something.
+pub fn range_line(r: &RangeReport, fs: &str) -> String {
+    let dropped = r.module.map_or(0, |a| a.dropped);
+    let head = format!(
+        "  range {:#x}: {dropped} cop{} dropped",
+        r.start,
+        if dropped == 1 { "y" } else { "ies" }
+    );
+    if r.collapsed {
+        format!("{head}, PMD-mapped")
+    } else {
+        format!("{head}; not collapsed: {}", range_refusal(r, fs))
+    }
 }
 
 /// One line per mapping, as the CLI prints it.
@@ -212,7 +403,20 @@ pub fn report_line(r: &MappingReport) -> String {
         "{:#x}-{:#x} {} {} ({}):",
         m.start, m.end, m.perms, m.path, r.fs
     );
-    let pmd = format!("{} kB PMD-mapped", r.pmd_kb);
+    let dropped: u32 = r
+        .range_reports
+        .iter()
+        .filter_map(|x| x.module.map(|a| a.dropped))
+        .sum();
+    let pmd = if dropped == 0 {
+        format!("{} kB PMD-mapped", r.pmd_kb)
+    } else {
+        format!(
+            "{} kB PMD-mapped, {dropped} other tools' cop{} dropped",
+            r.pmd_kb,
+            if dropped == 1 { "y" } else { "ies" }
+        )
+    };
     match &r.why_not {
         None => format!("{head} {pmd}, all {} 2 MiB range(s) collapsed", r.ranges),
         Some(why) if r.ranges == 0 => format!("{head} {pmd}; no PMD: {why}"),
@@ -221,6 +425,16 @@ pub fn report_line(r: &MappingReport) -> String {
             r.collapsed, r.ranges
         ),
     }
+}
+
+/// The mapping's line, then a line per range that dropped, kept or
+/// refused something.
+pub fn report_lines(r: &MappingReport) -> Vec<String> {
+    let mut lines = vec![report_line(r)];
+    for range in r.range_reports.iter().filter(|x| x.notable()) {
+        lines.push(range_line(range, &r.fs));
+    }
+    lines
 }
 
 #[cfg(test)]

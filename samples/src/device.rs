@@ -1,6 +1,8 @@
 //! `/dev/hugepoke` from userspace, over the shared ABI in `src/uapi.rs`.
 
-use crate::uapi::{self, BatchSite, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs, MAX_BYTES};
+use crate::uapi::{
+    self, BatchSite, CollapseArgs, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs, MAX_BYTES,
+};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -217,6 +219,20 @@ impl Device {
             handle,
         };
         self.ioctl(uapi::IOCTL_RESTORE, &mut a)
+    }
+
+    /// COLLAPSE the 2 MiB range at `addr` of `pid`: drop the copies other
+    /// tools left that equal the page cache, then collapse (PMD installed).
+    pub fn collapse(&self, pid: i32, addr: u64) -> io::Result<CollapseArgs> {
+        let mut a = CollapseArgs {
+            size: std::mem::size_of::<CollapseArgs>() as u32,
+            flags: uapi::COLLAPSE_INSTALL_PMD,
+            pid,
+            addr,
+            ..Default::default()
+        };
+        self.ioctl(uapi::IOCTL_COLLAPSE, &mut a)?;
+        Ok(a)
     }
 
     pub fn query(&self, handle: u64) -> io::Result<QueryArgs> {

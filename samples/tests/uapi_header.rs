@@ -57,8 +57,24 @@ fn expected() -> Vec<(&'static str, u64)> {
     v.extend(layout!("hugepoke_query", QueryArgs; size => size, flags => flags, handle => handle,
         state => state, pid => pid, addr => addr, len => len, patch_flags => patch_flags, pfn => pfn,
         orig => orig, bytes => bytes, index => index, count => count, site => site, reserved => reserved));
+    v.extend(
+        layout!("hugepoke_collapse", CollapseArgs; size => size, flags => flags, pid => pid,
+        result => result, addr => addr, dropped => dropped, kept_differs => kept_differs,
+        kept_pinned => kept_pinned, kept_uffd => kept_uffd, kept_patched => kept_patched,
+        kept_no_cache => kept_no_cache, first_kept => first_kept),
+    );
     v.extend([
         ("HUGEPOKE_IOCTL_PATCH", IOCTL_PATCH as u64),
+        ("HUGEPOKE_IOCTL_COLLAPSE", IOCTL_COLLAPSE as u64),
+        ("HUGEPOKE_COLLAPSE_INSTALL_PMD", COLLAPSE_INSTALL_PMD as u64),
+        ("HUGEPOKE_COLLAPSE_DONE", COLLAPSE_DONE as u64),
+        ("HUGEPOKE_COLLAPSE_AT_FAULT", COLLAPSE_AT_FAULT as u64),
+        ("HUGEPOKE_COLLAPSE_COPIES_KEPT", COLLAPSE_COPIES_KEPT as u64),
+        (
+            "HUGEPOKE_COLLAPSE_SMALL_FOLIOS",
+            COLLAPSE_SMALL_FOLIOS as u64,
+        ),
+        ("HUGEPOKE_COLLAPSE_REFUSED", COLLAPSE_REFUSED as u64),
         ("HUGEPOKE_IOCTL_RESTORE", IOCTL_RESTORE as u64),
         ("HUGEPOKE_IOCTL_QUERY", IOCTL_QUERY as u64),
         ("HUGEPOKE_IOCTL_PATCH_BATCH", IOCTL_PATCH_BATCH as u64),

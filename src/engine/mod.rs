@@ -11,10 +11,12 @@
 //! ([`locate`]), write the originals back, zap if clean, queue the
 //! collapse ([`restore`]).  A single PATCH is a plan of one site ([`patch`]),
 //! RESTORE has one path whatever the count ([`settle`]), and the undo of a
-//! failed PATCH is RESTORE's own passes.  Files and their imports go one
+//! failed PATCH is RESTORE's own passes.  COLLAPSE drops the copies other
+//! tools left by RESTORE's rule for zapping a copy ([`zap`]) ([`foreign`]).  Files and their imports go one
 //! way: `owned → settle → restore → {page → locate} → plan → outcome`, and
 //! `patch → {restore, page, plan}`.
 
+mod foreign;
 mod locate;
 mod outcome;
 mod owned;
@@ -23,7 +25,9 @@ mod patch;
 mod plan;
 mod restore;
 mod settle;
+mod zap;
 
+pub(crate) use foreign::collapse;
 pub(crate) use outcome::{Closing, Failure};
 pub(crate) use owned::restore_owned;
 pub(crate) use patch::patch;

@@ -14,13 +14,14 @@ use super::{
     locate::relock_pte,
     outcome::{Mismatch, Refused, Restored, WriteError, MAX_TRIES},
     plan::{swap_bytes, Dir, PageState, PageWork, Written},
+    zap::{before_zap, keep_reason, Keep},
 };
 use crate::{
     journal::{Event, Step},
     patches::Site,
     pause::Point,
     refusal::Refusal,
-    sys::{self, CacheRef, ClearedPte, Mapping, MmapWriteGuard, PageRef, VmaInfo, PAGE_MASK},
+    sys::{self, CacheRef, ClearedPte, Mapping, MmapWriteGuard, PageRef, PAGE_MASK},
     uapi::{self, MAX_BYTES},
     Hugepoke,
 };
@@ -323,14 +324,6 @@ fn swap_sites(
     Ok(already)
 }
 
-/// What a zap needs before the PT lock is taken: a swap-out in flight
-/// would keep the swap slot past the zap, and the mmu-notifier
-/// invalidation may sleep (the zap itself happens under the PT lock).
-fn before_zap(mm: &MmWithUser, page: &PageRef, page_addr: usize) -> sys::InvalidateRange {
-    page.wait_writeback();
-    sys::InvalidateRange::start(mm, page_addr)
-}
-
 /// The last step for a page whose originals are back: zap the copy if it
 /// equals the page-cache page and nothing else holds it (see
 /// [`keep_reason`]), else keep it.
@@ -390,7 +383,7 @@ fn zap_cleared(
 ) -> Restored {
     let info = sys::vma_info(vma);
     let cache = sys::page_cache_page(vma, page_addr);
-    let keep = keep_reason(&info, page, cache.as_ref(), &pte); // mutant: map-no-zap
+    let keep = keep_reason(&info, page, cache.as_ref(), &pte).map(Keep::why); // mutant: map-no-zap
     zap_or_keep(hp, rep, pte, page, keep, cache, page_addr)
 }
 
@@ -426,38 +419,5 @@ fn zap_or_keep(
         pmd_mappable: c.pmd_mappable(),
         cache_order: c.folio_order(),
         page_addr,
-    }
-}
-
-/// Why RESTORE keeps the anonymous page it wrote the originals back into,
-/// or None when it may zap it: only when the page-cache page would fault
-/// back in with exactly this content, and nothing else may hold the page.
-fn keep_reason(
-    info: &VmaInfo,
-    page: &PageRef,
-    cache: Option<&CacheRef>,
-    pte: &ClearedPte<'_>,
-) -> Option<&'static str> {
-    if info.uffd_missing {
-        // mutant: uffd-missing-zapped
-        Some("userfaultfd missing mode is armed")
-    } else if info.uffd_wp {
-        Some("userfaultfd write-protect is registered: zapping would drop the wp bit")
-    } else if info.uffd_minor {
-        // mutant: uffd-minor-zapped
-        Some("userfaultfd minor mode is registered: the next fetch would wait for its monitor")
-    } else if page.unexpected_refs() != 0 {
-        // mutant: no-unexpected-ref-check
-        Some("page has unexpected references (pinned or in a pipe)")
-    } else {
-        match cache {
-            None => Some("no page-cache page to fault back in"), // mutant: no-cache-zapped
-            Some(c) if !c.uptodate() => Some("page-cache page is not uptodate"), // mutant: stale-cache-compared
-            Some(c) if !pte.identical_to(c) => {
-                // mutant: identical-always
-                Some("page differs from the page-cache page")
-            }
-            Some(_) => None,
-        }
     }
 }

@@ -69,7 +69,7 @@ pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, req: &Request<'_>) -> Result
 /// pid → task → mm, with the ptrace check made under the target's
 /// exec_update_lock (no execve() can come in between).  Returns the mm and
 /// the process.
-fn resolve_target(
+pub(super) fn resolve_target(
     hp: &Hugepoke,
     pid: i32,
     addr: usize,

@@ -5,7 +5,7 @@
 
 use kernel::transmute::{AsBytes, FromBytes};
 
-use crate::uapi::{BatchSite, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs};
+use crate::uapi::{BatchSite, CollapseArgs, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs};
 
 // SAFETY: plain `repr(C)` structs of integers and byte arrays without
 // padding (sizes asserted in `uapi`): every bit pattern is valid, and all
@@ -27,3 +27,7 @@ unsafe impl FromBytes for RestoreArgs {}
 unsafe impl FromBytes for QueryArgs {}
 // SAFETY: as above.
 unsafe impl AsBytes for QueryArgs {}
+// SAFETY: as above.
+unsafe impl FromBytes for CollapseArgs {}
+// SAFETY: as above.
+unsafe impl AsBytes for CollapseArgs {}

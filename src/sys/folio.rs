@@ -99,6 +99,19 @@ impl PageRef {
         Self { page }
     }
 
+    /// Take a new reference on the folio of `page`.
+    ///
+    /// # Safety
+    ///
+    /// `page` is valid and stays so until the reference is taken (the PT
+    /// lock of a PTE that maps it is held).
+    pub(super) unsafe fn get(page: NonNull<bindings::page>) -> Self {
+        // SAFETY: `page` is valid (our caller), so is its folio.
+        unsafe { super::hugepoke_folio_get(hugepoke_page_folio(page.as_ptr())) };
+        // INVARIANT: the reference just taken.
+        Self { page }
+    }
+
     pub(super) fn page(&self) -> NonNull<bindings::page> {
         self.page
     }

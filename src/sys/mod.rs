@@ -36,7 +36,7 @@ pub(crate) use khugepaged::{
 };
 pub(crate) use mm::{MmapWriteGuard, FOLL_FORCE, FOLL_SPLIT_PMD, FOLL_WRITE};
 pub(crate) use pte::{
-    lock_pte, mapping_of, ClearedPte, InvalidateRange, LockedPte, Mapping, SwapSlot,
+    anon_copy_at, lock_pte, mapping_of, ClearedPte, InvalidateRange, LockedPte, Mapping, SwapSlot,
 };
 pub(crate) use sync::{fatal_signal_pending, lock_killable, Done};
 pub(crate) use task::{
@@ -74,6 +74,7 @@ extern "C" {
     fn hugepoke_page_folio(page: *mut bindings::page) -> *mut bindings::folio;
     fn hugepoke_page_anon_exclusive(page: *const bindings::page) -> bool;
     fn hugepoke_folio_put(folio: *mut bindings::folio);
+    fn hugepoke_folio_get(folio: *mut bindings::folio);
     fn hugepoke_folio_unexpected_refs(folio: *mut bindings::folio) -> i32;
     fn hugepoke_folio_is_anon(folio: *mut bindings::folio) -> bool;
     fn hugepoke_folio_may_be_lru_cached(folio: *mut bindings::folio) -> bool;

@@ -47,6 +47,32 @@ pub(crate) fn mapping_of(vma: &VmaRef, addr: usize) -> Mapping {
     }
 }
 
+/// The anonymous page a PTE maps at `addr` (a private copy of the file
+/// page), with a reference; None for a page-cache page, a PMD, or nothing.
+/// Walks the page tables only: no fault, no GUP (whose `FOLL_TOUCH` could
+/// put the folio in an LRU batch, a reference the zap check then counts).
+pub(crate) fn anon_copy_at(vma: &VmaRef, addr: usize) -> Option<PageRef> {
+    let mut fw = bindings::folio_walk::default();
+    // SAFETY: the VMA is valid under the mmap lock held by our caller; on
+    // success the walk holds the PT lock until `folio_walk_end`.
+    let folio = unsafe { bindings::folio_walk_start(&mut fw, vma.as_ptr(), addr as _, 0) };
+    if folio.is_null() {
+        return None;
+    }
+    // SAFETY: the walk found `fw.page` and holds the PT lock, so the page
+    // stays mapped (and allocated) while we look at it and take a reference.
+    let page = unsafe {
+        let anon = fw.level == bindings::folio_walk_level_FW_LEVEL_PTE
+            && super::hugepoke_folio_is_anon(folio);
+        let page = NonNull::new(fw.page)
+            .filter(|_| anon)
+            .map(|p| PageRef::get(p));
+        hugepoke_folio_walk_end(&mut fw, vma.as_ptr());
+        page
+    };
+    page
+}
+
 /// What a zap did to the page's swap slot.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SwapSlot {

@@ -74,6 +74,30 @@ fn die(msg: &str) -> ! {
 static CHAOS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static HOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// vmsplice text page `n` into a pipe that stays open (leaked): the page
+/// has a reference beyond its mappings' while we live.
+fn pin_in_pipe(base: usize, n: usize) -> String {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) into our array; vmsplice(2) of our own mapped page.
+    unsafe {
+        if libc::pipe(fds.as_mut_ptr()) != 0 {
+            return format!("error: pipe: {}", std::io::Error::last_os_error());
+        }
+        let iov = libc::iovec {
+            iov_base: (base + n * PAGE) as *mut libc::c_void,
+            iov_len: PAGE,
+        };
+        let spliced = libc::vmsplice(fds[1], &iov, 1, 0);
+        if spliced != PAGE as isize {
+            return format!(
+                "error: vmsplice: {spliced} {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    format!("pinned {n}")
+}
+
 /// Keep our mmap lock write-locked most of the time: mprotect() a large
 /// populated anonymous region back and forth until `calm`.
 fn hog_mmap_lock(mib: usize) {
@@ -576,6 +600,11 @@ fn main() {
                     "pageout {}",
                     if page_out(base, n) { "ok" } else { "failed" }
                 );
+            }
+            (Some("pin"), Some(n)) if n < text::PAGES => {
+                // A pipe holds text page n (vmsplice takes a reference on
+                // the page we map there), until we exit.
+                let _ = writeln!(out, "{}", pin_in_pipe(base, n));
             }
             (Some("remap-data"), Some(n)) if n < text::PAGES => {
                 remap_data(base, n, &dir);

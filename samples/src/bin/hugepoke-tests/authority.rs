@@ -185,12 +185,12 @@ pub(crate) fn patch_over_a_live_uprobe_is_refused() -> TestResult {
 }
 
 /// A `p:` uprobe event at `offset` of `path`, enabled; removed on drop.
-struct Uprobe;
+pub(crate) struct Uprobe;
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 impl Uprobe {
-    fn add(path: &str, offset: u64) -> Result<Self, String> {
+    pub(crate) fn add(path: &str, offset: u64) -> Result<Self, String> {
         use std::io::Write;
         let mut events = io(std::fs::OpenOptions::new()
             .append(true)
@@ -207,7 +207,7 @@ impl Uprobe {
     }
 
     /// Its hits, from `uprobe_profile` (`PATH EVENT HITS`).
-    fn hits(&self) -> Result<u64, String> {
+    pub(crate) fn hits(&self) -> Result<u64, String> {
         let profile = io(std::fs::read_to_string(format!("{TRACEFS}/uprobe_profile")))?;
         profile
             .lines()

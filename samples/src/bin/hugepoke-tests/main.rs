@@ -55,6 +55,7 @@ mod batch_core;
 mod cli;
 mod common;
 mod filesystems;
+mod foreign;
 mod foundation;
 mod hardening;
 mod helper;
@@ -93,6 +94,7 @@ const SUITE: &[&[Test]] = &[
     races::WORKERS,
     visibility::TESTS,
     filesystems::TESTS,
+    foreign::TESTS,
     real_programs::TESTS,
     hardening::RELOADING,
     identity::RELOADING,

@@ -1,0 +1,397 @@
+//! Other tools' copies: COLLAPSE (and `hugepoke collapse`) drops the
+//! anonymous copies a `/proc/PID/mem` writer, a debugger or a uprobe left
+//! in the target's text when they equal the page cache, keeps every other
+//! one and says why, and gives the range its PMD back.
+
+use crate::cli::hugepoke;
+use crate::common::*;
+use crate::hardening::expect_errno;
+use crate::TestResult;
+use hugepoke::uapi::{self, CollapseArgs};
+
+/// Write `bytes` over the target's page `page` at `offset`, then the file's
+/// own bytes back: the copy a debugger's poke and unpoke leave.
+fn poke_and_unpoke(t: &Target, page: usize, offset: u64) -> TestResult {
+    let at = t.page_addr(page) + offset;
+    let file = file_bytes(t, at, 1)?;
+    write_mem(t.pid, at, &[!file[0]])?;
+    write_mem(t.pid, at, &file)
+}
+
+/// The PFN pagemap shows at the target's page `page`, if present.
+fn pfn_at(t: &Target, page: usize) -> Result<Option<u64>, String> {
+    let e = text_pfns(t)?[page];
+    Ok(e.present().then(|| e.pfn()))
+}
+
+/// The text is PMD-mapped by the page-cache THP `head`, with no anonymous
+/// page left, and every page runs its file's code.
+fn pmd_back(t: &mut Target, head: u64, pages: &[usize]) -> TestResult {
+    let s = smaps(t)?;
+    ensure!(
+        s.pmd_mapped_kb() == 2048 && s.kb("Anonymous") == 0,
+        "after COLLAPSE: {s:?}"
+    );
+    for &p in pages {
+        ensure!(
+            pfn_at(t, p)? == Some(head + p as u64),
+            "page {p} is not the page-cache THP's: {:?}",
+            text_pfns(t)?[p]
+        );
+        ensure!(
+            t.call(p)? == text::original_value(p),
+            "page {p} does not run the file's code"
+        );
+    }
+    Ok(())
+}
+
+/// The journal's records of COLLAPSE steps for `pid` after `seq`.
+fn collapse_events(pid: i32, seq: u64) -> Result<Vec<EventLine>, String> {
+    Ok(events()?
+        .into_iter()
+        .filter(|e| e.seq > seq && e.pid == pid && e.handle.is_none())
+        .filter(|e| {
+            matches!(
+                e.step.as_str(),
+                "collapse_range" | "zap_anon_page" | "keep_anon_page" | "lru_drain"
+            )
+        })
+        .collect())
+}
+
+/// COLLAPSE of the target's range, checked to succeed as an ioctl.
+fn collapse(dev: &Device, t: &Target) -> Result<CollapseArgs, String> {
+    io(dev.collapse(t.pid, t.addr))
+}
+
+/// A `/proc/PID/mem` writer poked two pages and wrote the file's bytes
+/// back: COLLAPSE drops both copies (they equal the page cache) and maps
+/// the PMD again; the journal says so per copy and gives the verdict.
+pub(crate) fn collapse_drops_a_mem_writers_copies_and_gives_the_pmd_back() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    poke_and_unpoke(&t, 3, 100)?;
+    poke_and_unpoke(&t, 300, 7)?;
+    let s = smaps(&t)?;
+    ensure!(
+        s.pmd_mapped_kb() == 0 && s.kb("Anonymous") == 8,
+        "the writer left no two copies: {s:?}"
+    );
+    let seq = hugepoke::device::journal_seq();
+    let dev = io(Device::open())?;
+    let a = collapse(&dev, &t)?;
+    ensure!(
+        a.result == uapi::COLLAPSE_DONE && a.dropped == 2 && a.first_kept == 0,
+        "COLLAPSE said {a:?}"
+    );
+    pmd_back(&mut t, head, &[3, 300, 4])?;
+    let evs = collapse_events(t.pid, seq)?;
+    let zapped: Vec<u64> = evs
+        .iter()
+        .filter(|e| e.step == "zap_anon_page" && e.note.contains("equal to the page-cache page"))
+        .filter_map(|e| e.addr)
+        .collect();
+    ensure!(
+        zapped == [t.page_addr(3), t.page_addr(300)],
+        "dropped copies journaled at {zapped:x?}: {:?}",
+        steps(&evs)
+    );
+    ensure!(
+        evs.iter()
+            .any(|e| e.step == "collapse_range" && e.note.starts_with("SCAN_SUCCEED")),
+        "no verdict journaled: {evs:?}"
+    );
+    // Again: nothing to drop, already PMD-mapped.
+    let again = collapse(&dev, &t)?;
+    ensure!(
+        again.result == uapi::COLLAPSE_DONE && again.dropped == 0,
+        "second COLLAPSE said {again:?}"
+    );
+    Ok(())
+}
+
+/// A change another tool still has in place is kept: the copy that
+/// differs stays (its byte too), the identical one beside it goes, the
+/// range stays PTE-mapped, and COLLAPSE says which copy and why.
+pub(crate) fn collapse_keeps_a_copy_that_differs() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let theirs_at = t.page_addr(9) + 300;
+    let theirs = !file_bytes(&t, theirs_at, 1)?[0];
+    write_mem(t.pid, theirs_at, &[theirs])?;
+    poke_and_unpoke(&t, 10, 0)?;
+    let dev = io(Device::open())?;
+    let a = collapse(&dev, &t)?;
+    ensure!(
+        read_mem(t.pid, theirs_at, 1)? == [theirs],
+        "the other tool's byte is gone"
+    );
+    ensure!(
+        a.result == uapi::COLLAPSE_COPIES_KEPT
+            && a.dropped == 1
+            && a.kept_differs == 1
+            && a.first_kept == t.page_addr(9),
+        "COLLAPSE said {a:?}"
+    );
+    let s = smaps(&t)?;
+    ensure!(
+        s.kb("Anonymous") == 4 && s.pmd_mapped_kb() == 0,
+        "not the one differing copy left: {s:?}"
+    );
+    ensure!(t.call(10)? == text::original_value(10), "page 10");
+    // The CLI says the same, and exits 1: a range a PMD could map is not.
+    let (code, out, _) = hugepoke(&["collapse", "--pid", &t.pid.to_string()])?;
+    ensure!(
+        code == 1
+            && out.contains("1 anonymous copy kept")
+            && out.contains("1 differ from the page cache"),
+        "hugepoke collapse exited {code}: {out}"
+    );
+    Ok(())
+}
+
+/// A copy something else holds (here a pipe, by vmsplice) is kept, even
+/// though it equals the page cache.
+pub(crate) fn collapse_keeps_a_pinned_copy() -> TestResult {
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    poke_and_unpoke(&t, 20, 0)?;
+    // A pipe takes a page by vmsplice from its own mapper: the target's.
+    let reply = t.command("pin 20")?;
+    ensure!(reply.starts_with("pinned"), "target said {reply}");
+    let dev = io(Device::open())?;
+    let a = collapse(&dev, &t)?;
+    let s = smaps(&t)?;
+    ensure!(s.kb("Anonymous") == 4, "pinned copy dropped: {s:?}");
+    ensure!(
+        a.result == uapi::COLLAPSE_COPIES_KEPT && a.dropped == 0 && a.kept_pinned == 1,
+        "COLLAPSE said {a:?}"
+    );
+    Ok(())
+}
+
+/// A live hugepoke patch is RESTORE's to give back: COLLAPSE keeps its
+/// copy (and says it is ours) but drops an identical copy beside it; after
+/// RESTORE the module's own collapse maps the PMD.
+pub(crate) fn collapse_keeps_a_live_hugepoke_patch() -> TestResult {
+    let _khugepaged = KhugepagedAsleep::new()?;
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, 30, 3030)))?;
+    poke_and_unpoke(&t, 31, 0)?;
+    let a = collapse(&dev, &t)?;
+    ensure!(
+        a.kept_patched == 1 && a.kept_differs == 0,
+        "the live patch's copy not kept as ours: {a:?}"
+    );
+    ensure!(
+        a.result == uapi::COLLAPSE_COPIES_KEPT && a.dropped == 1 && a.first_kept == t.page_addr(30),
+        "COLLAPSE said {a:?}"
+    );
+    ensure!(t.call(30)? == 3030, "the patch is gone");
+    let seq = hugepoke::device::journal_seq();
+    io(dev.restore(h))?;
+    wait_module_collapse(t.pid, t.addr, seq)?;
+    // (The collapse retracted the page table: the next fault maps the PMD.)
+    t.call(0)?;
+    pmd_back(&mut t, head, &[30, 31])
+}
+
+/// gdb, attached, sets a breakpoint (inserted at once) and detaches
+/// (removing it): its poke and unpoke leave a copy equal to the page
+/// cache, which COLLAPSE drops, and the PMD is back.
+pub(crate) fn collapse_after_gdb_set_and_removed_a_breakpoint() -> TestResult {
+    let _khugepaged = KhugepagedAsleep::new()?;
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let at = t.page_addr(40);
+    let gdb = io(std::process::Command::new("gdb")
+        .args(["-nx", "-batch", "-p", &t.pid.to_string()])
+        .args([
+            "-iex",
+            "set debuginfod enabled off",
+            "-iex",
+            "set auto-load off",
+        ])
+        .args(["-ex", "set breakpoint always-inserted on"])
+        .args(["-ex", &format!("break *{at:#x}"), "-ex", "detach"])
+        .output())?;
+    let said = String::from_utf8_lossy(&gdb.stdout);
+    ensure!(
+        gdb.status.success() && said.contains("Breakpoint 1 at"),
+        "gdb: {said}{}",
+        String::from_utf8_lossy(&gdb.stderr)
+    );
+    let s = smaps(&t)?;
+    ensure!(
+        s.pmd_mapped_kb() == 0 && s.kb("Anonymous") >= 4,
+        "gdb's breakpoint left no copy: {s:?}"
+    );
+    ensure!(
+        read_mem(t.pid, at, 6)? == file_bytes(&t, at, 6)?,
+        "gdb left its breakpoint"
+    );
+    let dev = io(Device::open())?;
+    let a = collapse(&dev, &t)?;
+    ensure!(
+        a.result == uapi::COLLAPSE_DONE && a.dropped >= 1,
+        "COLLAPSE said {a:?}"
+    );
+    println!(
+        "# gdb left {} kB anonymous; COLLAPSE dropped {}",
+        s.kb("Anonymous"),
+        a.dropped
+    );
+    pmd_back(&mut t, head, &[40])
+}
+
+/// A uprobe from tracefs, attached, hit and detached: its PMD does not
+/// come back by itself (uprobes zap their copy only without an unexpected
+/// reference); `hugepoke collapse` gives it back and exits 0.
+pub(crate) fn collapse_after_a_uprobe_came_and_went() -> TestResult {
+    const PAGE: usize = 50;
+    let _khugepaged = KhugepagedAsleep::new()?;
+    // A file of its own: a probe left behind must not reach other tests.
+    let thp_dir = std::env::var("HUGEPOKE_THP_DIR").map_err(|_| "HUGEPOKE_THP_DIR not set")?;
+    let path = format!("{thp_dir}/uprobed-collapse.bin");
+    io(std::fs::write(&path, text::blob()))?;
+    let mut t = Target::spawn(&["--file", &path])?;
+    let head = thp_head(&t)?;
+    let at = t.page_addr(PAGE);
+    let probe = crate::authority::Uprobe::add(&t.file, at - t.addr)?;
+    ensure!(
+        t.call(PAGE)? == text::original_value(PAGE),
+        "the probed function"
+    );
+    ensure!(probe.hits()? >= 1, "the uprobe did not fire");
+    drop(probe);
+    let s = smaps(&t)?;
+    ensure!(
+        s.pmd_mapped_kb() == 0 && s.kb("Anonymous") == 4,
+        "the detached uprobe left no copy (the case this test is for): {s:?}"
+    );
+    let (code, out, err) = hugepoke(&["collapse", "--pid", &t.pid.to_string()])?;
+    ensure!(code == 0, "hugepoke collapse exited {code}: {out}{err}");
+    println!(
+        "# the detached uprobe left {} kB anonymous; hugepoke collapse said: {}",
+        s.kb("Anonymous"),
+        out.lines().find(|l| l.contains(&path)).unwrap_or("")
+    );
+    pmd_back(&mut t, head, &[PAGE])?;
+    drop(t);
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// Bad input gets an errno and a reason, and changes nothing.
+pub(crate) fn collapse_refuses_bad_input_with_a_reason() -> TestResult {
+    let t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    expect_errno(
+        "COLLAPSE of an unaligned address",
+        dev.collapse(t.pid, t.addr + 4096),
+        libc::EINVAL,
+        "not 2 MiB-aligned",
+    )?;
+    expect_errno(
+        "COLLAPSE of no process",
+        dev.collapse(i32::MAX, t.addr),
+        libc::ESRCH,
+        "no such process",
+    )?;
+    expect_errno(
+        "COLLAPSE of an unmapped range",
+        dev.collapse(t.pid, 0x200000),
+        libc::EFAULT,
+        "not mapped",
+    )?;
+    // Our own anonymous memory: not text.
+    let len = 4 << 20;
+    // SAFETY: a fresh private anonymous mapping, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    ensure!(p != libc::MAP_FAILED, "mmap");
+    let aligned = (p as u64).next_multiple_of(2 << 20);
+    let anon = dev.collapse(std::process::id() as i32, aligned);
+    // SAFETY: our mapping, from above.
+    unsafe { libc::munmap(p, len) };
+    expect_errno(
+        "COLLAPSE of anonymous memory",
+        anon,
+        libc::EINVAL,
+        "not a file-backed mapping",
+    )?;
+    let mut a = CollapseArgs {
+        size: 8,
+        pid: t.pid,
+        addr: t.addr,
+        ..Default::default()
+    };
+    expect_errno(
+        "COLLAPSE with a wrong size",
+        dev.ioctl(uapi::IOCTL_COLLAPSE, &mut a),
+        libc::EINVAL,
+        "unknown struct size",
+    )?;
+    ensure!(
+        smaps(&t)?.pmd_mapped_kb() == 2048,
+        "a refused COLLAPSE changed the target"
+    );
+    Ok(())
+}
+
+tests! {
+    TESTS: [
+        collapse_drops_a_mem_writers_copies_and_gives_the_pmd_back,
+        collapse_keeps_a_copy_that_differs,
+        collapse_keeps_a_pinned_copy,
+        collapse_keeps_a_live_hugepoke_patch,
+        collapse_after_gdb_set_and_removed_a_breakpoint,
+        collapse_after_a_uprobe_came_and_went,
+        collapse_refuses_bad_input_with_a_reason,
+        collapse_file_reaches_every_process_that_maps_it,
+    ];
+}
+
+/// `hugepoke collapse --file`: two unrelated processes map the same text,
+/// each with a copy a writer left; both get the PMD back, and the report
+/// names both.
+pub(crate) fn collapse_file_reaches_every_process_that_maps_it() -> TestResult {
+    let _khugepaged = KhugepagedAsleep::new()?;
+    let thp_dir = std::env::var("HUGEPOKE_THP_DIR").map_err(|_| "HUGEPOKE_THP_DIR not set")?;
+    let path = format!("{thp_dir}/shared-collapse.bin");
+    io(std::fs::write(&path, text::blob()))?;
+    let mut a = Target::spawn(&["--file", &path])?;
+    let mut b = Target::spawn(&["--file", &path])?;
+    let head = thp_head(&a)?;
+    ensure!(thp_head(&b)? == head, "not one page-cache THP");
+    poke_and_unpoke(&a, 60, 0)?;
+    poke_and_unpoke(&b, 61, 0)?;
+    let (code, out, err) = hugepoke(&["collapse", "--file", &path])?;
+    ensure!(
+        code == 0,
+        "hugepoke collapse --file exited {code}: {out}{err}"
+    );
+    for pid in [a.pid, b.pid] {
+        ensure!(
+            out.contains(&format!("pid {pid}:")),
+            "pid {pid} not in the report: {out}"
+        );
+    }
+    pmd_back(&mut a, head, &[60, 61])?;
+    pmd_back(&mut b, head, &[60, 61])?;
+    drop((a, b));
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
