@@ -126,7 +126,7 @@ fn fs_name(pid: i32, m: &Mapping) -> String {
     .into()
 }
 
-fn pidfd_open(pid: i32) -> io::Result<i32> {
+pub fn pidfd_open(pid: i32) -> io::Result<i32> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
@@ -137,7 +137,7 @@ fn pidfd_open(pid: i32) -> io::Result<i32> {
 }
 
 /// MADV_COLLAPSE one range of the process behind `pidfd`.
-fn collapse_range(pidfd: i32, start: u64, len: u64) -> io::Result<()> {
+pub fn madvise_collapse(pidfd: i32, start: u64, len: u64) -> io::Result<()> {
     let iov = libc::iovec {
         iov_base: start as *mut libc::c_void,
         iov_len: len as usize,
@@ -184,7 +184,7 @@ fn collapse_one(dev: Option<&Device>, pid: i32, pidfd: i32, start: u64) -> Range
         }
     }
     if !r.collapsed {
-        match collapse_range(pidfd, start, PMD_SIZE) {
+        match madvise_collapse(pidfd, start, PMD_SIZE) {
             Ok(()) => r.collapsed = true,
             Err(e) => r.madvise_errno = Some(e.raw_os_error().unwrap_or(0)),
         }

@@ -11,6 +11,8 @@ use hugepoke::device::{journal_seq, Device, PatchRequest};
 use hugepoke::testkit::text::{self, mov_eax_ret, original_value, PAGE, PAGES, THP_SIZE};
 use std::ffi::CString;
 
+#[path = "foreign.rs"]
+mod foreign;
 #[path = "many.rs"]
 mod many;
 
@@ -119,6 +121,9 @@ pub fn run(o: &Options) -> Bench {
         ("table: 10,000 other live single patches", |r| {
             r.table(10_000, false)
         }),
+        ("collapse after 1 other tool's copy", |r| r.foreign(1)),
+        ("collapse after 16 other tools' copies", |r| r.foreign(16)),
+        ("collapse after 256 other tools' copies", |r| r.foreign(256)),
     ];
     let phase = |name: &str| {
         eprintln!(
