@@ -178,6 +178,70 @@ int hugepoke_zap_anon_pte(struct vm_area_struct *vma, struct folio *folio,
 	return swapcache;
 }
 
+/* Who else maps a folio: the rmap walk, recording each mm and address. */
+
+struct hugepoke_mappers {
+	struct mm_struct *skip;
+	struct hugepoke_mapper *out;
+	int max, n;
+};
+
+static bool hugepoke_rmap_one(struct folio *folio, struct vm_area_struct *vma,
+			      unsigned long addr, void *arg)
+{
+	struct hugepoke_mappers *m = arg;
+
+	if (vma->vm_mm == m->skip)
+		return true;
+	if (m->n == m->max)
+		return false;
+	/* Only recorded: each is checked again under its own locks. */
+	mmgrab(vma->vm_mm);
+	m->out[m->n].mm = vma->vm_mm;
+	m->out[m->n].addr = addr;
+	m->n++;
+	return true;
+}
+
+/*
+ * Every (mm, address) but @skip's where a VMA may map the anonymous
+ * @folio, at most @max, each mm with an mm_count reference for the caller
+ * to drop; the number recorded (@max: maybe more).  Sleeps (folio lock,
+ * anon_vma lock): call it with no mmap or page-table lock held.
+ */
+int hugepoke_folio_mappers(struct folio *folio, struct mm_struct *skip,
+			   struct hugepoke_mapper *out, int max)
+{
+	struct hugepoke_mappers m = { .skip = skip, .out = out, .max = max };
+	struct rmap_walk_control rwc = {
+		.arg = &m,
+		.rmap_one = hugepoke_rmap_one,
+	};
+
+	if (!folio_test_anon(folio) || folio_test_ksm(folio))
+		return 0;
+	folio_lock(folio);
+	rmap_walk(folio, &rwc);
+	folio_unlock(folio);
+	return m.n;
+}
+
+/* The tgid (as the caller's pid namespace sees it) of @mm's owner, or 0. */
+pid_t hugepoke_mm_owner_tgid(struct mm_struct *mm)
+{
+	pid_t tgid = 0;
+#ifdef CONFIG_MEMCG
+	struct task_struct *owner;
+
+	rcu_read_lock();
+	owner = rcu_dereference(mm->owner);
+	if (owner)
+		tgid = task_tgid_vnr(owner);
+	rcu_read_unlock();
+#endif
+	return tgid;
+}
+
 void hugepoke_folio_walk_end(struct folio_walk *fw, struct vm_area_struct *vma)
 {
 	folio_walk_end(fw, vma);

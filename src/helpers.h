@@ -19,6 +19,15 @@ struct page *hugepoke_folio_file_page(struct folio *folio, pgoff_t index);
 bool hugepoke_page_anon_exclusive(const struct page *page);
 void hugepoke_folio_put(struct folio *folio);
 void hugepoke_folio_get(struct folio *folio);
+
+/* One (mm, address) that may map a folio (hugepoke_folio_mappers). */
+struct hugepoke_mapper {
+	struct mm_struct *mm;
+	unsigned long addr;
+};
+int hugepoke_folio_mappers(struct folio *folio, struct mm_struct *skip,
+			   struct hugepoke_mapper *out, int max);
+pid_t hugepoke_mm_owner_tgid(struct mm_struct *mm);
 int hugepoke_folio_unexpected_refs(struct folio *folio);
 bool hugepoke_folio_is_anon(struct folio *folio);
 bool hugepoke_folio_may_be_lru_cached(struct folio *folio);

@@ -51,6 +51,10 @@ pub(crate) enum Point {
     /// RESTORE: the target's state lock and mmap lock are held; the
     /// patched page is not looked up yet.
     Restore,
+    /// RESTORE, after the processes forked since PATCH gave their copies
+    /// back and before the target is looked at: only the target's state
+    /// lock is held (a fork may come in here).
+    Forked,
     /// RESTORE, after its first pass found every copy and checked every
     /// byte, before any is written (state and mmap lock held).
     Located,
@@ -71,6 +75,7 @@ impl Point {
             Point::Cowed => "cowed",
             Point::Written => "written",
             Point::Restore => "restore",
+            Point::Forked => "forked",
             Point::Located => "located",
             Point::Drain => "drain",
             Point::Collapse => "collapse",
@@ -84,6 +89,7 @@ impl Point {
             Point::Cowed,
             Point::Written,
             Point::Restore,
+            Point::Forked,
             Point::Located,
             Point::Drain,
             Point::Collapse,

@@ -7,7 +7,7 @@
 
 use kernel::{
     bindings::vm_flags_t,
-    mm::virt::flags::{EXEC, HUGETLB, IO, MAYWRITE, PFNMAP, SHARED, WRITE},
+    mm::virt::flags::{EXEC, HUGETLB, IO, MAYWRITE, NOHUGEPAGE, PFNMAP, SHARED, WRITE},
     prelude::*,
 };
 
@@ -179,6 +179,13 @@ pub(crate) fn check_collapse_vma(vma: &VmaInfo, haddr: usize) -> Result<(), Refu
         return Err(Refusal::new(
             EINVAL,
             "address and file offset differ modulo 2 MiB: no PMD can map this range",
+        ));
+    }
+    if has(vma, NOHUGEPAGE) {
+        // No copy is dropped where the collapse could not follow.
+        return Err(Refusal::new(
+            EINVAL,
+            "the mapping is MADV_NOHUGEPAGE: no PMD may map it, its copies are left alone",
         ));
     }
     Ok(())

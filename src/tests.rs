@@ -544,6 +544,76 @@ mod hugepoke {
         assert!(refused(VM_READ as usize, "exec"));
     }
 
+    /// COLLAPSE drops copies only in private, read-only, executable file
+    /// text whose whole 2 MiB lies in one VMA at a file offset a PMD can map.
+    #[test]
+    fn collapse_takes_only_private_exec_text_a_pmd_can_map() {
+        use crate::policy::{check_collapse_args, check_collapse_vma};
+        use crate::uapi::{CollapseArgs, COLLAPSE_INSTALL_PMD};
+        let text = (VM_READ | VM_EXEC | VM_MAYWRITE) as usize;
+        let base = 0x7f00_0000_0000;
+        let ok = |v: &VmaInfo| check_collapse_vma(v, base + 0x20_0000).is_ok();
+        let refused = |v: &VmaInfo, word: &str| matches!(check_collapse_vma(v, base + 0x20_0000), Err(r) if r.errno == EINVAL && r.why.contains(word));
+        // File pages 0..1024 at `base`: the second 2 MiB is file pages 512..1024.
+        assert!(ok(&vma(base, 1024, FILE_A, 0, text)));
+        // The same range, the VMA starting at file page 512 one range up.
+        assert!(ok(&vma(base + 0x20_0000, 512, FILE_A, 512, text)));
+        // Address and file offset disagree modulo 2 MiB: no PMD fits.
+        assert!(refused(&vma(base, 1024, FILE_A, 1, text), "modulo 2 MiB"));
+        // The VMA ends one page short of the range, or starts inside it.
+        assert!(refused(
+            &vma(base, 1023, FILE_A, 0, text),
+            "inside one mapping"
+        ));
+        assert!(refused(
+            &vma(base + 0x20_1000, 511, FILE_A, 513, text),
+            "inside one mapping"
+        ));
+        assert!(refused(&vma(base, 1024, 0, 0, text), "file-backed"));
+        assert!(refused(
+            &vma(base, 1024, FILE_A, 0, text | VM_WRITE as usize),
+            "not text"
+        ));
+        assert!(refused(
+            &vma(base, 1024, FILE_A, 0, text | VM_SHARED as usize),
+            "not text"
+        ));
+        assert!(refused(
+            &vma(base, 1024, FILE_A, 0, VM_READ as usize),
+            "not text"
+        ));
+        let args = CollapseArgs {
+            size: core::mem::size_of::<CollapseArgs>() as u32,
+            flags: COLLAPSE_INSTALL_PMD,
+            addr: base as u64,
+            ..Default::default()
+        };
+        assert!(matches!(check_collapse_args(&args), Ok(a) if a == base));
+        let why = |a: CollapseArgs| check_collapse_args(&a).err().map(|r| r.why);
+        assert_eq!(
+            why(CollapseArgs {
+                addr: base as u64 + 0x1000,
+                ..args
+            }),
+            Some("address is not 2 MiB-aligned")
+        );
+        assert_eq!(
+            why(CollapseArgs {
+                addr: u64::MAX & !0x1f_ffff,
+                ..args
+            }),
+            Some("address out of range")
+        );
+        assert_eq!(
+            why(CollapseArgs { flags: 2, ..args }),
+            Some("unknown flag bits")
+        );
+        assert_eq!(
+            why(CollapseArgs { size: 48, ..args }),
+            Some("unknown struct size")
+        );
+    }
+
     /// PATCH_BATCH's header checks, before any site is read: size, flags
     /// (a site's own flag is no batch flag), count 1 to 4096.
     #[test]

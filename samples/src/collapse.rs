@@ -27,6 +27,9 @@ pub struct RangeReport {
     pub module_errno: Option<i32>,
     /// MADV_COLLAPSE's errno, when it was tried and refused.
     pub madvise_errno: Option<i32>,
+    /// The module's verdict as journaled (`collapse_range`), when its
+    /// collapse refused: the kernel's `SCAN_*` name.
+    pub module_verdict: Option<String>,
     /// A PMD maps the range (by the module's or MADV_COLLAPSE's word).
     pub collapsed: bool,
 }
@@ -177,6 +180,7 @@ fn collapse_one(dev: Option<&Device>, pid: i32, pidfd: i32, start: u64) -> Range
                 match a.result {
                     uapi::COLLAPSE_DONE | uapi::COLLAPSE_AT_FAULT => r.collapsed = true,
                     uapi::COLLAPSE_COPIES_KEPT => return r,
+                    uapi::COLLAPSE_REFUSED => r.module_verdict = module_verdict(pid, start),
                     _ => {}
                 }
             }
@@ -192,6 +196,16 @@ fn collapse_one(dev: Option<&Device>, pid: i32, pidfd: i32, start: u64) -> Range
     r
 }
 
+/// The newest `collapse_range` verdict the module journaled for `pid`'s
+/// range at `start` (debugfs `events`), if it can be read.
+fn module_verdict(pid: i32, start: u64) -> Option<String> {
+    let events = proc::parse_events(&proc::debugfs("events").ok()?);
+    events
+        .iter()
+        .rfind(|e| e.step == "collapse_range" && e.pid == pid && e.addr == Some(start))
+        .map(|e| e.note.clone())
+}
+
 /// Collapse every executable file mapping of `pid`.
 pub fn collapse(pid: i32) -> Result<Vec<MappingReport>, String> {
     collapse_matching(pid, |_| true)
@@ -201,33 +215,59 @@ pub fn collapse(pid: i32) -> Result<Vec<MappingReport>, String> {
 /// through `/proc/*/maps` (by device and inode: any name, any mount),
 /// with the report of each one's mappings of it.  A process that exits
 /// meanwhile, or whose maps we may not read, is left out.
-pub fn collapse_file(path: &str) -> Result<Vec<(i32, Vec<MappingReport>)>, String> {
+pub fn collapse_file(path: &str) -> Result<FileReport, String> {
     use std::os::unix::fs::MetadataExt;
     let st = std::fs::metadata(path).map_err(|e| format!("{path}: {e}"))?;
     let id = (libc::major(st.dev()), libc::minor(st.dev()), st.ino());
-    let is_it = move |m: &Mapping| (m.dev.0, m.dev.1, m.inode) == id && m.perms.ends_with('p');
-    let mut out = vec![];
-    for pid in mappers(&is_it)? {
-        match collapse_matching(pid, is_it) {
-            Ok(r) if !r.is_empty() => out.push((pid, r)),
+    // /proc/PID/maps names the device of the inode's own superblock, which
+    // stat() may not (btrfs subvolumes, overlayfs): the inode and the path
+    // as maps shows it then stand for it.
+    let real = std::fs::canonicalize(path)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| path.to_string());
+    let is_it = move |m: &Mapping| {
+        m.perms.ends_with('p')
+            && ((m.dev.0, m.dev.1, m.inode) == id || (m.inode == id.2 && m.path == real))
+    };
+    let (pids, unreadable) = mappers(&is_it)?;
+    let mut out = FileReport {
+        processes: vec![],
+        unreadable,
+    };
+    for pid in pids {
+        match collapse_matching(pid, &is_it) {
+            Ok(r) if !r.is_empty() => out.processes.push((pid, r)),
+            // Gone meanwhile, or it unmapped the file.
             _ => {}
         }
     }
     Ok(out)
 }
 
-/// The pids whose executable mappings include one `is_it` picks, in order.
-fn mappers(is_it: &impl Fn(&Mapping) -> bool) -> Result<Vec<i32>, String> {
+/// What `collapse --file` did: each process that mapped the file, and how
+/// many processes' maps could not be read (gone, or not ours to read).
+pub struct FileReport {
+    pub processes: Vec<(i32, Vec<MappingReport>)>,
+    pub unreadable: usize,
+}
+
+/// The pids whose executable mappings include one `is_it` picks, in order,
+/// and how many processes' maps could not be read.
+fn mappers(is_it: &impl Fn(&Mapping) -> bool) -> Result<(Vec<i32>, usize), String> {
+    let mut unreadable = 0;
     let mut pids: Vec<i32> = std::fs::read_dir("/proc")
         .map_err(|e| format!("/proc: {e}"))?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&pid| {
-            symbols::read_maps(pid)
-                .is_ok_and(|maps| maps.iter().any(|m| m.executable() && is_it(m)))
+        .filter(|&pid| match symbols::read_maps(pid) {
+            Ok(maps) => maps.iter().any(|m| m.executable() && is_it(m)),
+            Err(_) => {
+                unreadable += 1;
+                false
+            }
         })
         .collect();
     pids.sort_unstable();
-    Ok(pids)
+    Ok((pids, unreadable))
 }
 
 /// Collapse the executable file mappings of `pid` that `want` picks.
@@ -324,8 +364,12 @@ fn range_refusal(r: &RangeReport, fs: &str) -> String {
     }
     let module = match (r.module, r.module_errno) {
         (_, Some(e)) => format!("the module refused it ({}); ", crate::errno_name(e)),
-        (Some(a), _) if a.result == uapi::COLLAPSE_REFUSED => {
-            "no copy left, collapse_pte_mapped_thp() refused (see `hugepoke events`); ".to_string()
+        (Some(a), _) if a.result == uapi::COLLAPSE_REFUSED => format!(
+            "no copy in memory was kept (a swapped-out one is not looked at), but collapse_pte_mapped_thp() refused ({}); ",
+            r.module_verdict.as_deref().unwrap_or("see `hugepoke events`")
+        ),
+        (Some(a), _) if a.result == uapi::COLLAPSE_SMALL_FOLIOS => {
+            "no copy left, but the page cache has no huge folio here; ".to_string()
         }
         _ => String::new(),
     };
@@ -466,6 +510,59 @@ mod tests {
                 .unwrap()
                 .len(),
             8
+        );
+    }
+
+    fn kept(differs: u32, pinned: u32) -> CollapseArgs {
+        CollapseArgs {
+            result: uapi::COLLAPSE_COPIES_KEPT,
+            dropped: 2,
+            kept_differs: differs,
+            kept_pinned: pinned,
+            first_kept: 0x7f0000009000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_range_says_what_it_dropped_and_kept_and_why() {
+        let r = RangeReport {
+            start: 0x7f0000000000,
+            module: Some(kept(1, 2)),
+            ..Default::default()
+        };
+        assert!(r.notable());
+        assert_eq!(
+            range_line(&r, "tmpfs"),
+            "  range 0x7f0000000000: 2 copies dropped; not collapsed: 3 anonymous copies kept (first at 0x7f0000009000): 1 differ from the page cache (another tool's change, live), 2 held by something else (a pin, a pipe)"
+        );
+        let one = kept_words(&kept(1, 0));
+        assert!(one.starts_with("1 anonymous copy kept"), "{one}");
+        // Collapsed with nothing dropped: no line of its own.
+        let quiet = RangeReport {
+            start: 0x7f0000000000,
+            module: Some(CollapseArgs {
+                result: uapi::COLLAPSE_DONE,
+                ..Default::default()
+            }),
+            collapsed: true,
+            ..Default::default()
+        };
+        assert!(!quiet.notable());
+        // No copy kept but MADV_COLLAPSE refused: both words, the real cause last.
+        let small = RangeReport {
+            start: 0x7f0000000000,
+            module: Some(CollapseArgs {
+                result: uapi::COLLAPSE_SMALL_FOLIOS,
+                ..Default::default()
+            }),
+            madvise_errno: Some(libc::EINVAL),
+            ..Default::default()
+        };
+        let line = range_line(&small, "ext4");
+        assert!(
+            line.contains("MADV_COLLAPSE refused with EINVAL") && line.contains("this one is ext4"),
+            "{line}"
         );
     }
 

@@ -209,6 +209,13 @@ impl Copies<'_> {
                 .record(ev(Step::KeepAnonPage).note("a live hugepoke patch is on this page"));
             return;
         }
+        if sys::beyond_eof(self.vma, self.info.pgoff_of(addr)) {
+            // No page-cache page there: a fault would not give these bytes back.
+            tally.keep(Some(Keep::NoCache), addr);
+            hp.journal
+                .record(ev(Step::KeepAnonPage).note("the copy is past the end of the file"));
+            return;
+        }
         let _invalidate = before_zap(self.mm, &page, addr);
         // The walk let go of the PT lock: the copy may be gone since.
         let Some(pte) = sys::lock_pte(self.vma, addr, &page) else {
@@ -217,7 +224,7 @@ impl Copies<'_> {
         let pte = pte.unmap();
         let cache = sys::page_cache_page(self.vma, addr);
         match keep_reason(self.info, &page, cache.as_ref(), &pte) {
-            // mutant: collapse-drops-differing collapse-drops-pinned collapse-never-drops
+            // mutant: collapse-drops-differing collapse-drops-pinned collapse-never-drops collapse-drops-under-uffd
             Some(why) => {
                 drop(pte);
                 tally.need_drain |= why == Keep::Pinned && page.may_be_lru_cached();

@@ -13,6 +13,7 @@ use kernel::{
 };
 
 use super::{
+    forked::restore_forked,
     outcome::{Closing, Refused},
     plan::{self, Outcome, PageState, PageWork, Written},
     restore::{queue_collapses, restore_pages},
@@ -21,6 +22,7 @@ use crate::{
     few::Few,
     journal::{Event, Step},
     patches::{Forgotten, Site},
+    pause::Point,
     refusal::Refusal,
     target::{Target, TargetState},
     Hugepoke,
@@ -131,8 +133,12 @@ pub(crate) fn restore_handle(
     let outcome = match target.mm_user() {
         None => Err((gone, 0)),
         // Every site of this handle on a page is being restored.
-        Some(mm) => restore_pages(hp, &mm, &sites, &mut pages, |s| {
-            state.patches.on_page(s[0].page_key()) as usize <= s.len()
+        // The processes forked since PATCH first, then the target.
+        Some(mm) => restore_forked(hp, &mm, &sites, &pages).and_then(|()| {
+            hp.pauses.at(Point::Forked, first.pid, &hp.journal);
+            restore_pages(hp, &mm, &sites, &mut pages, |s| {
+                state.patches.on_page(s[0].page_key()) as usize <= s.len()
+            })
         }),
     };
     let verdict = judge(hp, &ev, &sites, &pages, outcome, closing);

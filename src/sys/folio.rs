@@ -5,7 +5,12 @@
 //! kmap of hugepoke goes through [`with_page_mapped`].
 
 use core::ptr::NonNull;
-use kernel::{bindings, mm::virt::VmaRef};
+use kernel::{
+    bindings,
+    mm::{virt::VmaRef, Mm},
+    prelude::*,
+    sync::aref::ARef,
+};
 
 use super::{
     hugepoke_folio_file_page, hugepoke_folio_is_anon, hugepoke_folio_may_be_lru_cached,
@@ -77,6 +82,35 @@ pub(super) unsafe fn pages_equal(a: NonNull<bindings::page>, b: NonNull<bindings
     };
     // SAFETY: both stay allocated (our caller); the inner mapping is
     // released first.
+    unsafe { with_page_mapped(a, |a| with_page_mapped(b, |b| compare(a, b))) }
+}
+
+/// Are pages `a` and `b` byte-for-byte equal outside `holes` (`(offset,
+/// len)` pairs, sorted by offset, not overlapping, inside the page)?
+///
+/// # Safety
+///
+/// As [`pages_equal`].
+pub(super) unsafe fn pages_equal_except(
+    a: NonNull<bindings::page>,
+    b: NonNull<bindings::page>,
+    holes: &[(usize, usize)],
+) -> bool {
+    let compare = |a: *mut u8, b: *mut u8| {
+        let mut at = 0;
+        for &(offset, len) in Iterator::chain(holes.iter(), core::iter::once(&(PAGE_SIZE, 0))) {
+            if offset < at || offset > PAGE_SIZE {
+                return false;
+            }
+            // SAFETY: both are mapped pages; `at..offset` lies inside them.
+            if unsafe { bindings::memcmp(a.add(at).cast(), b.add(at).cast(), offset - at) } != 0 {
+                return false;
+            }
+            at = offset + len;
+        }
+        true
+    };
+    // SAFETY: as `pages_equal`.
     unsafe { with_page_mapped(a, |a| with_page_mapped(b, |b| compare(a, b))) }
 }
 
@@ -160,6 +194,54 @@ impl PageRef {
     pub(crate) fn read(&self, offset: usize, out: &mut [u8]) {
         // SAFETY: by the type invariant the page stays allocated.
         unsafe { read_page(self.page, offset, out) }
+    }
+}
+
+/// One (mm, address) that may map a folio, as `hugepoke_folio_mappers`
+/// fills it in (`struct hugepoke_mapper`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(super) struct RawMapper {
+    mm: *mut bindings::mm_struct,
+    addr: usize,
+}
+
+impl PageRef {
+    /// Every address space but `skip` where a VMA may map this anonymous
+    /// page's folio, with the address there: the rmap walk's candidates
+    /// (a process forked since may map it; one forked before has the same
+    /// anon_vma and may not), at most `max`.  Sleeps: call it with no mmap
+    /// or page-table lock held.
+    pub(crate) fn mappers(&self, skip: &Mm, max: usize) -> Result<KVec<(ARef<Mm>, usize)>> {
+        let mut raw = KVec::new();
+        raw.extend_with(
+            max,
+            RawMapper {
+                mm: core::ptr::null_mut(),
+                addr: 0,
+            },
+            GFP_KERNEL,
+        )?;
+        // SAFETY: we hold a reference on the folio; `raw` has room for
+        // `max` entries; the helper takes the folio lock itself and gives
+        // each recorded mm an mm_count reference.
+        let n = unsafe {
+            super::hugepoke_folio_mappers(self.folio(), skip.as_raw(), raw.as_mut_ptr(), max as i32)
+        };
+        let mut out = KVec::with_capacity(n.max(0) as usize, GFP_KERNEL);
+        for m in raw.iter().take(n.max(0) as usize) {
+            // SAFETY: the helper took an mm_count reference on `m.mm`,
+            // which `ARef<Mm>` (`mmgrab`/`mmdrop`) now owns.
+            let mm = unsafe { ARef::from_raw(NonNull::new_unchecked(m.mm.cast::<Mm>())) };
+            match &mut out {
+                Ok(v) => {
+                    let _ = v.push_within_capacity((mm, m.addr));
+                }
+                // No room: the references still go (dropped here).
+                Err(_) => drop(mm),
+            }
+        }
+        out.map_err(|_| ENOMEM)
     }
 }
 

@@ -40,9 +40,10 @@ pub(crate) use pte::{
 };
 pub(crate) use sync::{fatal_signal_pending, lock_killable, Done};
 pub(crate) use task::{
-    capable_sys_admin, capable_sys_admin_noaudit, current_tgid, mm_id, ModuleRef, PidRef, Process,
+    capable_sys_admin, capable_sys_admin_noaudit, current_tgid, mm_id, mm_owner_tgid, ModuleRef,
+    PidRef, Process,
 };
-pub(crate) use vma::{gone_for_good, vma_file, vma_info, VmaInfo};
+pub(crate) use vma::{beyond_eof, gone_for_good, vma_file, vma_info, VmaInfo};
 pub(crate) use wq::Workqueue;
 
 use kernel::{bindings, prelude::*};
@@ -75,6 +76,13 @@ extern "C" {
     fn hugepoke_page_anon_exclusive(page: *const bindings::page) -> bool;
     fn hugepoke_folio_put(folio: *mut bindings::folio);
     fn hugepoke_folio_get(folio: *mut bindings::folio);
+    fn hugepoke_folio_mappers(
+        folio: *mut bindings::folio,
+        skip: *mut bindings::mm_struct,
+        out: *mut folio::RawMapper,
+        max: i32,
+    ) -> i32;
+    fn hugepoke_mm_owner_tgid(mm: *mut bindings::mm_struct) -> i32;
     fn hugepoke_folio_unexpected_refs(folio: *mut bindings::folio) -> i32;
     fn hugepoke_folio_is_anon(folio: *mut bindings::folio) -> bool;
     fn hugepoke_folio_may_be_lru_cached(folio: *mut bindings::folio) -> bool;

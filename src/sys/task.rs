@@ -18,6 +18,14 @@ pub(crate) fn current_tgid() -> i32 {
     kernel::current!().tgid_nr_ns(None)
 }
 
+/// The tgid of the process that owns `mm` (`mm->owner`), as the caller's
+/// pid namespace sees it; 0 if there is none (exiting) or not visible.
+pub(crate) fn mm_owner_tgid(mm: &Mm) -> i32 {
+    // SAFETY: `mm` is a valid mm_struct (we hold a reference); the helper
+    // reads `owner` under RCU.
+    unsafe { super::hugepoke_mm_owner_tgid(mm.as_raw()) }
+}
+
 /// A process named by the caller, with a reference on its task.
 pub(crate) struct Process {
     task: ARef<Task>,

@@ -135,6 +135,15 @@ pub(crate) fn gone_for_good(vma: &VmaRef, info: &VmaInfo, pgoff: usize) -> Optio
     None
 }
 
+/// Is file page `pgoff` past the end of the file `vma` maps?  (A copy
+/// there stands for bytes a fault would not bring back: SIGBUS, or, on a
+/// shmem THP mapped across the end, zeroes only while the PMD maps it.)
+pub(crate) fn beyond_eof(vma: &VmaRef, pgoff: usize) -> bool {
+    // SAFETY: the VMA is valid and file-backed under the mmap lock held by
+    // our caller; the helper reads its file's size.
+    pgoff >= unsafe { hugepoke_vma_file_pages(vma.as_ptr()) }
+}
+
 impl VmaInfo {
     /// Has a guard region (MADV_GUARD_INSTALL, which zaps what it covers,
     /// copies included) ever been installed in this VMA?  The kernel's

@@ -158,6 +158,14 @@ pub(crate) fn helper(args: &[&str]) -> Result<std::process::Command, String> {
     Ok(cmd)
 }
 
+/// Have the target fork a child that only sleeps; the child's pid.
+pub(crate) fn fork_child(t: &mut Target) -> Result<i32, String> {
+    let said = t.command("fork")?;
+    said.strip_prefix("child ")
+        .and_then(|p| p.parse().ok())
+        .ok_or(format!("fork said {said:?}"))
+}
+
 /// Run a helper to its end; its exit code.
 pub(crate) fn helper_exit_code(args: &[&str]) -> Result<i32, String> {
     let status = io(helper(args)?.status())?;

@@ -351,6 +351,128 @@ pub(crate) fn collapse_refuses_bad_input_with_a_reason() -> TestResult {
     Ok(())
 }
 
+/// A child forked while a patch lives runs it too: RESTORE takes it back
+/// from the child first (its PTE of the shared patched page zapped, the
+/// page not written), collapses the child's range, and journals it under
+/// the child's pid; the close of the file that made a patch does the same.
+pub(crate) fn restore_takes_the_patch_back_from_a_forked_child() -> TestResult {
+    const PAGE: usize = 70;
+    let _khugepaged = KhugepagedAsleep::new()?;
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let req = PatchRequest {
+        install_pmd: true,
+        ..patch_req(&t, PAGE, 7070)
+    };
+    let h = io(dev.patch(&req))?;
+    let child = fork_child(&mut t)?;
+    let at = t.page_addr(PAGE);
+    let result = (|| {
+        ensure!(
+            read_mem(child, at, 6)? == text::mov_eax_ret(7070),
+            "the child does not run the patch"
+        );
+        io(dev.restore(h))?;
+        ensure!(
+            read_mem(child, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
+            "the forked child still runs the patch after RESTORE"
+        );
+        let s = io(proc::smaps_entry(child, t.addr))?;
+        ensure!(
+            s.kb("Anonymous") == 0 && s.pmd_mapped_kb() == 2048,
+            "the child's text after RESTORE: {s:?}"
+        );
+        let e = io(io(Pagemap::open(child))?.entry(at))?;
+        ensure!(
+            e.present() && e.pfn() == head + PAGE as u64,
+            "the child's page: {e:?}"
+        );
+        ensure!(
+            t.call(PAGE)? == text::original_value(PAGE),
+            "parent not restored"
+        );
+        let evs = events_of(h)?;
+        ensure!(
+            evs.iter()
+                .any(|e| e.step == "zap_anon_page" && e.pid == child && e.note.contains("forked")),
+            "the child's zap not journaled under its pid: {:?}",
+            steps(&evs)
+        );
+        Ok(())
+    })();
+    // The close-time restore reaches a child too.
+    let dev2 = io(Device::open())?;
+    io(dev2.patch(&patch_req(&t, PAGE + 1, 7171)))?;
+    let child2 = fork_child(&mut t)?;
+    drop(dev2);
+    let at2 = t.page_addr(PAGE + 1);
+    let closed = wait_for(
+        "the close-time restore in the child",
+        Duration::from_secs(10),
+        || Ok(read_mem(child2, at2, 6)? == text::mov_eax_ret(text::original_value(PAGE + 1))),
+    );
+    for c in [child, child2] {
+        // SAFETY: killing nothing but the target's children.
+        unsafe { libc::kill(c, libc::SIGKILL) };
+    }
+    result?;
+    closed.map(|_| ())
+}
+
+/// A change another tool made in the patched page before the fork is in
+/// the child's copy too: RESTORE may not zap that copy (the change would
+/// go) nor write into it (it is shared), so it refuses before touching the
+/// target (EBUSY, patch kept whole); once the child is gone it restores.
+pub(crate) fn restore_keeps_a_childs_copy_with_another_change() -> TestResult {
+    const PAGE: usize = 72;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, PAGE, 7272)))?;
+    let theirs_at = t.page_addr(PAGE) + 200;
+    let theirs = !file_bytes(&t, theirs_at, 1)?[0];
+    write_mem(t.pid, theirs_at, &[theirs])?;
+    let child = fork_child(&mut t)?;
+    let seq = hugepoke::device::journal_seq();
+    let refused = dev.restore(h);
+    let kept = (|| {
+        ensure!(
+            read_mem(child, theirs_at, 1)? == [theirs],
+            "the child's own change is gone"
+        );
+        ensure!(
+            matches!(&refused, Err(e) if e.raw_os_error() == Some(libc::EBUSY)),
+            "RESTORE returned {refused:?}, want EBUSY"
+        );
+        ensure!(
+            read_mem(child, t.page_addr(PAGE), 6)? == text::mov_eax_ret(7272)
+                && t.call(PAGE)? == 7272,
+            "the refused RESTORE changed a process"
+        );
+        let why =
+            hugepoke::device::failure_since(seq, Some(t.pid), libc::EBUSY).unwrap_or_default();
+        ensure!(why.contains("forked"), "journaled reason {why:?}");
+        Ok(())
+    })();
+    // SAFETY: killing and reaping nothing but the target's child.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    kept?;
+    wait_for("the child to go", Duration::from_secs(10), || {
+        Ok(
+            !std::path::Path::new(&format!("/proc/{child}/maps")).exists()
+                || std::fs::read_to_string(format!("/proc/{child}/maps"))
+                    .is_ok_and(|m| m.is_empty()),
+        )
+    })?;
+    io(dev.restore(h))?;
+    ensure!(
+        t.call(PAGE)? == text::original_value(PAGE),
+        "not restored after the child went"
+    );
+    Ok(())
+}
+
 tests! {
     TESTS: [
         collapse_drops_a_mem_writers_copies_and_gives_the_pmd_back,
@@ -361,6 +483,8 @@ tests! {
         collapse_after_a_uprobe_came_and_went,
         collapse_refuses_bad_input_with_a_reason,
         collapse_file_reaches_every_process_that_maps_it,
+        restore_takes_the_patch_back_from_a_forked_child,
+        restore_keeps_a_childs_copy_with_another_change,
     ];
 }
 

@@ -590,8 +590,10 @@ pub(crate) fn meminfo_kb(field: &str) -> Result<u64, String> {
 }
 
 /// fork() before PATCH: the child keeps the original; fork() between PATCH
-/// and RESTORE: the child keeps the patched page it inherited, RESTORE
-/// breaks COW for the parent instead of writing into the shared page.
+/// and RESTORE: the child runs the patched page it inherited until
+/// RESTORE, which zaps the child's PTE of it (the page-cache page faults
+/// back in) and breaks COW for the parent instead of writing into the
+/// shared page.
 pub(crate) fn fork_before_and_during_a_patch() -> TestResult {
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
@@ -620,8 +622,12 @@ pub(crate) fn fork_before_and_during_a_patch() -> TestResult {
     io(dev.restore(h))?;
     ensure!(t.call(15)? == 1015, "parent not restored");
     ensure!(
-        read_mem(child2, t.page_addr(15), 6)? == text::mov_eax_ret(15),
-        "RESTORE wrote into the child's page"
+        read_mem(child2, t.page_addr(15), 6)? == text::mov_eax_ret(1015),
+        "the child forked while patched still runs the patch"
+    );
+    ensure!(
+        read_mem(child1, t.page_addr(15), 6)? == text::mov_eax_ret(1015),
+        "the child forked before PATCH changed"
     );
     let evs = events_of(h)?;
     ensure!(

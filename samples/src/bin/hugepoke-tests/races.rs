@@ -1053,6 +1053,61 @@ pub(crate) fn a_closer_behind_a_busy_target_can_be_killed() -> TestResult {
     Ok(())
 }
 
+/// A child forked after RESTORE took a batch back from the processes
+/// forked before (parked at `forked`: only the target's own lock held) and
+/// before it restores the target shares the patched pages: RESTORE must
+/// break COW for the target and never write into a page the child maps.
+/// (The rmap walk came too early to see this child: it keeps the patch,
+/// the one window Documentation/abi.md names.)
+pub(crate) fn a_child_forked_during_restore_is_never_written_into() -> TestResult {
+    const PAGES: [usize; 2] = [82, 83];
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = std::sync::Arc::new(io(Device::open())?);
+    let sites: Vec<_> = PAGES
+        .iter()
+        .map(|&p| {
+            hugepoke::device::batch_site(t.page_addr(p), &text::mov_eax_ret(8200 + p as u32), None)
+        })
+        .collect();
+    let h = dev
+        .patch_batch(t.pid, &sites, 0)
+        .map_err(|e| format!("batch: {e:?}"))?;
+    let pause = Pause::arm("forked", t.pid)?;
+    let (tx, rx) = mpsc::channel();
+    let ours = dev.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(ours.restore(h));
+    });
+    pause.wait_parked("forked")?;
+    let child = fork_child(&mut t)?;
+    pause.release()?;
+    let result = rx
+        .recv_timeout(Duration::from_secs(60))
+        .map_err(|_| "the parked RESTORE did not return")?;
+    let mut checked = io(result);
+    for &p in PAGES.iter() {
+        if checked.is_ok() && t.call(p)? != text::original_value(p) {
+            checked = Err(format!("parent's page {p} not restored"));
+        } else if checked.is_ok()
+            && read_mem(child, t.page_addr(p), 6)? != text::mov_eax_ret(8200 + p as u32)
+        {
+            checked = Err(format!("RESTORE wrote into the child's page {p}"));
+        }
+    }
+    // SAFETY: killing nothing but the target's child.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    checked?;
+    let evs = events_of(h)?;
+    ensure!(
+        evs.iter()
+            .any(|e| e.step == "restore_bytes" && e.note.contains("shared")),
+        "no COW break journaled: {:?}",
+        steps(&evs)
+    );
+    Ok(())
+}
+
 tests! {
     TESTS: [
         execve_during_patch_never_patches_the_new_image,
@@ -1071,5 +1126,6 @@ tests! {
         a_restore_behind_a_busy_target_can_be_killed,
         restore_undo_leaves_a_page_another_tool_restored,
         a_closer_behind_a_busy_target_can_be_killed,
+        a_child_forked_during_restore_is_never_written_into,
     ];
 }

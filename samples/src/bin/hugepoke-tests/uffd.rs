@@ -435,10 +435,47 @@ pub(crate) fn pinned_page_is_restored_but_not_zapped() -> TestResult {
 }
 
 // This module's in-guest tests, in groups that main.rs's SUITE puts in run order.
+/// COLLAPSE keeps a copy under userfaultfd, in missing mode (once zapped,
+/// the next fetch from the page would wait for a monitor that expects no
+/// fault) and in write-protect mode (a zap would drop the page's wp state
+/// a monitor tracks).  The copy is another tool's: a /proc/self/mem write
+/// and write-back.
+pub(crate) fn collapse_keeps_a_copy_under_userfaultfd() -> TestResult {
+    for (page, mode, name) in [
+        (12, UFFDIO_REGISTER_MODE_MISSING, "missing"),
+        (13, UFFDIO_REGISTER_MODE_WP, "wp"),
+    ] {
+        let t = Target::spawn(&[])?;
+        let file = io(std::fs::File::open(&t.file))?;
+        let own = OwnText::map(&file)?;
+        let me = std::process::id() as i32;
+        let byte = own.bytes(page)[0];
+        write_mem(me, own.page(page), &[!byte])?;
+        write_mem(me, own.page(page), &[byte])?;
+        let uffd = Uffd::open()?;
+        uffd.register(own.addr, text::THP_SIZE as u64, mode)?;
+        let dev = io(Device::open())?;
+        let a = io(dev.collapse(me, own.addr))?;
+        // smaps first: had the copy been zapped, touching it could wait for ever.
+        let s = own.smaps()?;
+        ensure!(
+            s.kb("Anonymous") == 4,
+            "the copy was dropped under uffd {name} mode: {s:?}"
+        );
+        ensure!(
+            a.result == uapi::COLLAPSE_COPIES_KEPT && a.kept_uffd == 1 && a.dropped == 0,
+            "COLLAPSE under uffd {name} mode said {a:?}"
+        );
+        drop(uffd);
+    }
+    Ok(())
+}
+
 tests! {
     TESTS: [
         userfaultfd_armed_text_is_refused,
         pinned_page_is_restored_but_not_zapped,
+        collapse_keeps_a_copy_under_userfaultfd,
     ];
     WP_AND_MISSING: [
         uffd_wp_on_pmd_mapped_text_is_never_written_through,

@@ -43,9 +43,18 @@ struct CollapseOut<'a> {
 
 pub fn exec(args: CollapseArgs, json: bool) -> Result<(), CliError> {
     let failed = |e| CliError::Failed(format!("collapse: {e}"));
-    let reports = match (args.pid, &args.file) {
-        (Some(pid), _) => vec![(pid, collapse::collapse(pid).map_err(failed)?)],
-        (None, Some(path)) => collapse::collapse_file(path).map_err(failed)?,
+    let (reports, unreadable) = match (args.pid, &args.file) {
+        (Some(pid), _) => (vec![(pid, collapse::collapse(pid).map_err(failed)?)], 0),
+        (None, Some(path)) => {
+            let f = collapse::collapse_file(path).map_err(failed)?;
+            if f.processes.is_empty() {
+                return Err(CliError::Failed(format!(
+                    "collapse: no process maps {path} privately and executably ({} processes' maps could not be read)",
+                    f.unreadable
+                )));
+            }
+            (f.processes, f.unreadable)
+        }
         (None, None) => unreachable!("clap requires --pid or --file"),
     };
     if json {
@@ -73,7 +82,7 @@ pub fn exec(args: CollapseArgs, json: bool) -> Result<(), CliError> {
             .collect();
         print_json(&out);
     } else {
-        print_plain(&reports, args.file.is_some());
+        print_plain(&reports, args.file.is_some(), unreadable);
     }
     // Every range a PMD could map is PMD-mapped, or exit 1 (the report says why).
     if reports.iter().any(|(_, rs)| rs.iter().any(|r| !r.done())) {
@@ -84,7 +93,7 @@ pub fn exec(args: CollapseArgs, json: bool) -> Result<(), CliError> {
 
 /// The plain report; with `--file`, each process's lines under its pid
 /// (processes that map the file later are not touched: said last).
-fn print_plain(reports: &[(i32, Vec<collapse::MappingReport>)], by_file: bool) {
+fn print_plain(reports: &[(i32, Vec<collapse::MappingReport>)], by_file: bool, unreadable: usize) {
     for (pid, rs) in reports {
         if by_file {
             println!("pid {pid}:");
@@ -97,7 +106,7 @@ fn print_plain(reports: &[(i32, Vec<collapse::MappingReport>)], by_file: bool) {
     }
     if by_file {
         println!(
-            "{} process(es) mapped the file; processes that map it later are not collapsed",
+            "{} process(es) mapped the file ({unreadable} processes' maps could not be read: gone, or not ours to read); processes that map it later are not collapsed",
             reports.len()
         );
     }
