@@ -206,8 +206,11 @@ static bool hugepoke_rmap_one(struct folio *folio, struct vm_area_struct *vma,
 /*
  * Every (mm, address) but @skip's where a VMA may map the anonymous
  * @folio, at most @max, each mm with an mm_count reference for the caller
- * to drop; the number recorded (@max: maybe more).  Sleeps (folio lock,
- * anon_vma lock): call it with no mmap or page-table lock held.
+ * to drop; the number recorded (@max: maybe more).  -EBUSY for a KSM or a
+ * large folio (the walk's addresses would not be this page's), -EINTR on
+ * a fatal signal.  The caller holds the mmap lock of a process that maps
+ * @folio, which keeps its anon_vma alive; the walk takes the folio lock
+ * and the anon_vma lock (both may sleep).
  */
 int hugepoke_folio_mappers(struct folio *folio, struct mm_struct *skip,
 			   struct hugepoke_mapper *out, int max)
@@ -218,9 +221,15 @@ int hugepoke_folio_mappers(struct folio *folio, struct mm_struct *skip,
 		.rmap_one = hugepoke_rmap_one,
 	};
 
-	if (!folio_test_anon(folio) || folio_test_ksm(folio))
+	if (!folio_test_anon(folio))
 		return 0;
-	folio_lock(folio);
+	if (folio_lock_killable(folio))
+		return -EINTR;
+	/* Under the folio lock: ksmd turns a folio into KSM under it. */
+	if (folio_test_ksm(folio) || folio_test_large(folio)) {
+		folio_unlock(folio);
+		return -EBUSY;
+	}
 	rmap_walk(folio, &rwc);
 	folio_unlock(folio);
 	return m.n;

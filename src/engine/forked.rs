@@ -1,225 +1,235 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! The processes forked while a patch lives.  fork() shares the patched
-//! copy with the child (COW), so the child runs the patch too; RESTORE
-//! takes it back from each of them first, then restores the target.
+//! copy with the child (COW), so the child — and its children — run the
+//! patch too; RESTORE restores each of them first, by RESTORE's own passes
+//! in that process, then the target.
 //!
-//! Who they are is the rmap walk's answer for the page PATCH wrote, while
-//! the target still maps that very page (each child's children too: they
-//! map it as well).  Each candidate is checked again under its own mmap
-//! write lock and page-table lock: its PTE maps that page, in a private
-//! read-only executable mapping of the same file page; the page holds the
-//! patched bytes at every site and the page-cache page's everywhere else,
-//! the patch's originals are the file's, nothing else holds the page and
-//! no userfaultfd watches the mapping (RESTORE's rule, [`keep_reason_with`]).
-//! Then its PTE is zapped — the text as it was before the patch faults
-//! back in — and its 2 MiB range collapsed.  The shared page itself is
-//! never written: that would change every mapper at once.  A child whose
-//! copy may not go refuses the RESTORE before the target is touched.
+//! Who they are is the rmap walk's answer for the target's copy of each
+//! patched page, found as RESTORE finds it (following `mremap`, swap and
+//! migration) and walked with the target's mmap lock held, which keeps
+//! the copy's anon_vma alive.  The walk names every process that *may*
+//! map the page (one forked before the patch shares the anon_vma too), so
+//! each is asked, under its own mmap lock, whether it maps that very page;
+//! only then is the patch restored there: its copy found, every site's
+//! bytes checked to be the patched ones, COW broken (the page is shared:
+//! it is never written), the originals written into its own copy, the
+//! copy zapped if it now equals the page-cache page, its range collapsed.
+//! A change of its own stays with it.
+//!
+//! A process that refuses stops the RESTORE before the target is touched
+//! ("patch kept; RESTORE may be retried"), but for a closing file or an
+//! unloading module: then it is journaled and the target restored anyway.
 //!
 //! Locks: the target's state (held by RESTORE), then one mmap lock at a
-//! time — the target's while its copies are looked up, then each child's.
+//! time — the target's while its copies are walked, then each child's.
 
 use kernel::{
+    alloc::AllocError,
     mm::{Mm, MmWithUser},
     prelude::*,
     sync::aref::ARef,
 };
 
 use super::{
-    outcome::Refused,
-    plan::PageWork,
-    zap::{before_zap, keep_reason_with, Keep},
+    locate::{find_anon_copy, Look},
+    outcome::{Closing, Refused},
+    plan::{self, Outcome, Written},
+    restore::restore_pages,
 };
 use crate::{
     journal::{Event, Step},
     patches::Site,
-    policy,
     refusal::Refusal,
-    sys::{self, CacheRef, ClearedPte, MmapWriteGuard, PageRef, PAGE_MASK, PMD_MASK},
+    sys::{self, MmapWriteGuard, PageRef, PMD_MASK},
     uapi::PATCH_INSTALL_PMD,
     Hugepoke,
 };
 
-/// Most processes one patched page is looked for in.
-const MAX_MAPPERS: usize = 1024;
+/// Most places one patched page is looked for in.
+const MAX_MAPPERS: usize = 4096;
 
-/// Take the patch of `sites` (their `pages`) back from every process that
-/// maps a page PATCH wrote besides the target `mm`.  Refuses (with the
-/// site to blame) if one of them may not give it back.
+/// Who may map the patched pages: each candidate's mm, the address there,
+/// and which of `copies` (the target's patched pages) it may map.
+struct Candidates {
+    copies: KVec<PageRef>,
+    places: KVVec<(ARef<Mm>, usize, usize)>,
+}
+
+/// Restore the patch of `sites` (their `pages`) in every process forked
+/// while it lived, before the target `mm`; `last_on_page` as for the
+/// target.  Refuses (with the site to blame) if one of them cannot give
+/// it back, unless the patch's file is closing or the module unloading.
 pub(super) fn restore_forked(
     hp: &Hugepoke,
     mm: &MmWithUser,
     sites: &[Site],
-    pages: &[PageWork],
+    pages: &[plan::PageWork],
+    last_on_page: &impl Fn(&[Site]) -> bool,
+    closing: Closing,
 ) -> Result<(), (Refused, usize)> {
-    let copies = patched_copies(mm, sites, pages).map_err(|r| (Refused::Kept(r), 0))?;
-    let mut collapses: KVec<(ARef<Mm>, usize, bool)> = KVec::new();
-    let mut drained = false;
-    for (page, range) in copies.iter() {
-        let nomem = |_| {
-            (
-                Refused::Kept(Refusal::new(
-                    ENOMEM,
-                    "no memory to list who maps the patched page",
-                )),
-                range.start,
-            )
+    let found = candidates(hp, mm, sites, pages).map_err(|r| (Refused::Kept(r), 0))?;
+    let mut collapses = KVec::new();
+    for (i, (child, _, _)) in found.places.iter().enumerate() {
+        // Each process once, at its first place.
+        if found.places[..i]
+            .iter()
+            .any(|(m, _, _)| core::ptr::eq(&**m, &**child))
+        {
+            continue;
+        }
+        // Its last mmput (if it exits meanwhile) never runs under our locks.
+        let Some(child) = child.mmget_not_zero().map(MmWithUser::into_mmput_async) else {
+            continue;
         };
-        let mappers = page.mappers(mm, MAX_MAPPERS).map_err(nomem)?; // mutant: child-left-patched
-        for (child, addr) in mappers.iter() {
-            // Its last mmput (if it exits meanwhile) never runs under our locks.
-            let Some(child_user) = child.mmget_not_zero().map(MmWithUser::into_mmput_async) else {
-                continue;
-            };
-            let mut dropped = drop_child_copy(hp, &child_user, *addr, page, &sites[range.clone()]);
-            if matches!(dropped, Err(Some(Keep::Pinned))) && !drained && page.may_be_lru_cached() {
-                // A per-CPU LRU batch may hold the page: drain once, no lock held.
-                sys::lru_add_drain_all();
-                drained = true;
-                dropped = drop_child_copy(hp, &child_user, *addr, page, &sites[range.clone()]);
+        let ours = maps_a_patched_page(&child, &found, i).map_err(|r| (Refused::Kept(r), 0))?;
+        if !ours {
+            // mutant: child-precheck-skipped
+            continue;
+        }
+        if let Err((refused, at)) = restore_child(hp, &child, sites, last_on_page, &mut collapses) {
+            if closing == Closing::No {
+                return Err((refused, at));
             }
-            match dropped {
-                Ok(Some(haddr)) => {
-                    let install = sites[range.start].flags & PATCH_INSTALL_PMD != 0;
-                    let _ = collapses.push((child.clone(), haddr, install), GFP_KERNEL);
-                }
-                Ok(None) => {}
-                Err(Some(_)) => {
-                    let r = Refusal::new(EBUSY, "a process forked while the patch lived may not give its copy back (see keep_anon_page); nothing restored");
-                    return Err((Refused::Kept(r), range.start));
-                }
-                Err(None) => {
-                    let r = Refusal::new(
-                        EINTR,
-                        "fatal signal while waiting for a forked process's mmap lock",
-                    );
-                    return Err((Refused::Kept(r), range.start));
-                }
-            }
+            let why = "a process forked while the patch lived could not give it back; the target is restored all the same (its file closed, or the module unloads)";
+            let ev = sites[at]
+                .event(Step::Restore)
+                .pid(sys::mm_owner_tgid(&child));
+            hp.journal.record(ev.error(EBUSY, why));
         }
     }
+    // The target's copies go before its own RESTORE counts their references.
+    drop(found);
     collapse_children(hp, &collapses);
     Ok(())
 }
 
-/// The pages of `pages` whose copy at the patch's own address in the
-/// target is still the page PATCH wrote, with their sites' range.
-fn patched_copies(
+/// The target's copy of each patched page, and every place the rmap walk
+/// says it may be mapped by another process; the target's mmap lock is
+/// held for the walk.
+fn candidates(
+    hp: &Hugepoke,
     mm: &MmWithUser,
     sites: &[Site],
-    pages: &[PageWork],
-) -> Result<KVec<(PageRef, core::ops::Range<usize>)>, Refusal> {
+    pages: &[plan::PageWork],
+) -> Result<Candidates, Refusal> {
     let waiting = |e| Refusal::new(e, "fatal signal while waiting for the target's mmap lock");
     let guard = MmapWriteGuard::lock_killable(mm).map_err(waiting)?;
-    let mut copies = KVec::new();
+    let nomem = |_| Refusal::new(ENOMEM, "no memory to list who maps the patched pages");
+    let mut found = Candidates {
+        copies: KVec::new(),
+        places: KVVec::new(),
+    };
     for w in pages.iter() {
         let rep = &sites[w.range.start];
-        let page_addr = rep.addr & PAGE_MASK;
-        let Some(vma) = guard.vma_lookup(page_addr) else {
+        // (No copy, or one RESTORE would refuse: its own pass says why.)
+        let Ok(Look::Copy(_, _, page, _)) = find_anon_copy(&guard, rep) else {
             continue;
         };
-        if sys::vma_info(vma).address_of(rep.mapping, rep.pgoff) != Some(page_addr) {
+        let places = match page.mappers(mm, MAX_MAPPERS) {
+            Ok(places) => places, // mutant: child-left-patched
+            Err(e) if e == EBUSY => {
+                let why = "the patched page is a KSM or large folio now: processes forked since PATCH are not looked for";
+                hp.journal.record(rep.event(Step::Restore).note(why));
+                continue;
+            }
+            Err(e) if e == E2BIG => {
+                let why = "more than 4096 places may map the patched page: nothing restored";
+                return Err(Refusal::new(E2BIG, why));
+            }
+            Err(e) => {
+                return Err(Refusal::new(
+                    e,
+                    "the walk of who maps the patched page failed",
+                ))
+            }
+        };
+        let k = found.copies.len();
+        found.copies.push(page, GFP_KERNEL).map_err(nomem)?;
+        for (m, addr) in places.into_iter() {
+            found.places.push((m, addr, k), GFP_KERNEL).map_err(nomem)?;
+        }
+    }
+    Ok(found)
+}
+
+/// Does `child` map, at one of the places the walk named for it (from
+/// the `first`), the very page of the target's copy that place names?
+/// A look at the page tables; a place whose PTE is not present (swapped
+/// out) is faulted in for reading, unless userfaultfd watches it.
+fn maps_a_patched_page(
+    child: &MmWithUser,
+    found: &Candidates,
+    first: usize,
+) -> Result<bool, Refusal> {
+    let waiting = |e| {
+        Refusal::new(
+            e,
+            "fatal signal while waiting for a forked process's mmap lock",
+        )
+    };
+    let guard = MmapWriteGuard::lock_killable(child).map_err(waiting)?;
+    let me = &found.places[first].0;
+    for (m, addr, k) in found.places[first..].iter() {
+        if !core::ptr::eq(&**m, &**me) {
             continue;
         }
-        match sys::anon_copy_at(vma, page_addr) {
-            Some(page) if page.pfn() == rep.pfn => {
-                let nomem = Refusal::new(ENOMEM, "no memory to list the patched pages");
-                copies
-                    .push((page, w.range.clone()), GFP_KERNEL)
-                    .map_err(|_| nomem)?;
-            }
-            _ => {}
+        let Some(vma) = guard.vma_lookup(*addr) else {
+            continue;
+        };
+        let pfn = found.copies[*k].pfn();
+        let page = match sys::anon_copy_at(vma, *addr) {
+            Some(page) => Some(page),
+            None if sys::vma_info(vma).uffd_armed => None,
+            None => guard.get_user_page(*addr, sys::FOLL_FORCE).ok(),
+        };
+        if page.is_some_and(|p| p.pfn() == pfn) {
+            return Ok(true);
         }
     }
-    Ok(copies)
+    Ok(false)
 }
 
-/// In `child`, where `addr` may map the patched `page`: zap its PTE if it
-/// maps that very page and the page may go (Ok with the 2 MiB range to
-/// collapse), say nothing if it does not map it (Ok(None)), or say why it
-/// is kept (journaled; None: a fatal signal came first).
-fn drop_child_copy(
+/// RESTORE's passes in `child` for `sites` (journaled under its pid);
+/// the 2 MiB ranges whose copy was zapped go to `collapses`.
+fn restore_child(
     hp: &Hugepoke,
     child: &MmWithUser,
-    addr: usize,
-    page: &PageRef,
     sites: &[Site],
-) -> Result<Option<usize>, Option<Keep>> {
-    let rep = &sites[0];
+    last_on_page: &impl Fn(&[Site]) -> bool,
+    collapses: &mut KVec<(ARef<Mm>, usize, bool)>,
+) -> Result<(), (Refused, usize)> {
     let pid = sys::mm_owner_tgid(child);
-    let ev = |step| {
-        Event::new(step)
-            .pid(pid)
-            .addr(addr + rep.offset())
-            .handle(rep.handle)
-            .page(page.pfn(), 0)
+    let nomem = |_| {
+        (
+            Refused::Kept(Refusal::new(ENOMEM, "no memory to list the patch's sites")),
+            0,
+        )
     };
-    let Ok(guard) = MmapWriteGuard::lock_killable(child) else {
-        return Err(None);
-    };
-    let Some(vma) = guard.vma_lookup(addr) else {
-        return Ok(None);
-    };
-    let info = sys::vma_info(vma);
-    if info.address_of(rep.mapping, rep.pgoff) != Some(addr) {
-        return Ok(None);
-    }
-    // A look first: a process forked before PATCH shares the anon_vma but
-    // maps a page of its own here, and is left alone (not even notified).
-    if sys::anon_copy_at(vma, addr).is_none_or(|p| p.pfn() != page.pfn()) {
-        return Ok(None);
-    }
-    let _invalidate = before_zap(child, page, addr);
-    let Some(pte) = sys::lock_pte(vma, addr, page) else {
-        return Ok(None);
-    };
-    // It maps the very page PATCH wrote: the patch is this process's too.
-    let pte = pte.unmap();
-    let cache = sys::page_cache_page(vma, addr);
-    let keep = match policy::check_restore_vma(&info) {
-        Err(_) => Some(Keep::Differs),
-        Ok(()) => keep_reason_with(&info, page, cache.as_ref(), |c| {
-            only_the_patch(&pte, c, sites)
-        }),
-    };
-    if let Some(why) = keep {
-        drop(pte);
-        hp.journal.record(ev(Step::KeepAnonPage).note(why.why()));
-        return Err(Some(why));
-    }
-    pte.zap(page);
-    hp.journal.record(ev(Step::ZapAnonPage).note(
-        "a process forked while the patch lived: its PTE of the patched page zapped; the page-cache page faults back in",
-    ));
-    Ok(cache
-        .filter(CacheRef::pmd_mappable)
-        .map(|_| addr & PMD_MASK))
-}
-
-/// Is the copy under `pte` the page-cache page `cache` with the patch of
-/// `sites` and nothing else: the patched bytes at every site, the file's
-/// own bytes (the patch's originals) under them, equal everywhere else?
-fn only_the_patch(pte: &ClearedPte<'_>, cache: &CacheRef, sites: &[Site]) -> bool {
-    let mut holes = KVec::new(); // mutant: child-copy-not-checked
+    let mut own = KVVec::with_capacity(sites.len(), GFP_KERNEL).map_err(nomem)?;
     for s in sites {
-        let (mut now, mut file) = ([0u8; 16], [0u8; 16]);
-        pte.read(s.offset(), &mut now[..s.len]);
-        cache.read(s.offset(), &mut file[..s.len]);
-        if now[..s.len] != s.bytes[..s.len] || file[..s.len] != s.orig[..s.len] {
-            return false;
-        }
-        if holes.push((s.offset(), s.len), GFP_KERNEL).is_err() {
-            return false;
+        own.push(Site { pid, ..*s }, GFP_KERNEL).map_err(nomem)?;
+    }
+    let mut pages = plan::pages_of(&own, Written::Bytes).map_err(|_| nomem(AllocError))?;
+    let why = "a process forked while the patch lived runs it too: restoring it there first";
+    hp.journal.record(own[0].event(Step::Restore).note(why));
+    restore_pages(hp, child, &own, &mut pages, last_on_page)?;
+    let install = sites[0].flags & PATCH_INSTALL_PMD != 0;
+    for w in pages.iter() {
+        if let Outcome::Done(r) = &w.outcome {
+            if r.zapped && r.pmd_mappable {
+                let _ = collapses.push(
+                    (ARef::from(&**child), r.page_addr & PMD_MASK, install),
+                    GFP_KERNEL,
+                );
+            }
         }
     }
-    // (RESTORE's sites come in offset order within a page; out of order,
-    // the compare says "differs", which only keeps the copy.)
-    pte.identical_to_except(cache, &holes)
+    Ok(())
 }
 
-/// Collapse each child's 2 MiB range whose patched page was zapped, each
-/// with that child's mmap lock held for reading; journaled.
+/// Collapse each child's 2 MiB range whose copy was zapped, each with that
+/// child's mmap lock held for reading; journaled.
 fn collapse_children(hp: &Hugepoke, collapses: &[(ARef<Mm>, usize, bool)]) {
     for (i, (mm, haddr, install)) in collapses.iter().enumerate() {
         if collapses[..i]

@@ -11,8 +11,8 @@
 //! ([`locate`]), write the originals back, zap if clean, queue the
 //! collapse ([`restore`]).  A single PATCH is a plan of one site ([`patch`]),
 //! RESTORE has one path whatever the count ([`settle`]), and the undo of a
-//! failed PATCH is RESTORE's own passes; RESTORE first takes the patch
-//! back from the processes forked while it lived ([`forked`]).  COLLAPSE drops the copies other
+//! failed PATCH is RESTORE's own passes; RESTORE first runs them in the
+//! processes forked while the patch lived ([`forked`]).  COLLAPSE drops the copies other
 //! tools left by RESTORE's rule for zapping a copy ([`zap`]) ([`foreign`]).  Files and their imports go one
 //! way: `owned → settle → restore → {page → locate} → plan → outcome`, and
 //! `patch → {restore, page, plan}`.

@@ -130,16 +130,18 @@ pub(crate) fn restore_handle(
         why: "target process is gone",
         cache_back: false,
     };
+    // Every site of this handle on a page is being restored.
+    let patches = &state.patches;
+    let last_on_page = |s: &[Site]| patches.on_page(s[0].page_key()) as usize <= s.len();
     let outcome = match target.mm_user() {
         None => Err((gone, 0)),
-        // Every site of this handle on a page is being restored.
         // The processes forked since PATCH first, then the target.
-        Some(mm) => restore_forked(hp, &mm, &sites, &pages).and_then(|()| {
-            hp.pauses.at(Point::Forked, first.pid, &hp.journal);
-            restore_pages(hp, &mm, &sites, &mut pages, |s| {
-                state.patches.on_page(s[0].page_key()) as usize <= s.len()
+        Some(mm) => {
+            restore_forked(hp, &mm, &sites, &pages, &last_on_page, closing).and_then(|()| {
+                hp.pauses.at(Point::Forked, first.pid, &hp.journal);
+                restore_pages(hp, &mm, &sites, &mut pages, &last_on_page)
             })
-        }),
+        }
     };
     let verdict = judge(hp, &ev, &sites, &pages, outcome, closing);
     let forgotten = forget(hp, &ev, state, handle, &sites, &pages, verdict.forget_all);

@@ -52,18 +52,6 @@ pub(crate) fn keep_reason(
     cache: Option<&CacheRef>,
     pte: &ClearedPte<'_>,
 ) -> Option<Keep> {
-    keep_reason_with(info, page, cache, |c| pte.identical_to(c))
-}
-
-/// [`keep_reason`], with `same` saying whether the copy may stand for the
-/// page-cache page `cache` (for a forked child's copy of a patch: equal
-/// but for the patch).
-pub(crate) fn keep_reason_with(
-    info: &VmaInfo,
-    page: &PageRef,
-    cache: Option<&CacheRef>,
-    same: impl Fn(&CacheRef) -> bool,
-) -> Option<Keep> {
     if info.uffd_missing {
         // mutant: uffd-missing-zapped
         Some(Keep::UffdMissing)
@@ -80,7 +68,7 @@ pub(crate) fn keep_reason_with(
         match cache {
             None => Some(Keep::NoCache), // mutant: no-cache-zapped
             Some(c) if !c.uptodate() => Some(Keep::StaleCache), // mutant: stale-cache-compared
-            Some(c) if !same(c) => {
+            Some(c) if !pte.identical_to(c) => {
                 // mutant: identical-always
                 Some(Keep::Differs)
             }

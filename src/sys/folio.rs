@@ -85,35 +85,6 @@ pub(super) unsafe fn pages_equal(a: NonNull<bindings::page>, b: NonNull<bindings
     unsafe { with_page_mapped(a, |a| with_page_mapped(b, |b| compare(a, b))) }
 }
 
-/// Are pages `a` and `b` byte-for-byte equal outside `holes` (`(offset,
-/// len)` pairs, sorted by offset, not overlapping, inside the page)?
-///
-/// # Safety
-///
-/// As [`pages_equal`].
-pub(super) unsafe fn pages_equal_except(
-    a: NonNull<bindings::page>,
-    b: NonNull<bindings::page>,
-    holes: &[(usize, usize)],
-) -> bool {
-    let compare = |a: *mut u8, b: *mut u8| {
-        let mut at = 0;
-        for &(offset, len) in Iterator::chain(holes.iter(), core::iter::once(&(PAGE_SIZE, 0))) {
-            if offset < at || offset > PAGE_SIZE {
-                return false;
-            }
-            // SAFETY: both are mapped pages; `at..offset` lies inside them.
-            if unsafe { bindings::memcmp(a.add(at).cast(), b.add(at).cast(), offset - at) } != 0 {
-                return false;
-            }
-            at = offset + len;
-        }
-        true
-    };
-    // SAFETY: as `pages_equal`.
-    unsafe { with_page_mapped(a, |a| with_page_mapped(b, |b| compare(a, b))) }
-}
-
 /// One page and a reference on its folio, from GUP.
 ///
 /// # Invariants
@@ -210,10 +181,12 @@ impl PageRef {
     /// Every address space but `skip` where a VMA may map this anonymous
     /// page's folio, with the address there: the rmap walk's candidates
     /// (a process forked since may map it; one forked before has the same
-    /// anon_vma and may not), at most `max`.  Sleeps: call it with no mmap
-    /// or page-table lock held.
-    pub(crate) fn mappers(&self, skip: &Mm, max: usize) -> Result<KVec<(ARef<Mm>, usize)>> {
-        let mut raw = KVec::new();
+    /// anon_vma and may not).  `E2BIG` if there may be more than `max`,
+    /// `EBUSY` for a KSM or large folio, `EINTR` on a fatal signal.  The
+    /// caller holds the mmap lock of `skip`, which maps the page (it keeps
+    /// the folio's anon_vma alive); sleeps.
+    pub(crate) fn mappers(&self, skip: &Mm, max: usize) -> Result<KVVec<(ARef<Mm>, usize)>> {
+        let mut raw = KVVec::new();
         raw.extend_with(
             max,
             RawMapper {
@@ -222,26 +195,30 @@ impl PageRef {
             },
             GFP_KERNEL,
         )?;
-        // SAFETY: we hold a reference on the folio; `raw` has room for
-        // `max` entries; the helper takes the folio lock itself and gives
-        // each recorded mm an mm_count reference.
+        // SAFETY: we hold a reference on the folio and, by our contract, an
+        // mmap lock that keeps its anon_vma; `raw` has room for `max`
+        // entries; the helper gives each recorded mm an mm_count reference.
         let n = unsafe {
             super::hugepoke_folio_mappers(self.folio(), skip.as_raw(), raw.as_mut_ptr(), max as i32)
         };
-        let mut out = KVec::with_capacity(n.max(0) as usize, GFP_KERNEL);
-        for m in raw.iter().take(n.max(0) as usize) {
+        if n < 0 {
+            return Err(Error::from_errno(n));
+        }
+        let mut out = KVVec::with_capacity(n as usize, GFP_KERNEL);
+        for m in raw.iter().take(n as usize) {
             // SAFETY: the helper took an mm_count reference on `m.mm`,
             // which `ARef<Mm>` (`mmgrab`/`mmdrop`) now owns.
             let mm = unsafe { ARef::from_raw(NonNull::new_unchecked(m.mm.cast::<Mm>())) };
-            match &mut out {
-                Ok(v) => {
-                    let _ = v.push_within_capacity((mm, m.addr));
-                }
-                // No room: the references still go (dropped here).
-                Err(_) => drop(mm),
+            if let Ok(v) = &mut out {
+                // Within capacity; without room the reference goes here.
+                let _ = v.push_within_capacity((mm, m.addr));
             }
         }
-        out.map_err(|_| ENOMEM)
+        match out {
+            Ok(_) if n as usize == max => Err(E2BIG),
+            Ok(v) => Ok(v),
+            Err(_) => Err(ENOMEM),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use core::ptr::NonNull;
 use kernel::{bindings, mm::virt::VmaRef, mm::MmWithUser};
 
 use super::{
-    folio::{pages_equal, pages_equal_except, read_page, write_page, CacheRef, PageRef},
+    folio::{pages_equal, read_page, write_page, CacheRef, PageRef},
     hugepoke_folio_walk_end, hugepoke_invalidate_end, hugepoke_invalidate_start,
     hugepoke_page_anon_exclusive, hugepoke_page_to_pfn, hugepoke_pte_remap, hugepoke_pte_uffd_wp,
     hugepoke_pte_unmap, hugepoke_pte_write, hugepoke_zap_anon_pte, PAGE_MASK, PAGE_SIZE,
@@ -212,13 +212,6 @@ impl ClearedPte<'_> {
         // on its page; the cache page is uptodate text no one writes, and no
         // CPU maps ours (its PTE is cleared, the PT lock held).
         unsafe { pages_equal(cache.page(), self.page()) }
-    }
-
-    /// Is the page equal to the page-cache page `cache` outside `holes`
-    /// (`(offset, len)`, sorted, not overlapping)?
-    pub(crate) fn identical_to_except(&self, cache: &CacheRef, holes: &[(usize, usize)]) -> bool {
-        // SAFETY: as `identical_to`.
-        unsafe { pages_equal_except(cache.page(), self.page(), holes) }
     }
 
     /// Drop the anonymous page from this mapping for good, so that the next
