@@ -548,8 +548,7 @@ mod hugepoke {
     /// text whose whole 2 MiB lies in one VMA at a file offset a PMD can map.
     #[test]
     fn collapse_takes_only_private_exec_text_a_pmd_can_map() {
-        use crate::policy::{check_collapse_args, check_collapse_vma};
-        use crate::uapi::{CollapseArgs, COLLAPSE_INSTALL_PMD};
+        use crate::policy::check_collapse_vma;
         let text = (VM_READ | VM_EXEC | VM_MAYWRITE) as usize;
         let base = 0x7f00_0000_0000;
         let ok = |v: &VmaInfo| check_collapse_vma(v, base + 0x20_0000).is_ok();
@@ -582,6 +581,14 @@ mod hugepoke {
             &vma(base, 1024, FILE_A, 0, VM_READ as usize),
             "not text"
         ));
+    }
+
+    /// COLLAPSE's header and address checks, before any lookup.
+    #[test]
+    fn collapse_arguments_are_checked_before_the_target() {
+        use crate::policy::check_collapse_args;
+        use crate::uapi::{CollapseArgs, COLLAPSE_INSTALL_PMD};
+        let base = 0x7f00_0000_0000;
         let args = CollapseArgs {
             size: core::mem::size_of::<CollapseArgs>() as u32,
             flags: COLLAPSE_INSTALL_PMD,

@@ -50,9 +50,10 @@ use crate::{
 const MAX_MAPPERS: usize = 4096;
 
 /// Who may map the patched pages: each candidate's mm, the address there,
-/// and which of `copies` (the target's patched pages) it may map.
+/// and which of `copies` (the target's patched pages, with the index of
+/// their first site) it may map.
 struct Candidates {
-    copies: KVec<PageRef>,
+    copies: KVec<(PageRef, usize)>,
     places: KVVec<(ARef<Mm>, usize, usize)>,
 }
 
@@ -68,8 +69,31 @@ pub(super) fn restore_forked(
     last_on_page: &impl Fn(&[Site]) -> bool,
     closing: Closing,
 ) -> Result<(), (Refused, usize)> {
-    let found = candidates(hp, mm, sites, pages).map_err(|r| (Refused::Kept(r), 0))?;
+    // At close and unload the target is restored whatever its children say.
+    let stop = |hp: &Hugepoke, pid: i32, (refused, at): (Refused, usize)| {
+        let Some(r) = refused.stops_undo() else {
+            return Ok(());
+        };
+        if closing == Closing::No {
+            return Err((Refused::Kept(r), at));
+        }
+        let why = "a process forked while the patch lived could not give it back; the target is restored all the same (its file closed, or the module unloads)";
+        hp.journal
+            .record(sites[at].event(Step::Restore).pid(pid).error(r.errno, why));
+        hp.journal.record(
+            sites[at]
+                .event(Step::Restore)
+                .pid(pid)
+                .error(r.errno, r.why),
+        );
+        Ok(())
+    };
+    let found = match candidates(hp, mm, sites, pages) {
+        Ok(found) => found,
+        Err(r) => return stop(hp, sites[0].pid, (Refused::Kept(r), 0)),
+    };
     let mut collapses = KVec::new();
+    let mut result = Ok(());
     for (i, (child, _, _)) in found.places.iter().enumerate() {
         // Each process once, at its first place.
         if found.places[..i]
@@ -82,26 +106,28 @@ pub(super) fn restore_forked(
         let Some(child) = child.mmget_not_zero().map(MmWithUser::into_mmput_async) else {
             continue;
         };
-        let ours = maps_a_patched_page(&child, &found, i).map_err(|r| (Refused::Kept(r), 0))?;
-        if !ours {
-            // mutant: child-precheck-skipped
-            continue;
-        }
-        if let Err((refused, at)) = restore_child(hp, &child, sites, last_on_page, &mut collapses) {
-            if closing == Closing::No {
-                return Err((refused, at));
+        let pid = sys::mm_owner_tgid(&child);
+        let ours = match maps_a_patched_page(&child, &found, i, sites) {
+            Ok(ours) => ours,
+            Err(r) => {
+                result = stop(hp, pid, (Refused::Kept(r), 0));
+                false
             }
-            let why = "a process forked while the patch lived could not give it back; the target is restored all the same (its file closed, or the module unloads)";
-            let ev = sites[at]
-                .event(Step::Restore)
-                .pid(sys::mm_owner_tgid(&child));
-            hp.journal.record(ev.error(EBUSY, why));
+        };
+        if ours {
+            // mutant: child-precheck-skipped
+            if let Err(e) = restore_child(hp, &child, sites, last_on_page, &mut collapses) {
+                result = stop(hp, pid, e);
+            }
+        }
+        if result.is_err() {
+            break;
         }
     }
     // The target's copies go before its own RESTORE counts their references.
     drop(found);
     collapse_children(hp, &collapses);
-    Ok(())
+    result
 }
 
 /// The target's copy of each patched page, and every place the rmap walk
@@ -145,7 +171,10 @@ fn candidates(
             }
         };
         let k = found.copies.len();
-        found.copies.push(page, GFP_KERNEL).map_err(nomem)?;
+        found
+            .copies
+            .push((page, w.range.start), GFP_KERNEL)
+            .map_err(nomem)?;
         for (m, addr) in places.into_iter() {
             found.places.push((m, addr, k), GFP_KERNEL).map_err(nomem)?;
         }
@@ -155,12 +184,13 @@ fn candidates(
 
 /// Does `child` map, at one of the places the walk named for it (from
 /// the `first`), the very page of the target's copy that place names?
-/// A look at the page tables; a place whose PTE is not present (swapped
-/// out) is faulted in for reading, unless userfaultfd watches it.
+/// Only where it maps the same file page there; a look at the page tables,
+/// and a read fault (a swapped-out copy) unless userfaultfd watches it.
 fn maps_a_patched_page(
     child: &MmWithUser,
     found: &Candidates,
     first: usize,
+    sites: &[Site],
 ) -> Result<bool, Refusal> {
     let waiting = |e| {
         Refusal::new(
@@ -174,16 +204,20 @@ fn maps_a_patched_page(
         if !core::ptr::eq(&**m, &**me) {
             continue;
         }
+        let (copy, rep) = (&found.copies[*k].0, &sites[found.copies[*k].1]);
         let Some(vma) = guard.vma_lookup(*addr) else {
             continue;
         };
-        let pfn = found.copies[*k].pfn();
+        let info = sys::vma_info(vma);
+        if info.address_of(rep.mapping, rep.pgoff) != Some(*addr) {
+            continue;
+        }
         let page = match sys::anon_copy_at(vma, *addr) {
             Some(page) => Some(page),
-            None if sys::vma_info(vma).uffd_armed => None,
+            None if info.uffd_armed || !info.has_anon_vma => None,
             None => guard.get_user_page(*addr, sys::FOLL_FORCE).ok(),
         };
-        if page.is_some_and(|p| p.pfn() == pfn) {
+        if page.is_some_and(|p| p.pfn() == copy.pfn()) {
             return Ok(true);
         }
     }

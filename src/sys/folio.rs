@@ -186,9 +186,10 @@ impl PageRef {
     /// caller holds the mmap lock of `skip`, which maps the page (it keeps
     /// the folio's anon_vma alive); sleeps.
     pub(crate) fn mappers(&self, skip: &Mm, max: usize) -> Result<KVVec<(ARef<Mm>, usize)>> {
+        // One slot more than `max`: a full walk says there may be more.
         let mut raw = KVVec::new();
         raw.extend_with(
-            max,
+            max + 1,
             RawMapper {
                 mm: core::ptr::null_mut(),
                 addr: 0,
@@ -199,7 +200,12 @@ impl PageRef {
         // mmap lock that keeps its anon_vma; `raw` has room for `max`
         // entries; the helper gives each recorded mm an mm_count reference.
         let n = unsafe {
-            super::hugepoke_folio_mappers(self.folio(), skip.as_raw(), raw.as_mut_ptr(), max as i32)
+            super::hugepoke_folio_mappers(
+                self.folio(),
+                skip.as_raw(),
+                raw.as_mut_ptr(),
+                max as i32 + 1,
+            )
         };
         if n < 0 {
             return Err(Error::from_errno(n));
@@ -215,7 +221,7 @@ impl PageRef {
             }
         }
         match out {
-            Ok(_) if n as usize == max => Err(E2BIG),
+            Ok(_) if n as usize > max => Err(E2BIG),
             Ok(v) => Ok(v),
             Err(_) => Err(ENOMEM),
         }
