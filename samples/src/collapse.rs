@@ -36,9 +36,9 @@ pub struct RangeReport {
 
 impl RangeReport {
     fn kept(&self) -> u32 {
-        self.module.map_or(0, |a| {
-            a.kept_differs + a.kept_pinned + a.kept_uffd + a.kept_patched + a.kept_no_cache
-        })
+        self.module
+            .as_ref()
+            .map_or(0, |a| kept_counts(a).iter().map(|c| c.0).sum())
     }
 
     /// Worth a line of its own: something dropped, kept or refused.
@@ -328,9 +328,9 @@ fn collapse_matching(
     Ok(reports)
 }
 
-/// Why the copies of a range were kept, in words.
-pub fn kept_words(a: &CollapseArgs) -> String {
-    let counts = [
+/// COLLAPSE's kept copies, by why, with the words for each.
+fn kept_counts(a: &CollapseArgs) -> [(u32, &'static str); 5] {
+    [
         (
             a.kept_differs,
             "differ from the page cache (another tool's change, live)",
@@ -342,7 +342,12 @@ pub fn kept_words(a: &CollapseArgs) -> String {
             a.kept_no_cache,
             "have no uptodate page-cache page to fault back in",
         ),
-    ];
+    ]
+}
+
+/// Why the copies of a range were kept, in words.
+pub fn kept_words(a: &CollapseArgs) -> String {
+    let counts = kept_counts(a);
     let total: u32 = counts.iter().map(|c| c.0).sum();
     let why: Vec<String> = counts
         .iter()

@@ -69,56 +69,20 @@ pub(super) fn restore_forked(
     last_on_page: &impl Fn(&[Site]) -> bool,
     closing: Closing,
 ) -> Result<(), (Refused, usize)> {
-    // At close and unload the target is restored whatever its children say.
-    let stop = |hp: &Hugepoke, pid: i32, (refused, at): (Refused, usize)| {
-        let Some(r) = refused.stops_undo() else {
-            return Ok(());
-        };
-        if closing == Closing::No {
-            return Err((Refused::Kept(r), at));
-        }
-        let why = "a process forked while the patch lived could not give it back; the target is restored all the same (its file closed, or the module unloads)";
-        hp.journal
-            .record(sites[at].event(Step::Restore).pid(pid).error(r.errno, why));
-        hp.journal.record(
-            sites[at]
-                .event(Step::Restore)
-                .pid(pid)
-                .error(r.errno, r.why),
-        );
-        Ok(())
-    };
+    let pass = Pass { hp, sites, closing };
     let found = match candidates(hp, mm, sites, pages) {
         Ok(found) => found,
-        Err(r) => return stop(hp, sites[0].pid, (Refused::Kept(r), 0)),
+        Err(r) => return pass.stop(sites[0].pid, (Refused::Kept(r), 0)),
     };
     let mut collapses = KVec::new();
     let mut result = Ok(());
     for (i, (child, _, _)) in found.places.iter().enumerate() {
         // Each process once, at its first place.
-        if found.places[..i]
+        if !found.places[..i]
             .iter()
             .any(|(m, _, _)| core::ptr::eq(&**m, &**child))
         {
-            continue;
-        }
-        // Its last mmput (if it exits meanwhile) never runs under our locks.
-        let Some(child) = child.mmget_not_zero().map(MmWithUser::into_mmput_async) else {
-            continue;
-        };
-        let pid = sys::mm_owner_tgid(&child);
-        let ours = match maps_a_patched_page(&child, &found, i, sites) {
-            Ok(ours) => ours,
-            Err(r) => {
-                result = stop(hp, pid, (Refused::Kept(r), 0));
-                false
-            }
-        };
-        if ours {
-            // mutant: child-precheck-skipped
-            if let Err(e) = restore_child(hp, &child, sites, last_on_page, &mut collapses) {
-                result = stop(hp, pid, e);
-            }
+            result = pass.child(child, &found, i, last_on_page, &mut collapses);
         }
         if result.is_err() {
             break;
@@ -128,6 +92,60 @@ pub(super) fn restore_forked(
     drop(found);
     collapse_children(hp, &collapses);
     result
+}
+
+/// One RESTORE's pass over the forked processes.
+struct Pass<'a> {
+    hp: &'a Hugepoke,
+    sites: &'a [Site],
+    closing: Closing,
+}
+
+impl Pass<'_> {
+    /// Restore the patch in `child` (named first at place `i` of `found`)
+    /// if it maps a patched page; a refusal goes through [`Pass::stop`].
+    fn child(
+        &self,
+        child: &Mm,
+        found: &Candidates,
+        i: usize,
+        last_on_page: &impl Fn(&[Site]) -> bool,
+        collapses: &mut KVec<(ARef<Mm>, usize, bool)>,
+    ) -> Result<(), (Refused, usize)> {
+        // Its last mmput (if it exits meanwhile) never runs under our locks.
+        let Some(child) = child.mmget_not_zero().map(MmWithUser::into_mmput_async) else {
+            return Ok(());
+        };
+        let pid = sys::mm_owner_tgid(&child);
+        match maps_a_patched_page(&child, found, i, self.sites) {
+            Err(r) => self.stop(pid, (Refused::Kept(r), 0)),
+            Ok(ours) => {
+                if !ours {
+                    // mutant: child-precheck-skipped
+                    return Ok(());
+                }
+                restore_child(self.hp, &child, self.sites, last_on_page, collapses)
+                    .or_else(|e| self.stop(pid, e))
+            }
+        }
+    }
+
+    /// What a forked process's refusal does: stop a RESTORE before the
+    /// target, or, at close and unload (the target is restored whatever
+    /// its children say), only be journaled.
+    fn stop(&self, pid: i32, (refused, at): (Refused, usize)) -> Result<(), (Refused, usize)> {
+        let Some(r) = refused.stops_undo() else {
+            return Ok(());
+        };
+        if self.closing == Closing::No {
+            return Err((Refused::Kept(r), at));
+        }
+        let why = "a process forked while the patch lived could not give it back; the target is restored all the same (its file closed, or the module unloads)";
+        let ev = self.sites[at].event(Step::Restore).pid(pid);
+        self.hp.journal.record(ev.error(r.errno, why));
+        self.hp.journal.record(ev.error(r.errno, r.why));
+        Ok(())
+    }
 }
 
 /// The target's copy of each patched page, and every place the rmap walk
