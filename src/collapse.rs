@@ -196,14 +196,7 @@ fn collapse_range(
         return Err(Refusal::new(EINVAL, "VMA no longer covers the 2 MiB range"));
     }
     let result = sys::collapse_pte_mapped_thp(&mm, &guard, haddr, install_pmd);
-    let succeeded = sys::scan_result_ok(result); // mutant: collapse-result-ignored
-    match (
-        succeeded,
-        result == kernel::bindings::scan_result_SCAN_PMD_MAPPED,
-    ) {
-        (true, true) => Ok("SCAN_PMD_MAPPED: already PMD-mapped"),
-        (true, false) if install_pmd => Ok("SCAN_SUCCEED: PMD installed"),
-        (true, false) => Ok("SCAN_SUCCEED: page table retracted; PMD at next fault"),
-        (false, _) => Err(Refusal::new(EBUSY, sys::scan_result_name(result))),
-    }
+    sys::collapse_verdict(result, install_pmd)
+        .map(|(note, _)| note)
+        .map_err(|name| Refusal::new(EBUSY, name))
 }

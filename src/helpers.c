@@ -191,7 +191,7 @@ static bool hugepoke_rmap_one(struct folio *folio, struct vm_area_struct *vma,
 {
 	struct hugepoke_mappers *m = arg;
 
-	if (vma->vm_mm == m->skip)
+	if (vma->vm_mm == m->skip) /* mutant: forked-walks-the-target */
 		return true;
 	if (m->n == m->max)
 		return false;

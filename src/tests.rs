@@ -581,6 +581,16 @@ mod hugepoke {
             &vma(base, 1024, FILE_A, 0, VM_READ as usize),
             "not text"
         ));
+        let nohuge = text | kernel::bindings::VM_NOHUGEPAGE as usize;
+        assert!(refused(
+            &vma(base, 1024, FILE_A, 0, nohuge),
+            "MADV_NOHUGEPAGE"
+        ));
+        let hugetlb = text | kernel::bindings::VM_HUGETLB as usize;
+        assert!(refused(
+            &vma(base, 1024, FILE_A, 0, hugetlb),
+            "ordinary pages"
+        ));
     }
 
     /// COLLAPSE's header and address checks, before any lookup.

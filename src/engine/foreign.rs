@@ -250,20 +250,9 @@ fn collapse_now(
 ) -> (u32, Result<&'static str, (Error, &'static str)>) {
     let guard = mm.mmap_read_lock();
     let result = sys::collapse_pte_mapped_thp(mm, &guard, haddr, install_pmd);
-    let mapped = result == kernel::bindings::scan_result_SCAN_PMD_MAPPED;
-    match (sys::scan_result_ok(result), mapped) {
-        (true, true) => (
-            uapi::COLLAPSE_DONE,
-            Ok("SCAN_PMD_MAPPED: already PMD-mapped"),
-        ),
-        (true, false) if install_pmd => (uapi::COLLAPSE_DONE, Ok("SCAN_SUCCEED: PMD installed")),
-        (true, false) => (
-            uapi::COLLAPSE_AT_FAULT,
-            Ok("SCAN_SUCCEED: page table retracted; PMD at next fault"),
-        ),
-        (false, _) => (
-            uapi::COLLAPSE_REFUSED,
-            Err((EBUSY, sys::scan_result_name(result))),
-        ),
+    match sys::collapse_verdict(result, install_pmd) {
+        Ok((note, true)) => (uapi::COLLAPSE_DONE, Ok(note)),
+        Ok((note, false)) => (uapi::COLLAPSE_AT_FAULT, Ok(note)),
+        Err(name) => (uapi::COLLAPSE_REFUSED, Err((EBUSY, name))),
     }
 }

@@ -299,11 +299,10 @@ fn collapse_children(hp: &Hugepoke, collapses: &[(ARef<Mm>, usize, bool)]) {
         let ev = Event::new(Step::Collapse)
             .pid(sys::mm_owner_tgid(&user))
             .addr(*haddr);
-        let name = sys::scan_result_name(result);
-        hp.journal.record(if sys::scan_result_ok(result) {
-            ev.note(name)
-        } else {
-            ev.error(EBUSY, name)
-        });
+        hp.journal
+            .record(match sys::collapse_verdict(result, *install) {
+                Ok((note, _)) => ev.note(note),
+                Err(name) => ev.error(EBUSY, name),
+            });
     }
 }

@@ -52,6 +52,25 @@ pub(crate) fn scan_result_name(result: u32) -> &'static str {
     }
 }
 
+/// What `collapse_pte_mapped_thp()`'s `result` means, in words: Ok with
+/// whether a PMD maps the range now (else the page table was retracted
+/// for the next fault to map it), or Err with the `SCAN_*` name.
+pub(crate) fn collapse_verdict(
+    result: u32,
+    install_pmd: bool,
+) -> Result<(&'static str, bool), &'static str> {
+    let succeeded = scan_result_ok(result); // mutant: collapse-result-ignored
+    match (succeeded, result == bindings::scan_result_SCAN_PMD_MAPPED) {
+        (true, true) => Ok(("SCAN_PMD_MAPPED: already PMD-mapped", true)),
+        (true, false) if install_pmd => Ok(("SCAN_SUCCEED: PMD installed", true)),
+        (true, false) => Ok((
+            "SCAN_SUCCEED: page table retracted; PMD at next fault",
+            false,
+        )),
+        (false, _) => Err(scan_result_name(result)),
+    }
+}
+
 /// Did the collapse leave the range PMD-mapped (or ready to be)?
 pub(crate) fn scan_result_ok(result: u32) -> bool {
     result == bindings::scan_result_SCAN_SUCCEED || result == bindings::scan_result_SCAN_PMD_MAPPED

@@ -31,9 +31,7 @@ mod vma;
 mod wq;
 
 pub(crate) use folio::{page_cache_page, read_file_page, CacheRef, PageRef};
-pub(crate) use khugepaged::{
-    collapse_pte_mapped_thp, lru_add_drain_all, scan_result_name, scan_result_ok,
-};
+pub(crate) use khugepaged::{collapse_pte_mapped_thp, collapse_verdict, lru_add_drain_all};
 pub(crate) use mm::{MmapWriteGuard, FOLL_FORCE, FOLL_SPLIT_PMD, FOLL_WRITE};
 pub(crate) use pte::{
     anon_copy_at, lock_pte, mapping_of, ClearedPte, InvalidateRange, LockedPte, Mapping, SwapSlot,

@@ -118,9 +118,7 @@ pub(crate) fn vma_file(vma: &VmaRef) -> Option<ARef<File>> {
 /// zaps what it covers: the fault was SIGSEGV on its marker; the kernel
 /// marks such VMAs, and without userfaultfd nothing else faults so there).
 pub(crate) fn gone_for_good(vma: &VmaRef, info: &VmaInfo, pgoff: usize) -> Option<&'static str> {
-    // SAFETY: the VMA is valid and file-backed under the mmap lock held by
-    // our caller; the helper reads its file's size.
-    if pgoff >= unsafe { hugepoke_vma_file_pages(vma.as_ptr()) } {
+    if beyond_eof(vma, pgoff) {
         // mutant: truncated-kept
         return Some(
             "the file was truncated below the patched page (its copy went with it); nothing to restore",

@@ -402,6 +402,12 @@ pub(crate) fn restore_takes_the_patch_back_from_a_forked_child() -> TestResult {
             "the child's restore not journaled under its pid: {:?}",
             steps(&evs)
         );
+        ensure!(
+            !evs.iter()
+                .any(|e| e.step == "restore" && e.pid == t.pid && e.note.contains("forked")),
+            "the target taken for a forked process: {:?}",
+            steps(&evs)
+        );
         Ok(())
     })();
     // The close-time restore reaches a child too.
