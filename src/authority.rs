@@ -20,6 +20,9 @@
 //! is allowed to anyone: it writes nothing, and lets go of the file and
 //! the mm the patch still holds.
 //!
+//! A PATCH_FILE (every process that maps a file) needs CAP_SYS_ADMIN, and
+//! so do RESTORE and QUERY of its handle through another file.
+//!
 //! Dropping a handle without restoring it (`RESTORE_DROP`) needs
 //! CAP_SYS_ADMIN, and QUERY shows a PFN only to CAP_SYS_ADMIN, as
 //! `/proc/PID/pagemap` does.
@@ -56,6 +59,20 @@ pub(crate) fn may_drop() -> Result<(), Refusal> {
         return Ok(());
     }
     Err(Refusal::new(EPERM, "RESTORE_DROP needs CAP_SYS_ADMIN"))
+}
+
+/// May the caller PATCH_FILE (every process that maps a file, as uprobes
+/// do), or RESTORE or QUERY a file patch it did not make?  CAP_SYS_ADMIN,
+/// as `uprobe_register()`'s callers need.
+pub(crate) fn may_patch_file() -> Result<(), Refusal> {
+    if sys::capable_sys_admin() {
+        // mutant: anyone-may-patch-a-file
+        return Ok(());
+    }
+    Err(Refusal::new(
+        EPERM,
+        "patching every process that maps a file needs CAP_SYS_ADMIN",
+    ))
 }
 
 /// May QUERY show the caller PFNs?  Only to CAP_SYS_ADMIN (asked without

@@ -6,7 +6,7 @@
 
 use kernel::{
     alloc::KVVec,
-    fs::File,
+    fs::{File, LocalFile},
     ioctl::_IOC_SIZE,
     miscdevice::{MiscDevice, MiscDeviceRegistration},
     prelude::*,
@@ -21,7 +21,10 @@ use crate::{
     journal::{Event, Step},
     policy, sys,
     target::Target,
-    uapi::{self, BatchSite, CollapseArgs, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs},
+    uapi::{
+        self, BatchSite, CollapseArgs, PatchArgs, PatchBatchArgs, PatchFileArgs, QueryArgs,
+        RestoreArgs,
+    },
     Hugepoke,
 };
 
@@ -57,6 +60,8 @@ impl MiscDevice for Controller {
         // Closing restores what this file patched (and queues collapses),
         // from a work item: a fatal signal pending for us cannot cut it short.
         engine::restore_owned(&this.hugepoke, Some(this.id), Closing::File);
+        // Their members are restored: the file patches' handles go too.
+        engine::forget_file_handles(&this.hugepoke, this.id);
         this.hugepoke.journal.record(Step::Release.event());
         let Controller {
             hugepoke,
@@ -77,6 +82,7 @@ impl MiscDevice for Controller {
             uapi::IOCTL_QUERY => this.query(user),
             uapi::IOCTL_PATCH_BATCH => this.patch_batch(user),
             uapi::IOCTL_COLLAPSE => this.collapse(user),
+            uapi::IOCTL_PATCH_FILE => this.patch_file(user),
             _ => Err(hp.journal.fail(
                 Event::new(Step::Ioctl).addr(cmd as usize),
                 ENOTTY,
@@ -114,6 +120,7 @@ impl Controller {
             pid: args.pid,
             flags: args.flags & !uapi::SITE_FLAGS,
             sites: &[site],
+            scope: None,
         };
         let result = engine::patch(hp, self.id, &request);
         // The struct goes back with the handle, or, from a failed PATCH
@@ -137,7 +144,7 @@ impl Controller {
         match (result, written) {
             (Ok(_), Ok(())) => Ok(()),
             (Ok(handle), Err(e)) => {
-                let _ = engine::restore(hp, handle);
+                let _ = engine::restore_any(hp, handle);
                 Err(hp
                     .journal
                     .fail(ev, e, "cannot write the handle back; patch undone"))
@@ -155,27 +162,12 @@ impl Controller {
                 .fail(ev, e, "cannot read the PATCH_BATCH arguments")
         })?;
         policy::check_batch_args(&args).map_err(|r| hp.journal.refuse(ev.pid(args.pid), r))?;
-        let count = args.count as usize;
-        let mut sites = KVVec::new();
-        sites
-            .extend_with(count, BatchSite::default(), GFP_KERNEL)
-            .map_err(|_| {
-                hp.journal
-                    .fail(ev, ENOMEM, "no memory for the batch's sites")
-            })?;
-        // One copy for the whole array, not one a site.
-        let bytes = count * core::mem::size_of::<BatchSite>();
-        UserSlice::new(UserPtr::from_addr(args.sites as usize), bytes)
-            .reader()
-            .read_slice(sites.as_mut_slice().as_bytes_mut())
-            .map_err(|e| {
-                hp.journal
-                    .fail(ev.pid(args.pid), e, "cannot read the batch's sites")
-            })?;
+        let sites = self.read_sites(args.sites, args.count, ev.pid(args.pid))?;
         let request = Request {
             pid: args.pid,
             flags: args.flags,
             sites: &sites,
+            scope: None,
         };
         let result = engine::patch(hp, self.id, &request);
         let (failed, error) = match &result {
@@ -195,6 +187,112 @@ impl Controller {
         self.returned(result, written, ev.pid(args.pid))
     }
 
+    /// A batch's `count` sites from user pointer `ptr`, in one copy.
+    fn read_sites(&self, ptr: u64, count: u32, ev: Event) -> Result<KVVec<BatchSite>> {
+        let hp = &self.hugepoke;
+        let count = count as usize;
+        let mut sites = KVVec::new();
+        sites
+            .extend_with(count, BatchSite::default(), GFP_KERNEL)
+            .map_err(|_| {
+                hp.journal
+                    .fail(ev, ENOMEM, "no memory for the batch's sites")
+            })?;
+        let bytes = count * core::mem::size_of::<BatchSite>();
+        UserSlice::new(UserPtr::from_addr(ptr as usize), bytes)
+            .reader()
+            .read_slice(sites.as_mut_slice().as_bytes_mut())
+            .map_err(|e| hp.journal.fail(ev, e, "cannot read the batch's sites"))?;
+        Ok(sites)
+    }
+
+    /// PATCH_FILE: the sites of a file's text, in every process that maps it.
+    fn patch_file(&self, user: UserSlice) -> Result {
+        let hp = &self.hugepoke;
+        let ev = Event::new(Step::Patch);
+        let (mut reader, mut writer) = user.reader_writer();
+        let mut args: PatchFileArgs = reader.read().map_err(|e| {
+            hp.journal
+                .fail(ev, e, "cannot read the PATCH_FILE arguments")
+        })?;
+        policy::check_file_args(&args).map_err(|r| hp.journal.refuse(ev, r))?;
+        authority::may_patch_file().map_err(|r| hp.journal.refuse(ev, r))?;
+        let file = LocalFile::fget(args.fd as u32)
+            .map_err(|_| hp.journal.fail(ev, EBADF, "fd is not an open file"))?;
+        let sites = self.read_sites(args.sites, args.count, ev)?;
+        // The sites' own checks (flags, lengths, overlaps), as a batch's.
+        let offsets = Request {
+            pid: 0,
+            flags: args.flags,
+            sites: &sites,
+            scope: None,
+        };
+        engine::check_sites(hp, &offsets).map_err(|f| f.error)?;
+        let members = engine::file_members(hp, &file, &sites);
+        let result =
+            members.and_then(|members| self.patch_members(&mut args, &file, &sites, &members));
+        match &result {
+            Ok(handle) => {
+                args.handle = *handle;
+                (args.failed, args.error, args.failed_pid) = (uapi::NO_SITE, 0, 0);
+            }
+            Err(f) => {
+                args.handle = f.kept.unwrap_or(0);
+                args.failed = f.site.unwrap_or(uapi::NO_SITE);
+                (args.error, args.failed_pid) = (-f.error.to_errno(), f.pid);
+            }
+        }
+        let written = writer.write(&args);
+        let result = result.map_err(|f| Failure {
+            error: f.error,
+            site: f.site,
+            kept: f.kept,
+        });
+        self.returned(result, written, ev)
+    }
+
+    /// PATCH_FILE's processes `members` told in `args` (`pids`, `nr_pids`),
+    /// and patched unless it is a dry run: the handle (0 for a dry run).
+    fn patch_members(
+        &self,
+        args: &mut PatchFileArgs,
+        file: &LocalFile,
+        sites: &[BatchSite],
+        members: &[engine::Member],
+    ) -> Result<u64, engine::FileFailure> {
+        let hp = &self.hugepoke;
+        let ev = Event::new(Step::Patch);
+        args.nr_pids = members.len() as u32;
+        if members.len() > args.max_pids as usize {
+            let why = "more processes map the file than the pids array has room for";
+            return Err(hp.journal.fail(ev, E2BIG, why).into());
+        }
+        let mut pids = UserSlice::new(
+            UserPtr::from_addr(args.pids as usize),
+            members.len() * core::mem::size_of::<i32>(),
+        )
+        .writer();
+        for m in members {
+            pids.write(&m.pid)
+                .map_err(|e| hp.journal.fail(ev, e, "cannot write the pids"))?;
+        }
+        if args.flags & uapi::FILE_DRY_RUN != 0 {
+            return Ok(0);
+        }
+        if members.is_empty() {
+            let why = "no process maps the sites' pages privately and executably";
+            return Err(hp.journal.fail(ev, ESRCH, why).into());
+        }
+        engine::patch_file(
+            hp,
+            self.id,
+            file,
+            args.flags & uapi::BATCH_FLAGS,
+            sites,
+            members,
+        )
+    }
+
     fn restore(&self, user: UserSlice) -> Result {
         let hp = &self.hugepoke;
         let ev = Event::new(Step::Restore);
@@ -210,6 +308,13 @@ impl Controller {
         )
         .map_err(|why| hp.journal.fail(ev, EINVAL, why))?;
         let ev = ev.handle(args.handle);
+        let drop_only = args.flags & uapi::RESTORE_DROP != 0;
+        if self.authorize_file(args.handle, ev)? {
+            if drop_only {
+                authority::may_drop().map_err(|r| hp.journal.refuse(ev, r))?;
+            }
+            return engine::restore_file(hp, args.handle, drop_only);
+        }
         let target = self.authorize(args.handle, ev, true)?;
         if args.flags & uapi::RESTORE_DROP != 0 {
             authority::may_drop().map_err(|r| hp.journal.refuse(ev, r))?;
@@ -229,6 +334,21 @@ impl Controller {
         authority::may_undo(owner, self.id, &target, restoring)
             .map_err(|r| hp.journal.refuse(ev, r))?;
         Ok(target)
+    }
+
+    /// Is `handle` a PATCH_FILE's?  If so, may this caller RESTORE or
+    /// QUERY it: its own file made it and it is not persistent, or
+    /// CAP_SYS_ADMIN.
+    fn authorize_file(&self, handle: u64, ev: Event) -> Result<bool> {
+        let hp = &self.hugepoke;
+        let owner = match hp.registry.lock().file_handle(handle) {
+            Some(f) => f.owner,
+            None => return Ok(false),
+        };
+        if owner != Some(self.id) {
+            authority::may_patch_file().map_err(|r| hp.journal.refuse(ev, r))?;
+        }
+        Ok(true)
     }
 
     /// COLLAPSE: one 2 MiB range, its copies dropped and its PMD given back.
@@ -261,16 +381,24 @@ impl Controller {
                 "no such patch (unknown or already restored)",
             )
         };
-        let target = self.authorize(args.handle, ev.handle(args.handle), false)?;
+        // A file patch's sites are its members', one process after another.
+        let (target, handle, index, count) = if self.authorize_file(args.handle, ev)? {
+            let (count, site) = engine::file_site(hp, args.handle, args.index)?;
+            let (target, handle, index) = site.ok_or_else(unknown)?;
+            (target, handle, index, Some(count))
+        } else {
+            let target = self.authorize(args.handle, ev.handle(args.handle), false)?;
+            (target, args.handle, args.index, None)
+        };
         let shows_pfns = authority::shows_pfns();
         {
             let state = target.lock_killable(&hp.journal, ev.handle(args.handle))?;
-            args.count = state.patches.count(args.handle);
+            args.count = count.unwrap_or(state.patches.count(handle));
             // The Nth live site: a batch that lost some keeps the others' places.
             let p = state
                 .patches
-                .sites_of_handle(args.handle)
-                .nth(args.index as usize)
+                .sites_of_handle(handle)
+                .nth(index as usize)
                 .ok_or_else(unknown)?;
             args.site = p.index;
             args.reserved = 0;

@@ -298,9 +298,8 @@ bool hugepoke_uffd_minor(struct vm_area_struct *vma)
  * read in if need be (may sleep), the way uprobes' __copy_insn() reads the
  * file's instruction (shmem has no ->read_folio).  Counted, or an ERR_PTR.
  */
-struct folio *hugepoke_read_file_folio(struct vm_area_struct *vma, pgoff_t index)
+static struct folio *hugepoke_file_folio(struct file *file, pgoff_t index)
 {
-	struct file *file = vma->vm_file;
 	struct address_space *mapping = file->f_mapping;
 
 	if (mapping->a_ops->read_folio)
@@ -309,6 +308,90 @@ struct folio *hugepoke_read_file_folio(struct vm_area_struct *vma, pgoff_t index
 	if (!shmem_mapping(mapping))
 		return ERR_PTR(-EIO);
 	return shmem_read_folio(mapping, index);
+}
+
+struct folio *hugepoke_read_file_folio(struct vm_area_struct *vma, pgoff_t index)
+{
+	return hugepoke_file_folio(vma->vm_file, index);
+}
+
+/* Who maps a file's page: the rmap walk of its page-cache folio. */
+
+struct hugepoke_file_walk {
+	struct mm_struct *skip;
+	struct hugepoke_file_vma *out;
+	int max, n;
+};
+
+/* Only private executable text, as uprobes' valid_vma() asks (VM_EXEC: the text that runs). */
+static bool hugepoke_not_private_text(struct vm_area_struct *vma, void *arg)
+{
+	struct hugepoke_file_walk *w = arg;
+
+	return vma->vm_mm == w->skip ||
+	       (vma->vm_flags & (VM_EXEC | VM_MAYSHARE | VM_HUGETLB)) != VM_EXEC;
+}
+
+static bool hugepoke_file_vma_one(struct folio *folio, struct vm_area_struct *vma,
+				  unsigned long addr, void *arg)
+{
+	struct hugepoke_file_walk *w = arg;
+
+	if (w->n == w->max)
+		return false;
+	/* Only recorded: each is checked again under its own mmap lock. */
+	mmgrab(vma->vm_mm);
+	w->out[w->n].mm = vma->vm_mm;
+	w->out[w->n].start = vma->vm_start;
+	w->out[w->n].end = vma->vm_end;
+	w->out[w->n].pgoff = vma->vm_pgoff;
+	w->n++;
+	return true;
+}
+
+/*
+ * Every private executable VMA but the caller's that maps a page of the folio
+ * holding page @index of @file, at most @max, each mm with an mm_count
+ * reference for the caller to drop: the number recorded (@max: maybe
+ * more), and in *@next the first page past the folio.  The way uprobes'
+ * build_map_info() walks i_mmap, through the exported rmap_walk() on the
+ * page-cache folio (read in if need be), under the folio lock.  -ENXIO
+ * past EOF, -EINVAL for no regular file, -EINTR on a fatal signal.
+ */
+int hugepoke_file_vmas(struct file *file, pgoff_t index,
+		       struct hugepoke_file_vma *out, int max, pgoff_t *next)
+{
+	/* The caller is not patched: it would run the patch it is making. */
+	struct hugepoke_file_walk w = { .skip = current->mm, .out = out, .max = max };
+	struct rmap_walk_control rwc = {
+		.arg = &w,
+		.rmap_one = hugepoke_file_vma_one,
+		.invalid_vma = hugepoke_not_private_text,
+	};
+	struct inode *inode = file_inode(file);
+	struct folio *folio;
+
+	if (!S_ISREG(inode->i_mode))
+		return -EINVAL;
+	if (index >= DIV_ROUND_UP(i_size_read(inode), PAGE_SIZE))
+		return -ENXIO;
+	folio = hugepoke_file_folio(file, index);
+	if (IS_ERR(folio))
+		return PTR_ERR(folio);
+	if (folio_lock_killable(folio)) {
+		folio_put(folio);
+		return -EINTR;
+	}
+	/* Truncated since it was read: nothing maps it. */
+	if (folio->mapping == file->f_mapping) {
+		*next = folio_next_index(folio);
+		rmap_walk(folio, &rwc);
+	} else {
+		*next = index + 1;
+	}
+	folio_unlock(folio);
+	folio_put(folio);
+	return w.n;
 }
 
 /* Pages of the file a VMA maps, to its current size (rounded up). */

@@ -28,6 +28,14 @@ struct hugepoke_mapper {
 int hugepoke_folio_mappers(struct folio *folio, struct mm_struct *skip,
 			   struct hugepoke_mapper *out, int max);
 pid_t hugepoke_mm_owner_tgid(struct mm_struct *mm);
+/* One private executable VMA of a file (hugepoke_file_vmas). */
+struct hugepoke_file_vma {
+	struct mm_struct *mm;
+	unsigned long start, end;
+	pgoff_t pgoff;
+};
+int hugepoke_file_vmas(struct file *file, pgoff_t index,
+		       struct hugepoke_file_vma *out, int max, pgoff_t *next);
 int hugepoke_folio_unexpected_refs(struct folio *folio);
 bool hugepoke_folio_is_anon(struct folio *folio);
 bool hugepoke_folio_may_be_lru_cached(struct folio *folio);

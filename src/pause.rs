@@ -36,6 +36,9 @@ const PARK_LIMIT_MS: u32 = 60_000;
 /// Where a PATCH can be parked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Point {
+    /// PATCH_FILE, before it patches this process: the file's mappings
+    /// were walked; no lock is held.
+    Walked,
     /// The target's mm is taken (`mm_access`); no lock is held yet.
     Resolved,
     /// The target's state lock and mmap lock are held, the VMA is checked
@@ -70,6 +73,7 @@ pub(crate) enum Point {
 impl Point {
     fn name(self) -> &'static str {
         match self {
+            Point::Walked => "walked",
             Point::Resolved => "resolved",
             Point::Checked => "checked",
             Point::Cowed => "cowed",
@@ -84,6 +88,7 @@ impl Point {
 
     fn parse(s: &str) -> Option<Self> {
         [
+            Point::Walked,
             Point::Resolved,
             Point::Checked,
             Point::Cowed,

@@ -15,7 +15,7 @@ use crate::{
     patches::Site,
     refusal::Refusal,
     sys::{VmaInfo, PAGE_MASK, PAGE_SIZE, PMD_PAGES, PMD_SIZE},
-    uapi::{self, CollapseArgs, PatchArgs, PatchBatchArgs, MAX_BATCH, MAX_BYTES},
+    uapi::{self, CollapseArgs, PatchArgs, PatchBatchArgs, PatchFileArgs, MAX_BATCH, MAX_BYTES},
 };
 
 fn has(vma: &VmaInfo, flag: vm_flags_t) -> bool {
@@ -45,6 +45,25 @@ pub(crate) fn check_batch_args(args: &PatchBatchArgs) -> Result<(), Refusal> {
     .map_err(|why| Refusal::new(EINVAL, why))?;
     if args.count == 0 || args.count as usize > MAX_BATCH {
         return Err(Refusal::new(EINVAL, "a batch holds 1 to 4096 sites"));
+    }
+    Ok(())
+}
+
+/// The checks of a PATCH_FILE's own fields (its sites are checked as a
+/// batch's).
+pub(crate) fn check_file_args(args: &PatchFileArgs) -> Result<(), Refusal> {
+    uapi::check_header(
+        args.size,
+        args.flags,
+        core::mem::size_of::<PatchFileArgs>(),
+        uapi::FILE_FLAGS,
+    )
+    .map_err(|why| Refusal::new(EINVAL, why))?;
+    if args.count == 0 || args.count as usize > MAX_BATCH {
+        return Err(Refusal::new(EINVAL, "a batch holds 1 to 4096 sites"));
+    }
+    if args.reserved != 0 {
+        return Err(Refusal::new(EINVAL, "reserved field is not 0"));
     }
     Ok(())
 }

@@ -25,6 +25,7 @@
 //! only by `open` and at load and unload, with none of these held.)
 
 use kernel::{
+    alloc::KVVec,
     fs::File,
     mm::{Mm, MmWithUser, MmWithUserAsync},
     new_mutex,
@@ -124,6 +125,15 @@ impl TargetState {
     }
 }
 
+/// A PATCH_FILE's handle: one patch in many processes, each its own
+/// handle in the registry (RESTORE of this one restores them all).
+pub(crate) struct FileHandle {
+    /// The file that made it (None: persistent), as its members'.
+    pub(crate) owner: Owner,
+    /// The members' handles; some may be gone (restored on their own).
+    pub(crate) members: KVVec<u64>,
+}
+
 /// A target's identity in [`Registry::owner_targets`].
 fn target_key(target: &Target) -> usize {
     core::ptr::from_ref(target) as usize
@@ -142,6 +152,8 @@ pub(crate) struct Registry {
     /// target (by the target's address: a retired target and a newer one
     /// for the same mm are two).
     owner_targets: RBTree<(u64, usize), (u32, Arc<Target>)>,
+    /// PATCH_FILE's handles: each the handles of its processes' patches.
+    files: RBTree<u64, FileHandle>,
     next_handle: u64,
     /// Set at module unload: no new patches.
     pub(crate) closing: bool,
@@ -153,6 +165,7 @@ impl Registry {
             targets: RBTree::new(),
             handles: RBTree::new(),
             owner_targets: RBTree::new(),
+            files: RBTree::new(),
             next_handle: 1,
             closing: false,
         }
@@ -192,6 +205,51 @@ impl Registry {
         self.handles.insert(handle_node);
         self.next_handle += 1;
         Ok(handle)
+    }
+
+    /// A new PATCH_FILE handle for `owner`, with no member yet.
+    pub(crate) fn new_file_handle(&mut self, owner: Owner) -> Result<u64> {
+        let handle = self.next_handle;
+        let members = KVVec::new();
+        self.files.try_create_and_insert(
+            handle,
+            FileHandle { owner, members },
+            GFP_KERNEL_ACCOUNT,
+        )?;
+        self.next_handle += 1;
+        Ok(handle)
+    }
+
+    /// The PATCH_FILE handle `handle`, if it is one.
+    pub(crate) fn file_handle(&self, handle: u64) -> Option<&FileHandle> {
+        self.files.get(&handle)
+    }
+
+    /// Make `members` the members of PATCH_FILE handle `handle` (its
+    /// owner `owner`); the old vector comes back, to drop outside the lock.
+    pub(crate) fn set_members(
+        &mut self,
+        handle: u64,
+        owner: Owner,
+        members: KVVec<u64>,
+    ) -> Option<KVVec<u64>> {
+        let f = self.files.get_mut(&handle)?;
+        f.owner = owner;
+        Some(core::mem::replace(&mut f.members, members))
+    }
+
+    /// Forget a PATCH_FILE handle (its members stay as they are).
+    pub(crate) fn forget_file_handle(&mut self, handle: u64) -> Option<FileHandle> {
+        self.files.remove(&handle)
+    }
+
+    /// The first PATCH_FILE handle that `owner` made: a closing file
+    /// forgets them one by one (their members are restored on their own).
+    pub(crate) fn file_handle_of(&self, owner: u64) -> Option<u64> {
+        self.files
+            .iter()
+            .find(|(_, f)| f.owner == Some(owner))
+            .map(|(h, _)| *h)
     }
 
     /// The target of the address space `mm`, if it has one.

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! hugepoke's ioctl ABI, version 4 (version 1 had no PATCH_BATCH, and
+//! hugepoke's ioctl ABI, version 5 (version 1 had no PATCH_BATCH, and
 //! QUERY had no `index`/`count`; version 2 had no `PATCH_OVER_CHANGED`
 //! and no `RESTORE_DROP`, and let any opener RESTORE and QUERY any handle;
-//! version 3 had no COLLAPSE).
+//! version 3 had no COLLAPSE; version 4 no PATCH_FILE).
 //!
 //! This file is shared verbatim by the module and by `samples/` (the CLI and
 //! tests), so it uses nothing but `core`.  `include/uapi/hugepoke.h` is the
@@ -14,7 +14,7 @@
 
 /// The ABI version this file describes (debugfs `abi` says which one the
 /// loaded module speaks).
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Most bytes one PATCH may write.
 pub const MAX_BYTES: usize = 16;
@@ -222,6 +222,53 @@ pub struct CollapseArgs {
     pub first_kept: u64,
 }
 
+/// PATCH_FILE: find the processes, write nothing: `pids` says who would
+/// be patched.
+pub const FILE_DRY_RUN: u32 = 1 << 8;
+/// The flags of a PATCH_FILE.
+pub const FILE_FLAGS: u32 = BATCH_FLAGS | FILE_DRY_RUN;
+/// Most processes one PATCH_FILE may patch.
+pub const MAX_FILE_PROCESSES: usize = 1024;
+
+/// PATCH_FILE: the sites of one file's text, patched in every process that
+/// maps them privately and executably when the call runs (the caller
+/// itself excepted), all or none, under one handle.  Needs CAP_SYS_ADMIN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PatchFileArgs {
+    /// In: `size_of::<PatchFileArgs>()`.
+    pub size: u32,
+    /// In: `FILE_FLAGS` bits.
+    pub flags: u32,
+    /// In: an open file descriptor of the file (a regular file; read-only
+    /// is enough).
+    pub fd: i32,
+    /// In: how many sites, 1..=MAX_BATCH.
+    pub count: u32,
+    /// In: user pointer to `count` `BatchSite`s whose `addr` is an offset
+    /// in the file, not an address.
+    pub sites: u64,
+    /// In: user pointer to `max_pids` `i32`s; out: the processes patched
+    /// (or, with `FILE_DRY_RUN`, that would be), by pid, ascending.
+    pub pids: u64,
+    /// In: room in `pids`; more processes than that is E2BIG, nothing
+    /// patched (`nr_pids` says how many).
+    pub max_pids: u32,
+    /// Out: how many processes map the sites.
+    pub nr_pids: u32,
+    /// Out: the one handle of the whole patch (on success); on failure 0,
+    /// or the handle under which what could not be undone is kept.
+    pub handle: u64,
+    /// Out: on failure, the site refused (`NO_SITE` if none is to blame).
+    pub failed: u32,
+    /// Out: on failure, the positive errno (also returned).
+    pub error: i32,
+    /// Out: on failure, the process that refused or failed (0 if none).
+    pub failed_pid: i32,
+    /// Out: 0.
+    pub reserved: u32,
+}
+
 /// The checks every argument struct's header gets: its `size` must be the
 /// one this ABI knows and `flags` may only hold `known` bits.
 pub fn check_header(
@@ -252,6 +299,7 @@ pub const IOCTL_RESTORE: u32 = iowr(2, core::mem::size_of::<RestoreArgs>());
 pub const IOCTL_QUERY: u32 = iowr(3, core::mem::size_of::<QueryArgs>());
 pub const IOCTL_PATCH_BATCH: u32 = iowr(4, core::mem::size_of::<PatchBatchArgs>());
 pub const IOCTL_COLLAPSE: u32 = iowr(5, core::mem::size_of::<CollapseArgs>());
+pub const IOCTL_PATCH_FILE: u32 = iowr(6, core::mem::size_of::<PatchFileArgs>());
 
 // The layout is the ABI: no implicit padding, fixed sizes.
 const _: () = assert!(core::mem::size_of::<PatchArgs>() == 64);
@@ -260,3 +308,4 @@ const _: () = assert!(core::mem::size_of::<QueryArgs>() == 96);
 const _: () = assert!(core::mem::size_of::<BatchSite>() == 48);
 const _: () = assert!(core::mem::size_of::<PatchBatchArgs>() == 40);
 const _: () = assert!(core::mem::size_of::<CollapseArgs>() == 56);
+const _: () = assert!(core::mem::size_of::<PatchFileArgs>() == 64);

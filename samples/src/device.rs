@@ -1,7 +1,8 @@
 //! `/dev/hugepoke` from userspace, over the shared ABI in `src/uapi.rs`.
 
 use crate::uapi::{
-    self, BatchSite, CollapseArgs, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs, MAX_BYTES,
+    self, BatchSite, CollapseArgs, PatchArgs, PatchBatchArgs, PatchFileArgs, QueryArgs,
+    RestoreArgs, MAX_BYTES,
 };
 use std::fs::File;
 use std::io;
@@ -98,6 +99,26 @@ impl std::fmt::Display for BatchError {
 }
 
 impl std::error::Error for BatchError {}
+
+/// A refused PATCH_FILE: as a batch's, and the process to blame.
+#[derive(Debug)]
+pub struct FileError {
+    pub batch: BatchError,
+    pub pid: Option<i32>,
+    /// The processes that map the sites (if the kernel got that far).
+    pub pids: Vec<i32>,
+}
+
+impl std::fmt::Display for FileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pid {
+            Some(pid) => write!(f, "pid {pid}: {}", self.batch),
+            None => write!(f, "{}", self.batch),
+        }
+    }
+}
+
+impl std::error::Error for FileError {}
 
 /// An open `/dev/hugepoke`; non-persistent patches made through it are
 /// restored when it is dropped.
@@ -204,6 +225,43 @@ impl Device {
             .map(|s| batch_site(s.addr, &s.bytes, s.expect.as_deref()))
             .collect();
         self.patch_batch(pid, &batch, flags)
+    }
+
+    /// PATCH_FILE: `sites` (their `addr` an offset in `file`) in every
+    /// process that maps them privately and executably, all or none
+    /// (`flags`: `FILE_FLAGS` bits; with `FILE_DRY_RUN` nothing is
+    /// patched).  The handle (0 for a dry run) and the processes' pids.
+    pub fn patch_file(
+        &self,
+        file: &File,
+        sites: &[BatchSite],
+        flags: u32,
+    ) -> Result<(u64, Vec<i32>), FileError> {
+        let mut pids = vec![0i32; uapi::MAX_FILE_PROCESSES];
+        let mut a = PatchFileArgs {
+            size: std::mem::size_of::<PatchFileArgs>() as u32,
+            flags,
+            fd: file.as_raw_fd(),
+            count: sites.len() as u32,
+            sites: sites.as_ptr() as u64,
+            pids: pids.as_mut_ptr() as u64,
+            max_pids: pids.len() as u32,
+            ..Default::default()
+        };
+        let result = self.ioctl(uapi::IOCTL_PATCH_FILE, &mut a);
+        pids.truncate((a.nr_pids as usize).min(pids.len()));
+        match result {
+            Ok(()) => Ok((a.handle, pids)),
+            Err(error) => Err(FileError {
+                batch: BatchError {
+                    error,
+                    failed: (a.failed != uapi::NO_SITE).then_some(a.failed as usize),
+                    kept: (a.handle != 0).then_some(a.handle),
+                },
+                pid: (a.failed_pid != 0).then_some(a.failed_pid),
+                pids,
+            }),
+        }
     }
 
     pub fn restore(&self, handle: u64) -> io::Result<()> {

@@ -12,11 +12,13 @@
 //! collapse ([`restore`]).  A single PATCH is a plan of one site ([`patch`]),
 //! RESTORE has one path whatever the count ([`settle`]), and the undo of a
 //! failed PATCH is RESTORE's own passes; RESTORE first runs them in the
-//! processes forked while the patch lived ([`forked`]).  COLLAPSE drops the copies other
+//! processes forked while the patch lived ([`forked`]).  PATCH_FILE is
+//! PATCH in every process that maps a file, all or none ([`file`]).  COLLAPSE drops the copies other
 //! tools left by RESTORE's rule for zapping a copy ([`zap`]) ([`foreign`]).  Files and their imports go one
 //! way: `owned → settle → restore → {page → locate} → plan → outcome`, and
 //! `patch → {restore, page, plan}`.
 
+mod file;
 mod foreign;
 mod forked;
 mod locate;
@@ -29,9 +31,13 @@ mod restore;
 mod settle;
 mod zap;
 
+pub(crate) use file::{
+    forget_file_handles, members as file_members, patch_file, restore_any, restore_file,
+    site_of as file_site, FileFailure, Member,
+};
 pub(crate) use foreign::collapse;
 pub(crate) use outcome::{Closing, Failure};
 pub(crate) use owned::restore_owned;
 pub(crate) use patch::patch;
-pub(crate) use plan::Request;
-pub(crate) use settle::{drop_handle, restore, restore_of};
+pub(crate) use plan::{check_sites, Request};
+pub(crate) use settle::{drop_handle, restore_of};

@@ -28,6 +28,31 @@ pub(crate) struct Request<'a> {
     /// `PATCH_PERSIST`, `PATCH_INSTALL_PMD` (each site has its own `PATCH_EXPECT`).
     pub(crate) flags: u32,
     pub(crate) sites: &'a [BatchSite],
+    /// A PATCH_FILE's part in one process: what the sites must be.
+    pub(crate) scope: Option<FileScope<'a>>,
+}
+
+/// What a PATCH_FILE asks of one process, for the PATCH there to hold it
+/// to under the process's own locks (the walk saw VMAs without them):
+/// every site is that file's page at that offset.  (A process that
+/// `execve()`d since the walk is held to the same: where its new image
+/// maps the file's page, that is the file's text it runs.)
+#[derive(Clone, Copy)]
+pub(crate) struct FileScope<'a> {
+    /// The file's `address_space`.
+    pub(crate) mapping: usize,
+    /// Each site's offset in the file.
+    pub(crate) offsets: &'a [u64],
+}
+
+impl FileScope<'_> {
+    /// Is site `i`, at `addr` on file page `key`, the file's text the
+    /// request named?
+    fn holds(&self, i: u32, addr: usize, key: PageKey) -> bool {
+        let off = self.offsets[i as usize] as usize;
+        key == (self.mapping, off >> kernel::page::PAGE_SHIFT)
+            && addr & !PAGE_MASK == off & !PAGE_MASK
+    }
 }
 
 /// How far PATCH got on a page, so an undo knows what to give back.
@@ -293,6 +318,11 @@ impl Plan {
         let s = &req.sites[i as usize];
         let addr = s.addr as usize;
         let key = (info.mapping, info.pgoff_of(addr & PAGE_MASK));
+        if req.scope.is_some_and(|f| !f.holds(i, addr, key)) {
+            // mutant: file-scope-unchecked
+            let why = "the file's text moved in this process since its mappings were walked";
+            return Err(Refusal::new(EAGAIN, why));
+        }
         // Sites come in address order: a page's sites are one run.
         let last_page = self
             .pages

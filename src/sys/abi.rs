@@ -5,7 +5,9 @@
 
 use kernel::transmute::{AsBytes, FromBytes};
 
-use crate::uapi::{BatchSite, CollapseArgs, PatchArgs, PatchBatchArgs, QueryArgs, RestoreArgs};
+use crate::uapi::{
+    BatchSite, CollapseArgs, PatchArgs, PatchBatchArgs, PatchFileArgs, QueryArgs, RestoreArgs,
+};
 
 // SAFETY: plain `repr(C)` structs of integers and byte arrays without
 // padding (sizes asserted in `uapi`): every bit pattern is valid, and all
@@ -31,3 +33,7 @@ unsafe impl AsBytes for QueryArgs {}
 unsafe impl FromBytes for CollapseArgs {}
 // SAFETY: as above.
 unsafe impl AsBytes for CollapseArgs {}
+// SAFETY: as above.
+unsafe impl FromBytes for PatchFileArgs {}
+// SAFETY: as above.
+unsafe impl AsBytes for PatchFileArgs {}

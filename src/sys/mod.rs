@@ -9,6 +9,7 @@
 //! | `task` | a target process ([`Process`]), its mm, the module reference |
 //! | `mm` | the target's mmap lock held for writing ([`MmapWriteGuard`]), GUP |
 //! | `vma` | what hugepoke knows of a VMA ([`VmaInfo`]) and the file it maps |
+//! | `file` | a file's own mappings: who maps its text ([`file_vmas`]) |
 //! | `folio` | page references ([`PageRef`], [`CacheRef`]) and the one kmap helper |
 //! | `pte` | how an address is mapped; a locked, then cleared, PTE ([`LockedPte`] → [`ClearedPte`]) |
 //! | `khugepaged` | the LRU drain and `collapse_pte_mapped_thp()` |
@@ -21,6 +22,7 @@
 //! helper to vmlinux), the trace event, and the constants.
 
 mod abi;
+mod file;
 mod folio;
 mod khugepaged;
 mod mm;
@@ -30,6 +32,7 @@ mod task;
 mod vma;
 mod wq;
 
+pub(crate) use file::{file_mapping, file_vmas, FileVma};
 pub(crate) use folio::{page_cache_page, read_file_page, CacheRef, PageRef};
 pub(crate) use khugepaged::{collapse_pte_mapped_thp, collapse_verdict, lru_add_drain_all};
 pub(crate) use mm::{MmapWriteGuard, FOLL_FORCE, FOLL_SPLIT_PMD, FOLL_WRITE};
@@ -81,6 +84,13 @@ extern "C" {
         max: i32,
     ) -> i32;
     fn hugepoke_mm_owner_tgid(mm: *mut bindings::mm_struct) -> i32;
+    fn hugepoke_file_vmas(
+        file: *mut bindings::file,
+        index: usize,
+        out: *mut file::RawFileVma,
+        max: i32,
+        next: *mut usize,
+    ) -> i32;
     fn hugepoke_folio_unexpected_refs(folio: *mut bindings::folio) -> i32;
     fn hugepoke_folio_is_anon(folio: *mut bindings::folio) -> bool;
     fn hugepoke_folio_may_be_lru_cached(folio: *mut bindings::folio) -> bool;

@@ -28,6 +28,9 @@
 //!   pageout N → pages text page N out to swap (MADV_PAGEOUT, after an
 //!              LRU drain through drop_caches, so as root); prints
 //!              `pageout ok` once pagemap shows it swapped
+//!   remap-text → maps, over the text at the same address, another file
+//!              holding the same code (private, read+exec); prints
+//!              `remapped-text`
 //!   remap-data N → unmaps the text, maps another file private and writable
 //!              at the same address and writes 0x22 at byte 100 of page N
 //!   watch N CPU → a thread pinned to CPU keeps calling page N's function
@@ -205,6 +208,32 @@ fn remap_data(base: usize, page: usize, dir: &str) {
             die("mapping the data file");
         }
         std::ptr::write_volatile((base + page * PAGE + 100) as *mut u8, 0x22);
+    }
+}
+
+/// Replace our text by the same bytes from another file, mapped as the
+/// text was (private, read+exec) at the same address.
+fn remap_text(base: usize, dir: &str) {
+    let path = format!("{dir}/other-text-{}.bin", std::process::id());
+    std::fs::write(&path, text::blob()).unwrap_or_else(|e| {
+        eprintln!("thp-target: writing {path}: {e}");
+        std::process::exit(1)
+    });
+    let file = std::fs::File::open(&path).unwrap_or_else(|_| die("opening the other text"));
+    // SAFETY: replaces our own text mapping at the same address, with the
+    // same code; nothing runs it while it is swapped (we answer commands).
+    unsafe {
+        let p = libc::mmap(
+            base as *mut libc::c_void,
+            THP_SIZE,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            file.as_raw_fd(),
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            die("mapping the other text");
+        }
     }
 }
 
@@ -605,6 +634,10 @@ fn main() {
                 // A pipe holds text page n (vmsplice takes a reference on
                 // the page we map there), until we exit.
                 let _ = writeln!(out, "{}", pin_in_pipe(base, n));
+            }
+            (Some("remap-text"), _) => {
+                remap_text(base, &dir);
+                let _ = writeln!(out, "remapped-text");
             }
             (Some("remap-data"), Some(n)) if n < text::PAGES => {
                 remap_data(base, n, &dir);

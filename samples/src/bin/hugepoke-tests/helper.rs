@@ -17,6 +17,10 @@
 //!                                        to nobody, QUERY, RESTORE_DROP and
 //!                                        RESTORE its own handle; print the
 //!                                        same line
+//!   --helper patch-file-as-nobody PATH  open /dev/hugepoke and PATH as
+//!                                        root, drop to nobody, PATCH_FILE
+//!                                        (dry run) one site of PATH; exit
+//!                                        with its errno (0: allowed)
 //!   --helper query-in-new-pidns HANDLE   QUERY from a new pid namespace;
 //!                                        print `query=E pid=P`
 //!   --helper zombie                      fork a child that exits; once it is
@@ -78,6 +82,19 @@ pub(crate) fn main(args: &[String]) -> ! {
             };
             drop_to_nobody();
             undo(&dev, handle, true)
+        }
+        ["patch-file-as-nobody", path] => {
+            // Device and file opened as root: only PATCH_FILE's own check
+            // (CAP_SYS_ADMIN) can refuse.
+            let (Ok(dev), Ok(file)) = (Device::open(), std::fs::File::open(path)) else {
+                std::process::exit(SETUP_FAILED)
+            };
+            drop_to_nobody();
+            let site = hugepoke::device::batch_site(0, &[0xcc], None);
+            match dev.patch_file(&file, &[site], hugepoke::uapi::FILE_DRY_RUN) {
+                Ok(_) => 0,
+                Err(e) => e.batch.error.raw_os_error().unwrap_or(SETUP_FAILED),
+            }
         }
         ["query-in-new-pidns", handle] => query_in_new_pidns(handle),
         ["zombie"] => zombie(),

@@ -54,6 +54,7 @@ mod batch;
 mod batch_core;
 mod cli;
 mod common;
+mod file_scope;
 mod filesystems;
 mod foreign;
 mod foundation;
@@ -95,6 +96,7 @@ const SUITE: &[&[Test]] = &[
     visibility::TESTS,
     filesystems::TESTS,
     foreign::TESTS,
+    file_scope::TESTS,
     real_programs::TESTS,
     hardening::RELOADING,
     identity::RELOADING,

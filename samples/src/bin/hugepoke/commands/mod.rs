@@ -9,6 +9,7 @@ mod generate;
 mod list;
 mod map;
 mod patch;
+mod patch_file;
 mod query;
 mod restore;
 mod stats;

@@ -17,10 +17,18 @@ use std::path::{Path, PathBuf};
 #[derive(Args)]
 pub struct PatchArgs {
     /// The target process.
-    #[arg(long)]
-    pid: i32,
+    #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+    pid: Option<i32>,
+    /// Patch this file's text in every process that maps it now, all or
+    /// none, under one handle (CAP_SYS_ADMIN); --symbol is the file's own,
+    /// numbers in --sites are file offsets.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["object", "addr"])]
+    pub(super) file: Option<PathBuf>,
+    /// With --file: the file offset to patch (0x… or decimal).
+    #[arg(long, value_parser = number, requires = "file", conflicts_with = "symbol")]
+    offset: Option<u64>,
     /// The address to patch (0x… or decimal).
-    #[arg(long, value_parser = number, required_unless_present_any = ["symbol", "sites"], conflicts_with = "symbol")]
+    #[arg(long, value_parser = number, required_unless_present_any = ["symbol", "sites", "offset"], conflicts_with = "symbol")]
     addr: Option<u64>,
     /// The function to patch: NAME, NAME+OFFSET, NAME@VERSION, from .symtab or .dynsym.
     #[arg(long)]
@@ -35,28 +43,28 @@ pub struct PatchArgs {
     #[arg(long, value_parser = hex_arg)]
     expect: Option<Hex>,
     /// Patch many sites at once, all or none (PATCH_BATCH), from FILE (`-`: stdin): a line `ADDR|SYMBOL BYTES [EXPECT]` each.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["addr", "symbol", "bytes", "expect"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["addr", "offset", "symbol", "bytes", "expect"])]
     sites: Option<PathBuf>,
     /// Keep the patch after this command exits (until `restore` or module unload).
     #[arg(long)]
-    persist: bool,
+    pub(super) persist: bool,
     /// Have the collapse after RESTORE install the PMD at once, not at the next fault.
     #[arg(long)]
-    install_pmd: bool,
+    pub(super) install_pmd: bool,
     /// Patch even where the instruction check refuses.
     #[arg(long)]
-    force: bool,
+    pub(super) force: bool,
     /// Patch even over bytes another tool changed (a debugger's or uprobe's
     /// breakpoint: they differ from the file's); RESTORE puts those bytes back.
     #[arg(long)]
-    over_changed: bool,
+    pub(super) over_changed: bool,
     /// Show the old and new instructions and what the check says; patch nothing.
     #[arg(long)]
-    dry_run: bool,
+    pub(super) dry_run: bool,
 }
 
 /// The `PATCH_*` flags of the whole request.
-fn patch_flags(args: &PatchArgs) -> u32 {
+pub(super) fn patch_flags(args: &PatchArgs) -> u32 {
     use hugepoke::uapi;
     [
         (args.persist, uapi::PATCH_PERSIST),
@@ -79,7 +87,7 @@ fn hex_bytes(bytes: &[u8]) -> String {
 
 /// The sites to patch: those of `--sites FILE`, or the one of `--addr` or
 /// `--symbol`, `--bytes` and `--expect`.
-fn sites_in(args: &PatchArgs) -> Result<Vec<Site>, CliError> {
+pub(super) fn sites_in(args: &PatchArgs) -> Result<Vec<Site>, CliError> {
     if let Some(path) = &args.sites {
         return sites::read(path).map_err(|e| CliError::Usage(format!("--sites {e}")));
     }
@@ -88,10 +96,10 @@ fn sites_in(args: &PatchArgs) -> Result<Vec<Site>, CliError> {
         .clone()
         .expect("clap requires --bytes without --sites")
         .0;
-    let place = match (&args.symbol, args.addr) {
+    let place = match (&args.symbol, args.addr.or(args.offset)) {
         (Some(sym), _) => Place::Symbol(sym.clone()),
         (None, Some(a)) => Place::Addr(a),
-        (None, None) => unreachable!("clap requires --addr or --symbol"),
+        (None, None) => unreachable!("clap requires --addr, --offset or --symbol"),
     };
     let expect = args.expect.clone().map(|h| h.0);
     if let Some(e) = &expect {
@@ -113,6 +121,10 @@ fn sites_in(args: &PatchArgs) -> Result<Vec<Site>, CliError> {
 }
 
 pub fn exec(args: PatchArgs, json: bool) -> Result<(), CliError> {
+    if args.file.is_some() {
+        return super::patch_file::exec(args, json);
+    }
+    let pid = args.pid.expect("clap requires --pid without --file");
     let from_stdin = args.sites.as_deref() == Some(Path::new("-"));
     let inputs = sites_in(&args)?;
     let any_symbol = inputs.iter().any(|s| matches!(s.place, Place::Symbol(_)));
@@ -121,7 +133,7 @@ pub fn exec(args: PatchArgs, json: bool) -> Result<(), CliError> {
             "--object needs --symbol (or symbols in the sites file)".into(),
         ));
     }
-    let objects = match symbols::objects(args.pid) {
+    let objects = match symbols::objects(pid) {
         Ok(o) => o,
         Err(e) if any_symbol => return Err(CliError::Usage(e)),
         Err(_) => Vec::new(),
@@ -141,7 +153,7 @@ pub fn exec(args: PatchArgs, json: bool) -> Result<(), CliError> {
         let addr = s
             .resolve(&objects, args.object.as_deref(), &mut out)
             .map_err(CliError::Usage)?;
-        let check = check_patch(args.pid, args.force, &objects, addr, &s.bytes);
+        let check = check_patch(pid, args.force, &objects, addr, &s.bytes);
         check.write(addr, &mut out);
         if !check.refusals.is_empty() && !args.force {
             let _ = out.flush();
@@ -178,7 +190,7 @@ pub fn exec(args: PatchArgs, json: bool) -> Result<(), CliError> {
     }
     let mut result = PatchOut {
         handle: None,
-        pid: args.pid,
+        pid,
         persist: args.persist,
         dry_run: args.dry_run,
         sites: sites_out,
@@ -194,7 +206,7 @@ pub fn exec(args: PatchArgs, json: bool) -> Result<(), CliError> {
     drop(out);
 
     // Closing `dev` restores a patch without --persist: it lives to the end.
-    let (dev, handle) = apply(&args, &inputs, &result)?;
+    let (dev, handle) = apply(&args, pid, &inputs, &result)?;
     result.handle = Some(handle);
     if json {
         print_json(&result);
@@ -219,7 +231,12 @@ pub fn exec(args: PatchArgs, json: bool) -> Result<(), CliError> {
 
 /// Make the checked patch: PATCH for one site from the command line,
 /// PATCH_BATCH for a sites file: the device it was made on, and its handle.
-fn apply(args: &PatchArgs, inputs: &[Site], result: &PatchOut) -> Result<(Device, u64), CliError> {
+fn apply(
+    args: &PatchArgs,
+    pid: i32,
+    inputs: &[Site],
+    result: &PatchOut,
+) -> Result<(Device, u64), CliError> {
     let seq = device::journal_seq();
     let dev = Device::open().map_err(|e| CliError::kernel("open /dev/hugepoke", e, seq, None))?;
     let sites: Vec<device::Site> = inputs
@@ -233,7 +250,7 @@ fn apply(args: &PatchArgs, inputs: &[Site], result: &PatchOut) -> Result<(Device
         .collect();
     let batch = args.sites.is_some();
     let handle = dev
-        .patch_sites(args.pid, &sites, batch, patch_flags(args))
+        .patch_sites(pid, &sites, batch, patch_flags(args))
         .map_err(|e| {
             let what = match e.failed {
                 Some(i) if i < inputs.len() => {
@@ -245,7 +262,7 @@ fn apply(args: &PatchArgs, inputs: &[Site], result: &PatchOut) -> Result<(Device
             if let Some(h) = e.kept {
                 eprintln!("hugepoke: patch: the sites the kernel could not undo stay patched, persistent, under handle {h} (hugepoke restore {h})");
             }
-            CliError::kernel(&what, e.error, seq, Some(args.pid))
+            CliError::kernel(&what, e.error, seq, Some(pid))
         })?;
     Ok((dev, handle))
 }
