@@ -138,8 +138,30 @@ pub(crate) fn patch_file_reaches_every_process_and_restore_takes_it_back() -> Te
     io(cli.wait())?;
     runs(&mut [&mut a, &mut b], orig, 0)?;
     pmd_back(&mut [&mut a, &mut b])?;
+
+    // --sites with --file: numbers are file offsets.
+    let sites = format!("{path}.sites");
+    let line = |page: usize, v| format!("{:#x} {}\n", page * 4096, hex(&text::mov_eax_ret(v)));
+    io(std::fs::write(
+        &sites,
+        line(PAGE, 4242) + &line(PAGE + 2, 4343),
+    ))?;
+    let (code, out, err) = hugepoke(&["patch", "--file", &path, "--sites", &sites, "--persist"])?;
+    ensure!(code == 0, "patch --file --sites exited {code}: {out}{err}");
+    for t in [&mut a, &mut b] {
+        let now = (t.call(PAGE)?, t.call(PAGE + 2)?);
+        ensure!(
+            now == (4242, 4343),
+            "pid {} runs {now:?} after --sites",
+            t.pid
+        );
+    }
+    let (code, _, err) = hugepoke(&["restore", out.trim()])?;
+    ensure!(code == 0, "restore: {err}");
+    runs(&mut [&mut a, &mut b], orig, 0)?;
     drop((a, b));
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&sites);
     Ok(())
 }
 

@@ -489,6 +489,66 @@ fn library_cycle(c: &Copies) -> TestResult {
     py.quit()
 }
 
+/// `hugepoke patch --file libz3 --symbol FUNC` over two python3
+/// processes that map the same copy: one handle, both patched (the
+/// instruction check run in the first), both given their bytes, their
+/// page-cache page and their PMDs back by one RESTORE.
+pub(crate) fn real_python3_library_patched_by_file_in_two_processes() -> TestResult {
+    let c = always()?;
+    let mut pys = [
+        Python::spawn(&c.python, &c.lib)?,
+        Python::spawn(&c.python, &c.lib)?,
+    ];
+    let mut pmd_kb = 0;
+    for py in pys.iter_mut() {
+        collapse_cli(py.pid, &c.lib)?;
+        pmd_kb = text_of(py.pid, &c.lib)?.pmd_mapped_kb();
+        ensure!(pmd_kb == 8 * 2048, "libz3's text: {pmd_kb} kB PMD-mapped");
+    }
+    let args = [
+        "patch",
+        "--file",
+        &c.lib,
+        "--symbol",
+        FUNC,
+        "--bytes",
+        "c3",
+        "--persist",
+    ];
+    let (code, out, err) = hugepoke(&args)?;
+    ensure!(code == 0, "hugepoke {args:?} exited {code}: {err}");
+    let handle: u64 = out
+        .trim()
+        .parse()
+        .map_err(|_| format!("CLI printed {out:?}"))?;
+    ensure!(
+        err.contains("patched 2 processes") && err.contains("ret") && err.contains("mov ecx, edx"),
+        "CLI said: {err}"
+    );
+    for py in pys.iter_mut() {
+        ensure!(py.call()? == "--------", "pid {}: not patched", py.pid);
+        let s = text_of(py.pid, &c.lib)?;
+        ensure!(
+            s.pmd_mapped_kb() == pmd_kb - 2048 && s.kb("Anonymous") == 4,
+            "pid {} after PATCH: {s:?}",
+            py.pid
+        );
+    }
+    restore(handle)?;
+    for py in pys.iter_mut() {
+        ensure!(py.call()? == "1234----", "pid {}: not restored", py.pid);
+        let pid = py.pid;
+        wait_pmd_kb(pid, &c.lib, pmd_kb, || py.call().map(drop))?;
+        ensure!(
+            text_of(pid, &c.lib)?.kb("Anonymous") == 0,
+            "pid {pid}: anonymous memory left in libz3's text"
+        );
+    }
+    let [a, b] = pys;
+    a.quit()?;
+    b.quit()
+}
+
 /// python3's own function, in a non-PIE text no PMD can map: PATCH and
 /// RESTORE work, the page-cache page comes back, and the journal says why
 /// there is no PMD.
@@ -774,6 +834,7 @@ tests! {
         real_python3_library_function_by_symbol_on_ext4,
         real_python3_library_function_by_symbol_on_xfs,
         real_python3_own_function_in_text_no_pmd_can_map,
+        real_python3_library_patched_by_file_in_two_processes,
         real_python3_threads_on_both_cpus_while_patched_and_restored,
         real_python3_sites_by_symbol_in_two_objects,
         collapse_pid_makes_a_real_programs_text_huge,
