@@ -351,6 +351,43 @@ impl Controller {
         Ok(true)
     }
 
+    /// QUERY_FORKED: process `index` (by pid) of those forked while the
+    /// patch lived that run it (`count` of them), in `pid`.
+    fn query_forked(&self, args: &mut QueryArgs, ev: Event) -> Result {
+        let hp = &self.hugepoke;
+        if !self.authorize_file(args.handle, ev)? {
+            self.authorize(args.handle, ev, false)?;
+        }
+        let nomem = |_| {
+            hp.journal
+                .fail(ev, ENOMEM, "no memory to list the processes")
+        };
+        let mut pids = KVec::new();
+        for (target, handle) in engine::patches_of(hp, args.handle).map_err(nomem)? {
+            engine::forked_of(hp, &target, handle, &mut pids).map_err(|e| {
+                hp.journal
+                    .fail(ev, e, "cannot list the processes forked since PATCH")
+            })?;
+        }
+        let index = args.index as usize;
+        *args = QueryArgs {
+            size: args.size,
+            flags: args.flags,
+            handle: args.handle,
+            index: args.index,
+            count: pids.len() as u32,
+            pid: pids.get(index).copied().unwrap_or(0),
+            ..Default::default()
+        };
+        if index > 0 && index >= pids.len() {
+            return Err(hp
+                .journal
+                .fail(ev, ENOENT, "no such forked process (index past count)"));
+        }
+        hp.journal.record(ev.note("forked processes listed"));
+        Ok(())
+    }
+
     /// COLLAPSE: one 2 MiB range, its copies dropped and its PMD given back.
     fn collapse(&self, user: UserSlice) -> Result {
         let hp = &self.hugepoke;
@@ -372,8 +409,20 @@ impl Controller {
         let mut args: QueryArgs = reader
             .read()
             .map_err(|e| hp.journal.fail(ev, e, "cannot read the QUERY arguments"))?;
-        uapi::check_header(args.size, args.flags, core::mem::size_of::<QueryArgs>(), 0)
-            .map_err(|why| hp.journal.fail(ev, EINVAL, why))?;
+        uapi::check_header(
+            args.size,
+            args.flags,
+            core::mem::size_of::<QueryArgs>(),
+            uapi::QUERY_FLAGS,
+        )
+        .map_err(|why| hp.journal.fail(ev, EINVAL, why))?;
+        if args.flags & uapi::QUERY_FORKED != 0 {
+            let ev = ev.handle(args.handle);
+            self.query_forked(&mut args, ev)?;
+            return writer
+                .write(&args)
+                .map_err(|e| hp.journal.fail(ev, e, "cannot write the QUERY result"));
+        }
         let unknown = || {
             hp.journal.fail(
                 ev.handle(args.handle),

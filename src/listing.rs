@@ -1,12 +1,32 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The `patches` file in debugfs: every live patch, one target at a time.
+//! The `patches` file in debugfs: every live patch, one target at a time;
+//! and `files`: every PATCH_FILE handle with its processes' handles.
 //! (`events` and `stats` are the journal's; `module` wires the files.)
 
 use core::fmt;
 use kernel::sync::Arc;
 
-use crate::target::Target;
+use crate::target::{Registry, Target};
+
+/// `files` in debugfs: each PATCH_FILE handle, its owner and the handles
+/// of its processes' patches (each listed in `patches` with its pid).
+/// Written under the registry lock (a leaf: nothing here sleeps).
+pub(crate) fn write_files(registry: &Registry, f: &mut impl fmt::Write) -> fmt::Result {
+    writeln!(f, "# handle owner handles")?;
+    for (handle, file) in registry.file_handles() {
+        write!(f, "{handle} ")?;
+        match file.owner {
+            Some(o) => write!(f, "file:{o}")?,
+            None => write!(f, "persistent")?,
+        }
+        for m in file.members.iter() {
+            write!(f, " {m}")?;
+        }
+        writeln!(f)?;
+    }
+    Ok(())
+}
 
 /// `patches` in debugfs, one target at a time.
 pub(crate) fn write_patches(targets: &[Arc<Target>], f: &mut impl fmt::Write) -> fmt::Result {

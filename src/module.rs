@@ -110,6 +110,8 @@ struct HugepokeModule {
     #[pin]
     patches: debugfs::File<Arc<Hugepoke>>,
     #[pin]
+    files: debugfs::File<Arc<Hugepoke>>,
+    #[pin]
     pause: debugfs::File<Arc<Hugepoke>>,
     #[pin]
     abi: debugfs::File<u32>,
@@ -150,6 +152,9 @@ impl kernel::InPlaceModule for HugepokeModule {
                     &|s: &Arc<Hugepoke>, f| s.pauses.write_state(f),
                     &|s: &Arc<Hugepoke>, r| s.pauses.command(r),
                 ),
+                files <- dir.read_callback_file(c"files", state.clone(), &|s: &Arc<Hugepoke>, f| {
+                    listing::write_files(&s.registry.lock(), f)
+                }),
                 patches <- dir.read_callback_file(c"patches", state, &|s: &Arc<Hugepoke>, f| {
                     // Each target's own lock, never under the registry's.
                     let targets = s.registry.lock().targets().map_err(|_| core::fmt::Error)?;

@@ -243,6 +243,11 @@ impl Registry {
         self.files.remove(&handle)
     }
 
+    /// Every PATCH_FILE handle, in handle order.
+    pub(crate) fn file_handles(&self) -> impl Iterator<Item = (&u64, &FileHandle)> {
+        self.files.iter()
+    }
+
     /// The first PATCH_FILE handle that `owner` made: a closing file
     /// forgets them one by one (their members are restored on their own).
     pub(crate) fn file_handle_of(&self, owner: u64) -> Option<u64> {

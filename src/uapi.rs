@@ -128,12 +128,18 @@ pub struct RestoreArgs {
     pub handle: u64,
 }
 
+/// QUERY: instead of a site, process `index` (by pid, in `pid`) of those
+/// forked while the patch lived that run it now (`count` of them), found
+/// as RESTORE finds them; every other out field 0.
+pub const QUERY_FORKED: u32 = 1 << 0;
+pub const QUERY_FLAGS: u32 = QUERY_FORKED;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueryArgs {
     /// In: `size_of::<QueryArgs>()`.
     pub size: u32,
-    /// In: 0; no flags are defined.
+    /// In: `QUERY_FORKED` or 0.
     pub flags: u32,
     /// In: a handle from PATCH.
     pub handle: u64,

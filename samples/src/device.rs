@@ -293,6 +293,31 @@ impl Device {
         Ok(a)
     }
 
+    /// QUERY_FORKED: the processes forked while `handle`'s patch lived
+    /// that run it now, by pid.
+    pub fn query_forked(&self, handle: u64) -> io::Result<Vec<i32>> {
+        let mut pids = Vec::new();
+        let mut index = 0;
+        loop {
+            let mut q = QueryArgs {
+                size: std::mem::size_of::<QueryArgs>() as u32,
+                flags: uapi::QUERY_FORKED,
+                handle,
+                index,
+                ..Default::default()
+            };
+            self.ioctl(uapi::IOCTL_QUERY, &mut q)?;
+            if q.count == 0 {
+                return Ok(pids);
+            }
+            pids.push(q.pid);
+            index += 1;
+            if index >= q.count {
+                return Ok(pids);
+            }
+        }
+    }
+
     pub fn query(&self, handle: u64) -> io::Result<QueryArgs> {
         self.query_site(handle, 0)
     }

@@ -85,10 +85,39 @@ pub fn parse_patch_line(line: &str) -> Option<PatchLine> {
     })
 }
 
+/// One line of debugfs `files`: a PATCH_FILE handle over its processes'
+/// handles (and, added by `list`, their pids).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct FilePatch {
+    pub handle: u64,
+    /// `file:N` or `persistent`.
+    pub owner: String,
+    pub handles: Vec<u64>,
+    pub pids: Vec<i32>,
+}
+
+/// debugfs `files`, parsed (comments skipped).
+pub fn parse_files(text: &str) -> Vec<FilePatch> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some(FilePatch {
+                handle: w.next()?.parse().ok()?,
+                owner: w.next()?.to_string(),
+                handles: w.map(|h| h.parse().ok()).collect::<Option<_>>()?,
+                pids: Vec::new(),
+            })
+        })
+        .collect()
+}
+
 /// debugfs `patches`, parsed: what `list --json` prints.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Patches {
     pub patches: Vec<PatchLine>,
+    /// The file patches (PATCH_FILE): each over handles of `patches`.
+    pub files: Vec<FilePatch>,
     /// Targets busy in a long PATCH or RESTORE when debugfs was read:
     /// their patches are not in `patches`.
     pub busy_targets: u32,

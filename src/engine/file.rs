@@ -419,3 +419,25 @@ pub(crate) fn forget_file_handles(hp: &Hugepoke, owner: u64) {
         }
     }
 }
+
+/// The processes' patches behind `handle` — a file patch's members, or the
+/// handle itself — with their targets.
+pub(crate) fn patches_of(hp: &Hugepoke, handle: u64) -> Result<KVec<(Arc<Target>, u64)>> {
+    let registry = hp.registry.lock();
+    let mut out = KVec::new();
+    match registry.file_handle(handle) {
+        Some(f) => {
+            for &h in f.members.iter() {
+                if let Some(t) = registry.target_of(h) {
+                    out.push((t, h), GFP_KERNEL)?;
+                }
+            }
+        }
+        None => {
+            if let Some(t) = registry.target_of(handle) {
+                out.push((t, handle), GFP_KERNEL)?;
+            }
+        }
+    }
+    Ok(out)
+}

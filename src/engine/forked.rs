@@ -42,6 +42,7 @@ use crate::{
     patches::Site,
     refusal::Refusal,
     sys::{self, MmapWriteGuard, PageRef, PMD_MASK},
+    target::Target,
     uapi::PATCH_INSTALL_PMD,
     Hugepoke,
 };
@@ -305,4 +306,54 @@ fn collapse_children(hp: &Hugepoke, collapses: &[(ARef<Mm>, usize, bool)]) {
                 Err(name) => ev.error(EBUSY, name),
             });
     }
+}
+
+/// The processes forked while `handle`'s patch of `target` lived that run
+/// it now, added to `pids` (each once): QUERY_FORKED's answer.  None if
+/// the target is gone.
+pub(crate) fn forked_of(
+    hp: &Hugepoke,
+    target: &Target,
+    handle: u64,
+    pids: &mut KVec<i32>,
+) -> Result {
+    let ev = Event::new(Step::Query).handle(handle);
+    let state = target.lock_killable(&hp.journal, ev)?;
+    let sites = state.patches.sites_of(handle)?;
+    let Some(mm) = target.mm_user() else {
+        return Ok(());
+    };
+    if sites.is_empty() {
+        return Ok(());
+    }
+    forked_pids(hp, &mm, &sites, pids)
+}
+
+/// The processes forked while the patch of `sites` lived that run it now
+/// (they map one of its patched pages), added to `pids` by pid, each
+/// once.  Found as RESTORE finds them (the rmap walk of the target `mm`'s
+/// copies, then each process asked under its own mmap lock).
+fn forked_pids(hp: &Hugepoke, mm: &MmWithUser, sites: &[Site], pids: &mut KVec<i32>) -> Result {
+    let pages = plan::pages_of(sites, Written::Bytes)?;
+    let found = candidates(hp, mm, sites, &pages).map_err(|r| r.errno)?;
+    for (i, (m, _, _)) in found.places.iter().enumerate() {
+        if found.places[..i]
+            .iter()
+            .any(|(o, _, _)| core::ptr::eq(&**o, &**m))
+        {
+            continue;
+        }
+        let Some(child) = m.mmget_not_zero().map(MmWithUser::into_mmput_async) else {
+            continue;
+        };
+        // (The walk names processes forked before the patch too.)
+        if maps_a_patched_page(&child, &found, i, sites).map_err(|r| r.errno)? {
+            // mutant: forked-query-unchecked
+            let pid = sys::mm_owner_tgid(&child);
+            if pid > 0 && !pids.contains(&pid) {
+                pids.push(pid, GFP_KERNEL)?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -32,10 +32,11 @@ mod settle;
 mod zap;
 
 pub(crate) use file::{
-    forget_file_handles, members as file_members, patch_file, restore_any, restore_file,
-    site_of as file_site, FileFailure, Member,
+    forget_file_handles, members as file_members, patch_file, patches_of, restore_any,
+    restore_file, site_of as file_site, FileFailure, Member,
 };
 pub(crate) use foreign::collapse;
+pub(crate) use forked::forked_of;
 pub(crate) use outcome::{Closing, Failure};
 pub(crate) use owned::restore_owned;
 pub(crate) use patch::patch;

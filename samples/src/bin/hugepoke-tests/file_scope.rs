@@ -106,10 +106,32 @@ pub(crate) fn patch_file_reaches_every_process_and_restore_takes_it_back() -> Te
         q0.addr,
         q1.addr
     );
+    let (_, list, _) = hugepoke(&["list"])?;
+    let want = format!("pids {} {}", a.pid, b.pid);
+    ensure!(
+        list.lines().any(
+            |l| l.starts_with(&format!("# file patch {handle} persistent: handles "))
+                && l.ends_with(&want)
+        ),
+        "list does not show the file patch's processes: {list}"
+    );
+    let (_, query, _) = hugepoke(&["query", &handle.to_string()])?;
+    for t in [&a, &b] {
+        ensure!(
+            query.contains(&format!("pid={} addr={:#x}", t.pid, t.page_addr(PAGE))),
+            "query: {query}"
+        );
+    }
     let (code, _, err) = hugepoke(&["restore", &handle.to_string()])?;
     ensure!(code == 0, "restore: {err}");
     runs(&mut [&mut a, &mut b], orig, 0)?;
     pmd_back(&mut [&mut a, &mut b])?;
+    ensure!(
+        !io(proc::debugfs("files"))?
+            .lines()
+            .any(|l| l.starts_with(&format!("{handle} "))),
+        "the file handle outlived its RESTORE"
+    );
     expect_errno(
         "QUERY after RESTORE",
         dev.query(handle),
@@ -137,6 +159,11 @@ pub(crate) fn patch_file_reaches_every_process_and_restore_takes_it_back() -> Te
     drop(cli.stdin.take());
     io(cli.wait())?;
     runs(&mut [&mut a, &mut b], orig, 0)?;
+    let files = io(proc::debugfs("files"))?;
+    ensure!(
+        files.lines().count() == 1,
+        "file handles left after close: {files}"
+    );
     pmd_back(&mut [&mut a, &mut b])?;
 
     // --sites with --file: numbers are file offsets.

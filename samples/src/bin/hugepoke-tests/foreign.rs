@@ -373,6 +373,11 @@ pub(crate) fn restore_takes_the_patch_back_from_a_forked_child() -> TestResult {
             read_mem(child, at, 6)? == text::mov_eax_ret(7070),
             "the child does not run the patch"
         );
+        let (code, out, err) = crate::cli::hugepoke(&["query", &h.to_string()])?;
+        ensure!(
+            code == 0 && out.contains(&format!("forked={child}\n")),
+            "query does not show the forked child {child}: {out}{err}"
+        );
         io(dev.restore(h))?;
         ensure!(
             read_mem(child, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
@@ -490,8 +495,14 @@ pub(crate) fn restore_leaves_a_process_forked_before_the_patch_alone() -> TestRe
         let dev = io(Device::open())?;
         let h = io(dev.patch(&patch_req(&t, PAGE, 7474)))?;
         let after = fork_child(&mut t)?;
+        // The one forked after the patch runs it; the one before does not.
+        let forked = io(dev.query_forked(h))?;
         let restored = dev.restore(h);
         let checked = (|| {
+            ensure!(
+                forked == [after],
+                "QUERY_FORKED says {forked:?}, want [{after}] (not {before})"
+            );
             ensure!(restored.is_ok(), "RESTORE returned {restored:?}");
             ensure!(
                 read_mem(before, at, 6)? == own,

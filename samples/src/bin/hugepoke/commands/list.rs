@@ -1,4 +1,5 @@
-//! `hugepoke list`: debugfs `patches`, with each patch's symbol+offset added.
+//! `hugepoke list`: debugfs `patches`, with each patch's symbol+offset
+//! added, then the file patches of debugfs `files` with their processes.
 
 use super::{describe, print_json};
 use crate::CliError;
@@ -18,6 +19,16 @@ pub fn exec(json: bool) -> Result<(), CliError> {
         let objs = &objects.iter().find(|(pid, _)| *pid == l.pid).unwrap().1;
         l.symbol = describe(objs, l.addr);
     }
+    // (A module without `files` has no file patches.)
+    p.files = report::parse_files(&proc::debugfs("files").unwrap_or_default());
+    for f in &mut p.files {
+        for l in p.patches.iter().filter(|l| f.handles.contains(&l.handle)) {
+            if !f.pids.contains(&l.pid) {
+                f.pids.push(l.pid);
+            }
+        }
+        f.pids.sort_unstable();
+    }
     if json {
         print_json(&p);
         return Ok(());
@@ -34,6 +45,17 @@ pub fn exec(json: bool) -> Result<(), CliError> {
     }
     for o in &p.other {
         let _ = writeln!(out, "{o}");
+    }
+    for f in &p.files {
+        let join = |v: Vec<String>| v.join(" ");
+        let _ = writeln!(
+            out,
+            "# file patch {} {}: handles {}; pids {}",
+            f.handle,
+            f.owner,
+            join(f.handles.iter().map(u64::to_string).collect()),
+            join(f.pids.iter().map(i32::to_string).collect())
+        );
     }
     Ok(())
 }

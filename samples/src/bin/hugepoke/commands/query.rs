@@ -1,4 +1,6 @@
-//! `hugepoke query HANDLE`: one patch, every site of a batch.
+//! `hugepoke query HANDLE`: one patch, every site of a batch (and of a
+//! file patch, in every process), and the processes forked while it lived
+//! that run it too.
 
 use super::{number, open_device, print_json};
 use crate::CliError;
@@ -24,10 +26,15 @@ struct QueryOut {
     /// How many sites the handle has (1 for a single PATCH).
     count: u32,
     sites: Vec<QuerySite>,
+    /// The processes forked while the patch lived that run it now (they
+    /// share its copy; RESTORE restores them too).
+    forked: Vec<i32>,
 }
 
 #[derive(Serialize)]
 struct QuerySite {
+    /// The process this site is patched in (a file patch has several).
+    pid: i32,
     site: u32,
     addr: u64,
     len: u32,
@@ -54,6 +61,7 @@ pub fn exec(args: QueryArgs, json: bool) -> Result<(), CliError> {
         };
         let n = (q.len as usize).min(uapi::MAX_BYTES);
         sites.push(QuerySite {
+            pid: q.pid,
             site: q.site,
             addr: q.addr,
             len: q.len,
@@ -73,6 +81,7 @@ pub fn exec(args: QueryArgs, json: bool) -> Result<(), CliError> {
         pid: first.pid,
         count: first.count.max(1),
         sites,
+        forked: dev.query_forked(handle).map_err(failed)?,
     };
     if json {
         print_json(&out);
@@ -81,8 +90,12 @@ pub fn exec(args: QueryArgs, json: bool) -> Result<(), CliError> {
     for s in &out.sites {
         println!(
             "handle={handle} state={} pid={} addr={:#x} len={} flags={:#x} pfn={:#x} bytes={} orig={} site={}/{}",
-            out.state, out.pid, s.addr, s.len, s.flags, s.pfn, s.bytes, s.orig, s.site, out.count
+            out.state, s.pid, s.addr, s.len, s.flags, s.pfn, s.bytes, s.orig, s.site, out.count
         );
+    }
+    if !out.forked.is_empty() {
+        let pids: Vec<String> = out.forked.iter().map(i32::to_string).collect();
+        println!("handle={handle} forked={}", pids.join(","));
     }
     Ok(())
 }
