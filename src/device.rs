@@ -439,9 +439,31 @@ impl Controller {
             let target = self.authorize(args.handle, ev.handle(args.handle), false)?;
             (target, args.handle, args.index, None)
         };
+        self.fill_site(&mut args, &target, handle, index, count)?;
+        writer
+            .write(&args)
+            .map_err(|e| hp.journal.fail(ev, e, "cannot write the QUERY result"))
+    }
+
+    /// QUERY's answer in `args`: site `index` of `handle`'s patch of
+    /// `target`; `count` sites in all (the handle's own if None).
+    fn fill_site(
+        &self,
+        args: &mut QueryArgs,
+        target: &Target,
+        handle: u64,
+        index: u32,
+        count: Option<u32>,
+    ) -> Result {
+        let hp = &self.hugepoke;
+        let ev = Event::new(Step::Query).handle(args.handle);
+        let unknown = || {
+            hp.journal
+                .fail(ev, ENOENT, "no such patch (unknown or already restored)")
+        };
         let shows_pfns = authority::shows_pfns();
         {
-            let state = target.lock_killable(&hp.journal, ev.handle(args.handle))?;
+            let state = target.lock_killable(&hp.journal, ev)?;
             args.count = count.unwrap_or(state.patches.count(handle));
             // The Nth live site: a batch that lost some keeps the others' places.
             let p = state
@@ -465,8 +487,6 @@ impl Controller {
             args.orig = p.orig;
             args.bytes = p.bytes;
         }
-        writer
-            .write(&args)
-            .map_err(|e| hp.journal.fail(ev, e, "cannot write the QUERY result"))
+        Ok(())
     }
 }
