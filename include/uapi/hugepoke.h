@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
 /*
- * hugepoke ioctl ABI, version 4 — the C view of src/uapi.rs.
+ * hugepoke ioctl ABI, version 5 — the C view of src/uapi.rs.
  * See Documentation/abi.md.
  */
 #ifndef _UAPI_HUGEPOKE_H
@@ -9,7 +9,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define HUGEPOKE_ABI_VERSION 4
+#define HUGEPOKE_ABI_VERSION 5
 #define HUGEPOKE_MAX_BYTES 16
 #define HUGEPOKE_MAX_BATCH 4096
 #define HUGEPOKE_MAX_TARGET_SITES 65536
@@ -56,15 +56,46 @@ struct hugepoke_patch_batch {
 	__s32 error;		/* out: positive errno of that site */
 };
 
+/* PATCH_FILE: find the processes, write nothing. */
+#define HUGEPOKE_FILE_DRY_RUN (1U << 8)
+#define HUGEPOKE_MAX_FILE_PROCESSES 1024
+
+/* PATCH_FILE: the sites of a file's text in every process that maps them
+ * privately and executably (the caller excepted), all or none, under one
+ * handle.  CAP_SYS_ADMIN. */
+struct hugepoke_patch_file {
+	__u32 size;		/* in: sizeof(struct hugepoke_patch_file) */
+	__u32 flags;		/* in: HUGEPOKE_PATCH_PERSIST, _INSTALL_PMD,
+				 * _OVER_CHANGED, HUGEPOKE_FILE_DRY_RUN */
+	__s32 fd;		/* in: an open fd of the (regular) file */
+	__u32 count;		/* in: 1..HUGEPOKE_MAX_BATCH */
+	__u64 sites;		/* in: pointer to count struct hugepoke_batch_site,
+				 * addr being an offset in the file */
+	__u64 pids;		/* in: pointer to max_pids __s32; out: the
+				 * processes (would be) patched, ascending */
+	__u32 max_pids;		/* in: room in pids (fewer: E2BIG) */
+	__u32 nr_pids;		/* out: processes that map the sites */
+	__u64 handle;		/* out: one handle for every process; on failure
+				 * 0, or the handle keeping what was not undone */
+	__u32 failed;		/* out: index of the failed site, or HUGEPOKE_NO_SITE */
+	__s32 error;		/* out: positive errno */
+	__s32 failed_pid;	/* out: the process that failed, or 0 */
+	__u32 reserved;		/* in: 0 */
+};
+
 struct hugepoke_restore {
 	__u32 size;		/* in: sizeof(struct hugepoke_restore) */
 	__u32 flags;		/* in: HUGEPOKE_RESTORE_DROP or 0 */
 	__u64 handle;		/* in */
 };
 
+/* QUERY: instead of a site, the index-th process (by pid, in pid) of the
+ * count forked while the patch lived that run it now. */
+#define HUGEPOKE_QUERY_FORKED (1U << 0)
+
 struct hugepoke_query {
 	__u32 size;		/* in: sizeof(struct hugepoke_query) */
-	__u32 flags;		/* in: 0 */
+	__u32 flags;		/* in: HUGEPOKE_QUERY_FORKED or 0 */
 	__u64 handle;		/* in */
 	__u32 state;		/* out: HUGEPOKE_STATE_* */
 	__s32 pid;		/* out */
@@ -110,5 +141,6 @@ struct hugepoke_collapse {
 #define HUGEPOKE_IOCTL_QUERY   _IOWR('H', 3, struct hugepoke_query)
 #define HUGEPOKE_IOCTL_PATCH_BATCH _IOWR('H', 4, struct hugepoke_patch_batch)
 #define HUGEPOKE_IOCTL_COLLAPSE _IOWR('H', 5, struct hugepoke_collapse)
+#define HUGEPOKE_IOCTL_PATCH_FILE _IOWR('H', 6, struct hugepoke_patch_file)
 
 #endif /* _UAPI_HUGEPOKE_H */

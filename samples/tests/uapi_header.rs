@@ -63,8 +63,18 @@ fn expected() -> Vec<(&'static str, u64)> {
         kept_pinned => kept_pinned, kept_uffd => kept_uffd, kept_patched => kept_patched,
         kept_no_cache => kept_no_cache, first_kept => first_kept),
     );
+    v.extend(
+        layout!("hugepoke_patch_file", PatchFileArgs; size => size, flags => flags, fd => fd,
+        count => count, sites => sites, pids => pids, max_pids => max_pids, nr_pids => nr_pids,
+        handle => handle, failed => failed, error => error, failed_pid => failed_pid,
+        reserved => reserved),
+    );
     v.extend([
         ("HUGEPOKE_IOCTL_PATCH", IOCTL_PATCH as u64),
+        ("HUGEPOKE_IOCTL_PATCH_FILE", IOCTL_PATCH_FILE as u64),
+        ("HUGEPOKE_FILE_DRY_RUN", FILE_DRY_RUN as u64),
+        ("HUGEPOKE_MAX_FILE_PROCESSES", MAX_FILE_PROCESSES as u64),
+        ("HUGEPOKE_QUERY_FORKED", QUERY_FORKED as u64),
         ("HUGEPOKE_IOCTL_COLLAPSE", IOCTL_COLLAPSE as u64),
         ("HUGEPOKE_COLLAPSE_INSTALL_PMD", COLLAPSE_INSTALL_PMD as u64),
         ("HUGEPOKE_COLLAPSE_DONE", COLLAPSE_DONE as u64),
