@@ -11,6 +11,8 @@ use hugepoke::device::{journal_seq, Device, PatchRequest};
 use hugepoke::testkit::text::{self, mov_eax_ret, original_value, PAGE, PAGES, THP_SIZE};
 use std::ffi::CString;
 
+#[path = "file.rs"]
+mod file;
 #[path = "foreign.rs"]
 mod foreign;
 #[path = "many.rs"]
@@ -124,6 +126,9 @@ pub fn run(o: &Options) -> Bench {
         ("collapse after 1 other tool's copy", |r| r.foreign(1)),
         ("collapse after 16 other tools' copies", |r| r.foreign(16)),
         ("collapse after 256 other tools' copies", |r| r.foreign(256)),
+        ("file scope: 1 process", |r| r.file_scope(1)),
+        ("file scope: 8 processes", |r| r.file_scope(8)),
+        ("file scope: 64 processes", |r| r.file_scope(64)),
     ];
     let phase = |name: &str| {
         eprintln!(
