@@ -144,7 +144,10 @@ impl Controller {
         match (result, written) {
             (Ok(_), Ok(())) => Ok(()),
             (Ok(handle), Err(e)) => {
-                let _ = engine::restore_any(hp, handle);
+                if engine::restore_any(hp, handle).is_err() {
+                    let why = "cannot write the handle back, and its undo was refused: the patch stays under its handle (debugfs patches)";
+                    hp.journal.record(ev.handle(handle).error(e, why));
+                }
                 Err(hp
                     .journal
                     .fail(ev, e, "cannot write the handle back; patch undone"))
@@ -313,7 +316,7 @@ impl Controller {
             if drop_only {
                 authority::may_drop().map_err(|r| hp.journal.refuse(ev, r))?;
             }
-            return engine::restore_file(hp, args.handle, drop_only);
+            return engine::restore_file(hp, args.handle, drop_only); // mutant: file-drop-restores
         }
         let target = self.authorize(args.handle, ev, true)?;
         if args.flags & uapi::RESTORE_DROP != 0 {
@@ -346,6 +349,7 @@ impl Controller {
             None => return Ok(false),
         };
         if owner != Some(self.id) {
+            // mutant: anyone-may-undo-a-file-patch
             authority::may_patch_file().map_err(|r| hp.journal.refuse(ev, r))?;
         }
         Ok(true)

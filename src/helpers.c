@@ -93,6 +93,17 @@ bool hugepoke_folio_may_be_lru_cached(struct folio *folio)
 	return folio_may_be_lru_cached(folio);
 }
 
+/*
+ * Does a page table other than the caller's map this small, ordinary
+ * anonymous folio?  (A KSM or large folio's mapcount says nothing about
+ * one patched page.)
+ */
+bool hugepoke_folio_mapped_elsewhere(struct folio *folio)
+{
+	return !folio_test_ksm(folio) && !folio_test_large(folio) &&
+	       folio_mapcount(folio) > 1;
+}
+
 unsigned int hugepoke_folio_order(const struct folio *folio)
 {
 	return folio_order(folio);
@@ -329,7 +340,7 @@ static bool hugepoke_not_private_text(struct vm_area_struct *vma, void *arg)
 	struct hugepoke_file_walk *w = arg;
 
 	return vma->vm_mm == w->skip ||
-	       (vma->vm_flags & (VM_EXEC | VM_MAYSHARE | VM_HUGETLB)) != VM_EXEC;
+	       (vma->vm_flags & (VM_EXEC | VM_MAYSHARE | VM_HUGETLB)) != VM_EXEC; /* mutant: file-walk-any-vma */
 }
 
 static bool hugepoke_file_vma_one(struct folio *folio, struct vm_area_struct *vma,
@@ -362,7 +373,7 @@ int hugepoke_file_vmas(struct file *file, pgoff_t index,
 		       struct hugepoke_file_vma *out, int max, pgoff_t *next)
 {
 	/* The caller is not patched: it would run the patch it is making. */
-	struct hugepoke_file_walk w = { .skip = current->mm, .out = out, .max = max };
+	struct hugepoke_file_walk w = { .skip = current->mm, .out = out, .max = max }; /* mutant: file-walk-includes-caller */
 	struct rmap_walk_control rwc = {
 		.arg = &w,
 		.rmap_one = hugepoke_file_vma_one,

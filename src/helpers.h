@@ -39,6 +39,7 @@ int hugepoke_file_vmas(struct file *file, pgoff_t index,
 int hugepoke_folio_unexpected_refs(struct folio *folio);
 bool hugepoke_folio_is_anon(struct folio *folio);
 bool hugepoke_folio_may_be_lru_cached(struct folio *folio);
+bool hugepoke_folio_mapped_elsewhere(struct folio *folio);
 unsigned int hugepoke_folio_order(const struct folio *folio);
 bool hugepoke_folio_uptodate(const struct folio *folio);
 bool hugepoke_folio_pmd_mappable(struct folio *folio);

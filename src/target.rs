@@ -132,6 +132,9 @@ pub(crate) struct FileHandle {
     pub(crate) owner: Owner,
     /// The members' handles; some may be gone (restored on their own).
     pub(crate) members: KVVec<u64>,
+    /// PATCH_FILE is still patching its processes: RESTORE and QUERY of
+    /// it wait for the call to return (EBUSY).
+    pub(crate) building: bool,
 }
 
 /// A target's identity in [`Registry::owner_targets`].
@@ -213,7 +216,11 @@ impl Registry {
         let members = KVVec::new();
         self.files.try_create_and_insert(
             handle,
-            FileHandle { owner, members },
+            FileHandle {
+                owner,
+                members,
+                building: true,
+            },
             GFP_KERNEL_ACCOUNT,
         )?;
         self.next_handle += 1;
@@ -235,6 +242,7 @@ impl Registry {
     ) -> Option<KVVec<u64>> {
         let f = self.files.get_mut(&handle)?;
         f.owner = owner;
+        f.building = false;
         Some(core::mem::replace(&mut f.members, members))
     }
 

@@ -17,9 +17,10 @@
 //! The handle ([`FileHandle`] in the registry) holds the handles of the
 //! processes' patches; RESTORE and QUERY of it go through them.
 
-use kernel::{alloc::KVVec, fs::LocalFile, prelude::*, sync::Arc};
+use kernel::{alloc::KVVec, fs::LocalFile, mm::Mm, prelude::*, sync::aref::ARef, sync::Arc};
 
 use super::{
+    owned::restore_after_killed_patch,
     patch::patch,
     plan::{FileScope, Request},
     settle::{drop_handle, restore_of},
@@ -34,12 +35,16 @@ use crate::{
     Hugepoke,
 };
 
+/// RESTORE or QUERY of a file patch while PATCH_FILE still makes it.
+const BUILDING: &str = "the file patch is still being made (PATCH_FILE has not returned)";
+
 /// Most VMAs one walk may list: a process may map a file's text more than once.
 const MAX_FILE_VMAS: usize = 4 * MAX_FILE_PROCESSES;
 
-/// One process a PATCH_FILE reaches: its pid, and the request's sites at
-/// their addresses there (as the walk found them).
+/// One process a PATCH_FILE reaches: its address space and pid as the
+/// walk found them, and the request's sites at their addresses there.
 pub(crate) struct Member {
+    mm: ARef<Mm>,
     pub(crate) pid: i32,
     sites: KVVec<BatchSite>,
 }
@@ -58,7 +63,11 @@ impl Member {
             pid: self.pid,
             flags,
             sites: &self.sites,
-            scope: Some(FileScope { mapping, offsets }),
+            scope: Some(FileScope {
+                mm: sys::mm_id(&self.mm),
+                mapping,
+                offsets,
+            }),
         };
         patch(hp, owner, &request)
     }
@@ -182,8 +191,15 @@ fn member(
     vmas: &[FileVma],
     sites: &[BatchSite],
 ) -> Result<Option<Member>, FileFailure> {
-    // 0: the process is exiting (its mm has no owner); it runs nothing more.
     let pid = sys::mm_owner_tgid(&vmas[0].mm);
+    let user = vmas[0].mm.mmget_not_zero().map(kernel::mm::MmWithUser::into_mmput_async);
+    if pid == 0 && user.is_some() {
+        // Not exiting (an exiting mm has no owner and runs nothing more):
+        // a process the caller's pid namespace does not see.
+        let why = "a process that maps the file is not visible in the caller's pid namespace";
+        let ev = Event::new(Step::ResolveTarget);
+        return Err(hp.journal.fail(ev, EPERM, why).into());
+    }
     let ev = Event::new(Step::ResolveTarget).pid(pid);
     let mut out = KVVec::with_capacity(sites.len(), GFP_KERNEL).map_err(|_| {
         hp.journal
@@ -211,7 +227,7 @@ fn member(
     }
     match missing {
         // (It maps another part of a folio a site is on.)
-        Some(_) if out.is_empty() => Ok(None),
+        Some(_) if out.is_empty() => Ok(None), // mutant: file-partial-skipped
         Some(i) => {
             let why = "a process maps the file's text but not every site's page";
             let error = hp
@@ -219,7 +235,11 @@ fn member(
                 .fail(ev.addr(sites[i].addr as usize), EINVAL, why);
             Err(FileFailure::of_process(error, pid, i))
         }
-        None => Ok((pid > 0).then(|| Member { pid, sites: out })),
+        None => Ok((pid > 0).then(|| Member {
+            mm: vmas[0].mm.clone(),
+            pid,
+            sites: out,
+        })),
     }
 }
 
@@ -290,6 +310,16 @@ fn undo(
     mut done: KVVec<u64>,
     failed_kept: Option<u64>,
 ) -> Option<u64> {
+    if sys::fatal_signal_pending() {
+        // The caller is dying: its undo's GUPs would fail with EINTR; a
+        // work item's do not.  (The failed process's own part is queued
+        // by PATCH already.)  Nobody will be told a handle.
+        for &h in done.iter() {
+            restore_after_killed_patch(hp, h); // mutant: killed-file-patch-kept
+        }
+        drop(hp.registry.lock().forget_file_handle(handle));
+        return None;
+    }
     let target = |h| hp.registry.lock().target_of(h);
     done.retain(|&mut h| target(h).is_some_and(|t| restore_of(hp, &t, h).is_err())); // mutant: file-no-undo
     if let Some(h) = failed_kept {
@@ -326,6 +356,10 @@ pub(crate) fn restore_file(hp: &Arc<Hugepoke>, handle: u64, drop_only: bool) -> 
             hp.journal
                 .fail(ev, ENOENT, "no such patch (unknown or already restored)")
         })?;
+        if f.building {
+            // mutant: file-restore-while-building
+            return Err(hp.journal.fail(ev, EBUSY, BUILDING));
+        }
         let mut members = KVVec::with_capacity(f.members.len(), GFP_KERNEL).map_err(|_| {
             hp.journal
                 .fail(ev, ENOMEM, "no memory to restore a file's patch")
@@ -349,7 +383,7 @@ pub(crate) fn restore_file(hp: &Arc<Hugepoke>, handle: u64, drop_only: bool) -> 
         if let (Err(e), Ok(())) = (r, &first) {
             first = Err(e);
         }
-        r.is_err()
+        r.is_err() // mutant: file-restore-forgets-failed
     });
     let mut registry = hp.registry.lock();
     let gone = if left.is_empty() {
@@ -374,19 +408,8 @@ pub(crate) fn site_of(
     index: u32,
 ) -> Result<(u32, Option<(Arc<Target>, u64, u32)>)> {
     let ev = Event::new(Step::Query).handle(handle);
-    let members = {
-        let registry = hp.registry.lock();
-        let f = registry.file_handle(handle).ok_or(ENOENT)?;
-        let mut v = KVVec::with_capacity(f.members.len(), GFP_KERNEL)?;
-        for &h in f.members.iter() {
-            if let Some(t) = registry.target_of(h) {
-                let _ = v.push_within_capacity((h, t));
-            }
-        }
-        v
-    };
     let (mut total, mut found) = (0u32, None);
-    for (h, t) in members {
+    for (t, h) in patches_of(hp, handle)? {
         let n = t.lock_killable(&hp.journal, ev)?.patches.count(h);
         if found.is_none() && index < total + n {
             found = Some((t, h, index - total));
@@ -426,6 +449,10 @@ pub(crate) fn patches_of(hp: &Hugepoke, handle: u64) -> Result<KVec<(Arc<Target>
     let registry = hp.registry.lock();
     let mut out = KVec::new();
     match registry.file_handle(handle) {
+        Some(f) if f.building => {
+            let ev = Event::new(Step::Query).handle(handle);
+            return Err(hp.journal.fail(ev, EBUSY, BUILDING));
+        }
         Some(f) => {
             for &h in f.members.iter() {
                 if let Some(t) = registry.target_of(h) {

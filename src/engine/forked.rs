@@ -32,7 +32,7 @@ use kernel::{
 };
 
 use super::{
-    locate::{find_anon_copy, Look},
+    locate::{find_anon_copy, Look, Shared},
     outcome::{Closing, Refused},
     plan::{self, Outcome, Written},
     restore::restore_pages,
@@ -266,7 +266,8 @@ fn restore_child(
     let mut pages = plan::pages_of(&own, Written::Bytes).map_err(|_| nomem(AllocError))?;
     let why = "a process forked while the patch lived runs it too: restoring it there first";
     hp.journal.record(own[0].event(Step::Restore).note(why));
-    restore_pages(hp, child, &own, &mut pages, last_on_page)?;
+    // The page is the target's too: COW is broken for the child alone.
+    restore_pages(hp, child, &own, &mut pages, last_on_page, Shared::Break)?;
     let install = sites[0].flags & PATCH_INSTALL_PMD != 0;
     for w in pages.iter() {
         if let Outcome::Done(r) = &w.outcome {

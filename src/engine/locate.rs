@@ -210,6 +210,7 @@ pub(crate) fn locate_and_check(
     sites: &[Site],
     pages: &mut [PageWork],
     last_on_page: &impl Fn(&[Site]) -> bool,
+    shared: Shared,
 ) -> Located {
     let mut need_drain = false;
     for w in pages.iter_mut() {
@@ -217,7 +218,7 @@ pub(crate) fn locate_and_check(
             continue;
         }
         let r = w.range.clone();
-        if let Err(refused) = locate_page(hp, guard, &sites[r.clone()], w) {
+        if let Err(refused) = locate_page(hp, guard, &sites[r.clone()], w, shared) {
             return Located::Refused(refused.0, r.start + refused.1);
         }
         if let PageState::Found(_, page) = &w.state {
@@ -232,6 +233,24 @@ pub(crate) fn locate_and_check(
     }
 }
 
+/// What RESTORE does with a copy another process maps too.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shared {
+    /// Break COW for this process, leave the other's mapping as it is: a
+    /// forked process restored in its own pass, or a target restored at
+    /// close or unload whatever its children said.
+    Break,
+    /// Refuse with [`FORKED_DURING_RESTORE`]: the target's copy is mapped
+    /// by a process forked after RESTORE's forked pass (the mmap write
+    /// lock held here keeps any new fork out), which RESTORE takes again.
+    Refuse,
+}
+
+/// The refusal of [`Shared::Refuse`], which RESTORE answers with its
+/// forked pass again.
+pub(crate) const FORKED_DURING_RESTORE: &str =
+    "the patched copy is mapped by a process forked during RESTORE: taking it back there first";
+
 /// The first pass for one page: leaves `w.state` `Found` or `Gone`, or
 /// refuses (with the site to blame, counted from the page's first).
 fn locate_page(
@@ -239,6 +258,7 @@ fn locate_page(
     guard: &MmapWriteGuard<'_>,
     sites: &[Site],
     w: &mut PageWork,
+    shared: Shared,
 ) -> Result<(), (Refused, usize)> {
     let rep = &sites[0];
     for _ in 0..MAX_TRIES {
@@ -252,6 +272,11 @@ fn locate_page(
         };
         if !pte.writable() && (pte.uffd_wp() || !pte.anon_exclusive()) {
             // mutant: no-cow-break-after-fork batch-no-cow-break uffd-wp-write-through
+            if shared == Shared::Refuse && page.mapped_elsewhere() {
+                // mutant: forked-during-restore-kept
+                let r = Refusal::new(EAGAIN, FORKED_DURING_RESTORE);
+                return Err((Refused::Kept(r), 0));
+            }
             fault_writable(hp, guard, rep, pte, &page, page_addr).map_err(|r| (r, 0))?;
             continue;
         }

@@ -44,6 +44,13 @@ pub(crate) fn patch(hp: &Arc<Hugepoke>, owner: u64, req: &Request<'_>) -> Result
     hp.journal.record(ev.addr(req.sites[0].addr as usize));
     let order = check_sites(hp, req)?;
     let (mm, process) = resolve_target(hp, req.pid, req.sites[0].addr as usize)?;
+    if req.scope.is_some_and(|f| f.mm != sys::mm_id(&mm)) {
+        // mutant: file-scope-other-mm
+        let why =
+            "the process is not the one the file's walk found (execve, or its pid reused, since)";
+        let ev = Event::new(Step::ResolveTarget).pid(req.pid);
+        return Err(hp.journal.fail(ev, EAGAIN, why).into());
+    }
     let pid = process.tgid();
     let owner: Owner = if req.flags & uapi::PATCH_PERSIST != 0 {
         None

@@ -33,12 +33,14 @@ pub(crate) struct Request<'a> {
 }
 
 /// What a PATCH_FILE asks of one process, for the PATCH there to hold it
-/// to under the process's own locks (the walk saw VMAs without them):
-/// every site is that file's page at that offset.  (A process that
-/// `execve()`d since the walk is held to the same: where its new image
-/// maps the file's page, that is the file's text it runs.)
+/// to under the process's own locks (the walk saw VMAs without them): the
+/// address space the walk found (not the image of a later `execve()`, nor
+/// another process given the pid), and every site that file's page at
+/// that offset.
 #[derive(Clone, Copy)]
 pub(crate) struct FileScope<'a> {
+    /// The address space the walk found (`sys::mm_id`).
+    pub(crate) mm: usize,
     /// The file's `address_space`.
     pub(crate) mapping: usize,
     /// Each site's offset in the file.

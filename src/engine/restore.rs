@@ -15,7 +15,7 @@
 use kernel::{mm::MmWithUser, prelude::*, sync::Arc};
 
 use super::{
-    locate::{locate_and_check, Located},
+    locate::{locate_and_check, Located, Shared},
     outcome::{Refused, Restored},
     page::{restore_and_zap, write_page, zap_page},
     plan::{Dir, Outcome, PageState, PageWork, Written},
@@ -126,6 +126,7 @@ pub(crate) fn restore_pages(
     sites: &[Site],
     pages: &mut [PageWork],
     last_on_page: impl Fn(&[Site]) -> bool,
+    shared: Shared,
 ) -> Result<(), (Refused, usize)> {
     let mut drained = false;
     loop {
@@ -135,7 +136,7 @@ pub(crate) fn restore_pages(
         if !drained {
             hp.pauses.at(Point::Restore, sites[0].pid, &hp.journal);
         }
-        match locate_and_check(hp, &guard, sites, pages, &last_on_page) {
+        match locate_and_check(hp, &guard, sites, pages, &last_on_page, shared) {
             Located::Refused(refused, at) => return Err((refused, at)),
             Located::NeedDrain if !drained => {
                 // Without the mmap lock: nothing is written yet.
@@ -170,7 +171,8 @@ pub(crate) fn undo(
         w.state = PageState::Gone(Ok(()), "not written");
         w.cache_back = w.split; // mutant: failed-split-not-collapsed
     }
-    match locate_and_check(hp, guard, sites, pages, &last_on_page) {
+    // (PATCH held the mmap lock throughout: no fork came in.)
+    match locate_and_check(hp, guard, sites, pages, &last_on_page, Shared::Break) {
         Located::Refused(refused, _) => refused.stops_undo().map_or(Ok(()), Err)?,
         Located::Ready => {}
         Located::NeedDrain => lru_drain_journaled(hp, &sites[0]),

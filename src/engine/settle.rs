@@ -8,12 +8,14 @@
 
 use kernel::{
     fs::File,
+    mm::MmWithUser,
     prelude::*,
     sync::{aref::ARef, Arc},
 };
 
 use super::{
     forked::restore_forked,
+    locate::{Shared, FORKED_DURING_RESTORE},
     outcome::{Closing, Refused},
     plan::{self, Outcome, PageState, PageWork, Written},
     restore::{queue_collapses, restore_pages},
@@ -135,13 +137,7 @@ pub(crate) fn restore_handle(
     let last_on_page = |s: &[Site]| patches.on_page(s[0].page_key()) as usize <= s.len();
     let outcome = match target.mm_user() {
         None => Err((gone, 0)),
-        // The processes forked since PATCH first, then the target.
-        Some(mm) => {
-            restore_forked(hp, &mm, &sites, &pages, &last_on_page, closing).and_then(|()| {
-                hp.pauses.at(Point::Forked, first.pid, &hp.journal);
-                restore_pages(hp, &mm, &sites, &mut pages, &last_on_page)
-            })
-        }
+        Some(mm) => restore_everywhere(hp, &mm, &sites, &mut pages, &last_on_page, closing),
     };
     let verdict = judge(hp, &ev, &sites, &pages, outcome, closing);
     let forgotten = forget(hp, &ev, state, handle, &sites, &pages, verdict.forget_all);
@@ -156,6 +152,46 @@ pub(crate) fn restore_handle(
     // File references are dropped after the locks.
     drop(forgotten);
     Some(result)
+}
+
+/// Most times RESTORE takes a patch back from processes forked during it.
+const FORKED_PASSES: usize = 3;
+
+/// RESTORE's passes: in the processes forked since PATCH first, then in
+/// the target.  A process forked in between (its fork came after the
+/// rmap walk, before the target's mmap lock) still shares the target's
+/// copy: the target's pass, under that lock (no fork can come in), sees
+/// it and refuses, and the forked pass runs again, a few times at most.
+/// At close and unload the target is restored whatever its children say.
+fn restore_everywhere(
+    hp: &Hugepoke,
+    mm: &MmWithUser,
+    sites: &[Site],
+    pages: &mut [PageWork],
+    last_on_page: &impl Fn(&[Site]) -> bool,
+    closing: Closing,
+) -> Result<(), (Refused, usize)> {
+    let shared = match closing {
+        Closing::No => Shared::Refuse,
+        _ => Shared::Break,
+    };
+    let mut passes = 0;
+    loop {
+        passes += 1;
+        let result = restore_forked(hp, mm, sites, pages, last_on_page, closing).and_then(|()| {
+            hp.pauses.at(Point::Forked, sites[0].pid, &hp.journal);
+            restore_pages(hp, mm, sites, pages, last_on_page, shared)
+        });
+        match result {
+            Err((Refused::Kept(r), _))
+                if r.why == FORKED_DURING_RESTORE && passes < FORKED_PASSES =>
+            {
+                hp.journal
+                    .record(sites[0].event(Step::Restore).note(FORKED_DURING_RESTORE));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// The handle's last site left the table: its `restored` record, then

@@ -13,10 +13,10 @@ use kernel::{
 };
 
 use super::{
-    hugepoke_folio_file_page, hugepoke_folio_is_anon, hugepoke_folio_may_be_lru_cached,
-    hugepoke_folio_order, hugepoke_folio_pmd_mappable, hugepoke_folio_put,
-    hugepoke_folio_unexpected_refs, hugepoke_folio_uptodate, hugepoke_page_cache_folio,
-    hugepoke_page_folio, hugepoke_page_to_pfn, vma::vma_info, PAGE_SIZE,
+    hugepoke_folio_file_page, hugepoke_folio_is_anon, hugepoke_folio_mapped_elsewhere,
+    hugepoke_folio_may_be_lru_cached, hugepoke_folio_order, hugepoke_folio_pmd_mappable,
+    hugepoke_folio_put, hugepoke_folio_unexpected_refs, hugepoke_folio_uptodate,
+    hugepoke_page_cache_folio, hugepoke_page_folio, hugepoke_page_to_pfn, vma::vma_info, PAGE_SIZE,
 };
 
 /// Map `page` into the kernel for the length of `f` (`kmap_local_page`).
@@ -160,6 +160,14 @@ impl PageRef {
     pub(crate) fn may_be_lru_cached(&self) -> bool {
         // SAFETY: as above.
         unsafe { hugepoke_folio_may_be_lru_cached(self.folio()) }
+    }
+
+    /// Does another page table map this page (a small, non-KSM anonymous
+    /// folio; false for any other)?  Stable against fork only under the
+    /// mmap write lock of the process that maps it.
+    pub(crate) fn mapped_elsewhere(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { hugepoke_folio_mapped_elsewhere(self.folio()) }
     }
 
     pub(crate) fn read(&self, offset: usize, out: &mut [u8]) {

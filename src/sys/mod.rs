@@ -94,6 +94,7 @@ extern "C" {
     fn hugepoke_folio_unexpected_refs(folio: *mut bindings::folio) -> i32;
     fn hugepoke_folio_is_anon(folio: *mut bindings::folio) -> bool;
     fn hugepoke_folio_may_be_lru_cached(folio: *mut bindings::folio) -> bool;
+    fn hugepoke_folio_mapped_elsewhere(folio: *mut bindings::folio) -> bool;
     fn hugepoke_folio_order(folio: *const bindings::folio) -> u32;
     fn hugepoke_folio_uptodate(folio: *const bindings::folio) -> bool;
     fn hugepoke_folio_pmd_mappable(folio: *const bindings::folio) -> bool;

@@ -18,6 +18,8 @@
 //!   map-again → maps the text file a second time, elsewhere (as the
 //!              first: private, read+exec); prints `mapped-again ADDR`
 //!   protect P → mprotect()s the whole text to P (`rx`, `rwx` or `r`)
+//!   unmap N  → munmap()s text page N (the rest stays mapped); prints
+//!              `unmap N RC`
 //!   dontneed N → madvise(MADV_DONTNEED) of text page N
 //!   warm     → maps in every page of every mapping (mlockall, then
 //!              munlockall), so that answering later commands takes no
@@ -603,6 +605,11 @@ fn main() {
                 // SAFETY: as above.
                 unsafe { libc::munlockall() };
                 let _ = writeln!(out, "warm {rc}");
+            }
+            (Some("unmap"), Some(n)) if n < text::PAGES => {
+                // SAFETY: our own text page; nothing calls page n after this.
+                let rc = unsafe { libc::munmap((base + n * PAGE) as *mut libc::c_void, PAGE) };
+                let _ = writeln!(out, "unmap {n} {rc}");
             }
             (Some("dontneed"), Some(n)) if n < text::PAGES => {
                 // SAFETY: our own text page; a private file page refaults.

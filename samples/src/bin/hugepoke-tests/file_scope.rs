@@ -392,11 +392,304 @@ pub(crate) fn patch_file_never_writes_into_another_file_mapped_since_the_walk() 
     Ok(())
 }
 
+/// A file patch whose RESTORE one process refuses (another tool changed
+/// its copy since): the others are restored, that process stays under the
+/// handle (debugfs `files`, QUERY) and RESTORE says why; once the change
+/// is gone, RESTORE finishes and the handle goes.  Before that: a child
+/// forked from one of them is named by QUERY_FORKED, and nobody holding a
+/// root-opened fd may QUERY, drop or RESTORE the handle.  RESTORE_DROP of
+/// a file handle forgets every process's patch and writes nothing.
+pub(crate) fn patch_file_restore_keeps_a_process_that_refuses() -> TestResult {
+    let _khugepaged = KhugepagedAsleep::new()?;
+    let (path, mut a, mut b) = two_mappers("shared-refuses.bin")?;
+    let dev = io(Device::open())?;
+    let file = io(std::fs::File::open(&path))?;
+    let site = [batch_site(OFFSET, &text::mov_eax_ret(4242), None)];
+    let patch = || {
+        dev.patch_file(&file, &site, uapi::PATCH_PERSIST)
+            .map(|(h, _)| h)
+            .map_err(|e| format!("PATCH_FILE: {e}"))
+    };
+    let h = patch()?;
+    let child = fork_child(&mut b)?;
+    let forked = io(dev.query_forked(h));
+    // SAFETY: killing nothing but the target's child.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    ensure!(
+        forked.as_deref() == Ok(&[child][..]),
+        "QUERY_FORKED of the file handle: {forked:?}, want [{child}]"
+    );
+    let out = io(helper(&["file-handle-as-nobody", &h.to_string()])?.output())?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    let eperm = libc::EPERM.to_string();
+    for key in ["forked", "query", "drop", "restore"] {
+        ensure!(
+            said.split_whitespace()
+                .any(|w| w == format!("{key}={eperm}")),
+            "nobody holding root's fd: {said}, want EPERM for {key}"
+        );
+    }
+    runs(&mut [&mut a, &mut b], 4242, 4)?;
+
+    let at = b.page_addr(PAGE);
+    write_mem(b.pid, at, &text::mov_eax_ret(77))?;
+    let refused = dev.restore(h);
+    ensure!(
+        refused.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EILSEQ),
+        "RESTORE over b's change: {refused:?}"
+    );
+    ensure!(
+        a.call(PAGE)? == text::original_value(PAGE) && b.call(PAGE)? == 77,
+        "after the refused RESTORE"
+    );
+    let files = io(proc::debugfs("files"))?;
+    let line = files
+        .lines()
+        .find(|l| l.starts_with(&format!("{h} ")))
+        .ok_or(format!("the handle left `files`: {files}"))?;
+    ensure!(
+        line.split_whitespace().count() == 3,
+        "`files` should hold b's patch alone: {line}"
+    );
+    let q = io(dev.query(h))?;
+    ensure!(
+        q.count == 1 && q.pid == b.pid,
+        "QUERY after the refusal: {q:?}"
+    );
+    write_mem(b.pid, at, &text::mov_eax_ret(4242))?;
+    io(dev.restore(h))?;
+    runs(&mut [&mut a, &mut b], text::original_value(PAGE), 0)?;
+    ensure!(
+        io(proc::debugfs("files"))?.lines().count() == 1,
+        "the handle outlived its RESTORE"
+    );
+
+    let h = patch()?;
+    io(dev.restore_flags(h, uapi::RESTORE_DROP))?;
+    runs(&mut [&mut a, &mut b], 4242, 4)?;
+    let live = proc::parse_patches(&io(proc::debugfs("patches"))?);
+    ensure!(
+        !live.iter().any(|p| p.pid == a.pid || p.pid == b.pid)
+            && io(proc::debugfs("files"))?.lines().count() == 1,
+        "RESTORE_DROP left patches: {live:?}"
+    );
+    drop((a, b));
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// Only others' private executable mappings count: a process that maps
+/// the file read-only and the caller itself (which maps it read+exec) are
+/// not patched; a process that maps some of the sites' pages but not all
+/// refuses the whole call (it would be half patched), named in `failed_pid`.
+pub(crate) fn patch_file_reaches_only_whole_private_executable_mappings_of_others() -> TestResult {
+    let (path, mut a, mut b) = two_mappers("shared-mappers.bin")?;
+    let mut c = Target::spawn(&["--file", &path])?;
+    ensure!(
+        c.command("protect r")?.starts_with("protected"),
+        "protect r"
+    );
+    let file = io(std::fs::File::open(&path))?;
+    // SAFETY: a fresh private read+exec mapping of the file in this
+    // process, unmapped below; nothing runs it.
+    let own = unsafe {
+        use std::os::fd::AsRawFd;
+        libc::mmap(
+            std::ptr::null_mut(),
+            2 << 20,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    ensure!(own != libc::MAP_FAILED, "mmap of the file here");
+    let dev = io(Device::open())?;
+    let site = |page: usize| batch_site((page * 4096) as u64, &text::mov_eax_ret(4242), None);
+    let dry = dev.patch_file(&file, &[site(PAGE)], uapi::FILE_DRY_RUN);
+    // SAFETY: our own mapping from above.
+    unsafe { libc::munmap(own, 2 << 20) };
+    let pids = dry.map_err(|e| format!("dry run: {e}"))?.1;
+    ensure!(
+        pids == [a.pid, b.pid],
+        "dry run named {pids:?}, want [{}, {}] (not {} read-only, nor the caller)",
+        a.pid,
+        b.pid,
+        c.pid
+    );
+    ensure!(b.command("unmap 9")? == "unmap 9 0", "unmap 9");
+    let partial = dev.patch_file(&file, &[site(PAGE), site(9)], uapi::PATCH_PERSIST);
+    ensure!(
+        partial.as_ref().err().is_some_and(
+            |e| e.pid == Some(b.pid) && e.batch.error.raw_os_error() == Some(libc::EINVAL)
+        ),
+        "a process mapping the file but not page 9: {partial:?}"
+    );
+    ensure!(
+        crate::hardening::last_failure()?
+            .note
+            .contains("not every site's page"),
+        "journal: {:?}",
+        crate::hardening::last_failure()?
+    );
+    runs(&mut [&mut a, &mut b], text::original_value(PAGE), 0)?;
+    drop((a, b, c));
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// PATCH_FILE of `site` with PATCH_PERSIST in a thread, parked at
+/// `walked` before it patches `parked` (the process after the first); `then`
+/// runs while it is parked.  What the call returned.
+fn parked_file_patch(
+    path: &str,
+    site: uapi::BatchSite,
+    parked: i32,
+    then: impl FnOnce() -> TestResult,
+) -> Result<Result<(u64, Vec<i32>), hugepoke::device::FileError>, String> {
+    let dev = io(Device::open())?;
+    let file = io(std::fs::File::open(path))?;
+    let pause = Pause::arm("walked", parked)?;
+    std::thread::scope(|s| {
+        let call = s.spawn(|| dev.patch_file(&file, &[site], uapi::PATCH_PERSIST));
+        let done = pause.wait_parked("walked").and_then(|_| then());
+        let _ = pause.release();
+        let result = call.join().map_err(|_| "PATCH_FILE panicked".to_string())?;
+        done?;
+        Ok(result)
+    })
+}
+
+/// The process the walk found is the one patched: the second process,
+/// parked after the walk, `execve()`s a new image that maps the same file
+/// at the same address; PATCH_FILE refuses it (EAGAIN) instead of patching
+/// a process it never walked, and the first is restored.
+pub(crate) fn patch_file_refuses_a_process_that_execd_since_the_walk() -> TestResult {
+    const AT: &str = "0x200000000000";
+    let thp_dir = std::env::var("HUGEPOKE_THP_DIR").map_err(|_| "HUGEPOKE_THP_DIR not set")?;
+    let path = format!("{thp_dir}/shared-exec.bin");
+    io(std::fs::write(&path, text::blob()))?;
+    let mut a = Target::spawn(&["--file", &path])?;
+    let mut b = Target::spawn(&["--file", &path, "--at", AT])?;
+    if b.pid < a.pid {
+        return Err("SKIP: pids wrapped (the exec'ing process must come second)".into());
+    }
+    let exe = io(std::env::current_exe())?.with_file_name("thp-target");
+    let exe = exe.to_str().ok_or("exe path")?.to_string();
+    let site = batch_site(OFFSET, &text::mov_eax_ret(4242), None);
+    let result = parked_file_patch(&path, site, b.pid, || {
+        b.exec(&exe, &["--file", &path, "--at", AT])
+    })?;
+    let e = result
+        .err()
+        .ok_or("PATCH_FILE patched a process it never walked")?;
+    ensure!(
+        e.batch.error.raw_os_error() == Some(libc::EAGAIN) && e.pid == Some(b.pid),
+        "PATCH_FILE: {e}"
+    );
+    let f = crate::hardening::last_failure()?;
+    ensure!(
+        f.note.contains("not the one the file's walk found"),
+        "journal {f:?}"
+    );
+    runs(&mut [&mut a, &mut b], text::original_value(PAGE), 0)?;
+    drop((a, b));
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// RESTORE of a file handle while PATCH_FILE is still making it (parked
+/// after the first process) is EBUSY: the handle is not taken apart under
+/// the call, which then returns it whole.
+pub(crate) fn patch_file_handle_is_not_restored_while_being_made() -> TestResult {
+    let (path, mut a, mut b) = two_mappers("shared-building.bin")?;
+    let dev = io(Device::open())?;
+    let site = batch_site(OFFSET, &text::mov_eax_ret(4242), None);
+    let mut early = None;
+    let result = parked_file_patch(&path, site, b.pid, || {
+        let files = io(proc::debugfs("files"))?;
+        let h: u64 = files
+            .lines()
+            .find(|l| !l.starts_with('#'))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .ok_or(format!("no file handle in `files`: {files}"))?;
+        early = Some(dev.restore(h));
+        Ok(())
+    })?;
+    let (h, pids) = result.map_err(|e| format!("PATCH_FILE: {e}"))?;
+    let early = early.ok_or("no early RESTORE")?;
+    ensure!(
+        early.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EBUSY),
+        "RESTORE while being made: {early:?}"
+    );
+    ensure!(pids == [a.pid, b.pid], "patched {pids:?}");
+    runs(&mut [&mut a, &mut b], 4242, 4)?;
+    io(dev.restore(h))?;
+    runs(&mut [&mut a, &mut b], text::original_value(PAGE), 0)?;
+    drop((a, b));
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// A PATCH_FILE whose caller is killed after the first process was patched
+/// (parked after it): the dying caller's undo would fail, so a work item
+/// restores the first process; nothing is left patched and no handle.
+pub(crate) fn killed_patch_file_leaves_nothing_patched() -> TestResult {
+    let (path, mut a, b) = two_mappers("shared-killed.bin")?;
+    let pause = Pause::arm("walked", b.pid)?;
+    let off = format!("{OFFSET:#x}");
+    let bytes = hex(&text::mov_eax_ret(4242));
+    let mut cli = io(std::process::Command::new("hugepoke")
+        .args([
+            "patch",
+            "--file",
+            &path,
+            "--offset",
+            &off,
+            "--bytes",
+            &bytes,
+            "--persist",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn())?;
+    pause.wait_parked("walked")?;
+    ensure!(
+        a.call(PAGE)? == 4242,
+        "the first process is not patched yet"
+    );
+    io(cli.kill())?;
+    io(cli.wait())?;
+    drop(pause);
+    wait_for(
+        "the first process restored",
+        Duration::from_secs(30),
+        || Ok(a.call(PAGE)? == text::original_value(PAGE)),
+    )?;
+    let live = proc::parse_patches(&io(proc::debugfs("patches"))?);
+    ensure!(
+        !live.iter().any(|p| p.pid == a.pid || p.pid == b.pid),
+        "patches left: {live:?}"
+    );
+    ensure!(
+        io(proc::debugfs("files"))?.lines().count() == 1,
+        "a file handle left"
+    );
+    drop((a, b));
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
 tests! {
     TESTS: [
         patch_file_reaches_every_process_and_restore_takes_it_back,
         patch_file_is_all_or_none,
         patch_file_refuses_bad_input_with_a_reason,
         patch_file_never_writes_into_another_file_mapped_since_the_walk,
+        patch_file_restore_keeps_a_process_that_refuses,
+        patch_file_reaches_only_whole_private_executable_mappings_of_others,
+        patch_file_refuses_a_process_that_execd_since_the_walk,
+        patch_file_handle_is_not_restored_while_being_made,
+        killed_patch_file_leaves_nothing_patched,
     ];
 }

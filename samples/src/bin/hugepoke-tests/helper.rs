@@ -21,6 +21,9 @@
 //!                                        root, drop to nobody, PATCH_FILE
 //!                                        (dry run) one site of PATH; exit
 //!                                        with its errno (0: allowed)
+//!   --helper file-handle-as-nobody HANDLE
+//!                                        as undo-as-nobody, and QUERY_FORKED
+//!                                        first (`forked=E`, its own line)
 //!   --helper query-in-new-pidns HANDLE   QUERY from a new pid namespace;
 //!                                        print `query=E pid=P`
 //!   --helper zombie                      fork a child that exits; once it is
@@ -95,6 +98,18 @@ pub(crate) fn main(args: &[String]) -> ! {
                 Ok(_) => 0,
                 Err(e) => e.batch.error.raw_os_error().unwrap_or(SETUP_FAILED),
             }
+        }
+        ["file-handle-as-nobody", handle] => {
+            let Some(handle) = hugepoke::parse_number(handle) else {
+                std::process::exit(BAD_USAGE)
+            };
+            let Ok(dev) = Device::open() else {
+                std::process::exit(SETUP_FAILED)
+            };
+            drop_to_nobody();
+            let forked = errno(&dev.query_forked(handle).map(drop));
+            println!("forked={forked}");
+            undo(&dev, handle, true)
         }
         ["query-in-new-pidns", handle] => query_in_new_pidns(handle),
         ["zombie"] => zombie(),

@@ -1053,18 +1053,18 @@ pub(crate) fn a_closer_behind_a_busy_target_can_be_killed() -> TestResult {
     Ok(())
 }
 
-/// A child forked after RESTORE took a batch back from the processes
-/// forked before (parked at `forked`: only the target's own lock held) and
-/// before it restores the target shares the patched pages: RESTORE must
-/// break COW for the target and never write into a page the child maps.
-/// (The rmap walk came too early to see this child: it keeps the patch,
-/// the one window Documentation/abi.md names.)
-pub(crate) fn a_child_forked_during_restore_is_never_written_into() -> TestResult {
-    const PAGES: [usize; 2] = [82, 83];
-    let mut t = Target::spawn(&[])?;
-    thp_head(&t)?;
-    let dev = std::sync::Arc::new(io(Device::open())?);
-    let sites: Vec<_> = PAGES
+/// Park a RESTORE of a two-page batch at `forked` (only the target's own
+/// lock held: the processes forked before are done, the target not yet
+/// looked at), have the target fork a child there, release: `undo` is
+/// RESTORE or the close of the file that made the patch.  The child's pid,
+/// the handle, and what `undo` returned.
+fn fork_during_restore(
+    t: &mut Target,
+    pages: [usize; 2],
+    by_close: bool,
+) -> Result<(i32, u64, std::io::Result<()>), String> {
+    let dev = io(Device::open())?;
+    let sites: Vec<_> = pages
         .iter()
         .map(|&p| {
             hugepoke::device::batch_site(t.page_addr(p), &text::mov_eax_ret(8200 + p as u32), None)
@@ -1075,16 +1075,30 @@ pub(crate) fn a_child_forked_during_restore_is_never_written_into() -> TestResul
         .map_err(|e| format!("batch: {e:?}"))?;
     let pause = Pause::arm("forked", t.pid)?;
     let (tx, rx) = mpsc::channel();
-    let ours = dev.clone();
     std::thread::spawn(move || {
-        let _ = tx.send(ours.restore(h));
+        let result = if by_close { Ok(()) } else { dev.restore(h) };
+        // Closing restores what the file made (its patch, if still there).
+        drop(dev);
+        let _ = tx.send(result);
     });
     pause.wait_parked("forked")?;
-    let child = fork_child(&mut t)?;
+    let child = fork_child(t)?;
     pause.release()?;
     let result = rx
         .recv_timeout(Duration::from_secs(60))
         .map_err(|_| "the parked RESTORE did not return")?;
+    Ok((child, h, result))
+}
+
+/// The close-time restore, parked at `forked`, and a child forked there:
+/// the target is restored whatever its children say, so RESTORE must break
+/// COW for the target and never write into the page the child maps (the
+/// child keeps the patch: the one window Documentation/abi.md names).
+pub(crate) fn a_child_forked_during_restore_is_never_written_into() -> TestResult {
+    const PAGES: [usize; 2] = [82, 83];
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let (child, h, result) = fork_during_restore(&mut t, PAGES, true)?;
     let mut checked = io(result);
     for &p in PAGES.iter() {
         if checked.is_ok() && t.call(p)? != text::original_value(p) {
@@ -1108,6 +1122,46 @@ pub(crate) fn a_child_forked_during_restore_is_never_written_into() -> TestResul
     Ok(())
 }
 
+/// RESTORE, parked at `forked`, and a child forked there: the target's
+/// pass sees its copy mapped by another process (under its mmap lock no
+/// fork comes in), RESTORE's forked pass runs again and takes the patch
+/// back from that child too; RESTORE returns 0 only then.
+pub(crate) fn a_child_forked_during_restore_is_restored_too() -> TestResult {
+    const PAGES: [usize; 2] = [84, 85];
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let (child, h, result) = fork_during_restore(&mut t, PAGES, false)?;
+    let checked = (|| {
+        io(result)?;
+        for &p in PAGES.iter() {
+            ensure!(
+                t.call(p)? == text::original_value(p),
+                "parent's page {p} not restored"
+            );
+            ensure!(
+                read_mem(child, t.page_addr(p), 6)? == text::mov_eax_ret(text::original_value(p)),
+                "the child forked during RESTORE still runs the patch at page {p}"
+            );
+        }
+        let s = io(proc::smaps_entry(child, t.addr))?;
+        ensure!(
+            s.kb("Anonymous") == 0,
+            "the child's text after RESTORE: {s:?}"
+        );
+        let evs = events_of(h)?;
+        ensure!(
+            evs.iter()
+                .any(|e| e.step == "restore" && e.note.contains("forked during RESTORE")),
+            "the second forked pass not journaled: {:?}",
+            steps(&evs)
+        );
+        Ok(())
+    })();
+    // SAFETY: killing nothing but the target's child.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    checked
+}
+
 tests! {
     TESTS: [
         execve_during_patch_never_patches_the_new_image,
@@ -1127,5 +1181,6 @@ tests! {
         restore_undo_leaves_a_page_another_tool_restored,
         a_closer_behind_a_busy_target_can_be_killed,
         a_child_forked_during_restore_is_never_written_into,
+        a_child_forked_during_restore_is_restored_too,
     ];
 }

@@ -505,6 +505,30 @@ pub(crate) fn real_python3_library_patched_by_file_in_two_processes() -> TestRes
         pmd_kb = text_of(py.pid, &c.lib)?.pmd_mapped_kb();
         ensure!(pmd_kb == 8 * 2048, "libz3's text: {pmd_kb} kB PMD-mapped");
     }
+    // Inside an instruction: the check, run in the first process, refuses.
+    let inside = format!("{FUNC}+1");
+    let bad = [
+        "patch",
+        "--file",
+        &c.lib,
+        "--symbol",
+        &inside,
+        "--bytes",
+        "c3",
+        "--persist",
+    ];
+    let (code, _, err) = hugepoke(&bad)?;
+    ensure!(
+        code == 1 && err.contains("instruction check failed"),
+        "{bad:?} exited {code}: {err}"
+    );
+    for py in pys.iter_mut() {
+        ensure!(
+            py.call()? == "1234----",
+            "pid {}: patched by a refused call",
+            py.pid
+        );
+    }
     let args = [
         "patch",
         "--file",
