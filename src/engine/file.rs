@@ -192,7 +192,10 @@ fn member(
     sites: &[BatchSite],
 ) -> Result<Option<Member>, FileFailure> {
     let pid = sys::mm_owner_tgid(&vmas[0].mm);
-    let user = vmas[0].mm.mmget_not_zero().map(kernel::mm::MmWithUser::into_mmput_async);
+    let user = vmas[0]
+        .mm
+        .mmget_not_zero()
+        .map(kernel::mm::MmWithUser::into_mmput_async);
     if pid == 0 && user.is_some() {
         // Not exiting (an exiting mm has no owner and runs nothing more):
         // a process the caller's pid namespace does not see.

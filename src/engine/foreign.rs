@@ -241,14 +241,18 @@ impl Copies<'_> {
     }
 }
 
-/// `collapse_pte_mapped_thp()` of the range, with the mmap lock held for
-/// reading: the `result` for COLLAPSE and the kernel's verdict.
+/// `collapse_pte_mapped_thp()` of the range, with the mmap lock held (for
+/// writing: that wait is killable): the `result` for COLLAPSE and the
+/// kernel's verdict.
 fn collapse_now(
     mm: &MmWithUser,
     haddr: usize,
     install_pmd: bool,
 ) -> (u32, Result<&'static str, (Error, &'static str)>) {
-    let guard = mm.mmap_read_lock();
+    let Ok(guard) = MmapWriteGuard::lock_killable(mm) else {
+        let why = "fatal signal while waiting for the target's mmap lock";
+        return (uapi::COLLAPSE_REFUSED, Err((EINTR, why)));
+    };
     let result = sys::collapse_pte_mapped_thp(mm, &guard, haddr, install_pmd);
     match sys::collapse_verdict(result, install_pmd) {
         Ok((note, true)) => (uapi::COLLAPSE_DONE, Ok(note)),

@@ -295,12 +295,17 @@ fn collapse_children(hp: &Hugepoke, collapses: &[(ARef<Mm>, usize, bool)]) {
         let Some(user) = mm.mmget_not_zero().map(MmWithUser::into_mmput_async) else {
             continue;
         };
-        let guard = user.mmap_read_lock();
-        let result = sys::collapse_pte_mapped_thp(&user, &guard, *haddr, *install);
-        drop(guard);
         let ev = Event::new(Step::Collapse)
             .pid(sys::mm_owner_tgid(&user))
             .addr(*haddr);
+        // Killable (for writing): RESTORE runs in the caller's task.
+        let Ok(guard) = MmapWriteGuard::lock_killable(&user) else {
+            let why = "fatal signal while waiting for a forked process's mmap lock: not collapsed";
+            hp.journal.record(ev.error(EINTR, why));
+            return;
+        };
+        let result = sys::collapse_pte_mapped_thp(&user, &guard, *haddr, *install);
+        drop(guard);
         hp.journal
             .record(match sys::collapse_verdict(result, *install) {
                 Ok((note, _)) => ev.note(note),

@@ -15,12 +15,17 @@ pub(crate) fn lru_add_drain_all() {
     unsafe { bindings::lru_add_drain_all() };
 }
 
+/// Proof that an mm's mmap lock is held, for reading or for writing.
+pub(crate) trait MmapLocked {}
+impl MmapLocked for MmapReadGuard<'_> {}
+impl MmapLocked for super::MmapWriteGuard<'_> {}
+
 /// `collapse_pte_mapped_thp()`: map the 2 MiB range at `haddr` by a PMD
 /// again if all its PTEs map the page-cache THP.  Returns the kernel's
 /// `enum scan_result`.
 pub(crate) fn collapse_pte_mapped_thp(
     mm: &MmWithUser,
-    _locked: &MmapReadGuard<'_>,
+    _locked: &impl MmapLocked,
     haddr: usize,
     install_pmd: bool,
 ) -> u32 {
