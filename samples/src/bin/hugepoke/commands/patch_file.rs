@@ -156,6 +156,37 @@ fn check_in(
     Ok(())
 }
 
+/// Each site's file offset and expected bytes, as PATCH_FILE takes them,
+/// and as `--json` shows them.
+fn planned(
+    args: &PatchArgs,
+    inputs: &[Site],
+    object: &Object,
+    file: &File,
+    out: &mut dyn Write,
+) -> Result<(Vec<BatchSite>, Vec<FileSiteOut>), CliError> {
+    let mut batch = Vec::new();
+    let mut sites_out = Vec::new();
+    for s in inputs {
+        let off = offset_of(s, object, out)?;
+        // The file's own bytes are expected, unless --expect says, or
+        // --over-changed writes over whatever is there.
+        let mut here = vec![0u8; s.bytes.len()];
+        file.read_exact_at(&mut here, off)
+            .map_err(|e| CliError::Usage(format!("{}file offset {off:#x}: {e}", s.prefix())))?;
+        let expect = s.expect.clone().or((!args.over_changed).then_some(here));
+        batch.push(batch_site(off, &s.bytes, expect.as_deref()));
+        sites_out.push(FileSiteOut {
+            offset: off,
+            symbol: describe(std::slice::from_ref(object), off_to_vaddr(object, off)),
+            len: s.bytes.len(),
+            bytes: hex(&s.bytes),
+            expect: expect.as_deref().map(hex),
+        });
+    }
+    Ok((batch, sites_out))
+}
+
 pub fn exec(args: PatchArgs, json: bool) -> Result<(), CliError> {
     let path = args.file.clone().expect("clap: --file");
     let file = File::open(&path)
@@ -170,25 +201,7 @@ pub fn exec(args: PatchArgs, json: bool) -> Result<(), CliError> {
     } else {
         Box::new(io::stderr())
     };
-    let mut batch = Vec::new();
-    let mut sites_out = Vec::new();
-    for s in &inputs {
-        let off = offset_of(s, &object, &mut out)?;
-        // The file's own bytes are expected, unless --expect says, or
-        // --over-changed writes over whatever is there.
-        let mut here = vec![0u8; s.bytes.len()];
-        file.read_exact_at(&mut here, off)
-            .map_err(|e| CliError::Usage(format!("{}file offset {off:#x}: {e}", s.prefix())))?;
-        let expect = s.expect.clone().or((!args.over_changed).then_some(here));
-        batch.push(batch_site(off, &s.bytes, expect.as_deref()));
-        sites_out.push(FileSiteOut {
-            offset: off,
-            symbol: describe(std::slice::from_ref(&object), off_to_vaddr(&object, off)),
-            len: s.bytes.len(),
-            bytes: hex(&s.bytes),
-            expect: expect.as_deref().map(hex),
-        });
-    }
+    let (batch, sites_out) = planned(&args, &inputs, &object, &file, &mut out)?;
     let seq = device::journal_seq();
     let dev = Device::open().map_err(|e| CliError::kernel("open /dev/hugepoke", e, seq, None))?;
     let flags = patch_flags(&args);
@@ -226,6 +239,15 @@ pub fn exec(args: PatchArgs, json: bool) -> Result<(), CliError> {
     let (handle, pids) = file_call(&dev, &file, &batch, flags, seq, &inputs)?;
     result.handle = Some(handle);
     result.pids = pids;
+    report_and_hold(dev, &result, &path, json);
+    Ok(())
+}
+
+/// Say what was patched (the handle on stdout), then, without --persist,
+/// hold the patch until stdin closes: closing the device restores it in
+/// every process.
+fn report_and_hold(dev: Device, result: &FilePatchOut, path: &Path, json: bool) {
+    let handle = result.handle.unwrap_or(0);
     eprintln!(
         "patched {} processes: {} (processes that map {} later are not patched)",
         result.pids.len(),
@@ -233,17 +255,15 @@ pub fn exec(args: PatchArgs, json: bool) -> Result<(), CliError> {
         path.display()
     );
     if json {
-        print_json(&result);
+        print_json(result);
     } else {
         println!("{handle}");
     }
     let _ = io::stdout().flush();
-    if !args.persist {
-        // Closing the device restores the patch in every process.
+    if !result.persist {
         let _ = io::stdin().read_to_end(&mut Vec::new());
     }
     drop(dev);
-    Ok(())
 }
 
 /// The object address of file offset `off` (for naming its symbol).
