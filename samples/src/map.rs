@@ -125,6 +125,10 @@ pub struct Patch {
     pub page: usize,
     /// The anonymous page the module wrote into.
     pub pfn: Option<u64>,
+    /// The process the patch was made in, when this pid runs it as a
+    /// process forked from it since (QUERY_FORKED names it; it shares the
+    /// copy, at the same address).
+    pub forked_from: Option<i32>,
 }
 
 /// Cells of each kind.
@@ -267,10 +271,12 @@ impl RangeMap {
             })
             .collect();
         let (patches, error) = match proc::debugfs("patches") {
-            Ok(text) => (
-                patches_in_range(&proc::parse_patches(&text), pid, start),
-                busy_note(&text),
-            ),
+            Ok(text) => {
+                let lines = proc::parse_patches(&text);
+                let mut own = patches_in_range(&lines, pid, start);
+                own.extend(forked_patches_in_range(&lines, pid, start));
+                (own, busy_note(&text))
+            }
             Err(e) => (Vec::new(), Some(format!("{}/patches: {e}", proc::DEBUGFS))),
         };
         let vma = proc::smaps_entry(pid, addr).ok().map(|e| Vma {
@@ -303,6 +309,36 @@ pub fn patches_in_range(lines: &[PatchLine], pid: i32, start: u64) -> Vec<Patch>
             len: l.len,
             page: ((l.addr - start) / PAGE_SIZE) as usize,
             pfn: l.pfn,
+            forked_from: None,
+        })
+        .collect()
+}
+
+/// The live patches of other processes in the range that `pid` runs as a
+/// process forked from them (QUERY_FORKED, through the device: none
+/// without it), at the address they were made at.
+pub fn forked_patches_in_range(lines: &[PatchLine], pid: i32, start: u64) -> Vec<Patch> {
+    let Ok(dev) = crate::device::Device::open() else {
+        return Vec::new();
+    };
+    let inside = |l: &&PatchLine| {
+        l.pid != pid && l.state == "live" && start <= l.addr && l.addr < start + RANGE
+    };
+    let mut handles: Vec<u64> = lines.iter().filter(inside).map(|l| l.handle).collect();
+    handles.sort_unstable();
+    handles.dedup();
+    handles.retain(|&h| dev.query_forked(h).is_ok_and(|f| f.contains(&pid)));
+    lines
+        .iter()
+        .filter(inside)
+        .filter(|l| handles.contains(&l.handle))
+        .map(|l| Patch {
+            handle: l.handle,
+            addr: l.addr,
+            len: l.len,
+            page: ((l.addr - start) / PAGE_SIZE) as usize,
+            pfn: None,
+            forked_from: Some(l.pid),
         })
         .collect()
 }
@@ -387,15 +423,18 @@ fn patch_lines(m: &RangeMap) -> Vec<String> {
         .map(|p| {
             let c = &m.cells[p.page];
             let pfn = |pfn: Option<u64>| pfn.map_or("-".to_string(), |p| format!("{p:#x}"));
+            let table = match p.forked_from {
+                Some(parent) => format!("forked from pid {parent}, which the patch was made in"),
+                None => format!("the module's table says pfn {}", pfn(p.pfn)),
+            };
             format!(
-                "handle {} at {:#x} (page {}, {} bytes): {}, pfn {}; the module's table says pfn {}",
+                "handle {} at {:#x} (page {}, {} bytes): {}, pfn {}; {table}",
                 p.handle,
                 p.addr,
                 p.page,
                 p.len,
                 c.kind.label(),
                 pfn(c.pfn),
-                pfn(p.pfn)
             )
         })
         .collect();
@@ -609,6 +648,7 @@ pub(crate) mod tests {
 
     fn patch(handle: u64, page: usize) -> Patch {
         Patch {
+            forked_from: None,
             handle,
             addr: START + page as u64 * PAGE_SIZE,
             len: 6,
@@ -741,7 +781,8 @@ pub(crate) mod tests {
                 addr: START + 7 * PAGE_SIZE,
                 len: 6,
                 page: 7,
-                pfn: Some(0x3c3d)
+                pfn: Some(0x3c3d),
+                forked_from: None,
             }]
         );
     }
@@ -885,7 +926,7 @@ pub(crate) mod tests {
         assert_eq!(v["cells"][8]["kind"], "page_cache");
         assert_eq!(
             v["patches"][0],
-            serde_json::json!({"handle": 3, "addr": START + 7 * 4096, "len": 6, "page": 7, "pfn": 0x3c3d})
+            serde_json::json!({"handle": 3, "addr": START + 7 * 4096, "len": 6, "page": 7, "pfn": 0x3c3d, "forked_from": null})
         );
         assert_eq!(v["vma"]["perms"], "r-xp");
     }

@@ -378,6 +378,13 @@ pub(crate) fn restore_takes_the_patch_back_from_a_forked_child() -> TestResult {
             code == 0 && out.contains(&format!("forked={child}\n")),
             "query does not show the forked child {child}: {out}{err}"
         );
+        let (child_s, at_s) = (child.to_string(), format!("{at:#x}"));
+        let (_, map, _) = crate::cli::hugepoke(&["map", "--pid", &child_s, "--addr", &at_s])?;
+        ensure!(
+            map.contains(&format!("handle {h} at {at:#x}"))
+                && map.contains(&format!("forked from pid {}", t.pid)),
+            "map of the forked child does not show the patch it runs: {map}"
+        );
         io(dev.restore(h))?;
         ensure!(
             read_mem(child, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
