@@ -129,7 +129,7 @@ pub(crate) fn map_shows_patch_restore_and_collapse() -> TestResult {
     );
     ensure!(
         m["patches"]
-            == serde_json::json!([{"handle": handle, "addr": t.page_addr(PAGE), "len": 6, "page": PAGE, "pfn": q.pfn}]),
+            == serde_json::json!([{"handle": handle, "addr": t.page_addr(PAGE), "len": 6, "page": PAGE, "pfn": q.pfn, "forked_from": null}]),
         "patches {}",
         m["patches"]
     );
