@@ -50,14 +50,15 @@ pub(crate) struct Member {
 }
 
 impl Member {
-    /// PATCH in this process, held to what the walk found (`FileScope`).
+    /// PATCH in this process, held to what the walk found (`FileScope`,
+    /// with `file_sites`, the PATCH_FILE's own sites).
     fn patch(
         &self,
         hp: &Arc<Hugepoke>,
         owner: u64,
         flags: u32,
         mapping: usize,
-        offsets: &[u64],
+        file_sites: &[BatchSite],
     ) -> Result<u64, super::Failure> {
         let request = Request {
             pid: self.pid,
@@ -66,7 +67,7 @@ impl Member {
             scope: Some(FileScope {
                 mm: sys::mm_id(&self.mm),
                 mapping,
-                offsets,
+                sites: file_sites,
             }),
         };
         patch(hp, owner, &request)
@@ -184,6 +185,23 @@ fn walk(hp: &Hugepoke, file: &LocalFile, sites: &[BatchSite]) -> Result<KVVec<Fi
     Ok(vmas)
 }
 
+/// The pid of `mm`'s process in the caller's pid namespace; 0 for one that
+/// is exiting (its mm has no owner: it runs nothing more); EPERM for one
+/// the caller's namespace does not see (it could not be named).
+fn visible_pid(hp: &Hugepoke, mm: &Mm) -> Result<i32, FileFailure> {
+    let pid = sys::mm_owner_tgid(mm);
+    let running = mm
+        .mmget_not_zero()
+        .map(kernel::mm::MmWithUser::into_mmput_async)
+        .is_some();
+    if pid == 0 && running {
+        let why = "a process that maps the file is not visible in the caller's pid namespace";
+        let ev = Event::new(Step::ResolveTarget);
+        return Err(hp.journal.fail(ev, EPERM, why).into());
+    }
+    Ok(pid)
+}
+
 /// The member the VMAs `vmas` of one address space make, if it maps any
 /// site: every site's address there, each page mapped exactly once.
 fn member(
@@ -191,18 +209,7 @@ fn member(
     vmas: &[FileVma],
     sites: &[BatchSite],
 ) -> Result<Option<Member>, FileFailure> {
-    let pid = sys::mm_owner_tgid(&vmas[0].mm);
-    let user = vmas[0]
-        .mm
-        .mmget_not_zero()
-        .map(kernel::mm::MmWithUser::into_mmput_async);
-    if pid == 0 && user.is_some() {
-        // Not exiting (an exiting mm has no owner and runs nothing more):
-        // a process the caller's pid namespace does not see.
-        let why = "a process that maps the file is not visible in the caller's pid namespace";
-        let ev = Event::new(Step::ResolveTarget);
-        return Err(hp.journal.fail(ev, EPERM, why).into());
-    }
+    let pid = visible_pid(hp, &vmas[0].mm)?;
     let ev = Event::new(Step::ResolveTarget).pid(pid);
     let mut out = KVVec::with_capacity(sites.len(), GFP_KERNEL).map_err(|_| {
         hp.journal
@@ -265,11 +272,6 @@ pub(crate) fn patch_file(
             .fail(ev, ENOMEM, "no memory to record a file's patch")
     };
     let mut handles = KVVec::with_capacity(members.len(), GFP_KERNEL).map_err(|_| nomem())?;
-    let mut offsets = KVVec::with_capacity(sites.len(), GFP_KERNEL).map_err(|_| nomem())?;
-    for s in sites {
-        // Within capacity: one a site.
-        let _ = offsets.push_within_capacity(s.addr);
-    }
     let handle = hp
         .registry
         .lock()
@@ -279,7 +281,7 @@ pub(crate) fn patch_file(
     let mapping = sys::file_mapping(file);
     for m in members {
         hp.pauses.at(Point::Walked, m.pid, &hp.journal);
-        match m.patch(hp, owner, flags, mapping, &offsets) {
+        match m.patch(hp, owner, flags, mapping, sites) {
             // Within capacity: one a member.
             Ok(h) => drop(handles.push_within_capacity(h)),
             Err(f) => {

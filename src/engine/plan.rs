@@ -43,15 +43,16 @@ pub(crate) struct FileScope<'a> {
     pub(crate) mm: usize,
     /// The file's `address_space`.
     pub(crate) mapping: usize,
-    /// Each site's offset in the file.
-    pub(crate) offsets: &'a [u64],
+    /// The PATCH_FILE's own sites, in the request's order: their `addr`
+    /// is the offset in the file.
+    pub(crate) sites: &'a [BatchSite],
 }
 
 impl FileScope<'_> {
     /// Is site `i`, at `addr` on file page `key`, the file's text the
     /// request named?
     fn holds(&self, i: u32, addr: usize, key: PageKey) -> bool {
-        let off = self.offsets[i as usize] as usize;
+        let off = self.sites[i as usize].addr as usize;
         key == (self.mapping, off >> kernel::page::PAGE_SHIFT)
             && addr & !PAGE_MASK == off & !PAGE_MASK
     }

@@ -357,28 +357,15 @@ pub(crate) fn patch_file_refuses_bad_input_with_a_reason() -> TestResult {
 pub(crate) fn patch_file_never_writes_into_another_file_mapped_since_the_walk() -> TestResult {
     let _khugepaged = KhugepagedAsleep::new()?;
     let (path, mut a, mut b) = two_mappers("shared-swapped.bin")?;
-    let dev = io(Device::open())?;
-    let file = io(std::fs::File::open(&path))?;
-    let site = [batch_site(OFFSET, &text::mov_eax_ret(4242), None)];
-    let args = PatchFileArgs {
-        max_pids: 4,
-        flags: uapi::PATCH_PERSIST,
-        ..Default::default()
-    };
-    let pause = Pause::arm("walked", b.pid)?;
-    let result = std::thread::scope(|s| {
-        let call = s.spawn(|| patch_file(&dev, &file, &site, args));
-        let swapped = pause
-            .wait_parked("walked")
-            .and_then(|_| b.command("remap-text"));
-        let _ = pause.release();
-        let result = call.join().map_err(|_| "PATCH_FILE panicked".to_string())?;
-        ensure!(swapped? == "remapped-text", "remap-text failed");
-        Ok::<_, String>(result)
+    let site = batch_site(OFFSET, &text::mov_eax_ret(4242), None);
+    let result = parked_file_patch(&path, site, b.pid, || {
+        let said = b.command("remap-text")?;
+        ensure!(said == "remapped-text", "remap-text said {said:?}");
+        Ok(())
     })?;
     expect_errno(
         "PATCH_FILE over a swapped text",
-        result,
+        result.map_err(|e| e.batch.error),
         libc::EAGAIN,
         "moved in this process",
     )?;

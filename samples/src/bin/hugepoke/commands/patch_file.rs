@@ -108,11 +108,13 @@ fn offset_of(site: &Site, object: &Object, out: &mut dyn Write) -> Result<u64, C
     }
 }
 
-/// Where file offset `off` of the file (`dev`, `ino`) is in process `pid`.
-fn address_in(pid: i32, dev: u64, ino: u64, off: u64) -> Option<u64> {
-    let maps = symbols::read_maps(pid).ok()?;
+/// Where file offset `off` of the file (`dev`, `ino`) is in the process
+/// that maps `objects`.
+fn address_in(objects: &[Object], dev: u64, ino: u64, off: u64) -> Option<u64> {
     let want = (libc::major(dev), libc::minor(dev));
-    maps.iter()
+    objects
+        .iter()
+        .flat_map(|o| &o.mappings)
         .find(|m| {
             m.executable()
                 && m.inode == ino
@@ -123,25 +125,26 @@ fn address_in(pid: i32, dev: u64, ino: u64, off: u64) -> Option<u64> {
         .map(|m| m.start + (off - m.offset))
 }
 
-/// The instruction check, in process `pid` (the first the kernel found):
-/// the same check as `patch --pid`, at the site's address there.
+/// The instruction check, in process `pid` (the first the kernel found),
+/// whose mapped `objects` are read once for every site: the same check as
+/// `patch --pid`, at the site's address there.
 fn check_in(
     args: &PatchArgs,
     pid: i32,
+    objects: &[Object],
     meta: &std::fs::Metadata,
     off: u64,
     bytes: &[u8],
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
-    let Some(addr) = address_in(pid, meta.dev(), meta.ino(), off) else {
+    let Some(addr) = address_in(objects, meta.dev(), meta.ino(), off) else {
         let _ = writeln!(
             out,
             "file offset {off:#x}: not checked as instructions (pid {pid} no longer maps it)"
         );
         return Ok(());
     };
-    let objects = symbols::objects(pid).unwrap_or_default();
-    let check = check_patch(pid, args.force, &objects, addr, bytes);
+    let check = check_patch(pid, args.force, objects, addr, bytes);
     let _ = writeln!(
         out,
         "file offset {off:#x}, checked in pid {pid} at {addr:#x}:"
@@ -212,8 +215,9 @@ pub fn exec(args: PatchArgs, json: bool) -> Result<(), CliError> {
             path.display()
         )));
     };
+    let objects = symbols::objects(first).unwrap_or_default();
     for (s, b) in inputs.iter().zip(&batch) {
-        check_in(&args, first, &meta, b.addr, &s.bytes, &mut out)?;
+        check_in(&args, first, &objects, &meta, b.addr, &s.bytes, &mut out)?;
     }
     let mut result = FilePatchOut {
         handle: None,
