@@ -367,7 +367,11 @@ impl Controller {
                 .fail(ev, ENOMEM, "no memory to list the processes")
         };
         let mut pids = KVec::new();
-        for (target, handle) in engine::patches_of(hp, args.handle).map_err(nomem)? {
+        // (EBUSY, a file patch still being made, is journaled already.)
+        let patches =
+            engine::patches_of(hp, args.handle)
+                .map_err(|e| if e == EBUSY { e } else { nomem(e) })?;
+        for (target, handle) in patches {
             engine::forked_of(hp, &target, handle, &mut pids).map_err(|e| {
                 hp.journal
                     .fail(ev, e, "cannot list the processes forked since PATCH")

@@ -246,10 +246,14 @@ int hugepoke_folio_mappers(struct folio *folio, struct mm_struct *skip,
 	return m.n;
 }
 
-/* The tgid (as the caller's pid namespace sees it) of @mm's owner, or 0. */
-pid_t hugepoke_mm_owner_tgid(struct mm_struct *mm)
+/*
+ * The tgid (as the caller's pid namespace sees it) of @mm's owner: 0 if
+ * the namespace does not see it, -1 if @mm has no owner (its last task is
+ * exiting, or no CONFIG_MEMCG).
+ */
+pid_t hugepoke_mm_owner(struct mm_struct *mm)
 {
-	pid_t tgid = 0;
+	pid_t tgid = -1;
 #ifdef CONFIG_MEMCG
 	struct task_struct *owner;
 
@@ -260,6 +264,12 @@ pid_t hugepoke_mm_owner_tgid(struct mm_struct *mm)
 	rcu_read_unlock();
 #endif
 	return tgid;
+}
+
+/* The tgid of @mm's owner in the caller's pid namespace, or 0. */
+pid_t hugepoke_mm_owner_tgid(struct mm_struct *mm)
+{
+	return max(hugepoke_mm_owner(mm), 0);
 }
 
 void hugepoke_folio_walk_end(struct folio_walk *fw, struct vm_area_struct *vma)

@@ -27,6 +27,7 @@ struct hugepoke_mapper {
 };
 int hugepoke_folio_mappers(struct folio *folio, struct mm_struct *skip,
 			   struct hugepoke_mapper *out, int max);
+pid_t hugepoke_mm_owner(struct mm_struct *mm);
 pid_t hugepoke_mm_owner_tgid(struct mm_struct *mm);
 /* One private executable VMA of a file (hugepoke_file_vmas). */
 struct hugepoke_file_vma {

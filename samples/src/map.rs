@@ -318,15 +318,19 @@ pub fn patches_in_range(lines: &[PatchLine], pid: i32, start: u64) -> Vec<Patch>
 /// process forked from them (QUERY_FORKED, through the device: none
 /// without it), at the address they were made at.
 pub fn forked_patches_in_range(lines: &[PatchLine], pid: i32, start: u64) -> Vec<Patch> {
-    let Ok(dev) = crate::device::Device::open() else {
-        return Vec::new();
-    };
     let inside = |l: &&PatchLine| {
         l.pid != pid && l.state == "live" && start <= l.addr && l.addr < start + RANGE
     };
     let mut handles: Vec<u64> = lines.iter().filter(inside).map(|l| l.handle).collect();
     handles.sort_unstable();
     handles.dedup();
+    // The device only when there is a handle to ask about.
+    let Some(dev) = (!handles.is_empty())
+        .then(crate::device::Device::open)
+        .and_then(Result::ok)
+    else {
+        return Vec::new();
+    };
     handles.retain(|&h| dev.query_forked(h).is_ok_and(|f| f.contains(&pid)));
     lines
         .iter()

@@ -185,21 +185,19 @@ fn walk(hp: &Hugepoke, file: &LocalFile, sites: &[BatchSite]) -> Result<KVVec<Fi
     Ok(vmas)
 }
 
-/// The pid of `mm`'s process in the caller's pid namespace; 0 for one that
-/// is exiting (its mm has no owner: it runs nothing more); EPERM for one
-/// the caller's namespace does not see (it could not be named).
-fn visible_pid(hp: &Hugepoke, mm: &Mm) -> Result<i32, FileFailure> {
-    let pid = sys::mm_owner_tgid(mm);
-    let running = mm
-        .mmget_not_zero()
-        .map(kernel::mm::MmWithUser::into_mmput_async)
-        .is_some();
-    if pid == 0 && running {
-        let why = "a process that maps the file is not visible in the caller's pid namespace";
-        let ev = Event::new(Step::ResolveTarget);
-        return Err(hp.journal.fail(ev, EPERM, why).into());
+/// The pid of `mm`'s process in the caller's pid namespace; None for one
+/// whose last task is exiting (its mm has no owner: it runs nothing more);
+/// EPERM for one the caller's namespace does not see (it could not be
+/// named).
+fn visible_pid(hp: &Hugepoke, mm: &Mm) -> Result<Option<i32>, FileFailure> {
+    match sys::mm_owner(mm) {
+        Some(0) => {
+            let why = "a process that maps the file is not visible in the caller's pid namespace";
+            let ev = Event::new(Step::ResolveTarget);
+            Err(hp.journal.fail(ev, EPERM, why).into())
+        }
+        pid => Ok(pid),
     }
-    Ok(pid)
 }
 
 /// The member the VMAs `vmas` of one address space make, if it maps any
@@ -209,7 +207,9 @@ fn member(
     vmas: &[FileVma],
     sites: &[BatchSite],
 ) -> Result<Option<Member>, FileFailure> {
-    let pid = visible_pid(hp, &vmas[0].mm)?;
+    let Some(pid) = visible_pid(hp, &vmas[0].mm)? else {
+        return Ok(None);
+    };
     let ev = Event::new(Step::ResolveTarget).pid(pid);
     let mut out = KVVec::with_capacity(sites.len(), GFP_KERNEL).map_err(|_| {
         hp.journal
@@ -245,7 +245,7 @@ fn member(
                 .fail(ev.addr(sites[i].addr as usize), EINVAL, why);
             Err(FileFailure::of_process(error, pid, i))
         }
-        None => Ok((pid > 0).then(|| Member {
+        None => Ok(Some(Member {
             mm: vmas[0].mm.clone(),
             pid,
             sites: out,
@@ -317,10 +317,14 @@ fn undo(
 ) -> Option<u64> {
     if sys::fatal_signal_pending() {
         // The caller is dying: its undo's GUPs would fail with EINTR; a
-        // work item's do not.  (The failed process's own part is queued
-        // by PATCH already.)  Nobody will be told a handle.
+        // work item's do not.  Nobody will be told a handle.  (The failed
+        // process's own part too: PATCH queued it only if the signal had
+        // come by then; a second RESTORE of it finds nothing.)
         for &h in done.iter() {
             restore_after_killed_patch(hp, h); // mutant: killed-file-patch-kept
+        }
+        if let Some(h) = failed_kept {
+            restore_after_killed_patch(hp, h);
         }
         drop(hp.registry.lock().forget_file_handle(handle));
         return None;

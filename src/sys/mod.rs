@@ -41,8 +41,8 @@ pub(crate) use pte::{
 };
 pub(crate) use sync::{fatal_signal_pending, lock_killable, Done};
 pub(crate) use task::{
-    capable_sys_admin, capable_sys_admin_noaudit, current_tgid, mm_id, mm_owner_tgid, ModuleRef,
-    PidRef, Process,
+    capable_sys_admin, capable_sys_admin_noaudit, current_tgid, mm_id, mm_owner, mm_owner_tgid,
+    ModuleRef, PidRef, Process,
 };
 pub(crate) use vma::{beyond_eof, gone_for_good, vma_file, vma_info, VmaInfo};
 pub(crate) use wq::Workqueue;
@@ -83,6 +83,7 @@ extern "C" {
         out: *mut folio::RawMapper,
         max: i32,
     ) -> i32;
+    fn hugepoke_mm_owner(mm: *mut bindings::mm_struct) -> i32;
     fn hugepoke_mm_owner_tgid(mm: *mut bindings::mm_struct) -> i32;
     fn hugepoke_file_vmas(
         file: *mut bindings::file,

@@ -26,6 +26,15 @@ pub(crate) fn mm_owner_tgid(mm: &Mm) -> i32 {
     unsafe { super::hugepoke_mm_owner_tgid(mm.as_raw()) }
 }
 
+/// Who owns `mm` (`mm->owner`): `Some(tgid)` as the caller's pid namespace
+/// sees it (0: not visible there), or `None` when it has no owner (its
+/// last task is exiting).
+pub(crate) fn mm_owner(mm: &Mm) -> Option<i32> {
+    // SAFETY: as in `mm_owner_tgid`.
+    let tgid = unsafe { super::hugepoke_mm_owner(mm.as_raw()) };
+    (tgid >= 0).then_some(tgid)
+}
+
 /// A process named by the caller, with a reference on its task.
 pub(crate) struct Process {
     task: ARef<Task>,
