@@ -104,6 +104,71 @@ bool hugepoke_folio_mapped_elsewhere(struct folio *folio)
 	       folio_mapcount(folio) > 1;
 }
 
+/*
+ * The fork family of an anonymous @folio: the root of its anon_vma, which
+ * every process forked from its mapper shares (an identity, never
+ * dereferenced by the caller); 0 for a KSM or non-anonymous folio.  The
+ * caller keeps the folio mapped (mmap lock), so its anon_vma lives.
+ */
+unsigned long hugepoke_folio_family(struct folio *folio)
+{
+	unsigned long mapping = (unsigned long)READ_ONCE(folio->mapping);
+
+	if ((mapping & FOLIO_MAPPING_FLAGS) != FOLIO_MAPPING_ANON)
+		return 0;
+	return (unsigned long)((struct anon_vma *)(mapping - FOLIO_MAPPING_ANON))->root;
+}
+
+/* The fork family of @vma's anonymous pages (its mmap lock held), or 0. */
+unsigned long hugepoke_vma_family(struct vm_area_struct *vma)
+{
+	return vma->anon_vma ? (unsigned long)vma->anon_vma->root : 0;
+}
+
+u64 hugepoke_boottime_ns(void)
+{
+	return ktime_get_boottime_ns();
+}
+
+/*
+ * Was @mm's process forked, since @since (boot-time ns), from the process
+ * @target (NULL: gone) or from a process forked from it since?  Its
+ * ancestors forked since are climbed to the first that is older: that one
+ * must be @target's thread group, or a reaper (init, a subreaper), whom a
+ * process is given when its parent exits.  Then the process is the
+ * target's unless an ancestor of it that exited was older than @since —
+ * which no one can tell any more; its copy's bytes decide (the caller).
+ */
+bool hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target)
+{
+	bool forked = false;
+#ifdef CONFIG_MEMCG
+	struct task_struct *p, *q;
+	struct pid *tgid;
+	bool reaper;
+
+	rcu_read_lock();
+	p = rcu_dereference(mm->owner);
+	if (!p || p->group_leader->start_boottime <= since) /* mutant: forked-before-patch-taken */
+		goto out;
+	for (;;) {
+		q = rcu_dereference(p->group_leader->real_parent);
+		if (q->group_leader->start_boottime > since && q != p) {
+			p = q;
+			continue;
+		}
+		tgid = task_tgid(q);
+		/* The reaper it was given to when its parent exited? */
+		reaper = (tgid && is_child_reaper(tgid)) || q->signal->is_child_subreaper;
+		forked = tgid == target || reaper; /* mutant: forked-ancestry-unchecked */
+		break;
+	}
+out:
+	rcu_read_unlock();
+#endif
+	return forked;
+}
+
 unsigned int hugepoke_folio_order(const struct folio *folio)
 {
 	return folio_order(folio);
@@ -187,63 +252,6 @@ int hugepoke_zap_anon_pte(struct vm_area_struct *vma, struct folio *folio,
 	}
 	folio_put(folio);
 	return swapcache;
-}
-
-/* Who else maps a folio: the rmap walk, recording each mm and address. */
-
-struct hugepoke_mappers {
-	struct mm_struct *skip;
-	struct hugepoke_mapper *out;
-	int max, n;
-};
-
-static bool hugepoke_rmap_one(struct folio *folio, struct vm_area_struct *vma,
-			      unsigned long addr, void *arg)
-{
-	struct hugepoke_mappers *m = arg;
-
-	if (vma->vm_mm == m->skip) /* mutant: forked-walks-the-target */
-		return true;
-	if (m->n == m->max)
-		return false;
-	/* Only recorded: each is checked again under its own locks. */
-	mmgrab(vma->vm_mm);
-	m->out[m->n].mm = vma->vm_mm;
-	m->out[m->n].addr = addr;
-	m->n++;
-	return true;
-}
-
-/*
- * Every (mm, address) but @skip's where a VMA may map the anonymous
- * @folio, at most @max, each mm with an mm_count reference for the caller
- * to drop; the number recorded (@max: maybe more).  -EBUSY for a KSM or a
- * large folio (the walk's addresses would not be this page's), -EINTR on
- * a fatal signal.  The caller holds the mmap lock of a process that maps
- * @folio, which keeps its anon_vma alive; the walk takes the folio lock
- * and the anon_vma lock (both may sleep).
- */
-int hugepoke_folio_mappers(struct folio *folio, struct mm_struct *skip,
-			   struct hugepoke_mapper *out, int max)
-{
-	struct hugepoke_mappers m = { .skip = skip, .out = out, .max = max };
-	struct rmap_walk_control rwc = {
-		.arg = &m,
-		.rmap_one = hugepoke_rmap_one,
-	};
-
-	if (!folio_test_anon(folio))
-		return 0;
-	if (folio_lock_killable(folio))
-		return -EINTR;
-	/* Under the folio lock: ksmd turns a folio into KSM under it. */
-	if (folio_test_ksm(folio) || folio_test_large(folio)) {
-		folio_unlock(folio);
-		return -EBUSY;
-	}
-	rmap_walk(folio, &rwc);
-	folio_unlock(folio);
-	return m.n;
 }
 
 /*
@@ -340,6 +348,8 @@ struct folio *hugepoke_read_file_folio(struct vm_area_struct *vma, pgoff_t index
 
 struct hugepoke_file_walk {
 	struct mm_struct *skip;
+	/* Only VMAs of this fork family (hugepoke_folio_family), unless 0. */
+	unsigned long family;
 	struct hugepoke_file_vma *out;
 	int max, n;
 };
@@ -348,8 +358,21 @@ struct hugepoke_file_walk {
 static bool hugepoke_not_private_text(struct vm_area_struct *vma, void *arg)
 {
 	struct hugepoke_file_walk *w = arg;
+	struct anon_vma *anon_vma;
+	bool other = false;
 
-	return vma->vm_mm == w->skip ||
+	if (w->family) {
+		/*
+		 * Racy (no mmap lock): a filter only, checked again under the
+		 * mmap lock.  anon_vmas are SLAB_TYPESAFE_BY_RCU: ->root is
+		 * read from an anon_vma, never dereferenced.
+		 */
+		rcu_read_lock();
+		anon_vma = READ_ONCE(vma->anon_vma);
+		other = !anon_vma || (unsigned long)READ_ONCE(anon_vma->root) != w->family;
+		rcu_read_unlock();
+	}
+	return other || vma->vm_mm == w->skip ||
 	       (vma->vm_flags & (VM_EXEC | VM_MAYSHARE | VM_HUGETLB)) != VM_EXEC; /* mutant: file-walk-any-vma */
 }
 
@@ -379,13 +402,11 @@ static bool hugepoke_file_vma_one(struct folio *folio, struct vm_area_struct *vm
  * page-cache folio (read in if need be), under the folio lock.  -ENXIO
  * past EOF, -EINVAL for no regular file, -EINTR on a fatal signal.
  */
-int hugepoke_file_vmas(struct file *file, pgoff_t index,
-		       struct hugepoke_file_vma *out, int max, pgoff_t *next)
+static int hugepoke_walk_file(struct file *file, pgoff_t index,
+			      struct hugepoke_file_walk *w, pgoff_t *next)
 {
-	/* The caller is not patched: it would run the patch it is making. */
-	struct hugepoke_file_walk w = { .skip = current->mm, .out = out, .max = max }; /* mutant: file-walk-includes-caller */
 	struct rmap_walk_control rwc = {
-		.arg = &w,
+		.arg = w,
 		.rmap_one = hugepoke_file_vma_one,
 		.invalid_vma = hugepoke_not_private_text,
 	};
@@ -412,7 +433,32 @@ int hugepoke_file_vmas(struct file *file, pgoff_t index,
 	}
 	folio_unlock(folio);
 	folio_put(folio);
-	return w.n;
+	return w->n;
+}
+
+int hugepoke_file_vmas(struct file *file, pgoff_t index,
+		       struct hugepoke_file_vma *out, int max, pgoff_t *next)
+{
+	/* The caller is not patched: it would run the patch it is making. */
+	struct hugepoke_file_walk w = { .skip = current->mm, .out = out, .max = max }; /* mutant: file-walk-includes-caller */
+
+	return hugepoke_walk_file(file, index, &w, next);
+}
+
+/*
+ * As hugepoke_file_vmas(), but only the VMAs of fork @family (a
+ * hugepoke_folio_family()) that are not @skip's (NULL: none skipped):
+ * where the processes forked from a patched process map the file.
+ */
+int hugepoke_family_vmas(struct file *file, pgoff_t index, unsigned long family,
+			 struct mm_struct *skip, struct hugepoke_file_vma *out,
+			 int max, pgoff_t *next)
+{
+	struct hugepoke_file_walk w = {
+		.skip = skip, .family = family, .out = out, .max = max
+	};
+
+	return hugepoke_walk_file(file, index, &w, next);
 }
 
 /* Pages of the file a VMA maps, to its current size (rounded up). */

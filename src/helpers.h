@@ -20,13 +20,6 @@ bool hugepoke_page_anon_exclusive(const struct page *page);
 void hugepoke_folio_put(struct folio *folio);
 void hugepoke_folio_get(struct folio *folio);
 
-/* One (mm, address) that may map a folio (hugepoke_folio_mappers). */
-struct hugepoke_mapper {
-	struct mm_struct *mm;
-	unsigned long addr;
-};
-int hugepoke_folio_mappers(struct folio *folio, struct mm_struct *skip,
-			   struct hugepoke_mapper *out, int max);
 pid_t hugepoke_mm_owner(struct mm_struct *mm);
 pid_t hugepoke_mm_owner_tgid(struct mm_struct *mm);
 /* One private executable VMA of a file (hugepoke_file_vmas). */
@@ -37,6 +30,13 @@ struct hugepoke_file_vma {
 };
 int hugepoke_file_vmas(struct file *file, pgoff_t index,
 		       struct hugepoke_file_vma *out, int max, pgoff_t *next);
+int hugepoke_family_vmas(struct file *file, pgoff_t index, unsigned long family,
+			 struct mm_struct *skip, struct hugepoke_file_vma *out,
+			 int max, pgoff_t *next);
+unsigned long hugepoke_folio_family(struct folio *folio);
+unsigned long hugepoke_vma_family(struct vm_area_struct *vma);
+u64 hugepoke_boottime_ns(void);
+bool hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target);
 int hugepoke_folio_unexpected_refs(struct folio *folio);
 bool hugepoke_folio_is_anon(struct folio *folio);
 bool hugepoke_folio_may_be_lru_cached(struct folio *folio);

@@ -204,6 +204,8 @@ mod hugepoke {
             bytes: [0x90; 16],
             orig: [0xcc; 16],
             pfn: 0,
+            family: 0,
+            since: 0,
             pmd_mappable: true,
         }
     }

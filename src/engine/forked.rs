@@ -5,43 +5,51 @@
 //! patch too; RESTORE restores each of them first, by RESTORE's own passes
 //! in that process, then the target.
 //!
-//! Who they are is the rmap walk's answer for the target's copy of each
-//! patched page, found as RESTORE finds it (following `mremap`, swap and
-//! migration) and walked with the target's mmap lock held, which keeps
-//! the copy's anon_vma alive.  The walk names every process that *may*
-//! map the page (one forked before the patch shares the anon_vma too), so
-//! each is asked, under its own mmap lock, whether it maps that very page;
-//! only then is the patch restored there: its copy found, every site's
-//! bytes checked to be the patched ones, COW broken (the page is shared:
-//! it is never written), the originals written into its own copy, the
-//! copy zapped if it now equals the page-cache page, its range collapsed.
-//! A change of its own stays with it.
+//! Who they are: every process whose private executable mapping of a
+//! patched file page belongs to the target's fork family (the root of the
+//! anon_vma of the copy PATCH wrote, which every process forked from the
+//! target since shares) — found through the file's own mappings, as
+//! uprobes finds its mms, so a child is found when its copy has diverged
+//! from the target's, when the target no longer maps it and when the
+//! target is gone.  Each is then asked, under its own mmap lock, whether
+//! it runs the patch: it was forked from the target, or from a process
+//! forked from it, after PATCH wrote the page (its ancestry, as far as it
+//! is still known: a process whose parent exited was given to a reaper),
+//! and its copy holds the patch's bytes at one of its sites at least.
+//! Only then is the patch restored there: its copy found, every site's
+//! bytes checked to be the patched ones, COW broken (the page may be
+//! shared: it is never written), the originals written into its own
+//! copy, the copy zapped if it now equals the page-cache page, its range
+//! collapsed.  A change of its own stays with it.
 //!
 //! A process that refuses stops the RESTORE before the target is touched
 //! ("patch kept; RESTORE may be retried"), but for a closing file or an
 //! unloading module: then it is journaled and the target restored anyway.
 //!
 //! Locks: the target's state (held by RESTORE), then one mmap lock at a
-//! time — the target's while its copies are walked, then each child's.
+//! time (each child's); the file walk takes the page-cache folio's lock
+//! and the file's i_mmap lock with no mmap lock held.
 
+use core::ops::Range;
 use kernel::{
     alloc::AllocError,
+    fs::File,
     mm::{Mm, MmWithUser},
     prelude::*,
     sync::aref::ARef,
 };
 
 use super::{
-    locate::{find_anon_copy, Look, Shared},
+    locate::Shared,
     outcome::{Closing, Refused},
     plan::{self, Outcome, Written},
     restore::restore_pages,
 };
 use crate::{
     journal::{Event, Step},
-    patches::Site,
+    patches::{Patches, Site},
     refusal::Refusal,
-    sys::{self, MmapWriteGuard, PageRef, PMD_MASK},
+    sys::{self, MmapWriteGuard, PidRef, PMD_MASK},
     target::Target,
     uapi::PATCH_INSTALL_PMD,
     Hugepoke,
@@ -50,28 +58,56 @@ use crate::{
 /// Most places one patched page is looked for in.
 const MAX_MAPPERS: usize = 4096;
 
-/// Who may map the patched pages: each candidate's mm, the address there,
-/// and which of `copies` (the target's patched pages, with the index of
-/// their first site) it may map.
+/// Whose forked processes a pass looks for: the target's mm (skipped by
+/// the walk; None once the process is gone), its process (whom they
+/// descend from), and the file of each page of the plan, in its order.
+pub(super) struct Lineage<'a> {
+    pub(super) mm: Option<&'a MmWithUser>,
+    pub(super) pid: Option<&'a PidRef>,
+    pub(super) files: &'a [Option<ARef<File>>],
+}
+
+/// The file of each page of `pages` (a plan of `sites`), from the table.
+pub(super) fn files_of(
+    patches: &Patches<ARef<File>>,
+    sites: &[Site],
+    pages: &[plan::PageWork],
+) -> Result<KVec<Option<ARef<File>>>> {
+    let mut files = KVec::with_capacity(pages.len(), GFP_KERNEL)?;
+    for w in pages {
+        let file = patches.file_of(&sites[w.range.start].page_key()).cloned();
+        files.push(file, GFP_KERNEL)?;
+    }
+    Ok(files)
+}
+
+/// Who may run the patched pages: the range of `sites` on each page
+/// looked at, and each place (a candidate's mm, the address there, which
+/// of `pages`) the family walk named.
 struct Candidates {
-    copies: KVec<(PageRef, usize)>,
+    pages: KVec<Range<usize>>,
     places: KVVec<(ARef<Mm>, usize, usize)>,
 }
 
 /// Restore the patch of `sites` (their `pages`) in every process forked
-/// while it lived, before the target `mm`; `last_on_page` as for the
-/// target.  Refuses (with the site to blame) if one of them cannot give
-/// it back, unless the patch's file is closing or the module unloading.
+/// while it lived, before the target; `last_on_page` as for the target.
+/// Refuses (with the site to blame) if one of them cannot give it back,
+/// unless the patch's file is closing or the module unloading.
 pub(super) fn restore_forked(
     hp: &Hugepoke,
-    mm: &MmWithUser,
+    lineage: &Lineage<'_>,
     sites: &[Site],
     pages: &[plan::PageWork],
     last_on_page: &impl Fn(&[Site]) -> bool,
     closing: Closing,
 ) -> Result<(), (Refused, usize)> {
-    let pass = Pass { hp, sites, closing };
-    let found = match candidates(hp, mm, sites, pages) {
+    let pass = Pass {
+        hp,
+        sites,
+        closing,
+        lineage,
+    };
+    let found = match candidates(hp, lineage, sites, pages) {
         Ok(found) => found,
         Err(r) => return pass.stop(sites[0].pid, (Refused::Kept(r), 0)),
     };
@@ -89,7 +125,6 @@ pub(super) fn restore_forked(
             break;
         }
     }
-    // The target's copies go before its own RESTORE counts their references.
     drop(found);
     collapse_children(hp, &collapses);
     result
@@ -100,11 +135,12 @@ struct Pass<'a> {
     hp: &'a Hugepoke,
     sites: &'a [Site],
     closing: Closing,
+    lineage: &'a Lineage<'a>,
 }
 
 impl Pass<'_> {
     /// Restore the patch in `child` (named first at place `i` of `found`)
-    /// if it maps a patched page; a refusal goes through [`Pass::stop`].
+    /// if it runs it; a refusal goes through [`Pass::stop`].
     fn child(
         &self,
         child: &Mm,
@@ -118,7 +154,7 @@ impl Pass<'_> {
             return Ok(());
         };
         let pid = sys::mm_owner_tgid(&child);
-        match maps_a_patched_page(&child, found, i, self.sites) {
+        match runs_the_patch(&child, found, i, self.sites, self.lineage) {
             Err(r) => self.stop(pid, (Refused::Kept(r), 0)),
             Ok(ours) => {
                 if !ours {
@@ -149,67 +185,83 @@ impl Pass<'_> {
     }
 }
 
-/// The target's copy of each patched page, and every place the rmap walk
-/// says it may be mapped by another process; the target's mmap lock is
-/// held for the walk.
+/// Every place where a process of the target's fork family maps a
+/// patched file page, but the target itself: the file's own mappings,
+/// walked once per page-cache folio.
 fn candidates(
     hp: &Hugepoke,
-    mm: &MmWithUser,
+    lineage: &Lineage<'_>,
     sites: &[Site],
     pages: &[plan::PageWork],
 ) -> Result<Candidates, Refusal> {
-    let waiting = |e| Refusal::new(e, "fatal signal while waiting for the target's mmap lock");
-    let guard = MmapWriteGuard::lock_killable(mm).map_err(waiting)?;
     let nomem = |_| Refusal::new(ENOMEM, "no memory to list who maps the patched pages");
     let mut found = Candidates {
-        copies: KVec::new(),
+        pages: KVec::new(),
         places: KVVec::new(),
     };
-    for w in pages.iter() {
+    // The last walk: its file, family, the first page past its folio.
+    let mut walked: Option<(usize, usize, usize, KVVec<sys::FileVma>)> = None;
+    for (w, file) in pages.iter().zip(lineage.files) {
         let rep = &sites[w.range.start];
-        // (No copy, or one RESTORE would refuse: its own pass says why.)
-        let Ok(Look::Copy(_, _, page, _)) = find_anon_copy(&guard, rep) else {
+        let Some(file) = file.as_ref().filter(|_| rep.family != 0) else {
             continue;
         };
-        let places = match page.mappers(mm, MAX_MAPPERS) {
-            Ok(places) => places, // mutant: child-left-patched
-            Err(e) if e == EBUSY => {
-                let why = "the patched page is a KSM or large folio now: processes forked since PATCH are not looked for";
-                hp.journal.record(rep.event(Step::Restore).note(why));
-                continue;
-            }
-            Err(e) if e == E2BIG => {
-                let why = "more than 4096 places may map the patched page: nothing restored";
-                return Err(Refusal::new(E2BIG, why));
-            }
-            Err(e) => {
-                return Err(Refusal::new(
-                    e,
-                    "the walk of who maps the patched page failed",
-                ))
-            }
+        // Pages come in file order: this one may be in the folio walked last.
+        let seen = |&(m, f, next, _): &(usize, usize, usize, _)| {
+            m == rep.mapping && f == rep.family && rep.pgoff < next
         };
-        let k = found.copies.len();
+        if !walked.as_ref().is_some_and(seen) {
+            let skip = lineage.mm.map(|mm| &**mm);
+            match sys::family_vmas(file, rep.pgoff, rep.family, skip, MAX_MAPPERS) {
+                Ok((vmas, next)) => walked = Some((rep.mapping, rep.family, next, vmas)), // mutant: child-left-patched
+                // Truncated: no process maps the page any more.
+                Err(e) if e == ENXIO => continue,
+                Err(e) => return Err(walk_failed(hp, rep, e)),
+            }
+        }
+        let Some((_, _, _, vmas)) = &walked else {
+            continue;
+        };
+        let k = found.pages.len();
         found
-            .copies
-            .push((page, w.range.start), GFP_KERNEL)
+            .pages
+            .push(w.range.clone(), GFP_KERNEL)
             .map_err(nomem)?;
-        for (m, addr) in places.into_iter() {
-            found.places.push((m, addr, k), GFP_KERNEL).map_err(nomem)?;
+        for v in vmas.iter() {
+            if let Some(addr) = v.addr_of(rep.pgoff) {
+                let place = (v.mm.clone(), addr, k);
+                found.places.push(place, GFP_KERNEL).map_err(nomem)?;
+            }
         }
     }
     Ok(found)
 }
 
-/// Does `child` map, at one of the places the walk named for it (from
-/// the `first`), the very page of the target's copy that place names?
-/// Only where it maps the same file page there; a look at the page tables,
-/// and a read fault (a swapped-out copy) unless userfaultfd watches it.
-fn maps_a_patched_page(
+/// Why the walk of who maps `rep`'s file page failed (`e`), journaled.
+fn walk_failed(hp: &Hugepoke, rep: &Site, e: Error) -> Refusal {
+    let why = if e == E2BIG {
+        "more than 4096 mappings of the patched file page may be forked from the target: nothing restored"
+    } else if e == EINTR {
+        "fatal signal while walking who maps the patched file page"
+    } else {
+        "the walk of who maps the patched file page failed"
+    };
+    hp.journal.record(rep.event(Step::Restore).error(e, why));
+    Refusal::new(e, why)
+}
+
+/// Does `child` run the patch at one of the places the walk named for it
+/// (from the `first`)?  There it maps the same file page, in the target's
+/// fork family; it was forked from the target since PATCH; and its copy
+/// (faulted in if swapped out, unless userfaultfd watches it) holds the
+/// patch's bytes at one site of that page at least (a process that
+/// started just after PATCH but was forked before it has none).
+fn runs_the_patch(
     child: &MmWithUser,
     found: &Candidates,
     first: usize,
     sites: &[Site],
+    lineage: &Lineage<'_>,
 ) -> Result<bool, Refusal> {
     let waiting = |e| {
         Refusal::new(
@@ -223,12 +275,16 @@ fn maps_a_patched_page(
         if !core::ptr::eq(&**m, &**me) {
             continue;
         }
-        let (copy, rep) = (&found.copies[*k].0, &sites[found.copies[*k].1]);
+        let on_page = &sites[found.pages[*k].clone()];
+        let rep = &on_page[0];
         let Some(vma) = guard.vma_lookup(*addr) else {
             continue;
         };
         let info = sys::vma_info(vma);
-        if info.address_of(rep.mapping, rep.pgoff) != Some(*addr) {
+        if info.address_of(rep.mapping, rep.pgoff) != Some(*addr)
+            || sys::vma_family(vma) != rep.family
+            || !sys::forked_since(child, rep.since, lineage.pid)
+        {
             continue;
         }
         let page = match sys::anon_copy_at(vma, *addr) {
@@ -236,7 +292,14 @@ fn maps_a_patched_page(
             None if info.uffd_armed || !info.has_anon_vma => None,
             None => guard.get_user_page(*addr, sys::FOLL_FORCE).ok(),
         };
-        if page.is_some_and(|p| p.pfn() == copy.pfn()) {
+        let holds_the_bytes = |page: sys::PageRef| {
+            on_page.iter().any(|s| {
+                let mut now = [0u8; crate::uapi::MAX_BYTES];
+                page.read(s.offset(), &mut now[..s.len]);
+                now[..s.len] == s.bytes[..s.len] // mutant: forked-foreign-bytes-taken diverged-child-left-patched
+            })
+        };
+        if page.is_some_and(|p| p.is_anon() && holds_the_bytes(p)) {
             return Ok(true);
         }
     }
@@ -315,8 +378,8 @@ fn collapse_children(hp: &Hugepoke, collapses: &[(ARef<Mm>, usize, bool)]) {
 }
 
 /// The processes forked while `handle`'s patch of `target` lived that run
-/// it now, added to `pids` (each once): QUERY_FORKED's answer.  None if
-/// the target is gone.
+/// it now, added to `pids` (each once): QUERY_FORKED's answer, found as
+/// RESTORE finds them (also when the target is gone).
 pub(crate) fn forked_of(
     hp: &Hugepoke,
     target: &Target,
@@ -326,22 +389,18 @@ pub(crate) fn forked_of(
     let ev = Event::new(Step::Query).handle(handle);
     let state = target.lock_killable(&hp.journal, ev)?;
     let sites = state.patches.sites_of(handle)?;
-    let Some(mm) = target.mm_user() else {
-        return Ok(());
-    };
     if sites.is_empty() {
         return Ok(());
     }
-    forked_pids(hp, &mm, &sites, pids)
-}
-
-/// The processes forked while the patch of `sites` lived that run it now
-/// (they map one of its patched pages), added to `pids` by pid, each
-/// once.  Found as RESTORE finds them (the rmap walk of the target `mm`'s
-/// copies, then each process asked under its own mmap lock).
-fn forked_pids(hp: &Hugepoke, mm: &MmWithUser, sites: &[Site], pids: &mut KVec<i32>) -> Result {
-    let pages = plan::pages_of(sites, Written::Bytes)?;
-    let found = candidates(hp, mm, sites, &pages).map_err(|r| r.errno)?;
+    let pages = plan::pages_of(&sites, Written::Bytes)?;
+    let files = files_of(&state.patches, &sites, &pages)?;
+    let mm = target.mm_user();
+    let lineage = Lineage {
+        mm: mm.as_deref().map(|m| &**m),
+        pid: target.pid.as_ref(),
+        files: &files,
+    };
+    let found = candidates(hp, &lineage, &sites, &pages).map_err(|r| r.errno)?;
     for (i, (m, _, _)) in found.places.iter().enumerate() {
         if found.places[..i]
             .iter()
@@ -352,8 +411,8 @@ fn forked_pids(hp: &Hugepoke, mm: &MmWithUser, sites: &[Site], pids: &mut KVec<i
         let Some(child) = m.mmget_not_zero().map(MmWithUser::into_mmput_async) else {
             continue;
         };
-        // (The walk names processes forked before the patch too.)
-        if maps_a_patched_page(&child, &found, i, sites).map_err(|r| r.errno)? {
+        // (The walk names every process of the family.)
+        if runs_the_patch(&child, &found, i, &sites, &lineage).map_err(|r| r.errno)? {
             // mutant: forked-query-unchecked
             let pid = sys::mm_owner_tgid(&child);
             if pid > 0 && !pids.contains(&pid) {

@@ -77,7 +77,7 @@ fn cow_page(
 /// PATCH of one page (its sites sorted, not overlapping), mapped as
 /// `before` says: split the PMD, break COW, and, under one hold of the PT
 /// lock, check the expected bytes of every site and write all of them.
-/// Fills every site's `orig` and `pfn`.
+/// Fills every site's `orig`, `pfn`, `family` and `since`.
 pub(crate) fn write_patch(
     hp: &Hugepoke,
     guard: &MmapWriteGuard<'_>,
@@ -120,12 +120,17 @@ pub(crate) fn write_patch(
         // a reference taken earlier — /proc/PID/mem's kmap — is excluded by
         // the mmap lock, which we hold for writing.)
         let mut pte = pte.unmap();
+        let stamp = Stamp {
+            pfn: page.pfn(),
+            family: page.family(),
+            since: sys::boottime_ns(),
+        };
         if let Some((k, m)) = swap_expected(
             &mut pte,
             sites,
             expects,
             file.as_ref().map(Option::as_ref),
-            page.pfn(),
+            stamp,
         ) {
             drop(pte);
             return Err(WriteError::NotExpected(k, page, m));
@@ -142,6 +147,13 @@ pub(crate) fn write_patch(
     )))
 }
 
+/// What a PATCH records of the page it writes, in each of its sites.
+struct Stamp {
+    pfn: usize,
+    family: usize,
+    since: u64,
+}
+
 /// Under the PT lock, PTE cleared: read every site's `orig`, and if each
 /// is the expected bytes (where a site has some) and, when `file` is
 /// given, the file's own bytes, write every site's bytes.  The first site
@@ -151,11 +163,13 @@ fn swap_expected(
     sites: &mut [Site],
     expects: &[Option<[u8; MAX_BYTES]>],
     file: Option<Option<&CacheRef>>,
-    pfn: usize,
+    stamp: Stamp,
 ) -> Option<(usize, Mismatch)> {
     for site in sites.iter_mut() {
         pte.read(site.offset(), &mut site.orig[..site.len]);
-        site.pfn = pfn;
+        site.pfn = stamp.pfn;
+        site.family = stamp.family;
+        site.since = stamp.since;
     }
     let mismatch = sites
         .iter()

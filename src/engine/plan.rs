@@ -444,6 +444,8 @@ fn planned_site(who: &Identity, i: u32, s: &BatchSite, flags: u32, key: PageKey)
         bytes: s.bytes,
         orig: [0; MAX_BYTES],
         pfn: 0,
+        family: 0,
+        since: 0,
         pmd_mappable: false,
     }
 }

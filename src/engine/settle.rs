@@ -14,7 +14,7 @@ use kernel::{
 };
 
 use super::{
-    forked::restore_forked,
+    forked::{files_of, restore_forked, Lineage},
     locate::{Shared, FORKED_DURING_RESTORE},
     outcome::{Closing, Refused},
     plan::{self, Outcome, PageState, PageWork, Written},
@@ -124,6 +124,12 @@ pub(crate) fn restore_handle(
         let why = "no memory to list the patch's sites: patch kept";
         return Some(Err(hp.journal.fail(ev, ENOMEM, why)));
     };
+    let Ok(files) = files_of(&state.patches, &sites, &pages) else {
+        keep_if_closing(hp, state, handle, closing);
+        let ev = Event::new(Step::Restore).handle(handle);
+        let why = "no memory to list the patch's files: patch kept";
+        return Some(Err(hp.journal.fail(ev, ENOMEM, why)));
+    };
     let first = sites[0];
     let ev = |step| first.event(step);
     hp.journal.record(ev(Step::Restore));
@@ -135,22 +141,35 @@ pub(crate) fn restore_handle(
     // Every site of this handle on a page is being restored.
     let patches = &state.patches;
     let last_on_page = |s: &[Site]| patches.on_page(s[0].page_key()) as usize <= s.len();
-    let outcome = match target.mm_user() {
-        None => Err((gone, 0)),
-        Some(mm) => restore_everywhere(hp, &mm, &sites, &mut pages, &last_on_page, closing),
+    let mm = target.mm_user();
+    let lineage = Lineage {
+        mm: mm.as_deref().map(|m| &**m),
+        pid: target.pid.as_ref(),
+        files: &files,
     };
+    let outcome = match lineage.mm {
+        None => {
+            // Its children may still run the patch.
+            let forked = restore_forked(hp, &lineage, &sites, &pages, &last_on_page, closing); // mutant: orphans-left-patched
+            forked.and(Err((gone, 0)))
+        }
+        Some(mm) => {
+            restore_everywhere(hp, mm, &lineage, &sites, &mut pages, &last_on_page, closing)
+        }
+    };
+    drop(mm);
     let verdict = judge(hp, &ev, &sites, &pages, outcome, closing);
     let forgotten = forget(hp, &ev, state, handle, &sites, &pages, verdict.forget_all);
     queue_collapses(hp, target, state, &sites, &pages);
     if state.patches.count(handle) != 0 {
         keep_if_closing(hp, state, handle, closing);
-        drop(forgotten);
+        drop((forgotten, files));
         return Some(verdict.result);
     }
     let result = verdict.result;
     finish(hp, target, state, handle, verdict, &ev(Step::Restored));
     // File references are dropped after the locks.
-    drop(forgotten);
+    drop((forgotten, files));
     Some(result)
 }
 
@@ -166,6 +185,7 @@ const FORKED_PASSES: usize = 3;
 fn restore_everywhere(
     hp: &Hugepoke,
     mm: &MmWithUser,
+    lineage: &Lineage<'_>,
     sites: &[Site],
     pages: &mut [PageWork],
     last_on_page: &impl Fn(&[Site]) -> bool,
@@ -178,10 +198,11 @@ fn restore_everywhere(
     let mut passes = 0;
     loop {
         passes += 1;
-        let result = restore_forked(hp, mm, sites, pages, last_on_page, closing).and_then(|()| {
-            hp.pauses.at(Point::Forked, sites[0].pid, &hp.journal);
-            restore_pages(hp, mm, sites, pages, last_on_page, shared)
-        });
+        let result =
+            restore_forked(hp, lineage, sites, pages, last_on_page, closing).and_then(|()| {
+                hp.pauses.at(Point::Forked, sites[0].pid, &hp.journal);
+                restore_pages(hp, mm, sites, pages, last_on_page, shared)
+            });
         match result {
             Err((Refused::Kept(r), _))
                 if r.why == FORKED_DURING_RESTORE && passes < FORKED_PASSES =>

@@ -56,6 +56,12 @@ pub(crate) struct Site {
     pub(crate) orig: [u8; MAX_BYTES],
     /// The anonymous page the bytes were written to, at PATCH time.
     pub(crate) pfn: usize,
+    /// That page's fork family ([`crate::sys::PageRef::family`]): where
+    /// the processes forked from the target since PATCH map their copies.
+    pub(crate) family: usize,
+    /// When the bytes were written (boot-time ns, under the mmap lock a
+    /// fork takes too): a process forked later started after it.
+    pub(crate) since: u64,
     /// Is the page-cache folio behind the page PMD-mappable?
     pub(crate) pmd_mappable: bool,
 }
@@ -108,9 +114,8 @@ struct Slot {
 /// reused by another file while a patch lives).
 struct PageSites<F> {
     slots: KVVec<Slot>,
-    /// Held, never read: dropped (fput) with the page's last site, outside
-    /// the locks.
-    #[allow(dead_code)]
+    /// Dropped (fput) with the page's last site, outside the locks; read
+    /// by RESTORE to find the processes forked from the target.
     file: F,
 }
 
@@ -283,6 +288,11 @@ impl<F> Patches<F> {
     /// The live sites of file page `page`.
     pub(crate) fn page(&self, page: &PageKey) -> OnPage<'_> {
         OnPage(self.pages.get(page).map_or(&[], |p| &p.slots[..]))
+    }
+
+    /// The file the sites of file page `page` are mapped from.
+    pub(crate) fn file_of(&self, page: &PageKey) -> Option<&F> {
+        self.pages.get(page).map(|p| &p.file)
     }
 
     /// Live sites on file page `(mapping, pgoff)`.

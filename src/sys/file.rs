@@ -2,7 +2,8 @@
 
 //! A file's own mappings: which processes map a file's text privately and
 //! executably ([`file_vmas`]), for PATCH_FILE, the way uprobes'
-//! `build_map_info()` finds them.
+//! `build_map_info()` finds them; and which of them belong to one fork
+//! family ([`family_vmas`]), for RESTORE's forked pass.
 
 use core::ptr::NonNull;
 use kernel::{alloc::KVVec, bindings, fs::LocalFile, mm::Mm, prelude::*, sync::aref::ARef};
@@ -55,6 +56,47 @@ pub(crate) fn file_vmas(
     index: usize,
     max: usize,
 ) -> Result<(KVVec<FileVma>, usize)> {
+    // SAFETY: `file` is a valid, referenced file; `raw` has room for
+    // `max + 1` entries (the walk's contract).
+    walk(max, index, |raw, next| unsafe {
+        super::hugepoke_file_vmas(file.as_ptr(), index, raw, max as i32 + 1, next)
+    })
+}
+
+/// As [`file_vmas`], but only the VMAs of fork `family` (an anonymous
+/// copy's [`super::PageRef::family`]) and not `skip`'s: where the
+/// processes forked from a patched one map the file.
+pub(crate) fn family_vmas(
+    file: &LocalFile,
+    index: usize,
+    family: usize,
+    skip: Option<&Mm>,
+    max: usize,
+) -> Result<(KVVec<FileVma>, usize)> {
+    let skip = skip.map_or(core::ptr::null_mut(), Mm::as_raw);
+    // SAFETY: as in `file_vmas`; `skip` is only compared.
+    walk(max, index, |raw, next| unsafe {
+        super::hugepoke_family_vmas(
+            file.as_ptr(),
+            index,
+            family,
+            skip,
+            raw,
+            max as i32 + 1,
+            next,
+        )
+    })
+}
+
+/// One walk of a file's mappings by `helper`, given room for `max + 1`
+/// entries and where to write the first page past the folio (`index + 1`
+/// unless it writes it); it gives each recorded mm an mm_count reference
+/// and returns how many it recorded, or a negative errno.
+fn walk(
+    max: usize,
+    index: usize,
+    helper: impl FnOnce(*mut RawFileVma, *mut usize) -> i32,
+) -> Result<(KVVec<FileVma>, usize)> {
     let blank = RawFileVma {
         mm: core::ptr::null_mut(),
         start: 0,
@@ -65,18 +107,7 @@ pub(crate) fn file_vmas(
     let mut raw = KVVec::new();
     raw.extend_with(max + 1, blank, GFP_KERNEL)?;
     let mut next = index + 1;
-    // SAFETY: `file` is a valid, referenced file; `raw` has room for
-    // `max + 1` entries; the helper gives each recorded mm an mm_count
-    // reference and writes `next`.
-    let n = unsafe {
-        super::hugepoke_file_vmas(
-            file.as_ptr(),
-            index,
-            raw.as_mut_ptr(),
-            max as i32 + 1,
-            &mut next,
-        )
-    };
+    let n = helper(raw.as_mut_ptr(), &mut next);
     if n < 0 {
         return Err(Error::from_errno(n));
     }

@@ -5,12 +5,7 @@
 //! kmap of hugepoke goes through [`with_page_mapped`].
 
 use core::ptr::NonNull;
-use kernel::{
-    bindings,
-    mm::{virt::VmaRef, Mm},
-    prelude::*,
-    sync::aref::ARef,
-};
+use kernel::{bindings, mm::virt::VmaRef};
 
 use super::{
     hugepoke_folio_file_page, hugepoke_folio_is_anon, hugepoke_folio_mapped_elsewhere,
@@ -170,69 +165,18 @@ impl PageRef {
         unsafe { hugepoke_folio_mapped_elsewhere(self.folio()) }
     }
 
+    /// Its fork family: the root of its anon_vma, shared by every process
+    /// forked from one that maps it (an identity); 0 for a KSM page.  The
+    /// caller keeps it mapped (its mmap lock held).
+    pub(crate) fn family(&self) -> usize {
+        // SAFETY: we hold a reference on the folio; mapped, its anon_vma
+        // is alive, and only its `root` pointer is read.
+        unsafe { super::hugepoke_folio_family(self.folio()) }
+    }
+
     pub(crate) fn read(&self, offset: usize, out: &mut [u8]) {
         // SAFETY: by the type invariant the page stays allocated.
         unsafe { read_page(self.page, offset, out) }
-    }
-}
-
-/// One (mm, address) that may map a folio, as `hugepoke_folio_mappers`
-/// fills it in (`struct hugepoke_mapper`).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub(super) struct RawMapper {
-    mm: *mut bindings::mm_struct,
-    addr: usize,
-}
-
-impl PageRef {
-    /// Every address space but `skip` where a VMA may map this anonymous
-    /// page's folio, with the address there: the rmap walk's candidates
-    /// (a process forked since may map it; one forked before has the same
-    /// anon_vma and may not).  `E2BIG` if there may be more than `max`,
-    /// `EBUSY` for a KSM or large folio, `EINTR` on a fatal signal.  The
-    /// caller holds the mmap lock of `skip`, which maps the page (it keeps
-    /// the folio's anon_vma alive); sleeps.
-    pub(crate) fn mappers(&self, skip: &Mm, max: usize) -> Result<KVVec<(ARef<Mm>, usize)>> {
-        // One slot more than `max`: a full walk says there may be more.
-        let mut raw = KVVec::new();
-        raw.extend_with(
-            max + 1,
-            RawMapper {
-                mm: core::ptr::null_mut(),
-                addr: 0,
-            },
-            GFP_KERNEL,
-        )?;
-        // SAFETY: we hold a reference on the folio and, by our contract, an
-        // mmap lock that keeps its anon_vma; `raw` has room for `max`
-        // entries; the helper gives each recorded mm an mm_count reference.
-        let n = unsafe {
-            super::hugepoke_folio_mappers(
-                self.folio(),
-                skip.as_raw(),
-                raw.as_mut_ptr(),
-                max as i32 + 1,
-            )
-        };
-        if n < 0 {
-            return Err(Error::from_errno(n));
-        }
-        let mut out = KVVec::with_capacity(n as usize, GFP_KERNEL);
-        for m in raw.iter().take(n as usize) {
-            // SAFETY: the helper took an mm_count reference on `m.mm`,
-            // which `ARef<Mm>` (`mmgrab`/`mmdrop`) now owns.
-            let mm = unsafe { ARef::from_raw(NonNull::new_unchecked(m.mm.cast::<Mm>())) };
-            if let Ok(v) = &mut out {
-                // Within capacity; without room the reference goes here.
-                let _ = v.push_within_capacity((mm, m.addr));
-            }
-        }
-        match out {
-            Ok(_) if n as usize > max => Err(E2BIG),
-            Ok(v) => Ok(v),
-            Err(_) => Err(ENOMEM),
-        }
     }
 }
 

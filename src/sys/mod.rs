@@ -32,7 +32,7 @@ mod task;
 mod vma;
 mod wq;
 
-pub(crate) use file::{file_mapping, file_vmas, FileVma};
+pub(crate) use file::{family_vmas, file_mapping, file_vmas, FileVma};
 pub(crate) use folio::{page_cache_page, read_file_page, CacheRef, PageRef};
 pub(crate) use khugepaged::{collapse_pte_mapped_thp, collapse_verdict, lru_add_drain_all};
 pub(crate) use mm::{MmapWriteGuard, FOLL_FORCE, FOLL_SPLIT_PMD, FOLL_WRITE};
@@ -41,10 +41,10 @@ pub(crate) use pte::{
 };
 pub(crate) use sync::{fatal_signal_pending, lock_killable, Done};
 pub(crate) use task::{
-    capable_sys_admin, capable_sys_admin_noaudit, current_tgid, mm_id, mm_owner, mm_owner_tgid,
-    ModuleRef, PidRef, Process,
+    capable_sys_admin, capable_sys_admin_noaudit, current_tgid, forked_since, mm_id, mm_owner,
+    mm_owner_tgid, ModuleRef, PidRef, Process,
 };
-pub(crate) use vma::{beyond_eof, gone_for_good, vma_file, vma_info, VmaInfo};
+pub(crate) use vma::{beyond_eof, gone_for_good, vma_family, vma_file, vma_info, VmaInfo};
 pub(crate) use wq::Workqueue;
 
 use kernel::{bindings, prelude::*};
@@ -64,6 +64,12 @@ pub(crate) fn ktime_ns() -> u64 {
     unsafe { bindings::ktime_get_mono_fast_ns() }
 }
 
+/// CLOCK_BOOTTIME in nanoseconds: what a task's `start_boottime` is.
+pub(crate) fn boottime_ns() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { hugepoke_boottime_ns() }
+}
+
 // The static inlines, compiled into the module from helpers.c.  (The
 // bindgen types are opaque to the lint, as in `bindings` itself.)
 #[allow(improper_ctypes)]
@@ -77,12 +83,6 @@ extern "C" {
     fn hugepoke_page_anon_exclusive(page: *const bindings::page) -> bool;
     fn hugepoke_folio_put(folio: *mut bindings::folio);
     fn hugepoke_folio_get(folio: *mut bindings::folio);
-    fn hugepoke_folio_mappers(
-        folio: *mut bindings::folio,
-        skip: *mut bindings::mm_struct,
-        out: *mut folio::RawMapper,
-        max: i32,
-    ) -> i32;
     fn hugepoke_mm_owner(mm: *mut bindings::mm_struct) -> i32;
     fn hugepoke_mm_owner_tgid(mm: *mut bindings::mm_struct) -> i32;
     fn hugepoke_file_vmas(
@@ -92,6 +92,23 @@ extern "C" {
         max: i32,
         next: *mut usize,
     ) -> i32;
+    fn hugepoke_family_vmas(
+        file: *mut bindings::file,
+        index: usize,
+        family: usize,
+        skip: *mut bindings::mm_struct,
+        out: *mut file::RawFileVma,
+        max: i32,
+        next: *mut usize,
+    ) -> i32;
+    fn hugepoke_folio_family(folio: *mut bindings::folio) -> usize;
+    fn hugepoke_vma_family(vma: *mut bindings::vm_area_struct) -> usize;
+    fn hugepoke_boottime_ns() -> u64;
+    fn hugepoke_forked_since(
+        mm: *mut bindings::mm_struct,
+        since: u64,
+        target: *mut bindings::pid,
+    ) -> bool;
     fn hugepoke_folio_unexpected_refs(folio: *mut bindings::folio) -> i32;
     fn hugepoke_folio_is_anon(folio: *mut bindings::folio) -> bool;
     fn hugepoke_folio_may_be_lru_cached(folio: *mut bindings::folio) -> bool;

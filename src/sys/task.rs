@@ -35,6 +35,16 @@ pub(crate) fn mm_owner(mm: &Mm) -> Option<i32> {
     (tgid >= 0).then_some(tgid)
 }
 
+/// Was `mm`'s process forked after `since` (boot-time ns) from the
+/// process of `target` (None: gone), or from one forked from it since,
+/// as far as its ancestry still tells (see `hugepoke_forked_since`)?
+pub(crate) fn forked_since(mm: &Mm, since: u64, target: Option<&PidRef>) -> bool {
+    let target = target.map_or(core::ptr::null_mut(), |p| p.0.as_ptr());
+    // SAFETY: `mm` is a valid mm_struct (we hold a reference); the helper
+    // reads the tasks under RCU and only compares `target`.
+    unsafe { super::hugepoke_forked_since(mm.as_raw(), since, target) }
+}
+
 /// A process named by the caller, with a reference on its task.
 pub(crate) struct Process {
     task: ARef<Task>,

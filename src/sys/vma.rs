@@ -98,6 +98,13 @@ pub(crate) fn vma_info(vma: &VmaRef) -> VmaInfo {
 }
 
 /// A counted reference to the file `vma` maps, if any.
+/// The fork family of `vma`'s anonymous pages (see `PageRef::family`), or
+/// 0 if it has none yet.
+pub(crate) fn vma_family(vma: &VmaRef) -> usize {
+    // SAFETY: the VMA is valid under the mmap lock that gave us `vma`.
+    unsafe { super::hugepoke_vma_family(vma.as_ptr()) }
+}
+
 pub(crate) fn vma_file(vma: &VmaRef) -> Option<ARef<File>> {
     // SAFETY: the VMA is valid under the mmap lock; `vm_file` holds a
     // reference on the file while the VMA exists.

@@ -105,6 +105,57 @@ fn pin_in_pipe(base: usize, n: usize) -> String {
 
 /// Keep our mmap lock write-locked most of the time: mprotect() a large
 /// populated anonymous region back and forth until `calm`.
+/// A forked child's SIGUSR1: fork a grandchild that only sleeps (the
+/// test finds it in /proc/PID/task/PID/children).
+extern "C" fn fork_on_signal(_: libc::c_int) {
+    // SAFETY: fork() and pause() are async-signal-safe.
+    unsafe {
+        if libc::fork() == 0 {
+            loop {
+                libc::pause();
+            }
+        }
+    }
+}
+
+/// Fork a child that forks a grandchild (which only sleeps) and exits;
+/// the grandchild's pid, or -1.
+fn fork_orphan() -> i32 {
+    let mut fds = [0i32; 2];
+    // SAFETY: a pipe into a valid two-int array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return -1;
+    }
+    // SAFETY: the child only forks, writes a pid and exits.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: the grandchild only sleeps.
+        let grandchild = unsafe { libc::fork() };
+        if grandchild == 0 {
+            loop {
+                // SAFETY: pause() just sleeps until a signal.
+                unsafe { libc::pause() };
+            }
+        }
+        // SAFETY: writing an int from our stack into the pipe, then leaving
+        // without running the parent's atexit handlers.
+        unsafe {
+            libc::write(fds[1], (&grandchild as *const i32).cast(), 4);
+            libc::_exit(0)
+        }
+    }
+    let mut pid = -1i32;
+    // SAFETY: reading an int into our stack; reaping our own child; closing
+    // our pipe.
+    unsafe {
+        libc::close(fds[1]);
+        libc::read(fds[0], (&mut pid as *mut i32).cast(), 4);
+        libc::close(fds[0]);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+    }
+    pid
+}
+
 fn hog_mmap_lock(mib: usize) {
     let len = mib << 20;
     // SAFETY: a fresh anonymous mapping of our own, touched and mprotect()ed
@@ -538,15 +589,29 @@ fn main() {
                 let _ = writeln!(out, "wrote {n}");
             }
             (Some("fork"), _) => {
-                // SAFETY: the child only sleeps; it touches nothing shared.
+                // SAFETY: the child only sleeps (and forks on SIGUSR1); it
+                // touches nothing shared.
                 let child = unsafe { libc::fork() };
                 if child == 0 {
+                    // SAFETY: installing a handler that only calls fork()
+                    // and pause(), both async-signal-safe.
+                    unsafe {
+                        libc::signal(
+                            libc::SIGUSR1,
+                            fork_on_signal as *const () as libc::sighandler_t,
+                        )
+                    };
                     loop {
                         // SAFETY: pause() just sleeps until a signal.
                         unsafe { libc::pause() };
                     }
                 }
                 let _ = writeln!(out, "child {child}");
+            }
+            (Some("fork-orphan"), _) => {
+                // A grandchild whose parent (our child) exits: it is given
+                // to a reaper, and only its ancestry since says whose it is.
+                let _ = writeln!(out, "grandchild {}", fork_orphan());
             }
             (Some("exec"), _) => {
                 let _ = out.flush();

@@ -483,11 +483,13 @@ pub(crate) fn restore_keeps_a_forked_childs_other_change() -> TestResult {
     result
 }
 
-/// A process forked before the patch shares the target's anon_vma (the
-/// target had COWed a page already), so the rmap walk names it too; it
-/// does not map the patched page, and its own copy there (its debugger's
-/// change) is left alone: RESTORE succeeds, restoring only the target and
-/// the child forked after the patch.
+/// A process forked before the patch shares the target's fork family
+/// (the target had COWed a page already), so the walk names it too; its
+/// own copy there holds the very bytes of the patch (its debugger wrote
+/// them), and so does the copy of the child it forks after the patch:
+/// RESTORE succeeds and leaves both alone (neither descends from the
+/// target since the patch), restoring only the target and the child the
+/// target forked after the patch.
 pub(crate) fn restore_leaves_a_process_forked_before_the_patch_alone() -> TestResult {
     const PAGE: usize = 74;
     let mut t = Target::spawn(&[])?;
@@ -495,25 +497,33 @@ pub(crate) fn restore_leaves_a_process_forked_before_the_patch_alone() -> TestRe
     poke_and_unpoke(&t, 90, 0)?;
     let before = fork_child(&mut t)?;
     let at = t.page_addr(PAGE);
-    let mut own = file_bytes(&t, at, 6)?;
-    own[0] = 0xcc;
+    let own = text::mov_eax_ret(7474);
+    let mut grandchild = None;
     let result = (|| {
         write_mem(before, at, &own)?;
         let dev = io(Device::open())?;
         let h = io(dev.patch(&patch_req(&t, PAGE, 7474)))?;
         let after = fork_child(&mut t)?;
-        // The one forked after the patch runs it; the one before does not.
+        // SAFETY: signalling the test's own child (it forks on SIGUSR1).
+        unsafe { libc::kill(before, libc::SIGUSR1) };
+        let g = child_of(before)?;
+        grandchild = Some(g);
+        // The one forked after the patch runs it; the others do not.
         let forked = io(dev.query_forked(h))?;
         let restored = dev.restore(h);
         let checked = (|| {
             ensure!(
                 forked == [after],
-                "QUERY_FORKED says {forked:?}, want [{after}] (not {before})"
+                "QUERY_FORKED says {forked:?}, want [{after}] (not {before} nor {g})"
             );
             ensure!(restored.is_ok(), "RESTORE returned {restored:?}");
             ensure!(
                 read_mem(before, at, 6)? == own,
                 "RESTORE changed the process forked before the patch"
+            );
+            ensure!(
+                read_mem(g, at, 6)? == own,
+                "RESTORE changed the child of the process forked before the patch"
             );
             ensure!(
                 read_mem(after, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
@@ -525,8 +535,148 @@ pub(crate) fn restore_leaves_a_process_forked_before_the_patch_alone() -> TestRe
         unsafe { libc::kill(after, libc::SIGKILL) };
         checked
     })();
-    // SAFETY: as above.
-    unsafe { libc::kill(before, libc::SIGKILL) };
+    for p in grandchild.into_iter().chain([before]) {
+        // SAFETY: as above, and its child.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    result
+}
+
+/// The one child of `pid`, once it has forked it.
+fn child_of(pid: i32) -> Result<i32, String> {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    let mut child = 0;
+    wait_for("the grandchild", Duration::from_secs(10), || {
+        let text = io(std::fs::read_to_string(&path))?;
+        child = text
+            .split_whitespace()
+            .next()
+            .map_or(Ok(0), |c| c.parse().map_err(|e| format!("{path}: {e}")))?;
+        Ok(child != 0)
+    })?;
+    Ok(child)
+}
+
+/// A child forked while the patch lives whose copy then diverged from the
+/// target's (another tool wrote elsewhere in the page, in the child
+/// only) still runs the patch: RESTORE finds it through the file's
+/// mappings, restores the site in the child's own copy and keeps the other
+/// change; a child whose site another tool overwrote with its own bytes no
+/// longer runs the patch and is left alone.
+pub(crate) fn restore_reaches_a_forked_childs_diverged_copy() -> TestResult {
+    const PAGE: usize = 76;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, PAGE, 7676)))?;
+    let (child, other) = (fork_child(&mut t)?, fork_child(&mut t)?);
+    let at = t.page_addr(PAGE);
+    let result = (|| {
+        let theirs_at = at + 200;
+        let theirs = !file_bytes(&t, theirs_at, 1)?[0];
+        write_mem(child, theirs_at, &[theirs])?;
+        let breakpoint = [0xcc, 0x90, 0x90, 0x90, 0x90, 0x90];
+        write_mem(other, at, &breakpoint)?;
+        let (cp, tp) = (pfn_of(child, at)?, pfn_of(t.pid, at)?);
+        ensure!(cp != tp, "the child's copy did not diverge: {cp:#x}");
+        let forked = io(dev.query_forked(h))?;
+        ensure!(
+            forked == [child],
+            "QUERY_FORKED says {forked:?}, want [{child}] (not {other})"
+        );
+        io(dev.restore(h))?;
+        let orig = text::mov_eax_ret(text::original_value(PAGE));
+        ensure!(
+            read_mem(child, at, 6)? == orig,
+            "the forked child's diverged copy still runs the patch after RESTORE"
+        );
+        ensure!(
+            read_mem(child, theirs_at, 1)? == [theirs],
+            "the other tool's change in the child is gone"
+        );
+        ensure!(
+            read_mem(other, at, 6)? == breakpoint,
+            "RESTORE wrote over the other tool's bytes at the site"
+        );
+        ensure!(
+            t.call(PAGE)? == text::original_value(PAGE),
+            "parent not restored"
+        );
+        Ok(())
+    })();
+    for c in [child, other] {
+        // SAFETY: killing nothing but the target's children.
+        unsafe { libc::kill(c, libc::SIGKILL) };
+    }
+    result
+}
+
+/// The PFN `pid` maps at `addr`.
+fn pfn_of(pid: i32, addr: u64) -> Result<u64, String> {
+    let e = io(io(Pagemap::open(pid))?.entry(addr))?;
+    ensure!(e.present(), "{pid} maps nothing at {addr:#x}: {e:?}");
+    Ok(e.pfn())
+}
+
+/// The target is gone, and so is the child it forked while the patch
+/// lived; the grandchild that child forked (given to a reaper) still runs
+/// the patch.  RESTORE takes it back there, found by its fork family and
+/// its ancestry since the patch: the grandchild runs the originals on the
+/// page-cache page, PMD-mapped again.
+pub(crate) fn restore_reaches_an_orphan_after_the_target_exited() -> TestResult {
+    const PAGE: usize = 78;
+    let _khugepaged = KhugepagedAsleep::new()?;
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let req = PatchRequest {
+        install_pmd: true,
+        ..patch_req(&t, PAGE, 7878)
+    };
+    let h = io(dev.patch(&req))?;
+    let said = t.command("fork-orphan")?;
+    let g: i32 = said
+        .strip_prefix("grandchild ")
+        .and_then(|p| p.parse().ok())
+        .ok_or(format!("fork-orphan said {said:?}"))?;
+    let at = t.page_addr(PAGE);
+    let result = (|| {
+        ensure!(
+            read_mem(g, at, 6)? == text::mov_eax_ret(7878),
+            "the grandchild does not run the patch"
+        );
+        // SAFETY: killing and reaping the test's own target.
+        unsafe {
+            libc::kill(t.pid, libc::SIGKILL);
+            libc::waitpid(t.pid, std::ptr::null_mut(), 0);
+        }
+        let forked = io(dev.query_forked(h))?;
+        ensure!(forked == [g], "QUERY_FORKED says {forked:?}, want [{g}]");
+        io(dev.restore(h))?;
+        ensure!(
+            read_mem(g, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
+            "the orphaned grandchild still runs the patch after RESTORE"
+        );
+        let s = io(proc::smaps_entry(g, t.addr))?;
+        ensure!(
+            s.kb("Anonymous") == 0 && s.pmd_mapped_kb() == 2048,
+            "the grandchild's text after RESTORE: {s:?}"
+        );
+        ensure!(
+            pfn_of(g, at)? == head + PAGE as u64,
+            "the grandchild does not map the page-cache page"
+        );
+        let evs = events_of(h)?;
+        ensure!(
+            evs.iter()
+                .any(|e| e.step == "restore" && e.pid == g && e.note.contains("forked")),
+            "the grandchild's restore not journaled under its pid: {:?}",
+            steps(&evs)
+        );
+        Ok(())
+    })();
+    // SAFETY: killing the test's target's grandchild.
+    unsafe { libc::kill(g, libc::SIGKILL) };
     result
 }
 
@@ -543,6 +693,8 @@ tests! {
         restore_takes_the_patch_back_from_a_forked_child,
         restore_keeps_a_forked_childs_other_change,
         restore_leaves_a_process_forked_before_the_patch_alone,
+        restore_reaches_a_forked_childs_diverged_copy,
+        restore_reaches_an_orphan_after_the_target_exited,
     ];
 }
 
