@@ -90,9 +90,10 @@ struct Candidates {
 }
 
 /// Restore the patch of `sites` (their `pages`) in every process forked
-/// while it lived, before the target; `last_on_page` as for the target.
-/// Refuses (with the site to blame) if one of them cannot give it back,
-/// unless the patch's file is closing or the module unloading.
+/// while it lived; `last_on_page` as for the target.  Whether the walk
+/// found any other process of the family, or a refusal (with the site to
+/// blame) if one that runs the patch cannot give it back, unless the
+/// patch's file is closing or the module unloading.
 pub(super) fn restore_forked(
     hp: &Hugepoke,
     lineage: &Lineage<'_>,
@@ -100,7 +101,7 @@ pub(super) fn restore_forked(
     pages: &[plan::PageWork],
     last_on_page: &impl Fn(&[Site]) -> bool,
     closing: Closing,
-) -> Result<(), (Refused, usize)> {
+) -> Result<bool, (Refused, usize)> {
     let pass = Pass {
         hp,
         sites,
@@ -109,8 +110,13 @@ pub(super) fn restore_forked(
     };
     let found = match candidates(hp, lineage, sites, pages) {
         Ok(found) => found,
-        Err(r) => return pass.stop(sites[0].pid, (Refused::Kept(r), 0)),
+        Err(r) => {
+            return pass
+                .stop(sites[0].pid, (Refused::Kept(r), 0))
+                .map(|()| false)
+        }
     };
+    let others = !found.places.is_empty();
     let mut collapses = KVec::new();
     let mut result = Ok(());
     for (i, (child, _, _)) in found.places.iter().enumerate() {
@@ -127,7 +133,7 @@ pub(super) fn restore_forked(
     }
     drop(found);
     collapse_children(hp, &collapses);
-    result
+    result.map(|()| others)
 }
 
 /// One RESTORE's pass over the forked processes.

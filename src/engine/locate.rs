@@ -277,6 +277,7 @@ fn locate_page(
                 let r = Refusal::new(EAGAIN, FORKED_DURING_RESTORE);
                 return Err((Refused::Kept(r), 0));
             }
+            w.shared |= !pte.anon_exclusive(); // mutant: no-sweep-after-cow-break
             fault_writable(hp, guard, rep, pte, &page, page_addr).map_err(|r| (r, 0))?;
             continue;
         }

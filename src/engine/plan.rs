@@ -114,6 +114,9 @@ pub(crate) struct PageWork {
     /// No copy of the page is left where the patch was: the page-cache
     /// page maps (or faults) back there, so the range may be collapsed.
     pub(crate) cache_back: bool,
+    /// RESTORE found this process's copy shared with another mapping (not
+    /// exclusive) and broke COW for it: the other may run the patch still.
+    pub(crate) shared: bool,
 }
 
 impl PageWork {
@@ -128,6 +131,7 @@ impl PageWork {
             already: false,
             split: false,
             cache_back: false,
+            shared: false,
         }
     }
 }

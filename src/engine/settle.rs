@@ -114,50 +114,31 @@ pub(crate) fn restore_handle(
     if state.patches.count(handle) == 0 {
         return None;
     }
-    let listed = state
-        .patches
-        .sites_of(handle)
-        .and_then(|sites| Ok((plan::pages_of(&sites, Written::Bytes)?, sites)));
-    let Ok((mut pages, sites)) = listed else {
+    let listed = state.patches.sites_of(handle).and_then(|sites| {
+        let pages = plan::pages_of(&sites, Written::Bytes)?;
+        Ok((files_of(&state.patches, &sites, &pages)?, pages, sites))
+    });
+    let Ok((files, mut pages, sites)) = listed else {
         keep_if_closing(hp, state, handle, closing);
         let ev = Event::new(Step::Restore).handle(handle);
         let why = "no memory to list the patch's sites: patch kept";
         return Some(Err(hp.journal.fail(ev, ENOMEM, why)));
     };
-    let Ok(files) = files_of(&state.patches, &sites, &pages) else {
-        keep_if_closing(hp, state, handle, closing);
-        let ev = Event::new(Step::Restore).handle(handle);
-        let why = "no memory to list the patch's files: patch kept";
-        return Some(Err(hp.journal.fail(ev, ENOMEM, why)));
-    };
     let first = sites[0];
     let ev = |step| first.event(step);
     hp.journal.record(ev(Step::Restore));
-    let gone = Refused::Gone {
-        result: Ok(()),
-        why: "target process is gone",
-        cache_back: false,
-    };
     // Every site of this handle on a page is being restored.
     let patches = &state.patches;
     let last_on_page = |s: &[Site]| patches.on_page(s[0].page_key()) as usize <= s.len();
-    let mm = target.mm_user();
-    let lineage = Lineage {
-        mm: mm.as_deref().map(|m| &**m),
-        pid: target.pid.as_ref(),
-        files: &files,
-    };
-    let outcome = match lineage.mm {
-        None => {
-            // Its children may still run the patch.
-            let forked = restore_forked(hp, &lineage, &sites, &pages, &last_on_page, closing); // mutant: orphans-left-patched
-            forked.and(Err((gone, 0)))
-        }
-        Some(mm) => {
-            restore_everywhere(hp, mm, &lineage, &sites, &mut pages, &last_on_page, closing)
-        }
-    };
-    drop(mm);
+    let outcome = run_passes(
+        hp,
+        target,
+        &files,
+        &sites,
+        &mut pages,
+        &last_on_page,
+        closing,
+    );
     let verdict = judge(hp, &ev, &sites, &pages, outcome, closing);
     let forgotten = forget(hp, &ev, state, handle, &sites, &pages, verdict.forget_all);
     queue_collapses(hp, target, state, &sites, &pages);
@@ -173,15 +154,50 @@ pub(crate) fn restore_handle(
     Some(result)
 }
 
+/// RESTORE's passes for `sites` (their `pages`, from `files`): in the
+/// processes forked from the target and in the target, or, once it is
+/// gone, in its forked processes only.
+fn run_passes(
+    hp: &Hugepoke,
+    target: &Target,
+    files: &[Option<ARef<File>>],
+    sites: &[Site],
+    pages: &mut [PageWork],
+    last_on_page: &impl Fn(&[Site]) -> bool,
+    closing: Closing,
+) -> Result<(), (Refused, usize)> {
+    let mm = target.mm_user();
+    let lineage = Lineage {
+        mm: mm.as_deref().map(|m| &**m),
+        pid: target.pid.as_ref(),
+        files,
+    };
+    let Some(mm) = lineage.mm else {
+        let gone = Refused::Gone {
+            result: Ok(()),
+            why: "target process is gone",
+            cache_back: false,
+        };
+        // Its children may still run the patch.
+        let forked = restore_forked(hp, &lineage, sites, pages, last_on_page, closing); // mutant: orphans-left-patched
+        return forked.and(Err((gone, 0)));
+    };
+    restore_everywhere(hp, mm, &lineage, sites, pages, last_on_page, closing)
+}
+
 /// Most times RESTORE takes a patch back from processes forked during it.
 const FORKED_PASSES: usize = 3;
 
 /// RESTORE's passes: in the processes forked since PATCH first, then in
 /// the target.  A process forked in between (its fork came after the
-/// rmap walk, before the target's mmap lock) still shares the target's
-/// copy: the target's pass, under that lock (no fork can come in), sees
-/// it and refuses, and the forked pass runs again, a few times at most.
-/// At close and unload the target is restored whatever its children say.
+/// walk, before the target's mmap lock) still shares the target's copy:
+/// the target's pass, under that lock (no fork can come in), sees it and
+/// refuses, and the forked pass runs again; the last time (and at close
+/// and unload, where the target is restored whatever its children say)
+/// COW is broken for the target instead.  A process its pass could not
+/// see (its PTE a swap entry; a copy of a copy, forked from a child
+/// during the child's pass) is found by one more forked pass after it,
+/// taken when the target's copy was shared or the family has others.
 fn restore_everywhere(
     hp: &Hugepoke,
     mm: &MmWithUser,
@@ -191,24 +207,29 @@ fn restore_everywhere(
     last_on_page: &impl Fn(&[Site]) -> bool,
     closing: Closing,
 ) -> Result<(), (Refused, usize)> {
-    let shared = match closing {
-        Closing::No => Shared::Refuse,
-        _ => Shared::Break,
-    };
-    let mut passes = 0;
+    let (mut passes, mut others) = (0, false);
     loop {
         passes += 1;
-        let result =
-            restore_forked(hp, lineage, sites, pages, last_on_page, closing).and_then(|()| {
-                hp.pauses.at(Point::Forked, sites[0].pid, &hp.journal);
-                restore_pages(hp, mm, sites, pages, last_on_page, shared)
-            });
+        let shared = match closing {
+            Closing::No if passes < FORKED_PASSES => Shared::Refuse,
+            _ => Shared::Break,
+        };
+        let forked = restore_forked(hp, lineage, sites, pages, last_on_page, closing);
+        let result = forked.and_then(|found| {
+            others |= found;
+            hp.pauses.at(Point::Forked, sites[0].pid, &hp.journal);
+            restore_pages(hp, mm, sites, pages, last_on_page, shared)
+        });
         match result {
-            Err((Refused::Kept(r), _))
-                if r.why == FORKED_DURING_RESTORE && passes < FORKED_PASSES =>
-            {
+            Err((Refused::Kept(r), _)) if r.why == FORKED_DURING_RESTORE => {
                 hp.journal
                     .record(sites[0].event(Step::Restore).note(FORKED_DURING_RESTORE));
+            }
+            Ok(()) if others || pages.iter().any(|w| w.shared) => {
+                let why = "the target's copy was shared, or others of its fork family map the page: looking once more for processes that run the patch";
+                hp.journal.record(sites[0].event(Step::Restore).note(why));
+                let swept = restore_forked(hp, lineage, sites, pages, last_on_page, closing);
+                return swept.map(|_| ());
             }
             result => return result,
         }

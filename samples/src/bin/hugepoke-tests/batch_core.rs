@@ -273,8 +273,7 @@ pub(crate) fn batch_restore_after_fork_restores_the_child_too() -> TestResult {
     result?;
     let evs = events_of(handle)?;
     ensure!(
-        evs.iter()
-            .any(|e| e.step == "restore_bytes" && e.note.contains("shared")),
+        cow_broken(&evs),
         "no COW break journaled: {:?}",
         steps(&evs)
     );

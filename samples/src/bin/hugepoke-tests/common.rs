@@ -68,6 +68,19 @@ pub(crate) fn wait_pmd_mapped(t: &mut Target, limit: Duration) -> Result<Duratio
 }
 
 /// Steps of `evs` in order, as `step:result` strings.
+/// Did RESTORE run its passes in `pid` as a process forked while the
+/// patch lived (journaled under its pid)?
+pub(crate) fn restored_as_forked(evs: &[EventLine], pid: i32) -> bool {
+    evs.iter()
+        .any(|e| e.step == "restore" && e.pid == pid && e.note.contains("forked"))
+}
+
+/// Did RESTORE break COW for a copy it found shared (journaled)?
+pub(crate) fn cow_broken(evs: &[EventLine]) -> bool {
+    evs.iter()
+        .any(|e| e.step == "restore_bytes" && e.note.contains("shared"))
+}
+
 pub(crate) fn steps(evs: &[EventLine]) -> Vec<String> {
     evs.iter()
         .map(|e| format!("{}:{}", e.step, e.result))

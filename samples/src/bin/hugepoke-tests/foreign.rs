@@ -406,8 +406,7 @@ pub(crate) fn restore_takes_the_patch_back_from_a_forked_child() -> TestResult {
         );
         let evs = events_of(h)?;
         ensure!(
-            evs.iter()
-                .any(|e| e.step == "restore" && e.pid == child && e.note.contains("forked"))
+            restored_as_forked(&evs, child)
                 && evs
                     .iter()
                     .any(|e| e.step == "zap_anon_page" && e.pid == child),
@@ -415,8 +414,7 @@ pub(crate) fn restore_takes_the_patch_back_from_a_forked_child() -> TestResult {
             steps(&evs)
         );
         ensure!(
-            !evs.iter()
-                .any(|e| e.step == "restore" && e.pid == t.pid && e.note.contains("forked")),
+            !restored_as_forked(&evs, t.pid),
             "the target taken for a forked process: {:?}",
             steps(&evs)
         );
@@ -668,8 +666,7 @@ pub(crate) fn restore_reaches_an_orphan_after_the_target_exited() -> TestResult 
         );
         let evs = events_of(h)?;
         ensure!(
-            evs.iter()
-                .any(|e| e.step == "restore" && e.pid == g && e.note.contains("forked")),
+            restored_as_forked(&evs, g),
             "the grandchild's restore not journaled under its pid: {:?}",
             steps(&evs)
         );

@@ -631,8 +631,7 @@ pub(crate) fn fork_before_and_during_a_patch() -> TestResult {
     );
     let evs = events_of(h)?;
     ensure!(
-        evs.iter()
-            .any(|e| e.step == "restore_bytes" && e.note.contains("shared")),
+        cow_broken(&evs),
         "no COW break journaled: {:?}",
         steps(&evs)
     );

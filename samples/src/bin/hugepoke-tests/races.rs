@@ -1090,36 +1090,104 @@ fn fork_during_restore(
     Ok((child, h, result))
 }
 
+/// The target and the `child` it forked during RESTORE both run the
+/// originals at `pages` again.
+fn both_restored(t: &mut Target, child: i32, pages: [usize; 2]) -> TestResult {
+    for p in pages {
+        ensure!(
+            t.call(p)? == text::original_value(p),
+            "parent's page {p} not restored"
+        );
+        ensure!(
+            read_mem(child, t.page_addr(p), 6)? == text::mov_eax_ret(text::original_value(p)),
+            "the child forked during RESTORE still runs the patch at page {p}"
+        );
+    }
+    Ok(())
+}
+
 /// The close-time restore, parked at `forked`, and a child forked there:
 /// the target is restored whatever its children say, so RESTORE must break
-/// COW for the target and never write into the page the child maps (the
-/// child keeps the patch: the one window Documentation/abi.md names).
+/// COW for the target and never write into the page the child shares;
+/// then one more forked pass restores the child in its own copy.
 pub(crate) fn a_child_forked_during_restore_is_never_written_into() -> TestResult {
     const PAGES: [usize; 2] = [82, 83];
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     let (child, h, result) = fork_during_restore(&mut t, PAGES, true)?;
-    let mut checked = io(result);
-    for &p in PAGES.iter() {
-        if checked.is_ok() && t.call(p)? != text::original_value(p) {
-            checked = Err(format!("parent's page {p} not restored"));
-        } else if checked.is_ok()
-            && read_mem(child, t.page_addr(p), 6)? != text::mov_eax_ret(8200 + p as u32)
-        {
-            checked = Err(format!("RESTORE wrote into the child's page {p}"));
-        }
-    }
+    let checked = (|| {
+        io(result)?;
+        let evs = events_of(h)?;
+        both_restored(&mut t, child, PAGES)?;
+        // Its bytes came back by a pass of its own, not through the page
+        // it shared with the target.
+        ensure!(
+            restored_as_forked(&evs, child),
+            "RESTORE wrote into the page the child shares (the child had no pass of its own): {:?}",
+            steps(&evs)
+        );
+        ensure!(
+            cow_broken(&evs),
+            "no COW break journaled: {:?}",
+            steps(&evs)
+        );
+        Ok(())
+    })();
     // SAFETY: killing nothing but the target's child.
     unsafe { libc::kill(child, libc::SIGKILL) };
-    checked?;
-    let evs = events_of(h)?;
-    ensure!(
-        evs.iter()
-            .any(|e| e.step == "restore_bytes" && e.note.contains("shared")),
-        "no COW break journaled: {:?}",
-        steps(&evs)
-    );
-    Ok(())
+    checked
+}
+
+/// RESTORE, parked at `forked`; the target's copy paged out to swap and a
+/// child forked there: the child maps the copy by a swap entry, which the
+/// target's pass (it faults its copy back in) cannot count as another
+/// mapping.  The copy is not exclusive, so COW is broken for the target
+/// and one more forked pass finds the child and restores it; RESTORE
+/// returns 0 only then.
+pub(crate) fn a_child_forked_during_restore_with_its_copy_swapped_out_is_restored_too() -> TestResult
+{
+    const PAGE: usize = 86;
+    let _swap = crate::identity::Swap::on()?;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, PAGE, 8686)))?;
+    let pause = Pause::arm("forked", t.pid)?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(dev.restore(h));
+    });
+    pause.wait_parked("forked")?;
+    let paged = t.command(&format!("pageout {PAGE}"));
+    let child = fork_child(&mut t);
+    pause.release()?;
+    let result = rx
+        .recv_timeout(Duration::from_secs(60))
+        .map_err(|_| "the parked RESTORE did not return")?;
+    let child = child?;
+    let checked = (|| {
+        let said = paged?;
+        ensure!(said == "pageout ok", "pageout said {said:?}");
+        io(result)?;
+        ensure!(
+            t.call(PAGE)? == text::original_value(PAGE),
+            "parent not restored"
+        );
+        ensure!(
+            read_mem(child, t.page_addr(PAGE), 6)? == text::mov_eax_ret(text::original_value(PAGE)),
+            "the child forked during RESTORE by a swap entry still runs the patch"
+        );
+        let evs = events_of(h)?;
+        ensure!(
+            restored_as_forked(&evs, child),
+            "the child's restore not journaled under its pid: {:?}",
+            steps(&evs)
+        );
+        Ok(())
+    })();
+    // SAFETY: killing nothing but the target's child.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    checked
 }
 
 /// RESTORE, parked at `forked`, and a child forked there: the target's
@@ -1133,16 +1201,7 @@ pub(crate) fn a_child_forked_during_restore_is_restored_too() -> TestResult {
     let (child, h, result) = fork_during_restore(&mut t, PAGES, false)?;
     let checked = (|| {
         io(result)?;
-        for &p in PAGES.iter() {
-            ensure!(
-                t.call(p)? == text::original_value(p),
-                "parent's page {p} not restored"
-            );
-            ensure!(
-                read_mem(child, t.page_addr(p), 6)? == text::mov_eax_ret(text::original_value(p)),
-                "the child forked during RESTORE still runs the patch at page {p}"
-            );
-        }
+        both_restored(&mut t, child, PAGES)?;
         let s = io(proc::smaps_entry(child, t.addr))?;
         ensure!(
             s.kb("Anonymous") == 0,
@@ -1182,5 +1241,6 @@ tests! {
         a_closer_behind_a_busy_target_can_be_killed,
         a_child_forked_during_restore_is_never_written_into,
         a_child_forked_during_restore_is_restored_too,
+        a_child_forked_during_restore_with_its_copy_swapped_out_is_restored_too,
     ];
 }
