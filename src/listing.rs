@@ -1,13 +1,18 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! The `patches` file in debugfs: every live patch, one target at a time;
-//! and `files`: every PATCH_FILE handle with its processes' handles.
+//! `files`: every PATCH_FILE handle with its processes' handles; and
+//! `forked`: the processes forked from each patch's target that run it.
 //! (`events` and `stats` are the journal's; `module` wires the files.)
 
 use core::fmt;
-use kernel::sync::Arc;
+use kernel::{prelude::*, sync::Arc};
 
-use crate::target::{Registry, Target};
+use crate::{
+    engine,
+    target::{Registry, Target},
+    Hugepoke,
+};
 
 /// `files` in debugfs: each PATCH_FILE handle, its owner and the handles
 /// of its processes' patches (each listed in `patches` with its pid).
@@ -70,6 +75,43 @@ pub(crate) fn write_patches(targets: &[Arc<Target>], f: &mut impl fmt::Write) ->
             write!(f, " ")?;
             write_hex(f, &p.orig[..p.len])?;
             writeln!(f, " {}/{}", p.index, state.patches.count(p.handle))?;
+        }
+    }
+    Ok(())
+}
+
+/// `forked` in debugfs: each handle whose target forked processes that
+/// run its patch now (QUERY_FORKED's answer), with their pids.  Each
+/// target's state is waited for (killable), and each process's mmap lock
+/// is taken in turn, as RESTORE takes them.
+pub(crate) fn write_forked(
+    hp: &Hugepoke,
+    targets: &[Arc<Target>],
+    f: &mut impl fmt::Write,
+) -> fmt::Result {
+    writeln!(f, "# handle pids")?;
+    for t in targets {
+        let mut handles = KVec::new();
+        if let Ok(state) = crate::sys::lock_killable(&t.state) {
+            let mut next = state.patches.next_handle_of(None, 0);
+            while let Some(h) = next {
+                if handles.push(h, GFP_KERNEL).is_err() {
+                    break;
+                }
+                next = state.patches.next_handle_of(None, h + 1);
+            }
+        }
+        for h in handles {
+            let mut pids = KVec::<i32>::new();
+            if engine::forked_of(hp, t, h, &mut pids).is_err() || pids.is_empty() {
+                // mutant: debugfs-forked-empty
+                continue;
+            }
+            write!(f, "{h}")?;
+            for p in pids.iter() {
+                write!(f, " {p}")?;
+            }
+            writeln!(f)?;
         }
     }
     Ok(())

@@ -112,6 +112,8 @@ struct HugepokeModule {
     #[pin]
     files: debugfs::File<Arc<Hugepoke>>,
     #[pin]
+    forked: debugfs::File<Arc<Hugepoke>>,
+    #[pin]
     pause: debugfs::File<Arc<Hugepoke>>,
     #[pin]
     abi: debugfs::File<u32>,
@@ -154,6 +156,11 @@ impl kernel::InPlaceModule for HugepokeModule {
                 ),
                 files <- dir.read_callback_file(c"files", state.clone(), &|s: &Arc<Hugepoke>, f| {
                     listing::write_files(&s.registry.lock(), f)
+                }),
+                forked <- dir.read_callback_file(c"forked", state.clone(), &|s: &Arc<Hugepoke>, f| {
+                    // Each target's own lock, never under the registry's.
+                    let targets = s.registry.lock().targets().map_err(|_| core::fmt::Error)?;
+                    listing::write_forked(s, &targets, f)
                 }),
                 patches <- dir.read_callback_file(c"patches", state, &|s: &Arc<Hugepoke>, f| {
                     // Each target's own lock, never under the registry's.

@@ -112,12 +112,36 @@ pub fn parse_files(text: &str) -> Vec<FilePatch> {
         .collect()
 }
 
+/// One line of debugfs `forked`: a handle and the processes forked from
+/// its target since the patch that run it now.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Forked {
+    pub handle: u64,
+    pub pids: Vec<i32>,
+}
+
+/// debugfs `forked`, parsed (comments skipped).
+pub fn parse_forked(text: &str) -> Vec<Forked> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some(Forked {
+                handle: w.next()?.parse().ok()?,
+                pids: w.map(|p| p.parse().ok()).collect::<Option<_>>()?,
+            })
+        })
+        .collect()
+}
+
 /// debugfs `patches`, parsed: what `list --json` prints.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Patches {
     pub patches: Vec<PatchLine>,
     /// The file patches (PATCH_FILE): each over handles of `patches`.
     pub files: Vec<FilePatch>,
+    /// The handles whose patch processes forked from the target run too.
+    pub forked: Vec<Forked>,
     /// Targets busy in a long PATCH or RESTORE when debugfs was read:
     /// their patches are not in `patches`.
     pub busy_targets: u32,

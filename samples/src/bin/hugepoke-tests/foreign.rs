@@ -378,6 +378,16 @@ pub(crate) fn restore_takes_the_patch_back_from_a_forked_child() -> TestResult {
             code == 0 && out.contains(&format!("forked={child}\n")),
             "query does not show the forked child {child}: {out}{err}"
         );
+        let forked = io(proc::debugfs("forked"))?;
+        ensure!(
+            forked.lines().any(|l| l == format!("{h} {child}")),
+            "debugfs forked does not show the forked child {child}: {forked}"
+        );
+        let (_, list, _) = crate::cli::hugepoke(&["list"])?;
+        ensure!(
+            list.contains(&format!("# forked from handle {h}: pids {child}\n")),
+            "list does not show the forked child {child}: {list}"
+        );
         let (child_s, at_s) = (child.to_string(), format!("{at:#x}"));
         let (_, map, _) = crate::cli::hugepoke(&["map", "--pid", &child_s, "--addr", &at_s])?;
         ensure!(
@@ -650,6 +660,12 @@ pub(crate) fn restore_reaches_an_orphan_after_the_target_exited() -> TestResult 
         }
         let forked = io(dev.query_forked(h))?;
         ensure!(forked == [g], "QUERY_FORKED says {forked:?}, want [{g}]");
+        let (g_s, at_s) = (g.to_string(), format!("{at:#x}"));
+        let (_, map, _) = crate::cli::hugepoke(&["map", "--pid", &g_s, "--addr", &at_s])?;
+        ensure!(
+            map.contains(&format!("forked from pid {}", t.pid)),
+            "map of the orphan does not show the patch it runs: {map}"
+        );
         io(dev.restore(h))?;
         ensure!(
             read_mem(g, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),

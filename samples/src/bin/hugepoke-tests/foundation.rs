@@ -42,7 +42,7 @@ pub(crate) fn device_is_root_only() -> TestResult {
 }
 
 pub(crate) fn debugfs_files_exist() -> TestResult {
-    for name in ["events", "stats"] {
+    for name in ["events", "stats", "patches", "files", "forked"] {
         let text = proc::debugfs(name).map_err(|e| format!("{name}: {e}"))?;
         ensure!(text.starts_with('#'), "{name} has no header: {text:?}");
     }

@@ -1,5 +1,6 @@
 //! `hugepoke list`: debugfs `patches`, with each patch's symbol+offset
-//! added, then the file patches of debugfs `files` with their processes.
+//! added, then the file patches of debugfs `files` with their processes,
+//! then the processes forked from a target that run its patch (`forked`).
 
 use super::{describe, print_json};
 use crate::CliError;
@@ -29,6 +30,8 @@ pub fn exec(json: bool) -> Result<(), CliError> {
         }
         f.pids.sort_unstable();
     }
+    // (A module without `forked` lists none.)
+    p.forked = report::parse_forked(&proc::debugfs("forked").unwrap_or_default());
     if json {
         print_json(&p);
         return Ok(());
@@ -55,6 +58,15 @@ pub fn exec(json: bool) -> Result<(), CliError> {
             f.owner,
             join(f.handles.iter().map(u64::to_string).collect()),
             join(f.pids.iter().map(i32::to_string).collect())
+        );
+    }
+    for f in &p.forked {
+        let pids: Vec<String> = f.pids.iter().map(i32::to_string).collect();
+        let _ = writeln!(
+            out,
+            "# forked from handle {}: pids {}",
+            f.handle,
+            pids.join(" ")
         );
     }
     Ok(())
