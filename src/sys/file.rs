@@ -57,9 +57,9 @@ pub(crate) fn file_vmas(
     max: usize,
 ) -> Result<(KVVec<FileVma>, usize)> {
     // SAFETY: `file` is a valid, referenced file; `raw` has room for
-    // `max + 1` entries (the walk's contract).
-    walk(max, index, |raw, next| unsafe {
-        super::hugepoke_file_vmas(file.as_ptr(), index, raw, max as i32 + 1, next)
+    // `room` entries (the walk's contract).
+    walk(max, index, |raw, room, next| unsafe {
+        super::hugepoke_file_vmas(file.as_ptr(), index, raw, room, next)
     })
 }
 
@@ -75,27 +75,38 @@ pub(crate) fn family_vmas(
 ) -> Result<(KVVec<FileVma>, usize)> {
     let skip = skip.map_or(core::ptr::null_mut(), Mm::as_raw);
     // SAFETY: as in `file_vmas`; `skip` is only compared.
-    walk(max, index, |raw, next| unsafe {
-        super::hugepoke_family_vmas(
-            file.as_ptr(),
-            index,
-            family,
-            skip,
-            raw,
-            max as i32 + 1,
-            next,
-        )
+    walk(max, index, |raw, room, next| unsafe {
+        super::hugepoke_family_vmas(file.as_ptr(), index, family, skip, raw, room, next)
     })
 }
 
-/// One walk of a file's mappings by `helper`, given room for `max + 1`
-/// entries and where to write the first page past the folio (`index + 1`
-/// unless it writes it); it gives each recorded mm an mm_count reference
-/// and returns how many it recorded, or a negative errno.
+/// Room for the first try of a walk: most pages have few mappers, and a
+/// walk's buffer is allocated whole.
+const FIRST_ROOM: usize = 32;
+
+/// A walk of a file's mappings by `helper` (see [`walk_once`]): first with
+/// room for a few, then, if that is not enough, for `max`.
 fn walk(
     max: usize,
     index: usize,
-    helper: impl FnOnce(*mut RawFileVma, *mut usize) -> i32,
+    helper: impl Fn(*mut RawFileVma, i32, *mut usize) -> i32,
+) -> Result<(KVVec<FileVma>, usize)> {
+    let first = max.min(FIRST_ROOM);
+    match walk_once(first, index, &helper) {
+        Err(e) if e == E2BIG && first < max => walk_once(max, index, &helper), // mutant: walk-no-second-try
+        walked => walked,
+    }
+}
+
+/// One walk of a file's mappings by `helper`, given room for `max + 1`
+/// entries (its second argument) and where to write the first page past
+/// the folio (`index + 1` unless it writes it); it gives each recorded mm
+/// an mm_count reference and returns how many it recorded, or a negative
+/// errno.  `E2BIG` if there may be more than `max`.
+fn walk_once(
+    max: usize,
+    index: usize,
+    helper: &impl Fn(*mut RawFileVma, i32, *mut usize) -> i32,
 ) -> Result<(KVVec<FileVma>, usize)> {
     let blank = RawFileVma {
         mm: core::ptr::null_mut(),
@@ -107,7 +118,7 @@ fn walk(
     let mut raw = KVVec::new();
     raw.extend_with(max + 1, blank, GFP_KERNEL)?;
     let mut next = index + 1;
-    let n = helper(raw.as_mut_ptr(), &mut next);
+    let n = helper(raw.as_mut_ptr(), max as i32 + 1, &mut next);
     if n < 0 {
         return Err(Error::from_errno(n));
     }

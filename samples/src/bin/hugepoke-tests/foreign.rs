@@ -449,6 +449,43 @@ pub(crate) fn restore_takes_the_patch_back_from_a_forked_child() -> TestResult {
     closed.map(|_| ())
 }
 
+/// Forty children forked while a patch lives (more than the first try of
+/// a walk of the file's mappings has room for): RESTORE takes the patch
+/// back from every one.
+pub(crate) fn restore_takes_the_patch_back_from_forty_forked_children() -> TestResult {
+    const PAGE: usize = 80;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, PAGE, 8080)))?;
+    let mut children = Vec::new();
+    let result = (|| {
+        for _ in 0..40 {
+            children.push(fork_child(&mut t)?);
+        }
+        let forked = io(dev.query_forked(h))?;
+        ensure!(
+            forked.len() == 40,
+            "QUERY_FORKED names {} of the 40 children",
+            forked.len()
+        );
+        io(dev.restore(h))?;
+        let orig = text::mov_eax_ret(text::original_value(PAGE));
+        for &c in &children {
+            ensure!(
+                read_mem(c, t.page_addr(PAGE), 6)? == orig,
+                "child {c} of 40 still runs the patch after RESTORE"
+            );
+        }
+        Ok(())
+    })();
+    for c in children {
+        // SAFETY: killing nothing but the target's children.
+        unsafe { libc::kill(c, libc::SIGKILL) };
+    }
+    result
+}
+
 /// A change another tool made in the patched page before the fork is in
 /// the child's copy too: RESTORE puts the originals back in each process's
 /// own copy (COW broken: the shared page is not written) and keeps the
@@ -708,6 +745,7 @@ tests! {
         restore_leaves_a_process_forked_before_the_patch_alone,
         restore_reaches_a_forked_childs_diverged_copy,
         restore_reaches_an_orphan_after_the_target_exited,
+        restore_takes_the_patch_back_from_forty_forked_children,
     ];
 }
 
