@@ -17,8 +17,10 @@
 //! (Holders of one open file are one owner: a file passed on or inherited
 //! passes its patches on, as a `/proc/PID/mem` file passes on the access
 //! checked when it was opened.)  RESTORE of a patch whose process is gone
-//! is allowed to anyone: it writes nothing, and lets go of the file and
-//! the mm the patch still holds.
+//! is allowed to anyone, but for anyone else it only forgets the patch
+//! (as RESTORE_DROP): it lets go of the file and the mm the patch still
+//! holds, and writes nothing — not into the processes forked from the
+//! target, which its owner's RESTORE restores.
 //!
 //! A PATCH_FILE (every process that maps a file) needs CAP_SYS_ADMIN, and
 //! so do RESTORE and QUERY of its handle through another file.
@@ -31,6 +33,16 @@ use kernel::prelude::*;
 
 use crate::{patches::Owner, refusal::Refusal, sys, target::Target};
 
+/// What a caller may do to a handle it may undo.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Undo {
+    /// RESTORE it (or QUERY it).
+    Restore,
+    /// Only forget it: its process is gone, and the caller may not write
+    /// into the processes forked from it.
+    Forget,
+}
+
 /// May the caller, through the file with owner id `caller`, RESTORE
 /// (`restoring`) or QUERY a handle of `owner` on `target`?
 pub(crate) fn may_undo(
@@ -38,13 +50,13 @@ pub(crate) fn may_undo(
     caller: u64,
     target: &Target,
     restoring: bool,
-) -> Result<(), Refusal> {
-    // (RESTORE of a patch whose process is gone writes nothing: it only
-    // lets go of the file and the mm.)
-    let gone = restoring && target.gone();
-    if owner == Some(caller) || gone || may_ptrace(target) || sys::capable_sys_admin() {
+) -> Result<Undo, Refusal> {
+    if owner == Some(caller) || may_ptrace(target) || sys::capable_sys_admin() {
         // mutant: anyone-may-restore
-        return Ok(());
+        return Ok(Undo::Restore);
+    }
+    if restoring && target.gone() {
+        return Ok(Undo::Forget); // mutant: gone-target-restored-by-anyone
     }
     Err(Refusal::new(
         EPERM,

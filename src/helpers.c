@@ -125,27 +125,45 @@ unsigned long hugepoke_vma_family(struct vm_area_struct *vma)
 	return vma->anon_vma ? (unsigned long)vma->anon_vma->root : 0;
 }
 
+/*
+ * May processes other than @vma's own map pages of fork @family?  Unless
+ * @vma's anon_vma is the family's root and no fork ever gave that root a
+ * child anon_vma (it counts itself: 1).  Racy reads under @vma's mmap
+ * lock, which a fork of this process takes too: a hint to skip a walk of
+ * who else maps a page, never a reason to write.
+ */
+bool hugepoke_family_may_have_others(struct vm_area_struct *vma, unsigned long family)
+{
+	struct anon_vma *anon_vma = READ_ONCE(vma->anon_vma);
+
+	return !anon_vma || (unsigned long)anon_vma != family ||
+	       READ_ONCE(anon_vma->root) != anon_vma ||
+	       READ_ONCE(anon_vma->num_children) > 1; /* mutant: family-walk-always */
+}
+
 u64 hugepoke_boottime_ns(void)
 {
 	return ktime_get_boottime_ns();
 }
 
+#ifndef CONFIG_MEMCG
+#error "hugepoke finds a process by its mm through mm->owner (CONFIG_MEMCG)"
+#endif
+
 /*
  * Was @mm's process forked, since @since (boot-time ns), from the process
- * @target (NULL: gone) or from a process forked from it since?  Its
- * ancestors forked since are climbed to the first that is older: that one
- * must be @target's thread group, or a reaper (init, a subreaper), whom a
- * process is given when its parent exits.  Then the process is the
- * target's unless an ancestor of it that exited was older than @since —
- * which no one can tell any more; its copy's bytes decide (the caller).
+ * @target (NULL: gone), or from a process forked from it since?  Its
+ * ancestors forked since are climbed to the first that is older: 1 if
+ * that is @target's thread group; 2 if it is a reaper (init of its pid
+ * namespace, a subreaper), to which a process is given when its parent
+ * exits — then whose it was is no longer known, and the caller must ask
+ * more of it; 0 otherwise (forked before, or from another process).
  */
-bool hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target)
+int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target)
 {
-	bool forked = false;
-#ifdef CONFIG_MEMCG
 	struct task_struct *p, *q;
 	struct pid *tgid;
-	bool reaper;
+	int forked = 0;
 
 	rcu_read_lock();
 	p = rcu_dereference(mm->owner);
@@ -158,14 +176,14 @@ bool hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target)
 			continue;
 		}
 		tgid = task_tgid(q);
-		/* The reaper it was given to when its parent exited? */
-		reaper = (tgid && is_child_reaper(tgid)) || q->signal->is_child_subreaper;
-		forked = tgid == target || reaper; /* mutant: forked-ancestry-unchecked */
+		if (target && tgid == target) /* mutant: forked-ancestry-unchecked */
+			forked = 1;
+		else if ((tgid && is_child_reaper(tgid)) || q->signal->is_child_subreaper)
+			forked = 2;
 		break;
 	}
 out:
 	rcu_read_unlock();
-#endif
 	return forked;
 }
 

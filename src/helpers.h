@@ -35,8 +35,9 @@ int hugepoke_family_vmas(struct file *file, pgoff_t index, unsigned long family,
 			 int max, pgoff_t *next);
 unsigned long hugepoke_folio_family(struct folio *folio);
 unsigned long hugepoke_vma_family(struct vm_area_struct *vma);
+bool hugepoke_family_may_have_others(struct vm_area_struct *vma, unsigned long family);
 u64 hugepoke_boottime_ns(void);
-bool hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target);
+int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target);
 int hugepoke_folio_unexpected_refs(struct folio *folio);
 bool hugepoke_folio_is_anon(struct folio *folio);
 bool hugepoke_folio_may_be_lru_cached(struct folio *folio);

@@ -513,6 +513,27 @@ other_reasons 0
     }
 
     #[test]
+    fn forked_lines_parsed_and_bad_ones_skipped() {
+        let text = "# handle pids\n3 120 121\n7 99\n8 x\n";
+        let f = parse_forked(text);
+        assert_eq!(
+            f,
+            [
+                Forked {
+                    handle: 3,
+                    pids: vec![120, 121]
+                },
+                Forked {
+                    handle: 7,
+                    pids: vec![99]
+                }
+            ]
+        );
+        let v = serde_json::to_value(&f[0]).unwrap();
+        assert_eq!(v, serde_json::json!({"handle": 3, "pids": [120, 121]}));
+    }
+
+    #[test]
     fn events_json_shape() {
         let e = parse_events(&journal(4, [(5, 50)]));
         assert_eq!(e.dropped, 4);

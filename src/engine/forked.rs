@@ -49,7 +49,7 @@ use crate::{
     journal::{Event, Step},
     patches::{Patches, Site},
     refusal::Refusal,
-    sys::{self, MmapWriteGuard, PidRef, PMD_MASK},
+    sys::{self, Forked, MmapWriteGuard, PidRef, PAGE_MASK, PMD_MASK},
     target::Target,
     uapi::PATCH_INSTALL_PMD,
     Hugepoke,
@@ -89,11 +89,21 @@ struct Candidates {
     places: KVVec<(ARef<Mm>, usize, usize)>,
 }
 
+/// What a forked pass met.
+#[derive(Default)]
+pub(super) struct Reach {
+    /// The walk named other processes of the target's fork family.
+    pub(super) others: bool,
+    /// A process it restored had its copy shared (not exclusive): with
+    /// one the walk did not see, maybe (forked meanwhile).
+    pub(super) shared: bool,
+}
+
 /// Restore the patch of `sites` (their `pages`) in every process forked
-/// while it lived; `last_on_page` as for the target.  Whether the walk
-/// found any other process of the family, or a refusal (with the site to
-/// blame) if one that runs the patch cannot give it back, unless the
-/// patch's file is closing or the module unloading.
+/// while it lived; `last_on_page` as for the target.  What the pass met,
+/// or a refusal (with the site to blame) if one that runs the patch
+/// cannot give it back, unless the patch's file is closing or the module
+/// unloading.
 pub(super) fn restore_forked(
     hp: &Hugepoke,
     lineage: &Lineage<'_>,
@@ -101,7 +111,7 @@ pub(super) fn restore_forked(
     pages: &[plan::PageWork],
     last_on_page: &impl Fn(&[Site]) -> bool,
     closing: Closing,
-) -> Result<bool, (Refused, usize)> {
+) -> Result<Reach, (Refused, usize)> {
     let pass = Pass {
         hp,
         sites,
@@ -113,12 +123,15 @@ pub(super) fn restore_forked(
         Err(r) => {
             return pass
                 .stop(sites[0].pid, (Refused::Kept(r), 0))
-                .map(|()| false)
+                .map(|()| Reach::default())
         }
     };
-    let others = !found.places.is_empty();
+    let mut reach = Reach {
+        others: !found.places.is_empty(),
+        shared: false,
+    };
     let mut collapses = KVec::new();
-    let mut result = Ok(());
+    let mut result = Ok(false);
     for (i, (child, _, _)) in found.places.iter().enumerate() {
         // Each process once, at its first place.
         if !found.places[..i]
@@ -127,13 +140,14 @@ pub(super) fn restore_forked(
         {
             result = pass.child(child, &found, i, last_on_page, &mut collapses);
         }
-        if result.is_err() {
-            break;
+        match result {
+            Ok(shared) => reach.shared |= shared,
+            Err(_) => break,
         }
     }
     drop(found);
     collapse_children(hp, &collapses);
-    result.map(|()| others)
+    result.map(|_| reach)
 }
 
 /// One RESTORE's pass over the forked processes.
@@ -146,7 +160,8 @@ struct Pass<'a> {
 
 impl Pass<'_> {
     /// Restore the patch in `child` (named first at place `i` of `found`)
-    /// if it runs it; a refusal goes through [`Pass::stop`].
+    /// if it runs it (whether its copy was shared); a refusal goes through
+    /// [`Pass::stop`].
     fn child(
         &self,
         child: &Mm,
@@ -154,21 +169,21 @@ impl Pass<'_> {
         i: usize,
         last_on_page: &impl Fn(&[Site]) -> bool,
         collapses: &mut KVec<(ARef<Mm>, usize, bool)>,
-    ) -> Result<(), (Refused, usize)> {
+    ) -> Result<bool, (Refused, usize)> {
         // Its last mmput (if it exits meanwhile) never runs under our locks.
         let Some(child) = child.mmget_not_zero().map(MmWithUser::into_mmput_async) else {
-            return Ok(());
+            return Ok(false);
         };
         let pid = sys::mm_owner_tgid(&child);
         match runs_the_patch(&child, found, i, self.sites, self.lineage) {
-            Err(r) => self.stop(pid, (Refused::Kept(r), 0)),
+            Err(r) => self.stop(pid, (Refused::Kept(r), 0)).map(|()| false),
             Ok(ours) => {
                 if !ours {
                     // mutant: child-precheck-skipped
-                    return Ok(());
+                    return Ok(false);
                 }
                 restore_child(self.hp, &child, self.sites, last_on_page, collapses)
-                    .or_else(|e| self.stop(pid, e))
+                    .or_else(|e| self.stop(pid, e).map(|()| false))
             }
         }
     }
@@ -205,11 +220,12 @@ fn candidates(
         pages: KVec::new(),
         places: KVVec::new(),
     };
+    let alone = alone_in_family(lineage, sites, pages)?;
     // The last walk: its file, family, the first page past its folio.
     let mut walked: Option<(usize, usize, usize, KVVec<sys::FileVma>)> = None;
-    for (w, file) in pages.iter().zip(lineage.files) {
+    for ((w, file), alone) in pages.iter().zip(lineage.files).zip(alone) {
         let rep = &sites[w.range.start];
-        let Some(file) = file.as_ref().filter(|_| rep.family != 0) else {
+        let Some(file) = file.as_ref().filter(|_| rep.family != 0 && !alone) else {
             continue;
         };
         // Pages come in file order: this one may be in the folio walked last.
@@ -243,6 +259,37 @@ fn candidates(
     Ok(found)
 }
 
+/// For each page of `pages`, is the target (alive) alone in its fork
+/// family there: its text mapping's anon_vma is the family's root, and no
+/// fork ever gave it a child?  Then no walk (which would read the file
+/// page in) is needed.  Looked at with the target's mmap lock held, where
+/// the target maps the site now.
+fn alone_in_family(
+    lineage: &Lineage<'_>,
+    sites: &[Site],
+    pages: &[plan::PageWork],
+) -> Result<KVec<bool>, Refusal> {
+    let nomem = |_| Refusal::new(ENOMEM, "no memory to list who maps the patched pages");
+    let mut alone = KVec::with_capacity(pages.len(), GFP_KERNEL).map_err(nomem)?;
+    let Some(mm) = lineage.mm else {
+        alone
+            .extend_with(pages.len(), false, GFP_KERNEL)
+            .map_err(nomem)?;
+        return Ok(alone);
+    };
+    let waiting = |e| Refusal::new(e, "fatal signal while waiting for the target's mmap lock");
+    let guard = MmapWriteGuard::lock_killable(mm).map_err(waiting)?;
+    for w in pages {
+        let rep = &sites[w.range.start];
+        let vma = guard.vma_lookup(rep.addr).filter(|v| {
+            sys::vma_info(v).address_of(rep.mapping, rep.pgoff) == Some(rep.addr & PAGE_MASK)
+        });
+        let others = vma.is_none_or(|v| sys::family_may_have_others(v, rep.family));
+        alone.push(!others, GFP_KERNEL).map_err(nomem)?;
+    }
+    Ok(alone)
+}
+
 /// Why the walk of who maps `rep`'s file page failed (`e`), journaled.
 fn walk_failed(hp: &Hugepoke, rep: &Site, e: Error) -> Refusal {
     let why = if e == E2BIG {
@@ -257,11 +304,13 @@ fn walk_failed(hp: &Hugepoke, rep: &Site, e: Error) -> Refusal {
 }
 
 /// Does `child` run the patch at one of the places the walk named for it
-/// (from the `first`)?  There it maps the same file page, in the target's
-/// fork family; it was forked from the target since PATCH; and its copy
+/// (from the `first`)?  It was forked from the target since PATCH (see
+/// [`how_forked`]: one that was not is not even locked); there it maps
+/// the same file page, in a VMA of the target's fork family; and its copy
 /// (faulted in if swapped out, unless userfaultfd watches it) holds the
-/// patch's bytes at one site of that page at least (a process that
-/// started just after PATCH but was forked before it has none).
+/// patch's bytes at one site of that page at least (a process that started
+/// just after PATCH but was forked before it has none) — and is the very
+/// page PATCH wrote, when its ancestry no longer tells.
 fn runs_the_patch(
     child: &MmWithUser,
     found: &Candidates,
@@ -269,6 +318,16 @@ fn runs_the_patch(
     sites: &[Site],
     lineage: &Lineage<'_>,
 ) -> Result<bool, Refusal> {
+    let me = &found.places[first].0;
+    let mine = || {
+        found.places[first..]
+            .iter()
+            .filter(move |(m, _, _)| core::ptr::eq(&**m, &**me))
+    };
+    let how = |k: usize| how_forked(child, &sites[found.pages[k].start], lineage);
+    if mine().all(|(_, _, k)| how(*k).is_none()) {
+        return Ok(false);
+    }
     let waiting = |e| {
         Refusal::new(
             e,
@@ -276,51 +335,77 @@ fn runs_the_patch(
         )
     };
     let guard = MmapWriteGuard::lock_killable(child).map_err(waiting)?;
-    let me = &found.places[first].0;
-    for (m, addr, k) in found.places[first..].iter() {
-        if !core::ptr::eq(&**m, &**me) {
+    for (_, addr, k) in mine() {
+        let Some(same_page_only) = how(*k) else {
             continue;
-        }
+        };
         let on_page = &sites[found.pages[*k].clone()];
-        let rep = &on_page[0];
-        let Some(vma) = guard.vma_lookup(*addr) else {
-            continue;
-        };
-        let info = sys::vma_info(vma);
-        if info.address_of(rep.mapping, rep.pgoff) != Some(*addr)
-            || sys::vma_family(vma) != rep.family
-            || !sys::forked_since(child, rep.since, lineage.pid)
-        {
-            continue;
-        }
-        let page = match sys::anon_copy_at(vma, *addr) {
-            Some(page) => Some(page),
-            None if info.uffd_armed || !info.has_anon_vma => None,
-            None => guard.get_user_page(*addr, sys::FOLL_FORCE).ok(),
-        };
-        let holds_the_bytes = |page: sys::PageRef| {
-            on_page.iter().any(|s| {
-                let mut now = [0u8; crate::uapi::MAX_BYTES];
-                page.read(s.offset(), &mut now[..s.len]);
-                now[..s.len] == s.bytes[..s.len] // mutant: forked-foreign-bytes-taken diverged-child-left-patched
-            })
-        };
-        if page.is_some_and(|p| p.is_anon() && holds_the_bytes(p)) {
+        if copy_runs_the_patch(&guard, *addr, on_page, same_page_only) {
             return Ok(true);
         }
     }
     Ok(false)
 }
 
+/// Does the copy mapped at `addr` (with `guard` held) run the patch of
+/// `on_page` (one file page's sites): a VMA of the family maps that file
+/// page there, and its copy (faulted in if swapped out, unless userfaultfd
+/// watches it) holds the patch's bytes at one site at least — and is the
+/// very page PATCH wrote, when `same_page_only`?
+fn copy_runs_the_patch(
+    guard: &MmapWriteGuard<'_>,
+    addr: usize,
+    on_page: &[Site],
+    same_page_only: bool,
+) -> bool {
+    let rep = &on_page[0];
+    let Some(vma) = guard.vma_lookup(addr) else {
+        return false;
+    };
+    let info = sys::vma_info(vma);
+    if info.address_of(rep.mapping, rep.pgoff) != Some(addr) || sys::vma_family(vma) != rep.family {
+        return false;
+    }
+    let page = match sys::anon_copy_at(vma, addr) {
+        Some(page) => Some(page),
+        None if info.uffd_armed || !info.has_anon_vma => None,
+        None => guard.get_user_page(addr, sys::FOLL_FORCE).ok(),
+    };
+    let holds_the_bytes = |page: &sys::PageRef| {
+        on_page.iter().any(|s| {
+            let mut now = [0u8; crate::uapi::MAX_BYTES];
+            page.read(s.offset(), &mut now[..s.len]);
+            now[..s.len] == s.bytes[..s.len] // mutant: forked-foreign-bytes-taken diverged-child-left-patched
+        })
+    };
+    let ours = |p: &sys::PageRef| !same_page_only || p.pfn() == rep.pfn;
+    page.is_some_and(|p| p.is_anon() && ours(&p) && holds_the_bytes(&p))
+}
+
+/// How `child` came from the target of `rep`'s patch: None if it was not
+/// forked from it since the patch; else whether only the very page PATCH
+/// wrote says its copy is the patch's — when its ancestry no longer
+/// reaches the target (a parent exited: it was given to a reaper), or the
+/// target is gone (a process of the image it exec'd may be of a new fork
+/// family that reuses the old one's identity).
+fn how_forked(child: &Mm, rep: &Site, lineage: &Lineage<'_>) -> Option<bool> {
+    match sys::forked_since(child, rep.since, lineage.pid) {
+        Forked::No => None,
+        Forked::FromTarget if lineage.mm.is_some() => Some(false),
+        _ => Some(true), // mutant: adopted-any-copy
+    }
+}
+
 /// RESTORE's passes in `child` for `sites` (journaled under its pid);
-/// the 2 MiB ranges whose copy was zapped go to `collapses`.
+/// the 2 MiB ranges whose copy was zapped go to `collapses`.  Whether a
+/// copy there was shared (not exclusive).
 fn restore_child(
     hp: &Hugepoke,
     child: &MmWithUser,
     sites: &[Site],
     last_on_page: &impl Fn(&[Site]) -> bool,
     collapses: &mut KVec<(ARef<Mm>, usize, bool)>,
-) -> Result<(), (Refused, usize)> {
+) -> Result<bool, (Refused, usize)> {
     let pid = sys::mm_owner_tgid(child);
     let nomem = |_| {
         (
@@ -348,11 +433,11 @@ fn restore_child(
             }
         }
     }
-    Ok(())
+    Ok(pages.iter().any(|w| w.shared))
 }
 
 /// Collapse each child's 2 MiB range whose copy was zapped, each with that
-/// child's mmap lock held for reading; journaled.
+/// child's mmap lock held (for writing: the wait is killable); journaled.
 fn collapse_children(hp: &Hugepoke, collapses: &[(ARef<Mm>, usize, bool)]) {
     for (i, (mm, haddr, install)) in collapses.iter().enumerate() {
         if collapses[..i]

@@ -78,8 +78,9 @@ struct Seen<'a> {
 }
 
 /// Where the target maps the anonymous copy of `site`'s file page now: the
-/// VMA, the page's address, and the page.  Walks every VMA, so it follows
-/// `mremap()`; a file page mapped more than once (ELF segments share
+/// VMA, the page's address, and the page.  Walks every VMA of the fork
+/// family PATCH wrote in (a mapping made since holds no copy of ours),
+/// so it follows `mremap()`; a file page mapped more than once (ELF segments share
 /// boundary pages; a library mapped twice) is looked at in each mapping.
 /// Of several private copies it takes the one holding the page PATCH wrote
 /// (its PFN), else the one at the address PATCH wrote; if there are several
@@ -97,6 +98,12 @@ pub(crate) fn find_anon_copy<'a>(
         let Some(page_addr) = page_addr else { continue };
         seen.mapped = true;
         let at_site = page_addr == site.addr & PAGE_MASK;
+        if info.has_anon_vma && site.family != 0 && sys::vma_family(vma) != site.family {
+            // mutant: copy-of-another-family
+            // A mapping made since (not of the fork family PATCH wrote in):
+            // a copy there is another's, whatever its bytes.
+            continue;
+        }
         if !info.has_anon_vma {
             // mutant: fault-every-mapping
             // No anonymous page can be there: no fault (and no I/O, no

@@ -53,10 +53,23 @@ fn unknown(hp: &Hugepoke, handle: u64) -> Error {
         .fail(ev, ENOENT, "no such patch (unknown or already restored)")
 }
 
+/// The `restored` record of a RESTORE_DROP.
+pub(crate) const DROPPED: &str =
+    "dropped without restoring (RESTORE_DROP): the target keeps what its copies hold";
+/// The `restored` record of a RESTORE by a caller that may only forget
+/// the patch of a target that is gone.
+pub(crate) const GONE_FORGOTTEN: &str = "target process is gone: forgotten without restoring the processes forked from it (only the patch's owner, a process that may ptrace them, or CAP_SYS_ADMIN restores those)";
+
 /// RESTORE_DROP: forget `handle` without looking at or writing into its
-/// target, for a patch RESTORE cannot give back.  Whatever the target's
-/// copies hold stays, and their ranges stay PTE-mapped.
-pub(crate) fn drop_handle(hp: &Arc<Hugepoke>, target: &Arc<Target>, handle: u64) -> Result {
+/// target, for a patch RESTORE cannot give back (or, `settled` saying so,
+/// a gone target's patch RESTOREd by a caller that may only forget it).
+/// Whatever the copies hold stays, and their ranges stay PTE-mapped.
+pub(crate) fn drop_handle(
+    hp: &Arc<Hugepoke>,
+    target: &Arc<Target>,
+    handle: u64,
+    settled: &'static str,
+) -> Result {
     let mut state = target.lock_killable(&hp.journal, Event::new(Step::Restore).handle(handle))?;
     if state.patches.count(handle) == 0 {
         return Err(unknown(hp, handle));
@@ -76,9 +89,7 @@ pub(crate) fn drop_handle(hp: &Arc<Hugepoke>, target: &Arc<Target>, handle: u64)
     let verdict = Verdict {
         result: Ok(()),
         forget_all: true,
-        settled: Some(
-            "dropped without restoring (RESTORE_DROP): the target keeps what its copies hold",
-        ),
+        settled: Some(settled),
     };
     finish(
         hp,
@@ -191,13 +202,14 @@ const FORKED_PASSES: usize = 3;
 /// RESTORE's passes: in the processes forked since PATCH first, then in
 /// the target.  A process forked in between (its fork came after the
 /// walk, before the target's mmap lock) still shares the target's copy:
-/// the target's pass, under that lock (no fork can come in), sees it and
-/// refuses, and the forked pass runs again; the last time (and at close
-/// and unload, where the target is restored whatever its children say)
-/// COW is broken for the target instead.  A process its pass could not
-/// see (its PTE a swap entry; a copy of a copy, forked from a child
-/// during the child's pass) is found by one more forked pass after it,
-/// taken when the target's copy was shared or the family has others.
+/// the target's pass, under that lock (no fork comes in), sees it and
+/// refuses, and the forked pass runs again, a few times at most (then
+/// the patch is kept: `EAGAIN`).  At close and unload the target is
+/// restored whatever its children say: COW is broken for it.  A process
+/// the target's pass cannot count (its PTE a swap entry; a copy of a copy,
+/// forked from a child during the child's pass) is found by forked passes
+/// after it, taken when the target's copy was not exclusive or its family
+/// has others, and again while one of them found a copy shared.
 fn restore_everywhere(
     hp: &Hugepoke,
     mm: &MmWithUser,
@@ -207,33 +219,39 @@ fn restore_everywhere(
     last_on_page: &impl Fn(&[Site]) -> bool,
     closing: Closing,
 ) -> Result<(), (Refused, usize)> {
+    let shared = match closing {
+        Closing::No => Shared::Refuse,
+        _ => Shared::Break,
+    };
     let (mut passes, mut others) = (0, false);
     loop {
         passes += 1;
-        let shared = match closing {
-            Closing::No if passes < FORKED_PASSES => Shared::Refuse,
-            _ => Shared::Break,
-        };
         let forked = restore_forked(hp, lineage, sites, pages, last_on_page, closing);
-        let result = forked.and_then(|found| {
-            others |= found;
+        let result = forked.and_then(|reach| {
+            others |= reach.others;
             hp.pauses.at(Point::Forked, sites[0].pid, &hp.journal);
             restore_pages(hp, mm, sites, pages, last_on_page, shared)
         });
         match result {
-            Err((Refused::Kept(r), _)) if r.why == FORKED_DURING_RESTORE => {
+            Err((Refused::Kept(r), _))
+                if r.why == FORKED_DURING_RESTORE && passes < FORKED_PASSES =>
+            {
                 hp.journal
                     .record(sites[0].event(Step::Restore).note(FORKED_DURING_RESTORE));
             }
-            Ok(()) if others || pages.iter().any(|w| w.shared) => {
-                let why = "the target's copy was shared, or others of its fork family map the page: looking once more for processes that run the patch";
-                hp.journal.record(sites[0].event(Step::Restore).note(why));
-                let swept = restore_forked(hp, lineage, sites, pages, last_on_page, closing);
-                return swept.map(|_| ());
-            }
+            Ok(()) if others || pages.iter().any(|w| w.shared) => break,
             result => return result,
         }
     }
+    for _ in 0..FORKED_PASSES {
+        let why = "the target's copy was not exclusive, or others of its fork family map the page: looking once more for processes that run the patch";
+        hp.journal.record(sites[0].event(Step::Restore).note(why));
+        let reach = restore_forked(hp, lineage, sites, pages, last_on_page, closing)?;
+        if !reach.shared {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// The handle's last site left the table: its `restored` record, then

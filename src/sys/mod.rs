@@ -42,9 +42,11 @@ pub(crate) use pte::{
 pub(crate) use sync::{fatal_signal_pending, lock_killable, Done};
 pub(crate) use task::{
     capable_sys_admin, capable_sys_admin_noaudit, current_tgid, forked_since, mm_id, mm_owner,
-    mm_owner_tgid, ModuleRef, PidRef, Process,
+    mm_owner_tgid, Forked, ModuleRef, PidRef, Process,
 };
-pub(crate) use vma::{beyond_eof, gone_for_good, vma_family, vma_file, vma_info, VmaInfo};
+pub(crate) use vma::{
+    beyond_eof, family_may_have_others, gone_for_good, vma_family, vma_file, vma_info, VmaInfo,
+};
 pub(crate) use wq::Workqueue;
 
 use kernel::{bindings, prelude::*};
@@ -103,12 +105,13 @@ extern "C" {
     ) -> i32;
     fn hugepoke_folio_family(folio: *mut bindings::folio) -> usize;
     fn hugepoke_vma_family(vma: *mut bindings::vm_area_struct) -> usize;
+    fn hugepoke_family_may_have_others(vma: *mut bindings::vm_area_struct, family: usize) -> bool;
     fn hugepoke_boottime_ns() -> u64;
     fn hugepoke_forked_since(
         mm: *mut bindings::mm_struct,
         since: u64,
         target: *mut bindings::pid,
-    ) -> bool;
+    ) -> i32;
     fn hugepoke_folio_unexpected_refs(folio: *mut bindings::folio) -> i32;
     fn hugepoke_folio_is_anon(folio: *mut bindings::folio) -> bool;
     fn hugepoke_folio_may_be_lru_cached(folio: *mut bindings::folio) -> bool;

@@ -35,14 +35,30 @@ pub(crate) fn mm_owner(mm: &Mm) -> Option<i32> {
     (tgid >= 0).then_some(tgid)
 }
 
+/// How `mm`'s process came from a patched target (see
+/// `hugepoke_forked_since`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Forked {
+    /// Forked before `since`, or from another process.
+    No,
+    /// Forked since from the target, or from a process forked from it since.
+    FromTarget,
+    /// Forked since from a process that exited since: given to a reaper,
+    /// it may have been the target's, or not.
+    Adopted,
+}
+
 /// Was `mm`'s process forked after `since` (boot-time ns) from the
-/// process of `target` (None: gone), or from one forked from it since,
-/// as far as its ancestry still tells (see `hugepoke_forked_since`)?
-pub(crate) fn forked_since(mm: &Mm, since: u64, target: Option<&PidRef>) -> bool {
+/// process of `target` (None: gone), or from one forked from it since?
+pub(crate) fn forked_since(mm: &Mm, since: u64, target: Option<&PidRef>) -> Forked {
     let target = target.map_or(core::ptr::null_mut(), |p| p.0.as_ptr());
     // SAFETY: `mm` is a valid mm_struct (we hold a reference); the helper
     // reads the tasks under RCU and only compares `target`.
-    unsafe { super::hugepoke_forked_since(mm.as_raw(), since, target) }
+    match unsafe { super::hugepoke_forked_since(mm.as_raw(), since, target) } {
+        1 => Forked::FromTarget,
+        2 => Forked::Adopted,
+        _ => Forked::No,
+    }
 }
 
 /// A process named by the caller, with a reference on its task.

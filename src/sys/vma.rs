@@ -97,7 +97,15 @@ pub(crate) fn vma_info(vma: &VmaRef) -> VmaInfo {
     }
 }
 
-/// A counted reference to the file `vma` maps, if any.
+/// May processes other than `vma`'s own map pages of fork `family`?
+/// False only when `vma`'s anon_vma is the family's root and no fork ever
+/// gave it a child: a hint to skip a walk, read under the mmap lock.
+pub(crate) fn family_may_have_others(vma: &VmaRef, family: usize) -> bool {
+    // SAFETY: the VMA is valid under the mmap lock that gave us `vma`; its
+    // anon_vma lives as long as the VMA.
+    unsafe { super::hugepoke_family_may_have_others(vma.as_ptr(), family) }
+}
+
 /// The fork family of `vma`'s anonymous pages (see `PageRef::family`), or
 /// 0 if it has none yet.
 pub(crate) fn vma_family(vma: &VmaRef) -> usize {
@@ -105,6 +113,7 @@ pub(crate) fn vma_family(vma: &VmaRef) -> usize {
     unsafe { super::hugepoke_vma_family(vma.as_ptr()) }
 }
 
+/// A counted reference to the file `vma` maps, if any.
 pub(crate) fn vma_file(vma: &VmaRef) -> Option<ARef<File>> {
     // SAFETY: the VMA is valid under the mmap lock; `vm_file` holds a
     // reference on the file while the VMA exists.

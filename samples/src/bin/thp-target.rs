@@ -33,6 +33,9 @@
 //!   remap-text → maps, over the text at the same address, another file
 //!              holding the same code (private, read+exec); prints
 //!              `remapped-text`
+//!   remap-same → maps the text's own file again over the text, at the
+//!              same address (a new mapping: its copies are gone); prints
+//!              `remapped-same`
 //!   remap-data N → unmaps the text, maps another file private and writable
 //!              at the same address and writes 0x22 at byte 100 of page N
 //!   watch N CPU → a thread pinned to CPU keeps calling page N's function
@@ -272,7 +275,12 @@ fn remap_text(base: usize, dir: &str) {
         eprintln!("thp-target: writing {path}: {e}");
         std::process::exit(1)
     });
-    let file = std::fs::File::open(&path).unwrap_or_else(|_| die("opening the other text"));
+    map_text_over(base, &path);
+}
+
+/// Map `path` (the same code) over our text, private read+exec, at `base`.
+fn map_text_over(base: usize, path: &str) {
+    let file = std::fs::File::open(path).unwrap_or_else(|_| die("opening the other text"));
     // SAFETY: replaces our own text mapping at the same address, with the
     // same code; nothing runs it while it is swapped (we answer commands).
     unsafe {
@@ -710,6 +718,10 @@ fn main() {
             (Some("remap-text"), _) => {
                 remap_text(base, &dir);
                 let _ = writeln!(out, "remapped-text");
+            }
+            (Some("remap-same"), _) => {
+                map_text_over(base, &path);
+                let _ = writeln!(out, "remapped-same");
             }
             (Some("remap-data"), Some(n)) if n < text::PAGES => {
                 remap_data(base, n, &dir);

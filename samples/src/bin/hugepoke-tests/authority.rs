@@ -87,6 +87,48 @@ pub(crate) fn restore_and_query_need_authority() -> TestResult {
     Ok(())
 }
 
+/// RESTORE of a patch whose target is gone, by a caller that is not its
+/// owner and may not ptrace its processes: allowed (it lets go of what
+/// the patch holds), but it only forgets the patch — it writes nothing
+/// into the process the target forked while the patch lived.
+pub(crate) fn restore_of_a_gone_target_by_anyone_else_only_forgets() -> TestResult {
+    const PAGE: usize = 11;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, PAGE, 1111)))?;
+    let g = fork_orphan(&mut t)?;
+    let at = t.page_addr(PAGE);
+    let result = (|| {
+        kill_and_reap(&t);
+        let line = helper_line(&["undo-as-nobody", &h.to_string()])?;
+        ensure!(
+            field(&line, "restore")? == 0,
+            "nobody's RESTORE of a gone target's patch: {line}, want 0"
+        );
+        ensure!(
+            read_mem(g, at, 6)? == text::mov_eax_ret(1111),
+            "nobody's RESTORE of a gone target's patch wrote into the process it forked"
+        );
+        let q = dev.query(h);
+        ensure!(
+            q.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::ENOENT),
+            "the patch is not forgotten: {q:?}"
+        );
+        let f = events_of(h)?;
+        ensure!(
+            f.iter()
+                .any(|e| e.step == "restored" && e.note.contains("forgotten without restoring")),
+            "the forgetting not journaled: {:?}",
+            steps(&f)
+        );
+        Ok(())
+    })();
+    // SAFETY: killing the test's target's grandchild.
+    unsafe { libc::kill(g, libc::SIGKILL) };
+    result
+}
+
 /// A debugger's int3 where PATCH would write: refused (EBUSY, "changed by
 /// another tool"), nothing written; with PATCH_OVER_CHANGED patched, the
 /// int3 recorded as the original and put back by RESTORE.
@@ -353,6 +395,7 @@ pub(crate) fn drop_forgets_a_handle_and_writes_nothing() -> TestResult {
 tests! {
     TESTS: [
         restore_and_query_need_authority,
+        restore_of_a_gone_target_by_anyone_else_only_forgets,
         patch_over_another_tools_bytes_needs_over_changed,
         patch_over_a_live_uprobe_is_refused,
         restore_finding_the_originals_zaps_and_collapses,

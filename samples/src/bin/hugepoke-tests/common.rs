@@ -179,6 +179,24 @@ pub(crate) fn fork_child(t: &mut Target) -> Result<i32, String> {
         .ok_or(format!("fork said {said:?}"))
 }
 
+/// Have `t` fork a child that forks a grandchild and exits (thp-target's
+/// `fork-orphan`): the grandchild's pid.
+pub(crate) fn fork_orphan(t: &mut Target) -> Result<i32, String> {
+    let said = t.command("fork-orphan")?;
+    said.strip_prefix("grandchild ")
+        .and_then(|p| p.parse().ok())
+        .ok_or(format!("fork-orphan said {said:?}"))
+}
+
+/// Kill the target `t` and reap it (its children go to a reaper).
+pub(crate) fn kill_and_reap(t: &Target) {
+    // SAFETY: killing and reaping the test's own child.
+    unsafe {
+        libc::kill(t.pid, libc::SIGKILL);
+        libc::waitpid(t.pid, std::ptr::null_mut(), 0);
+    }
+}
+
 /// Run a helper to its end; its exit code.
 pub(crate) fn helper_exit_code(args: &[&str]) -> Result<i32, String> {
     let status = io(helper(args)?.status())?;

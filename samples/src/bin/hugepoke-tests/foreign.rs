@@ -533,33 +533,43 @@ pub(crate) fn restore_keeps_a_forked_childs_other_change() -> TestResult {
 /// own copy there holds the very bytes of the patch (its debugger wrote
 /// them), and so does the copy of the child it forks after the patch:
 /// RESTORE succeeds and leaves both alone (neither descends from the
-/// target since the patch), restoring only the target and the child the
-/// target forked after the patch.
+/// target since the patch).  Nor does it touch the child of another such
+/// process that exited (given to a reaper, its ancestry is lost, and its
+/// copy is not the page PATCH wrote).  Only the target and the child it
+/// forked after the patch are restored.
 pub(crate) fn restore_leaves_a_process_forked_before_the_patch_alone() -> TestResult {
     const PAGE: usize = 74;
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     poke_and_unpoke(&t, 90, 0)?;
-    let before = fork_child(&mut t)?;
+    let (before, exits) = (fork_child(&mut t)?, fork_child(&mut t)?);
     let at = t.page_addr(PAGE);
     let own = text::mov_eax_ret(7474);
-    let mut grandchild = None;
+    let mut grandchildren = Vec::new();
     let result = (|| {
         write_mem(before, at, &own)?;
+        write_mem(exits, at, &own)?;
         let dev = io(Device::open())?;
         let h = io(dev.patch(&patch_req(&t, PAGE, 7474)))?;
         let after = fork_child(&mut t)?;
-        // SAFETY: signalling the test's own child (it forks on SIGUSR1).
-        unsafe { libc::kill(before, libc::SIGUSR1) };
-        let g = child_of(before)?;
-        grandchild = Some(g);
+        for p in [before, exits] {
+            // SAFETY: signalling the test's own child (it forks on SIGUSR1).
+            unsafe { libc::kill(p, libc::SIGUSR1) };
+            grandchildren.push(child_of(p)?);
+        }
+        let (g, orphan) = (grandchildren[0], grandchildren[1]);
+        // SAFETY: killing the test's target's child: its child goes to a reaper.
+        unsafe { libc::kill(exits, libc::SIGKILL) };
+        wait_for("the orphan's new parent", Duration::from_secs(10), || {
+            Ok(ppid(orphan)? != exits)
+        })?;
         // The one forked after the patch runs it; the others do not.
         let forked = io(dev.query_forked(h))?;
         let restored = dev.restore(h);
         let checked = (|| {
             ensure!(
                 forked == [after],
-                "QUERY_FORKED says {forked:?}, want [{after}] (not {before} nor {g})"
+                "QUERY_FORKED says {forked:?}, want [{after}] (not {before}, {g} nor {orphan})"
             );
             ensure!(restored.is_ok(), "RESTORE returned {restored:?}");
             ensure!(
@@ -571,6 +581,10 @@ pub(crate) fn restore_leaves_a_process_forked_before_the_patch_alone() -> TestRe
                 "RESTORE changed the child of the process forked before the patch"
             );
             ensure!(
+                read_mem(orphan, at, 6)? == own,
+                "RESTORE changed the orphaned child of a process forked before the patch"
+            );
+            ensure!(
                 read_mem(after, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
                 "the child forked after the patch still runs it"
             );
@@ -580,11 +594,20 @@ pub(crate) fn restore_leaves_a_process_forked_before_the_patch_alone() -> TestRe
         unsafe { libc::kill(after, libc::SIGKILL) };
         checked
     })();
-    for p in grandchild.into_iter().chain([before]) {
-        // SAFETY: as above, and its child.
+    for p in grandchildren.into_iter().chain([before, exits]) {
+        // SAFETY: as above, and their children.
         unsafe { libc::kill(p, libc::SIGKILL) };
     }
     result
+}
+
+/// The parent of `pid` now (`PPid` in /proc/PID/status).
+fn ppid(pid: i32) -> Result<i32, String> {
+    let status = io(std::fs::read_to_string(format!("/proc/{pid}/status")))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:")?.trim().parse().ok())
+        .ok_or(format!("no PPid for {pid}"))
 }
 
 /// The one child of `pid`, once it has forked it.
@@ -656,6 +679,34 @@ pub(crate) fn restore_reaches_a_forked_childs_diverged_copy() -> TestResult {
     result
 }
 
+/// The target maps its text's file again over the text (its copies go),
+/// and another tool writes the patch's very bytes into the new mapping:
+/// RESTORE finds no copy of the patch (the new mapping's copy is of
+/// another fork family), forgets it, and writes nothing there.
+pub(crate) fn restore_never_writes_into_a_mapping_made_since() -> TestResult {
+    const PAGE: usize = 88;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, PAGE, 8888)))?;
+    let said = t.command("remap-same")?;
+    ensure!(said == "remapped-same", "remap-same said {said:?}");
+    let at = t.page_addr(PAGE);
+    let theirs = text::mov_eax_ret(8888);
+    write_mem(t.pid, at, &theirs)?;
+    io(dev.restore(h))?;
+    ensure!(
+        read_mem(t.pid, at, 6)? == theirs,
+        "RESTORE wrote into a mapping made since the patch"
+    );
+    let q = dev.query(h);
+    ensure!(
+        q.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::ENOENT),
+        "the patch is not forgotten: {q:?}"
+    );
+    Ok(())
+}
+
 /// The PFN `pid` maps at `addr`.
 fn pfn_of(pid: i32, addr: u64) -> Result<u64, String> {
     let e = io(io(Pagemap::open(pid))?.entry(addr))?;
@@ -679,22 +730,14 @@ pub(crate) fn restore_reaches_an_orphan_after_the_target_exited() -> TestResult 
         ..patch_req(&t, PAGE, 7878)
     };
     let h = io(dev.patch(&req))?;
-    let said = t.command("fork-orphan")?;
-    let g: i32 = said
-        .strip_prefix("grandchild ")
-        .and_then(|p| p.parse().ok())
-        .ok_or(format!("fork-orphan said {said:?}"))?;
+    let g = fork_orphan(&mut t)?;
     let at = t.page_addr(PAGE);
     let result = (|| {
         ensure!(
             read_mem(g, at, 6)? == text::mov_eax_ret(7878),
             "the grandchild does not run the patch"
         );
-        // SAFETY: killing and reaping the test's own target.
-        unsafe {
-            libc::kill(t.pid, libc::SIGKILL);
-            libc::waitpid(t.pid, std::ptr::null_mut(), 0);
-        }
+        kill_and_reap(&t);
         let forked = io(dev.query_forked(h))?;
         ensure!(forked == [g], "QUERY_FORKED says {forked:?}, want [{g}]");
         let (g_s, at_s) = (g.to_string(), format!("{at:#x}"));
@@ -746,6 +789,7 @@ tests! {
         restore_reaches_a_forked_childs_diverged_copy,
         restore_reaches_an_orphan_after_the_target_exited,
         restore_takes_the_patch_back_from_forty_forked_children,
+        restore_never_writes_into_a_mapping_made_since,
     ];
 }
 
