@@ -177,8 +177,13 @@ impl Pass<'_> {
         let pid = sys::mm_owner_tgid(&child);
         match runs_the_patch(&child, found, i, self.sites, self.lineage) {
             Err(r) => self.stop(pid, (Refused::Kept(r), 0)).map(|()| false),
-            Ok(ours) => {
-                if !ours {
+            Ok(verdict) => {
+                if verdict == Runs::Unsure {
+                    let why = "this process holds the patch's bytes in a copy that is not the page PATCH wrote, and its parent exited (or the target is gone): whose copy it is can no longer be told; left as it is";
+                    let ev = self.sites[0].event(Step::Restore).pid(pid);
+                    self.hp.journal.record(ev.note(why));
+                }
+                if verdict != Runs::Yes {
                     // mutant: child-precheck-skipped
                     return Ok(false);
                 }
@@ -317,7 +322,7 @@ fn runs_the_patch(
     first: usize,
     sites: &[Site],
     lineage: &Lineage<'_>,
-) -> Result<bool, Refusal> {
+) -> Result<Runs, Refusal> {
     let me = &found.places[first].0;
     let mine = || {
         found.places[first..]
@@ -326,7 +331,7 @@ fn runs_the_patch(
     };
     let how = |k: usize| how_forked(child, &sites[found.pages[k].start], lineage);
     if mine().all(|(_, _, k)| how(*k).is_none()) {
-        return Ok(false);
+        return Ok(Runs::No);
     }
     let waiting = |e| {
         Refusal::new(
@@ -335,16 +340,29 @@ fn runs_the_patch(
         )
     };
     let guard = MmapWriteGuard::lock_killable(child).map_err(waiting)?;
+    let mut verdict = Runs::No;
     for (_, addr, k) in mine() {
         let Some(same_page_only) = how(*k) else {
             continue;
         };
         let on_page = &sites[found.pages[*k].clone()];
-        if copy_runs_the_patch(&guard, *addr, on_page, same_page_only) {
-            return Ok(true);
+        match copy_runs_the_patch(&guard, *addr, on_page, same_page_only) {
+            Runs::Yes => return Ok(Runs::Yes),
+            Runs::Unsure => verdict = Runs::Unsure,
+            Runs::No => {}
         }
     }
-    Ok(false)
+    Ok(verdict)
+}
+
+/// Whether a process runs a patch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Runs {
+    Yes,
+    No,
+    /// Its copy holds the patch's bytes, but is not the page PATCH wrote,
+    /// and its ancestry no longer tells whose it is: left alone.
+    Unsure,
 }
 
 /// Does the copy mapped at `addr` (with `guard` held) run the patch of
@@ -357,14 +375,14 @@ fn copy_runs_the_patch(
     addr: usize,
     on_page: &[Site],
     same_page_only: bool,
-) -> bool {
+) -> Runs {
     let rep = &on_page[0];
     let Some(vma) = guard.vma_lookup(addr) else {
-        return false;
+        return Runs::No;
     };
     let info = sys::vma_info(vma);
     if info.address_of(rep.mapping, rep.pgoff) != Some(addr) || sys::vma_family(vma) != rep.family {
-        return false;
+        return Runs::No;
     }
     let page = match sys::anon_copy_at(vma, addr) {
         Some(page) => Some(page),
@@ -378,8 +396,16 @@ fn copy_runs_the_patch(
             now[..s.len] == s.bytes[..s.len] // mutant: forked-foreign-bytes-taken diverged-child-left-patched
         })
     };
-    let ours = |p: &sys::PageRef| !same_page_only || p.pfn() == rep.pfn;
-    page.is_some_and(|p| p.is_anon() && ours(&p) && holds_the_bytes(&p))
+    match page {
+        Some(p) if p.is_anon() && holds_the_bytes(&p) => {
+            if !same_page_only || p.pfn() == rep.pfn {
+                Runs::Yes
+            } else {
+                Runs::Unsure
+            }
+        }
+        _ => Runs::No,
+    }
 }
 
 /// How `child` came from the target of `rep`'s patch: None if it was not
@@ -503,7 +529,7 @@ pub(crate) fn forked_of(
             continue;
         };
         // (The walk names every process of the family.)
-        if runs_the_patch(&child, &found, i, &sites, &lineage).map_err(|r| r.errno)? {
+        if runs_the_patch(&child, &found, i, &sites, &lineage).map_err(|r| r.errno)? == Runs::Yes {
             // mutant: forked-query-unchecked
             let pid = sys::mm_owner_tgid(&child);
             if pid > 0 && !pids.contains(&pid) {

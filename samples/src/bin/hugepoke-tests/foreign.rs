@@ -584,6 +584,14 @@ pub(crate) fn restore_leaves_a_process_forked_before_the_patch_alone() -> TestRe
                 read_mem(orphan, at, 6)? == own,
                 "RESTORE changed the orphaned child of a process forked before the patch"
             );
+            let evs = events_of(h)?;
+            ensure!(
+                evs.iter().any(|e| e.step == "restore"
+                    && e.pid == orphan
+                    && e.note.contains("can no longer be told")),
+                "the orphan left alone is not journaled: {:?}",
+                steps(&evs)
+            );
             ensure!(
                 read_mem(after, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
                 "the child forked after the patch still runs it"
