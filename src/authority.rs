@@ -16,11 +16,9 @@
 //!
 //! (Holders of one open file are one owner: a file passed on or inherited
 //! passes its patches on, as a `/proc/PID/mem` file passes on the access
-//! checked when it was opened.)  RESTORE of a patch whose process is gone
-//! is allowed to anyone, but for anyone else it only forgets the patch
-//! (as RESTORE_DROP): it lets go of the file and the mm the patch still
-//! holds, and writes nothing — not into the processes forked from the
-//! target, which its owner's RESTORE restores.
+//! checked when it was opened.)  A patch whose process is gone is no one
+//! else's either: its RESTORE restores the processes forked from it, and
+//! forgetting it would leave them patched with no handle to restore them.
 //!
 //! A PATCH_FILE (every process that maps a file) needs CAP_SYS_ADMIN, and
 //! so do RESTORE and QUERY of its handle through another file.
@@ -33,30 +31,13 @@ use kernel::prelude::*;
 
 use crate::{patches::Owner, refusal::Refusal, sys, target::Target};
 
-/// What a caller may do to a handle it may undo.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Undo {
-    /// RESTORE it (or QUERY it).
-    Restore,
-    /// Only forget it: its process is gone, and the caller may not write
-    /// into the processes forked from it.
-    Forget,
-}
-
-/// May the caller, through the file with owner id `caller`, RESTORE
-/// (`restoring`) or QUERY a handle of `owner` on `target`?
-pub(crate) fn may_undo(
-    owner: Owner,
-    caller: u64,
-    target: &Target,
-    restoring: bool,
-) -> Result<Undo, Refusal> {
-    if owner == Some(caller) || may_ptrace(target) || sys::capable_sys_admin() {
+/// May the caller, through the file with owner id `caller`, RESTORE or
+/// QUERY a handle of `owner` on `target`?
+pub(crate) fn may_undo(owner: Owner, caller: u64, target: &Target) -> Result<(), Refusal> {
+    let allowed = owner == Some(caller) || may_ptrace(target) || sys::capable_sys_admin(); // mutant: gone-target-restored-by-anyone
+    if allowed {
         // mutant: anyone-may-restore
-        return Ok(Undo::Restore);
-    }
-    if restoring && target.gone() {
-        return Ok(Undo::Forget); // mutant: gone-target-restored-by-anyone
+        return Ok(());
     }
     Err(Refusal::new(
         EPERM,

@@ -16,7 +16,7 @@ use kernel::{
 };
 
 use crate::{
-    authority::{self, Undo},
+    authority,
     engine::{self, Closing, Failure, Request},
     journal::{Event, Step},
     policy, sys,
@@ -318,28 +318,24 @@ impl Controller {
             }
             return engine::restore_file(hp, args.handle, drop_only); // mutant: file-drop-restores
         }
-        let (target, undo) = self.authorize(args.handle, ev, true)?;
+        let target = self.authorize(args.handle, ev)?;
         if args.flags & uapi::RESTORE_DROP != 0 {
             authority::may_drop().map_err(|r| hp.journal.refuse(ev, r))?;
-            return engine::drop_handle(hp, &target, args.handle, engine::DROPPED);
-        }
-        if undo == Undo::Forget {
-            return engine::drop_handle(hp, &target, args.handle, engine::GONE_FORGOTTEN);
+            return engine::drop_handle(hp, &target, args.handle);
         }
         engine::restore_of(hp, &target, args.handle)
     }
 
-    /// May this caller RESTORE (`restoring`) or QUERY `handle` (see
-    /// `authority`)?  Its target, and what it may do, if so.
-    fn authorize(&self, handle: u64, ev: Event, restoring: bool) -> Result<(Arc<Target>, Undo)> {
+    /// May this caller RESTORE or QUERY `handle` (see `authority`)?  Its
+    /// target, if so.
+    fn authorize(&self, handle: u64, ev: Event) -> Result<Arc<Target>> {
         let hp = &self.hugepoke;
         let Some((owner, target)) = hp.registry.lock().handle(handle) else {
             let why = "no such patch (unknown or already restored)";
             return Err(hp.journal.fail(ev, ENOENT, why));
         };
-        let undo = authority::may_undo(owner, self.id, &target, restoring)
-            .map_err(|r| hp.journal.refuse(ev, r))?;
-        Ok((target, undo))
+        authority::may_undo(owner, self.id, &target).map_err(|r| hp.journal.refuse(ev, r))?;
+        Ok(target)
     }
 
     /// Is `handle` a PATCH_FILE's?  If so, may this caller RESTORE or
@@ -363,7 +359,7 @@ impl Controller {
     fn query_forked(&self, args: &mut QueryArgs, ev: Event) -> Result {
         let hp = &self.hugepoke;
         if !self.authorize_file(args.handle, ev)? {
-            self.authorize(args.handle, ev, false)?;
+            self.authorize(args.handle, ev)?;
         }
         let nomem = |_| {
             hp.journal
@@ -447,7 +443,7 @@ impl Controller {
             let (target, handle, index) = site.ok_or_else(unknown)?;
             (target, handle, index, Some(count))
         } else {
-            let (target, _) = self.authorize(args.handle, ev.handle(args.handle), false)?;
+            let target = self.authorize(args.handle, ev.handle(args.handle))?;
             (target, args.handle, args.index, None)
         };
         self.fill_site(&mut args, &target, handle, index, count)?;

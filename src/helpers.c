@@ -108,7 +108,8 @@ bool hugepoke_folio_mapped_elsewhere(struct folio *folio)
  * The fork family of an anonymous @folio: the root of its anon_vma, which
  * every process forked from its mapper shares (an identity, never
  * dereferenced by the caller); 0 for a KSM or non-anonymous folio.  The
- * caller keeps the folio mapped (mmap lock), so its anon_vma lives.
+ * caller holds the mmap lock of a VMA whose anon_vma chain holds the
+ * folio's anon_vma (PATCH, with the PTE cleared under the PT lock).
  */
 unsigned long hugepoke_folio_family(struct folio *folio)
 {
@@ -137,8 +138,8 @@ bool hugepoke_family_may_have_others(struct vm_area_struct *vma, unsigned long f
 	struct anon_vma *anon_vma = READ_ONCE(vma->anon_vma);
 
 	return !anon_vma || (unsigned long)anon_vma != family ||
-	       READ_ONCE(anon_vma->root) != anon_vma ||
-	       READ_ONCE(anon_vma->num_children) > 1; /* mutant: family-walk-always */
+	       data_race(anon_vma->root) != anon_vma ||
+	       data_race(anon_vma->num_children) > 1; /* mutant: family-walk-always */
 }
 
 u64 hugepoke_boottime_ns(void)
@@ -163,6 +164,7 @@ int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target)
 {
 	struct task_struct *p, *q;
 	struct pid *tgid;
+	bool reaper;
 	int forked = 0;
 
 	rcu_read_lock();
@@ -176,9 +178,11 @@ int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target)
 			continue;
 		}
 		tgid = task_tgid(q);
-		if (target && tgid == target) /* mutant: forked-ancestry-unchecked */
+		/* A reaper is also given the orphans of processes forked before. */
+		reaper = (tgid && is_child_reaper(tgid)) || q->signal->is_child_subreaper;
+		if (target && tgid == target && !reaper) /* mutant: forked-ancestry-unchecked reaper-target-trusted */
 			forked = 1;
-		else if ((tgid && is_child_reaper(tgid)) || q->signal->is_child_subreaper)
+		else if (reaper)
 			forked = 2;
 		break;
 	}
@@ -386,8 +390,8 @@ static bool hugepoke_not_private_text(struct vm_area_struct *vma, void *arg)
 		 * read from an anon_vma, never dereferenced.
 		 */
 		rcu_read_lock();
-		anon_vma = READ_ONCE(vma->anon_vma);
-		other = !anon_vma || (unsigned long)READ_ONCE(anon_vma->root) != w->family;
+		anon_vma = data_race(vma->anon_vma);
+		other = !anon_vma || (unsigned long)data_race(anon_vma->root) != w->family;
 		rcu_read_unlock();
 	}
 	return other || vma->vm_mm == w->skip ||

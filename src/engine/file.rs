@@ -23,7 +23,7 @@ use super::{
     owned::restore_after_killed_patch,
     patch::patch,
     plan::{FileScope, Request},
-    settle::{drop_handle, restore_of, DROPPED},
+    settle::{drop_handle, restore_of},
 };
 use crate::{
     journal::{Event, Step},
@@ -386,7 +386,7 @@ pub(crate) fn restore_file(hp: &Arc<Hugepoke>, handle: u64, drop_only: bool) -> 
             return false;
         };
         let r = match drop_only {
-            true => drop_handle(hp, &target, h, DROPPED),
+            true => drop_handle(hp, &target, h),
             false => restore_of(hp, &target, h),
         };
         if let (Err(e), Ok(())) = (r, &first) {

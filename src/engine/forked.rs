@@ -85,7 +85,8 @@ pub(super) fn files_of(
 /// looked at, and each place (a candidate's mm, the address there, which
 /// of `pages`) the family walk named.
 struct Candidates {
-    pages: KVec<Range<usize>>,
+    /// Per page looked at: its sites, and the PFN of the target's copy.
+    pages: KVec<(Range<usize>, Option<usize>)>,
     places: KVVec<(ARef<Mm>, usize, usize)>,
 }
 
@@ -177,13 +178,12 @@ impl Pass<'_> {
         let pid = sys::mm_owner_tgid(&child);
         match runs_the_patch(&child, found, i, self.sites, self.lineage) {
             Err(r) => self.stop(pid, (Refused::Kept(r), 0)).map(|()| false),
+            Ok(Runs::Unsure(why)) => {
+                let refused = Refused::Kept(Refusal::new(EBUSY, why));
+                self.stop(pid, (refused, 0)).map(|()| false) // mutant: unsure-left-silently
+            }
             Ok(verdict) => {
-                if verdict == Runs::Unsure {
-                    let why = "this process holds the patch's bytes in a copy that is not the page PATCH wrote, and its parent exited (or the target is gone): whose copy it is can no longer be told; left as it is";
-                    let ev = self.sites[0].event(Step::Restore).pid(pid);
-                    self.hp.journal.record(ev.note(why));
-                }
-                if verdict != Runs::Yes {
+                if verdict == Runs::No {
                     // mutant: child-precheck-skipped
                     return Ok(false);
                 }
@@ -193,20 +193,21 @@ impl Pass<'_> {
         }
     }
 
-    /// What a forked process's refusal does: stop a RESTORE before the
-    /// target, or, at close and unload (the target is restored whatever
-    /// its children say), only be journaled.
+    /// What a forked process's refusal does (journaled under its pid):
+    /// stop a RESTORE before the target, or, at close and unload (the
+    /// target is restored whatever its children say), nothing more.
     fn stop(&self, pid: i32, (refused, at): (Refused, usize)) -> Result<(), (Refused, usize)> {
         let Some(r) = refused.stops_undo() else {
             return Ok(());
         };
+        // Under the process's own pid first: which one it was.
+        let ev = self.sites[at].event(Step::Restore).pid(pid);
+        self.hp.journal.record(ev.error(r.errno, r.why));
         if self.closing == Closing::No {
             return Err((Refused::Kept(r), at));
         }
         let why = "a process forked while the patch lived could not give it back; the target is restored all the same (its file closed, or the module unloads)";
-        let ev = self.sites[at].event(Step::Restore).pid(pid);
         self.hp.journal.record(ev.error(r.errno, why));
-        self.hp.journal.record(ev.error(r.errno, r.why));
         Ok(())
     }
 }
@@ -225,10 +226,10 @@ fn candidates(
         pages: KVec::new(),
         places: KVVec::new(),
     };
-    let alone = alone_in_family(lineage, sites, pages)?;
+    let seen = target_view(lineage, sites, pages)?;
     // The last walk: its file, family, the first page past its folio.
     let mut walked: Option<(usize, usize, usize, KVVec<sys::FileVma>)> = None;
-    for ((w, file), alone) in pages.iter().zip(lineage.files).zip(alone) {
+    for ((w, file), (alone, target_pfn)) in pages.iter().zip(lineage.files).zip(seen) {
         let rep = &sites[w.range.start];
         let Some(file) = file.as_ref().filter(|_| rep.family != 0 && !alone) else {
             continue;
@@ -252,7 +253,7 @@ fn candidates(
         let k = found.pages.len();
         found
             .pages
-            .push(w.range.clone(), GFP_KERNEL)
+            .push((w.range.clone(), target_pfn), GFP_KERNEL)
             .map_err(nomem)?;
         for v in vmas.iter() {
             if let Some(addr) = v.addr_of(rep.pgoff) {
@@ -264,23 +265,23 @@ fn candidates(
     Ok(found)
 }
 
-/// For each page of `pages`, is the target (alive) alone in its fork
-/// family there: its text mapping's anon_vma is the family's root, and no
-/// fork ever gave it a child?  Then no walk (which would read the file
-/// page in) is needed.  Looked at with the target's mmap lock held, where
-/// the target maps the site now.
-fn alone_in_family(
+/// For each page of `pages`, as the target (alive) maps it at the site
+/// now, with its mmap lock held: is it alone in its fork family there (its
+/// text mapping's anon_vma is the family's root, and no fork ever gave it
+/// a child: then no walk, which would read the file page in, is needed),
+/// and the PFN of its copy (faulted in if swapped out, unless userfaultfd
+/// watches it), which a process that shares it runs.
+fn target_view(
     lineage: &Lineage<'_>,
     sites: &[Site],
     pages: &[plan::PageWork],
-) -> Result<KVec<bool>, Refusal> {
+) -> Result<KVec<(bool, Option<usize>)>, Refusal> {
     let nomem = |_| Refusal::new(ENOMEM, "no memory to list who maps the patched pages");
-    let mut alone = KVec::with_capacity(pages.len(), GFP_KERNEL).map_err(nomem)?;
+    let mut seen = KVec::with_capacity(pages.len(), GFP_KERNEL).map_err(nomem)?;
     let Some(mm) = lineage.mm else {
-        alone
-            .extend_with(pages.len(), false, GFP_KERNEL)
+        seen.extend_with(pages.len(), (false, None), GFP_KERNEL)
             .map_err(nomem)?;
-        return Ok(alone);
+        return Ok(seen);
     };
     let waiting = |e| Refusal::new(e, "fatal signal while waiting for the target's mmap lock");
     let guard = MmapWriteGuard::lock_killable(mm).map_err(waiting)?;
@@ -290,9 +291,20 @@ fn alone_in_family(
             sys::vma_info(v).address_of(rep.mapping, rep.pgoff) == Some(rep.addr & PAGE_MASK)
         });
         let others = vma.is_none_or(|v| sys::family_may_have_others(v, rep.family));
-        alone.push(!others, GFP_KERNEL).map_err(nomem)?;
+        let copy = vma.and_then(|v| {
+            let info = sys::vma_info(v);
+            let page = match sys::anon_copy_at(v, rep.addr & PAGE_MASK) {
+                Some(page) => Some(page),
+                None if info.uffd_armed || !info.has_anon_vma => None,
+                None => guard
+                    .get_user_page(rep.addr & PAGE_MASK, sys::FOLL_FORCE)
+                    .ok(),
+            };
+            page.filter(|p| p.is_anon()).map(|p| p.pfn())
+        });
+        seen.push((!others, copy), GFP_KERNEL).map_err(nomem)?;
     }
-    Ok(alone)
+    Ok(seen)
 }
 
 /// Why the walk of who maps `rep`'s file page failed (`e`), journaled.
@@ -329,7 +341,7 @@ fn runs_the_patch(
             .iter()
             .filter(move |(m, _, _)| core::ptr::eq(&**m, &**me))
     };
-    let how = |k: usize| how_forked(child, &sites[found.pages[k].start], lineage);
+    let how = |k: usize| how_forked(child, &sites[found.pages[k].0.start], lineage);
     if mine().all(|(_, _, k)| how(*k).is_none()) {
         return Ok(Runs::No);
     }
@@ -345,10 +357,12 @@ fn runs_the_patch(
         let Some(same_page_only) = how(*k) else {
             continue;
         };
-        let on_page = &sites[found.pages[*k].clone()];
-        match copy_runs_the_patch(&guard, *addr, on_page, same_page_only) {
+        let (range, target_pfn) = &found.pages[*k];
+        let on_page = &sites[range.clone()];
+        let same_page = same_page_only.then_some((on_page[0].pfn, *target_pfn));
+        match copy_runs_the_patch(&guard, *addr, on_page, same_page) {
             Runs::Yes => return Ok(Runs::Yes),
-            Runs::Unsure => verdict = Runs::Unsure,
+            Runs::Unsure(why) => verdict = Runs::Unsure(why),
             Runs::No => {}
         }
     }
@@ -360,21 +374,22 @@ fn runs_the_patch(
 enum Runs {
     Yes,
     No,
-    /// Its copy holds the patch's bytes, but is not the page PATCH wrote,
-    /// and its ancestry no longer tells whose it is: left alone.
-    Unsure,
+    /// It may, and cannot be told (why): the RESTORE is refused.
+    Unsure(&'static str),
 }
 
 /// Does the copy mapped at `addr` (with `guard` held) run the patch of
 /// `on_page` (one file page's sites): a VMA of the family maps that file
 /// page there, and its copy (faulted in if swapped out, unless userfaultfd
-/// watches it) holds the patch's bytes at one site at least — and is the
-/// very page PATCH wrote, when `same_page_only`?
+/// watches it) holds the patch's bytes at one site at least — and, when
+/// `same_page` names them, is the very page PATCH wrote or the target's
+/// copy now (PFNs)?  A copy that cannot be looked at, or one with the
+/// bytes on another page then, is [`Runs::Unsure`].
 fn copy_runs_the_patch(
     guard: &MmapWriteGuard<'_>,
     addr: usize,
     on_page: &[Site],
-    same_page_only: bool,
+    same_page: Option<(usize, Option<usize>)>,
 ) -> Runs {
     let rep = &on_page[0];
     let Some(vma) = guard.vma_lookup(addr) else {
@@ -385,9 +400,13 @@ fn copy_runs_the_patch(
         return Runs::No;
     }
     let page = match sys::anon_copy_at(vma, addr) {
-        Some(page) => Some(page),
-        None if info.uffd_armed || !info.has_anon_vma => None,
-        None => guard.get_user_page(addr, sys::FOLL_FORCE).ok(),
+        Some(page) => page,
+        None if !info.has_anon_vma => return Runs::No,
+        None if info.uffd_armed => return Runs::Unsure(UFFD_UNSEEN),
+        None => match guard.get_user_page(addr, sys::FOLL_FORCE) {
+            Ok(page) => page,
+            Err(_) => return Runs::Unsure(NOT_FAULTED),
+        },
     };
     let holds_the_bytes = |page: &sys::PageRef| {
         on_page.iter().any(|s| {
@@ -396,17 +415,20 @@ fn copy_runs_the_patch(
             now[..s.len] == s.bytes[..s.len] // mutant: forked-foreign-bytes-taken diverged-child-left-patched
         })
     };
-    match page {
-        Some(p) if p.is_anon() && holds_the_bytes(&p) => {
-            if !same_page_only || p.pfn() == rep.pfn {
-                Runs::Yes
-            } else {
-                Runs::Unsure
-            }
+    if !page.is_anon() || !holds_the_bytes(&page) {
+        return Runs::No;
+    }
+    match same_page {
+        Some((patched, target)) if page.pfn() != patched && Some(page.pfn()) != target => {
+            Runs::Unsure(LINEAGE_LOST)
         }
-        _ => Runs::No,
+        _ => Runs::Yes,
     }
 }
+
+const UFFD_UNSEEN: &str = "a process forked since the patch may run it: its copy is not present and userfaultfd watches its text, so it is not faulted in to be looked at; patch kept";
+const NOT_FAULTED: &str = "a process forked since the patch may run it: its copy could not be faulted in to be looked at; patch kept";
+const LINEAGE_LOST: &str = "a process forked since the patch may run it: its copy holds the patch's bytes but is neither the page PATCH wrote nor the target's, and its parent exited (or the target is gone), so whose it is cannot be told; patch kept (RESTORE_DROP forgets it)";
 
 /// How `child` came from the target of `rep`'s patch: None if it was not
 /// forked from it since the patch; else whether only the very page PATCH

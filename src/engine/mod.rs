@@ -41,4 +41,4 @@ pub(crate) use outcome::{Closing, Failure};
 pub(crate) use owned::restore_owned;
 pub(crate) use patch::patch;
 pub(crate) use plan::{check_sites, Request};
-pub(crate) use settle::{drop_handle, restore_of, DROPPED, GONE_FORGOTTEN};
+pub(crate) use settle::{drop_handle, restore_of};

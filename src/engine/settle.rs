@@ -53,23 +53,10 @@ fn unknown(hp: &Hugepoke, handle: u64) -> Error {
         .fail(ev, ENOENT, "no such patch (unknown or already restored)")
 }
 
-/// The `restored` record of a RESTORE_DROP.
-pub(crate) const DROPPED: &str =
-    "dropped without restoring (RESTORE_DROP): the target keeps what its copies hold";
-/// The `restored` record of a RESTORE by a caller that may only forget
-/// the patch of a target that is gone.
-pub(crate) const GONE_FORGOTTEN: &str = "target process is gone: forgotten without restoring the processes forked from it (only the patch's owner, a process that may ptrace them, or CAP_SYS_ADMIN restores those)";
-
 /// RESTORE_DROP: forget `handle` without looking at or writing into its
-/// target, for a patch RESTORE cannot give back (or, `settled` saying so,
-/// a gone target's patch RESTOREd by a caller that may only forget it).
-/// Whatever the copies hold stays, and their ranges stay PTE-mapped.
-pub(crate) fn drop_handle(
-    hp: &Arc<Hugepoke>,
-    target: &Arc<Target>,
-    handle: u64,
-    settled: &'static str,
-) -> Result {
+/// target, for a patch RESTORE cannot give back.  Whatever the target's
+/// copies hold stays, and their ranges stay PTE-mapped.
+pub(crate) fn drop_handle(hp: &Arc<Hugepoke>, target: &Arc<Target>, handle: u64) -> Result {
     let mut state = target.lock_killable(&hp.journal, Event::new(Step::Restore).handle(handle))?;
     if state.patches.count(handle) == 0 {
         return Err(unknown(hp, handle));
@@ -89,7 +76,9 @@ pub(crate) fn drop_handle(
     let verdict = Verdict {
         result: Ok(()),
         forget_all: true,
-        settled: Some(settled),
+        settled: Some(
+            "dropped without restoring (RESTORE_DROP): the target keeps what its copies hold",
+        ),
     };
     finish(
         hp,
@@ -248,10 +237,11 @@ fn restore_everywhere(
         hp.journal.record(sites[0].event(Step::Restore).note(why));
         let reach = restore_forked(hp, lineage, sites, pages, last_on_page, closing)?;
         if !reach.shared {
-            break;
+            return Ok(());
         }
     }
-    Ok(())
+    let why = "processes kept being forked from the patched ones during RESTORE: some may still run the patch";
+    Err((Refused::Kept(Refusal::new(EAGAIN, why)), 0))
 }
 
 /// The handle's last site left the table: its `restored` record, then

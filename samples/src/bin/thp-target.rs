@@ -51,6 +51,8 @@
 //! With `--no-huge`, the text is advised MADV_NOHUGEPAGE instead of
 //! MADV_HUGEPAGE (a page cache of small folios stays small: khugepaged
 //! leaves it alone).
+//! With `--subreaper`, it is a child subreaper (PR_SET_CHILD_SUBREAPER):
+//! the orphans of its children's children are given to it.
 //! With `--spin`, a thread keeps calling page 0's function, so the text is hot.
 //! With `--check-threads N --check-pages P`, N threads keep calling the
 //! functions of pages 0..P and abort (exit 3) if one ever returns anything
@@ -507,6 +509,12 @@ fn main() {
             "--spin" => spin = true,
             "--chaos" => chaos = true,
             "--no-huge" => huge = false,
+            "--subreaper" => {
+                // SAFETY: a plain prctl on ourselves.
+                if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+                    die("PR_SET_CHILD_SUBREAPER");
+                }
+            }
             "--check-threads" => {
                 check_threads = args
                     .next()

@@ -533,43 +533,33 @@ pub(crate) fn restore_keeps_a_forked_childs_other_change() -> TestResult {
 /// own copy there holds the very bytes of the patch (its debugger wrote
 /// them), and so does the copy of the child it forks after the patch:
 /// RESTORE succeeds and leaves both alone (neither descends from the
-/// target since the patch).  Nor does it touch the child of another such
-/// process that exited (given to a reaper, its ancestry is lost, and its
-/// copy is not the page PATCH wrote).  Only the target and the child it
-/// forked after the patch are restored.
+/// target since the patch), restoring only the target and the child the
+/// target forked after the patch.
 pub(crate) fn restore_leaves_a_process_forked_before_the_patch_alone() -> TestResult {
     const PAGE: usize = 74;
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     poke_and_unpoke(&t, 90, 0)?;
-    let (before, exits) = (fork_child(&mut t)?, fork_child(&mut t)?);
+    let before = fork_child(&mut t)?;
     let at = t.page_addr(PAGE);
     let own = text::mov_eax_ret(7474);
-    let mut grandchildren = Vec::new();
+    let mut grandchild = None;
     let result = (|| {
         write_mem(before, at, &own)?;
-        write_mem(exits, at, &own)?;
         let dev = io(Device::open())?;
         let h = io(dev.patch(&patch_req(&t, PAGE, 7474)))?;
         let after = fork_child(&mut t)?;
-        for p in [before, exits] {
-            // SAFETY: signalling the test's own child (it forks on SIGUSR1).
-            unsafe { libc::kill(p, libc::SIGUSR1) };
-            grandchildren.push(child_of(p)?);
-        }
-        let (g, orphan) = (grandchildren[0], grandchildren[1]);
-        // SAFETY: killing the test's target's child: its child goes to a reaper.
-        unsafe { libc::kill(exits, libc::SIGKILL) };
-        wait_for("the orphan's new parent", Duration::from_secs(10), || {
-            Ok(ppid(orphan)? != exits)
-        })?;
+        // SAFETY: signalling the test's own child (it forks on SIGUSR1).
+        unsafe { libc::kill(before, libc::SIGUSR1) };
+        let g = child_of(before)?;
+        grandchild = Some(g);
         // The one forked after the patch runs it; the others do not.
         let forked = io(dev.query_forked(h))?;
         let restored = dev.restore(h);
         let checked = (|| {
             ensure!(
                 forked == [after],
-                "QUERY_FORKED says {forked:?}, want [{after}] (not {before}, {g} nor {orphan})"
+                "QUERY_FORKED says {forked:?}, want [{after}] (not {before} nor {g})"
             );
             ensure!(restored.is_ok(), "RESTORE returned {restored:?}");
             ensure!(
@@ -581,18 +571,6 @@ pub(crate) fn restore_leaves_a_process_forked_before_the_patch_alone() -> TestRe
                 "RESTORE changed the child of the process forked before the patch"
             );
             ensure!(
-                read_mem(orphan, at, 6)? == own,
-                "RESTORE changed the orphaned child of a process forked before the patch"
-            );
-            let evs = events_of(h)?;
-            ensure!(
-                evs.iter().any(|e| e.step == "restore"
-                    && e.pid == orphan
-                    && e.note.contains("can no longer be told")),
-                "the orphan left alone is not journaled: {:?}",
-                steps(&evs)
-            );
-            ensure!(
                 read_mem(after, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
                 "the child forked after the patch still runs it"
             );
@@ -602,8 +580,79 @@ pub(crate) fn restore_leaves_a_process_forked_before_the_patch_alone() -> TestRe
         unsafe { libc::kill(after, libc::SIGKILL) };
         checked
     })();
-    for p in grandchildren.into_iter().chain([before, exits]) {
-        // SAFETY: as above, and their children.
+    for p in grandchild.into_iter().chain([before]) {
+        // SAFETY: as above, and its child.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    result
+}
+
+/// The target is a subreaper.  A process it forked before the patch holds
+/// the patch's very bytes in its own copy (its debugger wrote them), forks
+/// a child after the patch and exits: the child is given to the target.
+/// Its ancestry now ends at the target, but says nothing (a reaper is given
+/// anyone's orphans), and its copy is neither the page PATCH wrote nor the
+/// target's: RESTORE cannot tell whether it runs the patch, so it refuses
+/// (EBUSY, patch kept, nothing written anywhere); once that process is
+/// gone, RESTORE restores the target.
+pub(crate) fn restore_leaves_an_orphan_given_to_a_subreaper_target_alone() -> TestResult {
+    const PAGE: usize = 92;
+    let mut t = Target::spawn(&["--subreaper"])?;
+    thp_head(&t)?;
+    poke_and_unpoke(&t, 90, 0)?;
+    let exits = fork_child(&mut t)?;
+    let at = t.page_addr(PAGE);
+    let own = text::mov_eax_ret(9292);
+    let mut orphan = None;
+    let result = (|| {
+        write_mem(exits, at, &own)?;
+        let dev = io(Device::open())?;
+        let h = io(dev.patch(&patch_req(&t, PAGE, 9292)))?;
+        // SAFETY: signalling the test's own child (it forks on SIGUSR1),
+        // then killing it: its child goes to the target.
+        unsafe { libc::kill(exits, libc::SIGUSR1) };
+        let g = child_of(exits)?;
+        orphan = Some(g);
+        unsafe { libc::kill(exits, libc::SIGKILL) };
+        wait_for(
+            "the orphan given to the target",
+            Duration::from_secs(10),
+            || Ok(ppid(g)? == t.pid),
+        )?;
+        let forked = io(dev.query_forked(h))?;
+        ensure!(forked.is_empty(), "QUERY_FORKED says {forked:?}, want []");
+        let refused = dev.restore(h);
+        ensure!(
+            refused.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EBUSY),
+            "RESTORE returned {refused:?}, want EBUSY"
+        );
+        ensure!(read_mem(g, at, 6)? == own, "RESTORE changed the orphan");
+        ensure!(
+            t.call(PAGE)? == 9292,
+            "the refused RESTORE changed the target"
+        );
+        let evs = events_of(h)?;
+        ensure!(
+            evs.iter()
+                .any(|e| e.pid == g && e.note.contains("cannot be told")),
+            "the refusal does not name the orphan: {:?}",
+            steps(&evs)
+        );
+        // SAFETY: killing the orphan, which the target reaps... or not: it
+        // only has to be gone from the family.
+        unsafe { libc::kill(g, libc::SIGKILL) };
+        wait_for("the orphan gone", Duration::from_secs(10), || {
+            Ok(!read_mem(g, at, 6).is_ok_and(|b| b == own))
+        })?;
+        io(dev.restore(h))?;
+        ensure!(
+            t.call(PAGE)? == text::original_value(PAGE),
+            "the target not restored once the orphan was gone"
+        );
+        Ok(())
+    })();
+    for p in orphan.into_iter().chain([exits]) {
+        // SAFETY: as above.
         unsafe { libc::kill(p, libc::SIGKILL) };
     }
     result
@@ -794,6 +843,7 @@ tests! {
         restore_takes_the_patch_back_from_a_forked_child,
         restore_keeps_a_forked_childs_other_change,
         restore_leaves_a_process_forked_before_the_patch_alone,
+        restore_leaves_an_orphan_given_to_a_subreaper_target_alone,
         restore_reaches_a_forked_childs_diverged_copy,
         restore_reaches_an_orphan_after_the_target_exited,
         restore_takes_the_patch_back_from_forty_forked_children,
