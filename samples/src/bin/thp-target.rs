@@ -33,6 +33,10 @@
 //!   remap-text → maps, over the text at the same address, another file
 //!              holding the same code (private, read+exec); prints
 //!              `remapped-text`
+//!   dontunmap → mremap()s the text's first 64 pages to a new address
+//!              with MREMAP_DONTUNMAP: a second mapping of them with the
+//!              same anon_vma (the old range stays, empty); prints
+//!              `dontunmapped ADDR`
 //!   remap-same → maps the text's own file again over the text, at the
 //!              same address (a new mapping: its copies are gone); prints
 //!              `remapped-same`
@@ -659,6 +663,29 @@ fn main() {
             (Some("move"), _) => {
                 base = move_text(base);
                 let _ = writeln!(out, "moved {base:#x}");
+            }
+            (Some("dontunmap"), _) => {
+                // SAFETY: mremap of our text's first 64 pages, kept mapped
+                // where they were (MREMAP_DONTUNMAP): their page tables,
+                // copies and all, go to a new mapping of the same anon_vma
+                // (a part only: moving the whole VMA unlinks its anon_vma);
+                // the old range faults the page cache in again.
+                let to = unsafe {
+                    libc::mremap(
+                        base as *mut libc::c_void,
+                        64 * PAGE,
+                        64 * PAGE,
+                        libc::MREMAP_MAYMOVE | libc::MREMAP_DONTUNMAP,
+                        // No address asked for (DONTUNMAP reads this one).
+                        std::ptr::null_mut::<libc::c_void>(),
+                    )
+                };
+                if to == libc::MAP_FAILED {
+                    let e = std::io::Error::last_os_error();
+                    let _ = writeln!(out, "error: dontunmap: {e}");
+                } else {
+                    let _ = writeln!(out, "dontunmapped {:#x}", to as usize);
+                }
             }
             (Some("map-again"), _) => {
                 match hugepoke::testkit::thp::map_text_with(&file, None, huge) {

@@ -206,8 +206,10 @@ pub(crate) fn close_time_restore_refused_keeps_the_patch_persistent() -> TestRes
     Ok(())
 }
 
-/// The file mapped twice, a private copy of the patched page in each
-/// mapping (a debugger wrote into the second): RESTORE takes the copy
+/// The file mapped twice with one anon_vma (`MREMAP_DONTUNMAP`: a
+/// mapping made since, with another, holds no copy of the patch's), a
+/// private copy of the patched page in each mapping (a debugger wrote
+/// into the second): RESTORE takes the copy
 /// holding the page PATCH wrote and leaves the other as it is.  With no
 /// copy that PATCH wrote nor at its address (the target dropped PATCH's,
 /// wrote elsewhere on the page in both mappings and moved the first),
@@ -218,8 +220,10 @@ pub(crate) fn restore_picks_the_copy_patch_wrote_among_several() -> TestResult {
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     let dev = io(Device::open())?;
+    // A second mapping of the same anon_vma (of the fork family PATCH
+    // writes in): its copies are candidates too.
+    let b = map_again_same_family(&mut t)?;
     let h = io(dev.patch(&patch_req(&t, P, 35)))?;
-    let b = map_again(&mut t)?;
     let off = |page: usize, at: u64| (page * text::PAGE) as u64 + at;
     let theirs = !file_bytes(&t, t.addr + off(P, 100), 1)?[0];
     write_mem(t.pid, b + off(P, 100), &[theirs])?;
@@ -363,7 +367,8 @@ pub(crate) fn restore_faults_in_no_mapping_without_copies() -> TestResult {
     Ok(())
 }
 
-/// The file mapped twice: a debugger's copy in the second mapping (a byte
+/// The file mapped twice with one anon_vma (`MREMAP_DONTUNMAP`): a
+/// debugger's copy in the second mapping (a byte
 /// elsewhere on the page), the patch in the first, then the first made
 /// writable.  RESTORE may not write there, and the second mapping's copy,
 /// which holds the originals at the site, is not the patch's: RESTORE
@@ -374,7 +379,7 @@ pub(crate) fn restore_keeps_a_patch_beside_a_copy_it_may_not_judge() -> TestResu
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     let dev = io(Device::open())?;
-    let b = map_again(&mut t)?;
+    let b = map_again_same_family(&mut t)?;
     let other = b + (P * text::PAGE + 100) as u64;
     write_mem(
         t.pid,
@@ -402,6 +407,23 @@ pub(crate) fn restore_keeps_a_patch_beside_a_copy_it_may_not_judge() -> TestResu
     io(dev.restore(h))?;
     ensure!(t.call(P)? == text::original_value(P), "not restored");
     Ok(())
+}
+
+/// Have the target move the page tables of its text's first 64 pages to a
+/// second mapping of the same anon_vma (`MREMAP_DONTUNMAP`), the first
+/// staying mapped; where (the second mapping's page 0).  Page 90 is left
+/// an anonymous copy.
+fn map_again_same_family(t: &mut Target) -> Result<u64, String> {
+    // An anon_vma first (a copy of page 90, made and left by a write):
+    // one made later would be each mapping's own.
+    let at = t.addr + (90 * text::PAGE) as u64;
+    let byte = file_bytes(t, at, 1)?;
+    write_mem(t.pid, at, &byte)?;
+    let second = t.command("dontunmap")?;
+    second
+        .strip_prefix("dontunmapped ")
+        .and_then(hugepoke::parse_number)
+        .ok_or(format!("dontunmap said {second:?}"))
 }
 
 /// Have the target map its text file a second time; where.
