@@ -12,8 +12,10 @@
 
 use object::elf;
 use object::read::elf::{FileHeader, ProgramHeader, Sym};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
+use std::sync::OnceLock;
 
 /// One line of `/proc/PID/maps`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -183,13 +185,72 @@ impl std::fmt::Debug for FileMap {
 }
 
 /// What hugepoke needs of an ELF file: its `PT_LOAD` segments now, its
-/// symbol tables when asked (read in place, not copied).
+/// symbol tables when first asked (read once into an index, so that many
+/// sites in one object cost a lookup each, not a scan of every symbol).
 #[derive(Debug)]
 pub struct Elf {
     /// `ET_EXEC` (a non-PIE executable: bias 0) or `ET_DYN`.
     pub exec_type: bool,
     pub loads: Vec<Load>,
     map: FileMap,
+    index: OnceLock<SymbolIndex>,
+}
+
+/// Every code symbol of an object: by address, and by name.
+#[derive(Debug)]
+struct SymbolIndex {
+    /// By value, as [`dedup`] leaves them.
+    by_addr: Vec<Symbol>,
+    /// For each of `by_addr`, the greatest end (value + size) of it and
+    /// every one before it: where a search for a symbol covering an
+    /// address may stop.
+    max_end: Vec<u64>,
+    /// Positions in `by_addr` of each name (without its version).
+    by_name: HashMap<String, Vec<usize>>,
+}
+
+impl SymbolIndex {
+    fn new(by_addr: Vec<Symbol>) -> Self {
+        let mut max_end = Vec::with_capacity(by_addr.len());
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut end = 0;
+        for (i, s) in by_addr.iter().enumerate() {
+            end = end.max(s.value.saturating_add(s.size));
+            max_end.push(end);
+            by_name.entry(s.name.clone()).or_default().push(i);
+        }
+        SymbolIndex {
+            by_addr,
+            max_end,
+            by_name,
+        }
+    }
+
+    /// The symbol that covers `vaddr` (of those that do, the one that
+    /// starts last), or else the nearest one before it; of aliases, a
+    /// default-versioned name, then the shortest.
+    fn at(&self, vaddr: u64) -> Option<Symbol> {
+        let syms = &self.by_addr;
+        let below = syms.partition_point(|s| s.value <= vaddr);
+        let before = syms.get(below.checked_sub(1)?)?.value;
+        // Back from `below`, while one before may still reach past `vaddr`.
+        let mut cover = None;
+        let mut j = below;
+        while j > 0 && self.max_end[j - 1] > vaddr {
+            j -= 1;
+            if vaddr < syms[j].value.saturating_add(syms[j].size) {
+                cover = Some(syms[j].value);
+                break;
+            }
+        }
+        let pick = cover.unwrap_or(before);
+        let from = syms.partition_point(|s| s.value < pick);
+        syms[from..below]
+            .iter()
+            .filter(|s| cover.is_none() || vaddr < s.value.saturating_add(s.size))
+            .min_by_key(|s| (s.hidden, s.name.len()))
+            .cloned()
+    }
 }
 
 type Header = elf::FileHeader64<object::Endianness>;
@@ -228,12 +289,13 @@ impl Elf {
             exec_type,
             loads,
             map,
+            index: OnceLock::new(),
         }))
     }
 
-    /// Call `keep(raw_name, value, size)` for every defined code symbol of
-    /// `.symtab` then `.dynsym`; collect those it keeps, with versions.
-    fn scan(&self, mut keep: impl FnMut(&[u8], u64, u64) -> bool) -> Vec<Symbol> {
+    /// Every defined code symbol of `.symtab` then `.dynsym`, with
+    /// versions, as [`dedup`] leaves them (by value).
+    fn scan(&self) -> Vec<Symbol> {
         let mut out = Vec::new();
         let data = self.map.bytes();
         let Ok(header) = Header::parse(data) else {
@@ -262,7 +324,7 @@ impl Elf {
                 let Ok(raw) = sym.name(endian, table.strings()) else {
                     continue;
                 };
-                if raw.is_empty() || !keep(raw, value, size) {
+                if raw.is_empty() {
                     continue;
                 }
                 let (name, mut version, mut hidden) = split_version(&String::from_utf8_lossy(raw));
@@ -287,39 +349,27 @@ impl Elf {
         dedup(out)
     }
 
+    /// The index of every code symbol, read on first use.
+    fn index(&self) -> &SymbolIndex {
+        self.index.get_or_init(|| SymbolIndex::new(self.scan()))
+    }
+
     /// Every code symbol named `name` (any version).
     pub fn lookup(&self, name: &str) -> Vec<Symbol> {
-        let want = name.as_bytes();
-        self.scan(|raw, _, _| {
-            raw.strip_prefix(want)
-                .is_some_and(|rest| rest.is_empty() || rest[0] == b'@')
+        let idx = self.index();
+        idx.by_name.get(name).map_or_else(Vec::new, |at| {
+            at.iter().map(|&i| idx.by_addr[i].clone()).collect()
         })
     }
 
     /// The symbol that covers `vaddr`, or else the nearest one before it.
     pub fn symbol_at(&self, vaddr: u64) -> Option<Symbol> {
-        let (mut best_cover, mut best_before): (Option<(u64, u64)>, Option<u64>) = (None, None);
-        self.scan(|_, value, size| {
-            if value <= vaddr {
-                if vaddr < value + size && best_cover.is_none_or(|(v, _)| value > v) {
-                    best_cover = Some((value, size));
-                }
-                if best_before.is_none_or(|v| value > v) {
-                    best_before = Some(value);
-                }
-            }
-            false
-        });
-        let pick = best_cover.map(|(v, _)| v).or(best_before)?;
-        let found = self
-            .scan(|_, value, size| value == pick && (best_cover.is_none() || vaddr < value + size));
-        // Prefer a default-versioned name, then the shortest.
-        found.into_iter().min_by_key(|s| (s.hidden, s.name.len()))
+        self.index().at(vaddr)
     }
 
     /// All defined code symbols (for tests and listings of small objects).
     pub fn symbols(&self) -> Vec<Symbol> {
-        self.scan(|_, _, _| true)
+        self.index().by_addr.clone()
     }
 
     /// The file offset of object address `vaddr`, if a `PT_LOAD` maps it from the file.
@@ -753,6 +803,43 @@ mod tests {
         assert_eq!(m[1].file_offset(0x7f0000201000), 0x201000);
         assert!(!m[2].file_backed() && !m[3].file_backed());
         assert_eq!(m[3].path, "");
+    }
+
+    /// symbol_at over an index: a covering symbol wins over a nearer one
+    /// that ends before the address (even one that starts later), the
+    /// nearest before when none covers, the default-versioned then shortest
+    /// of aliases, nothing below the first.
+    #[test]
+    fn symbol_at_by_index() {
+        let sym = |name: &str, value: u64, size: u64, hidden: bool| Symbol {
+            name: name.into(),
+            version: None,
+            hidden,
+            value,
+            size,
+            ifunc: false,
+            dynamic: true,
+        };
+        let idx = SymbolIndex::new(vec![
+            sym("big", 0x1000, 0x1000, false),
+            sym("inner", 0x1100, 0x10, false),
+            sym("tail", 0x1800, 0x10, false),
+            sym("alias_hidden", 0x3000, 0x20, true),
+            sym("long_alias", 0x3000, 0x20, false),
+            sym("al", 0x3000, 0x20, false),
+        ]);
+        let name = |v| idx.at(v).map(|s| s.name);
+        assert_eq!(name(0xfff), None);
+        assert_eq!(name(0x1105).as_deref(), Some("inner"));
+        // A symbol's end is not in it.
+        assert_eq!(name(0x1110).as_deref(), Some("big"));
+        // `inner` and `tail` end before 0x1900: `big` covers it.
+        assert_eq!(name(0x1900).as_deref(), Some("big"));
+        assert_eq!(name(0x1805).as_deref(), Some("tail"));
+        // Nothing covers 0x2800: the nearest before is `tail`.
+        assert_eq!(name(0x2800).as_deref(), Some("tail"));
+        assert_eq!(name(0x3010).as_deref(), Some("al"));
+        assert_eq!(name(0x4000).as_deref(), Some("al"));
     }
 
     #[test]
