@@ -254,6 +254,21 @@ pub(crate) fn cli_patch_sites_is_one_batch() -> TestResult {
     let file = format!("/tmp/hugepoke-sites-{}", t.pid);
     io(std::fs::write(&file, &text))?;
     let pid = t.pid.to_string();
+    // A dry run says one line for the batch; --verbose, every site's check.
+    let dry = ["patch", "--pid", &pid, "--sites", &file, "--dry-run"];
+    let (code, out, err) = hugepoke(&dry)?;
+    ensure!(
+        code == 0
+            && out.starts_with("3 sites checked: 0 with a warning, 0 patched over a refusal")
+            && out.lines().count() == 2,
+        "dry run of 3 sites exited {code}: {out}{err}"
+    );
+    let (code, out, err) = hugepoke(&[&dry[..], &["--verbose"]].concat())?;
+    let listed = out.matches("mov eax,").count();
+    ensure!(
+        code == 0 && listed >= 3 && !out.contains("sites checked"),
+        "verbose dry run of 3 sites exited {code}, {listed} instructions listed: {out}{err}"
+    );
     let out = hugepoke_json(&["patch", "--pid", &pid, "--sites", &file, "--persist"])?;
     let handle = out["handle"].as_u64().ok_or(format!("no handle: {out}"))?;
     let lines: Vec<u64> = out["sites"]

@@ -61,6 +61,10 @@ pub struct PatchArgs {
     /// Show the old and new instructions and what the check says; patch nothing.
     #[arg(long)]
     pub(super) dry_run: bool,
+    /// With --sites: what the check says of every site (without it, only
+    /// of the sites with a warning or a refusal, then a summary).
+    #[arg(long)]
+    pub(super) verbose: bool,
 }
 
 /// The `PATCH_*` flags of the whole request.
@@ -146,15 +150,31 @@ pub fn exec(args: PatchArgs, json: bool) -> Result<(), CliError> {
         Box::new(io::stderr())
     };
 
-    // The same path for every site: resolve, check, settle the expected bytes.
+    // The same path for every site: resolve, check, settle the expected
+    // bytes.  A sites file's detail only on request (or where it matters).
+    let detail = args.verbose || args.sites.is_none();
     let mut sites_out = Vec::new();
+    let (mut warned, mut forced) = (0, 0);
     for s in &inputs {
         let pre = s.prefix();
+        let mut sink = io::sink();
+        let shown: &mut dyn Write = if detail { &mut out } else { &mut sink };
         let addr = s
-            .resolve(&objects, args.object.as_deref(), &mut out)
+            .resolve(&objects, args.object.as_deref(), shown)
             .map_err(CliError::Usage)?;
         let check = check_patch(pid, args.force, &objects, addr, &s.bytes);
-        check.write(addr, &mut out);
+        check.write(addr, shown);
+        let matters = !check.warnings.is_empty() || !check.refusals.is_empty();
+        if matters && !detail {
+            let _ = writeln!(
+                out,
+                "{pre}{}:",
+                describe(&objects, addr).unwrap_or(format!("{addr:#x}"))
+            );
+            check.write(addr, &mut out);
+        }
+        warned += usize::from(!check.warnings.is_empty());
+        forced += usize::from(!check.refusals.is_empty());
         if !check.refusals.is_empty() && !args.force {
             let _ = out.flush();
             return Err(CliError::Refused(format!(
@@ -187,6 +207,13 @@ pub fn exec(args: PatchArgs, json: bool) -> Result<(), CliError> {
             expect: expect.as_deref().map(hex),
             check,
         });
+    }
+    if !detail {
+        let _ = writeln!(
+            out,
+            "{} sites checked: {warned} with a warning, {forced} patched over a refusal (--force); --verbose shows every site",
+            sites_out.len()
+        );
     }
     let mut result = PatchOut {
         handle: None,
