@@ -579,15 +579,25 @@ fn sites_from_stdin_are_checked_line_by_line() {
         (Some(4), Some(addr + 4), Some("b8"))
     );
     assert_eq!(s[1]["symbol"], "hugepoke_cli_probe+0x4");
-    // Plain: each site's check, prefixed by its line.
+    // Plain: the check of each site with a warning, under its line, then
+    // a summary; --verbose: every site's check, prefixed by its line.
     let (code, out, _) = sites(&good, &[]);
     assert_eq!(code, 0);
     assert!(
-        out.contains("<stdin> line 3: hugepoke_cli_probe: hugepoke_cli_probe+0x0")
-            && out.contains(&format!("<stdin> line 4: {:#x}", addr + 4)),
+        !out.contains("<stdin> line 3:")
+            && out.contains("<stdin> line 4: hugepoke_cli_probe+0x4:")
+            && out.contains("2 sites checked: 1 with a warning, 0 patched over a refusal"),
         "{out}"
     );
     assert!(out.ends_with("dry run: nothing patched\n"), "{out}");
+    let (code, out, _) = sites(&good, &["--verbose"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("<stdin> line 3: hugepoke_cli_probe: hugepoke_cli_probe+0x0")
+            && out.contains(&format!("<stdin> line 4: {:#x}", addr + 4))
+            && !out.contains("sites checked"),
+        "{out}"
+    );
     // EXPECT that is not there: refused, naming the line.
     let (code, _, err) = sites(
         &format!("hugepoke_cli_probe c3 55\n{:#x} 90 cc\n", addr + 4),
