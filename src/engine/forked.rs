@@ -5,17 +5,8 @@
 //! patch too; RESTORE restores each of them first, by RESTORE's own passes
 //! in that process, then the target.
 //!
-//! Who they are: every process whose private executable mapping of a
-//! patched file page belongs to the target's fork family (the root of the
-//! anon_vma of the copy PATCH wrote, which every process forked from the
-//! target since shares) — found through the file's own mappings, as
-//! uprobes finds its mms, so a child is found when its copy has diverged
-//! from the target's, when the target no longer maps it and when the
-//! target is gone.  Each is then asked, under its own mmap lock, whether
-//! it runs the patch: it was forked from the target, or from a process
-//! forked from it, after PATCH wrote the page (its ancestry, as far as it
-//! is still known: a process whose parent exited was given to a reaper),
-//! and its copy holds the patch's bytes at one of its sites at least.
+//! Who they are is `lineage`'s to say (found through the file's own
+//! mappings in the target's fork family, by ancestry and bytes).
 //! Only then is the patch restored there: its copy found, every site's
 //! bytes checked to be the patched ones, COW broken (the page may be
 //! shared: it is never written), the originals written into its own
@@ -27,19 +18,17 @@
 //! unloading module: then it is journaled and the target restored anyway.
 //!
 //! Locks: the target's state (held by RESTORE), then one mmap lock at a
-//! time (each child's); the file walk takes the page-cache folio's lock
-//! and the file's i_mmap lock with no mmap lock held.
+//! time (each child's), as `lineage` takes them.
 
-use core::ops::Range;
 use kernel::{
     alloc::AllocError,
-    fs::File,
     mm::{Mm, MmWithUser},
     prelude::*,
     sync::aref::ARef,
 };
 
 use super::{
+    lineage::{candidates, files_of, runs_the_patch, Candidates, Lineage, Runs},
     locate::Shared,
     outcome::{Closing, Refused},
     plan::{self, Outcome, Written},
@@ -47,48 +36,13 @@ use super::{
 };
 use crate::{
     journal::{Event, Step},
-    patches::{Patches, Site},
+    patches::Site,
     refusal::Refusal,
-    sys::{self, Forked, MmapWriteGuard, PidRef, PAGE_MASK, PMD_MASK},
+    sys::{self, MmapWriteGuard, PMD_MASK},
     target::Target,
     uapi::PATCH_INSTALL_PMD,
     Hugepoke,
 };
-
-/// Most places one patched page is looked for in.
-const MAX_MAPPERS: usize = 4096;
-
-/// Whose forked processes a pass looks for: the target's mm (skipped by
-/// the walk; None once the process is gone), its process (whom they
-/// descend from), and the file of each page of the plan, in its order.
-pub(super) struct Lineage<'a> {
-    pub(super) mm: Option<&'a MmWithUser>,
-    pub(super) pid: Option<&'a PidRef>,
-    pub(super) files: &'a [Option<ARef<File>>],
-}
-
-/// The file of each page of `pages` (a plan of `sites`), from the table.
-pub(super) fn files_of(
-    patches: &Patches<ARef<File>>,
-    sites: &[Site],
-    pages: &[plan::PageWork],
-) -> Result<KVec<Option<ARef<File>>>> {
-    let mut files = KVec::with_capacity(pages.len(), GFP_KERNEL)?;
-    for w in pages {
-        let file = patches.file_of(&sites[w.range.start].page_key()).cloned();
-        files.push(file, GFP_KERNEL)?;
-    }
-    Ok(files)
-}
-
-/// Who may run the patched pages: the range of `sites` on each page
-/// looked at, and each place (a candidate's mm, the address there, which
-/// of `pages`) the family walk named.
-struct Candidates {
-    /// Per page looked at: its sites, and the PFN of the target's copy.
-    pages: KVec<(Range<usize>, Option<usize>)>,
-    places: KVVec<(ARef<Mm>, usize, usize)>,
-}
 
 /// What a forked pass met.
 #[derive(Default)]
@@ -209,238 +163,6 @@ impl Pass<'_> {
         let why = "a process forked while the patch lived could not give it back; the target is restored all the same (its file closed, or the module unloads)";
         self.hp.journal.record(ev.error(r.errno, why));
         Ok(())
-    }
-}
-
-/// Every place where a process of the target's fork family maps a
-/// patched file page, but the target itself: the file's own mappings,
-/// walked once per page-cache folio.
-fn candidates(
-    hp: &Hugepoke,
-    lineage: &Lineage<'_>,
-    sites: &[Site],
-    pages: &[plan::PageWork],
-) -> Result<Candidates, Refusal> {
-    let nomem = |_| Refusal::new(ENOMEM, "no memory to list who maps the patched pages");
-    let mut found = Candidates {
-        pages: KVec::new(),
-        places: KVVec::new(),
-    };
-    let seen = target_view(lineage, sites, pages)?;
-    // The last walk: its file, family, the first page past its folio.
-    let mut walked: Option<(usize, usize, usize, KVVec<sys::FileVma>)> = None;
-    for ((w, file), (alone, target_pfn)) in pages.iter().zip(lineage.files).zip(seen) {
-        let rep = &sites[w.range.start];
-        let Some(file) = file.as_ref().filter(|_| rep.family != 0 && !alone) else {
-            continue;
-        };
-        // Pages come in file order: this one may be in the folio walked last.
-        let seen = |&(m, f, next, _): &(usize, usize, usize, _)| {
-            m == rep.mapping && f == rep.family && rep.pgoff < next
-        };
-        if !walked.as_ref().is_some_and(seen) {
-            let skip = lineage.mm.map(|mm| &**mm);
-            match sys::family_vmas(file, rep.pgoff, rep.family, skip, MAX_MAPPERS) {
-                Ok((vmas, next)) => walked = Some((rep.mapping, rep.family, next, vmas)), // mutant: child-left-patched
-                // Truncated: no process maps the page any more.
-                Err(e) if e == ENXIO => continue,
-                Err(e) => return Err(walk_failed(hp, rep, e)),
-            }
-        }
-        let Some((_, _, _, vmas)) = &walked else {
-            continue;
-        };
-        let k = found.pages.len();
-        found
-            .pages
-            .push((w.range.clone(), target_pfn), GFP_KERNEL)
-            .map_err(nomem)?;
-        for v in vmas.iter() {
-            if let Some(addr) = v.addr_of(rep.pgoff) {
-                let place = (v.mm.clone(), addr, k);
-                found.places.push(place, GFP_KERNEL).map_err(nomem)?;
-            }
-        }
-    }
-    Ok(found)
-}
-
-/// For each page of `pages`, as the target (alive) maps it at the site
-/// now, with its mmap lock held: is it alone in its fork family there (its
-/// text mapping's anon_vma is the family's root, and no fork ever gave it
-/// a child: then no walk, which would read the file page in, is needed),
-/// and the PFN of its copy (faulted in if swapped out, unless userfaultfd
-/// watches it), which a process that shares it runs.
-fn target_view(
-    lineage: &Lineage<'_>,
-    sites: &[Site],
-    pages: &[plan::PageWork],
-) -> Result<KVec<(bool, Option<usize>)>, Refusal> {
-    let nomem = |_| Refusal::new(ENOMEM, "no memory to list who maps the patched pages");
-    let mut seen = KVec::with_capacity(pages.len(), GFP_KERNEL).map_err(nomem)?;
-    let Some(mm) = lineage.mm else {
-        seen.extend_with(pages.len(), (false, None), GFP_KERNEL)
-            .map_err(nomem)?;
-        return Ok(seen);
-    };
-    let waiting = |e| Refusal::new(e, "fatal signal while waiting for the target's mmap lock");
-    let guard = MmapWriteGuard::lock_killable(mm).map_err(waiting)?;
-    for w in pages {
-        let rep = &sites[w.range.start];
-        let vma = guard.vma_lookup(rep.addr).filter(|v| {
-            sys::vma_info(v).address_of(rep.mapping, rep.pgoff) == Some(rep.addr & PAGE_MASK)
-        });
-        let others = vma.is_none_or(|v| sys::family_may_have_others(v, rep.family));
-        let copy = vma.and_then(|v| {
-            let info = sys::vma_info(v);
-            let page = match sys::anon_copy_at(v, rep.addr & PAGE_MASK) {
-                Some(page) => Some(page),
-                None if info.uffd_armed || !info.has_anon_vma => None,
-                None => guard
-                    .get_user_page(rep.addr & PAGE_MASK, sys::FOLL_FORCE)
-                    .ok(),
-            };
-            page.filter(|p| p.is_anon()).map(|p| p.pfn())
-        });
-        seen.push((!others, copy), GFP_KERNEL).map_err(nomem)?;
-    }
-    Ok(seen)
-}
-
-/// Why the walk of who maps `rep`'s file page failed (`e`), journaled.
-fn walk_failed(hp: &Hugepoke, rep: &Site, e: Error) -> Refusal {
-    let why = if e == E2BIG {
-        "more than 4096 mappings of the patched file page may be forked from the target: nothing restored"
-    } else if e == EINTR {
-        "fatal signal while walking who maps the patched file page"
-    } else {
-        "the walk of who maps the patched file page failed"
-    };
-    hp.journal.record(rep.event(Step::Restore).error(e, why));
-    Refusal::new(e, why)
-}
-
-/// Does `child` run the patch at one of the places the walk named for it
-/// (from the `first`)?  It was forked from the target since PATCH (see
-/// [`how_forked`]: one that was not is not even locked); there it maps
-/// the same file page, in a VMA of the target's fork family; and its copy
-/// (faulted in if swapped out, unless userfaultfd watches it) holds the
-/// patch's bytes at one site of that page at least (a process that started
-/// just after PATCH but was forked before it has none) — and is the very
-/// page PATCH wrote, when its ancestry no longer tells.
-fn runs_the_patch(
-    child: &MmWithUser,
-    found: &Candidates,
-    first: usize,
-    sites: &[Site],
-    lineage: &Lineage<'_>,
-) -> Result<Runs, Refusal> {
-    let me = &found.places[first].0;
-    let mine = || {
-        found.places[first..]
-            .iter()
-            .filter(move |(m, _, _)| core::ptr::eq(&**m, &**me))
-    };
-    let how = |k: usize| how_forked(child, &sites[found.pages[k].0.start], lineage);
-    if mine().all(|(_, _, k)| how(*k).is_none()) {
-        return Ok(Runs::No);
-    }
-    let waiting = |e| {
-        Refusal::new(
-            e,
-            "fatal signal while waiting for a forked process's mmap lock",
-        )
-    };
-    let guard = MmapWriteGuard::lock_killable(child).map_err(waiting)?;
-    let mut verdict = Runs::No;
-    for (_, addr, k) in mine() {
-        let Some(same_page_only) = how(*k) else {
-            continue;
-        };
-        let (range, target_pfn) = &found.pages[*k];
-        let on_page = &sites[range.clone()];
-        let same_page = same_page_only.then_some((on_page[0].pfn, *target_pfn));
-        match copy_runs_the_patch(&guard, *addr, on_page, same_page) {
-            Runs::Yes => return Ok(Runs::Yes),
-            Runs::Unsure(why) => verdict = Runs::Unsure(why),
-            Runs::No => {}
-        }
-    }
-    Ok(verdict)
-}
-
-/// Whether a process runs a patch.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Runs {
-    Yes,
-    No,
-    /// It may, and cannot be told (why): the RESTORE is refused.
-    Unsure(&'static str),
-}
-
-/// Does the copy mapped at `addr` (with `guard` held) run the patch of
-/// `on_page` (one file page's sites): a VMA of the family maps that file
-/// page there, and its copy (faulted in if swapped out, unless userfaultfd
-/// watches it) holds the patch's bytes at one site at least — and, when
-/// `same_page` names them, is the very page PATCH wrote or the target's
-/// copy now (PFNs)?  A copy that cannot be looked at, or one with the
-/// bytes on another page then, is [`Runs::Unsure`].
-fn copy_runs_the_patch(
-    guard: &MmapWriteGuard<'_>,
-    addr: usize,
-    on_page: &[Site],
-    same_page: Option<(usize, Option<usize>)>,
-) -> Runs {
-    let rep = &on_page[0];
-    let Some(vma) = guard.vma_lookup(addr) else {
-        return Runs::No;
-    };
-    let info = sys::vma_info(vma);
-    if info.address_of(rep.mapping, rep.pgoff) != Some(addr) || sys::vma_family(vma) != rep.family {
-        return Runs::No;
-    }
-    let page = match sys::anon_copy_at(vma, addr) {
-        Some(page) => page,
-        None if !info.has_anon_vma => return Runs::No,
-        None if info.uffd_armed => return Runs::Unsure(UFFD_UNSEEN),
-        None => match guard.get_user_page(addr, sys::FOLL_FORCE) {
-            Ok(page) => page,
-            Err(_) => return Runs::Unsure(NOT_FAULTED),
-        },
-    };
-    let holds_the_bytes = |page: &sys::PageRef| {
-        on_page.iter().any(|s| {
-            let mut now = [0u8; crate::uapi::MAX_BYTES];
-            page.read(s.offset(), &mut now[..s.len]);
-            now[..s.len] == s.bytes[..s.len] // mutant: forked-foreign-bytes-taken diverged-child-left-patched
-        })
-    };
-    if !page.is_anon() || !holds_the_bytes(&page) {
-        return Runs::No;
-    }
-    match same_page {
-        Some((patched, target)) if page.pfn() != patched && Some(page.pfn()) != target => {
-            Runs::Unsure(LINEAGE_LOST)
-        }
-        _ => Runs::Yes,
-    }
-}
-
-const UFFD_UNSEEN: &str = "a process forked since the patch may run it: its copy is not present and userfaultfd watches its text, so it is not faulted in to be looked at; patch kept";
-const NOT_FAULTED: &str = "a process forked since the patch may run it: its copy could not be faulted in to be looked at; patch kept";
-const LINEAGE_LOST: &str = "a process forked since the patch may run it: its copy holds the patch's bytes but is neither the page PATCH wrote nor the target's, and its parent exited (or the target is gone), so whose it is cannot be told; patch kept (RESTORE_DROP forgets it)";
-
-/// How `child` came from the target of `rep`'s patch: None if it was not
-/// forked from it since the patch; else whether only the very page PATCH
-/// wrote says its copy is the patch's — when its ancestry no longer
-/// reaches the target (a parent exited: it was given to a reaper), or the
-/// target is gone (a process of the image it exec'd may be of a new fork
-/// family that reuses the old one's identity).
-fn how_forked(child: &Mm, rep: &Site, lineage: &Lineage<'_>) -> Option<bool> {
-    match sys::forked_since(child, rep.since, lineage.pid) {
-        Forked::No => None,
-        Forked::FromTarget if lineage.mm.is_some() => Some(false),
-        _ => Some(true), // mutant: adopted-any-copy
     }
 }
 

@@ -21,6 +21,7 @@
 mod file;
 mod foreign;
 mod forked;
+mod lineage;
 mod locate;
 mod outcome;
 mod owned;

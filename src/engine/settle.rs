@@ -14,7 +14,8 @@ use kernel::{
 };
 
 use super::{
-    forked::{files_of, restore_forked, Lineage},
+    forked::restore_forked,
+    lineage::{files_of, Lineage},
     locate::{Shared, FORKED_DURING_RESTORE},
     outcome::{Closing, Refused},
     plan::{self, Outcome, PageState, PageWork, Written},
