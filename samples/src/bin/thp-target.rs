@@ -8,7 +8,11 @@
 //!
 //!   call N   → prints `N VALUE`, what the function at page N returns now
 //!   write N  → writes to text page N (the mapping is read-only: SIGSEGV)
-//!   fork     → forks a child that sleeps until killed; prints `child PID`
+//!   fork     → forks a child that sleeps until killed; prints `child PID`.
+//!              The child forks a grandchild on SIGUSR1 and flips its
+//!              text between read+exec and read-only on SIGUSR2
+//!   clone-parent → the same child made with clone(CLONE_PARENT): our
+//!              parent is its parent; prints `child PID`
 //!   exec     → replaces itself with `sleep 1000`
 //!   hog MIB  → a thread keeps our mmap lock write-locked most of the time
 //!              (mprotect() of MIB MiB of 4 KiB pages, back and forth)
@@ -87,6 +91,10 @@ fn die(msg: &str) -> ! {
 
 static CHAOS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static HOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The text's address, for a forked child's SIGUSR2.
+static TEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Whether a forked child's text is read-only now (SIGUSR2 flips it).
+static TEXT_NO_EXEC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// vmsplice text page `n` into a pipe that stays open (leaked): the page
 /// has a reference beyond its mappings' while we live.
@@ -112,8 +120,6 @@ fn pin_in_pipe(base: usize, n: usize) -> String {
     format!("pinned {n}")
 }
 
-/// Keep our mmap lock write-locked most of the time: mprotect() a large
-/// populated anonymous region back and forth until `calm`.
 /// A forked child's SIGUSR1: fork a grandchild that only sleeps (the
 /// test finds it in /proc/PID/task/PID/children).
 extern "C" fn fork_on_signal(_: libc::c_int) {
@@ -125,6 +131,83 @@ extern "C" fn fork_on_signal(_: libc::c_int) {
             }
         }
     }
+}
+
+/// A forked child's SIGUSR2: flip its whole text between read+exec and
+/// read-only (its copies stay; only the mapping's protection changes).
+extern "C" fn flip_text_exec(_: libc::c_int) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let no_exec = !TEXT_NO_EXEC.load(Relaxed);
+    let prot = if no_exec {
+        libc::PROT_READ
+    } else {
+        libc::PROT_READ | libc::PROT_EXEC
+    };
+    // SAFETY: mprotect() of our own text mapping (the child runs no code
+    // there); it is a plain system call, async-signal-safe.
+    if unsafe { libc::mprotect(TEXT.load(Relaxed) as *mut libc::c_void, THP_SIZE, prot) } == 0 {
+        TEXT_NO_EXEC.store(no_exec, Relaxed);
+    }
+}
+
+/// Fork a child that only sleeps, forks a grandchild on SIGUSR1 and flips
+/// its text's exec permission on SIGUSR2; its pid.  With `clone_parent`,
+/// the child is made with clone(CLONE_PARENT): our parent is its parent
+/// too.  Both signals stay blocked across the fork until the child's
+/// handlers are in place: a signal sent as soon as the pid is known would
+/// otherwise kill it (the default action).
+fn fork_sleeper(clone_parent: bool) -> i32 {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset fill it in.
+    let mut usr: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: blocking SIGUSR1 and SIGUSR2 in this thread around the fork;
+    // the child inherits the mask, and a signal sent to it waits until it
+    // unblocks.
+    unsafe {
+        libc::sigemptyset(&mut usr);
+        libc::sigaddset(&mut usr, libc::SIGUSR1);
+        libc::sigaddset(&mut usr, libc::SIGUSR2);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &usr, std::ptr::null_mut());
+    }
+    let child = if clone_parent {
+        // SAFETY: a fork-like clone (no new stack: the child runs on a
+        // copy of ours) whose child only sets signal handlers and sleeps.
+        unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                libc::CLONE_PARENT | libc::SIGCHLD,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            ) as i32
+        }
+    } else {
+        // SAFETY: the child only sleeps (and acts on its signals); it
+        // touches nothing shared.
+        unsafe { libc::fork() }
+    };
+    if child == 0 {
+        // SAFETY: installing handlers that only make async-signal-safe
+        // system calls, then letting the signals in.
+        unsafe {
+            libc::signal(
+                libc::SIGUSR1,
+                fork_on_signal as *const () as libc::sighandler_t,
+            );
+            libc::signal(
+                libc::SIGUSR2,
+                flip_text_exec as *const () as libc::sighandler_t,
+            );
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &usr, std::ptr::null_mut());
+        }
+        loop {
+            // SAFETY: pause() just sleeps until a signal.
+            unsafe { libc::pause() };
+        }
+    }
+    // SAFETY: unblocking what we blocked above.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &usr, std::ptr::null_mut()) };
+    child
 }
 
 /// Fork a child that forks a grandchild (which only sleeps) and exits;
@@ -165,6 +248,8 @@ fn fork_orphan() -> i32 {
     pid
 }
 
+/// Keep our mmap lock write-locked most of the time: mprotect() a large
+/// populated anonymous region back and forth until `calm`.
 fn hog_mmap_lock(mib: usize) {
     let len = mib << 20;
     // SAFETY: a fresh anonymous mapping of our own, touched and mprotect()ed
@@ -560,6 +645,7 @@ fn main() {
     });
     let base = hugepoke::testkit::thp::map_text_with(&file, at, huge)
         .unwrap_or_else(|_| die("mapping the text"));
+    TEXT.store(base, std::sync::atomic::Ordering::Relaxed);
     // Fault the text in (a PMD mapping when the page cache holds a THP).
     let v = call(base, 0);
     assert_eq!(v, text::original_value(0));
@@ -609,24 +695,10 @@ fn main() {
                 let _ = writeln!(out, "wrote {n}");
             }
             (Some("fork"), _) => {
-                // SAFETY: the child only sleeps (and forks on SIGUSR1); it
-                // touches nothing shared.
-                let child = unsafe { libc::fork() };
-                if child == 0 {
-                    // SAFETY: installing a handler that only calls fork()
-                    // and pause(), both async-signal-safe.
-                    unsafe {
-                        libc::signal(
-                            libc::SIGUSR1,
-                            fork_on_signal as *const () as libc::sighandler_t,
-                        )
-                    };
-                    loop {
-                        // SAFETY: pause() just sleeps until a signal.
-                        unsafe { libc::pause() };
-                    }
-                }
-                let _ = writeln!(out, "child {child}");
+                let _ = writeln!(out, "child {}", fork_sleeper(false));
+            }
+            (Some("clone-parent"), _) => {
+                let _ = writeln!(out, "child {}", fork_sleeper(true));
             }
             (Some("fork-orphan"), _) => {
                 // A grandchild whose parent (our child) exits: it is given
