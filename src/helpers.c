@@ -151,39 +151,62 @@ u64 hugepoke_boottime_ns(void)
 #error "hugepoke finds a process by its mm through mm->owner (CONFIG_MEMCG)"
 #endif
 
+/* The thread group of @task's parent, counted (NULL once it is reaped). */
+struct pid *hugepoke_parent_tgid(struct task_struct *task)
+{
+	struct pid *pid;
+
+	rcu_read_lock();
+	pid = get_pid(task_tgid(rcu_dereference(task->group_leader->real_parent)));
+	rcu_read_unlock();
+	return pid;
+}
+
 /*
  * Was @mm's process forked, since @since (boot-time ns), from the process
  * @target (NULL: gone), or from a process forked from it since?  Its
  * ancestors forked since are climbed to the first that is older: 1 if
- * that is @target's thread group; 2 if it is a reaper (init of its pid
- * namespace, a subreaper), to which a process is given when its parent
- * exits — then whose it was is no longer known, and the caller must ask
- * more of it; 0 otherwise (forked before, or from another process).
+ * that is @target's thread group; 0 if it is another process that
+ * certainly did not fork it from the target's line (forked before, or
+ * from a process forked before the patch); 2 when whose it was is no
+ * longer known, and the caller must ask more of it:
+ *  - a reaper on the way (init of its pid namespace, a subreaper, also
+ *    the target if it is one), to which a process is given when its
+ *    parent exits;
+ *  - @parent, the target's parent: a CLONE_PARENT child of the target
+ *    has it for its own;
+ *  - a start time equal to @since, which says neither before nor after.
  */
-int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target)
+int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target,
+			  struct pid *parent)
 {
 	struct task_struct *p, *q;
 	struct pid *tgid;
-	bool reaper;
 	int forked = 0;
 
 	rcu_read_lock();
 	p = rcu_dereference(mm->owner);
-	if (!p || p->group_leader->start_boottime <= since) /* mutant: forked-before-patch-taken */
+	if (!p || p->group_leader->start_boottime < since) /* mutant: forked-before-patch-taken */
+		goto out;
+	forked = 2;
+	if (p->group_leader->start_boottime == since)
 		goto out;
 	for (;;) {
 		q = rcu_dereference(p->group_leader->real_parent);
+		tgid = task_tgid(q);
+		if ((tgid && is_child_reaper(tgid)) || q->signal->is_child_subreaper) /* mutant: reaper-target-trusted */
+			break;
+		if (q->group_leader->start_boottime == since)
+			break;
 		if (q->group_leader->start_boottime > since && q != p) {
 			p = q;
 			continue;
 		}
-		tgid = task_tgid(q);
-		/* A reaper is also given the orphans of processes forked before. */
-		reaper = (tgid && is_child_reaper(tgid)) || q->signal->is_child_subreaper;
-		if (target && tgid == target && !reaper) /* mutant: forked-ancestry-unchecked reaper-target-trusted */
+		if (tgid && tgid == target) /* mutant: forked-ancestry-unchecked */
 			forked = 1;
-		else if (reaper)
-			forked = 2;
+		else if (tgid && tgid != parent)
+			/* mutant: clone-parent-trusted */
+			forked = 0;
 		break;
 	}
 out:
@@ -394,8 +417,14 @@ static bool hugepoke_not_private_text(struct vm_area_struct *vma, void *arg)
 		other = !anon_vma || (unsigned long)data_race(anon_vma->root) != w->family;
 		rcu_read_unlock();
 	}
-	return other || vma->vm_mm == w->skip ||
-	       (vma->vm_flags & (VM_EXEC | VM_MAYSHARE | VM_HUGETLB)) != VM_EXEC; /* mutant: file-walk-any-vma */
+	if (other || vma->vm_mm == w->skip || (vma->vm_flags & (VM_MAYSHARE | VM_HUGETLB)))
+		return true;
+	/*
+	 * A forked process may have made its copy of the text writable or
+	 * not executable since: it still holds the patch (and may run it
+	 * again), so the family walk names it, and RESTORE refuses there.
+	 */
+	return !w->family && !(vma->vm_flags & VM_EXEC); /* mutant: file-walk-any-vma family-walk-exec-only */
 }
 
 static bool hugepoke_file_vma_one(struct folio *folio, struct vm_area_struct *vma,
@@ -416,7 +445,8 @@ static bool hugepoke_file_vma_one(struct folio *folio, struct vm_area_struct *vm
 }
 
 /*
- * Every private executable VMA but the caller's that maps a page of the folio
+ * Every private executable VMA but the caller's (with a family: every private
+ * VMA of it, executable or not, but @skip's) that maps a page of the folio
  * holding page @index of @file, at most @max, each mm with an mm_count
  * reference for the caller to drop: the number recorded (@max: maybe
  * more), and in *@next the first page past the folio.  The way uprobes'

@@ -37,7 +37,9 @@ unsigned long hugepoke_folio_family(struct folio *folio);
 unsigned long hugepoke_vma_family(struct vm_area_struct *vma);
 bool hugepoke_family_may_have_others(struct vm_area_struct *vma, unsigned long family);
 u64 hugepoke_boottime_ns(void);
-int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target);
+struct pid *hugepoke_parent_tgid(struct task_struct *task);
+int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target,
+			  struct pid *parent);
 int hugepoke_folio_unexpected_refs(struct folio *folio);
 bool hugepoke_folio_is_anon(struct folio *folio);
 bool hugepoke_folio_may_be_lru_cached(struct folio *folio);

@@ -54,6 +54,9 @@ pub(crate) struct Target {
     /// allowed to ptrace to RESTORE a patch it does not own.  None if it
     /// was being reaped.
     pub(crate) pid: Option<sys::PidRef>,
+    /// Its parent's then (None if reaped): a child it makes with
+    /// clone(CLONE_PARENT) has that parent, not the target.
+    pub(crate) parent: Option<sys::PidRef>,
     #[pin]
     pub(crate) state: Mutex<TargetState>,
     _live: Live,
@@ -69,11 +72,16 @@ pub(crate) struct TargetState {
 }
 
 impl Target {
-    pub(crate) fn new(mm: &Mm, pid: Option<sys::PidRef>) -> Result<Arc<Self>> {
+    pub(crate) fn new(
+        mm: &Mm,
+        pid: Option<sys::PidRef>,
+        parent: Option<sys::PidRef>,
+    ) -> Result<Arc<Self>> {
         Arc::pin_init(
             pin_init!(Self {
                 mm: ARef::from(mm),
                 pid,
+                parent,
                 state <- new_mutex!(
                     TargetState { patches: Patches::new(), pending_collapses: KVec::new(), retired: false },
                     "hugepoke_target"
@@ -180,7 +188,7 @@ impl Registry {
         if let Some(t) = self.targets.get(&id) {
             return Ok(t.clone());
         }
-        let t = Target::new(mm, process.tgid_pid())?;
+        let t = Target::new(mm, process.tgid_pid(), process.parent_tgid_pid())?;
         let node = self
             .targets
             .try_create_and_insert(id, t.clone(), GFP_KERNEL_ACCOUNT); // mutant: leak-target

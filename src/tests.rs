@@ -207,6 +207,7 @@ mod hugepoke {
             family: 0,
             since: 0,
             pmd_mappable: true,
+            target_restored: false,
         }
     }
 

@@ -259,6 +259,7 @@ pub(crate) fn forked_of(
     let lineage = Lineage {
         mm: mm.as_deref().map(|m| &**m),
         pid: target.pid.as_ref(),
+        parent: target.parent.as_ref(),
         files: &files,
     };
     let found = candidates(hp, &lineage, &sites, &pages).map_err(|r| r.errno)?;

@@ -38,6 +38,8 @@ const MAX_MAPPERS: usize = 4096;
 pub(super) struct Lineage<'a> {
     pub(super) mm: Option<&'a MmWithUser>,
     pub(super) pid: Option<&'a PidRef>,
+    /// The target's parent (a CLONE_PARENT child's parent too).
+    pub(super) parent: Option<&'a PidRef>,
     pub(super) files: &'a [Option<ARef<File>>],
 }
 
@@ -143,7 +145,8 @@ fn target_view(
             sys::vma_info(v).address_of(rep.mapping, rep.pgoff) == Some(rep.addr & PAGE_MASK)
         });
         let others = vma.is_none_or(|v| sys::family_may_have_others(v, rep.family));
-        let copy = vma.and_then(|v| {
+        // Alone: no walk, so no need of the copy (nor to fault it in).
+        let copy = vma.filter(|_| others).and_then(|v| {
             let page = copy_at(&guard, v, &sys::vma_info(v), rep.addr & PAGE_MASK);
             page.ok()
                 .flatten()
@@ -293,16 +296,17 @@ fn copy_at(
 
 const UFFD_UNSEEN: &str = "a process forked since the patch may run it: its copy is not present and userfaultfd watches its text, so it is not faulted in to be looked at; patch kept";
 const NOT_FAULTED: &str = "a process forked since the patch may run it: its copy could not be faulted in to be looked at; patch kept";
-const LINEAGE_LOST: &str = "a process forked since the patch may run it: its copy holds the patch's bytes but is neither the page PATCH wrote nor the target's, and its parent exited (or the target is gone), so whose it is cannot be told; patch kept (RESTORE_DROP forgets it)";
+const LINEAGE_LOST: &str = "a process forked since the patch may run it: its copy holds the patch's bytes but is neither the page PATCH wrote nor the target's, and its parent exited (or is not its forker, or the target is gone), so whose it is cannot be told; patch kept (RESTORE_DROP forgets it)";
 
 /// How `child` came from the target of `rep`'s patch: None if it was not
 /// forked from it since the patch; else whether only the very page PATCH
 /// wrote says its copy is the patch's — when its ancestry no longer
-/// reaches the target (a parent exited: it was given to a reaper), or the
+/// reaches the target (a parent exited: it was given to a reaper; a
+/// CLONE_PARENT child has the target's parent for its own), or the
 /// target is gone (a process of the image it exec'd may be of a new fork
 /// family that reuses the old one's identity).
 fn how_forked(child: &Mm, rep: &Site, lineage: &Lineage<'_>) -> Option<bool> {
-    match sys::forked_since(child, rep.since, lineage.pid) {
+    match sys::forked_since(child, rep.since, lineage.pid, lineage.parent) {
         Forked::No => None,
         Forked::FromTarget if lineage.mm.is_some() => Some(false),
         _ => Some(true), // mutant: adopted-any-copy

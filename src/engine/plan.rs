@@ -117,6 +117,9 @@ pub(crate) struct PageWork {
     /// RESTORE found this process's copy shared with another mapping (not
     /// exclusive) and broke COW for it: the other may run the patch still.
     pub(crate) shared: bool,
+    /// RESTORE restored the target's own copy, then a process forked from
+    /// it refused: the page's sites stay, marked `target_restored`.
+    pub(crate) target_restored: bool,
 }
 
 impl PageWork {
@@ -132,6 +135,7 @@ impl PageWork {
             split: false,
             cache_back: false,
             shared: false,
+            target_restored: false,
         }
     }
 }
@@ -451,6 +455,7 @@ fn planned_site(who: &Identity, i: u32, s: &BatchSite, flags: u32, key: PageKey)
         family: 0,
         since: 0,
         pmd_mappable: false,
+        target_restored: false,
     }
 }
 

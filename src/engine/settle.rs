@@ -93,6 +93,10 @@ pub(crate) fn drop_handle(hp: &Arc<Hugepoke>, target: &Arc<Target>, handle: u64)
     Ok(())
 }
 
+/// A page whose target copy an earlier RESTORE restored: the target's
+/// pass leaves it alone (another tool may have written there since).
+const TARGET_RESTORED: &str = "restored in the target by an earlier RESTORE (a process forked from it refused then): the target is left alone";
+
 /// How a RESTORE of a handle ended, for the table and the journal.
 struct Verdict {
     result: Result,
@@ -128,6 +132,15 @@ pub(crate) fn restore_handle(
     let first = sites[0];
     let ev = |step| first.event(step);
     hp.journal.record(ev(Step::Restore));
+    for w in pages.iter_mut() {
+        if sites[w.range.start].target_restored {
+            // mutant: target-restored-twice
+            w.state = PageState::Gone(Ok(()), TARGET_RESTORED);
+            // Its copy was zapped then, its range's collapse held back
+            // by these very sites.
+            w.cache_back = true;
+        }
+    }
     // Every site of this handle on a page is being restored.
     let patches = &state.patches;
     let last_on_page = |s: &[Site]| patches.on_page(s[0].page_key()) as usize <= s.len();
@@ -141,6 +154,11 @@ pub(crate) fn restore_handle(
         closing,
     );
     let verdict = judge(hp, &ev, &sites, &pages, outcome, closing);
+    for w in pages.iter().filter(|w| w.target_restored) {
+        state
+            .patches
+            .mark_target_restored(handle, sites[w.range.start].page_key());
+    }
     let forgotten = forget(hp, &ev, state, handle, &sites, &pages, verdict.forget_all);
     queue_collapses(hp, target, state, &sites, &pages);
     if state.patches.count(handle) != 0 {
@@ -171,6 +189,7 @@ fn run_passes(
     let lineage = Lineage {
         mm: mm.as_deref().map(|m| &**m),
         pid: target.pid.as_ref(),
+        parent: target.parent.as_ref(),
         files,
     };
     let Some(mm) = lineage.mm else {
@@ -180,7 +199,7 @@ fn run_passes(
             cache_back: false,
         };
         // Its children may still run the patch.
-        let forked = restore_forked(hp, &lineage, sites, pages, last_on_page, closing); // mutant: orphans-left-patched
+        let forked = sweep_forked(hp, &lineage, sites, pages, last_on_page, closing); // mutant: orphans-left-patched
         return forked.and(Err((gone, 0)));
     };
     restore_everywhere(hp, mm, &lineage, sites, pages, last_on_page, closing)
@@ -233,9 +252,33 @@ fn restore_everywhere(
             result => return result,
         }
     }
-    for _ in 0..FORKED_PASSES {
-        let why = "the target's copy was not exclusive, or others of its fork family map the page: looking once more for processes that run the patch";
+    let why = "the target's copy was not exclusive, or others of its fork family map the page: looking once more for processes that run the patch";
+    hp.journal.record(sites[0].event(Step::Restore).note(why));
+    sweep_forked(hp, lineage, sites, pages, last_on_page, closing).map_err(|refused| {
+        // The target is restored, a process forked from it is not: every
+        // site stays (a retry finds the target's copy undone, or holding
+        // its originals), else that process runs a patch nobody knows of.
+        let why = "the target is restored, but a process forked from it still runs the patch: every site kept; RESTORE may be retried";
         hp.journal.record(sites[0].event(Step::Restore).note(why));
+        for w in pages.iter_mut() {
+            w.target_restored |= matches!(w.outcome, Outcome::Written | Outcome::Done(_));
+            w.outcome = Outcome::Untouched; // mutant: forked-refusal-forgets
+        }
+        refused
+    })
+}
+
+/// The forked passes that follow one that met a shared copy (a process
+/// forked from a patched one during the pass shares it), a few at most.
+fn sweep_forked(
+    hp: &Hugepoke,
+    lineage: &Lineage<'_>,
+    sites: &[Site],
+    pages: &[PageWork],
+    last_on_page: &impl Fn(&[Site]) -> bool,
+    closing: Closing,
+) -> Result<(), (Refused, usize)> {
+    for _ in 0..FORKED_PASSES {
         let reach = restore_forked(hp, lineage, sites, pages, last_on_page, closing)?;
         if !reach.shared {
             return Ok(());

@@ -64,6 +64,10 @@ pub(crate) struct Site {
     pub(crate) since: u64,
     /// Is the page-cache folio behind the page PMD-mappable?
     pub(crate) pmd_mappable: bool,
+    /// The target's own copy is restored already (a RESTORE went on to a
+    /// process forked from it, which refused): only such processes may
+    /// still run this site, and a retry leaves the target alone.
+    pub(crate) target_restored: bool,
 }
 
 impl Site {
@@ -376,6 +380,16 @@ impl<F> Patches<F> {
     /// batch restored): one pass over the page's sites.
     pub(crate) fn remove_page(&mut self, handle: u64, page: PageKey) -> Option<Forgotten<F>> {
         self.forget(handle, page, None)
+    }
+
+    /// `handle`'s sites on file page `page` are restored in the target's
+    /// own copy (see [`Site::target_restored`]).
+    pub(crate) fn mark_target_restored(&mut self, handle: u64, page: PageKey) {
+        if let Some(h) = self.handles.get_mut(&handle) {
+            for s in h.sites.iter_mut().filter(|s| s.page_key() == page) {
+                s.target_restored = true;
+            }
+        }
     }
 
     /// The patches behind `handle` now belong to nobody (persistent).

@@ -34,7 +34,9 @@ mod wq;
 
 pub(crate) use file::{family_vmas, file_mapping, file_vmas, FileVma};
 pub(crate) use folio::{page_cache_page, read_file_page, CacheRef, PageRef};
-pub(crate) use khugepaged::{collapse_pte_mapped_thp, collapse_verdict, lru_add_drain_all};
+pub(crate) use khugepaged::{
+    collapse_pte_mapped_thp, collapse_verdict, lru_add_drain, lru_add_drain_all,
+};
 pub(crate) use mm::{MmapWriteGuard, FOLL_FORCE, FOLL_SPLIT_PMD, FOLL_WRITE};
 pub(crate) use pte::{
     anon_copy_at, lock_pte, mapping_of, ClearedPte, InvalidateRange, LockedPte, Mapping, SwapSlot,
@@ -107,10 +109,12 @@ extern "C" {
     fn hugepoke_vma_family(vma: *mut bindings::vm_area_struct) -> usize;
     fn hugepoke_family_may_have_others(vma: *mut bindings::vm_area_struct, family: usize) -> bool;
     fn hugepoke_boottime_ns() -> u64;
+    fn hugepoke_parent_tgid(task: *mut bindings::task_struct) -> *mut bindings::pid;
     fn hugepoke_forked_since(
         mm: *mut bindings::mm_struct,
         since: u64,
         target: *mut bindings::pid,
+        parent: *mut bindings::pid,
     ) -> i32;
     fn hugepoke_folio_unexpected_refs(folio: *mut bindings::folio) -> i32;
     fn hugepoke_folio_is_anon(folio: *mut bindings::folio) -> bool;

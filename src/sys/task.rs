@@ -43,18 +43,27 @@ pub(crate) enum Forked {
     No,
     /// Forked since from the target, or from a process forked from it since.
     FromTarget,
-    /// Forked since from a process that exited since: given to a reaper,
-    /// it may have been the target's, or not.
+    /// Forked since, but whose it was is no longer known: its parent
+    /// exited (it was given to a reaper), it is a CLONE_PARENT child (its
+    /// parent is the target's), the target is gone, or it started at the
+    /// very time of the stamp.  It may be the target's, or not.
     Adopted,
 }
 
 /// Was `mm`'s process forked after `since` (boot-time ns) from the
 /// process of `target` (None: gone), or from one forked from it since?
-pub(crate) fn forked_since(mm: &Mm, since: u64, target: Option<&PidRef>) -> Forked {
-    let target = target.map_or(core::ptr::null_mut(), |p| p.0.as_ptr());
+/// `parent` is the target's parent: a climb that ends there may be a
+/// CLONE_PARENT child's (see `hugepoke_forked_since`).
+pub(crate) fn forked_since(
+    mm: &Mm,
+    since: u64,
+    target: Option<&PidRef>,
+    parent: Option<&PidRef>,
+) -> Forked {
+    let raw = |p: Option<&PidRef>| p.map_or(core::ptr::null_mut(), |p| p.0.as_ptr());
     // SAFETY: `mm` is a valid mm_struct (we hold a reference); the helper
-    // reads the tasks under RCU and only compares `target`.
-    match unsafe { super::hugepoke_forked_since(mm.as_raw(), since, target) } {
+    // reads the tasks under RCU and only compares `target` and `parent`.
+    match unsafe { super::hugepoke_forked_since(mm.as_raw(), since, raw(target), raw(parent)) } {
         1 => Forked::FromTarget,
         2 => Forked::Adopted,
         _ => Forked::No,
@@ -104,6 +113,14 @@ impl Process {
         // `get_task_pid` returns a counted pid, or null once it is reaped.
         let pid =
             unsafe { bindings::get_task_pid(self.task.as_ptr(), bindings::pid_type_PIDTYPE_TGID) };
+        NonNull::new(pid).map(PidRef)
+    }
+
+    /// Its parent's thread group (`real_parent`), as the process is now.
+    pub(crate) fn parent_tgid_pid(&self) -> Option<PidRef> {
+        // SAFETY: the task is valid while we hold our reference; the helper
+        // returns a counted pid, or null once the parent is reaped.
+        let pid = unsafe { super::hugepoke_parent_tgid(self.task.as_ptr()) };
         NonNull::new(pid).map(PidRef)
     }
 

@@ -179,6 +179,29 @@ pub(crate) fn fork_child(t: &mut Target) -> Result<i32, String> {
         .ok_or(format!("fork said {said:?}"))
 }
 
+/// Have `t` make a child with clone(CLONE_PARENT) (thp-target's
+/// `clone-parent`): the child's pid; its parent is the test's process.
+pub(crate) fn clone_parent_child(t: &mut Target) -> Result<i32, String> {
+    let said = t.command("clone-parent")?;
+    said.strip_prefix("child ")
+        .and_then(|p| p.parse().ok())
+        .ok_or(format!("clone-parent said {said:?}"))
+}
+
+/// Have `child` (one of thp-target's forked children) flip its text's exec
+/// permission (SIGUSR2), and wait until its maps say `perms` there.
+pub(crate) fn flip_exec(child: i32, addr: u64, perms: &str) -> crate::TestResult {
+    // SAFETY: signalling a child of the test's target; it flips its text's
+    // protection on SIGUSR2.
+    unsafe { libc::kill(child, libc::SIGUSR2) };
+    wait_for(
+        &format!("{child}'s text {perms}"),
+        Duration::from_secs(10),
+        || Ok(io(proc::smaps_entry(child, addr))?.perms == perms),
+    )
+    .map(drop)
+}
+
 /// Have `t` fork a child that forks a grandchild and exits (thp-target's
 /// `fork-orphan`): the grandchild's pid.
 pub(crate) fn fork_orphan(t: &mut Target) -> Result<i32, String> {

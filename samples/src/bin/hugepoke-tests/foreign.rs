@@ -682,6 +682,132 @@ fn child_of(pid: i32) -> Result<i32, String> {
     Ok(child)
 }
 
+/// The target makes a child with clone(CLONE_PARENT) while the patch
+/// lives: the child's parent is the target's parent (the test), not the
+/// target, yet it runs the patch (it shares the target's copy).  Its
+/// ancestry cannot say it is the target's, but its copy is the target's
+/// own page: QUERY_FORKED names it and RESTORE takes the patch back from
+/// it too.
+pub(crate) fn restore_reaches_a_clone_parent_child() -> TestResult {
+    const PAGE: usize = 93;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, PAGE, 9393)))?;
+    let child = clone_parent_child(&mut t)?;
+    let at = t.page_addr(PAGE);
+    let result = (|| {
+        let me = std::process::id() as i32;
+        ensure!(ppid(child)? == me, "the clone's parent is not the test");
+        let forked = io(dev.query_forked(h))?;
+        ensure!(
+            forked == [child],
+            "QUERY_FORKED says {forked:?}, want [{child}]"
+        );
+        io(dev.restore(h))?;
+        ensure!(
+            t.call(PAGE)? == text::original_value(PAGE),
+            "the target not restored"
+        );
+        ensure!(
+            read_mem(child, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
+            "the CLONE_PARENT child still runs the patch"
+        );
+        Ok(())
+    })();
+    kill_and_wait(child);
+    result
+}
+
+/// As above, but the target exits (and is reaped) before RESTORE: the
+/// clone's ancestry ends at the target's parent (recorded when the target
+/// was first patched), and it maps the very page PATCH wrote: RESTORE of
+/// the gone target's patch takes it back from the clone.
+pub(crate) fn restore_of_a_gone_target_reaches_its_clone_parent_child() -> TestResult {
+    const PAGE: usize = 97;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, PAGE, 9797)))?;
+    let child = clone_parent_child(&mut t)?;
+    let at = t.page_addr(PAGE);
+    let result = (|| {
+        kill_and_reap(&t);
+        ensure!(
+            read_mem(child, at, 6)? == text::mov_eax_ret(9797),
+            "the clone does not run the patch"
+        );
+        io(dev.restore(h))?;
+        ensure!(
+            read_mem(child, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
+            "the CLONE_PARENT child of the gone target still runs the patch"
+        );
+        Ok(())
+    })();
+    kill_and_wait(child);
+    result
+}
+
+/// A child forked while the patch lives makes its text read-only (not
+/// executable) but keeps its copy, patch and all: it may make the text
+/// executable again and run it.  The walk still names it, and RESTORE
+/// refuses there (EACCES, journaled under its pid) before writing
+/// anywhere; once its text is executable again, RESTORE takes the patch
+/// back from both.
+pub(crate) fn restore_refuses_while_a_forked_child_keeps_the_patch_without_exec() -> TestResult {
+    const PAGE: usize = 94;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, PAGE, 9494)))?;
+    let child = fork_child(&mut t)?;
+    let at = t.page_addr(PAGE);
+    let result = (|| {
+        flip_exec(child, at, "r--p")?;
+        let refused = dev.restore(h);
+        expect_errno("RESTORE", refused, libc::EACCES, "without exec")?;
+        let evs = events_of(h)?;
+        ensure!(
+            evs.iter()
+                .any(|e| e.pid == child && e.note.contains("without exec")),
+            "the refusal does not name the child: {:?}",
+            steps(&evs)
+        );
+        ensure!(
+            t.call(PAGE)? == 9494,
+            "the refused RESTORE changed the target"
+        );
+        ensure!(
+            read_mem(child, at, 6)? == text::mov_eax_ret(9494),
+            "the refused RESTORE changed the child"
+        );
+        flip_exec(child, at, "r-xp")?;
+        io(dev.restore(h))?;
+        ensure!(
+            t.call(PAGE)? == text::original_value(PAGE),
+            "the target not restored"
+        );
+        ensure!(
+            read_mem(child, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
+            "the child still runs the patch"
+        );
+        Ok(())
+    })();
+    kill_and_wait(child);
+    result
+}
+
+/// Kill a process the test made (directly or through a target) and reap
+/// it if it is the test's own child.
+pub(crate) fn kill_and_wait(pid: i32) {
+    // SAFETY: killing a process the test made; waitpid reaps it if it is
+    // the test's own child, and fails at once (ECHILD) if not.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), libc::__WALL);
+    }
+}
+
 /// A child forked while the patch lives whose copy then diverged from the
 /// target's (another tool wrote elsewhere in the page, in the child
 /// only) still runs the patch: RESTORE finds it through the file's
@@ -848,6 +974,9 @@ tests! {
         restore_reaches_an_orphan_after_the_target_exited,
         restore_takes_the_patch_back_from_forty_forked_children,
         restore_never_writes_into_a_mapping_made_since,
+        restore_reaches_a_clone_parent_child,
+        restore_of_a_gone_target_reaches_its_clone_parent_child,
+        restore_refuses_while_a_forked_child_keeps_the_patch_without_exec,
     ];
 }
 

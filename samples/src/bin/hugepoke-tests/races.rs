@@ -1190,6 +1190,75 @@ pub(crate) fn a_child_forked_during_restore_with_its_copy_swapped_out_is_restore
     checked
 }
 
+/// As the test above, but the child forked at `forked` (by a swap entry)
+/// also makes its text read-only, keeping its copy: the target's pass
+/// restores the target, and the forked pass after it finds the child,
+/// which refuses (EACCES).  The handle must not be forgotten while the
+/// child runs the patch: every site is kept, and once the child's text is
+/// executable again, a second RESTORE takes the patch back from it.
+pub(crate) fn a_forked_refusal_after_the_targets_pass_keeps_the_patch() -> TestResult {
+    const PAGE: usize = 95;
+    let _swap = crate::identity::Swap::on()?;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = std::sync::Arc::new(io(Device::open())?);
+    let h = io(dev.patch(&patch_req(&t, PAGE, 9595)))?;
+    let at = t.page_addr(PAGE);
+    let pause = Pause::arm("forked", t.pid)?;
+    let (tx, rx) = mpsc::channel();
+    let ours = dev.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(ours.restore(h));
+    });
+    pause.wait_parked("forked")?;
+    let paged = t.command(&format!("pageout {PAGE}"));
+    let child = fork_child(&mut t);
+    let flipped = match &child {
+        Ok(c) => flip_exec(*c, at, "r--p"),
+        Err(e) => Err(e.clone()),
+    };
+    pause.release()?;
+    let result = rx
+        .recv_timeout(Duration::from_secs(60))
+        .map_err(|_| "the parked RESTORE did not return")?;
+    drop(pause);
+    let child = child?;
+    let checked = (|| {
+        let said = paged?;
+        ensure!(said == "pageout ok", "pageout said {said:?}");
+        flipped?;
+        ensure!(
+            result.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EACCES),
+            "RESTORE returned {result:?}, want EACCES"
+        );
+        ensure!(
+            t.call(PAGE)? == text::original_value(PAGE),
+            "the target not restored"
+        );
+        ensure!(
+            read_mem(child, at, 6)? == text::mov_eax_ret(9595),
+            "the refusing child changed"
+        );
+        // Another tool writes into the restored target, the patch's very
+        // bytes: the retry must leave the target alone.
+        write_mem(t.pid, at, &text::mov_eax_ret(9595))?;
+        flip_exec(child, at, "r-xp")?;
+        io(dev.restore(h)).map_err(|e| format!("the second RESTORE: {e}"))?;
+        ensure!(
+            t.call(PAGE)? == 9595,
+            "the retry wrote over another tool's bytes in the target"
+        );
+        ensure!(
+            read_mem(child, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
+            "the child still runs the patch after the second RESTORE"
+        );
+        Ok(())
+    })();
+    // SAFETY: killing nothing but the target's child.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    checked
+}
+
 /// RESTORE, parked at `forked`, and a child forked there: the target's
 /// pass sees its copy mapped by another process (under its mmap lock no
 /// fork comes in), RESTORE's forked pass runs again and takes the patch
@@ -1242,5 +1311,6 @@ tests! {
         a_child_forked_during_restore_is_never_written_into,
         a_child_forked_during_restore_is_restored_too,
         a_child_forked_during_restore_with_its_copy_swapped_out_is_restored_too,
+        a_forked_refusal_after_the_targets_pass_keeps_the_patch,
     ];
 }
