@@ -148,6 +148,14 @@ impl<'a> Seen<'a> {
         pgoff: usize,
         (page_addr, at_site): (usize, bool),
     ) -> Option<PageRef> {
+        // A copy mapped there is taken from the page table: GUP's
+        // FOLL_TOUCH would mark it accessed, and a second touch queues it
+        // in this CPU's activate batch (a reference that would then cost
+        // RESTORE a drain of every CPU).
+        if let Some(page) = sys::anon_copy_at(vma, page_addr) {
+            // mutant: restore-touches-the-copy
+            return Some(page);
+        }
         match guard.get_user_page(page_addr, sys::FOLL_FORCE) {
             Ok(page) if page.is_anon() => return Some(page),
             Ok(_) => self.cache_at_site |= at_site,

@@ -61,6 +61,12 @@ fn cow_page(
         return Ok(None);
     }
     let copied_before = matches!(before, Some(Mapping::Pte(pfn)) if pfn == page.pfn());
+    if !copied_before {
+        // The fresh copy waits in this CPU's LRU batch, holding a
+        // reference that RESTORE would otherwise have to drain from every
+        // CPU (waiting on each, and on a busy target's for a tick).
+        sys::lru_add_drain(); // mutant: copy-left-in-lru-batch
+    }
     hp.journal
         .record(
             ev(Step::CowPage)

@@ -233,7 +233,7 @@ fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Re
                 let pmd_mappable =
                     sys::page_cache_page(vma, page_addr).is_some_and(|c| c.pmd_mappable());
                 sites.iter_mut().for_each(|s| s.pmd_mappable = pmd_mappable);
-                w.state = PageState::Found(page_addr, page); // mutant: leak-folio-ref-at-patch drain-at-patch
+                w.state = PageState::Found(page_addr, page); // mutant: leak-folio-ref-at-patch
                 w.written = Written::Bytes;
                 hp.pauses.at(Point::Written, first_pid, &hp.journal);
             }

@@ -1,13 +1,23 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! What hugepoke asks of mm's own machinery once a copy is zapped: the
-//! LRU drain that lets go of a fresh copy's last unexpected reference, and
+//! What hugepoke asks of mm's own machinery around a copy: the LRU drains
+//! that let go of a fresh copy's batch reference (this CPU's right after
+//! the COW, every CPU's as RESTORE's fallback), and
 //! khugepaged's `collapse_pte_mapped_thp()` with its `enum scan_result`.
 
 use kernel::{
     bindings,
     mm::{MmWithUser, MmapReadGuard},
 };
+
+/// Flush this CPU's LRU batches (where a copy just made by a COW fault on
+/// it waits to reach the LRU, holding a reference).  Cheap: no waiting on
+/// other CPUs.
+pub(crate) fn lru_add_drain() {
+    // SAFETY: no preconditions beyond process context (it takes the
+    // per-CPU batch lock itself).
+    unsafe { bindings::lru_add_drain() };
+}
 
 /// Flush every CPU's LRU batches (sleeps; waits for every CPU).
 pub(crate) fn lru_add_drain_all() {

@@ -648,10 +648,10 @@ impl Drop for Swap {
 }
 
 /// A RESTORE cut short by a fatal signal (EINTR) keeps the patch.  The
-/// controller is the CLI (`hugepoke restore`).  First, certainly: its
-/// RESTORE is parked at the `restore` pause point (target's locks held)
-/// and SIGKILLed there; the park ends on the signal and GUP then returns
-/// EINTR.  Then, as it happens in the field: killed while it sleeps waiting
+/// controller is the CLI (`hugepoke restore`).  First, certainly: the
+/// copy is paged out to swap, the RESTORE is parked at the `restore` pause
+/// point (target's locks held) and SIGKILLed there; the park ends on the
+/// signal and GUP, faulting the copy back in, returns EINTR.  Then, as it happens in the field: killed while it sleeps waiting
 /// for the target's mmap lock (held by the target's own mprotect() loop);
 /// attempts that slip in between two mprotect()s restore normally, and
 /// none may lose the patch.
@@ -677,6 +677,11 @@ pub(crate) fn killed_restore_keeps_the_patch() -> TestResult {
             persist: true,
             ..patch_req(&t, 40, 40)
         }))?;
+        // Swapped out, the copy must be faulted in (GUP), which a fatal
+        // signal cuts short; a copy in place is taken from the page table.
+        let swap = Swap::on()?;
+        let paged = t.command("pageout 40")?;
+        ensure!(paged == "pageout ok", "pageout said {paged:?}");
         let pause = crate::races::Pause::arm("restore", t.pid)?;
         let mut cli = restore_cli(h)?;
         pause.wait_parked("restore")?;
@@ -700,6 +705,7 @@ pub(crate) fn killed_restore_keeps_the_patch() -> TestResult {
         );
         io(dev.restore(h))?;
         ensure!(t.call(40)? == 1040, "not restored after the killed RESTORE");
+        drop(swap);
     }
     ensure!(
         t.command("hog 512")? == "hogging",

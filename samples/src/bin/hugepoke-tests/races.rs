@@ -397,15 +397,20 @@ pub(crate) fn pin_to_cpu(pid: i32, cpu: usize) -> TestResult {
     Ok(())
 }
 
+const KPF_REFERENCED: u32 = 2;
 const KPF_LRU: u32 = 5;
+const KPF_ACTIVE: u32 = 6;
 
-/// LRU batches: PATCH leaves the fresh COW copy in its CPU's per-CPU LRU
-/// batch (no drain: not needed, and the caller may have migrated); RESTORE
-/// then sees the batch's reference, drains every CPU once, with neither the
-/// target's mmap lock nor the registry held, and zaps.  The PATCH runs on
+/// LRU batches.  PATCH drains its own CPU's LRU batches right after the
+/// COW: its fresh copy is on the LRU after PATCH (`/proc/kpageflags`), so
+/// RESTORE needs no drain (no `lru_drain` step) and zaps.  The PATCH runs on
 /// CPU 1 right after `drop_caches` emptied every batch, the target and the
-/// test on CPU 0, so the copy stays in CPU 1's batch: not on the LRU
-/// (`/proc/kpageflags`) after PATCH.  RESTORE is parked just before its
+/// test on CPU 0.  Then the fallback: after another PATCH the test reads
+/// the copy through `/proc/PID/mem` on CPU 0 (marking it accessed twice
+/// queues it in CPU 0's activate batch, with a reference: `kpageflags`
+/// shows it neither referenced nor active any more); RESTORE sees that
+/// reference and drains every CPU once, with neither the target's mmap
+/// lock nor the registry held, and zaps.  It is parked just before that
 /// drain; meanwhile the target `mprotect()`s its text (its mmap lock is
 /// free) and another target is patched and restored (the registry is free).
 pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
@@ -419,38 +424,51 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
     let dev = std::sync::Arc::new(io(Device::open())?);
     let kpf = io(KpageFlags::open())?;
     let pm = io(Pagemap::open(t.pid))?;
+    let patch_on_cpu1 = || -> Result<(u64, u64), String> {
+        let (d, req) = (dev.clone(), patch_req(&t, PAGE, 7777));
+        let h = std::thread::spawn(move || -> Result<u64, String> {
+            pin_to_cpu(0, 1)?;
+            io(std::fs::write("/proc/sys/vm/drop_caches", "1"))?;
+            io(d.patch(&req))
+        })
+        .join()
+        .map_err(|_| "the PATCH thread panicked")??;
+        let e = io(pm.entry(t.page_addr(PAGE)))?;
+        ensure!(e.present() && !e.file(), "page {PAGE} after PATCH: {e:?}");
+        ensure!(
+            io(kpf.get(e.pfn()))?.has(KPF_LRU),
+            "after PATCH the COW copy is not on the LRU: PATCH left it in its CPU's batch"
+        );
+        Ok((h, e.pfn()))
+    };
+    let drains_of = |h| -> Result<usize, String> {
+        let evs = events_of(h)?;
+        Ok(evs.iter().filter(|e| e.step == "lru_drain").count())
+    };
+
+    // The common case: no drain at all.
+    let (h, pfn) = patch_on_cpu1()?;
+    io(dev.restore(h))?;
+    let evs = events_of(h)?;
+    ensure!(
+        drains_of(h)? == 0,
+        "RESTORE of a copy on the LRU drained: {:?}",
+        steps(&evs)
+    );
+    ensure!(
+        evs.iter()
+            .any(|e| e.step == "zap_anon_page" && e.pfn == Some(pfn)),
+        "copy {pfn:#x} not zapped: {:?}",
+        steps(&evs)
+    );
 
     for round in 1..=3 {
-        // PATCH on CPU 1 with empty batches; the copy must not be on the LRU.
-        let (mut handle, mut pfn) = (0, 0);
-        for attempt in 1..=3 {
-            let (d, req) = (dev.clone(), patch_req(&t, PAGE, 7777));
-            let h = std::thread::spawn(move || -> Result<u64, String> {
-                pin_to_cpu(0, 1)?;
-                io(std::fs::write("/proc/sys/vm/drop_caches", "1"))?;
-                io(d.patch(&req))
-            })
-            .join()
-            .map_err(|_| "the PATCH thread panicked")??;
-            let e = io(pm.entry(t.page_addr(PAGE)))?;
-            ensure!(e.present() && !e.file(), "page {PAGE} after PATCH: {e:?}");
-            let flags = io(kpf.get(e.pfn()))?;
-            if !flags.has(KPF_LRU) {
-                (handle, pfn) = (h, e.pfn());
-                break;
-            }
-            // Something else flushed CPU 1's batch (it takes 31 pages): again.
-            println!(
-                "# attempt {attempt}: the copy {:#x} reached the LRU before we looked; again",
-                e.pfn()
-            );
-            io(dev.restore(h))?;
+        let (handle, pfn) = patch_on_cpu1()?;
+        if !queue_for_activation(&t, PAGE, &kpf, pfn)? {
+            println!("# round {round}: the copy left CPU 0's activate batch before RESTORE; again");
+            io(dev.restore(handle))?;
+            continue;
         }
-        ensure!(
-            handle != 0,
-            "after PATCH the COW copy was on the LRU in 3 attempts: PATCH drains LRU batches"
-        );
-
         let pause = Pause::arm("drain", t.pid)?;
         let d = dev.clone();
         let restore = std::thread::spawn(move || d.restore(handle));
@@ -461,7 +479,7 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
         )?;
         if restore.is_finished() {
             // The batch was emptied between our look and RESTORE's (khugepaged's
-            // scan drains every CPU; a large folio on CPU 1 flushes it), so
+            // scan drains every CPU; a large folio on CPU 0 flushes it), so
             // RESTORE had nothing to drain: inconclusive, again.
             drop(pause);
             io(restore.join().map_err(|_| "the RESTORE thread panicked")?)?;
@@ -488,7 +506,7 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
         );
         io(restored)?;
         let evs = events_of(handle)?;
-        let drains = evs.iter().filter(|e| e.step == "lru_drain").count();
+        let drains = drains_of(handle)?;
         ensure!(
             drains == 2,
             "RESTORE of a page in an LRU batch: {} drain events, want 2 (one drain): {:?}",
@@ -505,6 +523,33 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
         return Ok(());
     }
     Err("in 3 rounds RESTORE never found the copy in an LRU batch".into())
+}
+
+/// Read page `page` of `t`'s text through /proc/PID/mem (from this thread's
+/// CPU) until the copy `pfn` is queued for activation: a read finds it
+/// referenced and not active, so it goes into this CPU's activate batch
+/// (with a reference) and loses its referenced bit.  False if it turned
+/// active instead (the batch was drained meanwhile).
+fn queue_for_activation(
+    t: &Target,
+    page: usize,
+    kpf: &KpageFlags,
+    pfn: u64,
+) -> Result<bool, String> {
+    for _ in 0..4 {
+        let was = io(kpf.get(pfn))?;
+        read_mem(t.pid, t.page_addr(page), 1)?;
+        let now = io(kpf.get(pfn))?;
+        if now.has(KPF_ACTIVE) {
+            return Ok(false);
+        }
+        if was.has(KPF_REFERENCED) && !now.has(KPF_REFERENCED) {
+            return Ok(true);
+        }
+    }
+    Err(format!(
+        "the copy {pfn:#x} never went from referenced to queued for activation"
+    ))
 }
 
 /// Closing the file restores its patches from a work item, where a fatal
