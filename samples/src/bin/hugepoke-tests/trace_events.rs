@@ -144,9 +144,88 @@ pub(crate) fn trace_events_carry_each_step_and_its_pfns() -> TestResult {
     Ok(())
 }
 
+/// The one-liners of Documentation/tracing.md, as one bpftrace program:
+/// steps counted per target pid (four of them: each probe bpftrace
+/// attaches costs seconds in a TCG guest), and a histogram of PATCH
+/// latency from the `patch` and `patched` events of one thread.
+pub(crate) const BPFTRACE_PROGRAM: &str = "tracepoint:hugepoke:hugepoke_patch { @steps[args->pid, probe] = count(); @start[tid] = nsecs; }
+tracepoint:hugepoke:hugepoke_patched /@start[tid]/ { @steps[args->pid, probe] = count(); @patch_us = hist((nsecs - @start[tid]) / 1000); delete(@start[tid]); }
+tracepoint:hugepoke:hugepoke_cow_page, tracepoint:hugepoke:hugepoke_zap_anon_page { @steps[args->pid, probe] = count(); }
+END { clear(@start); }";
+
+/// bpftrace attached to hugepoke's trace events: five PATCH/RESTORE cycles
+/// by the CLI on one page of a target (bpftrace's `-c`, run once every
+/// probe is attached) show as five `cow_page`s (and as many of each step
+/// counted) under the target's pid, and as five PATCH latencies in the
+/// histogram.
+pub(crate) fn bpftrace_counts_steps_per_pid_and_times_patch() -> TestResult {
+    const PAGE: usize = 96;
+    const CYCLES: u64 = 5;
+    let t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    // A trace instance only makes sure tracefs is mounted.
+    drop(TraceInstance::new("hugepoke-bpftrace")?);
+    let cycle = format!(
+        "h=$(hugepoke patch --pid {} --addr {:#x} --bytes 'b8 60 25 00 00 c3' --persist) && hugepoke restore $h",
+        t.pid,
+        t.page_addr(PAGE)
+    );
+    let script = std::env::temp_dir().join(format!("hugepoke-bpftrace-{}.sh", t.pid));
+    io(std::fs::write(
+        &script,
+        format!("set -e\nfor i in $(seq {CYCLES}); do {cycle}; done\n"),
+    ))?;
+    let out = std::process::Command::new("bpftrace")
+        .args(["-e", BPFTRACE_PROGRAM, "-c"])
+        .arg(format!("/bin/sh {}", script.display()))
+        .output();
+    let _ = std::fs::remove_file(&script);
+    let out = io(out)?;
+    let rest = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "bpftrace: {}: {}{rest}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in ["patch", "cow_page", "patched", "zap_anon_page"] {
+        let line = format!("@steps[{}, tracepoint:hugepoke:hugepoke_{step}]: ", t.pid);
+        let n = rest
+            .lines()
+            .find_map(|l| l.strip_prefix(&line)?.trim().parse::<u64>().ok());
+        ensure!(
+            n.is_some_and(|n| n >= CYCLES),
+            "bpftrace counted {n:?} {step} for {}, want {CYCLES} at least:\n{rest}",
+            t.pid
+        );
+    }
+    // Histogram lines: "[lo, hi)   count |@@@@|".
+    let timed: u64 = rest
+        .split("@patch_us:")
+        .nth(1)
+        .ok_or(format!("no @patch_us histogram:\n{rest}"))?
+        .lines()
+        .filter_map(|l| {
+            l.split(')')
+                .nth(1)?
+                .split('|')
+                .next()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    ensure!(
+        timed == CYCLES,
+        "the PATCH histogram holds {timed} calls, want {CYCLES}:\n{rest}"
+    );
+    Ok(())
+}
+
 // This module's in-guest tests (main.rs's SUITE says when they run).
 tests! {
     TESTS: [
         trace_events_carry_each_step_and_its_pfns,
+        bpftrace_counts_steps_per_pid_and_times_patch,
     ];
 }
