@@ -132,15 +132,7 @@ pub(crate) fn restore_handle(
     let first = sites[0];
     let ev = |step| first.event(step);
     hp.journal.record(ev(Step::Restore));
-    for w in pages.iter_mut() {
-        if sites[w.range.start].target_restored {
-            // mutant: target-restored-twice
-            w.state = PageState::Gone(Ok(()), TARGET_RESTORED);
-            // Its copy was zapped then, its range's collapse held back
-            // by these very sites.
-            w.cache_back = true;
-        }
-    }
+    leave_restored_targets(&sites, &mut pages);
     // Every site of this handle on a page is being restored.
     let patches = &state.patches;
     let last_on_page = |s: &[Site]| patches.on_page(s[0].page_key()) as usize <= s.len();
@@ -155,9 +147,8 @@ pub(crate) fn restore_handle(
     );
     let verdict = judge(hp, &ev, &sites, &pages, outcome, closing);
     for w in pages.iter().filter(|w| w.target_restored) {
-        state
-            .patches
-            .mark_target_restored(handle, sites[w.range.start].page_key());
+        let page = sites[w.range.start].page_key();
+        state.patches.mark_target_restored(handle, page);
     }
     let forgotten = forget(hp, &ev, state, handle, &sites, &pages, verdict.forget_all);
     queue_collapses(hp, target, state, &sites, &pages);
@@ -171,6 +162,20 @@ pub(crate) fn restore_handle(
     // File references are dropped after the locks.
     drop((forgotten, files));
     Some(result)
+}
+
+/// The pages whose target copy an earlier RESTORE restored (a process
+/// forked from it refused then): the target's pass leaves them alone.
+fn leave_restored_targets(sites: &[Site], pages: &mut [PageWork]) {
+    for w in pages.iter_mut() {
+        if sites[w.range.start].target_restored {
+            // mutant: target-restored-twice
+            w.state = PageState::Gone(Ok(()), TARGET_RESTORED);
+            // Its copy was zapped then, its range's collapse held back
+            // by these very sites.
+            w.cache_back = true;
+        }
+    }
 }
 
 /// RESTORE's passes for `sites` (their `pages`, from `files`): in the
