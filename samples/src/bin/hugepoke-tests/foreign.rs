@@ -690,12 +690,7 @@ fn child_of(pid: i32) -> Result<i32, String> {
 /// it too.
 pub(crate) fn restore_reaches_a_clone_parent_child() -> TestResult {
     const PAGE: usize = 93;
-    let mut t = Target::spawn(&[])?;
-    thp_head(&t)?;
-    let dev = io(Device::open())?;
-    let h = io(dev.patch(&patch_req(&t, PAGE, 9393)))?;
-    let child = clone_parent_child(&mut t)?;
-    let at = t.page_addr(PAGE);
+    let (mut t, dev, h, child) = patched_then_cloned(PAGE, 9393)?;
     let result = (|| {
         let me = std::process::id() as i32;
         ensure!(ppid(child)? == me, "the clone's parent is not the test");
@@ -709,11 +704,7 @@ pub(crate) fn restore_reaches_a_clone_parent_child() -> TestResult {
             t.call(PAGE)? == text::original_value(PAGE),
             "the target not restored"
         );
-        ensure!(
-            read_mem(child, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
-            "the CLONE_PARENT child still runs the patch"
-        );
-        Ok(())
+        clone_restored(&t, child, PAGE)
     })();
     kill_and_wait(child);
     result
@@ -725,27 +716,38 @@ pub(crate) fn restore_reaches_a_clone_parent_child() -> TestResult {
 /// the gone target's patch takes it back from the clone.
 pub(crate) fn restore_of_a_gone_target_reaches_its_clone_parent_child() -> TestResult {
     const PAGE: usize = 97;
-    let mut t = Target::spawn(&[])?;
-    thp_head(&t)?;
-    let dev = io(Device::open())?;
-    let h = io(dev.patch(&patch_req(&t, PAGE, 9797)))?;
-    let child = clone_parent_child(&mut t)?;
-    let at = t.page_addr(PAGE);
+    let (t, dev, h, child) = patched_then_cloned(PAGE, 9797)?;
     let result = (|| {
         kill_and_reap(&t);
         ensure!(
-            read_mem(child, at, 6)? == text::mov_eax_ret(9797),
+            read_mem(child, t.page_addr(PAGE), 6)? == text::mov_eax_ret(9797),
             "the clone does not run the patch"
         );
         io(dev.restore(h))?;
-        ensure!(
-            read_mem(child, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
-            "the CLONE_PARENT child of the gone target still runs the patch"
-        );
-        Ok(())
+        clone_restored(&t, child, PAGE)
     })();
     kill_and_wait(child);
     result
+}
+
+/// A target with page `page` patched to return `value` (handle `h` of
+/// `dev`), then a child of it made with clone(CLONE_PARENT).
+fn patched_then_cloned(page: usize, value: u32) -> Result<(Target, Device, u64, i32), String> {
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, page, value)))?;
+    let child = clone_parent_child(&mut t)?;
+    Ok((t, dev, h, child))
+}
+
+/// The CLONE_PARENT `child` of `t` runs page `page`'s original code.
+fn clone_restored(t: &Target, child: i32, page: usize) -> TestResult {
+    ensure!(
+        read_mem(child, t.page_addr(page), 6)? == text::mov_eax_ret(text::original_value(page)),
+        "the CLONE_PARENT child still runs the patch"
+    );
+    Ok(())
 }
 
 /// A child forked while the patch lives makes its text read-only (not

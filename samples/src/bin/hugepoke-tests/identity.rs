@@ -206,6 +206,40 @@ pub(crate) fn close_time_restore_refused_keeps_the_patch_persistent() -> TestRes
     Ok(())
 }
 
+/// Fresh anonymous pages of the test's own, touched (so allocated, from
+/// this CPU's free list first), unmapped on drop.
+struct FreshPages(*mut libc::c_void, usize);
+
+impl FreshPages {
+    fn take(pages: usize) -> Result<Self, String> {
+        let len = pages * text::PAGE;
+        // SAFETY: a fresh private anonymous mapping of our own.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        ensure!(p != libc::MAP_FAILED, "mmap of {len} bytes failed");
+        for i in 0..pages {
+            // SAFETY: within the mapping just made, writable.
+            unsafe { std::ptr::write_volatile(p.cast::<u8>().add(i * text::PAGE), 1) };
+        }
+        Ok(Self(p, len))
+    }
+}
+
+impl Drop for FreshPages {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping `take` made.
+        unsafe { libc::munmap(self.0, self.1) };
+    }
+}
+
 /// The file mapped twice with one anon_vma (`MREMAP_DONTUNMAP`: a
 /// mapping made since, with another, holds no copy of the patch's), a
 /// private copy of the patched page in each mapping (a debugger wrote
@@ -242,6 +276,12 @@ pub(crate) fn restore_picks_the_copy_patch_wrote_among_several() -> TestResult {
     // mappings, the first moved.  (A copy may land on the very frame
     // PATCH's copy had, freed just before: then it would be PATCH's by its
     // PFN, and the scenario is tried again on another page.)
+    // (PATCH's copy is on the LRU, not in a batch that holds it: dropped,
+    // it is freed at once, to its CPU's free list, whose next allocation
+    // takes it.  So the target and the test share CPU 0, and the test
+    // takes a few fresh pages of its own before the writes.)
+    crate::races::pin_to_cpu(0, 0)?;
+    crate::races::pin_to_cpu(t.pid, 0)?;
     let mut tries = 0;
     let h = loop {
         tries += 1;
@@ -253,6 +293,7 @@ pub(crate) fn restore_picks_the_copy_patch_wrote_among_several() -> TestResult {
             t.command(&format!("dontneed {q}"))? == format!("dontneed {q}"),
             "dontneed"
         );
+        let _decoy = FreshPages::take(16)?;
         let theirs = !file_bytes(&t, t.addr + off(q, 100), 1)?[0];
         write_mem(t.pid, t.addr + off(q, 100), &[theirs])?;
         write_mem(t.pid, b + off(q, 100), &[theirs])?;

@@ -441,25 +441,25 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
         );
         Ok((h, e.pfn()))
     };
-    let drains_of = |h| -> Result<usize, String> {
+    // The drain events of RESTORE `h`, once its copy `pfn` was zapped.
+    let drains_of = |h, pfn| -> Result<usize, String> {
         let evs = events_of(h)?;
+        ensure!(
+            evs.iter()
+                .any(|e| e.step == "zap_anon_page" && e.pfn == Some(pfn)),
+            "copy {pfn:#x} not zapped: {:?}",
+            steps(&evs)
+        );
         Ok(evs.iter().filter(|e| e.step == "lru_drain").count())
     };
 
     // The common case: no drain at all.
     let (h, pfn) = patch_on_cpu1()?;
     io(dev.restore(h))?;
-    let evs = events_of(h)?;
     ensure!(
-        drains_of(h)? == 0,
+        drains_of(h, pfn)? == 0,
         "RESTORE of a copy on the LRU drained: {:?}",
-        steps(&evs)
-    );
-    ensure!(
-        evs.iter()
-            .any(|e| e.step == "zap_anon_page" && e.pfn == Some(pfn)),
-        "copy {pfn:#x} not zapped: {:?}",
-        steps(&evs)
+        steps(&events_of(h)?)
     );
 
     for round in 1..=3 {
@@ -505,19 +505,12 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
             "another target's PATCH+RESTORE waited {other_took:?} during the drain"
         );
         io(restored)?;
-        let evs = events_of(handle)?;
-        let drains = drains_of(handle)?;
+        let drains = drains_of(handle, pfn)?;
         ensure!(
             drains == 2,
             "RESTORE of a page in an LRU batch: {} drain events, want 2 (one drain): {:?}",
             drains,
-            steps(&evs)
-        );
-        ensure!(
-            evs.iter()
-                .any(|e| e.step == "zap_anon_page" && e.pfn == Some(pfn)),
-            "copy {pfn:#x} not zapped: {:?}",
-            steps(&evs)
+            steps(&events_of(handle)?)
         );
         ensure!(t.call(PAGE)? == text::original_value(PAGE), "not restored");
         return Ok(());
