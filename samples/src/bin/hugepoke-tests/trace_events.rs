@@ -161,11 +161,6 @@ END { clear(@start); }";
 pub(crate) fn bpftrace_counts_steps_per_pid_and_times_patch() -> TestResult {
     const PAGE: usize = 96;
     const CYCLES: u64 = 5;
-    if std::path::Path::new("/sys/kernel/debug/kmemleak").exists() {
-        // The debug flavour: bpftrace's start alone takes a minute and a
-        // half there under TCG; the base flavour runs the test.
-        return Err("SKIP: the debug flavour (bpftrace runs in the base one)".into());
-    }
     let t = Target::spawn(&[])?;
     thp_head(&t)?;
     // A trace instance only makes sure tracefs is mounted.
