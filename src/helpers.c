@@ -168,17 +168,19 @@ struct pid *hugepoke_parent_tgid(struct task_struct *task)
  * ancestors forked since are climbed to the first that is older: 1 if
  * that is @target's thread group; 0 if it is another process that
  * certainly did not fork it from the target's line (forked before, or
- * from a process forked before the patch); 2 when whose it was is no
- * longer known, and the caller must ask more of it:
- *  - a reaper on the way (init of its pid namespace, a subreaper, also
- *    the target if it is one), to which a process is given when its
- *    parent exits;
- *  - @parent, the target's parent: a CLONE_PARENT child of the target
- *    has it for its own;
- *  - a start time equal to @since, which says neither before nor after.
+ * from a process forked before the patch), and also when the target's
+ * own child on the way started at or after @until (the target was
+ * restored then: what it forked since is not the patch's); 2 when whose
+ * it was is no longer known, and the caller must ask more of it: a
+ * reaper on the way (init of its pid namespace, a subreaper, also the
+ * target if it is one), to which a process is given when its parent
+ * exits, or a start time equal to @since, which says neither before nor
+ * after; 3 when the climb ends at @parent, the target's parent: a
+ * CLONE_PARENT child of the target has it, and so does the target's
+ * sibling, so only the target's own page can tell.
  */
 int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target,
-			  struct pid *parent)
+			  struct pid *parent, u64 until)
 {
 	struct task_struct *p, *q;
 	struct pid *tgid;
@@ -202,10 +204,16 @@ int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target,
 			p = q;
 			continue;
 		}
-		if (tgid && tgid == target) /* mutant: forked-ancestry-unchecked */
+		if (!tgid)
+			break;
+		if (tgid == target) /* mutant: forked-ancestry-unchecked */
 			forked = 1;
-		else if (tgid && tgid != parent)
+		else if (tgid == parent)
 			/* mutant: clone-parent-trusted */
+			forked = 3;
+		else
+			forked = 0;
+		if (p->group_leader->start_boottime >= until) /* mutant: forked-after-restore-taken */
 			forked = 0;
 		break;
 	}

@@ -39,7 +39,7 @@ bool hugepoke_family_may_have_others(struct vm_area_struct *vma, unsigned long f
 u64 hugepoke_boottime_ns(void);
 struct pid *hugepoke_parent_tgid(struct task_struct *task);
 int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target,
-			  struct pid *parent);
+			  struct pid *parent, u64 until);
 int hugepoke_folio_unexpected_refs(struct folio *folio);
 bool hugepoke_folio_is_anon(struct folio *folio);
 bool hugepoke_folio_may_be_lru_cached(struct folio *folio);

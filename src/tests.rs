@@ -207,7 +207,7 @@ mod hugepoke {
             family: 0,
             since: 0,
             pmd_mappable: true,
-            target_restored: false,
+            restored_at: 0,
         }
     }
 

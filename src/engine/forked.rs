@@ -157,7 +157,11 @@ impl Pass<'_> {
         // Under the process's own pid first: which one it was.
         let ev = self.sites[at].event(Step::Restore).pid(pid);
         self.hp.journal.record(ev.error(r.errno, r.why));
-        if self.closing == Closing::No {
+        // At close the target is restored whatever its children say —
+        // unless an earlier RESTORE restored it already: then nothing but
+        // them runs the patch, which is kept (persistent).
+        let target_done = self.sites.iter().any(|s| s.restored_at != 0);
+        if self.closing == Closing::No || (self.closing == Closing::File && target_done) {
             return Err((Refused::Kept(r), at));
         }
         let why = "a process forked while the patch lived could not give it back; the target is restored all the same (its file closed, or the module unloads)";

@@ -146,13 +146,16 @@ fn target_view(
         });
         let others = vma.is_none_or(|v| sys::family_may_have_others(v, rep.family));
         // Alone: no walk, so no need of the copy (nor to fault it in).
-        let copy = vma.filter(|_| others).and_then(|v| {
-            let page = copy_at(&guard, v, &sys::vma_info(v), rep.addr & PAGE_MASK);
-            page.ok()
-                .flatten()
-                .filter(PageRef::is_anon)
-                .map(|p| p.pfn())
-        });
+        // Restored already: the target's copy is no longer the patch's.
+        let copy = vma
+            .filter(|_| others && rep.restored_at == 0)
+            .and_then(|v| {
+                let page = copy_at(&guard, v, &sys::vma_info(v), rep.addr & PAGE_MASK);
+                page.ok()
+                    .flatten()
+                    .filter(PageRef::is_anon)
+                    .map(|p| p.pfn())
+            });
         seen.push((!others, copy), GFP_KERNEL).map_err(nomem)?;
     }
     Ok(seen)
@@ -205,13 +208,13 @@ pub(super) fn runs_the_patch(
     let guard = MmapWriteGuard::lock_killable(child).map_err(waiting)?;
     let mut verdict = Runs::No;
     for (_, addr, k) in mine() {
-        let Some(same_page_only) = how(*k) else {
+        let Some(proof) = how(*k) else {
             continue;
         };
         let (range, target_pfn) = &found.pages[*k];
         let on_page = &sites[range.clone()];
-        let same_page = same_page_only.then_some((on_page[0].pfn, *target_pfn));
-        match copy_runs_the_patch(&guard, *addr, on_page, same_page) {
+        let pages = (on_page[0].pfn, *target_pfn);
+        match copy_runs_the_patch(&guard, *addr, on_page, proof, pages) {
             Runs::Yes => return Ok(Runs::Yes),
             Runs::Unsure(why) => verdict = Runs::Unsure(why),
             Runs::No => {}
@@ -232,15 +235,17 @@ pub(super) enum Runs {
 /// Does the copy mapped at `addr` (with `guard` held) run the patch of
 /// `on_page` (one file page's sites): a VMA of the family maps that file
 /// page there, and its copy (faulted in if swapped out, unless userfaultfd
-/// watches it) holds the patch's bytes at one site at least — and, when
-/// `same_page` names them, is the very page PATCH wrote or the target's
-/// copy now (PFNs)?  A copy that cannot be looked at, or one with the
-/// bytes on another page then, is [`Runs::Unsure`].
+/// watches it) holds the patch's bytes at one site at least — and, unless
+/// the `proof` is the bytes alone, is the very page PATCH wrote or the
+/// target's copy now (`pages`, PFNs)?  A copy that cannot be looked at, or
+/// one with the bytes on another page then, is [`Runs::Unsure`] (or not
+/// the patch's, for [`Proof::PageElseNot`]).
 fn copy_runs_the_patch(
     guard: &MmapWriteGuard<'_>,
     addr: usize,
     on_page: &[Site],
-    same_page: Option<(usize, Option<usize>)>,
+    proof: Proof,
+    (patched, target): (usize, Option<usize>),
 ) -> Runs {
     let rep = &on_page[0];
     let Some(vma) = guard.vma_lookup(addr) else {
@@ -265,10 +270,10 @@ fn copy_runs_the_patch(
     if !page.is_anon() || !holds_the_bytes(&page) {
         return Runs::No;
     }
-    match same_page {
-        Some((patched, target)) if page.pfn() != patched && Some(page.pfn()) != target => {
-            Runs::Unsure(LINEAGE_LOST)
-        }
+    let same_page = page.pfn() == patched || Some(page.pfn()) == target;
+    match proof {
+        Proof::Page if !same_page => Runs::Unsure(LINEAGE_LOST),
+        Proof::PageElseNot if !same_page => Runs::No,
         _ => Runs::Yes,
     }
 }
@@ -305,10 +310,31 @@ const LINEAGE_LOST: &str = "a process forked since the patch may run it: its cop
 /// CLONE_PARENT child has the target's parent for its own), or the
 /// target is gone (a process of the image it exec'd may be of a new fork
 /// family that reuses the old one's identity).
-fn how_forked(child: &Mm, rep: &Site, lineage: &Lineage<'_>) -> Option<bool> {
-    match sys::forked_since(child, rep.since, lineage.pid, lineage.parent) {
+fn how_forked(child: &Mm, rep: &Site, lineage: &Lineage<'_>) -> Option<Proof> {
+    let until = if rep.restored_at != 0 {
+        rep.restored_at
+    } else {
+        u64::MAX
+    };
+    match sys::forked_since(child, (rep.since, until), lineage.pid, lineage.parent) {
         Forked::No => None,
-        Forked::FromTarget if lineage.mm.is_some() => Some(false),
-        _ => Some(true), // mutant: adopted-any-copy
+        Forked::FromTarget if lineage.mm.is_some() => Some(Proof::Bytes),
+        Forked::ParentsChild => Some(Proof::PageElseNot),
+        _ => Some(Proof::Page), // mutant: adopted-any-copy
     }
+}
+
+/// What says that a process forked since PATCH runs the patch, besides
+/// the patch's bytes in its copy.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proof {
+    /// Nothing more: it descends from the target since PATCH.
+    Bytes,
+    /// Its copy is the page PATCH wrote or the target's copy; a copy of its
+    /// own with the bytes cannot be told ([`Runs::Unsure`]).
+    Page,
+    /// As `Page`, but a copy of its own is its parent's line, not ours:
+    /// the target's sibling, or a CLONE_PARENT child whose copy went its
+    /// own way.
+    PageElseNot,
 }

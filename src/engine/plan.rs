@@ -455,7 +455,7 @@ fn planned_site(who: &Identity, i: u32, s: &BatchSite, flags: u32, key: PageKey)
         family: 0,
         since: 0,
         pmd_mappable: false,
-        target_restored: false,
+        restored_at: 0,
     }
 }
 

@@ -27,6 +27,7 @@ use crate::{
     patches::{Forgotten, Site},
     pause::Point,
     refusal::Refusal,
+    sys,
     target::{Target, TargetState},
     Hugepoke,
 };
@@ -146,9 +147,10 @@ pub(crate) fn restore_handle(
         closing,
     );
     let verdict = judge(hp, &ev, &sites, &pages, outcome, closing);
+    let now = sys::boottime_ns();
     for w in pages.iter().filter(|w| w.target_restored) {
         let page = sites[w.range.start].page_key();
-        state.patches.mark_target_restored(handle, page);
+        state.patches.mark_target_restored(handle, page, now);
     }
     let forgotten = forget(hp, &ev, state, handle, &sites, &pages, verdict.forget_all);
     queue_collapses(hp, target, state, &sites, &pages);
@@ -168,7 +170,7 @@ pub(crate) fn restore_handle(
 /// forked from it refused then): the target's pass leaves them alone.
 fn leave_restored_targets(sites: &[Site], pages: &mut [PageWork]) {
     for w in pages.iter_mut() {
-        if sites[w.range.start].target_restored {
+        if sites[w.range.start].restored_at != 0 {
             // mutant: target-restored-twice
             w.state = PageState::Gone(Ok(()), TARGET_RESTORED);
             // Its copy was zapped then, its range's collapse held back

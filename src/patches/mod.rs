@@ -64,10 +64,11 @@ pub(crate) struct Site {
     pub(crate) since: u64,
     /// Is the page-cache folio behind the page PMD-mappable?
     pub(crate) pmd_mappable: bool,
-    /// The target's own copy is restored already (a RESTORE went on to a
-    /// process forked from it, which refused): only such processes may
+    /// When the target's own copy was restored (boot-time ns; 0: not yet),
+    /// by a RESTORE that went on to a process forked from it, which
+    /// refused: only processes forked from the target before then may
     /// still run this site, and a retry leaves the target alone.
-    pub(crate) target_restored: bool,
+    pub(crate) restored_at: u64,
 }
 
 impl Site {
@@ -382,12 +383,12 @@ impl<F> Patches<F> {
         self.forget(handle, page, None)
     }
 
-    /// `handle`'s sites on file page `page` are restored in the target's
-    /// own copy (see [`Site::target_restored`]).
-    pub(crate) fn mark_target_restored(&mut self, handle: u64, page: PageKey) {
+    /// `handle`'s sites on file page `page` were restored in the target's
+    /// own copy at `at` (see [`Site::restored_at`]).
+    pub(crate) fn mark_target_restored(&mut self, handle: u64, page: PageKey, at: u64) {
         if let Some(h) = self.handles.get_mut(&handle) {
             for s in h.sites.iter_mut().filter(|s| s.page_key() == page) {
-                s.target_restored = true;
+                s.restored_at = at;
             }
         }
     }

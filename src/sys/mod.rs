@@ -115,6 +115,7 @@ extern "C" {
         since: u64,
         target: *mut bindings::pid,
         parent: *mut bindings::pid,
+        until: u64,
     ) -> i32;
     fn hugepoke_folio_unexpected_refs(folio: *mut bindings::folio) -> i32;
     fn hugepoke_folio_is_anon(folio: *mut bindings::folio) -> bool;

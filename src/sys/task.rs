@@ -44,28 +44,35 @@ pub(crate) enum Forked {
     /// Forked since from the target, or from a process forked from it since.
     FromTarget,
     /// Forked since, but whose it was is no longer known: its parent
-    /// exited (it was given to a reaper), it is a CLONE_PARENT child (its
-    /// parent is the target's), the target is gone, or it started at the
-    /// very time of the stamp.  It may be the target's, or not.
+    /// exited (it was given to a reaper), or it started at the very time
+    /// of the stamp.  It may be the target's, or not.
     Adopted,
+    /// Forked since by the target's parent, or by the target with
+    /// clone(CLONE_PARENT): only the target's own page says it is the
+    /// target's; a copy of its own is its parent's line, not the patch.
+    ParentsChild,
 }
 
 /// Was `mm`'s process forked after `since` (boot-time ns) from the
 /// process of `target` (None: gone), or from one forked from it since?
 /// `parent` is the target's parent: a climb that ends there may be a
-/// CLONE_PARENT child's (see `hugepoke_forked_since`).
+/// CLONE_PARENT child's (see `hugepoke_forked_since`); a process whose
+/// ancestry reaches the target through a child started at or after
+/// `until` (when the target was restored) was not.
 pub(crate) fn forked_since(
     mm: &Mm,
-    since: u64,
+    (since, until): (u64, u64),
     target: Option<&PidRef>,
     parent: Option<&PidRef>,
 ) -> Forked {
     let raw = |p: Option<&PidRef>| p.map_or(core::ptr::null_mut(), |p| p.0.as_ptr());
+    let (target, parent) = (raw(target), raw(parent));
     // SAFETY: `mm` is a valid mm_struct (we hold a reference); the helper
     // reads the tasks under RCU and only compares `target` and `parent`.
-    match unsafe { super::hugepoke_forked_since(mm.as_raw(), since, raw(target), raw(parent)) } {
+    match unsafe { super::hugepoke_forked_since(mm.as_raw(), since, target, parent, until) } {
         1 => Forked::FromTarget,
         2 => Forked::Adopted,
+        3 => Forked::ParentsChild,
         _ => Forked::No,
     }
 }

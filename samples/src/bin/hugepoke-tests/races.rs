@@ -1278,13 +1278,24 @@ pub(crate) fn a_forked_refusal_after_the_targets_pass_keeps_the_patch() -> TestR
             "the refusing child changed"
         );
         // Another tool writes into the restored target, the patch's very
-        // bytes: the retry must leave the target alone.
+        // bytes, and the target forks again: the retry must leave the
+        // target alone, and the child it forked since (which runs the
+        // other tool's bytes, not the patch).
         write_mem(t.pid, at, &text::mov_eax_ret(9595))?;
+        let since = fork_child(&mut t)?;
         flip_exec(child, at, "r-xp")?;
-        io(dev.restore(h)).map_err(|e| format!("the second RESTORE: {e}"))?;
+        let retried = dev.restore(h);
+        let theirs = read_mem(since, at, 6);
+        // SAFETY: killing nothing but the target's child.
+        unsafe { libc::kill(since, libc::SIGKILL) };
+        io(retried).map_err(|e| format!("the second RESTORE: {e}"))?;
         ensure!(
             t.call(PAGE)? == 9595,
             "the retry wrote over another tool's bytes in the target"
+        );
+        ensure!(
+            theirs? == text::mov_eax_ret(9595),
+            "the retry wrote into a child the target forked after it was restored"
         );
         ensure!(
             read_mem(child, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
