@@ -263,8 +263,9 @@ fn restore_everywhere(
     hp.journal.record(sites[0].event(Step::Restore).note(why));
     sweep_forked(hp, lineage, sites, pages, last_on_page, closing).map_err(|refused| {
         // The target is restored, a process forked from it is not: every
-        // site stays (a retry finds the target's copy undone, or holding
-        // its originals), else that process runs a patch nobody knows of.
+        // site stays, marked with when the target was restored (a retry
+        // leaves the target, and what it forked since, alone), else that
+        // process runs a patch nobody knows of.
         let why = "the target is restored, but a process forked from it still runs the patch: every site kept; RESTORE may be retried";
         hp.journal.record(sites[0].event(Step::Restore).note(why));
         for w in pages.iter_mut() {
