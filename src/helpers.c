@@ -120,6 +120,34 @@ unsigned long hugepoke_folio_family(struct folio *folio)
 	return (unsigned long)((struct anon_vma *)(mapping - FOLIO_MAPPING_ANON))->root;
 }
 
+/*
+ * As hugepoke_folio_family(), with a reference taken on that root
+ * anon_vma (NULL where there is no family): while a patch lives, its
+ * family's identity cannot be given to an anon_vma made since.  (What
+ * get_anon_vma() does; it is an inline of mm/internal.h.)
+ */
+struct anon_vma *hugepoke_folio_hold_family(struct folio *folio)
+{
+	struct anon_vma *root = (struct anon_vma *)hugepoke_folio_family(folio);
+
+	if (root)
+		atomic_inc(&root->refcount);
+	return root;
+}
+
+/* Exported to hugepoke by patches/0007; declared in mm/internal.h. */
+void __put_anon_vma(struct anon_vma *anon_vma);
+
+/*
+ * Drop a reference hugepoke_folio_hold_family() took, as put_anon_vma()
+ * does: the last one frees the anon_vma (may sleep).
+ */
+void hugepoke_put_family(struct anon_vma *root)
+{
+	if (atomic_dec_and_test(&root->refcount))
+		__put_anon_vma(root);
+}
+
 /* The fork family of @vma's anonymous pages (its mmap lock held), or 0. */
 unsigned long hugepoke_vma_family(struct vm_area_struct *vma)
 {
@@ -166,7 +194,8 @@ struct pid *hugepoke_parent_tgid(struct task_struct *task)
  * Was @mm's process forked, since @since (boot-time ns), from the process
  * @target (NULL: gone), or from a process forked from it since?  Its
  * ancestors forked since are climbed to the first that is older: 1 if
- * that is @target's thread group; 0 if it is another process that
+ * that is @target's thread group or shares @target_mm with it (a
+ * clone(CLONE_VM) peer forks from the very pages); 0 if it is another process that
  * certainly did not fork it from the target's line (forked before, or
  * from a process forked before the patch), and also when the target's
  * own child on the way started at or after @until (the target was
@@ -174,13 +203,14 @@ struct pid *hugepoke_parent_tgid(struct task_struct *task)
  * it was is no longer known, and the caller must ask more of it: a
  * reaper on the way (init of its pid namespace, a subreaper, also the
  * target if it is one), to which a process is given when its parent
- * exits, or a start time equal to @since, which says neither before nor
+ * exits (also one that was a subreaper and is no more, where the
+ * has_child_subreaper marks tell), or a start time equal to @since, which says neither before nor
  * after; 3 when the climb ends at @parent, the target's parent: a
  * CLONE_PARENT child of the target has it, and so does the target's
  * sibling, so only the target's own page can tell.
  */
 int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target,
-			  struct pid *parent, u64 until)
+			  struct mm_struct *target_mm, struct pid *parent, u64 until)
 {
 	struct task_struct *p, *q;
 	struct pid *tgid;
@@ -198,6 +228,15 @@ int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target,
 		tgid = task_tgid(q);
 		if ((tgid && is_child_reaper(tgid)) || q->signal->is_child_subreaper) /* mutant: reaper-target-trusted */
 			break;
+		/*
+		 * A subreaper that has cleared its flag since it adopted @p:
+		 * has_child_subreaper never clears, so @p has it from a
+		 * (former) subreaper that @q's own line does not explain, and
+		 * @q may be its adopter.  (Under a subreaper above @q, both
+		 * have it, and this says nothing.)
+		 */
+		if (p->signal->has_child_subreaper && !q->signal->has_child_subreaper) /* mutant: cleared-subreaper-trusted */
+			break;
 		if (q->group_leader->start_boottime == since)
 			break;
 		if (q->group_leader->start_boottime > since && q != p) {
@@ -207,6 +246,8 @@ int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target,
 		if (!tgid)
 			break;
 		if (tgid == target) /* mutant: forked-ancestry-unchecked */
+			forked = 1;
+		else if (target_mm && READ_ONCE(q->mm) == target_mm) /* mutant: clone-vm-peer-unknown */
 			forked = 1;
 		else if (tgid == parent)
 			/* mutant: clone-parent-trusted */

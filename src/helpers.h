@@ -34,12 +34,14 @@ int hugepoke_family_vmas(struct file *file, pgoff_t index, unsigned long family,
 			 struct mm_struct *skip, struct hugepoke_file_vma *out,
 			 int max, pgoff_t *next);
 unsigned long hugepoke_folio_family(struct folio *folio);
+struct anon_vma *hugepoke_folio_hold_family(struct folio *folio);
+void hugepoke_put_family(struct anon_vma *root);
 unsigned long hugepoke_vma_family(struct vm_area_struct *vma);
 bool hugepoke_family_may_have_others(struct vm_area_struct *vma, unsigned long family);
 u64 hugepoke_boottime_ns(void);
 struct pid *hugepoke_parent_tgid(struct task_struct *task);
 int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target,
-			  struct pid *parent, u64 until);
+			  struct mm_struct *target_mm, struct pid *parent, u64 until);
 int hugepoke_folio_unexpected_refs(struct folio *folio);
 bool hugepoke_folio_is_anon(struct folio *folio);
 bool hugepoke_folio_may_be_lru_cached(struct folio *folio);

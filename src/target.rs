@@ -69,6 +69,12 @@ pub(crate) struct TargetState {
     pub(crate) pending_collapses: KVec<(usize, usize)>,
     /// Out of the registry: a new PATCH must look the target up again.
     pub(crate) retired: bool,
+    /// A reference on every fork family a live site was written in
+    /// (`Site::family`), each once, so that no mapping made since can
+    /// take its identity; the last site's RESTORE lets them go.
+    families: KVVec<sys::FamilyRef>,
+    /// How many families the last pruning kept.
+    families_kept: usize,
 }
 
 impl Target {
@@ -83,7 +89,13 @@ impl Target {
                 pid,
                 parent,
                 state <- new_mutex!(
-                    TargetState { patches: Patches::new(), pending_collapses: KVec::new(), retired: false },
+                    TargetState {
+                        patches: Patches::new(),
+                        pending_collapses: KVec::new(),
+                        retired: false,
+                        families: KVVec::new(),
+                        families_kept: 0,
+                    },
                     "hugepoke_target"
                 ),
                 _live: Live::new(&live::TARGETS),
@@ -131,7 +143,49 @@ impl TargetState {
     pub(crate) fn idle(&self) -> bool {
         self.patches.is_empty() && self.pending_collapses.is_empty()
     }
+
+    /// Room to hold the families of `pages` more written pages.
+    pub(crate) fn reserve_families(&mut self, pages: usize) -> Result {
+        self.families.reserve(pages, GFP_KERNEL).map_err(|_| ENOMEM)
+    }
+
+    /// Hold `family` for sites recorded with it (within the room
+    /// reserved; a family held already is not held twice).
+    pub(crate) fn hold_family(&mut self, family: sys::FamilyRef) {
+        if !self.families.iter().any(|f| f.id() == family.id()) {
+            let _ = self.families.push_within_capacity(family);
+        }
+    }
+
+    /// After sites were recorded: let go of the families no live site
+    /// names, once their number has doubled since the last time (a pass
+    /// over every site, so not at every PATCH), and of unused room.
+    pub(crate) fn prune_families(&mut self) {
+        if self.families.len() > FEW_FAMILIES.max(2 * self.families_kept) {
+            let patches = &self.patches;
+            self.families
+                .retain(|f| patches.iter().any(|s| s.family == f.id()));
+            self.families_kept = self.families.len();
+        }
+        if self.families.capacity() > 2 * self.families.len() + FEW_FAMILIES {
+            let _ = self.families.shrink_to(self.families.len(), GFP_KERNEL);
+        }
+    }
+
+    /// The families held, once the target's last site has left (to drop
+    /// after the locks); none while a site lives.
+    pub(crate) fn release_families(&mut self) -> KVVec<sys::FamilyRef> {
+        if !self.patches.is_empty() {
+            return KVVec::new();
+        }
+        self.families_kept = 0;
+        core::mem::take(&mut self.families)
+    }
 }
+
+/// Families a target holds before any is let go (a patch in each of a few
+/// libraries holds one each).
+const FEW_FAMILIES: usize = 8;
 
 /// A PATCH_FILE's handle: one patch in many processes, each its own
 /// handle in the registry (RESTORE of this one restores them all).

@@ -316,11 +316,12 @@ fn how_forked(child: &Mm, rep: &Site, lineage: &Lineage<'_>) -> Option<Proof> {
     } else {
         u64::MAX
     };
-    match sys::forked_since(child, (rep.since, until), lineage.pid, lineage.parent) {
+    let target = (lineage.pid, lineage.mm.map(|m| &**m));
+    match sys::forked_since(child, (rep.since, until), target, lineage.parent) {
         Forked::No => None,
         Forked::FromTarget if lineage.mm.is_some() => Some(Proof::Bytes),
-        Forked::ParentsChild => Some(Proof::PageElseNot),
-        _ => Some(Proof::Page), // mutant: adopted-any-copy
+        Forked::ParentsChild => Some(Proof::PageElseNot), // mutant: sibling-taken-for-child
+        _ => Some(Proof::Page),                           // mutant: adopted-any-copy
     }
 }
 

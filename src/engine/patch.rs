@@ -185,13 +185,15 @@ fn patch_locked(
         return Err(hp.journal.fail(ev(Step::Patch), ENOSPC, why).into());
     }
     // Room for the records first: once the bytes are written, nothing may fail.
+    let nomem = |_| {
+        hp.journal
+            .fail(ev(Step::Patch), ENOMEM, "no memory to record a patch")
+    };
     let room = state
         .patches
         .reserve(plan.sites.len(), plan.page_counts())
-        .map_err(|_| {
-            hp.journal
-                .fail(ev(Step::Patch), ENOMEM, "no memory to record a patch")
-        })?;
+        .map_err(nomem)?;
+    state.reserve_families(plan.pages.len()).map_err(nomem)?;
     plan.peek_expected(hp, &guard)?;
     hp.journal.record(
         ev(Step::CheckVma)
@@ -233,6 +235,7 @@ fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Re
                 let pmd_mappable =
                     sys::page_cache_page(vma, page_addr).is_some_and(|c| c.pmd_mappable());
                 sites.iter_mut().for_each(|s| s.pmd_mappable = pmd_mappable);
+                w.family = page.hold_family();
                 w.state = PageState::Found(page_addr, page); // mutant: leak-folio-ref-at-patch
                 w.written = Written::Bytes;
                 hp.pauses.at(Point::Written, first_pid, &hp.journal);
@@ -248,6 +251,7 @@ fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Re
                     .addr(site.addr);
                 let failure = Failure::at(hp.journal.refuse(ev, mismatch.refusal()), site.index);
                 // COWed but not written: an undo gives the copy back.
+                w.family = page.hold_family();
                 w.state = PageState::Found(page_addr, page);
                 w.written = Written::Cowed;
                 return Err(failure);
@@ -280,8 +284,18 @@ fn commit(
         sites,
         pages.iter_mut().map(|w| (w.range.clone(), &mut w.file)),
     );
+    hold_families(state, &mut pages);
     journal_left_out(hp, state, ev, handle, left_out);
     hp.journal.record(ev.note(note));
+}
+
+/// The target holds the fork family of every page written (its sites'
+/// `family`) while they live.
+fn hold_families(state: &mut TargetState, pages: &mut [super::plan::PageWork]) {
+    for family in pages.iter_mut().filter_map(|w| w.family.take()) {
+        state.hold_family(family); // mutant: family-not-held
+    }
+    state.prune_families();
 }
 
 /// Say so if the table could not record sites that were written (see
@@ -385,6 +399,7 @@ fn keep_still_written(
         plan.sites,
         kept.map(|w| (w.range.clone(), &mut w.file)),
     );
+    hold_families(state, &mut plan.pages);
     journal_left_out(hp, state, ev, handle, left_out);
     drop(hp.registry.lock().disown(handle));
     let why = "failed and could not all be undone: the sites still written are kept under this handle, persistent";

@@ -102,6 +102,9 @@ pub(crate) struct PageWork {
     /// A PATCH's: the file the page belongs to (taken by the table if the
     /// page is new to it).  RESTORE's pages have none.
     pub(crate) file: Option<ARef<File>>,
+    /// A PATCH's: its sites' fork family, held from the write on (taken
+    /// by the target's state with the sites).  RESTORE's pages have none.
+    pub(crate) family: Option<sys::FamilyRef>,
     /// The copy found is certainly the patch's (the page PATCH wrote, held
     /// since, or the only private copy): only then may RESTORE take a site
     /// holding its originals for one another tool restored.
@@ -130,6 +133,7 @@ impl PageWork {
             outcome: Outcome::Untouched,
             written,
             file: None,
+            family: None,
             sure: false,
             already: false,
             split: false,

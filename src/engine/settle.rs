@@ -75,6 +75,7 @@ pub(crate) fn drop_handle(hp: &Arc<Hugepoke>, target: &Arc<Target>, handle: u64)
     };
     let ev = |step| sites[0].event(step);
     let forgotten = forget(hp, &ev, &mut state, handle, &sites, &pages, true);
+    let families = state.release_families();
     let verdict = Verdict {
         result: Ok(()),
         forget_all: true,
@@ -90,7 +91,7 @@ pub(crate) fn drop_handle(hp: &Arc<Hugepoke>, target: &Arc<Target>, handle: u64)
         verdict,
         &ev(Step::Restored),
     );
-    drop(forgotten);
+    drop((forgotten, families));
     Ok(())
 }
 
@@ -153,16 +154,17 @@ pub(crate) fn restore_handle(
         state.patches.mark_target_restored(handle, page, now);
     }
     let forgotten = forget(hp, &ev, state, handle, &sites, &pages, verdict.forget_all);
+    let families = state.release_families();
     queue_collapses(hp, target, state, &sites, &pages);
     if state.patches.count(handle) != 0 {
         keep_if_closing(hp, state, handle, closing);
-        drop((forgotten, files));
+        drop((forgotten, files, families));
         return Some(verdict.result);
     }
     let result = verdict.result;
     finish(hp, target, state, handle, verdict, &ev(Step::Restored));
-    // File references are dropped after the locks.
-    drop((forgotten, files));
+    // File and family references are dropped after the locks.
+    drop((forgotten, files, families));
     Some(result)
 }
 
@@ -262,18 +264,22 @@ fn restore_everywhere(
     let why = "the target's copy was not exclusive, or others of its fork family map the page: looking once more for processes that run the patch";
     hp.journal.record(sites[0].event(Step::Restore).note(why));
     sweep_forked(hp, lineage, sites, pages, last_on_page, closing).map_err(|refused| {
-        // The target is restored, a process forked from it is not: every
-        // site stays, marked with when the target was restored (a retry
-        // leaves the target, and what it forked since, alone), else that
-        // process runs a patch nobody knows of.
-        let why = "the target is restored, but a process forked from it still runs the patch: every site kept; RESTORE may be retried";
-        hp.journal.record(sites[0].event(Step::Restore).note(why));
-        for w in pages.iter_mut() {
-            w.target_restored |= matches!(w.outcome, Outcome::Written | Outcome::Done(_));
-            w.outcome = Outcome::Untouched; // mutant: forked-refusal-forgets
-        }
+        keep_after_forked_refusal(hp, sites, pages);
         refused
     })
+}
+
+/// The target is restored, a process forked from it is not: every site
+/// stays, marked with when the target was restored (a retry leaves the
+/// target, and what it forked since, alone), else that process runs a
+/// patch nobody knows of.
+fn keep_after_forked_refusal(hp: &Hugepoke, sites: &[Site], pages: &mut [PageWork]) {
+    let why = "the target is restored, but a process forked from it still runs the patch: every site kept; RESTORE may be retried";
+    hp.journal.record(sites[0].event(Step::Restore).note(why));
+    for w in pages.iter_mut() {
+        w.target_restored |= matches!(w.outcome, Outcome::Written | Outcome::Done(_));
+        w.outcome = Outcome::Untouched; // mutant: forked-refusal-forgets
+    }
 }
 
 /// The forked passes that follow one that met a shared copy (a process

@@ -174,6 +174,14 @@ impl PageRef {
         unsafe { super::hugepoke_folio_family(self.folio()) }
     }
 
+    /// Its fork family, held: see [`FamilyRef`].  None where
+    /// [`Self::family`] is 0.  The caller keeps it mapped (as `family`).
+    pub(crate) fn hold_family(&self) -> Option<FamilyRef> {
+        // SAFETY: as `family`; the root anon_vma is alive (the mapped
+        // folio's anon_vma holds a reference on it), so one more is taken.
+        NonNull::new(unsafe { super::hugepoke_folio_hold_family(self.folio()) }).map(FamilyRef)
+    }
+
     pub(crate) fn read(&self, offset: usize, out: &mut [u8]) {
         // SAFETY: by the type invariant the page stays allocated.
         unsafe { read_page(self.page, offset, out) }
@@ -291,5 +299,34 @@ impl Drop for CacheRef {
     fn drop(&mut self) {
         // SAFETY: by the type invariant we own one reference on the folio.
         unsafe { hugepoke_folio_put(self.folio.as_ptr()) };
+    }
+}
+
+/// A reference on a fork family's root anon_vma ([`PageRef::family`]):
+/// while it is held, no anon_vma made since can have that identity, so a
+/// mapping made after a patch is never taken for the patch's family.
+///
+/// # Invariants
+///
+/// We own one reference on the anon_vma.
+pub(crate) struct FamilyRef(NonNull<bindings::anon_vma>);
+
+// SAFETY: a reference count, taken and dropped from any task.
+unsafe impl Send for FamilyRef {}
+// SAFETY: `&FamilyRef` only reads the address.
+unsafe impl Sync for FamilyRef {}
+
+impl FamilyRef {
+    /// The family, as [`PageRef::family`] names it.
+    pub(crate) fn id(&self) -> usize {
+        self.0.as_ptr() as usize
+    }
+}
+
+impl Drop for FamilyRef {
+    fn drop(&mut self) {
+        // SAFETY: by the type invariant we own one reference.  Never
+        // dropped under a spinlock: the last put may sleep.
+        unsafe { super::hugepoke_put_family(self.0.as_ptr()) }
     }
 }

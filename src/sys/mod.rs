@@ -33,7 +33,7 @@ mod vma;
 mod wq;
 
 pub(crate) use file::{family_vmas, file_mapping, file_vmas, FileVma};
-pub(crate) use folio::{page_cache_page, read_file_page, CacheRef, PageRef};
+pub(crate) use folio::{page_cache_page, read_file_page, CacheRef, FamilyRef, PageRef};
 pub(crate) use khugepaged::{
     collapse_pte_mapped_thp, collapse_verdict, lru_add_drain, lru_add_drain_all,
 };
@@ -106,6 +106,8 @@ extern "C" {
         next: *mut usize,
     ) -> i32;
     fn hugepoke_folio_family(folio: *mut bindings::folio) -> usize;
+    fn hugepoke_folio_hold_family(folio: *mut bindings::folio) -> *mut bindings::anon_vma;
+    fn hugepoke_put_family(root: *mut bindings::anon_vma);
     fn hugepoke_vma_family(vma: *mut bindings::vm_area_struct) -> usize;
     fn hugepoke_family_may_have_others(vma: *mut bindings::vm_area_struct, family: usize) -> bool;
     fn hugepoke_boottime_ns() -> u64;
@@ -114,6 +116,7 @@ extern "C" {
         mm: *mut bindings::mm_struct,
         since: u64,
         target: *mut bindings::pid,
+        target_mm: *mut bindings::mm_struct,
         parent: *mut bindings::pid,
         until: u64,
     ) -> i32;

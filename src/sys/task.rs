@@ -55,6 +55,8 @@ pub(crate) enum Forked {
 
 /// Was `mm`'s process forked after `since` (boot-time ns) from the
 /// process of `target` (None: gone), or from one forked from it since?
+/// A process that shares `target_mm` (a clone(CLONE_VM) peer of the
+/// target) counts as the target.
 /// `parent` is the target's parent: a climb that ends there may be a
 /// CLONE_PARENT child's (see `hugepoke_forked_since`); a process whose
 /// ancestry reaches the target through a child started at or after
@@ -62,14 +64,18 @@ pub(crate) enum Forked {
 pub(crate) fn forked_since(
     mm: &Mm,
     (since, until): (u64, u64),
-    target: Option<&PidRef>,
+    (target, target_mm): (Option<&PidRef>, Option<&Mm>),
     parent: Option<&PidRef>,
 ) -> Forked {
     let raw = |p: Option<&PidRef>| p.map_or(core::ptr::null_mut(), |p| p.0.as_ptr());
     let (target, parent) = (raw(target), raw(parent));
+    let target_mm = target_mm.map_or(core::ptr::null_mut(), |m| m.as_raw());
     // SAFETY: `mm` is a valid mm_struct (we hold a reference); the helper
-    // reads the tasks under RCU and only compares `target` and `parent`.
-    match unsafe { super::hugepoke_forked_since(mm.as_raw(), since, target, parent, until) } {
+    // reads the tasks under RCU and only compares `target`, `target_mm`
+    // and `parent`.
+    match unsafe {
+        super::hugepoke_forked_since(mm.as_raw(), since, target, target_mm, parent, until)
+    } {
         1 => Forked::FromTarget,
         2 => Forked::Adopted,
         3 => Forked::ParentsChild,

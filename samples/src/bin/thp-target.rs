@@ -13,6 +13,11 @@
 //!              text between read+exec and read-only on SIGUSR2
 //!   clone-parent → the same child made with clone(CLONE_PARENT): our
 //!              parent is its parent; prints `child PID`
+//!   clone-vm → makes a process that shares our memory (clone(CLONE_VM),
+//!              not a thread); prints `peer PID`
+//!   peer-fork → that peer forks a child that sleeps; prints `child PID`
+//!   unsubreaper → stops being a child subreaper (see `--subreaper`);
+//!              prints `unsubreaper RC`
 //!   exec     → replaces itself with `sleep 1000`
 //!   hog MIB  → a thread keeps our mmap lock write-locked most of the time
 //!              (mprotect() of MIB MiB of 4 KiB pages, back and forth)
@@ -208,6 +213,75 @@ fn fork_sleeper(clone_parent: bool) -> i32 {
     // SAFETY: unblocking what we blocked above.
     unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &usr, std::ptr::null_mut()) };
     child
+}
+
+/// Make a process that shares our memory (clone(CLONE_VM), its own thread
+/// group): it forks a child that sleeps each time a byte comes down its
+/// request pipe, and writes the child's pid back.  Its pid, and our ends
+/// of the pipes (request, answer); pid -1 on failure.
+fn clone_vm_peer() -> (i32, i32, i32) {
+    let (mut req, mut ans) = ([-1i32; 2], [-1i32; 2]);
+    // SAFETY: pipes into valid two-int arrays.
+    if unsafe { libc::pipe(req.as_mut_ptr()) != 0 || libc::pipe(ans.as_mut_ptr()) != 0 } {
+        return (-1, -1, -1);
+    }
+    // The peer's stack and ends, never freed: it runs until killed.
+    let stack = Box::leak(vec![0u8; 256 << 10].into_boxed_slice());
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    let ends: &'static [i32; 2] = Box::leak(Box::new([req[0], ans[1]]));
+    // SAFETY: the peer runs `peer_main` on its own stack and makes only
+    // plain system calls; what it reads (`ends`) lives for ever.
+    let pid = unsafe {
+        libc::clone(
+            peer_main,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::SIGCHLD,
+            (ends as *const [i32; 2]).cast_mut().cast(),
+        )
+    };
+    (pid, req[1], ans[0])
+}
+
+/// The CLONE_VM peer: on each byte read, fork a sleeping child (a raw
+/// clone: the child has a copy of our memory) and write back its pid.
+extern "C" fn peer_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the leaked `[read end, write end]` of clone_vm_peer.
+    let ends = unsafe { *(arg as *const [i32; 2]) };
+    let mut byte = 0u8;
+    // SAFETY: plain system calls on our pipe ends and a fork-like clone
+    // whose child only sleeps.
+    unsafe {
+        while libc::read(ends[0], (&raw mut byte).cast(), 1) == 1 {
+            let child = libc::syscall(
+                libc::SYS_clone,
+                libc::SIGCHLD,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            ) as i32;
+            if child == 0 {
+                loop {
+                    libc::pause();
+                }
+            }
+            libc::write(ends[1], (&raw const child).cast(), 4);
+        }
+        libc::_exit(0)
+    }
+}
+
+/// Ask the CLONE_VM peer (its pipe ends) for a child; its pid, or -1.
+fn peer_fork((req, ans): (i32, i32)) -> i32 {
+    let mut pid = -1i32;
+    // SAFETY: a byte from our stack down the request pipe, an int back
+    // into our stack.
+    unsafe {
+        if libc::write(req, b"f".as_ptr().cast(), 1) == 1 {
+            libc::read(ans, (&raw mut pid).cast(), 4);
+        }
+    }
+    pid
 }
 
 /// Fork a child that forks a grandchild (which only sleeps) and exits;
@@ -681,6 +755,7 @@ fn main() {
         std::process::id()
     );
     let _ = out.flush();
+    let mut peer = None;
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         let mut w = line.split_whitespace();
@@ -699,6 +774,20 @@ fn main() {
             }
             (Some("clone-parent"), _) => {
                 let _ = writeln!(out, "child {}", fork_sleeper(true));
+            }
+            (Some("unsubreaper"), _) => {
+                // SAFETY: a prctl on ourselves with plain integer arguments.
+                let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) };
+                let _ = writeln!(out, "unsubreaper {rc}");
+            }
+            (Some("clone-vm"), _) => {
+                let (pid, req, ans) = clone_vm_peer();
+                peer = Some((req, ans));
+                let _ = writeln!(out, "peer {pid}");
+            }
+            (Some("peer-fork"), _) => {
+                let child = peer.map_or(-1, peer_fork);
+                let _ = writeln!(out, "child {child}");
             }
             (Some("fork-orphan"), _) => {
                 // A grandchild whose parent (our child) exits: it is given

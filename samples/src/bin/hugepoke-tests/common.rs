@@ -188,6 +188,15 @@ pub(crate) fn clone_parent_child(t: &mut Target) -> Result<i32, String> {
         .ok_or(format!("clone-parent said {said:?}"))
 }
 
+/// `t`'s answer `WORD PID` to `command`: the pid.
+pub(crate) fn pid_said(t: &mut Target, command: &str, word: &str) -> Result<i32, String> {
+    let said = t.command(command)?;
+    said.strip_prefix(word)
+        .and_then(|p| p.trim().parse().ok())
+        .filter(|&p: &i32| p > 0)
+        .ok_or(format!("{command} said {said:?}"))
+}
+
 /// Have `child` (one of thp-target's forked children) flip its text's exec
 /// permission (SIGUSR2), and wait until its maps say `perms` there.
 pub(crate) fn flip_exec(child: i32, addr: u64, perms: &str) -> crate::TestResult {

@@ -599,18 +599,30 @@ pub(crate) fn restore_leaves_a_process_forked_before_the_patch_alone() -> TestRe
 /// (EBUSY, patch kept, nothing written anywhere); once that process is
 /// gone, RESTORE restores the target.
 pub(crate) fn restore_leaves_an_orphan_given_to_a_subreaper_target_alone() -> TestResult {
-    const PAGE: usize = 92;
+    orphan_given_to_the_target(92, false)
+}
+
+/// As above, but the target stops being a subreaper once it has adopted
+/// the orphan: the orphan's mark of a subreaper line, which the target's
+/// own line does not explain, still says it may be adopted.
+pub(crate) fn restore_leaves_an_orphan_alone_after_the_target_stopped_reaping() -> TestResult {
+    orphan_given_to_the_target(91, true)
+}
+
+/// The body of the two tests above, on page `page`; with `unreap`, the
+/// target clears its subreaper flag after the orphan was given to it.
+fn orphan_given_to_the_target(page: usize, unreap: bool) -> TestResult {
     let mut t = Target::spawn(&["--subreaper"])?;
     thp_head(&t)?;
     poke_and_unpoke(&t, 90, 0)?;
     let exits = fork_child(&mut t)?;
-    let at = t.page_addr(PAGE);
+    let at = t.page_addr(page);
     let own = text::mov_eax_ret(9292);
     let mut orphan = None;
     let result = (|| {
         write_mem(exits, at, &own)?;
         let dev = io(Device::open())?;
-        let h = io(dev.patch(&patch_req(&t, PAGE, 9292)))?;
+        let h = io(dev.patch(&patch_req(&t, page, 9292)))?;
         // SAFETY: signalling the test's own child (it forks on SIGUSR1),
         // then killing it: its child goes to the target.
         unsafe { libc::kill(exits, libc::SIGUSR1) };
@@ -622,6 +634,10 @@ pub(crate) fn restore_leaves_an_orphan_given_to_a_subreaper_target_alone() -> Te
             Duration::from_secs(10),
             || Ok(ppid(g)? == t.pid),
         )?;
+        if unreap {
+            let said = t.command("unsubreaper")?;
+            ensure!(said == "unsubreaper 0", "unsubreaper said {said:?}");
+        }
         let forked = io(dev.query_forked(h))?;
         ensure!(forked.is_empty(), "QUERY_FORKED says {forked:?}, want []");
         let refused = dev.restore(h);
@@ -631,7 +647,7 @@ pub(crate) fn restore_leaves_an_orphan_given_to_a_subreaper_target_alone() -> Te
         );
         ensure!(read_mem(g, at, 6)? == own, "RESTORE changed the orphan");
         ensure!(
-            t.call(PAGE)? == 9292,
+            t.call(page)? == 9292,
             "the refused RESTORE changed the target"
         );
         let evs = events_of(h)?;
@@ -649,7 +665,7 @@ pub(crate) fn restore_leaves_an_orphan_given_to_a_subreaper_target_alone() -> Te
         })?;
         io(dev.restore(h))?;
         ensure!(
-            t.call(PAGE)? == text::original_value(PAGE),
+            t.call(page)? == text::original_value(page),
             "the target not restored once the orphan was gone"
         );
         Ok(())
@@ -710,6 +726,91 @@ pub(crate) fn restore_reaches_a_clone_parent_child() -> TestResult {
         clone_restored(&t, child, PAGE)
     })();
     kill_and_wait(child);
+    result
+}
+
+/// A pre-forking master's worker is patched; the master forks another
+/// worker after the patch, and another tool writes the patch's very bytes
+/// into that sibling's text.  The sibling is of the target's fork family
+/// (the master's copies made it) and its ancestry ends at the target's
+/// parent, as a CLONE_PARENT child's would: its copy, neither the page
+/// PATCH wrote nor the target's, says it is the master's line.  RESTORE
+/// restores the target and leaves the sibling's bytes alone.
+pub(crate) fn restore_leaves_the_targets_sibling_alone() -> TestResult {
+    const PAGE: usize = 96;
+    let mut master = Target::spawn(&[])?;
+    thp_head(&master)?;
+    // The master's own copy: its text gets the anon_vma its workers' share.
+    poke_and_unpoke(&master, 90, 0)?;
+    let worker = fork_child(&mut master)?;
+    let mut sibling = None;
+    let result = (|| {
+        let at = master.page_addr(PAGE);
+        let bytes = text::mov_eax_ret(9696);
+        let dev = io(Device::open())?;
+        let req = PatchRequest {
+            pid: worker,
+            ..patch_req(&master, PAGE, 9696)
+        };
+        let h = io(dev.patch(&req))?;
+        let s = *sibling.insert(fork_child(&mut master)?);
+        write_mem(s, at, &bytes)?;
+        let forked = io(dev.query_forked(h))?;
+        ensure!(forked.is_empty(), "QUERY_FORKED says {forked:?}, want []");
+        io(dev.restore(h))?;
+        ensure!(
+            read_mem(s, at, 6)? == bytes,
+            "RESTORE wrote into the target's sibling"
+        );
+        ensure!(
+            read_mem(worker, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
+            "the worker not restored"
+        );
+        Ok(())
+    })();
+    for p in sibling.into_iter().chain([worker]) {
+        kill_and_wait(p);
+    }
+    result
+}
+
+/// A process that shares the target's memory (clone(CLONE_VM), its own
+/// thread group, made before the patch) forks a child while the patch
+/// lives: the child's parent is not the target, but it forked from the
+/// very pages.  RESTORE counts the peer as the target and takes the patch
+/// back from the child.
+pub(crate) fn restore_reaches_a_clone_vm_peers_child() -> TestResult {
+    const PAGE: usize = 98;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let peer = pid_said(&mut t, "clone-vm", "peer ")?;
+    let mut child = None;
+    let result = (|| {
+        let dev = io(Device::open())?;
+        let h = io(dev.patch(&patch_req(&t, PAGE, 9898)))?;
+        let c = *child.insert(pid_said(&mut t, "peer-fork", "child ")?);
+        ensure!(ppid(c)? == peer, "the child's parent is not the peer");
+        let at = t.page_addr(PAGE);
+        ensure!(
+            read_mem(c, at, 6)? == text::mov_eax_ret(9898),
+            "the peer's child does not run the patch"
+        );
+        let forked = io(dev.query_forked(h))?;
+        ensure!(forked == [c], "QUERY_FORKED says {forked:?}, want [{c}]");
+        io(dev.restore(h))?;
+        ensure!(
+            t.call(PAGE)? == text::original_value(PAGE),
+            "the target not restored"
+        );
+        ensure!(
+            read_mem(c, at, 6)? == text::mov_eax_ret(text::original_value(PAGE)),
+            "the CLONE_VM peer's child still runs the patch after RESTORE"
+        );
+        Ok(())
+    })();
+    for p in child.into_iter().chain([peer]) {
+        kill_and_wait(p);
+    }
     result
 }
 
@@ -872,19 +973,16 @@ pub(crate) fn restore_reaches_a_forked_childs_diverged_copy() -> TestResult {
 /// RESTORE finds no copy of the patch (the new mapping's copy is of
 /// another fork family), forgets it, and writes nothing there.
 ///
-/// Known gap: a fork family is the address of its root anon_vma, and
-/// nothing holds it once the old mapping is gone, so the new mapping's
-/// anon_vma may be the very same slab object, taken for the family (a
-/// fresh-clone make check failed this test so, once).  The target and the
-/// test (whose /proc/PID/mem write makes the new anon_vma) run on
-/// different CPUs here, so that per-CPU slab reuse does not happen by
-/// chance; the fix is a reference held on the root anon_vma while a patch
-/// lives, which needs put_anon_vma() exported.
+/// A fork family is the address of its root anon_vma; the patch holds a
+/// reference on it, so the new mapping's anon_vma cannot be that slab
+/// object.  The target and the test (whose /proc/PID/mem write makes the
+/// new anon_vma) run on one CPU, so that without the reference the freed
+/// object is the next one that CPU's slab hands out.
 pub(crate) fn restore_never_writes_into_a_mapping_made_since() -> TestResult {
     const PAGE: usize = 88;
     let mut t = Target::spawn(&[])?;
     crate::races::pin_to_cpu(t.pid, 0)?;
-    crate::races::pin_to_cpu(0, 1)?;
+    crate::races::pin_to_cpu(0, 0)?;
     thp_head(&t)?;
     let dev = io(Device::open())?;
     let h = io(dev.patch(&patch_req(&t, PAGE, 8888)))?;
@@ -986,11 +1084,14 @@ tests! {
         restore_keeps_a_forked_childs_other_change,
         restore_leaves_a_process_forked_before_the_patch_alone,
         restore_leaves_an_orphan_given_to_a_subreaper_target_alone,
+        restore_leaves_an_orphan_alone_after_the_target_stopped_reaping,
         restore_reaches_a_forked_childs_diverged_copy,
         restore_reaches_an_orphan_after_the_target_exited,
         restore_takes_the_patch_back_from_forty_forked_children,
         restore_never_writes_into_a_mapping_made_since,
         restore_reaches_a_clone_parent_child,
+        restore_reaches_a_clone_vm_peers_child,
+        restore_leaves_the_targets_sibling_alone,
         restore_of_a_gone_target_reaches_its_clone_parent_child,
         restore_refuses_while_a_forked_child_keeps_the_patch_without_exec,
     ];
