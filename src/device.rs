@@ -482,6 +482,9 @@ impl Controller {
             args.reserved = 0;
             args.state = if target.gone() {
                 uapi::STATE_GONE
+            } else if p.restored_at != 0 {
+                // mutant: forked-only-shown-live
+                uapi::STATE_FORKED_ONLY
             } else {
                 uapi::STATE_LIVE
             };

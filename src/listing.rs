@@ -63,7 +63,11 @@ pub(crate) fn write_patches(targets: &[Arc<Target>], f: &mut impl fmt::Write) ->
                 p.pid,
                 p.addr,
                 p.len,
-                if gone { "gone" } else { "live" },
+                match (gone, p.restored_at != 0) {
+                    (true, _) => "gone",
+                    (false, true) => "forked-only",
+                    (false, false) => "live",
+                },
                 p.pfn
             )?;
             match p.owner {

@@ -50,6 +50,10 @@ pub const SITE_FLAGS: u32 = PATCH_EXPECT;
 pub const STATE_LIVE: u32 = 1;
 /// QUERY `state`: the target process is gone; the patch went with it.
 pub const STATE_GONE: u32 = 2;
+/// QUERY `state`: the target's own copy is restored, but a process forked
+/// from it refused that RESTORE: the patch lives on only there (a retry
+/// leaves the target alone).
+pub const STATE_FORKED_ONLY: u32 = 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -319,8 +319,9 @@ pub fn patches_in_range(lines: &[PatchLine], pid: i32, start: u64) -> Vec<Patch>
 /// without it), at the address they were made at.
 pub fn forked_patches_in_range(lines: &[PatchLine], pid: i32, start: u64) -> Vec<Patch> {
     let inside = |l: &&PatchLine| {
-        // (A target that is gone leaves its forked processes patched.)
-        let kept = matches!(l.state.as_str(), "live" | "gone");
+        // (A target that is gone, or restored while a forked process
+        // refused, leaves its forked processes patched.)
+        let kept = matches!(l.state.as_str(), "live" | "gone" | "forked-only");
         l.pid != pid && kept && start <= l.addr && l.addr < start + RANGE
     };
     let mut handles: Vec<u64> = lines.iter().filter(inside).map(|l| l.handle).collect();

@@ -310,7 +310,7 @@ pub struct PatchLine {
     pub pid: i32,
     pub addr: u64,
     pub len: u64,
-    /// `live` or `gone`.
+    /// `live`, `gone` or `forked-only`.
     pub state: String,
     pub pfn: Option<u64>,
     pub owner: String,

@@ -216,6 +216,19 @@ pub(crate) enum Located {
     Refused(Refused, usize),
 }
 
+/// May the copy found for page `w` (its sites `on_page`) be held by a
+/// per-CPU LRU batch, which would keep it from being zapped?  Only when
+/// it is to be zapped (its last sites) and holds a reference we cannot
+/// account for.
+pub(crate) fn may_wait_in_lru_batch(
+    on_page: &[Site],
+    w: &PageWork,
+    last_on_page: &impl Fn(&[Site]) -> bool,
+) -> bool {
+    matches!(&w.state, PageState::Found(_, page)
+        if last_on_page(on_page) && page.unexpected_refs() > 0 && page.may_be_lru_cached())
+}
+
 /// The first pass of a RESTORE: find every page's copy (reusing one found
 /// before, if the PTE still maps it there) and check every site's bytes
 /// are the ones PATCH wrote.  Writes nothing.
@@ -236,10 +249,7 @@ pub(crate) fn locate_and_check(
         if let Err(refused) = locate_page(hp, guard, &sites[r.clone()], w, shared) {
             return Located::Refused(refused.0, r.start + refused.1);
         }
-        if let PageState::Found(_, page) = &w.state {
-            need_drain |=
-                last_on_page(&sites[r]) && page.unexpected_refs() > 0 && page.may_be_lru_cached();
-        }
+        need_drain |= may_wait_in_lru_batch(&sites[r], w, last_on_page);
     }
     if need_drain {
         Located::NeedDrain

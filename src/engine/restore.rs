@@ -136,7 +136,11 @@ pub(crate) fn restore_pages(
         if !drained {
             hp.pauses.at(Point::Restore, sites[0].pid, &hp.journal);
         }
-        match locate_and_check(hp, &guard, sites, pages, &last_on_page, shared) {
+        let mut located = locate_and_check(hp, &guard, sites, pages, &last_on_page, shared);
+        if matches!(located, Located::NeedDrain) && !drained {
+            located = drain_this_cpu(hp, sites, pages, &last_on_page);
+        }
+        match located {
             Located::Refused(refused, at) => return Err((refused, at)),
             Located::NeedDrain if !drained => {
                 // Without the mmap lock: nothing is written yet.
@@ -175,7 +179,11 @@ pub(crate) fn undo(
     match locate_and_check(hp, guard, sites, pages, &last_on_page, Shared::Break) {
         Located::Refused(refused, _) => refused.stops_undo().map_or(Ok(()), Err)?,
         Located::Ready => {}
-        Located::NeedDrain => lru_drain_journaled(hp, &sites[0]),
+        Located::NeedDrain => {
+            if let Located::NeedDrain = drain_this_cpu(hp, sites, pages, &last_on_page) {
+                lru_drain_journaled(hp, &sites[0]);
+            }
+        }
     }
     if let Err((refused, _)) = write_originals(hp, guard, mm, sites, pages, &last_on_page) {
         refused.stops_undo().map_or(Ok(()), Err)?;
@@ -248,6 +256,34 @@ fn collapse_after_restore(
             ev.order(restored.cache_order)
                 .note("none: the page-cache folio is smaller than a PMD"),
         );
+    }
+}
+
+/// This CPU's LRU batches, drained with the mmap lock held (it waits for
+/// nothing): a copy this caller made or read (a `/proc/PID/mem` read
+/// queues it for activation) waits there most often.  `Ready` if no copy
+/// is held by a batch any more, else `NeedDrain` (another CPU's batch holds
+/// one: the caller drains them all); journaled either way.
+fn drain_this_cpu(
+    hp: &Hugepoke,
+    sites: &[Site],
+    pages: &[PageWork],
+    last_on_page: &impl Fn(&[Site]) -> bool,
+) -> Located {
+    sys::lru_add_drain(); // mutant: no-local-drain
+    let held = pages
+        .iter()
+        .any(|w| super::locate::may_wait_in_lru_batch(&sites[w.range.clone()], w, last_on_page));
+    let ev = sites[0].event(Step::LruDrain);
+    if held {
+        hp.journal.record(
+            ev.note("drained this CPU's LRU batches: a copy is still held (another CPU's batch?)"),
+        );
+        Located::NeedDrain
+    } else {
+        hp.journal
+            .record(ev.note("drained this CPU's LRU batches: every copy is free"));
+        Located::Ready
     }
 }
 

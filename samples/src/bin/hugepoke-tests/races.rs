@@ -405,14 +405,16 @@ const KPF_ACTIVE: u32 = 6;
 /// COW: its fresh copy is on the LRU after PATCH (`/proc/kpageflags`), so
 /// RESTORE needs no drain (no `lru_drain` step) and zaps.  The PATCH runs on
 /// CPU 1 right after `drop_caches` emptied every batch, the target and the
-/// test on CPU 0.  Then the fallback: after another PATCH the test reads
-/// the copy through `/proc/PID/mem` on CPU 0 (marking it accessed twice
-/// queues it in CPU 0's activate batch, with a reference: `kpageflags`
-/// shows it neither referenced nor active any more); RESTORE sees that
-/// reference and drains every CPU once, with neither the target's mmap
-/// lock nor the registry held, and zaps.  It is parked just before that
-/// drain; meanwhile the target `mprotect()`s its text (its mmap lock is
-/// free) and another target is patched and restored (the registry is free).
+/// test on CPU 0.  Then, after another PATCH, the test reads the copy
+/// through `/proc/PID/mem` on CPU 0 (marking it accessed twice queues it in
+/// CPU 0's activate batch, with a reference: `kpageflags` shows it neither
+/// referenced nor active any more).  A RESTORE from CPU 0 frees it by
+/// draining its own CPU's batches only.  The fallback: the same, but
+/// RESTORE runs on CPU 1; its own CPU's drain leaves the reference, so it
+/// drains every CPU once, with neither the target's mmap lock nor the
+/// registry held, and zaps.  It is parked just before that drain;
+/// meanwhile the target `mprotect()`s its text (its mmap lock is free) and
+/// another target is patched and restored (the registry is free).
 pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
     const PAGE: usize = 77;
     pin_to_cpu(0, 0)?;
@@ -441,8 +443,9 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
         );
         Ok((h, e.pfn()))
     };
-    // The drain events of RESTORE `h`, once its copy `pfn` was zapped.
-    let drains_of = |h, pfn| -> Result<usize, String> {
+    // The notes of the drain events of RESTORE `h`, once its copy `pfn`
+    // was zapped.
+    let drains_of = |h, pfn| -> Result<Vec<String>, String> {
         let evs = events_of(h)?;
         ensure!(
             evs.iter()
@@ -450,16 +453,48 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
             "copy {pfn:#x} not zapped: {:?}",
             steps(&evs)
         );
-        Ok(evs.iter().filter(|e| e.step == "lru_drain").count())
+        Ok(evs
+            .iter()
+            .filter(|e| e.step == "lru_drain")
+            .map(|e| e.note.clone())
+            .collect())
     };
 
     // The common case: no drain at all.
     let (h, pfn) = patch_on_cpu1()?;
     io(dev.restore(h))?;
     ensure!(
-        drains_of(h, pfn)? == 0,
+        drains_of(h, pfn)?.is_empty(),
         "RESTORE of a copy on the LRU drained: {:?}",
         steps(&events_of(h)?)
+    );
+
+    // Queued on the caller's own CPU: its local drain is enough.
+    let local = |round| -> Result<bool, String> {
+        let (handle, pfn) = patch_on_cpu1()?;
+        let queued = queue_for_activation(&t, PAGE, &kpf, pfn)?;
+        io(dev.restore(handle))?;
+        let notes = drains_of(handle, pfn)?;
+        if !queued || notes.is_empty() {
+            println!("# local round {round}: the copy left CPU 0's activate batch before RESTORE looked; again");
+            return Ok(false);
+        }
+        ensure!(
+            notes == ["drained this CPU's LRU batches: every copy is free"],
+            "RESTORE of a copy queued on its own CPU: drains {notes:?}, want this CPU's only"
+        );
+        Ok(true)
+    };
+    let mut freed_locally = false;
+    for round in 1..=3 {
+        if local(round)? {
+            freed_locally = true;
+            break;
+        }
+    }
+    ensure!(
+        freed_locally,
+        "in 3 rounds RESTORE never found the copy in its own CPU's batch"
     );
 
     for round in 1..=3 {
@@ -471,7 +506,10 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
         }
         let pause = Pause::arm("drain", t.pid)?;
         let d = dev.clone();
-        let restore = std::thread::spawn(move || d.restore(handle));
+        let restore = std::thread::spawn(move || -> Result<(), String> {
+            pin_to_cpu(0, 1)?;
+            io(d.restore(handle))
+        });
         wait_for(
             "RESTORE parked at its drain (or done)",
             Duration::from_secs(60),
@@ -482,7 +520,9 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
             // scan drains every CPU; a large folio on CPU 0 flushes it), so
             // RESTORE had nothing to drain: inconclusive, again.
             drop(pause);
-            io(restore.join().map_err(|_| "the RESTORE thread panicked")?)?;
+            restore
+                .join()
+                .map_err(|_| "the RESTORE thread panicked")??;
             println!("# round {round}: the copy left its LRU batch before RESTORE looked; again");
             continue;
         }
@@ -504,13 +544,16 @@ pub(crate) fn restore_drains_lru_batches_once_and_unlocked() -> TestResult {
             other_took < Duration::from_secs(10),
             "another target's PATCH+RESTORE waited {other_took:?} during the drain"
         );
-        io(restored)?;
+        restored?;
         let drains = drains_of(handle, pfn)?;
+        let want = [
+            "drained this CPU's LRU batches: a copy is still held (another CPU's batch?)",
+            "draining all CPUs' LRU batches",
+            "drained",
+        ];
         ensure!(
-            drains == 2,
-            "RESTORE of a page in an LRU batch: {} drain events, want 2 (one drain): {:?}",
-            drains,
-            steps(&events_of(handle)?)
+            drains == want,
+            "RESTORE of a page in another CPU's LRU batch: drains {drains:?}, want {want:?}"
         );
         ensure!(t.call(PAGE)? == text::original_value(PAGE), "not restored");
         return Ok(());
@@ -1245,7 +1288,7 @@ pub(crate) fn a_forked_refusal_after_the_targets_pass_keeps_the_patch() -> TestR
     let pause = Pause::arm("forked", t.pid)?;
     let (tx, rx) = mpsc::channel();
     let ours = dev.clone();
-    std::thread::spawn(move || {
+    let restorer = std::thread::spawn(move || {
         let _ = tx.send(ours.restore(h));
     });
     pause.wait_parked("forked")?;
@@ -1259,6 +1302,8 @@ pub(crate) fn a_forked_refusal_after_the_targets_pass_keeps_the_patch() -> TestR
     let result = rx
         .recv_timeout(Duration::from_secs(60))
         .map_err(|_| "the parked RESTORE did not return")?;
+    // (Its clone of the device goes with it: the test closes the file.)
+    let _ = restorer.join();
     drop(pause);
     let child = child?;
     let checked = (|| {
@@ -1276,6 +1321,25 @@ pub(crate) fn a_forked_refusal_after_the_targets_pass_keeps_the_patch() -> TestR
         ensure!(
             read_mem(child, at, 6)? == text::mov_eax_ret(9595),
             "the refusing child changed"
+        );
+        ensure!(
+            io(dev.query(h))?.state == hugepoke::uapi::STATE_FORKED_ONLY,
+            "QUERY does not say the patch lives only in forked processes"
+        );
+        // The file closes: its restore refuses the same way, and the patch
+        // is kept, persistent, the target left alone.
+        let dev = std::sync::Arc::into_inner(dev).ok_or("the device is still shared")?;
+        drop(dev);
+        let dev = io(Device::open())?;
+        let listed = proc::parse_patches(&io(proc::debugfs("patches"))?);
+        let line = listed.iter().find(|l| l.handle == h);
+        ensure!(
+            line.is_some_and(|l| l.state == "forked-only" && l.owner == "persistent"),
+            "after close, debugfs patches says {line:?}, want forked-only, persistent"
+        );
+        ensure!(
+            t.call(PAGE)? == text::original_value(PAGE),
+            "the close-time restore changed the target"
         );
         // Another tool writes into the restored target, the patch's very
         // bytes, and the target forks again: the retry must leave the

@@ -73,10 +73,10 @@ pub fn exec(args: QueryArgs, json: bool) -> Result<(), CliError> {
     }
     let out = QueryOut {
         handle,
-        state: if first.state == uapi::STATE_LIVE {
-            "live"
-        } else {
-            "gone"
+        state: match first.state {
+            uapi::STATE_LIVE => "live",
+            uapi::STATE_FORKED_ONLY => "forked-only",
+            _ => "gone",
         },
         pid: first.pid,
         count: first.count.max(1),
