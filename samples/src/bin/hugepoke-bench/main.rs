@@ -5,7 +5,7 @@
 //! their time; and PATCH/RESTORE with 1 to 4,096 live sites per target and
 //! on two targets at once.  Every sample is checked (see `run.rs`).
 //!
-//!   hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR] [--only PHASE]   (in a guest;
+//!   hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR] [--accel tcg|kvm] [--only PHASE]   (in a guest;
 //!       --only runs just the phases whose name contains PHASE, or one of
 //!       PHASE's `|`-separated parts, for trying one out)
 //!   hugepoke-bench report BENCH.json    the README's Markdown table, on stdout
@@ -23,7 +23,7 @@ mod trace;
 use report::Bench;
 
 fn usage() -> ! {
-    eprintln!("usage: hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR] [--only PHASE] | report BENCH.json | svg BENCH.json");
+    eprintln!("usage: hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR] [--accel tcg|kvm] [--only PHASE] | report BENCH.json | svg BENCH.json");
     std::process::exit(2)
 }
 
@@ -62,6 +62,7 @@ fn main() {
                 command: format!("hugepoke-bench run {cycles}"),
                 commit: "unknown".into(),
                 host_load: "unknown".into(),
+                accel: "tcg".into(),
                 only: None,
             };
             let mut rest = args[3..].iter();
@@ -70,6 +71,7 @@ fn main() {
                     ("--command", Some(v)) => o.command = v.clone(),
                     ("--commit", Some(v)) => o.commit = v.clone(),
                     ("--host-load", Some(v)) => o.host_load = v.clone(),
+                    ("--accel", Some(v)) if v == "tcg" || v == "kvm" => o.accel = v.clone(),
                     ("--only", Some(v)) => o.only = Some(v.clone()),
                     _ => usage(),
                 }

@@ -20,6 +20,11 @@ pub struct Bench {
     /// The host's /proc/loadavg when the run started: TCG vCPUs are host
     /// threads, and other guests share the host.
     pub host_load: String,
+    /// How the guest ran: `tcg` (emulated: CPU-bound figures are many times
+    /// hardware's) or `kvm` (hardware virtualization); runs before this
+    /// field were all TCG.
+    #[serde(default = "tcg")]
+    pub accel: String,
     /// Cycles of each single-site method.
     pub cycles: usize,
     /// How long one iteration of the PMD-watching loop (one PAGEMAP_SCAN
@@ -244,7 +249,7 @@ impl Throughput {
 
 /// 10,000 sites by each method: the cost per site, and how many times
 /// PATCH_BATCH's (or the RESTORE of batches') it is.
-fn site_cost_table(costs: &[SiteCost]) -> String {
+fn site_cost_table(costs: &[SiteCost], tcg: bool) -> String {
     let mut out = String::from(
         "\n| 10,000 sites on 100 pages of one THP | sites | calls | wall, all calls | per site (total / sites) | vs the batch | per site (median sample) | vs the batch | on caller's CPU per site | module time per site (journal) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
@@ -275,16 +280,33 @@ fn site_cost_table(costs: &[SiteCost]) -> String {
     if let Some(b) = costs.iter().find(|b| b.batch && b.kind == "patch") {
         if let Some(m) = b.module_ns {
             let per_10k = m as f64 * 10_000.0 / b.sites.max(1) as f64;
-            out.push_str(&format!(
-                "\nPATCH_BATCH: {} of module time per 10,000 sites in this guest (journal `patch` to `patched` of each call). \
-                 Under TCG each guest instruction is emulated, so CPU-bound module time is many times what hardware takes; \
+            let caveat = if tcg {
+                " Under TCG each guest instruction is emulated, so CPU-bound module time is many times what hardware takes; \
                  the guest cannot show whether hardware makes 10 ms, only the ratio between methods that are CPU-bound alike \
-                 (see \"bound by\" above) and how the cost grows with the number of sites.\n",
+                 (see \"bound by\" above) and how the cost grows with the number of sites."
+            } else {
+                ""
+            };
+            out.push_str(&format!(
+                "\nPATCH_BATCH: {} of module time per 10,000 sites in this guest (journal `patch` to `patched` of each call).{caveat}\n",
                 human_ns(per_10k as i64)
             ));
         }
     }
     out
+}
+
+fn tcg() -> String {
+    "tcg".into()
+}
+
+/// The accelerator as the header says it, and what it means for the figures.
+fn accel_said(b: &Bench) -> (&'static str, &'static str) {
+    if b.accel == "kvm" {
+        ("KVM", "Under KVM the guest runs on the CPU: CPU-bound figures are close to hardware's, less the virtualization's cost of page-table and TLB work. ")
+    } else {
+        ("TCG", "Under TCG every guest instruction is emulated: CPU-bound figures are many times hardware's, wall-clock-bound ones (grace periods, timer ticks, work on other CPUs) are not, so only ratios between methods bound alike mean anything (see \"bound by\"). ")
+    }
 }
 
 fn md_escape(s: &str) -> String {
@@ -295,9 +317,9 @@ fn md_escape(s: &str) -> String {
 pub fn markdown(b: &Bench) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "Made by `{}` at `{}` (kernel {}, {} vCPUs, TCG; host load average {} at the start); {} cycles per \
-         single-site method. What every sample is checked for is listed under the table; a failed check fails the run.\n\n",
-        b.command, b.commit, b.kernel, b.cpus, b.host_load, b.cycles
+        "Made by `{}` at `{}` (kernel {}, {} vCPUs, {}; host load average {} at the start); {} cycles per \
+         single-site method. {}What every sample is checked for is listed under the table; a failed check fails the run.\n\n",
+        b.command, b.commit, b.kernel, b.cpus, accel_said(b).0, b.host_load, b.cycles, accel_said(b).1
     ));
     out.push_str(
         "| | median | p90 | samples | on caller's CPU (median) | bound by | checks; counts |\n",
@@ -353,7 +375,7 @@ pub fn markdown(b: &Bench) -> String {
         }
     }
     if !b.site_costs.is_empty() {
-        out.push_str(&site_cost_table(&b.site_costs));
+        out.push_str(&site_cost_table(&b.site_costs, b.accel != "kvm"));
     }
     out.push_str(&format!(
         "\nThe user-visible \"PMD back\" rows poll one PAGEMAP_SCAN entry in a loop; one iteration took {} \
@@ -428,6 +450,7 @@ pub(crate) mod tests {
             kernel: "7.2.12".into(),
             cpus: 2,
             host_load: "1.50 1.20 1.00".into(),
+            accel: "tcg".into(),
             cycles: 100,
             pmd_poll_ns: 31_000,
             clock_checks: 300,
@@ -516,6 +539,22 @@ pub(crate) mod tests {
         assert_eq!(Bound::from_share(100, 50), Bound::Mixed);
         assert_eq!(Bound::from_share(100, 20), Bound::Wall);
         assert_eq!(Bound::from_share(0, 0), Bound::Cpu);
+    }
+
+    #[test]
+    fn header_says_which_accelerator_ran_the_guest() {
+        let mut b = sample_bench();
+        assert!(markdown(&b).contains("2 vCPUs, TCG;") && markdown(&b).contains("Under TCG"));
+        b.accel = "kvm".into();
+        let md = markdown(&b);
+        assert!(
+            md.contains("2 vCPUs, KVM;") && md.contains("Under KVM") && !md.contains("Under TCG"),
+            "{md}"
+        );
+        // A bench.json from before the field was TCG.
+        let mut v = serde_json::to_value(sample_bench()).unwrap();
+        v.as_object_mut().unwrap().remove("accel");
+        assert_eq!(serde_json::from_value::<Bench>(v).unwrap().accel, "tcg");
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct Options {
     pub command: String,
     pub commit: String,
     pub host_load: String,
+    /// `tcg` or `kvm`: how scripts/bench ran the guest.
+    pub accel: String,
     /// Only the phases whose name contains this, or one of its
     /// `|`-separated parts (for trying one out).
     pub only: Option<String>,
@@ -156,6 +158,7 @@ pub fn run(o: &Options) -> Bench {
             .into(),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         host_load: o.host_load.clone(),
+        accel: o.accel.clone(),
         cycles: o.cycles,
         pmd_poll_ns: median(&r.poll_ns).unwrap_or(0),
         clock_checks: r.clock_checks,
