@@ -65,7 +65,7 @@ pub(crate) fn write_patches(targets: &[Arc<Target>], f: &mut impl fmt::Write) ->
                 p.len,
                 match (gone, p.restored_at != 0) {
                     (true, _) => "gone",
-                    (false, true) => "forked-only",
+                    (false, true) => "forked-only", // mutant: debugfs-forked-only-live
                     (false, false) => "live",
                 },
                 p.pfn

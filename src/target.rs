@@ -176,6 +176,7 @@ impl TargetState {
     /// after the locks); none while a site lives.
     pub(crate) fn release_families(&mut self) -> KVVec<sys::FamilyRef> {
         if !self.patches.is_empty() {
+            // mutant: families-released-early
             return KVVec::new();
         }
         self.families_kept = 0;

@@ -977,7 +977,9 @@ pub(crate) fn restore_reaches_a_forked_childs_diverged_copy() -> TestResult {
 /// reference on it, so the new mapping's anon_vma cannot be that slab
 /// object.  The target and the test (whose /proc/PID/mem write makes the
 /// new anon_vma) run on one CPU, so that without the reference the freed
-/// object is the next one that CPU's slab hands out.
+/// object is the next one that CPU's slab hands out.  A second patch of
+/// the same family, restored first, must not let go of the reference the
+/// first one still needs.
 pub(crate) fn restore_never_writes_into_a_mapping_made_since() -> TestResult {
     const PAGE: usize = 88;
     let mut t = Target::spawn(&[])?;
@@ -986,6 +988,8 @@ pub(crate) fn restore_never_writes_into_a_mapping_made_since() -> TestResult {
     thp_head(&t)?;
     let dev = io(Device::open())?;
     let h = io(dev.patch(&patch_req(&t, PAGE, 8888)))?;
+    let other = io(dev.patch(&patch_req(&t, PAGE + 1, 8989)))?;
+    io(dev.restore(other))?;
     let said = t.command("remap-same")?;
     ensure!(said == "remapped-same", "remap-same said {said:?}");
     let at = t.page_addr(PAGE);
