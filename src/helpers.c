@@ -235,7 +235,7 @@ int hugepoke_forked_since(struct mm_struct *mm, u64 since, struct pid *target,
 		 * @q may be its adopter.  (Under a subreaper above @q, both
 		 * have it, and this says nothing.)
 		 */
-		if (p->signal->has_child_subreaper && !q->signal->has_child_subreaper) /* mutant: cleared-subreaper-trusted */
+		if (p->signal->has_child_subreaper && !q->signal->has_child_subreaper) /* mutant: cleared-subreaper-trusted reaper-target-trusted/2 */
 			break;
 		if (q->group_leader->start_boottime == since)
 			break;

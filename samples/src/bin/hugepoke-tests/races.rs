@@ -593,13 +593,18 @@ fn queue_for_activation(
 /// and closes the device when its stdin closes; the close-time RESTORE is
 /// parked at `restore`, the CLI is SIGKILLed, then released: the patch must
 /// be restored, not kept (a RESTORE in the killed task itself would get
-/// EINTR from GUP and leave the patch behind as persistent).
+/// EINTR from GUP and leave the patch behind as persistent).  The copy is
+/// paged out first, so the RESTORE must fault it in through GUP (a copy
+/// in place is taken from the page table, where no signal cuts in).
 pub(crate) fn close_restores_even_when_the_closer_is_killed() -> TestResult {
     const PAGE: usize = 88;
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     let (mut cli, handle) = cli_patch(&t, PAGE, 8888)?;
     ensure!(t.call(PAGE)? == 8888, "CLI patch not running");
+    let _swap = crate::identity::Swap::on()?;
+    let paged = t.command(&format!("pageout {PAGE}"))?;
+    ensure!(paged == "pageout ok", "pageout said {paged:?}");
     let pause = Pause::arm("restore", t.pid)?;
     drop(cli.stdin.take());
     pause.wait_parked("restore")?;
@@ -1322,8 +1327,11 @@ pub(crate) fn a_forked_refusal_after_the_targets_pass_keeps_the_patch() -> TestR
             read_mem(child, at, 6)? == text::mov_eax_ret(9595),
             "the refusing child changed"
         );
+        let q = dev
+            .query(h)
+            .map_err(|e| format!("the patch is forgotten after the forked refusal: {e}"))?;
         ensure!(
-            io(dev.query(h))?.state == hugepoke::uapi::STATE_FORKED_ONLY,
+            q.state == hugepoke::uapi::STATE_FORKED_ONLY,
             "QUERY does not say the patch lives only in forked processes"
         );
         // The file closes: its restore refuses the same way, and the patch
