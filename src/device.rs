@@ -480,14 +480,7 @@ impl Controller {
                 .ok_or_else(unknown)?;
             args.site = p.index;
             args.reserved = 0;
-            args.state = if target.gone() {
-                uapi::STATE_GONE
-            } else if p.restored_at != 0 {
-                // mutant: forked-only-shown-live
-                uapi::STATE_FORKED_ONLY
-            } else {
-                uapi::STATE_LIVE
-            };
+            args.state = p.state(target.gone());
             // The process PATCH found, as the caller's pid namespace sees it.
             args.pid = target.pid.as_ref().map_or(0, |pid| pid.vnr());
             args.addr = p.addr as u64;

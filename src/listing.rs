@@ -11,7 +11,7 @@ use kernel::{prelude::*, sync::Arc};
 use crate::{
     engine,
     target::{Registry, Target},
-    Hugepoke,
+    uapi, Hugepoke,
 };
 
 /// `files` in debugfs: each PATCH_FILE handle, its owner and the handles
@@ -63,10 +63,10 @@ pub(crate) fn write_patches(targets: &[Arc<Target>], f: &mut impl fmt::Write) ->
                 p.pid,
                 p.addr,
                 p.len,
-                match (gone, p.restored_at != 0) {
-                    (true, _) => "gone",
-                    (false, true) => "forked-only", // mutant: debugfs-forked-only-live
-                    (false, false) => "live",
+                match p.state(gone) {
+                    uapi::STATE_GONE => "gone",
+                    uapi::STATE_FORKED_ONLY => "forked-only",
+                    _ => "live",
                 },
                 p.pfn
             )?;

@@ -28,7 +28,7 @@ use crate::{
     few::Few,
     journal::{Event, Step},
     sys::{PAGE_MASK, PMD_PAGES},
-    uapi::MAX_BYTES,
+    uapi::{self, MAX_BYTES},
 };
 
 /// Who owns a patch: the open file that made it, or nobody (persistent).
@@ -78,6 +78,19 @@ impl Site {
             .pid(self.pid)
             .addr(self.addr)
             .handle(self.handle)
+    }
+
+    /// QUERY's (and debugfs `patches`') state of this site, its target
+    /// `gone` or not.
+    pub(crate) fn state(&self, gone: bool) -> u32 {
+        if gone {
+            uapi::STATE_GONE
+        } else if self.restored_at != 0 {
+            // mutant: forked-only-shown-live
+            uapi::STATE_FORKED_ONLY
+        } else {
+            uapi::STATE_LIVE
+        }
     }
 
     /// Offset of the patch in its page.
