@@ -44,7 +44,7 @@ pub(crate) fn check_batch_args(args: &PatchBatchArgs) -> Result<(), Refusal> {
     )
     .map_err(|why| Refusal::new(EINVAL, why))?;
     if args.count == 0 || args.count as usize > MAX_BATCH {
-        return Err(Refusal::new(EINVAL, "a batch holds 1 to 4096 sites"));
+        return Err(Refusal::new(EINVAL, "a batch holds 1 to 16384 sites"));
     }
     Ok(())
 }
@@ -60,7 +60,7 @@ pub(crate) fn check_file_args(args: &PatchFileArgs) -> Result<(), Refusal> {
     )
     .map_err(|why| Refusal::new(EINVAL, why))?;
     if args.count == 0 || args.count as usize > MAX_BATCH {
-        return Err(Refusal::new(EINVAL, "a batch holds 1 to 4096 sites"));
+        return Err(Refusal::new(EINVAL, "a batch holds 1 to 16384 sites"));
     }
     if args.reserved != 0 {
         return Err(Refusal::new(EINVAL, "reserved field is not 0"));

@@ -635,7 +635,7 @@ mod hugepoke {
     }
 
     /// PATCH_BATCH's header checks, before any site is read: size, flags
-    /// (a site's own flag is no batch flag), count 1 to 4096.
+    /// (a site's own flag is no batch flag), count 1 to 16384.
     #[test]
     fn batch_arguments_are_checked_before_the_sites() {
         use crate::policy::check_batch_args;
@@ -648,9 +648,9 @@ mod hugepoke {
         };
         let refused = |a: PatchBatchArgs, word: &str| matches!(check_batch_args(&a), Err(r) if r.errno == EINVAL && r.why.contains(word));
         assert!(check_batch_args(&ok).is_ok());
-        assert!(check_batch_args(&PatchBatchArgs { count: 4096, ..ok }).is_ok());
-        assert!(refused(PatchBatchArgs { count: 0, ..ok }, "1 to 4096"));
-        assert!(refused(PatchBatchArgs { count: 4097, ..ok }, "1 to 4096"));
+        assert!(check_batch_args(&PatchBatchArgs { count: 16384, ..ok }).is_ok());
+        assert!(refused(PatchBatchArgs { count: 0, ..ok }, "1 to 16384"));
+        assert!(refused(PatchBatchArgs { count: 16385, ..ok }, "1 to 16384"));
         assert!(refused(PatchBatchArgs { size: 32, ..ok }, "struct size"));
         assert!(refused(
             PatchBatchArgs {

@@ -20,11 +20,11 @@ pub const ABI_VERSION: u32 = 5;
 pub const MAX_BYTES: usize = 16;
 
 /// Most sites one PATCH_BATCH may hold.
-pub const MAX_BATCH: usize = 4096;
+pub const MAX_BATCH: usize = 16384;
 
 /// Most live sites one target may have (PATCH and PATCH_BATCH beyond it
 /// get ENOSPC): the table's memory per target is bounded.
-pub const MAX_TARGET_SITES: usize = 65536;
+pub const MAX_TARGET_SITES: usize = 131072;
 
 /// PATCH_BATCH `failed` when no single site is to blame.
 pub const NO_SITE: u32 = u32::MAX;

@@ -233,6 +233,8 @@ mod tests {
         let many: String = (0..=MAX_BATCH)
             .map(|i| format!("{} c3\n", 0x1000 + i))
             .collect();
-        assert!(parse(&many).unwrap_err().contains("more than 4096"));
+        assert!(parse(&many)
+            .unwrap_err()
+            .contains(&format!("more than {MAX_BATCH}")));
     }
 }

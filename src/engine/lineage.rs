@@ -48,8 +48,8 @@ pub(super) fn files_of(
     patches: &Patches<ARef<File>>,
     sites: &[Site],
     pages: &[plan::PageWork],
-) -> Result<KVec<Option<ARef<File>>>> {
-    let mut files = KVec::with_capacity(pages.len(), GFP_KERNEL)?;
+) -> Result<KVVec<Option<ARef<File>>>> {
+    let mut files = KVVec::with_capacity(pages.len(), GFP_KERNEL)?;
     for w in pages {
         let file = patches.file_of(&sites[w.range.start].page_key()).cloned();
         files.push(file, GFP_KERNEL)?;
@@ -62,7 +62,7 @@ pub(super) fn files_of(
 /// of `pages`) the family walk named.
 pub(super) struct Candidates {
     /// Per page looked at: its sites, and the PFN of the target's copy.
-    pub(super) pages: KVec<(Range<usize>, Option<usize>)>,
+    pub(super) pages: KVVec<(Range<usize>, Option<usize>)>,
     pub(super) places: KVVec<(ARef<Mm>, usize, usize)>,
 }
 
@@ -77,7 +77,7 @@ pub(super) fn candidates(
 ) -> Result<Candidates, Refusal> {
     let nomem = |_| Refusal::new(ENOMEM, "no memory to list who maps the patched pages");
     let mut found = Candidates {
-        pages: KVec::new(),
+        pages: KVVec::new(),
         places: KVVec::new(),
     };
     let seen = target_view(lineage, sites, pages)?;
@@ -129,9 +129,9 @@ fn target_view(
     lineage: &Lineage<'_>,
     sites: &[Site],
     pages: &[plan::PageWork],
-) -> Result<KVec<(bool, Option<usize>)>, Refusal> {
+) -> Result<KVVec<(bool, Option<usize>)>, Refusal> {
     let nomem = |_| Refusal::new(ENOMEM, "no memory to list who maps the patched pages");
-    let mut seen = KVec::with_capacity(pages.len(), GFP_KERNEL).map_err(nomem)?;
+    let mut seen = KVVec::with_capacity(pages.len(), GFP_KERNEL).map_err(nomem)?;
     let Some(mm) = lineage.mm else {
         seen.extend_with(pages.len(), (false, None), GFP_KERNEL)
             .map_err(nomem)?;

@@ -901,33 +901,33 @@ pub(crate) fn module_unload_restores_persistent_patches() -> TestResult {
 }
 
 // This module's in-guest tests, in groups that main.rs's SUITE puts in run order.
-/// A target's table is bounded: 16 batches of 4,096 one-byte sites (every
-/// byte of 16 pages) are the 65,536 live sites one target may have; one
+/// A target's table is bounded: 8 batches of 16,384 one-byte sites (every
+/// byte of 32 pages) are the 131,072 live sites one target may have; one
 /// more site gets ENOSPC (journaled) and changes nothing; closing the file
 /// restores them all.
-pub(crate) fn a_target_may_have_65536_live_sites_and_no_more() -> TestResult {
+pub(crate) fn a_target_may_have_131072_live_sites_and_no_more() -> TestResult {
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     let dev = io(Device::open())?;
-    for page in 100..116 {
-        let sites: Vec<_> = (0..4096u64)
-            .map(|b| hugepoke::device::batch_site(t.page_addr(page) + b, &[0x90], None))
+    for first in (100..132).step_by(4) {
+        let sites: Vec<_> = (0..4 * 4096u64)
+            .map(|b| hugepoke::device::batch_site(t.page_addr(first) + b, &[0x90], None))
             .collect();
         dev.patch_batch(t.pid, &sites, 0)
-            .map_err(|e| format!("batch on page {page}: {e}"))?;
+            .map_err(|e| format!("batch on pages {first}..: {e}"))?;
     }
     expect_errno(
-        "the 65,537th site",
+        "the 131,073rd site",
         dev.patch(&patch_req(&t, 200, 200)),
         libc::ENOSPC,
-        "65,536 live sites",
+        "131,072 live sites",
     )?;
     ensure!(
         t.call(200)? == text::original_value(200),
         "the refused PATCH wrote"
     );
     drop(dev);
-    for page in [100, 115] {
+    for page in [100, 131] {
         ensure!(
             read_mem(t.pid, t.page_addr(page), 4096)? == file_bytes(&t, t.page_addr(page), 4096)?,
             "page {page} not restored at close"
@@ -944,7 +944,7 @@ tests! {
         target_exit_and_exec_leave_patches_gone,
         fork_before_and_during_a_patch,
         patched_pte_is_soft_dirty_but_not_writable,
-        a_target_may_have_65536_live_sites_and_no_more,
+        a_target_may_have_131072_live_sites_and_no_more,
     ];
     RMMOD: [
         rmmod_waits_for_the_last_close,
