@@ -69,8 +69,7 @@ impl Run {
             madvise.push(m.wall(), m.cpu);
             collapse.push(c.wall(), c.cpu);
         }
-        madvise.count("refused (the copies stay)", refused, cycles);
-        collapse.count("PMD-mapped after", cycles, cycles);
+        madvise.count("returned an error", refused, cycles);
         self.rows.extend([madvise.classify(), collapse.classify()]);
     }
 }

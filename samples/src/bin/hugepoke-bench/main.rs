@@ -5,7 +5,8 @@
 //! their time; and PATCH/RESTORE with 1 to 4,096 live sites per target and
 //! on two targets at once.  Every sample is checked (see `run.rs`).
 //!
-//!   hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR] [--accel tcg|kvm] [--only PHASE]   (in a guest;
+//!   hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR] [--accel tcg|kvm] [--only PHASE]
+//!       [--machine STR] [--host-load-file FILE]   (in a guest;
 //!       --only runs just the phases whose name contains PHASE, or one of
 //!       PHASE's `|`-separated parts, for trying one out)
 //!   hugepoke-bench report BENCH.json    the README's Markdown table, on stdout
@@ -23,7 +24,7 @@ mod trace;
 use report::Bench;
 
 fn usage() -> ! {
-    eprintln!("usage: hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR] [--accel tcg|kvm] [--only PHASE] | report BENCH.json | svg BENCH.json");
+    eprintln!("usage: hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR] [--accel tcg|kvm] [--only PHASE] [--machine STR] [--host-load-file FILE] | report BENCH.json | svg BENCH.json");
     std::process::exit(2)
 }
 
@@ -64,6 +65,8 @@ fn main() {
                 host_load: "unknown".into(),
                 accel: "tcg".into(),
                 only: None,
+                machine: String::new(),
+                host_load_file: None,
             };
             let mut rest = args[3..].iter();
             while let Some(a) = rest.next() {
@@ -73,6 +76,8 @@ fn main() {
                     ("--host-load", Some(v)) => o.host_load = v.clone(),
                     ("--accel", Some(v)) if v == "tcg" || v == "kvm" => o.accel = v.clone(),
                     ("--only", Some(v)) => o.only = Some(v.clone()),
+                    ("--machine", Some(v)) => o.machine = v.clone(),
+                    ("--host-load-file", Some(v)) => o.host_load_file = Some(v.clone()),
                     _ => usage(),
                 }
             }

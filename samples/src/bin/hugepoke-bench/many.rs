@@ -240,13 +240,10 @@ impl Run {
             "journal `restored` (the batch's last) minus `restore` time_ns of each call, summed",
             "",
         );
-        let (mut pmd_back, mut costs) = (
-            0,
-            [
-                SiteCost::new("PATCH_BATCH", "patch", true),
-                SiteCost::new("RESTORE of the batches", "restore", true),
-            ],
-        );
+        let mut costs = [
+            SiteCost::new("PATCH_BATCH", "patch", true),
+            SiteCost::new("RESTORE of the batches", "restore", true),
+        ];
         let offsets = site_offsets();
         for _ in 0..cycles {
             let m = Many::spawn(&file);
@@ -298,7 +295,6 @@ impl Run {
                 poll.seen_at.is_some(),
                 "PMD not back within {PMD_REQUIRED} of the last batch RESTORE"
             );
-            pmd_back += 1;
             check!(
                 m.off_cache_pages() == 0,
                 "after the batch RESTOREs some text page is not its page-cache page"
@@ -314,11 +310,6 @@ impl Run {
             costs[1].add(SITES, rs.len(), w, c, Some(rspans.iter().sum()));
         }
         set_medians(&mut costs, &patch, &restore, SITES);
-        restore.count(
-            &format!("PMD back within {PMD_REQUIRED} of the last RESTORE"),
-            pmd_back,
-            cycles,
-        );
         self.rows.extend(with_module(patch, patch_mod));
         self.rows.extend(with_module(restore, restore_mod));
         self.site_costs.extend(costs);
@@ -352,7 +343,6 @@ impl Run {
         ];
         // The journal keeps 4,096 events: read it every so many calls.
         const READ_EVERY: usize = 64;
-        let mut pmd_back = 0;
         for _ in 0..cycles {
             let m = Many::spawn(&file);
             let mut handles = Vec::with_capacity(SITES);
@@ -427,18 +417,12 @@ impl Run {
                 poll.seen_at.is_some(),
                 "PMD not back within {PMD_REQUIRED} of the last single RESTORE"
             );
-            pmd_back += 1;
             check!(
                 m.off_cache_pages() == 0,
                 "after the RESTOREs some text page is not its page-cache page"
             );
         }
         set_medians(&mut costs, &patch, &restore, 1);
-        restore.count(
-            &format!("PMD back within {PMD_REQUIRED} of the last RESTORE"),
-            pmd_back,
-            cycles,
-        );
         self.rows.extend(with_module(patch, patch_mod));
         self.rows.extend(with_module(restore, restore_mod));
         self.site_costs.extend(costs);
@@ -557,23 +541,36 @@ impl Run {
         self.site_costs.extend(costs);
     }
 
-    /// One PATCH + RESTORE (page 17's function, idle, --install-pmd, the
-    /// PMD back before the next) on a fresh target while other targets
-    /// hold `live` sites: made by batches of `MAX_BATCH` (`batched`) or by
-    /// single PATCHes.
+    /// One PATCH + RESTORE of page 17's function, `self.cycles` times, in
+    /// one target (reused for every cycle) that holds `live` other sites
+    /// itself: one-byte int3-over-int3 sites, 255 a page from page 32 on,
+    /// made by batches of `MAX_BATCH` (`batched`) or by single PATCHes (a
+    /// handle each).  With none, the PMD is back before each PATCH, which
+    /// splits it, and RESTORE queues the collapse; with some, the PMD stays
+    /// split and page 17 is on its page-cache page before each PATCH, so
+    /// every N > 0 does the same work on a table of N.
     pub(super) fn table(&mut self, live: usize, batched: bool) {
         let how = match (live, batched) {
-            (0, _) => "no other live site".to_string(),
+            (0, _) => "no other live site in the target (the PMD split and collapsed each cycle)"
+                .to_string(),
             (n, true) => match n.div_ceil(MAX_BATCH) {
-                1 => format!("{n} other live sites in 1 batch"),
-                b => format!("{n} other live sites in {b} batches"),
+                1 => format!("{n} other live sites in the target, 1 batch"),
+                b => format!("{n} other live sites in the target, {b} batches"),
             },
-            (n, false) => format!("{n} other live single patches"),
+            (n, false) => format!("{n} other live single patches in the target"),
         };
         let tag = format!("{live}.{}", if batched { "batched" } else { "single" });
-        let checked = "bytes read back and the anonymous PFN after PATCH, the originals, the page-cache PFN and the PMD after RESTORE; journal spans inside the calls; the other targets' sites counted live by QUERY before and after";
-        let mut patch = Row::new(&format!("table.patch.{tag}"), &format!("PATCH with {how} (idle, --install-pmd)"),
-            "one PATCH ioctl of 6 bytes on page 17 of a target of its own, its PMD split and the page COWed (the PMD is back before each)", checked);
+        let checked = "bytes read back and the anonymous PFN after PATCH, the originals and the page-cache PFN after RESTORE (and the PMD back, with no other site); journal spans inside the calls; the target's other sites counted live by QUERY before and after";
+        let what = match live {
+            0 => "one PATCH ioctl of 6 bytes on page 17 of one target reused for every cycle, the PMD back before each: PMD split, COW, write",
+            _ => "one PATCH ioctl of 6 bytes on page 17 of one target reused for every cycle, whose PMD its other sites keep split, page 17 on its page-cache page before each: COW, write",
+        };
+        let mut patch = Row::new(
+            &format!("table.patch.{tag}"),
+            &format!("PATCH with {how} (idle, --install-pmd)"),
+            what,
+            checked,
+        );
         let mut patch_mod = Row::new(
             &format!("table.patch.module.{tag}"),
             "  of which in the module (journal)",
@@ -583,63 +580,11 @@ impl Run {
         let mut restore = Row::new(
             &format!("table.restore.{tag}"),
             &format!("RESTORE with {how} (idle, --install-pmd)"),
-            "one RESTORE ioctl of that patch: write back, zap, queue the collapse",
+            match live {
+                0 => "one RESTORE ioctl of that patch: write back, zap, queue the collapse",
+                _ => "one RESTORE ioctl of that patch: write back, zap (no collapse: the other sites keep the range)",
+            },
             checked,
-        );
-
-        // The other targets: at most 64 batches each (8 pages of 512
-        // one-byte sites, int3 over int3 at 7 + 8·k: nothing changes).
-        let bg_dev = Device::open();
-        check!(bg_dev.is_ok(), "opening /dev/hugepoke: {:?}", bg_dev.err());
-        let bg_dev = bg_dev.unwrap();
-        let bg_file = format!("{}/bench-table.bin", super::thp_dir());
-        let per_target = if batched { 5 * MAX_BATCH } else { 5_000 };
-        let mut others: Vec<(Target, Vec<u64>)> = Vec::new();
-        let mut left = live;
-        while left > 0 {
-            let (t, _w) = fresh_target(&bg_file, false);
-            let n = left.min(per_target);
-            let addrs: Vec<u64> = (0..n)
-                .map(|k| t.addr + ((k / 512) * PAGE + 7 + 8 * (k % 512)) as u64)
-                .collect();
-            let mut hs = Vec::new();
-            if batched {
-                for chunk in addrs.chunks(MAX_BATCH) {
-                    let sites: Vec<BatchSite> = chunk
-                        .iter()
-                        .map(|&a| batch_site(a, &[INT3], Some(&[INT3])))
-                        .collect();
-                    let h = bg_dev.patch_batch(t.pid, &sites, 0);
-                    check!(h.is_ok(), "background PATCH_BATCH: {}", h.unwrap_err());
-                    hs.push(h.unwrap());
-                }
-            } else {
-                for &a in &addrs {
-                    let h = bg_dev.patch(&PatchRequest {
-                        pid: t.pid,
-                        addr: a,
-                        bytes: vec![INT3],
-                        expect: Some(vec![INT3]),
-                        ..Default::default()
-                    });
-                    check!(h.is_ok(), "background PATCH: {:?}", h);
-                    hs.push(h.unwrap());
-                }
-            }
-            left -= n;
-            others.push((t, hs));
-        }
-        let count_live = |others: &[(Target, Vec<u64>)]| -> usize {
-            others
-                .iter()
-                .flat_map(|(_, hs)| hs)
-                .map(|&h| bg_dev.query(h).map_or(0, |q| q.count as usize))
-                .sum()
-        };
-        check!(
-            count_live(&others) == live,
-            "QUERY counts {} live background sites, want {live}",
-            count_live(&others)
         );
 
         let Site {
@@ -661,11 +606,63 @@ impl Run {
                 cache_pfn,
             }
         };
+        let addrs: Vec<u64> = (0..live)
+            .map(|k| t.addr + ((32 + k / 255) * PAGE + 8 + 16 * (k % 255)) as u64)
+            .collect();
+        check!(
+            addrs.last().is_none_or(|&a| a < t.addr + THP_SIZE as u64),
+            "{live} sites do not fit in the text"
+        );
+        let mut others = Vec::new();
+        if batched {
+            for chunk in addrs.chunks(MAX_BATCH) {
+                let sites: Vec<BatchSite> = chunk
+                    .iter()
+                    .map(|&a| batch_site(a, &[INT3], Some(&[INT3])))
+                    .collect();
+                let h = self.dev.patch_batch(t.pid, &sites, 0);
+                check!(
+                    h.is_ok(),
+                    "the target's own PATCH_BATCH: {}",
+                    h.unwrap_err()
+                );
+                others.push(h.unwrap());
+            }
+        } else {
+            for &a in &addrs {
+                let h = self.dev.patch(&PatchRequest {
+                    pid: t.pid,
+                    addr: a,
+                    bytes: vec![INT3],
+                    expect: Some(vec![INT3]),
+                    ..Default::default()
+                });
+                check!(h.is_ok(), "the target's own PATCH: {:?}", h);
+                others.push(h.unwrap());
+            }
+        }
+        let count_live = |dev: &Device| -> usize {
+            others
+                .iter()
+                .map(|&h| dev.query(h).map_or(0, |q| q.count as usize))
+                .sum()
+        };
+        check!(
+            count_live(&self.dev) == live,
+            "QUERY counts {} of the target's other sites live, want {live}",
+            count_live(&self.dev)
+        );
+
         let (orig, new) = (super::original(SITE_PAGE), super::new_bytes(SITE_PAGE));
         for _ in 0..self.cycles {
+            // Reading faults page 17's page-cache page back in (N > 0).
             check!(
-                mem.read(addr, 6) == orig && w.pmd_mapped(addr),
-                "page {SITE_PAGE} not the PMD-mapped original before PATCH"
+                mem.read(addr, 6) == orig && w.pfn(addr) == cache_pfn,
+                "page {SITE_PAGE} not the page-cache original before PATCH"
+            );
+            check!(
+                w.pmd_mapped(addr) == (live == 0),
+                "the PMD is not as {live} other sites leave it before PATCH"
             );
             let seq = journal_seq();
             let req = PatchRequest {
@@ -693,11 +690,13 @@ impl Run {
                 mem.read(addr, 6) == orig,
                 "after RESTORE the target does not have the originals"
             );
-            let poll = w.wait_pmd(addr, r.end, PMD_REQUIRED_NS);
-            check!(
-                poll.seen_at.is_some(),
-                "PMD not back within {PMD_REQUIRED} of RESTORE"
-            );
+            if live == 0 {
+                let poll = w.wait_pmd(addr, r.end, PMD_REQUIRED_NS);
+                check!(
+                    poll.seen_at.is_some(),
+                    "PMD not back within {PMD_REQUIRED} of RESTORE"
+                );
+            }
             check!(
                 w.pfn(addr) == cache_pfn,
                 "after RESTORE the site does not map the page-cache page"
@@ -708,89 +707,94 @@ impl Run {
             self.clock_checks += 2;
         }
         check!(
-            count_live(&others) == live,
-            "the background sites changed during the measurement"
+            count_live(&self.dev) == live,
+            "the target's other sites changed during the measurement"
         );
-        for (_, hs) in &others {
-            for &h in hs {
-                let r = bg_dev.restore(h);
-                check!(r.is_ok(), "background RESTORE: {r:?}");
-            }
+        for &h in &others {
+            let r = self.dev.restore(h);
+            check!(r.is_ok(), "RESTORE of the target's other sites: {r:?}");
         }
         drop(t);
         self.rows.extend(with_module(patch, patch_mod));
         self.rows.push(restore.classify());
     }
 
-    /// PATCH_BATCH + RESTORE of the 10,000 sites, `rounds` times, by one
-    /// thread on one target, then by two threads on two targets at once.
+    /// PATCH_BATCH + RESTORE of the 10,000 sites by one thread on one
+    /// target, and by two threads on two targets at once, one round each
+    /// repetition, the two alternating which goes first; then the same
+    /// with /proc/PID/mem writes, the control.
     pub(super) fn many_concurrent(&mut self) {
-        let rounds = (self.cycles / 20).max(1);
+        let reps = (self.cycles / 20).max(5);
         let files = [
             self.many_file("bench-sites-a.bin"),
             self.many_file("bench-sites-b.bin"),
         ];
-        let calls_per_round = 2 * SITES.div_ceil(MAX_BATCH);
+        let per_round = SITES.div_ceil(MAX_BATCH);
         let checked = "the whole 2 MiB text read back after each round's PATCH_BATCHes and after its RESTOREs";
-        for threads in [1, 2] {
-            let (calls, wall, ps, rs) = batch_rounds(&files[..threads], rounds);
-            let who = if threads == 1 {
-                "one target alone"
+        let order = |rep: usize| {
+            if rep.is_multiple_of(2) {
+                [1, 2]
             } else {
-                "two targets at once"
-            };
-            let mut patch = Row::new(&format!("concurrent.batch.patch.{threads}"), &format!("PATCH_BATCH call, {who} (10,000 sites in 3 calls)"),
-                "one PATCH_BATCH ioctl of at most 4,096 sites (as row \"PATCH_BATCH, 10,000 sites\", default flags), by each of the threads of the throughput row", checked);
+                [2, 1]
+            }
+        };
+        let mut walls = [Vec::new(), Vec::new()];
+        let mut samples = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+        for rep in 0..reps {
+            for threads in order(rep) {
+                let (calls, wall, ps, rs) = batch_rounds(&files[..threads], 1);
+                check!(calls == threads * 2 * per_round, "{calls} calls made");
+                walls[threads - 1].push(wall);
+                samples[threads - 1].0.extend(ps);
+                samples[threads - 1].1.extend(rs);
+            }
+        }
+        let who = ["one target alone", "two targets at once"];
+        for threads in [1, 2] {
+            let mut patch = Row::new(&format!("concurrent.batch.patch.{threads}"), &format!("PATCH_BATCH call, {} (10,000 sites in {per_round} call{})", who[threads - 1], if per_round == 1 { "" } else { "s" }),
+                &format!("one PATCH_BATCH ioctl of at most {MAX_BATCH} sites (as row \"PATCH_BATCH, 10,000 sites\", default flags), by each of the threads of the throughput row"), checked);
             let mut restore = Row::new(
                 &format!("concurrent.batch.restore.{threads}"),
-                &format!("RESTORE of a batch, {who}"),
+                &format!("RESTORE of a batch, {}", who[threads - 1]),
                 "one RESTORE ioctl of one of those batches",
                 checked,
             );
-            for (w, c) in ps {
-                patch.push(w, c);
-            }
-            for (w, c) in rs {
-                restore.push(w, c);
-            }
+            let (ps, rs) = std::mem::take(&mut samples[threads - 1]);
+            ps.into_iter().for_each(|(w, c)| patch.push(w, c));
+            rs.into_iter().for_each(|(w, c)| restore.push(w, c));
             self.rows.extend([patch.classify(), restore.classify()]);
-            check!(
-                calls == threads * rounds * calls_per_round,
-                "{calls} calls made"
-            );
-            self.throughput.push(Throughput {
-                label: format!(
-                    "PATCH_BATCH + RESTORE of 10,000 sites ({} + {} calls), {rounds} round{}, {}",
-                    calls_per_round / 2,
-                    calls_per_round / 2,
-                    if rounds == 1 { "" } else { "s" },
-                    if threads == 1 {
-                        "one target".to_string()
-                    } else {
-                        "two targets at once, a thread each".to_string()
-                    }
+            self.throughput.push(Throughput::from_reps(
+                format!(
+                    "PATCH_BATCH + RESTORE of 10,000 sites ({per_round} + {per_round} calls), {}",
+                    ["one target", "two targets at once, a thread each"][threads - 1]
                 ),
                 threads,
-                calls,
-                wall_ns: wall,
-                sites: threads * rounds * SITES,
-            });
+                threads * 2 * per_round,
+                threads * SITES,
+                std::mem::take(&mut walls[threads - 1]),
+            ));
         }
         // The control: the same two-thread shape with no hugepoke in it, so
         // that a ratio well below 2 can be told apart from host contention.
+        let mut calls = [0, 0];
+        for rep in 0..reps {
+            for threads in order(rep) {
+                let (c, wall) = proc_mem_rounds(&files[..threads], 1);
+                calls[threads - 1] = c;
+                walls[threads - 1].push(wall);
+            }
+        }
         for threads in [1, 2] {
-            let (calls, wall) = proc_mem_rounds(&files[..threads], rounds);
-            self.throughput.push(Throughput {
-                label: format!(
-                    "control: /proc/PID/mem writes of the 10,000 sites and back, {rounds} round{}, {}",
-                    if rounds == 1 { "" } else { "s" },
-                    if threads == 1 { "one target" } else { "two targets at once, a thread each" }
+            self.throughput.push(Throughput::from_reps(
+                format!(
+                    "control: /proc/PID/mem writes of the 10,000 sites and back, {}",
+                    ["one target", "two targets at once, a thread each"][threads - 1]
                 ),
                 threads,
-                calls,
-                wall_ns: wall,
-                sites: threads * rounds * SITES,
-            });
+                calls[threads - 1],
+                threads * SITES,
+                std::mem::take(&mut walls[threads - 1]),
+            ));
         }
     }
 }

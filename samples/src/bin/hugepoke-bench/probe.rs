@@ -224,8 +224,10 @@ pub fn events_since(seq: u64, pid: i32) -> Vec<EventLine> {
 pub struct Steps {
     pub patch_at: Option<i64>,
     pub restore_at: Option<i64>,
-    /// (start, end) of each LRU drain.
+    /// (start, end) of each LRU drain of every CPU.
     pub drains: Vec<(i64, i64)>,
+    /// Drains of the caller's own CPU's batches (`lru_add_drain()`).
+    pub local_drains: usize,
     pub queued_at: Option<i64>,
     /// When the collapse work finished, and its note.
     pub collapsed: Option<(i64, String)>,
@@ -249,6 +251,9 @@ pub fn steps(events: &[EventLine], handle: u64) -> Steps {
                 s.restore_at = Some(e.time_ns as i64)
             }
             ("lru_drain", "draining all CPUs' LRU batches") => open = Some(e.time_ns as i64),
+            ("lru_drain", note) if note.starts_with("drained this CPU's LRU batches") => {
+                s.local_drains += 1
+            }
             ("lru_drain", "drained") => {
                 if let Some(t) = open.take() {
                     s.drains.push((t, e.time_ns as i64));
@@ -288,6 +293,7 @@ mod tests {
 11 1100 42 - 0x7f0000211000 resolve_target - - ok
 12 1500 42 3 0x7f0000211000 patched 0x99 0 ok
 13 2000 42 3 0x7f0000211000 restore - - ok
+13 2050 42 3 0x7f0000211000 lru_drain - - ok drained this CPU's LRU batches: a copy is still held (another CPU's batch?)
 14 2100 42 3 0x7f0000211000 lru_drain - - ok draining all CPUs' LRU batches
 15 2600 42 3 0x7f0000211000 lru_drain - - ok drained
 16 2700 42 3 0x7f0000200000 queue_collapse - - ok collapse_pte_mapped_thp(install_pmd=false) queued
@@ -298,6 +304,7 @@ mod tests {
         assert_eq!(s.patch_at, Some(1000));
         assert_eq!(s.restore_at, Some(2000));
         assert_eq!(s.drains, vec![(2100, 2600)]);
+        assert_eq!(s.local_drains, 1);
         assert_eq!(s.queued_at, Some(2700));
         assert_eq!(
             s.collapsed,

@@ -45,6 +45,27 @@ pub struct Bench {
     /// The 10,000-site methods' totals, for their cost per site.
     #[serde(default)]
     pub site_costs: Vec<SiteCost>,
+    /// The host machine (CPU model, CPUs, memory, kernel), as scripts/bench
+    /// read it.
+    #[serde(default)]
+    pub machine: String,
+    /// Each phase of the run, in order, with the host's load around it.
+    #[serde(default)]
+    pub phases: Vec<Phase>,
+    /// What khugepaged did during the run (asleep: only the methods' own
+    /// work brings a PMD back).
+    #[serde(default)]
+    pub khugepaged: String,
+}
+
+/// One phase of a run: its name, how long it took, and the host's
+/// /proc/loadavg (first three fields) when it started and ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Phase {
+    pub name: String,
+    pub wall_ns: i64,
+    pub host_load_before: String,
+    pub host_load_after: String,
 }
 
 /// One method's total over all cycles of the 10,000-site phases.
@@ -229,22 +250,120 @@ impl Row {
 pub struct Throughput {
     pub label: String,
     pub threads: usize,
+    /// Calls in one repetition.
     pub calls: usize,
-    /// From the first call's start to the last call's end, over all threads.
+    /// From the first call's start to the last call's end, over all
+    /// threads: the median of `rep_wall_ns`.
     pub wall_ns: i64,
-    /// Sites patched (and restored) by those calls.
+    /// Sites patched (and restored) by one repetition's calls.
     #[serde(default)]
     pub sites: usize,
+    /// Each repetition's wall time, in run order; the one-thread and
+    /// two-thread rows of a pair alternate which goes first.
+    #[serde(default)]
+    pub rep_wall_ns: Vec<i64>,
 }
 
 impl Throughput {
-    pub fn per_second(&self) -> f64 {
-        self.calls as f64 * 1e9 / self.wall_ns.max(1) as f64
+    /// A row from its repetitions' wall times (at least one).
+    pub fn from_reps(
+        label: String,
+        threads: usize,
+        calls: usize,
+        sites: usize,
+        rep_wall_ns: Vec<i64>,
+    ) -> Self {
+        let wall_ns = crate::stats::median(&rep_wall_ns).expect("no repetition");
+        Throughput {
+            label,
+            threads,
+            calls,
+            wall_ns,
+            sites,
+            rep_wall_ns,
+        }
     }
 
-    pub fn sites_per_second(&self) -> f64 {
-        self.sites as f64 * 1e9 / self.wall_ns.max(1) as f64
+    /// Sites a second in each repetition.
+    fn rep_rates(&self) -> Vec<f64> {
+        let walls = if self.rep_wall_ns.is_empty() {
+            vec![self.wall_ns]
+        } else {
+            self.rep_wall_ns.clone()
+        };
+        walls
+            .iter()
+            .map(|&w| self.sites as f64 * 1e9 / w.max(1) as f64)
+            .collect()
     }
+}
+
+/// The run's phases in order: how long each took and the host's load
+/// around it (TCG vCPUs are host threads that other work competes with).
+fn phase_table(phases: &[Phase]) -> String {
+    let total: i64 = phases.iter().map(|p| p.wall_ns).sum();
+    let mut out = format!(
+        "\nThe run's phases, {} in all (host /proc/loadavg, 1, 5 and 15 minutes, read on the host as each began and ended):\n\n| phase | took | host load before | host load after |\n| --- | --- | --- | --- |\n",
+        human_s(total)
+    );
+    for p in phases {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            md_escape(&p.name),
+            human_s(p.wall_ns),
+            p.host_load_before,
+            p.host_load_after
+        ));
+    }
+    out
+}
+
+/// A phase's length: seconds, or minutes and seconds.
+fn human_s(ns: i64) -> String {
+    let s = ns as f64 / 1e9;
+    if s < 60.0 {
+        format!("{s:.1} s")
+    } else {
+        format!("{} min {:.0} s", (s / 60.0) as i64, s % 60.0)
+    }
+}
+
+/// "median (min–max)" of `v`, each shown by `show`.
+fn spread(v: &[f64], show: impl Fn(f64) -> String) -> String {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => "–".into(),
+        1 => show(v[0]),
+        n => format!("{} ({}–{})", show(v[n / 2]), show(v[0]), show(v[n - 1])),
+    }
+}
+
+/// Throughput rows, each two-thread row after its one-thread row and
+/// compared with it repetition by repetition (they ran alternated).
+fn throughput_table(rows: &[Throughput]) -> String {
+    let mut out = String::from("\n| throughput | threads | repetitions | calls a repetition | wall a repetition, median | sites/s, median (min–max) | sites/s vs the row above, median (min–max) of the repetitions' ratios |\n| --- | --- | --- | --- | --- | --- | --- |\n");
+    for (i, t) in rows.iter().enumerate() {
+        let rates = t.rep_rates();
+        let ratio = match i.checked_sub(1).map(|j| &rows[j]) {
+            Some(one) if t.threads == 2 && one.threads == 1 && one.sites > 0 => {
+                let ones = one.rep_rates();
+                let r: Vec<f64> = rates.iter().zip(&ones).map(|(a, b)| a / b).collect();
+                spread(&r, |x| format!("{x:.2}×"))
+            }
+            _ => "–".into(),
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {ratio} |\n",
+            md_escape(&t.label),
+            t.threads,
+            rates.len(),
+            t.calls,
+            human_ns(t.wall_ns),
+            spread(&rates, |x| format!("{x:.0}")),
+        ));
+    }
+    out
 }
 
 /// 10,000 sites by each method: the cost per site, and how many times
@@ -317,9 +436,18 @@ fn md_escape(s: &str) -> String {
 pub fn markdown(b: &Bench) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "Made by `{}` at `{}` (kernel {}, {} vCPUs, {}; host load average {} at the start); {} cycles per \
-         single-site method. {}What every sample is checked for is listed under the table; a failed check fails the run.\n\n",
-        b.command, b.commit, b.kernel, b.cpus, accel_said(b).0, b.host_load, b.cycles, accel_said(b).1
+        "Made by `{}` at `{}` (kernel {}, {} vCPUs, {}{}; host load average {} at the start); {} cycles per \
+         single-site method. {}{}What every sample is checked for is listed under the table; a failed check fails the run.\n\n",
+        b.command,
+        b.commit,
+        b.kernel,
+        b.cpus,
+        accel_said(b).0,
+        if b.machine.is_empty() { String::new() } else { format!(", on {}", b.machine) },
+        b.host_load,
+        b.cycles,
+        accel_said(b).1,
+        if b.khugepaged.is_empty() { String::new() } else { format!("khugepaged: {}. ", b.khugepaged) },
     ));
     out.push_str(
         "| | median | p90 | samples | on caller's CPU (median) | bound by | checks; counts |\n",
@@ -354,28 +482,13 @@ pub fn markdown(b: &Bench) -> String {
         ));
     }
     if !b.throughput.is_empty() {
-        out.push_str("\n| throughput | threads | calls | wall | calls/s | sites/s | sites/s vs the row above |\n| --- | --- | --- | --- | --- | --- | --- |\n");
-        for (i, t) in b.throughput.iter().enumerate() {
-            // Each two-thread row follows its one-thread row.
-            let ratio = match i.checked_sub(1).map(|j| &b.throughput[j]) {
-                Some(one) if t.threads == 2 && one.threads == 1 && one.sites > 0 => {
-                    format!("{:.2}×", t.sites_per_second() / one.sites_per_second())
-                }
-                _ => "–".into(),
-            };
-            out.push_str(&format!(
-                "| {} | {} | {} | {} | {:.0} | {:.0} | {ratio} |\n",
-                md_escape(&t.label),
-                t.threads,
-                t.calls,
-                human_ns(t.wall_ns),
-                t.per_second(),
-                t.sites_per_second()
-            ));
-        }
+        out.push_str(&throughput_table(&b.throughput));
     }
     if !b.site_costs.is_empty() {
         out.push_str(&site_cost_table(&b.site_costs, b.accel != "kvm"));
+    }
+    if !b.phases.is_empty() {
+        out.push_str(&phase_table(&b.phases));
     }
     out.push_str(&format!(
         "\nThe user-visible \"PMD back\" rows poll one PAGEMAP_SCAN entry in a loop; one iteration took {} \
@@ -462,14 +575,17 @@ pub(crate) mod tests {
                 frames: vec!["__schedule".into(), "__synchronize_srcu".into()],
             }],
             rows: vec![a, d, g],
-            throughput: vec![Throughput {
-                label: "PATCH, one target".into(),
-                threads: 1,
-                calls: 256,
-                wall_ns: 512_000_000,
-                sites: 128,
-            }],
+            throughput: vec![Throughput::from_reps(
+                "PATCH, one target".into(),
+                1,
+                256,
+                128,
+                vec![512_000_000, 256_000_000, 1_024_000_000],
+            )],
             site_costs: vec![],
+            machine: String::new(),
+            phases: vec![],
+            khugepaged: String::new(),
         }
     }
 
@@ -503,13 +619,13 @@ pub(crate) mod tests {
         let mut undo = SiteCost::new("uprobe detach", "restore", false);
         undo.add(10_000, 10_000, 1_000_000_000, 10_000_000, None);
         b.site_costs = vec![batch, single, undo];
-        b.throughput.push(Throughput {
-            label: "two".into(),
-            threads: 2,
-            calls: 512,
-            wall_ns: 512_000_000,
-            sites: 384,
-        });
+        b.throughput.push(Throughput::from_reps(
+            "two".into(),
+            2,
+            512,
+            384,
+            vec![512_000_000; 3],
+        ));
         let md = markdown(&b);
         assert!(md.contains("| PATCH_BATCH | 10000 | 3 | 50.0 ms | 5.00 µs | – | 4.00 µs | – | 4.90 µs | 4.00 µs |"), "{md}");
         // 100 µs a site against 5 µs: 20 times; medians 40 µs against 4 µs: 10 times.
@@ -525,9 +641,10 @@ pub(crate) mod tests {
             md.contains("40.0 ms of module time per 10,000 sites"),
             "{md}"
         );
-        // 384 sites/s against 128 sites/s of the one-thread row above.
+        // 750 sites/s in each repetition, against 250, 500 and 125 sites/s
+        // in the one-thread row's: ratios 3, 1.5 and 6.
         assert!(
-            md.contains("| two | 2 | 512 | 512 ms | 1000 | 750 | 3.00× |"),
+            md.contains("| two | 2 | 3 | 512 | 512 ms | 750 (750–750) | 3.00× (1.50×–6.00×) |"),
             "{md}"
         );
     }
@@ -558,6 +675,51 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn header_and_phase_table_say_where_and_under_what_load_it_ran() {
+        let mut b = sample_bench();
+        b.machine = "Some CPU, 2 CPUs, 24 GiB".into();
+        b.khugepaged = "asleep for the run".into();
+        b.phases = vec![
+            Phase {
+                name: "one".into(),
+                wall_ns: 1_500_000_000,
+                host_load_before: "0.10 0.20 0.30".into(),
+                host_load_after: "1.10 0.40 0.30".into(),
+            },
+            Phase {
+                name: "two | three".into(),
+                wall_ns: 125_000_000_000,
+                host_load_before: "1.10 0.40 0.30".into(),
+                host_load_after: "2.00 1.00 0.50".into(),
+            },
+        ];
+        let md = markdown(&b);
+        assert!(
+            md.contains("2 vCPUs, TCG, on Some CPU, 2 CPUs, 24 GiB; host load"),
+            "{md}"
+        );
+        assert!(md.contains("khugepaged: asleep for the run. "), "{md}");
+        assert!(md.contains("The run's phases, 2 min 6 s in all"), "{md}");
+        assert!(
+            md.contains("| one | 1.5 s | 0.10 0.20 0.30 | 1.10 0.40 0.30 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| two \\| three | 2 min 5 s | 1.10 0.40 0.30 | 2.00 1.00 0.50 |"),
+            "{md}"
+        );
+        // A bench.json from before these fields reads with them empty.
+        let mut v = serde_json::to_value(sample_bench()).unwrap();
+        for k in ["machine", "phases", "khugepaged"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        assert!(serde_json::from_value::<Bench>(v)
+            .unwrap()
+            .phases
+            .is_empty());
+    }
+
+    #[test]
     fn table_has_a_line_per_row_with_median_and_p90() {
         let md = markdown(&sample_bench());
         assert!(md.starts_with("Made by `scripts/bench 100` at `abc1234` (kernel 7.2.12, 2 vCPUs, TCG; host load average 1.50 1.20 1.00 at the start)"), "{md}");
@@ -575,7 +737,7 @@ pub(crate) mod tests {
             lines[2]
         );
         assert!(
-            md.contains("| PATCH, one target | 1 | 256 | 512 ms | 500 | 250 | – |"),
+            md.contains("| PATCH, one target | 1 | 3 | 256 | 512 ms | 250 (125–500) | – |"),
             "{md}"
         );
         assert!(

@@ -4,13 +4,15 @@
 //! PAGEMAP_SCAN; a failed check ends the run (`check!`).
 
 use crate::probe::{calibrate, check, events_since, fresh_target, mono_ns, steps, timed, Mem};
-use crate::report::{Bench, Bound, Row, SiteCost, Stack, Throughput, SCHEMA};
+use crate::report::{Bench, Bound, Phase, Row, SiteCost, Stack, Throughput, SCHEMA};
 use crate::stats::median;
 use crate::trace::{off_cpu, SchedTrace};
 use hugepoke::device::{journal_seq, Device, PatchRequest};
 use hugepoke::testkit::text::{self, mov_eax_ret, original_value, PAGE, PAGES, THP_SIZE};
 use std::ffi::CString;
 
+#[path = "cli.rs"]
+mod cli;
 #[path = "file.rs"]
 mod file;
 #[path = "foreign.rs"]
@@ -18,16 +20,20 @@ mod foreign;
 #[path = "many.rs"]
 mod many;
 
+/// Sites on each page in the "N sites per target" rows.
+const SCALE_PER_PAGE: usize = 8;
 /// The text page of the single-site methods (not executed: the spinning
 /// thread runs page 0).
 const SITE_PAGE: usize = 17;
-/// How long a detach or write-back gets for its PMD to come back (counted:
-/// neither brings it back, so every cycle waits this long).
-const PMD_LIMIT_NS: i64 = 200_000_000;
-const PMD_LIMIT: &str = "200 ms";
-/// How long a hugepoke RESTORE gets (required): generous, since a loaded
-/// host can starve the vCPU that runs the collapse work or the refault;
-/// the "PMD visible" rows say how long it really took.
+/// How long every method's undo (RESTORE, detach, write-back) gets for
+/// its PMD to come back, counted: the same window for each.  khugepaged
+/// sleeps through the whole run (`khugepaged_asleep`), so only the
+/// method's own work can bring the PMD back in it.
+const PMD_WINDOW_NS: i64 = 200_000_000;
+const PMD_WINDOW: &str = "200 ms";
+/// How long a hugepoke RESTORE gets in all (required): generous, since a
+/// loaded host can starve the vCPU that runs the collapse work or the
+/// refault; the "PMD visible" rows say how long it really took.
 const PMD_REQUIRED_NS: i64 = 2_000_000_000;
 const PMD_REQUIRED: &str = "2 s";
 
@@ -41,6 +47,86 @@ pub struct Options {
     /// Only the phases whose name contains this, or one of its
     /// `|`-separated parts (for trying one out).
     pub only: Option<String>,
+    /// The host machine, as scripts/bench describes it.
+    pub machine: String,
+    /// A file the host keeps its /proc/loadavg in (scripts/bench rewrites
+    /// it every second in the directory it shares with the guest).
+    pub host_load_file: Option<String>,
+}
+
+impl Options {
+    /// The host's load now, when scripts/bench shares it.
+    fn host_load_now(&self) -> String {
+        self.host_load_file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map_or_else(|| "unknown".into(), |l| l.trim().to_string())
+    }
+}
+
+const KHUGEPAGED: &str = "/sys/kernel/mm/transparent_hugepage/khugepaged";
+
+fn khugepaged_read(name: &str) -> String {
+    let v = std::fs::read_to_string(format!("{KHUGEPAGED}/{name}"));
+    check!(v.is_ok(), "reading {KHUGEPAGED}/{name}: {:?}", v.err());
+    v.unwrap().trim().to_string()
+}
+
+fn khugepaged_write(name: &str, value: &str) {
+    let w = std::fs::write(format!("{KHUGEPAGED}/{name}"), value);
+    check!(
+        w.is_ok(),
+        "writing {value} to {KHUGEPAGED}/{name}: {:?}",
+        w.err()
+    );
+}
+
+/// Puts khugepaged to sleep for `f` (a day between scans; the scan the
+/// write itself wakes is let finish first), and says what it did meanwhile:
+/// it must collapse nothing, so that every "PMD back" is the method's own.
+/// khugepaged scans at once when a process registers while none is
+/// registered, whatever its sleep: this process keeps `huge_file` (on a
+/// huge tmpfs) mapped throughout, so that one always is.
+fn khugepaged_asleep(huge_file: &str, f: impl FnOnce()) -> String {
+    let file = std::fs::File::open(huge_file);
+    check!(file.is_ok(), "opening {huge_file}: {:?}", file.err());
+    let file = file.unwrap();
+    let len = text::THP_SIZE;
+    // SAFETY: a new private read-only mapping of our own open file, unmapped below.
+    let keep = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            0,
+        )
+    };
+    check!(keep != libc::MAP_FAILED, "mapping {huge_file}");
+    let sleep = khugepaged_read("scan_sleep_millisecs");
+    khugepaged_write("scan_sleep_millisecs", "86400000");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (collapsed, scans) = (
+        khugepaged_read("pages_collapsed"),
+        khugepaged_read("full_scans"),
+    );
+    f();
+    let (collapsed2, scans2) = (
+        khugepaged_read("pages_collapsed"),
+        khugepaged_read("full_scans"),
+    );
+    khugepaged_write("scan_sleep_millisecs", &sleep);
+    // SAFETY: the mapping made above, used by nothing.
+    unsafe { libc::munmap(keep, len) };
+    check!(
+        collapsed == collapsed2,
+        "khugepaged collapsed pages during the run ({collapsed} then {collapsed2})"
+    );
+    format!(
+        "asleep for the whole run (scan_sleep_millisecs 86400000, {sleep} before and after), \
+         collapsed nothing during it (pages_collapsed {collapsed} before and after; full_scans {scans} then {scans2})"
+    )
 }
 
 struct Run {
@@ -79,8 +165,8 @@ pub fn run(o: &Options) -> Bench {
     };
     let cpu_clock_overhead_ns = calibrate();
     let t0 = mono_ns();
-    type Phase = (&'static str, fn(&mut Run));
-    let phases: &[Phase] = &[
+    type Step = (&'static str, fn(&mut Run));
+    let phases: &[Step] = &[
         ("hugepoke, spinning target", |r| r.hugepoke_single(true)),
         ("hugepoke, spinning target on the caller's CPU", |r| {
             r.same_cpu(|r| r.hugepoke_single(true))
@@ -100,9 +186,9 @@ pub fn run(o: &Options) -> Bench {
             r.same_cpu(|r| r.proc_mem(true))
         }),
         ("/proc/PID/mem, idle target", |r| r.proc_mem(false)),
-        ("1 site per target", |r| r.scale(1)),
-        ("16 sites per target", |r| r.scale(16)),
-        ("256 sites per target", |r| r.scale(256)),
+        ("8 sites per target", |r| r.scale(8)),
+        ("64 sites per target", |r| r.scale(64)),
+        ("512 sites per target", |r| r.scale(512)),
         ("4096 sites per target", |r| r.scale(4096)),
         ("two targets concurrently", |r| r.concurrent(256)),
         ("10,000 sites: PATCH_BATCH", |r| r.many_batch()),
@@ -113,14 +199,15 @@ pub fn run(o: &Options) -> Bench {
             r.many_concurrent()
         }),
         ("table: no other live site", |r| r.table(0, true)),
+        ("table: 1 other live site", |r| r.table(1, true)),
         ("table: 1,000 other live sites in a batch", |r| {
             r.table(1_000, true)
         }),
+        ("table: 10,000 other live sites in a batch", |r| {
+            r.table(10_000, true)
+        }),
         ("table: 100,000 other live sites in batches", |r| {
             r.table(100_000, true)
-        }),
-        ("table: 1,000 other live single patches", |r| {
-            r.table(1_000, false)
         }),
         ("table: 10,000 other live single patches", |r| {
             r.table(10_000, false)
@@ -131,23 +218,37 @@ pub fn run(o: &Options) -> Bench {
         ("file scope: 1 process", |r| r.file_scope(1)),
         ("file scope: 8 processes", |r| r.file_scope(8)),
         ("file scope: 64 processes", |r| r.file_scope(64)),
+        ("CLI: 10,000 sites by symbol in libLLVM", |r| r.cli_sites()),
     ];
-    let phase = |name: &str| {
-        eprintln!(
-            "hugepoke-bench: {name} ({:.1} s)",
-            (mono_ns() - t0) as f64 / 1e9
-        )
-    };
-    for (name, f) in phases {
-        if o.only
-            .as_ref()
-            .is_none_or(|only| only.split('|').any(|o| name.contains(o)))
-        {
-            phase(name);
-            f(&mut r);
+    let mut done = Vec::new();
+    let keep = format!("{}/khugepaged-keep.bin", thp_dir());
+    let w = std::fs::write(&keep, text::blob());
+    check!(w.is_ok(), "writing {keep}: {:?}", w.err());
+    let khugepaged = khugepaged_asleep(&keep, || {
+        for (name, f) in phases {
+            if o.only
+                .as_ref()
+                .is_none_or(|only| only.split('|').any(|o| name.contains(o)))
+            {
+                eprintln!(
+                    "hugepoke-bench: {name} ({:.1} s)",
+                    (mono_ns() - t0) as f64 / 1e9
+                );
+                let (before, start) = (o.host_load_now(), mono_ns());
+                f(&mut r);
+                done.push(Phase {
+                    name: name.to_string(),
+                    wall_ns: mono_ns() - start,
+                    host_load_before: before,
+                    host_load_after: o.host_load_now(),
+                });
+            }
         }
-    }
-    phase("done");
+    });
+    eprintln!(
+        "hugepoke-bench: done ({:.1} s)",
+        (mono_ns() - t0) as f64 / 1e9
+    );
     Bench {
         schema: SCHEMA,
         command: o.command.clone(),
@@ -167,6 +268,9 @@ pub fn run(o: &Options) -> Bench {
         throughput: r.throughput,
         uprobe_sleeps: r.uprobe_sleeps,
         site_costs: r.site_costs,
+        machine: o.machine.clone(),
+        phases: done,
+        khugepaged,
     }
 }
 
@@ -333,7 +437,7 @@ impl Run {
         let mut restore = Row::new(&format!("hugepoke.restore.{tag}"), &format!("hugepoke RESTORE ({who})"),
             "the RESTORE ioctl, from the caller: find the anonymous copy, verify, write back, LRU drain when needed, zap, queue the collapse (not wait for it)",
             read_back);
-        let mut drain = Row::new(&format!("hugepoke.drain.{tag}"), &format!("  of which LRU drain ({who})"),
+        let mut drain = Row::new(&format!("hugepoke.drain.{tag}"), &format!("  of which LRU drain of every CPU ({who})"),
             "lru_add_drain_all() inside RESTORE: journal `lru_drain` \"drained\" minus \"draining\" time_ns", "");
         let mut after = Row::new(&format!("hugepoke.collapsed.{tag}"), &format!("  collapse work done, after RESTORE returned ({who})"),
             "journal `collapse` time_ns minus the CLOCK_MONOTONIC time RESTORE returned (negative: done before the caller saw the return)", "");
@@ -342,7 +446,7 @@ impl Run {
         let mut visible = Row::new(&format!("hugepoke.pmd.{tag}"), &format!("  PMD visible in pagemap, after RESTORE returned ({who})"),
             "first PAGEMAP_SCAN poll of the site's page that shows PAGE_IS_HUGE|PRESENT, minus the time RESTORE returned; includes the collapse work and (spinning) the target's refault",
             "");
-        let (mut drains, mut restores) = (0, 0);
+        let (mut drains, mut local, mut restores, mut in_window) = (0, 0, 0, 0);
         let new = new_bytes(SITE_PAGE);
         let orig = original(SITE_PAGE);
         for _ in 0..self.cycles {
@@ -375,8 +479,12 @@ impl Run {
             let r = timed(|| self.dev.restore(h));
             check!(r.value.is_ok(), "RESTORE: {:?}", r.value);
             let poll_start = mono_ns();
-            let poll = w.wait_pmd(addr, r.end, PMD_REQUIRED_NS);
+            let mut poll = w.wait_pmd(addr, r.end, PMD_WINDOW_NS);
             self.poll_cost(poll_start, &poll);
+            in_window += usize::from(poll.seen_at.is_some());
+            if poll.seen_at.is_none() {
+                poll = w.wait_pmd(addr, r.end, PMD_REQUIRED_NS);
+            }
             if poll.seen_at.is_none() {
                 let s = steps(&events_since(seq, t.pid), h);
                 check!(
@@ -441,6 +549,7 @@ impl Run {
                 drain.samples_ns.push(b - a);
             }
             drains += usize::from(!s.drains.is_empty());
+            local += usize::from(s.local_drains > 0 && s.drains.is_empty());
             // patch, restore, queue_collapse, and each drain's two stamps.
             self.clock_checks += 3 + 2 * s.drains.len() as u64;
             after.samples_ns.push(done - r.end);
@@ -448,11 +557,16 @@ impl Run {
             visible.samples_ns.push(poll.seen_at.unwrap() - r.end);
         }
         restore.count(
-            &format!("PMD back within {PMD_REQUIRED}"),
-            restores,
+            &format!("PMD back within {PMD_WINDOW} (every one within {PMD_REQUIRED}, required)"),
+            in_window,
             restores,
         );
-        restore.count("RESTOREs that drained", drains, restores);
+        restore.count(
+            "RESTOREs that drained only their own CPU's LRU batches",
+            local,
+            restores,
+        );
+        restore.count("RESTOREs that drained every CPU's", drains, restores);
         let drain = drain.bound_by(Bound::Wall, "flush_work() on every CPU with a non-empty batch: a worker must run there (a spinning CPU lets it in at a tick or preemption)");
         let after = after.bound_by(
             Bound::Wall,
@@ -596,7 +710,7 @@ impl Run {
                 detach.push(d.wall(), d.cpu);
                 if spin {
                     let poll_start = mono_ns();
-                    let poll = w.wait_pmd(addr, d.end, PMD_LIMIT_NS);
+                    let poll = w.wait_pmd(addr, d.end, PMD_WINDOW_NS);
                     self.poll_cost(poll_start, &poll);
                     pmd_back += usize::from(poll.seen_at.is_some());
                 }
@@ -638,7 +752,7 @@ impl Run {
         } else {
             if spin {
                 detach.count(
-                    &format!("PMD back within {PMD_LIMIT}"),
+                    &format!("PMD back within {PMD_WINDOW}"),
                     pmd_back,
                     self.cycles,
                 );
@@ -686,7 +800,7 @@ impl Run {
             );
             if spin {
                 let poll_start = mono_ns();
-                let poll = w.wait_pmd(addr, b.end, PMD_LIMIT_NS);
+                let poll = w.wait_pmd(addr, b.end, PMD_WINDOW_NS);
                 self.poll_cost(poll_start, &poll);
                 pmd_back += usize::from(poll.seen_at.is_some());
             }
@@ -696,7 +810,7 @@ impl Run {
         }
         if spin {
             second.count(
-                &format!("PMD back within {PMD_LIMIT}"),
+                &format!("PMD back within {PMD_WINDOW}"),
                 pmd_back,
                 self.cycles,
             );
@@ -705,22 +819,18 @@ impl Run {
         self.rows.extend([first.classify(), second.classify()]);
     }
 
-    /// `sites` live sites on one idle target: PATCH each (the table grows),
-    /// then RESTORE each; cycles enough for 100+ samples.
+    /// `sites` live sites on one idle target, 8 on each page for every
+    /// `sites` (so 1 PATCH in 8 COWs a page and 1 RESTORE in 8 zaps one):
+    /// PATCH each (the table grows), then RESTORE each; a fresh target
+    /// per cycle, at least 3 cycles and 100 samples.
     fn scale(&mut self, sites: usize) {
-        let cycles = self.cycles.div_ceil(sites).max(1);
-        let checked = "each site's bytes read back after its call; the whole 2 MiB text compared with what it must be after the last PATCH and after the last RESTORE; the PMD back after the last RESTORE";
-        let plural = if sites == 1 { "site" } else { "sites" };
-        let growing = if sites == 1 {
-            "no other live site".to_string()
-        } else {
-            format!("0 to {} other live sites", sites - 1)
-        };
-        let mut patch = Row::new(&format!("scale.patch.{sites}"), &format!("PATCH, {sites} {plural} per target (idle, --install-pmd)"),
-            &format!("one PATCH ioctl while the target has {growing} (at most 8 per page, 6 bytes each, in the int3 padding, 64 + 512·k bytes into the page)"), checked);
-        let mut restore = Row::new(&format!("scale.restore.{sites}"), &format!("RESTORE, {sites} {plural} per target (idle, --install-pmd)"),
-            &format!("one RESTORE ioctl, the {sites} {plural} restored in PATCH order; the last on a page drains (when needed) and zaps, the last of all queues the collapse"), checked);
-        let mut pmd_back = 0;
+        assert!(sites.is_multiple_of(SCALE_PER_PAGE) && sites <= SCALE_PER_PAGE * PAGES);
+        let cycles = self.cycles.div_ceil(sites).max(3);
+        let checked = &format!("each site's bytes read back after its call; the whole 2 MiB text compared with what it must be after the last PATCH and after the last RESTORE; the PMD back within {PMD_REQUIRED} of the last RESTORE");
+        let mut patch = Row::new(&format!("scale.patch.{sites}"), &format!("PATCH, {sites} sites per target, 8 a page (idle, --install-pmd, a fresh target per cycle)"),
+            &format!("one PATCH ioctl while the target has 0 to {} other live sites, 8 sites on each of {} pages (6 bytes each, in the int3 padding, 64 + 512·k bytes into the page), so the first of each page's 8 splits the PMD (once) and COWs", sites - 1, sites / SCALE_PER_PAGE), checked);
+        let mut restore = Row::new(&format!("scale.restore.{sites}"), &format!("RESTORE, {sites} sites per target, 8 a page (idle, --install-pmd, a fresh target per cycle)"),
+            &format!("one RESTORE ioctl, the {sites} sites restored in PATCH order; the last on a page drains (when needed) and zaps, the last of all queues the collapse"), checked);
         for _ in 0..cycles {
             let (t, w) = fresh_target(&self.file, false);
             let mem = Mem::open(t.pid);
@@ -732,7 +842,7 @@ impl Run {
             let mut image = pristine.clone();
             let mut handles = Vec::with_capacity(sites);
             for k in 0..sites {
-                let at = (k % PAGES) * PAGE + 64 + (k / PAGES) * 512;
+                let at = (k / SCALE_PER_PAGE) * PAGE + 64 + (k % SCALE_PER_PAGE) * 512;
                 let bytes = new_bytes(k);
                 let req = PatchRequest {
                     pid: t.pid,
@@ -771,24 +881,18 @@ impl Run {
                 poll.seen_at.is_some(),
                 "PMD not back within {PMD_REQUIRED} of the last of {sites} RESTOREs"
             );
-            pmd_back += 1;
             check!(
                 mem.read(t.addr, THP_SIZE) == pristine,
                 "after the RESTOREs the text is not the pristine blob"
             );
         }
-        restore.count(
-            &format!("PMD back within {PMD_REQUIRED} of the last RESTORE"),
-            pmd_back,
-            cycles,
-        );
         self.rows.extend([patch.classify(), restore.classify()]);
     }
 
     /// `sites` PATCHes then RESTOREs on one target by one thread, then on
     /// two targets by two threads at once (each its own /dev/hugepoke).
     fn concurrent(&mut self, sites: usize) {
-        let reps = self.cycles.div_ceil(sites).max(1);
+        let reps = self.cycles.div_ceil(sites).max(5);
         let dir = thp_dir();
         let checked = "each site's bytes read back after its call";
         let mut patch = Row::new("concurrent.patch", "PATCH, 2 targets patched concurrently (idle, --install-pmd)",
@@ -799,34 +903,45 @@ impl Run {
             "one RESTORE ioctl by one of the two threads, each restoring its own target's sites",
             checked,
         );
-        let (mut one, mut two) = ((0usize, 0i64), (0usize, 0i64));
-        for _ in 0..reps {
-            let (calls, wall, _) = patch_restore(&format!("{dir}/bench-a.bin"), sites, 1);
-            one = (one.0 + calls, one.1 + wall);
-            let (calls, wall, samples) = patch_restore(&format!("{dir}/bench-a.bin"), sites, 2);
-            two = (two.0 + calls, two.1 + wall);
-            for (p, r) in samples {
-                patch.samples_ns.extend(p.iter().map(|s| s.0));
-                patch.on_cpu_ns.extend(p.iter().map(|s| s.1));
-                restore.samples_ns.extend(r.iter().map(|s| s.0));
-                restore.on_cpu_ns.extend(r.iter().map(|s| s.1));
+        // Repetitions alternate which of one and two threads goes first.
+        let (mut walls, mut calls) = ([Vec::new(), Vec::new()], [0, 0]);
+        for rep in 0..reps {
+            let order = if rep.is_multiple_of(2) {
+                [1, 2]
+            } else {
+                [2, 1]
+            };
+            for threads in order {
+                let (c, wall, samples) =
+                    patch_restore(&format!("{dir}/bench-a.bin"), sites, threads);
+                calls[threads - 1] = c;
+                walls[threads - 1].push(wall);
+                if threads == 2 {
+                    for (p, r) in samples {
+                        patch.samples_ns.extend(p.iter().map(|s| s.0));
+                        patch.on_cpu_ns.extend(p.iter().map(|s| s.1));
+                        restore.samples_ns.extend(r.iter().map(|s| s.0));
+                        restore.on_cpu_ns.extend(r.iter().map(|s| s.1));
+                    }
+                }
             }
         }
         self.rows.extend([patch.classify(), restore.classify()]);
-        self.throughput.push(Throughput {
-            label: format!("PATCH + RESTORE of {sites} sites, one target"),
-            threads: 1,
-            calls: one.0,
-            wall_ns: one.1,
-            sites: one.0 / 2,
-        });
-        self.throughput.push(Throughput {
-            label: format!("PATCH + RESTORE of {sites} sites each, two targets at once"),
-            threads: 2,
-            calls: two.0,
-            wall_ns: two.1,
-            sites: two.0 / 2,
-        });
+        let [one, two] = walls;
+        self.throughput.push(Throughput::from_reps(
+            format!("PATCH + RESTORE of {sites} sites, one target"),
+            1,
+            calls[0],
+            calls[0] / 2,
+            one,
+        ));
+        self.throughput.push(Throughput::from_reps(
+            format!("PATCH + RESTORE of {sites} sites each, two targets at once"),
+            2,
+            calls[1],
+            calls[1] / 2,
+            two,
+        ));
     }
 }
 
