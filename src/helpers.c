@@ -396,6 +396,29 @@ void hugepoke_invalidate_end(struct mmu_notifier_range *range)
 
 /* VMAs. */
 
+/*
+ * The first VMA at or above @addr whose file is @mapping and that covers
+ * its page @pgoff, or NULL: one VMA-iterator step per VMA of any other
+ * file, where a find_vma() per VMA would search the tree from the root.
+ * A filter only: the caller still decides (vma_info(), address_in()).
+ * Under the mmap lock.
+ */
+struct vm_area_struct *hugepoke_next_vma_mapping(struct mm_struct *mm,
+						 unsigned long addr,
+						 struct address_space *mapping,
+						 pgoff_t pgoff)
+{
+	VMA_ITERATOR(vmi, mm, addr);
+	struct vm_area_struct *vma;
+
+	for_each_vma(vmi, vma)
+		if (vma->vm_file && vma->vm_file->f_mapping == mapping && /* mutant: address-identity-remap/2 */
+		    pgoff >= vma->vm_pgoff &&
+		    pgoff - vma->vm_pgoff < vma_pages(vma)) /* mutant: next-vma-first-page-only */
+			return vma;
+	return NULL;
+}
+
 bool hugepoke_uffd_armed(struct vm_area_struct *vma)
 {
 	return userfaultfd_armed(vma);

@@ -62,6 +62,10 @@ void hugepoke_invalidate_start(struct mmu_notifier_range *range,
 			       struct mm_struct *mm, unsigned long start,
 			       unsigned long end);
 void hugepoke_invalidate_end(struct mmu_notifier_range *range);
+struct vm_area_struct *hugepoke_next_vma_mapping(struct mm_struct *mm,
+						 unsigned long addr,
+						 struct address_space *mapping,
+						 pgoff_t pgoff);
 bool hugepoke_uffd_armed(struct vm_area_struct *vma);
 bool hugepoke_uffd_missing(struct vm_area_struct *vma);
 bool hugepoke_uffd_wp(struct vm_area_struct *vma);

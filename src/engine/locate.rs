@@ -91,7 +91,7 @@ pub(crate) fn find_anon_copy<'a>(
 ) -> Result<Look<'a>, Refused> {
     let mut seen = Seen::default();
     let mut cursor = 0;
-    while let Some(vma) = guard.find_vma(cursor) {
+    while let Some(vma) = guard.next_vma_mapping(cursor, site.mapping, site.pgoff) {
         cursor = vma.end();
         let info = sys::vma_info(vma);
         let page_addr = policy::address_in(site, &info).map(|a| a & PAGE_MASK); // mutant: address-identity/2 address-identity-remap

@@ -181,7 +181,8 @@ fn patch_locked(
     let mut plan = Plan::build(hp, &guard, state, req, order, who)?;
     if state.patches.live_sites() + plan.sites.len() > uapi::MAX_TARGET_SITES {
         // mutant: no-site-cap
-        let why = "the target would have more than 131,072 live sites, the most one target may have";
+        let why =
+            "the target would have more than 131,072 live sites, the most one target may have";
         return Err(hp.journal.fail(ev(Step::Patch), ENOSPC, why).into());
     }
     // Room for the records first: once the bytes are written, nothing may fail.

@@ -6,7 +6,10 @@
 use core::ptr::NonNull;
 use kernel::{bindings, mm::virt::VmaRef, mm::MmWithUser, prelude::*, types::NotThreadSafe};
 
-use super::{folio::PageRef, hugepoke_mmap_write_lock_killable, hugepoke_mmap_write_unlock};
+use super::{
+    folio::PageRef, hugepoke_mmap_write_lock_killable, hugepoke_mmap_write_unlock,
+    hugepoke_next_vma_mapping,
+};
 
 /// A target's mmap lock, held for writing while PATCH and RESTORE look,
 /// check and write, as uprobes holds it: `/proc/PID/mem` and ptrace pokes
@@ -44,6 +47,29 @@ impl<'a> MmapWriteGuard<'a> {
         // is stable and the VMA returned stays valid as long as the borrow.
         unsafe {
             let vma = bindings::find_vma(self.mm.as_raw(), addr as _);
+            (!vma.is_null()).then(|| VmaRef::from_raw(vma))
+        }
+    }
+
+    /// The first VMA at or above `addr` whose file is `mapping` (an
+    /// `address_space`, as [`super::VmaInfo`] gives it) and that covers
+    /// its page `pgoff`: a filter for walks that look for one file page.
+    pub(crate) fn next_vma_mapping(
+        &self,
+        addr: usize,
+        mapping: usize,
+        pgoff: usize,
+    ) -> Option<&VmaRef> {
+        // SAFETY: by the type invariant the mmap lock is held, so the VMA
+        // tree is stable while the helper walks it and the VMA returned
+        // stays valid as long as the borrow; `mapping` is only compared.
+        unsafe {
+            let vma = hugepoke_next_vma_mapping(
+                self.mm.as_raw(),
+                addr,
+                mapping as *mut bindings::address_space,
+                pgoff,
+            );
             (!vma.is_null()).then(|| VmaRef::from_raw(vma))
         }
     }

@@ -160,6 +160,12 @@ extern "C" {
         end: usize,
     );
     fn hugepoke_invalidate_end(range: *mut bindings::mmu_notifier_range);
+    fn hugepoke_next_vma_mapping(
+        mm: *mut bindings::mm_struct,
+        addr: usize,
+        mapping: *mut bindings::address_space,
+        pgoff: usize,
+    ) -> *mut bindings::vm_area_struct;
     fn hugepoke_uffd_armed(vma: *mut bindings::vm_area_struct) -> bool;
     fn hugepoke_uffd_missing(vma: *mut bindings::vm_area_struct) -> bool;
     fn hugepoke_uffd_wp(vma: *mut bindings::vm_area_struct) -> bool;
