@@ -52,10 +52,21 @@ pub struct Bench {
     /// Each phase of the run, in order, with the host's load around it.
     #[serde(default)]
     pub phases: Vec<Phase>,
+    /// Ratios between two methods' medians, taken round by round.
+    #[serde(default)]
+    pub ratios: Vec<Ratio>,
     /// What khugepaged did during the run (asleep: only the methods' own
     /// work brings a PMD back).
     #[serde(default)]
     pub khugepaged: String,
+}
+
+/// One method's median over another's, in each round of a phase whose
+/// rounds alternate which goes first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ratio {
+    pub label: String,
+    pub per_round: Vec<f64>,
 }
 
 /// One phase of a run: its name, how long it took, and the host's
@@ -487,6 +498,18 @@ pub fn markdown(b: &Bench) -> String {
     if !b.site_costs.is_empty() {
         out.push_str(&site_cost_table(&b.site_costs, b.accel != "kvm"));
     }
+    if !b.ratios.is_empty() {
+        out.push_str("\n| ratio of medians | each round, in run order | median of the rounds |\n| --- | --- | --- |\n");
+        for r in &b.ratios {
+            let each: Vec<String> = r.per_round.iter().map(|x| format!("{x:.2}×")).collect();
+            out.push_str(&format!(
+                "| {} | {} | {} |\n",
+                md_escape(&r.label),
+                each.join(", "),
+                spread(&r.per_round, |x| format!("{x:.2}×"))
+            ));
+        }
+    }
     if !b.phases.is_empty() {
         out.push_str(&phase_table(&b.phases));
     }
@@ -584,6 +607,7 @@ pub(crate) mod tests {
             )],
             site_costs: vec![],
             machine: String::new(),
+            ratios: vec![],
             phases: vec![],
             khugepaged: String::new(),
         }
@@ -699,6 +723,15 @@ pub(crate) mod tests {
             "{md}"
         );
         assert!(md.contains("khugepaged: asleep for the run. "), "{md}");
+        b.ratios = vec![Ratio {
+            label: "a : b".into(),
+            per_round: vec![2.0, 1.0, 3.0],
+        }];
+        let md = markdown(&b);
+        assert!(
+            md.contains("| a : b | 2.00×, 1.00×, 3.00× | 2.00× (1.00×–3.00×) |"),
+            "{md}"
+        );
         assert!(md.contains("The run's phases, 2 min 6 s in all"), "{md}");
         assert!(
             md.contains("| one | 1.5 s | 0.10 0.20 0.30 | 1.10 0.40 0.30 |"),

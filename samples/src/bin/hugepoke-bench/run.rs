@@ -11,6 +11,8 @@ use hugepoke::device::{journal_seq, Device, PatchRequest};
 use hugepoke::testkit::text::{self, mov_eax_ret, original_value, PAGE, PAGES, THP_SIZE};
 use std::ffi::CString;
 
+#[path = "calls.rs"]
+mod calls;
 #[path = "cli.rs"]
 mod cli;
 #[path = "file.rs"]
@@ -140,6 +142,7 @@ struct Run {
     throughput: Vec<Throughput>,
     uprobe_sleeps: Vec<Stack>,
     site_costs: Vec<SiteCost>,
+    ratios: Vec<crate::report::Ratio>,
     /// The caller and its targets are pinned to one CPU (see `same_cpu`).
     same_cpu: bool,
 }
@@ -161,6 +164,7 @@ pub fn run(o: &Options) -> Bench {
         throughput: Vec::new(),
         uprobe_sleeps: Vec::new(),
         site_costs: Vec::new(),
+        ratios: Vec::new(),
         same_cpu: false,
     };
     let cpu_clock_overhead_ns = calibrate();
@@ -186,6 +190,7 @@ pub fn run(o: &Options) -> Bench {
             r.same_cpu(|r| r.proc_mem(true))
         }),
         ("/proc/PID/mem, idle target", |r| r.proc_mem(false)),
+        ("single calls on a copied page", |r| r.calls_on_a_copy()),
         ("8 sites per target", |r| r.scale(8)),
         ("64 sites per target", |r| r.scale(64)),
         ("512 sites per target", |r| r.scale(512)),
@@ -269,6 +274,7 @@ pub fn run(o: &Options) -> Bench {
         uprobe_sleeps: r.uprobe_sleeps,
         site_costs: r.site_costs,
         machine: o.machine.clone(),
+        ratios: r.ratios,
         phases: done,
         khugepaged,
     }
