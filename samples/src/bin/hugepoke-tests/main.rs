@@ -115,6 +115,7 @@ const SUITE: &[&[Test]] = &[
 const BASE_ONLY: &[&str] = &[
     "bpftrace_counts_steps_per_pid_and_times_patch",
     "collapse_after_gdb_set_and_removed_a_breakpoint",
+    "killed_restore_waiting_for_the_mmap_lock_keeps_the_patch",
     "real_python3_library_function_by_symbol",
 ];
 
