@@ -36,7 +36,9 @@ impl Run {
         let mut restore = Row::new(&format!("file.restore.{n}"), &format!("RESTORE of a file patch per process, {n} {what}"),
             &format!("RESTORE of that handle: RESTORE in each of the {n} {what} in turn (bytes back, copy zapped, collapse queued; it installs the PMD after), divided by {n}"),
             "every process holds the file's bytes after it");
-        let cycles = (self.cycles * 8).div_ceil(n).clamp(10, self.cycles);
+        let cycles = (self.cycles * 8)
+            .div_ceil(n)
+            .clamp(self.cycles.min(10), self.cycles);
         let mems: Vec<Mem> = targets.iter().map(|(t, _)| Mem::open(t.pid)).collect();
         let mut want: Vec<i32> = targets.iter().map(|(t, _)| t.pid).collect();
         want.sort_unstable();

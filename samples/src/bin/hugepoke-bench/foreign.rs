@@ -17,7 +17,9 @@ impl Run {
     /// nothing changes), then COLLAPSE (every copy dropped, the PMD
     /// installed).  Cycles enough for 10+ samples.
     pub(super) fn foreign(&mut self, copies: usize) {
-        let cycles = (self.cycles * 16).div_ceil(copies).clamp(10, self.cycles);
+        let cycles = (self.cycles * 16)
+            .div_ceil(copies)
+            .clamp(self.cycles.min(10), self.cycles);
         let what = if copies == 1 { "copy" } else { "copies" };
         let mut madvise = Row::new(&format!("foreign.madvise.{copies}"), &format!("MADV_COLLAPSE alone, {copies} foreign {what}"),
             &format!("process_madvise(pidfd, MADV_COLLAPSE) of the 2 MiB text range of an idle target on which a /proc/PID/mem writer left {copies} anonymous {what} equal to the page cache (new bytes written and the originals written back)"),

@@ -215,14 +215,21 @@ impl Run {
         file
     }
 
-    /// 10,000 sites by PATCH_BATCH: `MAX_BATCH` sites a call (3 calls),
-    /// then RESTORE of the 3 handles; --install-pmd, so the PMD comes back
-    /// without a fault.
+    /// 10,000 sites by PATCH_BATCH: `MAX_BATCH` sites a call (one call
+    /// since it is 16,384), then RESTORE of the handles; --install-pmd, so
+    /// the PMD comes back without a fault.
     pub(super) fn many_batch(&mut self) {
         let cycles = (self.cycles / 10).max(1);
         let file = self.many_file("bench-sites.bin");
         let calls = SITES.div_ceil(MAX_BATCH);
-        let split = format!("{calls} calls of at most {MAX_BATCH} sites");
+        let split = match calls {
+            1 => format!("one call; at most {MAX_BATCH} sites a call"),
+            n => format!("{n} calls of at most {MAX_BATCH} sites"),
+        };
+        let (these, batches) = match calls {
+            1 => ("that".to_string(), "batch"),
+            n => (format!("those {n}"), "batches"),
+        };
         let checked = "the whole 2 MiB text read back after the last call of each half (int3 at exactly the 10,000 sites, then the nops again); pagemap: exactly the 100 site pages on anonymous copies after PATCH_BATCH, all 512 on their page-cache pages after RESTORE; the PMD back; journal spans inside the calls";
         let mut patch = Row::new("many.batch.patch", &format!("PATCH_BATCH, 10,000 sites ({split})"),
             &format!("the {calls} PATCH_BATCH ioctls of one cycle, summed: 1-byte sites (int3 over a nop, expected bytes checked) on 100 pages of a fresh idle target's PMD-mapped text, 100 a page; one PMD split, one COW per page"), checked);
@@ -232,7 +239,7 @@ impl Run {
             "journal `patched` minus `patch` time_ns of each call, summed over the cycle's calls",
             "",
         );
-        let mut restore = Row::new("many.batch.restore", &format!("RESTORE of those {calls} batches"),
+        let mut restore = Row::new("many.batch.restore", &format!("RESTORE of {these} {batches}"),
             &format!("the {calls} RESTORE ioctls of the cycle, summed: every site written back, the 100 copies zapped, one collapse queued"), checked);
         let mut restore_mod = Row::new(
             "many.batch.restore.module",
@@ -553,6 +560,7 @@ impl Run {
         let how = match (live, batched) {
             (0, _) => "no other live site in the target (the PMD split and collapsed each cycle)"
                 .to_string(),
+            (1, true) => "1 other live site in the target".to_string(),
             (n, true) => match n.div_ceil(MAX_BATCH) {
                 1 => format!("{n} other live sites in the target, 1 batch"),
                 b => format!("{n} other live sites in the target, {b} batches"),
