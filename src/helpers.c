@@ -414,7 +414,7 @@ struct vm_area_struct *hugepoke_next_vma_mapping(struct mm_struct *mm,
 	for_each_vma(vmi, vma)
 		if (vma->vm_file && vma->vm_file->f_mapping == mapping && /* mutant: address-identity-remap/2 */
 		    pgoff >= vma->vm_pgoff &&
-		    pgoff - vma->vm_pgoff < vma_pages(vma)) /* mutant: next-vma-first-page-only */
+		    pgoff - vma->vm_pgoff < vma_pages(vma)) /* mutant: next-vma-first-page-only next-vma-last-page-missed next-vma-first-page-missed */
 			return vma;
 	return NULL;
 }

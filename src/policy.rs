@@ -60,6 +60,7 @@ pub(crate) fn check_file_args(args: &PatchFileArgs) -> Result<(), Refusal> {
     )
     .map_err(|why| Refusal::new(EINVAL, why))?;
     if args.count == 0 || args.count as usize > MAX_BATCH {
+        // mutant: file-count-unchecked
         return Err(Refusal::new(EINVAL, "a batch holds 1 to 16384 sites"));
     }
     if args.reserved != 0 {

@@ -635,7 +635,8 @@ mod hugepoke {
     }
 
     /// PATCH_BATCH's header checks, before any site is read: size, flags
-    /// (a site's own flag is no batch flag), count 1 to 16384.
+    /// (a site's own flag is no batch flag), count 1 to 16384; and
+    /// PATCH_FILE's count, held to the same bounds.
     #[test]
     fn batch_arguments_are_checked_before_the_sites() {
         use crate::policy::check_batch_args;
@@ -666,6 +667,25 @@ mod hugepoke {
             },
             "flag bits"
         ));
+        // PATCH_FILE's sites are a batch: the same bounds on their count.
+        use crate::{policy::check_file_args, uapi::PatchFileArgs};
+        let file = PatchFileArgs {
+            size: core::mem::size_of::<PatchFileArgs>() as u32,
+            count: 1,
+            ..Default::default()
+        };
+        let refused = |a: PatchFileArgs| matches!(check_file_args(&a), Err(r) if r.errno == EINVAL && r.why.contains("1 to 16384"));
+        assert!(check_file_args(&file).is_ok());
+        assert!(check_file_args(&PatchFileArgs {
+            count: 16384,
+            ..file
+        })
+        .is_ok());
+        assert!(refused(PatchFileArgs { count: 0, ..file }));
+        assert!(refused(PatchFileArgs {
+            count: 16385,
+            ..file
+        }));
     }
 
     #[test]

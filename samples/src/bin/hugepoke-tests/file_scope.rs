@@ -259,7 +259,7 @@ fn patch_file(
 
 /// Bad input is refused with its errno and reason, and changes nothing:
 /// no CAP_SYS_ADMIN, a bad fd, a directory, a site past EOF, unknown
-/// flags, no room for the pids, a file nobody maps, and a process that
+/// flags, more sites than a batch holds, no room for the pids, a file nobody maps, and a process that
 /// maps the site's page at two addresses.
 pub(crate) fn patch_file_refuses_bad_input_with_a_reason() -> TestResult {
     let mut t = Target::spawn(&[])?;
@@ -276,7 +276,7 @@ pub(crate) fn patch_file_refuses_bad_input_with_a_reason() -> TestResult {
         code == libc::EPERM,
         "PATCH_FILE as nobody: {code}, want EPERM"
     );
-    let cases: [(&str, PatchFileArgs, &[uapi::BatchSite], i32, &str); 4] = [
+    let cases: [(&str, PatchFileArgs, &[uapi::BatchSite], i32, &str); 5] = [
         (
             "bad fd",
             PatchFileArgs { fd: 999, ..ok },
@@ -300,6 +300,16 @@ pub(crate) fn patch_file_refuses_bad_input_with_a_reason() -> TestResult {
             &site,
             libc::E2BIG,
             "room",
+        ),
+        (
+            "more sites than a batch holds",
+            PatchFileArgs {
+                count: uapi::MAX_BATCH as u32 + 1,
+                ..ok
+            },
+            &site,
+            libc::EINVAL,
+            "a batch holds 1 to 16384 sites",
         ),
         (
             "a site past EOF",
