@@ -11,10 +11,13 @@
 //!       PHASE's `|`-separated parts, for trying one out)
 //!   hugepoke-bench report BENCH.json    the README's Markdown table, on stdout
 //!   hugepoke-bench svg BENCH.json       the latency chart, on stdout
+//!   hugepoke-bench profile SCRIPT.txt MADE-BY   where single calls spend
+//!       their time, from `perf script -F ip,sym` (scripts/profile-calls)
 //!
 //! `scripts/bench` runs all three.
 
 mod probe;
+mod profile;
 mod report;
 mod run;
 mod stats;
@@ -24,7 +27,7 @@ mod trace;
 use report::Bench;
 
 fn usage() -> ! {
-    eprintln!("usage: hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR] [--accel tcg|kvm] [--only PHASE] [--machine STR] [--host-load-file FILE] | report BENCH.json | svg BENCH.json");
+    eprintln!("usage: hugepoke-bench run CYCLES OUT.json [--command STR] [--commit STR] [--host-load STR] [--accel tcg|kvm] [--only PHASE] [--machine STR] [--host-load-file FILE] | report BENCH.json | svg BENCH.json | profile SCRIPT.txt MADE-BY");
     std::process::exit(2)
 }
 
@@ -91,6 +94,13 @@ fn main() {
         }
         Some("report") if args.len() == 2 => print!("{}", report::markdown(&load(&args[1]))),
         Some("svg") if args.len() == 2 => print!("{}", svg::chart(&load(&args[1]))),
+        Some("profile") if args.len() == 3 => match std::fs::read_to_string(&args[1]) {
+            Ok(text) => print!("{}", profile::markdown(&profile::parse(&text), &args[2])),
+            Err(e) => {
+                eprintln!("hugepoke-bench: reading {}: {e}", args[1]);
+                std::process::exit(1)
+            }
+        },
         _ => usage(),
     }
 }
