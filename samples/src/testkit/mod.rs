@@ -7,9 +7,11 @@
 //! - [`target`]: spawning and asking a `thp-target` process.
 //! - [`backing`]: the filesystems and tmpfs mounts the text is put on.
 //! - [`check_state`]: what hugepoke-stress shares with its target's checkers.
+//! - [`khugepaged`]: khugepaged held asleep.
 
 pub mod backing;
 pub mod check_state;
+pub mod khugepaged;
 pub mod target;
 pub mod text;
 pub mod thp;

@@ -8,6 +8,7 @@ use crate::report::{Bench, Bound, Phase, Row, SiteCost, Stack, Throughput, SCHEM
 use crate::stats::median;
 use crate::trace::{off_cpu, SchedTrace};
 use hugepoke::device::{journal_seq, Device, PatchRequest};
+use hugepoke::testkit::khugepaged;
 use hugepoke::testkit::text::{self, mov_eax_ret, original_value, PAGE, PAGES, THP_SIZE};
 use std::ffi::CString;
 
@@ -66,21 +67,11 @@ impl Options {
     }
 }
 
-const KHUGEPAGED: &str = "/sys/kernel/mm/transparent_hugepage/khugepaged";
-
+/// A khugepaged tunable or counter (the run fails if it cannot be read).
 fn khugepaged_read(name: &str) -> String {
-    let v = std::fs::read_to_string(format!("{KHUGEPAGED}/{name}"));
-    check!(v.is_ok(), "reading {KHUGEPAGED}/{name}: {:?}", v.err());
-    v.unwrap().trim().to_string()
-}
-
-fn khugepaged_write(name: &str, value: &str) {
-    let w = std::fs::write(format!("{KHUGEPAGED}/{name}"), value);
-    check!(
-        w.is_ok(),
-        "writing {value} to {KHUGEPAGED}/{name}: {:?}",
-        w.err()
-    );
+    let v = khugepaged::read(name);
+    check!(v.is_ok(), "reading khugepaged's {name}: {:?}", v.err());
+    v.unwrap()
 }
 
 /// Puts khugepaged to sleep for `f` (a day between scans; the scan the
@@ -106,8 +97,13 @@ fn khugepaged_asleep(huge_file: &str, f: impl FnOnce()) -> String {
         )
     };
     check!(keep != libc::MAP_FAILED, "mapping {huge_file}");
-    let sleep = khugepaged_read("scan_sleep_millisecs");
-    khugepaged_write("scan_sleep_millisecs", "86400000");
+    let asleep = khugepaged::Asleep::new(86_400_000);
+    check!(
+        asleep.is_ok(),
+        "putting khugepaged to sleep: {:?}",
+        asleep.err()
+    );
+    let asleep = asleep.unwrap();
     std::thread::sleep(std::time::Duration::from_secs(2));
     let (collapsed, scans) = (
         khugepaged_read("pages_collapsed"),
@@ -118,7 +114,8 @@ fn khugepaged_asleep(huge_file: &str, f: impl FnOnce()) -> String {
         khugepaged_read("pages_collapsed"),
         khugepaged_read("full_scans"),
     );
-    khugepaged_write("scan_sleep_millisecs", &sleep);
+    let sleep = asleep.before().to_string();
+    drop(asleep);
     // SAFETY: the mapping made above, used by nothing.
     unsafe { libc::munmap(keep, len) };
     check!(

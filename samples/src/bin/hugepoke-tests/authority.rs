@@ -271,7 +271,7 @@ impl Drop for Uprobe {
 /// the page cache) and the module's own collapse gives the PMD back.
 pub(crate) fn restore_finding_the_originals_zaps_and_collapses() -> TestResult {
     const PAGE: usize = 42;
-    let _khugepaged = KhugepagedAsleep::new()?;
+    let _khugepaged = khugepaged_asleep()?;
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
     let dev = io(Device::open())?;

@@ -237,29 +237,14 @@ pub(crate) fn helper_exit_code(args: &[&str]) -> Result<i32, String> {
         .ok_or(format!("helper {args:?} killed: {status}"))
 }
 
-const KHUGEPAGED_SLEEP: &str =
-    "/sys/kernel/mm/transparent_hugepage/khugepaged/scan_sleep_millisecs";
-
 /// khugepaged put to sleep for an hour, and woken as before on drop.  The
 /// target's text is MADV_HUGEPAGE: once RESTORE has made the range all
 /// page cache, khugepaged collapses it as readily as the module's work
 /// (seen: "after RESTORE: PMD-mapped THP", the module's work still parked).
 /// Writing the sleep wakes it for one pass at once, then it sleeps (other
 /// wake-ups do not end the sleep early): make it before the target exists.
-pub(crate) struct KhugepagedAsleep(String);
-
-impl KhugepagedAsleep {
-    pub(crate) fn new() -> Result<Self, String> {
-        let old = io(std::fs::read_to_string(KHUGEPAGED_SLEEP))?;
-        io(std::fs::write(KHUGEPAGED_SLEEP, "3600000"))?;
-        Ok(Self(old.trim().to_string()))
-    }
-}
-
-impl Drop for KhugepagedAsleep {
-    fn drop(&mut self) {
-        let _ = std::fs::write(KHUGEPAGED_SLEEP, &self.0);
-    }
+pub(crate) fn khugepaged_asleep() -> Result<hugepoke::testkit::khugepaged::Asleep, String> {
+    io(hugepoke::testkit::khugepaged::Asleep::new(3_600_000))
 }
 
 /// The module's own collapse of the 2 MiB range at `range` in `pid`,

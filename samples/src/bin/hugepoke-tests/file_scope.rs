@@ -65,7 +65,7 @@ fn pmd_back(ts: &mut [&mut Target]) -> TestResult {
 /// as a site in each process; RESTORE of that handle gives both their
 /// bytes and their PMD back.  Without `--persist`, closing restores both.
 pub(crate) fn patch_file_reaches_every_process_and_restore_takes_it_back() -> TestResult {
-    let _khugepaged = KhugepagedAsleep::new()?;
+    let _khugepaged = khugepaged_asleep()?;
     let (path, mut a, mut b) = two_mappers("shared-patch.bin")?;
     let orig = text::original_value(PAGE);
     let off = format!("{OFFSET:#x}");
@@ -196,7 +196,7 @@ pub(crate) fn patch_file_reaches_every_process_and_restore_takes_it_back() -> Te
 /// at the site, so it refuses (EILSEQ: not the file's bytes); the first,
 /// already patched, is restored, and the other tool's change is kept.
 pub(crate) fn patch_file_is_all_or_none() -> TestResult {
-    let _khugepaged = KhugepagedAsleep::new()?;
+    let _khugepaged = khugepaged_asleep()?;
     let (path, mut a, b) = two_mappers("shared-all-or-none.bin")?;
     let at = b.page_addr(PAGE);
     let file = file_bytes(&b, at, 1)?;
@@ -365,7 +365,7 @@ pub(crate) fn patch_file_refuses_bad_input_with_a_reason() -> TestResult {
 /// (EAGAIN) rather than written into that other file's page, and the
 /// first process is restored.
 pub(crate) fn patch_file_never_writes_into_another_file_mapped_since_the_walk() -> TestResult {
-    let _khugepaged = KhugepagedAsleep::new()?;
+    let _khugepaged = khugepaged_asleep()?;
     let (path, mut a, mut b) = two_mappers("shared-swapped.bin")?;
     let site = batch_site(OFFSET, &text::mov_eax_ret(4242), None);
     let result = parked_file_patch(&path, site, b.pid, || {
@@ -397,7 +397,7 @@ pub(crate) fn patch_file_never_writes_into_another_file_mapped_since_the_walk() 
 /// root-opened fd may QUERY, drop or RESTORE the handle.  RESTORE_DROP of
 /// a file handle forgets every process's patch and writes nothing.
 pub(crate) fn patch_file_restore_keeps_a_process_that_refuses() -> TestResult {
-    let _khugepaged = KhugepagedAsleep::new()?;
+    let _khugepaged = khugepaged_asleep()?;
     let (path, mut a, mut b) = two_mappers("shared-refuses.bin")?;
     let dev = io(Device::open())?;
     let file = io(std::fs::File::open(&path))?;

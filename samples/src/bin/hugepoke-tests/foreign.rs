@@ -198,7 +198,7 @@ pub(crate) fn collapse_keeps_a_pinned_copy() -> TestResult {
 /// copy (and says it is ours) but drops an identical copy beside it; after
 /// RESTORE the module's own collapse maps the PMD.
 pub(crate) fn collapse_keeps_a_live_hugepoke_patch() -> TestResult {
-    let _khugepaged = KhugepagedAsleep::new()?;
+    let _khugepaged = khugepaged_asleep()?;
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
     let dev = io(Device::open())?;
@@ -226,7 +226,7 @@ pub(crate) fn collapse_keeps_a_live_hugepoke_patch() -> TestResult {
 /// (removing it): its poke and unpoke leave a copy equal to the page
 /// cache, which COLLAPSE drops, and the PMD is back.
 pub(crate) fn collapse_after_gdb_set_and_removed_a_breakpoint() -> TestResult {
-    let _khugepaged = KhugepagedAsleep::new()?;
+    let _khugepaged = khugepaged_asleep()?;
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
     let at = t.page_addr(40);
@@ -275,7 +275,7 @@ pub(crate) fn collapse_after_gdb_set_and_removed_a_breakpoint() -> TestResult {
 /// reference); `hugepoke collapse` gives it back and exits 0.
 pub(crate) fn collapse_after_a_uprobe_came_and_went() -> TestResult {
     const PAGE: usize = 50;
-    let _khugepaged = KhugepagedAsleep::new()?;
+    let _khugepaged = khugepaged_asleep()?;
     // A file of its own: a probe left behind must not reach other tests.
     let thp_dir = std::env::var("HUGEPOKE_THP_DIR").map_err(|_| "HUGEPOKE_THP_DIR not set")?;
     let path = format!("{thp_dir}/uprobed-collapse.bin");
@@ -380,7 +380,7 @@ pub(crate) fn collapse_refuses_bad_input_with_a_reason() -> TestResult {
 /// the child's pid; the close of the file that made a patch does the same.
 pub(crate) fn restore_takes_the_patch_back_from_a_forked_child() -> TestResult {
     const PAGE: usize = 70;
-    let _khugepaged = KhugepagedAsleep::new()?;
+    let _khugepaged = khugepaged_asleep()?;
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
     let dev = io(Device::open())?;
@@ -1042,7 +1042,7 @@ fn pfn_of(pid: i32, addr: u64) -> Result<u64, String> {
 /// page-cache page, PMD-mapped again.
 pub(crate) fn restore_reaches_an_orphan_after_the_target_exited() -> TestResult {
     const PAGE: usize = 78;
-    let _khugepaged = KhugepagedAsleep::new()?;
+    let _khugepaged = khugepaged_asleep()?;
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
     let dev = io(Device::open())?;
@@ -1125,7 +1125,7 @@ tests! {
 /// each with a copy a writer left; both get the PMD back, and the report
 /// names both.
 pub(crate) fn collapse_file_reaches_every_process_that_maps_it() -> TestResult {
-    let _khugepaged = KhugepagedAsleep::new()?;
+    let _khugepaged = khugepaged_asleep()?;
     let thp_dir = std::env::var("HUGEPOKE_THP_DIR").map_err(|_| "HUGEPOKE_THP_DIR not set")?;
     let path = format!("{thp_dir}/shared-collapse.bin");
     io(std::fs::write(&path, text::blob()))?;

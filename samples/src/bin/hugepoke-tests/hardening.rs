@@ -824,7 +824,7 @@ pub(crate) fn rmmod_waits_for_the_last_close() -> TestResult {
 /// made writable) is abandoned as it is.  (Loads the module again.)
 pub(crate) fn module_unload_restores_persistent_patches() -> TestResult {
     // khugepaged asleep: the collapses must be the module's, at unload.
-    let _khugepaged = KhugepagedAsleep::new()?;
+    let _khugepaged = khugepaged_asleep()?;
     let root = std::env::var("HUGEPOKE_ROOT").map_err(|_| "HUGEPOKE_ROOT not set")?;
     let ko = format!("{root}/src/hugepoke.ko");
     let mut t = Target::spawn(&[])?;

@@ -89,7 +89,7 @@ pub(crate) fn restore_finds_copies_on_the_edge_pages_of_a_mapping() -> TestResul
 /// its new address, restores it there, and the PMD comes back there.
 pub(crate) fn restore_follows_mremap() -> TestResult {
     // khugepaged asleep: the collapse after RESTORE must be the module's.
-    let _khugepaged = KhugepagedAsleep::new()?;
+    let _khugepaged = khugepaged_asleep()?;
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
     let dev = io(Device::open())?;

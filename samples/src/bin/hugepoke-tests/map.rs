@@ -79,7 +79,7 @@ fn thp_cells(m: &Value, head: u64, kind: &str, except: Option<usize>) -> TestRes
 }
 
 pub(crate) fn map_shows_patch_restore_and_collapse() -> TestResult {
-    let _khugepaged = KhugepagedAsleep::new()?;
+    let _khugepaged = khugepaged_asleep()?;
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
     const PAGE: usize = 7;

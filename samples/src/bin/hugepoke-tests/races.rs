@@ -842,7 +842,7 @@ fn warm(t: &mut Target) -> TestResult {
 /// now has an anon_vma anyway).
 pub(crate) fn failed_patch_after_its_split_gives_the_pmd_back() -> TestResult {
     const PAGE: usize = 61;
-    let _asleep = KhugepagedAsleep::new()?;
+    let _asleep = khugepaged_asleep()?;
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     warm(&mut t)?;
@@ -880,7 +880,7 @@ pub(crate) fn failed_patch_after_its_split_gives_the_pmd_back() -> TestResult {
 /// and still collapses the range, which would otherwise stay PTE-mapped.
 pub(crate) fn restore_after_the_target_dropped_its_copy_collapses() -> TestResult {
     const PAGE: usize = 62;
-    let _asleep = KhugepagedAsleep::new()?;
+    let _asleep = khugepaged_asleep()?;
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     let dev = io(Device::open())?;
@@ -911,7 +911,7 @@ pub(crate) fn restore_after_the_target_dropped_its_copy_collapses() -> TestResul
 /// is the file's, and the range is PMD-mapped again.
 pub(crate) fn killed_batch_is_undone_by_a_worker() -> TestResult {
     use std::process::{Command, Stdio};
-    let _asleep = KhugepagedAsleep::new()?;
+    let _asleep = khugepaged_asleep()?;
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     let sites = std::env::temp_dir().join("hugepoke-killed-worker.sites");
