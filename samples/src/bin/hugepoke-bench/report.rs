@@ -381,7 +381,7 @@ fn throughput_table(rows: &[Throughput]) -> String {
 /// PATCH_BATCH's (or the RESTORE of batches') it is.
 fn site_cost_table(costs: &[SiteCost], tcg: bool) -> String {
     let mut out = String::from(
-        "\n| 10,000 sites on 100 pages of one THP | sites | calls | wall, all calls | per site (total / sites) | vs the batch | per site (median sample) | vs the batch | on caller's CPU per site | module time per site (journal) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "\n| 10,000 sites (100 on each of 100 pages of one THP; rows marked libLLVM: 10,000 of its functions) | sites | calls | wall, all calls | per site (total / sites) | vs the 100-page batch | per site (median sample) | vs the 100-page batch | on caller's CPU per site | module time per site (journal) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let times = |a: Option<i64>, b: Option<i64>| match (a, b) {
         (Some(a), Some(b)) if b > 0 => format!("{:.1}×", a as f64 / b as f64),

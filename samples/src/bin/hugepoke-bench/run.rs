@@ -116,15 +116,20 @@ fn khugepaged_asleep(huge_file: &str, f: impl FnOnce()) -> String {
     );
     let sleep = asleep.before().to_string();
     drop(asleep);
+    let after = khugepaged_read("scan_sleep_millisecs");
+    check!(
+        after == sleep,
+        "khugepaged's sleep is {after} after the run, was {sleep}"
+    );
     // SAFETY: the mapping made above, used by nothing.
     unsafe { libc::munmap(keep, len) };
     check!(
-        collapsed == collapsed2,
-        "khugepaged collapsed pages during the run ({collapsed} then {collapsed2})"
+        collapsed == collapsed2 && scans == scans2,
+        "khugepaged worked during the run (pages_collapsed {collapsed} then {collapsed2}, full_scans {scans} then {scans2})"
     );
     format!(
         "asleep for the whole run (scan_sleep_millisecs 86400000, {sleep} before and after), \
-         collapsed nothing during it (pages_collapsed {collapsed} before and after; full_scans {scans} then {scans2})"
+         finished no scan and collapsed nothing during it (pages_collapsed {collapsed}, full_scans {scans}, before and after)"
     )
 }
 
