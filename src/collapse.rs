@@ -89,15 +89,17 @@ pub(crate) fn queue_collapse(
         }),
         GFP_KERNEL,
     );
+    // Without memory for the work, collapse here rather than leave the
+    // range PTE-mapped (seen by fail-nth: hugepoke-faults).
     let Ok(work) = work else {
         hp.journal
-            .record(ev.error(ENOMEM, "no memory for the collapse work"));
-        return;
+            .record(ev.note("no memory for the collapse work; collapsing synchronously"));
+        return collapse_here(hp, target, state, site, haddr, install_pmd);
     };
     if state.pending_collapses.push(key, GFP_KERNEL).is_err() {
         hp.journal
-            .record(ev.error(ENOMEM, "no memory for the collapse work"));
-        return;
+            .record(ev.note("no memory to track the collapse work; collapsing synchronously"));
+        return collapse_here(hp, target, state, site, haddr, install_pmd);
     }
     let _ = hp.workqueue.queue().enqueue(work); // mutant: leak-collapse-work collapse-never-runs
     hp.journal.record(ev.note(if install_pmd {
@@ -105,6 +107,24 @@ pub(crate) fn queue_collapse(
     } else {
         "collapse_pte_mapped_thp(install_pmd=false) queued"
     }));
+}
+
+/// The collapse of the range at `haddr`, run here: the caller holds the
+/// target's state and not the mmap lock, as the work would.
+fn collapse_here(
+    hp: &Hugepoke,
+    target: &Target,
+    state: &TargetState,
+    site: &Site,
+    haddr: usize,
+    install_pmd: bool,
+) {
+    let outcome = collapse_range(state, target, haddr, range_key(site), install_pmd);
+    record_outcome(
+        hp,
+        Event::new(Step::Collapse).pid(site.pid).addr(haddr),
+        outcome,
+    );
 }
 
 /// The collapse of the range at `haddr` when the module unloads: run here,

@@ -1,0 +1,445 @@
+//! Injected faults: every allocation that PATCH, PATCH_BATCH, RESTORE and
+//! COLLAPSE make — the module's own, and the kernel's under it: GUP's
+//! faults, page tables, the COW copy, the split — made to fail in turn.
+//!
+//!   hugepoke-faults [--max N]
+//!
+//! How: `/proc/thread-self/fail-nth` = n fails the nth fault-injection
+//! point this thread passes (then reads back 0); failslab and
+//! fail_page_alloc are set to count only allocations with the module's
+//! text on the stack (`require-start`/`require-end`), of every size, order
+//! and GFP mode.  For each operation, n = 1, 2, ... until a call passes
+//! all its points without reaching n (or N, default 400).  After each
+//! injected fault:
+//! - a call that failed returned an errno, and the target is as it was:
+//!   PATCH and PATCH_BATCH left no patch and the file's bytes; RESTORE
+//!   kept the patch (its bytes run, the handle listed) and a second,
+//!   uninjected RESTORE gives the file's bytes back; COLLAPSE left the
+//!   file's bytes;
+//! - a call that succeeded anyway did its whole job (a fault the kernel
+//!   retried or worked around);
+//! - either way, once the state is set back (RESTORE, COLLAPSE), the text
+//!   is the file's byte for byte, has no anonymous memory and is PMD-mapped
+//!   within 10 s (khugepaged is asleep: the module's collapse), and the
+//!   module lists no patch.
+//!
+//! A fault after which any of that fails is "lost".  Prints one line
+//! `# faults: N injected, L lost (...)` and a `# lost:` line for each; exits
+//! 1 if any was lost or injection could not be set up.  Leaks are
+//! reported by the runner: the module's live counts at unload and, in the
+//! debug flavour, kmemleak.  Needs CONFIG_FAULT_INJECTION_DEBUG_FS,
+//! FAILSLAB, FAIL_PAGE_ALLOC and FAULT_INJECTION_STACKTRACE_FILTER (the
+//! debug flavour); run with khugepaged asleep (samples/guest-checks).
+
+use hugepoke::device::Device;
+use hugepoke::proc;
+use hugepoke::testkit::target::Target;
+use hugepoke::testkit::text;
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+const DEBUGFS: &str = "/sys/kernel/debug";
+
+/// failslab and fail_page_alloc set to fail only under the module's text;
+/// their settings are put back when dropped.
+struct Injection {
+    saved: Vec<(String, String)>,
+    fail_nth: fs::File,
+}
+
+impl Injection {
+    fn set_up() -> Result<Self, String> {
+        let (start, end) = module_text()?;
+        let mut inj = Injection {
+            saved: Vec::new(),
+            fail_nth: fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/proc/thread-self/fail-nth")
+                .map_err(|e| format!("/proc/thread-self/fail-nth: {e}"))?,
+        };
+        for attr in ["failslab", "fail_page_alloc"] {
+            let mut set = vec![
+                ("require-start", start.to_string()),
+                ("require-end", end.to_string()),
+                ("stacktrace-depth", "32".to_string()),
+                ("verbose", "0".to_string()),
+                ("ignore-gfp-wait", "N".to_string()),
+            ];
+            if attr == "fail_page_alloc" {
+                set.push(("ignore-gfp-highmem", "N".to_string()));
+                set.push(("min-order", "0".to_string()));
+            }
+            for (name, value) in set {
+                inj.set(&format!("{DEBUGFS}/{attr}/{name}"), &value)?;
+            }
+        }
+        Ok(inj)
+    }
+
+    fn set(&mut self, path: &str, value: &str) -> Result<(), String> {
+        let before = fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+        fs::write(path, value).map_err(|e| format!("{path} = {value}: {e}"))?;
+        self.saved
+            .push((path.to_string(), before.trim().to_string()));
+        Ok(())
+    }
+
+    /// Fail the `n`th injection point this thread reaches from now.
+    fn arm(&self, n: u32) {
+        self.fail_nth
+            .write_at(n.to_string().as_bytes(), 0)
+            .expect("writing fail-nth");
+    }
+
+    /// Whether the armed fault was injected; disarms it either way.
+    fn disarm(&self) -> bool {
+        let mut buf = [0u8; 16];
+        let n = self
+            .fail_nth
+            .read_at(&mut buf, 0)
+            .expect("reading fail-nth");
+        let left: u32 = String::from_utf8_lossy(&buf[..n])
+            .trim()
+            .parse()
+            .unwrap_or(1);
+        self.fail_nth.write_at(b"0", 0).expect("writing fail-nth");
+        left == 0
+    }
+}
+
+impl Drop for Injection {
+    fn drop(&mut self) {
+        for (path, value) in self.saved.iter().rev() {
+            let _ = fs::write(path, value);
+        }
+    }
+}
+
+/// The lowest and highest text addresses of the module (kallsyms), the
+/// last one's page included.
+fn module_text() -> Result<(u64, u64), String> {
+    let syms = fs::read_to_string("/proc/kallsyms").map_err(|e| format!("/proc/kallsyms: {e}"))?;
+    let addrs: Vec<u64> = syms
+        .lines()
+        .filter(|l| l.ends_with("[hugepoke]"))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let addr = u64::from_str_radix(w.next()?, 16).ok()?;
+            matches!(w.next()?, "t" | "T").then_some(addr)
+        })
+        .collect();
+    match (addrs.iter().min(), addrs.iter().max()) {
+        (Some(&lo), Some(&hi)) if lo != 0 => Ok((lo, hi + 4096)),
+        _ => Err(
+            "no text symbols of [hugepoke] in /proc/kallsyms (not loaded, or addresses hidden)"
+                .into(),
+        ),
+    }
+}
+
+/// The operations whose faults are injected.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Patch,
+    PatchBatch,
+    Restore,
+    Collapse,
+}
+
+/// The sites a PATCH_BATCH writes: two on page 1, one on page 2.
+const BATCH: [(usize, usize, u32); 3] = [(1, 0, 77), (1, 64, 78), (2, 0, 79)];
+
+struct Run {
+    dev: Device,
+    t: Target,
+    inj: Injection,
+    injected: BTreeMap<&'static str, u32>,
+    outcomes: BTreeMap<String, u32>,
+    lost: Vec<String>,
+}
+
+impl Run {
+    fn op_name(op: Op) -> &'static str {
+        match op {
+            Op::Patch => "PATCH",
+            Op::PatchBatch => "PATCH_BATCH",
+            Op::Restore => "RESTORE",
+            Op::Collapse => "COLLAPSE",
+        }
+    }
+
+    /// The state each injected call starts from (uninjected): for RESTORE
+    /// a live patch (its handle), for COLLAPSE an anonymous copy of page 3
+    /// equal to the file (a /proc/PID/mem write of its own byte).
+    fn prepare(&mut self, op: Op) -> Result<u64, String> {
+        match op {
+            Op::Patch | Op::PatchBatch => Ok(0),
+            Op::Restore => self
+                .dev
+                .patch_sites(
+                    self.t.pid,
+                    &[site(&self.t, 0, 0, 42)],
+                    false,
+                    hugepoke::uapi::PATCH_PERSIST,
+                )
+                .map_err(|e| format!("setting up a patch: {}", e.error)),
+            Op::Collapse => {
+                let addr = self.t.page_addr(3);
+                let mem = fs::OpenOptions::new()
+                    .write(true)
+                    .open(format!("/proc/{}/mem", self.t.pid))
+                    .map_err(|e| e.to_string())?;
+                let byte = [text::blob()[3 * text::PAGE]];
+                mem.write_at(&byte, addr)
+                    .map_err(|e| format!("/proc/PID/mem: {e}"))?;
+                Ok(0)
+            }
+        }
+    }
+
+    /// The call itself: Ok(handle) or the errno.
+    fn call(&self, op: Op, handle: u64) -> Result<u64, i32> {
+        let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(0);
+        match op {
+            Op::Patch => self
+                .dev
+                .patch_sites(
+                    self.t.pid,
+                    &[site(&self.t, 0, 0, 42)],
+                    false,
+                    hugepoke::uapi::PATCH_PERSIST,
+                )
+                .map_err(|e| errno(e.error)),
+            Op::PatchBatch => {
+                let sites: Vec<_> = BATCH
+                    .iter()
+                    .map(|&(p, o, v)| site(&self.t, p, o, v))
+                    .collect();
+                self.dev
+                    .patch_sites(self.t.pid, &sites, true, hugepoke::uapi::PATCH_PERSIST)
+                    .map_err(|e| errno(e.error))
+            }
+            Op::Restore => self.dev.restore(handle).map(|()| handle).map_err(errno),
+            Op::Collapse => self
+                .dev
+                .collapse(self.t.pid, self.t.addr)
+                .map(|_| 0)
+                .map_err(errno),
+        }
+    }
+
+    /// What must hold right after the call, then the state set back.
+    fn judge(&mut self, op: Op, handle: u64, result: Result<u64, i32>) -> Result<(), String> {
+        let listed = |h: u64| {
+            proc::debugfs("patches")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.split(' ').next() == Some(&h.to_string()))
+        };
+        match (op, result) {
+            (Op::Patch, Ok(h)) => {
+                self.expect_value(0, 42)?;
+                self.dev
+                    .restore(h)
+                    .map_err(|e| format!("RESTORE after it: {e}"))?;
+            }
+            (Op::PatchBatch, Ok(h)) => {
+                self.expect_value(1, 77)?;
+                self.expect_value(2, 79)?;
+                self.dev
+                    .restore(h)
+                    .map_err(|e| format!("RESTORE after it: {e}"))?;
+            }
+            (Op::Patch | Op::PatchBatch, Err(_)) => {
+                if !proc::debugfs("patches")
+                    .unwrap_or_default()
+                    .lines()
+                    .all(|l| l.starts_with('#'))
+                {
+                    return Err("a failed PATCH left a patch listed".into());
+                }
+            }
+            (Op::Restore, Ok(_)) => {
+                if listed(handle) {
+                    return Err("RESTORE succeeded but the handle is still listed".into());
+                }
+            }
+            (Op::Restore, Err(_)) => {
+                if listed(handle) {
+                    self.expect_value(0, 42)?;
+                }
+                // Kept or not, the handle is settled by a second RESTORE
+                // (ENOENT if the first had forgotten it with a reason).
+                match self.dev.restore(handle) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !listed(handle) => {}
+                    Err(e) => return Err(format!("the second RESTORE: {e}")),
+                }
+            }
+            (Op::Collapse, _) => {
+                // COLLAPSE again, uninjected, puts the PMD back either way.
+                self.dev
+                    .collapse(self.t.pid, self.t.addr)
+                    .map_err(|e| format!("COLLAPSE after it: {e}"))?;
+            }
+        }
+        self.expect_file_text()
+    }
+
+    fn expect_value(&mut self, page: usize, want: u32) -> Result<(), String> {
+        match self.t.call(page)? {
+            v if v == want => Ok(()),
+            v => Err(format!("page {page} returns {v}, not {want}")),
+        }
+    }
+
+    /// The target runs the file's text, PMD-mapped, no anonymous memory,
+    /// and the module lists nothing.
+    fn expect_file_text(&mut self) -> Result<(), String> {
+        let mut now = vec![0u8; text::THP_SIZE];
+        fs::File::open(format!("/proc/{}/mem", self.t.pid))
+            .and_then(|m| m.read_exact_at(&mut now, self.t.addr))
+            .map_err(|e| format!("reading the text: {e}"))?;
+        if let Some(at) = now.iter().zip(text::blob()).position(|(a, b)| *a != b) {
+            return Err(format!("the text differs from the file at {at:#x}"));
+        }
+        let begin = Instant::now();
+        loop {
+            self.t.call(0)?;
+            let s = proc::smaps_entry(self.t.pid, self.t.addr).map_err(|e| e.to_string())?;
+            if s.pmd_mapped_kb() == 2048 && s.kb("Anonymous") == 0 {
+                break;
+            }
+            if begin.elapsed() > Duration::from_secs(10) {
+                return Err(format!(
+                    "10 s on, {} kB PMD-mapped and {} kB anonymous",
+                    s.pmd_mapped_kb(),
+                    s.kb("Anonymous")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        match proc::debugfs("patches") {
+            Ok(p) if p.lines().all(|l| l.starts_with("# handle ")) => Ok(()),
+            Ok(p) => Err(format!("patches left: {p}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Fail each injection point of `op` in turn; the number injected.
+    fn inject_all(&mut self, op: Op, max: u32) -> Result<u32, String> {
+        let name = Self::op_name(op);
+        for n in 1..=max {
+            let handle = self.prepare(op)?;
+            self.inj.arm(n);
+            let result = self.call(op, handle);
+            let injected = self.inj.disarm();
+            if !injected {
+                // Past the last point: an ordinary call, judged the same.
+                self.judge(op, handle, result)
+                    .map_err(|e| format!("{name} with no fault injected: {e}"))?;
+                return Ok(n - 1);
+            }
+            *self.injected.entry(name).or_default() += 1;
+            let outcome = match result {
+                Ok(_) => "ok".to_string(),
+                Err(e) => hugepoke::errno_name(e).to_string(),
+            };
+            *self
+                .outcomes
+                .entry(format!("{name} {outcome}"))
+                .or_default() += 1;
+            if let Err(why) = self.judge(op, handle, result) {
+                self.lost
+                    .push(format!("{name}, fault {n} ({outcome}): {why}"));
+                // Back to a clean state for the next fault, or stop.
+                self.clean_up()?;
+            }
+        }
+        Err(format!(
+            "{name}: still reaching injection points after {max}"
+        ))
+    }
+
+    /// Restore whatever is listed, collapse, and check.
+    fn clean_up(&mut self) -> Result<(), String> {
+        let listed = proc::debugfs("patches").unwrap_or_default();
+        for h in listed.lines().filter(|l| !l.starts_with('#')) {
+            if let Some(h) = h.split(' ').next().and_then(|h| h.parse().ok()) {
+                let _ = self.dev.restore(h);
+            }
+        }
+        let _ = self.dev.collapse(self.t.pid, self.t.addr);
+        self.expect_file_text()
+            .map_err(|e| format!("the state could not be set back: {e}"))
+    }
+}
+
+fn site(t: &Target, page: usize, offset: usize, value: u32) -> hugepoke::device::Site {
+    hugepoke::device::Site {
+        addr: t.page_addr(page) + offset as u64,
+        bytes: text::mov_eax_ret(value).to_vec(),
+        expect: None,
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let max = args
+        .iter()
+        .position(|a| a == "--max")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(400);
+    let setup = || -> Result<Run, String> {
+        Ok(Run {
+            dev: Device::open().map_err(|e| format!("/dev/hugepoke: {e}"))?,
+            t: Target::spawn(&[])?,
+            inj: Injection::set_up()?,
+            injected: BTreeMap::new(),
+            outcomes: BTreeMap::new(),
+            lost: Vec::new(),
+        })
+    };
+    let mut run = match setup() {
+        Ok(r) => r,
+        Err(e) => {
+            println!("# faults: cannot inject: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mut problems = Vec::new();
+    if let Err(e) = run.expect_file_text() {
+        problems.push(format!("before any fault: {e}"));
+    }
+    let mut points = Vec::new();
+    for op in [Op::Patch, Op::PatchBatch, Op::Restore, Op::Collapse] {
+        match run.inject_all(op, max) {
+            Ok(n) => points.push(format!("{} {n}", Run::op_name(op))),
+            Err(e) => problems.push(e),
+        }
+    }
+    let injected: u32 = run.injected.values().sum();
+    let outcomes: Vec<String> = run
+        .outcomes
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    println!(
+        "# faults: {injected} injected, {} lost (points: {}; outcomes: {})",
+        run.lost.len(),
+        points.join(", "),
+        outcomes.join(", ")
+    );
+    for l in &run.lost {
+        println!("# lost: {l}");
+    }
+    for p in &problems {
+        println!("# problem: {p}");
+    }
+    if !run.lost.is_empty() || !problems.is_empty() || injected == 0 {
+        std::process::exit(1);
+    }
+}
