@@ -32,6 +32,8 @@ die() { printf '\033[1;31m[hugepoke] error:\033[0m %s\n' "$*" >&2; exit 1; }
 HP_KERNEL_SRC=$HP_CACHE/linux-source/$HP_KERNEL_DEB_VERSION
 HP_KFLAVOUR=${HP_KFLAVOUR:-base}
 HP_KDIR=$HP_CACHE/kernel/build-$HP_KERNEL_DEB_VERSION-$HP_KFLAVOUR
+# The kernel's mm selftests, built by scripts/build-selftests.
+HP_SELFTESTS=$HP_CACHE/selftests/mm-$HP_KERNEL_DEB_VERSION
 # The compiler a flavour is built with (kernel/FLAVOUR.toolchain: make variables);
 # the module must be built with the same one.
 HP_KMAKE=$(cat "$HP_ROOT/kernel/$HP_KFLAVOUR.toolchain" 2>/dev/null || echo "LLVM= CC=gcc")
