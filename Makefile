@@ -1,6 +1,8 @@
 # hugepoke — see README.md.
 #   make run    set up, build, boot our kernel and show the demo
 #   make check  set up, build, run every test; ends with "N passed, N failed"
+#   make selftests  the kernel's mm selftests without the module, with a patch held, with cycles
+#   make soak   the model-based test for SOAK_SECONDS (600)
 #   make        build the module against our (already built) kernel
 #   make fmt    format the module (the kernel's rustfmt settings) and the samples
 #   make install-tools [PREFIX=/usr/local] [DESTDIR=]   the CLI, thp-target, man pages and completions, for the host
@@ -13,7 +15,7 @@ export HP_KFLAVOUR
 KDIR ?= $(shell HP_KFLAVOUR=$(HP_KFLAVOUR) bash -c '. scripts/env.sh && echo $$HP_KDIR')
 KMAKE ?= $(shell HP_KFLAVOUR=$(HP_KFLAVOUR) bash -c '. scripts/env.sh && echo $$HP_KMAKE')
 
-.PHONY: module samples install-tools setup kernel run check bench stress clean fmt
+.PHONY: module samples install-tools setup kernel run check selftests soak bench stress clean fmt
 
 module:
 	@test -f $(KDIR)/Module.symvers || { echo "no kernel in $(KDIR): run 'make kernel' first" >&2; exit 1; }
@@ -46,6 +48,14 @@ run: kernel
 # Both flavours unless one is named: make check HP_KFLAVOUR=debug
 check: setup
 	HP_KFLAVOURS="$(if $(filter command line environment,$(origin HP_KFLAVOUR)),$(HP_KFLAVOUR),base debug)" scripts/check
+
+# The kernel's mm selftests with and without the module (debug flavour unless one is named).
+selftests: setup
+	HP_KFLAVOUR="$(if $(filter command line environment,$(origin HP_KFLAVOUR)),$(HP_KFLAVOUR),debug)" scripts/selftests
+
+# The model-based test for as long as asked: make soak SOAK_SECONDS=3600
+soak: kernel
+	scripts/soak
 
 bench: kernel
 	scripts/bench

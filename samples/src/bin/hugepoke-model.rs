@@ -1,0 +1,789 @@
+//! A model-based test: random sequences of operations on a real target and
+//! real device files, each step checked against a reference model
+//! (proptest-state-machine), a failing sequence shrunk to a minimal one.
+//!
+//!   hugepoke-model [--seconds S] [--seed N] [--replay 'OP; OP; ...']
+//!
+//! The target is a fresh `thp-target` per sequence; the operations act on
+//! the functions at the start of its text pages 0 to 3, through two
+//! controllers (two open /dev/hugepoke files):
+//!   patch cC pP vV [persist]   PATCH page P to return 2000+V
+//!   batch cC pP.. vV [persist] PATCH_BATCH of those pages, one handle
+//!   restore hH / query hH      the Hth handle made (live or not)
+//!   reopen cC                  close controller C (its patches that do not
+//!                              persist are restored) and open it again
+//!   dontneed pP                the target MADV_DONTNEEDs page P
+//!   memwrite pP                /proc/PID/mem writes page P's own byte 100
+//!                              (an anonymous copy equal to the file)
+//!   collapse                   COLLAPSE (only with no live handle)
+//! The model says what each call returns (ok, EBUSY on a patched page,
+//! ENOENT for a handle no longer live), and after every step what every
+//! page runs, which pages are anonymous copies (pagemap; smaps'
+//! Anonymous is 4 kB each), which handles the module lists, and when the
+//! range must be PMD-mapped again (waited for, up to 10 s; khugepaged must
+//! be asleep).
+//!
+//! Prints `# model: N sequences, M steps, F failures (mix: ...)`; a failure
+//! is printed shrunk, as a command line that replays it (`--replay`).
+//! Exits 1 on a failure.
+
+use hugepoke::device::{Device, Site};
+use hugepoke::proc;
+use hugepoke::testkit::target::Target;
+use hugepoke::testkit::text;
+use hugepoke::uapi;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestError, TestRng, TestRunner};
+use proptest_state_machine::{ReferenceStateMachine, StateMachineTest};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const PAGES: u8 = 4;
+const CONTROLLERS: u8 = 2;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Op {
+    Patch {
+        ctl: u8,
+        page: u8,
+        value: u8,
+        persist: bool,
+    },
+    Batch {
+        ctl: u8,
+        pages: Vec<u8>,
+        value: u8,
+        persist: bool,
+    },
+    Restore {
+        id: usize,
+    },
+    Query {
+        id: usize,
+    },
+    Reopen {
+        ctl: u8,
+    },
+    DontNeed {
+        page: u8,
+    },
+    MemWrite {
+        page: u8,
+    },
+    Collapse,
+}
+
+impl Op {
+    fn kind(&self) -> &'static str {
+        match self {
+            Op::Patch { .. } => "patch",
+            Op::Batch { .. } => "batch",
+            Op::Restore { .. } => "restore",
+            Op::Query { .. } => "query",
+            Op::Reopen { .. } => "reopen",
+            Op::DontNeed { .. } => "dontneed",
+            Op::MemWrite { .. } => "memwrite",
+            Op::Collapse => "collapse",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let persist = |p: &bool| if *p { " persist" } else { "" };
+        match self {
+            Op::Patch {
+                ctl,
+                page,
+                value,
+                persist: p,
+            } => {
+                write!(f, "patch c{ctl} p{page} v{value}{}", persist(p))
+            }
+            Op::Batch {
+                ctl,
+                pages,
+                value,
+                persist: p,
+            } => {
+                let pages: Vec<String> = pages.iter().map(|p| format!("p{p}")).collect();
+                write!(f, "batch c{ctl} {} v{value}{}", pages.join(" "), persist(p))
+            }
+            Op::Restore { id } => write!(f, "restore h{id}"),
+            Op::Query { id } => write!(f, "query h{id}"),
+            Op::Reopen { ctl } => write!(f, "reopen c{ctl}"),
+            Op::DontNeed { page } => write!(f, "dontneed p{page}"),
+            Op::MemWrite { page } => write!(f, "memwrite p{page}"),
+            Op::Collapse => write!(f, "collapse"),
+        }
+    }
+}
+
+/// `--replay`'s parser: the Display form, `;`-separated.
+fn parse_op(s: &str) -> Option<Op> {
+    let w: Vec<&str> = s.split_whitespace().collect();
+    let num = |p: &str, c: char| p.strip_prefix(c)?.parse::<u8>().ok();
+    let id = |p: &str| p.strip_prefix('h')?.parse::<usize>().ok();
+    let persist = w.last() == Some(&"persist");
+    Some(match *w.first()? {
+        "patch" => Op::Patch {
+            ctl: num(w.get(1)?, 'c')?,
+            page: num(w.get(2)?, 'p')?,
+            value: num(w.get(3)?, 'v')?,
+            persist,
+        },
+        "batch" => {
+            let pages = w[2..].iter().filter_map(|p| num(p, 'p')).collect();
+            let value = w.iter().find_map(|p| num(p, 'v'))?;
+            Op::Batch {
+                ctl: num(w.get(1)?, 'c')?,
+                pages,
+                value,
+                persist,
+            }
+        }
+        "restore" => Op::Restore { id: id(w.get(1)?)? },
+        "query" => Op::Query { id: id(w.get(1)?)? },
+        "reopen" => Op::Reopen {
+            ctl: num(w.get(1)?, 'c')?,
+        },
+        "dontneed" => Op::DontNeed {
+            page: num(w.get(1)?, 'p')?,
+        },
+        "memwrite" => Op::MemWrite {
+            page: num(w.get(1)?, 'p')?,
+        },
+        "collapse" => Op::Collapse,
+        _ => return None,
+    })
+}
+
+/// What one text page holds, in the model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Page {
+    /// The live patch on it: its handle id and value.
+    patch: Option<(usize, u8)>,
+    /// An anonymous copy maps it (a patch's, or a /proc/PID/mem write's).
+    copy: bool,
+    /// That copy holds the patch's bytes (MADV_DONTNEED dropped them, and
+    /// a later write's copy is the file's).
+    shows_patch: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Handle {
+    ctl: u8,
+    persist: bool,
+    live: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Model {
+    pages: [Page; PAGES as usize],
+    /// Every handle a call was expected to make, in order.
+    handles: Vec<Handle>,
+    /// The range must be PMD-mapped again (a collapse ran with nothing left).
+    pmd: bool,
+    /// What the last call must return: 0 (success) or an errno.
+    expect: i32,
+}
+
+impl Model {
+    fn settle(&mut self, id: usize) {
+        for p in self.pages.iter_mut() {
+            if p.patch.is_some_and(|(h, _)| h == id) {
+                // RESTORE writes the original back and zaps the copy,
+                // now equal to the page cache.
+                *p = Page::default();
+            }
+        }
+        self.handles[id].live = false;
+        self.collapsed();
+    }
+    /// A collapse ran: the PMD is back if nothing is left in the range.
+    fn collapsed(&mut self) {
+        self.pmd = self.pages.iter().all(|p| *p == Page::default());
+    }
+    fn value(&self, page: usize) -> u32 {
+        match self.pages[page] {
+            Page {
+                patch: Some((_, v)),
+                shows_patch: true,
+                ..
+            } => 2000 + v as u32,
+            _ => text::original_value(page),
+        }
+    }
+}
+
+struct Reference;
+
+impl ReferenceStateMachine for Reference {
+    type State = Model;
+    type Transition = Op;
+
+    fn init_state() -> BoxedStrategy<Model> {
+        Just(Model {
+            pmd: true,
+            ..Model::default()
+        })
+        .boxed()
+    }
+
+    fn transitions(state: &Model) -> BoxedStrategy<Op> {
+        let ctl = 0..CONTROLLERS;
+        let page = 0..PAGES;
+        let handles = state.handles.len().max(1);
+        let mut ops = vec![
+            (
+                4,
+                (ctl.clone(), page.clone(), any::<u8>(), any::<bool>())
+                    .prop_map(|(ctl, page, value, persist)| Op::Patch {
+                        ctl,
+                        page,
+                        value,
+                        persist,
+                    })
+                    .boxed(),
+            ),
+            (
+                2,
+                (
+                    ctl.clone(),
+                    proptest::sample::subsequence((0..PAGES).collect::<Vec<_>>(), 1..=3),
+                    any::<u8>(),
+                    any::<bool>(),
+                )
+                    .prop_map(|(ctl, pages, value, persist)| Op::Batch {
+                        ctl,
+                        pages,
+                        value,
+                        persist,
+                    })
+                    .boxed(),
+            ),
+            (1, ctl.prop_map(|ctl| Op::Reopen { ctl }).boxed()),
+            (
+                1,
+                page.clone().prop_map(|page| Op::DontNeed { page }).boxed(),
+            ),
+            (1, page.prop_map(|page| Op::MemWrite { page }).boxed()),
+            (1, Just(Op::Collapse).boxed()),
+        ];
+        if !state.handles.is_empty() {
+            ops.push((4, (0..handles).prop_map(|id| Op::Restore { id }).boxed()));
+            ops.push((1, (0..handles).prop_map(|id| Op::Query { id }).boxed()));
+        }
+        proptest::strategy::Union::new_weighted(ops).boxed()
+    }
+
+    fn preconditions(state: &Model, op: &Op) -> bool {
+        match op {
+            Op::Restore { id } | Op::Query { id } => *id < state.handles.len(),
+            // What COLLAPSE does beside a live patch is not modelled.
+            Op::Collapse => state.handles.iter().all(|h| !h.live),
+            Op::Batch { pages, .. } => !pages.is_empty(),
+            _ => true,
+        }
+    }
+
+    fn apply(mut s: Model, op: &Op) -> Model {
+        s.expect = 0;
+        match op {
+            Op::Patch {
+                ctl,
+                page,
+                value,
+                persist,
+            } => {
+                s.patch(*ctl, &[*page], *value, *persist);
+            }
+            Op::Batch {
+                ctl,
+                pages,
+                value,
+                persist,
+            } => s.patch(*ctl, pages, *value, *persist),
+            Op::Restore { id } => {
+                if s.handles[*id].live {
+                    s.settle(*id);
+                } else {
+                    s.expect = libc::ENOENT;
+                }
+            }
+            Op::Query { id } => {
+                if !s.handles[*id].live {
+                    s.expect = libc::ENOENT;
+                }
+            }
+            Op::Reopen { ctl } => {
+                let gone: Vec<usize> = (0..s.handles.len())
+                    .filter(|&i| {
+                        s.handles[i].live && s.handles[i].ctl == *ctl && !s.handles[i].persist
+                    })
+                    .collect();
+                for id in gone {
+                    s.settle(id);
+                }
+            }
+            Op::DontNeed { page } => {
+                s.pages[*page as usize].copy = false;
+                s.pages[*page as usize].shows_patch = false;
+                s.pages[*page as usize].shows_patch = false;
+                s.pmd = false;
+            }
+            Op::MemWrite { page } => {
+                s.pages[*page as usize].copy = true;
+                s.pmd = false;
+            }
+            Op::Collapse => {
+                for p in s.pages.iter_mut() {
+                    p.copy = false;
+                }
+                s.collapsed();
+            }
+        }
+        s
+    }
+}
+
+impl Model {
+    fn patch(&mut self, ctl: u8, pages: &[u8], value: u8, persist: bool) {
+        if pages
+            .iter()
+            .any(|&p| self.pages[p as usize].patch.is_some())
+        {
+            self.expect = libc::EBUSY;
+            return;
+        }
+        let id = self.handles.len();
+        self.handles.push(Handle {
+            ctl,
+            persist,
+            live: true,
+        });
+        for &p in pages {
+            self.pages[p as usize] = Page {
+                patch: Some((id, value)),
+                copy: true,
+                shows_patch: true,
+            };
+        }
+        self.pmd = false;
+    }
+}
+
+/// The system under test: the target, the controllers, the real handles.
+struct System {
+    t: Target,
+    ctl: Vec<Device>,
+    /// The module's handle for each model handle (0: the call failed).
+    real: Vec<u64>,
+}
+
+static SEQUENCES: AtomicU64 = AtomicU64::new(0);
+static STEPS: AtomicU64 = AtomicU64::new(0);
+static MIX: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
+
+fn site(t: &Target, page: u8, value: u8) -> Site {
+    Site {
+        addr: t.page_addr(page as usize),
+        bytes: text::mov_eax_ret(2000 + value as u32).to_vec(),
+        expect: None,
+    }
+}
+
+impl System {
+    fn call(&mut self, model: &Model, op: &Op) -> Result<(), i32> {
+        let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(0);
+        let flags = |p: bool| if p { uapi::PATCH_PERSIST } else { 0 };
+        match op {
+            Op::Patch {
+                ctl,
+                page,
+                value,
+                persist,
+            } => {
+                let r = self.ctl[*ctl as usize].patch_sites(
+                    self.t.pid,
+                    &[site(&self.t, *page, *value)],
+                    false,
+                    flags(*persist),
+                );
+                self.made(model, r.map_err(|e| errno(e.error)))
+            }
+            Op::Batch {
+                ctl,
+                pages,
+                value,
+                persist,
+            } => {
+                let sites: Vec<Site> = pages.iter().map(|&p| site(&self.t, p, *value)).collect();
+                let r =
+                    self.ctl[*ctl as usize].patch_sites(self.t.pid, &sites, true, flags(*persist));
+                self.made(model, r.map_err(|e| errno(e.error)))
+            }
+            Op::Restore { id } => {
+                let ctl = model.handles[*id].ctl as usize;
+                self.ctl[ctl].restore(self.real[*id]).map_err(errno)
+            }
+            Op::Query { id } => {
+                let ctl = model.handles[*id].ctl as usize;
+                self.ctl[ctl]
+                    .query(self.real[*id])
+                    .map(|_| ())
+                    .map_err(errno)
+            }
+            Op::Reopen { ctl } => {
+                self.ctl[*ctl as usize] = Device::open().map_err(errno)?;
+                Ok(())
+            }
+            Op::DontNeed { page } => match self.t.command(&format!("dontneed {page}")) {
+                Ok(a) if a == format!("dontneed {page}") => Ok(()),
+                _ => Err(-1),
+            },
+            Op::MemWrite { page } => {
+                use std::os::unix::fs::FileExt;
+                let at = *page as usize * text::PAGE + 100;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(format!("/proc/{}/mem", self.t.pid))
+                    .and_then(|m| {
+                        m.write_all_at(&text::blob()[at..at + 1], self.t.addr + at as u64)
+                    })
+                    .map_err(errno)
+            }
+            Op::Collapse => self.ctl[0]
+                .collapse(self.t.pid, self.t.addr)
+                .map(|_| ())
+                .map_err(errno),
+        }
+    }
+
+    /// Record the handle a PATCH made (the model already counts it).
+    fn made(&mut self, model: &Model, r: Result<u64, i32>) -> Result<(), i32> {
+        if self.real.len() < model.handles.len() {
+            self.real.push(*r.as_ref().unwrap_or(&0));
+        }
+        r.map(|_| ())
+    }
+
+    /// Every check of one step; the first difference, said.
+    fn check(&mut self, m: &Model) -> Result<(), String> {
+        for page in 0..PAGES as usize {
+            let v = self.t.call(page)?;
+            if v != m.value(page) {
+                return Err(format!(
+                    "page {page} returns {v}, the model says {}",
+                    m.value(page)
+                ));
+            }
+        }
+        let pagemap = proc::Pagemap::open(self.t.pid).map_err(|e| e.to_string())?;
+        for page in 0..PAGES as usize {
+            let e = pagemap
+                .entry(self.t.page_addr(page))
+                .map_err(|e| e.to_string())?;
+            let copy = e.present() && !e.file();
+            if copy != m.pages[page].copy {
+                return Err(format!(
+                    "page {page}: anonymous copy {copy}, the model says {}",
+                    m.pages[page].copy
+                ));
+            }
+        }
+        let listed: Vec<u64> =
+            proc::parse_patches(&proc::debugfs("patches").map_err(|e| e.to_string())?)
+                .iter()
+                .map(|p| p.handle)
+                .collect();
+        for (id, h) in m.handles.iter().enumerate() {
+            if h.live != listed.contains(&self.real[id]) {
+                return Err(format!(
+                    "handle h{id} ({}) listed {}, the model says live {}",
+                    self.real[id], !h.live, h.live
+                ));
+            }
+        }
+        let anon_kb = 4 * m.pages.iter().filter(|p| p.copy).count() as u64;
+        let begin = Instant::now();
+        loop {
+            let s = proc::smaps_entry(self.t.pid, self.t.addr).map_err(|e| e.to_string())?;
+            let anon = s.kb("Anonymous");
+            if anon != anon_kb {
+                return Err(format!(
+                    "{anon} kB anonymous in the text, the model says {anon_kb}"
+                ));
+            }
+            if !m.pmd || s.pmd_mapped_kb() == 2048 {
+                return Ok(());
+            }
+            if begin.elapsed() > Duration::from_secs(10) {
+                return Err(format!(
+                    "not PMD-mapped 10 s on ({} kB), the model says it is",
+                    s.pmd_mapped_kb()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            self.t.call(0)?;
+        }
+    }
+}
+
+struct Test;
+
+impl StateMachineTest for Test {
+    type SystemUnderTest = System;
+    type Reference = Reference;
+
+    fn init_test(_: &Model) -> System {
+        SEQUENCES.fetch_add(1, Relaxed);
+        if std::env::var_os("HUGEPOKE_MODEL_TRACE").is_some() {
+            eprintln!("-- sequence");
+        }
+        let open = || Device::open().expect("/dev/hugepoke");
+        let t = Target::spawn(&[]).expect("thp-target");
+        System {
+            t,
+            ctl: (0..CONTROLLERS).map(|_| open()).collect(),
+            real: Vec::new(),
+        }
+    }
+
+    fn apply(mut sys: System, model: &Model, op: Op) -> System {
+        STEPS.fetch_add(1, Relaxed);
+        *MIX.lock().unwrap().entry(op.kind()).or_default() += 1;
+        let got = sys.call(model, &op);
+        if std::env::var_os("HUGEPOKE_MODEL_TRACE").is_some() {
+            eprintln!("{op} -> {got:?}");
+        }
+        let got = got.err().unwrap_or(0);
+        let name = |e: i32| {
+            if e == 0 {
+                "ok"
+            } else {
+                hugepoke::errno_name(e)
+            }
+        };
+        assert!(
+            got == model.expect,
+            "{op}: returned {}, the model says {}",
+            name(got),
+            name(model.expect)
+        );
+        if let Err(e) = sys.check(model) {
+            panic!("after {op}: {e}");
+        }
+        sys
+    }
+
+    fn teardown(sys: System, model: Model) {
+        // Persistent patches outlive their files: restore them.
+        for (id, h) in model.handles.iter().enumerate() {
+            if h.live {
+                let _ = sys.ctl[h.ctl as usize].restore(sys.real[id]);
+            }
+        }
+    }
+}
+
+fn run(ops: Vec<Op>) -> Result<(), String> {
+    let r = std::panic::catch_unwind(|| {
+        let model = <Reference as ReferenceStateMachine>::init_state()
+            .new_tree(&mut TestRunner::deterministic())
+            .unwrap()
+            .current();
+        Test::test_sequential(Config::default(), model, ops, None);
+    });
+    r.map_err(|e| {
+        e.downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_else(|| "panic".into())
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let seconds: u64 = arg("--seconds").and_then(|s| s.parse().ok()).unwrap_or(20);
+    let seed: u64 = arg("--seed")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    std::panic::set_hook(Box::new(|_| {}));
+    let failure = if let Some(replay) = arg("--replay") {
+        let ops: Option<Vec<Op>> = replay
+            .split(';')
+            .filter(|s| !s.trim().is_empty())
+            .map(parse_op)
+            .collect();
+        let Some(ops) = ops else {
+            eprintln!("hugepoke-model: cannot parse --replay {replay:?}");
+            std::process::exit(2);
+        };
+        run(ops.clone()).err().map(|e| (e, ops))
+    } else {
+        println!("# seed {seed}");
+        explore(seed, Duration::from_secs(seconds))
+    };
+    let mix: Vec<String> = MIX
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    println!(
+        "# model: {} sequences, {} steps, {} failures (mix: {})",
+        SEQUENCES.load(Relaxed),
+        STEPS.load(Relaxed),
+        failure.is_some() as u32,
+        mix.join(", ")
+    );
+    if let Some((why, ops)) = failure {
+        let ops: Vec<String> = ops.iter().map(|o| o.to_string()).collect();
+        println!("# failure: {why}");
+        println!(
+            "# shrunk to {} steps; replay: hugepoke-model --replay '{}'",
+            ops.len(),
+            ops.join("; ")
+        );
+        std::process::exit(1);
+    }
+}
+
+/// Random sequences until `limit`; the first failure, shrunk.
+fn explore(seed: u64, limit: Duration) -> Option<(String, Vec<Op>)> {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let config = Config {
+        cases: 1,
+        failure_persistence: None,
+        max_shrink_iters: 2000,
+        ..Config::default()
+    };
+    // A runner runs `cases` cases in all, over all its runs: one runner a
+    // sequence, each with its own generator drawn from the seeded one.
+    let mut seeds = TestRunner::new_with_rng(
+        config.clone(),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
+    );
+    let strategy = Reference::sequential_strategy(1..24);
+    let begin = Instant::now();
+    while begin.elapsed() < limit {
+        let mut runner = TestRunner::new_with_rng(config.clone(), seeds.new_rng());
+        let result = runner.run(&strategy, |(model, ops, seen)| {
+            Test::test_sequential(Config::default(), model, ops, seen);
+            Ok(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(TestError::Fail(why, (_, ops, _))) => {
+                return Some((why.message().to_string(), ops))
+            }
+            Err(TestError::Abort(why)) => {
+                return Some((format!("aborted: {}", why.message()), Vec::new()))
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_printed_sequence_replays_as_itself() {
+        let ops = vec![
+            Op::Patch {
+                ctl: 1,
+                page: 2,
+                value: 7,
+                persist: true,
+            },
+            Op::Batch {
+                ctl: 0,
+                pages: vec![0, 3],
+                value: 255,
+                persist: false,
+            },
+            Op::Restore { id: 1 },
+            Op::Query { id: 0 },
+            Op::Reopen { ctl: 1 },
+            Op::DontNeed { page: 3 },
+            Op::MemWrite { page: 0 },
+            Op::Collapse,
+        ];
+        let printed: Vec<String> = ops.iter().map(|o| o.to_string()).collect();
+        let parsed: Vec<Op> = printed
+            .join("; ")
+            .split(';')
+            .map(|s| parse_op(s).unwrap())
+            .collect();
+        assert_eq!(parsed, ops);
+    }
+
+    #[test]
+    fn the_model_refuses_overlaps_and_settles_what_a_closed_file_leaves() {
+        let mut m = Model {
+            pmd: true,
+            ..Model::default()
+        };
+        m = Reference::apply(
+            m,
+            &Op::Patch {
+                ctl: 0,
+                page: 1,
+                value: 5,
+                persist: false,
+            },
+        );
+        assert_eq!((m.expect, m.value(1), m.pmd), (0, 2005, false));
+        m = Reference::apply(
+            m,
+            &Op::Batch {
+                ctl: 1,
+                pages: vec![0, 1],
+                value: 6,
+                persist: true,
+            },
+        );
+        assert_eq!(
+            (m.expect, m.value(0)),
+            (libc::EBUSY, text::original_value(0))
+        );
+        m = Reference::apply(
+            m,
+            &Op::Batch {
+                ctl: 1,
+                pages: vec![0, 2],
+                value: 6,
+                persist: true,
+            },
+        );
+        m = Reference::apply(m, &Op::Reopen { ctl: 0 });
+        assert_eq!(
+            (m.value(1), m.handles[0].live, m.value(2)),
+            (text::original_value(1), false, 2006)
+        );
+        assert!(!m.pmd, "a persistent patch is left");
+        m = Reference::apply(m, &Op::DontNeed { page: 2 });
+        assert_eq!(m.value(2), text::original_value(2));
+        m = Reference::apply(m, &Op::Restore { id: 1 });
+        assert_eq!((m.expect, m.pmd), (0, true));
+        m = Reference::apply(m, &Op::Restore { id: 1 });
+        assert_eq!(m.expect, libc::ENOENT);
+    }
+}
