@@ -54,13 +54,15 @@ impl_has_work! {
 }
 
 /// Queue the collapse of the 2 MiB range at `haddr`, which holds `site`'s
-/// page.  Called with the target's state locked.
+/// page.  Called with the target's state locked.  Without memory for the
+/// work, collapse right here if `here` allows.
 pub(crate) fn queue_collapse(
     hp: &Arc<Hugepoke>,
     target: &Arc<Target>,
     state: &mut TargetState,
     site: &Site,
     haddr: usize,
+    here: bool,
 ) {
     let ev = site.event(Step::QueueCollapse).addr(haddr);
     let install_pmd = site.flags & crate::uapi::PATCH_INSTALL_PMD != 0; // mutant: install-pmd-ignored
@@ -69,7 +71,7 @@ pub(crate) fn queue_collapse(
         // Module unload: no work may outlive us; collapse right here.
         hp.journal
             .record(ev.note("module is unloading; collapsing synchronously"));
-        return collapse_at_unload(hp, target, state, site, haddr, install_pmd);
+        return collapse_now(hp, target, state, site, (haddr, install_pmd), true);
     }
     if state.pending_collapses.iter().any(|k| *k == key) {
         hp.journal
@@ -91,16 +93,17 @@ pub(crate) fn queue_collapse(
     );
     // Without memory for the work, collapse here rather than leave the
     // range PTE-mapped (seen by fail-nth: hugepoke-faults).
-    let Ok(work) = work else {
+    let tracked = work.is_ok() && state.pending_collapses.push(key, GFP_KERNEL).is_ok();
+    let (Ok(work), true) = (work, tracked) else {
+        if !here {
+            hp.journal
+                .record(ev.error(ENOMEM, "no memory for the collapse work"));
+            return;
+        }
         hp.journal
-            .record(ev.note("no memory for the collapse work; collapsing synchronously"));
-        return collapse_here(hp, target, state, site, haddr, install_pmd);
+            .record(ev.note("no memory for the collapse work; collapsing here"));
+        return collapse_now(hp, target, state, site, (haddr, install_pmd), false);
     };
-    if state.pending_collapses.push(key, GFP_KERNEL).is_err() {
-        hp.journal
-            .record(ev.note("no memory to track the collapse work; collapsing synchronously"));
-        return collapse_here(hp, target, state, site, haddr, install_pmd);
-    }
     let _ = hp.workqueue.queue().enqueue(work); // mutant: leak-collapse-work collapse-never-runs
     hp.journal.record(ev.note(if install_pmd {
         "collapse_pte_mapped_thp(install_pmd=true) queued"
@@ -109,48 +112,42 @@ pub(crate) fn queue_collapse(
     }));
 }
 
-/// The collapse of the range at `haddr`, run here: the caller holds the
-/// target's state and not the mmap lock, as the work would.
-fn collapse_here(
+/// The collapse of the range at `haddr`, run here, the caller holding the
+/// target's state and not the mmap lock, as the work would.  At unload it
+/// waits for the mmap lock and says the outcome in the kernel log too (the
+/// journal goes away with the module); otherwise it does not wait for the
+/// lock (an ioctl's waits are killable, and the kernel has no killable
+/// read lock for us).
+fn collapse_now(
     hp: &Hugepoke,
     target: &Target,
     state: &TargetState,
     site: &Site,
-    haddr: usize,
-    install_pmd: bool,
+    (haddr, install_pmd): (usize, bool),
+    at_unload: bool,
 ) {
-    let outcome = collapse_range(state, target, haddr, range_key(site), install_pmd);
-    record_outcome(
-        hp,
-        Event::new(Step::Collapse).pid(site.pid).addr(haddr),
-        outcome,
+    let outcome = collapse_range(
+        state,
+        target,
+        haddr,
+        range_key(site),
+        install_pmd,
+        at_unload,
     );
-}
-
-/// The collapse of the range at `haddr` when the module unloads: run here,
-/// and said in the kernel log too (the journal goes away with the module).
-fn collapse_at_unload(
-    hp: &Hugepoke,
-    target: &Target,
-    state: &TargetState,
-    site: &Site,
-    haddr: usize,
-    install_pmd: bool,
-) {
-    let outcome = collapse_range(state, target, haddr, range_key(site), install_pmd);
     match outcome {
-        Ok(note) => pr_info!(
+        Ok(note) if at_unload => pr_info!(
             "unload: collapse of pid {} at {:#x}: {}\n",
             site.pid,
             haddr,
             note
         ),
-        Err(r) => pr_info!(
+        Err(r) if at_unload => pr_info!(
             "unload: collapse of pid {} at {:#x} failed: {}\n",
             site.pid,
             haddr,
             r.why
         ),
+        _ => {}
     }
     record_outcome(
         hp,
@@ -169,7 +166,8 @@ impl WorkItem for CollapseWork {
         let mut state = this.target.state.lock();
         // From here on, a RESTORE in the range queues a new work.
         state.pending_collapses.retain(|k| *k != this.key);
-        let outcome = collapse_range(&state, &this.target, this.haddr, this.key, this.install_pmd); // mutant: map-no-collapse
+        let (key, install_pmd) = (this.key, this.install_pmd);
+        let outcome = collapse_range(&state, &this.target, this.haddr, key, install_pmd, true); // mutant: map-no-collapse
         record_outcome(
             hp,
             Event::new(Step::Collapse).pid(this.pid).addr(this.haddr),
@@ -193,13 +191,15 @@ fn record_outcome(hp: &Hugepoke, ev: Event, outcome: Result<&'static str, Refusa
 }
 
 /// Collapse the 2 MiB range at `haddr` of the target, with its state
-/// locked; the kernel's verdict, as a note or an error.
+/// locked; the kernel's verdict, as a note or an error.  Without `wait`,
+/// only if the mmap lock is free now.
 fn collapse_range(
     state: &TargetState,
     target: &Target,
     haddr: usize,
     key: RangeKey,
     install_pmd: bool,
+    wait: bool,
 ) -> Result<&'static str, Refusal> {
     if state.patches.in_range(key) != 0 {
         return Err(Refusal::new(EBUSY, "range was patched again"));
@@ -207,7 +207,14 @@ fn collapse_range(
     let mm = target
         .mm_user()
         .ok_or(Refusal::new(ESRCH, "target process is gone"))?;
-    let guard = mm.mmap_read_lock();
+    let guard = if wait {
+        mm.mmap_read_lock()
+    } else {
+        mm.mmap_read_trylock().ok_or(Refusal::new(
+            EAGAIN,
+            "mmap lock busy: not waited for outside a work (hugepoke collapse puts the PMD back)",
+        ))?
+    };
     let vma = guard
         .vma_lookup(haddr)
         .ok_or(Refusal::new(EFAULT, "range is no longer mapped"))?;

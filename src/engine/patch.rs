@@ -334,8 +334,11 @@ fn give_back(
     let last_on_page = |s: &[Site]| state.patches.on_page(s[0].page_key()) == 0;
     let result = undo(hp, &guard, mm, &plan.sites, &mut plan.pages, last_on_page); // mutant: no-undo
     drop(guard);
-    // Collapses only now: at unload one runs synchronously, and takes the mmap lock.
-    queue_collapses(hp, target, state, &plan.sites, &plan.pages);
+    // Collapses only now: at unload one runs synchronously, and takes the
+    // mmap lock.  None runs here while pages written are not yet back in
+    // the table (keep_still_written): the work runs after they are.
+    let kept = plan.pages.iter().any(still_written);
+    queue_collapses(hp, target, state, &plan.sites, &plan.pages, !kept);
     if let Err(r) = result {
         hp.journal.record(ev.error(r.errno, r.why));
     }

@@ -197,13 +197,15 @@ pub(crate) fn undo(
 /// a page whose copy is gone with the page-cache page back in its place,
 /// and no patch left in it; a note for ranges over smaller folios.  Called
 /// without the mmap lock (at unload a collapse runs synchronously, and
-/// takes it).
+/// takes it).  `here`: a collapse whose work cannot be allocated may run
+/// right here (not while sites the table does not hold yet are written).
 pub(crate) fn queue_collapses(
     hp: &Arc<Hugepoke>,
     target: &Arc<Target>,
     state: &mut TargetState,
     sites: &[Site],
     pages: &[PageWork],
+    here: bool,
 ) {
     let mut last: Option<PageKey> = None;
     for w in pages.iter() {
@@ -225,7 +227,7 @@ pub(crate) fn queue_collapses(
             continue;
         }
         last = Some(site.range_key());
-        collapse_after_restore(hp, target, state, site, &restored);
+        collapse_after_restore(hp, target, state, site, &restored, here);
     }
 }
 
@@ -237,13 +239,14 @@ fn collapse_after_restore(
     state: &mut TargetState,
     site: &Site,
     restored: &Restored,
+    here: bool,
 ) {
     let ev = site.event(Step::QueueCollapse);
     if restored.zapped && restored.pmd_mappable {
         // mutant: collapse-small-folio
         if state.patches.in_range(site.range_key()) == 0 {
             // mutant: collapse-before-the-last-patch
-            collapse::queue_collapse(hp, target, state, site, restored.page_addr & PMD_MASK);
+            collapse::queue_collapse(hp, target, state, site, restored.page_addr & PMD_MASK, here);
         } else {
             hp.journal
                 .record(ev.note("not yet: other patches in this 2 MiB range"));

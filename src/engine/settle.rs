@@ -155,7 +155,7 @@ pub(crate) fn restore_handle(
     }
     let forgotten = forget(hp, &ev, state, handle, &sites, &pages, verdict.forget_all);
     let families = state.release_families();
-    queue_collapses(hp, target, state, &sites, &pages);
+    queue_collapses(hp, target, state, &sites, &pages, true);
     if state.patches.count(handle) != 0 {
         keep_if_closing(hp, state, handle, closing);
         drop((forgotten, files, families));
