@@ -316,6 +316,24 @@ pub struct PatchLine {
     pub owner: String,
 }
 
+/// The handles debugfs `patches` lists, waiting out a target that is busy
+/// (its lock held, by a collapse say: `# a target is busy`) for up to a
+/// second; a target busy longer, or an unreadable listing, is an error
+/// rather than "none".
+pub fn listed_handles() -> Result<Vec<u64>, String> {
+    let begin = std::time::Instant::now();
+    loop {
+        let text = debugfs("patches").map_err(|e| format!("debugfs patches: {e}"))?;
+        if !text.lines().any(|l| l.starts_with("# a target is busy")) {
+            return Ok(parse_patches(&text).iter().map(|p| p.handle).collect());
+        }
+        if begin.elapsed() > std::time::Duration::from_secs(1) {
+            return Err("debugfs patches: a target stayed busy for 1 s".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Parse `patches`; `#` lines (the header, `# a target is busy …`) are skipped.
 pub fn parse_patches(text: &str) -> Vec<PatchLine> {
     text.lines()

@@ -6,12 +6,12 @@
 //!
 //! How: `/proc/thread-self/fail-nth` = n fails the nth fault-injection
 //! point this thread passes (then reads back 0); failslab and
-//! fail_page_alloc are set to count only allocations with the module's
-//! text on the stack (`require-start`/`require-end`), of every size, order
+//! fail_page_alloc are set to count only allocations with the module
+//! (its core image, from /proc/modules) on the stack (`require-start`/`require-end`), of every size, order
 //! and GFP mode.  For each operation, n = 1, 2, ... until a call passes
 //! all its points without reaching n (or N, default 400).  After each
 //! injected fault:
-//! - a call that failed returned an errno, and the target is as it was:
+//! - a call that failed returned ENOMEM or EAGAIN, and the target is as it was:
 //!   PATCH and PATCH_BATCH left no patch and the file's bytes; RESTORE
 //!   kept the patch (its bytes run, the handle listed) and a second,
 //!   uninjected RESTORE gives the file's bytes back; COLLAPSE left the
@@ -118,26 +118,25 @@ impl Drop for Injection {
     }
 }
 
-/// The lowest and highest text addresses of the module (kallsyms), the
-/// last one's page included.
+/// The module's core image, `[start, end)`, from /proc/modules (text and
+/// data: only text is ever on a stack).
 fn module_text() -> Result<(u64, u64), String> {
-    let syms = fs::read_to_string("/proc/kallsyms").map_err(|e| format!("/proc/kallsyms: {e}"))?;
-    let addrs: Vec<u64> = syms
+    let modules = fs::read_to_string("/proc/modules").map_err(|e| format!("/proc/modules: {e}"))?;
+    let line = modules
         .lines()
-        .filter(|l| l.ends_with("[hugepoke]"))
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            let addr = u64::from_str_radix(w.next()?, 16).ok()?;
-            matches!(w.next()?, "t" | "T").then_some(addr)
-        })
-        .collect();
-    match (addrs.iter().min(), addrs.iter().max()) {
-        (Some(&lo), Some(&hi)) if lo != 0 => Ok((lo, hi + 4096)),
-        _ => Err(
-            "no text symbols of [hugepoke] in /proc/kallsyms (not loaded, or addresses hidden)"
-                .into(),
-        ),
-    }
+        .find(|l| l.starts_with("hugepoke "))
+        .ok_or("hugepoke is not in /proc/modules")?;
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let size: u64 = w
+        .get(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("no size in /proc/modules")?;
+    let start = w
+        .get(5)
+        .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+        .filter(|&a| a != 0)
+        .ok_or("no address in /proc/modules (hidden?)")?;
+    Ok((start, start + size))
 }
 
 /// The operations whose faults are injected.
@@ -178,14 +177,8 @@ impl Run {
         match op {
             Op::Patch | Op::PatchBatch => Ok(0),
             Op::Restore => self
-                .dev
-                .patch_sites(
-                    self.t.pid,
-                    &[site(&self.t, 0, 0, 42)],
-                    false,
-                    hugepoke::uapi::PATCH_PERSIST,
-                )
-                .map_err(|e| format!("setting up a patch: {}", e.error)),
+                .patch_page_0()
+                .map_err(|e| format!("setting up a patch: {e}")),
             Op::Collapse => {
                 let addr = self.t.page_addr(3);
                 let mem = fs::OpenOptions::new()
@@ -200,19 +193,24 @@ impl Run {
         }
     }
 
+    /// PATCH page 0 to return 42, persistent: the PATCH injected, and the
+    /// patch RESTORE's injections start from.
+    fn patch_page_0(&self) -> std::io::Result<u64> {
+        self.dev
+            .patch_sites(
+                self.t.pid,
+                &[site(&self.t, 0, 0, 42)],
+                false,
+                hugepoke::uapi::PATCH_PERSIST,
+            )
+            .map_err(|e| e.error)
+    }
+
     /// The call itself: Ok(handle) or the errno.
     fn call(&self, op: Op, handle: u64) -> Result<u64, i32> {
         let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(0);
         match op {
-            Op::Patch => self
-                .dev
-                .patch_sites(
-                    self.t.pid,
-                    &[site(&self.t, 0, 0, 42)],
-                    false,
-                    hugepoke::uapi::PATCH_PERSIST,
-                )
-                .map_err(|e| errno(e.error)),
+            Op::Patch => self.patch_page_0().map_err(errno),
             Op::PatchBatch => {
                 let sites: Vec<_> = BATCH
                     .iter()
@@ -233,12 +231,16 @@ impl Run {
 
     /// What must hold right after the call, then the state set back.
     fn judge(&mut self, op: Op, handle: u64, result: Result<u64, i32>) -> Result<(), String> {
-        let listed = |h: u64| {
-            proc::debugfs("patches")
-                .unwrap_or_default()
-                .lines()
-                .any(|l| l.split(' ').next() == Some(&h.to_string()))
-        };
+        if let Err(e) = result {
+            // Only what running out of memory may say.
+            if ![libc::ENOMEM, libc::EAGAIN].contains(&e) {
+                return Err(format!(
+                    "failed with {} (errno {e})",
+                    hugepoke::errno_name(e)
+                ));
+            }
+        }
+        let listed = |h: u64| -> Result<bool, String> { Ok(proc::listed_handles()?.contains(&h)) };
         match (op, result) {
             (Op::Patch, Ok(h)) => {
                 self.expect_value(0, 42)?;
@@ -254,30 +256,24 @@ impl Run {
                     .map_err(|e| format!("RESTORE after it: {e}"))?;
             }
             (Op::Patch | Op::PatchBatch, Err(_)) => {
-                if !proc::debugfs("patches")
-                    .unwrap_or_default()
-                    .lines()
-                    .all(|l| l.starts_with('#'))
-                {
+                if !proc::listed_handles()?.is_empty() {
                     return Err("a failed PATCH left a patch listed".into());
                 }
             }
             (Op::Restore, Ok(_)) => {
-                if listed(handle) {
+                if listed(handle)? {
                     return Err("RESTORE succeeded but the handle is still listed".into());
                 }
             }
             (Op::Restore, Err(_)) => {
-                if listed(handle) {
-                    self.expect_value(0, 42)?;
+                // A failed RESTORE keeps the patch: listed, and running.
+                if !listed(handle)? {
+                    return Err("a failed RESTORE dropped the handle".into());
                 }
-                // Kept or not, the handle is settled by a second RESTORE
-                // (ENOENT if the first had forgotten it with a reason).
-                match self.dev.restore(handle) {
-                    Ok(()) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !listed(handle) => {}
-                    Err(e) => return Err(format!("the second RESTORE: {e}")),
-                }
+                self.expect_value(0, 42)?;
+                self.dev
+                    .restore(handle)
+                    .map_err(|e| format!("the second RESTORE: {e}"))?;
             }
             (Op::Collapse, _) => {
                 // COLLAPSE again, uninjected, puts the PMD back either way.
@@ -322,10 +318,9 @@ impl Run {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        match proc::debugfs("patches") {
-            Ok(p) if p.lines().all(|l| l.starts_with("# handle ")) => Ok(()),
-            Ok(p) => Err(format!("patches left: {p}")),
-            Err(e) => Err(e.to_string()),
+        match proc::listed_handles()?.as_slice() {
+            [] => Ok(()),
+            left => Err(format!("patches left: {left:?}")),
         }
     }
 
@@ -366,11 +361,8 @@ impl Run {
 
     /// Restore whatever is listed, collapse, and check.
     fn clean_up(&mut self) -> Result<(), String> {
-        let listed = proc::debugfs("patches").unwrap_or_default();
-        for h in listed.lines().filter(|l| !l.starts_with('#')) {
-            if let Some(h) = h.split(' ').next().and_then(|h| h.parse().ok()) {
-                let _ = self.dev.restore(h);
-            }
+        for h in proc::listed_handles()? {
+            let _ = self.dev.restore(h);
         }
         let _ = self.dev.collapse(self.t.pid, self.t.addr);
         self.expect_file_text()
@@ -417,6 +409,11 @@ fn main() {
     let mut points = Vec::new();
     for op in [Op::Patch, Op::PatchBatch, Op::Restore, Op::Collapse] {
         match run.inject_all(op, max) {
+            // COLLAPSE allocates nothing; the others must reach a point,
+            // or the filter lost them.
+            Ok(0) if !matches!(op, Op::Collapse) => {
+                problems.push(format!("{}: no injection point reached", Run::op_name(op)))
+            }
             Ok(n) => points.push(format!("{} {n}", Run::op_name(op))),
             Err(e) => problems.push(e),
         }
@@ -439,7 +436,10 @@ fn main() {
     for p in &problems {
         println!("# problem: {p}");
     }
-    if !run.lost.is_empty() || !problems.is_empty() || injected == 0 {
+    let failed = !run.lost.is_empty() || !problems.is_empty();
+    // The debugfs settings go back before we exit.
+    drop(run);
+    if failed {
         std::process::exit(1);
     }
 }
