@@ -16,6 +16,10 @@
 //!   memwrite pP                /proc/PID/mem writes page P's own byte 100
 //!                              (an anonymous copy equal to the file)
 //!   collapse                   COLLAPSE (only with no live handle)
+//!   protect rwx / protect rx   the target mprotect()s its whole text
+//!                              writable, or back (PATCH is then refused
+//!                              EINVAL, RESTORE EACCES and the patch kept)
+//!   move                       the target mremap()s its text elsewhere
 //! The model says what each call returns (ok, EBUSY on a patched page,
 //! ENOENT for a handle no longer live), and after every step what every
 //! page runs, which pages are anonymous copies (pagemap; smaps'
@@ -74,6 +78,14 @@ enum Op {
         page: u8,
     },
     Collapse,
+    /// mprotect() of the whole text: read+write+exec, or back to read+exec.
+    Protect {
+        writable: bool,
+    },
+    /// mremap() of the whole text to another 2 MiB-aligned address.
+    Move,
+    /// The target forks a child that sleeps (one per sequence).
+    Fork,
 }
 
 impl Op {
@@ -87,6 +99,9 @@ impl Op {
             Op::DontNeed { .. } => "dontneed",
             Op::MemWrite { .. } => "memwrite",
             Op::Collapse => "collapse",
+            Op::Protect { .. } => "protect",
+            Op::Move => "move",
+            Op::Fork => "fork",
         }
     }
 }
@@ -118,6 +133,11 @@ impl fmt::Display for Op {
             Op::DontNeed { page } => write!(f, "dontneed p{page}"),
             Op::MemWrite { page } => write!(f, "memwrite p{page}"),
             Op::Collapse => write!(f, "collapse"),
+            Op::Protect { writable } => {
+                write!(f, "protect {}", if *writable { "rwx" } else { "rx" })
+            }
+            Op::Move => write!(f, "move"),
+            Op::Fork => write!(f, "fork"),
         }
     }
 }
@@ -157,6 +177,11 @@ fn parse_op(s: &str) -> Option<Op> {
             page: num(w.get(1)?, 'p')?,
         },
         "collapse" => Op::Collapse,
+        "protect" => Op::Protect {
+            writable: *w.get(1)? == "rwx",
+        },
+        "move" => Op::Move,
+        "fork" => Op::Fork,
         _ => return None,
     })
 }
@@ -189,11 +214,17 @@ struct Model {
     pmd: bool,
     /// What the last call must return: 0 (success) or an errno.
     expect: i32,
+    /// The text is mapped writable (Protect).
+    writable: bool,
+    /// The forked child's pages, as the parent's were at the fork: PATCH
+    /// and the target's own changes after it do not reach the child, a
+    /// RESTORE (or a close) of a patch it inherited takes it back there.
+    child: Option<[Page; PAGES as usize]>,
 }
 
 impl Model {
     fn settle(&mut self, id: usize) {
-        for p in self.pages.iter_mut() {
+        for p in self.pages.iter_mut().chain(self.child.iter_mut().flatten()) {
             if p.patch.is_some_and(|(h, _)| h == id) {
                 // RESTORE writes the original back and zaps the copy,
                 // now equal to the page cache.
@@ -208,7 +239,10 @@ impl Model {
         self.pmd = self.pages.iter().all(|p| *p == Page::default());
     }
     fn value(&self, page: usize) -> u32 {
-        match self.pages[page] {
+        Self::value_of(&self.pages[page], page)
+    }
+    fn value_of(p: &Page, page: usize) -> u32 {
+        match *p {
             Page {
                 patch: Some((_, v)),
                 shows_patch: true,
@@ -272,6 +306,14 @@ impl ReferenceStateMachine for Reference {
             ),
             (1, page.prop_map(|page| Op::MemWrite { page }).boxed()),
             (1, Just(Op::Collapse).boxed()),
+            (
+                1,
+                any::<bool>()
+                    .prop_map(|writable| Op::Protect { writable })
+                    .boxed(),
+            ),
+            (1, Just(Op::Move).boxed()),
+            (1, Just(Op::Fork).boxed()),
         ];
         if !state.handles.is_empty() {
             ops.push((4, (0..handles).prop_map(|id| Op::Restore { id }).boxed()));
@@ -281,11 +323,37 @@ impl ReferenceStateMachine for Reference {
     }
 
     fn preconditions(state: &Model, op: &Op) -> bool {
+        let w = state.writable;
         match op {
-            Op::Restore { id } | Op::Query { id } => *id < state.handles.len(),
-            // What COLLAPSE does beside a live patch is not modelled.
-            Op::Collapse => state.handles.iter().all(|h| !h.live),
-            Op::Batch { pages, .. } => !pages.is_empty(),
+            Op::Query { id } => *id < state.handles.len(),
+            // Writable: only a RESTORE that finds a copy on each page (it
+            // refuses to write there); a dropped one is not modelled.
+            Op::Restore { id } => {
+                *id < state.handles.len()
+                    && (!w
+                        || !state.handles[*id].live
+                        || state
+                            .pages
+                            .iter()
+                            .all(|p| p.patch.map(|(h, _)| h) != Some(*id) || p.copy))
+            }
+            // What COLLAPSE does beside a live patch, or in a writable
+            // mapping, and what a close restores there, are not modelled.
+            Op::Collapse => !w && state.handles.iter().all(|h| !h.live),
+            Op::Reopen { .. } => !w,
+            // (A child forked writable stays writable: what a RESTORE
+            // does there is not modelled.)
+            Op::Fork => state.child.is_none() && !w,
+            // Writable: which refusal comes first over a patched page is
+            // not modelled.
+            Op::Patch { page, .. } => !w || state.pages[*page as usize].patch.is_none(),
+            Op::Batch { pages, .. } => {
+                !pages.is_empty()
+                    && (!w
+                        || pages
+                            .iter()
+                            .all(|&p| state.pages[p as usize].patch.is_none()))
+            }
             _ => true,
         }
     }
@@ -308,12 +376,19 @@ impl ReferenceStateMachine for Reference {
                 persist,
             } => s.patch(*ctl, pages, *value, *persist),
             Op::Restore { id } => {
-                if s.handles[*id].live {
-                    s.settle(*id);
-                } else {
+                if !s.handles[*id].live {
                     s.expect = libc::ENOENT;
+                } else if s.writable {
+                    // Nothing written into a writable mapping; kept.
+                    s.expect = libc::EACCES;
+                } else {
+                    s.settle(*id);
                 }
             }
+            Op::Protect { writable } => s.writable = *writable,
+            // The patches, copies and PMD move with the text.
+            Op::Move => {}
+            Op::Fork => s.child = Some(s.pages),
             Op::Query { id } => {
                 if !s.handles[*id].live {
                     s.expect = libc::ENOENT;
@@ -331,7 +406,6 @@ impl ReferenceStateMachine for Reference {
             }
             Op::DontNeed { page } => {
                 s.pages[*page as usize].copy = false;
-                s.pages[*page as usize].shows_patch = false;
                 s.pages[*page as usize].shows_patch = false;
                 s.pmd = false;
             }
@@ -352,6 +426,11 @@ impl ReferenceStateMachine for Reference {
 
 impl Model {
     fn patch(&mut self, ctl: u8, pages: &[u8], value: u8, persist: bool) {
+        if self.writable {
+            // A writable mapping is not text.
+            self.expect = libc::EINVAL;
+            return;
+        }
         if pages
             .iter()
             .any(|&p| self.pages[p as usize].patch.is_some())
@@ -379,6 +458,8 @@ impl Model {
 /// The system under test: the target, the controllers, the real handles.
 struct System {
     t: Target,
+    /// The forked child, and its text's address (the parent's at the fork).
+    child: Option<(i32, u64)>,
     ctl: Vec<Device>,
     /// The module's handle for each model handle (0: the call failed).
     real: Vec<u64>,
@@ -460,6 +541,30 @@ impl System {
                 .collapse(self.t.pid, self.t.addr)
                 .map(|_| ())
                 .map_err(errno),
+            Op::Protect { writable } => {
+                let prot = if *writable { "rwx" } else { "rx" };
+                match self.t.command(&format!("protect {prot}")) {
+                    Ok(a) if a == "protected 0" => Ok(()),
+                    _ => Err(-1),
+                }
+            }
+            Op::Fork => {
+                let said = self.t.command("fork").map_err(|_| -1)?;
+                let pid = said
+                    .strip_prefix("child ")
+                    .and_then(|p| p.parse().ok())
+                    .ok_or(-1)?;
+                self.child = Some((pid, self.t.addr));
+                Ok(())
+            }
+            Op::Move => {
+                let moved = self.t.command("move").map_err(|_| -1)?;
+                self.t.addr = moved
+                    .strip_prefix("moved ")
+                    .and_then(hugepoke::parse_number)
+                    .ok_or(-1)?;
+                Ok(())
+            }
         }
     }
 
@@ -495,11 +600,7 @@ impl System {
                 ));
             }
         }
-        let listed: Vec<u64> =
-            proc::parse_patches(&proc::debugfs("patches").map_err(|e| e.to_string())?)
-                .iter()
-                .map(|p| p.handle)
-                .collect();
+        let listed = proc::listed_handles()?;
         for (id, h) in m.handles.iter().enumerate() {
             if h.live != listed.contains(&self.real[id]) {
                 return Err(format!(
@@ -507,6 +608,9 @@ impl System {
                     self.real[id], !h.live, h.live
                 ));
             }
+        }
+        if let (Some((pid, addr)), Some(pages)) = (self.child, &m.child) {
+            check_child(pid, addr, pages).map_err(|e| format!("forked child {pid}: {e}"))?;
         }
         let anon_kb = 4 * m.pages.iter().filter(|p| p.copy).count() as u64;
         let begin = Instant::now();
@@ -533,6 +637,53 @@ impl System {
     }
 }
 
+/// The forked child (asleep): each page's code read back, its anonymous
+/// copies by pagemap and smaps.  (Its PMD is not checked: nothing runs
+/// there to fault it back in.)
+fn check_child(pid: i32, addr: u64, pages: &[Page]) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).map_err(|e| e.to_string())?;
+    let pagemap = proc::Pagemap::open(pid).map_err(|e| e.to_string())?;
+    for (page, p) in pages.iter().enumerate() {
+        let at = addr + (page * text::PAGE) as u64;
+        let mut code = [0u8; 6];
+        mem.read_exact_at(&mut code, at)
+            .map_err(|e| e.to_string())?;
+        let want = text::mov_eax_ret(Model::value_of(p, page));
+        if code != want {
+            return Err(format!(
+                "page {page} holds {code:02x?}, the model says {want:02x?}"
+            ));
+        }
+        let e = pagemap.entry(at).map_err(|e| e.to_string())?;
+        if (e.present() && !e.file()) != p.copy {
+            return Err(format!(
+                "page {page}: anonymous copy {}, the model says {}",
+                !p.copy, p.copy
+            ));
+        }
+    }
+    let anon = proc::smaps_entry(pid, addr)
+        .map_err(|e| e.to_string())?
+        .kb("Anonymous");
+    let want = 4 * pages.iter().filter(|p| p.copy).count() as u64;
+    if anon != want {
+        return Err(format!(
+            "{anon} kB anonymous in the text, the model says {want}"
+        ));
+    }
+    Ok(())
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        if let Some((pid, _)) = self.child {
+            // SAFETY: kill(2) of the child the target forked for us.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 struct Test;
 
 impl StateMachineTest for Test {
@@ -548,6 +699,7 @@ impl StateMachineTest for Test {
         let t = Target::spawn(&[]).expect("thp-target");
         System {
             t,
+            child: None,
             ctl: (0..CONTROLLERS).map(|_| open()).collect(),
             real: Vec::new(),
         }
@@ -633,6 +785,18 @@ fn main() {
             eprintln!("hugepoke-model: cannot parse --replay {replay:?}");
             std::process::exit(2);
         };
+        // Each step must be one the generator could have made.
+        let mut model = Model {
+            pmd: true,
+            ..Model::default()
+        };
+        for op in &ops {
+            if !Reference::preconditions(&model, op) {
+                eprintln!("hugepoke-model: --replay: {op} cannot come here (no such handle, or a live one)");
+                std::process::exit(2);
+            }
+            model = Reference::apply(model, op);
+        }
         run(ops.clone()).err().map(|e| (e, ops))
     } else {
         println!("# seed {seed}");
@@ -725,6 +889,10 @@ mod tests {
             Op::DontNeed { page: 3 },
             Op::MemWrite { page: 0 },
             Op::Collapse,
+            Op::Protect { writable: true },
+            Op::Protect { writable: false },
+            Op::Move,
+            Op::Fork,
         ];
         let printed: Vec<String> = ops.iter().map(|o| o.to_string()).collect();
         let parsed: Vec<Op> = printed
