@@ -76,10 +76,14 @@ fn parse_tap(out: &str, exit: &str) -> Vec<(String, Outcome)> {
                 name = if before.is_empty() { after } else { before };
             }
         }
-        let n = seen.entry(name.to_string()).or_insert(0);
+        // Numbers in a description can be measurements ("Extra pages 104
+        // (0.2%)"): a case is named with each number as '#', and told from
+        // its namesakes by its place among them.
+        let name = without_numbers(name);
+        let n = seen.entry(name.clone()).or_insert(0);
         *n += 1;
         let key = if *n == 1 {
-            name.to_string()
+            name
         } else {
             format!("{name} #{n}")
         };
@@ -95,6 +99,21 @@ fn parse_tap(out: &str, exit: &str) -> Vec<(String, Outcome)> {
     };
     cases.push((format!("(exit status {code})"), outcome));
     cases
+}
+
+/// `text` with every run of digits made one '#'.
+fn without_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_number = false;
+    for c in text.chars() {
+        if !c.is_ascii_digit() {
+            out.push(c);
+        } else if !in_number {
+            out.push('#');
+        }
+        in_number = c.is_ascii_digit();
+    }
+    out
 }
 
 /// One mode's runs: each program's command line and its cases.
@@ -297,7 +316,7 @@ mod tests {
 
     #[test]
     fn tap_lines_become_named_cases() {
-        let out = "1..5\n# [RUN] x\nok 1 a\nnot ok 2 b\nok 3 # SKIP c\nok 4 # XFAIL d\nok 5 a\n# ok 9 nested\n";
+        let out = "1..6\n# [RUN] x\nok 1 a\nnot ok 2 b\nok 3 # SKIP c\nok 4 # XFAIL d\nok 5 a\n# ok 9 nested\nok 6 took 104 ms (0.2%)\n";
         let cases = parse_tap(out, "1\n");
         let got: Vec<(&str, Outcome)> = cases.iter().map(|(n, o)| (n.as_str(), *o)).collect();
         assert_eq!(
@@ -308,6 +327,7 @@ mod tests {
                 ("c", Outcome::Skip),
                 ("d", Outcome::Xfail),
                 ("a #2", Outcome::Ok),
+                ("took # ms (#.#%)", Outcome::Ok),
                 ("(exit status 1)", Outcome::Fail),
             ]
         );
