@@ -203,6 +203,8 @@ struct Handle {
     ctl: u8,
     persist: bool,
     live: bool,
+    /// The text moved since the PATCH (Move).
+    moved: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -224,6 +226,14 @@ struct Model {
 
 impl Model {
     fn settle(&mut self, id: usize) {
+        // A collapse is queued for a page whose copy RESTORE zapped, or
+        // whose copy the target dropped while the page cache maps at the
+        // address PATCH wrote: not after the text moved (a known limit,
+        // found by this model: the PMD stays split until `hugepoke
+        // collapse`).
+        let mine = |p: &&Page| p.patch.is_some_and(|(h, _)| h == id);
+        let moved = self.handles[id].moved;
+        let collapse = self.pages.iter().filter(mine).any(|p| p.copy || !moved);
         for p in self.pages.iter_mut().chain(self.child.iter_mut().flatten()) {
             if p.patch.is_some_and(|(h, _)| h == id) {
                 // RESTORE writes the original back and zaps the copy,
@@ -232,7 +242,9 @@ impl Model {
             }
         }
         self.handles[id].live = false;
-        self.collapsed();
+        if collapse {
+            self.collapsed();
+        }
     }
     /// A collapse ran: the PMD is back if nothing is left in the range.
     fn collapsed(&mut self) {
@@ -379,15 +391,22 @@ impl ReferenceStateMachine for Reference {
                 if !s.handles[*id].live {
                     s.expect = libc::ENOENT;
                 } else if s.writable {
-                    // Nothing written into a writable mapping; kept.
+                    // Nothing written into the target's writable mapping,
+                    // the patch kept there (EACCES); a forked child's own
+                    // mapping is not writable, and its copy is restored.
                     s.expect = libc::EACCES;
+                    for p in s.child.iter_mut().flatten() {
+                        if p.patch.is_some_and(|(h, _)| h == *id) {
+                            *p = Page::default();
+                        }
+                    }
                 } else {
                     s.settle(*id);
                 }
             }
             Op::Protect { writable } => s.writable = *writable,
             // The patches, copies and PMD move with the text.
-            Op::Move => {}
+            Op::Move => s.handles.iter_mut().for_each(|h| h.moved = true),
             Op::Fork => s.child = Some(s.pages),
             Op::Query { id } => {
                 if !s.handles[*id].live {
@@ -443,6 +462,7 @@ impl Model {
             ctl,
             persist,
             live: true,
+            moved: false,
         });
         for &p in pages {
             self.pages[p as usize] = Page {
