@@ -297,7 +297,8 @@ fn locate_page(
         };
         if !pte.writable() && (pte.uffd_wp() || !pte.anon_exclusive()) {
             // mutant: no-cow-break-after-fork batch-no-cow-break uffd-wp-write-through
-            if shared == Shared::Refuse && page.mapped_elsewhere() {
+            let forked_runs_it = page.mapped_elsewhere() && runs_patch(sites, w.written, &page);
+            if shared == Shared::Refuse && forked_runs_it {
                 // mutant: forked-during-restore-kept
                 let r = Refusal::new(EAGAIN, FORKED_DURING_RESTORE);
                 return Err((Refused::Kept(r), 0));
@@ -383,6 +384,19 @@ fn fault_writable(
             "cannot fault the page in for writing",
         ))),
     }
+}
+
+/// Does some site of the page hold the bytes PATCH wrote?  A copy back to
+/// the originals at every site (another tool's, after the target dropped
+/// ours) runs no patch in whoever shares it: breaking COW there leaves
+/// nothing patched behind.
+fn runs_patch(sites: &[Site], written: Written, page: &PageRef) -> bool {
+    sites.iter().any(|s| {
+        let (patched, _) = swap_bytes(s, written, Dir::Revert);
+        let mut now = [0u8; MAX_BYTES];
+        page.read(s.offset(), &mut now[..s.len]);
+        now[..s.len] == *patched // mutant: shared-originals-refused
+    })
 }
 
 /// A look before the write (the write checks again under the PT lock):

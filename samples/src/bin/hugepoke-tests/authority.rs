@@ -305,6 +305,47 @@ pub(crate) fn restore_finding_the_originals_zaps_and_collapses() -> TestResult {
     Ok(())
 }
 
+/// The target dropped the patch's copy (MADV_DONTNEED), a debugger's
+/// write made a copy equal to the file, then the target forked: the copy
+/// both now map runs nothing of ours.  RESTORE (a sequence hugepoke-model
+/// found, which used to end in EAGAIN for want of a child to restore)
+/// succeeds; the target's copy is zapped and its PMD comes back, the
+/// child keeps the debugger's copy, untouched.
+pub(crate) fn restore_beside_a_forked_copy_of_the_originals_succeeds() -> TestResult {
+    const PAGE: usize = 46;
+    let _khugepaged = khugepaged_asleep()?;
+    let mut t = Target::spawn(&[])?;
+    let head = thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let at = t.page_addr(PAGE);
+    let h = io(dev.patch(&patch_req(&t, PAGE, 4646)))?;
+    let drop = format!("dontneed {PAGE}");
+    ensure!(t.command(&drop)? == drop, "the target's MADV_DONTNEED");
+    write_mem(t.pid, at + 100, &file_bytes(&t, at + 100, 1)?)?;
+    let child = fork_child(&mut t)?;
+    let checked = (|| {
+        let seq = hugepoke::device::journal_seq();
+        io(dev.restore(h))?;
+        wait_module_collapse(t.pid, t.addr, seq)?;
+        wait_pmd_mapped(&mut t, Duration::from_secs(10))?;
+        ensure!(
+            thp_head(&t)? == head && smaps(&t)?.kb("Anonymous") == 0,
+            "the target after RESTORE: {:?}",
+            smaps(&t)?
+        );
+        let code = read_mem(child, at, 6)?;
+        let anon = io(proc::smaps_entry(child, t.addr))?.kb("Anonymous");
+        ensure!(
+            code == text::mov_eax_ret(text::original_value(PAGE)) && anon == 4,
+            "the child after RESTORE: {code:02x?}, {anon} kB anonymous (want the file's code in the debugger's copy)"
+        );
+        Ok(())
+    })();
+    // SAFETY: killing nothing but the target's child.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    checked
+}
+
 /// A debugger's byte elsewhere on the patched page: RESTORE puts the
 /// originals back but keeps the copy ("differs from the page-cache page"),
 /// so the debugger's byte survives.
@@ -393,6 +434,7 @@ tests! {
         patch_over_another_tools_bytes_needs_over_changed,
         patch_over_a_live_uprobe_is_refused,
         restore_finding_the_originals_zaps_and_collapses,
+        restore_beside_a_forked_copy_of_the_originals_succeeds,
         restore_keeps_another_change_on_the_page,
         drop_forgets_a_handle_and_writes_nothing,
     ];
