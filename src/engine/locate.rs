@@ -73,8 +73,10 @@ struct Seen<'a> {
     error: Option<Error>,
     /// A mapping whose page can hold no copy any more, and why.
     gone: Option<&'static str>,
-    /// The page-cache page maps (or faults in) at the address PATCH wrote.
-    cache_at_site: bool,
+    /// Where the page-cache page maps (or faults in) in its place: the
+    /// address PATCH wrote if it is one, else the first met (the text
+    /// moved since: its range is the one to collapse).
+    cache_at: Option<usize>,
 }
 
 /// Where the target maps the anonymous copy of `site`'s file page now: the
@@ -108,7 +110,7 @@ pub(crate) fn find_anon_copy<'a>(
             // mutant: fault-every-mapping
             // No anonymous page can be there: no fault (and no I/O, no
             // uffd fault) in a mapping the target never COWed.
-            seen.cache_at_site |= at_site;
+            seen.note_cache(page_addr, at_site);
             continue;
         }
         let Some(page) = seen.fault_copy(guard, vma, &info, site.pgoff, (page_addr, at_site))
@@ -158,7 +160,7 @@ impl<'a> Seen<'a> {
         }
         match guard.get_user_page(page_addr, sys::FOLL_FORCE) {
             Ok(page) if page.is_anon() => return Some(page),
-            Ok(_) => self.cache_at_site |= at_site,
+            Ok(_) => self.note_cache(page_addr, at_site),
             // Gone for good (truncated, guarded), or kept.
             Err(e) if e == EFAULT => match sys::gone_for_good(vma, info, pgoff) {
                 Some(why) => self.gone = Some(why),
@@ -167,6 +169,15 @@ impl<'a> Seen<'a> {
             Err(e) => self.error = Some(e),
         }
         None
+    }
+
+    /// The page-cache page maps at `page_addr` (`at_site`: where PATCH
+    /// wrote, which wins over any other mapping of it).
+    fn note_cache(&mut self, page_addr: usize, at_site: bool) {
+        if at_site || self.cache_at.is_none() {
+            // mutant: collapse-only-where-patched
+            self.cache_at = Some(page_addr);
+        }
     }
 
     fn verdict(self) -> Result<Look<'a>, Refused> {
@@ -189,18 +200,18 @@ impl<'a> Seen<'a> {
             (_, None, None) if self.gone.is_some() => Refused::Gone {
                 result: Ok(()),
                 why: self.gone.unwrap_or_default(),
-                cache_back: false,
+                cache_back: None,
             },
             (_, None, Some(e)) => Refused::Kept(Refusal::new(e, "cannot get the page")), // mutant: gup-error-forgets
             (true, None, None) => Refused::Gone {
                 result: Ok(()),
                 why: "page is no longer anonymous: already undone",
-                cache_back: self.cache_at_site, // mutant: no-collapse-after-undone
+                cache_back: self.cache_at, // mutant: no-collapse-after-undone
             },
             (false, None, None) => Refused::Gone {
                 result: Err(ENXIO),
                 why: "the patched file page is no longer mapped in the target; nothing written",
-                cache_back: false,
+                cache_back: None,
             },
         })
     }

@@ -115,11 +115,12 @@ impl Restored {
 pub(crate) enum Refused {
     /// There is nothing left to restore: the patch is forgotten and RESTORE
     /// returns `result`.  `cache_back`: the page-cache page is what maps (or
-    /// faults in) where the patch was, so its range may be collapsed.
+    /// faults in) where the patch was, at this page address (the text may
+    /// have moved since), so its range may be collapsed.
     Gone {
         result: Result,
         why: &'static str,
-        cache_back: bool,
+        cache_back: Option<usize>,
     },
     /// The patch stays in the table: RESTORE returns the errno.
     Kept(Refusal),

@@ -115,8 +115,9 @@ pub(crate) struct PageWork {
     /// PATCH split the PMD that mapped this page.
     pub(crate) split: bool,
     /// No copy of the page is left where the patch was: the page-cache
-    /// page maps (or faults) back there, so the range may be collapsed.
-    pub(crate) cache_back: bool,
+    /// page maps (or faults) back there, at this page address, so the
+    /// range may be collapsed.
+    pub(crate) cache_back: Option<usize>,
     /// RESTORE found this process's copy shared with another mapping (not
     /// exclusive) and broke COW for it: the other may run the patch still.
     pub(crate) shared: bool,
@@ -137,7 +138,7 @@ impl PageWork {
             sure: false,
             already: false,
             split: false,
-            cache_back: false,
+            cache_back: None,
             shared: false,
             target_restored: false,
         }

@@ -173,7 +173,8 @@ pub(crate) fn undo(
     // for their PMD, if PATCH split it: its range is to be collapsed.
     for w in pages.iter_mut().filter(|w| w.written == Written::No) {
         w.state = PageState::Gone(Ok(()), "not written");
-        w.cache_back = w.split; // mutant: failed-split-not-collapsed
+        w.cache_back = w.split.then_some(sites[w.range.start].addr & PAGE_MASK);
+        // mutant: failed-split-not-collapsed
     }
     // (PATCH held the mmap lock throughout: no fork came in.)
     match locate_and_check(hp, guard, sites, pages, &last_on_page, Shared::Break) {
@@ -214,12 +215,14 @@ pub(crate) fn queue_collapses(
             Outcome::Done(restored) if restored.zapped => *restored,
             // No copy left to zap (the target dropped it, or PATCH failed
             // after its split): the PMD is still ours to give back.
-            Outcome::Untouched if w.cache_back && (w.split || site.pmd_mappable) => Restored {
-                zapped: true,
-                pmd_mappable: true,
-                cache_order: sys::PMD_ORDER,
-                page_addr: site.addr & PAGE_MASK,
-            },
+            Outcome::Untouched if w.cache_back.is_some() && (w.split || site.pmd_mappable) => {
+                Restored {
+                    zapped: true,
+                    pmd_mappable: true,
+                    cache_order: sys::PMD_ORDER,
+                    page_addr: w.cache_back.unwrap_or_default(),
+                }
+            }
             _ => continue,
         };
         if last == Some(site.range_key()) {

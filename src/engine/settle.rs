@@ -177,7 +177,7 @@ fn leave_restored_targets(sites: &[Site], pages: &mut [PageWork]) {
             w.state = PageState::Gone(Ok(()), TARGET_RESTORED);
             // Its copy was zapped then, its range's collapse held back
             // by these very sites.
-            w.cache_back = true;
+            w.cache_back = Some(sites[w.range.start].addr & sys::PAGE_MASK);
         }
     }
 }
@@ -205,7 +205,7 @@ fn run_passes(
         let gone = Refused::Gone {
             result: Ok(()),
             why: "target process is gone",
-            cache_back: false,
+            cache_back: None,
         };
         // Its children may still run the patch.
         let forked = sweep_forked(hp, &lineage, sites, pages, last_on_page, closing); // mutant: orphans-left-patched

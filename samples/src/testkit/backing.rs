@@ -154,3 +154,39 @@ pub fn folio_order(t: &mut Target, page: usize) -> Result<u32, String> {
 pub fn compact_memory() {
     let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
 }
+
+/// A swap device on a loop device over a file in /tmp, for one test (or one
+/// model run).
+pub struct Swap {
+    dev: String,
+    img: String,
+}
+
+impl Swap {
+    pub fn on() -> Result<Self, String> {
+        let img = "/tmp/hugepoke-swap.img".to_string();
+        io(std::fs::write(&img, vec![0u8; 32 << 20]))?;
+        let out = sh("losetup", &["-f", "--show", &img])?;
+        let dev = out.trim().to_string();
+        sh("mkswap", &[&dev])?;
+        sh("swapon", &[&dev])?;
+        Ok(Self { dev, img })
+    }
+
+    pub fn used_kb(&self) -> Result<u64, String> {
+        let swaps = io(std::fs::read_to_string("/proc/swaps"))?;
+        swaps
+            .lines()
+            .find(|l| l.starts_with(&self.dev))
+            .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+            .ok_or(format!("{} not in /proc/swaps:\n{swaps}", self.dev))
+    }
+}
+
+impl Drop for Swap {
+    fn drop(&mut self) {
+        let _ = sh("swapoff", &[&self.dev]);
+        let _ = sh("losetup", &["-d", &self.dev]);
+        let _ = std::fs::remove_file(&self.img);
+    }
+}

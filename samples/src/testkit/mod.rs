@@ -5,7 +5,8 @@
 //! - [`text`]: the 2 MiB blob of tiny functions the targets execute.
 //! - [`thp`]: mapping it 2 MiB-aligned so that a PMD can map it.
 //! - [`target`]: spawning and asking a `thp-target` process.
-//! - [`backing`]: the filesystems and tmpfs mounts the text is put on.
+//! - [`backing`]: the filesystems and tmpfs mounts the text is put on, and
+//!   swap.
 //! - [`check_state`]: what hugepoke-stress shares with its target's checkers.
 //! - [`khugepaged`]: khugepaged held asleep.
 

@@ -105,7 +105,7 @@ pub(crate) fn batch_patches_and_restores_every_site() -> TestResult {
 /// originals into the pages still patched (the swapped one comes back
 /// first), forgets the dropped one, and the PMD comes back.
 pub(crate) fn batch_restore_follows_moves_drops_and_swap() -> TestResult {
-    let swap = crate::identity::Swap::on()?;
+    let swap = hugepoke::testkit::backing::Swap::on()?;
     let mut t = Target::spawn(&[])?;
     let head = thp_head(&t)?;
     let dev = io(Device::open())?;

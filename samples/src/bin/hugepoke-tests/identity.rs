@@ -6,7 +6,7 @@
 use crate::common::*;
 use crate::hardening::expect_errno;
 use crate::TestResult;
-use hugepoke::testkit::backing::sh;
+use hugepoke::testkit::backing::Swap;
 use hugepoke::uapi;
 
 /// The target replaces its text by a writable private mapping of another
@@ -697,41 +697,6 @@ fn page_out_of_the_page_cache(swap: &Swap, fd: i32, page: usize) -> TestResult {
     // SAFETY: unmapping the mapping made above.
     unsafe { libc::munmap(p, 4096) };
     result.map(|_| ())
-}
-
-/// A swap device on a loop device over a file in /tmp, for one test.
-pub(crate) struct Swap {
-    dev: String,
-    img: String,
-}
-
-impl Swap {
-    pub(crate) fn on() -> Result<Self, String> {
-        let img = "/tmp/hugepoke-swap.img".to_string();
-        io(std::fs::write(&img, vec![0u8; 32 << 20]))?;
-        let out = sh("losetup", &["-f", "--show", &img])?;
-        let dev = out.trim().to_string();
-        sh("mkswap", &[&dev])?;
-        sh("swapon", &[&dev])?;
-        Ok(Self { dev, img })
-    }
-
-    pub(crate) fn used_kb(&self) -> Result<u64, String> {
-        let swaps = io(std::fs::read_to_string("/proc/swaps"))?;
-        swaps
-            .lines()
-            .find(|l| l.starts_with(&self.dev))
-            .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
-            .ok_or(format!("{} not in /proc/swaps:\n{swaps}", self.dev))
-    }
-}
-
-impl Drop for Swap {
-    fn drop(&mut self) {
-        let _ = sh("swapoff", &[&self.dev]);
-        let _ = sh("losetup", &["-d", &self.dev]);
-        let _ = std::fs::remove_file(&self.img);
-    }
 }
 
 /// `hugepoke restore HANDLE`, its output discarded.

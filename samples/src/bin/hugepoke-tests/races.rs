@@ -602,7 +602,7 @@ pub(crate) fn close_restores_even_when_the_closer_is_killed() -> TestResult {
     thp_head(&t)?;
     let (mut cli, handle) = cli_patch(&t, PAGE, 8888)?;
     ensure!(t.call(PAGE)? == 8888, "CLI patch not running");
-    let _swap = crate::identity::Swap::on()?;
+    let _swap = hugepoke::testkit::backing::Swap::on()?;
     let paged = t.command(&format!("pageout {PAGE}"))?;
     ensure!(paged == "pageout ok", "pageout said {paged:?}");
     let pause = Pause::arm("restore", t.pid)?;
@@ -900,6 +900,34 @@ pub(crate) fn restore_after_the_target_dropped_its_copy_collapses() -> TestResul
         "RESTORE did not find the copy gone: {:?}",
         steps(&events_of(h)?)
     );
+    pmd_back_by_the_module(&mut t, PAGE, seq)?;
+    Ok(())
+}
+
+/// The same after the target also moved its text (mremap): the page-cache
+/// page maps back at the new address, and the module collapses the range
+/// there (once only where PATCH wrote: the range stayed PTE-mapped until
+/// `hugepoke collapse`; hugepoke-model found it).
+pub(crate) fn restore_after_a_drop_and_a_move_collapses_where_the_text_is() -> TestResult {
+    const PAGE: usize = 63;
+    let _asleep = khugepaged_asleep()?;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, PAGE, 6363)))?;
+    t.command(&format!("dontneed {PAGE}"))?;
+    let moved = t.command("move")?;
+    t.addr = moved
+        .strip_prefix("moved ")
+        .and_then(hugepoke::parse_number)
+        .ok_or(format!("move said {moved:?}"))?;
+    ensure!(
+        t.call(PAGE)? == text::original_value(PAGE),
+        "the moved text runs {} at page {PAGE}",
+        t.call(PAGE)?
+    );
+    let seq = hugepoke::device::journal_seq();
+    io(dev.restore(h))?;
     pmd_back_by_the_module(&mut t, PAGE, seq)?;
     Ok(())
 }
@@ -1233,7 +1261,7 @@ pub(crate) fn a_child_forked_during_restore_is_never_written_into() -> TestResul
 pub(crate) fn a_child_forked_during_restore_with_its_copy_swapped_out_is_restored_too() -> TestResult
 {
     const PAGE: usize = 86;
-    let _swap = crate::identity::Swap::on()?;
+    let _swap = hugepoke::testkit::backing::Swap::on()?;
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     let dev = io(Device::open())?;
@@ -1284,7 +1312,7 @@ pub(crate) fn a_child_forked_during_restore_with_its_copy_swapped_out_is_restore
 /// executable again, a second RESTORE takes the patch back from it.
 pub(crate) fn a_forked_refusal_after_the_targets_pass_keeps_the_patch() -> TestResult {
     const PAGE: usize = 95;
-    let _swap = crate::identity::Swap::on()?;
+    let _swap = hugepoke::testkit::backing::Swap::on()?;
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     let dev = std::sync::Arc::new(io(Device::open())?);
@@ -1425,6 +1453,7 @@ tests! {
         close_restores_even_when_the_closer_is_killed,
         failed_patch_after_its_split_gives_the_pmd_back,
         restore_after_the_target_dropped_its_copy_collapses,
+        restore_after_a_drop_and_a_move_collapses_where_the_text_is,
         killed_batch_is_undone_by_a_worker,
         a_restore_behind_a_busy_target_can_be_killed,
         restore_undo_leaves_a_page_another_tool_restored,
