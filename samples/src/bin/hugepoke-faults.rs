@@ -414,6 +414,11 @@ fn main() {
             Ok(0) if !matches!(op, Op::Collapse) => {
                 problems.push(format!("{}: no injection point reached", Run::op_name(op)))
             }
+            // (Said so: zero points is no coverage, only nothing to cover.)
+            Ok(0) => points.push(format!(
+                "{} 0 (nothing to inject: no allocation under it)",
+                Run::op_name(op)
+            )),
             Ok(n) => points.push(format!("{} {n}", Run::op_name(op))),
             Err(e) => problems.push(e),
         }

@@ -20,6 +20,12 @@
 //!                              writable, or back (PATCH is then refused
 //!                              EINVAL, RESTORE EACCES and the patch kept)
 //!   move                       the target mremap()s its text elsewhere
+//!   fork                       the target forks a child that sleeps
+//!   pageout pP                 MADV_PAGEOUT of page P's copy to swap (the
+//!                              check's call brings it back: a new page)
+//!   unmap                      the target munmap()s page 3 (for good)
+//!   exec                       the target execs a new thp-target: same
+//!                              pid, a new mm, the patches gone with the old
 //! The model says what each call returns (ok, EBUSY on a patched page,
 //! ENOENT for a handle no longer live), and after every step what every
 //! page runs, which pages are anonymous copies (pagemap; smaps'
@@ -52,6 +58,16 @@ const FOUND: &[&str] = &[
     // the originals, and the module waited for the child to give back a
     // patch it never ran (src/engine/locate.rs, `runs_patch`).
     "patch c0 p1 v0; dontneed p1; memwrite p1; fork; restore h0",
+    // No collapse: the target dropped the patch's copy and moved its text,
+    // and RESTORE looked for the page cache only where PATCH wrote
+    // (src/engine/locate.rs, `note_cache`).
+    "patch c0 p2 v0; dontneed p2; move; restore h0",
+    // The model's own teardown left a persistent patch in a writable text
+    // (RESTORE refused it: EACCES), seen by the module's counters.
+    "patch c0 p0 v0 persist; protect rwx",
+    // The model's own mistake: a patch gone with an exec'd image is
+    // restored (nothing written) whatever the new image's text is.
+    "patch c0 p0 v0; exec; protect rwx; restore h0",
 ];
 
 const PAGES: u8 = 4;
@@ -95,7 +111,18 @@ enum Op {
     Move,
     /// The target forks a child that sleeps (one per sequence).
     Fork,
+    /// MADV_PAGEOUT of page P's anonymous copy (swap is on for the run).
+    PageOut {
+        page: u8,
+    },
+    /// munmap() of the last page: a hole no PMD can map over.
+    Unmap,
+    /// The target execs thp-target again: same pid, a new mm.
+    Exec,
 }
+
+/// The page `Op::Unmap` unmaps.
+const UNMAPPED: u8 = PAGES - 1;
 
 impl Op {
     fn kind(&self) -> &'static str {
@@ -111,6 +138,9 @@ impl Op {
             Op::Protect { .. } => "protect",
             Op::Move => "move",
             Op::Fork => "fork",
+            Op::PageOut { .. } => "pageout",
+            Op::Unmap => "unmap",
+            Op::Exec => "exec",
         }
     }
 }
@@ -147,6 +177,9 @@ impl fmt::Display for Op {
             }
             Op::Move => write!(f, "move"),
             Op::Fork => write!(f, "fork"),
+            Op::PageOut { page } => write!(f, "pageout p{page}"),
+            Op::Unmap => write!(f, "unmap"),
+            Op::Exec => write!(f, "exec"),
         }
     }
 }
@@ -191,6 +224,11 @@ fn parse_op(s: &str) -> Option<Op> {
         },
         "move" => Op::Move,
         "fork" => Op::Fork,
+        "pageout" => Op::PageOut {
+            page: num(w.get(1)?, 'p')?,
+        },
+        "unmap" => Op::Unmap,
+        "exec" => Op::Exec,
         _ => return None,
     })
 }
@@ -212,8 +250,9 @@ struct Handle {
     ctl: u8,
     persist: bool,
     live: bool,
-    /// The text moved since the PATCH (Move).
-    moved: bool,
+    /// Its target execed since the PATCH: the patch went with the old mm,
+    /// and RESTORE (which writes nothing there) minds no later mapping.
+    gone: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -227,6 +266,8 @@ struct Model {
     expect: i32,
     /// The text is mapped writable (Protect).
     writable: bool,
+    /// Page [`UNMAPPED`] is unmapped (Unmap).
+    unmapped: bool,
     /// The forked child's pages, as the parent's were at the fork: PATCH
     /// and the target's own changes after it do not reach the child, a
     /// RESTORE (or a close) of a patch it inherited takes it back there.
@@ -236,13 +277,13 @@ struct Model {
 impl Model {
     fn settle(&mut self, id: usize) {
         // A collapse is queued for a page whose copy RESTORE zapped, or
-        // whose copy the target dropped while the page cache maps at the
-        // address PATCH wrote: not after the text moved (a known limit,
-        // found by this model: the PMD stays split until `hugepoke
-        // collapse`).
-        let mine = |p: &&Page| p.patch.is_some_and(|(h, _)| h == id);
-        let moved = self.handles[id].moved;
-        let collapse = self.pages.iter().filter(mine).any(|p| p.copy || !moved);
+        // whose copy the target dropped, where the text is now (found by
+        // this model: once only where PATCH wrote, so a text moved since
+        // stayed split until `hugepoke collapse`).
+        let collapse = self
+            .pages
+            .iter()
+            .any(|p| p.patch.is_some_and(|(h, _)| h == id));
         for p in self.pages.iter_mut() {
             if p.patch.is_some_and(|(h, _)| h == id) {
                 // RESTORE writes the original back and zaps the copy,
@@ -273,7 +314,7 @@ impl Model {
     }
     /// A collapse ran: the PMD is back if nothing is left in the range.
     fn collapsed(&mut self) {
-        self.pmd = self.pages.iter().all(|p| *p == Page::default());
+        self.pmd = !self.unmapped && self.pages.iter().all(|p| *p == Page::default());
     }
     fn value(&self, page: usize) -> u32 {
         Self::value_of(&self.pages[page], page)
@@ -351,6 +392,9 @@ impl ReferenceStateMachine for Reference {
             ),
             (1, Just(Op::Move).boxed()),
             (1, Just(Op::Fork).boxed()),
+            (1, (0..PAGES).prop_map(|page| Op::PageOut { page }).boxed()),
+            (1, Just(Op::Unmap).boxed()),
+            (1, Just(Op::Exec).boxed()),
         ];
         if !state.handles.is_empty() {
             ops.push((4, (0..handles).prop_map(|id| Op::Restore { id }).boxed()));
@@ -361,7 +405,27 @@ impl ReferenceStateMachine for Reference {
 
     fn preconditions(state: &Model, op: &Op) -> bool {
         let w = state.writable;
+        let hole = state.unmapped;
+        // What PATCH and the target's own calls do over the hole is not
+        // modelled, nor mremap, mprotect, COLLAPSE or fork across it.
+        let mapped = |p: &u8| !hole || *p != UNMAPPED;
         match op {
+            Op::Move | Op::Protect { .. } | Op::Collapse | Op::Fork if hole => false,
+            Op::DontNeed { page } | Op::MemWrite { page } | Op::Patch { page, .. }
+                if !mapped(page) =>
+            {
+                false
+            }
+            Op::Batch { pages, .. } if !pages.iter().all(mapped) => false,
+            // Only a copy of the target's own (MADV_PAGEOUT leaves a page
+            // a child shares) goes to swap; the hole is its own.
+            Op::PageOut { page } => {
+                mapped(page) && state.pages[*page as usize].copy && state.child.is_none()
+            }
+            // (A child's RESTORE over a hole in its parent's text is not
+            // modelled; nor a writable text with a hole, which no
+            // mprotect() over the whole text makes text again.)
+            Op::Unmap => !hole && !w && state.child.is_none(),
             Op::Query { id } => *id < state.handles.len(),
             // Writable: only a RESTORE that finds a copy on each page (it
             // refuses to write there); a dropped one is not modelled.
@@ -415,6 +479,16 @@ impl ReferenceStateMachine for Reference {
             Op::Restore { id } => {
                 if !s.handles[*id].live {
                     s.expect = libc::ENOENT;
+                } else if s.handles[*id].gone {
+                    s.settle(*id);
+                } else if s.unmapped
+                    && s.pages[UNMAPPED as usize]
+                        .patch
+                        .is_some_and(|(h, _)| h == *id)
+                {
+                    // The hole's sites are forgotten, the others restored.
+                    s.expect = libc::ENXIO;
+                    s.settle(*id);
                 } else if s.writable {
                     // Nothing written into the target's writable mapping,
                     // the patch kept there (EACCES); a forked child's own
@@ -427,8 +501,25 @@ impl ReferenceStateMachine for Reference {
             }
             Op::Protect { writable } => s.writable = *writable,
             // The patches, copies and PMD move with the text.
-            Op::Move => s.handles.iter_mut().for_each(|h| h.moved = true),
+            Op::Move => {}
             Op::Fork => s.child = Some(s.pages),
+            // The check's call faults the copy back in from swap: the same
+            // bytes in another page.
+            Op::PageOut { .. } => {}
+            Op::Unmap => {
+                s.unmapped = true;
+                let p = &mut s.pages[UNMAPPED as usize];
+                (p.copy, p.shows_patch) = (false, false);
+                s.pmd = false;
+            }
+            // A new image: the file's code, PMD-mapped, nothing patched;
+            // the handles stay (their target's mm is gone), and a child
+            // forked before keeps what it had.
+            Op::Exec => {
+                s.handles.iter_mut().for_each(|h| h.gone = true);
+                s.pages = Default::default();
+                (s.writable, s.unmapped, s.pmd) = (false, false, true);
+            }
             Op::Query { id } => {
                 if !s.handles[*id].live {
                     s.expect = libc::ENOENT;
@@ -483,7 +574,7 @@ impl Model {
             ctl,
             persist,
             live: true,
-            moved: false,
+            gone: false,
         });
         for &p in pages {
             self.pages[p as usize] = Page {
@@ -598,6 +689,17 @@ impl System {
                 self.child = Some((pid, self.t.addr));
                 Ok(())
             }
+            Op::PageOut { page } => match self.t.command(&format!("pageout {page}")) {
+                Ok(a) if a == "pageout ok" => Ok(()),
+                _ => Err(-1),
+            },
+            Op::Unmap => match self.t.command(&format!("unmap {UNMAPPED}")) {
+                Ok(a) if a == format!("unmap {UNMAPPED} 0") => Ok(()),
+                _ => Err(-1),
+            },
+            // The old image (and so the old mm) is gone when the new one
+            // says it is ready.
+            Op::Exec => self.t.exec("thp-target", &[]).map_err(|_| -1),
             Op::Move => {
                 let moved = self.t.command("move").map_err(|_| -1)?;
                 self.t.addr = moved
@@ -620,6 +722,9 @@ impl System {
     /// Every check of one step; the first difference, said.
     fn check(&mut self, m: &Model) -> Result<(), String> {
         for page in 0..PAGES as usize {
+            if m.unmapped && page == UNMAPPED as usize {
+                continue;
+            }
             let v = self.t.call(page)?;
             if v != m.value(page) {
                 return Err(format!(
@@ -773,11 +878,25 @@ impl StateMachineTest for Test {
         sys
     }
 
-    fn teardown(sys: System, model: Model) {
-        // Persistent patches outlive their files: restore them.
+    fn teardown(mut sys: System, model: Model) {
+        // Persistent patches outlive their files: restore them, in a text
+        // made text again (RESTORE refuses a writable mapping: such a
+        // patch was left behind, its target killed, until guest-checks
+        // read the module's counters after the model).  Each must go; a
+        // hole's sites are forgotten (ENXIO).
+        if model.writable {
+            let r = sys.t.command("protect rx");
+            assert!(r == Ok("protected 0".into()), "teardown: protect rx: {r:?}");
+        }
         for (id, h) in model.handles.iter().enumerate() {
             if h.live {
-                let _ = sys.ctl[h.ctl as usize].restore(sys.real[id]);
+                let r = sys.ctl[h.ctl as usize].restore(sys.real[id]);
+                let e = r.err().and_then(|e| e.raw_os_error());
+                assert!(
+                    e.is_none() || e == Some(libc::ENXIO),
+                    "teardown: restore h{id}: {}",
+                    hugepoke::errno_name(e.unwrap_or(0))
+                );
             }
         }
     }
@@ -815,6 +934,11 @@ fn main() {
                 .unwrap()
                 .as_nanos() as u64
         });
+    // MADV_PAGEOUT (Op::PageOut) needs somewhere to put a copy.
+    let _swap = hugepoke::testkit::backing::Swap::on().unwrap_or_else(|e| {
+        eprintln!("hugepoke-model: no swap: {e}");
+        std::process::exit(2)
+    });
     std::panic::set_hook(Box::new(|_| {}));
     let failure = if let Some(replay) = arg("--replay") {
         let ops: Option<Vec<Op>> = replay
@@ -947,6 +1071,55 @@ mod tests {
         assert_eq!((child[1].copy, child[1].patch), (true, None));
     }
 
+    fn applied(ops: &[Op]) -> Model {
+        let mut m = Model {
+            pmd: true,
+            ..Model::default()
+        };
+        for op in ops {
+            assert!(Reference::preconditions(&m, op), "{op}");
+            m = Reference::apply(m, op);
+        }
+        m
+    }
+
+    #[test]
+    fn a_hole_forgets_its_sites_with_enxio_and_keeps_the_pmd_away() {
+        let batch = Op::Batch {
+            ctl: 0,
+            pages: vec![1, UNMAPPED],
+            value: 9,
+            persist: false,
+        };
+        let m = applied(&[batch, Op::Unmap, Op::Restore { id: 0 }]);
+        assert_eq!(
+            (m.expect, m.handles[0].live, m.pages[1], m.pmd),
+            (libc::ENXIO, false, Page::default(), false)
+        );
+        assert!(!Reference::preconditions(&m, &Op::Move));
+        assert!(!Reference::preconditions(
+            &m,
+            &Op::MemWrite { page: UNMAPPED }
+        ));
+    }
+
+    #[test]
+    fn exec_leaves_the_handles_to_a_restore_that_writes_nothing() {
+        let patch = Op::Patch {
+            ctl: 1,
+            page: 2,
+            value: 3,
+            persist: true,
+        };
+        let m = applied(&[patch.clone(), Op::Exec]);
+        assert_eq!(
+            (m.handles[0].live, m.value(2), m.pmd),
+            (true, text::original_value(2), true)
+        );
+        let m = applied(&[patch.clone(), Op::Exec, patch, Op::Restore { id: 0 }]);
+        assert_eq!((m.expect, m.value(2), m.pmd), (0, 2003, false));
+    }
+
     #[test]
     fn a_printed_sequence_replays_as_itself() {
         let ops = vec![
@@ -972,6 +1145,9 @@ mod tests {
             Op::Protect { writable: false },
             Op::Move,
             Op::Fork,
+            Op::PageOut { page: 2 },
+            Op::Unmap,
+            Op::Exec,
         ];
         let printed: Vec<String> = ops.iter().map(|o| o.to_string()).collect();
         let parsed: Vec<Op> = printed
