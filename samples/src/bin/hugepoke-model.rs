@@ -9,13 +9,15 @@
 //! controllers (two open /dev/hugepoke files):
 //!   patch cC pP vV [persist]   PATCH page P to return 2000+V
 //!   batch cC pP.. vV [persist] PATCH_BATCH of those pages, one handle
-//!   restore hH / query hH      the Hth handle made (live or not)
+//!   restore hH [other]         the Hth handle made (live or not), through
+//!                              its controller or the other one
+//!   query hH                   the same; its state, pid and site count
 //!   reopen cC                  close controller C (its patches that do not
 //!                              persist are restored) and open it again
 //!   dontneed pP                the target MADV_DONTNEEDs page P
 //!   memwrite pP                /proc/PID/mem writes page P's own byte 100
 //!                              (an anonymous copy equal to the file)
-//!   collapse                   COLLAPSE (only with no live handle)
+//!   collapse                   COLLAPSE (copies under a live patch stay)
 //!   protect rwx / protect rx   the target mprotect()s its whole text
 //!                              writable, or back (PATCH is then refused
 //!                              EINVAL, RESTORE EACCES and the patch kept)
@@ -89,6 +91,8 @@ enum Op {
     },
     Restore {
         id: usize,
+        /// Through the other controller (allowed: the caller is root).
+        other: bool,
     },
     Query {
         id: usize,
@@ -166,7 +170,9 @@ impl fmt::Display for Op {
                 let pages: Vec<String> = pages.iter().map(|p| format!("p{p}")).collect();
                 write!(f, "batch c{ctl} {} v{value}{}", pages.join(" "), persist(p))
             }
-            Op::Restore { id } => write!(f, "restore h{id}"),
+            Op::Restore { id, other } => {
+                write!(f, "restore h{id}{}", if *other { " other" } else { "" })
+            }
             Op::Query { id } => write!(f, "query h{id}"),
             Op::Reopen { ctl } => write!(f, "reopen c{ctl}"),
             Op::DontNeed { page } => write!(f, "dontneed p{page}"),
@@ -207,7 +213,10 @@ fn parse_op(s: &str) -> Option<Op> {
                 persist,
             }
         }
-        "restore" => Op::Restore { id: id(w.get(1)?)? },
+        "restore" => Op::Restore {
+            id: id(w.get(1)?)?,
+            other: w.get(2) == Some(&"other"),
+        },
         "query" => Op::Query { id: id(w.get(1)?)? },
         "reopen" => Op::Reopen {
             ctl: num(w.get(1)?, 'c')?,
@@ -250,6 +259,8 @@ struct Handle {
     ctl: u8,
     persist: bool,
     live: bool,
+    /// How many sites its PATCH made (QUERY's count while it lives).
+    sites: usize,
     /// Its target execed since the PATCH: the patch went with the old mm,
     /// and RESTORE (which writes nothing there) minds no later mapping.
     gone: bool,
@@ -397,7 +408,12 @@ impl ReferenceStateMachine for Reference {
             (1, Just(Op::Exec).boxed()),
         ];
         if !state.handles.is_empty() {
-            ops.push((4, (0..handles).prop_map(|id| Op::Restore { id }).boxed()));
+            ops.push((
+                4,
+                (0..handles, proptest::bool::weighted(0.25))
+                    .prop_map(|(id, other)| Op::Restore { id, other })
+                    .boxed(),
+            ));
             ops.push((1, (0..handles).prop_map(|id| Op::Query { id }).boxed()));
         }
         proptest::strategy::Union::new_weighted(ops).boxed()
@@ -429,7 +445,7 @@ impl ReferenceStateMachine for Reference {
             Op::Query { id } => *id < state.handles.len(),
             // Writable: only a RESTORE that finds a copy on each page (it
             // refuses to write there); a dropped one is not modelled.
-            Op::Restore { id } => {
+            Op::Restore { id, .. } => {
                 *id < state.handles.len()
                     && (!w
                         || !state.handles[*id].live
@@ -438,9 +454,9 @@ impl ReferenceStateMachine for Reference {
                             .iter()
                             .all(|p| p.patch.map(|(h, _)| h) != Some(*id) || p.copy))
             }
-            // What COLLAPSE does beside a live patch, or in a writable
-            // mapping, and what a close restores there, are not modelled.
-            Op::Collapse => !w && state.handles.iter().all(|h| !h.live),
+            // What COLLAPSE does in a writable mapping, and what a close
+            // restores there, are not modelled.
+            Op::Collapse => !w,
             Op::Reopen { .. } => !w,
             // (A child forked writable stays writable: what a RESTORE
             // does there is not modelled.)
@@ -476,7 +492,7 @@ impl ReferenceStateMachine for Reference {
                 value,
                 persist,
             } => s.patch(*ctl, pages, *value, *persist),
-            Op::Restore { id } => {
+            Op::Restore { id, .. } => {
                 if !s.handles[*id].live {
                     s.expect = libc::ENOENT;
                 } else if s.handles[*id].gone {
@@ -544,8 +560,10 @@ impl ReferenceStateMachine for Reference {
                 s.pages[*page as usize].copy = true;
                 s.pmd = false;
             }
+            // Every copy goes but those on a page with a live patch,
+            // RESTORE's to give back (whatever they hold).
             Op::Collapse => {
-                for p in s.pages.iter_mut() {
+                for p in s.pages.iter_mut().filter(|p| p.patch.is_none()) {
                     p.copy = false;
                 }
                 s.collapsed();
@@ -574,6 +592,7 @@ impl Model {
             ctl,
             persist,
             live: true,
+            sites: pages.len(),
             gone: false,
         });
         for &p in pages {
@@ -639,16 +658,30 @@ impl System {
                     self.ctl[*ctl as usize].patch_sites(self.t.pid, &sites, true, flags(*persist));
                 self.made(model, r.map_err(|e| errno(e.error)))
             }
-            Op::Restore { id } => {
-                let ctl = model.handles[*id].ctl as usize;
+            Op::Restore { id, other } => {
+                let ctl = model.handles[*id].ctl as usize ^ *other as usize;
                 self.ctl[ctl].restore(self.real[*id]).map_err(errno)
             }
             Op::Query { id } => {
-                let ctl = model.handles[*id].ctl as usize;
-                self.ctl[ctl]
+                let h = &model.handles[*id];
+                let q = self.ctl[h.ctl as usize]
                     .query(self.real[*id])
-                    .map(|_| ())
-                    .map_err(errno)
+                    .map_err(errno)?;
+                // What QUERY answers, not only that it answers: the
+                // target (same pid across an exec), every site, and
+                // whether the patch went with its mm.
+                let state = if h.gone {
+                    uapi::STATE_GONE
+                } else {
+                    uapi::STATE_LIVE
+                };
+                let got = (q.state, q.pid, q.count as usize);
+                let want = (state, self.t.pid, h.sites);
+                assert!(
+                    got == want,
+                    "{op}: QUERY said (state, pid, count) {got:?}, the model says {want:?}"
+                );
+                Ok(())
             }
             Op::Reopen { ctl } => {
                 self.ctl[*ctl as usize] = Device::open().map_err(errno)?;
@@ -1091,7 +1124,14 @@ mod tests {
             value: 9,
             persist: false,
         };
-        let m = applied(&[batch, Op::Unmap, Op::Restore { id: 0 }]);
+        let m = applied(&[
+            batch,
+            Op::Unmap,
+            Op::Restore {
+                id: 0,
+                other: false,
+            },
+        ]);
         assert_eq!(
             (m.expect, m.handles[0].live, m.pages[1], m.pmd),
             (libc::ENXIO, false, Page::default(), false)
@@ -1116,7 +1156,15 @@ mod tests {
             (m.handles[0].live, m.value(2), m.pmd),
             (true, text::original_value(2), true)
         );
-        let m = applied(&[patch.clone(), Op::Exec, patch, Op::Restore { id: 0 }]);
+        let m = applied(&[
+            patch.clone(),
+            Op::Exec,
+            patch,
+            Op::Restore {
+                id: 0,
+                other: false,
+            },
+        ]);
         assert_eq!((m.expect, m.value(2), m.pmd), (0, 2003, false));
     }
 
@@ -1135,7 +1183,7 @@ mod tests {
                 value: 255,
                 persist: false,
             },
-            Op::Restore { id: 1 },
+            Op::Restore { id: 1, other: true },
             Op::Query { id: 0 },
             Op::Reopen { ctl: 1 },
             Op::DontNeed { page: 3 },
@@ -1204,9 +1252,21 @@ mod tests {
         assert!(!m.pmd, "a persistent patch is left");
         m = Reference::apply(m, &Op::DontNeed { page: 2 });
         assert_eq!(m.value(2), text::original_value(2));
-        m = Reference::apply(m, &Op::Restore { id: 1 });
+        m = Reference::apply(
+            m,
+            &Op::Restore {
+                id: 1,
+                other: false,
+            },
+        );
         assert_eq!((m.expect, m.pmd), (0, true));
-        m = Reference::apply(m, &Op::Restore { id: 1 });
+        m = Reference::apply(
+            m,
+            &Op::Restore {
+                id: 1,
+                other: false,
+            },
+        );
         assert_eq!(m.expect, libc::ENOENT);
     }
 }
