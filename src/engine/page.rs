@@ -379,7 +379,7 @@ pub(crate) fn zap_page(
 }
 
 /// Keep the copy at `page_addr` mapped, and say why.
-fn kept(
+pub(crate) fn kept(
     hp: &Hugepoke,
     rep: &Site,
     page_addr: usize,

@@ -230,6 +230,7 @@ fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Re
         };
         let before = sys::mapping_of(vma, page_addr);
         w.split = matches!(before, Mapping::Pmd(_));
+        w.copy_before = sys::anon_copy_at(vma, page_addr).is_some(); // mutant: undo-zaps-a-found-copy
         let sites = &mut plan.sites[r.clone()];
         match write_patch(hp, guard, vma, before, sites, plan.expects.of(r)) {
             Ok(page) => {

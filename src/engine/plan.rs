@@ -114,6 +114,9 @@ pub(crate) struct PageWork {
     pub(crate) already: bool,
     /// PATCH split the PMD that mapped this page.
     pub(crate) split: bool,
+    /// A PATCH's: an anonymous copy (another tool's) mapped the page
+    /// before PATCH wrote into it; its undo leaves the copy, not zaps it.
+    pub(crate) copy_before: bool,
     /// No copy of the page is left where the patch was: the page-cache
     /// page maps (or faults) back there, at this page address, so the
     /// range may be collapsed.
@@ -138,6 +141,7 @@ impl PageWork {
             sure: false,
             already: false,
             split: false,
+            copy_before: false,
             cache_back: None,
             shared: false,
             target_restored: false,

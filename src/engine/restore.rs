@@ -17,7 +17,7 @@ use kernel::{mm::MmWithUser, prelude::*, sync::Arc};
 use super::{
     locate::{locate_and_check, Located, Shared},
     outcome::{Refused, Restored},
-    page::{restore_and_zap, write_page, zap_page},
+    page::{kept, restore_and_zap, write_page, zap_page},
     plan::{Dir, Outcome, PageState, PageWork, Written},
 };
 use crate::{
@@ -53,7 +53,7 @@ fn write_originals(
             continue;
         }
         let r = w.range.clone();
-        let written = if only_page && last_on_page(&sites[r.clone()]) {
+        let written = if only_page && last_on_page(&sites[r.clone()]) && !w.copy_before {
             restore_and_zap(hp, guard, mm, &sites[r.clone()], w)
                 .map(|z| z.map_or(Outcome::Written, Outcome::Done))
         } else {
@@ -104,6 +104,12 @@ fn zap_copies(
             continue;
         }
         let r = w.range.clone();
+        if w.copy_before {
+            // An undo puts back what was there: another tool's copy.
+            let why = "the copy was there before PATCH (another tool's): the undo leaves it";
+            w.outcome = Outcome::Done(kept(hp, &sites[r.start], *page_addr, page, why));
+            continue;
+        }
         w.outcome = Outcome::Done(zap_page(
             hp,
             guard,

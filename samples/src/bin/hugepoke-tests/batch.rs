@@ -329,6 +329,48 @@ pub(crate) fn batch_refuses_one_file_page_at_two_addresses() -> TestResult {
     Ok(())
 }
 
+/// A batch refused at its second page (another tool's int3 on that site)
+/// undoes its first page; where that page was already another tool's copy
+/// (a `/proc/PID/mem` write of the file's own byte), the undo writes the
+/// originals back into it and leaves it: the same page, still anonymous,
+/// as it was (hugepoke-model found it zapped).
+pub(crate) fn failed_batch_leaves_a_copy_it_found_there() -> TestResult {
+    const PAGES: [usize; 2] = [52, 53];
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(hugepoke::device::Device::open())?;
+    let first = t.page_addr(PAGES[0]);
+    write_mem(t.pid, first + 100, &file_bytes(&t, first + 100, 1)?)?;
+    let before = text_pfns(&t)?[PAGES[0]];
+    ensure!(
+        before.present() && !before.file(),
+        "the write made no copy: {before:?}"
+    );
+    let second = t.page_addr(PAGES[1]);
+    write_mem(t.pid, second, &[0xcc])?;
+    let sites =
+        PAGES.map(|p| batch_site(t.page_addr(p), &text::mov_eax_ret(5000 + p as u32), None));
+    let refused = dev.patch_batch(t.pid, &sites, 0).map_err(|e| e.error);
+    let after = text_pfns(&t)?[PAGES[0]];
+    ensure!(
+        after.present() && !after.file() && after.pfn() == before.pfn(),
+        "page {}: {before:?} before the batch, {after:?} after its undo",
+        PAGES[0]
+    );
+    crate::hardening::expect_errno(
+        "PATCH_BATCH over another tool's int3",
+        refused,
+        libc::EBUSY,
+        "changed by another tool",
+    )?;
+    ensure!(
+        t.call(PAGES[0])? == text::original_value(PAGES[0]),
+        "page {} does not run the file's code",
+        PAGES[0]
+    );
+    Ok(())
+}
+
 /// The failure only the step that writes can see: the batch is parked
 /// after every site was checked, then page 32's bytes change in the file
 /// (the page cache its COW copies from).  Pages 30 and 31 are written
@@ -773,6 +815,7 @@ tests! {
     TESTS: [
         batch_refused_at_its_last_site_changes_nothing,
         batch_failing_on_a_later_page_undoes_the_earlier_pages,
+        failed_batch_leaves_a_copy_it_found_there,
         batch_over_pages_of_one_thp_splits_once_and_collapses_once,
         overlapping_batches_at_once_one_wins,
         batch_restore_refused_by_one_changed_site_writes_nothing,
