@@ -28,6 +28,12 @@
 //!   unmap                      the target munmap()s page 3 (for good)
 //!   exec                       the target execs a new thp-target: same
 //!                              pid, a new mm, the patches gone with the old
+//!   probe pP / unprobe         a tracefs uprobe at page P's first byte
+//!                              (its int3 in the target's copy; a call runs
+//!                              the file's instruction), and its removal
+//!                              (then the page is dropped unless it runs a
+//!                              patch: whether uprobes zap their own copy
+//!                              hangs on an LRU batch's reference)
 //! The model says what each call returns (ok, EBUSY on a patched page,
 //! ENOENT for a handle no longer live), and after every step what every
 //! page runs, which pages are anonymous copies (pagemap; smaps'
@@ -43,6 +49,7 @@ use hugepoke::device::{Device, Site};
 use hugepoke::proc;
 use hugepoke::testkit::target::Target;
 use hugepoke::testkit::text;
+use hugepoke::testkit::uprobe::Uprobe;
 use hugepoke::uapi;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestError, TestRng, TestRunner};
@@ -70,6 +77,10 @@ const FOUND: &[&str] = &[
     // The model's own mistake: a patch gone with an exec'd image is
     // restored (nothing written) whatever the new image's text is.
     "patch c0 p0 v0; exec; protect rwx; restore h0",
+    // A batch refused at a uprobe's int3 zapped, in its undo, another
+    // tool's copy it had written into (src/engine/restore.rs,
+    // `copy_before`): not as it was.
+    "memwrite p0; probe p1; batch c0 p0 p1 v0",
 ];
 
 const PAGES: u8 = 4;
@@ -123,6 +134,12 @@ enum Op {
     Unmap,
     /// The target execs thp-target again: same pid, a new mm.
     Exec,
+    /// A uprobe at page P's first byte (one at a time).
+    Probe {
+        page: u8,
+    },
+    /// The uprobe removed.
+    Unprobe,
 }
 
 /// The page `Op::Unmap` unmaps.
@@ -145,6 +162,8 @@ impl Op {
             Op::PageOut { .. } => "pageout",
             Op::Unmap => "unmap",
             Op::Exec => "exec",
+            Op::Probe { .. } => "probe",
+            Op::Unprobe => "unprobe",
         }
     }
 }
@@ -186,6 +205,8 @@ impl fmt::Display for Op {
             Op::PageOut { page } => write!(f, "pageout p{page}"),
             Op::Unmap => write!(f, "unmap"),
             Op::Exec => write!(f, "exec"),
+            Op::Probe { page } => write!(f, "probe p{page}"),
+            Op::Unprobe => write!(f, "unprobe"),
         }
     }
 }
@@ -238,6 +259,10 @@ fn parse_op(s: &str) -> Option<Op> {
         },
         "unmap" => Op::Unmap,
         "exec" => Op::Exec,
+        "probe" => Op::Probe {
+            page: num(w.get(1)?, 'p')?,
+        },
+        "unprobe" => Op::Unprobe,
         _ => return None,
     })
 }
@@ -252,6 +277,8 @@ struct Page {
     /// That copy holds the patch's bytes (MADV_DONTNEED dropped them, and
     /// a later write's copy is the file's).
     shows_patch: bool,
+    /// The uprobe's int3 is at its first byte (in a copy).
+    probed: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -279,6 +306,8 @@ struct Model {
     writable: bool,
     /// Page [`UNMAPPED`] is unmapped (Unmap).
     unmapped: bool,
+    /// The page a uprobe is attached at (Probe).
+    probe: Option<u8>,
     /// The forked child's pages, as the parent's were at the fork: PATCH
     /// and the target's own changes after it do not reach the child, a
     /// RESTORE (or a close) of a patch it inherited takes it back there.
@@ -323,6 +352,12 @@ impl Model {
             }
         }
     }
+    /// Some page of handle `id` has the uprobe's int3 on it.
+    fn probed(&self, id: usize) -> bool {
+        self.pages
+            .iter()
+            .any(|p| p.probed && p.patch.is_some_and(|(h, _)| h == id))
+    }
     /// A collapse ran: the PMD is back if nothing is left in the range.
     fn collapsed(&mut self) {
         self.pmd = !self.unmapped && self.pages.iter().all(|p| *p == Page::default());
@@ -332,6 +367,8 @@ impl Model {
     }
     fn value_of(p: &Page, page: usize) -> u32 {
         match *p {
+            // The uprobe single-steps the file's first instruction.
+            Page { probed: true, .. } => text::original_value(page),
             Page {
                 patch: Some((_, v)),
                 shows_patch: true,
@@ -406,6 +443,8 @@ impl ReferenceStateMachine for Reference {
             (1, (0..PAGES).prop_map(|page| Op::PageOut { page }).boxed()),
             (1, Just(Op::Unmap).boxed()),
             (1, Just(Op::Exec).boxed()),
+            (1, (0..PAGES).prop_map(|page| Op::Probe { page }).boxed()),
+            (2, Just(Op::Unprobe).boxed()),
         ];
         if !state.handles.is_empty() {
             ops.push((
@@ -425,8 +464,14 @@ impl ReferenceStateMachine for Reference {
         // What PATCH and the target's own calls do over the hole is not
         // modelled, nor mremap, mprotect, COLLAPSE or fork across it.
         let mapped = |p: &u8| !hole || *p != UNMAPPED;
+        let probe = state.probe.is_some();
         match op {
             Op::Move | Op::Protect { .. } | Op::Collapse | Op::Fork if hole => false,
+            // What a uprobe does in a writable mapping, in a forked child,
+            // across an exec or a hole is not modelled.
+            Op::Protect { .. } | Op::Fork | Op::Exec | Op::Unmap if probe => false,
+            Op::Probe { .. } => !probe && !w && !hole && state.child.is_none(),
+            Op::Unprobe => probe,
             Op::DontNeed { page } | Op::MemWrite { page } | Op::Patch { page, .. }
                 if !mapped(page) =>
             {
@@ -497,6 +542,9 @@ impl ReferenceStateMachine for Reference {
                     s.expect = libc::ENOENT;
                 } else if s.handles[*id].gone {
                     s.settle(*id);
+                } else if s.probed(*id) {
+                    // The int3 is not a byte PATCH wrote: nothing written.
+                    s.expect = libc::EILSEQ;
                 } else if s.unmapped
                     && s.pages[UNMAPPED as usize]
                         .patch
@@ -531,6 +579,22 @@ impl ReferenceStateMachine for Reference {
             // A new image: the file's code, PMD-mapped, nothing patched;
             // the handles stay (their target's mm is gone), and a child
             // forked before keeps what it had.
+            Op::Probe { page } => {
+                s.probe = Some(*page);
+                let p = &mut s.pages[*page as usize];
+                (p.probed, p.copy) = (true, true);
+                s.pmd = false;
+            }
+            // Removed, the int3 gives way to the file's first byte (a
+            // patch's too: `mov`); a page that runs no patch is dropped.
+            Op::Unprobe => {
+                let page = s.probe.take().unwrap_or_default() as usize;
+                let p = &mut s.pages[page];
+                p.probed = false;
+                if !(p.patch.is_some() && p.shows_patch) {
+                    (p.copy, p.shows_patch) = (false, false);
+                }
+            }
             Op::Exec => {
                 s.handles.iter_mut().for_each(|h| h.gone = true);
                 s.pages = Default::default();
@@ -548,12 +612,19 @@ impl ReferenceStateMachine for Reference {
                     })
                     .collect();
                 for id in gone {
-                    s.settle(id);
+                    if s.probed(id) {
+                        // The close's RESTORE is refused: the patch stays,
+                        // persistent, for a RESTORE to come.
+                        s.handles[id].persist = true;
+                    } else {
+                        s.settle(id);
+                    }
                 }
             }
             Op::DontNeed { page } => {
                 s.pages[*page as usize].copy = false;
                 s.pages[*page as usize].shows_patch = false;
+                s.pages[*page as usize].probed = false;
                 s.pmd = false;
             }
             Op::MemWrite { page } => {
@@ -563,7 +634,12 @@ impl ReferenceStateMachine for Reference {
             // Every copy goes but those on a page with a live patch,
             // RESTORE's to give back (whatever they hold).
             Op::Collapse => {
-                for p in s.pages.iter_mut().filter(|p| p.patch.is_none()) {
+                // (The int3's copy differs from the file: kept.)
+                for p in s
+                    .pages
+                    .iter_mut()
+                    .filter(|p| p.patch.is_none() && !p.probed)
+                {
                     p.copy = false;
                 }
                 s.collapsed();
@@ -580,10 +656,10 @@ impl Model {
             self.expect = libc::EINVAL;
             return;
         }
-        if pages
-            .iter()
-            .any(|&p| self.pages[p as usize].patch.is_some())
-        {
+        if pages.iter().any(|&p| {
+            let p = &self.pages[p as usize];
+            p.patch.is_some() || p.probed
+        }) {
             self.expect = libc::EBUSY;
             return;
         }
@@ -600,6 +676,7 @@ impl Model {
                 patch: Some((id, value)),
                 copy: true,
                 shows_patch: true,
+                probed: false,
             };
         }
         self.pmd = false;
@@ -614,6 +691,21 @@ struct System {
     ctl: Vec<Device>,
     /// The module's handle for each model handle (0: the call failed).
     real: Vec<u64>,
+    /// The uprobe attached (removed on drop), and its page.
+    probe: Option<(Uprobe, u8)>,
+}
+
+/// The text file the model's targets run: a copy of its own, so that a
+/// uprobe on it reaches no other test's process.
+fn model_file() -> String {
+    static FILE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = std::env::var("HUGEPOKE_THP_DIR").unwrap_or_else(|_| "/tmp/hugepoke-thp".into());
+        let path = format!("{dir}/model.bin");
+        std::fs::write(&path, text::blob()).expect("the model's text file");
+        path
+    })
+    .clone()
 }
 
 static SEQUENCES: AtomicU64 = AtomicU64::new(0);
@@ -732,7 +824,27 @@ impl System {
             },
             // The old image (and so the old mm) is gone when the new one
             // says it is ready.
-            Op::Exec => self.t.exec("thp-target", &[]).map_err(|_| -1),
+            Op::Exec => self
+                .t
+                .exec("thp-target", &["--file", &model_file()])
+                .map_err(|_| -1),
+            Op::Probe { page } => {
+                let offset = (*page as usize * text::PAGE) as u64;
+                let probe = Uprobe::add("hugepoke_model/probe", &self.t.file, offset);
+                self.probe = Some((probe.map_err(|_| -1)?, *page));
+                Ok(())
+            }
+            Op::Unprobe => {
+                let (probe, page) = self.probe.take().ok_or(-1)?;
+                drop(probe);
+                // What uprobes left of their copy, gone (see the model),
+                // unless the page runs a patch.
+                let p = &model.pages[page as usize];
+                if !(p.patch.is_some() && p.shows_patch) {
+                    return self.call(model, &Op::DontNeed { page });
+                }
+                Ok(())
+            }
             Op::Move => {
                 let moved = self.t.command("move").map_err(|_| -1)?;
                 self.t.addr = moved
@@ -875,12 +987,13 @@ impl StateMachineTest for Test {
             eprintln!("-- sequence");
         }
         let open = || Device::open().expect("/dev/hugepoke");
-        let t = Target::spawn(&[]).expect("thp-target");
+        let t = Target::spawn(&["--file", &model_file()]).expect("thp-target");
         System {
             t,
             child: None,
             ctl: (0..CONTROLLERS).map(|_| open()).collect(),
             real: Vec::new(),
+            probe: None,
         }
     }
 
@@ -912,6 +1025,8 @@ impl StateMachineTest for Test {
     }
 
     fn teardown(mut sys: System, model: Model) {
+        // The int3 first: RESTORE refuses a byte it did not write.
+        sys.probe = None;
         // Persistent patches outlive their files: restore them, in a text
         // made text again (RESTORE refuses a writable mapping: such a
         // patch was left behind, its target killed, until guest-checks
@@ -1169,6 +1284,42 @@ mod tests {
     }
 
     #[test]
+    fn a_uprobe_over_a_patch_runs_the_file_and_holds_restore_off() {
+        let patch = Op::Patch {
+            ctl: 0,
+            page: 1,
+            value: 4,
+            persist: false,
+        };
+        let restore = Op::Restore {
+            id: 0,
+            other: false,
+        };
+        let m = applied(&[patch.clone(), Op::Probe { page: 1 }, restore.clone()]);
+        assert_eq!(
+            (m.expect, m.value(1), m.handles[0].live),
+            (libc::EILSEQ, text::original_value(1), true)
+        );
+        let m = applied(&[patch.clone(), Op::Probe { page: 1 }, Op::Reopen { ctl: 0 }]);
+        assert_eq!((m.handles[0].live, m.handles[0].persist), (true, true));
+        let m = applied(&[patch, Op::Probe { page: 1 }, Op::Unprobe]);
+        assert_eq!((m.value(1), m.pages[1].copy), (2004, true));
+        let m = applied(&[Op::Probe { page: 2 }, Op::Collapse]);
+        assert!(m.pages[2].copy && !m.pmd, "COLLAPSE keeps the int3's copy");
+        let m = applied(&[
+            Op::Probe { page: 2 },
+            Op::Collapse,
+            Op::Unprobe,
+            Op::Collapse,
+        ]);
+        assert!(m.pages[2] == Page::default() && m.pmd);
+        assert!(!Reference::preconditions(
+            &applied(&[Op::Probe { page: 0 }]),
+            &Op::Fork
+        ));
+    }
+
+    #[test]
     fn a_printed_sequence_replays_as_itself() {
         let ops = vec![
             Op::Patch {
@@ -1196,6 +1347,8 @@ mod tests {
             Op::PageOut { page: 2 },
             Op::Unmap,
             Op::Exec,
+            Op::Probe { page: 3 },
+            Op::Unprobe,
         ];
         let printed: Vec<String> = ops.iter().map(|o| o.to_string()).collect();
         let parsed: Vec<Op> = printed

@@ -9,6 +9,7 @@
 //!   swap.
 //! - [`check_state`]: what hugepoke-stress shares with its target's checkers.
 //! - [`khugepaged`]: khugepaged held asleep.
+//! - [`uprobe`]: a tracefs uprobe on the text, for its life.
 
 pub mod backing;
 pub mod check_state;
@@ -16,3 +17,4 @@ pub mod khugepaged;
 pub mod target;
 pub mod text;
 pub mod thp;
+pub mod uprobe;

@@ -5,6 +5,7 @@
 use crate::common::*;
 use crate::hardening::{expect_errno, last_failure};
 use crate::TestResult;
+use hugepoke::testkit::uprobe::Uprobe;
 use hugepoke::uapi;
 
 /// `key=N` of a helper's line.
@@ -187,7 +188,7 @@ pub(crate) fn patch_over_a_live_uprobe_is_refused() -> TestResult {
     let dev = io(Device::open())?;
     let at = t.page_addr(PAGE);
     let file = file_bytes(&t, at, 6)?;
-    let probe = Uprobe::add(&t.file, at - t.addr)?;
+    let probe = Uprobe::add("hugepoke_tests/live", &t.file, at - t.addr)?;
     ensure!(
         read_mem(t.pid, at, 1)? == [0xcc],
         "the uprobe installed no int3 in the target"
@@ -218,52 +219,6 @@ pub(crate) fn patch_over_a_live_uprobe_is_refused() -> TestResult {
     drop(t);
     let _ = std::fs::remove_file(&path);
     Ok(())
-}
-
-/// A `p:` uprobe event at `offset` of `path`, enabled; removed on drop.
-pub(crate) struct Uprobe;
-
-const TRACEFS: &str = "/sys/kernel/tracing";
-
-impl Uprobe {
-    pub(crate) fn add(path: &str, offset: u64) -> Result<Self, String> {
-        use std::io::Write;
-        let mut events = io(std::fs::OpenOptions::new()
-            .append(true)
-            .open(format!("{TRACEFS}/uprobe_events")))?;
-        // One write(): tracefs parses each write as a command.
-        let line = format!("p:hugepoke_tests/live {path}:{offset:#x}\n");
-        io(events.write_all(line.as_bytes()))?;
-        let probe = Self;
-        io(std::fs::write(
-            format!("{TRACEFS}/events/hugepoke_tests/live/enable"),
-            "1",
-        ))?;
-        Ok(probe)
-    }
-
-    /// Its hits, from `uprobe_profile` (`PATH EVENT HITS`).
-    pub(crate) fn hits(&self) -> Result<u64, String> {
-        let profile = io(std::fs::read_to_string(format!("{TRACEFS}/uprobe_profile")))?;
-        profile
-            .lines()
-            .find(|l| l.contains("hugepoke_tests/live") || l.contains(" live "))
-            .and_then(|l| l.split_whitespace().last()?.parse().ok())
-            .ok_or(format!("no hit count in {profile:?}"))
-    }
-}
-
-impl Drop for Uprobe {
-    fn drop(&mut self) {
-        use std::io::Write;
-        let _ = std::fs::write(format!("{TRACEFS}/events/hugepoke_tests/live/enable"), "0");
-        if let Ok(mut events) = std::fs::OpenOptions::new()
-            .append(true)
-            .open(format!("{TRACEFS}/uprobe_events"))
-        {
-            let _ = events.write_all(b"-:hugepoke_tests/live\n");
-        }
-    }
 }
 
 /// Another tool put the original bytes back over the patch: RESTORE

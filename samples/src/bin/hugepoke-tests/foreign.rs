@@ -283,7 +283,8 @@ pub(crate) fn collapse_after_a_uprobe_came_and_went() -> TestResult {
     let mut t = Target::spawn(&["--file", &path])?;
     let head = thp_head(&t)?;
     let at = t.page_addr(PAGE);
-    let probe = crate::authority::Uprobe::add(&t.file, at - t.addr)?;
+    let probe =
+        hugepoke::testkit::uprobe::Uprobe::add("hugepoke_tests/live", &t.file, at - t.addr)?;
     ensure!(
         t.call(PAGE)? == text::original_value(PAGE),
         "the probed function"
