@@ -73,10 +73,13 @@ struct Seen<'a> {
     error: Option<Error>,
     /// A mapping whose page can hold no copy any more, and why.
     gone: Option<&'static str>,
-    /// Where the page-cache page maps (or faults in) in its place: the
-    /// address PATCH wrote if it is one, else the first met (the text
-    /// moved since: its range is the one to collapse).
-    cache_at: Option<usize>,
+    /// Where the page-cache page maps (or faults in) in its place, and how
+    /// sure that is the text PATCH wrote in: 3, a mapping of the fork
+    /// family at the address PATCH wrote; 2, one elsewhere (the text moved
+    /// since: its range is the one to collapse); 1, a mapping the target
+    /// never COWed, at that address.  Another view of the file elsewhere
+    /// is not the text, and is never collapsed for it.
+    cache_at: Option<(u8, usize)>,
 }
 
 /// Where the target maps the anonymous copy of `site`'s file page now: the
@@ -110,7 +113,7 @@ pub(crate) fn find_anon_copy<'a>(
             // mutant: fault-every-mapping
             // No anonymous page can be there: no fault (and no I/O, no
             // uffd fault) in a mapping the target never COWed.
-            seen.note_cache(page_addr, at_site);
+            seen.note_cache(page_addr, if at_site { 1 } else { 0 }); // mutant: collapse-at-any-view
             continue;
         }
         let Some(page) = seen.fault_copy(guard, vma, &info, site.pgoff, (page_addr, at_site))
@@ -160,7 +163,7 @@ impl<'a> Seen<'a> {
         }
         match guard.get_user_page(page_addr, sys::FOLL_FORCE) {
             Ok(page) if page.is_anon() => return Some(page),
-            Ok(_) => self.note_cache(page_addr, at_site),
+            Ok(_) => self.note_cache(page_addr, if at_site { 3 } else { 2 }), // mutant: collapse-only-where-patched
             // Gone for good (truncated, guarded), or kept.
             Err(e) if e == EFAULT => match sys::gone_for_good(vma, info, pgoff) {
                 Some(why) => self.gone = Some(why),
@@ -171,12 +174,11 @@ impl<'a> Seen<'a> {
         None
     }
 
-    /// The page-cache page maps at `page_addr` (`at_site`: where PATCH
-    /// wrote, which wins over any other mapping of it).
-    fn note_cache(&mut self, page_addr: usize, at_site: bool) {
-        if at_site || self.cache_at.is_none() {
-            // mutant: collapse-only-where-patched
-            self.cache_at = Some(page_addr);
+    /// The page-cache page maps at `page_addr`, as sure as `rank` (see
+    /// `cache_at`; 0: not at all) to be the text: the surest wins.
+    fn note_cache(&mut self, page_addr: usize, rank: u8) {
+        if rank > self.cache_at.map_or(0, |(r, _)| r) {
+            self.cache_at = Some((rank, page_addr));
         }
     }
 
@@ -206,7 +208,7 @@ impl<'a> Seen<'a> {
             (true, None, None) => Refused::Gone {
                 result: Ok(()),
                 why: "page is no longer anonymous: already undone",
-                cache_back: self.cache_at, // mutant: no-collapse-after-undone
+                cache_back: self.cache_at.map(|(_, at)| at), // mutant: no-collapse-after-undone
             },
             (false, None, None) => Refused::Gone {
                 result: Err(ENXIO),

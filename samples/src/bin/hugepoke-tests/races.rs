@@ -932,6 +932,34 @@ pub(crate) fn restore_after_a_drop_and_a_move_collapses_where_the_text_is() -> T
     Ok(())
 }
 
+/// The same with another view of the file: the target dropped the
+/// patch's copy and mapped its text file again, below its text (walked
+/// first) and never written to.  RESTORE collapses the text PATCH wrote
+/// in, not that view (a review found the first mapping met would do).
+pub(crate) fn restore_after_a_drop_collapses_the_text_not_another_view() -> TestResult {
+    const PAGE: usize = 64;
+    let _asleep = khugepaged_asleep()?;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let dev = io(Device::open())?;
+    let h = io(dev.patch(&patch_req(&t, PAGE, 6464)))?;
+    t.command(&format!("dontneed {PAGE}"))?;
+    let said = t.command("map-again")?;
+    let view = said
+        .strip_prefix("mapped-again ")
+        .and_then(hugepoke::parse_number)
+        .ok_or(format!("map-again said {said:?}"))?;
+    ensure!(
+        view < t.addr,
+        "the second view at {view:#x} is not below the text at {:#x} (the case this test is for)",
+        t.addr
+    );
+    let seq = hugepoke::device::journal_seq();
+    io(dev.restore(h))?;
+    pmd_back_by_the_module(&mut t, PAGE, seq)?;
+    Ok(())
+}
+
 /// m3: a PATCH_BATCH killed after its first page was written, that page's
 /// copy dropped by the target meanwhile: the undo must find the page again
 /// with GUP, which the pending SIGKILL fails (EINTR).  What it kept is
@@ -1454,6 +1482,7 @@ tests! {
         failed_patch_after_its_split_gives_the_pmd_back,
         restore_after_the_target_dropped_its_copy_collapses,
         restore_after_a_drop_and_a_move_collapses_where_the_text_is,
+        restore_after_a_drop_collapses_the_text_not_another_view,
         killed_batch_is_undone_by_a_worker,
         a_restore_behind_a_busy_target_can_be_killed,
         restore_undo_leaves_a_page_another_tool_restored,
