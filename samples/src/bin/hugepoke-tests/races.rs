@@ -960,6 +960,68 @@ pub(crate) fn restore_after_a_drop_collapses_the_text_not_another_view() -> Test
     Ok(())
 }
 
+/// A PATCH_BATCH killed after its first page was written, that page
+/// another tool's copy (a `/proc/PID/mem` write of the file's own byte):
+/// the second page's GUP fails (EINTR), and the undo, whose only written
+/// page is restored and zapped in one step, leaves that copy as it was (a
+/// review found no test reached this path of the undo).
+pub(crate) fn killed_batch_leaves_a_copy_it_found_there() -> TestResult {
+    use std::process::{Command, Stdio};
+    const PAGES: [usize; 2] = [74, 75];
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let first = t.page_addr(PAGES[0]);
+    write_mem(t.pid, first + 100, &file_bytes(&t, first + 100, 1)?)?;
+    let before = text_pfns(&t)?[PAGES[0]];
+    ensure!(
+        before.present() && !before.file(),
+        "the write made no copy: {before:?}"
+    );
+    let sites = std::env::temp_dir().join("hugepoke-killed-found.sites");
+    let lines: String = PAGES
+        .iter()
+        .map(|&p| {
+            format!(
+                "{:#x} b8{:08x}c3\n",
+                t.page_addr(p),
+                (5000 + p as u32).swap_bytes()
+            )
+        })
+        .collect();
+    io(std::fs::write(&sites, lines))?;
+    let seq = hugepoke::device::journal_seq();
+    let _pause = Pause::arm("written", t.pid)?;
+    let mut cli = io(Command::new("hugepoke")
+        .args(["patch", "--pid", &t.pid.to_string(), "--sites"])
+        .arg(&sites)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn())?;
+    wait_parked_times("written", t.pid, seq, 1)?;
+    let _ = cli.kill();
+    let _ = cli.wait();
+    let _ = std::fs::remove_file(&sites);
+    wait_for("the killed batch undone", Duration::from_secs(30), || {
+        Ok(events()?
+            .iter()
+            .any(|e| e.seq > seq && e.pid == t.pid && e.note.contains("undone")))
+    })?;
+    let after = text_pfns(&t)?[PAGES[0]];
+    ensure!(
+        after.present() && !after.file() && after.pfn() == before.pfn(),
+        "page {}: {before:?} before the batch, {after:?} after its undo",
+        PAGES[0]
+    );
+    for page in PAGES {
+        ensure!(
+            t.call(page)? == text::original_value(page),
+            "the killed batch left page {page} patched"
+        );
+    }
+    Ok(())
+}
+
 /// m3: a PATCH_BATCH killed after its first page was written, that page's
 /// copy dropped by the target meanwhile: the undo must find the page again
 /// with GUP, which the pending SIGKILL fails (EINTR).  What it kept is
@@ -1484,6 +1546,7 @@ tests! {
         restore_after_a_drop_and_a_move_collapses_where_the_text_is,
         restore_after_a_drop_collapses_the_text_not_another_view,
         killed_batch_is_undone_by_a_worker,
+        killed_batch_leaves_a_copy_it_found_there,
         a_restore_behind_a_busy_target_can_be_killed,
         restore_undo_leaves_a_page_another_tool_restored,
         a_closer_behind_a_busy_target_can_be_killed,
