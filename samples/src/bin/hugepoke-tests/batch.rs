@@ -339,35 +339,19 @@ pub(crate) fn failed_batch_leaves_a_copy_it_found_there() -> TestResult {
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     let dev = io(hugepoke::device::Device::open())?;
-    let first = t.page_addr(PAGES[0]);
-    write_mem(t.pid, first + 100, &file_bytes(&t, first + 100, 1)?)?;
-    let before = text_pfns(&t)?[PAGES[0]];
-    ensure!(
-        before.present() && !before.file(),
-        "the write made no copy: {before:?}"
-    );
+    let before = copy_by_a_mem_write(&t, PAGES[0])?;
     let second = t.page_addr(PAGES[1]);
     write_mem(t.pid, second, &[0xcc])?;
     let sites =
         PAGES.map(|p| batch_site(t.page_addr(p), &text::mov_eax_ret(5000 + p as u32), None));
     let refused = dev.patch_batch(t.pid, &sites, 0).map_err(|e| e.error);
-    let after = text_pfns(&t)?[PAGES[0]];
-    ensure!(
-        after.present() && !after.file() && after.pfn() == before.pfn(),
-        "page {}: {before:?} before the batch, {after:?} after its undo",
-        PAGES[0]
-    );
+    still_that_copy(&mut t, PAGES[0], before)?;
     crate::hardening::expect_errno(
         "PATCH_BATCH over another tool's int3",
         refused,
         libc::EBUSY,
         "changed by another tool",
     )?;
-    ensure!(
-        t.call(PAGES[0])? == text::original_value(PAGES[0]),
-        "page {} does not run the file's code",
-        PAGES[0]
-    );
     Ok(())
 }
 

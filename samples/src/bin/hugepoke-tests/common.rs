@@ -306,3 +306,35 @@ pub(crate) fn freed_nothing_alive(before: usize) -> Result<(), String> {
     );
     Ok(())
 }
+
+/// Another tool's copy of text page `page`: a `/proc/PID/mem` write of the
+/// file's own byte 100 there; the copy's pagemap entry (checked anonymous).
+pub(crate) fn copy_by_a_mem_write(
+    t: &Target,
+    page: usize,
+) -> Result<hugepoke::proc::PagemapEntry, String> {
+    let at = t.page_addr(page) + 100;
+    write_mem(t.pid, at, &file_bytes(t, at, 1)?)?;
+    let e = text_pfns(t)?[page];
+    ensure!(e.present() && !e.file(), "the write made no copy: {e:?}");
+    Ok(e)
+}
+
+/// Page `page` is still the copy `before` was (same PFN, anonymous) and
+/// runs the file's code: what an undo must leave of another tool's copy.
+pub(crate) fn still_that_copy(
+    t: &mut Target,
+    page: usize,
+    before: hugepoke::proc::PagemapEntry,
+) -> crate::TestResult {
+    let after = text_pfns(t)?[page];
+    ensure!(
+        after.present() && !after.file() && after.pfn() == before.pfn(),
+        "page {page}: {before:?} before the batch, {after:?} after its undo"
+    );
+    ensure!(
+        t.call(page)? == text::original_value(page),
+        "page {page} does not run the file's code"
+    );
+    Ok(())
+}

@@ -875,22 +875,30 @@ pub(crate) fn failed_patch_after_its_split_gives_the_pmd_back() -> TestResult {
     Ok(())
 }
 
+/// A fresh target with text page `page` patched to `value` (a handle on
+/// `dev`) and that patch's copy then dropped by the target itself
+/// (MADV_DONTNEED); khugepaged must be asleep.
+fn patched_then_dropped(dev: &Device, page: usize, value: u32) -> Result<(Target, u64), String> {
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    let h = io(dev.patch(&patch_req(&t, page, value)))?;
+    ensure!(t.call(page)? == value, "patch not running");
+    t.command(&format!("dontneed {page}"))?;
+    ensure!(
+        t.call(page)? == text::original_value(page),
+        "MADV_DONTNEED did not drop the copy"
+    );
+    Ok((t, h))
+}
+
 /// The target dropped its patched copy itself (MADV_DONTNEED): RESTORE
 /// finds the page-cache page back, forgets the patch ("already undone")
 /// and still collapses the range, which would otherwise stay PTE-mapped.
 pub(crate) fn restore_after_the_target_dropped_its_copy_collapses() -> TestResult {
     const PAGE: usize = 62;
     let _asleep = khugepaged_asleep()?;
-    let mut t = Target::spawn(&[])?;
-    thp_head(&t)?;
     let dev = io(Device::open())?;
-    let h = io(dev.patch(&patch_req(&t, PAGE, 6262)))?;
-    ensure!(t.call(PAGE)? == 6262, "patch not running");
-    t.command(&format!("dontneed {PAGE}"))?;
-    ensure!(
-        t.call(PAGE)? == text::original_value(PAGE),
-        "MADV_DONTNEED did not drop the copy"
-    );
+    let (mut t, h) = patched_then_dropped(&dev, PAGE, 6262)?;
     let seq = hugepoke::device::journal_seq();
     io(dev.restore(h))?;
     ensure!(
@@ -911,11 +919,8 @@ pub(crate) fn restore_after_the_target_dropped_its_copy_collapses() -> TestResul
 pub(crate) fn restore_after_a_drop_and_a_move_collapses_where_the_text_is() -> TestResult {
     const PAGE: usize = 63;
     let _asleep = khugepaged_asleep()?;
-    let mut t = Target::spawn(&[])?;
-    thp_head(&t)?;
     let dev = io(Device::open())?;
-    let h = io(dev.patch(&patch_req(&t, PAGE, 6363)))?;
-    t.command(&format!("dontneed {PAGE}"))?;
+    let (mut t, h) = patched_then_dropped(&dev, PAGE, 6363)?;
     let moved = t.command("move")?;
     t.addr = moved
         .strip_prefix("moved ")
@@ -939,11 +944,8 @@ pub(crate) fn restore_after_a_drop_and_a_move_collapses_where_the_text_is() -> T
 pub(crate) fn restore_after_a_drop_collapses_the_text_not_another_view() -> TestResult {
     const PAGE: usize = 64;
     let _asleep = khugepaged_asleep()?;
-    let mut t = Target::spawn(&[])?;
-    thp_head(&t)?;
     let dev = io(Device::open())?;
-    let h = io(dev.patch(&patch_req(&t, PAGE, 6464)))?;
-    t.command(&format!("dontneed {PAGE}"))?;
+    let (mut t, h) = patched_then_dropped(&dev, PAGE, 6464)?;
     let said = t.command("map-again")?;
     let view = said
         .strip_prefix("mapped-again ")
@@ -970,13 +972,7 @@ pub(crate) fn killed_batch_leaves_a_copy_it_found_there() -> TestResult {
     const PAGES: [usize; 2] = [74, 75];
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
-    let first = t.page_addr(PAGES[0]);
-    write_mem(t.pid, first + 100, &file_bytes(&t, first + 100, 1)?)?;
-    let before = text_pfns(&t)?[PAGES[0]];
-    ensure!(
-        before.present() && !before.file(),
-        "the write made no copy: {before:?}"
-    );
+    let before = copy_by_a_mem_write(&t, PAGES[0])?;
     let sites = std::env::temp_dir().join("hugepoke-killed-found.sites");
     let lines: String = PAGES
         .iter()
@@ -1007,18 +1003,12 @@ pub(crate) fn killed_batch_leaves_a_copy_it_found_there() -> TestResult {
             .iter()
             .any(|e| e.seq > seq && e.pid == t.pid && e.note.contains("undone")))
     })?;
-    let after = text_pfns(&t)?[PAGES[0]];
+    still_that_copy(&mut t, PAGES[0], before)?;
     ensure!(
-        after.present() && !after.file() && after.pfn() == before.pfn(),
-        "page {}: {before:?} before the batch, {after:?} after its undo",
-        PAGES[0]
+        t.call(PAGES[1])? == text::original_value(PAGES[1]),
+        "the killed batch left page {} patched",
+        PAGES[1]
     );
-    for page in PAGES {
-        ensure!(
-            t.call(page)? == text::original_value(page),
-            "the killed batch left page {page} patched"
-        );
-    }
     Ok(())
 }
 
