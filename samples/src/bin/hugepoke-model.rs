@@ -34,6 +34,12 @@
 //!                              (then the page is dropped unless it runs a
 //!                              patch: whether uprobes zap their own copy
 //!                              hangs on an LRU batch's reference)
+//!   paused AT dontneed pQ: OP  OP (a patch, batch or restore) from another
+//!                              thread, parked at the module's pause point
+//!                              AT (src/pause.rs) while the target drops
+//!                              page Q, then released: the module must
+//!                              see the change (a copy gone between GUP
+//!                              and the PTE lock, between RESTORE's passes)
 //! The model says what each call returns (ok, EBUSY on a patched page,
 //! ENOENT for a handle no longer live), and after every step what every
 //! page runs, which pages are anonymous copies (pagemap; smaps'
@@ -47,6 +53,7 @@
 
 use hugepoke::device::{Device, Site};
 use hugepoke::proc;
+use hugepoke::testkit::pause::Pause;
 use hugepoke::testkit::target::Target;
 use hugepoke::testkit::text;
 use hugepoke::testkit::uprobe::Uprobe;
@@ -140,6 +147,56 @@ enum Op {
     },
     /// The uprobe removed.
     Unprobe,
+    /// `call` parked at `at` while the target MADV_DONTNEEDs `page`.
+    Paused {
+        at: At,
+        page: u8,
+        call: Box<Op>,
+    },
+}
+
+/// The pause points `Op::Paused` parks at (src/pause.rs): where the
+/// target's own MADV_DONTNEED (per-VMA locked) still runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum At {
+    /// PATCH: the mm taken, no lock held.
+    Resolved,
+    /// PATCH: every site checked, nothing written (mmap lock held).
+    Checked,
+    /// PATCH: GUP made the first page's copy, its PTE not locked yet.
+    Cowed,
+    /// PATCH: the first page (the lowest) written, the next not started.
+    Written,
+    /// RESTORE: locks held, nothing looked up.
+    Restore,
+    /// RESTORE: the forked processes done, the target not looked at.
+    Forked,
+    /// RESTORE: every copy found and checked, nothing written yet.
+    Located,
+}
+
+const PATCH_POINTS: [At; 4] = [At::Resolved, At::Checked, At::Cowed, At::Written];
+const RESTORE_POINTS: [At; 3] = [At::Restore, At::Forked, At::Located];
+
+impl At {
+    fn name(self) -> &'static str {
+        match self {
+            At::Resolved => "resolved",
+            At::Checked => "checked",
+            At::Cowed => "cowed",
+            At::Written => "written",
+            At::Restore => "restore",
+            At::Forked => "forked",
+            At::Located => "located",
+        }
+    }
+
+    fn parse(s: &str) -> Option<At> {
+        PATCH_POINTS
+            .into_iter()
+            .chain(RESTORE_POINTS)
+            .find(|a| a.name() == s)
+    }
 }
 
 /// The page `Op::Unmap` unmaps.
@@ -164,6 +221,7 @@ impl Op {
             Op::Exec => "exec",
             Op::Probe { .. } => "probe",
             Op::Unprobe => "unprobe",
+            Op::Paused { .. } => "paused",
         }
     }
 }
@@ -207,12 +265,28 @@ impl fmt::Display for Op {
             Op::Exec => write!(f, "exec"),
             Op::Probe { page } => write!(f, "probe p{page}"),
             Op::Unprobe => write!(f, "unprobe"),
+            Op::Paused { at, page, call } => {
+                write!(f, "paused {} dontneed p{page}: {call}", at.name())
+            }
         }
     }
 }
 
 /// `--replay`'s parser: the Display form, `;`-separated.
 fn parse_op(s: &str) -> Option<Op> {
+    if let Some((pause, call)) = s
+        .trim()
+        .strip_prefix("paused ")
+        .and_then(|p| p.split_once(':'))
+    {
+        let w: Vec<&str> = pause.split_whitespace().collect();
+        let page = w.get(2)?.strip_prefix('p')?.parse().ok()?;
+        return (w.len() == 3 && w[1] == "dontneed").then_some(Op::Paused {
+            at: At::parse(w[0])?,
+            page,
+            call: Box::new(parse_op(call)?),
+        });
+    }
     let w: Vec<&str> = s.split_whitespace().collect();
     let num = |p: &str, c: char| p.strip_prefix(c)?.parse::<u8>().ok();
     let id = |p: &str| p.strip_prefix('h')?.parse::<usize>().ok();
@@ -397,34 +471,56 @@ impl ReferenceStateMachine for Reference {
         let ctl = 0..CONTROLLERS;
         let page = 0..PAGES;
         let handles = state.handles.len().max(1);
+        let patch = (ctl.clone(), page.clone(), any::<u8>(), any::<bool>())
+            .prop_map(|(ctl, page, value, persist)| Op::Patch {
+                ctl,
+                page,
+                value,
+                persist,
+            })
+            .boxed();
+        let batch = (
+            ctl.clone(),
+            proptest::sample::subsequence((0..PAGES).collect::<Vec<_>>(), 1..=3),
+            any::<u8>(),
+            any::<bool>(),
+        )
+            .prop_map(|(ctl, pages, value, persist)| Op::Batch {
+                ctl,
+                pages,
+                value,
+                persist,
+            })
+            .boxed();
+        let restore = (0..handles, proptest::bool::weighted(0.25))
+            .prop_map(|(id, other)| Op::Restore { id, other })
+            .boxed();
+        let mut calls = vec![(2, patch.clone()), (1, batch.clone())];
+        if !state.handles.is_empty() {
+            calls.push((2, restore.clone()));
+        }
+        // 12: as many ways to each of the 4 PATCH and 3 RESTORE points.
+        let paused = (
+            0..12usize,
+            page.clone(),
+            proptest::strategy::Union::new_weighted(calls),
+        )
+            .prop_map(|(i, page, call)| {
+                let points: &[At] = match call {
+                    Op::Restore { .. } => &RESTORE_POINTS,
+                    _ => &PATCH_POINTS,
+                };
+                Op::Paused {
+                    at: points[i % points.len()],
+                    page,
+                    call: Box::new(call),
+                }
+            })
+            .boxed();
         let mut ops = vec![
-            (
-                4,
-                (ctl.clone(), page.clone(), any::<u8>(), any::<bool>())
-                    .prop_map(|(ctl, page, value, persist)| Op::Patch {
-                        ctl,
-                        page,
-                        value,
-                        persist,
-                    })
-                    .boxed(),
-            ),
-            (
-                2,
-                (
-                    ctl.clone(),
-                    proptest::sample::subsequence((0..PAGES).collect::<Vec<_>>(), 1..=3),
-                    any::<u8>(),
-                    any::<bool>(),
-                )
-                    .prop_map(|(ctl, pages, value, persist)| Op::Batch {
-                        ctl,
-                        pages,
-                        value,
-                        persist,
-                    })
-                    .boxed(),
-            ),
+            (4, patch),
+            (2, batch),
+            (2, paused),
             (1, ctl.prop_map(|ctl| Op::Reopen { ctl }).boxed()),
             (
                 1,
@@ -447,12 +543,7 @@ impl ReferenceStateMachine for Reference {
             (2, Just(Op::Unprobe).boxed()),
         ];
         if !state.handles.is_empty() {
-            ops.push((
-                4,
-                (0..handles, proptest::bool::weighted(0.25))
-                    .prop_map(|(id, other)| Op::Restore { id, other })
-                    .boxed(),
-            ));
+            ops.push((4, restore));
             ops.push((1, (0..handles).prop_map(|id| Op::Query { id }).boxed()));
         }
         proptest::strategy::Union::new_weighted(ops).boxed()
@@ -466,6 +557,7 @@ impl ReferenceStateMachine for Reference {
         let mapped = |p: &u8| !hole || *p != UNMAPPED;
         let probe = state.probe.is_some();
         match op {
+            Op::Paused { at, page, call } => Self::paused_preconditions(state, *at, *page, call),
             Op::Move | Op::Protect { .. } | Op::Collapse | Op::Fork if hole => false,
             // What a uprobe does in a writable mapping, in a forked child,
             // across an exec or a hole is not modelled.
@@ -523,6 +615,7 @@ impl ReferenceStateMachine for Reference {
     fn apply(mut s: Model, op: &Op) -> Model {
         s.expect = 0;
         match op {
+            Op::Paused { at, page, call } => return Self::paused(s, *at, *page, call),
             Op::Patch {
                 ctl,
                 page,
@@ -649,6 +742,64 @@ impl ReferenceStateMachine for Reference {
     }
 }
 
+impl Reference {
+    /// Only a call that succeeds parks (a refusal may come before the
+    /// point); only a page of the text, neither writable nor probed.
+    fn paused_preconditions(state: &Model, at: At, page: u8, call: &Op) -> bool {
+        let restored = match *call {
+            Op::Restore { id, .. } => Some(id),
+            _ => None,
+        };
+        let gone = restored.is_some_and(|id| id < state.handles.len() && state.handles[id].gone);
+        let p = &state.pages[page as usize];
+        // A copy of the handle's that runs no patch (the target dropped
+        // ours, a write made one): what RESTORE's passes make of its going
+        // is not modelled; nor RESTORE's undo in a forked child.
+        let unclear = at == At::Located
+            && (state.child.is_some()
+                || (restored.is_some()
+                    && p.patch.map(|(h, _)| h) == restored
+                    && p.copy
+                    && !p.shows_patch));
+        let hole = state.unmapped && page == UNMAPPED;
+        !(state.writable || state.probe.is_some() || hole || gone || unclear)
+            && Self::preconditions(state, call)
+            && Self::apply(state.clone(), call).expect == 0
+    }
+
+    /// The target dropped `page` while `call` was parked at `at`: the same
+    /// as the drop before the call, but for the page PATCH wrote first
+    /// (dropped after: the patch gone from it, the handle made), and for a
+    /// copy of the restored handle's dropped between RESTORE's passes
+    /// (EAGAIN, the handle kept, nothing else changed).
+    fn paused(s: Model, at: At, page: u8, call: &Op) -> Model {
+        let dropped = Op::DontNeed { page };
+        let first = match call {
+            Op::Patch { page, .. } => Some(*page),
+            Op::Batch { pages, .. } => pages.iter().min().copied(),
+            _ => None,
+        };
+        let ours = match *call {
+            Op::Restore { id, .. } => s.pages[page as usize].patch.is_some_and(|(h, _)| h == id),
+            _ => false,
+        };
+        match at {
+            At::Written if first == Some(page) => {
+                let s = Self::apply(s, call);
+                Model {
+                    expect: 0,
+                    ..Self::apply(s, &dropped)
+                }
+            }
+            At::Located if ours && s.pages[page as usize].copy => Model {
+                expect: libc::EAGAIN,
+                ..Self::apply(s, &dropped)
+            },
+            _ => Self::apply(Self::apply(s, &dropped), call),
+        }
+    }
+}
+
 impl Model {
     fn patch(&mut self, ctl: u8, pages: &[u8], value: u8, persist: bool) {
         if self.writable {
@@ -708,6 +859,9 @@ fn model_file() -> String {
     .clone()
 }
 
+/// A PATCH or RESTORE made ready to run, on the controllers.
+type Ioctl = Box<dyn FnOnce(&[Device]) -> Result<u64, i32> + Send>;
+
 static SEQUENCES: AtomicU64 = AtomicU64::new(0);
 static STEPS: AtomicU64 = AtomicU64::new(0);
 static MIX: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
@@ -721,9 +875,12 @@ fn site(t: &Target, page: u8, value: u8) -> Site {
 }
 
 impl System {
-    fn call(&mut self, model: &Model, op: &Op) -> Result<(), i32> {
+    /// PATCH, PATCH_BATCH or RESTORE, made ready to run on any thread:
+    /// the handle PATCH made (0 for RESTORE), or the errno.
+    fn ioctl(&self, model: &Model, op: &Op) -> Ioctl {
         let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(0);
         let flags = |p: bool| if p { uapi::PATCH_PERSIST } else { 0 };
+        let pid = self.t.pid;
         match op {
             Op::Patch {
                 ctl,
@@ -731,13 +888,16 @@ impl System {
                 value,
                 persist,
             } => {
-                let r = self.ctl[*ctl as usize].patch_sites(
-                    self.t.pid,
-                    &[site(&self.t, *page, *value)],
-                    false,
+                let (c, sites, f) = (
+                    *ctl as usize,
+                    [site(&self.t, *page, *value)],
                     flags(*persist),
                 );
-                self.made(model, r.map_err(|e| errno(e.error)))
+                Box::new(move |ctl: &[Device]| {
+                    ctl[c]
+                        .patch_sites(pid, &sites, false, f)
+                        .map_err(|e| errno(e.error))
+                })
             }
             Op::Batch {
                 ctl,
@@ -746,14 +906,71 @@ impl System {
                 persist,
             } => {
                 let sites: Vec<Site> = pages.iter().map(|&p| site(&self.t, p, *value)).collect();
-                let r =
-                    self.ctl[*ctl as usize].patch_sites(self.t.pid, &sites, true, flags(*persist));
-                self.made(model, r.map_err(|e| errno(e.error)))
+                let (c, f) = (*ctl as usize, flags(*persist));
+                Box::new(move |ctl: &[Device]| {
+                    ctl[c]
+                        .patch_sites(pid, &sites, true, f)
+                        .map_err(|e| errno(e.error))
+                })
             }
             Op::Restore { id, other } => {
-                let ctl = model.handles[*id].ctl as usize ^ *other as usize;
-                self.ctl[ctl].restore(self.real[*id]).map_err(errno)
+                let c = model.handles[*id].ctl as usize ^ *other as usize;
+                let handle = self.real[*id];
+                Box::new(move |ctl: &[Device]| ctl[c].restore(handle).map(|_| 0).map_err(errno))
             }
+            _ => unreachable!("{op} is no PATCH or RESTORE"),
+        }
+    }
+
+    /// What `ioctl` returned, kept: the handle a PATCH made.
+    fn ran(&mut self, model: &Model, op: &Op, r: Result<u64, i32>) -> Result<(), i32> {
+        match op {
+            Op::Restore { .. } => r.map(|_| ()),
+            _ => self.made(model, r),
+        }
+    }
+
+    /// `call` on another thread, parked at `at` while the target drops
+    /// `page`, then released.  A call that returns without parking is a
+    /// failure of the model's (it said the call would get there).
+    fn paused(&mut self, model: &Model, at: At, page: u8, call: &Op) -> Result<(), i32> {
+        let pause = Pause::arm(at.name(), self.t.pid).unwrap_or_else(|e| panic!("{e}"));
+        let ioctl = self.ioctl(model, call);
+        let (t, ctl) = (&mut self.t, &self.ctl);
+        let (parked, dropped, r) = std::thread::scope(|scope| {
+            let job = scope.spawn(move || ioctl(ctl));
+            let begin = Instant::now();
+            let mut parked = false;
+            while !parked && !job.is_finished() && begin.elapsed() < Duration::from_secs(60) {
+                parked = pause.parked(at.name()).unwrap_or_else(|e| panic!("{e}"));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let dropped =
+                parked && t.command(&format!("dontneed {page}")) == Ok(format!("dontneed {page}"));
+            pause.release().unwrap_or_else(|e| panic!("{e}"));
+            (parked, dropped, job.join().expect("the parked call"))
+        });
+        drop(pause);
+        assert!(
+            parked,
+            "{call} returned {r:?} without parking at {}",
+            at.name()
+        );
+        let r = self.ran(model, call, r);
+        if !dropped {
+            return Err(-1);
+        }
+        r
+    }
+
+    fn call(&mut self, model: &Model, op: &Op) -> Result<(), i32> {
+        let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(0);
+        match op {
+            Op::Patch { .. } | Op::Batch { .. } | Op::Restore { .. } => {
+                let r = self.ioctl(model, op)(&self.ctl);
+                self.ran(model, op, r)
+            }
+            Op::Paused { at, page, call } => self.paused(model, *at, *page, call),
             Op::Query { id } => {
                 let h = &model.handles[*id];
                 let q = self.ctl[h.ctl as usize]
@@ -1320,6 +1537,58 @@ mod tests {
     }
 
     #[test]
+    fn a_page_dropped_while_parked_is_dropped_before_the_call_but_where_it_was_done() {
+        let batch = |pages: Vec<u8>| Op::Batch {
+            ctl: 0,
+            pages,
+            value: 1,
+            persist: false,
+        };
+        let paused = |at, page, call| Op::Paused {
+            at,
+            page,
+            call: Box::new(call),
+        };
+        // Dropped after the first page was written: that patch is gone.
+        let m = applied(&[paused(At::Written, 1, batch(vec![1, 2]))]);
+        assert_eq!(
+            (m.expect, m.value(1), m.value(2)),
+            (0, text::original_value(1), 2001)
+        );
+        assert!(m.handles[0].live && !m.pages[1].copy && m.pages[2].copy);
+        // Dropped before the page was written: the patch runs.
+        let m = applied(&[paused(At::Written, 2, batch(vec![1, 2]))]);
+        assert_eq!((m.value(1), m.value(2)), (2001, 2001));
+        let m = applied(&[paused(At::Cowed, 1, batch(vec![1]))]);
+        assert_eq!((m.expect, m.value(1)), (0, 2001));
+        // Between RESTORE's passes: EAGAIN, the rest still patched.
+        let restore = Op::Restore {
+            id: 0,
+            other: false,
+        };
+        let m = applied(&[batch(vec![1, 2]), paused(At::Located, 2, restore.clone())]);
+        assert_eq!(
+            (m.expect, m.handles[0].live, m.value(1), m.pages[2].copy),
+            (libc::EAGAIN, true, 2001, false)
+        );
+        let m = applied(&[batch(vec![1, 2]), paused(At::Located, 3, restore.clone())]);
+        assert_eq!((m.expect, m.handles[0].live, m.pmd), (0, false, true));
+        let m = applied(&[batch(vec![1, 2]), paused(At::Restore, 2, restore.clone())]);
+        assert_eq!((m.expect, m.handles[0].live, m.pmd), (0, false, true));
+        // Only a call that succeeds parks.
+        let m = applied(&[batch(vec![1])]);
+        assert!(!Reference::preconditions(
+            &m,
+            &paused(At::Checked, 0, batch(vec![1]))
+        ));
+        let m = applied(&[batch(vec![1]), restore.clone()]);
+        assert!(!Reference::preconditions(
+            &m,
+            &paused(At::Restore, 0, restore)
+        ));
+    }
+
+    #[test]
     fn a_printed_sequence_replays_as_itself() {
         let ops = vec![
             Op::Patch {
@@ -1349,6 +1618,21 @@ mod tests {
             Op::Exec,
             Op::Probe { page: 3 },
             Op::Unprobe,
+            Op::Paused {
+                at: At::Located,
+                page: 1,
+                call: Box::new(Op::Restore { id: 0, other: true }),
+            },
+            Op::Paused {
+                at: At::Written,
+                page: 0,
+                call: Box::new(Op::Batch {
+                    ctl: 1,
+                    pages: vec![0, 2],
+                    value: 3,
+                    persist: true,
+                }),
+            },
         ];
         let printed: Vec<String> = ops.iter().map(|o| o.to_string()).collect();
         let parsed: Vec<Op> = printed

@@ -10,10 +10,12 @@
 //! - [`check_state`]: what hugepoke-stress shares with its target's checkers.
 //! - [`khugepaged`]: khugepaged held asleep.
 //! - [`uprobe`]: a tracefs uprobe on the text, for its life.
+//! - [`pause`]: the module's pause points, armed and released.
 
 pub mod backing;
 pub mod check_state;
 pub mod khugepaged;
+pub mod pause;
 pub mod target;
 pub mod text;
 pub mod thp;

@@ -7,37 +7,7 @@ use crate::common::*;
 use crate::TestResult;
 use std::sync::mpsc;
 
-const PAUSE: &str = "/sys/kernel/debug/hugepoke/pause";
-
-/// Arms a pause point for one target; on drop, disarms it and releases
-/// whatever is parked, so that a failing test leaves nothing parked.
-pub(crate) struct Pause;
-
-impl Pause {
-    pub(crate) fn arm(point: &str, pid: i32) -> Result<Self, String> {
-        io(std::fs::write(PAUSE, format!("{point} {pid}")))?;
-        Ok(Pause)
-    }
-
-    /// Wait until a PATCH is parked at `point`.
-    pub(crate) fn wait_parked(&self, point: &str) -> Result<Duration, String> {
-        let want = format!("parked {point}");
-        wait_for(&want, Duration::from_secs(60), || {
-            Ok(io(proc::debugfs("pause"))?.starts_with(&want))
-        })
-    }
-
-    pub(crate) fn release(&self) -> TestResult {
-        io(std::fs::write(PAUSE, "go"))
-    }
-}
-
-impl Drop for Pause {
-    fn drop(&mut self) {
-        let _ = std::fs::write(PAUSE, "off");
-        let _ = std::fs::write(PAUSE, "go");
-    }
-}
+pub(crate) use hugepoke::testkit::pause::Pause;
 
 /// What a PATCH made on another thread returned, and that thread's id.
 /// The open file is the test's: its patches live until the `Patcher` is
