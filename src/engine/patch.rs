@@ -16,7 +16,7 @@
 //! there were read and compared.
 
 use kernel::{
-    mm::{Mm, MmWithUser, MmWithUserAsync},
+    mm::{virt::VmaRef, Mm, MmWithUser, MmWithUserAsync},
     prelude::*,
     sync::{aref::ARef, Arc},
 };
@@ -32,7 +32,7 @@ use crate::{
     journal::{Event, Step},
     patches::{Owner, Reserved, Site},
     pause::Point,
-    sys::{self, Mapping, MmapWriteGuard, Process, PAGE_MASK},
+    sys::{self, Mapping, MmapWriteGuard, PageRef, Process, PAGE_MASK},
     target::{Target, TargetState},
     uapi, Hugepoke,
 };
@@ -230,10 +230,15 @@ fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Re
         };
         let before = sys::mapping_of(vma, page_addr);
         w.split = matches!(before, Mapping::Pmd(_));
-        w.copy_before = sys::anon_copy_at(vma, page_addr).is_some(); // mutant: undo-zaps-a-found-copy
+        // The undo leaves the page PATCH writes only if it is the very copy
+        // another tool had mapped here, not one GUP made after the target
+        // dropped that.
+        let (found_pfn, _held) = found_copy(vma, page_addr);
+        let found_it = |page: &PageRef| found_pfn == Some(page.pfn());
         let sites = &mut plan.sites[r.clone()];
         match write_patch(hp, guard, vma, before, sites, plan.expects.of(r)) {
             Ok(page) => {
+                w.copy_before = found_it(&page); // mutant: undo-zaps-a-found-copy
                 let pmd_mappable =
                     sys::page_cache_page(vma, page_addr).is_some_and(|c| c.pmd_mappable());
                 sites.iter_mut().for_each(|s| s.pmd_mappable = pmd_mappable);
@@ -253,6 +258,7 @@ fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Re
                     .addr(site.addr);
                 let failure = Failure::at(hp.journal.refuse(ev, mismatch.refusal()), site.index);
                 // COWed but not written: an undo gives the copy back.
+                w.copy_before = found_it(&page); // mutant: undo-zaps-a-found-copy
                 w.family = page.hold_family();
                 w.state = PageState::Found(page_addr, page);
                 w.written = Written::Cowed;
@@ -261,6 +267,16 @@ fn write_pages(hp: &Hugepoke, guard: &MmapWriteGuard<'_>, plan: &mut Plan) -> Re
         }
     }
     Ok(())
+}
+
+/// Another tool's copy mapped at `page_addr` now: its PFN, and the copy
+/// held if it is exclusive, so that the PFN cannot be reused meanwhile
+/// (GUP reuses an exclusive copy whatever its count; our reference on a
+/// shared one would make the kernel copy it rather than reuse it).
+fn found_copy(vma: &VmaRef, page_addr: usize) -> (Option<usize>, Option<PageRef>) {
+    let found = sys::anon_copy_at(vma, page_addr);
+    let pfn = found.as_ref().map(|c| c.pfn());
+    (pfn, found.filter(|c| c.anon_exclusive()))
 }
 
 /// Record the plan's sites under their handle (each site carries it).

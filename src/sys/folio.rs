@@ -11,7 +11,8 @@ use super::{
     hugepoke_folio_file_page, hugepoke_folio_is_anon, hugepoke_folio_mapped_elsewhere,
     hugepoke_folio_may_be_lru_cached, hugepoke_folio_order, hugepoke_folio_pmd_mappable,
     hugepoke_folio_put, hugepoke_folio_unexpected_refs, hugepoke_folio_uptodate,
-    hugepoke_page_cache_folio, hugepoke_page_folio, hugepoke_page_to_pfn, vma::vma_info, PAGE_SIZE,
+    hugepoke_page_anon_exclusive, hugepoke_page_cache_folio, hugepoke_page_folio,
+    hugepoke_page_to_pfn, vma::vma_info, PAGE_SIZE,
 };
 
 /// Map `page` into the kernel for the length of `f` (`kmap_local_page`).
@@ -129,6 +130,14 @@ impl PageRef {
     pub(crate) fn is_anon(&self) -> bool {
         // SAFETY: as above.
         unsafe { hugepoke_folio_is_anon(self.folio()) }
+    }
+
+    /// `PageAnonExclusive`: mapped by one process only, so a write fault
+    /// (or GUP) reuses it whatever its reference count.  Fork clears it
+    /// under the mmap lock, so it holds while the caller holds that.
+    pub(crate) fn anon_exclusive(&self) -> bool {
+        // SAFETY: as above; reading a page flag.
+        unsafe { hugepoke_page_anon_exclusive(self.page.as_ptr()) }
     }
 
     pub(crate) fn folio_order(&self) -> u32 {

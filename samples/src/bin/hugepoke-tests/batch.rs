@@ -335,23 +335,148 @@ pub(crate) fn batch_refuses_one_file_page_at_two_addresses() -> TestResult {
 /// originals back into it and leaves it: the same page, still anonymous,
 /// as it was (hugepoke-model found it zapped).
 pub(crate) fn failed_batch_leaves_a_copy_it_found_there() -> TestResult {
-    const PAGES: [usize; 2] = [52, 53];
+    batch_refused_beside_a_found_copy([52, 53], false)
+}
+
+/// The same with that copy shared once (the target forked, the child is
+/// gone): no longer marked exclusive, so the kernel reuses it for PATCH's
+/// write only while nothing else holds it (a review found PATCH holding
+/// it, so that GUP copied it and the tool's page was freed).
+pub(crate) fn failed_batch_leaves_a_once_shared_copy_it_found_there() -> TestResult {
+    batch_refused_beside_a_found_copy([58, 59], true)
+}
+
+fn batch_refused_beside_a_found_copy(pages: [usize; 2], shared: bool) -> TestResult {
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     let dev = io(hugepoke::device::Device::open())?;
-    let before = copy_by_a_mem_write(&t, PAGES[0])?;
+    let before = copy_by_a_mem_write(&t, pages[0])?;
+    if shared {
+        let child = fork_child(&mut t)?;
+        // SAFETY: killing nothing but the target's child.
+        unsafe { libc::kill(child, libc::SIGKILL) };
+        // Its mm goes before it is a zombie.
+        wait_for("the child's exit", Duration::from_secs(10), || {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            Ok(stat.is_empty() || stat.contains(") Z "))
+        })?;
+    }
+    let second = t.page_addr(pages[1]);
+    write_mem(t.pid, second, &[0xcc])?;
+    let sites =
+        pages.map(|p| batch_site(t.page_addr(p), &text::mov_eax_ret(5000 + p as u32), None));
+    let seq = journal_seq();
+    let refused = dev.patch_batch(t.pid, &sites, 0).map_err(|e| e.error);
+    still_that_copy(&mut t, pages[0], before)?;
+    refused_at_an_int3(refused, seq, t.pid)?;
+    // The batch wrote into that copy, and the undo kept it on purpose:
+    // not a batch that never wrote the first page.
+    let first = t.page_addr(pages[0]);
+    let on_first = |e: &hugepoke::proc::EventLine| {
+        e.seq > seq && e.pid == t.pid && e.addr.is_some_and(|a| a & !4095 == first)
+    };
+    let evs = events()?;
+    ensure!(
+        evs.iter().any(|e| on_first(e)
+            && e.step == "write_bytes"
+            && e.result == "ok"
+            && e.pfn == Some(before.pfn())),
+        "the batch did not write page {} in the copy it found: {:?}",
+        pages[0],
+        steps(&evs)
+    );
+    ensure!(
+        evs.iter().any(|e| on_first(e)
+            && e.step == "keep_anon_page"
+            && e.note.contains("the undo leaves it")),
+        "the undo did not keep page {}'s copy on purpose: {:?}",
+        pages[0],
+        steps(&evs)
+    );
+    ensure!(
+        read_mem(t.pid, second, 1)? == [0xcc],
+        "page {}'s int3 is gone",
+        pages[1]
+    );
+    Ok(())
+}
+
+/// The batch was refused at another tool's int3 (EBUSY), and journaled
+/// why since `seq`.  (Not the newest failure: a collapse queued by the
+/// undo may journal its own EBUSY after it.)
+fn refused_at_an_int3(refused: Result<u64, std::io::Error>, seq: u64, pid: i32) -> TestResult {
+    ensure!(
+        matches!(&refused, Err(e) if e.raw_os_error() == Some(libc::EBUSY)),
+        "PATCH_BATCH over another tool's int3: {refused:?}, want EBUSY"
+    );
+    let evs = events()?;
+    ensure!(
+        evs.iter().any(|e| e.seq > seq
+            && e.pid == pid
+            && e.result == "-EBUSY"
+            && e.note.contains("changed by another tool")),
+        "PATCH_BATCH over another tool's int3: no reason \"changed by another tool\" journaled: {:?}",
+        steps(&evs)
+    );
+    Ok(())
+}
+
+/// The other side of `failed_batch_leaves_a_copy_it_found_there`: the
+/// other tool's copy of page 56 goes (the target drops it) while the batch
+/// is parked between its GUP and the page-table lock, so the page it then
+/// writes is a copy its own GUP made.  Refused at page 57's int3, the undo
+/// must zap that copy, not keep it as the other tool's: page 56 maps the
+/// page cache again, and page 57 keeps the int3.
+pub(crate) fn failed_batch_zaps_the_copy_it_made_after_anothers_went() -> TestResult {
+    const PAGES: [usize; 2] = [56, 57];
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    copy_by_a_mem_write(&t, PAGES[0])?;
     let second = t.page_addr(PAGES[1]);
     write_mem(t.pid, second, &[0xcc])?;
     let sites =
-        PAGES.map(|p| batch_site(t.page_addr(p), &text::mov_eax_ret(5000 + p as u32), None));
-    let refused = dev.patch_batch(t.pid, &sites, 0).map_err(|e| e.error);
-    still_that_copy(&mut t, PAGES[0], before)?;
-    crate::hardening::expect_errno(
-        "PATCH_BATCH over another tool's int3",
-        refused,
-        libc::EBUSY,
-        "changed by another tool",
-    )?;
+        PAGES.map(|p| batch_site(t.page_addr(p), &text::mov_eax_ret(5600 + p as u32), None));
+    let seq = journal_seq();
+    let pause = Pause::arm("cowed", t.pid)?;
+    let pid = t.pid;
+    let batcher = std::thread::spawn(move || {
+        let dev = Device::open().map_err(|e| e.to_string())?;
+        Ok::<_, String>(dev.patch_batch(pid, &sites, 0).map_err(|e| e.error))
+    });
+    pause.wait_parked("cowed")?;
+    let drop = format!("dontneed {}", PAGES[0]);
+    ensure!(t.command(&drop)? == drop, "the target's MADV_DONTNEED");
+    ensure!(
+        pause.parked("cowed")?,
+        "the batch left its pause before the drop"
+    );
+    pause.release()?;
+    let refused = batcher.join().map_err(|_| "the batch thread panicked")??;
+    refused_at_an_int3(refused, seq, t.pid)?;
+    let after = text_pfns(&t)?[PAGES[0]];
+    ensure!(
+        !after.present() || after.file(),
+        "page {} is still an anonymous copy after the failed batch, which made it: {after:?}",
+        PAGES[0]
+    );
+    ensure!(
+        t.call(PAGES[0])? == text::original_value(PAGES[0]),
+        "page {} does not run the file's code",
+        PAGES[0]
+    );
+    ensure!(
+        read_mem(t.pid, second, 1)? == [0xcc],
+        "page {}'s int3 is gone",
+        PAGES[1]
+    );
+    // (The page it wrote was its own because the drop made it retry.)
+    let evs = events()?;
+    ensure!(
+        evs.iter()
+            .any(|e| e.seq > seq && e.pid == t.pid && e.note.starts_with("PTE changed after GUP")),
+        "no retry after the drop: {:?}",
+        steps(&evs)
+    );
     Ok(())
 }
 
@@ -800,6 +925,8 @@ tests! {
         batch_refused_at_its_last_site_changes_nothing,
         batch_failing_on_a_later_page_undoes_the_earlier_pages,
         failed_batch_leaves_a_copy_it_found_there,
+        failed_batch_leaves_a_once_shared_copy_it_found_there,
+        failed_batch_zaps_the_copy_it_made_after_anothers_went,
         batch_over_pages_of_one_thp_splits_once_and_collapses_once,
         overlapping_batches_at_once_one_wins,
         batch_restore_refused_by_one_changed_site_writes_nothing,
