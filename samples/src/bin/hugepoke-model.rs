@@ -11,6 +11,10 @@
 //!   batch cC pP.. vV [persist] PATCH_BATCH of those pages, one handle
 //!   restore hH [other]         the Hth handle made (live or not), through
 //!                              its controller or the other one
+//!   restore hH [other] user    the same from a thread that dropped to
+//!                              user nobody: allowed only through the file
+//!                              that made a patch that does not persist
+//!                              (EPERM otherwise, the patch kept)
 //!   query hH                   the same; its state, pid and site count
 //!   reopen cC                  close controller C (its patches that do not
 //!                              persist are restored) and open it again
@@ -41,8 +45,8 @@
 //!                              see the change (a copy gone between GUP
 //!                              and the PTE lock, between RESTORE's passes)
 //! The model says what each call returns (ok, EBUSY on a patched page,
-//! ENOENT for a handle no longer live), and after every step what every
-//! page runs, which pages are anonymous copies (pagemap; smaps'
+//! ENOENT for a handle no longer live; a failure must be journaled with
+//! its reason), and after every step what every page runs and holds, which pages are anonymous copies (pagemap; smaps'
 //! Anonymous is 4 kB each), which handles the module lists, and when the
 //! range must be PMD-mapped again (waited for, up to 10 s; khugepaged must
 //! be asleep).
@@ -112,6 +116,11 @@ enum Op {
         /// Through the other controller (allowed: the caller is root).
         other: bool,
     },
+    /// RESTORE from a thread without privileges (user nobody).
+    UserRestore {
+        id: usize,
+        other: bool,
+    },
     Query {
         id: usize,
     },
@@ -155,28 +164,39 @@ enum Op {
     },
 }
 
-/// The pause points `Op::Paused` parks at (src/pause.rs): where the
-/// target's own MADV_DONTNEED (per-VMA locked) still runs.
+/// The pause points `Op::Paused` parks at (src/pause.rs says where each
+/// is): where the target's own MADV_DONTNEED (per-VMA locked) still runs.
+/// `Cowed` and `Located` are where a drop changes the call's course.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum At {
-    /// PATCH: the mm taken, no lock held.
     Resolved,
-    /// PATCH: every site checked, nothing written (mmap lock held).
     Checked,
-    /// PATCH: GUP made the first page's copy, its PTE not locked yet.
     Cowed,
-    /// PATCH: the first page (the lowest) written, the next not started.
     Written,
-    /// RESTORE: locks held, nothing looked up.
     Restore,
-    /// RESTORE: the forked processes done, the target not looked at.
     Forked,
-    /// RESTORE: every copy found and checked, nothing written yet.
     Located,
 }
 
 const PATCH_POINTS: [At; 4] = [At::Resolved, At::Checked, At::Cowed, At::Written];
 const RESTORE_POINTS: [At; 3] = [At::Restore, At::Forked, At::Located];
+/// The points drawn, half at the one where a drop changes the call's course.
+const PATCH_DRAWS: [At; 6] = [
+    At::Cowed,
+    At::Cowed,
+    At::Cowed,
+    At::Resolved,
+    At::Checked,
+    At::Written,
+];
+const RESTORE_DRAWS: [At; 6] = [
+    At::Located,
+    At::Located,
+    At::Located,
+    At::Restore,
+    At::Forked,
+    At::Restore,
+];
 
 impl At {
     fn name(self) -> &'static str {
@@ -208,6 +228,7 @@ impl Op {
             Op::Patch { .. } => "patch",
             Op::Batch { .. } => "batch",
             Op::Restore { .. } => "restore",
+            Op::UserRestore { .. } => "user-restore",
             Op::Query { .. } => "query",
             Op::Reopen { .. } => "reopen",
             Op::DontNeed { .. } => "dontneed",
@@ -249,6 +270,13 @@ impl fmt::Display for Op {
             }
             Op::Restore { id, other } => {
                 write!(f, "restore h{id}{}", if *other { " other" } else { "" })
+            }
+            Op::UserRestore { id, other } => {
+                write!(
+                    f,
+                    "restore h{id}{} user",
+                    if *other { " other" } else { "" }
+                )
             }
             Op::Query { id } => write!(f, "query h{id}"),
             Op::Reopen { ctl } => write!(f, "reopen c{ctl}"),
@@ -308,6 +336,10 @@ fn parse_op(s: &str) -> Option<Op> {
                 persist,
             }
         }
+        "restore" if w.last() == Some(&"user") => Op::UserRestore {
+            id: id(w.get(1)?)?,
+            other: w.get(2) == Some(&"other"),
+        },
         "restore" => Op::Restore {
             id: id(w.get(1)?)?,
             other: w.get(2) == Some(&"other"),
@@ -499,19 +531,38 @@ impl ReferenceStateMachine for Reference {
         if !state.handles.is_empty() {
             calls.push((2, restore.clone()));
         }
-        // 12: as many ways to each of the 4 PATCH and 3 RESTORE points.
+        // Half the draws at the points where a drop changes the call's
+        // course (`cowed`: the copy GUP returned goes before the PTE lock;
+        // `located`: a copy goes between RESTORE's passes), and three in
+        // four of a page the call works on (its first, at `cowed`).
+        let now = state.pages;
         let paused = (
-            0..12usize,
+            0..6usize,
+            0..4usize,
             page.clone(),
             proptest::strategy::Union::new_weighted(calls),
         )
-            .prop_map(|(i, page, call)| {
-                let points: &[At] = match call {
-                    Op::Restore { .. } => &RESTORE_POINTS,
-                    _ => &PATCH_POINTS,
+            .prop_map(move |(i, pick, page, call)| {
+                let (at, mine): (At, Vec<u8>) = match &call {
+                    Op::Restore { id, .. } => (
+                        RESTORE_DRAWS[i],
+                        (0..PAGES)
+                            .filter(|&p| now[p as usize].patch.is_some_and(|(h, _)| h == *id))
+                            .collect(),
+                    ),
+                    Op::Patch { page, .. } => (PATCH_DRAWS[i], vec![*page]),
+                    Op::Batch { pages, .. } if PATCH_DRAWS[i] == At::Cowed => {
+                        (At::Cowed, pages.iter().min().into_iter().copied().collect())
+                    }
+                    Op::Batch { pages, .. } => (PATCH_DRAWS[i], pages.clone()),
+                    _ => unreachable!("only PATCH and RESTORE are parked"),
+                };
+                let page = match mine.len() {
+                    n if n > 0 && pick < 3 => mine[page as usize % n],
+                    _ => page,
                 };
                 Op::Paused {
-                    at: points[i % points.len()],
+                    at,
                     page,
                     call: Box::new(call),
                 }
@@ -544,6 +595,12 @@ impl ReferenceStateMachine for Reference {
         ];
         if !state.handles.is_empty() {
             ops.push((4, restore));
+            ops.push((
+                1,
+                (0..handles, any::<bool>())
+                    .prop_map(|(id, other)| Op::UserRestore { id, other })
+                    .boxed(),
+            ));
             ops.push((1, (0..handles).prop_map(|id| Op::Query { id }).boxed()));
         }
         proptest::strategy::Union::new_weighted(ops).boxed()
@@ -580,6 +637,13 @@ impl ReferenceStateMachine for Reference {
             // mprotect() over the whole text makes text again.)
             Op::Unmap => !hole && !w && state.child.is_none(),
             Op::Query { id } => *id < state.handles.len(),
+            Op::UserRestore { id, .. } => Self::preconditions(
+                state,
+                &Op::Restore {
+                    id: *id,
+                    other: false,
+                },
+            ),
             // Writable: only a RESTORE that finds a copy on each page (it
             // refuses to write there); a dropped one is not modelled.
             Op::Restore { id, .. } => {
@@ -654,6 +718,22 @@ impl ReferenceStateMachine for Reference {
                     s.restore_child(*id);
                 } else {
                     s.settle(*id);
+                }
+            }
+            Op::UserRestore { id, other } => {
+                let h = &s.handles[*id];
+                if h.live && (h.persist || *other) {
+                    // Neither this file's patch nor one that dies with it,
+                    // and nobody may not ptrace-attach to the target.
+                    s.expect = libc::EPERM;
+                } else {
+                    return Self::apply(
+                        s,
+                        &Op::Restore {
+                            id: *id,
+                            other: false,
+                        },
+                    );
                 }
             }
             Op::Protect { writable } => s.writable = *writable,
@@ -844,6 +924,8 @@ struct System {
     real: Vec<u64>,
     /// The uprobe attached (removed on drop), and its page.
     probe: Option<(Uprobe, u8)>,
+    /// The journal's newest event when it was last read.
+    seen: u64,
 }
 
 /// The text file the model's targets run: a copy of its own, so that a
@@ -857,6 +939,18 @@ fn model_file() -> String {
         path
     })
     .clone()
+}
+
+/// This thread alone becomes user and group nobody, without capabilities
+/// (raw syscalls: libc's set*id would change every thread).
+fn as_nobody() -> Result<(), i32> {
+    const NOBODY: libc::c_long = 65534;
+    // SAFETY: credential changes of the calling thread; no memory passed.
+    let dropped = unsafe {
+        libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY) == 0
+            && libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY) == 0
+    };
+    dropped.then_some(()).ok_or(-1)
 }
 
 /// A PATCH or RESTORE made ready to run, on the controllers.
@@ -947,6 +1041,13 @@ impl System {
             }
             let dropped =
                 parked && t.command(&format!("dontneed {page}")) == Ok(format!("dontneed {page}"));
+            // Made while the call was parked, not after it gave up waiting.
+            let still = !parked || pause.parked(at.name()).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                still,
+                "{call}: no longer parked at {} once page {page} was dropped",
+                at.name()
+            );
             pause.release().unwrap_or_else(|e| panic!("{e}"));
             (parked, dropped, job.join().expect("the parked call"))
         });
@@ -971,6 +1072,17 @@ impl System {
                 self.ran(model, op, r)
             }
             Op::Paused { at, page, call } => self.paused(model, *at, *page, call),
+            Op::UserRestore { id, other } => {
+                let c = model.handles[*id].ctl as usize ^ *other as usize;
+                let (dev, handle) = (&self.ctl[c], self.real[*id]);
+                std::thread::scope(|scope| {
+                    let job = scope.spawn(move || {
+                        as_nobody()?;
+                        dev.restore(handle).map_err(errno)
+                    });
+                    job.join().expect("the unprivileged RESTORE")
+                })
+            }
             Op::Query { id } => {
                 let h = &model.handles[*id];
                 let q = self.ctl[h.ctl as usize]
@@ -1081,6 +1193,32 @@ impl System {
         r.map(|_| ())
     }
 
+    /// Every byte of text page `page` (/proc/PID/mem) is what the model
+    /// says: the file's, but for a patch's bytes it shows and the uprobe's
+    /// int3.  (A write anywhere else on the page is seen.)
+    fn check_bytes(&self, m: &Model, page: usize) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        let mut now = vec![0u8; text::PAGE];
+        std::fs::File::open(format!("/proc/{}/mem", self.t.pid))
+            .and_then(|f| f.read_exact_at(&mut now, self.t.page_addr(page)))
+            .map_err(|e| format!("reading page {page}: {e}"))?;
+        let mut want = text::blob()[page * text::PAGE..(page + 1) * text::PAGE].to_vec();
+        let p = &m.pages[page];
+        if let (Some((_, v)), true) = (p.patch, p.shows_patch) {
+            want[..6].copy_from_slice(&text::mov_eax_ret(2000 + v as u32));
+        }
+        if p.probed {
+            want[0] = 0xcc;
+        }
+        match now.iter().zip(&want).position(|(a, b)| a != b) {
+            None => Ok(()),
+            Some(at) => Err(format!(
+                "page {page} holds {:#04x} at {at:#x}, the model says {:#04x}",
+                now[at], want[at]
+            )),
+        }
+    }
+
     /// Every check of one step; the first difference, said.
     fn check(&mut self, m: &Model) -> Result<(), String> {
         for page in 0..PAGES as usize {
@@ -1094,6 +1232,7 @@ impl System {
                     m.value(page)
                 ));
             }
+            self.check_bytes(m, page)?;
         }
         let pagemap = proc::Pagemap::open(self.t.pid).map_err(|e| e.to_string())?;
         for page in 0..PAGES as usize {
@@ -1192,6 +1331,22 @@ impl Drop for System {
     }
 }
 
+/// A module call that failed with `errno` journaled why (debugfs
+/// `events`: a step after `seen`, the journal's newest at the last look,
+/// with that errno and a reason); the newest now.  (Read only after a
+/// failure: reading the whole journal each step slowed the debug guest's
+/// model threefold.)
+fn journaled(op: &Op, seen: u64, errno: i32) -> u64 {
+    let text = proc::debugfs("events").unwrap_or_else(|e| panic!("debugfs events: {e}"));
+    let same = format!("-{}", hugepoke::errno_name(errno));
+    let events = proc::parse_events(&text);
+    let why = events
+        .iter()
+        .any(|e| e.seq > seen && e.result == same && !e.note.is_empty());
+    assert!(why, "{op}: {same} with no reason in the journal");
+    events.last().map_or(seen, |e| e.seq)
+}
+
 struct Test;
 
 impl StateMachineTest for Test {
@@ -1211,6 +1366,7 @@ impl StateMachineTest for Test {
             ctl: (0..CONTROLLERS).map(|_| open()).collect(),
             real: Vec::new(),
             probe: None,
+            seen: hugepoke::device::journal_seq(),
         }
     }
 
@@ -1235,6 +1391,9 @@ impl StateMachineTest for Test {
             name(got),
             name(model.expect)
         );
+        if got > 0 {
+            sys.seen = journaled(&op, sys.seen, got);
+        }
         if let Err(e) = sys.check(model) {
             panic!("after {op}: {e}");
         }
@@ -1270,6 +1429,9 @@ impl StateMachineTest for Test {
                 );
             }
         }
+        let listed = proc::listed_handles().unwrap_or_else(|e| panic!("teardown: {e}"));
+        let left: Vec<&u64> = sys.real.iter().filter(|h| listed.contains(h)).collect();
+        assert!(left.is_empty(), "teardown: handles {left:?} still listed");
         // Every patch gone: the target runs the file's code everywhere.
         for page in 0..PAGES as usize {
             if !(model.unmapped && page == UNMAPPED as usize) {
@@ -1605,6 +1767,28 @@ mod tests {
     }
 
     #[test]
+    fn nobody_restores_only_through_the_file_that_made_a_patch_that_dies_with_it() {
+        let patch = |persist| Op::Patch {
+            ctl: 0,
+            page: 1,
+            value: 2,
+            persist,
+        };
+        let user = |other| Op::UserRestore { id: 0, other };
+        let m = applied(&[patch(false), user(true)]);
+        assert_eq!(
+            (m.expect, m.handles[0].live, m.value(1)),
+            (libc::EPERM, true, 2002)
+        );
+        let m = applied(&[patch(true), user(false)]);
+        assert_eq!((m.expect, m.handles[0].live), (libc::EPERM, true));
+        let m = applied(&[patch(false), user(false)]);
+        assert_eq!((m.expect, m.handles[0].live, m.pmd), (0, false, true));
+        let m = applied(&[patch(false), user(false), user(true)]);
+        assert_eq!(m.expect, libc::ENOENT);
+    }
+
+    #[test]
     fn a_printed_sequence_replays_as_itself() {
         let ops = vec![
             Op::Patch {
@@ -1620,6 +1804,11 @@ mod tests {
                 persist: false,
             },
             Op::Restore { id: 1, other: true },
+            Op::UserRestore { id: 0, other: true },
+            Op::UserRestore {
+                id: 2,
+                other: false,
+            },
             Op::Query { id: 0 },
             Op::Reopen { ctl: 1 },
             Op::DontNeed { page: 3 },

@@ -882,14 +882,20 @@ fn main() {
             }
             (Some("dontneed"), Some(n)) if n < text::PAGES => {
                 // SAFETY: our own text page; a private file page refaults.
-                unsafe {
+                let rc = unsafe {
                     libc::madvise(
                         (base + n * PAGE) as *mut libc::c_void,
                         PAGE,
                         libc::MADV_DONTNEED,
                     )
                 };
-                let _ = writeln!(out, "dontneed {n}");
+                // Said only when it failed: every caller expects "dontneed N".
+                if rc == 0 {
+                    let _ = writeln!(out, "dontneed {n}");
+                } else {
+                    let e = std::io::Error::last_os_error();
+                    let _ = writeln!(out, "dontneed {n} failed: {e}");
+                }
             }
             (Some("guard"), Some(n)) if n < text::PAGES => {
                 // MADV_GUARD_INSTALL (102, Linux 6.13): a guard region over
