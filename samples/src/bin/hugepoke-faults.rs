@@ -23,6 +23,13 @@
 //!   within 10 s (khugepaged is asleep: the module's collapse), and the
 //!   module lists no patch.
 //!
+//! The collapse RESTORE queues runs in a kworker: for n = 1, 2, ... it is
+//! parked at the module's `collapse` pause point, that kworker (the one
+//! whose stack runs through the module's pause) gets n in its own
+//! `/proc/PID/fail-nth`, and the work is released.  Its verdict must be
+//! journaled; if it collapsed, the text is as above, and if it did not, a
+//! COLLAPSE puts the PMD back.  The kworker's fail-nth is set back to 0.
+//!
 //! A fault after which any of that fails is "lost".  Prints one line
 //! `# faults: N injected, L lost (...)` and a `# lost:` line for each; exits
 //! 1 if any was lost or injection could not be set up.  Leaks are
@@ -33,6 +40,7 @@
 
 use hugepoke::device::Device;
 use hugepoke::proc;
+use hugepoke::testkit::pause::Pause;
 use hugepoke::testkit::target::Target;
 use hugepoke::testkit::text;
 use std::collections::BTreeMap;
@@ -359,6 +367,71 @@ impl Run {
         ))
     }
 
+    /// The collapse work RESTORE queues, in its kworker: for n = 1, 2, ...
+    /// the work is parked, the kworker's fail-nth set to n, and the work
+    /// released; the number of points injected.
+    fn inject_collapse_work(&mut self, max: u32) -> Result<u32, String> {
+        let name = "collapse work";
+        for n in 1..=max {
+            let handle = self
+                .patch_page_0()
+                .map_err(|e| format!("setting up a patch: {e}"))?;
+            let pause = Pause::arm("collapse", self.t.pid)?;
+            self.dev
+                .restore(handle)
+                .map_err(|e| format!("RESTORE: {e}"))?;
+            pause.wait_parked("collapse")?;
+            let kworker = FailNth::arm(parked_kworker()?, n)?;
+            let seq = hugepoke::device::journal_seq();
+            pause.release()?;
+            let verdict = self.collapse_verdict(seq);
+            let injected = kworker.disarm()?;
+            drop(pause);
+            let judged = match &verdict {
+                None => Err("no verdict journaled in 10 s".to_string()),
+                Some(e) if e.result != "ok" => self
+                    .dev
+                    .collapse(self.t.pid, self.t.addr)
+                    .map_err(|e| format!("COLLAPSE after it: {e}"))
+                    .and_then(|_| self.expect_file_text()),
+                Some(_) => self.expect_file_text(),
+            };
+            if !injected {
+                // Past the last point: an ordinary work, judged the same.
+                judged.map_err(|e| format!("{name} with no fault injected: {e}"))?;
+                return Ok(n - 1);
+            }
+            *self.injected.entry(name).or_default() += 1;
+            let outcome = match &verdict {
+                Some(e) => format!("{name} {}", e.result),
+                None => format!("{name} not journaled"),
+            };
+            *self.outcomes.entry(outcome.clone()).or_default() += 1;
+            if let Err(why) = judged {
+                self.lost.push(format!("{outcome}, fault {n}: {why}"));
+                self.clean_up()?;
+            }
+        }
+        Err(format!(
+            "{name}: still reaching injection points after {max}"
+        ))
+    }
+
+    /// The collapse work's verdict on the target, journaled after `seq`
+    /// (waited for up to 10 s).
+    fn collapse_verdict(&self, seq: u64) -> Option<proc::EventLine> {
+        (0..2000).find_map(|_| {
+            let events = proc::parse_events(&proc::debugfs("events").ok()?);
+            let found = events
+                .into_iter()
+                .find(|e| e.seq > seq && e.pid == self.t.pid && e.step == "collapse");
+            if found.is_none() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            found
+        })
+    }
+
     /// Restore whatever is listed, collapse, and check.
     fn clean_up(&mut self) -> Result<(), String> {
         for h in proc::listed_handles()? {
@@ -367,6 +440,62 @@ impl Run {
         let _ = self.dev.collapse(self.t.pid, self.t.addr);
         self.expect_file_text()
             .map_err(|e| format!("the state could not be set back: {e}"))
+    }
+}
+
+/// The one kworker parked at the module's pause point: its stack runs
+/// through `[hugepoke]`'s pause.
+fn parked_kworker() -> Result<i32, String> {
+    let dir = fs::read_dir("/proc").map_err(|e| format!("/proc: {e}"))?;
+    let parked: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let read = |f: &str| fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default();
+            read("comm").starts_with("kworker")
+                && read("stack")
+                    .lines()
+                    .any(|l| l.contains("[hugepoke]") && l.contains("pause"))
+        })
+        .collect();
+    match parked[..] {
+        [one] => Ok(one),
+        _ => Err(format!(
+            "kworkers parked in the module's pause (/proc/PID/stack): {parked:?}, want one"
+        )),
+    }
+}
+
+/// Another task's fail-nth (`/proc/PID/fail-nth`), set to 0 again when
+/// dropped: a kworker runs other work after ours.
+struct FailNth {
+    file: fs::File,
+}
+
+impl FailNth {
+    fn arm(pid: i32, n: u32) -> Result<Self, String> {
+        let path = format!("/proc/{pid}/fail-nth");
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("{path}: {e}"))?;
+        file.write_at(n.to_string().as_bytes(), 0)
+            .map_err(|e| format!("{path}: {e}"))?;
+        Ok(FailNth { file })
+    }
+
+    /// Whether the fault was injected (fail-nth counted down to 0).
+    fn disarm(self) -> Result<bool, String> {
+        let mut buf = [0u8; 16];
+        let n = self.file.read_at(&mut buf, 0).map_err(|e| e.to_string())?;
+        let left = String::from_utf8_lossy(&buf[..n]).trim().parse::<u32>();
+        Ok(left == Ok(0))
+    }
+}
+
+impl Drop for FailNth {
+    fn drop(&mut self) {
+        let _ = self.file.write_at(b"0", 0);
     }
 }
 
@@ -422,6 +551,12 @@ fn main() {
             Ok(n) => points.push(format!("{} {n}", Run::op_name(op))),
             Err(e) => problems.push(e),
         }
+    }
+    // The queued collapse, in its kworker.  (Zero is said as zero.)
+    match run.inject_collapse_work(max) {
+        Ok(0) => points.push("collapse work 0 (nothing to inject: no allocation under it)".into()),
+        Ok(n) => points.push(format!("collapse work {n}")),
+        Err(e) => problems.push(e),
     }
     let injected: u32 = run.injected.values().sum();
     let outcomes: Vec<String> = run
