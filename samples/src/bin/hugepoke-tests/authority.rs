@@ -276,7 +276,7 @@ pub(crate) fn restore_beside_a_forked_copy_of_the_originals_succeeds() -> TestRe
     let h = io(dev.patch(&patch_req(&t, PAGE, 4646)))?;
     let drop = format!("dontneed {PAGE}");
     ensure!(t.command(&drop)? == drop, "the target's MADV_DONTNEED");
-    write_mem(t.pid, at + 100, &file_bytes(&t, at + 100, 1)?)?;
+    let copy = copy_by_a_mem_write(&t, PAGE)?;
     let child = fork_child(&mut t)?;
     let checked = (|| {
         let seq = hugepoke::device::journal_seq();
@@ -293,6 +293,12 @@ pub(crate) fn restore_beside_a_forked_copy_of_the_originals_succeeds() -> TestRe
         ensure!(
             code == text::mov_eax_ret(text::original_value(PAGE)) && anon == 4,
             "the child after RESTORE: {code:02x?}, {anon} kB anonymous (want the file's code in the debugger's copy)"
+        );
+        // That copy, not another one made equal to it.
+        let theirs = io(io(proc::Pagemap::open(child))?.entry(at))?;
+        ensure!(
+            theirs.present() && theirs.pfn() == copy.pfn(),
+            "the child maps {theirs:?}, not the debugger's copy {copy:?}"
         );
         Ok(())
     })();

@@ -971,7 +971,7 @@ pub(crate) fn killed_batch_leaves_a_copy_it_found_there() -> TestResult {
     wait_for("the killed batch undone", Duration::from_secs(30), || {
         Ok(events()?
             .iter()
-            .any(|e| e.seq > seq && e.pid == t.pid && e.note.contains("undone")))
+            .any(|e| e.seq > seq && e.pid == t.pid && e.note.starts_with("undone: every page")))
     })?;
     still_that_copy(&mut t, PAGES[0], before)?;
     ensure!(
