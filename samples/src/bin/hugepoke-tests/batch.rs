@@ -341,7 +341,8 @@ pub(crate) fn failed_batch_leaves_a_copy_it_found_there() -> TestResult {
 /// The same with that copy shared once (the target forked, the child is
 /// gone): no longer marked exclusive, so the kernel reuses it for PATCH's
 /// write only while nothing else holds it (a review found PATCH holding
-/// it, so that GUP copied it and the tool's page was freed).
+/// it, so that GUP copied it and the tool's page was freed; a CPU's LRU
+/// batch holding it does the same, which is why they are drained first).
 pub(crate) fn failed_batch_leaves_a_once_shared_copy_it_found_there() -> TestResult {
     batch_refused_beside_a_found_copy([58, 59], true)
 }
@@ -360,6 +361,11 @@ fn batch_refused_beside_a_found_copy(pages: [usize; 2], shared: bool) -> TestRes
             let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
             Ok(stat.is_empty() || stat.contains(") Z "))
         })?;
+        // The kernel reuses a copy no longer marked exclusive only if
+        // nothing else holds it, and a CPU's LRU batch may (the write's
+        // fault put it in one, which GUP drains only on its own CPU):
+        // every CPU's batch drained (drop_caches' lru_add_drain_all()).
+        io(std::fs::write("/proc/sys/vm/drop_caches", "1"))?;
     }
     let second = t.page_addr(pages[1]);
     write_mem(t.pid, second, &[0xcc])?;
