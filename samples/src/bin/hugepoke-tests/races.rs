@@ -938,36 +938,13 @@ pub(crate) fn restore_after_a_drop_collapses_the_text_not_another_view() -> Test
 /// page is restored and zapped in one step, leaves that copy as it was (a
 /// review found no test reached this path of the undo).
 pub(crate) fn killed_batch_leaves_a_copy_it_found_there() -> TestResult {
-    use std::process::{Command, Stdio};
     const PAGES: [usize; 2] = [74, 75];
     let mut t = Target::spawn(&[])?;
     thp_head(&t)?;
     let before = copy_by_a_mem_write(&t, PAGES[0])?;
-    let sites = std::env::temp_dir().join("hugepoke-killed-found.sites");
-    let lines: String = PAGES
-        .iter()
-        .map(|&p| {
-            format!(
-                "{:#x} b8{:08x}c3\n",
-                t.page_addr(p),
-                (5000 + p as u32).swap_bytes()
-            )
-        })
-        .collect();
-    io(std::fs::write(&sites, lines))?;
-    let seq = hugepoke::device::journal_seq();
-    let _pause = Pause::arm("written", t.pid)?;
-    let mut cli = io(Command::new("hugepoke")
-        .args(["patch", "--pid", &t.pid.to_string(), "--sites"])
-        .arg(&sites)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn())?;
-    wait_parked_times("written", t.pid, seq, 1)?;
+    let (mut cli, seq, _pause) = cli_batch_parked_after_one_page(&t, "found", &PAGES, 5000)?;
     let _ = cli.kill();
     let _ = cli.wait();
-    let _ = std::fs::remove_file(&sites);
     wait_for("the killed batch undone", Duration::from_secs(30), || {
         Ok(events()?
             .iter()
@@ -982,44 +959,56 @@ pub(crate) fn killed_batch_leaves_a_copy_it_found_there() -> TestResult {
     Ok(())
 }
 
-/// m3: a PATCH_BATCH killed after its first page was written, that page's
-/// copy dropped by the target meanwhile: the undo must find the page again
-/// with GUP, which the pending SIGKILL fails (EINTR).  What it kept is
-/// restored by a work item (no signal there): no patch is left, the text
-/// is the file's, and the range is PMD-mapped again.
-pub(crate) fn killed_batch_is_undone_by_a_worker() -> TestResult {
+/// `hugepoke patch` of a function site on each of `pages` (page P made to
+/// return `base` + P), parked once its first page is written: the CLI, the
+/// journal's sequence before it, and the armed pause (released on drop).
+fn cli_batch_parked_after_one_page(
+    t: &Target,
+    name: &str,
+    pages: &[usize],
+    base: u32,
+) -> Result<(std::process::Child, u64, Pause), String> {
     use std::process::{Command, Stdio};
-    let _asleep = khugepaged_asleep()?;
-    let mut t = Target::spawn(&[])?;
-    thp_head(&t)?;
-    let sites = std::env::temp_dir().join("hugepoke-killed-worker.sites");
-    let lines: String = [70usize, 71, 72]
+    let sites = std::env::temp_dir().join(format!("hugepoke-killed-{name}.sites"));
+    let lines: String = pages
         .iter()
         .map(|&p| {
-            format!(
-                "{:#x} b8{:08x}c3\n",
-                t.page_addr(p),
-                (7000 + p as u32).swap_bytes()
-            )
+            let value = (base + p as u32).swap_bytes();
+            format!("{:#x} b8{value:08x}c3\n", t.page_addr(p))
         })
         .collect();
     io(std::fs::write(&sites, lines))?;
-    warm(&mut t)?;
     let seq = hugepoke::device::journal_seq();
-    let _pause = Pause::arm("written", t.pid)?;
-    let mut cli = io(Command::new("hugepoke")
+    let pause = Pause::arm("written", t.pid)?;
+    let cli = io(Command::new("hugepoke")
         .args(["patch", "--pid", &t.pid.to_string(), "--sites"])
         .arg(&sites)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn())?;
-    wait_parked_times("written", t.pid, seq, 1)?;
+    let parked = wait_parked_times("written", t.pid, seq, 1);
+    let _ = std::fs::remove_file(&sites);
+    parked?;
+    Ok((cli, seq, pause))
+}
+
+/// m3: a PATCH_BATCH killed after its first page was written, that page's
+/// copy dropped by the target meanwhile: the undo must find the page again
+/// with GUP, which the pending SIGKILL fails (EINTR).  What it kept is
+/// restored by a work item (no signal there): no patch is left, the text
+/// is the file's, and the range is PMD-mapped again.
+pub(crate) fn killed_batch_is_undone_by_a_worker() -> TestResult {
+    let _asleep = khugepaged_asleep()?;
+    let mut t = Target::spawn(&[])?;
+    thp_head(&t)?;
+    warm(&mut t)?;
+    let (mut cli, seq, _pause) =
+        cli_batch_parked_after_one_page(&t, "worker", &[70, 71, 72], 7000)?;
     t.command("dontneed 70")?;
     // The parked batch wakes on the signal and goes on to page 71.
     let _ = cli.kill();
     let _ = cli.wait();
-    let _ = std::fs::remove_file(&sites);
     let mut handle = None;
     wait_for(
         "the kept sites restored by a work item",
